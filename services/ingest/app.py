@@ -1,0 +1,94 @@
+"""The ingest service: HTTP in, Kafka out. It owns nothing but the producer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from services.ingest.api import _BODY, router
+from services.ingest.config import IngestSettings
+from services.ingest.dedupe import RecentIds
+from services.ingest.service import IngestService
+from shared.auth import KeyStore
+from shared.http import setup_app
+from shared.kafka.producer import BrokerUnavailableError, Producer
+from shared.logs import configure_logging
+from shared.ratelimit import RateLimiter
+from shared.topics import ALL_TOPICS
+
+
+def create_app(settings: IngestSettings | None = None) -> FastAPI:
+    settings = settings or IngestSettings()
+    configure_logging(settings.log_level, settings.log_json)
+    producer = Producer(
+        settings.kafka_bootstrap, client_id="retain-ingest", ack_timeout_s=settings.ingest_ack_timeout_s
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The producer starts on first use too; starting here only warms it up.
+        # Kafka may be down at start: the service still serves /healthz and 503s until it is back.
+        with contextlib.suppress(BrokerUnavailableError):
+            await producer.start()
+        yield
+        await producer.stop()
+
+    app = FastAPI(
+        title="Retain ingest",
+        version="1.0",
+        description="Takes purchase, support, cancellation and profile events and puts them on Kafka.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.keys = KeyStore(settings.keys_path)
+    app.state.limiter = RateLimiter(settings.ingest_rate_limit_per_s, settings.ingest_rate_limit_burst)
+    app.state.producer = producer
+    app.state.service = IngestService(
+        producer,
+        topic_prefix=settings.topic_prefix,
+        max_batch=settings.ingest_max_batch,
+        recent=RecentIds(settings.ingest_dedupe_ttl_s, settings.ingest_dedupe_max_ids),
+    )
+    ready_cache: dict[str, Any] = {"at": 0.0, "checks": None}
+
+    async def ready() -> dict[str, Any]:
+        if ready_cache["checks"] is not None and time.monotonic() - ready_cache["at"] < 2.0:
+            return dict(ready_cache["checks"])
+        checks: dict[str, Any] = {}
+        try:
+            topics = await asyncio.wait_for(producer.topics(), 5.0)
+            wanted = {f"{settings.topic_prefix}{t}" for t in ALL_TOPICS}
+            missing = sorted(wanted - topics)
+            checks["kafka"] = True
+            checks["topics"] = {"ok": not missing, "missing": missing}
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported by type
+            checks["kafka"] = {"ok": False, "error": type(exc).__name__}
+        ready_cache.update(at=time.monotonic(), checks=checks)
+        return checks
+
+    setup_app(app, "ingest", ready)
+    app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(_BODY["defs"])
+            schema["components"]["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            schema["security"] = [{"bearer": []}, {"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,90 @@
+"""Turning a request body into validated events, all or nothing. Pure: no I/O.
+
+Every problem of every event is reported at once, with the event's index and the dotted
+path of the field, so a developer fixes a batch in one go.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from shared.events import EVENT_LIST_ADAPTER, Event, EventType
+
+_TAGS = frozenset(t.value for t in EventType)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    index: int
+    field: str
+    message: str
+
+
+class MalformedJsonError(ValueError):
+    pass
+
+
+class BatchTooLargeError(ValueError):
+    pass
+
+
+class InvalidBatchError(ValueError):
+    def __init__(self, errors: list[FieldError], types: list[str]) -> None:
+        super().__init__(f"{len(errors)} problem(s) in the batch")
+        self.errors = errors
+        self.types = types
+
+
+def parse_body(body: bytes) -> tuple[list[Any], bool]:
+    """The JSON body as a list of items, and whether it was a list (a batch) at all."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJsonError(f"the body is not valid JSON: {exc}") from exc
+    if isinstance(data, list):
+        return data, True
+    return [data], False
+
+
+def validate_batch(items: list[Any], max_batch: int, new_id: Any = uuid.uuid4) -> list[Event]:
+    if len(items) > max_batch:
+        raise BatchTooLargeError(f"a batch holds at most {max_batch} events; this one has {len(items)}")
+    if not items:
+        raise InvalidBatchError([FieldError(0, "(body)", "the batch is empty")], [])
+    for item in items:
+        # The producer's idempotency key is optional over HTTP: one is assigned here, once,
+        # before validation, so the id that is answered is the id that is produced.
+        if isinstance(item, dict) and item.get("event_id") is None:
+            item["event_id"] = str(new_id())
+    try:
+        return EVENT_LIST_ADAPTER.validate_python(items)
+    except ValidationError as exc:
+        errors = [_field_error(e) for e in exc.errors(include_url=False)]
+        types = [
+            str(items[e.index].get("type"))
+            if isinstance(items[e.index], dict) and items[e.index].get("type") in _TAGS
+            else "unknown"
+            for e in errors
+        ]
+        raise InvalidBatchError(errors, types) from exc
+
+
+def _field_error(err: Any) -> FieldError:
+    loc = list(err["loc"])
+    index = int(loc.pop(0)) if loc and isinstance(loc[0], int) else 0
+    if loc and loc[0] in _TAGS:
+        loc.pop(0)  # the union's tag is not part of the field path a developer sent
+    field = ".".join(str(p) for p in loc)
+    message = err["msg"]
+    if err["type"] in {"union_tag_invalid", "union_tag_not_found"}:
+        field = "type"
+        message = f"'type' must be one of {sorted(_TAGS)}"
+    elif err["type"] in {"model_attributes_type", "model_type", "dict_type"} and not field:
+        field = "(event)"
+        message = "each event must be a JSON object"
+    return FieldError(index, field or "(event)", message)

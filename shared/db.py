@@ -1,0 +1,115 @@
+"""Database plumbing every service shares: engines for SQLite and PostgreSQL, one transaction
+boundary, and the applied-event ledger that makes consumers idempotent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, event, insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, **kwargs)
+        _tune_sqlite(engine)
+        return engine
+    return create_async_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _tune_sqlite(engine: AsyncEngine) -> None:
+    # pysqlite's own transaction handling defers BEGIN and cannot take the write lock up
+    # front; SQLAlchemy's documented recipe is to disable it and emit BEGIN ourselves.
+    # BEGIN IMMEDIATE makes two writers queue on busy_timeout instead of deadlocking.
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=15000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        self.url = url
+        self.engine = create_engine(url, **kwargs)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """The one place a transaction begins and ends: commit on success, roll back on error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def applied_events_table(metadata: MetaData) -> Table:
+    """The ledger of applied event ids, written in the same transaction as their effects."""
+    return Table(
+        "applied_events",
+        metadata,
+        Column("event_id", String(128), primary_key=True),
+        Column("topic", String(255), nullable=False),
+        Column("partition", Integer, nullable=False),
+        Column("offset", Integer, nullable=False),
+        Column("applied_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+def insert_ignoring_conflicts(session: AsyncSession, table: Table) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING for the session's dialect."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    return insert(table)  # pragma: no cover - only SQLite and PostgreSQL are supported
+
+
+async def claim_events(
+    session: AsyncSession, ledger: Table, events: Sequence[tuple[str, str, int, int]]
+) -> set[str]:
+    """Record (event_id, topic, partition, offset) rows; return the ids that were new.
+
+    The caller applies only the returned ids, in the same transaction, so a replay or a
+    duplicate changes nothing twice.
+    """
+    if not events:
+        return set()
+    now = datetime.now(UTC)
+    rows: dict[str, dict[str, Any]] = {}
+    for event_id, topic, partition, offset in events:
+        rows.setdefault(
+            event_id,
+            {
+                "event_id": event_id,
+                "topic": topic,
+                "partition": partition,
+                "offset": offset,
+                "applied_at": now,
+            },
+        )
+    stmt = insert_ignoring_conflicts(session, ledger).returning(ledger.c.event_id)
+    result = await session.execute(stmt, list(rows.values()))
+    return {row[0] for row in result}

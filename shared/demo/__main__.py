@@ -1,0 +1,5 @@
+import sys
+
+from shared.demo.sender import main
+
+raise SystemExit(main(sys.argv[1:]))

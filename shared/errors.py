@@ -1,0 +1,128 @@
+"""One base error with an HTTP status, rendered by one handler as a JSON body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class RetainError(Exception):
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+        status_code: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers
+        if status_code is not None:
+            self.status_code = status_code
+        if code is not None:
+            self.code = code
+
+
+class BadRequestError(RetainError):
+    status_code = 400
+    code = "bad_request"
+
+
+class UnauthorizedError(RetainError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class ForbiddenError(RetainError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFoundError(RetainError):
+    status_code = 404
+    code = "not_found"
+
+
+class PreconditionFailedError(RetainError):
+    status_code = 412
+    code = "precondition_failed"
+
+
+class PayloadTooLargeError(RetainError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(RetainError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidInputError(RetainError):
+    status_code = 422
+    code = "invalid"
+
+
+class RateLimitedError(RetainError):
+    status_code = 429
+    code = "rate_limited"
+
+
+class UnavailableError(RetainError):
+    status_code = 503
+    code = "unavailable"
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if details is not None:
+        body["error"]["details"] = details
+    return body
+
+
+def pydantic_errors(errors: Any, *, drop_prefix: int = 0) -> list[dict[str, Any]]:
+    """Pydantic's error list as ``{field, message}`` pairs with a dotted field path."""
+    out: list[dict[str, Any]] = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ())][drop_prefix:]
+        out.append({"field": ".".join(loc) or "(body)", "message": err.get("msg", "invalid")})
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_retain_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RetainError)  # noqa: S101 - registered for RetainError only
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.details),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)  # noqa: S101
+        return JSONResponse(
+            error_body("invalid", "the request is not valid", pydantic_errors(exc.errors())),
+            status_code=422,
+        )
+
+    async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)  # noqa: S101
+        return JSONResponse(
+            error_body(f"http_{exc.status_code}", str(exc.detail)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    app.add_exception_handler(RetainError, on_retain_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -1,0 +1,284 @@
+"""The event contract (schema version 1): one pydantic model per event type.
+
+Every service decodes what crosses a topic with ``EVENT_ADAPTER`` (or the adapters of the
+derived events further down), so a field means the same thing everywhere. The models are
+strict on purpose: an event that is accepted here is one every consumer can apply.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+import phonenumbers
+from babel import Locale, UnknownLocaleError
+from babel.numbers import list_currencies
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+# Identifiers are opaque to Retain but end up in Kafka keys, URLs and log lines, so they may
+# not contain white space and are bounded.
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^\S+$")]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+LongText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)]
+Label = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^\S(.*\S)?$")
+]
+
+
+def _e164(value: str) -> str:
+    try:
+        parsed = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"not an E.164 phone number ({exc})") from exc
+    canonical = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    # Possible rather than valid: number ranges are allocated faster than metadata ships.
+    if canonical != value or not phonenumbers.is_possible_number(parsed):
+        raise ValueError("not a valid E.164 phone number, e.g. +972521234567")
+    return value
+
+
+def _bcp47(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*", value):
+        raise ValueError("not a BCP 47 language tag, e.g. he-IL, ar, en-US")
+    try:
+        Locale.parse(value, sep="-")
+    except (UnknownLocaleError, ValueError) as exc:
+        raise ValueError(f"unknown locale {value!r}") from exc
+    return value
+
+
+@lru_cache(maxsize=1)
+def _zones() -> frozenset[str]:
+    # The system database also lists file names that are not zones ("localtime", "posix/…").
+    return frozenset(
+        z
+        for z in available_timezones()
+        if z not in {"localtime", "posixrules", "Factory"} and not z.startswith(("posix/", "right/"))
+    )
+
+
+def _iana_zone(value: str) -> str:
+    # ZoneInfo alone accepts file-system paths such as "localtime"; the list does not.
+    if value not in _zones():
+        raise ValueError(f"unknown IANA time zone {value!r}, e.g. Asia/Jerusalem")
+    try:
+        ZoneInfo(value)
+    except ZoneInfoNotFoundError as exc:  # pragma: no cover - list and database disagree
+        raise ValueError(f"unknown IANA time zone {value!r}") from exc
+    return value
+
+
+@lru_cache(maxsize=1)
+def _currencies() -> frozenset[str]:
+    return frozenset(list_currencies())
+
+
+def _iso4217(value: str) -> str:
+    if not re.fullmatch(r"[A-Z]{3}", value) or value not in _currencies():
+        raise ValueError("not an ISO 4217 currency code, e.g. ILS, USD, EUR")
+    return value
+
+
+Phone = Annotated[str, StringConstraints(max_length=16), AfterValidator(_e164)]
+LocaleTag = Annotated[str, StringConstraints(max_length=35), AfterValidator(_bcp47)]
+TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(_iana_zone)]
+Currency = Annotated[str, AfterValidator(_iso4217)]
+Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=4)]
+AttributeValue = str | int | float | bool | None
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+    WHATSAPP = "whatsapp"
+
+
+class EventType(StrEnum):
+    PROFILE = "profile"
+    PURCHASE = "purchase"
+    SUPPORT = "support"
+    CANCELLATION = "cancellation"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EventBase(_Strict):
+    event_id: Identifier
+    customer_id: Identifier
+    occurred_at: AwareDatetime
+    schema_version: Literal[1] = 1
+
+
+class Consents(_Strict):
+    """Per-channel consent; a channel left out is unchanged by the event."""
+
+    email: bool | None = None
+    sms: bool | None = None
+    whatsapp: bool | None = None
+
+
+PROFILE_FIELDS = (
+    "name",
+    "email",
+    "phone",
+    "whatsapp",
+    "locale",
+    "timezone",
+    "preferred_channel",
+    "consents",
+    "attributes",
+)
+
+
+class ProfileEvent(EventBase):
+    """Contact details and preferences. A field left out (or null) leaves it as it was."""
+
+    type: Literal["profile"] = "profile"
+    name: ShortText | None = None
+    email: Annotated[EmailStr, StringConstraints(max_length=254)] | None = None
+    phone: Phone | None = None
+    whatsapp: Phone | None = None
+    locale: LocaleTag | None = None
+    timezone: TimeZone | None = None
+    preferred_channel: Channel | None = None
+    consents: Consents | None = None
+    attributes: Annotated[dict[Label, AttributeValue], Field(max_length=50)] | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> ProfileEvent:
+        if all(getattr(self, name) is None for name in PROFILE_FIELDS):
+            raise ValueError(f"a profile event needs at least one of: {', '.join(PROFILE_FIELDS)}")
+        return self
+
+
+class PurchaseItem(_Strict):
+    sku: Identifier
+    category: Label | None = None
+    quantity: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    unit_price: Money
+
+
+class PurchaseEvent(EventBase):
+    type: Literal["purchase"] = "purchase"
+    order_id: Identifier
+    amount: Money
+    currency: Currency
+    items: Annotated[list[PurchaseItem], Field(max_length=500)] | None = None
+
+
+class SupportAction(StrEnum):
+    OPENED = "opened"
+    AGENT_REPLIED = "agent_replied"
+    CUSTOMER_REPLIED = "customer_replied"
+    RESOLVED = "resolved"
+    REOPENED = "reopened"
+
+
+class SupportEvent(EventBase):
+    type: Literal["support"] = "support"
+    ticket_id: Identifier
+    action: SupportAction
+    category: Label
+    priority: Literal["low", "normal", "high", "urgent"] | None = None
+    is_complaint: bool = False
+
+
+class CancellationReason(StrEnum):
+    PRICE = "price"
+    SERVICE = "service"
+    BOTH = "both"
+    OTHER = "other"
+
+
+class CancellationEvent(EventBase):
+    type: Literal["cancellation"] = "cancellation"
+    reason: CancellationReason
+    subscription_id: Identifier | None = None
+    reason_text: LongText | None = None
+
+
+Event = Annotated[
+    ProfileEvent | PurchaseEvent | SupportEvent | CancellationEvent,
+    Field(discriminator="type"),
+]
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+# Which topic (without the deployment's prefix) each backend event type goes to.
+TOPIC_OF_TYPE: dict[str, str] = {
+    EventType.PROFILE: "profiles",
+    EventType.PURCHASE: "purchases",
+    EventType.SUPPORT: "support",
+    EventType.CANCELLATION: "cancellations",
+}
+
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "profile": {
+        "event_id": "crm-7f3a1c",
+        "type": "profile",
+        "customer_id": "c-000123",
+        "occurred_at": "2026-11-20T09:15:00+02:00",
+        "schema_version": 1,
+        "name": "נועה לוי",
+        "email": "noa.levi@example.co.il",
+        "phone": "+972521234567",
+        "whatsapp": "+972521234567",
+        "locale": "he-IL",
+        "timezone": "Asia/Jerusalem",
+        "preferred_channel": "whatsapp",
+        "consents": {"email": True, "sms": False, "whatsapp": True},
+        "attributes": {"city": "חיפה", "signup_source": "store"},
+    },
+    "purchase": {
+        "event_id": "shop-order-88412",
+        "type": "purchase",
+        "customer_id": "c-000123",
+        "occurred_at": "2026-11-21T18:02:11+02:00",
+        "order_id": "88412",
+        "amount": "349.90",
+        "currency": "ILS",
+        "items": [
+            {"sku": "TEA-01", "category": "tea", "quantity": 2, "unit_price": "99.95"},
+            {"sku": "MUG-07", "category": "kitchen", "quantity": 1, "unit_price": "150.00"},
+        ],
+    },
+    "support": {
+        "event_id": "desk-5512-opened",
+        "type": "support",
+        "customer_id": "c-000456",
+        "occurred_at": "2026-11-22T10:00:00+03:00",
+        "ticket_id": "T-5512",
+        "action": "opened",
+        "category": "delivery",
+        "priority": "high",
+        "is_complaint": True,
+    },
+    "cancellation": {
+        "event_id": "billing-sub-991-cancel",
+        "type": "cancellation",
+        "customer_id": "c-000789",
+        "occurred_at": "2026-11-23T12:30:00Z",
+        "reason": "price",
+        "subscription_id": "sub-991",
+        "reason_text": "המחיר עלה יותר מדי",
+    },
+}

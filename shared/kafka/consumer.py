@@ -1,0 +1,352 @@
+"""The one consumer loop: getmany → decode → handler (one DB transaction) → DLQ → commit.
+
+Offsets are committed only after the handler's transaction (which records the applied event
+ids) has committed and every poison record has been acknowledged by its dead-letter topic.
+A crash anywhere before the commit re-delivers the batch, and the handler's recorded event
+ids make the second application a no-op. Nothing is skipped without landing in a DLQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
+from shared.logs import get_logger
+from shared.metrics import (
+    CONSUMER_BATCH_SECONDS,
+    CONSUMER_BATCH_SIZE,
+    CONSUMER_DUPLICATES,
+    CONSUMER_RECORDS,
+    CONSUMER_RETRIES,
+    DLQ_MESSAGES,
+)
+from shared.topics import dlq
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+# Errors worth retrying the whole batch for: the database or broker is away for a while.
+# Anything else raised while applying one record is that record's fault and sends it to the DLQ.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    KafkaError,
+    BrokerUnavailableError,
+)
+
+
+class PermanentError(Exception):
+    """This record can never be applied as it is (a bug in its data, not in the weather)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered(Generic[T]):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: T
+    timestamp_ms: int
+
+
+@dataclass(slots=True)
+class BatchResult:
+    applied: int = 0
+    duplicates: int = 0
+
+
+@dataclass(slots=True)
+class _DeadLetter:
+    record: ConsumerRecord[bytes, bytes]
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class LoopStats:
+    batches: int = 0
+    records: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    commits: int = 0
+    retries: int = 0
+    positions: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+Decoder = Callable[[str, bytes], T]
+Handler = Callable[[Sequence[Delivered[T]]], Awaitable[BatchResult | None]]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def _reason(exc: BaseException) -> str:
+    # A bounded label for metrics and headers: the class, never the message.
+    return type(exc).__name__
+
+
+class ConsumerLoop(Generic[T]):
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topics: Sequence[str],
+        group_id: str,
+        decode: Decoder[T],
+        handle: Handler[T],
+        producer: Producer,
+        max_records: int = 500,
+        poll_timeout_ms: int = 500,
+        max_backoff_s: float = 5.0,
+        client_id: str | None = None,
+    ) -> None:
+        self._topics = list(topics)
+        self._group_id = group_id
+        self._decode = decode
+        self._handle = handle
+        self._producer = producer
+        self._max_records = max_records
+        self._poll_timeout_ms = poll_timeout_ms
+        self._max_backoff_s = max_backoff_s
+        self._stopping = asyncio.Event()
+        self.stats = LoopStats()
+        self._consumer = AIOKafkaConsumer(
+            *self._topics,
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            client_id=client_id or group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=max_records,
+        )
+
+    @property
+    def group_id(self) -> str:
+        return self._group_id
+
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in hand, commit it, and return."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await self._producer.start()
+        await self._consumer.start()
+        log.info("consumer started", group=self._group_id, topics=self._topics)
+        try:
+            while not self._stopping.is_set():
+                await self.run_once()
+        finally:
+            await self._consumer.stop()
+            log.info("consumer stopped", group=self._group_id, **self._summary())
+
+    def _summary(self) -> dict[str, int]:
+        s = self.stats
+        return {
+            "batches": s.batches,
+            "records": s.records,
+            "applied": s.applied,
+            "duplicates": s.duplicates,
+            "dead_lettered": s.dead_lettered,
+        }
+
+    async def run_once(self) -> int:
+        """Consume, apply and commit one batch; return how many records it held."""
+        batch = await self._consumer.getmany(timeout_ms=self._poll_timeout_ms, max_records=self._max_records)
+        records = [r for tp in sorted(batch, key=lambda t: (t.topic, t.partition)) for r in batch[tp]]
+        if not records:
+            return 0
+        started = time.perf_counter()
+        decoded, dead = self._decode_all(records)
+        if not await self._apply(decoded, dead):
+            return 0  # stopping while the database was away: leave the batch uncommitted
+        if dead and not await self._dead_letter(dead):
+            return 0
+        await self._commit(batch)
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        CONSUMER_BATCH_SIZE.labels(self._group_id).observe(len(records))
+        CONSUMER_BATCH_SECONDS.labels(self._group_id).observe(time.perf_counter() - started)
+        return len(records)
+
+    def _decode_all(
+        self, records: list[ConsumerRecord[bytes, bytes]]
+    ) -> tuple[list[tuple[ConsumerRecord[bytes, bytes], Delivered[T]]], list[_DeadLetter]]:
+        decoded: list[tuple[ConsumerRecord[bytes, bytes], Delivered[T]]] = []
+        dead: list[_DeadLetter] = []
+        for r in records:
+            try:
+                value = self._decode(r.topic, r.value if r.value is not None else b"")
+            except (ValidationError, ValueError, PermanentError) as exc:
+                detail = str(exc)[:2000]
+                dead.append(_DeadLetter(r, "undecodable", detail))
+                continue
+            decoded.append((r, Delivered(r.topic, r.partition, r.offset, r.key, value, r.timestamp)))
+        return decoded, dead
+
+    async def _apply(
+        self,
+        decoded: list[tuple[ConsumerRecord[bytes, bytes], Delivered[T]]],
+        dead: list[_DeadLetter],
+    ) -> bool:
+        if not decoded:
+            return True
+        items = [d for _, d in decoded]
+        try:
+            result = await self._retrying(lambda: self._handle(items))
+        except asyncio.CancelledError:
+            raise
+        except _StoppedError:
+            return False
+        except Exception as exc:  # noqa: BLE001 - isolated below, record by record
+            log.warning(
+                "batch failed, applying record by record",
+                group=self._group_id,
+                error=_reason(exc),
+                records=len(items),
+            )
+            return await self._apply_one_by_one(decoded, dead)
+        self._count(result, items)
+        return True
+
+    async def _apply_one_by_one(
+        self,
+        decoded: list[tuple[ConsumerRecord[bytes, bytes], Delivered[T]]],
+        dead: list[_DeadLetter],
+    ) -> bool:
+        for record, item in decoded:
+            try:
+                result = await self._retrying(lambda item=item: self._handle([item]))  # type: ignore[misc]
+            except _StoppedError:
+                return False
+            except Exception as exc:  # noqa: BLE001 - a poison record goes to the DLQ with its reason
+                log.error(
+                    "record cannot be applied",
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    error=_reason(exc),
+                    detail=str(exc)[:500],
+                )
+                dead.append(_DeadLetter(record, _reason(exc), str(exc)[:2000]))
+                continue
+            self._count(result, [item])
+        return True
+
+    def _count(self, result: BatchResult | None, items: Sequence[Delivered[T]]) -> None:
+        duplicates = result.duplicates if result else 0
+        self.stats.applied += result.applied if result else len(items)
+        self.stats.duplicates += duplicates
+        for item in items:
+            CONSUMER_RECORDS.labels(self._group_id, item.topic, "handled").inc()
+        if duplicates:
+            CONSUMER_DUPLICATES.labels(self._group_id).inc(duplicates)
+            log.info("duplicates skipped", group=self._group_id, duplicates=duplicates)
+
+    async def _retrying(self, call: Callable[[], Awaitable[BatchResult | None]]) -> BatchResult | None:
+        """Run ``call`` until it succeeds or fails permanently; transient errors back off."""
+        backoff = 0.1
+        while True:
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                self.stats.retries += 1
+                CONSUMER_RETRIES.labels(self._group_id, _reason(exc)).inc()
+                log.warning(
+                    "transient error, retrying batch",
+                    group=self._group_id,
+                    error=_reason(exc),
+                    backoff_s=backoff,
+                )
+            if self._stopping.is_set():
+                raise _StoppedError
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    async def _dead_letter(self, dead: list[_DeadLetter]) -> bool:
+        now = datetime.now(UTC).isoformat()
+        records = [
+            OutboundRecord(
+                topic=dlq(d.record.topic),
+                key=d.record.key or b"",
+                value=d.record.value or b"",
+                headers=(
+                    ("x-retain-error", d.reason.encode()),
+                    ("x-retain-error-detail", d.detail.encode()),
+                    ("x-retain-topic", d.record.topic.encode()),
+                    ("x-retain-partition", str(d.record.partition).encode()),
+                    ("x-retain-offset", str(d.record.offset).encode()),
+                    ("x-retain-first-seen", now.encode()),
+                    ("x-retain-group", self._group_id.encode()),
+                ),
+            )
+            for d in dead
+        ]
+        try:
+            await self._retrying(lambda: self._send(records))
+        except _StoppedError:
+            return False
+        for d in dead:
+            DLQ_MESSAGES.labels(d.record.topic, d.reason).inc()
+            CONSUMER_RECORDS.labels(self._group_id, d.record.topic, "dead_lettered").inc()
+            log.warning(
+                "sent to dead-letter topic",
+                topic=d.record.topic,
+                partition=d.record.partition,
+                offset=d.record.offset,
+                reason=d.reason,
+            )
+        self.stats.dead_lettered += len(dead)
+        return True
+
+    async def _send(self, records: list[OutboundRecord]) -> None:
+        await self._producer.send_all(records)
+
+    async def _commit(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+        backoff = 0.1
+        while True:
+            try:
+                await self._consumer.commit(offsets)
+                break
+            except CommitFailedError as exc:
+                # The group rebalanced while we applied: the new owner re-delivers these
+                # records and the recorded event ids make that a no-op.
+                log.warning("commit failed after rebalance", group=self._group_id, error=str(exc))
+                return
+            except KafkaError as exc:
+                if self._stopping.is_set():
+                    log.warning("commit abandoned at stop", group=self._group_id, error=_reason(exc))
+                    return
+                log.warning("commit failed, retrying", group=self._group_id, error=_reason(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff_s)
+        self.stats.commits += 1
+        self.stats.positions.update(offsets)
+
+
+class _StoppedError(Exception):
+    """The loop was asked to stop while waiting out a transient error."""

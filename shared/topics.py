@@ -1,0 +1,83 @@
+"""The topics of ARCHITECTURE.md, their dead-letter twins, and their idempotent creation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+# Names without the deployment's prefix.
+PROFILES = "profiles"
+PURCHASES = "purchases"
+SUPPORT = "support"
+CANCELLATIONS = "cancellations"
+SEGMENTS = "segments"
+MESSAGES = "messages"
+CLV = "clv"
+
+ALL_TOPICS = (PROFILES, PURCHASES, SUPPORT, CANCELLATIONS, SEGMENTS, MESSAGES, CLV)
+
+
+def dlq(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+def all_topic_names(prefix: str) -> list[str]:
+    names = [f"{prefix}{t}" for t in ALL_TOPICS]
+    return names + [dlq(n) for n in names]
+
+
+async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 30.0) -> None:
+    # The controller acknowledges creation before every broker's metadata cache has the
+    # topics; a producer asking right away would be told they do not exist.
+    async with asyncio.timeout(timeout_s):
+        while not set(names) <= set(await admin.list_topics()):
+            await asyncio.sleep(0.05)
+
+
+class PartitionMismatchError(RuntimeError):
+    """An existing topic has another partition count: per-customer order would break."""
+
+
+async def ensure_topics(bootstrap: str, names: list[str], partitions: int) -> list[str]:
+    """Create the topics that are missing; return the ones created.
+
+    Every topic gets the same partition count, so that a customer's events land in the same
+    partition number everywhere and keyed joins stay per-customer ordered.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [n for n in names if n not in existing]
+        created: list[str] = []
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in missing]
+                )
+                created = missing
+            except TopicAlreadyExistsError:
+                # Another process created them between list and create: that is the goal.
+                created = []
+        present = [n for n in names if n in existing]
+        if present:
+            described = await admin.describe_topics(present)
+            wrong = {
+                d["topic"]: len(d["partitions"]) for d in described if len(d["partitions"]) != partitions
+            }
+            if wrong:
+                raise PartitionMismatchError(
+                    f"topics with a partition count other than {partitions}: {wrong}"
+                )
+        if created:
+            log.info("topics created", topics=created, partitions=partitions)
+            await _wait_visible(admin, created)
+        return created
+    finally:
+        await admin.close()

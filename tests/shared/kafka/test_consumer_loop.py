@@ -1,0 +1,219 @@
+"""The consumer-loop helper with a toy handler, against the real broker and both databases."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, MetaData, Numeric, String, Table, select
+from sqlalchemy.exc import OperationalError
+
+from shared.codec import decode_event, encode_event, encode_key
+from shared.db import Database, applied_events_table, claim_events, insert_ignoring_conflicts
+from shared.events import EVENT_ADAPTER, EXAMPLES, Event, PurchaseEvent
+from shared.kafka.consumer import BatchResult, ConsumerLoop, Delivered, PermanentError
+from shared.kafka.producer import OutboundRecord, Producer
+from tests.support.infra import KafkaHandle
+from tests.support.kafka import read_all
+
+pytestmark = pytest.mark.integration
+
+metadata = MetaData()
+ledger = applied_events_table(metadata)
+totals = Table(
+    "toy_totals",
+    metadata,
+    Column("customer_id", String(128), primary_key=True),
+    Column("total", Numeric(18, 4)),
+)
+
+
+class ToyHandler:
+    """Sums purchase amounts per customer, once per event id, in one transaction per batch."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.calls = 0
+        self.fail_transiently = 0
+
+    async def __call__(self, batch: Sequence[Delivered[Event]]) -> BatchResult:
+        self.calls += 1
+        if self.fail_transiently:
+            self.fail_transiently -= 1
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database away"))
+        async with self.db.transaction() as session:
+            new = await claim_events(
+                session, ledger, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
+            )
+            for d in batch:
+                event = d.value
+                if event.event_id not in new or not isinstance(event, PurchaseEvent):
+                    continue
+                if event.amount == Decimal("666"):
+                    raise PermanentError("amount 666 is cursed")
+                current = await session.scalar(
+                    select(totals.c.total).where(totals.c.customer_id == event.customer_id)
+                )
+                if current is None:
+                    await session.execute(
+                        insert_ignoring_conflicts(session, totals).values(
+                            customer_id=event.customer_id, total=0
+                        )
+                    )
+                    current = Decimal(0)
+                await session.execute(
+                    totals.update()
+                    .where(totals.c.customer_id == event.customer_id)
+                    .values(total=current + event.amount)
+                )
+            return BatchResult(applied=len(new), duplicates=len(batch) - len(new))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path / 'toy.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    database = Database(url)
+    async with database.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield database
+    await database.dispose()
+
+
+def purchase(n: int, customer: str, amount: str) -> PurchaseEvent:
+    event = EVENT_ADAPTER.validate_python(
+        {
+            **EXAMPLES["purchase"],
+            "event_id": f"p-{n}",
+            "customer_id": customer,
+            "amount": amount,
+            "items": None,
+        }
+    )
+    assert isinstance(event, PurchaseEvent)
+    return event
+
+
+async def produce(kafka: KafkaHandle, topic: str, values: list[tuple[str, bytes]]) -> None:
+    producer = Producer(kafka.bootstrap, client_id="test")
+    await producer.send_all([OutboundRecord(topic, encode_key(k), v) for k, v in values])
+    await producer.stop()
+
+
+def make_loop(kafka: KafkaHandle, topic: str, group: str, handler: ToyHandler) -> ConsumerLoop[Event]:
+    return ConsumerLoop(
+        bootstrap=kafka.bootstrap,
+        topics=[topic],
+        group_id=group,
+        decode=lambda _topic, payload: decode_event(payload),
+        handle=handler,
+        producer=Producer(kafka.bootstrap, client_id=group),
+        max_records=50,
+        poll_timeout_ms=200,
+    )
+
+
+async def drain(loop: ConsumerLoop[Event], expected: int, timeout_s: float = 30) -> None:
+    """Run batches until ``expected`` records were handled (applied, skipped or dead-lettered)."""
+    await loop._producer.start()
+    await loop._consumer.start()
+    async with asyncio.timeout(timeout_s):
+        while loop.stats.records < expected:
+            await loop.run_once()
+
+
+async def stop(loop: ConsumerLoop[Event]) -> None:
+    await loop._consumer.stop()
+    await loop._producer.stop()
+
+
+async def total_of(db: Database, customer: str) -> Decimal | None:
+    async with db.transaction() as session:
+        value = await session.scalar(select(totals.c.total).where(totals.c.customer_id == customer))
+        return None if value is None else Decimal(value)
+
+
+async def test_poison_goes_to_the_dlq_and_the_partition_keeps_flowing(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    topic = topic_prefix + "purchases"
+    await produce(kafka, topic, [
+        ("c1", encode_event(purchase(1, "c1", "10"))),
+        ("c1", b"\xff not json"),
+        ("c1", b'{"type": "refund", "event_id": "x"}'),
+        ("c1", encode_event(purchase(2, "c1", "666"))),
+        ("c1", encode_event(purchase(3, "c1", "5.5"))),
+    ])  # fmt: skip
+    handler = ToyHandler(db)
+    loop = make_loop(kafka, topic, f"g-{unique}", handler)
+    try:
+        await drain(loop, 5)
+    finally:
+        await stop(loop)
+
+    assert await total_of(db, "c1") == Decimal("15.5")
+    dead = await read_all(kafka.bootstrap, [topic + ".dlq"])
+    assert [r.value for r in dead][:2] == [b"\xff not json", b'{"type": "refund", "event_id": "x"}']
+    headers = [dict(r.headers) for r in dead]
+    assert [h["x-retain-error"] for h in headers] == [b"undecodable", b"undecodable", b"PermanentError"]
+    assert b"cursed" in headers[2]["x-retain-error-detail"]
+    assert all(h["x-retain-topic"] == topic.encode() for h in headers)
+    assert [int(h["x-retain-offset"]) for h in headers] == [1, 2, 3]
+    assert all(b"T" in h["x-retain-first-seen"] for h in headers)
+    assert loop.stats.dead_lettered == 3
+    assert loop.stats.applied == 2
+
+
+async def test_crash_before_commit_redelivers_and_the_ledger_makes_it_a_noop(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    topic = topic_prefix + "purchases"
+    await produce(
+        kafka, topic, [(f"c{i % 3}", encode_event(purchase(i, f"c{i % 3}", "1"))) for i in range(30)]
+    )
+    group = f"g-{unique}"
+
+    crashing = make_loop(kafka, topic, group, ToyHandler(db))
+
+    async def crash(_batch: object) -> None:
+        raise RuntimeError("process died after the transaction, before the offset commit")
+
+    crashing._commit = crash  # type: ignore[method-assign,assignment]
+    with pytest.raises(RuntimeError, match="process died"):
+        await drain(crashing, 30)
+    await stop(crashing)
+    applied_before = sum([await total_of(db, f"c{i}") or Decimal(0) for i in range(3)], Decimal(0))
+    assert applied_before > 0  # the first batch was applied, its offsets never committed
+
+    handler = ToyHandler(db)
+    survivor = make_loop(kafka, topic, group, handler)
+    try:
+        await drain(survivor, 30)
+    finally:
+        await stop(survivor)
+    assert survivor.stats.duplicates == applied_before  # re-delivered, recognised, skipped
+    assert [await total_of(db, f"c{i}") for i in range(3)] == [Decimal(10)] * 3
+
+
+async def test_transient_errors_are_retried_without_committing(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    topic = topic_prefix + "purchases"
+    await produce(kafka, topic, [("c1", encode_event(purchase(i, "c1", "2"))) for i in range(4)])
+    handler = ToyHandler(db)
+    handler.fail_transiently = 2
+    loop = make_loop(kafka, topic, f"g-{unique}", handler)
+    try:
+        await drain(loop, 4)
+    finally:
+        await stop(loop)
+    assert loop.stats.retries >= 2
+    assert loop.stats.dead_lettered == 0
+    assert await total_of(db, "c1") == Decimal(8)
+    assert await read_all(kafka.bootstrap, [topic + ".dlq"]) == []

@@ -1,0 +1,185 @@
+"""The event contract: strictness, and round-trips through the shared encoding."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from shared.codec import decode_event, encode_event
+from shared.events import (
+    EVENT_ADAPTER,
+    EXAMPLES,
+    CancellationEvent,
+    Consents,
+    ProfileEvent,
+    PurchaseEvent,
+    PurchaseItem,
+    SupportEvent,
+)
+
+
+def _errors(payload: dict[str, Any]) -> dict[str, str]:
+    with pytest.raises(ValidationError) as info:
+        EVENT_ADAPTER.validate_python(payload)
+    return {".".join(str(p) for p in e["loc"][1:]): e["msg"] for e in info.value.errors()}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_documented_example_is_valid_and_round_trips(name: str) -> None:
+    event = EVENT_ADAPTER.validate_python(EXAMPLES[name])
+    assert event.type == name
+    assert decode_event(encode_event(event)) == event
+
+
+def test_naive_datetime_is_rejected() -> None:
+    errors = _errors({**EXAMPLES["purchase"], "occurred_at": "2026-11-21T18:02:11"})
+    assert "timezone" in errors["occurred_at"]
+
+
+def test_unknown_top_level_field_is_rejected_and_points_to_attributes() -> None:
+    errors = _errors({**EXAMPLES["profile"], "vip": True})
+    assert errors == {"vip": "Extra inputs are not permitted"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("phone", "052-1234567", "E.164"),
+        ("phone", "+97252", "E.164"),
+        ("locale", "klingon", "BCP 47"),
+        ("locale", "xx-YY", "unknown locale"),
+        ("timezone", "Asia/Atlantis", "IANA"),
+        ("timezone", "localtime", "IANA"),
+        ("email", "not-an-email", "email"),
+        ("preferred_channel", "pigeon", "email"),
+        ("name", "x" * 201, "at most 200"),
+    ],
+)
+def test_profile_field_validation_names_the_field(field: str, value: str, fragment: str) -> None:
+    errors = _errors({**EXAMPLES["profile"], field: value})
+    assert field in errors
+    assert fragment in errors[field]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("amount", "-0.01", "greater than or equal to 0"),
+        ("amount", "lots", "decimal"),
+        ("currency", "usd", "ISO 4217"),
+        ("currency", "ABC", "ISO 4217"),
+    ],
+)
+def test_purchase_field_validation(field: str, value: str, fragment: str) -> None:
+    errors = _errors({**EXAMPLES["purchase"], field: value})
+    assert fragment in errors[field]
+
+
+def test_amount_accepts_numbers_and_strings_as_decimal() -> None:
+    as_number = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "amount": 12.5, "items": None})
+    as_string = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "amount": "12.50", "items": None})
+    assert isinstance(as_number, PurchaseEvent)
+    assert isinstance(as_string, PurchaseEvent)
+    assert as_number.amount == as_string.amount == Decimal("12.5")
+
+
+def test_profile_event_must_say_something() -> None:
+    errors = _errors({k: EXAMPLES["profile"][k] for k in ("event_id", "type", "customer_id", "occurred_at")})
+    assert "at least one of" in next(iter(errors.values()))
+
+
+def test_future_schema_version_is_rejected() -> None:
+    errors = _errors({**EXAMPLES["support"], "schema_version": 2})
+    assert "schema_version" in errors
+
+
+def test_unknown_type_is_rejected() -> None:
+    with pytest.raises(ValidationError) as info:
+        EVENT_ADAPTER.validate_python({**EXAMPLES["support"], "type": "refund"})
+    assert info.value.errors()[0]["type"] == "union_tag_invalid"
+
+
+# --- property: whatever the models accept round-trips through the shared encoding ---------
+
+ids = st.text(
+    st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_categories=("Zs", "Cc", "Cs")),
+    min_size=1,
+    max_size=40,
+)
+labels = st.text(st.characters(min_codepoint=48, max_codepoint=122), min_size=1, max_size=20)
+offsets = st.integers(-12 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+moments = st.datetimes(
+    min_value=datetime(2000, 1, 1),  # noqa: DTZ001 - hypothesis takes naive bounds
+    max_value=datetime(2100, 1, 1),  # noqa: DTZ001
+    timezones=offsets | st.just(UTC),
+)
+money = st.decimals(
+    min_value=0, max_value=Decimal("99999999"), places=2, allow_nan=False, allow_infinity=False
+)
+common = {"event_id": ids, "customer_id": ids, "occurred_at": moments}
+
+profiles = st.builds(
+    ProfileEvent,
+    **common,
+    name=st.text(min_size=1, max_size=50).map(str.strip).filter(bool),
+    email=st.sampled_from(["a@example.com", "נועה@example.co.il", "x.y+z@example.org"]),
+    phone=st.sampled_from(["+972521234567", "+201001234567", "+12125551234"]) | st.none(),
+    locale=st.sampled_from(["he-IL", "ar", "ar-EG", "en-US"]),
+    timezone=st.sampled_from(["Asia/Jerusalem", "Africa/Cairo", "America/New_York", "UTC"]),
+    preferred_channel=st.sampled_from(["email", "sms", "whatsapp"]) | st.none(),
+    consents=st.builds(Consents, email=st.booleans() | st.none(), sms=st.booleans(), whatsapp=st.booleans())
+    | st.none(),
+    attributes=st.dictionaries(labels, st.integers() | st.text(max_size=20) | st.booleans(), max_size=4)
+    | st.none(),
+)
+purchases = st.builds(
+    PurchaseEvent,
+    **common,
+    order_id=ids,
+    amount=money,
+    currency=st.sampled_from(["ILS", "USD", "EGP", "EUR"]),
+    items=st.lists(
+        st.builds(
+            PurchaseItem,
+            sku=ids,
+            category=labels | st.none(),
+            quantity=st.integers(1, 99),
+            unit_price=money,
+        ),
+        max_size=3,
+    )
+    | st.none(),
+)
+supports = st.builds(
+    SupportEvent,
+    **common,
+    ticket_id=ids,
+    action=st.sampled_from(["opened", "agent_replied", "customer_replied", "resolved", "reopened"]),
+    category=labels,
+    priority=st.sampled_from(["low", "normal", "high", "urgent"]) | st.none(),
+    is_complaint=st.booleans(),
+)
+cancellations = st.builds(
+    CancellationEvent,
+    **common,
+    reason=st.sampled_from(["price", "service", "both", "other"]),
+    subscription_id=ids | st.none(),
+    reason_text=st.text(max_size=100).map(str.strip) | st.none(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(profiles, purchases, supports, cancellations))
+def test_every_accepted_event_round_trips_unchanged(event: Any) -> None:
+    # Whatever the constructor accepted must also be accepted back from its own JSON, equal.
+    revalidated = EVENT_ADAPTER.validate_python(event.model_dump())
+    decoded = decode_event(encode_event(revalidated))
+    assert decoded == revalidated
+    assert decoded.occurred_at == event.occurred_at
+    assert decoded.occurred_at.utcoffset() == event.occurred_at.utcoffset()
