@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from honcho.manager import Manager
@@ -109,7 +110,9 @@ def run(with_demo: bool = True) -> int:
         for p in processes:
             manager.add_process(p.name, shlex.join(p.command), env=env, cwd=str(REPO_ROOT))
         if with_demo:
-            manager.add_process("demo", shlex.join(demo_command(key)), env=env, cwd=str(REPO_ROOT))
+            manager.add_process(
+                "demo", shlex.join(demo_command(key, settings.var_dir)), env=env, cwd=str(REPO_ROOT)
+            )
         sys.stdout.write(_banner(settings, processes, key, with_demo))
         sys.stdout.flush()
         manager.loop()
@@ -120,8 +123,19 @@ def run(with_demo: bool = True) -> int:
             broker.stop()
 
 
-def demo_command(key: str) -> list[str]:
+def demo_command(key: str, var_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "shared.demo", "--url", "http://127.0.0.1:8001", "--api-key", key,
-        "--seed", "7", "--customers", "3000", "--days", "365", "--fast", "--then-live", "2",
+        "--seed", "7", "--customers", "3000", "--days", "365", "--start", _demo_start(var_dir),
+        "--fast", "--then-live", "2",
     ]  # fmt: skip
+
+
+def _demo_start(var_dir: Path) -> str:
+    """The history's start, fixed by the first run: later runs resend identical events,
+    which the pipeline recognises as duplicates, instead of a shifted copy of the year."""
+    path = var_dir / "demo_start.txt"
+    if not path.exists():
+        start = datetime.now(UTC).replace(microsecond=0, second=0) - timedelta(days=365)
+        path.write_text(start.isoformat(), encoding="utf-8")
+    return path.read_text(encoding="utf-8").strip()

@@ -36,7 +36,7 @@ async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s:
     # The controller acknowledges creation before every broker's metadata cache has the
     # topics; a producer asking right away would be told they do not exist.
     async with asyncio.timeout(timeout_s):
-        while not set(names) <= set(await admin.list_topics()):
+        while not set(names) <= set(await admin.list_topics()):  # noqa: ASYNC110 - polling the broker
             await asyncio.sleep(0.05)
 
 

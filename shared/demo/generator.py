@@ -479,6 +479,7 @@ class _Story:
     orders: int = 0
     tickets: int = 0
     complained: bool = False
+    consent_changes: list[tuple[datetime, str, bool]] = field(default_factory=list)
 
     def emit(self, at: datetime, kind: str, fields: DemoEvent, *, utc: bool = False) -> bool:
         if at >= self.end:
@@ -675,12 +676,12 @@ class _Story:
         if rng.random() < 0.75:
             fields["reason_text"] = rng.choice(_REASON_TEXTS[self.customer.market.locale][reason])
         emitted = self.emit(at, "cancellation", fields)
-        given = [channel for channel in ("email", "sms") if self.customer.consents[channel]]
-        if emitted and given and rng.random() < 0.25:
+        if emitted and rng.random() < 0.25:
             # Some also unsubscribe from marketing on the way out.
-            consents = {**self.customer.consents, rng.choice(given): False}
-            self.customer.consents = consents
-            self.emit(self.minutes_after(at, 20, 1.0), "profile", {"consents": consents})
+            unsubscribed = self.minutes_after(at, 20, 1.0)
+            given = self.consents_to_change(unsubscribed, ("email", "sms"), to=False)
+            if given:
+                self.change_consent(unsubscribed, rng.choice(given), False)
         return reason, emitted
 
     def maybe_cancel_and_return(self, after: datetime, probability: float) -> None:
@@ -695,32 +696,57 @@ class _Story:
 
     # ---- profile changes
 
+    def consent_at(self, channel: str, at: datetime) -> bool:
+        value, since = self.customer.consents[channel], None
+        for when, changed, given in self.consent_changes:
+            if changed == channel and when <= at and (since is None or when > since):
+                value, since = given, when
+        return value
+
+    def consents_to_change(self, at: datetime, channels: Sequence[str], *, to: bool) -> list[str]:
+        """Channels whose consent is not ``to`` at ``at`` and that no later event sets again.
+
+        Changes are drawn out of time order, so this keeps every consent event a real change.
+        """
+        return [
+            channel
+            for channel in channels
+            if self.consent_at(channel, at) != to
+            and not any(changed == channel and when > at for when, changed, _ in self.consent_changes)
+        ]
+
+    def change_consent(self, at: datetime, channel: str, given: bool) -> bool:
+        # Only the channel that changed: the contract leaves the others as they were.
+        self.consent_changes.append((at, channel, given))
+        return self.emit(at, "profile", {"consents": {channel: given}})
+
     def profile_change(self, at: datetime, world: _World) -> None:
         """A later profile event that changes one thing: consent, address, channel, WhatsApp."""
         rng = self.rng
         customer = self.customer
         change = rng.choices(("consent", "email", "channel", "whatsapp"), (0.4, 0.25, 0.2, 0.15))[0]
         channels = ["email", "sms"] + (["whatsapp"] if customer.whatsapp else [])
-        fields: DemoEvent
+        if change == "consent":
+            # Mostly a withdrawal; now and then someone opts back in.
+            opt_in = rng.random() < 0.2
+            options = self.consents_to_change(at, channels, to=opt_in)
+            if not options:
+                opt_in = not opt_in
+                options = self.consents_to_change(at, channels, to=opt_in)
+            if options:
+                self.change_consent(at, rng.choice(options), opt_in)
+                return
+            change = "email"
         if change == "whatsapp" and customer.whatsapp is None:
             customer.whatsapp = customer.phone
-            customer.consents = {**customer.consents, "whatsapp": True}
-            fields = {"whatsapp": customer.whatsapp, "consents": customer.consents}
-        elif change == "email":
-            customer.email = world.registry.email(rng, world.user_names)
-            fields = {"email": customer.email}
+            self.consent_changes.append((at, "whatsapp", True))
+            self.emit(at, "profile", {"whatsapp": customer.whatsapp, "consents": {"whatsapp": True}})
         elif change == "channel":
             customer.preferred = rng.choice([c for c in channels if c != customer.preferred])
-            fields = {"preferred_channel": customer.preferred}
+            self.emit(at, "profile", {"preferred_channel": customer.preferred})
         else:
-            # Mostly a withdrawal; now and then someone opts back in.
-            given = [channel for channel in channels if customer.consents[channel]]
-            withheld = [channel for channel in channels if not customer.consents[channel]]
-            granted = not given or (bool(withheld) and rng.random() < 0.2)
-            channel = rng.choice(withheld if granted else given)
-            customer.consents = {**customer.consents, channel: granted}
-            fields = {"consents": customer.consents}
-        self.emit(at, "profile", fields)
+            customer.email = world.registry.email(rng, world.user_names)
+            self.emit(at, "profile", {"email": customer.email})
 
 
 def _signup(rng: random.Random, number: int, world: _World) -> tuple[_Customer, DemoEvent]:

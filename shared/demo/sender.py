@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ import httpx
 import orjson
 
 from shared.demo.generator import generate
+from shared.demo.live import live_round
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +252,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dump", type=Path, help="write the events as JSONL to this file ('-' = stdout), no send"
     )
+    parser.add_argument(
+        "--then-live",
+        type=float,
+        metavar="RATE",
+        help="after the history, keep sending events of new customers happening now, RATE per second",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -301,7 +309,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 speed=args.speed,
             )
         )
+        if args.then_live:
+            asyncio.run(_live(args.seed, args.url, args.api_key, args.then_live, args.batch))
     except SendError as exc:
         logger.error("%s", exc)
         return 1
     return 0
+
+
+async def _live(seed: int, url: str, api_key: str, rate: float, batch: int) -> None:
+    run_id = uuid.uuid4().hex[:6]
+    logger.info("history sent; now a live trickle of %.1f events/s (run %s)", rate, run_id)
+    round_no = 0
+    while True:
+        events = live_round(seed, run_id, round_no, datetime.now(UTC), rate)
+        await send(events, url, api_key, rate=rate, batch_size=batch)
+        round_no += 1

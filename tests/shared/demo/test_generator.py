@@ -234,11 +234,18 @@ def test_some_customers_change_their_profile_later(
 def test_a_later_profile_event_changes_something(by_customer: dict[str, list[DemoEvent]]) -> None:
     for story in by_customer.values():
         known = dict(story[0])
+        known_consents = dict(consents(story[0]))
         for event in story[1:]:
             if event["type"] != "profile":
                 continue
-            fields = event.keys() - COMMON
-            assert any(event[key] != known.get(key) for key in fields), event
+            fields = event.keys() - COMMON - {"consents"}
+            changes = [event[key] != known.get(key) for key in fields]
+            if "consents" in event:
+                # A consent update names only the channels it changes.
+                changes += [known_consents[k] != v for k, v in consents(event).items()]
+                known_consents.update(consents(event))
+            assert changes
+            assert all(changes), event
             known.update({key: event[key] for key in fields})
 
 
