@@ -116,7 +116,8 @@ def run(with_demo: bool = True) -> int:
         sys.stdout.write(_banner(settings, processes, key, with_demo))
         sys.stdout.flush()
         manager.loop()
-        return manager.returncode or 0
+        # Ctrl-C or a TERM is how a person stops the pipeline: that is a clean exit.
+        return 0 if manager.returncode in (None, 0, 130, 143) else int(manager.returncode)
     finally:
         if broker is not None:
             log.info("stopping the Kafka broker")

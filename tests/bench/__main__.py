@@ -1,0 +1,76 @@
+"""``python -m tests.bench [--seconds S] [--concurrency N] [--only ingest] [--profile]``
+
+Prints a markdown report (stdout) and writes each section to ``var/bench/<section>.md``.
+Progress goes to stderr. The exit status says whether the bench ran, never whether a target
+was met.
+
+A section is a function ``(BenchContext) -> Section``; add new ones to ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+from collections.abc import Callable
+
+from tests.bench import ingest
+from tests.bench.context import BenchContext, Options
+from tests.bench.infra import BENCH_VAR, machine_info, say
+from tests.bench.report import Section, render
+
+SECTIONS: dict[str, Callable[[BenchContext], Section]] = {
+    "ingest": ingest.run,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description="Throughput as ratios against baselines measured in the same run.",
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="timed window per measurement (5)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up before each window (2)")
+    parser.add_argument("--concurrency", type=int, default=64, help="HTTP connections of the load (64)")
+    parser.add_argument("--partitions", type=int, default=6, help="partitions of every topic (6)")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(SECTIONS), help="run only this section (repeatable)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile the service under load (cProfile) and show where"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.seconds <= 0 or args.warmup < 0 or args.concurrency < 1 or args.partitions < 1:
+        _parser().error("--seconds and --concurrency must be positive, --warmup not negative")
+    options = Options(
+        seconds=args.seconds,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        partitions=args.partitions,
+        profile=args.profile,
+    )
+    names = args.only or list(SECTIONS)
+    command = shlex.join(["python", "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv)])
+    BENCH_VAR.mkdir(parents=True, exist_ok=True)
+    done: list[Section] = []
+    with contextlib.ExitStack() as stack:
+        ctx = BenchContext(options, stack)
+        for name in names:
+            say(f"section {name}")
+            done.append(SECTIONS[name](ctx))
+        kafka_version = ctx.kafka_version
+    machine = machine_info(kafka_version)
+    for section in done:
+        (BENCH_VAR / f"{section.name}.md").write_text(render(command, machine, [section]), "utf-8")
+    sys.stdout.write(render(command, machine, done) + "\n")
+    sys.stdout.write(f"\n(written to {', '.join(f'var/bench/{s.name}.md' for s in done)})\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

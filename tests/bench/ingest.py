@@ -1,0 +1,274 @@
+"""Ingest throughput: single events and batches of 100, against two baselines of the same run.
+
+Baselines: a bare FastAPI endpoint that only parses and validates the same bodies with the same
+``EVENT_LIST_ADAPTER`` (``tests/bench/bare_app.py``), and aiokafka ``send_batch`` alone
+(``tests/bench/kafka_baseline.py``). Targets (from the issue): single-event ingest ≥ 0.65× the
+bare endpoint; batched ingest ≥ 10× single-event ingest.
+
+Ingest and the bare endpoint run as separate uvicorn processes with the same flags; the load
+comes from ``tests/bench/loadgen.py`` in a process of its own. Ingest's rate limiter is off
+(``RETAIN_INGEST_RATE_LIMIT_PER_S=0``): this measures throughput, not the limiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass
+
+import httpx
+
+from shared.auth import create_key
+from shared.topics import all_topic_names, ensure_topics
+from tests.bench.context import BenchContext, Options
+from tests.bench.infra import BENCH_VAR, HOST, Server, free_port, running, say, uvicorn_argv
+from tests.bench.kafka_baseline import SendBatchResult, run_send_batch
+from tests.bench.loadgen import LoadResult, LoadSpec, run_load
+from tests.bench.payloads import event
+from tests.bench.profiling import summarize
+from tests.bench.report import Row, Section, table
+
+BATCH = 100
+SINGLE_TARGET = 0.65  # single-event ingest / bare endpoint
+BATCH_TARGET = 10.0  # batched ingest / single-event ingest
+
+INGEST_APP = "services.ingest.app:create_app"
+BARE_APP = "tests.bench.bare_app:create_app"
+
+
+@dataclass(frozen=True)
+class Measured:
+    name: str
+    load: LoadResult
+
+
+def _pool(options: Options, batch_size: int) -> int:
+    """Distinct requests to pre-build: enough that ids never repeat within a measurement."""
+    scale = max(1.0, (options.warmup + options.seconds) / 7.0)
+    return int((200_000 if batch_size == 1 else 5_000) * scale)
+
+
+def _check(server: Server, key: str | None) -> None:
+    """One single event and one small batch must get 202 before anything is timed."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    probe = uuid.uuid4().hex[:8]
+    bodies: list[object] = [event(f"check-{probe}", 0), [event(f"check-{probe}", n) for n in range(1, 4)]]
+    with httpx.Client(base_url=server.url, timeout=30.0) as client:
+        for body in bodies:
+            response = client.post("/v1/events", json=body, headers=headers)
+            if response.status_code != 202:
+                raise RuntimeError(
+                    f"{server.name} answered {response.status_code} to a valid request: {response.text}\n"
+                    f"{server.log_tail()}"
+                )
+
+
+def _load(ctx: BenchContext, label: str, server: Server, key: str | None, batch_size: int) -> Measured:
+    options = ctx.options
+    watch = {"server": server.pid}
+    kafka = ctx.kafka()
+    if kafka.pid is not None:
+        watch["kafka"] = kafka.pid
+    spec = LoadSpec(
+        host=HOST,
+        port=server.port,
+        path="/v1/events",
+        api_key=key,
+        batch_size=batch_size,
+        pool=_pool(options, batch_size),
+        concurrency=options.concurrency,
+        warmup_s=options.warmup,
+        seconds=options.seconds,
+        watch_pids=watch,
+    )
+    say(
+        f"measuring {label}: {options.concurrency} connections, "
+        f"{options.warmup:g}s warm-up + {options.seconds:g}s"
+    )
+    result = run_load(spec)
+    say(
+        f"  {result.events_per_s:,.0f} events/s ({result.requests_per_s:,.0f} req/s), "
+        f"{result.error_count} errors, loadgen CPU {result.loadgen_cpu:.0%}"
+    )
+    return Measured(label, result)
+
+
+def _cpu(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
+
+
+def _details(measured: list[Measured], send: SendBatchResult) -> list[str]:
+    rows = [
+        [
+            m.name,
+            f"{m.load.requests_per_s:,.0f}",
+            f"{m.load.events_per_s:,.0f}",
+            f"{m.load.p50_ms:.1f}",
+            f"{m.load.p99_ms:.1f}",
+            ", ".join(f"{k}: {v}" for k, v in sorted(m.load.errors.items())) or "0",
+            _cpu(m.load.loadgen_cpu),
+            _cpu(m.load.watched_cpu.get("server")),
+            _cpu(m.load.watched_cpu.get("kafka")),
+        ]
+        for m in measured
+    ]
+    rows.append(
+        [
+            f"aiokafka send_batch ({BATCH}/batch)",
+            "",
+            f"{send.events_per_s:,.0f}",
+            "",
+            "",
+            "0",
+            _cpu(send.own_cpu) + " (producer)",
+            "",
+            _cpu(send.watched_cpu.get("kafka")),
+        ]
+    )
+    lines = ["Details (CPU: seconds of CPU per second of window, 100% = one core):", ""]
+    lines += table(
+        [
+            "measurement",
+            "req/s",
+            "events/s",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+            "loadgen CPU",
+            "server CPU",
+            "kafka CPU",
+        ],
+        rows,
+        align="lrrrrlrrr",
+    )
+    return lines
+
+
+def _profile(ctx: BenchContext, env: dict[str, str], key: str) -> list[str]:
+    """Run single-event load against ingest under cProfile; summarise where the time went."""
+    prof = BENCH_VAR / f"ingest-single-{os.getpid()}.prof"
+    port = free_port()
+    server = Server("ingest-profiled", uvicorn_argv(INGEST_APP, port, profile_to=prof), env, port)
+    with running(server, ("/healthz", "/readyz")):
+        _check(server, key)
+        measured = _load(ctx, "ingest under cProfile, single event", server, key, 1)
+    # The dump is written when uvicorn returns, after SIGTERM (running() waits for the exit).
+    lines = [
+        "",
+        f"### Profile of ingest, single events (cProfile; `{prof.relative_to(BENCH_VAR.parent.parent)}`)",
+        "",
+        f"Under the profiler ingest did {measured.load.events_per_s:,.0f} events/s "
+        f"(server CPU {_cpu(measured.load.watched_cpu.get('server'))}); not comparable with the table.",
+        "",
+    ]
+    if not prof.exists():
+        return [*lines, f"(no profile written; see {server.log_path})"]
+    return lines + summarize(prof)
+
+
+def run(ctx: BenchContext) -> Section:
+    options = ctx.options
+    kafka = ctx.kafka()
+    prefix = f"bench{uuid.uuid4().hex[:8]}.retain."
+    asyncio.run(ensure_topics(kafka.bootstrap, all_topic_names(prefix), options.partitions))
+    BENCH_VAR.mkdir(parents=True, exist_ok=True)
+    keys_file = BENCH_VAR / f"api_keys-{os.getpid()}.json"
+    ctx.stack.callback(keys_file.unlink, missing_ok=True)
+    _, key = create_key(keys_file, ["events:write"], "bench")
+    env = {
+        "RETAIN_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "RETAIN_TOPIC_PREFIX": prefix,
+        "RETAIN_PARTITIONS": str(options.partitions),
+        "RETAIN_API_KEYS_FILE": str(keys_file),
+        "RETAIN_INGEST_RATE_LIMIT_PER_S": "0",
+        "RETAIN_LOG_LEVEL": "WARNING",
+    }
+    bare_port, ingest_port = free_port(), free_port()
+    bare = Server("bare", uvicorn_argv(BARE_APP, bare_port), env, bare_port)
+    ingest = Server("ingest", uvicorn_argv(INGEST_APP, ingest_port), env, ingest_port)
+
+    with contextlib.ExitStack() as servers:
+        servers.enter_context(running(bare))
+        servers.enter_context(running(ingest, ("/healthz", "/readyz")))
+        _check(bare, None)
+        _check(ingest, key)
+        # Baseline and subject alternate, so a slow patch of the machine hits both alike.
+        bare_single = _load(ctx, "bare endpoint, single event", bare, None, 1)
+        ingest_single = _load(ctx, "ingest, single event", ingest, key, 1)
+        bare_batch = _load(ctx, f"bare endpoint, batch of {BATCH}", bare, None, BATCH)
+        ingest_batch = _load(ctx, f"ingest, batch of {BATCH}", ingest, key, BATCH)
+
+    say(f"measuring aiokafka send_batch alone ({BATCH} events per group, one task per topic-partition)")
+    send = run_send_batch(
+        kafka.bootstrap,
+        prefix,
+        partitions=options.partitions,
+        batch_size=BATCH,
+        warmup_s=options.warmup,
+        seconds=options.seconds,
+        watch_pids={"kafka": kafka.pid} if kafka.pid is not None else {},
+    )
+    say(f"  {send.events_per_s:,.0f} events/s")
+
+    single = ingest_single.load.events_per_s
+    batched = ingest_batch.load.events_per_s
+
+    def ratio(value: float, base: float) -> float:
+        return value / base if base > 0 else 0.0
+
+    section = Section("ingest", "Ingest: POST /v1/events")
+    section.rows = [
+        Row(bare_single.name + " (baseline)", bare_single.load.events_per_s),
+        Row(bare_batch.name + " (baseline)", bare_batch.load.events_per_s),
+        Row(f"aiokafka send_batch alone, {BATCH}/batch (baseline)", send.events_per_s),
+        Row(
+            ingest_single.name,
+            single,
+            ratio(single, bare_single.load.events_per_s),
+            "bare endpoint, single event",
+            SINGLE_TARGET,
+        ),
+        Row(ingest_batch.name, batched, ratio(batched, single), "ingest, single event", BATCH_TARGET),
+        Row(
+            ingest_batch.name,
+            batched,
+            ratio(batched, bare_batch.load.events_per_s),
+            f"bare endpoint, batch of {BATCH}",
+        ),
+        Row(ingest_batch.name, batched, ratio(batched, send.events_per_s), "aiokafka send_batch alone"),
+    ]
+    measured = [bare_single, ingest_single, bare_batch, ingest_batch]
+    section.details = _details(measured, send)
+    section.notes = [
+        "Ingest ran with its rate limiter off (RETAIN_INGEST_RATE_LIMIT_PER_S=0): the bench measures "
+        "throughput, not the limiter.",
+        "A 202 from ingest means the broker acknowledged every event of the request (acks=all, idempotent "
+        "producer, lz4); the bare endpoint answers 202 after validation alone.",
+        f"Every request carries events with ids never sent before (pools of {_pool(options, 1):,} single "
+        f"and {_pool(options, BATCH):,} batch bodies), so ingest's dedupe window never answers instead "
+        "of producing. Event types take turns (purchase, support, profile, cancellation), customers are "
+        f"spread over 10,000 ids, topics have {options.partitions} partitions.",
+        f"Load: {options.concurrency} keep-alive HTTP/1.1 connections from a separate process "
+        f"(tests/bench/loadgen.py), {options.warmup:g} s warm-up then {options.seconds:g} s counted; only "
+        "202s count.",
+        "send_batch baseline: one task per topic-partition, each sending groups of "
+        f"{BATCH} pre-encoded events with create_batch()/send_batch() (a group spans several batches "
+        "when it exceeds the producer's max_batch_size) and waiting for the acks.",
+    ]
+    wrapped = [m.name for m in measured if m.load.wrapped and m.name.startswith("ingest")]
+    if wrapped:
+        section.notes.append(
+            f"WARNING: the request pool ran out in {', '.join(wrapped)}; repeated ids were answered "
+            "by the dedupe window (raise the pool or shorten --seconds)."
+        )
+    busy = [m.name for m in measured if m.load.loadgen_cpu > 0.9]
+    if busy:
+        section.notes.append(
+            f"WARNING: the load generator used more than 90% of a core in {', '.join(busy)}: it may be "
+            "what limits those numbers."
+        )
+    if options.profile:
+        section.details += _profile(ctx, env, key)
+    return section
