@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, event, insert
+from sqlalchemy import JSON, Column, DateTime, Dialect, Integer, MetaData, String, Table, event, insert
+from sqlalchemy.types import TypeDecorator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -73,7 +74,7 @@ def applied_events_table(metadata: MetaData) -> Table:
         Column("topic", String(255), nullable=False),
         Column("partition", Integer, nullable=False),
         Column("offset", Integer, nullable=False),
-        Column("applied_at", DateTime(timezone=True), nullable=False),
+        Column("applied_at", UtcDateTime(), nullable=False),
     )
 
 
@@ -113,3 +114,58 @@ async def claim_events(
     stmt = insert_ignoring_conflicts(session, ledger).returning(ledger.c.event_id)
     result = await session.execute(stmt, list(rows.values()))
     return {row[0] for row in result}
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware datetimes on every backend: stored in UTC, read back aware.
+
+    SQLite has no time zone type, and SQLAlchemy hands back naive values from it; comparing
+    those with aware ones would raise, so everything is normalised here.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UtcDateTime column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def json_type() -> Any:
+    return JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+async def migrate(db: Database, script_location: Path) -> None:
+    """Bring the database to the newest Alembic revision. Several processes may call it at
+    once: on PostgreSQL an advisory lock serialises them, on SQLite the write lock taken by
+    BEGIN IMMEDIATE does."""
+    from alembic import command  # noqa: PLC0415 - only at start-up
+    from alembic.config import Config  # noqa: PLC0415
+
+    config = Config()
+    config.set_main_option("script_location", str(script_location))
+
+    async with db.engine.begin() as conn:
+        if db.dialect == "postgresql":
+            await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_lock_id(str(script_location))})")
+
+        def run(sync_conn: Any) -> None:
+            config.attributes["connection"] = sync_conn
+            command.upgrade(config, "head")
+
+        await conn.run_sync(run)
+
+
+def _lock_id(name: str) -> int:
+    import zlib  # noqa: PLC0415
+
+    return zlib.crc32(name.encode())

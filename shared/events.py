@@ -282,3 +282,104 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "reason_text": "המחיר עלה יותר מדי",
     },
 }
+
+
+# --- Events derived by Retain's own services ------------------------------------------------
+
+
+class ConsentState(_Strict):
+    granted: bool
+    at: AwareDatetime  # when the customer said so (occurred_at of the profile event)
+
+
+class ProfileSnapshot(_Strict):
+    """What the messenger needs to reach and address a customer, as of the update."""
+
+    name: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    whatsapp: str | None = None
+    locale: str | None = None
+    timezone: str | None = None
+    preferred_channel: Channel | None = None
+    consents: dict[Channel, ConsentState] = Field(default_factory=dict)
+    lifecycle_stage: str
+    churn_reason: CancellationReason | None = None
+    churned_at: AwareDatetime | None = None
+    tier: str
+    segments: list[str] = Field(default_factory=list)
+    orders_count: int = 0
+    total_value: Decimal = Decimal(0)
+    reporting_currency: str
+    last_purchase_at: AwareDatetime | None = None
+    open_tickets: int = 0
+    last_complaint_resolved: bool | None = None
+    predicted_clv: Decimal | None = None
+    p_alive: float | None = None
+    expected_purchases_90d: float | None = None
+    attributes: dict[str, AttributeValue] = Field(default_factory=dict)
+
+
+class TriggeringEvent(_Strict):
+    """A backend event that caused an update, with the fields a message about it needs."""
+
+    event_id: str
+    type: EventType
+    occurred_at: AwareDatetime
+    order_id: str | None = None
+    amount: Decimal | None = None
+    currency: str | None = None
+    ticket_id: str | None = None
+    action: SupportAction | None = None
+    category: str | None = None
+    priority: str | None = None
+    is_complaint: bool | None = None
+    reason: CancellationReason | None = None
+
+
+class UpdateCause(StrEnum):
+    EVENTS = "events"  # backend events about the customer arrived
+    TIME = "time"  # time passed (the sweep): e.g. 60 days without a purchase
+    RULES = "rules"  # a new rule set was published
+    CLV = "clv"  # the kpi service published a new prediction
+
+
+class CustomerUpdate(_Strict):
+    """On retain.segments: one per customer whose profile changed in a segmenter batch.
+
+    ``event_id`` is derived from what caused the update, so a re-published update carries the
+    same id and the messenger drops the copy.
+    """
+
+    event_id: str
+    type: Literal["customer_update"] = "customer_update"
+    customer_id: str
+    occurred_at: AwareDatetime
+    schema_version: Literal[1] = 1
+    cause: UpdateCause
+    triggering_events: list[TriggeringEvent] = Field(default_factory=list)
+    tier_old: str | None = None
+    tier_new: str
+    segments_entered: list[str] = Field(default_factory=list)
+    segments_left: list[str] = Field(default_factory=list)
+    rule_version: int
+    profile: ProfileSnapshot
+
+
+class ClvPrediction(_Strict):
+    """On retain.clv: the kpi service's latest prediction for one customer."""
+
+    event_id: str
+    type: Literal["clv"] = "clv"
+    customer_id: str
+    occurred_at: AwareDatetime  # when the model was fitted
+    schema_version: Literal[1] = 1
+    model_as_of: AwareDatetime
+    predicted_clv: Decimal
+    p_alive: Annotated[float, Field(ge=0, le=1)]
+    expected_purchases_90d: Annotated[float, Field(ge=0)]
+    currency: Currency
+
+
+CUSTOMER_UPDATE_ADAPTER: TypeAdapter[CustomerUpdate] = TypeAdapter(CustomerUpdate)
+CLV_ADAPTER: TypeAdapter[ClvPrediction] = TypeAdapter(ClvPrediction)

@@ -215,7 +215,9 @@ def fit_bgnbd(x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> BgNbdParams:
     start = np.log(np.array([1.0, 1.0 / rate, 1.0, 1.0]))
     result = _minimize(objective, start, bounds=4)
     r, alpha, a, b = (float(v) for v in np.exp(result.x))
-    return BgNbdParams(r, alpha, a, b, log_likelihood=-float(result.fun) * total, converged=bool(result.success))
+    return BgNbdParams(
+        r, alpha, a, b, log_likelihood=-float(result.fun) * total, converged=bool(result.success)
+    )
 
 
 def _minimize(objective: Any, start: FloatArray, bounds: int) -> Any:
@@ -376,7 +378,9 @@ def fit_gamma_gamma(x: ArrayLike, m: ArrayLike) -> GammaGammaParams:
     start = np.log(np.array([2.0, 2.0, float(np.average(um, weights=weight)) / 2.0]))
     result = _minimize(objective, start, bounds=3)
     p, q, g = (float(v) for v in np.exp(result.x))
-    return GammaGammaParams(p, q, g, log_likelihood=-float(result.fun) * total, converged=bool(result.success))
+    return GammaGammaParams(
+        p, q, g, log_likelihood=-float(result.fun) * total, converged=bool(result.success)
+    )
 
 
 def expected_spend(params: GammaGammaParams, x: ArrayLike, m: ArrayLike) -> FloatArray:
@@ -389,7 +393,7 @@ def expected_spend(params: GammaGammaParams, x: ArrayLike, m: ArrayLike) -> Floa
     if params.q <= 1:
         raise ValueError("expected spend is infinite for q <= 1")
     xa, ma = np.broadcast_arrays(_f64(x), _f64(m))
-    ma = np.where(xa > 0, ma, 0.0)
+    ma = _f64(np.where(xa > 0, ma, 0.0))
     return params.p * (params.gamma + xa * ma) / (params.p * xa + params.q - 1.0)
 
 
@@ -403,6 +407,7 @@ def predicted_clv(
     t_x: ArrayLike,
     T: ArrayLike,
     m: ArrayLike,
+    *,
     horizon_weeks: float,
     annual_discount_rate: float,
     step_weeks: float = WEEKS_PER_MONTH,

@@ -117,6 +117,7 @@ class ConsumerLoop(Generic[T]):
         poll_timeout_ms: int = 500,
         max_backoff_s: float = 5.0,
         client_id: str | None = None,
+        tick: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._topics = list(topics)
         self._group_id = group_id
@@ -126,6 +127,7 @@ class ConsumerLoop(Generic[T]):
         self._max_records = max_records
         self._poll_timeout_ms = poll_timeout_ms
         self._max_backoff_s = max_backoff_s
+        self._tick = tick
         self._stopping = asyncio.Event()
         self.stats = LoopStats()
         self._consumer = AIOKafkaConsumer(
@@ -154,9 +156,26 @@ class ConsumerLoop(Generic[T]):
         try:
             while not self._stopping.is_set():
                 await self.run_once()
+                await self._run_tick()
         finally:
             await self._consumer.stop()
             log.info("consumer stopped", group=self._group_id, **self._summary())
+
+    async def _run_tick(self) -> None:
+        """The service's work between batches (sweeps, jobs, outbox); never kills the loop."""
+        if self._tick is None:
+            return
+        try:
+            await self._tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - retried at the next tick, and logged with its type
+            log.warning(
+                "work between batches failed; retrying next time",
+                group=self._group_id,
+                error=_reason(exc),
+                detail=str(exc)[:300],
+            )
 
     def _summary(self) -> dict[str, int]:
         s = self.stats

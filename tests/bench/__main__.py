@@ -15,6 +15,7 @@ import shlex
 import sys
 from collections.abc import Callable
 
+from shared.logs import configure_logging
 from tests.bench import ingest
 from tests.bench.context import BenchContext, Options
 from tests.bench.infra import BENCH_VAR, machine_info, say
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=5.0, help="timed window per measurement (5)")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up before each window (2)")
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP connections of the load (64)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="repeat each measurement, interleaved; report medians (3)"
+    )
     parser.add_argument("--partitions", type=int, default=6, help="partitions of every topic (6)")
     parser.add_argument(
         "--only", action="append", choices=sorted(SECTIONS), help="run only this section (repeatable)"
@@ -45,16 +49,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.seconds <= 0 or args.warmup < 0 or args.concurrency < 1 or args.partitions < 1:
-        _parser().error("--seconds and --concurrency must be positive, --warmup not negative")
+    if args.seconds <= 0 or args.warmup < 0 or min(args.concurrency, args.rounds, args.partitions) < 1:
+        _parser().error("--seconds, --concurrency, --rounds, --partitions must be positive")
     options = Options(
         seconds=args.seconds,
         warmup=args.warmup,
         concurrency=args.concurrency,
+        rounds=args.rounds,
         partitions=args.partitions,
         profile=args.profile,
     )
     names = args.only or list(SECTIONS)
+    # structlog prints to stdout unless configured; stdout is for the report alone.
+    configure_logging("WARNING")
     command = shlex.join(["python", "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv)])
     BENCH_VAR.mkdir(parents=True, exist_ok=True)
     done: list[Section] = []

@@ -13,6 +13,7 @@ class Options:
     seconds: float  # the timed window of each measurement
     warmup: float  # load before each window, not counted
     concurrency: int  # keep-alive connections of the load generator
+    rounds: int  # each measurement is repeated, interleaved with the others; medians are reported
     partitions: int  # of every topic the bench creates
     profile: bool  # also run ingest under cProfile and print where its time goes
 

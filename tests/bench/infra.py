@@ -108,13 +108,10 @@ def _die_with_parent() -> Callable[[], None] | None:
     return _set
 
 
-def uvicorn_argv(app: str, port: int, *, profile_to: Path | None = None) -> list[str]:
+def uvicorn_argv(app: str, port: int) -> list[str]:
     """The same uvicorn flags for every server the bench measures."""
-    prefix = [sys.executable]
-    if profile_to is not None:
-        prefix += ["-m", "cProfile", "-o", str(profile_to)]
     return [
-        *prefix,
+        sys.executable,
         "-m",
         "uvicorn",
         app,
@@ -137,7 +134,7 @@ class Server:
         self.argv = list(argv)
         self.env = dict(env)
         self.port = port
-        self.log_path = BENCH_VAR / f"{name}-{os.getpid()}.log"
+        self.log_path = BENCH_VAR / f"{name}.log"  # the last run's, kept for a look afterwards
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 

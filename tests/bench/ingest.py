@@ -15,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import statistics
+import sys
+import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -38,10 +42,33 @@ INGEST_APP = "services.ingest.app:create_app"
 BARE_APP = "tests.bench.bare_app:create_app"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Measured:
+    """One measurement repeated over the rounds; the median round represents it."""
+
     name: str
-    load: LoadResult
+    rounds: list[LoadResult] = field(default_factory=list)
+
+    @property
+    def median(self) -> LoadResult:
+        ordered = sorted(self.rounds, key=lambda r: r.events_per_s)
+        return ordered[(len(ordered) - 1) // 2]
+
+    @property
+    def events_per_s(self) -> float:
+        return statistics.median(r.events_per_s for r in self.rounds)
+
+    @property
+    def spread(self) -> str:
+        values = [r.events_per_s for r in self.rounds]
+        return f"{min(values):,.0f}–{max(values):,.0f}" if len(values) > 1 else ""
+
+    @property
+    def errors(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for r in self.rounds:
+            total.update(r.errors)
+        return dict(total)
 
 
 def _pool(options: Options, batch_size: int) -> int:
@@ -65,7 +92,15 @@ def _check(server: Server, key: str | None) -> None:
                 )
 
 
-def _load(ctx: BenchContext, label: str, server: Server, key: str | None, batch_size: int) -> Measured:
+def _load(
+    ctx: BenchContext,
+    label: str,
+    server: Server,
+    key: str | None,
+    batch_size: int,
+    *,
+    profile_pid: int | None = None,
+) -> LoadResult:
     options = ctx.options
     watch = {"server": server.pid}
     kafka = ctx.kafka()
@@ -82,57 +117,68 @@ def _load(ctx: BenchContext, label: str, server: Server, key: str | None, batch_
         warmup_s=options.warmup,
         seconds=options.seconds,
         watch_pids=watch,
+        profile_pid=profile_pid,
     )
-    say(
-        f"measuring {label}: {options.concurrency} connections, "
-        f"{options.warmup:g}s warm-up + {options.seconds:g}s"
-    )
+    say(f"measuring {label}")
     result = run_load(spec)
     say(
         f"  {result.events_per_s:,.0f} events/s ({result.requests_per_s:,.0f} req/s), "
-        f"{result.error_count} errors, loadgen CPU {result.loadgen_cpu:.0%}"
+        f"{result.error_count} errors, loadgen CPU {result.loadgen_cpu:.0%}, "
+        f"server CPU {result.watched_cpu.get('server', 0):.0%}"
     )
-    return Measured(label, result)
+    return result
 
 
 def _cpu(value: float | None) -> str:
     return "" if value is None else f"{value:.0%}"
 
 
-def _details(measured: list[Measured], send: SendBatchResult) -> list[str]:
-    rows = [
-        [
-            m.name,
-            f"{m.load.requests_per_s:,.0f}",
-            f"{m.load.events_per_s:,.0f}",
-            f"{m.load.p50_ms:.1f}",
-            f"{m.load.p99_ms:.1f}",
-            ", ".join(f"{k}: {v}" for k, v in sorted(m.load.errors.items())) or "0",
-            _cpu(m.load.loadgen_cpu),
-            _cpu(m.load.watched_cpu.get("server")),
-            _cpu(m.load.watched_cpu.get("kafka")),
-        ]
-        for m in measured
-    ]
+def _details(measured: list[Measured], sends: list[SendBatchResult], rounds: int) -> list[str]:
+    rows = []
+    for m in measured:
+        r = m.median
+        rows.append(
+            [
+                m.name,
+                f"{m.events_per_s:,.0f}",
+                m.spread,
+                f"{r.requests_per_s:,.0f}",
+                f"{r.p50_ms:.1f}",
+                f"{r.p99_ms:.1f}",
+                ", ".join(f"{k}: {v}" for k, v in sorted(m.errors.items())) or "0",
+                _cpu(r.loadgen_cpu),
+                _cpu(r.watched_cpu.get("server")),
+                _cpu(r.watched_cpu.get("kafka")),
+            ]
+        )
+    send = sorted(sends, key=lambda s: s.events_per_s)[(len(sends) - 1) // 2]
+    values = [s.events_per_s for s in sends]
     rows.append(
         [
-            f"aiokafka send_batch ({BATCH}/batch)",
+            f"aiokafka send_batch alone ({BATCH}/batch)",
+            f"{statistics.median(values):,.0f}",
+            f"{min(values):,.0f}–{max(values):,.0f}" if len(values) > 1 else "",
             "",
-            f"{send.events_per_s:,.0f}",
             "",
             "",
             "0",
-            _cpu(send.own_cpu) + " (producer)",
             "",
+            _cpu(send.own_cpu) + " (producer)",
             _cpu(send.watched_cpu.get("kafka")),
         ]
     )
-    lines = ["Details (CPU: seconds of CPU per second of window, 100% = one core):", ""]
+    lines = [
+        f"Details: median of {rounds} round(s) and the range over them; latency and CPU are the median"
+        " round's (CPU: seconds of CPU per second of window, 100% = one core of the "
+        f"{os.cpu_count()}).",
+        "",
+    ]
     lines += table(
         [
             "measurement",
-            "req/s",
             "events/s",
+            "range",
+            "req/s",
             "p50 ms",
             "p99 ms",
             "errors",
@@ -141,26 +187,30 @@ def _details(measured: list[Measured], send: SendBatchResult) -> list[str]:
             "kafka CPU",
         ],
         rows,
-        align="lrrrrlrrr",
+        align="lrrrrrlrrr",
     )
     return lines
 
 
 def _profile(ctx: BenchContext, env: dict[str, str], key: str) -> list[str]:
-    """Run single-event load against ingest under cProfile; summarise where the time went."""
-    prof = BENCH_VAR / f"ingest-single-{os.getpid()}.prof"
+    """Single-event load against ingest with cProfile on for the timed window only."""
+    prof = BENCH_VAR / "ingest-single.prof"
+    prof.unlink(missing_ok=True)
     port = free_port()
-    server = Server("ingest-profiled", uvicorn_argv(INGEST_APP, port, profile_to=prof), env, port)
+    argv = [sys.executable, "-m", "tests.bench.profiled_server", INGEST_APP, str(port), str(prof)]
+    server = Server("ingest-profiled", argv, env, port)
     with running(server, ("/healthz", "/readyz")):
         _check(server, key)
-        measured = _load(ctx, "ingest under cProfile, single event", server, key, 1)
-    # The dump is written when uvicorn returns, after SIGTERM (running() waits for the exit).
+        result = _load(ctx, "ingest under cProfile, single event", server, key, 1, profile_pid=server.pid)
+        deadline = time.monotonic() + 30.0
+        while not prof.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the dump is written in one go; give it a moment to finish
     lines = [
+        f"### Profile of ingest, single events (cProfile over the timed window; `var/bench/{prof.name}`)",
         "",
-        f"### Profile of ingest, single events (cProfile; `{prof.relative_to(BENCH_VAR.parent.parent)}`)",
-        "",
-        f"Under the profiler ingest did {measured.load.events_per_s:,.0f} events/s "
-        f"(server CPU {_cpu(measured.load.watched_cpu.get('server'))}); not comparable with the table.",
+        f"Under the profiler ingest did {result.events_per_s:,.0f} events/s "
+        f"(server CPU {_cpu(result.watched_cpu.get('server'))}); not comparable with the table.",
         "",
     ]
     if not prof.exists():
@@ -189,44 +239,61 @@ def run(ctx: BenchContext) -> Section:
     bare = Server("bare", uvicorn_argv(BARE_APP, bare_port), env, bare_port)
     ingest = Server("ingest", uvicorn_argv(INGEST_APP, ingest_port), env, ingest_port)
 
+    bare_single = Measured("bare endpoint, single event")
+    ingest_single = Measured("ingest, single event")
+    bare_batch = Measured(f"bare endpoint, batch of {BATCH}")
+    ingest_batch = Measured(f"ingest, batch of {BATCH}")
+    plan: list[tuple[Measured, Server, str | None, int]] = [
+        (bare_single, bare, None, 1),
+        (ingest_single, ingest, key, 1),
+        (bare_batch, bare, None, BATCH),
+        (ingest_batch, ingest, key, BATCH),
+    ]
+    measured = [m for m, *_ in plan]
+    sends: list[SendBatchResult] = []
+    say(
+        f"{options.rounds} round(s) of: {', '.join(m.name for m in measured)}, aiokafka send_batch; "
+        f"each {options.warmup:g}s warm-up + {options.seconds:g}s, {options.concurrency} connections"
+    )
     with contextlib.ExitStack() as servers:
         servers.enter_context(running(bare))
         servers.enter_context(running(ingest, ("/healthz", "/readyz")))
         _check(bare, None)
         _check(ingest, key)
-        # Baseline and subject alternate, so a slow patch of the machine hits both alike.
-        bare_single = _load(ctx, "bare endpoint, single event", bare, None, 1)
-        ingest_single = _load(ctx, "ingest, single event", ingest, key, 1)
-        bare_batch = _load(ctx, f"bare endpoint, batch of {BATCH}", bare, None, BATCH)
-        ingest_batch = _load(ctx, f"ingest, batch of {BATCH}", ingest, key, BATCH)
+        for n in range(1, options.rounds + 1):
+            # Baseline and subject alternate, so a slow patch of the machine hits both alike.
+            for target, server, api_key, batch_size in plan:
+                label = f"{target.name} (round {n}/{options.rounds})"
+                target.rounds.append(_load(ctx, label, server, api_key, batch_size))
+            say(f"measuring aiokafka send_batch alone (round {n}/{options.rounds})")
+            send = run_send_batch(
+                kafka.bootstrap,
+                prefix,
+                partitions=options.partitions,
+                batch_size=BATCH,
+                warmup_s=options.warmup,
+                seconds=options.seconds,
+                watch_pids={"kafka": kafka.pid} if kafka.pid is not None else {},
+            )
+            say(f"  {send.events_per_s:,.0f} events/s, producer CPU {send.own_cpu:.0%}")
+            sends.append(send)
 
-    say(f"measuring aiokafka send_batch alone ({BATCH} events per group, one task per topic-partition)")
-    send = run_send_batch(
-        kafka.bootstrap,
-        prefix,
-        partitions=options.partitions,
-        batch_size=BATCH,
-        warmup_s=options.warmup,
-        seconds=options.seconds,
-        watch_pids={"kafka": kafka.pid} if kafka.pid is not None else {},
-    )
-    say(f"  {send.events_per_s:,.0f} events/s")
-
-    single = ingest_single.load.events_per_s
-    batched = ingest_batch.load.events_per_s
+    single = ingest_single.events_per_s
+    batched = ingest_batch.events_per_s
+    send_rate = statistics.median(s.events_per_s for s in sends)
 
     def ratio(value: float, base: float) -> float:
         return value / base if base > 0 else 0.0
 
     section = Section("ingest", "Ingest: POST /v1/events")
     section.rows = [
-        Row(bare_single.name + " (baseline)", bare_single.load.events_per_s),
-        Row(bare_batch.name + " (baseline)", bare_batch.load.events_per_s),
-        Row(f"aiokafka send_batch alone, {BATCH}/batch (baseline)", send.events_per_s),
+        Row(bare_single.name + " (baseline)", bare_single.events_per_s),
+        Row(bare_batch.name + " (baseline)", bare_batch.events_per_s),
+        Row(f"aiokafka send_batch alone, {BATCH}/batch (baseline)", send_rate),
         Row(
             ingest_single.name,
             single,
-            ratio(single, bare_single.load.events_per_s),
+            ratio(single, bare_single.events_per_s),
             "bare endpoint, single event",
             SINGLE_TARGET,
         ),
@@ -234,13 +301,12 @@ def run(ctx: BenchContext) -> Section:
         Row(
             ingest_batch.name,
             batched,
-            ratio(batched, bare_batch.load.events_per_s),
+            ratio(batched, bare_batch.events_per_s),
             f"bare endpoint, batch of {BATCH}",
         ),
-        Row(ingest_batch.name, batched, ratio(batched, send.events_per_s), "aiokafka send_batch alone"),
+        Row(ingest_batch.name, batched, ratio(batched, send_rate), "aiokafka send_batch alone"),
     ]
-    measured = [bare_single, ingest_single, bare_batch, ingest_batch]
-    section.details = _details(measured, send)
+    section.details = _details(measured, sends, options.rounds)
     section.notes = [
         "Ingest ran with its rate limiter off (RETAIN_INGEST_RATE_LIMIT_PER_S=0): the bench measures "
         "throughput, not the limiter.",
@@ -252,23 +318,24 @@ def run(ctx: BenchContext) -> Section:
         f"spread over 10,000 ids, topics have {options.partitions} partitions.",
         f"Load: {options.concurrency} keep-alive HTTP/1.1 connections from a separate process "
         f"(tests/bench/loadgen.py), {options.warmup:g} s warm-up then {options.seconds:g} s counted; only "
-        "202s count.",
+        f"202s count. Each measurement ran {options.rounds} time(s), interleaved; the table shows medians "
+        "and ratios of medians.",
         "send_batch baseline: one task per topic-partition, each sending groups of "
         f"{BATCH} pre-encoded events with create_batch()/send_batch() (a group spans several batches "
         "when it exceeds the producer's max_batch_size) and waiting for the acks.",
     ]
-    wrapped = [m.name for m in measured if m.load.wrapped and m.name.startswith("ingest")]
+    wrapped = [m.name for m in measured if m.name.startswith("ingest") and any(r.wrapped for r in m.rounds)]
     if wrapped:
         section.notes.append(
             f"WARNING: the request pool ran out in {', '.join(wrapped)}; repeated ids were answered "
             "by the dedupe window (raise the pool or shorten --seconds)."
         )
-    busy = [m.name for m in measured if m.load.loadgen_cpu > 0.9]
+    busy = [m.name for m in measured if any(r.loadgen_cpu > 0.9 for r in m.rounds)]
     if busy:
         section.notes.append(
             f"WARNING: the load generator used more than 90% of a core in {', '.join(busy)}: it may be "
             "what limits those numbers."
         )
     if options.profile:
-        section.details += _profile(ctx, env, key)
+        section.appendix = _profile(ctx, env, key)
     return section

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +45,7 @@ class LoadSpec:
     seconds: float
     watch_pids: dict[str, int] = field(default_factory=dict)
     expect_status: int = 202
+    profile_pid: int | None = None  # gets SIGUSR1 when the window opens and SIGUSR2 when it closes
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,8 @@ async def _measure(spec: LoadSpec, requests: list[bytes], build_s: float) -> Loa
     state = _State(requests)
     tasks = [asyncio.create_task(_connection(spec, state)) for _ in range(spec.concurrency)]
     await asyncio.sleep(spec.warmup_s)
+    if spec.profile_pid is not None:
+        os.kill(spec.profile_pid, signal.SIGUSR1)
     before = _cpu_snapshot(spec)
     started = time.perf_counter()
     state.measuring = True
@@ -209,6 +214,8 @@ async def _measure(spec: LoadSpec, requests: list[bytes], build_s: float) -> Loa
     state.measuring = False
     elapsed = time.perf_counter() - started
     after = _cpu_snapshot(spec)
+    if spec.profile_pid is not None:
+        os.kill(spec.profile_pid, signal.SIGUSR2)
     state.stopping = True
     # Let the requests in flight finish (they are not counted), so no server sees a reset.
     _done, pending = await asyncio.wait(tasks, timeout=30.0)

@@ -28,6 +28,7 @@ class Section:
     rows: list[Row] = field(default_factory=list)
     details: list[str] = field(default_factory=list)  # markdown lines shown under the table
     notes: list[str] = field(default_factory=list)
+    appendix: list[str] = field(default_factory=list)  # markdown lines after the notes (profiles)
 
 
 def _events(value: float) -> str:
@@ -75,6 +76,8 @@ def render_section(section: Section) -> list[str]:
         lines += ["", *section.details]
     if section.notes:
         lines += ["", *[f"- {n}" for n in section.notes]]
+    if section.appendix:
+        lines += ["", *section.appendix]
     return lines
 
 

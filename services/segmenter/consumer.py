@@ -1,0 +1,61 @@
+"""The segmenter's consumer process: backend events and CLV predictions → profiles, tiers,
+segments → customer_update on retain.segments. Run: ``python -m services.segmenter.consumer``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from services.segmenter.config import SegmenterSettings
+from services.segmenter.service import SegmenterService
+from shared.codec import decode_with
+from shared.db import Database, migrate
+from shared.events import CLV_ADAPTER, EVENT_ADAPTER, ClvPrediction, Event
+from shared.kafka.consumer import ConsumerLoop
+from shared.kafka.producer import Producer
+from shared.logs import configure_logging
+from shared.service_main import run_until_signalled
+from shared.topics import CANCELLATIONS, CLV, PROFILES, PURCHASES, SUPPORT
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def build_loop(
+    settings: SegmenterSettings, service: SegmenterService, producer: Producer
+) -> ConsumerLoop[Event | ClvPrediction]:
+    clv_topic = settings.topic(CLV)
+
+    def decode(topic: str, payload: bytes) -> Event | ClvPrediction:
+        if topic == clv_topic:
+            return decode_with(CLV_ADAPTER, payload)
+        return decode_with(EVENT_ADAPTER, payload)
+
+    return ConsumerLoop(
+        bootstrap=settings.kafka_bootstrap,
+        topics=[settings.topic(t) for t in (PROFILES, PURCHASES, SUPPORT, CANCELLATIONS, CLV)],
+        group_id=settings.segmenter_group_id,
+        decode=decode,
+        handle=service.apply_batch,
+        producer=producer,
+        max_records=settings.segmenter_batch_size,
+        tick=service.tick,
+    )
+
+
+async def main(settings: SegmenterSettings | None = None) -> None:
+    settings = settings or SegmenterSettings()
+    configure_logging(settings.log_level, settings.log_json)
+    db = Database(settings.database_url)
+    await migrate(db, MIGRATIONS)
+    producer = Producer(settings.kafka_bootstrap, client_id="retain-segmenter")
+    service = SegmenterService(db, settings, producer)
+    await service.ensure_default_rules()
+    try:
+        await run_until_signalled(build_loop(settings, service, producer))
+    finally:
+        await producer.stop()
+        await db.dispose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,462 @@
+"""A customer's profile as a set of facts, and what those facts say at a given moment. Pure.
+
+The state is built so that applying the same set of events in any order, any number of
+times, gives the same state: every field is a last-writer-wins register ordered by
+(occurred_at, event_id), and everything countable is a set keyed by its own id (orders by
+order id, ticket steps and cancellations by event id). Aggregates are never stored as running
+totals; they are derived from the sets when asked, so a late event simply lands in its place.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from shared.events import (
+    PROFILE_FIELDS,
+    CancellationEvent,
+    ClvPrediction,
+    Event,
+    ProfileEvent,
+    PurchaseEvent,
+    SupportAction,
+    SupportEvent,
+)
+
+CONTACT_FIELDS = tuple(f for f in PROFILE_FIELDS if f not in ("consents", "attributes"))
+CHANNELS = ("email", "sms", "whatsapp")
+
+# Ticket steps that happen at the same instant are ordered as a help desk would record them.
+_ACTION_ORDER = {
+    SupportAction.OPENED: 0,
+    SupportAction.CUSTOMER_REPLIED: 1,
+    SupportAction.AGENT_REPLIED: 2,
+    SupportAction.RESOLVED: 3,
+    SupportAction.REOPENED: 4,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """The version of a register: later occurred_at wins; the event id breaks ties."""
+
+    at: datetime
+    event_id: str
+
+    def newer_than(self, other: Stamp | None) -> bool:
+        return other is None or (self.at, self.event_id) > (other.at, other.event_id)
+
+
+@dataclass(slots=True)
+class Register:
+    value: Any
+    stamp: Stamp
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    at: datetime
+    amount: Decimal
+    currency: str
+    stamp: Stamp
+
+
+@dataclass(frozen=True, slots=True)
+class TicketStep:
+    at: datetime
+    action: SupportAction
+    event_id: str
+
+
+@dataclass(slots=True)
+class Ticket:
+    category: Register
+    priority: Register | None = None
+    complaint: bool = False  # once any step says it is a complaint, it is one
+    steps: dict[str, TicketStep] = field(default_factory=dict)
+
+    def ordered_steps(self) -> list[TicketStep]:
+        return sorted(self.steps.values(), key=lambda s: (s.at, _ACTION_ORDER[s.action], s.event_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    at: datetime
+    reason: str
+    event_id: str
+
+
+@dataclass(slots=True)
+class ProfileState:
+    customer_id: str
+    fields: dict[str, Register] = field(default_factory=dict)
+    consents: dict[str, Register] = field(default_factory=dict)
+    attributes: dict[str, Register] = field(default_factory=dict)
+    orders: dict[str, Order] = field(default_factory=dict)
+    tickets: dict[str, Ticket] = field(default_factory=dict)
+    cancellations: dict[str, Cancellation] = field(default_factory=dict)
+    clv: Register | None = None
+    first_seen_at: datetime | None = None
+
+
+# --- applying events --------------------------------------------------------------------------
+
+
+def _set(registers: dict[str, Register], name: str, value: Any, stamp: Stamp) -> None:
+    current = registers.get(name)
+    if current is None or stamp.newer_than(current.stamp):
+        registers[name] = Register(value, stamp)
+
+
+def apply_event(state: ProfileState, event: Event | ClvPrediction) -> None:
+    """Merge one event into the state. Commutative and idempotent, see the module docstring."""
+    stamp = Stamp(event.occurred_at, event.event_id)
+    if isinstance(event, ClvPrediction):
+        value = {
+            "predicted_clv": str(event.predicted_clv),
+            "p_alive": event.p_alive,
+            "expected_purchases_90d": event.expected_purchases_90d,
+            "currency": event.currency,
+        }
+        if state.clv is None or stamp.newer_than(state.clv.stamp):
+            state.clv = Register(value, stamp)
+        return
+    if state.first_seen_at is None or event.occurred_at < state.first_seen_at:
+        state.first_seen_at = event.occurred_at
+    if isinstance(event, ProfileEvent):
+        for name in CONTACT_FIELDS:
+            value = getattr(event, name)
+            if value is not None:
+                _set(state.fields, name, str(value), stamp)
+        if event.consents is not None:
+            for channel in CHANNELS:
+                granted = getattr(event.consents, channel)
+                if granted is not None:
+                    _set(state.consents, channel, granted, stamp)
+        for key, attr in (event.attributes or {}).items():
+            _set(state.attributes, key, attr, stamp)
+    elif isinstance(event, PurchaseEvent):
+        existing = state.orders.get(event.order_id)
+        if existing is None or stamp.newer_than(existing.stamp):
+            # A second event for the same order id corrects it rather than adding an order.
+            state.orders[event.order_id] = Order(event.occurred_at, event.amount, event.currency, stamp)
+    elif isinstance(event, SupportEvent):
+        ticket = state.tickets.get(event.ticket_id)
+        if ticket is None:
+            ticket = state.tickets[event.ticket_id] = Ticket(category=Register(event.category, stamp))
+        elif stamp.newer_than(ticket.category.stamp):
+            ticket.category = Register(event.category, stamp)
+        if event.priority is not None and (
+            ticket.priority is None or stamp.newer_than(ticket.priority.stamp)
+        ):
+            ticket.priority = Register(event.priority, stamp)
+        ticket.complaint = ticket.complaint or event.is_complaint
+        ticket.steps[event.event_id] = TicketStep(event.occurred_at, event.action, event.event_id)
+    elif isinstance(event, CancellationEvent):
+        state.cancellations[event.event_id] = Cancellation(event.occurred_at, event.reason, event.event_id)
+
+
+def build(customer_id: str, events: Iterable[Event | ClvPrediction]) -> ProfileState:
+    state = ProfileState(customer_id)
+    for event in events:
+        apply_event(state, event)
+    return state
+
+
+# --- what the facts say now -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    new_days: int = 30
+    at_risk_after_days: int = 60
+    lapsed_after_days: int = 180
+    won_back_days: int = 90
+    reporting_currency: str = "ILS"
+    # Units of the reporting currency per unit of another; a currency missing here is still
+    # totalled on its own, but left out of the reporting total (and listed as unconverted).
+    fx_rates: tuple[tuple[str, Decimal], ...] = (
+        ("USD", Decimal("3.65")),
+        ("EUR", Decimal("3.95")),
+        ("GBP", Decimal("4.60")),
+        ("EGP", Decimal("0.075")),
+    )
+
+    def rate(self, currency: str) -> Decimal | None:
+        if currency == self.reporting_currency:
+            return Decimal(1)
+        return dict(self.fx_rates).get(currency)
+
+
+@dataclass(frozen=True, slots=True)
+class TicketView:
+    ticket_id: str
+    category: str
+    priority: str | None
+    complaint: bool
+    opened_at: datetime
+    resolved: bool
+    first_response_minutes: float | None
+
+
+def _ticket_view(ticket_id: str, ticket: Ticket) -> TicketView:
+    steps = ticket.ordered_steps()
+    opened_at = next((s.at for s in steps if s.action == SupportAction.OPENED), steps[0].at)
+    first_reply = next(
+        (s.at for s in steps if s.action == SupportAction.AGENT_REPLIED and s.at >= opened_at), None
+    )
+    return TicketView(
+        ticket_id=ticket_id,
+        category=str(ticket.category.value),
+        priority=None if ticket.priority is None else str(ticket.priority.value),
+        complaint=ticket.complaint or str(ticket.category.value) == "complaint",
+        opened_at=opened_at,
+        resolved=steps[-1].action == SupportAction.RESOLVED,
+        first_response_minutes=None
+        if first_reply is None
+        else round((first_reply - opened_at).total_seconds() / 60, 2),
+    )
+
+
+def _days(n: int) -> timedelta:
+    return timedelta(days=n)
+
+
+def lifecycle(state: ProfileState, now: datetime, config: LifecycleConfig) -> tuple[str, datetime | None]:
+    """The stage and the next instant at which time alone would change it."""
+    purchases = sorted(o.at for o in state.orders.values())
+    last_cancel = max(state.cancellations.values(), key=lambda c: (c.at, c.event_id), default=None)
+    last_purchase = purchases[-1] if purchases else None
+    if last_cancel is not None and (last_purchase is None or last_purchase <= last_cancel.at):
+        return "churned", None
+    if last_cancel is not None and last_purchase is not None:
+        came_back = next(p for p in purchases if p > last_cancel.at)
+        if now - came_back < _days(config.won_back_days):
+            return "won_back", came_back + _days(config.won_back_days)
+    if last_purchase is None:
+        return "new", None
+    since_last = now - last_purchase
+    if since_last >= _days(config.lapsed_after_days):
+        return "lapsed", None
+    if since_last >= _days(config.at_risk_after_days):
+        return "at_risk", last_purchase + _days(config.lapsed_after_days)
+    first = purchases[0]
+    if now - first < _days(config.new_days):
+        return "new", min(first + _days(config.new_days), last_purchase + _days(config.at_risk_after_days))
+    return "active", last_purchase + _days(config.at_risk_after_days)
+
+
+WINDOWS = (30, 90, 365)
+COMPLAINT_WINDOW_DAYS = 90
+
+
+def facts(
+    state: ProfileState, now: datetime, config: LifecycleConfig
+) -> tuple[dict[str, Any], list[datetime]]:
+    """The flat facts rules are written over, and the future instants at which the
+    time-dependent ones (windowed counts, lifecycle stage) change without any new event."""
+    boundaries: list[datetime] = []
+    orders = list(state.orders.values())
+    purchase_days = sorted({o.at.date() for o in orders})
+    per_currency: dict[str, Decimal] = {}
+    for order in orders:
+        per_currency[order.currency] = per_currency.get(order.currency, Decimal(0)) + order.amount
+    total = Decimal(0)
+    unconverted: list[str] = []
+    for currency, amount in per_currency.items():
+        rate = config.rate(currency)
+        if rate is None:
+            unconverted.append(currency)
+        else:
+            total += amount * rate
+    converted_orders = sum(1 for o in orders if config.rate(o.currency) is not None)
+    f: dict[str, Any] = {
+        "orders_count": len(orders),
+        "distinct_purchase_days": len(purchase_days),
+        "first_purchase_at": min((o.at for o in orders), default=None),
+        "last_purchase_at": max((o.at for o in orders), default=None),
+        "total_value": float(round(total, 2)),
+        "avg_order_value": float(round(total / converted_orders, 2)) if converted_orders else None,
+        "total_by_currency": {c: str(v) for c, v in sorted(per_currency.items())},
+        "unconverted_currencies": sorted(unconverted),
+    }
+    for window in WINDOWS:
+        inside = [o.at for o in orders if now - _days(window) < o.at <= now]
+        f[f"purchases_{window}d"] = len(inside)
+        boundaries += [at + _days(window) for at in inside]
+
+    tickets = [_ticket_view(tid, t) for tid, t in state.tickets.items() if t.steps]
+    complaints = sorted((t for t in tickets if t.complaint), key=lambda t: (t.opened_at, t.ticket_id))
+    recent_complaints = [t for t in complaints if now - _days(COMPLAINT_WINDOW_DAYS) < t.opened_at <= now]
+    boundaries += [t.opened_at + _days(COMPLAINT_WINDOW_DAYS) for t in recent_complaints]
+    responses = [t.first_response_minutes for t in tickets if t.first_response_minutes is not None]
+    f |= {
+        "open_tickets": sum(1 for t in tickets if not t.resolved),
+        "complaints_90d": len(recent_complaints),
+        "last_complaint_at": complaints[-1].opened_at if complaints else None,
+        "last_complaint_resolved": complaints[-1].resolved if complaints else None,
+        "last_ticket_at": max((t.opened_at for t in tickets), default=None),
+        "median_first_response_minutes": statistics.median(responses) if responses else None,
+    }
+
+    stage, stage_changes = lifecycle(state, now, config)
+    if stage_changes is not None:
+        boundaries.append(stage_changes)
+    last_cancel = max(state.cancellations.values(), key=lambda c: (c.at, c.event_id), default=None)
+    f |= {
+        "lifecycle_stage": stage,
+        "churn_reason": last_cancel.reason if last_cancel else None,
+        "churned_at": last_cancel.at if last_cancel else None,
+        "first_seen_at": state.first_seen_at,
+    }
+
+    for name in CONTACT_FIELDS:
+        register = state.fields.get(name)
+        f[name] = None if register is None else register.value
+    locale = f.get("locale")
+    f["language"] = locale.split("-")[0] if isinstance(locale, str) else None
+    for channel in CHANNELS:
+        consent = state.consents.get(channel)
+        f[f"consent_{channel}"] = None if consent is None else bool(consent.value)
+    f["has_email"] = f.get("email") is not None
+    f["has_phone"] = f.get("phone") is not None
+    f["has_whatsapp"] = f.get("whatsapp") is not None
+
+    clv = state.clv.value if state.clv else {}
+    f["predicted_clv"] = float(clv["predicted_clv"]) if "predicted_clv" in clv else None
+    f["p_alive"] = clv.get("p_alive")
+    f["expected_purchases_90d"] = clv.get("expected_purchases_90d")
+    return f, sorted(b for b in boundaries if b > now)
+
+
+# The catalogue rules may use: name → type, for the shared condition language.
+FACT_TYPES: dict[str, str] = {
+    "orders_count": "number",
+    "distinct_purchase_days": "number",
+    "first_purchase_at": "datetime",
+    "last_purchase_at": "datetime",
+    "total_value": "number",
+    "avg_order_value": "number",
+    "purchases_30d": "number",
+    "purchases_90d": "number",
+    "purchases_365d": "number",
+    "open_tickets": "number",
+    "complaints_90d": "number",
+    "last_complaint_at": "datetime",
+    "last_complaint_resolved": "bool",
+    "last_ticket_at": "datetime",
+    "median_first_response_minutes": "number",
+    "lifecycle_stage": "string",
+    "churn_reason": "string",
+    "churned_at": "datetime",
+    "first_seen_at": "datetime",
+    "name": "string",
+    "email": "string",
+    "phone": "string",
+    "whatsapp": "string",
+    "locale": "string",
+    "language": "string",
+    "timezone": "string",
+    "preferred_channel": "string",
+    "consent_email": "bool",
+    "consent_sms": "bool",
+    "consent_whatsapp": "bool",
+    "has_email": "bool",
+    "has_phone": "bool",
+    "has_whatsapp": "bool",
+    "predicted_clv": "number",
+    "p_alive": "number",
+    "expected_purchases_90d": "number",
+}
+# Segment rules may also use the tier just assigned.
+SEGMENT_FACT_TYPES: dict[str, str] = {**FACT_TYPES, "tier": "string"}
+
+
+# --- storage form -----------------------------------------------------------------------------
+
+
+def _stamp_out(s: Stamp) -> list[str]:
+    return [s.at.isoformat(), s.event_id]
+
+
+def _stamp_in(raw: list[str]) -> Stamp:
+    return Stamp(datetime.fromisoformat(raw[0]), raw[1])
+
+
+def _reg_out(r: Register) -> list[Any]:
+    return [r.value, *_stamp_out(r.stamp)]
+
+
+def _reg_in(raw: list[Any]) -> Register:
+    return Register(raw[0], _stamp_in(raw[1:]))
+
+
+def dump_state(state: ProfileState) -> dict[str, Any]:
+    """The state as plain JSON types (stored in one column; read back by ``load_state``)."""
+    return {
+        "v": 1,
+        "fields": {k: _reg_out(r) for k, r in state.fields.items()},
+        "consents": {k: _reg_out(r) for k, r in state.consents.items()},
+        "attributes": {k: _reg_out(r) for k, r in state.attributes.items()},
+        "orders": {
+            k: [o.at.isoformat(), str(o.amount), o.currency, *_stamp_out(o.stamp)]
+            for k, o in state.orders.items()
+        },
+        "tickets": {
+            k: {
+                "category": _reg_out(t.category),
+                "priority": None if t.priority is None else _reg_out(t.priority),
+                "complaint": t.complaint,
+                "steps": {e: [s.at.isoformat(), s.action.value] for e, s in t.steps.items()},
+            }
+            for k, t in state.tickets.items()
+        },
+        "cancellations": {k: [c.at.isoformat(), c.reason] for k, c in state.cancellations.items()},
+        "clv": None if state.clv is None else _reg_out(state.clv),
+        "first_seen_at": None if state.first_seen_at is None else state.first_seen_at.isoformat(),
+    }
+
+
+def load_state(customer_id: str, raw: dict[str, Any]) -> ProfileState:
+    def when(s: str) -> datetime:
+        return datetime.fromisoformat(s)
+
+    return ProfileState(
+        customer_id=customer_id,
+        fields={k: _reg_in(v) for k, v in raw["fields"].items()},
+        consents={k: _reg_in(v) for k, v in raw["consents"].items()},
+        attributes={k: _reg_in(v) for k, v in raw["attributes"].items()},
+        orders={
+            k: Order(when(v[0]), Decimal(v[1]), v[2], _stamp_in(v[3:])) for k, v in raw["orders"].items()
+        },
+        tickets={
+            k: Ticket(
+                category=_reg_in(t["category"]),
+                priority=None if t["priority"] is None else _reg_in(t["priority"]),
+                complaint=t["complaint"],
+                steps={e: TicketStep(when(s[0]), SupportAction(s[1]), e) for e, s in t["steps"].items()},
+            )
+            for k, t in raw["tickets"].items()
+        },
+        cancellations={k: Cancellation(when(v[0]), v[1], k) for k, v in raw["cancellations"].items()},
+        clv=None if raw["clv"] is None else _reg_in(raw["clv"]),
+        first_seen_at=None if raw["first_seen_at"] is None else when(raw["first_seen_at"]),
+    )
+
+
+def facts_to_json(f: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in f.items()}
+
+
+_DATETIME_FACTS = frozenset(k for k, t in FACT_TYPES.items() if t == "datetime")
+
+
+def facts_from_json(raw: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (datetime.fromisoformat(v) if k in _DATETIME_FACTS and isinstance(v, str) else v)
+        for k, v in raw.items()
+    }

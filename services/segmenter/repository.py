@@ -1,0 +1,296 @@
+"""All of the segmenter's SQL. Callers own the transaction (``Database.transaction``)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.segmenter.tables import (
+    customers,
+    memberships,
+    publish_jobs,
+    rule_audit,
+    rule_draft,
+    rule_versions,
+)
+from shared.db import insert_ignoring_conflicts
+
+
+@dataclass(slots=True)
+class CustomerRow:
+    customer_id: str
+    state: dict[str, Any]
+    facts: dict[str, Any]
+    tier: str
+    segments: list[str]
+    lifecycle_stage: str
+    rule_version: int
+    next_check_at: datetime | None
+    updated_at: datetime
+
+    def values(self) -> dict[str, Any]:
+        return {
+            "customer_id": self.customer_id,
+            "state": self.state,
+            "facts": self.facts,
+            "tier": self.tier,
+            "segments": self.segments,
+            "lifecycle_stage": self.lifecycle_stage,
+            "rule_version": self.rule_version,
+            "next_check_at": self.next_check_at,
+            "updated_at": self.updated_at,
+        }
+
+
+def _row(r: Any) -> CustomerRow:
+    return CustomerRow(
+        customer_id=r.customer_id,
+        state=r.state,
+        facts=r.facts,
+        tier=r.tier,
+        segments=list(r.segments),
+        lifecycle_stage=r.lifecycle_stage,
+        rule_version=r.rule_version,
+        next_check_at=r.next_check_at,
+        updated_at=r.updated_at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    id: str
+    version: int
+    status: str
+    total: int
+    done: int
+    changed: int
+    cursor: str | None
+    created_at: datetime
+    created_by: str
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class SegmenterRepository:
+    # --- customers ----------------------------------------------------------------------------
+
+    async def load_customers(
+        self, session: AsyncSession, ids: Sequence[str], *, for_update: bool = False
+    ) -> dict[str, CustomerRow]:
+        if not ids:
+            return {}
+        stmt = select(customers).where(customers.c.customer_id.in_(list(ids)))
+        if for_update and session.get_bind().dialect.name == "postgresql":
+            # Two consumers never own one customer at once (partitioned by key), except
+            # around a rebalance: the row lock keeps that window safe too.
+            stmt = stmt.with_for_update()
+        return {r.customer_id: _row(r) for r in await session.execute(stmt)}
+
+    async def save_customers(self, session: AsyncSession, rows: Sequence[CustomerRow]) -> None:
+        if not rows:
+            return
+        dialect = session.get_bind().dialect.name
+        ins: Any = postgresql.insert(customers) if dialect == "postgresql" else sqlite.insert(customers)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[customers.c.customer_id],
+            set_={c: ins.excluded[c] for c in CustomerRow.__slots__ if c != "customer_id"},
+        )
+        await session.execute(stmt, [r.values() for r in rows])
+
+    async def change_memberships(
+        self,
+        session: AsyncSession,
+        entered: Sequence[tuple[str, str]],
+        left: Sequence[tuple[str, str]],
+        at: datetime,
+    ) -> None:
+        """``entered`` / ``left``: (segment, customer_id) pairs."""
+        if entered:
+            await session.execute(
+                insert_ignoring_conflicts(session, memberships),
+                [{"segment": s, "customer_id": c, "entered_at": at} for s, c in entered],
+            )
+        for segment, customer_id in left:
+            await session.execute(
+                delete(memberships).where(
+                    memberships.c.segment == segment, memberships.c.customer_id == customer_id
+                )
+            )
+
+    async def due_for_check(self, session: AsyncSession, now: datetime, limit: int) -> list[str]:
+        stmt = (
+            select(customers.c.customer_id)
+            .where(customers.c.next_check_at <= now)
+            .order_by(customers.c.next_check_at)
+            .limit(limit)
+        )
+        return list((await session.scalars(stmt)).all())
+
+    async def customers_after(
+        self, session: AsyncSession, cursor: str | None, limit: int
+    ) -> list[CustomerRow]:
+        stmt = select(customers).order_by(customers.c.customer_id).limit(limit)
+        if cursor is not None:
+            stmt = stmt.where(customers.c.customer_id > cursor)
+        return [_row(r) for r in await session.execute(stmt)]
+
+    async def count_customers(self, session: AsyncSession) -> int:
+        return int(await session.scalar(select(func.count()).select_from(customers)) or 0)
+
+    async def tier_counts(self, session: AsyncSession) -> dict[str, int]:
+        rows = await session.execute(select(customers.c.tier, func.count()).group_by(customers.c.tier))
+        return {tier: int(n) for tier, n in rows.all()}
+
+    async def segment_counts(self, session: AsyncSession) -> dict[str, int]:
+        rows = await session.execute(
+            select(memberships.c.segment, func.count()).group_by(memberships.c.segment)
+        )
+        return {segment: int(n) for segment, n in rows.all()}
+
+    async def segment_members(
+        self, session: AsyncSession, segment: str, cursor: str | None, limit: int
+    ) -> list[tuple[str, datetime]]:
+        stmt = (
+            select(memberships.c.customer_id, memberships.c.entered_at)
+            .where(memberships.c.segment == segment)
+            .order_by(memberships.c.customer_id)
+            .limit(limit)
+        )
+        if cursor is not None:
+            stmt = stmt.where(memberships.c.customer_id > cursor)
+        return [(r.customer_id, r.entered_at) for r in await session.execute(stmt)]
+
+    # --- rules ---------------------------------------------------------------------------------
+
+    async def published(self, session: AsyncSession) -> tuple[int, dict[str, Any]] | None:
+        row = (
+            await session.execute(
+                select(rule_versions.c.version, rule_versions.c.rules)
+                .order_by(rule_versions.c.version.desc())
+                .limit(1)
+            )
+        ).first()
+        return None if row is None else (row.version, row.rules)
+
+    async def published_version(self, session: AsyncSession) -> int | None:
+        value = await session.scalar(select(func.max(rule_versions.c.version)))
+        return None if value is None else int(value)
+
+    async def version(self, session: AsyncSession, n: int) -> Any:
+        return (await session.execute(select(rule_versions).where(rule_versions.c.version == n))).first()
+
+    async def versions(self, session: AsyncSession) -> list[Any]:
+        stmt = select(
+            rule_versions.c.version,
+            rule_versions.c.created_at,
+            rule_versions.c.created_by,
+            rule_versions.c.note,
+        ).order_by(rule_versions.c.version.desc())
+        return list((await session.execute(stmt)).all())
+
+    async def add_version(
+        self,
+        session: AsyncSession,
+        version: int,
+        rules: dict[str, Any],
+        actor: str,
+        note: str | None,
+        at: datetime,
+    ) -> bool:
+        """Insert version ``version``; False if it exists already (another publish won)."""
+        result = await session.execute(
+            insert_ignoring_conflicts(session, rule_versions).values(
+                version=version, rules=rules, created_at=at, created_by=actor, note=note
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]  # CursorResult at run time
+
+    async def draft(self, session: AsyncSession) -> Any:
+        return (await session.execute(select(rule_draft).where(rule_draft.c.id == 1))).first()
+
+    async def create_draft(
+        self, session: AsyncSession, rules: dict[str, Any], etag: str, actor: str, at: datetime
+    ) -> None:
+        await session.execute(
+            insert_ignoring_conflicts(session, rule_draft).values(
+                id=1, rules=rules, etag=etag, updated_at=at, updated_by=actor
+            )
+        )
+
+    async def replace_draft(
+        self,
+        session: AsyncSession,
+        rules: dict[str, Any],
+        etag: str,
+        actor: str,
+        at: datetime,
+        expected_etag: str | None,
+    ) -> bool:
+        """Compare-and-set on the draft's ETag; False when someone else changed it first."""
+        stmt = update(rule_draft).where(rule_draft.c.id == 1)
+        if expected_etag is not None:
+            stmt = stmt.where(rule_draft.c.etag == expected_etag)
+        result = await session.execute(stmt.values(rules=rules, etag=etag, updated_at=at, updated_by=actor))
+        return bool(result.rowcount)  # type: ignore[attr-defined]  # CursorResult at run time
+
+    async def audit(
+        self, session: AsyncSession, actor: str, action: str, version: int | None, diff: Any, at: datetime
+    ) -> None:
+        await session.execute(
+            insert(rule_audit).values(at=at, actor=actor, action=action, version=version, diff=diff)
+        )
+
+    async def audit_log(self, session: AsyncSession, limit: int) -> list[Any]:
+        stmt = select(rule_audit).order_by(rule_audit.c.id.desc()).limit(limit)
+        return list((await session.execute(stmt)).all())
+
+    # --- publish jobs ----------------------------------------------------------------------------
+
+    async def create_job(
+        self, session: AsyncSession, version: int, total: int, actor: str, at: datetime
+    ) -> str:
+        # A newer publish re-evaluates everyone anyway: an unfinished older job is superseded.
+        await session.execute(
+            update(publish_jobs)
+            .where(publish_jobs.c.status.in_(["pending", "running"]))
+            .values(status="superseded", finished_at=at)
+        )
+        job_id = str(uuid.uuid4())
+        await session.execute(
+            insert(publish_jobs).values(
+                id=job_id,
+                version=version,
+                status="pending",
+                total=total,
+                done=0,
+                changed=0,
+                cursor=None,
+                created_at=at,
+                created_by=actor,
+            )
+        )
+        return job_id
+
+    async def active_job(self, session: AsyncSession) -> JobRow | None:
+        stmt = (
+            select(publish_jobs)
+            .where(publish_jobs.c.status.in_(["pending", "running"]))
+            .order_by(publish_jobs.c.version.desc())
+            .limit(1)
+        )
+        row = (await session.execute(stmt)).first()
+        return None if row is None else JobRow(**row._mapping)
+
+    async def job(self, session: AsyncSession, job_id: str) -> JobRow | None:
+        row = (await session.execute(select(publish_jobs).where(publish_jobs.c.id == job_id))).first()
+        return None if row is None else JobRow(**row._mapping)
+
+    async def advance_job(self, session: AsyncSession, job_id: str, **values: Any) -> None:
+        await session.execute(update(publish_jobs).where(publish_jobs.c.id == job_id).values(**values))

@@ -1,0 +1,154 @@
+"""Rule sets: a tier ladder and named segments over a customer's facts. Pure.
+
+Marketing writes them as JSON; ``validate_rules`` names every problem by its JSON path, and
+``compile_rules`` turns a valid set into conditions that evaluate in microseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from services.segmenter.profile import FACT_TYPES, SEGMENT_FACT_TYPES
+from shared.conditions import Condition, ConditionError, Explanation, compile_condition, validate
+
+NO_TIER = "none"
+RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: RuleName
+    description: str = Field(default="", max_length=500)
+    when: dict[str, Any]
+
+
+class RuleSet(BaseModel):
+    """Tiers are tried in order and the first that matches wins; every segment that matches
+    applies. A customer no tier matches is in tier "none"."""
+
+    model_config = ConfigDict(extra="forbid")
+    tiers: list[Rule] = Field(max_length=20)
+    segments: list[Rule] = Field(max_length=200)
+
+
+def _json_path(loc: tuple[int | str, ...]) -> str:
+    path = "$"
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def validate_rules(raw: object) -> list[ConditionError]:
+    """Every problem of a rule set, each with the JSON path where it is."""
+    try:
+        ruleset = RuleSet.model_validate(raw)
+    except ValidationError as exc:
+        return [ConditionError(_json_path(tuple(e["loc"])), e["msg"]) for e in exc.errors(include_url=False)]
+    errors: list[ConditionError] = []
+    for kind, rules, catalogue in (
+        ("tiers", ruleset.tiers, FACT_TYPES),
+        ("segments", ruleset.segments, SEGMENT_FACT_TYPES),
+    ):
+        seen: set[str] = set()
+        for i, rule in enumerate(rules):
+            if rule.name in seen:
+                errors.append(ConditionError(f"$.{kind}[{i}].name", f"{rule.name!r} is defined twice"))
+            seen.add(rule.name)
+            if kind == "tiers" and rule.name == NO_TIER:
+                errors.append(ConditionError(f"$.tiers[{i}].name", f"{NO_TIER!r} is the tier of no match"))
+            errors += validate(rule.when, catalogue, path=f"$.{kind}[{i}].when")  # type: ignore[arg-type]
+    return errors
+
+
+def ruleset_etag(raw: object) -> str:
+    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    tier: str
+    segments: tuple[str, ...]
+    boundaries: tuple[datetime, ...]  # future instants at which a time condition flips
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRules:
+    version: int
+    tiers: tuple[tuple[str, Condition], ...]
+    segments: tuple[tuple[str, Condition], ...]
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [name for name, _ in self.tiers] + [NO_TIER]
+
+    @property
+    def segment_names(self) -> list[str]:
+        return [name for name, _ in self.segments]
+
+    def assign(self, facts: dict[str, Any], now: datetime) -> Assignment:
+        tier = next((name for name, cond in self.tiers if cond.evaluate(facts, now)), NO_TIER)
+        with_tier = {**facts, "tier": tier}
+        segments = tuple(name for name, cond in self.segments if cond.evaluate(with_tier, now))
+        boundaries: list[datetime] = []
+        for _, cond in self.tiers:
+            boundaries += cond.time_boundaries(facts, now)
+        for _, cond in self.segments:
+            boundaries += cond.time_boundaries(with_tier, now)
+        return Assignment(tier, segments, tuple(sorted(set(boundaries))))
+
+    def explain(self, facts: dict[str, Any], now: datetime) -> dict[str, Any]:
+        """Why the customer has their tier and segments: every rule with its evaluation."""
+        tier = self.assign(facts, now).tier
+        with_tier = {**facts, "tier": tier}
+        return {
+            "tier": {
+                "assigned": tier,
+                "rules": [
+                    {
+                        "name": name,
+                        "matched": cond.evaluate(facts, now),
+                        "why": _plain(cond.explain(facts, now)),
+                    }
+                    for name, cond in self.tiers
+                ],
+            },
+            "segments": [
+                {
+                    "name": name,
+                    "matched": cond.evaluate(with_tier, now),
+                    "why": _plain(cond.explain(with_tier, now)),
+                }
+                for name, cond in self.segments
+            ],
+        }
+
+
+def _plain(explanation: Explanation) -> dict[str, Any]:
+    return explanation.to_dict()
+
+
+def compile_rules(raw: object, version: int) -> CompiledRules:
+    ruleset = RuleSet.model_validate(raw)
+    return CompiledRules(
+        version=version,
+        tiers=tuple((r.name, compile_condition(r.when, FACT_TYPES)) for r in ruleset.tiers),  # type: ignore[arg-type]
+        segments=tuple(
+            (r.name, compile_condition(r.when, SEGMENT_FACT_TYPES))  # type: ignore[arg-type]
+            for r in ruleset.segments
+        ),
+    )
+
+
+def default_rules() -> dict[str, Any]:
+    """The rule set published on first start: RFM-style tiers and the seeds' segments."""
+    text = resources.files("services.segmenter").joinpath("default_rules.json").read_text(encoding="utf-8")
+    rules: dict[str, Any] = json.loads(text)
+    return rules

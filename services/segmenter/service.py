@@ -1,0 +1,458 @@
+"""The segmenter's use cases: apply event batches, sweep time-based changes, run rule
+publishes, and serve the rules API. Transactions begin and end here; SQL lives in the
+repository; decisions live in the pure modules (profile, rules, updates)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import jsonpatch
+from prometheus_client import Counter, Gauge
+
+from services.segmenter.config import SegmenterSettings
+from services.segmenter.profile import ProfileState, apply_event, facts_from_json, load_state
+from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
+from services.segmenter.rules import CompiledRules, compile_rules, default_rules, ruleset_etag, validate_rules
+from services.segmenter.tables import applied_events, outbox
+from services.segmenter.updates import Decision, decide
+from shared.codec import encode, encode_key
+from shared.conditions import ConditionError
+from shared.db import Database, claim_events
+from shared.events import ClvPrediction, CustomerUpdate, Event, UpdateCause
+from shared.kafka.consumer import BatchResult, Delivered
+from shared.kafka.producer import OutboundRecord, Producer
+from shared.logs import get_logger
+from shared.outbox import OutboxRelay, enqueue
+from shared.topics import SEGMENTS
+
+log = get_logger(__name__)
+
+SYSTEM = "system"
+
+CUSTOMERS_PER_TIER = Gauge("retain_segmenter_customers_per_tier", "Customers in each tier.", ["tier"])
+CUSTOMERS_PER_SEGMENT = Gauge(
+    "retain_segmenter_customers_per_segment", "Customers in each segment.", ["segment"]
+)
+UPDATES_PUBLISHED = Counter(
+    "retain_segmenter_updates_total", "customer_update events written, by cause.", ["cause"]
+)
+PUBLISH_JOBS = Counter(
+    "retain_segmenter_publish_jobs_total", "Rule-publish jobs, by final status.", ["status"]
+)
+PUBLISH_JOB_PROGRESS = Gauge(
+    "retain_segmenter_publish_job_progress_ratio", "Share of customers re-evaluated."
+)
+SWEPT = Counter("retain_segmenter_swept_total", "Customers re-evaluated because time passed.")
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RulesConflictError(Exception):
+    """The draft changed since the caller read it (stale ETag)."""
+
+
+class InvalidRulesError(Exception):
+    def __init__(self, errors: list[ConditionError]) -> None:
+        super().__init__(f"{len(errors)} problem(s) in the rule set")
+        self.errors = errors
+
+
+class UnknownVersionError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    customers: int
+    tiers: dict[str, int]
+    segments: dict[str, int]
+    tier_moves: dict[str, dict[str, int]]
+    segments_entered: dict[str, int]
+    segments_left: dict[str, int]
+    sample: list[dict[str, Any]]
+    published_version: int | None
+
+
+class SegmenterService:
+    def __init__(
+        self,
+        db: Database,
+        settings: SegmenterSettings,
+        producer: Producer | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.repo = SegmenterRepository()
+        self.clock = clock
+        self.config = settings.lifecycle
+        self.topic = settings.topic(SEGMENTS)
+        self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
+        self._rules: CompiledRules | None = None
+        self._last_sweep = 0.0
+
+    # --- rules in force ---------------------------------------------------------------------------
+
+    async def ensure_default_rules(self) -> None:
+        """Version 1 is the shipped default; every process may race to create it, one wins."""
+        now = self.clock()
+        rules = default_rules()
+        async with self.db.transaction() as session:
+            first = await self.repo.published_version(session) is None
+            if first and await self.repo.add_version(session, 1, rules, SYSTEM, "default rule set", now):
+                await self.repo.audit(
+                    session, SYSTEM, "publish", 1, jsonpatch.make_patch({}, rules).patch, now
+                )
+            await self.repo.create_draft(session, rules, ruleset_etag(rules), SYSTEM, now)
+
+    async def rules(self, session: Any) -> CompiledRules:
+        version = await self.repo.published_version(session)
+        if version is None:
+            raise RuntimeError("no published rule set: call ensure_default_rules() at start")
+        if self._rules is None or self._rules.version != version:
+            published = await self.repo.version(session, version)
+            self._rules = compile_rules(published.rules, version)
+        return self._rules
+
+    # --- the consumer's handler -----------------------------------------------------------------
+
+    async def apply_batch(self, batch: Sequence[Delivered[Event | ClvPrediction]]) -> BatchResult:
+        now = self.clock()
+        async with self.db.transaction() as session:
+            new_ids = await claim_events(
+                session, applied_events, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
+            )
+            fresh: dict[str, list[Event | ClvPrediction]] = defaultdict(list)
+            taken: set[str] = set()
+            for d in batch:
+                eid = d.value.event_id
+                if eid in new_ids and eid not in taken:
+                    taken.add(eid)
+                    fresh[d.value.customer_id].append(d.value)
+            if fresh:
+                rules = await self.rules(session)
+                rows = await self.repo.load_customers(session, list(fresh), for_update=True)
+                decisions: list[Decision] = []
+                for customer_id, events in fresh.items():
+                    old = rows.get(customer_id)
+                    state = load_state(customer_id, old.state) if old else ProfileState(customer_id)
+                    for event in events:
+                        apply_event(state, event)
+                    backend = [e for e in events if not isinstance(e, ClvPrediction)]
+                    cause = UpdateCause.EVENTS if backend else UpdateCause.CLV
+                    key = ",".join(sorted(e.event_id for e in events))
+                    decisions.append(decide(state, old, rules, self.config, now, cause, key, backend))
+                await self._write(session, decisions, now)
+        if self.relay is not None:
+            await self.relay.flush()  # publish after commit
+        return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
+
+    async def _write(self, session: Any, decisions: Sequence[Decision], now: datetime) -> None:
+        await self.repo.save_customers(session, [d.row for d in decisions])
+        await self.repo.change_memberships(
+            session,
+            [(s, d.row.customer_id) for d in decisions for s in d.entered],
+            [(s, d.row.customer_id) for d in decisions for s in d.left],
+            now,
+        )
+        updates = [d.update for d in decisions if d.update is not None]
+        await enqueue(session, outbox, [self._record(u) for u in updates])
+        for u in updates:
+            UPDATES_PUBLISHED.labels(u.cause.value).inc()
+
+    def _record(self, update: CustomerUpdate) -> OutboundRecord:
+        return OutboundRecord(self.topic, encode_key(update.customer_id), encode(update))
+
+    # --- time passing ------------------------------------------------------------------------
+
+    async def sweep(self, limit: int = 1000) -> int:
+        """Re-evaluate the customers whose next_check_at has come (found by index)."""
+        now = self.clock()
+        total = 0
+        while True:
+            async with self.db.transaction() as session:
+                due = await self.repo.due_for_check(session, now, limit)
+                if not due:
+                    break
+                rules = await self.rules(session)
+                rows = await self.repo.load_customers(session, due, for_update=True)
+                decisions = [
+                    decide(
+                        load_state(cid, row.state),
+                        row,
+                        rules,
+                        self.config,
+                        now,
+                        UpdateCause.TIME,
+                        f"{row.next_check_at.isoformat() if row.next_check_at else ''}|{row.lifecycle_stage}",
+                    )
+                    for cid, row in rows.items()
+                ]
+                await self._write(session, decisions, now)
+            total += len(due)
+            SWEPT.inc(len(due))
+            if len(due) < limit:
+                break
+        if total and self.relay is not None:
+            await self.relay.flush()
+        return total
+
+    # --- rule publishing -------------------------------------------------------------------------
+
+    async def run_publish_step(self) -> JobRow | None:
+        """Re-evaluate the next chunk of customers for the newest unfinished publish job."""
+        now = self.clock()
+        chunk = self.settings.segmenter_publish_chunk
+        async with self.db.transaction() as session:
+            job = await self.repo.active_job(session)
+            if job is None:
+                return None
+            rules = await self.rules(session)
+            if rules.version != job.version:
+                # A rollback or a newer publish is in force; its own job covers everyone.
+                await self.repo.advance_job(session, job.id, status="superseded", finished_at=now)
+                PUBLISH_JOBS.labels("superseded").inc()
+                return job
+            rows = await self.repo.customers_after(session, job.cursor, chunk)
+            decisions = [self._reassign(row, rules, now) for row in rows]
+            changed = [d for d in decisions if d is not None]
+            await self._write(session, changed, now)
+            done = job.done + len(rows)
+            finished = len(rows) < chunk
+            await self.repo.advance_job(
+                session,
+                job.id,
+                status="done" if finished else "running",
+                done=done,
+                changed=job.changed + len(changed),
+                cursor=rows[-1].customer_id if rows else job.cursor,
+                started_at=job.started_at or now,
+                finished_at=now if finished else None,
+                total=max(job.total, done),
+            )
+        PUBLISH_JOB_PROGRESS.set(1.0 if finished else done / max(job.total, 1))
+        if finished:
+            PUBLISH_JOBS.labels("done").inc()
+            log.info(
+                "rule publish applied",
+                version=job.version,
+                customers=done,
+                changed=job.changed + len(changed),
+            )
+        if changed and self.relay is not None:
+            await self.relay.flush()
+        return job
+
+    def _reassign(self, row: CustomerRow, rules: CompiledRules, now: datetime) -> Decision | None:
+        """Re-evaluate from the stored facts; only a changed customer is re-derived and written."""
+        assignment = rules.assign(facts_from_json(row.facts), now)
+        if assignment.tier == row.tier and list(assignment.segments) == row.segments:
+            return None
+        return decide(
+            load_state(row.customer_id, row.state),
+            row,
+            rules,
+            self.config,
+            now,
+            UpdateCause.RULES,
+            str(rules.version),
+        )
+
+    async def tick(self) -> None:
+        """Work between consumer batches: a publish step, and the sweep when it is due."""
+        await self.run_publish_step()  # one chunk per tick, so events keep flowing meanwhile
+        if time.monotonic() - self._last_sweep >= self.settings.segmenter_sweep_interval_s:
+            self._last_sweep = time.monotonic()
+            swept = await self.sweep()
+            if swept:
+                log.info("time-based re-evaluation", customers=swept)
+        if self.relay is not None:
+            await self.relay.flush()
+
+    async def refresh_gauges(self) -> None:
+        async with self.db.sessions() as session:
+            for tier, n in (await self.repo.tier_counts(session)).items():
+                CUSTOMERS_PER_TIER.labels(tier).set(n)
+            for segment, n in (await self.repo.segment_counts(session)).items():
+                CUSTOMERS_PER_SEGMENT.labels(segment).set(n)
+
+    # --- the rules API -------------------------------------------------------------------------------
+
+    async def draft(self) -> tuple[dict[str, Any], str, datetime, str]:
+        async with self.db.sessions() as session:
+            row = await self.repo.draft(session)
+        return row.rules, row.etag, row.updated_at, row.updated_by
+
+    async def put_draft(self, rules: dict[str, Any], actor: str, if_match: str | None) -> str:
+        errors = validate_rules(rules)
+        if errors:
+            raise InvalidRulesError(errors)
+        etag = ruleset_etag(rules)
+        now = self.clock()
+        async with self.db.transaction() as session:
+            current = await self.repo.draft(session)
+            if not await self.repo.replace_draft(session, rules, etag, actor, now, if_match):
+                raise RulesConflictError
+            await self.repo.audit(
+                session, actor, "draft", None, jsonpatch.make_patch(current.rules, rules).patch, now
+            )
+        return etag
+
+    async def publish(self, actor: str, if_match: str, note: str | None) -> tuple[int, str]:
+        """Make the draft a new immutable version, if the caller saw the current draft."""
+        now = self.clock()
+        async with self.db.transaction() as session:
+            draft = await self.repo.draft(session)
+            if draft.etag != if_match:
+                raise RulesConflictError
+            errors = validate_rules(draft.rules)
+            if errors:
+                raise InvalidRulesError(errors)
+            return await self._new_version(session, draft.rules, actor, note or "publish", "publish", now)
+
+    async def rollback(self, version: int, actor: str) -> tuple[int, str]:
+        now = self.clock()
+        async with self.db.transaction() as session:
+            old = await self.repo.version(session, version)
+            if old is None:
+                raise UnknownVersionError(version)
+            new = await self._new_version(
+                session, old.rules, actor, f"rollback to {version}", "rollback", now
+            )
+            etag = ruleset_etag(old.rules)
+            await self.repo.replace_draft(session, old.rules, etag, actor, now, None)
+            return new
+
+    async def _new_version(
+        self, session: Any, rules: dict[str, Any], actor: str, note: str, action: str, now: datetime
+    ) -> tuple[int, str]:
+        # The version row's primary key serialises publishes: of two racing, one inserts n+1
+        # and the other finds it taken and fails as a conflict rather than interleaving.
+        current = await self.repo.published(session)
+        version = (current[0] if current else 0) + 1
+        if not await self.repo.add_version(session, version, rules, actor, note, now):
+            raise RulesConflictError
+        diff = jsonpatch.make_patch(current[1] if current else {}, rules).patch
+        await self.repo.audit(session, actor, action, version, diff, now)
+        total = await self.repo.count_customers(session)
+        job_id = await self.repo.create_job(session, version, total, actor, now)
+        return version, job_id
+
+    async def job(self, job_id: str) -> JobRow | None:
+        async with self.db.sessions() as session:
+            return await self.repo.job(session, job_id)
+
+    async def versions(self) -> list[Any]:
+        async with self.db.sessions() as session:
+            return await self.repo.versions(session)
+
+    async def version(self, n: int) -> Any:
+        async with self.db.sessions() as session:
+            return await self.repo.version(session, n)
+
+    async def audit_log(self, limit: int = 100) -> list[Any]:
+        async with self.db.sessions() as session:
+            return await self.repo.audit_log(session, limit)
+
+    async def preview(self, rules_json: dict[str, Any], sample_size: int = 20, chunk: int = 5000) -> Preview:
+        """Evaluate a rule set against every current profile, next to what is published."""
+        errors = validate_rules(rules_json)
+        if errors:
+            raise InvalidRulesError(errors)
+        candidate = compile_rules(rules_json, 0)
+        now = self.clock()
+        tiers: dict[str, int] = defaultdict(int)
+        segments: dict[str, int] = defaultdict(int)
+        moves: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        entered: dict[str, int] = defaultdict(int)
+        left: dict[str, int] = defaultdict(int)
+        sample: list[dict[str, Any]] = []
+        count = 0
+        cursor: str | None = None
+        async with self.db.sessions() as session:
+            published = await self.repo.published_version(session)
+            while True:
+                rows = await self.repo.customers_after(session, cursor, chunk)
+                if not rows:
+                    break
+                cursor = rows[-1].customer_id
+                for row in rows:
+                    count += 1
+                    a = candidate.assign(facts_from_json(row.facts), now)
+                    tiers[a.tier] += 1
+                    for s in a.segments:
+                        segments[s] += 1
+                    gained = sorted(set(a.segments) - set(row.segments))
+                    lost = sorted(set(row.segments) - set(a.segments))
+                    for s in gained:
+                        entered[s] += 1
+                    for s in lost:
+                        left[s] += 1
+                    if a.tier != row.tier:
+                        moves[row.tier][a.tier] += 1
+                    if (a.tier != row.tier or gained or lost) and len(sample) < sample_size:
+                        sample.append(
+                            {
+                                "customer_id": row.customer_id,
+                                "tier": {"from": row.tier, "to": a.tier},
+                                "segments_entered": gained,
+                                "segments_left": lost,
+                            }
+                        )
+        return Preview(
+            customers=count,
+            tiers=dict(tiers),
+            segments=dict(segments),
+            tier_moves={k: dict(v) for k, v in moves.items()},
+            segments_entered=dict(entered),
+            segments_left=dict(left),
+            sample=sample,
+            published_version=published,
+        )
+
+    # --- customers ------------------------------------------------------------------------------------
+
+    async def customer(self, customer_id: str) -> dict[str, Any] | None:
+        async with self.db.sessions() as session:
+            rows = await self.repo.load_customers(session, [customer_id])
+            row = rows.get(customer_id)
+            if row is None:
+                return None
+            rules = await self.rules(session)
+        now = self.clock()
+        state = load_state(customer_id, row.state)
+        from services.segmenter.profile import facts as derive  # noqa: PLC0415
+
+        current, _ = derive(state, now, self.config)
+        return {
+            "customer_id": customer_id,
+            "tier": row.tier,
+            "segments": row.segments,
+            "lifecycle_stage": row.lifecycle_stage,
+            "rule_version": row.rule_version,
+            "updated_at": row.updated_at,
+            "next_check_at": row.next_check_at,
+            "profile": current,
+            "consents": {c: {"granted": r.value, "at": r.stamp.at} for c, r in state.consents.items()},
+            "why": rules.explain(current, now),
+        }
+
+    async def segment_members(
+        self, segment: str, cursor: str | None, limit: int
+    ) -> list[tuple[str, datetime]]:
+        async with self.db.sessions() as session:
+            return await self.repo.segment_members(session, segment, cursor, limit)
+
+    async def known_segment(self, segment: str) -> bool:
+        async with self.db.sessions() as session:
+            rules = await self.rules(session)
+        return segment in rules.segment_names
