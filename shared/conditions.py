@@ -858,7 +858,7 @@ def fields_used(tree: object) -> set[str]:
 # JSON schema for OpenAPI. These models describe the shape only; they are never used to
 # validate, because what a rule may say depends on the caller's catalogue (see validate()).
 
-_SCHEMA_CONFIG = ConfigDict(extra="forbid", json_schema_mode_override="validation")
+_SCHEMA_CONFIG = ConfigDict(extra="forbid")
 
 
 class ConditionAll(BaseModel):

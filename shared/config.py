@@ -26,6 +26,11 @@ class CommonSettings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="JSON file of hashed API keys; default <var_dir>/api_keys.json."
     )
+    consumer_session_timeout_ms: int = Field(
+        default=10000,
+        ge=1000,
+        description="How long the group waits for a silent consumer before giving its partitions away.",
+    )
     log_level: str = Field(default="INFO", description="Log level of every process.")
     log_json: bool = Field(default=False, description="Log as JSON lines instead of console.")
 

@@ -39,6 +39,7 @@ def build_loop(
         producer=producer,
         max_records=settings.segmenter_batch_size,
         tick=service.tick,
+        session_timeout_ms=settings.consumer_session_timeout_ms,
     )
 
 

@@ -118,6 +118,7 @@ class ConsumerLoop(Generic[T]):
         max_backoff_s: float = 5.0,
         client_id: str | None = None,
         tick: Callable[[], Awaitable[None]] | None = None,
+        session_timeout_ms: int = 10000,
     ) -> None:
         self._topics = list(topics)
         self._group_id = group_id
@@ -139,6 +140,8 @@ class ConsumerLoop(Generic[T]):
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=max_records,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(100, session_timeout_ms // 3),
         )
 
     @property

@@ -1,0 +1,631 @@
+"""The segment-rules API and the customers API, on SQLite and on PostgreSQL.
+
+Profiles are seeded through the service's batch handler (what the consumer calls), with the
+demo generator's history; the expected tiers and segments come from the pure modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from services.segmenter.app import create_app
+from services.segmenter.config import SegmenterSettings
+from services.segmenter.consumer import MIGRATIONS
+from services.segmenter.profile import LifecycleConfig, build, facts
+from services.segmenter.rules import Assignment, compile_rules, default_rules
+from services.segmenter.service import SegmenterService
+from services.segmenter.tables import outbox, publish_jobs
+from services.segmenter.updates import update_id
+from shared.auth import create_key
+from shared.codec import decode_with
+from shared.db import migrate
+from shared.demo.generator import generate
+from shared.events import CUSTOMER_UPDATE_ADAPTER, EVENT_ADAPTER, CustomerUpdate, Event, UpdateCause
+from shared.kafka.consumer import Delivered
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
+DEMO_DAYS = 400
+
+
+@cache
+def demo_events() -> tuple[Event, ...]:
+    raw = generate(seed=13, customers=24, start=NOW - timedelta(days=DEMO_DAYS), days=DEMO_DAYS)
+    return tuple(EVENT_ADAPTER.validate_python(e) for e in raw)
+
+
+def events_by_customer() -> dict[str, list[Event]]:
+    out: dict[str, list[Event]] = defaultdict(list)
+    for event in demo_events():
+        out[event.customer_id].append(event)
+    return dict(out)
+
+
+def expected(rules_json: dict[str, Any]) -> dict[str, Assignment]:
+    """What each demo customer should be under ``rules_json`` at NOW, from the pure modules."""
+    rules = compile_rules(rules_json, 0)
+    return {
+        cid: rules.assign(facts(build(cid, events), NOW, LifecycleConfig())[0], NOW)
+        for cid, events in events_by_customer().items()
+    }
+
+
+def stricter_rules() -> dict[str, Any]:
+    """Bronze needs two orders; loyal needs six orders in the last year."""
+    rules = default_rules()
+    assert rules["tiers"][3]["name"] == "bronze"
+    rules["tiers"][3]["when"] = {"field": "orders_count", "op": "gte", "value": 2}
+    loyal = next(s for s in rules["segments"] if s["name"] == "loyal")
+    loyal["when"]["all"][1]["value"] = 6
+    return rules
+
+
+@dataclass
+class Api:
+    http: httpx.AsyncClient
+    service: SegmenterService
+    writer: str
+    writer_id: str
+    reader: str
+    stranger: str
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.writer}"}
+
+    async def get(self, url: str, key: str | None = None, **kw: Any) -> httpx.Response:
+        return await self.http.get(url, headers=self.auth(key), **kw)
+
+    async def put(self, url: str, body: Any, key: str | None = None, **headers: str) -> httpx.Response:
+        return await self.http.put(url, json=body, headers={**self.auth(key), **headers})
+
+    async def post(
+        self, url: str, body: Any = None, key: str | None = None, **headers: str
+    ) -> httpx.Response:
+        return await self.http.post(url, json=body, headers={**self.auth(key), **headers})
+
+    async def draft_etag(self) -> str:
+        response = await self.get("/v1/rules/draft")
+        assert response.status_code == 200, response.text
+        etag: str = response.json()["etag"]
+        return etag
+
+    async def run_jobs(self) -> int:
+        steps = 0
+        while await self.service.run_publish_step() is not None:
+            steps += 1
+            assert steps < 1000
+        return steps
+
+    async def outbox_updates(self) -> list[CustomerUpdate]:
+        async with self.service.db.sessions() as session:
+            rows = (await session.execute(select(outbox.c.value).order_by(outbox.c.id))).all()
+        return [decode_with(CUSTOMER_UPDATE_ADAPTER, r.value) for r in rows]
+
+    async def customer(self, customer_id: str) -> dict[str, Any]:
+        response = await self.get(f"/v1/customers/{customer_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'segmenter.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+async def seed(service: SegmenterService, events: list[Event], batch: int = 50) -> None:
+    delivered = [
+        Delivered(f"retain.{e.type}", 0, offset, e.customer_id.encode(), e, 0)
+        for offset, e in enumerate(events)
+    ]
+    for start in range(0, len(delivered), batch):
+        await service.apply_batch(delivered[start : start + batch])  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def api(database_url: str, tmp_path: Path) -> AsyncIterator[Api]:
+    keys = tmp_path / "keys.json"
+    writer, writer_plain = create_key(keys, ["rules:read", "rules:write"], "marketing")
+    _, reader_plain = create_key(keys, ["rules:read"], "analyst")
+    _, stranger_plain = create_key(keys, ["kpi:read"], "kpi")
+    settings = SegmenterSettings(
+        segmenter_database_url=database_url,
+        api_keys_file=keys,
+        var_dir=tmp_path,
+        segmenter_publish_chunk=5,  # several steps per publish
+    )
+    app = create_app(settings)
+    service: SegmenterService = app.state.service
+    service.clock = lambda: NOW
+    # httpx's ASGITransport does not run the lifespan: do what it does.
+    await migrate(service.db, MIGRATIONS)
+    await service.ensure_default_rules()
+    await seed(service, list(demo_events()))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://segmenter") as http:
+        yield Api(http, service, writer_plain, writer.id, reader_plain, stranger_plain)
+    await service.db.dispose()
+
+
+# --- the draft --------------------------------------------------------------------------------------
+
+
+async def test_the_draft_carries_its_etag_in_header_and_body(api: Api) -> None:
+    response = await api.get("/v1/rules/draft", key=api.reader)
+    assert response.status_code == 200
+    body = response.json()
+    assert response.headers["ETag"] == f'"{body["etag"]}"'
+    assert body["rules"] == default_rules()
+    assert body["updated_by"] == "system"
+
+
+async def test_an_invalid_draft_is_refused_with_json_paths_and_changes_nothing(api: Api) -> None:
+    before = (await api.get("/v1/rules/draft")).json()
+    bad = default_rules()
+    bad["tiers"][0]["when"]["all"][1] = {"field": "orders", "op": "gte", "value": 10}
+    bad["segments"][0]["when"] = {"field": "first_purchase_at", "op": "within_days", "value": "30"}
+
+    response = await api.put("/v1/rules/draft", bad, **{"If-Match": f'"{before["etag"]}"'})
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid"
+    assert [d["path"] for d in error["details"]] == [
+        "$.tiers[0].when.all[1].field",
+        "$.segments[0].when.value",
+    ]
+    assert all(d["message"] for d in error["details"])
+    assert (await api.get("/v1/rules/draft")).json() == before
+    assert [e["action"] for e in (await api.get("/v1/rules/audit")).json()] == ["publish"]
+
+
+async def test_replacing_the_draft_needs_the_current_etag(api: Api) -> None:
+    etag = await api.draft_etag()
+    new = stricter_rules()
+
+    stale = await api.put("/v1/rules/draft", new, **{"If-Match": '"0000"'})
+    assert stale.status_code == 412
+    assert stale.json()["error"]["code"] == "precondition_failed"
+    assert await api.draft_etag() == etag
+
+    ok = await api.put("/v1/rules/draft", new, **{"If-Match": f'W/"{etag}"'})
+    assert ok.status_code == 200, ok.text
+    new_etag = ok.json()["etag"]
+    assert ok.headers["ETag"] == f'"{new_etag}"'
+    assert new_etag != etag
+    current = (await api.get("/v1/rules/draft")).json()
+    assert (current["rules"], current["etag"], current["updated_by"]) == (new, new_etag, api.writer_id)
+
+    # The old ETag is stale now: a second editor who read before the change cannot overwrite it.
+    again = await api.put("/v1/rules/draft", default_rules(), **{"If-Match": f'"{etag}"'})
+    assert again.status_code == 412
+    assert (await api.get("/v1/rules/draft")).json()["rules"] == new
+
+
+async def test_validate_reports_problems_without_storing_anything(api: Api) -> None:
+    ok = await api.post("/v1/rules/validate", default_rules(), key=api.reader)
+    assert ok.status_code == 200
+    assert ok.json() == {"valid": True, "errors": []}
+    deep: dict[str, Any] = {"field": "orders_count", "op": "gte", "value": 1}
+    for _ in range(20):
+        deep = {"not": deep}
+    bad = {
+        "tiers": [{"name": "none", "when": {"field": "total_value", "op": "gte", "value": "big"}}],
+        "segments": [{"name": "deep", "when": deep}, {"name": "deep", "when": {"all": []}}],
+    }
+    response = await api.post("/v1/rules/validate", bad, key=api.reader)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["valid"] is False
+    assert [e["path"] for e in body["errors"]] == [
+        "$.tiers[0].name",
+        "$.tiers[0].when.value",
+        "$.segments[0].when" + ".not" * 12,
+        "$.segments[1].name",
+    ]
+    structural = await api.post("/v1/rules/validate", {"segments": []}, key=api.reader)
+    assert structural.json()["errors"] == [{"path": "$.tiers", "message": "Field required"}]
+
+
+# --- preview and publish ----------------------------------------------------------------------------
+
+
+async def test_preview_counts_and_diffs_against_the_published_rules(api: Api) -> None:
+    now_rules = expected(default_rules())
+    then = expected(stricter_rules())
+    response = await api.post("/v1/rules/preview?sample=3", stricter_rules(), key=api.reader)
+    assert response.status_code == 200, response.text
+    p = response.json()
+
+    assert p["customers"] == len(then) == 24
+    assert p["published_version"] == 1
+    tiers: dict[str, int] = defaultdict(int)
+    segments: dict[str, int] = defaultdict(int)
+    moves: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    entered: dict[str, int] = defaultdict(int)
+    left: dict[str, int] = defaultdict(int)
+    changed = set()
+    for cid, a in then.items():
+        tiers[a.tier] += 1
+        for s in a.segments:
+            segments[s] += 1
+        old = now_rules[cid]
+        if a.tier != old.tier:
+            moves[old.tier][a.tier] += 1
+        for s in set(a.segments) - set(old.segments):
+            entered[s] += 1
+        for s in set(old.segments) - set(a.segments):
+            left[s] += 1
+        if a.tier != old.tier or set(a.segments) != set(old.segments):
+            changed.add(cid)
+    assert p["tiers"] == tiers
+    assert p["segments"] == segments
+    assert p["tier_moves"] == moves
+    assert moves["bronze"]["none"] == 7  # the one-order customers
+    assert p["segments_entered"] == entered == {}
+    assert p["segments_left"] == left
+    assert left["loyal"] > 0
+    assert len(p["sample"]) == 3
+    for s in p["sample"]:
+        cid = s["customer_id"]
+        assert cid in changed
+        assert s["tier"] == {"from": now_rules[cid].tier, "to": then[cid].tier}
+
+    # Without a body, the draft is previewed: unchanged from the published rules, no one moves.
+    same = (await api.post("/v1/rules/preview", key=api.reader)).json()
+    assert same["tier_moves"] == {}
+    assert same["sample"] == []
+    assert same["tiers"] == {t: n for t, n in tier_counts(now_rules).items()}
+
+    invalid = await api.post("/v1/rules/preview", {"tiers": "x", "segments": []}, key=api.reader)
+    assert invalid.status_code == 422
+    assert invalid.json()["error"]["details"][0]["path"] == "$.tiers"
+
+
+def tier_counts(assignments: dict[str, Assignment]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for a in assignments.values():
+        out[a.tier] += 1
+    return dict(out)
+
+
+async def put_draft(api: Api, rules: dict[str, Any]) -> str:
+    response = await api.put("/v1/rules/draft", rules, **{"If-Match": f'"{await api.draft_etag()}"'})
+    assert response.status_code == 200, response.text
+    etag: str = response.json()["etag"]
+    return etag
+
+
+async def test_publish_needs_a_fresh_etag_then_reevaluates_everyone(api: Api) -> None:
+    etag = await put_draft(api, stricter_rules())
+
+    missing = await api.post("/v1/rules/publish")
+    assert missing.status_code == 428
+    assert "If-Match" in missing.json()["error"]["message"]
+    stale = await api.post("/v1/rules/publish", **{"If-Match": '"not-it"'})
+    assert stale.status_code == 412
+    assert (await api.get("/v1/rules/versions")).json()[0]["version"] == 1
+
+    published = await api.post("/v1/rules/publish?note=stricter", **{"If-Match": f'"{etag}"'})
+    assert published.status_code == 202, published.text
+    body = published.json()
+    assert body["version"] == 2
+    assert body["job"].endswith(f"/v1/rules/jobs/{body['job_id']}")
+
+    pending = (await api.get(f"/v1/rules/jobs/{body['job_id']}", key=api.reader)).json()
+    assert (pending["status"], pending["done"], pending["total"], pending["version"]) == ("pending", 0, 24, 2)
+    assert pending["eta_s"] is None
+
+    steps = await api.run_jobs()
+    assert steps == 5  # 24 customers in chunks of 5
+
+    job = (await api.get(f"/v1/rules/jobs/{body['job_id']}")).json()
+    before, after = expected(default_rules()), expected(stricter_rules())
+    moved = {
+        cid
+        for cid in after
+        if after[cid].tier != before[cid].tier or after[cid].segments != before[cid].segments
+    }
+    assert (job["status"], job["done"], job["total"], job["eta_s"]) == ("done", 24, 24, 0)
+    assert job["changed"] == len(moved)
+    assert job["finished_at"] is not None
+
+    for cid, a in after.items():
+        customer = await api.customer(cid)
+        assert (customer["tier"], customer["segments"]) == (a.tier, list(a.segments)), cid
+
+    rule_updates = [u for u in await api.outbox_updates() if u.cause == UpdateCause.RULES]
+    assert {u.customer_id for u in rule_updates} == moved
+    assert len(rule_updates) == len(moved)
+    for u in rule_updates:
+        assert u.rule_version == 2
+        assert u.event_id == update_id(u.customer_id, UpdateCause.RULES, "2")
+        assert (u.tier_old, u.tier_new) == (before[u.customer_id].tier, after[u.customer_id].tier)
+
+    # A job that has finished is not run again.
+    assert await api.service.run_publish_step() is None
+
+
+async def test_versions_are_immutable_and_listed(api: Api) -> None:
+    etag = await put_draft(api, stricter_rules())
+    assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).status_code == 202
+    listed = (await api.get("/v1/rules/versions", key=api.reader)).json()
+    assert [(v["version"], v["created_by"]) for v in listed] == [(2, api.writer_id), (1, "system")]
+    one = (await api.get("/v1/rules/versions/1")).json()
+    two = (await api.get("/v1/rules/versions/2")).json()
+    assert one["rules"] == default_rules()
+    assert two["rules"] == stricter_rules()
+    await put_draft(api, default_rules())  # editing the draft leaves versions alone
+    assert (await api.get("/v1/rules/versions/2")).json()["rules"] == stricter_rules()
+    assert (await api.get("/v1/rules/versions/99")).status_code == 404
+    assert (await api.get("/v1/rules/versions/0")).status_code == 422
+    assert (await api.get("/v1/rules/versions/abc")).status_code == 422
+
+
+async def test_rollback_publishes_an_old_version_again(api: Api) -> None:
+    etag = await put_draft(api, stricter_rules())
+    assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).status_code == 202
+    await api.run_jobs()
+
+    response = await api.post("/v1/rules/rollback/1")
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["version"] == 3
+    assert (await api.get("/v1/rules/versions/3")).json()["rules"] == default_rules()
+    draft = (await api.get("/v1/rules/draft")).json()
+    assert draft["rules"] == default_rules()
+
+    await api.run_jobs()
+    job = (await api.get(f"/v1/rules/jobs/{body['job_id']}")).json()
+    assert (job["status"], job["version"], job["done"]) == ("done", 3, 24)
+    for cid, a in expected(default_rules()).items():
+        customer = await api.customer(cid)
+        assert (customer["tier"], customer["segments"]) == (a.tier, list(a.segments)), cid
+
+    assert (await api.post("/v1/rules/rollback/99")).status_code == 404
+    assert (await api.post("/v1/rules/rollback/0")).status_code == 422
+    assert (await api.get("/v1/rules/jobs/no-such-job")).status_code == 404
+
+
+async def test_every_change_is_audited_with_who_and_a_json_patch(api: Api) -> None:
+    etag = await put_draft(api, stricter_rules())
+    assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).status_code == 202
+    assert (await api.post("/v1/rules/rollback/1")).status_code == 202
+
+    entries = (await api.get("/v1/rules/audit", key=api.reader)).json()
+    assert [(e["action"], e["actor"], e["version"]) for e in entries] == [
+        ("rollback", api.writer_id, 3),
+        ("publish", api.writer_id, 2),
+        ("draft", api.writer_id, None),
+        ("publish", "system", 1),
+    ]
+    change = [
+        {"op": "replace", "path": "/tiers/3/when/value", "value": 2},
+        {"op": "replace", "path": "/segments/1/when/all/1/value", "value": 6},
+    ]
+    draft_diff = entries[2]["diff"]
+    assert sorted(draft_diff, key=lambda op: op["path"]) == sorted(change, key=lambda op: op["path"])
+    assert sorted(entries[1]["diff"], key=lambda op: op["path"]) == sorted(change, key=lambda op: op["path"])
+    assert {op["path"] for op in entries[0]["diff"]} == {op["path"] for op in change}
+    assert all(e["at"] for e in entries)
+    limited = await api.get("/v1/rules/audit?limit=1")
+    assert len(limited.json()) == 1
+    assert (await api.get("/v1/rules/audit?limit=0")).status_code == 422
+
+
+async def test_concurrent_publishes_of_one_etag_do_not_interleave(api: Api) -> None:
+    etag = await put_draft(api, stricter_rules())
+
+    first, second = await asyncio.gather(
+        api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'}),
+        api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'}),
+    )
+
+    statuses = sorted([first.status_code, second.status_code])
+    assert statuses[0] == 202, (first.text, second.text)
+    assert statuses[1] in (409, 412), (first.text, second.text)
+    versions = [v["version"] for v in (await api.get("/v1/rules/versions")).json()]
+    assert versions == [2, 1]
+    async with api.service.db.sessions() as session:
+        jobs = (await session.execute(select(publish_jobs.c.version, publish_jobs.c.status))).all()
+    assert [(j.version, j.status) for j in jobs] == [(2, "pending")]
+
+
+async def test_concurrent_edits_of_one_etag_let_exactly_one_win(api: Api) -> None:
+    etag = await api.draft_etag()
+    a, b = stricter_rules(), copy.deepcopy(default_rules())
+    b["tiers"][0]["when"]["all"][0]["value"] = 20_000
+    first, second = await asyncio.gather(
+        api.put("/v1/rules/draft", a, **{"If-Match": f'"{etag}"'}),
+        api.put("/v1/rules/draft", b, **{"If-Match": f'"{etag}"'}),
+    )
+    assert sorted([first.status_code, second.status_code]) == [200, 412]
+    winner = a if first.status_code == 200 else b
+    assert (await api.get("/v1/rules/draft")).json()["rules"] == winner
+
+
+# --- customers ------------------------------------------------------------------------------------
+
+
+async def test_a_customer_with_tier_segments_and_why(api: Api) -> None:
+    want = expected(default_rules())
+    cid = next(c for c, a in want.items() if a.tier == "gold" and "high_value" in a.segments)
+    body = await api.customer(cid)
+    assert (body["tier"], body["segments"], body["rule_version"]) == ("gold", list(want[cid].segments), 1)
+    assert body["profile"]["orders_count"] >= 5
+    assert body["lifecycle_stage"] == body["profile"]["lifecycle_stage"]
+    assert set(body["consents"]) <= {"email", "sms", "whatsapp"}
+    why = body["why"]
+    assert why["tier"]["assigned"] == "gold"
+    gold = next(r for r in why["tier"]["rules"] if r["name"] == "gold")
+    assert gold["matched"] is True
+    leaves = {c["field"]: c for c in gold["why"]["children"]}
+    assert leaves["total_value"]["matched"] is True
+    assert leaves["total_value"]["expected"] == 4000
+    assert leaves["total_value"]["actual"] == body["profile"]["total_value"]
+    platinum = next(r for r in why["tier"]["rules"] if r["name"] == "platinum")
+    assert platinum["matched"] is False
+    matched_segments = {s["name"] for s in why["segments"] if s["matched"]}
+    assert matched_segments == set(want[cid].segments)
+
+    unknown = await api.get("/v1/customers/nobody")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "not_found"
+    assert (await api.get("/v1/customers/" + "x" * 129)).status_code == 422
+
+
+async def test_segment_members_page_through_everyone_exactly_once(api: Api) -> None:
+    members = sorted(c for c, a in expected(default_rules()).items() if "loyal" in a.segments)
+    assert len(members) == 11
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        response = await api.get("/v1/segments/loyal/customers", key=api.reader, params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        assert page["segment"] == "loyal"
+        assert len(page["customers"]) <= 3
+        seen += [c["customer_id"] for c in page["customers"]]
+        assert all(c["entered_at"] for c in page["customers"])
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == members
+    assert pages == 4
+
+    everyone = (await api.get("/v1/segments/loyal/customers", params={"limit": 1000})).json()
+    assert [c["customer_id"] for c in everyone["customers"]] == members
+    assert everyone["next_cursor"] is None
+
+    assert (await api.get("/v1/segments/no_such_segment/customers")).status_code == 404
+    for bad in (0, -1, 1001, "many"):
+        assert (await api.get("/v1/segments/loyal/customers", params={"limit": bad})).status_code == 422
+
+
+async def test_segments_follow_a_publish(api: Api) -> None:
+    etag = await put_draft(api, stricter_rules())
+    await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})
+    await api.run_jobs()
+    loyal = (await api.get("/v1/segments/loyal/customers", params={"limit": 1000})).json()
+    want = sorted(c for c, a in expected(stricter_rules()).items() if "loyal" in a.segments)
+    assert [c["customer_id"] for c in loyal["customers"]] == want
+
+
+# --- auth and bad input ------------------------------------------------------------------------------
+
+
+async def test_auth_and_scopes(api: Api) -> None:
+    anonymous = await api.http.get("/v1/rules/draft")
+    assert anonymous.status_code == 401
+    assert anonymous.headers["WWW-Authenticate"] == "Bearer"
+    bad = await api.get("/v1/rules/draft", key="rk_deadbeef_nope")
+    assert bad.status_code == 401
+
+    assert (await api.get("/v1/rules/draft", key=api.reader)).status_code == 200
+    etag = await api.draft_etag()
+    forbidden = await api.put("/v1/rules/draft", default_rules(), key=api.reader, **{"If-Match": f'"{etag}"'})
+    assert forbidden.status_code == 403
+    assert "rules:write" in forbidden.json()["error"]["message"]
+    publish = await api.post("/v1/rules/publish", key=api.reader, **{"If-Match": f'"{etag}"'})
+    assert publish.status_code == 403
+    assert (await api.post("/v1/rules/rollback/1", key=api.reader)).status_code == 403
+    assert (await api.get("/v1/rules/draft", key=api.stranger)).status_code == 403
+    assert (await api.get("/v1/customers/c-000001", key=api.stranger)).status_code == 403
+    assert [e["action"] for e in (await api.get("/v1/rules/audit")).json()] == ["publish"]
+
+
+def nested(depth: int) -> dict[str, Any]:
+    tree: dict[str, Any] = {"field": "orders_count", "op": "gte", "value": 1}
+    for _ in range(depth):
+        tree = {"not": tree}
+    return {"tiers": [{"name": "t", "when": tree}], "segments": []}
+
+
+BAD_BODIES: list[Any] = [
+    [],
+    "rules",
+    {"tiers": None, "segments": None},
+    {"tiers": [{"name": 5, "when": []}], "segments": [{}]},
+    {"tiers": [{"name": "t", "when": {"all": 5}}], "segments": []},
+    {"tiers": [{"name": "t", "when": {"field": "total_value", "op": "between", "value": [5, "x"]}}], "segments": []},
+    {"tiers": [{"name": "t", "when": {"field": "total_value", "op": "in", "value": [[1], {"a": 1}]}}], "segments": []},
+    {"tiers": [{"name": "t", "when": {"field": "first_seen_at", "op": "gt", "value": "2026-13-45T99:00:00Z"}}],
+     "segments": []},
+    {"tiers": [{"name": "t", "when": {"field": "first_seen_at", "op": "within_days", "value": 1e300}}],
+     "segments": []},
+    {"tiers": [{"name": "t" * 100, "when": {"field": "x" * 10_000, "op": "eq", "value": 1}}], "segments": []},
+    {"tiers": [{"name": "t", "when": {"field": "orders_count", "op": "exists", "value": "yes"}}], "segments": []},
+    {"tiers": [{"name": "t", "when": {"any": [], "all": []}}], "segments": []},
+    {"tiers": [{"name": "t", "when": {"field": "orders_count", "op": "eq", "value": True}}], "segments": []},
+    {"tiers": [{"name": f"t{i}", "when": {"all": []}} for i in range(21)], "segments": []},
+    nested(200),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body", BAD_BODIES)
+async def test_bad_rules_are_a_4xx_never_a_5xx(api: Api, body: Any) -> None:
+    etag = await api.draft_etag()
+    for response in (
+        await api.put("/v1/rules/draft", body, **{"If-Match": f'"{etag}"'}),
+        await api.post("/v1/rules/preview", body),
+    ):
+        assert 400 <= response.status_code < 500, response.text
+        assert response.json()["error"]["message"]
+    validated = await api.post("/v1/rules/validate", body)
+    assert validated.status_code in (200, 422), validated.text
+    if validated.status_code == 200:
+        assert validated.json()["valid"] is False
+    assert await api.draft_etag() == etag
+
+
+async def test_malformed_requests_are_a_4xx(api: Api) -> None:
+    auth = api.auth()
+    raw = await api.http.put(
+        "/v1/rules/draft", content=b'{"tiers": [', headers={**auth, "Content-Type": "application/json"}
+    )
+    assert raw.status_code in (400, 422)
+    deep = b'{"not":' * 5000 + b"{}" + b"}" * 5000
+    very_deep = await api.http.post(
+        "/v1/rules/validate", content=deep, headers={**auth, "Content-Type": "application/json"}
+    )
+    assert 400 <= very_deep.status_code < 500
+    text = await api.http.put(
+        "/v1/rules/draft", content=json.dumps(default_rules()), headers={**auth, "Content-Type": "text/plain"}
+    )
+    assert 400 <= text.status_code < 500
+    assert (await api.post("/v1/rules/rollback/abc")).status_code == 422
+    assert (await api.post("/v1/rules/preview?sample=-1", default_rules())).status_code == 422
+    assert (await api.post("/v1/rules/publish?note=" + "x" * 501, **{"If-Match": '"x"'})).status_code == 422
+    long_job = await api.get("/v1/rules/jobs/" + "j" * 37)
+    assert long_job.status_code == 422
+
+
+async def test_replayed_batches_change_nothing(api: Api) -> None:
+    before = await api.outbox_updates()
+    snapshot = {cid: await api.customer(cid) for cid in list(events_by_customer())[:5]}
+    await seed(api.service, list(demo_events()), batch=37)
+    assert await api.outbox_updates() == before
+    for cid, body in snapshot.items():
+        assert await api.customer(cid) == body
+    assert len({u.event_id for u in before}) == len(before)
+    assert {u.cause for u in before} == {UpdateCause.EVENTS}

@@ -1,0 +1,354 @@
+"""Rule sets: validation with JSON paths, the tier ladder, segments, explanations, time boundaries."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from services.segmenter.profile import FACT_TYPES, SEGMENT_FACT_TYPES
+from services.segmenter.rules import (
+    NO_TIER,
+    CompiledRules,
+    compile_rules,
+    default_rules,
+    ruleset_etag,
+    validate_rules,
+)
+
+NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
+DAY = timedelta(days=1)
+TICK = timedelta(microseconds=1)
+
+SEEDS_SEGMENTS = {
+    "new_customers",
+    "loyal",
+    "high_value",
+    "at_risk",
+    "lapsed",
+    "churned_price",
+    "churned_service",
+    "recent_unresolved_complaint",
+    "complaint_resolved",
+}
+
+
+def leaf(field: str, op: str, value: object = True) -> dict[str, Any]:
+    return {"field": field, "op": op, "value": value}
+
+
+def rule(name: str, when: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "when": when}
+
+
+def problems(raw: object) -> list[tuple[str, str]]:
+    return [(e.path, e.message) for e in validate_rules(raw)]
+
+
+def paths(raw: object) -> list[str]:
+    return [p for p, _ in problems(raw)]
+
+
+# --- the shipped default --------------------------------------------------------------------------
+
+
+def test_the_default_rules_validate_and_compile() -> None:
+    raw = default_rules()
+    assert validate_rules(raw) == []
+    rules = compile_rules(raw, 1)
+    assert rules.version == 1
+    assert rules.tier_names == ["platinum", "gold", "silver", "bronze", NO_TIER]
+    assert set(rules.segment_names) == SEEDS_SEGMENTS
+
+
+def base_facts(**overrides: Any) -> dict[str, Any]:
+    facts: dict[str, Any] = dict.fromkeys(FACT_TYPES)
+    facts |= {
+        "orders_count": 0,
+        "total_value": 0.0,
+        "purchases_365d": 0,
+        "lifecycle_stage": "new",
+        "open_tickets": 0,
+        "complaints_90d": 0,
+    }
+    return facts | overrides
+
+
+@pytest.mark.parametrize(
+    ("facts", "tier", "segments"),
+    [
+        pytest.param(base_facts(), NO_TIER, set(), id="no-purchase"),
+        pytest.param(
+            base_facts(orders_count=1, total_value=50.0, first_purchase_at=NOW - 3 * DAY),
+            "bronze",
+            {"new_customers"},
+            id="first-order",
+        ),
+        pytest.param(
+            base_facts(orders_count=12, total_value=12_000.0, purchases_365d=6, lifecycle_stage="active"),
+            "platinum",
+            {"loyal", "high_value"},
+            id="platinum",
+        ),
+        pytest.param(
+            base_facts(orders_count=12, total_value=12_000.0, lifecycle_stage="lapsed"),
+            "gold",
+            {"lapsed", "high_value"},
+            id="lapsed-big-spender-drops-to-gold",
+        ),
+        pytest.param(
+            base_facts(orders_count=3, total_value=300.0, lifecycle_stage="churned", churn_reason="both"),
+            "bronze",
+            {"churned_price", "churned_service"},
+            id="churned-both",
+        ),
+        pytest.param(
+            base_facts(
+                orders_count=2,
+                total_value=1500.0,
+                lifecycle_stage="at_risk",
+                predicted_clv=2500.0,
+                last_complaint_at=NOW - 10 * DAY,
+                last_complaint_resolved=False,
+            ),
+            "silver",
+            {"at_risk", "high_value", "recent_unresolved_complaint"},
+            id="at-risk-complainer",
+        ),
+        pytest.param(
+            base_facts(
+                orders_count=2,
+                total_value=9000.0,
+                predicted_clv=100.0,  # a prediction overrides the spend-based fallback
+                last_complaint_at=NOW - 60 * DAY,
+                last_complaint_resolved=True,
+            ),
+            "silver",
+            {"complaint_resolved"},
+            id="resolved-complaint",
+        ),
+    ],
+)
+def test_default_tiers_and_segments(facts: dict[str, Any], tier: str, segments: set[str]) -> None:
+    assignment = compile_rules(default_rules(), 1).assign(facts, NOW)
+    assert assignment.tier == tier
+    assert set(assignment.segments) == segments
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def test_an_unknown_field_is_named_by_its_json_path() -> None:
+    raw = default_rules()
+    raw["tiers"][0]["when"]["all"][1] = leaf("orders", "gte", 10)
+    [(path, message)] = problems(raw)
+    assert path == "$.tiers[0].when.all[1].field"
+    assert "unknown field 'orders'" in message
+    assert "orders_count" in message  # the suggestion
+
+
+def test_comparing_a_number_with_a_string_is_rejected_both_ways() -> None:
+    raw = default_rules()
+    raw["tiers"][1]["when"]["all"][0]["value"] = "4000"
+    raw["segments"][3]["when"] = leaf("lifecycle_stage", "eq", 5)
+    found = problems(raw)
+    assert [p for p, _ in found] == ["$.tiers[1].when.all[0].value", "$.segments[3].when.value"]
+    assert "number field" in found[0][1]
+    assert "string field" in found[1][1]
+
+
+def test_too_deep_nesting_is_rejected_once_at_the_node_too_deep() -> None:
+    tree: dict[str, Any] = leaf("orders_count", "gte", 1)
+    for _ in range(15):
+        tree = {"not": tree}
+    raw = {"tiers": [], "segments": [rule("deep", tree)]}
+    [(path, message)] = problems(raw)
+    assert path == "$.segments[0].when" + ".not" * 12
+    assert "nested deeper than 12" in message
+
+
+def test_nesting_within_the_limit_is_fine() -> None:
+    tree: dict[str, Any] = leaf("orders_count", "gte", 1)
+    for _ in range(11):
+        tree = {"not": tree}
+    assert problems({"tiers": [], "segments": [rule("deep", tree)]}) == []
+
+
+def test_duplicate_names_are_rejected_per_kind() -> None:
+    ok = leaf("orders_count", "gte", 1)
+    raw = {
+        "tiers": [rule("gold", ok), rule("gold", ok)],
+        "segments": [rule("gold", ok), rule("vip", ok), rule("vip", ok)],  # a segment may share a tier's name
+    }
+    assert problems(raw) == [
+        ("$.tiers[1].name", "'gold' is defined twice"),
+        ("$.segments[2].name", "'vip' is defined twice"),
+    ]
+
+
+def test_none_is_reserved_for_no_tier() -> None:
+    raw = {"tiers": [rule("none", leaf("orders_count", "gte", 1))], "segments": []}
+    [(path, message)] = problems(raw)
+    assert path == "$.tiers[0].name"
+    assert "'none'" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param({"segments": []}, [("$.tiers", "Field required")], id="missing-tiers"),
+        pytest.param(
+            [], [("$", "Input should be a valid dictionary or instance of RuleSet")], id="not-an-object"
+        ),
+        pytest.param(
+            {"tiers": [{"name": "gold"}], "segments": []},
+            [("$.tiers[0].when", "Field required")],
+            id="no-when",
+        ),
+        pytest.param(
+            {"tiers": [], "segments": [], "extra": 1},
+            [("$.extra", "Extra inputs are not permitted")],
+            id="unknown-key",
+        ),
+    ],
+)
+def test_structural_errors(raw: object, expected: list[tuple[str, str]]) -> None:
+    assert problems(raw) == expected
+
+
+def test_rule_names_are_identifiers() -> None:
+    raw = {"tiers": [rule("Gold Tier", leaf("orders_count", "gte", 1))], "segments": []}
+    assert paths(raw) == ["$.tiers[0].name"]
+
+
+def test_tiers_cannot_use_tier_but_segments_can() -> None:
+    on_tier = leaf("tier", "eq", "gold")
+    assert "tier" not in FACT_TYPES
+    assert SEGMENT_FACT_TYPES["tier"] == "string"
+    assert paths({"tiers": [rule("t", on_tier)], "segments": []}) == ["$.tiers[0].when.field"]
+    assert paths({"tiers": [], "segments": [rule("s", on_tier)]}) == []
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    raw = {
+        "tiers": [rule("a", {"all": [leaf("nope", "eq", 1), leaf("total_value", "gt", "x")]})],
+        "segments": [rule("b", {"any": [leaf("lifecycle_stage", "lt", "new")]})],
+    }
+    assert paths(raw) == [
+        "$.tiers[0].when.all[0].field",
+        "$.tiers[0].when.all[1].value",
+        "$.segments[0].when.any[0].op",
+    ]
+
+
+def test_the_etag_is_a_stable_content_hash() -> None:
+    raw = default_rules()
+    reordered = {"segments": raw["segments"], "tiers": raw["tiers"]}
+    assert ruleset_etag(raw) == ruleset_etag(reordered)
+    changed = copy.deepcopy(raw)
+    changed["tiers"][0]["when"]["all"][0]["value"] = 10001
+    assert ruleset_etag(changed) != ruleset_etag(raw)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def ladder() -> CompiledRules:
+    return compile_rules(
+        {
+            "tiers": [
+                rule("gold", leaf("total_value", "gte", 1000)),
+                rule("silver", leaf("total_value", "gte", 100)),
+                rule("everyone", {"all": []}),
+            ],
+            "segments": [
+                rule("spender", leaf("total_value", "gte", 100)),
+                rule("golden", leaf("tier", "eq", "gold")),
+                rule("not_gold", {"not": leaf("tier", "eq", "gold")}),
+                rule("fresh", leaf("first_purchase_at", "within_days", 30)),
+                rule("old_hand", leaf("first_purchase_at", "older_than_days", 365)),
+            ],
+        },
+        7,
+    )
+
+
+def test_the_first_matching_tier_wins() -> None:
+    rules = ladder()
+    # 5000 matches gold and silver (and everyone): the first in the ladder wins.
+    assert rules.assign({"total_value": 5000}, NOW).tier == "gold"
+    assert rules.assign({"total_value": 500}, NOW).tier == "silver"
+    assert rules.assign({"total_value": 5}, NOW).tier == "everyone"
+    reversed_ladder = compile_rules(
+        {"tiers": [rule("silver", leaf("total_value", "gte", 100)), rule("gold", leaf("total_value", "gte", 1000))],
+         "segments": []},
+        1,
+    )  # fmt: skip
+    assert reversed_ladder.assign({"total_value": 5000}, NOW).tier == "silver"
+    assert reversed_ladder.assign({"total_value": 5}, NOW).tier == NO_TIER
+
+
+def test_every_matching_segment_applies_and_segments_see_the_tier() -> None:
+    rules = ladder()
+    first = NOW - 10 * DAY
+    gold = rules.assign({"total_value": 5000, "first_purchase_at": first}, NOW)
+    assert gold.segments == ("spender", "golden", "fresh")
+    silver = rules.assign({"total_value": 500, "first_purchase_at": NOW - 400 * DAY}, NOW)
+    assert silver.segments == ("spender", "not_gold", "old_hand")
+
+
+def test_assign_returns_the_instants_when_a_time_condition_flips() -> None:
+    rules = ladder()
+    first = NOW - 10 * DAY
+    assignment = rules.assign({"total_value": 5, "first_purchase_at": first}, NOW)
+    # within 30 days until first + 30 d (inclusive); older than 365 days from one tick after.
+    assert assignment.boundaries == (first + 30 * DAY + TICK, first + 365 * DAY + TICK)
+    assert "fresh" in assignment.segments
+    assert "fresh" in rules.assign({"first_purchase_at": first}, first + 30 * DAY).segments
+    assert "fresh" not in rules.assign({"first_purchase_at": first}, first + 30 * DAY + TICK).segments
+    later = rules.assign({"first_purchase_at": first}, first + 100 * DAY)
+    assert later.boundaries == (first + 365 * DAY + TICK,)  # passed instants are not returned
+    assert rules.assign({"total_value": 5}, NOW).boundaries == ()
+
+
+def leaves(node: dict[str, Any]) -> list[dict[str, Any]]:
+    if node["kind"] == "leaf":
+        return [node]
+    return [leaf for child in node["children"] for leaf in leaves(child)]
+
+
+def test_explain_shows_which_leaf_of_which_rule_matched() -> None:
+    rules = compile_rules(default_rules(), 3)
+    facts = base_facts(orders_count=6, total_value=5000.0, lifecycle_stage="active")
+    why = rules.explain(facts, NOW)
+    assert why["tier"]["assigned"] == "gold"
+    by_name = {r["name"]: r for r in why["tier"]["rules"]}
+    assert by_name["platinum"]["matched"] is False
+    assert by_name["gold"]["matched"] is True
+    platinum_leaves = by_name["platinum"]["why"]["children"]
+    failing = [leaf for leaf in platinum_leaves if not leaf["matched"]]
+    assert [(f["field"], f["op"], f["expected"], f["actual"]) for f in failing] == [
+        ("total_value", "gte", 10000, 5000.0),
+        ("orders_count", "gte", 10, 6),
+    ]
+    high_value = next(s for s in why["segments"] if s["name"] == "high_value")
+    assert high_value["matched"] is True
+    fallback = high_value["why"]["children"][1]
+    assert fallback["matched"] is True
+    assert [(leaf["field"], leaf["matched"]) for leaf in leaves(fallback)] == [
+        ("predicted_clv", False),  # under "not": no prediction yet
+        ("total_value", True),
+    ]
+    assert {s["name"] for s in why["segments"] if s["matched"]} == {"high_value"}
+
+
+def test_explanations_use_the_same_json_paths_as_validation() -> None:
+    # A marketer reads "$.tiers[1].when.all[0]" in a validation error and in a customer's "why";
+    # both must point at the same place in the rule set.
+    why = compile_rules(default_rules(), 1).explain(base_facts(orders_count=6, total_value=5000.0), NOW)
+    gold = why["tier"]["rules"][1]
+    assert gold["why"]["path"] == "$.tiers[1].when"
+    assert gold["why"]["children"][0]["path"] == "$.tiers[1].when.all[0]"
+    assert why["segments"][0]["why"]["path"] == "$.segments[0].when"

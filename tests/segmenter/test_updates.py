@@ -1,0 +1,247 @@
+"""decide(): a customer's new row and the customer_update that announces it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from services.segmenter.profile import LifecycleConfig, ProfileState, apply_event, build, dump_state, facts
+from services.segmenter.repository import CustomerRow
+from services.segmenter.rules import CompiledRules, compile_rules, default_rules
+from services.segmenter.updates import Decision, decide, update_id
+from shared.codec import decode_with, encode
+from shared.events import CUSTOMER_UPDATE_ADAPTER, ClvPrediction, Event, UpdateCause
+from tests.segmenter.factories import CUSTOMER, NOW, cancellation, clv, profile, purchase, support
+
+CONFIG = LifecycleConfig()
+DAY = timedelta(days=1)
+DEFAULT = compile_rules(default_rules(), 1)
+
+
+def contact() -> Event:
+    return profile(
+        "crm-1",
+        NOW - 100 * DAY,
+        {"email": True, "whatsapp": False},
+        name="נועה לוי",
+        email="noa@example.co.il",
+        phone="+972521234567",
+        whatsapp="+972521234567",
+        locale="he-IL",
+        timezone="Asia/Jerusalem",
+        preferred_channel="whatsapp",
+        attributes={"city": "חיפה"},
+    )
+
+
+def first_order() -> Event:
+    return purchase("shop-1", NOW - 40 * DAY, "88412", "349.90")
+
+
+def run(
+    events: Sequence[Event | ClvPrediction],
+    old: CustomerRow | None = None,
+    *,
+    now: datetime = NOW,
+    cause: UpdateCause = UpdateCause.EVENTS,
+    key: str = "k",
+    rules: CompiledRules = DEFAULT,
+    state: ProfileState | None = None,
+) -> Decision:
+    state = state or ProfileState(CUSTOMER)
+    for event in events:
+        apply_event(state, event)
+    backend = [e for e in events if not isinstance(e, ClvPrediction)]
+    return decide(state, old, rules, CONFIG, now, cause, key, backend)
+
+
+def test_the_first_update_carries_everything_the_messenger_needs() -> None:
+    ticket = support("desk-1", NOW - 2 * DAY, "T-9", "opened", "delivery", complaint=True, priority="high")
+    events = [contact(), first_order(), ticket]
+    decision = run(events, key="crm-1,desk-1,shop-1")
+    update = decision.update
+    assert update is not None
+
+    assert update.customer_id == CUSTOMER
+    assert update.cause == UpdateCause.EVENTS
+    assert update.event_id == update_id(CUSTOMER, UpdateCause.EVENTS, "crm-1,desk-1,shop-1")
+    assert update.occurred_at == NOW - 2 * DAY  # the latest triggering event
+    assert update.rule_version == 1
+    assert (update.tier_old, update.tier_new) == (None, "bronze")
+    assert update.segments_entered == ["recent_unresolved_complaint"]
+    assert update.segments_left == []
+
+    by_id = {t.event_id: t for t in update.triggering_events}
+    assert [t.event_id for t in update.triggering_events] == ["crm-1", "shop-1", "desk-1"]  # by time
+    order = by_id["shop-1"]
+    assert (order.type, order.order_id, order.amount, order.currency) == (
+        "purchase",
+        "88412",
+        Decimal("349.90"),
+        "ILS",
+    )
+    desk = by_id["desk-1"]
+    assert (desk.type, desk.ticket_id, desk.action, desk.category, desk.priority, desk.is_complaint) == (
+        "support",
+        "T-9",
+        "opened",
+        "delivery",
+        "high",
+        True,
+    )
+    assert by_id["crm-1"].type == "profile"
+
+    p = update.profile
+    assert (p.name, p.email, p.phone, p.whatsapp) == (
+        "נועה לוי",
+        "noa@example.co.il",
+        "+972521234567",
+        "+972521234567",
+    )
+    assert (p.locale, p.timezone, p.preferred_channel) == ("he-IL", "Asia/Jerusalem", "whatsapp")
+    assert {c: (s.granted, s.at) for c, s in p.consents.items()} == {
+        "email": (True, NOW - 100 * DAY),
+        "whatsapp": (False, NOW - 100 * DAY),
+    }
+    assert p.lifecycle_stage == "active"
+    assert (p.tier, p.segments) == ("bronze", ["recent_unresolved_complaint"])
+    assert (p.orders_count, p.total_value, p.reporting_currency) == (1, Decimal("349.9"), "ILS")
+    assert p.last_purchase_at == NOW - 40 * DAY
+    assert (p.open_tickets, p.last_complaint_resolved) == (1, False)
+    assert p.attributes == {"city": "חיפה"}
+    assert (p.predicted_clv, p.p_alive, p.churn_reason) == (None, None, None)
+
+    # The contract survives the topic.
+    assert decode_with(CUSTOMER_UPDATE_ADAPTER, encode(update)) == update
+
+
+def test_the_row_is_what_was_decided() -> None:
+    state = build(CUSTOMER, [contact(), first_order()])
+    decision = decide(state, None, DEFAULT, CONFIG, NOW, UpdateCause.EVENTS, "k", [first_order()])
+    row = decision.row
+    f, _ = facts(state, NOW, CONFIG)
+    assert row.customer_id == CUSTOMER
+    assert row.state == dump_state(state)
+    assert row.facts["total_value"] == f["total_value"] == 349.9
+    assert row.facts["last_purchase_at"] == (NOW - 40 * DAY).isoformat()
+    assert (row.tier, row.segments, row.lifecycle_stage, row.rule_version) == ("bronze", [], "active", 1)
+    assert row.updated_at == NOW
+
+
+def test_next_check_is_the_earliest_boundary_of_facts_and_rules() -> None:
+    # Lifecycle: at_risk 60 days after the last purchase (now + 20 d); windows: the order leaves
+    # the 90-day count at now + 50 d. Nothing in the rules is earlier here.
+    decision = run([first_order()])
+    assert decision.row.next_check_at == NOW + 20 * DAY
+
+    # A first purchase 5 days ago: the new_customers segment (within_days 30) flips at +25 d and
+    # one microsecond, the purchases_30d window at +25 d exactly: the window is first.
+    recent = run([purchase("shop-2", NOW - 5 * DAY, "o2")])
+    assert recent.row.next_check_at == NOW + 25 * DAY
+
+    # A complaint 29 days ago: recent_unresolved_complaint (within_days 30) ends one microsecond
+    # after +1 d, before any fact's own boundary.
+    complaint = support("desk-2", NOW - 29 * DAY, "T-1", "opened", complaint=True)
+    decision = run([purchase("shop-3", NOW - 50 * DAY, "o3"), complaint])
+    assert decision.row.next_check_at == NOW + DAY + timedelta(microseconds=1)
+
+    assert run([contact()]).row.next_check_at is None  # nothing changes with time alone
+
+
+def test_the_same_cause_gives_the_same_id_and_another_cause_another() -> None:
+    first = run([first_order()], key="shop-1").update
+    again = run([first_order()], key="shop-1").update
+    assert first is not None
+    assert again is not None
+    assert first.event_id == again.event_id
+    assert first == again
+    other_key = run([first_order()], key="shop-1,shop-2").update
+    assert other_key is not None
+    assert other_key.event_id != first.event_id
+    assert update_id(CUSTOMER, UpdateCause.TIME, "x") != update_id(CUSTOMER, UpdateCause.RULES, "x")
+    assert update_id(CUSTOMER, UpdateCause.TIME, "x") != update_id("c-2", UpdateCause.TIME, "x")
+
+
+def test_events_always_announce_even_when_nothing_moved() -> None:
+    first = run([contact(), first_order()])
+    state = build(CUSTOMER, [contact(), first_order()])
+    second = run([purchase("shop-1b", NOW - 40 * DAY, "88412", "349.90")], first.row, state=state)
+    assert second.update is not None  # a purchase is news for the messenger by itself
+    assert (second.update.tier_old, second.update.tier_new) == ("bronze", "bronze")
+    assert second.update.segments_entered == second.update.segments_left == []
+
+
+def test_time_passing_announces_only_a_change() -> None:
+    state = build(CUSTOMER, [contact(), first_order()])
+    first = decide(state, None, DEFAULT, CONFIG, NOW, UpdateCause.EVENTS, "k", [first_order()])
+
+    quiet = decide(state, first.row, DEFAULT, CONFIG, NOW + 10 * DAY, UpdateCause.TIME, "t1")
+    assert quiet.update is None
+    assert quiet.row.next_check_at == NOW + 20 * DAY
+
+    at_risk = decide(state, first.row, DEFAULT, CONFIG, NOW + 20 * DAY, UpdateCause.TIME, "t2")
+    assert at_risk.update is not None
+    assert at_risk.update.cause == UpdateCause.TIME
+    assert at_risk.update.triggering_events == []
+    assert at_risk.update.occurred_at == NOW + 20 * DAY
+    assert at_risk.update.segments_entered == ["at_risk"]
+    assert at_risk.update.profile.lifecycle_stage == "at_risk"
+    assert at_risk.row.next_check_at == NOW + 50 * DAY  # leaves the 90-day window
+    assert at_risk.entered == ("at_risk",)
+
+    lapsed = decide(state, at_risk.row, DEFAULT, CONFIG, NOW + 140 * DAY, UpdateCause.TIME, "t3")
+    assert lapsed.update is not None
+    assert (lapsed.update.segments_entered, lapsed.update.segments_left) == (["lapsed"], ["at_risk"])
+    assert lapsed.left == ("at_risk",)
+
+
+def test_a_clv_prediction_announces_only_a_change() -> None:
+    base = [contact(), first_order()]
+    state = build(CUSTOMER, base)
+    first = decide(state, None, DEFAULT, CONFIG, NOW, UpdateCause.EVENTS, "k", base)
+
+    rich = run([clv("clv-1", NOW, "2500", 0.9)], first.row, cause=UpdateCause.CLV, state=state)
+    assert rich.update is not None
+    assert rich.update.segments_entered == ["high_value"]
+    assert (rich.update.profile.predicted_clv, rich.update.profile.p_alive) == (Decimal("2500.0"), 0.9)
+
+    richer = run([clv("clv-2", NOW + DAY, "2600", 0.9)], rich.row, cause=UpdateCause.CLV, state=state)
+    assert richer.update is None
+    assert richer.row.facts["predicted_clv"] == 2600.0  # stored all the same
+
+
+def test_a_new_rule_version_announces_only_a_change() -> None:
+    state = build(CUSTOMER, [contact(), first_order()])
+    first = decide(state, None, DEFAULT, CONFIG, NOW, UpdateCause.EVENTS, "k", [first_order()])
+    raw = default_rules()
+    raw["tiers"][-1]["name"] = "member"  # bronze renamed
+    renamed = compile_rules(raw, 2)
+
+    moved = decide(state, first.row, renamed, CONFIG, NOW, UpdateCause.RULES, "2")
+    assert moved.update is not None
+    assert (moved.update.tier_old, moved.update.tier_new, moved.update.rule_version) == (
+        "bronze",
+        "member",
+        2,
+    )
+    assert moved.update.event_id == update_id(CUSTOMER, UpdateCause.RULES, "2")
+    assert moved.row.rule_version == 2
+
+    unchanged = decide(state, moved.row, compile_rules(raw, 3), CONFIG, NOW, UpdateCause.RULES, "3")
+    assert unchanged.update is None
+    assert unchanged.row.rule_version == 3
+
+
+def test_a_cancellation_carries_its_reason_into_the_update_and_the_snapshot() -> None:
+    base = [contact(), first_order()]
+    first = run(base)
+    state = build(CUSTOMER, base)
+    gone = run([cancellation("bill-1", NOW - DAY, "service")], first.row, state=state)
+    assert gone.update is not None
+    [trigger] = gone.update.triggering_events
+    assert (trigger.type, trigger.reason) == ("cancellation", "service")
+    assert (gone.update.profile.lifecycle_stage, gone.update.profile.churn_reason) == ("churned", "service")
+    assert gone.update.profile.churned_at == NOW - DAY
+    assert gone.update.segments_entered == ["churned_service"]
+    assert gone.row.next_check_at == NOW + 50 * DAY  # the 90-day window still runs out
