@@ -52,7 +52,7 @@ class CustomerRow:
 def _row(r: Any) -> CustomerRow:
     return CustomerRow(
         customer_id=r.customer_id,
-        state=r.state,
+        state=r._mapping.get("state") or {},
         facts=r.facts,
         tier=r.tier,
         segments=list(r.segments),
@@ -134,9 +134,11 @@ class SegmenterRepository:
         return list((await session.scalars(stmt)).all())
 
     async def customers_after(
-        self, session: AsyncSession, cursor: str | None, limit: int
+        self, session: AsyncSession, cursor: str | None, limit: int, *, with_state: bool = True
     ) -> list[CustomerRow]:
-        stmt = select(customers).order_by(customers.c.customer_id).limit(limit)
+        """A page of customers in id order; without the (large) state column if not needed."""
+        columns = list(customers.c) if with_state else [c for c in customers.c if c.name != "state"]
+        stmt = select(*columns).order_by(customers.c.customer_id).limit(limit)
         if cursor is not None:
             stmt = stmt.where(customers.c.customer_id > cursor)
         return [_row(r) for r in await session.execute(stmt)]

@@ -93,16 +93,18 @@ class CompiledRules:
     def segment_names(self) -> list[str]:
         return [name for name, _ in self.segments]
 
-    def assign(self, facts: dict[str, Any], now: datetime) -> Assignment:
+    def assign(self, facts: dict[str, Any], now: datetime, *, boundaries: bool = True) -> Assignment:
         tier = next((name for name, cond in self.tiers if cond.evaluate(facts, now)), NO_TIER)
         with_tier = {**facts, "tier": tier}
         segments = tuple(name for name, cond in self.segments if cond.evaluate(with_tier, now))
-        boundaries: list[datetime] = []
+        if not boundaries:
+            return Assignment(tier, segments, ())
+        found: list[datetime] = []
         for _, cond in self.tiers:
-            boundaries += cond.time_boundaries(facts, now)
+            found += cond.time_boundaries(facts, now)
         for _, cond in self.segments:
-            boundaries += cond.time_boundaries(with_tier, now)
-        return Assignment(tier, segments, tuple(sorted(set(boundaries))))
+            found += cond.time_boundaries(with_tier, now)
+        return Assignment(tier, segments, tuple(sorted(set(found))))
 
     def explain(self, facts: dict[str, Any], now: datetime) -> dict[str, Any]:
         """Why the customer has their tier and segments: every rule with its evaluation."""

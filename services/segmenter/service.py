@@ -222,9 +222,11 @@ class SegmenterService:
                 await self.repo.advance_job(session, job.id, status="superseded", finished_at=now)
                 PUBLISH_JOBS.labels("superseded").inc()
                 return job
-            rows = await self.repo.customers_after(session, job.cursor, chunk)
-            decisions = [self._reassign(row, rules, now) for row in rows]
-            changed = [d for d in decisions if d is not None]
+            rows = await self.repo.customers_after(session, job.cursor, chunk, with_state=False)
+            moved = [row.customer_id for row in rows if self._moves(row, rules, now)]
+            # Only customers who move are re-derived in full, from their stored state.
+            full = await self.repo.load_customers(session, moved, for_update=True)
+            changed = [self._reassign(full[customer_id], rules, now) for customer_id in moved]
             await self._write(session, changed, now)
             done = job.done + len(rows)
             finished = len(rows) < chunk
@@ -252,11 +254,13 @@ class SegmenterService:
             await self.relay.flush()
         return job
 
-    def _reassign(self, row: CustomerRow, rules: CompiledRules, now: datetime) -> Decision | None:
-        """Re-evaluate from the stored facts; only a changed customer is re-derived and written."""
-        assignment = rules.assign(facts_from_json(row.facts), now)
-        if assignment.tier == row.tier and list(assignment.segments) == row.segments:
-            return None
+    @staticmethod
+    def _moves(row: CustomerRow, rules: CompiledRules, now: datetime) -> bool:
+        """Whether the rules give this customer another tier or segments (from stored facts)."""
+        assignment = rules.assign(facts_from_json(row.facts), now, boundaries=False)
+        return assignment.tier != row.tier or list(assignment.segments) != row.segments
+
+    def _reassign(self, row: CustomerRow, rules: CompiledRules, now: datetime) -> Decision:
         return decide(
             load_state(row.customer_id, row.state),
             row,

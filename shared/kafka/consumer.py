@@ -281,7 +281,7 @@ class ConsumerLoop(Generic[T]):
             CONSUMER_RECORDS.labels(self._group_id, item.topic, "handled").inc()
         if duplicates:
             CONSUMER_DUPLICATES.labels(self._group_id).inc(duplicates)
-            log.info("duplicates skipped", group=self._group_id, duplicates=duplicates)
+            log.debug("duplicates skipped", group=self._group_id, duplicates=duplicates)
 
     async def _retrying(self, call: Callable[[], Awaitable[BatchResult | None]]) -> BatchResult | None:
         """Run ``call`` until it succeeds or fails permanently; transient errors back off."""

@@ -70,7 +70,7 @@ def support(
         action=SupportAction(action),
         category=category,
         is_complaint=complaint,
-        priority=priority,  # type: ignore[arg-type]  # checked by the model
+        priority=priority,
     )
 
 

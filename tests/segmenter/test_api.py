@@ -55,11 +55,11 @@ def events_by_customer() -> dict[str, list[Event]]:
     return dict(out)
 
 
-def expected(rules_json: dict[str, Any]) -> dict[str, Assignment]:
-    """What each demo customer should be under ``rules_json`` at NOW, from the pure modules."""
+def expected(rules_json: dict[str, Any], at: datetime = NOW) -> dict[str, Assignment]:
+    """What each demo customer should be under ``rules_json`` at ``at``, from the pure modules."""
     rules = compile_rules(rules_json, 0)
     return {
-        cid: rules.assign(facts(build(cid, events), NOW, LifecycleConfig())[0], NOW)
+        cid: rules.assign(facts(build(cid, events), at, LifecycleConfig())[0], at)
         for cid, events in events_by_customer().items()
     }
 
@@ -292,7 +292,7 @@ async def test_preview_counts_and_diffs_against_the_published_rules(api: Api) ->
     same = (await api.post("/v1/rules/preview", key=api.reader)).json()
     assert same["tier_moves"] == {}
     assert same["sample"] == []
-    assert same["tiers"] == {t: n for t, n in tier_counts(now_rules).items()}
+    assert same["tiers"] == tier_counts(now_rules)
 
     invalid = await api.post("/v1/rules/preview", {"tiers": "x", "segments": []}, key=api.reader)
     assert invalid.status_code == 422
@@ -416,14 +416,16 @@ async def test_every_change_is_audited_with_who_and_a_json_patch(api: Api) -> No
         ("draft", api.writer_id, None),
         ("publish", "system", 1),
     ]
-    change = [
-        {"op": "replace", "path": "/tiers/3/when/value", "value": 2},
-        {"op": "replace", "path": "/segments/1/when/all/1/value", "value": 6},
-    ]
-    draft_diff = entries[2]["diff"]
-    assert sorted(draft_diff, key=lambda op: op["path"]) == sorted(change, key=lambda op: op["path"])
-    assert sorted(entries[1]["diff"], key=lambda op: op["path"]) == sorted(change, key=lambda op: op["path"])
-    assert {op["path"] for op in entries[0]["diff"]} == {op["path"] for op in change}
+    change = {
+        ("replace", "/tiers/3/when/value", 2),
+        ("replace", "/segments/1/when/all/1/value", 6),
+    }
+    assert {(op["op"], op["path"], op["value"]) for op in entries[2]["diff"]} == change  # the draft edit
+    assert {(op["op"], op["path"], op["value"]) for op in entries[1]["diff"]} == change  # from version 1
+    assert {(op["op"], op["path"], op["value"]) for op in entries[0]["diff"]} == {  # back again
+        ("replace", "/tiers/3/when/value", 1),
+        ("replace", "/segments/1/when/all/1/value", 4),
+    }
     assert all(e["at"] for e in entries)
     limited = await api.get("/v1/rules/audit?limit=1")
     assert len(limited.json()) == 1
@@ -448,6 +450,28 @@ async def test_concurrent_publishes_of_one_etag_do_not_interleave(api: Api) -> N
     assert [(j.version, j.status) for j in jobs] == [(2, "pending")]
 
 
+async def test_one_etag_publishes_once(api: Api) -> None:
+    # Publishing answers 202 and leaves the draft as it was; sending the same request again
+    # (a double click, a retry after a timeout) must not make a second version.
+    etag = await put_draft(api, stricter_rules())
+    assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).status_code == 202
+    again = await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})
+    assert again.status_code in (409, 412), again.text
+    assert [v["version"] for v in (await api.get("/v1/rules/versions")).json()] == [2, 1]
+
+
+async def test_a_publish_that_only_reorders_segments_changes_no_one(api: Api) -> None:
+    rules = default_rules()
+    rules["segments"].reverse()
+    etag = await put_draft(api, rules)
+    published = (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).json()
+    await api.run_jobs()
+    job = (await api.get(f"/v1/rules/jobs/{published['job_id']}")).json()
+    assert (job["status"], job["done"]) == ("done", 24)
+    assert [u for u in await api.outbox_updates() if u.cause == UpdateCause.RULES] == []
+    assert job["changed"] == 0
+
+
 async def test_concurrent_edits_of_one_etag_let_exactly_one_win(api: Api) -> None:
     etag = await api.draft_etag()
     a, b = stricter_rules(), copy.deepcopy(default_rules())
@@ -459,6 +483,44 @@ async def test_concurrent_edits_of_one_etag_let_exactly_one_win(api: Api) -> Non
     assert sorted([first.status_code, second.status_code]) == [200, 412]
     winner = a if first.status_code == 200 else b
     assert (await api.get("/v1/rules/draft")).json()["rules"] == winner
+
+
+async def test_the_sweep_keeps_everyone_right_as_time_passes(api: Api) -> None:
+    updates_before = len(await api.outbox_updates())
+    for days in (1, 10, 31, 45, 61, 100, 181, 250, 400):
+        at = NOW + timedelta(days=days)
+        api.service.clock = lambda at=at: at  # type: ignore[misc]
+        swept = await api.service.sweep(limit=4)
+        want = expected(default_rules(), at)
+        async with api.service.db.sessions() as session:
+            rows = await api.service.repo.customers_after(session, None, 1000)
+        assert len(rows) == 24
+        for row in rows:
+            a = want[row.customer_id]
+            assert (row.tier, row.segments) == (a.tier, list(a.segments)), (days, row.customer_id)
+            assert row.next_check_at is None or row.next_check_at > at
+        assert swept <= 24
+    time_updates = [u for u in await api.outbox_updates() if u.cause == UpdateCause.TIME]
+    assert time_updates
+    assert len(await api.outbox_updates()) == updates_before + len(time_updates)
+    stages = {u.profile.lifecycle_stage for u in time_updates}
+    assert {"at_risk", "lapsed"} <= stages
+    # Far in the future nothing is due any more that was not already handled.
+    assert await api.service.sweep() == 0
+
+
+async def test_health_readiness_and_docs(api: Api) -> None:
+    assert (await api.http.get("/healthz")).json() == {"status": "ok"}
+    ready = await api.http.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["rules"] == {"ok": True, "published_version": 1}
+    metrics = (await api.http.get("/metrics")).text
+    assert 'retain_segmenter_customers_per_tier{tier="silver"}' in metrics
+    spec = (await api.http.get("/openapi.json")).json()
+    put = spec["paths"]["/v1/rules/draft"]["put"]
+    example = put["requestBody"]["content"]["application/json"]["schema"]["examples"][0]
+    assert example == default_rules()
+    assert {"/v1/rules/preview", "/v1/rules/publish", "/v1/customers/{customer_id}"} <= set(spec["paths"])
 
 
 # --- customers ------------------------------------------------------------------------------------
@@ -554,11 +616,15 @@ async def test_auth_and_scopes(api: Api) -> None:
     assert [e["action"] for e in (await api.get("/v1/rules/audit")).json()] == ["publish"]
 
 
+def one_tier(when: Any, name: Any = "t") -> dict[str, Any]:
+    return {"tiers": [{"name": name, "when": when}], "segments": []}
+
+
 def nested(depth: int) -> dict[str, Any]:
     tree: dict[str, Any] = {"field": "orders_count", "op": "gte", "value": 1}
     for _ in range(depth):
         tree = {"not": tree}
-    return {"tiers": [{"name": "t", "when": tree}], "segments": []}
+    return one_tier(tree)
 
 
 BAD_BODIES: list[Any] = [
@@ -566,20 +632,19 @@ BAD_BODIES: list[Any] = [
     "rules",
     {"tiers": None, "segments": None},
     {"tiers": [{"name": 5, "when": []}], "segments": [{}]},
-    {"tiers": [{"name": "t", "when": {"all": 5}}], "segments": []},
-    {"tiers": [{"name": "t", "when": {"field": "total_value", "op": "between", "value": [5, "x"]}}], "segments": []},
-    {"tiers": [{"name": "t", "when": {"field": "total_value", "op": "in", "value": [[1], {"a": 1}]}}], "segments": []},
-    {"tiers": [{"name": "t", "when": {"field": "first_seen_at", "op": "gt", "value": "2026-13-45T99:00:00Z"}}],
-     "segments": []},
-    {"tiers": [{"name": "t", "when": {"field": "first_seen_at", "op": "within_days", "value": 1e300}}],
-     "segments": []},
-    {"tiers": [{"name": "t" * 100, "when": {"field": "x" * 10_000, "op": "eq", "value": 1}}], "segments": []},
-    {"tiers": [{"name": "t", "when": {"field": "orders_count", "op": "exists", "value": "yes"}}], "segments": []},
-    {"tiers": [{"name": "t", "when": {"any": [], "all": []}}], "segments": []},
-    {"tiers": [{"name": "t", "when": {"field": "orders_count", "op": "eq", "value": True}}], "segments": []},
+    one_tier({"all": 5}),
+    one_tier({"field": "total_value", "op": "between", "value": [5, "x"]}),
+    one_tier({"field": "total_value", "op": "between", "value": [9, 1]}),
+    one_tier({"field": "total_value", "op": "in", "value": [[1], {"a": 1}]}),
+    one_tier({"field": "first_seen_at", "op": "gt", "value": "2026-13-45T99:00:00Z"}),
+    one_tier({"field": "first_seen_at", "op": "within_days", "value": 1e300}),
+    one_tier({"field": "x" * 10_000, "op": "eq", "value": 1}, name="t" * 100),
+    one_tier({"field": "orders_count", "op": "exists", "value": "yes"}),
+    one_tier({"any": [], "all": []}),
+    one_tier({"field": "orders_count", "op": "eq", "value": True}),
     {"tiers": [{"name": f"t{i}", "when": {"all": []}} for i in range(21)], "segments": []},
     nested(200),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("body", BAD_BODIES)

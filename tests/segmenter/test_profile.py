@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -55,7 +56,7 @@ def in_chunks(customer_id: str, stream: Sequence[AnyEvent], cuts: Sequence[int])
     stored: dict[str, Any] | None = None
     seen: set[str] = set()
     bounds = [0, *sorted(set(cuts)), len(stream)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         state = ProfileState(customer_id) if stored is None else load_state(customer_id, stored)
         for event in stream[start:end]:
             if event.event_id not in seen:

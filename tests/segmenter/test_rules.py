@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.segmenter.profile import FACT_TYPES, SEGMENT_FACT_TYPES
 from services.segmenter.rules import (
@@ -17,6 +19,7 @@ from services.segmenter.rules import (
     ruleset_etag,
     validate_rules,
 )
+from shared.conditions import OPS_BY_TYPE, FieldType
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -281,11 +284,11 @@ def test_the_first_matching_tier_wins() -> None:
     assert rules.assign({"total_value": 5000}, NOW).tier == "gold"
     assert rules.assign({"total_value": 500}, NOW).tier == "silver"
     assert rules.assign({"total_value": 5}, NOW).tier == "everyone"
-    reversed_ladder = compile_rules(
-        {"tiers": [rule("silver", leaf("total_value", "gte", 100)), rule("gold", leaf("total_value", "gte", 1000))],
-         "segments": []},
-        1,
-    )  # fmt: skip
+    silver_first = [
+        rule("silver", leaf("total_value", "gte", 100)),
+        rule("gold", leaf("total_value", "gte", 1000)),
+    ]
+    reversed_ladder = compile_rules({"tiers": silver_first, "segments": []}, 1)
     assert reversed_ladder.assign({"total_value": 5000}, NOW).tier == "silver"
     assert reversed_ladder.assign({"total_value": 5}, NOW).tier == NO_TIER
 
@@ -352,3 +355,113 @@ def test_explanations_use_the_same_json_paths_as_validation() -> None:
     assert gold["why"]["path"] == "$.tiers[1].when"
     assert gold["why"]["children"][0]["path"] == "$.tiers[1].when.all[0]"
     assert why["segments"][0]["why"]["path"] == "$.segments[0].when"
+
+
+# --- nothing a client sends makes validation or evaluation raise -------------------------------
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "x", "gold", "2026-01-01T00:00:00Z", "2026-01-01", "new", "price"]),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+leaves_st = st.fixed_dictionaries(
+    {
+        "field": st.one_of(st.sampled_from(sorted(SEGMENT_FACT_TYPES)), json_values),
+        "op": st.one_of(
+            st.sampled_from(
+                ["eq", "ne", "lt", "lte", "gt", "gte", "between", "in", "contains", "exists", "within_days",
+                 "older_than_days"]
+            ),
+            json_values,
+        ),
+    },
+    optional={"value": json_values},
+)  # fmt: skip
+
+
+@st.composite
+def typed_leaves(draw: st.DrawFn) -> dict[str, Any]:
+    """Leaves that are mostly right for their field's type, so that many rule sets validate."""
+    field = draw(st.sampled_from(sorted(FACT_TYPES)))
+    ftype: FieldType = FACT_TYPES[field]  # type: ignore[assignment]  # the catalogue is typed as str
+    op = draw(st.sampled_from(sorted(OPS_BY_TYPE[ftype])))
+    one: st.SearchStrategy[Any] = {
+        "number": st.one_of(st.integers(-5, 10_000), st.floats(-1e6, 1e6)),
+        "string": st.sampled_from(["new", "active", "price", "he-IL", "email"]),
+        "bool": st.booleans(),
+        "datetime": st.sampled_from(["2026-05-01T00:00:00Z", "2026-06-01T12:00:00+03:00"]),
+    }[ftype]
+    value: st.SearchStrategy[Any]
+    if op in ("within_days", "older_than_days"):
+        value = st.integers(0, 400)
+    elif op == "exists":
+        value = st.booleans()
+    elif op == "in":
+        value = st.lists(one, min_size=1, max_size=3)
+    elif op == "between":
+        value = st.lists(one, min_size=2, max_size=2).map(sorted)
+    else:
+        value = one
+    return {"field": field, "op": op, "value": draw(value)}
+
+
+trees = st.recursive(
+    st.one_of(typed_leaves(), typed_leaves(), leaves_st, json_values),
+    lambda inner: st.one_of(
+        st.fixed_dictionaries({"all": st.lists(inner, max_size=3)}),
+        st.fixed_dictionaries({"any": st.lists(inner, max_size=3)}),
+        st.fixed_dictionaries({"not": inner}),
+    ),
+    max_leaves=12,
+)
+rule_st = st.fixed_dictionaries(
+    {"name": st.one_of(st.sampled_from(["a", "b", "none", "gold"]), json_values), "when": trees}
+)
+typed_trees = st.recursive(
+    typed_leaves(),
+    lambda inner: st.one_of(
+        st.fixed_dictionaries({"all": st.lists(inner, max_size=3)}),
+        st.fixed_dictionaries({"any": st.lists(inner, max_size=3)}),
+        st.fixed_dictionaries({"not": inner}),
+    ),
+    max_leaves=8,
+)
+typed_rules = st.lists(
+    st.fixed_dictionaries({"name": st.sampled_from(["a", "b", "c", "gold"]), "when": typed_trees}),
+    max_size=4,
+    unique_by=lambda r: str(r["name"]),
+)
+rulesets = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {"tiers": st.lists(rule_st, max_size=3), "segments": st.lists(rule_st, max_size=3)}
+    ),
+    st.fixed_dictionaries({"tiers": typed_rules, "segments": typed_rules}),
+)
+fact_values = st.one_of(scalars, st.datetimes(timezones=st.just(UTC)), st.datetimes())
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=rulesets, facts=st.dictionaries(st.sampled_from(sorted(FACT_TYPES)), fact_values))
+def test_validation_never_raises_and_what_validates_compiles_and_evaluates(
+    raw: object, facts: dict[str, Any]
+) -> None:
+    errors = validate_rules(raw)
+    assert all(e.path.startswith("$") and e.message for e in errors)
+    if errors:
+        return
+    rules = compile_rules(raw, 1)
+    assignment = rules.assign(facts, NOW)
+    assert assignment.tier in rules.tier_names
+    assert set(assignment.segments) <= set(rules.segment_names)
+    assert all(b > NOW for b in assignment.boundaries)
+    rules.explain(facts, NOW)
