@@ -11,9 +11,9 @@ from typing import Any
 
 import orjson
 from sqlalchemy import JSON, Column, DateTime, Dialect, Integer, MetaData, String, Table, event, insert
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.types import TypeDecorator
 
 
 def _json_dumps(value: Any) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from services.segmenter.app import create_app
@@ -35,6 +36,7 @@ from shared.db import migrate
 from shared.demo.generator import generate
 from shared.events import CUSTOMER_UPDATE_ADAPTER, EVENT_ADAPTER, CustomerUpdate, Event, UpdateCause
 from shared.kafka.consumer import Delivered
+from tests.segmenter.factories import profile
 
 pytestmark = pytest.mark.integration
 
@@ -661,6 +663,30 @@ async def test_bad_rules_are_a_4xx_never_a_5xx(api: Api, body: Any) -> None:
     if validated.status_code == 200:
         assert validated.json()["valid"] is False
     assert await api.draft_etag() == etag
+
+
+async def test_numbers_beyond_64_bits_are_stored_or_refused_never_a_5xx(api: Api) -> None:
+    # JSON numbers have no size limit and the rules' "number" type sets none either.
+    rules = default_rules()
+    rules["tiers"][0]["when"]["all"][0]["value"] = 10**30
+    response = await api.put("/v1/rules/draft", rules, **{"If-Match": f'"{await api.draft_etag()}"'})
+    assert response.status_code in (200, 422), response.text
+    if response.status_code == 200:
+        assert (await api.get("/v1/rules/draft")).json()["rules"] == rules
+    preview = await api.post("/v1/rules/preview", rules)
+    assert preview.status_code in (200, 422), preview.text
+
+
+async def test_an_event_the_contract_accepts_can_be_stored(api: Api) -> None:
+    # A free-form attribute may be any JSON integer: either the contract refuses it or the
+    # segmenter stores it; accepting it at ingest and failing in the consumer loses the event.
+    try:
+        event = profile("crm-big", NOW, customer_id="c-big", attributes={"card": 10**30})
+    except ValidationError:
+        return
+    await seed(api.service, [event])
+    body = await api.customer("c-big")
+    assert body["tier"] == "none"
 
 
 async def test_malformed_requests_are_a_4xx(api: Api) -> None:
