@@ -383,3 +383,62 @@ class ClvPrediction(_Strict):
 
 CUSTOMER_UPDATE_ADAPTER: TypeAdapter[CustomerUpdate] = TypeAdapter(CustomerUpdate)
 CLV_ADAPTER: TypeAdapter[ClvPrediction] = TypeAdapter(ClvPrediction)
+
+
+class MessageKind(StrEnum):
+    TRANSACTIONAL = "transactional"  # complaint acknowledgements, ticket updates
+    MARKETING = "marketing"  # everything else: welcome, thank-you, win-back …
+
+
+class MessageStatus(StrEnum):
+    """Every decision and every later fact about a message; ``reason`` says why."""
+
+    QUEUED = "queued"  # decided to send, waiting for the provider call
+    SENT = "sent"  # handed to a provider (or the sandbox outbox)
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"
+    HELD_QUIET_HOURS = "held_quiet_hours"
+    CAPPED = "capped"
+    NO_CONSENT = "no_consent"
+    SUPPRESSED = "suppressed"
+    NO_ADDRESS = "no_address"
+    HOLDOUT = "holdout"
+    DUPLICATE = "duplicate"
+    EXPIRED = "expired"
+    REPLIED = "replied"  # the customer answered (inbound SMS/WhatsApp)
+    CLICKED = "clicked"  # when a provider reports it
+    UNSUBSCRIBED = "unsubscribed"  # STOP, unsubscribe link, bounce or spam report
+    ESCALATION = "escalation"  # a complaint of a valuable customer, for support
+
+
+class MessageEvent(_Strict):
+    """On retain.messages: one per status a message reaches, for the kpi service and ops.
+
+    ``event_id`` is ``<message_id>:<status>`` (plus a sequence for repeatable statuses), so
+    a re-published outcome is dropped by consumers as a duplicate.
+    """
+
+    event_id: str
+    type: Literal["message"] = "message"
+    customer_id: str
+    occurred_at: AwareDatetime
+    schema_version: Literal[1] = 1
+    message_id: str
+    journey: str
+    kind: MessageKind
+    status: MessageStatus
+    reason: str | None = None
+    channel: Channel | None = None
+    template: str | None = None
+    locale: str | None = None
+    tier: str | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    triggered_by: str | None = None  # the backend event id behind the message, if any
+    holdout: bool = False
+    details: dict[str, AttributeValue] = Field(default_factory=dict)
+
+
+MESSAGE_EVENT_ADAPTER: TypeAdapter[MessageEvent] = TypeAdapter(MessageEvent)
