@@ -786,9 +786,16 @@ class _Compiler:
         return days
 
 
+INT64 = 2**63 - 1
+
+
 def _is_finite(value: object) -> bool:
+    """Finite, and (for integers) within 64 bits: rules are stored as JSON, whose integers
+    beyond that range do not survive a round trip in most implementations."""
     if isinstance(value, float | Decimal):
         return bool(value.is_finite()) if isinstance(value, Decimal) else math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -INT64 - 1 <= value <= INT64
     return True
 
 

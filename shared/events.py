@@ -100,7 +100,15 @@ LocaleTag = Annotated[str, StringConstraints(max_length=35), AfterValidator(_bcp
 TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(_iana_zone)]
 Currency = Annotated[str, AfterValidator(_iso4217)]
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=4)]
-AttributeValue = str | int | float | bool | None
+# Integers are bounded to 64 bits: attributes are stored as JSON, where larger ones do not
+# survive a round trip.
+AttributeValue = (
+    Annotated[str, StringConstraints(max_length=500)]
+    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+    | float
+    | bool
+    | None
+)
 
 
 class Channel(StrEnum):

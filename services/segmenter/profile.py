@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -59,8 +59,9 @@ class Register:
 
 @dataclass(frozen=True, slots=True)
 class Order:
-    at: datetime
-    amount: Decimal
+    at: datetime  # when it was placed (the earliest event of the order, UTC)
+    local_day: date  # the calendar day where it was placed (the event's own offset)
+    amount: Decimal  # amount and currency: from the newest event of the order
     currency: str
     stamp: Stamp
 
@@ -113,7 +114,13 @@ def _set(registers: dict[str, Register], name: str, value: Any, stamp: Stamp) ->
 
 
 def apply_event(state: ProfileState, event: Event | ClvPrediction) -> None:
-    """Merge one event into the state. Commutative and idempotent, see the module docstring."""
+    """Merge one event into the state. Commutative and idempotent, see the module docstring.
+
+    Times are kept in UTC: the same instant written with two offsets must compare (and be
+    stored) the same whatever order the events came in.
+    """
+    local = event.occurred_at
+    event = event.model_copy(update={"occurred_at": local.astimezone(UTC)})
     stamp = Stamp(event.occurred_at, event.event_id)
     if isinstance(event, ClvPrediction):
         value = {
@@ -141,9 +148,17 @@ def apply_event(state: ProfileState, event: Event | ClvPrediction) -> None:
             _set(state.attributes, key, attr, stamp)
     elif isinstance(event, PurchaseEvent):
         existing = state.orders.get(event.order_id)
+        # A second event for the same order id corrects its amount; it keeps its date (a
+        # refund months later does not make the customer a recent buyer).
+        placed = (event.occurred_at, local.date())
+        if existing is not None and (existing.at, existing.local_day) < placed:
+            placed = (existing.at, existing.local_day)
         if existing is None or stamp.newer_than(existing.stamp):
-            # A second event for the same order id corrects it rather than adding an order.
-            state.orders[event.order_id] = Order(event.occurred_at, event.amount, event.currency, stamp)
+            state.orders[event.order_id] = Order(placed[0], placed[1], event.amount, event.currency, stamp)
+        else:
+            state.orders[event.order_id] = Order(
+                placed[0], placed[1], existing.amount, existing.currency, existing.stamp
+            )
     elif isinstance(event, SupportEvent):
         ticket = state.tickets.get(event.ticket_id)
         if ticket is None:
@@ -261,7 +276,7 @@ def facts(
     time-dependent ones (windowed counts, lifecycle stage) change without any new event."""
     boundaries: list[datetime] = []
     orders = list(state.orders.values())
-    purchase_days = sorted({o.at.date() for o in orders})
+    purchase_days = sorted({o.local_day for o in orders})
     per_currency: dict[str, Decimal] = {}
     for order in orders:
         per_currency[order.currency] = per_currency.get(order.currency, Decimal(0)) + order.amount
@@ -403,7 +418,7 @@ def dump_state(state: ProfileState) -> dict[str, Any]:
         "consents": {k: _reg_out(r) for k, r in state.consents.items()},
         "attributes": {k: _reg_out(r) for k, r in state.attributes.items()},
         "orders": {
-            k: [o.at.isoformat(), str(o.amount), o.currency, *_stamp_out(o.stamp)]
+            k: [o.at.isoformat(), o.local_day.isoformat(), str(o.amount), o.currency, *_stamp_out(o.stamp)]
             for k, o in state.orders.items()
         },
         "tickets": {
@@ -431,7 +446,8 @@ def load_state(customer_id: str, raw: dict[str, Any]) -> ProfileState:
         consents={k: _reg_in(v) for k, v in raw["consents"].items()},
         attributes={k: _reg_in(v) for k, v in raw["attributes"].items()},
         orders={
-            k: Order(when(v[0]), Decimal(v[1]), v[2], _stamp_in(v[3:])) for k, v in raw["orders"].items()
+            k: Order(when(v[0]), date.fromisoformat(v[1]), Decimal(v[2]), v[3], _stamp_in(v[4:]))
+            for k, v in raw["orders"].items()
         },
         tickets={
             k: Ticket(

@@ -242,6 +242,12 @@ class SegmenterRepository:
         result = await session.execute(stmt.values(rules=rules, etag=etag, updated_at=at, updated_by=actor))
         return bool(result.rowcount)  # type: ignore[attr-defined]  # CursorResult at run time
 
+    async def swap_draft_etag(self, session: AsyncSession, expected: str, new: str) -> bool:
+        result = await session.execute(
+            update(rule_draft).where(rule_draft.c.id == 1, rule_draft.c.etag == expected).values(etag=new)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]  # CursorResult at run time
+
     async def audit(
         self, session: AsyncSession, actor: str, action: str, version: int | None, diff: Any, at: datetime
     ) -> None:

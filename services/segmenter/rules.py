@@ -141,10 +141,13 @@ def compile_rules(raw: object, version: int) -> CompiledRules:
     ruleset = RuleSet.model_validate(raw)
     return CompiledRules(
         version=version,
-        tiers=tuple((r.name, compile_condition(r.when, FACT_TYPES)) for r in ruleset.tiers),  # type: ignore[arg-type]
+        tiers=tuple(
+            (r.name, compile_condition(r.when, FACT_TYPES, path=f"$.tiers[{i}].when"))  # type: ignore[arg-type]
+            for i, r in enumerate(ruleset.tiers)
+        ),
         segments=tuple(
-            (r.name, compile_condition(r.when, SEGMENT_FACT_TYPES))  # type: ignore[arg-type]
-            for r in ruleset.segments
+            (r.name, compile_condition(r.when, SEGMENT_FACT_TYPES, path=f"$.segments[{i}].when"))  # type: ignore[arg-type]
+            for i, r in enumerate(ruleset.segments)
         ),
     )
 

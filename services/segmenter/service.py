@@ -226,8 +226,9 @@ class SegmenterService:
             moved = [row.customer_id for row in rows if self._moves(row, rules, now)]
             # Only customers who move are re-derived in full, from their stored state.
             full = await self.repo.load_customers(session, moved, for_update=True)
-            changed = [self._reassign(full[customer_id], rules, now) for customer_id in moved]
-            await self._write(session, changed, now)
+            decisions = [self._reassign(full[customer_id], rules, now) for customer_id in moved]
+            changed = [d for d in decisions if d.update is not None]
+            await self._write(session, decisions, now)
             done = job.done + len(rows)
             finished = len(rows) < chunk
             await self.repo.advance_job(
@@ -258,7 +259,7 @@ class SegmenterService:
     def _moves(row: CustomerRow, rules: CompiledRules, now: datetime) -> bool:
         """Whether the rules give this customer another tier or segments (from stored facts)."""
         assignment = rules.assign(facts_from_json(row.facts), now, boundaries=False)
-        return assignment.tier != row.tier or list(assignment.segments) != row.segments
+        return assignment.tier != row.tier or set(assignment.segments) != set(row.segments)
 
     def _reassign(self, row: CustomerRow, rules: CompiledRules, now: datetime) -> Decision:
         return decide(
@@ -321,6 +322,12 @@ class SegmenterService:
             errors = validate_rules(draft.rules)
             if errors:
                 raise InvalidRulesError(errors)
+            # One ETag publishes once: swap it (compare-and-set) so a second publish with the
+            # same ETag — concurrent or later — finds it stale.
+            published = await self.repo.published_version(session) or 0
+            fresh = ruleset_etag({"rules": draft.rules, "published_as": published + 1})
+            if not await self.repo.swap_draft_etag(session, if_match, fresh):
+                raise RulesConflictError
             return await self._new_version(session, draft.rules, actor, note or "publish", "publish", now)
 
     async def rollback(self, version: int, actor: str) -> tuple[int, str]:

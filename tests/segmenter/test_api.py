@@ -34,7 +34,14 @@ from shared.auth import create_key
 from shared.codec import decode_with
 from shared.db import migrate
 from shared.demo.generator import generate
-from shared.events import CUSTOMER_UPDATE_ADAPTER, EVENT_ADAPTER, CustomerUpdate, Event, UpdateCause
+from shared.events import (
+    CUSTOMER_UPDATE_ADAPTER,
+    EVENT_ADAPTER,
+    ClvPrediction,
+    CustomerUpdate,
+    Event,
+    UpdateCause,
+)
 from shared.kafka.consumer import Delivered
 from tests.segmenter.factories import profile
 
@@ -133,12 +140,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 async def seed(service: SegmenterService, events: list[Event], batch: int = 50) -> None:
-    delivered = [
+    delivered: list[Delivered[Event | ClvPrediction]] = [
         Delivered(f"retain.{e.type}", 0, offset, e.customer_id.encode(), e, 0)
         for offset, e in enumerate(events)
     ]
     for start in range(0, len(delivered), batch):
-        await service.apply_batch(delivered[start : start + batch])  # type: ignore[arg-type]
+        await service.apply_batch(delivered[start : start + batch])
 
 
 @pytest.fixture
