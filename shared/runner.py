@@ -47,12 +47,10 @@ def service_processes() -> list[ServiceProcess]:
         base = REPO_ROOT / "services" / module
         if (base / "app.py").exists():
             processes.append(ServiceProcess(f"{module}", port, _api(module, port)))
-        if (base / "consumer.py").exists():
-            processes.append(
-                ServiceProcess(
-                    f"{module}-consumer", None, [sys.executable, "-m", f"services.{module}.consumer"]
-                )
-            )
+        for worker in ("consumer", "sender"):
+            if (base / f"{worker}.py").exists():
+                command = [sys.executable, "-m", f"services.{module}.{worker}"]
+                processes.append(ServiceProcess(f"{module}-{worker}", None, command))
     return processes
 
 
@@ -71,7 +69,9 @@ def _banner(settings: CommonSettings, processes: list[ServiceProcess], key: str,
     lines += [f"  {p.name:<10} http://127.0.0.1:{p.port}/docs" for p in processes if p.port]
     lines += [
         f"  Kafka      {settings.kafka_bootstrap}  (topics {settings.topic_prefix}*)",
-        f"  data       {settings.var_dir}/  (SQLite files, broker data and logs, outbox)",
+        f"  data       {settings.var_dir}/  (SQLite files, broker data and logs)",
+        f"  outbox     {settings.var_dir / 'outbox'}/  (the demo's messages: no provider credentials,"
+        " so nothing leaves this machine; .eml for email, .json for SMS/WhatsApp)",
         "",
         "Demo API key (all scopes; shown once, stored hashed; a new one each run):",
         f"  {key}",
