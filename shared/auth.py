@@ -137,18 +137,23 @@ def require_scope(
     """A FastAPI dependency: the caller's key, which must carry ``scope`` (or ``admin``)."""
 
     async def dependency(request: Request) -> ApiKey:
-        presented = presented_key(request)
-        if presented is None:
-            raise UnauthorizedError(
-                "an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        key = store_of(request).authenticate(presented)
-        if key is None:
-            raise UnauthorizedError("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-        if scope not in key.scopes and "admin" not in key.scopes:
-            raise ForbiddenError(f"the API key lacks the scope {scope!r}")
-        request.state.api_key = key
-        return key
+        return authorize(request, store_of(request), scope)
 
     return dependency
+
+
+def authorize(request: Request, store: KeyStore, scope: str) -> ApiKey:
+    """The caller's key, which must carry ``scope`` (or ``admin``); 401/403 otherwise."""
+    presented = presented_key(request)
+    if presented is None:
+        raise UnauthorizedError(
+            "an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    key = store.authenticate(presented)
+    if key is None:
+        raise UnauthorizedError("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+    if scope not in key.scopes and "admin" not in key.scopes:
+        raise ForbiddenError(f"the API key lacks the scope {scope!r}")
+    request.state.api_key = key
+    return key

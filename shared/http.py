@@ -23,6 +23,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, service: str) -> None:
         self.app = app
         self.service = service
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,8 +44,16 @@ class MetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            HTTP_REQUESTS.labels(self.service, path, method, str(status)).inc()
-            HTTP_LATENCY.labels(self.service, path, method).observe(time.perf_counter() - started)
+            # Labelled children are looked up once per label set: .labels() is not free.
+            key = (path, method, status)
+            children = self._children.get(key)
+            if children is None:
+                children = self._children[key] = (
+                    HTTP_REQUESTS.labels(self.service, path, method, str(status)),
+                    HTTP_LATENCY.labels(self.service, path, method),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
 
 
 def ops_router(ready: ReadinessCheck) -> APIRouter:

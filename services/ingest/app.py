@@ -73,8 +73,10 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         ready_cache.update(at=time.monotonic(), checks=checks)
         return checks
 
+    # The events route first: every request is matched against the routes in order.
+    for route in router.routes:
+        app.router.routes.append(route)
     setup_app(app, "ingest", ready)
-    app.include_router(router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter as MetricCounter
+from prometheus_client import Histogram
 
 from services.ingest.batch import validate_batch
 from services.ingest.dedupe import RecentIds
@@ -19,9 +21,9 @@ from shared.logs import get_logger
 
 log = get_logger(__name__)
 
-EVENTS_ACCEPTED = Counter("retain_ingest_events_accepted_total", "Events accepted, by type.", ["type"])
-EVENTS_REJECTED = Counter("retain_ingest_events_rejected_total", "Invalid events, by type.", ["type"])
-EVENTS_DUPLICATE = Counter(
+EVENTS_ACCEPTED = MetricCounter("retain_ingest_events_accepted_total", "Events accepted, by type.", ["type"])
+EVENTS_REJECTED = MetricCounter("retain_ingest_events_rejected_total", "Invalid events, by type.", ["type"])
+EVENTS_DUPLICATE = MetricCounter(
     "retain_ingest_events_duplicate_total", "Events answered from the dedupe window, by type.", ["type"]
 )
 BATCH_SIZE = Histogram(
@@ -101,8 +103,8 @@ class IngestService:
             # The same id is being produced by a concurrent request: answer when it is acked.
             await asyncio.gather(*waits)
         self._recent.add([e.event_id for e in fresh], self._clock())
-        for event in fresh:
-            EVENTS_ACCEPTED.labels(event.type).inc()
+        for event_type, n in Counter(e.type for e in fresh).items():
+            EVENTS_ACCEPTED.labels(event_type).inc(n)
         return Accepted([e.event_id for e in events], produced=len(fresh), duplicates=duplicates)
 
     async def _produce(self, events: list[Event]) -> None:

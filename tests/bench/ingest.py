@@ -133,6 +133,11 @@ def _cpu(value: float | None) -> str:
     return "" if value is None else f"{value:.0%}"
 
 
+def _per_event(cpu: float | None, events_per_s: float) -> str:
+    """CPU microseconds per event: steadier than events/s when the machine is shared."""
+    return "" if cpu is None or events_per_s <= 0 else f"{cpu / events_per_s * 1e6:,.0f}"
+
+
 def _details(measured: list[Measured], sends: list[SendBatchResult], rounds: int) -> list[str]:
     rows = []
     for m in measured:
@@ -148,6 +153,7 @@ def _details(measured: list[Measured], sends: list[SendBatchResult], rounds: int
                 ", ".join(f"{k}: {v}" for k, v in sorted(m.errors.items())) or "0",
                 _cpu(r.loadgen_cpu),
                 _cpu(r.watched_cpu.get("server")),
+                _per_event(r.watched_cpu.get("server"), r.events_per_s),
                 _cpu(r.watched_cpu.get("kafka")),
             ]
         )
@@ -164,13 +170,14 @@ def _details(measured: list[Measured], sends: list[SendBatchResult], rounds: int
             "0",
             "",
             _cpu(send.own_cpu) + " (producer)",
+            _per_event(send.own_cpu, send.events_per_s) + " (producer)",
             _cpu(send.watched_cpu.get("kafka")),
         ]
     )
     lines = [
         f"Details: median of {rounds} round(s) and the range over them; latency and CPU are the median"
         " round's (CPU: seconds of CPU per second of window, 100% = one core of the "
-        f"{os.cpu_count()}).",
+        f"{os.cpu_count()}; µs/event: the server's CPU time per accepted event).",
         "",
     ]
     lines += table(
@@ -184,10 +191,11 @@ def _details(measured: list[Measured], sends: list[SendBatchResult], rounds: int
             "errors",
             "loadgen CPU",
             "server CPU",
+            "server CPU µs/event",
             "kafka CPU",
         ],
         rows,
-        align="lrrrrrlrrr",
+        align="lrrrrrlrrrr",
     )
     return lines
 
