@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from twilio.request_validator import RequestValidator
+
+from services.messenger.caps import CapsConfig
+from services.messenger.links import verify_unsubscribe
+from services.messenger.schemas import CapsOut, MessageOut, MessagesPage
+from services.messenger.service import MessengerService
+from services.messenger.stopwords import match_inbound, reply_for
+from shared.auth import ApiKey, KeyStore, require_scope
+from shared.errors import ForbiddenError, InvalidInputError, NotFoundError, pydantic_errors
+from shared.events import Channel, MessageStatus
+
+router = APIRouter()
+
+
+def _store(request: Request) -> KeyStore:
+    store: KeyStore = request.app.state.keys
+    return store
+
+
+def _service(request: Request) -> MessengerService:
+    service: MessengerService = request.app.state.service
+    return service
+
+
+Reader = Annotated[ApiKey, Depends(require_scope(_store, "messages:read"))]
+Writer = Annotated[ApiKey, Depends(require_scope(_store, "messages:write"))]
+Service = Annotated[MessengerService, Depends(_service)]
+
+
+def _cursor(value: str | None) -> tuple[datetime, str] | None:
+    if value is None:
+        return None
+    try:
+        at, mid = base64.urlsafe_b64decode(value.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(at), mid
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(
+            "the cursor is not one this API gave out", details=[{"field": "cursor"}]
+        ) from exc
+
+
+@router.get(
+    "/v1/messages",
+    response_model=MessagesPage,
+    tags=["messages"],
+    summary="Every decision with its reason: why a customer did (or did not) get a message",
+)
+async def list_messages(
+    _key: Reader,
+    service: Service,
+    customer_id: Annotated[str | None, Query(max_length=128)] = None,
+    journey: Annotated[str | None, Query(max_length=64)] = None,
+    status: MessageStatus | None = None,
+    cursor: Annotated[str | None, Query(max_length=300)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> MessagesPage:
+    rows = await service.list_messages(
+        customer_id=customer_id,
+        journey=journey,
+        status=status.value if status else None,
+        before=_cursor(cursor),
+        limit=limit,
+    )
+    items = [MessageOut.model_validate(r) for r in rows]
+    next_cursor = None
+    if len(rows) == limit:
+        last = rows[-1]
+        next_cursor = base64.urlsafe_b64encode(
+            f"{last['created_at'].isoformat()}|{last['id']}".encode()
+        ).decode()
+    return MessagesPage(messages=items, next_cursor=next_cursor)
+
+
+@router.get("/v1/caps", response_model=CapsOut, tags=["caps"], summary="Frequency caps in force")
+async def get_caps(_key: Reader, service: Service) -> CapsOut:
+    caps, updated_at, updated_by = await service.get_caps()
+    return CapsOut(caps=caps.caps, updated_at=updated_at, updated_by=updated_by)
+
+
+@router.put("/v1/caps", response_model=CapsOut, tags=["caps"], summary="Replace the frequency caps")
+async def put_caps(
+    body: Annotated[
+        dict[str, Any],
+        Body(
+            examples=[
+                {"caps": [{"name": "sms_7d", "scope": "channel", "channel": "sms", "limit": 2, "window": 7}]}
+            ]
+        ),
+    ],
+    key: Writer,
+    service: Service,
+) -> CapsOut:
+    try:
+        caps = CapsConfig.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidInputError("the caps are not valid", details=pydantic_errors(exc.errors())) from exc
+    await service.put_caps(caps, key.id)
+    caps_now, updated_at, updated_by = await service.get_caps()
+    return CapsOut(caps=caps_now.caps, updated_at=updated_at, updated_by=updated_by)
+
+
+# --- provider callbacks ------------------------------------------------------------------------
+
+
+async def _twilio_form(request: Request) -> dict[str, str]:
+    """The callback's form, after checking X-Twilio-Signature against our auth token and the
+    public URL Twilio was given (forged, missing or stale-token signatures → 403)."""
+    service = _service(request)
+    token = service.settings.twilio_auth_token
+    form = {k: str(v) for k, v in (await request.form()).items()}
+    signature = request.headers.get("x-twilio-signature")
+    if token is None or not signature:
+        raise ForbiddenError("missing X-Twilio-Signature (or no Twilio auth token configured)")
+    url = service.settings.messenger_public_url.rstrip("/") + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    if not RequestValidator(token.get_secret_value()).validate(url, form, signature):
+        raise ForbiddenError("X-Twilio-Signature does not match")
+    return form
+
+
+@router.post("/webhooks/twilio/status", tags=["webhooks"], summary="Twilio message status callback")
+async def twilio_status(request: Request, service: Service) -> Response:
+    form = await _twilio_form(request)
+    sid = form.get("MessageSid") or form.get("SmsSid")
+    status = form.get("MessageStatus") or form.get("SmsStatus")
+    if not sid or not status:
+        raise InvalidInputError(
+            "MessageSid and MessageStatus are required", details=[{"field": "MessageSid"}]
+        )
+    await service.provider_status(sid, status, form.get("ErrorCode"))
+    return Response(status_code=204)
+
+
+@router.post(
+    "/webhooks/twilio/inbound", tags=["webhooks"], summary="Inbound SMS / WhatsApp (STOP, START, replies)"
+)
+async def twilio_inbound(request: Request, service: Service) -> Response:
+    form = await _twilio_form(request)
+    sender = form.get("From", "")
+    body = form.get("Body", "")
+    channel = Channel.WHATSAPP if sender.startswith("whatsapp:") else Channel.SMS
+    keyword = match_inbound(body)
+    kind = keyword.intent if keyword else None
+    await service.inbound(channel, sender, body, kind)
+    reply = reply_for(keyword, channel, body) if keyword else None
+    # TwiML: an empty response sends nothing; Twilio answers its own STOP keywords itself.
+    twiml = '<?xml version="1.0" encoding="UTF-8"?><Response>'
+    if reply:
+        from xml.sax.saxutils import escape  # noqa: PLC0415
+
+        twiml += f"<Message>{escape(reply)}</Message>"
+    twiml += "</Response>"
+    return Response(twiml, media_type="application/xml")
+
+
+@router.post("/webhooks/sendgrid/events", tags=["webhooks"], summary="SendGrid event webhook (signed)")
+async def sendgrid_events(request: Request, service: Service) -> Response:
+    key = service.settings.sendgrid_webhook_public_key
+    signature = request.headers.get("x-twilio-email-event-webhook-signature")
+    timestamp = request.headers.get("x-twilio-email-event-webhook-timestamp")
+    payload = (await request.body()).decode("utf-8", errors="replace")
+    if key is None or not signature or not timestamp:
+        raise ForbiddenError("missing SendGrid signature headers (or no verification key configured)")
+    from sendgrid.helpers.eventwebhook import EventWebhook  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    webhook = EventWebhook()
+    try:
+        verified = webhook.verify_signature(
+            payload, signature, timestamp, webhook.convert_public_key_to_ecdsa(key)
+        )
+    except (ValueError, TypeError):
+        verified = False
+    if not verified:
+        raise ForbiddenError("the SendGrid signature does not match")
+    import json  # noqa: PLC0415
+
+    try:
+        events = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError("the body is not JSON") from exc
+    if not isinstance(events, list):
+        raise InvalidInputError("the body must be a JSON array of events")
+    for event in events[:1000]:
+        if isinstance(event, dict) and isinstance(event.get("email"), str):
+            await service.email_event(
+                event["email"], str(event.get("event", "")), event.get("retain_message_id")
+            )
+    return Response(status_code=204)
+
+
+# --- links in messages ---------------------------------------------------------------------------
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>
+<body style="font-family:sans-serif;max-width:30em;margin:3em auto">{body}</body></html>"""
+
+
+@router.get("/u/{token}", tags=["links"], response_class=HTMLResponse, summary="Unsubscribe page")
+async def unsubscribe_page(token: Annotated[str, Path(max_length=300)], service: Service) -> HTMLResponse:
+    if verify_unsubscribe(service.settings.messenger_link_secret.get_secret_value(), token) is None:
+        raise NotFoundError("this unsubscribe link is not valid")
+    # GET never unsubscribes by itself: mail scanners follow links. The button POSTs.
+    button = "Unsubscribe / הסרה / إلغاء الاشتراك"
+    form = f'<form method="post" action="/u/{token}"><button type="submit">{button}</button></form>'
+    return HTMLResponse(_PAGE.format(title="Unsubscribe", body=form))
+
+
+@router.post("/u/{token}", tags=["links"], summary="One-click unsubscribe (RFC 8058)")
+async def unsubscribe(token: Annotated[str, Path(max_length=300)], service: Service) -> HTMLResponse:
+    found = verify_unsubscribe(service.settings.messenger_link_secret.get_secret_value(), token)
+    if found is None:
+        raise NotFoundError("this unsubscribe link is not valid")
+    customer_id, channel = found
+    await service.unsubscribe(customer_id, Channel(channel))
+    return HTMLResponse(_PAGE.format(title="Unsubscribed", body="<p>Done. / בוצע. / تم.</p>"))
+
+
+@router.get(
+    "/s/{message_id}", tags=["links"], response_class=HTMLResponse, summary="Feedback survey landing page"
+)
+async def survey(message_id: Annotated[str, Path(max_length=64)]) -> HTMLResponse:
+    del message_id
+    return HTMLResponse(
+        _PAGE.format(title="Thank you", body="<p>Thank you for your feedback. / תודה! / شكرًا!</p>")
+    )
+
+
+def json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": "error", "message": message}}, status_code=status)

@@ -1,0 +1,57 @@
+"""The messenger's HTTP API: messages and their reasons, caps, journeys, templates, and the
+providers' callbacks. The consumer and the sender run as their own processes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from services.messenger.api import router
+from services.messenger.config import MessengerSettings
+from services.messenger.consumer import MIGRATIONS
+from services.messenger.service import MessengerService
+from shared.auth import KeyStore
+from shared.db import Database, migrate
+from shared.http import setup_app
+from shared.logs import configure_logging
+
+
+def create_app(settings: MessengerSettings | None = None) -> FastAPI:
+    settings = settings or MessengerSettings()
+    configure_logging(settings.log_level, settings.log_json)
+    db = Database(settings.database_url)
+    service = MessengerService(db, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await migrate(db, MIGRATIONS)
+        await service.ensure_defaults()
+        yield
+        await db.dispose()
+
+    app = FastAPI(
+        title="Retain messenger",
+        version="1.0",
+        description="Personal messages on the customer's channel, within caps, quiet hours and consent.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.keys = KeyStore(settings.keys_path)
+    app.state.service = service
+
+    async def ready() -> dict[str, Any]:
+        try:
+            async with db.sessions() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported by type
+            return {"database": {"ok": False, "error": type(exc).__name__}}
+        await service.refresh_gauges()
+        return {"database": True}
+
+    setup_app(app, "messenger", ready)
+    app.include_router(router)
+    return app

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from shared.config import CommonSettings
+
+
+class MessengerSettings(CommonSettings):
+    messenger_database_url: str | None = Field(
+        default=None, description="Database URL; default sqlite+aiosqlite:///<var_dir>/messenger.db."
+    )
+    messenger_group_id: str = Field(default="retain-messenger", description="Kafka consumer group.")
+    messenger_batch_size: int = Field(default=200, ge=1, le=5000, description="Records per consumed batch.")
+    messenger_fallback_order: list[str] = Field(
+        default=["email", "whatsapp", "sms"], description="Channels tried after the preferred one."
+    )
+    messenger_send_concurrency: int = Field(default=16, ge=1, description="Provider calls in flight at once.")
+    messenger_sender_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the sender looks for due messages."
+    )
+    messenger_reconcile_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A message still 'sending' after this long is looked up at the provider.",
+    )
+    messenger_max_attempts: int = Field(default=5, ge=1, description="Provider attempts before 'failed'.")
+    messenger_outbox_dir: str | None = Field(
+        default=None, description="Sandbox outbox; default <var_dir>/outbox."
+    )
+    messenger_public_url: str = Field(
+        default="http://127.0.0.1:8003", description="Base URL providers call back (status, unsubscribe)."
+    )
+    messenger_link_secret: SecretStr = Field(
+        default=SecretStr("change-me-in-production"), description="Signs unsubscribe links."
+    )
+    # Providers: without credentials a channel goes to the sandbox outbox.
+    twilio_account_sid: str | None = Field(default=None, description="Twilio account SID (SMS, WhatsApp).")
+    twilio_auth_token: SecretStr | None = Field(
+        default=None, description="Twilio auth token; also verifies webhooks."
+    )
+    twilio_sms_from: str | None = Field(default=None, description="Sender number for SMS (E.164).")
+    twilio_whatsapp_from: str | None = Field(default=None, description="Sender number for WhatsApp (E.164).")
+    twilio_base_url: str | None = Field(default=None, description="Override Twilio's API base URL (tests).")
+    smtp_host: str | None = Field(default=None, description="SMTP server for email.")
+    smtp_port: int = Field(default=587, description="SMTP port.")
+    smtp_username: str | None = Field(default=None, description="SMTP user.")
+    smtp_password: SecretStr | None = Field(default=None, description="SMTP password.")
+    smtp_starttls: bool = Field(default=True, description="Use STARTTLS.")
+    email_from: str = Field(default="Retain <hello@retain.example>", description="From address of email.")
+    sendgrid_api_key: SecretStr | None = Field(
+        default=None, description="SendGrid API key (used when no SMTP host)."
+    )
+    sendgrid_host: str | None = Field(default=None, description="Override SendGrid's API host (tests).")
+    sendgrid_webhook_public_key: str | None = Field(
+        default=None, description="SendGrid event webhook verification key (base64 ECDSA public key)."
+    )
+
+    @property
+    def database_url(self) -> str:
+        return self.messenger_database_url or self.sqlite_url("messenger")
+
+    @property
+    def outbox_dir(self) -> str:
+        return self.messenger_outbox_dir or str(self.var_dir / "outbox")

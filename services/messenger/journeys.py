@@ -1,0 +1,234 @@
+"""Journeys: which customer_update starts which message. Pure.
+
+A journey = a trigger (an event type among the update's triggering events, a segment entered
+or left, a tier upgrade) + entry conditions (the segmenter's condition language over the
+profile snapshot, shared code) + an optional wait (a delay, cancelled by exit conditions
+such as "the customer bought") + the message (kind, channel preference, template) +
+a re-entry policy + a holdout share.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from shared.conditions import Condition, ConditionError, compile_condition, validate
+from shared.events import Channel, CustomerUpdate, EventType, MessageKind, SupportAction
+
+JourneyName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+
+# What journeys' entry and exit conditions may look at: the profile snapshot, flattened.
+SNAPSHOT_FIELDS: dict[str, str] = {
+    "tier": "string",
+    "segments": "string_list",
+    "lifecycle_stage": "string",
+    "churn_reason": "string",
+    "churned_at": "datetime",
+    "orders_count": "number",
+    "total_value": "number",
+    "last_purchase_at": "datetime",
+    "open_tickets": "number",
+    "last_complaint_resolved": "bool",
+    "predicted_clv": "number",
+    "p_alive": "number",
+    "locale": "string",
+    "preferred_channel": "string",
+    "has_email": "bool",
+    "has_phone": "bool",
+    "has_whatsapp": "bool",
+}
+
+
+class Trigger(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    event: EventType | None = Field(default=None, description="A triggering event of this type.")
+    support_action: SupportAction | None = Field(default=None, description="With event=support: this action.")
+    complaint: bool | None = Field(default=None, description="With event=support: only complaints (or not).")
+    first_purchase: bool = Field(default=False, description="With event=purchase: only the customer's first.")
+    new_customer: bool = Field(default=False, description="The customer's first update (new profile).")
+    segment_entered: str | None = None
+    segment_left: str | None = None
+    tier_upgrade: bool = Field(default=False, description="The tier moved up the ladder.")
+
+
+class Wait(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hours: float = Field(ge=0, le=24 * 365, description="Decide the message this long after the trigger…")
+    by_churn_reason_days: dict[str, float] | None = Field(
+        default=None, description="…or, per churn reason, this many days (win-back cool-off)."
+    )
+    unless: dict[str, Any] | None = Field(
+        default=None, description="…unless this condition holds by then (checked on every update)."
+    )
+    unless_event: EventType | None = Field(default=None, description="…unless such an event happens first.")
+
+
+class Journey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: JourneyName
+    description: str = ""
+    enabled: bool = True
+    kind: MessageKind = MessageKind.MARKETING
+    trigger: Trigger
+    entry: dict[str, Any] | None = Field(default=None, description="Condition over the profile snapshot.")
+    exit: dict[str, Any] | None = Field(default=None, description="Cancels a waiting message when it holds.")
+    wait: Wait | None = None
+    channel: Channel | None = Field(default=None, description="Force a channel; default: the customer's.")
+    template: str = Field(min_length=1, max_length=128)
+    reentry: Literal["once", "every_time", "once_per_days"] = "every_time"
+    reentry_days: float = Field(default=0, ge=0)
+    holdout_percent: float = Field(default=0, ge=0, le=50)
+    ttl_hours: float = Field(
+        default=72, gt=0, description="A held or waiting message older than this expires."
+    )
+    max_attempts: int = Field(
+        default=1, ge=1, le=10, description="Messages per customer per entry (win-back)."
+    )
+    attempt_spacing_days: float = Field(default=0, ge=0)
+    escalate_if: dict[str, Any] | None = Field(
+        default=None, description="complaint_ack: also publish an escalation when this holds."
+    )
+    offer_if: dict[str, Any] | None = Field(
+        default=None, description="win_back: include the offer when this holds."
+    )
+
+
+def snapshot_facts(update: CustomerUpdate) -> dict[str, Any]:
+    p = update.profile
+    return {
+        "tier": p.tier,
+        "segments": list(p.segments),
+        "lifecycle_stage": p.lifecycle_stage,
+        "churn_reason": p.churn_reason.value if p.churn_reason else None,
+        "churned_at": p.churned_at,
+        "orders_count": p.orders_count,
+        "total_value": float(p.total_value),
+        "last_purchase_at": p.last_purchase_at,
+        "open_tickets": p.open_tickets,
+        "last_complaint_resolved": p.last_complaint_resolved,
+        "predicted_clv": None if p.predicted_clv is None else float(p.predicted_clv),
+        "p_alive": p.p_alive,
+        "locale": p.locale,
+        "preferred_channel": p.preferred_channel.value if p.preferred_channel else None,
+        "has_email": p.email is not None,
+        "has_phone": p.phone is not None,
+        "has_whatsapp": p.whatsapp is not None,
+    }
+
+
+def validate_journey(raw: object, templates: set[str] | None = None) -> list[ConditionError]:
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    try:
+        journey = Journey.model_validate(raw)
+    except ValidationError as exc:
+        return [
+            ConditionError(
+                "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]), e["msg"]
+            )
+            for e in exc.errors(include_url=False)
+        ]
+    errors: list[ConditionError] = []
+    for name in ("entry", "exit", "escalate_if", "offer_if"):
+        tree = getattr(journey, name)
+        if tree is not None:
+            errors += validate(tree, SNAPSHOT_FIELDS, path=f"$.{name}")  # type: ignore[arg-type]
+    if journey.wait and journey.wait.unless is not None:
+        errors += validate(journey.wait.unless, SNAPSHOT_FIELDS, path="$.wait.unless")  # type: ignore[arg-type]
+    if templates is not None and journey.template not in templates:
+        errors.append(ConditionError("$.template", f"unknown template {journey.template!r}"))
+    return errors
+
+
+_COMPILED: dict[int, tuple[dict[str, Any], Condition]] = {}
+
+
+def holds(tree: dict[str, Any] | None, facts: dict[str, Any], now: datetime) -> bool:
+    if tree is None:
+        return True
+    # Journeys are long-lived objects: compile each condition once (keyed by identity,
+    # keeping the tree alive so the id cannot be reused).
+    cached = _COMPILED.get(id(tree))
+    if cached is None or cached[0] is not tree:
+        cached = _COMPILED[id(tree)] = (tree, compile_condition(tree, SNAPSHOT_FIELDS))  # type: ignore[arg-type]
+    return cached[1].evaluate(facts, now)
+
+
+TIER_ORDER = ("none", "bronze", "silver", "gold", "platinum")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    journey: Journey
+    key: str  # what makes this entry unique: the triggering event id, or the change
+    event_id: str | None
+    at: datetime
+    details: dict[str, Any]
+
+
+def triggered(
+    journey: Journey, update: CustomerUpdate, tier_order: tuple[str, ...] = TIER_ORDER
+) -> list[Entry]:
+    """The entries this update makes into the journey (before entry conditions)."""
+    t = journey.trigger
+    out: list[Entry] = []
+    if t.event is not None:
+        for e in update.triggering_events:
+            if e.type != t.event:
+                continue
+            if t.support_action is not None and e.action != t.support_action:
+                continue
+            if t.complaint is not None and bool(e.is_complaint) != t.complaint:
+                continue
+            if t.first_purchase and update.profile.orders_count != 1:
+                continue
+            details = {k: v for k, v in e.model_dump(mode="json").items() if v is not None}
+            out.append(Entry(journey, e.event_id, e.event_id, e.occurred_at, details))
+    if t.new_customer and update.tier_old is None:
+        out.append(Entry(journey, f"new:{update.customer_id}", None, update.occurred_at, {}))
+    if t.segment_entered and t.segment_entered in update.segments_entered:
+        out.append(
+            Entry(journey, f"enter:{t.segment_entered}:{update.event_id}", None, update.occurred_at, {})
+        )
+    if t.segment_left and t.segment_left in update.segments_left:
+        out.append(Entry(journey, f"left:{t.segment_left}:{update.event_id}", None, update.occurred_at, {}))
+    if t.tier_upgrade and update.tier_old is not None:
+        old = tier_order.index(update.tier_old) if update.tier_old in tier_order else -1
+        new = tier_order.index(update.tier_new) if update.tier_new in tier_order else -1
+        if new > old >= 0:
+            out.append(
+                Entry(
+                    journey,
+                    f"tier:{update.tier_old}->{update.tier_new}:{update.event_id}",
+                    None,
+                    update.occurred_at,
+                    {"tier_old": update.tier_old, "tier_new": update.tier_new},
+                )
+            )
+    return out[:1] if t.event is None else out
+
+
+def reentry_allowed(journey: Journey, last_entered_at: datetime | None, now: datetime) -> bool:
+    if last_entered_at is None or journey.reentry == "every_time":
+        return True
+    if journey.reentry == "once":
+        return False
+    return now - last_entered_at >= timedelta(days=journey.reentry_days)
+
+
+def wait_until(journey: Journey, trigger_at: datetime, churn_reason: str | None) -> datetime | None:
+    if journey.wait is None:
+        return None
+    if journey.wait.by_churn_reason_days and churn_reason in journey.wait.by_churn_reason_days:
+        return trigger_at + timedelta(days=journey.wait.by_churn_reason_days[churn_reason])
+    return trigger_at + timedelta(hours=journey.wait.hours)
+
+
+def default_journeys() -> list[Journey]:
+    text = resources.files("services.messenger").joinpath("default_journeys.json").read_text(encoding="utf-8")
+    return [Journey.model_validate(j) for j in json.loads(text)]

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.messenger.caps import Cap
+
+
+class MessageOut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    customer_id: str
+    journey: str
+    kind: str
+    channel: str | None
+    template: str | None
+    locale: str | None
+    tier: str | None
+    status: str = Field(
+        description="queued, sending, sent, delivered, held_quiet_hours, capped, no_consent, …"
+    )
+    reason: str | None = Field(
+        description="Why: the cap, the consent, the quiet hours, the provider's answer."
+    )
+    send_at: datetime | None
+    expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    attempts: int
+    provider: str | None
+    provider_message_id: str | None
+    error_code: str | None
+    trigger_event_id: str | None
+    content: dict[str, Any] | None
+
+
+class MessagesPage(BaseModel):
+    messages: list[MessageOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for older messages; null at the end.")
+
+
+class CapsOut(BaseModel):
+    caps: list[Cap]
+    updated_at: datetime | None
+    updated_by: str | None

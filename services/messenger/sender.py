@@ -1,0 +1,66 @@
+"""The messenger's sender: due messages → providers, and reconciliation of messages a crash
+left between the provider call and the commit. Run: ``python -m services.messenger.sender``.
+
+It is its own process so that a slow provider never holds up the consumer's decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+from services.messenger.config import MessengerSettings
+from services.messenger.consumer import MIGRATIONS
+from services.messenger.providers.registry import build_limiter, build_providers, close_providers, describe
+from services.messenger.service import MessengerService
+from shared.db import Database, migrate
+from shared.kafka.producer import Producer
+from shared.logs import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+
+async def run(service: MessengerService, interval_s: float, stop: asyncio.Event) -> None:
+    await service.reconcile()  # first: whatever a crash left half-sent
+    while not stop.is_set():
+        try:
+            outcomes = await service.send_due()
+            await service.reconcile()
+            await service.refresh_gauges()
+        except (OSError, TimeoutError) as exc:  # the database or broker is away: try again
+            log.warning("sender pass failed; retrying", error=type(exc).__name__)
+            outcomes = []
+        if outcomes:
+            log.info("sent", messages=len(outcomes), statuses=sorted({o.status for o in outcomes}))
+        if not outcomes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+
+
+async def main(settings: MessengerSettings | None = None) -> None:
+    settings = settings or MessengerSettings()
+    configure_logging(settings.log_level, settings.log_json)
+    db = Database(settings.database_url)
+    await migrate(db, MIGRATIONS)
+    producer = Producer(settings.kafka_bootstrap, client_id="retain-messenger-sender")
+    providers = build_providers(settings)
+    for channel, provider in providers.items():
+        log.info("provider", channel=channel.value, provider=describe(provider))
+    service = MessengerService(db, settings, producer, providers, limiter=build_limiter(settings))
+    await service.ensure_defaults()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await run(service, settings.messenger_sender_interval_s, stop)
+    finally:
+        await service.flush()
+        await close_providers(providers)
+        await producer.stop()
+        await db.dispose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,106 @@
+"""The messenger's tables: the message ledger, customers as last seen, consent facts, caps."""
+
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Column, Index, Integer, MetaData, String, Table, Text
+
+from shared.db import UtcDateTime, applied_events_table, json_type
+from shared.outbox import outbox_table
+
+metadata = MetaData()
+
+applied_events = applied_events_table(metadata)
+outbox = outbox_table(metadata)
+
+customers = Table(
+    "customers",
+    metadata,
+    Column("customer_id", String(128), primary_key=True),
+    Column("profile", json_type(), nullable=False),  # ProfileSnapshot of the latest update
+    Column("profile_at", UtcDateTime(), nullable=False),  # occurred_at of that update
+    Column("whatsapp_inbound_at", UtcDateTime(), nullable=True),  # opens the 24-hour window
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+# Opt-outs and opt-ins that do not come from profile events: STOP/START, unsubscribe links,
+# bounces, spam reports, provider refusals. Durable: a stale profile event never lifts one.
+consent_facts = Table(
+    "consent_facts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("customer_id", String(128), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("opt_in", Boolean, nullable=False),
+    Column("source", String(32), nullable=False),
+    Column("marketing_only", Boolean, nullable=False),
+    Index("ix_consent_facts_customer", "customer_id"),
+)
+
+# The ledger: one row per candidate message, committed before any provider is called.
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("customer_id", String(128), nullable=False),
+    Column("journey", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("channel", String(16), nullable=True),
+    Column("template", String(128), nullable=True),
+    Column("locale", String(35), nullable=True),
+    Column("tier", String(64), nullable=True),
+    Column("status", String(24), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("send_at", UtcDateTime(), nullable=True),
+    Column("expires_at", UtcDateTime(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("sent_at", UtcDateTime(), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("provider", String(32), nullable=True),
+    Column("provider_message_id", String(64), nullable=True),
+    Column("error_code", String(32), nullable=True),
+    Column("trigger_event_id", String(128), nullable=True),
+    Column("whatsapp_mode", String(16), nullable=True),
+    Column("content", json_type(), nullable=True),  # what was rendered: subject, text, html
+    Column("details", json_type(), nullable=True),
+    Index("ix_messages_customer", "customer_id", "created_at"),
+    Index("ix_messages_due", "status", "send_at"),
+    Index("ix_messages_provider_id", "provider_message_id"),
+)
+
+settings_table = Table(
+    "messenger_settings",
+    metadata,
+    Column("name", String(64), primary_key=True),  # "caps", …
+    Column("value", json_type(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("updated_by", String(64), nullable=False),
+)
+
+# Durable journey waits (issue 6): a message to decide later unless an exit comes first.
+journey_waits = Table(
+    "journey_waits",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("customer_id", String(128), nullable=False),
+    Column("journey", String(64), nullable=False),
+    Column("due_at", UtcDateTime(), nullable=False),
+    Column("trigger_event_id", String(128), nullable=True),
+    Column("status", String(16), nullable=False),  # waiting, fired, cancelled
+    Column("reason", Text, nullable=True),
+    Column("data", json_type(), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Index("ix_journey_waits_due", "status", "due_at"),
+    Index("ix_journey_waits_customer", "customer_id", "journey"),
+)
+
+journey_entries = Table(
+    "journey_entries",
+    metadata,
+    Column("customer_id", String(128), primary_key=True),
+    Column("journey", String(64), primary_key=True),
+    Column("entered_at", UtcDateTime(), nullable=False),
+    Column("count", Integer, nullable=False),
+)
