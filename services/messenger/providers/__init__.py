@@ -1,0 +1,1 @@
+"""How a decided message reaches a real provider (Twilio, SMTP, SendGrid) or the sandbox outbox."""

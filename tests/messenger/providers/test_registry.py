@@ -1,0 +1,111 @@
+"""Which provider each channel gets: credentials decide, the sandbox outbox is the default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from services.messenger.config import MessengerSettings
+from services.messenger.providers.outbox import OutboxProvider
+from services.messenger.providers.registry import (
+    build_limiter,
+    build_providers,
+    close_providers,
+    default_senders,
+)
+from services.messenger.providers.sendgrid_api import SendGridProvider
+from services.messenger.providers.smtp import SmtpProvider
+from services.messenger.providers.twilio_sms import TwilioProvider
+from shared.events import Channel
+
+NO_CREDENTIALS: dict[str, Any] = {
+    "twilio_account_sid": None,
+    "twilio_auth_token": None,
+    "twilio_sms_from": None,
+    "twilio_whatsapp_from": None,
+    "twilio_base_url": None,
+    "smtp_host": None,
+    "sendgrid_api_key": None,
+    "sendgrid_host": None,
+}
+
+
+def settings(tmp_path: Path, **overrides: Any) -> MessengerSettings:
+    return MessengerSettings(var_dir=tmp_path, **{**NO_CREDENTIALS, **overrides})
+
+
+async def test_without_credentials_everything_goes_to_the_outbox(tmp_path: Path) -> None:
+    providers = build_providers(settings(tmp_path))
+    assert set(providers) == set(Channel)
+    assert all(isinstance(p, OutboxProvider) for p in providers.values())
+    outbox = providers[Channel.EMAIL]
+    assert isinstance(outbox, OutboxProvider)
+    assert outbox.directory == tmp_path / "outbox"
+    await close_providers(providers)
+
+
+async def test_twilio_for_the_channels_it_has_a_sender_for(tmp_path: Path) -> None:
+    s = settings(
+        tmp_path,
+        twilio_account_sid="AC" + "0" * 32,
+        twilio_auth_token=SecretStr("token"),
+        twilio_sms_from="+15005550006",
+        twilio_base_url="http://127.0.0.1:4010",
+        messenger_public_url="https://retain.example/",
+    )
+    providers = build_providers(s)
+    twilio = providers[Channel.SMS]
+    assert isinstance(twilio, TwilioProvider)
+    assert twilio.base_url == "http://127.0.0.1:4010"
+    assert twilio.status_callback == "https://retain.example/webhooks/twilio/status"
+    assert isinstance(providers[Channel.WHATSAPP], OutboxProvider)  # no WhatsApp sender
+    assert isinstance(providers[Channel.EMAIL], OutboxProvider)
+    await close_providers(providers)
+
+
+async def test_one_twilio_client_serves_sms_and_whatsapp(tmp_path: Path) -> None:
+    s = settings(
+        tmp_path,
+        twilio_account_sid="AC" + "0" * 32,
+        twilio_auth_token=SecretStr("token"),
+        twilio_sms_from="+15005550006",
+        twilio_whatsapp_from="+14155238886",
+    )
+    providers = build_providers(s)
+    assert providers[Channel.SMS] is providers[Channel.WHATSAPP]
+    assert default_senders(s) == {
+        Channel.EMAIL: "Retain <hello@retain.example>",
+        Channel.SMS: "+15005550006",
+        Channel.WHATSAPP: "+14155238886",
+    }
+    await close_providers(providers)
+
+
+async def test_token_without_senders_stays_in_the_sandbox(tmp_path: Path) -> None:
+    s = settings(tmp_path, twilio_account_sid="AC" + "0" * 32, twilio_auth_token=SecretStr("token"))
+    providers = build_providers(s)
+    assert isinstance(providers[Channel.SMS], OutboxProvider)
+    assert default_senders(s)[Channel.SMS] == "Retain"
+
+
+async def test_smtp_wins_over_sendgrid(tmp_path: Path) -> None:
+    s = settings(tmp_path, smtp_host="mail.example.com", smtp_port=465, sendgrid_api_key=SecretStr("SG.x"))
+    providers = build_providers(s)
+    smtp = providers[Channel.EMAIL]
+    assert isinstance(smtp, SmtpProvider)
+    assert (smtp.host, smtp.port) == ("mail.example.com", 465)
+    await close_providers(providers)
+
+
+async def test_sendgrid_without_smtp(tmp_path: Path) -> None:
+    providers = build_providers(settings(tmp_path, sendgrid_api_key=SecretStr("SG.x")))
+    assert isinstance(providers[Channel.EMAIL], SendGridProvider)
+    assert isinstance(providers[Channel.SMS], OutboxProvider)
+
+
+def test_limiter_defaults(tmp_path: Path) -> None:
+    limiter = build_limiter(settings(tmp_path))
+    assert limiter.throughput.rate_for("+15005550006", Channel.SMS) == 1.0
+    assert limiter.throughput.rate_for("+14155238886", Channel.WHATSAPP) == 80.0
