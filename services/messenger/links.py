@@ -1,8 +1,11 @@
 """Signed one-click unsubscribe links, per customer and channel. Pure (the secret is passed in).
 
-The token is ``<payload>.<signature>``: the payload names the customer and the channel, the
-signature (HMAC-SHA256, compared in constant time) proves Retain issued it. It never expires:
-an unsubscribe link in an old email must still work.
+The token is ``<payload>.<signature>``: the payload names the channel (one letter) and the
+customer, the signature (HMAC-SHA256 truncated to 64 bits, compared in constant time) proves
+Retain issued it. Short on purpose: a Hebrew or Arabic SMS has 134 characters in two segments,
+and the link must fit beside the text. 64 bits are plenty for a link whose only power is to
+unsubscribe, and which a guesser would have to try against the server one request at a time.
+It never expires: an unsubscribe link in an old message must still work.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+_CODES = {"email": "e", "sms": "s", "whatsapp": "w"}
+_CHANNELS = {v: k for k, v in _CODES.items()}
+
+
 def sign_unsubscribe(secret: str, customer_id: str, channel: str) -> str:
-    payload = f"{channel}:{customer_id}".encode()
-    signature = hmac.new(secret.encode(), b"unsubscribe|" + payload, hashlib.sha256).digest()[:16]
+    payload = f"{_CODES[channel]}{customer_id}".encode()
+    signature = hmac.new(secret.encode(), b"unsubscribe|" + payload, hashlib.sha256).digest()[:8]
     return f"{_b64(payload)}.{_b64(signature)}"
 
 
@@ -34,11 +41,12 @@ def verify_unsubscribe(secret: str, token: str) -> tuple[str, str] | None:
         signature = _unb64(signature_text)
     except (ValueError, UnicodeDecodeError):
         return None
-    expected = hmac.new(secret.encode(), b"unsubscribe|" + payload, hashlib.sha256).digest()[:16]
+    expected = hmac.new(secret.encode(), b"unsubscribe|" + payload, hashlib.sha256).digest()[:8]
     if not hmac.compare_digest(signature, expected):
         return None
-    channel, _, customer_id = payload.decode(errors="replace").partition(":")
-    if channel not in ("email", "sms", "whatsapp") or not customer_id:
+    text = payload.decode(errors="replace")
+    channel, customer_id = _CHANNELS.get(text[:1]), text[1:]
+    if channel is None or not customer_id:
         return None
     return customer_id, channel
 

@@ -78,7 +78,7 @@ class MessengerRepository:
         field = {"sms": "phone", "whatsapp": "whatsapp", "email": "email"}[channel]
         dialect = session.get_bind().dialect.name
         column = customers.c.profile[field]
-        value = column.astext if dialect == "postgresql" else column.as_string()
+        value = column.as_string()
         stmt = select(customers.c.customer_id).where(value == address).limit(1)
         return (await session.execute(stmt)).scalar()
 

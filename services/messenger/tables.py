@@ -59,7 +59,7 @@ messages = Table(
     Column("sent_at", UtcDateTime(), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("provider", String(32), nullable=True),
-    Column("provider_message_id", String(64), nullable=True),
+    Column("provider_message_id", String(255), nullable=True),
     Column("error_code", String(32), nullable=True),
     Column("trigger_event_id", String(128), nullable=True),
     Column("whatsapp_mode", String(16), nullable=True),

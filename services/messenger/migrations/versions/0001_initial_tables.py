@@ -107,7 +107,7 @@ def upgrade() -> None:
         sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("provider", sa.String(length=32), nullable=True),
-        sa.Column("provider_message_id", sa.String(length=64), nullable=True),
+        sa.Column("provider_message_id", sa.String(length=255), nullable=True),
         sa.Column("error_code", sa.String(length=32), nullable=True),
         sa.Column("trigger_event_id", sa.String(length=128), nullable=True),
         sa.Column("whatsapp_mode", sa.String(length=16), nullable=True),

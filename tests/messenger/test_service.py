@@ -1,0 +1,383 @@
+"""The messenger's service on a real database (SQLite and PostgreSQL) with the sandbox outbox:
+journeys to decisions, caps under a race, quiet hours, sending exactly once across a crash,
+and the providers' callbacks (signed, replayed, out of order, STOP in three languages)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from twilio.request_validator import RequestValidator
+
+from services.messenger.app import create_app
+from services.messenger.config import MessengerSettings
+from services.messenger.consumer import MIGRATIONS
+from services.messenger.decision import in_holdout
+from services.messenger.links import sign_unsubscribe
+from services.messenger.providers.outbox import OutboxProvider
+from services.messenger.service import MessengerService
+from shared.auth import create_key
+from shared.db import Database, migrate
+from shared.events import (
+    Channel,
+    ConsentState,
+    CustomerUpdate,
+    EventType,
+    ProfileSnapshot,
+    SupportAction,
+    TriggeringEvent,
+    UpdateCause,
+)
+from shared.kafka.consumer import Delivered
+
+pytestmark = pytest.mark.integration
+
+# A Tuesday, 12:00 in Jerusalem: inside the sending window.
+NOON = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+TOKEN = "test-auth-token"  # noqa: S105
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class World:
+    service: MessengerService
+    clock: Clock
+    outbox: Path
+    db: Database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path / 'messenger.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    settings = MessengerSettings(
+        messenger_database_url=url,
+        messenger_outbox_dir=str(tmp_path / "outbox"),
+        var_dir=tmp_path,
+        twilio_auth_token=SecretStr(TOKEN),
+        messenger_public_url="https://retain.example",
+    )
+    db = Database(url)
+    await migrate(db, MIGRATIONS)
+    clock = Clock(NOON)
+    outbox = OutboxProvider(tmp_path / "outbox")
+    service = MessengerService(db, settings, None, dict.fromkeys(Channel, outbox), clock=clock)
+    await service.ensure_defaults()
+    yield World(service, clock, tmp_path / "outbox", db)
+    await db.dispose()
+
+
+def profile(**overrides: Any) -> ProfileSnapshot:
+    values: dict[str, Any] = {
+        "name": "נועה לוי",
+        "email": "noa@example.com",
+        "phone": "+972521234567",
+        "whatsapp": "+972521234567",
+        "locale": "he-IL",
+        "timezone": "Asia/Jerusalem",
+        "preferred_channel": Channel.SMS,
+        "consents": {
+            Channel.EMAIL: ConsentState(granted=True, at=NOON - timedelta(days=30)),
+            Channel.SMS: ConsentState(granted=True, at=NOON - timedelta(days=30)),
+        },
+        "lifecycle_stage": "active",
+        "tier": "silver",
+        "segments": [],
+        "orders_count": 3,
+        "total_value": Decimal("900"),
+        "reporting_currency": "ILS",
+    }
+    values.update(overrides)
+    return ProfileSnapshot(**values)
+
+
+def purchase_update(customer: str, n: int, at: datetime, **profile_overrides: Any) -> CustomerUpdate:
+    return CustomerUpdate(
+        event_id=f"u-{customer}-{n}",
+        customer_id=customer,
+        occurred_at=at,
+        cause=UpdateCause.EVENTS,
+        triggering_events=[
+            TriggeringEvent(
+                event_id=f"p-{customer}-{n}",
+                type=EventType.PURCHASE,
+                occurred_at=at,
+                order_id=f"o{n}",
+                amount=Decimal("120.00"),
+                currency="ILS",
+            )
+        ],
+        tier_old="silver",
+        tier_new="silver",
+        rule_version=1,
+        profile=profile(**profile_overrides),
+    )
+
+
+def complaint_update(customer: str, at: datetime, **profile_overrides: Any) -> CustomerUpdate:
+    return CustomerUpdate(
+        event_id=f"u-{customer}-complaint",
+        customer_id=customer,
+        occurred_at=at,
+        cause=UpdateCause.EVENTS,
+        triggering_events=[
+            TriggeringEvent(
+                event_id=f"t-{customer}",
+                type=EventType.SUPPORT,
+                occurred_at=at,
+                ticket_id="T-1",
+                action=SupportAction.OPENED,
+                category="delivery",
+                is_complaint=True,
+            )
+        ],
+        tier_old="gold",
+        tier_new="gold",
+        rule_version=1,
+        profile=profile(**profile_overrides),
+    )
+
+
+def delivered(updates: list[CustomerUpdate]) -> list[Delivered[CustomerUpdate]]:
+    return [Delivered("retain.segments", 0, i, u.customer_id.encode(), u, 0) for i, u in enumerate(updates)]
+
+
+async def messages(world: World, customer: str) -> list[dict[str, Any]]:
+    rows = await world.service.list_messages(customer_id=customer, journey=None, status=None, before=None, limit=500)
+    return sorted(rows, key=lambda r: (r["created_at"], r["journey"]))
+
+
+def customer_not_in_holdout(journey: str) -> str:
+    return next(f"c{i}" for i in range(1000) if not in_holdout(f"c{i}", journey, 10))
+
+
+async def test_purchase_thanks_once_a_week_and_replays_change_nothing(world: World) -> None:
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    files = sorted(world.outbox.iterdir())
+    assert len(files) == 1
+    assert "+972521234567" in files[0].read_text()  # SMS, the preferred channel
+
+    world.clock.now = NOON + timedelta(days=1)
+    next_day = purchase_update(customer, 2, world.clock.now)
+    await world.service.apply_batch(delivered([next_day]))
+    assert len(await messages(world, customer)) == 1  # thank_you: at most once a week
+    result = await world.service.apply_batch(delivered([next_day]))
+    assert result.duplicates == 1
+
+    world.clock.now = NOON + timedelta(days=8)
+    await world.service.apply_batch(delivered([purchase_update(customer, 3, world.clock.now)]))
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    rows = await messages(world, customer)
+    assert [(r["journey"], r["status"]) for r in rows] == [("thank_you", "sent"), ("thank_you", "sent")]
+    assert len(list(world.outbox.iterdir())) == 2
+
+
+def tier_update(customer: str, at: datetime) -> CustomerUpdate:
+    return CustomerUpdate(
+        event_id=f"u-{customer}-tier",
+        customer_id=customer,
+        occurred_at=at,
+        cause=UpdateCause.RULES,
+        tier_old="silver",
+        tier_new="gold",
+        rule_version=2,
+        profile=profile(tier="gold"),
+    )
+
+
+async def test_caps_hold_when_two_deciders_race(world: World) -> None:
+    """Two services (two consumer processes) decide for one customer at the same moment: the
+    marketing cap of one per day lets exactly one through."""
+    other = MessengerService(world.db, world.service.settings, None, world.service.providers, clock=world.clock)
+    customer = next(
+        c for c in (f"r{i}" for i in range(1000)) if not in_holdout(c, "thank_you", 10) and not in_holdout(c, "tier_upgrade", 5)
+    )
+    # Two journeys, so nothing but the marketing cap (one a day) stands between them.
+    await asyncio.gather(
+        world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)])),
+        other.apply_batch(delivered([tier_update(customer, NOON)])),
+    )
+    rows = await messages(world, customer)
+    going = [r for r in rows if r["status"] in ("queued", "sent")]
+    capped = [r for r in rows if r["status"] == "capped"]
+    assert len(going) == 1, rows
+    assert len(capped) == 1, rows
+
+
+async def test_quiet_hours_hold_marketing_and_send_when_the_window_opens(world: World) -> None:
+    customer = customer_not_in_holdout("thank_you")
+    world.clock.now = datetime(2026, 11, 24, 21, 30, tzinfo=UTC)  # 23:30 in Jerusalem
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, world.clock.now)]))
+    [row] = await messages(world, customer)
+    assert row["status"] == "held_quiet_hours"
+    assert row["send_at"] == datetime(2026, 11, 25, 7, 0, tzinfo=UTC)  # 09:00 local
+    assert await world.service.send_due() == []
+    world.clock.now = datetime(2026, 11, 25, 7, 0, 1, tzinfo=UTC)
+    [outcome] = await world.service.send_due()
+    assert outcome.status == "sent"
+
+
+async def test_complaint_ack_is_transactional_and_ignores_quiet_hours(world: World) -> None:
+    world.clock.now = datetime(2026, 11, 24, 21, 30, tzinfo=UTC)
+    update = complaint_update("vip", world.clock.now, tier="platinum", consents={})
+    await world.service.apply_batch(delivered([update]))
+    rows = await messages(world, "vip")
+    assert [(r["journey"], r["status"]) for r in rows] == [("complaint_ack", "queued")]
+    [outcome] = await world.service.send_due()
+    assert outcome.status == "sent"
+
+
+async def test_a_crash_between_provider_and_commit_is_settled_not_resent(world: World) -> None:
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    [row] = await messages(world, customer)
+    provider = world.service.providers[Channel.SMS]
+    calls = 0
+    real_send = provider.send
+
+    async def send_then_die(msg: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        await real_send(msg)
+        raise asyncio.CancelledError  # the process dies after the provider took it
+
+    provider.send = send_then_die  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await world.service.send_one(row["id"])
+    provider.send = real_send  # type: ignore[method-assign]
+    [stuck] = await messages(world, customer)
+    assert stuck["status"] == "sending"
+    assert await world.service.send_due() == []  # 'sending' is never picked up again
+
+    world.clock.now = NOON + timedelta(minutes=5)
+    assert await world.service.reconcile() == 1
+    [settled] = await messages(world, customer)
+    assert settled["status"] == "sent"
+    assert "found at" in settled["reason"]
+    assert calls == 1
+    assert len(list(world.outbox.iterdir())) == 1  # the provider has it exactly once
+
+
+async def test_stop_in_three_languages_suppresses_and_start_lifts(world: World) -> None:
+    for n, stop in enumerate(["STOP", "הסר", "إلغاء"]):
+        customer = f"s{n}"
+        phone = f"+97252123450{n}"
+        first = purchase_update(customer, 1, NOON - timedelta(days=10), phone=phone, whatsapp=None, email=None)
+        await world.service.apply_batch(delivered([first]))
+        assert await world.service.inbound(Channel.SMS, phone, stop, "stop") == customer
+        world.clock.now = NOON
+        update = purchase_update(customer, 2, NOON, phone=phone, whatsapp=None, email=None, consents={
+            Channel.SMS: ConsentState(granted=True, at=NOON - timedelta(days=30)),
+        })
+        await world.service.apply_batch(delivered([update]))
+        rows = [r for r in await messages(world, customer) if r["trigger_event_id"] == f"p-{customer}-2"]
+        assert rows
+        assert rows[0]["status"] in ("suppressed", "holdout"), rows
+    world.clock.now = NOON + timedelta(days=1)  # START later than the STOP: it lifts it
+    await world.service.inbound(Channel.SMS, "+972521234500", "START", "start")
+    world.clock.now = NOON + timedelta(days=9)
+    later = purchase_update("s0", 3, world.clock.now, phone="+972521234500", whatsapp=None, email=None)
+    await world.service.apply_batch(delivered([later]))
+    rows = [r for r in await messages(world, "s0") if r["trigger_event_id"] == "p-s0-3"]
+    assert rows[0]["status"] in ("queued", "holdout")
+
+
+@pytest.fixture
+async def api(world: World, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(world.service.settings)
+    app.state.service = world.service
+    keys = tmp_path / "api_keys.json"
+    _, key = create_key(keys, ["messages:read", "messages:write"])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://retain.example", headers={"X-API-Key": key}) as c:
+        yield c
+
+
+def signed(path: str, params: dict[str, str]) -> dict[str, str]:
+    signature = RequestValidator(TOKEN).compute_signature(f"https://retain.example{path}", params)
+    return {"X-Twilio-Signature": signature}
+
+
+async def test_status_callbacks_are_signed_and_never_go_backwards(world: World, api: httpx.AsyncClient) -> None:
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    [outcome] = await world.service.send_due()
+    [row] = await messages(world, customer)
+    sid = row["provider_message_id"]
+    path = "/webhooks/twilio/status"
+
+    forged = await api.post(path, data={"MessageSid": sid, "MessageStatus": "failed"}, headers={"X-Twilio-Signature": "bad"})
+    missing = await api.post(path, data={"MessageSid": sid, "MessageStatus": "failed"})
+    assert (forged.status_code, missing.status_code) == (403, 403)
+    assert (await messages(world, customer))[0]["status"] == "sent"
+
+    delivered_form = {"MessageSid": sid, "MessageStatus": "delivered"}
+    ok = await api.post(path, data=delivered_form, headers=signed(path, delivered_form))
+    assert ok.status_code == 204
+    late = {"MessageSid": sid, "MessageStatus": "sent"}  # out of order: older than delivered
+    again = await api.post(path, data=late, headers=signed(path, late))
+    replay = await api.post(path, data=delivered_form, headers=signed(path, delivered_form))
+    assert (again.status_code, replay.status_code) == (204, 204)
+    assert (await messages(world, customer))[0]["status"] == "delivered"
+    assert outcome.status == "sent"
+
+
+async def test_inbound_stop_over_http_and_unsubscribe_link(world: World, api: httpx.AsyncClient) -> None:
+    await world.service.apply_batch(delivered([purchase_update("h1", 1, NOON - timedelta(days=20))]))
+    path = "/webhooks/twilio/inbound"
+    form = {"From": "+972521234567", "Body": " עצור ", "MessageSid": "SM1"}
+    response = await api.post(path, data=form, headers=signed(path, form))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/xml")
+    async with world.db.sessions() as session:
+        facts = await world.service.repo.consent_facts(session, "h1")
+    assert [(f.channel, f.source, f.opt_in) for f in facts] == [("sms", "stop", False)]
+
+    token = sign_unsubscribe(world.service.settings.messenger_link_secret.get_secret_value(), "h1", "email")
+    page = await api.get(f"/u/{token}")
+    assert page.status_code == 200
+    assert "form" in page.text
+    done = await api.post(f"/u/{token}")
+    assert done.status_code == 200
+    forged = await api.post(f"/u/{token[:-2]}xx")
+    assert forged.status_code == 404
+
+
+async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> None:
+    await world.service.apply_batch(delivered([purchase_update("a1", 1, NOON)]))
+    page = await api.get("/v1/messages", params={"customer_id": "a1"})
+    assert page.status_code == 200
+    [message] = page.json()["messages"]
+    assert message["journey"] == "thank_you"
+    assert message["reason"]
+    caps = (await api.get("/v1/caps")).json()["caps"]
+    assert {c["name"] for c in caps} >= {"sms_7d", "marketing_day"}
+    bad = await api.put("/v1/caps", json={"caps": [{"name": "x", "scope": "channel", "limit": -1, "window": 7}]})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["details"]
+    caps[0]["limit"] = 5
+    good = await api.put("/v1/caps", json={"caps": caps})
+    assert good.status_code == 200
+    assert good.json()["caps"][0]["limit"] == 5
+    assert (await api.get("/v1/messages", params={"status": "nope"})).status_code == 422
+    assert (await api.get("/v1/messages", headers={"X-API-Key": "rk_x_y"})).status_code == 401
