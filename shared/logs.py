@@ -31,6 +31,8 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     # aiokafka logs every reconnect attempt at ERROR while a broker restarts; warnings suffice.
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # Alembic announces every plugin and the DDL mode at each start: noise once migrated.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
