@@ -42,7 +42,7 @@ pytestmark = pytest.mark.integration
 
 # A Tuesday, 12:00 in Jerusalem: inside the sending window.
 NOON = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-TOKEN = "test-auth-token"  # noqa: S105
+TOKEN = "test-auth-token"
 
 
 class Clock:
@@ -161,7 +161,9 @@ def delivered(updates: list[CustomerUpdate]) -> list[Delivered[CustomerUpdate]]:
 
 
 async def messages(world: World, customer: str) -> list[dict[str, Any]]:
-    rows = await world.service.list_messages(customer_id=customer, journey=None, status=None, before=None, limit=500)
+    rows = await world.service.list_messages(
+        customer_id=customer, journey=None, status=None, before=None, limit=500
+    )
     return sorted(rows, key=lambda r: (r["created_at"], r["journey"]))
 
 
@@ -208,9 +210,13 @@ def tier_update(customer: str, at: datetime) -> CustomerUpdate:
 async def test_caps_hold_when_two_deciders_race(world: World) -> None:
     """Two services (two consumer processes) decide for one customer at the same moment: the
     marketing cap of one per day lets exactly one through."""
-    other = MessengerService(world.db, world.service.settings, None, world.service.providers, clock=world.clock)
+    other = MessengerService(
+        world.db, world.service.settings, None, world.service.providers, clock=world.clock
+    )
     customer = next(
-        c for c in (f"r{i}" for i in range(1000)) if not in_holdout(c, "thank_you", 10) and not in_holdout(c, "tier_upgrade", 5)
+        c
+        for c in (f"r{i}" for i in range(1000))
+        if not in_holdout(c, "thank_you", 10) and not in_holdout(c, "tier_upgrade", 5)
     )
     # Two journeys, so nothing but the marketing cap (one a day) stands between them.
     await asyncio.gather(
@@ -282,13 +288,23 @@ async def test_stop_in_three_languages_suppresses_and_start_lifts(world: World) 
     for n, stop in enumerate(["STOP", "הסר", "إلغاء"]):
         customer = f"s{n}"
         phone = f"+97252123450{n}"
-        first = purchase_update(customer, 1, NOON - timedelta(days=10), phone=phone, whatsapp=None, email=None)
+        first = purchase_update(
+            customer, 1, NOON - timedelta(days=10), phone=phone, whatsapp=None, email=None
+        )
         await world.service.apply_batch(delivered([first]))
         assert await world.service.inbound(Channel.SMS, phone, stop, "stop") == customer
         world.clock.now = NOON
-        update = purchase_update(customer, 2, NOON, phone=phone, whatsapp=None, email=None, consents={
-            Channel.SMS: ConsentState(granted=True, at=NOON - timedelta(days=30)),
-        })
+        update = purchase_update(
+            customer,
+            2,
+            NOON,
+            phone=phone,
+            whatsapp=None,
+            email=None,
+            consents={
+                Channel.SMS: ConsentState(granted=True, at=NOON - timedelta(days=30)),
+            },
+        )
         await world.service.apply_batch(delivered([update]))
         rows = [r for r in await messages(world, customer) if r["trigger_event_id"] == f"p-{customer}-2"]
         assert rows
@@ -309,7 +325,9 @@ async def api(world: World, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     keys = tmp_path / "api_keys.json"
     _, key = create_key(keys, ["messages:read", "messages:write"])
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="https://retain.example", headers={"X-API-Key": key}) as c:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="https://retain.example", headers={"X-API-Key": key}
+    ) as c:
         yield c
 
 
@@ -318,7 +336,9 @@ def signed(path: str, params: dict[str, str]) -> dict[str, str]:
     return {"X-Twilio-Signature": signature}
 
 
-async def test_status_callbacks_are_signed_and_never_go_backwards(world: World, api: httpx.AsyncClient) -> None:
+async def test_status_callbacks_are_signed_and_never_go_backwards(
+    world: World, api: httpx.AsyncClient
+) -> None:
     customer = customer_not_in_holdout("thank_you")
     await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
     [outcome] = await world.service.send_due()
@@ -326,7 +346,9 @@ async def test_status_callbacks_are_signed_and_never_go_backwards(world: World, 
     sid = row["provider_message_id"]
     path = "/webhooks/twilio/status"
 
-    forged = await api.post(path, data={"MessageSid": sid, "MessageStatus": "failed"}, headers={"X-Twilio-Signature": "bad"})
+    forged = await api.post(
+        path, data={"MessageSid": sid, "MessageStatus": "failed"}, headers={"X-Twilio-Signature": "bad"}
+    )
     missing = await api.post(path, data={"MessageSid": sid, "MessageStatus": "failed"})
     assert (forged.status_code, missing.status_code) == (403, 403)
     assert (await messages(world, customer))[0]["status"] == "sent"
@@ -372,7 +394,9 @@ async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> No
     assert message["reason"]
     caps = (await api.get("/v1/caps")).json()["caps"]
     assert {c["name"] for c in caps} >= {"sms_7d", "marketing_day"}
-    bad = await api.put("/v1/caps", json={"caps": [{"name": "x", "scope": "channel", "limit": -1, "window": 7}]})
+    bad = await api.put(
+        "/v1/caps", json={"caps": [{"name": "x", "scope": "channel", "limit": -1, "window": 7}]}
+    )
     assert bad.status_code == 422
     assert bad.json()["error"]["details"]
     caps[0]["limit"] = 5
