@@ -78,7 +78,7 @@ def applied_events_table(metadata: MetaData) -> Table:
     return Table(
         "applied_events",
         metadata,
-        Column("event_id", String(128), primary_key=True),
+        Column("event_id", String(255), primary_key=True),
         Column("topic", String(255), nullable=False),
         Column("partition", Integer, nullable=False),
         Column("offset", Integer, nullable=False),

@@ -281,13 +281,22 @@ def _expected_given_alive(
     2F1(C - A, C - B; C; z) turns (1 - z)^(r + x) 2F1(r + x, b + x; a + b + x - 1; z) into
     (1 - z)^(a - 1) 2F1(a - 1, a + b - 1 - r; a + b + x - 1; z), which stays finite for large x
     and long horizons where the published form is 0 * inf.
+
+    The other way round, a very large a (a fit whose dropout distribution degenerates to a
+    point, a, b -> infinity, on data without visible dropout) overflows the transformed 2F1
+    while the published form is finite: those rows fall back to the published form.
     """
     r, alpha, b = params.r, params.alpha, params.b
     z = t / (alpha + T + t)
     log_1mz = np.log(alpha + T) - np.log(alpha + T + t)
-    hyp = _f64(hyp2f1(a - 1.0, a + b - 1.0 - r, a + b + x - 1.0, z))
-    # 1 - (1 - z)^(a - 1) * hyp, written to keep precision when a is close to 1.
-    bracket = (1.0 - hyp) - hyp * np.expm1((a - 1.0) * log_1mz)
+    with np.errstate(invalid="ignore", over="ignore"):
+        hyp = _f64(hyp2f1(a - 1.0, a + b - 1.0 - r, a + b + x - 1.0, z))
+        # 1 - (1 - z)^(a - 1) * hyp, written to keep precision when a is close to 1.
+        bracket = (1.0 - hyp) - hyp * np.expm1((a - 1.0) * log_1mz)
+        overflowed = ~np.isfinite(bracket)
+        if overflowed.any():
+            printed = 1.0 - np.exp((r + x) * log_1mz) * _f64(hyp2f1(r + x, b + x, a + b + x - 1.0, z))
+            bracket = np.where(overflowed, printed, bracket)
     return (a + b + x - 1.0) / (a - 1.0) * bracket
 
 

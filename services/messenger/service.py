@@ -35,7 +35,7 @@ from services.messenger.quiet import QuietHours, customer_zone
 from services.messenger.repository import MessengerRepository
 from services.messenger.status import advances, ours
 from services.messenger.tables import applied_events, outbox
-from services.messenger.templates import TemplateStore, build_variables, render
+from services.messenger.templates import Template, TemplateStore, build_variables, render
 from shared.codec import encode, encode_key
 from shared.db import Database, claim_events
 from shared.events import (
@@ -47,7 +47,7 @@ from shared.events import (
     ProfileSnapshot,
 )
 from shared.kafka.consumer import BatchResult, Delivered
-from shared.kafka.producer import OutboundRecord, Producer
+from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
 from shared.outbox import OutboxRelay, enqueue
 from shared.topics import MESSAGES
@@ -140,6 +140,7 @@ class MessengerService:
         self.templates = TemplateStore()
         self._journeys: tuple[datetime | None, list[Journey]] = (None, [])
         self._caps: tuple[datetime | None, CapsConfig] = (None, DEFAULT_CAPS)
+        self._templates_at: datetime | None = None
 
     # --- configuration kept in the database ------------------------------------------------------
 
@@ -152,6 +153,7 @@ class MessengerService:
             await self.repo.insert_setting_if_absent(
                 session, "journeys", [j.model_dump(mode="json") for j in default_journeys()], now
             )
+            await self.load_template_overrides(session)
 
     async def journeys(self, session: Any) -> list[Journey]:
         row = await self.repo.setting(session, "journeys")
@@ -160,6 +162,17 @@ class MessengerService:
         if self._journeys[0] != row.updated_at:
             self._journeys = (row.updated_at, [Journey.model_validate(j) for j in row.value])
         return self._journeys[1]
+
+    async def load_template_overrides(self, session: Any) -> TemplateStore:
+        """The marketers' template overrides (setting "templates", a list of
+        ``Template.to_json()``), read again only when the setting's updated_at changes."""
+        row = await self.repo.setting(session, "templates")
+        updated_at = row.updated_at if row is not None else None
+        if updated_at != self._templates_at:
+            overrides = [Template.from_json(t) for t in row.value] if row is not None else []
+            self.templates = TemplateStore(overrides)
+            self._templates_at = updated_at
+        return self.templates
 
     async def caps(self, session: Any) -> CapsConfig:
         row = await self.repo.setting(session, "caps")
@@ -445,6 +458,7 @@ class MessengerService:
         now = self.clock()
         async with self.db.sessions() as session:
             due = await self.repo.due_messages(session, now, limit)
+            await self.load_template_overrides(session)
         semaphore = asyncio.Semaphore(self.settings.messenger_send_concurrency)
 
         async def one(message_id: str) -> SendOutcome | None:
@@ -800,8 +814,14 @@ class MessengerService:
         )
 
     async def flush(self) -> None:
-        if self.relay is not None:
+        """Publish what the outbox table holds. With the broker away, the rows wait there for
+        the next flush: sending to customers does not stop because Kafka is down."""
+        if self.relay is None:
+            return
+        try:
             await self.relay.flush()
+        except BrokerUnavailableError as exc:
+            log.warning("outcomes wait in the outbox: Kafka unreachable", error=str(exc)[:200])
 
     async def tick(self) -> None:
         await self.fire_waits()

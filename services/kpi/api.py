@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+
+from services.kpi.periods import Granularity, buckets
+from services.kpi.schemas import (
+    ChurnOut,
+    ClvModelOut,
+    ClvSummaryOut,
+    CohortsOut,
+    ConversionOut,
+    CustomerClvOut,
+    ResponseTimeOut,
+)
+from services.kpi.service import InsufficientDataError, KpiQuery, KpiService
+from shared.auth import ApiKey, KeyStore, require_scope
+from shared.errors import InvalidInputError, NotFoundError
+
+router = APIRouter()
+
+DEFAULT_DAYS = 30
+MAX_DAYS = 3660
+MAX_BUCKETS = 1000
+
+
+def _store(request: Request) -> KeyStore:
+    store: KeyStore = request.app.state.keys
+    return store
+
+
+def _service(request: Request) -> KpiService:
+    service: KpiService = request.app.state.service
+    return service
+
+
+Reader = Annotated[ApiKey, Depends(require_scope(_store, "kpi:read"))]
+Service = Annotated[KpiService, Depends(_service)]
+From = Annotated[
+    date | None,
+    Query(alias="from", description="First local day, YYYY-MM-DD (default: 29 days before 'to')."),
+]
+To = Annotated[date | None, Query(description="Last local day, included (default: today).")]
+Grain = Annotated[Granularity, Query(description="Bucket size: day, week (ISO, Monday) or month.")]
+
+
+def _query(
+    service: KpiService, first: date | None, last: date | None, granularity: Granularity, by: str | None
+) -> KpiQuery:
+    last = last or service.today()
+    first = first or last - timedelta(days=DEFAULT_DAYS - 1)
+    problems: list[dict[str, str]] = []
+    if last < first:
+        problems.append({"field": "query.to", "message": f"'to' ({last}) is before 'from' ({first})"})
+    elif (last - first).days >= MAX_DAYS:
+        problems.append({"field": "query.from", "message": f"the range may span at most {MAX_DAYS} days"})
+    elif len(buckets(first, last, granularity, service.tz)) > MAX_BUCKETS:
+        problems.append(
+            {"field": "query.granularity", "message": f"more than {MAX_BUCKETS} buckets: use a coarser one"}
+        )
+    if problems:
+        raise InvalidInputError("the request is not valid", details=problems)
+    return KpiQuery(first, last, granularity, by)
+
+
+@router.get(
+    "/v1/kpis/response-time",
+    response_model=ResponseTimeOut,
+    tags=["kpis"],
+    summary="First response and resolution times, target breaches, high-value complaints",
+)
+async def response_time(
+    _key: Reader,
+    service: Service,
+    from_: From = None,
+    to: To = None,
+    granularity: Grain = Granularity.DAY,
+    by: Annotated[
+        Literal["category", "priority", "tier", "channel", "complaint"] | None,
+        Query(description="Break every block down by this (tier and channel: the customer's latest)."),
+    ] = None,
+) -> dict[str, Any]:
+    return await service.response_time(_query(service, from_, to, granularity, by))
+
+
+@router.get(
+    "/v1/kpis/churn",
+    response_model=ChurnOut,
+    tags=["kpis"],
+    summary="Contractual and non-contractual churn rates, and win-back by churn reason",
+)
+async def churn(
+    _key: Reader,
+    service: Service,
+    from_: From = None,
+    to: To = None,
+    granularity: Grain = Granularity.MONTH,
+    by: Annotated[Literal["reason", "tier"] | None, Query(description="Break churn down by this.")] = None,
+) -> dict[str, Any]:
+    return await service.churn(_query(service, from_, to, granularity, by))
+
+
+@router.get(
+    "/v1/kpis/cohorts",
+    response_model=CohortsOut,
+    tags=["kpis"],
+    summary="Retention table by cohort of first purchase",
+)
+async def cohorts(
+    _key: Reader,
+    service: Service,
+    from_: From = None,
+    to: To = None,
+    granularity: Grain = Granularity.MONTH,
+    by: Annotated[
+        Literal["tier", "locale", "channel"] | None, Query(description="One table per value of this.")
+    ] = None,
+) -> dict[str, Any]:
+    return await service.cohorts(_query(service, from_, to, granularity, by))
+
+
+@router.get(
+    "/v1/kpis/conversion",
+    response_model=ConversionOut,
+    tags=["kpis"],
+    summary="Conversion of outreach, uplift against holdout, revenue per message, delivery",
+)
+async def conversion(
+    _key: Reader,
+    service: Service,
+    from_: From = None,
+    to: To = None,
+    granularity: Grain = Granularity.DAY,
+    by: Annotated[
+        Literal["journey", "channel", "tier", "locale"] | None,
+        Query(description="Break down by this (as stamped on each message)."),
+    ] = None,
+) -> dict[str, Any]:
+    return await service.conversion(_query(service, from_, to, granularity, by))
+
+
+@router.get(
+    "/v1/kpis/clv/summary",
+    response_model=ClvSummaryOut,
+    tags=["kpis", "clv"],
+    summary="Revenue per period, and the latest CLV predictions summed up",
+)
+async def clv_summary(
+    _key: Reader,
+    service: Service,
+    from_: From = None,
+    to: To = None,
+    granularity: Grain = Granularity.MONTH,
+    by: Annotated[
+        Literal["tier", "locale", "channel"] | None,
+        Query(description="Break the predictions down by this."),
+    ] = None,
+) -> dict[str, Any]:
+    return await service.clv_summary(_query(service, from_, to, granularity, by))
+
+
+@router.get(
+    "/v1/clv/model",
+    response_model=ClvModelOut,
+    tags=["clv"],
+    summary="BG/NBD + Gamma-Gamma fitted on the purchases up to and including as_of (cached)",
+    responses={422: {"description": "invalid date, or not enough purchases to fit"}},
+)
+async def clv_model(
+    _key: Reader,
+    service: Service,
+    as_of: Annotated[
+        date | None, Query(description="Calibration cutoff, YYYY-MM-DD (default: today).")
+    ] = None,
+) -> dict[str, Any]:
+    today = service.today()
+    cutoff = as_of or today
+    if cutoff > today:
+        raise InvalidInputError(
+            "the request is not valid",
+            details=[{"field": "query.as_of", "message": f"{cutoff} is in the future (today is {today})"}],
+        )
+    try:
+        return await service.clv_model(cutoff)
+    except InsufficientDataError as exc:
+        raise InvalidInputError(
+            str(exc), details=[{"field": "query.as_of", "message": str(exc)}], code="insufficient_data"
+        ) from exc
+
+
+@router.get(
+    "/v1/customers/{customer_id}/clv",
+    response_model=CustomerClvOut,
+    tags=["clv"],
+    summary="A customer's historic value, P(alive), expected purchases in 90 days, predicted CLV",
+)
+async def customer_clv(
+    customer_id: Annotated[str, Path(min_length=1, max_length=128)], _key: Reader, service: Service
+) -> dict[str, Any]:
+    try:
+        found = await service.customer_clv(customer_id)
+    except InsufficientDataError as exc:
+        raise InvalidInputError(str(exc), code="insufficient_data") from exc
+    if found is None:
+        raise NotFoundError(f"no purchases of customer {customer_id!r}")
+    return found

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+
+from services.kpi.fx import Fx
+from services.kpi.response_time import Targets
+from shared.config import CommonSettings
+
+
+class KpiSettings(CommonSettings):
+    kpi_database_url: str | None = Field(
+        default=None, description="Database URL; default sqlite+aiosqlite:///<var_dir>/kpi.db."
+    )
+    kpi_group_id: str = Field(default="retain-kpi", description="Kafka consumer group.")
+    kpi_batch_size: int = Field(default=500, ge=1, le=10000, description="Records per consumed batch.")
+    kpi_timezone: str = Field(
+        default="Asia/Jerusalem", description="Reporting time zone: KPI days and months are local to it."
+    )
+    kpi_reporting_currency: str = Field(default="ILS", description="Currency of every money KPI and CLV.")
+    kpi_fx_rates: dict[str, Decimal] = Field(
+        default={
+            "USD": Decimal("3.65"),
+            "EUR": Decimal("3.95"),
+            "GBP": Decimal("4.60"),
+            "EGP": Decimal("0.075"),
+        },
+        description="Units of the reporting currency per unit of each other currency (JSON object).",
+    )
+    kpi_first_response_targets_h: dict[str, float] = Field(
+        default={"complaint": 4.0, "billing": 24.0},
+        description="First-response target per ticket category, hours; 'complaint' also applies to "
+        "tickets flagged is_complaint when it is stricter.",
+    )
+    kpi_default_first_response_target_h: float = Field(
+        default=24.0, gt=0, description="First-response target of the other categories, hours."
+    )
+    kpi_high_value_threshold: Decimal = Field(
+        default=Decimal(5000),
+        ge=0,
+        description="Revenue before a complaint (reporting currency) that makes it a high-value one.",
+    )
+    kpi_churn_window_days: int = Field(
+        default=90, ge=1, description="Non-contractual churn: this many days without a purchase."
+    )
+    kpi_win_back_days: int = Field(
+        default=180, ge=1, description="A purchase this soon after a cancellation is a win-back."
+    )
+    kpi_conversion_window_days: float = Field(
+        default=7.0, gt=0, description="A message converts when a purchase follows within this window."
+    )
+    kpi_p_alive_threshold: float = Field(
+        default=0.3, ge=0, le=1, description="Customers with P(alive) below this count as at risk."
+    )
+    kpi_clv_horizon_weeks: float = Field(default=52.0, gt=0, description="Horizon of predicted CLV.")
+    kpi_clv_discount_rate: float = Field(
+        default=0.10, gt=-1, description="Annual discount rate of predicted CLV."
+    )
+    kpi_clv_refit_interval_s: float = Field(
+        default=3600.0, gt=0, description="Scheduled CLV refit (and retain.clv publication) interval."
+    )
+    kpi_clv_refit_after_change_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Refit sooner, this long after the last fit, when purchases arrived since.",
+    )
+    kpi_clv_relative_tolerance: float = Field(
+        default=0.02, ge=0, description="Publish a prediction when it moved by more than this share."
+    )
+    kpi_rollup_interval_s: float = Field(
+        default=30.0, gt=0, description="How often the Grafana tables (kpi_*_daily/monthly) catch up."
+    )
+    kpi_metrics_window_days: int = Field(
+        default=30, ge=1, le=366, description="/metrics gauges cover the last this many days."
+    )
+    kpi_metrics_ttl_s: float = Field(
+        default=15.0, ge=0, description="/metrics recomputes the KPI gauges at most this often."
+    )
+
+    @field_validator("kpi_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r}, e.g. Asia/Jerusalem") from exc
+        return value
+
+    @field_validator("kpi_reporting_currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        if len(value) != 3 or not value.isascii() or not value.isupper():
+            raise ValueError("not an ISO 4217 currency code, e.g. ILS, USD, EUR")
+        return value
+
+    @property
+    def database_url(self) -> str:
+        return self.kpi_database_url or self.sqlite_url("kpi")
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.kpi_timezone)
+
+    @property
+    def fx(self) -> Fx:
+        return Fx(self.kpi_reporting_currency, dict(self.kpi_fx_rates))
+
+    @property
+    def targets(self) -> Targets:
+        return Targets(
+            default_s=self.kpi_default_first_response_target_h * 3600,
+            per_category={c: h * 3600 for c, h in self.kpi_first_response_targets_h.items()},
+        )
+
+    @property
+    def churn_window(self) -> timedelta:
+        return timedelta(days=self.kpi_churn_window_days)
+
+    @property
+    def win_back_window(self) -> timedelta:
+        return timedelta(days=self.kpi_win_back_days)
+
+    @property
+    def conversion_window(self) -> timedelta:
+        return timedelta(days=self.kpi_conversion_window_days)

@@ -1,0 +1,62 @@
+"""The kpi service's consumer process: backend events and message outcomes → fact tables;
+between batches, the Grafana tables and the scheduled CLV refit → retain.clv.
+Run: ``python -m services.kpi.consumer``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from services.kpi.config import KpiSettings
+from services.kpi.service import KpiService
+from shared.codec import decode_with
+from shared.db import Database, migrate
+from shared.events import EVENT_ADAPTER, MESSAGE_EVENT_ADAPTER, Event, MessageEvent
+from shared.kafka.consumer import ConsumerLoop
+from shared.kafka.producer import Producer
+from shared.logs import configure_logging
+from shared.service_main import run_until_signalled
+from shared.topics import CANCELLATIONS, MESSAGES, PROFILES, PURCHASES, SUPPORT
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def build_loop(
+    settings: KpiSettings, service: KpiService, producer: Producer
+) -> ConsumerLoop[Event | MessageEvent]:
+    messages_topic = settings.topic(MESSAGES)
+
+    def decode(topic: str, payload: bytes) -> Event | MessageEvent:
+        if topic == messages_topic:
+            return decode_with(MESSAGE_EVENT_ADAPTER, payload)
+        return decode_with(EVENT_ADAPTER, payload)
+
+    return ConsumerLoop(
+        bootstrap=settings.kafka_bootstrap,
+        topics=[settings.topic(t) for t in (PROFILES, PURCHASES, SUPPORT, CANCELLATIONS, MESSAGES)],
+        group_id=settings.kpi_group_id,
+        decode=decode,
+        handle=service.apply_batch,
+        producer=producer,
+        max_records=settings.kpi_batch_size,
+        tick=service.tick,
+        session_timeout_ms=settings.consumer_session_timeout_ms,
+    )
+
+
+async def main(settings: KpiSettings | None = None) -> None:
+    settings = settings or KpiSettings()
+    configure_logging(settings.log_level, settings.log_json)
+    db = Database(settings.database_url)
+    await migrate(db, MIGRATIONS)
+    producer = Producer(settings.kafka_bootstrap, client_id="retain-kpi")
+    service = KpiService(db, settings, producer)
+    try:
+        await run_until_signalled(build_loop(settings, service, producer))
+    finally:
+        await producer.stop()
+        await db.dispose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,410 @@
+"""All of the kpi service's SQL. Callers own the transaction (``Database.transaction``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Table, and_, case, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.kpi.conversion import MessageFact
+from services.kpi.response_time import SupportStep, Ticket
+from services.kpi.tables import (
+    cancellations,
+    clv_models,
+    clv_predictions,
+    customers,
+    message_events,
+    purchases,
+    rollup_state,
+    support_events,
+    tickets,
+)
+from shared.db import insert_ignoring_conflicts
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseRow:
+    customer_id: str
+    order_id: str
+    event_id: str
+    occurred_at: datetime
+    amount: Decimal
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancellationRow:
+    customer_id: str
+    occurred_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerAttributes:
+    customer_id: str
+    locale: str | None = None
+    channel: str | None = None
+    tier: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    customer_id: str
+    model_as_of: date
+    historic_value: float
+    predicted_clv: float
+    p_alive: float
+    expected_purchases_90d: float
+    published_clv: float | None = None
+    published_p_alive: float | None = None
+    published_expected_90d: float | None = None
+
+
+def _insert(session: AsyncSession, table: Table) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _ticket(r: Any) -> Ticket:
+    return Ticket(
+        ticket_id=r.ticket_id,
+        customer_id=r.customer_id,
+        category=r.category,
+        priority=r.priority,
+        is_complaint=r.is_complaint,
+        opened_at=r.opened_at,
+        opened_inferred=r.opened_inferred,
+        first_response_at=r.first_response_at,
+        resolved_at=r.resolved_at,
+        reopened=r.reopened,
+    )
+
+
+class KpiRepository:
+    # --- facts written by the consumer ------------------------------------------------------------
+
+    async def upsert_purchases(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """One row per (customer, order): the newest event (occurred_at, event id) wins, so the
+        result does not depend on arrival order. ``rows`` must have one row per key."""
+        if not rows:
+            return
+        ins = _insert(session, purchases)
+        c = purchases.c
+        newer = or_(
+            ins.excluded.occurred_at > c.occurred_at,
+            and_(ins.excluded.occurred_at == c.occurred_at, ins.excluded.event_id > c.event_id),
+        )
+        stmt = ins.on_conflict_do_update(
+            index_elements=[c.customer_id, c.order_id],
+            set_={k: ins.excluded[k] for k in ("event_id", "occurred_at", "amount", "currency")},
+            where=newer,
+        )
+        await session.execute(stmt, list(rows))
+
+    async def insert_facts(
+        self, session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Facts keyed by event id (ticket steps, cancellations, message statuses)."""
+        if rows:
+            await session.execute(insert_ignoring_conflicts(session, table), list(rows))
+
+    async def upsert_customers(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Each attribute is a last-writer-wins register stamped "<UTC time>|<event id>"."""
+        if not rows:
+            return
+        ins = _insert(session, customers)
+        c = customers.c
+        set_: dict[str, Any] = {}
+        for name in ("locale", "channel", "tier"):
+            new_at, current_at = ins.excluded[f"{name}_at"], c[f"{name}_at"]
+            newer = and_(new_at.is_not(None), or_(current_at.is_(None), new_at > current_at))
+            set_[name] = case((newer, ins.excluded[name]), else_=c[name])
+            set_[f"{name}_at"] = case((newer, new_at), else_=current_at)
+        await session.execute(
+            ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_), list(rows)
+        )
+
+    async def support_steps(self, session: AsyncSession, ticket_ids: Iterable[str]) -> list[SupportStep]:
+        ids = list(ticket_ids)
+        if not ids:
+            return []
+        s = support_events.c
+        result = await session.execute(select(support_events).where(s.ticket_id.in_(ids)))
+        return [
+            SupportStep(
+                r.event_id,
+                r.ticket_id,
+                r.customer_id,
+                r.occurred_at,
+                r.action,
+                r.category,
+                r.priority,
+                r.is_complaint,
+            )
+            for r in result
+        ]
+
+    async def save_tickets(self, session: AsyncSession, rows: Sequence[Ticket]) -> None:
+        if not rows:
+            return
+        ins = _insert(session, tickets)
+        values = [
+            {
+                "ticket_id": t.ticket_id,
+                "customer_id": t.customer_id,
+                "category": t.category,
+                "priority": t.priority,
+                "is_complaint": t.is_complaint,
+                "opened_at": t.opened_at,
+                "opened_inferred": t.opened_inferred,
+                "first_response_at": t.first_response_at,
+                "first_response_s": t.first_response_s,
+                "resolved_at": t.resolved_at,
+                "resolution_s": t.resolution_s,
+                "reopened": t.reopened,
+            }
+            for t in rows
+        ]
+        set_ = {c.name: ins.excluded[c.name] for c in tickets.c if c.name != "ticket_id"}
+        await session.execute(
+            ins.on_conflict_do_update(index_elements=[tickets.c.ticket_id], set_=set_), values
+        )
+
+    async def first_message_times(self, session: AsyncSession, message_ids: Iterable[str]) -> list[datetime]:
+        ids = list(message_ids)
+        if not ids:
+            return []
+        m = message_events.c
+        stmt = select(func.min(m.occurred_at)).where(m.message_id.in_(ids)).group_by(m.message_id)
+        return [v for v in (await session.scalars(stmt)).all() if v is not None]
+
+    # --- Grafana-table bookkeeping ----------------------------------------------------------------
+
+    async def mark_dirty(self, session: AsyncSession, days: Mapping[str, date]) -> None:
+        """Lower each rollup's dirty_from to ``days[name]`` (never raise it)."""
+        if not days:
+            return
+        ins = _insert(session, rollup_state)
+        current = rollup_state.c.dirty_from
+        lowered = case(
+            (or_(current.is_(None), ins.excluded.dirty_from < current), ins.excluded.dirty_from),
+            else_=current,
+        )
+        stmt = ins.on_conflict_do_update(index_elements=[rollup_state.c.name], set_={"dirty_from": lowered})
+        await session.execute(stmt, [{"name": n, "dirty_from": d} for n, d in sorted(days.items())])
+
+    async def rollup_status(self, session: AsyncSession, name: str) -> tuple[date | None, str | None, bool]:
+        """(dirty_from, settings fingerprint, whether it was ever computed)."""
+        row = (await session.execute(select(rollup_state).where(rollup_state.c.name == name))).first()
+        if row is None:
+            return None, None, False
+        return row.dirty_from, row.settings, row.computed_at is not None
+
+    async def finish_rollup(
+        self, session: AsyncSession, name: str, seen_dirty: date | None, settings: str, at: datetime
+    ) -> None:
+        """Clear dirty_from unless the consumer lowered it meanwhile (then the next run redoes it)."""
+        ins = _insert(session, rollup_state)
+        await session.execute(
+            ins.on_conflict_do_nothing(), [{"name": name, "dirty_from": None, "settings": settings}]
+        )
+        c = rollup_state.c
+        unchanged = c.dirty_from.is_(None) if seen_dirty is None else c.dirty_from == seen_dirty
+        await session.execute(update(rollup_state).where(c.name == name, unchanged).values(dirty_from=None))
+        await session.execute(
+            update(rollup_state).where(c.name == name).values(computed_at=at, settings=settings)
+        )
+
+    async def clear_dirty(self, session: AsyncSession, name: str) -> None:
+        await session.execute(update(rollup_state).where(rollup_state.c.name == name).values(dirty_from=None))
+
+    async def earliest(self, session: AsyncSession, column: Any) -> datetime | None:
+        value: datetime | None = await session.scalar(select(func.min(column)))
+        return value
+
+    async def replace_rows(
+        self,
+        session: AsyncSession,
+        table: Table,
+        since: date,
+        rows: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Replace a Grafana table's rows from local day ``since`` (its first column) on."""
+        day = next(iter(table.primary_key.columns))
+        await session.execute(delete(table).where(day >= since))
+        if rows:
+            await session.execute(table.insert(), list(rows))
+
+    # --- reads -------------------------------------------------------------------------------------
+
+    async def tickets_opened(self, session: AsyncSession, start: datetime, end: datetime) -> list[Ticket]:
+        t = tickets.c
+        stmt = select(tickets).where(t.opened_at >= start, t.opened_at < end)
+        return [_ticket(r) for r in await session.execute(stmt)]
+
+    async def open_tickets(self, session: AsyncSession) -> list[Ticket]:
+        return [
+            _ticket(r) for r in await session.execute(select(tickets).where(tickets.c.resolved_at.is_(None)))
+        ]
+
+    async def customer_attributes(
+        self, session: AsyncSession, ids: Iterable[str] | None = None
+    ) -> dict[str, CustomerAttributes]:
+        stmt = select(customers.c.customer_id, customers.c.locale, customers.c.channel, customers.c.tier)
+        if ids is not None:
+            wanted = list(ids)
+            if not wanted:
+                return {}
+            stmt = stmt.where(customers.c.customer_id.in_(wanted))
+        return {r.customer_id: CustomerAttributes(*r) for r in await session.execute(stmt)}
+
+    async def purchases(
+        self,
+        session: AsyncSession,
+        *,
+        customer_ids: Iterable[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[PurchaseRow]:
+        """Orders with ``since <= occurred_at < until``, oldest first."""
+        p = purchases.c
+        stmt = select(p.customer_id, p.order_id, p.event_id, p.occurred_at, p.amount, p.currency)
+        if customer_ids is not None:
+            wanted = list(customer_ids)
+            if not wanted:
+                return []
+            stmt = stmt.where(p.customer_id.in_(wanted))
+        if since is not None:
+            stmt = stmt.where(p.occurred_at >= since)
+        if until is not None:
+            stmt = stmt.where(p.occurred_at < until)
+        rows = await session.execute(stmt.order_by(p.occurred_at, p.customer_id, p.order_id))
+        return [PurchaseRow(*r) for r in rows]
+
+    async def purchase_fingerprint(self, session: AsyncSession, until: datetime) -> str:
+        """Changes when any order before ``until`` is added or corrected (a cache key)."""
+        p = purchases.c
+        row = (
+            await session.execute(
+                select(func.count(), func.sum(p.amount), func.max(p.event_id), func.min(p.event_id)).where(
+                    p.occurred_at < until
+                )
+            )
+        ).one()
+        count, total, highest, lowest = row
+        return f"{count}|{Decimal(total or 0).normalize()}|{highest}|{lowest}"
+
+    async def cancellations(
+        self, session: AsyncSession, until: datetime | None = None
+    ) -> list[CancellationRow]:
+        c = cancellations.c
+        stmt = select(c.customer_id, c.occurred_at, c.reason)
+        if until is not None:
+            stmt = stmt.where(c.occurred_at < until)
+        return [CancellationRow(*r) for r in await session.execute(stmt.order_by(c.occurred_at))]
+
+    async def message_facts(self, session: AsyncSession, start: datetime, end: datetime) -> list[MessageFact]:
+        """Every status event of the messages that were sent, held out or attempted in [start, end)."""
+        m = message_events.c
+        anchored = (
+            select(m.message_id)
+            .where(
+                m.occurred_at >= start,
+                m.occurred_at < end,
+                m.status.in_(["sent", "holdout", "delivered", "undelivered", "failed"]),
+            )
+            .distinct()
+        )
+        stmt = select(message_events).where(m.message_id.in_(anchored))
+        return [
+            MessageFact(
+                r.event_id,
+                r.message_id,
+                r.customer_id,
+                r.status,
+                r.occurred_at,
+                r.journey,
+                r.channel,
+                r.tier,
+                r.locale,
+                r.holdout,
+            )
+            for r in await session.execute(stmt)
+        ]
+
+    # --- CLV ---------------------------------------------------------------------------------------
+
+    async def clv_model(self, session: AsyncSession, as_of: date) -> Any:
+        return (await session.execute(select(clv_models).where(clv_models.c.as_of == as_of))).first()
+
+    async def latest_clv_model(self, session: AsyncSession, not_after: date) -> Any:
+        stmt = select(clv_models).where(clv_models.c.as_of <= not_after).order_by(clv_models.c.as_of.desc())
+        return (await session.execute(stmt.limit(1))).first()
+
+    async def save_clv_model(
+        self, session: AsyncSession, as_of: date, fingerprint: str, fitted_at: datetime, model: dict[str, Any]
+    ) -> None:
+        ins = _insert(session, clv_models)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[clv_models.c.as_of],
+            set_={
+                "fingerprint": ins.excluded.fingerprint,
+                "fitted_at": ins.excluded.fitted_at,
+                "model": ins.excluded.model,
+            },
+        )
+        await session.execute(
+            stmt, [{"as_of": as_of, "fingerprint": fingerprint, "fitted_at": fitted_at, "model": model}]
+        )
+
+    async def predictions(self, session: AsyncSession) -> dict[str, Prediction]:
+        p = clv_predictions.c
+        stmt = select(
+            p.customer_id,
+            p.model_as_of,
+            p.historic_value,
+            p.predicted_clv,
+            p.p_alive,
+            p.expected_purchases_90d,
+            p.published_clv,
+            p.published_p_alive,
+            p.published_expected_90d,
+        )
+        return {r.customer_id: Prediction(*r) for r in await session.execute(stmt)}
+
+    async def save_predictions(
+        self, session: AsyncSession, rows: Sequence[Prediction], published: set[str], at: datetime
+    ) -> None:
+        if not rows:
+            return
+        ins = _insert(session, clv_predictions)
+        values = [
+            {
+                "customer_id": r.customer_id,
+                "model_as_of": r.model_as_of,
+                "computed_at": at,
+                "historic_value": r.historic_value,
+                "predicted_clv": r.predicted_clv,
+                "p_alive": r.p_alive,
+                "expected_purchases_90d": r.expected_purchases_90d,
+                "published_clv": r.predicted_clv if r.customer_id in published else r.published_clv,
+                "published_p_alive": r.p_alive if r.customer_id in published else r.published_p_alive,
+                "published_expected_90d": (
+                    r.expected_purchases_90d if r.customer_id in published else r.published_expected_90d
+                ),
+                "published_at": at if r.customer_id in published else None,
+            }
+            for r in rows
+        ]
+        c = clv_predictions.c
+        set_ = {col.name: ins.excluded[col.name] for col in clv_predictions.c if col.name != "customer_id"}
+        # Keep the previous publication time for customers not published this time.
+        set_["published_at"] = func.coalesce(ins.excluded.published_at, c.published_at)
+        await session.execute(ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_), values)

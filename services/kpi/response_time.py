@@ -1,0 +1,183 @@
+"""Support response times: what a ticket's steps say, and the KPIs over many tickets. Pure.
+
+Definitions (docs/kpis.md, "Response time"):
+
+* a ticket's steps are ordered by (occurred_at, desk order of the action, event id);
+* opened_at: the first ``opened`` step (or the first step of any kind, flagged as inferred,
+  while the ``opened`` event has not arrived);
+* first response: the first ``agent_replied`` at or after opened_at;
+* the ticket is resolved when the last of its ``resolved``/``reopened`` steps is ``resolved``;
+  resolution time runs from opened_at to that last ``resolved``: a reopen does not start a new
+  clock, it continues the ticket's one, so the time the ticket spent resolved before the reopen
+  is included;
+* the first-response target of a ticket is its category's, or the complaint target if that is
+  stricter and the ticket is a complaint; it is breached when the first response came later
+  than the target, or has not come and the target has passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from services.kpi.stats import Durations, durations, ratio
+
+# Steps at the same instant are ordered as a help desk records them (as the segmenter does).
+ACTION_ORDER = {"opened": 0, "customer_replied": 1, "agent_replied": 2, "resolved": 3, "reopened": 4}
+COMPLAINT = "complaint"
+
+
+@dataclass(frozen=True, slots=True)
+class SupportStep:
+    event_id: str
+    ticket_id: str
+    customer_id: str
+    at: datetime
+    action: str
+    category: str
+    priority: str | None
+    is_complaint: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    ticket_id: str
+    customer_id: str
+    category: str
+    priority: str | None
+    is_complaint: bool
+    opened_at: datetime
+    opened_inferred: bool
+    first_response_at: datetime | None
+    resolved_at: datetime | None  # the final resolution; None while the ticket is open
+    reopened: int
+
+    @property
+    def first_response_s(self) -> float | None:
+        if self.first_response_at is None:
+            return None
+        return (self.first_response_at - self.opened_at).total_seconds()
+
+    @property
+    def resolution_s(self) -> float | None:
+        if self.resolved_at is None:
+            return None
+        return (self.resolved_at - self.opened_at).total_seconds()
+
+
+def ticket_from_steps(steps: Iterable[SupportStep]) -> Ticket:
+    ordered = sorted(steps, key=lambda s: (s.at, ACTION_ORDER[s.action], s.event_id))
+    if not ordered:
+        raise ValueError("a ticket needs at least one step")
+    opened = next((s for s in ordered if s.action == "opened"), None)
+    opened_at = (opened or ordered[0]).at
+    first_reply = next((s.at for s in ordered if s.action == "agent_replied" and s.at >= opened_at), None)
+    status_steps = [s for s in ordered if s.action in ("resolved", "reopened")]
+    resolved_at = status_steps[-1].at if status_steps and status_steps[-1].action == "resolved" else None
+    # Category and priority can be corrected: the newest step that says one wins.
+    newest = max(ordered, key=lambda s: (s.at, s.event_id))
+    with_priority = [s for s in ordered if s.priority is not None]
+    priority = max(with_priority, key=lambda s: (s.at, s.event_id)).priority if with_priority else None
+    return Ticket(
+        ticket_id=ordered[0].ticket_id,
+        customer_id=ordered[0].customer_id,
+        category=newest.category,
+        priority=priority,
+        is_complaint=any(s.is_complaint for s in ordered) or newest.category == COMPLAINT,
+        opened_at=opened_at,
+        opened_inferred=opened is None,
+        first_response_at=first_reply,
+        resolved_at=resolved_at,
+        reopened=sum(1 for s in ordered if s.action == "reopened"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """First-response targets in seconds."""
+
+    default_s: float
+    per_category: Mapping[str, float]
+
+    def for_ticket(self, ticket: Ticket) -> float:
+        target = self.per_category.get(ticket.category, self.default_s)
+        if ticket.is_complaint and COMPLAINT in self.per_category:
+            target = min(target, self.per_category[COMPLAINT])
+        return target
+
+
+class TargetStatus(StrEnum):
+    MET = "met"
+    BREACHED = "breached"
+    PENDING = "pending"  # no first response yet, target not passed yet
+
+
+def target_status(ticket: Ticket, targets: Targets, now: datetime) -> TargetStatus:
+    target = targets.for_ticket(ticket)
+    answered = ticket.first_response_s
+    if answered is not None:
+        return TargetStatus.MET if answered <= target else TargetStatus.BREACHED
+    waited = (now - ticket.opened_at).total_seconds()
+    return TargetStatus.BREACHED if waited > target else TargetStatus.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStats:
+    tickets: int
+    first_response: Durations  # over the tickets answered
+    resolution: Durations  # over the tickets resolved (now)
+    unanswered: int
+    open: int
+    reopened_tickets: int
+    breached: int
+    pending: int
+    breach_rate: float | None  # breached / tickets
+
+
+def summarize(tickets: Sequence[Ticket], targets: Targets, now: datetime) -> ResponseStats:
+    statuses = [target_status(t, targets, now) for t in tickets]
+    breached = sum(1 for s in statuses if s is TargetStatus.BREACHED)
+    first = [t.first_response_s for t in tickets if t.first_response_s is not None]
+    resolution = [t.resolution_s for t in tickets if t.resolution_s is not None]
+    return ResponseStats(
+        tickets=len(tickets),
+        first_response=durations(first),
+        resolution=durations(resolution),
+        unanswered=len(tickets) - len(first),
+        open=sum(1 for t in tickets if t.resolved_at is None),
+        reopened_tickets=sum(1 for t in tickets if t.reopened),
+        breached=breached,
+        pending=sum(1 for s in statuses if s is TargetStatus.PENDING),
+        breach_rate=ratio(breached, len(tickets)),
+    )
+
+
+def open_in_breach(tickets: Iterable[Ticket], targets: Targets, now: datetime) -> list[Ticket]:
+    """Tickets not resolved now whose first-response target is already breached."""
+    return [
+        t
+        for t in tickets
+        if t.resolved_at is None and target_status(t, targets, now) is TargetStatus.BREACHED
+    ]
+
+
+def value_before(purchases: Iterable[tuple[datetime, Decimal | None]], at: datetime) -> Decimal:
+    """Revenue (reporting currency) of the purchases strictly before ``at``; unconvertible
+    amounts (None) are left out."""
+    return sum((amount for when, amount in purchases if when < at and amount is not None), Decimal(0))
+
+
+def high_value_complaints(
+    tickets: Iterable[Ticket],
+    purchases: Mapping[str, Sequence[tuple[datetime, Decimal | None]]],
+    threshold: Decimal,
+) -> list[Ticket]:
+    """Complaints from customers whose revenue before the ticket opened reached ``threshold``."""
+    return [
+        t
+        for t in tickets
+        if t.is_complaint and value_before(purchases.get(t.customer_id, ()), t.opened_at) >= threshold
+    ]

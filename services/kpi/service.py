@@ -1,0 +1,995 @@
+"""The kpi service's use cases: apply event batches to the fact tables, keep the Grafana tables
+and the CLV predictions up to date between batches, and answer the KPI API. Transactions begin
+and end here; SQL lives in the repository; the definitions live in the pure modules
+(response_time, churn, conversion, clv/predictions)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from services.kpi import churn as churn_kpi
+from services.kpi import conversion as conversion_kpi
+from services.kpi import response_time as response_kpi
+from services.kpi.clv import ClvFitError, summarize
+from services.kpi.config import KpiSettings
+from services.kpi.facts import fold
+from services.kpi.periods import (
+    Granularity,
+    Period,
+    add_months,
+    bucket_start,
+    buckets,
+    local_day,
+    local_midnight,
+    period,
+)
+from services.kpi.predictions import ABSOLUTE_FLOOR, FittedModel, fit, moved, params_from, predict
+from services.kpi.repository import (
+    CancellationRow,
+    CustomerAttributes,
+    KpiRepository,
+    Prediction,
+    PurchaseRow,
+)
+from services.kpi.stats import group_by
+from services.kpi.tables import (
+    applied_events,
+    cancellations,
+    kpi_churn_monthly,
+    kpi_conversion_daily,
+    kpi_response_time_daily,
+    message_events,
+    outbox,
+    purchases,
+    support_events,
+    tickets,
+)
+from shared.codec import encode, encode_key
+from shared.db import Database, claim_events
+from shared.events import ClvPrediction, Event, MessageEvent
+from shared.kafka.consumer import BatchResult, Delivered
+from shared.kafka.producer import OutboundRecord, Producer
+from shared.logs import get_logger
+from shared.outbox import OutboxRelay, enqueue
+from shared.topics import CLV
+
+log = get_logger(__name__)
+
+Clock = Callable[[], datetime]
+UNKNOWN = "unknown"
+MAX_LABELS = 20  # per label of a KPI gauge; the rest are summed up as "other"
+
+FIRST_RESPONSE = Gauge(
+    "retain_kpi_first_response_seconds",
+    "First response time of the tickets opened in the metrics window.",
+    ["category", "quantile"],
+)
+RESOLUTION = Gauge(
+    "retain_kpi_resolution_seconds",
+    "Resolution time of the tickets opened in the metrics window (resolved ones).",
+    ["category", "quantile"],
+)
+BREACH_RATE = Gauge(
+    "retain_kpi_first_response_breach_ratio",
+    "Share of tickets past their first-response target.",
+    ["category"],
+)
+OPEN_IN_BREACH = Gauge(
+    "retain_kpi_open_tickets_in_breach",
+    "Unresolved tickets already past their first-response target.",
+    ["category"],
+)
+CHURN_RATE = Gauge("retain_kpi_churn_rate", "Churned in the month / active at its start.", ["kind", "month"])
+CONVERSION_RATE = Gauge(
+    "retain_kpi_conversion_rate", "Messages followed by a purchase within the window.", ["journey", "arm"]
+)
+UPLIFT = Gauge(
+    "retain_kpi_conversion_uplift",
+    "Treatment minus holdout conversion rate, with its 95 % Newcombe interval.",
+    ["journey", "bound"],
+)
+REVENUE_PER_MESSAGE = Gauge(
+    "retain_kpi_revenue_per_message", "Revenue within the window per sent message.", ["journey"]
+)
+DELIVERY_RATE = Gauge("retain_kpi_delivery_ratio", "Delivered / attempted messages.", ["channel"])
+FAILURE_RATE = Gauge("retain_kpi_failure_ratio", "Failed or undelivered / attempted messages.", ["channel"])
+ACTIONS_PER_ENGAGEMENT = Gauge(
+    "retain_kpi_actions_per_engagement", "Replies, clicks and purchases per delivered message.", ["channel"]
+)
+CLV_CUSTOMERS = Gauge("retain_kpi_clv_customers", "Customers with a CLV prediction.")
+CLV_PREDICTED_TOTAL = Gauge("retain_kpi_clv_predicted_total", "Sum of predicted CLV (reporting currency).")
+CLV_HISTORIC_TOTAL = Gauge("retain_kpi_clv_historic_total", "Sum of historic value (reporting currency).")
+CLV_P_ALIVE_MEAN = Gauge("retain_kpi_clv_p_alive_mean", "Mean P(alive) of customers with a prediction.")
+CLV_AT_RISK = Gauge("retain_kpi_clv_at_risk_customers", "Customers with P(alive) below the threshold.")
+CLV_PARAM = Gauge("retain_kpi_clv_model_param", "Parameters of the latest CLV model.", ["param"])
+CLV_FIT_SECONDS = Gauge("retain_kpi_clv_fit_seconds", "Duration of the latest CLV fit.")
+LABELLED_GAUGES = (
+    FIRST_RESPONSE,
+    RESOLUTION,
+    BREACH_RATE,
+    OPEN_IN_BREACH,
+    CHURN_RATE,
+    CONVERSION_RATE,
+    UPLIFT,
+    REVENUE_PER_MESSAGE,
+    DELIVERY_RATE,
+    FAILURE_RATE,
+    ACTIONS_PER_ENGAGEMENT,
+    CLV_PARAM,
+)
+PREDICTIONS_PUBLISHED = Counter(
+    "retain_kpi_clv_predictions_published_total", "ClvPrediction events written to retain.clv."
+)
+ROLLUPS = Counter("retain_kpi_rollups_total", "Grafana-table recomputations, by table.", ["table"])
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class InsufficientDataError(Exception):
+    """Nothing (or too little) to compute the model from as of the date asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class KpiQuery:
+    first: date
+    last: date
+    granularity: Granularity
+    by: str | None = None
+
+
+def _converted_purchases(
+    rows: Iterable[PurchaseRow], settings: KpiSettings
+) -> dict[str, list[tuple[datetime, Decimal | None]]]:
+    fx = settings.fx
+    out: dict[str, list[tuple[datetime, Decimal | None]]] = {}
+    for r in rows:
+        out.setdefault(r.customer_id, []).append((r.occurred_at, fx.convert(r.amount, r.currency)))
+    for values in out.values():
+        values.sort(key=lambda v: v[0])
+    return out
+
+
+def _histories(
+    purchase_rows: Iterable[PurchaseRow],
+    cancellation_rows: Iterable[CancellationRow],
+    attrs: Mapping[str, CustomerAttributes] | None = None,
+) -> list[churn_kpi.CustomerHistory]:
+    bought = group_by(purchase_rows, lambda r: r.customer_id)
+    cancelled = group_by(cancellation_rows, lambda r: r.customer_id)
+    attrs = attrs or {}
+    return [
+        churn_kpi.history(
+            cid,
+            (r.occurred_at for r in bought.get(cid, [])),
+            ((r.occurred_at, r.reason) for r in cancelled.get(cid, [])),
+            tier=attrs[cid].tier if cid in attrs else None,
+        )
+        for cid in sorted(set(bought) | set(cancelled))
+    ]
+
+
+def _attribute(attrs: Mapping[str, CustomerAttributes], name: str) -> Callable[[str], str]:
+    def of(customer_id: str) -> str:
+        a = attrs.get(customer_id)
+        value = None if a is None else getattr(a, name)
+        return value or UNKNOWN
+
+    return of
+
+
+def _top(values: Iterable[str]) -> Callable[[str], str]:
+    """Bounded gauge labels: the most frequent values keep their name, the rest become 'other'."""
+    kept = {v for v, _ in Tally(values).most_common(MAX_LABELS)}
+    return lambda v: v if v in kept else "other"
+
+
+class KpiService:
+    def __init__(
+        self, db: Database, settings: KpiSettings, producer: Producer | None = None, clock: Clock = utcnow
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.repo = KpiRepository()
+        self.clock = clock
+        self.tz = settings.tz
+        self.clv_topic = settings.topic(CLV)
+        self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
+        self._last_rollup = -float("inf")
+        self._last_fit: float | None = None
+        self._gauges_at = -float("inf")
+        self._fit_lock = asyncio.Lock()
+
+    def today(self) -> date:
+        return local_day(self.clock(), self.tz)
+
+    # --- the consumer's handler -----------------------------------------------------------------
+
+    async def apply_batch(self, batch: Sequence[Delivered[Event | MessageEvent]]) -> BatchResult:
+        async with self.db.transaction() as session:
+            new_ids = await claim_events(
+                session, applied_events, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
+            )
+            fresh: list[Event | MessageEvent] = []
+            taken: set[str] = set()
+            for d in batch:
+                eid = d.value.event_id
+                if eid in new_ids and eid not in taken:
+                    taken.add(eid)
+                    fresh.append(d.value)
+            rows = fold(fresh)
+            await self.repo.upsert_purchases(session, list(rows.purchases.values()))
+            await self.repo.insert_facts(session, support_events, rows.support)
+            await self.repo.insert_facts(session, cancellations, rows.cancellations)
+            await self.repo.insert_facts(session, message_events, rows.messages)
+            await self.repo.upsert_customers(session, list(rows.customers.values()))
+            dirty: dict[str, list[datetime]] = {}
+            if rows.support:
+                steps = await self.repo.support_steps(session, rows.ticket_ids)
+                derived = [
+                    response_kpi.ticket_from_steps(s) for s in group_by(steps, lambda s: s.ticket_id).values()
+                ]
+                await self.repo.save_tickets(session, derived)
+                dirty["response_time"] = [t.opened_at for t in derived]
+            if rows.purchases:
+                bought = rows.purchase_times()
+                dirty["churn"] = bought
+                dirty["clv"] = bought
+                window = self.settings.conversion_window
+                dirty["conversion"] = [at - window for at in bought]
+            if rows.cancellations:
+                dirty.setdefault("churn", []).extend(rows.cancellation_times())
+            if rows.messages:
+                firsts = await self.repo.first_message_times(session, rows.message_ids)
+                dirty.setdefault("conversion", []).extend(firsts)
+            await self.repo.mark_dirty(
+                session, {name: local_day(min(times), self.tz) for name, times in dirty.items() if times}
+            )
+        return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
+
+    # --- between batches -----------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Work between consumer batches: the Grafana tables and the scheduled CLV refit."""
+        if time.monotonic() - self._last_rollup >= self.settings.kpi_rollup_interval_s:
+            self._last_rollup = time.monotonic()
+            await self.run_rollups()
+        if await self._refit_due():
+            await self.refit_and_publish()
+        if self.relay is not None:
+            await self.relay.flush()
+
+    async def _refit_due(self) -> bool:
+        if self._last_fit is None:
+            return True
+        since = time.monotonic() - self._last_fit
+        if since >= self.settings.kpi_clv_refit_interval_s:
+            return True
+        if since < self.settings.kpi_clv_refit_after_change_s:
+            return False
+        async with self.db.sessions() as session:
+            dirty, _, _ = await self.repo.rollup_status(session, "clv")
+        return dirty is not None
+
+    # --- Grafana tables --------------------------------------------------------------------------
+
+    def _rollup_settings(self) -> str:
+        """What the Grafana tables depend on besides the facts; a change recomputes them all."""
+        s = self.settings
+        parts = (
+            s.kpi_timezone,
+            s.fx.fingerprint(),
+            repr(sorted(s.kpi_first_response_targets_h.items())),
+            repr(s.kpi_default_first_response_target_h),
+            repr(s.kpi_churn_window_days),
+            repr(s.kpi_conversion_window_days),
+        )
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    async def run_rollups(self) -> None:
+        today = self.today()
+        targets_days = max(
+            [
+                self.settings.kpi_default_first_response_target_h,
+                *self.settings.kpi_first_response_targets_h.values(),
+            ]
+        )
+        # Unanswered tickets breach as time passes: the days within the longest target are redone.
+        response_from = today - timedelta(days=int(targets_days // 24) + 2)
+        await self._rollup(
+            "response_time", kpi_response_time_daily, response_from, self._response_rows, tickets.c.opened_at
+        )
+        await self._rollup(
+            "conversion",
+            kpi_conversion_daily,
+            today - timedelta(days=1),
+            self._conversion_rows,
+            message_events.c.occurred_at,
+        )
+        # Non-contractual lapses happen as time passes: this month and the last are redone.
+        previous_month = add_months(bucket_start(today, Granularity.MONTH), -1)
+        await self._rollup(
+            "churn", kpi_churn_monthly, previous_month, self._churn_rows, purchases.c.occurred_at
+        )
+
+    async def _rollup(
+        self,
+        name: str,
+        table: Any,
+        always_from: date,
+        compute: Callable[[date, date], Any],
+        earliest_column: Any,
+    ) -> None:
+        today = self.today()
+        settings = self._rollup_settings()
+        async with self.db.sessions() as session:
+            dirty, computed_with, computed = await self.repo.rollup_status(session, name)
+            if not computed or computed_with != settings:
+                earliest = await self.repo.earliest(session, earliest_column)
+                since = local_day(earliest, self.tz) if earliest is not None else today
+            else:
+                since = min(dirty or today, always_from)
+        if name == "churn":
+            since = bucket_start(since, Granularity.MONTH)
+        since = min(since, today)
+        rows = await compute(since, today)
+        now = self.clock()
+        for row in rows:
+            row["computed_at"] = now
+        async with self.db.transaction() as session:
+            await self.repo.replace_rows(session, table, since, rows)
+            await self.repo.finish_rollup(session, name, dirty, settings, now)
+        ROLLUPS.labels(table.name).inc()
+
+    async def _response_rows(self, first: date, last: date) -> list[dict[str, Any]]:
+        whole = period(first, last, self.tz)
+        async with self.db.sessions() as session:
+            found = await self.repo.tickets_opened(session, whole.start, whole.end)
+        now = self.clock()
+        dims: dict[str, Callable[[response_kpi.Ticket], str]] = {
+            "all": lambda _t: "all",
+            "category": lambda t: t.category,
+            "priority": lambda t: t.priority or "none",
+            "complaint": lambda t: "true" if t.is_complaint else "false",
+        }
+        out: list[dict[str, Any]] = []
+        by_day = group_by(found, lambda t: local_day(t.opened_at, self.tz))
+        for day, day_tickets in sorted(by_day.items()):
+            for dimension, key in dims.items():
+                for value, group in sorted(group_by(day_tickets, key).items()):
+                    s = response_kpi.summarize(group, self.settings.targets, now)
+                    out.append(
+                        {
+                            "day": day,
+                            "dimension": dimension,
+                            "value": value[:64],
+                            "tickets": s.tickets,
+                            "answered": s.first_response.count,
+                            "first_response_p50_s": s.first_response.p50_s,
+                            "first_response_p90_s": s.first_response.p90_s,
+                            "first_response_mean_s": s.first_response.mean_s,
+                            "resolved": s.resolution.count,
+                            "resolution_p50_s": s.resolution.p50_s,
+                            "resolution_p90_s": s.resolution.p90_s,
+                            "resolution_mean_s": s.resolution.mean_s,
+                            "breached": s.breached,
+                            "breach_rate": s.breach_rate,
+                            "reopened_tickets": s.reopened_tickets,
+                        }
+                    )
+        return out
+
+    async def _conversion_rows(self, first: date, last: date) -> list[dict[str, Any]]:
+        messages, bought = await self._messages(period(first, last, self.tz))
+        window = self.settings.conversion_window
+        dims: dict[str, Callable[[conversion_kpi.Message], str]] = {
+            "all": lambda _m: "all",
+            "journey": lambda m: m.journey,
+            "channel": lambda m: m.channel or UNKNOWN,
+            "tier": lambda m: m.tier or UNKNOWN,
+            "locale": lambda m: m.locale or UNKNOWN,
+        }
+        out: list[dict[str, Any]] = []
+        for day, day_messages in sorted(group_by(messages, lambda m: local_day(m.at, self.tz)).items()):
+            for dimension, key in dims.items():
+                for value, group in sorted(group_by(day_messages, key).items()):
+                    s = conversion_kpi.summarize(group, bought, window)
+                    out.append(
+                        {
+                            "day": day,
+                            "dimension": dimension,
+                            "value": value[:128],
+                            "sent": s.sent,
+                            "conversions": s.conversions,
+                            "conversion_rate": s.conversion_rate,
+                            "revenue": float(s.revenue),
+                            "revenue_per_message": None
+                            if s.revenue_per_message is None
+                            else float(s.revenue_per_message),
+                            "holdout": s.holdout,
+                            "holdout_conversions": s.holdout_conversions,
+                            "holdout_rate": s.holdout_rate,
+                            "uplift": s.uplift,
+                            "uplift_ci_low": s.uplift_ci_low,
+                            "uplift_ci_high": s.uplift_ci_high,
+                            "attempted": s.attempted,
+                            "delivered": s.delivered,
+                            "failed": s.failed,
+                            "delivery_rate": s.delivery_rate,
+                            "failure_rate": s.failure_rate,
+                            "actions": s.actions,
+                            "actions_per_engagement": s.actions_per_engagement,
+                        }
+                    )
+        return out
+
+    async def _churn_rows(self, first: date, last: date) -> list[dict[str, Any]]:
+        async with self.db.sessions() as session:
+            bought = await self.repo.purchases(session)
+            cancelled = await self.repo.cancellations(session)
+            attrs = await self.repo.customer_attributes(session)
+        months = buckets(first, last, Granularity.MONTH, self.tz)
+        # Whole months: the last one runs to its end (non-contractual lapses count up to now).
+        months = [period(m.first, add_months(m.first, 1) - timedelta(days=1), self.tz) for m in months]
+        results = churn_kpi.churn(
+            _histories(bought, cancelled, attrs), months, self.settings.churn_window, self.clock()
+        )
+        out: list[dict[str, Any]] = []
+        for r in results:
+            groups: list[tuple[str, str, str, churn_kpi.ChurnCount]] = [
+                ("contractual", "all", "all", r.contractual),
+                ("non_contractual", "all", "all", r.non_contractual),
+            ]
+            groups += [("contractual", "reason", k, v) for k, v in r.contractual_by_reason.items()]
+            groups += [("contractual", "tier", k, v) for k, v in r.contractual_by_tier.items()]
+            groups += [("non_contractual", "tier", k, v) for k, v in r.non_contractual_by_tier.items()]
+            out += [
+                {
+                    "month": r.period.first,
+                    "kind": kind,
+                    "dimension": dimension,
+                    "value": value[:64],
+                    "active_at_start": c.active_at_start,
+                    "churned": c.churned,
+                    "churn_rate": c.rate,
+                }
+                for kind, dimension, value, c in groups
+            ]
+        return out
+
+    # --- KPI API ---------------------------------------------------------------------------------
+
+    async def response_time(self, q: KpiQuery) -> dict[str, Any]:
+        whole = period(q.first, q.last, self.tz)
+        async with self.db.sessions() as session:
+            found = await self.repo.tickets_opened(session, whole.start, whole.end)
+            still_open = await self.repo.open_tickets(session)
+            attrs: dict[str, CustomerAttributes] = {}
+            if q.by in ("tier", "channel"):
+                attrs = await self.repo.customer_attributes(
+                    session, {t.customer_id for t in [*found, *still_open]}
+                )
+            complainers = {t.customer_id for t in found if t.is_complaint}
+            values = _converted_purchases(
+                await self.repo.purchases(session, customer_ids=complainers, until=whole.end), self.settings
+            )
+        now = self.clock()
+        targets = self.settings.targets
+        key = self._ticket_key(q.by, attrs)
+
+        def block(group: Sequence[response_kpi.Ticket]) -> dict[str, Any]:
+            stats = response_kpi.summarize(group, targets, now)
+            by = (
+                {}
+                if key is None
+                else {
+                    k: response_kpi.summarize(g, targets, now)
+                    for k, g in sorted(group_by(group, key).items())
+                }
+            )
+            return {"stats": stats, "groups": by}
+
+        high_value = response_kpi.high_value_complaints(found, values, self.settings.kpi_high_value_threshold)
+        breaching = response_kpi.open_in_breach(still_open, targets, now)
+        return {
+            **self._header(q),
+            "first_response_targets_h": {
+                **{c: s / 3600 for c, s in sorted(targets.per_category.items())},
+                "default": targets.default_s / 3600,
+            },
+            "total": block(found),
+            "buckets": [
+                {"start": b.first, "end": b.last, **block([t for t in found if b.contains(t.opened_at)])}
+                for b in buckets(q.first, q.last, q.granularity, self.tz)
+            ],
+            "high_value_complaints": {
+                "threshold": self.settings.kpi_high_value_threshold,
+                **block(high_value),
+            },
+            "open_in_breach": {
+                "count": len(breaching),
+                "groups": {
+                    k: len(g) for k, g in sorted(group_by(breaching, key or (lambda t: t.category)).items())
+                },
+                "oldest_opened_at": min((t.opened_at for t in breaching), default=None),
+            },
+        }
+
+    def _ticket_key(
+        self, by: str | None, attrs: Mapping[str, CustomerAttributes]
+    ) -> Callable[[response_kpi.Ticket], str] | None:
+        if by is None:
+            return None
+        if by in ("tier", "channel"):
+            of = _attribute(attrs, by)
+            return lambda t: of(t.customer_id)
+        if by == "priority":
+            return lambda t: t.priority or "none"
+        if by == "complaint":
+            return lambda t: "true" if t.is_complaint else "false"
+        return lambda t: t.category
+
+    def _header(self, q: KpiQuery) -> dict[str, Any]:
+        return {
+            "from": q.first,
+            "to": q.last,
+            "granularity": q.granularity.value,
+            "by": q.by,
+            "timezone": self.settings.kpi_timezone,
+        }
+
+    async def churn(self, q: KpiQuery) -> dict[str, Any]:
+        async with self.db.sessions() as session:
+            bought = await self.repo.purchases(session)
+            cancelled = await self.repo.cancellations(session)
+            attrs = await self.repo.customer_attributes(session) if q.by == "tier" else {}
+        now = self.clock()
+        histories = _histories(bought, cancelled, attrs)
+        window = self.settings.churn_window
+        whole = period(q.first, q.last, self.tz)
+        periods = [whole, *buckets(q.first, q.last, q.granularity, self.tz)]
+        results = churn_kpi.churn(histories, periods, window, now)
+
+        def block(r: churn_kpi.PeriodChurn) -> dict[str, Any]:
+            out: dict[str, Any] = {"contractual": r.contractual, "non_contractual": r.non_contractual}
+            if q.by == "reason":
+                out["groups"] = {"contractual": r.contractual_by_reason}
+            elif q.by == "tier":
+                out["groups"] = {
+                    "contractual": r.contractual_by_tier,
+                    "non_contractual": r.non_contractual_by_tier,
+                }
+            out["win_back"] = churn_kpi.win_back(histories, r.period, self.settings.win_back_window, now)
+            return out
+
+        return {
+            **self._header(q),
+            "churn_window_days": self.settings.kpi_churn_window_days,
+            "win_back_days": self.settings.kpi_win_back_days,
+            "total": block(results[0]),
+            "buckets": [{"start": r.period.first, "end": r.period.last, **block(r)} for r in results[1:]],
+        }
+
+    async def cohorts(self, q: KpiQuery) -> dict[str, Any]:
+        async with self.db.sessions() as session:
+            bought = await self.repo.purchases(session)
+            attrs = await self.repo.customer_attributes(session) if q.by else {}
+        histories = _histories(bought, [], attrs)
+        today = self.today()
+
+        def table(group: Iterable[churn_kpi.CustomerHistory]) -> list[churn_kpi.Cohort]:
+            return churn_kpi.cohorts(group, q.first, q.last, q.granularity, self.tz, today)
+
+        out: dict[str, Any] = {**self._header(q), "cohorts": table(histories)}
+        if q.by:
+            of = _attribute(attrs, q.by)
+            out["groups"] = {
+                k: table(g) for k, g in sorted(group_by(histories, lambda h: of(h.customer_id)).items())
+            }
+        return out
+
+    async def _messages(
+        self, whole: Period
+    ) -> tuple[list[conversion_kpi.Message], dict[str, list[tuple[datetime, Decimal | None]]]]:
+        window = self.settings.conversion_window
+        async with self.db.sessions() as session:
+            facts = await self.repo.message_facts(session, whole.start, whole.end)
+            messages = [m for m in conversion_kpi.build_messages(facts) if whole.contains(m.at)]
+            bought = await self.repo.purchases(
+                session,
+                customer_ids={m.customer_id for m in messages},
+                since=whole.start,
+                until=whole.end + window + timedelta(microseconds=1),
+            )
+        return messages, _converted_purchases(bought, self.settings)
+
+    async def conversion(self, q: KpiQuery) -> dict[str, Any]:
+        messages, bought = await self._messages(period(q.first, q.last, self.tz))
+        window = self.settings.conversion_window
+        key: Callable[[conversion_kpi.Message], str] | None = None
+        if q.by == "journey":
+            key = lambda m: m.journey  # noqa: E731
+        elif q.by is not None:
+            name = q.by
+            key = lambda m: getattr(m, name) or UNKNOWN  # noqa: E731
+
+        def block(group: Sequence[conversion_kpi.Message]) -> dict[str, Any]:
+            stats = conversion_kpi.summarize(group, bought, window)
+            by = (
+                {}
+                if key is None
+                else {
+                    k: conversion_kpi.summarize(g, bought, window)
+                    for k, g in sorted(group_by(group, key).items())
+                }
+            )
+            return {"stats": stats, "groups": by}
+
+        return {
+            **self._header(q),
+            "window_days": self.settings.kpi_conversion_window_days,
+            "currency": self.settings.kpi_reporting_currency,
+            "uplift_interval": "Newcombe hybrid score (method 10), 95 %",
+            "total": block(messages),
+            "buckets": [
+                {"start": b.first, "end": b.last, **block([m for m in messages if b.contains(m.at)])}
+                for b in buckets(q.first, q.last, q.granularity, self.tz)
+            ],
+        }
+
+    async def clv_summary(self, q: KpiQuery) -> dict[str, Any]:
+        whole = period(q.first, q.last, self.tz)
+        fx = self.settings.fx
+        async with self.db.sessions() as session:
+            bought = await self.repo.purchases(session, until=whole.end)
+            stored = await self.repo.predictions(session)
+            attrs = await self.repo.customer_attributes(session) if q.by else {}
+            model = await self.repo.latest_clv_model(session, self.today())
+        first_purchase: dict[str, datetime] = {}
+        for r in bought:
+            first_purchase.setdefault(r.customer_id, r.occurred_at)
+
+        def revenue(rows: Sequence[PurchaseRow], p: Period) -> dict[str, Any]:
+            inside = [r for r in rows if p.contains(r.occurred_at)]
+            converted = [fx.convert(r.amount, r.currency) for r in inside]
+            return {
+                "start": p.first,
+                "end": p.last,
+                "revenue": sum((v for v in converted if v is not None), Decimal(0)),
+                "orders": len(inside),
+                "customers": len({r.customer_id for r in inside}),
+                "new_customers": sum(1 for c, at in first_purchase.items() if p.contains(at)),
+                "unconverted_orders": sum(1 for v in converted if v is None),
+            }
+
+        def predicted(rows: Iterable[Prediction]) -> dict[str, Any]:
+            chosen = list(rows)
+            n = len(chosen)
+            return {
+                "customers": n,
+                "historic_value": sum(r.historic_value for r in chosen),
+                "predicted_clv": sum(r.predicted_clv for r in chosen),
+                "mean_predicted_clv": sum(r.predicted_clv for r in chosen) / n if n else None,
+                "mean_p_alive": sum(r.p_alive for r in chosen) / n if n else None,
+                "at_risk": sum(1 for r in chosen if r.p_alive < self.settings.kpi_p_alive_threshold),
+                "expected_purchases_90d": sum(r.expected_purchases_90d for r in chosen),
+            }
+
+        out: dict[str, Any] = {
+            **self._header(q),
+            "currency": self.settings.kpi_reporting_currency,
+            "p_alive_threshold": self.settings.kpi_p_alive_threshold,
+            "horizon_weeks": self.settings.kpi_clv_horizon_weeks,
+            "annual_discount_rate": self.settings.kpi_clv_discount_rate,
+            "model": None if model is None else {**model.model, "fitted_at": model.fitted_at, "cached": True},
+            "total": {**revenue(bought, whole), "predictions": predicted(stored.values())},
+            "buckets": [revenue(bought, b) for b in buckets(q.first, q.last, q.granularity, self.tz)],
+        }
+        if q.by:
+            of = _attribute(attrs, q.by)
+            out["groups"] = {
+                k: predicted(g)
+                for k, g in sorted(group_by(stored.values(), lambda r: of(r.customer_id)).items())
+            }
+        return out
+
+    # --- CLV ----------------------------------------------------------------------------------
+
+    def _clv_settings(self) -> str:
+        return f"{self.settings.kpi_timezone}|{self.settings.fx.fingerprint()}"
+
+    async def _clv_inputs(self, as_of: date) -> tuple[list[tuple[str, date, float]], int, str]:
+        until = local_midnight(as_of + timedelta(days=1), self.tz)
+        async with self.db.sessions() as session:
+            fingerprint = await self.repo.purchase_fingerprint(session, until)
+            rows = await self.repo.purchases(session, until=until)
+        fx = self.settings.fx
+        inputs: list[tuple[str, date, float]] = []
+        unconverted = 0
+        for r in rows:
+            value = fx.convert(r.amount, r.currency)
+            if value is None:
+                unconverted += 1
+                continue
+            inputs.append((r.customer_id, local_day(r.occurred_at, self.tz), float(value)))
+        return inputs, unconverted, f"{fingerprint}|{self._clv_settings()}"
+
+    async def clv_model(self, as_of: date) -> dict[str, Any]:
+        """The model fitted on the purchases up to and including ``as_of`` (local day), from the
+        cache when neither those purchases nor the settings changed since it was fitted."""
+        until = local_midnight(as_of + timedelta(days=1), self.tz)
+        async with self.db.sessions() as session:
+            fingerprint = f"{await self.repo.purchase_fingerprint(session, until)}|{self._clv_settings()}"
+            cached = await self.repo.clv_model(session, as_of)
+        if cached is not None and cached.fingerprint == fingerprint:
+            return {**cached.model, "fitted_at": cached.fitted_at, "cached": True}
+        _, model = await self._fit(as_of)
+        return {**model, "cached": False}
+
+    async def _fit(self, as_of: date) -> tuple[FittedModel, dict[str, Any]]:
+        async with self._fit_lock:  # one fit at a time per process: they are CPU-bound anyway
+            inputs, unconverted, fingerprint = await self._clv_inputs(as_of)
+            if not inputs:
+                raise InsufficientDataError(f"no purchases up to {as_of}")
+            try:
+                fitted = await asyncio.to_thread(fit, inputs, as_of)
+            except ClvFitError as exc:
+                raise InsufficientDataError(f"cannot fit the CLV model as of {as_of}: {exc}") from exc
+            model = fitted.describe(self.settings.kpi_reporting_currency, unconverted)
+            now = self.clock()
+            async with self.db.transaction() as session:
+                await self.repo.save_clv_model(session, as_of, fingerprint, now, model)
+        CLV_FIT_SECONDS.set(fitted.fit_seconds)
+        log.info(
+            "clv model fitted", as_of=str(as_of), customers=model["customers"], seconds=model["fit_seconds"]
+        )
+        return fitted, {**model, "fitted_at": now}
+
+    async def refit_and_publish(self) -> int:
+        """Fit as of today, store every customer's prediction, and publish the ones that moved
+        beyond the tolerance on retain.clv (through the outbox, after the commit)."""
+        self._last_fit = time.monotonic()
+        today = self.today()
+        async with self.db.transaction() as session:
+            # Purchases arriving from here on are newer than this fit: they mark it dirty again.
+            await self.repo.clear_dirty(session, "clv")
+        try:
+            fitted, model = await self._fit(today)
+            s = self.settings
+            result = await asyncio.to_thread(
+                predict,
+                fitted.bg,
+                fitted.gg,
+                fitted.rfm,
+                horizon_weeks=s.kpi_clv_horizon_weeks,
+                annual_discount_rate=s.kpi_clv_discount_rate,
+            )
+        except (InsufficientDataError, ClvFitError) as exc:
+            log.info("no CLV model yet", reason=str(exc))
+            return 0
+        now = model["fitted_at"]
+        async with self.db.sessions() as session:
+            previous = await self.repo.predictions(session)
+        rows: list[Prediction] = []
+        changed: set[str] = set()
+        tol = s.kpi_clv_relative_tolerance
+        usable = result.usable
+        if not usable.all():
+            log.warning(
+                "clv predictions not finite for some customers; not published",
+                customers=int((~usable).sum()),
+                params=model["params"],
+            )
+        for i, cid in enumerate(result.customer_ids):
+            if not usable[i]:
+                continue
+            old = previous.get(cid)
+            row = Prediction(
+                cid,
+                today,
+                float(result.historic_value[i]),
+                float(result.predicted_clv[i]),
+                float(result.p_alive[i]),
+                float(result.expected_purchases_90d[i]),
+                old.published_clv if old else None,
+                old.published_p_alive if old else None,
+                old.published_expected_90d if old else None,
+            )
+            rows.append(row)
+            if (
+                moved(row.published_clv, row.predicted_clv, tol, ABSOLUTE_FLOOR["predicted_clv"])
+                or moved(row.published_p_alive, row.p_alive, tol, ABSOLUTE_FLOOR["p_alive"])
+                or moved(
+                    row.published_expected_90d,
+                    row.expected_purchases_90d,
+                    tol,
+                    ABSOLUTE_FLOOR["expected_purchases_90d"],
+                )
+            ):
+                changed.add(cid)
+        model_as_of = local_midnight(today + timedelta(days=1), self.tz)
+        records = [self._record(r, now, model_as_of) for r in rows if r.customer_id in changed]
+        async with self.db.transaction() as session:
+            await self.repo.save_predictions(session, rows, changed, now)
+            await enqueue(session, outbox, records)
+        PREDICTIONS_PUBLISHED.inc(len(records))
+        log.info("clv predictions refreshed", customers=len(rows), published=len(records))
+        if self.relay is not None:
+            await self.relay.flush()
+        return len(records)
+
+    def _record(self, r: Prediction, fitted_at: datetime, model_as_of: datetime) -> OutboundRecord:
+        event = ClvPrediction(
+            event_id=f"clv:{r.customer_id}:{fitted_at.isoformat()}",
+            customer_id=r.customer_id,
+            occurred_at=fitted_at,
+            model_as_of=model_as_of,
+            predicted_clv=Decimal(repr(r.predicted_clv)).quantize(Decimal("0.01")),
+            p_alive=min(max(r.p_alive, 0.0), 1.0),
+            expected_purchases_90d=max(r.expected_purchases_90d, 0.0),
+            currency=self.settings.kpi_reporting_currency,
+        )
+        return OutboundRecord(self.clv_topic, encode_key(r.customer_id), encode(event))
+
+    async def customer_clv(self, customer_id: str) -> dict[str, Any] | None:
+        today = self.today()
+        async with self.db.sessions() as session:
+            rows = await self.repo.purchases(session, customer_ids=[customer_id])
+            latest = await self.repo.latest_clv_model(session, today)
+        if not rows:
+            return None
+        fresh_enough = latest is not None and (
+            latest.as_of >= today - timedelta(days=1)
+            and (self.clock() - latest.fitted_at).total_seconds() < self.settings.kpi_clv_refit_interval_s
+        )
+        model = latest.model if fresh_enough and latest is not None else await self.clv_model(today)
+        bg, gg = params_from(model)
+        fx = self.settings.fx
+        inputs = [
+            (customer_id, local_day(r.occurred_at, self.tz), float(v))
+            for r in rows
+            if (v := fx.convert(r.amount, r.currency)) is not None
+        ]
+        s = self.settings
+        out: dict[str, Any] = {
+            "customer_id": customer_id,
+            "currency": s.kpi_reporting_currency,
+            "as_of": today,
+            "model_as_of": model["as_of"],
+            "orders": len(rows),
+            "unconverted_orders": len(rows) - len(inputs),
+            "historic_value": 0.0,
+            "expected_purchases_90d": None,
+            "p_alive": None,
+            "predicted_clv": None,
+            "horizon_weeks": s.kpi_clv_horizon_weeks,
+            "annual_discount_rate": s.kpi_clv_discount_rate,
+        }
+        if inputs:
+            rfm = summarize(inputs, today)
+            p = predict(
+                bg,
+                gg,
+                rfm,
+                horizon_weeks=s.kpi_clv_horizon_weeks,
+                annual_discount_rate=s.kpi_clv_discount_rate,
+            )
+            usable = bool(p.usable[0])
+            out |= {
+                "historic_value": float(p.historic_value[0]),
+                "expected_purchases_90d": float(p.expected_purchases_90d[0]) if usable else None,
+                "p_alive": float(p.p_alive[0]) if usable else None,
+                "predicted_clv": float(p.predicted_clv[0]) if usable else None,
+                "frequency": int(rfm.x[0]),
+                "recency_weeks": float(rfm.t_x[0]),
+                "age_weeks": float(rfm.T[0]),
+            }
+        return out
+
+    # --- /metrics -------------------------------------------------------------------------------
+
+    async def refresh_gauges(self, force: bool = False) -> None:
+        """Recompute the KPI gauges, at most every kpi_metrics_ttl_s."""
+        if not force and time.monotonic() - self._gauges_at < self.settings.kpi_metrics_ttl_s:
+            return
+        self._gauges_at = time.monotonic()
+        today = self.today()
+        recent = KpiQuery(
+            today - timedelta(days=self.settings.kpi_metrics_window_days - 1), today, Granularity.DAY
+        )
+        this_month = bucket_start(today, Granularity.MONTH)
+        months = KpiQuery(add_months(this_month, -1), today, Granularity.MONTH)
+        async with self.db.sessions() as session:
+            found = await self.repo.tickets_opened(
+                session, *_bounds(period(recent.first, recent.last, self.tz))
+            )
+            still_open = await self.repo.open_tickets(session)
+            stored = await self.repo.predictions(session)
+            model = await self.repo.latest_clv_model(session, today)
+        messages, bought = await self._messages(period(recent.first, recent.last, self.tz))
+        churned = await self.churn(months)
+        now = self.clock()
+        targets = self.settings.targets
+        window = self.settings.conversion_window
+
+        # Everything is computed first, then swapped in without an await in between, so a
+        # scrape never sees half-cleared gauges.
+        category = _top(t.category for t in [*found, *still_open])
+        tickets_by = group_by(found, lambda t: category(t.category))
+        response = {k: response_kpi.summarize(g, targets, now) for k, g in tickets_by.items()}
+        breaching = Tally(category(t.category) for t in response_kpi.open_in_breach(still_open, targets, now))
+        journey = _top(m.journey for m in messages)
+        channel = _top(m.channel or UNKNOWN for m in messages)
+        per_journey = {
+            k: conversion_kpi.summarize(g, bought, window)
+            for k, g in group_by(messages, lambda m: journey(m.journey)).items()
+        }
+        per_channel = {
+            k: conversion_kpi.summarize(g, bought, window)
+            for k, g in group_by(messages, lambda m: channel(m.channel or UNKNOWN)).items()
+        }
+
+        for gauge in LABELLED_GAUGES:
+            gauge.clear()
+        for cat, st in response.items():
+            for q, v in (
+                ("0.5", st.first_response.p50_s),
+                ("0.9", st.first_response.p90_s),
+                ("mean", st.first_response.mean_s),
+            ):
+                _set(FIRST_RESPONSE.labels(cat, q), v)
+            for q, v in (
+                ("0.5", st.resolution.p50_s),
+                ("0.9", st.resolution.p90_s),
+                ("mean", st.resolution.mean_s),
+            ):
+                _set(RESOLUTION.labels(cat, q), v)
+            _set(BREACH_RATE.labels(cat), st.breach_rate)
+        for cat in {*response, *breaching}:
+            OPEN_IN_BREACH.labels(cat).set(breaching.get(cat, 0))
+        for label, bucket in zip(("previous", "current"), churned["buckets"], strict=False):
+            _set(CHURN_RATE.labels("contractual", label), bucket["contractual"].rate)
+            _set(CHURN_RATE.labels("non_contractual", label), bucket["non_contractual"].rate)
+        for j, conv in per_journey.items():
+            _set(CONVERSION_RATE.labels(j, "treatment"), conv.conversion_rate)
+            _set(CONVERSION_RATE.labels(j, "holdout"), conv.holdout_rate)
+            _set(UPLIFT.labels(j, "estimate"), conv.uplift)
+            _set(UPLIFT.labels(j, "ci_low"), conv.uplift_ci_low)
+            _set(UPLIFT.labels(j, "ci_high"), conv.uplift_ci_high)
+            _set(
+                REVENUE_PER_MESSAGE.labels(j),
+                None if conv.revenue_per_message is None else float(conv.revenue_per_message),
+            )
+        for c, conv in per_channel.items():
+            _set(DELIVERY_RATE.labels(c), conv.delivery_rate)
+            _set(FAILURE_RATE.labels(c), conv.failure_rate)
+            _set(ACTIONS_PER_ENGAGEMENT.labels(c), conv.actions_per_engagement)
+        predictions = list(stored.values())
+        CLV_CUSTOMERS.set(len(predictions))
+        CLV_PREDICTED_TOTAL.set(sum(p.predicted_clv for p in predictions))
+        CLV_HISTORIC_TOTAL.set(sum(p.historic_value for p in predictions))
+        CLV_P_ALIVE_MEAN.set(sum(p.p_alive for p in predictions) / len(predictions) if predictions else 0.0)
+        CLV_AT_RISK.set(sum(1 for p in predictions if p.p_alive < self.settings.kpi_p_alive_threshold))
+        if model is not None:
+            for name, value in model.model["params"].items():
+                CLV_PARAM.labels(name).set(value)
+
+
+def _set(gauge: Any, value: float | None) -> None:
+    if value is not None:
+        gauge.set(value)
+
+
+def _bounds(p: Period) -> tuple[datetime, datetime]:
+    return p.start, p.end

@@ -1,0 +1,473 @@
+"""The KPI API over a real database (SQLite and PostgreSQL): the hand-computed scenarios applied
+as events, in shuffled batches with duplicates, read back through HTTP; late events correcting
+past periods; the Grafana tables; CLV publication; and every bad parameter as a 422."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from services.kpi.app import create_app
+from services.kpi.config import KpiSettings
+from services.kpi.consumer import MIGRATIONS
+from services.kpi.service import KpiService
+from services.kpi.tables import (
+    clv_predictions,
+    kpi_churn_monthly,
+    kpi_conversion_daily,
+    kpi_response_time_daily,
+    outbox,
+)
+from shared.auth import create_key
+from shared.codec import decode_with
+from shared.db import Database, migrate
+from shared.events import CLV_ADAPTER, Event, MessageEvent
+from tests.kpi.factories import (
+    apply,
+    churn_events,
+    conversion_events,
+    message,
+    profile,
+    purchase,
+    support,
+    ticket_events,
+    utc,
+)
+
+pytestmark = pytest.mark.integration
+
+CDNOW = Path(__file__).parent / "data" / "CDNOW_sample.txt"
+TICKETS_NOW = utc(2026, 1, 12, 12)
+CHURN_NOW = utc(2026, 4, 15, 12)
+
+
+@dataclass
+class Kpi:
+    http: httpx.AsyncClient
+    service: KpiService
+    db: Database
+    key: str
+    other_key: str
+
+    def at(self, now: datetime) -> None:
+        clock: Callable[[], datetime] = lambda: now  # noqa: E731
+        self.service.clock = clock
+
+    async def get(self, url: str, **params: Any) -> Any:
+        response = await self.http.get(url, params=params, headers={"Authorization": f"Bearer {self.key}"})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def apply(self, events: list[Event | MessageEvent], seed: int = 0) -> None:
+        """Shuffled, in batches of 7, with a fifth of them delivered twice."""
+        rng = random.Random(seed)
+        replayed = events + rng.sample(events, len(events) // 5)
+        rng.shuffle(replayed)
+        result = await apply(self.service, replayed)
+        assert (result.applied, result.duplicates) == (len(events), len(replayed) - len(events))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def kpi(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Kpi]:
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path / 'kpi.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    keys = tmp_path / "keys.json"
+    _, key = create_key(keys, ["kpi:read"], "analyst")
+    _, other = create_key(keys, ["rules:read"], "someone else")
+    settings = KpiSettings(kpi_database_url=url, api_keys_file=keys, var_dir=tmp_path, kpi_metrics_ttl_s=0)
+    app = create_app(settings)
+    service: KpiService = app.state.service
+    await migrate(service.db, MIGRATIONS)  # ASGITransport does not run the lifespan
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kpi") as http:
+        yield Kpi(http, service, service.db, key, other)
+    await service.db.dispose()
+
+
+# --- response time ---------------------------------------------------------------------------------
+
+
+async def test_response_time_by_local_day(kpi: Kpi) -> None:
+    kpi.at(TICKETS_NOW)
+    await kpi.apply(ticket_events())
+    body = await kpi.get("/v1/kpis/response-time", **{"from": "2026-01-10", "to": "2026-01-12"})
+    total = body["total"]["stats"]
+    assert total["tickets"] == 5
+    assert total["first_response"] == {
+        "count": 3,
+        "p50_s": 3600.0,
+        "p90_s": pytest.approx(15120.0),
+        "mean_s": pytest.approx(7800.0),
+    }
+    assert total["resolution"]["p50_s"] == pytest.approx(68400.0)
+    assert (total["breached"], total["pending"], total["breach_rate"]) == (2, 1, 0.4)
+    days = {b["start"]: b["stats"] for b in body["buckets"]}
+    assert [days[d]["tickets"] for d in ("2026-01-10", "2026-01-11", "2026-01-12")] == [1, 3, 1]
+    eleventh = days["2026-01-11"]
+    assert eleventh["first_response"]["p50_s"] == pytest.approx(9900.0)
+    assert eleventh["resolution"]["p50_s"] == 122400.0  # the reopened ticket, 34 h
+    assert eleventh["breach_rate"] == pytest.approx(2 / 3)
+    assert body["open_in_breach"]["count"] == 1
+    assert body["open_in_breach"]["groups"] == {"account": 1}
+    high = body["high_value_complaints"]
+    assert high["stats"]["tickets"] == 1  # T2: 'vip' spent 1000 USD + 2000 ILS before it
+    assert high["stats"]["first_response"]["p50_s"] == 18000.0
+    assert body["first_response_targets_h"] == {"billing": 24.0, "complaint": 4.0, "default": 24.0}
+
+
+async def test_response_time_breakdowns(kpi: Kpi) -> None:
+    kpi.at(TICKETS_NOW)
+    await kpi.apply(ticket_events())
+    span = {"from": "2026-01-10", "to": "2026-01-12", "granularity": "month"}
+    by_category = await kpi.get("/v1/kpis/response-time", **span, by="category")
+    assert by_category["buckets"][0]["start"] == "2026-01-10"  # clipped to the range
+    groups = by_category["total"]["groups"]
+    assert {k: v["tickets"] for k, v in groups.items()} == {
+        "account": 1,
+        "billing": 2,
+        "complaint": 1,
+        "delivery": 1,
+    }
+    assert groups["billing"]["first_response"]["p50_s"] == 2700.0  # 3600 and 1800
+    by_channel = await kpi.get("/v1/kpis/response-time", **span, by="channel")
+    assert {k: v["tickets"] for k, v in by_channel["total"]["groups"].items()} == {
+        "unknown": 4,
+        "whatsapp": 1,
+    }
+    by_priority = await kpi.get("/v1/kpis/response-time", **span, by="priority")
+    assert set(by_priority["total"]["groups"]) == {"high", "low", "normal", "urgent"}
+
+
+async def test_a_late_reply_corrects_a_past_day(kpi: Kpi) -> None:
+    kpi.at(TICKETS_NOW)
+    events = ticket_events()
+    late = next(e for e in events if e.event_id == "s-T4-agent_replied-202601111030")
+    await kpi.apply([e for e in events if e is not late])
+    day = {"from": "2026-01-11", "to": "2026-01-11"}
+    before = (await kpi.get("/v1/kpis/response-time", **day))["total"]["stats"]
+    # T4 unanswered after 26 h: one more breach, until the late reply (30 min) arrives.
+    assert (before["first_response"]["count"], before["unanswered"], before["breached"]) == (1, 2, 3)
+    await kpi.apply([late])
+    after = (await kpi.get("/v1/kpis/response-time", **day))["total"]["stats"]
+    assert (after["first_response"]["count"], after["unanswered"], after["breached"]) == (2, 1, 2)
+    assert after["first_response"]["p50_s"] == pytest.approx(9900.0)
+
+
+async def test_an_empty_period(kpi: Kpi) -> None:
+    kpi.at(TICKETS_NOW)
+    body = await kpi.get("/v1/kpis/response-time", **{"from": "2025-01-01", "to": "2025-01-03"})
+    assert body["total"]["stats"]["tickets"] == 0
+    assert body["total"]["stats"]["breach_rate"] is None
+    assert len(body["buckets"]) == 3
+    churned = await kpi.get("/v1/kpis/churn", **{"from": "2025-01-01", "to": "2025-03-31"})
+    assert churned["total"]["contractual"] == {"active_at_start": 0, "churned": 0, "rate": None}
+    conversion = await kpi.get("/v1/kpis/conversion", **{"from": "2025-01-01", "to": "2025-01-31"})
+    assert conversion["total"]["stats"]["conversion_rate"] is None
+    summary = await kpi.get("/v1/kpis/clv/summary")
+    assert summary["model"] is None
+    assert summary["total"]["predictions"]["customers"] == 0
+
+
+# --- churn and cohorts ---------------------------------------------------------------------------------
+
+
+async def test_churn_by_month_and_reason(kpi: Kpi) -> None:
+    kpi.at(CHURN_NOW)
+    await kpi.apply(churn_events())
+    body = await kpi.get("/v1/kpis/churn", **{"from": "2026-01-01", "to": "2026-03-31", "by": "reason"})
+    months = {b["start"]: b for b in body["buckets"]}
+    jan, feb, mar = months["2026-01-01"], months["2026-02-01"], months["2026-03-01"]
+    assert jan["contractual"] == {"active_at_start": 4, "churned": 2, "rate": 0.5}
+    assert jan["groups"]["contractual"]["price"] == {"active_at_start": 4, "churned": 1, "rate": 0.25}
+    assert jan["non_contractual"] == {"active_at_start": 3, "churned": 0, "rate": 0.0}
+    assert feb["contractual"]["rate"] == 0.5
+    assert feb["non_contractual"]["churned"] == 1
+    assert mar["non_contractual"] == {"active_at_start": 3, "churned": 1, "rate": pytest.approx(1 / 3)}
+    assert body["total"]["win_back"]["all"] == {
+        "episodes": 3,
+        "won_back": 1,
+        "pending": 2,
+        "rate": pytest.approx(1 / 3),
+    }
+    assert body["total"]["win_back"]["service"]["rate"] == 1.0
+
+
+async def test_cohorts(kpi: Kpi) -> None:
+    kpi.at(CHURN_NOW)
+    await kpi.apply(churn_events())
+    body = await kpi.get("/v1/kpis/cohorts", **{"from": "2025-10-01", "to": "2026-03-31"})
+    november = next(c for c in body["cohorts"] if c["start"] == "2025-11-01")
+    assert november == {
+        "start": "2025-11-01",
+        "size": 2,
+        "active": [2, 0, 1, 0, 1, 0],
+        "retention": [1.0, 0.0, 0.5, 0.0, 0.5, 0.0],
+    }
+
+
+# --- conversion ----------------------------------------------------------------------------------------
+
+
+async def test_conversion_with_uplift(kpi: Kpi) -> None:
+    kpi.at(utc(2026, 1, 25))
+    await kpi.apply(conversion_events())
+    body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-10", "to": "2026-01-12", "by": "channel"})
+    total = body["total"]["stats"]
+    assert (total["sent"], total["conversions"], total["conversion_rate"]) == (4, 3, 0.75)
+    assert total["revenue"] == 282.5
+    assert total["revenue_per_message"] == 70.625
+    assert (total["holdout"], total["holdout_rate"], total["uplift"]) == (2, 0.5, 0.25)
+    assert total["uplift_ci_low"] < 0.25 < total["uplift_ci_high"]
+    assert (total["delivery_rate"], total["failure_rate"], total["actions_per_engagement"]) == (
+        0.5,
+        0.25,
+        2.0,
+    )
+    assert total["unconverted_purchases"] == 1
+    assert body["total"]["groups"]["sms"]["sent"] == 2
+    assert body["total"]["groups"]["email"]["actions_per_engagement"] == 2.0
+    assert body["uplift_interval"].startswith("Newcombe")
+
+
+# --- the Grafana tables --------------------------------------------------------------------------------
+
+
+async def test_grafana_tables_follow_late_events(kpi: Kpi) -> None:
+    kpi.at(TICKETS_NOW)
+    events = ticket_events()
+    late = next(e for e in events if e.event_id == "s-T4-agent_replied-202601111030")
+    await kpi.apply([e for e in events if e is not late])
+    await kpi.apply(conversion_events())
+    await kpi.service.run_rollups()
+
+    async def row(day: date) -> Any:
+        async with kpi.db.sessions() as s:
+            t = kpi_response_time_daily.c
+            stmt = select(kpi_response_time_daily).where(t.day == day, t.dimension == "all")
+            return (await s.execute(stmt)).one()
+
+    before = await row(date(2026, 1, 11))
+    assert (before.tickets, before.answered, before.breached) == (3, 1, 3)
+    await kpi.apply([late])
+    await kpi.service.run_rollups()
+    after = await row(date(2026, 1, 11))
+    assert (after.tickets, after.answered) == (3, 2)
+    assert after.first_response_p50_s == pytest.approx(9900.0)
+    assert after.breach_rate == pytest.approx(2 / 3)
+    async with kpi.db.sessions() as s:
+        c = kpi_conversion_daily.c
+        sms = (
+            await s.execute(
+                select(kpi_conversion_daily).where(
+                    c.day == date(2026, 1, 10), c.dimension == "channel", c.value == "sms"
+                )
+            )
+        ).one()
+        assert (sms.sent, sms.conversions, sms.delivered, sms.failed) == (2, 2, 1, 1)
+        months = await s.scalar(select(func.count()).select_from(kpi_churn_monthly))
+        assert months  # the purchases of the scenario give churn months too
+
+
+async def test_churn_table_by_month(kpi: Kpi) -> None:
+    kpi.at(CHURN_NOW)
+    await kpi.apply(churn_events())
+    await kpi.service.run_rollups()
+    async with kpi.db.sessions() as s:
+        c = kpi_churn_monthly.c
+        rows = (
+            await s.execute(select(kpi_churn_monthly).where(c.dimension == "all").order_by(c.month, c.kind))
+        ).all()
+    table = {(r.month, r.kind): (r.active_at_start, r.churned) for r in rows}
+    assert table[(date(2026, 1, 1), "contractual")] == (4, 2)
+    assert table[(date(2026, 2, 1), "non_contractual")] == (3, 1)
+    assert table[(date(2026, 3, 1), "non_contractual")] == (3, 1)
+
+
+# --- CLV --------------------------------------------------------------------------------------------------
+
+
+def cdnow_events(customers: int) -> list[Event | MessageEvent]:
+    """The first ``customers`` customers of the CDNOW sample as purchase events (USD, noon UTC)."""
+    events: list[Event | MessageEvent] = []
+    for n, line in enumerate(CDNOW.read_text().splitlines()):
+        _, customer, day, _, amount = line.split()
+        if int(customer) > customers:
+            break
+        when = datetime(int(day[:4]), int(day[4:6]), int(day[6:]), 12, tzinfo=UTC)
+        events.append(purchase(f"cd{customer}", when, amount, "USD", order=f"cd-{n}"))
+    return events
+
+
+def no_dropout_buyers(n: int = 60) -> list[Event | MessageEvent]:
+    """Customers who all keep buying: the BG/NBD dropout parameters run off to infinity."""
+    rng = random.Random(8)
+    events: list[Event | MessageEvent] = []
+    for i in range(n):
+        day = datetime(2025, 1, 1, 12, tzinfo=UTC).toordinal() + rng.randrange(60)
+        for _ in range(1 + rng.randrange(6)):
+            when = datetime.fromordinal(day).replace(hour=12, tzinfo=UTC)
+            events.append(purchase(f"k{i:03d}", when, f"{rng.randrange(50, 400)}"))
+            day += rng.randrange(5, 80)
+    return events
+
+
+async def test_clv_model_customer_and_publication(kpi: Kpi) -> None:
+    kpi.at(utc(1997, 10, 1, 12))
+    await kpi.apply(cdnow_events(300))
+    model = await kpi.get("/v1/clv/model", as_of="1997-09-30")
+    assert model["cached"] is False
+    assert set(model["params"]) == {"r", "alpha", "a", "b", "p", "q", "gamma"}
+    assert model["customers"] == 300
+    assert model["time_unit"] == "week"
+    assert model["currency"] == "ILS"
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is True
+
+    published = await kpi.service.refit_and_publish()
+    assert published == 300
+    customer = await kpi.get("/v1/customers/cd0001/clv")
+    # Customer 1 bought 29.33 + 29.73 + 14.96 USD by 1 October 1997: 270.5 ILS at 3.65.
+    assert customer["historic_value"] == pytest.approx((29.33 + 29.73 + 14.96) * 3.65)
+    assert customer["frequency"] == 2
+    assert 0 <= customer["p_alive"] <= 1
+    async with kpi.db.sessions() as s:
+        values = (await s.execute(select(outbox.c.value))).scalars().all()
+        stored = (
+            await s.execute(select(clv_predictions).where(clv_predictions.c.customer_id == "cd0001"))
+        ).one()
+    predictions = [decode_with(CLV_ADAPTER, v) for v in values]
+    first = next(p for p in predictions if p.customer_id == "cd0001")
+    assert float(first.predicted_clv) == pytest.approx(customer["predicted_clv"], abs=0.01)
+    assert first.p_alive == pytest.approx(stored.p_alive)
+    assert first.currency == "ILS"
+    assert first.model_as_of == datetime(1997, 10, 1, 22, tzinfo=UTC)  # end of 1 Oct in Jerusalem
+
+    # Nothing changed: nothing is published again. A big new purchase moves its buyer.
+    assert await kpi.service.refit_and_publish() == 0
+    await kpi.apply([purchase("cd0001", utc(1997, 10, 1, 9), "500", "USD")])
+    again = await kpi.service.refit_and_publish()
+    assert 1 <= again < 300
+    async with kpi.db.sessions() as s:
+        latest = (
+            (await s.execute(select(outbox.c.value).order_by(outbox.c.id.desc()).limit(again)))
+            .scalars()
+            .all()
+        )
+    assert "cd0001" in {decode_with(CLV_ADAPTER, v).customer_id for v in latest}
+    summary = await kpi.get("/v1/kpis/clv/summary", by="channel")
+    assert summary["total"]["predictions"]["customers"] == 300
+    assert summary["model"]["params"]["r"] > 0
+
+
+async def test_a_degenerate_fit_publishes_no_nonsense(kpi: Kpi) -> None:
+    kpi.at(utc(2026, 1, 1, 12))
+    await kpi.apply(no_dropout_buyers())
+    assert (await kpi.get("/v1/clv/model", as_of="2025-12-31"))["customers"] == 60
+    await kpi.service.refit_and_publish()  # must not raise on non-finite predictions
+    async with kpi.db.sessions() as s:
+        values = (await s.execute(select(outbox.c.value))).scalars().all()
+    for v in values:
+        p = decode_with(CLV_ADAPTER, v)
+        assert math.isfinite(float(p.predicted_clv))
+    customer = await kpi.get("/v1/customers/k000/clv")
+    assert customer["historic_value"] > 0
+
+
+async def test_clv_model_needs_data(kpi: Kpi) -> None:
+    kpi.at(utc(2026, 1, 1, 12))
+    response = await kpi.http.get(
+        "/v1/clv/model", params={"as_of": "2025-12-31"}, headers={"Authorization": f"Bearer {kpi.key}"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["field"] == "query.as_of"
+    missing = await kpi.http.get("/v1/customers/nobody/clv", headers={"Authorization": f"Bearer {kpi.key}"})
+    assert missing.status_code == 404
+
+
+# --- metrics ----------------------------------------------------------------------------------------------
+
+
+async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
+    kpi.at(TICKETS_NOW)
+    await kpi.apply([*ticket_events(), *conversion_events(), profile("c1", utc(2026, 1, 1), locale="ar")])
+    response = await kpi.http.get("/metrics")
+    assert response.status_code == 200
+    lines = [line for line in response.text.splitlines() if line.startswith("retain_kpi_")]
+    assert 'retain_kpi_open_tickets_in_breach{category="account"} 1.0' in lines
+    assert any(
+        line.startswith('retain_kpi_first_response_seconds{category="billing",quantile="0.5"}')
+        for line in lines
+    )
+    assert any(line.startswith('retain_kpi_delivery_ratio{channel="sms"}') for line in lines)
+    assert not any(cid in response.text for cid in ("vip", "cust-T1", 'c1"', "c7"))
+
+
+# --- bad requests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "params", "field"),
+    [
+        ("/v1/kpis/churn", {"from": "2026-05-01", "to": "2026-01-01"}, "query.to"),
+        ("/v1/kpis/response-time", {"by": "customer"}, "query.by"),
+        ("/v1/kpis/conversion", {"by": "tier,channel"}, "query.by"),
+        ("/v1/kpis/cohorts", {"granularity": "year"}, "query.granularity"),
+        ("/v1/kpis/clv/summary", {"from": "yesterday"}, "query.from"),
+        ("/v1/kpis/response-time", {"from": "2026-02-30"}, "query.from"),
+        ("/v1/kpis/churn", {"from": "1990-01-01", "to": "2026-01-01"}, "query.from"),
+        (
+            "/v1/kpis/response-time",
+            {"from": "2023-01-01", "to": "2026-01-01", "granularity": "day"},
+            "query.granularity",
+        ),
+        ("/v1/clv/model", {"as_of": "2999-01-01"}, "query.as_of"),
+        ("/v1/clv/model", {"as_of": "1997-13-01"}, "query.as_of"),
+    ],
+)
+async def test_bad_parameters_are_named(kpi: Kpi, url: str, params: dict[str, str], field: str) -> None:
+    response = await kpi.http.get(url, params=params, headers={"Authorization": f"Bearer {kpi.key}"})
+    assert response.status_code == 422, response.text
+    assert field in [d["field"] for d in response.json()["error"]["details"]]
+
+
+async def test_scope_kpi_read_is_required(kpi: Kpi) -> None:
+    assert (await kpi.http.get("/v1/kpis/churn")).status_code == 401
+    other = await kpi.http.get("/v1/kpis/churn", headers={"Authorization": f"Bearer {kpi.other_key}"})
+    assert other.status_code == 403
+    assert (await kpi.http.get("/healthz")).status_code == 200
+    assert (await kpi.http.get("/readyz")).status_code == 200
+
+
+async def test_ticket_facts_survive_duplicates_with_other_ids(kpi: Kpi) -> None:
+    # The same order sent twice under two event ids is one order; the newer event wins.
+    kpi.at(utc(2026, 2, 1))
+    first = purchase("z", utc(2026, 1, 5), "100", order="o-1")
+    corrected = purchase("z", utc(2026, 1, 5, 11), "120", order="o-1")
+    await kpi.apply([corrected, first])
+    await kpi.apply([support("TT", "opened", utc(2026, 1, 5), customer="z")])
+    summary = await kpi.get("/v1/kpis/clv/summary", **{"from": "2026-01-01", "to": "2026-01-31"})
+    assert (summary["total"]["orders"], summary["total"]["revenue"]) == (1, 120.0)
+
+
+async def test_messenger_ids_longer_than_backend_ids_fit(kpi: Kpi) -> None:
+    # The messenger derives ids from customer ids (e.g. "optout:<customer>"): up to 135 chars.
+    customer = "c" * 128
+    kpi.at(utc(2026, 1, 25))
+    await kpi.apply(
+        [
+            message(f"optout:{customer}", customer, "unsubscribed", utc(2026, 1, 10)),
+            message(f"m-{customer}", customer, "sent", utc(2026, 1, 10), tier="t" * 100),
+        ]
+    )
+    body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-10", "to": "2026-01-10"})
+    assert body["total"]["stats"]["sent"] == 1
