@@ -66,7 +66,12 @@ class Clock:
 CUSTOMERS: dict[str, dict[str, Any]] = {
     "he-1": {"name": "נועה לוי", "locale": "he-IL", "timezone": "Asia/Jerusalem", "phone": "+972521234567"},
     "ar-1": {"name": "ليلى حداد", "locale": "ar-EG", "timezone": "Africa/Cairo", "phone": "+201001234567"},
-    "en-1": {"name": "Dana Smith", "locale": "en-US", "timezone": "America/New_York", "phone": "+12125551234"},
+    "en-1": {
+        "name": "Dana Smith",
+        "locale": "en-US",
+        "timezone": "America/New_York",
+        "phone": "+12125551234",
+    },
 }
 
 
@@ -105,7 +110,10 @@ async def test_events_become_messages_in_the_customers_language(
     events = backend_events()
     producer = Producer(kafka.bootstrap, client_id="pipeline")
     await producer.send_all(
-        [OutboundRecord(topic_prefix + TOPIC_OF_TYPE[e.type], encode_key(e.customer_id), encode_event(e)) for e in events]
+        [
+            OutboundRecord(topic_prefix + TOPIC_OF_TYPE[e.type], encode_key(e.customer_id), encode_event(e))
+            for e in events
+        ]
     )
     clock = Clock(NOW)
 
@@ -163,7 +171,8 @@ async def test_events_become_messages_in_the_customers_language(
     assert "T-he-1" in hebrew
 
     published = [
-        MESSAGE_EVENT_ADAPTER.validate_json(r.value) for r in await read_all(kafka.bootstrap, [topic_prefix + "messages"])
+        MESSAGE_EVENT_ADAPTER.validate_json(r.value)
+        for r in await read_all(kafka.bootstrap, [topic_prefix + "messages"])
     ]
     statuses = Counter((e.journey, e.status.value) for e in published)
     assert statuses[("complaint_ack", "sent")] == len(CUSTOMERS)
@@ -172,18 +181,18 @@ async def test_events_become_messages_in_the_customers_language(
     await msg_db.dispose()
 
 
-def email_update(n: int) -> CustomerUpdate:
+def email_update(n: int, now: datetime) -> CustomerUpdate:
     cid = f"m{n:04d}"
     return CustomerUpdate(
         event_id=f"u-{cid}",
         customer_id=cid,
-        occurred_at=NOW,
+        occurred_at=now,
         cause=UpdateCause.EVENTS,
         triggering_events=[
             TriggeringEvent(
                 event_id=f"t-{cid}",
                 type=EventType.SUPPORT,
-                occurred_at=NOW,
+                occurred_at=now,
                 ticket_id=f"T-{n}",
                 action="opened",
                 category="billing",
@@ -199,7 +208,7 @@ def email_update(n: int) -> CustomerUpdate:
             locale="en-US",
             timezone="UTC",
             preferred_channel=Channel.EMAIL,
-            consents={Channel.EMAIL: ConsentState(granted=True, at=NOW - timedelta(days=1))},
+            consents={Channel.EMAIL: ConsentState(granted=True, at=now - timedelta(days=1))},
             lifecycle_stage="active",
             tier="bronze",
             orders_count=1,
@@ -223,7 +232,7 @@ async def test_sender_killed_mid_batch_delivers_every_message(
     service = MessengerService(db, settings, None, {})
     await service.ensure_defaults()
     await service.apply_batch(
-        [Delivered("s", 0, i, None, email_update(i), 0) for i in range(n)]  # complaint_ack: transactional
+        [Delivered("s", 0, i, None, email_update(i, datetime.now(UTC)), 0) for i in range(n)]  # transactional
     )
     before = len(smtp_server.handler.received)
     env = {
