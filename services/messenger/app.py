@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from services.messenger.admin_api import router as admin_router
 from services.messenger.api import router
 from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
@@ -54,4 +55,5 @@ def create_app(settings: MessengerSettings | None = None) -> FastAPI:
 
     setup_app(app, "messenger", ready)
     app.include_router(router)
+    app.include_router(admin_router)
     return app

@@ -76,7 +76,6 @@ class MessengerRepository:
     async def customer_by_address(self, session: AsyncSession, channel: str, address: str) -> str | None:
         """Find a customer by phone/WhatsApp number or email (inbound messages, bounces)."""
         field = {"sms": "phone", "whatsapp": "whatsapp", "email": "email"}[channel]
-        dialect = session.get_bind().dialect.name
         column = customers.c.profile[field]
         value = column.as_string()
         stmt = select(customers.c.customer_id).where(value == address).limit(1)
@@ -286,8 +285,13 @@ class MessengerRepository:
 
     # --- settings (caps, journeys, templates) -------------------------------------------------------
 
-    async def setting(self, session: AsyncSession, name: str) -> Any:
-        return (await session.execute(select(settings_table).where(settings_table.c.name == name))).first()
+    async def setting(self, session: AsyncSession, name: str, *, for_update: bool = False) -> Any:
+        """A setting; ``for_update`` locks it (PostgreSQL) so read-modify-write edits queue
+        instead of overwriting each other (SQLite's write lock already serialises them)."""
+        stmt = select(settings_table).where(settings_table.c.name == name)
+        if for_update and session.get_bind().dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        return (await session.execute(stmt)).first()
 
     async def put_setting(
         self, session: AsyncSession, name: str, value: Any, actor: str, now: datetime

@@ -1,8 +1,8 @@
-"""``python -m tests.bench [--seconds S] [--concurrency N] [--only ingest] [--profile]``
+"""``python -m tests.bench [--seconds S] [--concurrency N] [--only SECTION] [--scale F] [--profile]``
 
-Prints a markdown report (stdout) and writes each section to ``var/bench/<section>.md``.
-Progress goes to stderr. The exit status says whether the bench ran, never whether a target
-was met.
+Prints a markdown report (stdout), writes it to ``var/bench/report.md`` and each section to
+``var/bench/<section>.md``. Progress goes to stderr. The exit status says whether the bench
+ran, never whether a target was met.
 
 A section is a function ``(BenchContext) -> Section``; add new ones to ``SECTIONS``.
 """
@@ -16,13 +16,15 @@ import sys
 from collections.abc import Callable
 
 from shared.logs import configure_logging
-from tests.bench import ingest
+from tests.bench import ingest, messenger, segmenter
 from tests.bench.context import BenchContext, Options
 from tests.bench.infra import BENCH_VAR, machine_info, say
 from tests.bench.report import Section, render
 
 SECTIONS: dict[str, Callable[[BenchContext], Section]] = {
     "ingest": ingest.run,
+    "segmenter": segmenter.run,
+    "messenger": messenger.run,
 }
 
 
@@ -44,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile", action="store_true", help="also profile the service under load (cProfile) and show where"
     )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="data size of the segmenter and messenger sections; 1 = the issues' sizes (1)",
+    )
     return parser
 
 
@@ -51,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0 or min(args.concurrency, args.rounds, args.partitions) < 1:
         _parser().error("--seconds, --concurrency, --rounds, --partitions must be positive")
+    if not 0 < args.scale <= 10:
+        _parser().error("--scale must be within (0, 10]")
     options = Options(
         seconds=args.seconds,
         warmup=args.warmup,
@@ -58,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         partitions=args.partitions,
         profile=args.profile,
+        scale=args.scale,
     )
     names = args.only or list(SECTIONS)
     # structlog prints to stdout unless configured; stdout is for the report alone.
@@ -70,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             say(f"section {name}")
             done.append(SECTIONS[name](ctx))
-        kafka_version = ctx.kafka_version
-    machine = machine_info(kafka_version)
+        kafka_version, postgres_version = ctx.kafka_version, ctx.postgres_version
+    machine = machine_info(kafka_version, postgres_version)
     for section in done:
         (BENCH_VAR / f"{section.name}.md").write_text(render(command, machine, [section]), "utf-8")
-    sys.stdout.write(render(command, machine, done) + "\n")
-    sys.stdout.write(f"\n(written to {', '.join(f'var/bench/{s.name}.md' for s in done)})\n")
+    report = render(command, machine, done)
+    (BENCH_VAR / "report.md").write_text(report, "utf-8")
+    sys.stdout.write(report + "\n")
+    written = ", ".join(["var/bench/report.md", *(f"var/bench/{s.name}.md" for s in done)])
+    sys.stdout.write(f"\n(written to {written})\n")
     return 0
 
 

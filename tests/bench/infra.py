@@ -9,6 +9,7 @@ import platform
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,11 +18,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import httpx
 
 from shared.config import REPO_ROOT
+
+if TYPE_CHECKING:
+    from shared.infra.postgres import LocalPostgres
 
 BENCH_VAR = REPO_ROOT / "var" / "bench"
 HOST = "127.0.0.1"
@@ -49,6 +53,18 @@ def cpu_seconds(pid: int) -> float | None:
     fields = stat.rsplit(")", 1)[1].split()
     # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU time every core of the machine has spent busy (not idle or iowait), from /proc/stat."""
+    try:
+        first = Path("/proc/stat").read_text("ascii").split("\n", 1)[0]
+    except OSError:
+        return None
+    # cpu  user nice system idle iowait irq softirq steal guest guest_nice
+    values = [int(v) for v in first.split()[1:9]]
+    busy = values[0] + values[1] + values[2] + values[5] + values[6] + values[7]
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------------------
@@ -87,6 +103,39 @@ def kafka_cluster(partitions: int) -> Iterator[KafkaInfo]:
         say("stopping Kafka")
         broker.stop()
         shutil.rmtree(var, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+@dataclass(frozen=True)
+class PostgresInfo:
+    server: LocalPostgres
+    version: str  # the major version, from the binaries' directory
+
+    def create_database(self, name: str) -> str:
+        """A new empty database (removed with the cluster); its asyncpg URL."""
+        return self.server.create_database(name)
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[PostgresInfo]:
+    """A throwaway cluster of the distro's PostgreSQL under var/bench/, removed afterwards."""
+    from shared.infra.postgres import LocalPostgres  # noqa: PLC0415 - only when a section asks
+
+    root = BENCH_VAR / f"pg-{os.getpid()}"
+    server = LocalPostgres(root)
+    say(f"starting a local PostgreSQL from {server.bin_dir} (data in {root})")
+    started = time.monotonic()
+    server.start()
+    say(f"PostgreSQL ready on port {server.port} in {time.monotonic() - started:.1f}s")
+    try:
+        yield PostgresInfo(server, server.bin_dir.parent.name)
+    finally:
+        say("stopping PostgreSQL")
+        server.stop("fast")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -228,12 +277,25 @@ def _version(dist: str) -> str:
         return "absent"
 
 
-def machine_info(kafka_version: str | None) -> list[tuple[str, str]]:
+def machine_info(kafka_version: str | None, postgres_version: str | None = None) -> list[tuple[str, str]]:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     libs = ", ".join(
         f"{d} {_version(d)}"
-        for d in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "aiokafka")
+        for d in (
+            "fastapi",
+            "starlette",
+            "uvicorn",
+            "uvloop",
+            "httptools",
+            "pydantic",
+            "aiokafka",
+            "sqlalchemy",
+            "aiosqlite",
+            "asyncpg",
+            "twilio",
+            "aiohttp",
+        )
     )
     info = [
         ("nproc", str(cpus)),
@@ -242,7 +304,10 @@ def machine_info(kafka_version: str | None) -> list[tuple[str, str]]:
         ("os", f"{platform.system()} {platform.release()}"),
         ("python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("libraries", libs),
+        ("sqlite", sqlite3.sqlite_version),
     ]
     if kafka_version is not None:
         info.append(("kafka", kafka_version))
+    if postgres_version is not None:
+        info.append(("postgresql", postgres_version))
     return info

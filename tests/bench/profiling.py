@@ -140,3 +140,76 @@ def summarize(prof: Path, top: int = 25) -> list[str]:
         align="lrrr",
     )
     return lines
+
+
+def _package(filename: str, name: str) -> str:
+    """Where a function lives, coarsely: the repo's top package and service, a library, or C."""
+    if filename == "~":
+        for needle, group in _BUILTIN_GROUPS:
+            if needle in name and not group.startswith(("auth", "event loop")):
+                return group
+        if "poll" in name or "select" in name:
+            return "event loop waiting (idle, or awaiting the DB thread / broker)"
+        return "other built-ins"
+    path = filename.replace("\\", "/")
+    if path.startswith(_REPO) and "site-packages" not in path:
+        parts = path.removeprefix(_REPO).split("/")
+        return "/".join(parts[:2]) + "/" if parts[0] == "services" else parts[0] + "/"
+    if "site-packages/" in path:
+        return path.rsplit("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+    if "/asyncio/" in path:
+        return "asyncio"
+    return "other python (stdlib)"
+
+
+def where_time_goes(
+    prof: Path, *, roots: tuple[str, ...] = ("services/", "shared/"), top: int = 25
+) -> list[str]:
+    """Self time by package, then the top cumulative entries of the repo's own code.
+
+    For code run in-process (a consumer loop rather than a server under load): the profile
+    covers the thread that ran the event loop; work in other threads (aiosqlite's) shows up as
+    the loop waiting for it.
+    """
+    stats: Any = pstats.Stats(str(prof))
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats
+    total = sum(v[2] for v in raw.values()) or 1.0
+    groups: dict[str, float] = defaultdict(float)
+    for (filename, _line, name), (_cc, _nc, tt, _ct, _callers) in raw.items():
+        groups[_package(filename, name)] += tt
+    lines = [f"Self time by package ({total:.1f} s profiled on the event-loop thread):", ""]
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1])
+    lines += table(
+        ["package", "self time", "share"],
+        [[g, f"{t:.2f} s", f"{t / total:.1%}"] for g, t in ranked[:top]],
+        align="lrr",
+    )
+    ours = [
+        (k, v)
+        for k, v in raw.items()
+        if k[0].startswith(_REPO)
+        and "site-packages" not in k[0]
+        and k[0].removeprefix(_REPO).startswith(roots)
+    ]
+    ours.sort(key=lambda kv: -kv[1][3])
+    lines += [
+        "",
+        f"Top {top} entries of {', '.join(roots)} by cumulative time (a coroutine's time counts only "
+        "while it runs, not while it awaits):",
+        "",
+    ]
+    lines += table(
+        ["function", "calls", "self", "cumulative", "per call"],
+        [
+            [
+                _where(*k),
+                str(v[1]),
+                f"{v[2]:.2f} s",
+                f"{v[3]:.2f} s",
+                f"{v[3] / max(v[1], 1) * 1e6:,.0f} µs",
+            ]
+            for k, v in ours[:top]
+        ],
+        align="lrrrr",
+    )
+    return lines

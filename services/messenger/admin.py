@@ -1,0 +1,352 @@
+"""What marketers change through the API: journeys (create, replace, pause, delete, stats) and
+template overrides (put, reset, preview).
+
+Both live in ``messenger_settings`` — "journeys" as a list of ``Journey`` and "templates" as
+a list of ``Template.to_json()`` — and every process reloads them when the row's updated_at
+changes: the consumer on its next batch, the sender on its next pass. So every write here
+moves updated_at forward, even when the clock has not (a frozen test clock, two edits in
+one microsecond), or a process would keep its stale copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.messenger.journeys import Journey, default_journeys, validate_journey
+from services.messenger.service import MessengerService
+from services.messenger.templates import (
+    DEFAULT_LOCALE,
+    Rendered,
+    Template,
+    TemplateError,
+    TemplateInvalidError,
+    TemplateKey,
+    TemplateNotFoundError,
+    TemplateStore,
+    build_variables,
+    formatting_locale,
+    journey_defaults,
+    render,
+    sample_variables,
+    validate_template,
+)
+from shared.errors import InvalidInputError, NotFoundError, RetainError
+from shared.events import Channel, MessageKind, ProfileSnapshot
+
+JOURNEYS = "journeys"
+TEMPLATES = "templates"
+MAX_OVERRIDES = 500  # the setting is one JSON row, read by every process on every change
+
+# Handed to a provider (what a customer may have seen).
+SENT = ("sent", "delivered", "undelivered")
+# Decided not to send, each status its own reason.
+NOT_SENT = ("capped", "no_consent", "suppressed", "no_address", "expired", "failed")
+# Decided to send, not sent yet.
+PENDING = ("queued", "sending", "held_quiet_hours")
+
+# What a message takes from its trigger rather than from the profile: a preview for a real
+# customer has no trigger, so these come from the sample data (and the preview says so).
+TRIGGER_VARIABLES = frozenset(
+    {"last_order", "ticket_id", "ticket_category", "survey_url", "offer_code", "personal_contact"}
+)
+
+
+class JourneyNotFoundError(NotFoundError):
+    code = "journey_not_found"
+
+
+class JourneyExistsError(RetainError):
+    status_code = 409
+    code = "journey_exists"
+
+
+class JourneyInvalidError(InvalidInputError):
+    """A journey did not validate; details name each problem's JSON path (HTTP 422)."""
+
+    code = "invalid_journey"
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        shown = "; ".join(f"{e['path']}: {e['message']}" for e in errors[:5])
+        super().__init__(f"invalid journey: {shown}", details=errors)
+
+
+class TemplateInUseError(RetainError):
+    status_code = 409
+    code = "template_in_use"
+
+
+class CustomerNotFoundError(NotFoundError):
+    code = "customer_not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class Journeys:
+    journeys: list[Journey]
+    updated_at: datetime | None
+    updated_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JourneyStats:
+    journey: str
+    enabled: bool
+    entered: int
+    waiting: int
+    decided: int
+    sent: int
+    pending: int
+    holdout: int
+    not_sent: dict[str, int]
+    by_status: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateEntry:
+    key: TemplateKey
+    overridden: bool
+    has_default: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    rendered: Rendered
+    overridden: bool
+    customer_id: str | None
+    sample_data: list[str]  # the variables filled with sample values, not the customer's
+
+
+def _version_after(previous: datetime | None, now: datetime) -> datetime:
+    if previous is not None and now <= previous:
+        return previous + timedelta(microseconds=1)
+    return now
+
+
+class MessengerAdmin:
+    def __init__(self, service: MessengerService) -> None:
+        self.service = service
+        self.db = service.db
+        self.repo = service.repo
+
+    # --- journeys --------------------------------------------------------------------------------
+
+    async def journeys(self) -> Journeys:
+        async with self.db.sessions() as session:
+            row = await self.repo.setting(session, JOURNEYS)
+        if row is None:
+            return Journeys(default_journeys(), None, None)
+        return Journeys([Journey.model_validate(j) for j in row.value], row.updated_at, row.updated_by)
+
+    async def journey(self, name: str) -> Journey:
+        for journey in (await self.journeys()).journeys:
+            if journey.name == name:
+                return journey
+        raise JourneyNotFoundError(f"no journey {name!r}")
+
+    async def create_journey(self, raw: Mapping[str, Any], actor: str) -> Journey:
+        journey = await self._validated(raw)
+
+        def create(journeys: list[Journey]) -> list[Journey]:
+            if any(j.name == journey.name for j in journeys):
+                raise JourneyExistsError(f"journey {journey.name!r} exists; PUT it to replace it")
+            return [*journeys, journey]
+
+        await self._edit_journeys(create, actor)
+        return journey
+
+    async def replace_journey(self, name: str, raw: Mapping[str, Any], actor: str) -> Journey:
+        if raw.get("name", name) != name:
+            raise JourneyInvalidError(
+                [{"path": "$.name", "message": f"must be {name!r}, the journey in the path"}]
+            )
+        journey = await self._validated({**raw, "name": name})
+        await self._edit_journeys(
+            lambda js: [journey if j.name == name else j for j in _known(js, name)], actor
+        )
+        return journey
+
+    async def delete_journey(self, name: str, actor: str) -> None:
+        """Its waiting messages are cancelled when they come due (fire_waits)."""
+        await self._edit_journeys(lambda js: [j for j in _known(js, name) if j.name != name], actor)
+
+    async def set_enabled(self, name: str, enabled: bool, actor: str) -> Journey:
+        """Paused: no new entries, and its waiting messages are cancelled when they come due."""
+        changed: list[Journey] = []
+
+        def toggle(journeys: list[Journey]) -> list[Journey]:
+            out = [
+                j.model_copy(update={"enabled": enabled}) if j.name == name else j
+                for j in _known(journeys, name)
+            ]
+            changed.extend(j for j in out if j.name == name)
+            return out
+
+        await self._edit_journeys(toggle, actor)
+        return changed[0]
+
+    async def stats(self, name: str) -> JourneyStats:
+        journey = await self.journey(name)
+        async with self.db.sessions() as session:
+            entered = await self.repo.count_entries(session, name)
+            waiting = await self.repo.count_waiting(session, name)
+            by_status = await self.repo.count_by(session, name)
+        return JourneyStats(
+            journey=name,
+            enabled=journey.enabled,
+            entered=entered,
+            waiting=waiting,
+            decided=sum(by_status.values()),
+            sent=sum(by_status.get(s, 0) for s in SENT),
+            pending=sum(by_status.get(s, 0) for s in PENDING),
+            holdout=by_status.get("holdout", 0),
+            not_sent={s: by_status[s] for s in NOT_SENT if by_status.get(s)},
+            by_status=dict(sorted(by_status.items())),
+        )
+
+    async def _validated(self, raw: Mapping[str, Any]) -> Journey:
+        async with self.db.sessions() as session:
+            store = await self.service.load_template_overrides(session)
+        errors = validate_journey(dict(raw), templates=store.journeys())
+        if errors:
+            raise JourneyInvalidError([e.to_dict() for e in errors])
+        return Journey.model_validate(dict(raw))
+
+    async def _edit_journeys(self, change: Callable[[list[Journey]], list[Journey]], actor: str) -> None:
+        async with self.db.transaction() as session:
+            row = await self.repo.setting(session, JOURNEYS, for_update=True)
+            current = default_journeys() if row is None else [Journey.model_validate(j) for j in row.value]
+            value = [j.model_dump(mode="json") for j in change(current)]
+            at = _version_after(row.updated_at if row else None, self.service.clock())
+            await self.repo.put_setting(session, JOURNEYS, value, actor, at)
+
+    # --- templates -------------------------------------------------------------------------------
+
+    async def store(self) -> TemplateStore:
+        async with self.db.sessions() as session:
+            return await self.service.load_template_overrides(session)
+
+    async def templates(self) -> list[TemplateEntry]:
+        store = await self.store()
+        keys = store.keys()  # a sorted list (not a dict view)
+        return [TemplateEntry(k, store.is_overridden(k), store.default(k) is not None) for k in keys]
+
+    async def template(self, key: TemplateKey) -> tuple[TemplateEntry, Template]:
+        """Exactly this key, no locale fallback."""
+        store = await self.store()
+        found = store.get(key)
+        if found is None:
+            raise TemplateNotFoundError(f"no template {key}")
+        return TemplateEntry(key, store.is_overridden(key), store.default(key) is not None), found
+
+    async def put_template(
+        self, key: TemplateKey, raw: Mapping[str, Any], actor: str
+    ) -> tuple[TemplateEntry, Template]:
+        """Validate (sandbox, variables, size, SMS segments) and keep as an override."""
+        key_json = key.model_dump(mode="json")
+        if "key" in raw and raw["key"] != key_json:
+            raise TemplateInvalidError(
+                [TemplateError("$.key", f"must be {key_json}, the template in the path")]
+            )
+        body = {**raw, "key": key_json}
+        if "kind" not in body:
+            spec = journey_defaults().get(key.journey)
+            body["kind"] = (spec.kind if spec else MessageKind.MARKETING).value
+        template = Template.from_json(body)
+        # Rendering the sample data runs user code (bounded to about a second): off the loop.
+        errors = await asyncio.to_thread(validate_template, template)
+        if errors:
+            raise TemplateInvalidError(errors)
+
+        def put(overrides: dict[TemplateKey, Template]) -> None:
+            if key not in overrides and len(overrides) >= MAX_OVERRIDES:
+                raise TemplateInvalidError(
+                    [TemplateError("$.key", f"{MAX_OVERRIDES} overrides at most; reset some first")]
+                )
+            overrides[key] = template
+
+        await self._edit_templates(put, actor)
+        return TemplateEntry(
+            key, overridden=True, has_default=self.service.templates.default(key) is not None
+        ), template
+
+    async def reset_template(self, key: TemplateKey, actor: str) -> None:
+        """Drop the override: the default applies again (404 when there is no override)."""
+        async with self.db.sessions() as session:
+            journeys = await self.service.journeys(session)
+
+        def remove(overrides: dict[TemplateKey, Template]) -> None:
+            if overrides.pop(key, None) is None:
+                raise TemplateNotFoundError(f"{key} has no override")
+            left = TemplateStore(overrides.values())
+            users = sorted(j.name for j in journeys if j.template == key.journey)
+            if users and key.journey not in left.journeys():
+                raise TemplateInUseError(
+                    f"{key} is the last template of {key.journey!r}, used by {', '.join(users)}; "
+                    "change or delete those journeys first"
+                )
+
+        await self._edit_templates(remove, actor)
+
+    async def _edit_templates(
+        self, change: Callable[[dict[TemplateKey, Template]], None], actor: str
+    ) -> None:
+        async with self.db.transaction() as session:
+            row = await self.repo.setting(session, TEMPLATES, for_update=True)
+            overrides = {t.key: t for t in (Template.from_json(v) for v in (row.value if row else []))}
+            change(overrides)
+            value = [overrides[k].to_json() for k in sorted(overrides, key=str)]
+            at = _version_after(row.updated_at if row else None, self.service.clock())
+            await self.repo.put_setting(session, TEMPLATES, value, actor, at)
+        await self.store()  # this process renders with it at once; the others on their next read
+
+    async def preview(
+        self, template_name: str, channel: Channel, locale: str | None, customer_id: str | None
+    ) -> Preview:
+        """Render as the sender would (absent optional variables empty), for a stored customer's
+        profile or for sample data. The trigger's data (order, ticket, offer …) is always a sample."""
+        async with self.db.sessions() as session:
+            store = await self.service.load_template_overrides(session)
+            journeys = await self.service.journeys(session)
+            customer = await self.repo.lock_customer(session, customer_id) if customer_id else None
+        if customer_id and customer is None:
+            raise CustomerNotFoundError(f"the messenger has not seen customer {customer_id!r}")
+        profile = ProfileSnapshot.model_validate(customer.profile) if customer is not None else None
+        locale = locale or (profile.locale if profile else None) or DEFAULT_LOCALE
+        template = store.resolve(template_name, channel, locale)
+        sample = sample_variables(template.key.locale)
+        if profile is None:
+            variables, from_sample = sample, sorted(sample)
+        else:
+            own = build_variables(
+                profile,
+                None,
+                locale=formatting_locale(profile.locale, template.key.locale),
+                # The sample link: a real one would let any reader of the API unsubscribe them.
+                unsubscribe_url=sample["unsubscribe_url"],
+            )
+            trigger = {k: v for k, v in sample.items() if k in TRIGGER_VARIABLES}
+            variables, from_sample = {**own, **trigger}, sorted({*trigger, "unsubscribe_url"})
+        kind = next((j.kind for j in journeys if j.template == template_name), template.kind)
+        rendered = await asyncio.to_thread(render, template, variables, strict=False, kind=kind)
+        return Preview(rendered, store.is_overridden(template.key), customer_id, from_sample)
+
+
+def _known(journeys: list[Journey], name: str) -> list[Journey]:
+    if not any(j.name == name for j in journeys):
+        raise JourneyNotFoundError(f"no journey {name!r}")
+    return journeys
+
+
+def template_key(journey: str, channel: Channel, locale: str) -> TemplateKey:
+    try:
+        return TemplateKey(journey=journey, channel=channel, locale=locale)
+    except ValidationError as exc:
+        raise InvalidInputError(
+            "not a template key",
+            details=[{"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()],
+        ) from exc

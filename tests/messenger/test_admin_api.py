@@ -1,0 +1,444 @@
+"""The marketers' API on a real database (SQLite and PostgreSQL): journeys round trip, are
+validated with JSON paths, pause and resume take effect on the next batch, stats count the
+ledger; template overrides are validated in the sandbox, previewed, sent by a separate sender
+process, and reset to the default."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.messenger.app import create_app
+from services.messenger.decision import in_holdout
+from services.messenger.service import MessengerService
+from shared.auth import create_key
+from shared.events import (
+    Channel,
+    ConsentState,
+    CustomerUpdate,
+    EventType,
+    SupportAction,
+    TriggeringEvent,
+    UpdateCause,
+)
+from tests.messenger.test_service import (
+    NOON,
+    World,
+    customer_not_in_holdout,
+    delivered,
+    messages,
+    profile,
+    purchase_update,
+    world,  # noqa: F401 - the fixture, shared with the service's tests
+)
+
+pytestmark = pytest.mark.integration
+
+OVERRIDE_HE = (
+    "תודה {{ first_name or '' }} על הזמנה {{ last_order.id }}! מבצע אביב. להסרה: {{ unsubscribe_url }}"
+)
+
+
+@dataclass
+class Clients:
+    writer: httpx.AsyncClient
+    reader: httpx.AsyncClient
+    anonymous: httpx.AsyncClient
+
+
+@pytest.fixture
+async def api(world: World, tmp_path: Path) -> AsyncIterator[Clients]:  # noqa: F811
+    app = create_app(world.service.settings)
+    app.state.service = world.service
+    keys = tmp_path / "api_keys.json"
+    _, writer = create_key(keys, ["messages:read", "messages:write"])
+    _, reader = create_key(keys, ["messages:read"])
+    transport = httpx.ASGITransport(app=app)
+    base = "https://retain.example"
+    async with (
+        httpx.AsyncClient(transport=transport, base_url=base, headers={"X-API-Key": writer}) as w,
+        httpx.AsyncClient(transport=transport, base_url=base, headers={"X-API-Key": reader}) as r,
+        httpx.AsyncClient(transport=transport, base_url=base) as a,
+    ):
+        yield Clients(w, r, a)
+
+
+def paths(response: httpx.Response) -> set[str]:
+    assert response.status_code == 422, response.text
+    return {d["path"] for d in response.json()["error"]["details"]}
+
+
+VIP = {
+    "name": "vip_thanks",
+    "description": "Thank platinum customers.",
+    "trigger": {"event": "purchase"},
+    "entry": {"field": "tier", "op": "eq", "value": "platinum"},
+    "template": "thank_you",
+    "reentry": "once_per_days",
+    "reentry_days": 7,
+}
+
+
+# --- journeys ----------------------------------------------------------------------------------
+
+
+async def test_journeys_round_trip(api: Clients) -> None:
+    listed = (await api.reader.get("/v1/journeys")).json()
+    defaults = {j["name"]: j["enabled"] for j in listed["journeys"]}
+    assert set(defaults) == {
+        "welcome", "thank_you", "complaint_ack", "feedback_survey", "tier_upgrade", "at_risk", "win_back",
+    }  # fmt: skip
+    assert all(defaults.values())
+
+    created = await api.writer.post("/v1/journeys", json=VIP)
+    assert created.status_code == 201, created.text
+    assert created.json()["holdout_percent"] == 0
+    assert (await api.writer.post("/v1/journeys", json=VIP)).status_code == 409
+    assert (await api.reader.get("/v1/journeys/vip_thanks")).json()["entry"] == VIP["entry"]
+
+    replaced = await api.writer.put("/v1/journeys/vip_thanks", json={**VIP, "holdout_percent": 20})
+    assert replaced.status_code == 200, replaced.text
+    after = (await api.reader.get("/v1/journeys")).json()
+    assert next(j for j in after["journeys"] if j["name"] == "vip_thanks")["holdout_percent"] == 20
+    assert after["updated_by"] != "system"
+
+    assert (await api.writer.delete("/v1/journeys/vip_thanks")).status_code == 204
+    assert (await api.reader.get("/v1/journeys/vip_thanks")).status_code == 404
+    assert (await api.writer.delete("/v1/journeys/vip_thanks")).status_code == 404
+    assert (await api.writer.put("/v1/journeys/vip_thanks", json=VIP)).status_code == 404
+    assert (await api.reader.get("/v1/journeys/Not-A-Name")).status_code == 422
+
+
+async def test_invalid_journeys_are_422_naming_the_json_path(api: Clients) -> None:
+    bad_condition = await api.writer.post(
+        "/v1/journeys", json={**VIP, "entry": {"field": "nope", "op": "eq", "value": 1}}
+    )
+    assert paths(bad_condition) == {"$.entry.field"}
+    assert "unknown field 'nope'" in bad_condition.text
+
+    unknown_template = await api.writer.post("/v1/journeys", json={**VIP, "template": "no_such"})
+    assert paths(unknown_template) == {"$.template"}
+
+    bad_reentry = await api.writer.put(
+        "/v1/journeys/thank_you", json={**VIP, "name": "thank_you", "reentry": "sometimes"}
+    )
+    assert paths(bad_reentry) == {"$.reentry"}
+
+    renamed = await api.writer.put("/v1/journeys/thank_you", json=VIP)
+    assert paths(renamed) == {"$.name"}
+
+    nested = await api.writer.post(
+        "/v1/journeys",
+        json={**VIP, "wait": {"hours": 1, "unless": {"field": "tier", "op": "gt", "value": "x"}}},
+    )
+    assert paths(nested) == {"$.wait.unless.op"}
+    # Nothing of it was stored.
+    names = {j["name"] for j in (await api.reader.get("/v1/journeys")).json()["journeys"]}
+    assert "vip_thanks" not in names
+
+
+async def test_a_paused_journey_sends_nothing_until_resumed(world: World, api: Clients) -> None:  # noqa: F811
+    customer = customer_not_in_holdout("thank_you")
+    paused = await api.writer.post("/v1/journeys/thank_you/pause")
+    assert paused.status_code == 200
+    assert paused.json()["enabled"] is False
+    assert (await api.reader.get("/v1/journeys/thank_you")).json()["enabled"] is False
+
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    assert await messages(world, customer) == []
+
+    assert (await api.writer.post("/v1/journeys/thank_you/resume")).json()["enabled"] is True
+    await world.service.apply_batch(delivered([purchase_update(customer, 2, NOON + timedelta(minutes=1))]))
+    assert [(r["journey"], r["status"]) for r in await messages(world, customer)] == [("thank_you", "queued")]
+
+
+def resolved_update(customer: str, at: Any) -> CustomerUpdate:
+    return CustomerUpdate(
+        event_id=f"u-{customer}-resolved",
+        customer_id=customer,
+        occurred_at=at,
+        cause=UpdateCause.EVENTS,
+        triggering_events=[
+            TriggeringEvent(
+                event_id=f"r-{customer}",
+                type=EventType.SUPPORT,
+                occurred_at=at,
+                ticket_id="T-9",
+                action=SupportAction.RESOLVED,
+                category="delivery",
+            )
+        ],
+        tier_old="silver",
+        tier_new="silver",
+        rule_version=1,
+        profile=profile(),
+    )
+
+
+async def test_stats_count_the_ledger(world: World, api: Clients) -> None:  # noqa: F811
+    customers = [f"st{i}" for i in range(30)]
+    held_out = {c for c in customers if in_holdout(c, "thank_you", 10)}
+    updates = [purchase_update(c, 1, NOON) for c in customers]
+    updates.append(purchase_update("no-consent", 1, NOON, consents={}))
+    updates.append(resolved_update("waits", NOON))  # feedback_survey: a day later
+    await world.service.apply_batch(delivered(updates))
+    outcomes = await world.service.send_due()
+
+    stats = (await api.reader.get("/v1/journeys/thank_you/stats")).json()
+    assert stats["entered"] == 31
+    assert stats["decided"] == 31
+    assert stats["holdout"] == len(held_out)
+    assert stats["sent"] == len(outcomes) == 30 - len(held_out)
+    assert stats["not_sent"] == {"no_consent": 1}
+    assert stats["pending"] == 0
+    assert stats["waiting"] == 0
+    assert stats["converted"] is None
+    assert sum(stats["by_status"].values()) == stats["decided"]
+
+    survey = (await api.reader.get("/v1/journeys/feedback_survey/stats")).json()
+    assert (survey["entered"], survey["waiting"], survey["decided"]) == (1, 1, 0)
+    assert (await api.reader.get("/v1/journeys/nope/stats")).status_code == 404
+
+
+# --- templates ---------------------------------------------------------------------------------
+
+
+async def test_templates_list_and_get(api: Clients) -> None:
+    listed = (await api.reader.get("/v1/templates")).json()["templates"]
+    keys = {(t["journey"], t["channel"], t["locale"]) for t in listed}
+    assert {("win_back", c, loc) for c in ("email", "sms") for loc in ("he", "ar", "en")} <= keys
+    assert not any(t["overridden"] for t in listed)
+    one = (await api.reader.get("/v1/templates/thank_you/sms/he")).json()
+    assert one["has_default"] is True
+    assert "{{ last_order.id }}" in one["text"]
+    assert (await api.reader.get("/v1/templates/thank_you/sms/fr")).status_code == 404
+    assert (await api.reader.get("/v1/templates/thank_you/pigeon/he")).status_code == 422
+    assert (await api.reader.get("/v1/templates/thank_you/sms/xx-!!")).status_code == 422
+
+
+async def test_template_injection_and_bad_templates_are_refused(api: Clients) -> None:
+    url = "/v1/templates/thank_you/sms/en"
+    injection = await api.writer.put(url, json={"text": "{{ ''.__class__ }} {{ unsubscribe_url }}"})
+    assert paths(injection) == {"$.text"}
+    assert "internal attribute '__class__'" in injection.text
+    mro = await api.writer.put(url, json={"text": "{{ unsubscribe_url.__class__.__mro__ }}"})
+    assert paths(mro) == {"$.text"}
+    assert "internal attribute" in mro.text
+    unknown = await api.writer.put(url, json={"text": "{{ password }} {{ unsubscribe_url }}"})
+    assert "password" in unknown.text
+    assert paths(unknown) == {"$.text"}
+    long_sms = await api.writer.put(url, json={"text": "x" * 400 + " {{ unsubscribe_url }}"})
+    assert "segments" in long_sms.text
+    assert paths(long_sms) == {"$.text"}
+    no_unsubscribe = await api.writer.put(url, json={"text": "Thanks for {{ last_order.id }}"})
+    assert paths(no_unsubscribe) == {"$.text"}
+    html_in_sms = await api.writer.put(url, json={"text": "hi {{ unsubscribe_url }}", "html": "<p>x</p>"})
+    assert paths(html_in_sms) == {"$.html"}
+    huge = await api.writer.put(url, json={"text": "a" * 30_000})
+    assert paths(huge) == {"$.text"}
+    other_key = await api.writer.put(
+        url, json={"key": {"journey": "welcome", "channel": "sms", "locale": "en"}, "text": "x"}
+    )
+    assert paths(other_key) == {"$.key"}
+    assert (await api.reader.get(url)).json()["overridden"] is False
+
+
+async def test_override_is_previewed_sent_by_the_sender_and_reset(world: World, api: Clients) -> None:  # noqa: F811
+    # The sender is its own process: it loaded the templates before the marketer's change.
+    sender = MessengerService(
+        world.db, world.service.settings, None, world.service.providers, clock=world.clock
+    )
+    await sender.ensure_defaults()
+    assert await sender.send_due() == []
+
+    url = "/v1/templates/thank_you/sms/he"
+    put = await api.writer.put(url, json={"text": OVERRIDE_HE})
+    assert put.status_code == 200, put.text
+    assert (put.json()["overridden"], put.json()["kind"]) == (True, "marketing")
+    assert (await api.reader.get(url)).json()["text"] == OVERRIDE_HE
+
+    preview = await api.reader.post(
+        "/v1/templates/preview", json={"journey": "thank_you", "channel": "sms", "locale": "he"}
+    )
+    assert preview.status_code == 200, preview.text
+    body = preview.json()
+    assert body["overridden"] is True
+    assert "מבצע אביב" in body["text"]
+    assert (body["sms_encoding"], body["template"]) == ("UCS-2", "thank_you/sms/he")
+    assert body["sms_segments"] in (1, 2)
+
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    [outcome] = await sender.send_due()
+    assert outcome.status == "sent"
+    [file] = list(world.outbox.iterdir())
+    sent = json.loads(file.read_text(encoding="utf-8"))["body"]
+    assert "מבצע אביב" in sent
+    assert "תודה נועה על הזמנה o1!" in sent
+
+    assert (await api.writer.delete(url)).status_code == 204
+    back = (await api.reader.get(url)).json()
+    assert back["overridden"] is False
+    assert "מבצע אביב" not in back["text"]
+    again = await api.reader.post(
+        "/v1/templates/preview", json={"journey": "thank_you", "channel": "sms", "locale": "he"}
+    )
+    assert "מבצע אביב" not in again.json()["text"]
+    assert (await api.writer.delete(url)).status_code == 404
+
+    world.clock.now = NOON + timedelta(days=8)
+    await world.service.apply_batch(delivered([purchase_update(customer, 2, world.clock.now)]))
+    [outcome] = await sender.send_due()
+    assert outcome.status == "sent"
+    _, newest = sorted(world.outbox.iterdir())  # named by created_at: oldest first
+    assert "תודה על ההזמנה (מס' o2)" in json.loads(newest.read_text(encoding="utf-8"))["body"]
+
+
+async def test_a_template_for_a_new_journey_and_its_last_override(api: Clients) -> None:
+    url = "/v1/templates/spring_sale/sms/en"
+    assert (await api.writer.post("/v1/journeys", json={**VIP, "template": "spring_sale"})).status_code == 422
+    put = await api.writer.put(
+        url, json={"text": "Spring sale, {{ first_name or 'friend' }}! {{ unsubscribe_url }}"}
+    )
+    assert put.status_code == 200, put.text
+    assert put.json()["has_default"] is False
+    created = await api.writer.post("/v1/journeys", json={**VIP, "template": "spring_sale"})
+    assert created.status_code == 201, created.text
+    in_use = await api.writer.delete(url)
+    assert in_use.status_code == 409
+    assert "vip_thanks" in in_use.text
+    assert (await api.writer.delete("/v1/journeys/vip_thanks")).status_code == 204
+    assert (await api.writer.delete(url)).status_code == 204
+    assert (await api.reader.get(url)).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("locale", "name", "first", "direction", "encoding"),
+    [
+        ("he-IL", "נועה לוי", "נועה", "rtl", "UCS-2"),
+        ("ar", "د. عبد الله حداد", "عبد الله", "rtl", "UCS-2"),
+        ("en-US", "Sarah Miller", "Sarah", "ltr", "GSM-7"),
+    ],
+)
+async def test_preview_for_a_real_customer(
+    world: World,  # noqa: F811
+    api: Clients,
+    locale: str,
+    name: str,
+    first: str,
+    direction: str,
+    encoding: str,
+) -> None:
+    update = purchase_update("p1", 1, NOON, name=name, locale=locale, tier="gold")
+    await world.service.apply_batch(delivered([update]))
+
+    email = await api.reader.post(
+        "/v1/templates/preview", json={"journey": "thank_you", "channel": "email", "customer_id": "p1"}
+    )
+    assert email.status_code == 200, email.text
+    body = email.json()
+    assert body["lang"] == locale.partition("-")[0]
+    assert body["direction"] == direction
+    assert first in body["text"]
+    assert f'dir="{direction}"' in body["html"]
+    assert body["subject"]
+    assert "last_order" in body["sample_data"]
+    assert "first_name" not in body["sample_data"]
+
+    sms = await api.reader.post(
+        "/v1/templates/preview", json={"journey": "thank_you", "channel": "sms", "customer_id": "p1"}
+    )
+    assert (sms.json()["sms_encoding"], sms.json()["sms_segments"] in (1, 2)) == (encoding, True)
+    assert first in sms.json()["text"]
+
+    tier = await api.reader.post(
+        "/v1/templates/preview", json={"journey": "tier_upgrade", "channel": "email", "customer_id": "p1"}
+    )
+    assert tier.status_code == 200, tier.text
+
+
+async def test_preview_with_sample_data_and_unknowns(api: Clients) -> None:
+    sample = await api.reader.post(
+        "/v1/templates/preview", json={"journey": "win_back", "channel": "sms", "locale": "ar"}
+    )
+    assert sample.status_code == 200, sample.text
+    assert sample.json()["direction"] == "rtl"
+    assert "first_name" in sample.json()["sample_data"]
+    fallback = await api.reader.post(
+        "/v1/templates/preview", json={"journey": "welcome", "channel": "email", "locale": "he-IL"}
+    )
+    assert fallback.json()["template"] == "welcome/email/he"
+    unknown = await api.reader.post(
+        "/v1/templates/preview", json={"journey": "welcome", "channel": "sms", "customer_id": "nobody"}
+    )
+    assert unknown.status_code == 404
+    assert (
+        await api.reader.post("/v1/templates/preview", json={"journey": "nope", "channel": "sms"})
+    ).status_code == 404
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+
+async def test_reads_need_messages_read_and_writes_messages_write(api: Clients) -> None:
+    for method, url, payload in [
+        ("GET", "/v1/journeys", None),
+        ("GET", "/v1/journeys/thank_you/stats", None),
+        ("GET", "/v1/templates", None),
+        ("POST", "/v1/templates/preview", {"journey": "welcome", "channel": "sms"}),
+    ]:
+        assert (await api.anonymous.request(method, url, json=payload)).status_code == 401
+        assert (await api.reader.request(method, url, json=payload)).status_code == 200
+    writes: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("POST", "/v1/journeys", VIP),
+        ("PUT", "/v1/journeys/thank_you", {**VIP, "name": "thank_you"}),
+        ("DELETE", "/v1/journeys/thank_you", None),
+        ("POST", "/v1/journeys/thank_you/pause", None),
+        ("POST", "/v1/journeys/thank_you/resume", None),
+        ("PUT", "/v1/templates/welcome/sms/en", {"text": "Hi {{ unsubscribe_url }}"}),
+        ("DELETE", "/v1/templates/welcome/sms/en", None),
+    ]
+    for method, url, payload in writes:
+        assert (await api.anonymous.request(method, url, json=payload)).status_code == 401
+        assert (await api.reader.request(method, url, json=payload)).status_code == 403
+    bad_key = {"X-API-Key": "rk_x_y"}
+    assert (await api.anonymous.get("/v1/journeys", headers=bad_key)).status_code == 401
+    # The reader's attempts changed nothing.
+    assert (await api.reader.get("/v1/journeys/thank_you")).json()["enabled"] is True
+
+
+async def test_an_email_override_is_what_the_customer_gets(world: World, api: Clients) -> None:  # noqa: F811
+    """A customer reachable only by email gets the email override of their language."""
+    put = await api.writer.put(
+        "/v1/templates/thank_you/email/en",
+        json={
+            "subject": "Thanks, {{ first_name or 'friend' }}",
+            "html": "<p>Order {{ last_order.id }}: spring edition</p>",
+            "text": "Order {{ last_order.id }}: spring edition",
+        },
+    )
+    assert put.status_code == 200, put.text
+    customer = customer_not_in_holdout("thank_you")
+    update = purchase_update(
+        customer,
+        1,
+        NOON,
+        name="Sarah Miller",
+        locale="en",
+        preferred_channel=Channel.EMAIL,
+        phone=None,
+        whatsapp=None,
+        consents={Channel.EMAIL: ConsentState(granted=True, at=NOON - timedelta(days=3))},
+    )
+    await world.service.apply_batch(delivered([update]))
+    [outcome] = await world.service.send_due()
+    assert outcome.status == "sent"
+    [file] = list(world.outbox.iterdir())
+    assert "spring edition" in file.read_text(encoding="utf-8")
