@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import datetime
 
 from shared.auth import SCOPES, create_key
 from shared.config import CommonSettings
@@ -36,6 +37,29 @@ def _topics(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _aware(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError("give a time zone, e.g. 2026-11-25T00:00:00Z")
+    return parsed
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from shared.dlq import replay  # noqa: PLC0415 - needs a broker
+
+    settings = CommonSettings()
+    report = asyncio.run(
+        replay(settings.kafka_bootstrap, args.topic, args.since, dry_run=args.dry_run, reason=args.reason)
+    )
+    verb = "would replay" if args.dry_run else "replayed"
+    sys.stdout.write(
+        f"{report.topic}.dlq: scanned {report.scanned}, {verb} "
+        f"{report.replayed if not args.dry_run else sum(report.by_reason.values())}"
+        f" (by reason: {report.by_reason or '-'}), older than --since: {report.skipped_before_since}\n"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,11 +78,21 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("topics", help="create the topics and their DLQ twins if missing")
 
+    dlq_parser = sub.add_parser("dlq", help="dead-letter topics")
+    dlq_sub = dlq_parser.add_subparsers(dest="dlq_command", required=True)
+    replay = dlq_sub.add_parser("replay", help="put dead letters back on their topic after a fix")
+    replay.add_argument("--topic", required=True, help="the original topic, e.g. retain.purchases")
+    replay.add_argument("--since", type=_aware, help="only letters first refused at or after (RFC 3339)")
+    replay.add_argument("--reason", help="only letters refused for this reason, e.g. undecodable")
+    replay.add_argument("--dry-run", action="store_true", help="count, do not send")
+
     args = parser.parse_args(argv)
     if args.command == "keys":
         return _keys(args)
     if args.command == "topics":
         return _topics(args)
+    if args.command == "dlq":
+        return _dlq(args)
     if args.command == "demo":
         from shared.demo.sender import main as demo_main  # noqa: PLC0415
 

@@ -1,0 +1,48 @@
+"""`retain dlq replay` against the real broker: poison in, fix, replay, applied once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.dlq import replay
+from shared.kafka.producer import OutboundRecord, Producer
+from tests.support.infra import KafkaHandle
+from tests.support.kafka import read_all
+
+pytestmark = pytest.mark.integration
+
+
+async def test_replay_puts_dead_letters_back_on_their_topic(kafka: KafkaHandle, topic_prefix: str) -> None:
+    topic = topic_prefix + "purchases"
+    now = datetime.now(UTC)
+    old = (now - timedelta(days=2)).isoformat().encode()
+    recent = now.isoformat().encode()
+
+    def letter(value: bytes, seen: bytes, reason: bytes) -> OutboundRecord:
+        headers = (
+            ("x-retain-error", reason),
+            ("x-retain-topic", topic.encode()),
+            ("x-retain-first-seen", seen),
+        )
+        return OutboundRecord(topic + ".dlq", b"c1", value, headers)
+
+    producer = Producer(kafka.bootstrap, client_id="dlq-test")
+    await producer.send_all([
+        letter(b'{"a": 1}', old, b"undecodable"),
+        letter(b'{"b": 2}', recent, b"undecodable"),
+        letter(b'{"c": 3}', recent, b"PermanentError"),
+    ])  # fmt: skip
+    await producer.stop()
+
+    dry = await replay(kafka.bootstrap, topic, now - timedelta(hours=1), dry_run=True)
+    assert (dry.scanned, dry.replayed, dry.skipped_before_since) == (3, 0, 1)
+    assert await read_all(kafka.bootstrap, [topic]) == []
+
+    report = await replay(kafka.bootstrap, topic, now - timedelta(hours=1), reason="undecodable")
+    assert report.replayed == 1
+    assert report.by_reason == {"undecodable": 1}
+    back = await read_all(kafka.bootstrap, [topic])
+    assert [(r.key, r.value) for r in back] == [(b"c1", b'{"b": 2}')]
+    assert dict(back[0].headers)["x-retain-replayed-from"].startswith((topic + ".dlq:").encode())
