@@ -7,20 +7,29 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from services.messenger.admin import MessengerAdmin, TemplateEntry, template_key
 from services.messenger.api import Reader, Service, Writer
 from services.messenger.journeys import Journey
 from services.messenger.templates import VARIABLES, SmsEncoding, Template
+from shared.errors import ErrorResponse
 from shared.events import Channel, MessageKind
+from shared.storable import storable
 
 router = APIRouter()
 
 JOURNEY_NAME = r"^[a-z][a-z0-9_]{0,63}$"
 JourneyName = Annotated[str, Path(pattern=JOURNEY_NAME, description="The journey, e.g. win_back.")]
 TemplateName = Annotated[str, Path(pattern=JOURNEY_NAME, description="The template name, e.g. win_back.")]
-Locale = Annotated[str, Path(max_length=35, description="BCP 47: he, ar, en, he-IL …")]
+Locale = Annotated[
+    str,
+    Path(
+        max_length=35,
+        pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$",
+        description="BCP 47: he, ar, en, he-IL …",
+    ),
+]
 
 JOURNEY_EXAMPLE = {
     "name": "vip_thanks",
@@ -38,6 +47,7 @@ JourneyBody = Annotated[
         examples=[JOURNEY_EXAMPLE],
         description="A journey; conditions use the segmenter's language over the profile snapshot.",
     ),
+    AfterValidator(storable),
 ]
 TemplateBody = Annotated[
     dict[str, Any],
@@ -46,6 +56,7 @@ TemplateBody = Annotated[
         description="subject + html + text (email) or text (sms, whatsapp); kind defaults to the "
         "journey's. Variables: " + ", ".join(sorted(VARIABLES)) + ".",
     ),
+    AfterValidator(storable),
 ]
 
 
@@ -112,7 +123,7 @@ class PreviewIn(BaseModel):
         max_length=35,
         description="Default: the customer's, else en. Falls back he-IL → he → en.",
     )
-    customer_id: str | None = Field(
+    customer_id: Annotated[str | None, AfterValidator(storable)] = Field(
         default=None, max_length=128, description="Render with this customer's stored profile."
     )
 
@@ -178,6 +189,7 @@ async def get_journey(name: JourneyName, _key: Reader, admin: Admin) -> Journey:
     status_code=201,
     tags=["journeys"],
     summary="Create a journey (409 if the name is taken; 422 names the JSON path of each problem)",
+    responses={409: {"model": ErrorResponse, "description": "A journey of this name exists."}},
 )
 async def create_journey(body: JourneyBody, key: Writer, admin: Admin) -> Journey:
     return await admin.create_journey(body, key.id)
@@ -259,6 +271,7 @@ async def list_templates(_key: Reader, admin: Admin) -> TemplatesOut:
     response_model=PreviewOut,
     tags=["templates"],
     summary="Render a template for a stored customer or sample data, with its SMS segments",
+    responses={404: {"model": ErrorResponse, "description": "No such template or customer."}},
 )
 async def preview_template(body: PreviewIn, _key: Reader, admin: Admin) -> PreviewOut:
     preview = await admin.preview(body.journey, body.channel, body.locale, body.customer_id)
@@ -308,6 +321,7 @@ async def put_template(
     status_code=204,
     tags=["templates"],
     summary="Drop the override: the default applies again",
+    responses={409: {"model": ErrorResponse, "description": "The last template of a journey in use."}},
 )
 async def reset_template(
     journey: TemplateName, channel: Channel, locale: Locale, key: Writer, admin: Admin

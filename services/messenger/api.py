@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import AfterValidator, ValidationError
 from twilio.request_validator import RequestValidator
 
 from services.messenger.caps import CapsConfig
@@ -17,6 +17,7 @@ from services.messenger.stopwords import match_inbound, reply_for
 from shared.auth import ApiKey, KeyStore, require_scope
 from shared.errors import ForbiddenError, InvalidInputError, NotFoundError, pydantic_errors
 from shared.events import Channel, MessageStatus
+from shared.storable import storable
 
 router = APIRouter()
 
@@ -95,6 +96,7 @@ async def put_caps(
                 {"caps": [{"name": "sms_7d", "scope": "channel", "channel": "sms", "limit": 2, "window": 7}]}
             ]
         ),
+        AfterValidator(storable),
     ],
     key: Writer,
     service: Service,

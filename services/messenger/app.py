@@ -53,7 +53,7 @@ def create_app(settings: MessengerSettings | None = None) -> FastAPI:
         await service.refresh_gauges()
         return {"database": True}
 
-    setup_app(app, "messenger", ready)
+    setup_app(app, "messenger", ready, max_body_bytes=settings.http_max_body_bytes)
     app.include_router(router)
     app.include_router(admin_router)
     return app

@@ -14,6 +14,7 @@ from shared.events import CUSTOMER_UPDATE_ADAPTER, CustomerUpdate
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
 from shared.logs import configure_logging
+from shared.metrics import serve_worker_metrics
 from shared.service_main import run_until_signalled
 from shared.topics import SEGMENTS
 
@@ -39,6 +40,7 @@ def build_loop(
 async def main(settings: MessengerSettings | None = None) -> None:
     settings = settings or MessengerSettings()
     configure_logging(settings.log_level, settings.log_json)
+    serve_worker_metrics(8103)
     db = Database(settings.database_url)
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="retain-messenger")

@@ -167,8 +167,9 @@ class Entry:
     journey: Journey
     key: str  # what makes this entry unique: the triggering event id, or the change
     event_id: str | None
-    at: datetime
+    at: datetime  # the trigger, or for a message that waited, the end of its wait (its TTL starts there)
     details: dict[str, Any]
+    attempt: int = 1  # win-back: the n-th message of this entry (up to the journey's max_attempts)
 
 
 def triggered(
@@ -227,6 +228,21 @@ def wait_until(journey: Journey, trigger_at: datetime, churn_reason: str | None)
     if journey.wait.by_churn_reason_days and churn_reason in journey.wait.by_churn_reason_days:
         return trigger_at + timedelta(days=journey.wait.by_churn_reason_days[churn_reason])
     return trigger_at + timedelta(hours=journey.wait.hours)
+
+
+def message_key(customer_id: str, entry: Entry) -> str:
+    """The ledger's idempotency key: one message per journey, customer, entry and attempt (the
+    first attempt keeps the plain key, so ledgers written before attempts existed still match)."""
+    key = f"{entry.journey.name}:{customer_id}:{entry.key}"
+    return key if entry.attempt == 1 else f"{key}#{entry.attempt}"
+
+
+def next_attempt_at(journey: Journey, attempt: int, decided_for: datetime) -> datetime | None:
+    """When the attempt after ``attempt`` is due, spaced from the moment the previous one was
+    to go (``decided_for``); None once the journey's max_attempts are used up."""
+    if attempt >= journey.max_attempts:
+        return None
+    return decided_for + timedelta(days=journey.attempt_spacing_days)
 
 
 def default_journeys() -> list[Journey]:

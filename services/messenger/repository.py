@@ -221,6 +221,15 @@ class MessengerRepository:
         stmt = select(messages.c.status, func.count()).group_by(messages.c.status)
         return {s: int(n) for s, n in (await session.execute(stmt)).all()}
 
+    async def oldest_held(self, session: AsyncSession) -> tuple[datetime | None, datetime | None]:
+        """(earliest created_at, earliest send_at) of the messages held for quiet hours; min()
+        keeps the column's type, so both come back timezone-aware."""
+        stmt = select(func.min(messages.c.created_at), func.min(messages.c.send_at)).where(
+            messages.c.status == "held_quiet_hours"
+        )
+        row = (await session.execute(stmt)).one()
+        return row[0], row[1]
+
     # --- journeys ------------------------------------------------------------------------------
 
     async def last_entry(self, session: AsyncSession, customer_id: str, journey: str) -> Any:

@@ -17,6 +17,7 @@ from services.messenger.service import MessengerService
 from shared.db import Database, migrate
 from shared.kafka.producer import Producer
 from shared.logs import configure_logging, get_logger
+from shared.metrics import serve_worker_metrics
 
 log = get_logger(__name__)
 
@@ -41,6 +42,7 @@ async def run(service: MessengerService, interval_s: float, stop: asyncio.Event)
 async def main(settings: MessengerSettings | None = None) -> None:
     settings = settings or MessengerSettings()
     configure_logging(settings.log_level, settings.log_json)
+    serve_worker_metrics(8203)
     db = Database(settings.database_url)
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="retain-messenger-sender")

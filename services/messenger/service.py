@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,13 +22,15 @@ from services.messenger.journeys import (
     Journey,
     default_journeys,
     holds,
+    message_key,
+    next_attempt_at,
     reentry_allowed,
     snapshot_facts,
     triggered,
     wait_until,
 )
 from services.messenger.links import unsubscribe_url
-from services.messenger.providers.base import OutgoingMessage, Provider, ProviderError
+from services.messenger.providers.base import OutgoingMessage, Provider, ProviderError, ProviderResult
 from services.messenger.providers.ratelimit import SenderRateLimiter
 from services.messenger.providers.retry import send_with_retry
 from services.messenger.quiet import QuietHours, customer_zone
@@ -58,7 +60,9 @@ DECISIONS = Counter(
     "retain_messenger_decisions_total", "Message decisions, by journey and outcome.", ["journey", "status"]
 )
 PROVIDER_CALLS = Counter(
-    "retain_messenger_provider_calls_total", "Provider calls by provider and result.", ["provider", "result"]
+    "retain_messenger_provider_calls_total",
+    "Provider calls by provider, channel and result (after retries).",
+    ["provider", "channel", "result"],
 )
 PROVIDER_SECONDS = Histogram(
     "retain_messenger_provider_seconds",
@@ -67,6 +71,13 @@ PROVIDER_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 HELD = Gauge("retain_messenger_held_messages", "Messages held for quiet hours, waiting for their window.")
+HELD_OLDEST_AGE = Gauge(
+    "retain_messenger_held_oldest_age_seconds", "Age of the oldest message held for quiet hours (0: none)."
+)
+HELD_OVERDUE = Gauge(
+    "retain_messenger_held_overdue_seconds",
+    "How long ago the earliest window of a still-held message opened (0: none is past its window).",
+)
 CAP_HITS = Counter("retain_messenger_cap_hits_total", "Messages stopped by a frequency cap.", ["journey"])
 UNSUBSCRIBES = Counter(
     "retain_messenger_unsubscribes_total", "Opt-outs recorded, by channel and source.", ["channel", "source"]
@@ -225,23 +236,33 @@ class MessengerService:
                 await self.repo.record_entry(session, customer_id, journey.name, entry.at)
                 due = wait_until(journey, entry.at, facts.get("churn_reason"))
                 if due is not None and due > now:
-                    await self.repo.add_wait(
-                        session,
-                        {
-                            "customer_id": customer_id,
-                            "journey": journey.name,
-                            "due_at": due,
-                            "trigger_event_id": entry.event_id,
-                            "status": "waiting",
-                            "data": {"key": entry.key, "details": entry.details, "at": entry.at.isoformat()},
-                            "created_at": now,
-                        },
-                    )
+                    await self._add_wait(session, customer_id, entry, due, now)
                     continue
                 events += await self._decide(
                     session, customer_id, journey, entry, update.profile, caps, now, memo
                 )
         return events
+
+    async def _add_wait(
+        self, session: Any, customer_id: str, entry: Entry, due: datetime, now: datetime
+    ) -> None:
+        await self.repo.add_wait(
+            session,
+            {
+                "customer_id": customer_id,
+                "journey": entry.journey.name,
+                "due_at": due,
+                "trigger_event_id": entry.event_id,
+                "status": "waiting",
+                "data": {
+                    "key": entry.key,
+                    "details": entry.details,
+                    "at": entry.at.isoformat(),
+                    "attempt": entry.attempt,
+                },
+                "created_at": now,
+            },
+        )
 
     async def _memo(self, session: Any, customer_id: str, now: datetime) -> _Memo:
         """What decisions about one customer read, loaded once per update (and kept current
@@ -304,7 +325,7 @@ class MessengerService:
         memo: _Memo | None = None,
     ) -> list[MessageEvent]:
         memo = memo or await self._memo(session, customer_id, now)
-        key = f"{journey.name}:{customer_id}:{entry.key}"
+        key = message_key(customer_id, entry)
         existing = await self.repo.message_by_key(session, key)
         candidate = Candidate(
             message_key=key,
@@ -324,6 +345,13 @@ class MessengerService:
             return [self._event(existing, MessageStatus.DUPLICATE, decision.reason, now, seq="dup")]
         if decision.status == MessageStatus.CAPPED:
             CAP_HITS.labels(journey.name).inc()
+        # The next attempt (win-back) waits like the first, so the journey's exits and
+        # 'unless' can still end it; it is scheduled whatever became of this one.
+        next_due = next_attempt_at(journey, entry.attempt, decision.send_at or now)
+        if next_due is not None:
+            await self._add_wait(
+                session, customer_id, replace(entry, attempt=entry.attempt + 1), next_due, now
+            )
         facts = snapshot_facts_of(profile)
         details: dict[str, Any] = {"trigger": entry.details, "profile": profile.model_dump(mode="json")}
         if journey.offer_if is not None and holds(journey.offer_if, facts, now):
@@ -433,12 +461,15 @@ class MessengerService:
                     await self.repo.close_wait(session, wait.id, "cancelled", "journey disabled or removed")
                     continue
                 profile = ProfileSnapshot.model_validate(customer.profile)
+                # The message's TTL counts from the end of its wait, not from the trigger: a
+                # win-back cools off for weeks, far longer than it may then be late.
                 entry = Entry(
                     journey,
                     wait.data["key"],
                     wait.trigger_event_id,
-                    datetime.fromisoformat(wait.data["at"]),
+                    wait.due_at,
                     wait.data["details"],
+                    wait.data.get("attempt", 1),
                 )
                 facts = snapshot_facts_of(profile)
                 if journey.exit is not None and holds(journey.exit, facts, now):
@@ -455,101 +486,122 @@ class MessengerService:
     # --- the sender ------------------------------------------------------------------------------
 
     async def send_due(self, limit: int = 200) -> list[SendOutcome]:
+        """Send what is due, a chunk of ``messenger_send_concurrency`` messages at a time:
+        claim the chunk in one transaction (committed 'sending' before any provider is called),
+        call the providers concurrently, settle the chunk in one transaction. The chunk bounds
+        what a crash can leave unsettled (and, for providers that cannot be asked, resent)."""
         now = self.clock()
+        outcomes: list[SendOutcome] = []
         async with self.db.sessions() as session:
-            due = await self.repo.due_messages(session, now, limit)
             await self.load_template_overrides(session)
-        semaphore = asyncio.Semaphore(self.settings.messenger_send_concurrency)
-
-        async def one(message_id: str) -> SendOutcome | None:
-            async with semaphore:
-                return await self.send_one(message_id)
-
-        results = await asyncio.gather(*(one(r.id) for r in due))
+            due = [d.id for d in await self.repo.due_messages(session, now, limit)]
+        chunk = self.settings.messenger_send_concurrency
+        for i in range(0, len(due), chunk):
+            claimed: list[tuple[Any, OutgoingMessage]] = []
+            async with self.db.transaction() as session:
+                for message_id in due[i : i + chunk]:
+                    claim = await self._claim(session, message_id, now)
+                    if isinstance(claim, SendOutcome):
+                        outcomes.append(claim)
+                    elif claim is not None:
+                        claimed.append(claim)
+            results = await asyncio.gather(*(self._provider_call(row, outgoing) for row, outgoing in claimed))
+            if claimed:
+                async with self.db.transaction() as session:
+                    for (row, _), result in zip(claimed, results, strict=True):
+                        outcomes.append(await self._record(session, row, result))
         await self.flush()
-        return [r for r in results if r is not None]
+        return outcomes
 
     async def send_one(self, message_id: str) -> SendOutcome | None:
         """Claim (commit 'sending'), call the provider, settle. Never twice: the claim is
         committed before the call, and only a 'queued' or held row can be claimed."""
-        now = self.clock()
         async with self.db.transaction() as session:
-            row = await self.repo.message(session, message_id, for_update=True)
-            if row is None or row.status not in ("queued", "held_quiet_hours"):
-                return None  # another sender took it, or it was settled meanwhile
-            customer = await self.repo.lock_customer(session, row.customer_id)
-            profile = ProfileSnapshot.model_validate(customer.profile)
-            caps = await self.caps(session)
-            if row.status == "held_quiet_hours" or (row.expires_at and row.expires_at <= now):
-                # The window opened: consent, caps and quiet hours are checked again, now.
-                context = await self._context(session, row.customer_id, profile, caps, duplicate=False)
-                # Its own hold must not count against itself.
-                context = _without(context, row.id, row)
-                decision = recheck_at_send(_candidate_of(row), context, now)
-                if decision.status != MessageStatus.QUEUED:
-                    await self._settle(
-                        session, row, decision.status.value, decision.reason, now, send_at=decision.send_at
-                    )
-                    return SendOutcome(row.id, decision.status.value, decision.reason)
-            try:
-                outgoing = self._outgoing(row, profile)
-            except Exception as exc:  # noqa: BLE001 - a template that cannot render fails this message only
-                await self._settle(session, row, "failed", f"render failed: {type(exc).__name__}: {exc}", now)
-                return SendOutcome(row.id, "failed", "render failed")
-            await self.repo.update_message(
-                session,
-                row.id,
-                status="sending",
-                attempts=row.attempts + 1,
-                updated_at=now,
-                content={"subject": outgoing.subject, "text": outgoing.text, "to": outgoing.to},
-            )
-        return await self._call_provider(row, outgoing)
+            claim = await self._claim(session, message_id, self.clock())
+        if claim is None or isinstance(claim, SendOutcome):
+            return claim
+        row, outgoing = claim
+        result = await self._provider_call(row, outgoing)
+        async with self.db.transaction() as session:
+            return await self._record(session, row, result)
 
-    async def _call_provider(self, row: Any, outgoing: OutgoingMessage) -> SendOutcome:
-        provider = self.providers.get(Channel(row.channel))
-        if provider is None:
-            async with self.db.transaction() as session:
-                await self._settle(session, row, "failed", f"no provider for {row.channel}", self.clock())
+    async def _claim(
+        self, session: Any, message_id: str, now: datetime
+    ) -> tuple[Any, OutgoingMessage] | SendOutcome | None:
+        row = await self.repo.message(session, message_id, for_update=True)
+        if row is None or row.status not in ("queued", "held_quiet_hours"):
+            return None  # another sender took it, or it was settled meanwhile
+        customer = await self.repo.lock_customer(session, row.customer_id)
+        profile = ProfileSnapshot.model_validate(customer.profile)
+        if row.status == "held_quiet_hours" or (row.expires_at and row.expires_at <= now):
+            # The window opened: consent, caps and quiet hours are checked again, now.
+            caps = await self.caps(session)
+            context = await self._context(session, row.customer_id, profile, caps, duplicate=False)
+            # Its own hold must not count against itself.
+            context = _without(context, row.id, row)
+            decision = recheck_at_send(_candidate_of(row), context, now)
+            if decision.status != MessageStatus.QUEUED:
+                await self._settle(
+                    session, row, decision.status.value, decision.reason, now, send_at=decision.send_at
+                )
+                return SendOutcome(row.id, decision.status.value, decision.reason)
+        if self.providers.get(Channel(row.channel)) is None:
+            await self._settle(session, row, "failed", f"no provider for {row.channel}", now)
             return SendOutcome(row.id, "failed", "no provider")
+        try:
+            outgoing = self._outgoing(row, profile)
+        except Exception as exc:  # noqa: BLE001 - a template that cannot render fails this message only
+            await self._settle(session, row, "failed", f"render failed: {type(exc).__name__}: {exc}", now)
+            return SendOutcome(row.id, "failed", "render failed")
+        await self.repo.update_message(
+            session,
+            row.id,
+            status="sending",
+            attempts=row.attempts + 1,
+            updated_at=now,
+            content={"subject": outgoing.subject, "text": outgoing.text, "to": outgoing.to},
+        )
+        return row, outgoing
+
+    async def _provider_call(self, row: Any, outgoing: OutgoingMessage) -> ProviderResult | ProviderError:
+        provider = self.providers[Channel(row.channel)]
         started = self.clock()
         try:
             result = await send_with_retry(
                 provider, outgoing, self.limiter, max_attempts=self.settings.messenger_max_attempts
             )
         except ProviderError as exc:
-            PROVIDER_CALLS.labels(provider.name, "error").inc()
-            async with self.db.transaction() as session:
-                await self._settle(
-                    session,
-                    row,
-                    "failed",
-                    f"{exc.provider} {exc.code}: {exc.message}",
-                    self.clock(),
-                    error_code=exc.code,
-                )
-                if exc.suppress_address:
-                    await self._opt_out(
-                        session,
-                        row.customer_id,
-                        Channel(row.channel),
-                        FactSource.PROVIDER_21610 if exc.code == "21610" else FactSource.BOUNCE,
-                        self.clock(),
-                    )
-            return SendOutcome(row.id, "failed", exc.code)
+            PROVIDER_CALLS.labels(provider.name, row.channel, "error").inc()
+            return exc
         finally:
             PROVIDER_SECONDS.labels(provider.name).observe((self.clock() - started).total_seconds())
-        PROVIDER_CALLS.labels(provider.name, "ok").inc()
-        async with self.db.transaction() as session:
+        PROVIDER_CALLS.labels(provider.name, row.channel, "ok").inc()
+        return result
+
+    async def _record(self, session: Any, row: Any, result: ProviderResult | ProviderError) -> SendOutcome:
+        now = self.clock()
+        if isinstance(result, ProviderError):
             await self._settle(
                 session,
                 row,
-                "sent",
-                f"handed to {result.provider}",
-                self.clock(),
-                provider=result.provider,
-                provider_message_id=result.provider_message_id,
+                "failed",
+                f"{result.provider} {result.code}: {result.message}",
+                now,
+                error_code=result.code,
             )
+            if result.suppress_address:
+                source = FactSource.PROVIDER_21610 if result.code == "21610" else FactSource.BOUNCE
+                await self._opt_out(session, row.customer_id, Channel(row.channel), source, now)
+            return SendOutcome(row.id, "failed", result.code)
+        await self._settle(
+            session,
+            row,
+            "sent",
+            f"handed to {result.provider}",
+            now,
+            provider=result.provider,
+            provider_message_id=result.provider_message_id,
+        )
         return SendOutcome(row.id, "sent", None)
 
     def _outgoing(self, row: Any, profile: ProfileSnapshot) -> OutgoingMessage:
@@ -847,7 +899,11 @@ class MessengerService:
     async def refresh_gauges(self) -> None:
         async with self.db.sessions() as session:
             counts = await self.repo.count_by_status(session)
+            oldest_created, earliest_window = await self.repo.oldest_held(session)
+        now = self.clock()
         HELD.set(counts.get("held_quiet_hours", 0))
+        HELD_OLDEST_AGE.set((now - oldest_created).total_seconds() if oldest_created else 0.0)
+        HELD_OVERDUE.set(max(0.0, (now - earliest_window).total_seconds()) if earliest_window else 0.0)
 
 
 def snapshot_facts_of(profile: ProfileSnapshot) -> dict[str, Any]:
@@ -877,8 +933,6 @@ def _offer_code(row: Any) -> str:
 
 
 def _without(context: DecisionContext, message_id: str, row: Any) -> DecisionContext:
-    from dataclasses import replace  # noqa: PLC0415
-
     own_at = row.sent_at or row.send_at or row.created_at
     history = [
         h

@@ -405,3 +405,26 @@ async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> No
     assert good.json()["caps"][0]["limit"] == 5
     assert (await api.get("/v1/messages", params={"status": "nope"})).status_code == 422
     assert (await api.get("/v1/messages", headers={"X-API-Key": "rk_x_y"})).status_code == 401
+
+
+async def test_win_back_also_starts_when_a_customer_lapses(world: World) -> None:
+    customer = next(c for c in (f"l{i}" for i in range(1000)) if not in_holdout(c, "win_back", 10))
+    lapsed = CustomerUpdate(
+        event_id=f"u-{customer}-lapsed",
+        customer_id=customer,
+        occurred_at=NOON,
+        cause=UpdateCause.TIME,
+        tier_old="silver",
+        tier_new="silver",
+        segments_entered=["lapsed"],
+        rule_version=1,
+        profile=profile(lifecycle_stage="lapsed", segments=["lapsed"]),
+    )
+    await world.service.apply_batch(delivered([lapsed]))
+    assert await messages(world, customer) == []  # cooling off: a wait, not a message yet
+    world.clock.now = NOON + timedelta(days=29)
+    assert await world.service.fire_waits() == 0
+    world.clock.now = NOON + timedelta(days=30, minutes=1)
+    assert await world.service.fire_waits() == 1
+    [row] = await messages(world, customer)
+    assert (row["journey"], row["status"]) == ("win_back", "queued")

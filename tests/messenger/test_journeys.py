@@ -1,0 +1,698 @@
+"""Every default journey end to end on a real database (SQLite and PostgreSQL) with a clock the
+test moves: customer updates in (``apply_batch``), waits fired by a freshly started messenger
+(``fire_waits``: waits live in the database, not in the process), the sender (``send_due``),
+and then the rendered message in the sandbox outbox, in Hebrew, Arabic and English, or the
+reason nothing was sent."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import itertools
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from services.messenger.caps import DEFAULT_CAPS
+from services.messenger.decision import in_holdout
+from services.messenger.journeys import default_journeys
+from services.messenger.service import MessengerService
+from services.messenger.tables import journey_waits, outbox
+from shared.events import (
+    MESSAGE_EVENT_ADAPTER,
+    CancellationReason,
+    Channel,
+    CustomerUpdate,
+    EventType,
+    MessageEvent,
+    MessageStatus,
+    SupportAction,
+    TriggeringEvent,
+    UpdateCause,
+)
+from tests.messenger.test_service import (
+    NOON,
+    World,
+    delivered,
+    messages,
+    profile,
+)
+from tests.messenger.test_service import world as service_world  # noqa: F401 - a fixture, by this name
+
+pytestmark = pytest.mark.integration
+
+JOURNEYS = {j.name: j for j in default_journeys()}
+WIN_BACK = JOURNEYS["win_back"]
+DAY = timedelta(days=1)
+LANGS = ("he", "ar", "en")
+# Tuesday noon in Jerusalem for everyone: inside the sending window whatever the language.
+PEOPLE: dict[str, dict[str, Any]] = {
+    "he": {"name": "נועה לוי", "locale": "he-IL"},
+    "ar": {"name": "ليلى حداد", "locale": "ar-IL"},
+    "en": {"name": "Sarah Miller", "locale": "en-IL"},
+}
+FIRST_NAME = {"he": "נועה", "ar": "ليلى", "en": "Sarah"}
+DIRECTION = {"he": "rtl", "ar": "rtl", "en": "ltr"}
+
+# A sentence of each default template, as the customer reads it.
+SAYS: dict[str, dict[str, str]] = {
+    "welcome": {
+        "he": "שמחים שהצטרפת אלינו",
+        "ar": "يسعدنا انضمامك إلينا",
+        "en": "We're glad you're here",
+    },
+    "thank_you": {
+        "he": "תודה שקנית אצלנו",
+        "ar": "شكرًا لتسوقك معنا",
+        "en": "Thank you for shopping with us",
+    },
+    "complaint_ack": {
+        "he": "קיבלנו את הפנייה שלך",
+        "ar": "استلمنا رسالتك",
+        "en": "We've received your message",
+    },
+    "feedback_survey": {
+        "he": "ונשמח לדעת איך היה",
+        "ar": "ونود أن نعرف رأيك",
+        "en": "we'd love to know how it went",
+    },
+    "tier_upgrade": {
+        "he": "ההטבות כבר פעילות בחשבון שלך",
+        "ar": "المزايا مفعّلة في حسابك",
+        "en": "Your new perks are already active",
+    },
+    "at_risk": {
+        "he": "רצינו לבדוק שהכול בסדר",
+        "ar": "أردنا أن نطمئن",
+        "en": "wanted to check that all is well",
+    },
+    "win_back": {
+        "he": "נשמח לראות אותך שוב",
+        "ar": "سنسعد برؤيتك مجددًا",
+        "en": "we'd love to have you back",
+    },
+}
+PERSONAL_CONTACT = {
+    "he": "לטיפול אישי של Dana",
+    "ar": "إلى Dana لمتابعتها",
+    "en": "Dana is now looking after it",
+}
+NO_PERSONAL_CONTACT = {
+    "he": "אנחנו כבר בודקים",
+    "ar": "نعمل على الأمر الآن",
+    "en": "We're already looking into it",
+}
+OFFER = {
+    "he": "שמרנו לך קוד הטבה אישי",
+    "ar": "خصصنا لك رمزًا شخصيًا",
+    "en": "we've saved a personal code for you",
+}
+GOLD_PERKS = {
+    "he": ["נקודות כפולות על כל קנייה", "משלוח חינם בכל הזמנה", "קו שירות מועדף"],
+    "ar": ["نقاط مضاعفة على كل عملية شراء", "توصيل مجاني لكل طلب", "خط خدمة بأولوية"],
+    "en": ["Double points on every purchase", "Free delivery on every order", "A priority service line"],
+}
+TIER_NAME = {"he": "זהב", "ar": "الذهبي", "en": "Gold"}
+SILVER_ONLY_PERK = {
+    "he": "משלוח חינם פעמיים בשנה",
+    "ar": "توصيل مجاني مرتين في السنة",
+    "en": "Free delivery twice a year",
+}
+DISCOUNT_WORDS = {
+    "he": ["הנחה", "קוד", "הטבה", "מבצע", "%"],
+    "ar": ["خصم", "رمز", "عرض", "تخفيض", "%"],
+    "en": ["discount", "code", "offer", "coupon", "%"],
+}
+
+_numbers = itertools.count()
+
+
+@pytest.fixture
+def world(service_world: World) -> World:  # noqa: F811 - the imported fixture, by name
+    """The service's tests' world (SQLite and PostgreSQL, the sandbox outbox, a clock)."""
+    return service_world
+
+
+def treated(prefix: str, *journeys: str) -> str:
+    """A customer id outside the holdout of every one of ``journeys``."""
+    return next(
+        c
+        for c in (f"{prefix}-{i}" for i in itertools.count())
+        if not any(in_holdout(c, j, JOURNEYS[j].holdout_percent) for j in journeys)
+    )
+
+
+def update(
+    customer: str,
+    lang: str,
+    at: datetime,
+    *events: TriggeringEvent,
+    tier_old: str | None = "silver",
+    entered: tuple[str, ...] = (),
+    cause: UpdateCause = UpdateCause.EVENTS,
+    **profile_overrides: Any,
+) -> CustomerUpdate:
+    who = {
+        **PEOPLE[lang],
+        "email": f"{customer}@example.com",
+        "preferred_channel": Channel.EMAIL,
+        **profile_overrides,
+    }
+    snapshot = profile(**who)
+    return CustomerUpdate(
+        event_id=f"u-{customer}-{next(_numbers)}",
+        customer_id=customer,
+        occurred_at=at,
+        cause=cause,
+        triggering_events=list(events),
+        tier_old=tier_old,
+        tier_new=snapshot.tier,
+        segments_entered=list(entered),
+        rule_version=1,
+        profile=snapshot,
+    )
+
+
+def purchase(at: datetime) -> TriggeringEvent:
+    n = next(_numbers)
+    return TriggeringEvent(
+        event_id=f"p-{n}",
+        type=EventType.PURCHASE,
+        occurred_at=at,
+        order_id=f"o{n}",
+        amount=Decimal("120.00"),
+        currency="ILS",
+    )
+
+
+def ticket(at: datetime, action: SupportAction, ticket_id: str = "T-7") -> TriggeringEvent:
+    return TriggeringEvent(
+        event_id=f"t-{next(_numbers)}",
+        type=EventType.SUPPORT,
+        occurred_at=at,
+        ticket_id=ticket_id,
+        action=action,
+        category="delivery",
+        is_complaint=True,
+    )
+
+
+def cancellation(at: datetime, reason: CancellationReason) -> TriggeringEvent:
+    return TriggeringEvent(
+        event_id=f"c-{next(_numbers)}", type=EventType.CANCELLATION, occurred_at=at, reason=reason
+    )
+
+
+def restarted(world: World) -> MessengerService:
+    """A new messenger process on the same database: nothing carried over in memory."""
+    old = world.service
+    return MessengerService(world.db, old.settings, None, old.providers, clock=world.clock)
+
+
+@dataclass
+class Mail:
+    to: str
+    subject: str
+    text: str
+    html: str
+
+
+def mail_of(world: World, message_id: str) -> Mail:
+    [path] = [p for p in world.outbox.iterdir() if message_id in p.name]
+    assert path.suffix == ".eml", path
+    message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    plain, html = message.get_body(("plain",)), message.get_body(("html",))
+    assert plain is not None
+    assert html is not None
+    return Mail(str(message["To"]), str(message["Subject"]), plain.get_content(), html.get_content())
+
+
+def assert_in_language(mail: Mail, lang: str, journey: str) -> None:
+    assert SAYS[journey][lang] in mail.text, mail.text
+    assert SAYS[journey][lang] in mail.html
+    assert f'lang="{lang}"' in mail.html
+    assert f'dir="{DIRECTION[lang]}"' in mail.html
+
+
+async def published(world: World) -> list[MessageEvent]:
+    """What the messenger put in its outbox table for retain.messages (no broker here)."""
+    async with world.db.sessions() as session:
+        values = (await session.execute(select(outbox.c.value).order_by(outbox.c.id))).scalars().all()
+    return [MESSAGE_EVENT_ADAPTER.validate_json(v) for v in values]
+
+
+async def waits(world: World, customer: str) -> list[tuple[str, str | None, int]]:
+    async with world.db.sessions() as session:
+        rows = (
+            await session.execute(
+                select(journey_waits)
+                .where(journey_waits.c.customer_id == customer)
+                .order_by(journey_waits.c.due_at)
+            )
+        ).all()
+    return [(r.status, r.reason, r.data.get("attempt", 1)) for r in rows]
+
+
+async def sent_one(world: World, customer: str, journey: str) -> dict[str, Any]:
+    """Run the sender; exactly one message goes, of ``journey`` to ``customer``: its row."""
+    outcomes = await world.service.send_due()
+    assert [o.status for o in outcomes] == ["sent"], outcomes
+    [row] = [r for r in await messages(world, customer) if r["id"] == outcomes[0].message_id]
+    assert row["journey"] == journey
+    return row
+
+
+# --- welcome, thank_you -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_welcome_greets_a_new_profile_once_ever(world: World, lang: str) -> None:
+    customer = treated(f"welcome-{lang}", "welcome")
+    await world.service.apply_batch(delivered([update(customer, lang, NOON, tier_old=None)]))
+    row = await sent_one(world, customer, "welcome")
+    mail = mail_of(world, row["id"])
+    assert mail.to == f"{customer}@example.com"
+    assert FIRST_NAME[lang] in mail.subject
+    assert_in_language(mail, lang, "welcome")
+
+    # The profile is created again a month later (a re-import): welcome is once ever.
+    world.clock.now = NOON + 30 * DAY
+    await world.service.apply_batch(delivered([update(customer, lang, world.clock.now, tier_old=None)]))
+    assert await world.service.send_due() == []
+    assert [r["journey"] for r in await messages(world, customer)] == ["welcome"]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_thank_you_after_a_purchase_at_most_once_a_week(world: World, lang: str) -> None:
+    customer = treated(f"thanks-{lang}", "thank_you")
+    first = purchase(NOON)
+    await world.service.apply_batch(delivered([update(customer, lang, NOON, first)]))
+    row = await sent_one(world, customer, "thank_you")
+    mail = mail_of(world, row["id"])
+    assert_in_language(mail, lang, "thank_you")
+    assert str(first.order_id) in mail.text
+
+    world.clock.now = NOON + 6 * DAY  # within the week: no second thanks
+    await world.service.apply_batch(
+        delivered([update(customer, lang, world.clock.now, purchase(world.clock.now))])
+    )
+    assert await world.service.send_due() == []
+    world.clock.now = NOON + 7 * DAY
+    await world.service.apply_batch(
+        delivered([update(customer, lang, world.clock.now, purchase(world.clock.now))])
+    )
+    await sent_one(world, customer, "thank_you")
+    assert [r["status"] for r in await messages(world, customer)] == ["sent", "sent"]
+
+
+# --- complaint_ack, feedback_survey -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize(
+    ("tier", "segments", "escalated"),
+    [("platinum", [], True), ("gold", ["high_value"], True), ("silver", [], False)],
+    ids=["platinum", "high_value", "regular"],
+)
+async def test_complaint_ack_at_once_and_escalated_for_the_valuable(
+    world: World, lang: str, tier: str, segments: list[str], escalated: bool
+) -> None:
+    # 23:30 in Jerusalem and no marketing consent at all: an acknowledgement goes regardless.
+    world.clock.now = datetime(2026, 11, 24, 21, 30, tzinfo=NOON.tzinfo)
+    customer = f"complaint-{lang}-{tier}"
+    opened = ticket(world.clock.now, SupportAction.OPENED, ticket_id="T-4711")
+    await world.service.apply_batch(
+        delivered(
+            [
+                update(
+                    customer,
+                    lang,
+                    world.clock.now,
+                    opened,
+                    tier=tier,
+                    tier_old=tier,
+                    segments=segments,
+                    consents={},
+                    open_tickets=1,
+                    last_complaint_resolved=False,
+                    predicted_clv=Decimal("4200"),
+                    total_value=Decimal("3100"),
+                )
+            ]
+        )
+    )
+    row = await sent_one(world, customer, "complaint_ack")
+    assert row["kind"] == "transactional"
+    mail = mail_of(world, row["id"])
+    assert_in_language(mail, lang, "complaint_ack")
+    assert "T-4711" in mail.subject
+    assert "T-4711" in mail.text
+
+    events = [e for e in await published(world) if e.customer_id == customer]
+    escalations = [e for e in events if e.status is MessageStatus.ESCALATION]
+    if escalated:
+        [escalation] = escalations
+        assert escalation.message_id == row["id"]
+        assert escalation.details == {
+            "ticket_id": "T-4711",
+            "category": "delivery",
+            "tier": tier,
+            "predicted_clv": "4200",
+            "total_value": "3100",
+        }
+        assert PERSONAL_CONTACT[lang] in mail.text
+        assert "+972 3 555 0100" in mail.text
+    else:
+        assert escalations == []
+        assert NO_PERSONAL_CONTACT[lang] in mail.text
+        assert "Dana" not in mail.text
+    assert [e.status for e in events if e.status is not MessageStatus.ESCALATION] == [
+        MessageStatus.QUEUED,
+        MessageStatus.SENT,
+    ]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_feedback_survey_a_day_after_resolution_not_twice_in_30_days(world: World, lang: str) -> None:
+    customer = treated(f"survey-{lang}", "feedback_survey")
+    resolved = update(
+        customer, lang, NOON, ticket(NOON, SupportAction.RESOLVED), last_complaint_resolved=True
+    )
+    await world.service.apply_batch(delivered([resolved]))
+    assert await messages(world, customer) == []  # it waits a day
+
+    world.clock.now = NOON + 23 * timedelta(hours=1)
+    assert await restarted(world).fire_waits() == 0
+    world.clock.now = NOON + DAY
+    assert await restarted(world).fire_waits() == 1
+    row = await sent_one(world, customer, "feedback_survey")
+    mail = mail_of(world, row["id"])
+    assert_in_language(mail, lang, "feedback_survey")
+    assert f"https://retain.example/s/{row['id']}" in mail.text
+    assert "T-7" in mail.text
+
+    # Another ticket resolved ten days later: no second survey within 30 days.
+    world.clock.now = NOON + 10 * DAY
+    again = ticket(world.clock.now, SupportAction.RESOLVED, ticket_id="T-8")
+    await world.service.apply_batch(delivered([update(customer, lang, world.clock.now, again)]))
+    world.clock.now = NOON + 12 * DAY
+    assert await restarted(world).fire_waits() == 0
+    assert [r["journey"] for r in await messages(world, customer)] == ["feedback_survey"]
+
+
+# --- tier_upgrade, at_risk ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_tier_upgrade_congratulates_with_the_new_tiers_perks(world: World, lang: str) -> None:
+    customer = treated(f"tier-{lang}", "tier_upgrade")
+    upgrade = update(customer, lang, NOON, tier_old="silver", tier="gold", cause=UpdateCause.RULES)
+    await world.service.apply_batch(delivered([upgrade]))
+    row = await sent_one(world, customer, "tier_upgrade")
+    mail = mail_of(world, row["id"])
+    assert_in_language(mail, lang, "tier_upgrade")
+    assert TIER_NAME[lang] in mail.subject
+    for perk in GOLD_PERKS[lang]:
+        assert perk in mail.text
+        assert perk in mail.html
+    assert SILVER_ONLY_PERK[lang] not in mail.text
+
+    # A move down the ladder is no occasion.
+    world.clock.now = NOON + 40 * DAY
+    down = update(customer, lang, world.clock.now, tier_old="gold", tier="silver", cause=UpdateCause.RULES)
+    await world.service.apply_batch(delivered([down]))
+    assert len(await messages(world, customer)) == 1
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_at_risk_is_a_personal_check_in_without_a_discount(world: World, lang: str) -> None:
+    customer = treated(f"risk-{lang}", "at_risk")
+    drifting = update(
+        customer,
+        lang,
+        NOON,
+        entered=("at_risk",),
+        cause=UpdateCause.TIME,
+        lifecycle_stage="at_risk",
+        segments=["at_risk"],
+        predicted_clv=Decimal("5000"),  # valuable, and still no discount
+    )
+    await world.service.apply_batch(delivered([drifting]))
+    row = await sent_one(world, customer, "at_risk")
+    assert "offer" not in row["details"]
+    mail = mail_of(world, row["id"])
+    assert_in_language(mail, lang, "at_risk")
+    body = mail.text.split("\n--\n")[0].lower()  # the message, not the unsubscribe footer
+    for word in DISCOUNT_WORDS[lang]:
+        assert word not in body, (word, body)
+    assert "BACK-" not in mail.text
+
+
+# --- win_back -------------------------------------------------------------------------------------
+
+
+def churned(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "lifecycle_stage": "churned",
+        "churn_reason": CancellationReason.PRICE,
+        "churned_at": NOON,
+        "segments": ["churned"],
+    }
+    return values | overrides
+
+
+async def cancel(
+    world: World,
+    customer: str,
+    lang: str,
+    reason: CancellationReason = CancellationReason.PRICE,
+    **overrides: Any,
+) -> None:
+    await world.service.apply_batch(
+        delivered(
+            [
+                update(
+                    customer,
+                    lang,
+                    world.clock.now,
+                    cancellation(world.clock.now, reason),
+                    **churned(churn_reason=reason, churned_at=world.clock.now, **overrides),
+                )
+            ]
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("reason", "days"),
+    [(CancellationReason.PRICE, 14), (CancellationReason.SERVICE, 30), (CancellationReason.BOTH, 30)],
+)
+async def test_win_back_cools_off_by_churn_reason(
+    world: World, reason: CancellationReason, days: int
+) -> None:
+    customer = treated(f"cool-{reason.value}", "win_back")
+    await cancel(world, customer, "he", reason)
+    assert await messages(world, customer) == []
+    assert await waits(world, customer) == [("waiting", None, 1)]
+
+    world.clock.now = NOON + days * DAY - timedelta(minutes=1)
+    assert await restarted(world).fire_waits() == 0
+    world.clock.now = NOON + days * DAY
+    assert await restarted(world).fire_waits() == 1
+    row = await sent_one(world, customer, "win_back")
+    assert row["idempotency_key"] == f"win_back:{customer}:{row['trigger_event_id']}"
+    assert_in_language(mail_of(world, row["id"]), "he", "win_back")
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize(
+    ("value", "offered"),
+    [
+        ({"predicted_clv": Decimal("1500")}, True),
+        ({"predicted_clv": Decimal("300"), "total_value": Decimal("9000")}, False),  # the prediction rules
+        ({"predicted_clv": None, "total_value": Decimal("2500")}, True),  # no prediction yet: history
+        ({"predicted_clv": None, "total_value": Decimal("900")}, False),
+    ],
+    ids=["high-clv", "low-clv", "high-history", "low-history"],
+)
+async def test_win_back_offers_compensation_only_to_the_valuable(
+    world: World, lang: str, value: dict[str, Any], offered: bool
+) -> None:
+    customer = treated(f"offer-{lang}", "win_back")
+    await cancel(world, customer, lang, **value)
+    world.clock.now = NOON + 14 * DAY
+    assert await restarted(world).fire_waits() == 1
+    row = await sent_one(world, customer, "win_back")
+    mail = mail_of(world, row["id"])
+    assert_in_language(mail, lang, "win_back")
+    code = "BACK-" + row["id"].replace("-", "")[:8].upper()
+    if offered:
+        assert row["details"]["offer"] is True
+        assert OFFER[lang] in mail.text
+        assert code in mail.text
+        assert code in mail.html
+    else:
+        assert "offer" not in row["details"]
+        assert OFFER[lang] not in mail.text
+        assert "BACK-" not in mail.text
+        assert "BACK-" not in mail.html
+
+
+def test_win_back_attempts_are_spaced_beyond_its_frequency_cap() -> None:
+    """Otherwise the default caps would cap every attempt after the first."""
+    [cap] = [c for c in DEFAULT_CAPS.caps if c.journey == "win_back"]
+    assert isinstance(cap.window, int)
+    assert WIN_BACK.max_attempts >= 2
+    assert WIN_BACK.attempt_spacing_days >= cap.window + 1
+
+
+async def test_win_back_stops_after_n_attempts_spaced_out(world: World) -> None:
+    spacing = WIN_BACK.attempt_spacing_days * DAY
+    customer = treated("attempts", "win_back")
+    await cancel(world, customer, "en", predicted_clv=Decimal("1500"))
+    first_due = NOON + 14 * DAY
+
+    keys: list[str] = []
+    codes: list[str] = []
+    for attempt in range(1, WIN_BACK.max_attempts + 1):
+        due = first_due + (attempt - 1) * spacing
+        world.clock.now = due - timedelta(minutes=1)
+        assert await restarted(world).fire_waits() == 0
+        world.clock.now = due
+        assert await restarted(world).fire_waits() == 1
+        row = await sent_one(world, customer, "win_back")
+        keys.append(row["idempotency_key"])
+        mail = mail_of(world, row["id"])
+        assert_in_language(mail, "en", "win_back")
+        codes.append(next(w for w in mail.text.split() if w.startswith("BACK-")))
+
+    base = f"win_back:{customer}:{row['trigger_event_id']}"
+    assert keys == [base] + [f"{base}#{n}" for n in range(2, WIN_BACK.max_attempts + 1)]
+    assert len(set(codes)) == len(codes)  # each attempt its own code
+    # N attempts, and then never again.
+    world.clock.now = first_due + 10 * WIN_BACK.max_attempts * spacing
+    assert await restarted(world).fire_waits() == 0
+    assert await world.service.send_due() == []
+    assert [s for s, _, _ in await waits(world, customer)] == ["fired"] * WIN_BACK.max_attempts
+    assert [r["journey"] for r in await messages(world, customer)] == ["win_back"] * WIN_BACK.max_attempts
+
+
+async def test_win_back_attempts_are_decided_even_when_one_is_not_sent(world: World) -> None:
+    """An attempt the customer does not get (no consent by then) still counts as one."""
+    customer = treated("unsent", "win_back")
+    await cancel(world, customer, "he")
+    world.clock.now = NOON + 14 * DAY
+    withdrawn = update(customer, "he", world.clock.now - DAY, consents={}, **churned())
+    await world.service.apply_batch(delivered([withdrawn]))
+    assert await restarted(world).fire_waits() == 1
+    [first] = await messages(world, customer)
+    assert first["status"] == "no_consent"
+    world.clock.now = NOON + 14 * DAY + WIN_BACK.attempt_spacing_days * DAY
+    assert await restarted(world).fire_waits() == 1
+    assert [r["status"] for r in await messages(world, customer)] == ["no_consent"] * 2
+
+
+def interruption(what: str, customer: str, at: datetime) -> CustomerUpdate:
+    if what == "repurchase":  # the profile says won_back: the exit condition
+        return update(customer, "he", at, purchase(at), **churned(lifecycle_stage="won_back"))
+    if what == "purchase_before_the_profile_knows":  # still 'churned': wait.unless_event
+        return update(customer, "he", at, purchase(at), **churned())
+    if what == "won_back_by_the_sweep":  # no event in this update, the stage changed
+        return update(customer, "he", at, cause=UpdateCause.TIME, **churned(lifecycle_stage="active"))
+    assert what == "complaint"
+    opened = ticket(at, SupportAction.OPENED)
+    return update(customer, "he", at, opened, open_tickets=1, last_complaint_resolved=False, **churned())
+
+
+@pytest.mark.parametrize(
+    ("what", "reason"),
+    [
+        ("repurchase", "exit condition met"),
+        ("purchase_before_the_profile_knows", "a purchase happened first"),
+        ("won_back_by_the_sweep", "exit condition met"),
+        ("complaint", "exit condition met"),
+    ],
+)
+@pytest.mark.parametrize("before_attempt", [1, 2])
+async def test_win_back_ends_at_once_on_repurchase_or_an_unresolved_complaint(
+    world: World, what: str, reason: str, before_attempt: int
+) -> None:
+    customer = treated(f"exit-{what}-{before_attempt}", "win_back", "thank_you")
+    await cancel(world, customer, "he", CancellationReason.SERVICE)
+    first_due = NOON + 30 * DAY
+    if before_attempt == 2:
+        world.clock.now = first_due
+        assert await restarted(world).fire_waits() == 1
+        await sent_one(world, customer, "win_back")
+        world.clock.now = first_due + 2 * DAY  # between the attempts
+    else:
+        world.clock.now = NOON + 5 * DAY  # inside the cool-off
+
+    await world.service.apply_batch(delivered([interruption(what, customer, world.clock.now)]))
+    [cancelled] = [w for w in await waits(world, customer) if w[0] != "fired"]
+    assert cancelled == ("cancelled", reason, before_attempt)
+
+    world.clock.now = first_due + 10 * WIN_BACK.max_attempts * WIN_BACK.attempt_spacing_days * DAY
+    assert await restarted(world).fire_waits() == 0
+    await world.service.send_due()
+    win_backs = [r for r in await messages(world, customer) if r["journey"] == "win_back"]
+    assert len(win_backs) == before_attempt - 1
+
+
+async def test_win_back_never_starts_over_an_open_complaint(world: World) -> None:
+    customer = treated("open-ticket", "win_back")
+    await cancel(world, customer, "ar", open_tickets=1, last_complaint_resolved=False)
+    assert await waits(world, customer) == []
+    world.clock.now = NOON + 60 * DAY
+    assert await restarted(world).fire_waits() == 0
+    assert await messages(world, customer) == []
+
+
+async def test_a_wait_fired_by_a_restarted_messenger_is_sent_once(world: World) -> None:
+    """Two processes fire the same due wait one after the other: one message."""
+    customer = treated("twice", "win_back")
+    await cancel(world, customer, "he")
+    world.clock.now = NOON + 14 * DAY
+    assert await restarted(world).fire_waits() == 1
+    assert await restarted(world).fire_waits() == 0
+    await sent_one(world, customer, "win_back")
+    assert len(list(world.outbox.iterdir())) == 1
+
+
+# --- holdout ---------------------------------------------------------------------------------------
+
+
+async def test_holdout_share_is_within_tolerance_and_stable_per_customer(world: World) -> None:
+    n = 1000
+    share = JOURNEYS["thank_you"].holdout_percent / 100
+    customers = [f"h{i:04d}" for i in range(n)]
+
+    async def held_out(at: datetime) -> set[str]:
+        world.clock.now = at
+        for start in range(0, n, 250):
+            chunk = customers[start : start + 250]
+            await world.service.apply_batch(delivered([update(c, "he", at, purchase(at)) for c in chunk]))
+        rows = await world.service.list_messages(
+            customer_id=None, journey="thank_you", status="holdout", before=None, limit=n
+        )
+        return {r["customer_id"] for r in rows if r["created_at"] == at}
+
+    first = await held_out(NOON)
+    # The assignment is a hash, so fixed for these ids; it should look like a fair coin of the
+    # journey's share: within four standard deviations of the binomial.
+    tolerance = 4 * math.sqrt(share * (1 - share) / n)
+    assert abs(len(first) / n - share) <= tolerance, len(first)
+    events = [e for e in await published(world) if e.status is MessageStatus.HOLDOUT]
+    assert {e.customer_id for e in events} == first
+    assert all(e.holdout and e.journey == "thank_you" for e in events)
+
+    second = await held_out(NOON + 8 * DAY)  # a week on, the same customers buy again
+    assert second == first
+    assert first == {c for c in customers if in_holdout(c, "thank_you", share * 100)}
