@@ -99,6 +99,7 @@ class SegmenterService:
         self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
         self._rules: CompiledRules | None = None
         self._last_sweep = 0.0
+        self._last_tick = 0.0
 
     # --- rules in force ---------------------------------------------------------------------------
 
@@ -273,7 +274,13 @@ class SegmenterService:
         )
 
     async def tick(self) -> None:
-        """Work between consumer batches: a publish step, and the sweep when it is due."""
+        """Work between consumer batches: a publish step, and the sweep when it is due.
+
+        At most a few times a second: under a full topic, batches come back to back, and
+        each tick costs transactions that the batches' own work does not need."""
+        if time.monotonic() - self._last_tick < 0.25:
+            return
+        self._last_tick = time.monotonic()
         await self.run_publish_step()  # one chunk per tick, so events keep flowing meanwhile
         if time.monotonic() - self._last_sweep >= self.settings.segmenter_sweep_interval_s:
             self._last_sweep = time.monotonic()
