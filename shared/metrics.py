@@ -1,8 +1,19 @@
-"""Prometheus metrics shared by every service. Labels stay bounded: no ids, no raw errors."""
+"""Prometheus metrics shared by every service. Labels stay bounded: no ids, no raw errors.
+
+The HTTP apps serve these on their own ``/metrics``. Consumer and sender processes have no HTTP
+app, so ``serve_worker_metrics`` gives each its own small metrics listener (ports in
+deploy/prometheus/prometheus.yml).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import os
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 HTTP_REQUESTS = Counter(
     "retain_http_requests_total",
@@ -39,3 +50,39 @@ CONSUMER_RETRIES = Counter(
 DLQ_MESSAGES = Counter(
     "retain_dlq_messages_total", "Records sent to a dead-letter topic.", ["topic", "reason"]
 )
+CONSUMER_LAG = Gauge(
+    "retain_consumer_lag",
+    "Records between the group's position and the partition's end (last stable offset), as of "
+    "this consumer's latest fetch; only for the partitions this process holds.",
+    ["group", "topic", "partition"],
+)
+
+METRICS_PORT_ENV = "RETAIN_METRICS_PORT"
+METRICS_HOST_ENV = "RETAIN_METRICS_HOST"
+
+
+def serve_worker_metrics(default_port: int) -> int | None:
+    """Serve this worker process's /metrics in a background thread.
+
+    Port: ``RETAIN_METRICS_PORT`` when set (``0`` turns the listener off), else ``default_port``;
+    host: ``RETAIN_METRICS_HOST`` (default 127.0.0.1, as the APIs under ``make run``). A port that
+    is taken (a second replica on one host) is logged and the worker runs on without metrics:
+    losing a scrape target must never stop the pipeline. Returns the port served, if any.
+    """
+    raw = os.environ.get(METRICS_PORT_ENV, "").strip()
+    port = int(raw) if raw else default_port
+    if port == 0:
+        return None
+    host = os.environ.get(METRICS_HOST_ENV, "").strip() or "127.0.0.1"
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning(
+            "metrics listener not started; set RETAIN_METRICS_PORT to a free port",
+            host=host,
+            port=port,
+            error=type(exc).__name__,
+        )
+        return None
+    log.info("metrics listener", url=f"http://{host}:{port}/metrics")
+    return port

@@ -15,6 +15,7 @@ from shared.events import EVENT_ADAPTER, MESSAGE_EVENT_ADAPTER, Event, MessageEv
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
 from shared.logs import configure_logging
+from shared.metrics import serve_worker_metrics
 from shared.service_main import run_until_signalled
 from shared.topics import CANCELLATIONS, MESSAGES, PROFILES, PURCHASES, SUPPORT
 
@@ -47,6 +48,7 @@ def build_loop(
 async def main(settings: KpiSettings | None = None) -> None:
     settings = settings or KpiSettings()
     configure_logging(settings.log_level, settings.log_json)
+    serve_worker_metrics(8104)
     db = Database(settings.database_url)
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="retain-kpi")

@@ -79,6 +79,12 @@ RESOLUTION = Gauge(
     "Resolution time of the tickets opened in the metrics window (resolved ones).",
     ["category", "quantile"],
 )
+FIRST_RESPONSE_TARGET = Gauge(
+    "retain_kpi_first_response_target_seconds",
+    "First-response target of each category charted (a complaint-flagged ticket may have the "
+    "stricter complaint target).",
+    ["category"],
+)
 BREACH_RATE = Gauge(
     "retain_kpi_first_response_breach_ratio",
     "Share of tickets past their first-response target.",
@@ -115,6 +121,7 @@ CLV_PARAM = Gauge("retain_kpi_clv_model_param", "Parameters of the latest CLV mo
 CLV_FIT_SECONDS = Gauge("retain_kpi_clv_fit_seconds", "Duration of the latest CLV fit.")
 LABELLED_GAUGES = (
     FIRST_RESPONSE,
+    FIRST_RESPONSE_TARGET,
     RESOLUTION,
     BREACH_RATE,
     OPEN_IN_BREACH,
@@ -956,6 +963,7 @@ class KpiService:
             ):
                 _set(RESOLUTION.labels(cat, q), v)
             _set(BREACH_RATE.labels(cat), st.breach_rate)
+            FIRST_RESPONSE_TARGET.labels(cat).set(targets.per_category.get(cat, targets.default_s))
         for cat in {*response, *breaching}:
             OPEN_IN_BREACH.labels(cat).set(breaching.get(cat, 0))
         for label, bucket in zip(("previous", "current"), churned["buckets"], strict=False):

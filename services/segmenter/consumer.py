@@ -14,6 +14,7 @@ from shared.events import CLV_ADAPTER, EVENT_ADAPTER, ClvPrediction, Event
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
 from shared.logs import configure_logging
+from shared.metrics import serve_worker_metrics
 from shared.service_main import run_until_signalled
 from shared.topics import CANCELLATIONS, CLV, PROFILES, PURCHASES, SUPPORT
 
@@ -46,6 +47,7 @@ def build_loop(
 async def main(settings: SegmenterSettings | None = None) -> None:
     settings = settings or SegmenterSettings()
     configure_logging(settings.log_level, settings.log_json)
+    serve_worker_metrics(8102)
     db = Database(settings.database_url)
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="retain-segmenter")

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -27,6 +27,7 @@ from shared.metrics import (
     CONSUMER_BATCH_SECONDS,
     CONSUMER_BATCH_SIZE,
     CONSUMER_DUPLICATES,
+    CONSUMER_LAG,
     CONSUMER_RECORDS,
     CONSUMER_RETRIES,
     DLQ_MESSAGES,
@@ -131,6 +132,7 @@ class ConsumerLoop(Generic[T]):
         self._tick = tick
         self._stopping = asyncio.Event()
         self.stats = LoopStats()
+        self._lag_partitions: set[TopicPartition] = set()
         self._consumer = AIOKafkaConsumer(
             *self._topics,
             bootstrap_servers=bootstrap,
@@ -195,6 +197,7 @@ class ConsumerLoop(Generic[T]):
         batch = await self._consumer.getmany(timeout_ms=self._poll_timeout_ms, max_records=self._max_records)
         records = [r for tp in sorted(batch, key=lambda t: (t.topic, t.partition)) for r in batch[tp]]
         if not records:
+            await self._record_lag()  # idle: the lag falls to 0 instead of freezing at the last batch's
             return 0
         started = time.perf_counter()
         decoded, dead = self._decode_all(records)
@@ -207,7 +210,33 @@ class ConsumerLoop(Generic[T]):
         self.stats.records += len(records)
         CONSUMER_BATCH_SIZE.labels(self._group_id).observe(len(records))
         CONSUMER_BATCH_SECONDS.labels(self._group_id).observe(time.perf_counter() - started)
+        await self._record_lag()
         return len(records)
+
+    async def _record_lag(self) -> None:
+        """Lag per held partition: its end as of our latest fetch (the last stable offset, since we
+        read committed; the high watermark where the broker gives none) minus our position, which
+        after the commit is the committed offset. Only what the fetches already told us: no extra
+        broker calls. Partitions given away in a rebalance stop being reported here, so the new
+        owner's series is the only one."""
+        ends: dict[TopicPartition, int] = {}
+        for tp in self._consumer.assignment():
+            lso = self._consumer.last_stable_offset(tp)
+            end = lso if lso is not None and lso >= 0 else self._consumer.highwater(tp)
+            if end is not None:  # None: not fetched yet since the assignment
+                ends[tp] = end
+        reported: set[TopicPartition] = set()
+        for tp, end in ends.items():
+            try:
+                position = await self._consumer.position(tp)
+            except IllegalStateError:
+                continue  # revoked while we looked
+            CONSUMER_LAG.labels(self._group_id, tp.topic, str(tp.partition)).set(max(0, end - position))
+            reported.add(tp)
+        for tp in self._lag_partitions - set(self._consumer.assignment()):
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(self._group_id, tp.topic, str(tp.partition))
+        self._lag_partitions = (self._lag_partitions & set(self._consumer.assignment())) | reported
 
     def _decode_all(
         self, records: list[ConsumerRecord[bytes, bytes]]
