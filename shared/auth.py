@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,15 +131,20 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def require_scope(
-    store_of: Callable[[Request], KeyStore], scope: str
-) -> Callable[[Request], Awaitable[ApiKey]]:
-    """A FastAPI dependency: the caller's key, which must carry ``scope`` (or ``admin``)."""
+@dataclass(frozen=True, slots=True)
+class ScopeRequirement:
+    """A FastAPI dependency: the caller's key, which must carry ``scope`` (or ``admin``). A class
+    rather than a closure so the OpenAPI can tell which operations need a key."""
 
-    async def dependency(request: Request) -> ApiKey:
-        return authorize(request, store_of(request), scope)
+    store_of: Callable[[Request], KeyStore]
+    scope: str
 
-    return dependency
+    async def __call__(self, request: Request) -> ApiKey:
+        return authorize(request, self.store_of(request), self.scope)
+
+
+def require_scope(store_of: Callable[[Request], KeyStore], scope: str) -> ScopeRequirement:
+    return ScopeRequirement(store_of, scope)
 
 
 def authorize(request: Request, store: KeyStore, scope: str) -> ApiKey:

@@ -31,6 +31,11 @@ class CommonSettings(BaseSettings):
         ge=1000,
         description="How long the group waits for a silent consumer before giving its partitions away.",
     )
+    http_max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body of the segmenter, messenger and kpi APIs (ingest: its own).",
+    )
     log_level: str = Field(default="INFO", description="Log level of every process.")
     log_json: bool = Field(default=False, description="Log as JSON lines instead of console.")
 

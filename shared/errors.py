@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -83,6 +84,36 @@ class UnavailableError(RetainError):
     code = "unavailable"
 
 
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    """What every 4xx and 5xx of every service answers (see :func:`install_error_handlers`)."""
+
+    error: ErrorBody
+
+
+# The same code for the same status, whether a RetainError or the framework raised it.
+_CODE_OF_STATUS = {
+    cls.status_code: cls.code
+    for cls in (
+        BadRequestError,
+        UnauthorizedError,
+        ForbiddenError,
+        NotFoundError,
+        PreconditionFailedError,
+        PayloadTooLargeError,
+        UnsupportedMediaTypeError,
+        InvalidInputError,
+        RateLimitedError,
+        UnavailableError,
+    )
+}
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": {"code": code, "message": message}}
     if details is not None:
@@ -118,7 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101
         return JSONResponse(
-            error_body(f"http_{exc.status_code}", str(exc.detail)),
+            error_body(_CODE_OF_STATUS.get(exc.status_code, f"http_{exc.status_code}"), str(exc.detail)),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

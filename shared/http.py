@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, iter_route_contexts
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import install_error_handlers
+from shared.auth import ScopeRequirement
+from shared.errors import ErrorResponse, error_body, install_error_handlers
 from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, Any]]]
@@ -56,6 +63,64 @@ class MetricsMiddleware:
             children[1].observe(time.perf_counter() - started)
 
 
+class RefuseNulInUrl:
+    """A NUL character (%00) in the path or the query would reach a query as text PostgreSQL
+    refuses, a 500 deep in a repository; it is refused here, before routing, as a 422."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            where = (
+                "path"
+                if "\x00" in scope.get("path", "")
+                else "query"
+                if b"%00" in scope.get("query_string", b"")
+                else None
+            )
+            if where is not None:
+                message = f"a NUL character (%00) is not allowed in the {where}"
+                body = error_body("invalid", message, [{"field": where, "message": message}])
+                await JSONResponse(body, status_code=422)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes with 413, by its Content-Length or as it
+    streams in, so no route holds more than that in memory (uvicorn sets no limit at all)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the body is larger than the limit of {self.limit} bytes"
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            body = error_body("payload_too_large", message)
+            await JSONResponse(body, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.limit:
+                    # An HTTPException: FastAPI turns any other error raised while it reads a
+                    # body into a 400 "There was an error parsing the body".
+                    raise StarletteHTTPException(413, message)
+            return event
+
+        await self.app(scope, limited, send)
+
+
 def ops_router(ready: ReadinessCheck) -> APIRouter:
     router = APIRouter(tags=["operations"])
 
@@ -80,7 +145,87 @@ def ops_router(ready: ReadinessCheck) -> APIRouter:
     return router
 
 
-def setup_app(app: FastAPI, service: str, ready: ReadinessCheck) -> None:
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One API route as the app serves it (an included router's prefix and dependencies applied)."""
+
+    path: str
+    methods: frozenset[str]
+    dependant: Dependant
+    include_in_schema: bool
+
+
+def endpoints(routes: Sequence[BaseRoute]) -> Iterator[Endpoint]:
+    """Every API route of ``routes``, those of included routers too (``app.routes`` lists an
+    included router as one entry)."""
+    for context in iter_route_contexts(routes):
+        if isinstance(context.original_route, APIRoute):
+            yield Endpoint(
+                path=str(context.path_format),
+                methods=frozenset(context.methods or ()),
+                dependant=context.dependant,
+                include_in_schema=bool(context.include_in_schema),
+            )
+
+
+def _needs_key(dependant: Dependant) -> bool:
+    return any(isinstance(d.call, ScopeRequirement) or _needs_key(d) for d in dependant.dependencies)
+
+
+def _error(description: str) -> dict[str, Any]:
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    return {"description": description, "content": {"application/json": {"schema": ref}}}
+
+
+def document_errors(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict[str, Any]:
+    """Declare in the OpenAPI the errors every operation can answer, in the one shape the error
+    handlers give them: 400 (a body that is not JSON), 401/403 (key missing or without the
+    scope), 404 (an id in the path that names nothing) and 422 (FastAPI documents its own
+    ``{"detail": …}`` shape, which this API never sends)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(error_schema.pop("$defs", {}))
+    components["ErrorResponse"] = error_schema
+    for route in endpoints(routes):
+        if not route.include_in_schema:
+            continue
+        for method in route.methods:
+            operation = schema["paths"].get(route.path, {}).get(method.lower())
+            if operation is None:
+                continue
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = _error("The request is not valid; details name each problem.")
+            if "requestBody" in operation:
+                responses.setdefault("400", _error("The body could not be parsed."))
+                responses.setdefault("413", _error("The body is over the size limit."))
+            if any(p.get("in") == "path" for p in operation.get("parameters", [])):
+                responses.setdefault("404", _error("Nothing is found under this path."))
+            if _needs_key(route.dependant):
+                responses.setdefault("401", _error("No API key, or not a valid one."))
+                responses.setdefault("403", _error("The API key lacks the scope of this operation."))
+    if "HTTPValidationError" not in str(schema["paths"]):
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+    return schema
+
+
+def setup_app(
+    app: FastAPI, service: str, ready: ReadinessCheck, *, max_body_bytes: int | None = None
+) -> None:
+    """Errors, metrics, ops routes and the documented errors; ``max_body_bytes`` bounds every
+    request body (None: the app's routes bound their own)."""
     install_error_handlers(app)
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RefuseNulInUrl)
     app.add_middleware(MetricsMiddleware, service=service)
     app.include_router(ops_router(ready))
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(build_openapi(), app.routes)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -17,7 +17,7 @@ from services.ingest.config import IngestSettings
 from services.ingest.dedupe import RecentIds
 from services.ingest.service import IngestService
 from shared.auth import KeyStore
-from shared.http import setup_app
+from shared.http import document_errors, setup_app
 from shared.kafka.producer import BrokerUnavailableError, Producer
 from shared.logs import configure_logging
 from shared.ratelimit import RateLimiter
@@ -89,7 +89,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             }
             schema["security"] = [{"bearer": []}, {"apiKey": []}]
-            app.openapi_schema = schema
+            app.openapi_schema = document_errors(schema, app.routes)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -4,7 +4,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from shared.errors import ErrorResponse
 from shared.events import EVENT_ADAPTER, EXAMPLES
+
+__all__ = ["AcceptedResponse", "ErrorResponse", "FieldProblem", "events_request_body"]
 
 
 class AcceptedResponse(BaseModel):
@@ -17,16 +20,6 @@ class FieldProblem(BaseModel):
     index: int = Field(description="Position of the event in the request (0 for a single event).")
     field: str = Field(description="Dotted path of the field, e.g. items.0.unit_price.")
     message: str
-
-
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    details: Any = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
 
 
 def events_request_body() -> dict[str, Any]:

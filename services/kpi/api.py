@@ -38,11 +38,22 @@ def _service(request: Request) -> KpiService:
 
 Reader = Annotated[ApiKey, Depends(require_scope(_store, "kpi:read"))]
 Service = Annotated[KpiService, Depends(_service)]
+# Days outside these make no report and, near date.min/max, overflow the arithmetic of periods.
+EARLIEST = date(1900, 1, 1)
+LATEST = date(2999, 12, 31)
 From = Annotated[
     date | None,
-    Query(alias="from", description="First local day, YYYY-MM-DD (default: 29 days before 'to')."),
+    Query(
+        alias="from",
+        ge=EARLIEST,
+        le=LATEST,
+        description="First local day, YYYY-MM-DD, 1900-01-01 … 2999-12-31 (default: 29 days before 'to').",
+    ),
 ]
-To = Annotated[date | None, Query(description="Last local day, included (default: today).")]
+To = Annotated[
+    date | None,
+    Query(ge=EARLIEST, le=LATEST, description="Last local day, included, 1900 … 2999 (default: today)."),
+]
 Grain = Annotated[Granularity, Query(description="Bucket size: day, week (ISO, Monday) or month.")]
 
 
@@ -172,7 +183,8 @@ async def clv_model(
     _key: Reader,
     service: Service,
     as_of: Annotated[
-        date | None, Query(description="Calibration cutoff, YYYY-MM-DD (default: today).")
+        date | None,
+        Query(ge=EARLIEST, le=LATEST, description="Calibration cutoff, YYYY-MM-DD (default: today)."),
     ] = None,
 ) -> dict[str, Any]:
     today = service.today()

@@ -71,7 +71,7 @@ def create_app(settings: KpiSettings | None = None) -> FastAPI:
             return {"database": {"ok": False, "error": type(exc).__name__}}
         return {"database": True}
 
-    setup_app(app, "kpi", ready)
+    setup_app(app, "kpi", ready, max_body_bytes=settings.http_max_body_bytes)
     app.add_middleware(RefreshGaugesOnScrape, service=service)
     app.include_router(router)
     return app

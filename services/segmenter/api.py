@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import AfterValidator
 
 from services.segmenter.rules import validate_rules
 from services.segmenter.schemas import (
@@ -30,7 +31,14 @@ from services.segmenter.service import (
     UnknownVersionError,
 )
 from shared.auth import ApiKey, KeyStore, require_scope
-from shared.errors import InvalidInputError, NotFoundError, PreconditionFailedError, RetainError
+from shared.errors import (
+    ErrorResponse,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionFailedError,
+    RetainError,
+)
+from shared.storable import storable
 
 router = APIRouter()
 
@@ -48,7 +56,12 @@ def _service(request: Request) -> SegmenterService:
 Reader = Annotated[ApiKey, Depends(require_scope(_store, "rules:read"))]
 Writer = Annotated[ApiKey, Depends(require_scope(_store, "rules:write"))]
 Service = Annotated[SegmenterService, Depends(_service)]
-RulesBody = Annotated[dict[str, Any], Body(examples=[RULES_EXAMPLE], description="A rule set.")]
+RulesBody = Annotated[
+    dict[str, Any], Body(examples=[RULES_EXAMPLE], description="A rule set."), AfterValidator(storable)
+]
+# Versions are a 32-bit integer column: a larger number names no version, and PostgreSQL would
+# refuse it as a query argument (a 500) rather than find nothing.
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _invalid(exc: InvalidRulesError) -> InvalidInputError:
@@ -108,7 +121,7 @@ async def validate(rules: RulesBody, _key: Reader) -> ValidationOut:
 async def preview(
     _key: Reader,
     service: Service,
-    rules: Annotated[dict[str, Any] | None, Body(examples=[RULES_EXAMPLE])] = None,
+    rules: Annotated[dict[str, Any] | None, Body(examples=[RULES_EXAMPLE]), AfterValidator(storable)] = None,
     sample: Annotated[int, Query(ge=0, le=200)] = 20,
 ) -> PreviewOut:
     if rules is None:
@@ -157,7 +170,7 @@ async def versions(_key: Reader, service: Service) -> list[VersionSummary]:
 
 
 @router.get("/v1/rules/versions/{n}", response_model=VersionOut, tags=["rules"])
-async def version(n: Annotated[int, Path(ge=1)], _key: Reader, service: Service) -> VersionOut:
+async def version(n: VersionNumber, _key: Reader, service: Service) -> VersionOut:
     row = await service.version(n)
     if row is None:
         raise NotFoundError(f"no rule version {n}")
@@ -170,10 +183,9 @@ async def version(n: Annotated[int, Path(ge=1)], _key: Reader, service: Service)
     status_code=202,
     tags=["rules"],
     summary="Publish version n's rules again as a new version",
+    responses={409: {"model": ErrorResponse, "description": "Another publish at the same moment."}},
 )
-async def rollback(
-    n: Annotated[int, Path(ge=1)], request: Request, key: Writer, service: Service
-) -> PublishOut:
+async def rollback(n: VersionNumber, request: Request, key: Writer, service: Service) -> PublishOut:
     try:
         version_no, job_id = await service.rollback(n, key.id)
     except UnknownVersionError as exc:

@@ -53,6 +53,6 @@ def create_app(settings: SegmenterSettings | None = None) -> FastAPI:
         await service.refresh_gauges()
         return {"database": True, "rules": {"ok": version is not None, "published_version": version}}
 
-    setup_app(app, "segmenter", ready)
+    setup_app(app, "segmenter", ready, max_body_bytes=settings.http_max_body_bytes)
     app.include_router(router)
     return app

@@ -15,12 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import httpx
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.config import REPO_ROOT
 
@@ -53,6 +55,21 @@ def cpu_seconds(pid: int) -> float | None:
     fields = stat.rsplit(")", 1)[1].split()
     # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def family_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time of a process and of its direct children, by pid (PostgreSQL's backends)."""
+    out: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text("ascii").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def machine_busy_seconds() -> float | None:
@@ -118,6 +135,13 @@ class PostgresInfo:
         """A new empty database (removed with the cluster); its asyncpg URL."""
         return self.server.create_database(name)
 
+    @property
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.server.data_dir / "postmaster.pid").read_text("ascii").split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
 
 @contextlib.contextmanager
 def postgres_cluster() -> Iterator[PostgresInfo]:
@@ -136,6 +160,99 @@ def postgres_cluster() -> Iterator[PostgresInfo]:
         say("stopping PostgreSQL")
         server.stop("fast")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Processes whose CPU a measurement reports: by pid, and with their direct children."""
+
+    pids: dict[str, int] = field(default_factory=dict)
+    families: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Cpu:
+    """CPU seconds over a timed window: this process's event-loop thread and its other threads
+    (aiosqlite's SQLite thread, ``to_thread`` work), watched processes (the broker, Prism,
+    PostgreSQL with its backends), and the whole machine. What the machine spent beyond all of
+    them was spent by someone else: a sign the numbers are noisy."""
+
+    seconds: float = 0.0
+    loop_thread: float = 0.0
+    other_threads: float = 0.0
+    watched: dict[str, float] = field(default_factory=dict)
+    machine: float | None = None
+
+    @property
+    def total(self) -> float:
+        """This process and the watched processes: the CPU the measurement itself cost."""
+        return self.loop_thread + self.other_threads + sum(self.watched.values())
+
+    @property
+    def unaccounted(self) -> float | None:
+        if self.machine is None:
+            return None
+        return max(0.0, self.machine - self.loop_thread - self.other_threads - sum(self.watched.values()))
+
+    def share(self, value: float | None) -> str:
+        """``value`` CPU seconds as a share of one core over the window."""
+        return "" if value is None or self.seconds <= 0 else f"{value / self.seconds:.0%}"
+
+    @classmethod
+    @contextlib.contextmanager
+    def measure(cls, pids: Mapping[str, int], families: Mapping[str, int] | None = None) -> Iterator[Cpu]:
+        """``pids``: processes by name; ``families``: a process and its direct children."""
+        cpu = cls()
+        families = families or {}
+
+        def sample() -> dict[str, dict[int, float]]:
+            out = {k: family_cpu_seconds(p) for k, p in families.items()}
+            for k, p in pids.items():
+                value = cpu_seconds(p)
+                out[k] = {} if value is None else {p: value}
+            return out
+
+        thread0, process0, wall0 = time.thread_time(), time.process_time(), time.perf_counter()
+        before, machine0 = sample(), machine_busy_seconds()
+        yield cpu
+        cpu.seconds = time.perf_counter() - wall0
+        thread, process = time.thread_time() - thread0, time.process_time() - process0
+        cpu.loop_thread, cpu.other_threads = thread, max(0.0, process - thread)
+        after, machine1 = sample(), machine_busy_seconds()
+        for name, now in after.items():
+            cpu.watched[name] = sum(v - before[name].get(pid, 0.0) for pid, v in now.items())
+        if machine0 is not None and machine1 is not None:
+            cpu.machine = machine1 - machine0
+
+
+def noise_warning(cpus: Sequence[Cpu], limit: float = 0.25) -> str | None:
+    """A warning when other processes used more than ``limit`` of a core in some measurement."""
+    worst = max(
+        (c.unaccounted / c.seconds for c in cpus if c.unaccounted is not None and c.seconds > 0), default=0.0
+    )
+    if worst <= limit:
+        return None
+    return (
+        f"WARNING: other processes on this machine used up to {worst:.0%} of a core during the measured "
+        "runs (see 'others'): absolute numbers are noisy, and ratios less reliable than usual."
+    )
+
+
+class StatementCounter:
+    """SQL statements (BEGIN included) and transactions an engine runs, from SQLAlchemy's events:
+    the round trips a consumer pays per record, whatever the database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.statements = 0
+        self.transactions = 0
+        event.listen(engine.sync_engine, "before_cursor_execute", self._statement)
+        event.listen(engine.sync_engine, "begin", self._begin)
+
+    def _statement(self, *_: object) -> None:
+        self.statements += 1
+
+    def _begin(self, *_: object) -> None:
+        self.transactions += 1
 
 
 # --------------------------------------------------------------------------------------

@@ -30,14 +30,13 @@ default pacing of a long code is 1 message per second, which would measure the l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import cProfile
 import shutil
 import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -71,7 +70,7 @@ from shared.kafka.consumer import Delivered
 from shared.kafka.producer import Producer
 from shared.topics import SEGMENTS, all_topic_names, ensure_topics
 from tests.bench.context import BenchContext, Options
-from tests.bench.infra import BENCH_VAR, cpu_seconds, machine_busy_seconds, say
+from tests.bench.infra import BENCH_VAR, Cpu, StatementCounter, Watch, noise_warning, say
 from tests.bench.profiling import where_time_goes
 from tests.bench.report import Row, Section, table
 
@@ -174,37 +173,13 @@ def build_updates(n: int, run_id: str, now: datetime, zone: str) -> Updates:
 
 
 @dataclass
-class Cpu:
-    loop_thread: float = 0.0
-    other_threads: float = 0.0  # aiosqlite's thread, and the outbox provider's to_thread writes
-    watched: dict[str, float] = field(default_factory=dict)  # other processes (Prism, Kafka)
-    machine: float | None = None
-
-    @classmethod
-    @contextlib.contextmanager
-    def measure(cls, pids: Mapping[str, int]) -> Iterator[Cpu]:
-        cpu = cls()
-        thread0, process0 = time.thread_time(), time.process_time()
-        before = {k: cpu_seconds(p) for k, p in pids.items()}
-        machine0 = machine_busy_seconds()
-        yield cpu
-        thread, process = time.thread_time() - thread0, time.process_time() - process0
-        cpu.loop_thread, cpu.other_threads = thread, max(0.0, process - thread)
-        for k, p in pids.items():
-            start, end = before[k], cpu_seconds(p)
-            if start is not None and end is not None:
-                cpu.watched[k] = end - start
-        machine1 = machine_busy_seconds()
-        cpu.machine = machine1 - machine0 if machine0 is not None and machine1 is not None else None
-
-
-@dataclass
 class Run:
     decide_s: float  # apply_batch over every update
     send_s: float  # send_due() until nothing is due
     statuses: dict[str, int]  # the ledger afterwards
     sent: list[OutgoingMessage]  # what was handed to the provider, rebuilt from the ledger
     cpu: Cpu
+    sql: dict[str, tuple[int, int]]  # phase → (SQL statements incl. BEGIN, transactions)
 
     @property
     def seconds(self) -> float:
@@ -283,7 +258,7 @@ async def measured(
     updates: Sequence[CustomerUpdate],
     target: str,
     prism_url: str | None,
-    pids: Mapping[str, int],
+    watch: Watch,
 ) -> Run:
     db = Database(settings.database_url)
     await migrate(db, MIGRATIONS)
@@ -299,16 +274,20 @@ async def measured(
     try:
         await service.ensure_defaults()
         await producer.start()
-        with Cpu.measure(pids) as cpu:
+        counter = StatementCounter(db.engine)
+        with Cpu.measure(watch.pids, watch.families) as cpu:
             started = time.perf_counter()
             for i in range(0, len(delivered), batch):
                 await service.apply_batch(delivered[i : i + batch])
             decided = time.perf_counter()
+            decide_sql = (counter.statements, counter.transactions)
             while await service.send_due():
                 pass
             done = time.perf_counter()
+        send_sql = (counter.statements - decide_sql[0], counter.transactions - decide_sql[1])
         statuses, sent = await _ledger(db, settings)
-        return Run(decided - started, done - decided, statuses, sent, cpu)
+        sql = {"decide": decide_sql, "send": send_sql}
+        return Run(decided - started, done - decided, statuses, sent, cpu, sql)
     finally:
         await _close(providers)
         await producer.stop()
@@ -321,7 +300,7 @@ async def bare(
     outbox_dir: Path,
     outgoing: Sequence[OutgoingMessage],
     concurrency: int,
-    pids: Mapping[str, int],
+    watch: Watch,
 ) -> Bare:
     """The same messages straight to the same target, ``concurrency`` at a time."""
     provider: Provider = _twilio(prism_url) if target == "twilio" else OutboxProvider(outbox_dir)
@@ -332,7 +311,7 @@ async def bare(
             await provider.send(msg)
 
     try:
-        with Cpu.measure(pids) as cpu:
+        with Cpu.measure(watch.pids, watch.families) as cpu:
             started = time.perf_counter()
             await asyncio.gather(*(one(m) for m in outgoing))
             elapsed = time.perf_counter() - started
@@ -361,6 +340,13 @@ class Target:
     @property
     def label(self) -> str:
         return TARGET_NAMES[self.name]
+
+    def ratios(self) -> list[float]:
+        """Each round's messenger run against the bare loop right after it."""
+        pairs = zip(self.runs, self.bares, strict=True)
+        return [
+            _rate(self.n, r.seconds) / _rate(b.sent, b.seconds) for r, b in pairs if b.seconds and r.seconds
+        ]
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -392,9 +378,10 @@ def run(ctx: BenchContext) -> Section:
     n = max(10, round(UPDATES * options.scale))
     tag = uuid.uuid4().hex[:6]
     prism_url, prism_pid, no_prism = _start_prism(ctx)
-    pids = {"kafka": kafka.pid} if kafka.pid is not None else {}
-    if prism_pid is not None:
-        pids["prism"] = prism_pid
+    watch = Watch(
+        {"kafka": kafka.pid} if kafka.pid is not None else {},
+        {"prism": prism_pid} if prism_pid is not None else {},
+    )
     targets = [Target("outbox", n=n)]
     if prism_url is not None:
         targets.append(Target("twilio", n=n))
@@ -403,7 +390,7 @@ def run(ctx: BenchContext) -> Section:
     zone = "UTC"
     for round_no in range(1, options.rounds + 1):
         for target in targets:
-            zone = _one_round(ctx, target, round_no, tag, prefix, prism_url, pids)
+            zone = _one_round(ctx, target, round_no, tag, prefix, prism_url, watch)
     section = Section("messenger", "Messenger: customer updates → decisions → sends")
     for target in targets:
         base = statistics.median(_rate(b.sent, b.seconds) for b in target.bares)
@@ -413,7 +400,7 @@ def run(ctx: BenchContext) -> Section:
             Row(
                 f"messenger decisions + sends → {target.label}",
                 rate,
-                rate / base if base else 0.0,
+                statistics.median(target.ratios()),
                 f"bare loop → {target.label}",
                 TARGET,
             ),
@@ -422,6 +409,11 @@ def run(ctx: BenchContext) -> Section:
     section.notes = _notes(n, zone, targets, options)
     if no_prism is not None:
         section.notes.append(f"Twilio through Prism was not measured: {no_prism}")
+    noisy = noise_warning(
+        [*(x.cpu for t in targets for x in t.runs), *(x.cpu for t in targets for x in t.bares)]
+    )
+    if noisy:
+        section.notes.append(noisy)
     if options.profile:
         section.appendix = _profile(ctx, n, tag, prefix)
     return section
@@ -442,7 +434,7 @@ def _one_round(
     tag: str,
     prefix: str,
     prism_url: str | None,
-    pids: Mapping[str, int],
+    watch: Watch,
 ) -> str:
     options = ctx.options
     kafka = ctx.kafka()
@@ -457,14 +449,14 @@ def _one_round(
     label = f"{target.label} (round {round_no}/{options.rounds})"
     try:
         say(f"messenger: {target.n:,} updates → decisions → sends, {label}")
-        result = asyncio.run(measured(settings, updates.items, target.name, prism_url, pids))
+        result = asyncio.run(measured(settings, updates.items, target.name, prism_url, watch))
         say(
             f"  {_rate(target.n, result.seconds):,.0f}/s (decide {result.decide_s:.1f} s, send "
             f"{result.send_s:.1f} s); ledger {result.statuses}"
         )
         say(f"messenger: bare client loop, {label}")
         concurrency = settings.messenger_send_concurrency
-        plain = asyncio.run(bare(target.name, prism_url, bare_dir, result.sent, concurrency, pids))
+        plain = asyncio.run(bare(target.name, prism_url, bare_dir, result.sent, concurrency, watch))
         say(f"  {_rate(plain.sent, plain.seconds):,.0f}/s ({plain.seconds:.1f} s)")
     finally:
         for f in files:
@@ -476,11 +468,16 @@ def _one_round(
     return zone
 
 
-def _cpu(cpu: Cpu, seconds: float, key: str) -> str:
-    value = {"loop": cpu.loop_thread, "threads": cpu.other_threads, "machine": cpu.machine}.get(
+def _cpu(cpu: Cpu, key: str) -> str:
+    value = {"loop": cpu.loop_thread, "threads": cpu.other_threads, "others": cpu.unaccounted}.get(
         key, cpu.watched.get(key)
     )
-    return "" if value is None or seconds <= 0 else f"{value / seconds:.0%}"
+    return cpu.share(value)
+
+
+def _per_message(sql: tuple[int, int], n: int) -> str:
+    statements, transactions = sql
+    return f"{statements / max(n, 1):.1f} stmts, {transactions / max(n, 1):.2f} txns"
 
 
 def _details(targets: Sequence[Target], rounds: int) -> list[str]:
@@ -498,12 +495,16 @@ def _details(targets: Sequence[Target], rounds: int) -> list[str]:
                 f"{r.seconds:.1f} s",
                 f"{r.decide_s:.1f} s ({_rate(t.n, r.decide_s):,.0f}/s)",
                 f"{r.send_s:.1f} s ({_rate(len(r.sent), r.send_s):,.0f}/s)",
+                _per_message(r.sql["decide"], t.n),
+                _per_message(r.sql["send"], t.n),
                 statuses,
-                _cpu(r.cpu, r.seconds, "loop"),
-                _cpu(r.cpu, r.seconds, "threads"),
-                _cpu(r.cpu, r.seconds, "prism"),
-                _cpu(r.cpu, r.seconds, "kafka"),
-                _cpu(r.cpu, r.seconds, "machine"),
+                _cpu(r.cpu, "loop"),
+                _cpu(r.cpu, "threads"),
+                _cpu(r.cpu, "prism"),
+                _cpu(r.cpu, "kafka"),
+                _cpu(r.cpu, "others"),
+                f"{r.cpu.total / t.n * 1e3:.2f}",
+                ", ".join(f"{x:.2f}" for x in t.ratios()),
             ]
         )
         rows.append(
@@ -514,18 +515,25 @@ def _details(targets: Sequence[Target], rounds: int) -> list[str]:
                 f"{b.seconds:.1f} s",
                 "",
                 f"{b.seconds:.1f} s",
+                "",
+                "",
                 f"sent {b.sent:,}",
-                _cpu(b.cpu, b.seconds, "loop"),
-                _cpu(b.cpu, b.seconds, "threads"),
-                _cpu(b.cpu, b.seconds, "prism"),
-                _cpu(b.cpu, b.seconds, "kafka"),
-                _cpu(b.cpu, b.seconds, "machine"),
+                _cpu(b.cpu, "loop"),
+                _cpu(b.cpu, "threads"),
+                _cpu(b.cpu, "prism"),
+                _cpu(b.cpu, "kafka"),
+                _cpu(b.cpu, "others"),
+                f"{b.cpu.total / max(b.sent, 1) * 1e3:.2f}",
+                "",
             ]
         )
     lines = [
         f"The median round of {rounds}, per target, and the bare loop of the same round. CPU: share of "
         "one core over the run (the event loop's thread; this process's other threads, i.e. "
-        "aiosqlite's and the outbox's file writes; Prism; the Kafka broker; the whole machine).",
+        "aiosqlite's and the outbox's file writes; Prism; the Kafka broker; and other processes on the "
+        "machine meanwhile). CPU ms/message adds up this process, Prism and the broker. The ratio in "
+        "the table is the median of the rounds' ratios (each messenger run against the bare loop "
+        "right after it).",
         "",
     ]
     return lines + table(
@@ -536,15 +544,19 @@ def _details(targets: Sequence[Target], rounds: int) -> list[str]:
             "wall",
             "decide (apply_batch)",
             "send (send_due)",
+            "SQL per update: decide",
+            "SQL per message: send",
             "ledger afterwards",
             "loop thread",
             "other threads",
             "Prism",
             "Kafka",
-            "machine",
+            "others",
+            "CPU ms/message",
+            "ratio per round",
         ],
         rows,
-        align="lrrrrrlrrrrr",
+        align="lrrrrrrrlrrrrrrl",
     )
 
 
@@ -581,7 +593,7 @@ def _profile(ctx: BenchContext, n: int, tag: str, prefix: str) -> list[str]:
     say("messenger: one more run to the outbox under cProfile")
     profiler.enable()
     try:
-        _one_round(ctx, target, 0, tag + "p", prefix, None, {})
+        _one_round(ctx, target, 0, tag + "p", prefix, None, Watch())
     finally:
         profiler.disable()
     profiler.dump_stats(str(prof))

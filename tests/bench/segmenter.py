@@ -38,7 +38,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,7 +63,15 @@ from shared.kafka.producer import OutboundRecord, Producer, partition_for
 from shared.outbox import OutboxRelay
 from shared.topics import all_topic_names, ensure_topics
 from tests.bench.context import BenchContext
-from tests.bench.infra import BENCH_VAR, PostgresInfo, cpu_seconds, machine_busy_seconds, say
+from tests.bench.infra import (
+    BENCH_VAR,
+    Cpu,
+    PostgresInfo,
+    StatementCounter,
+    Watch,
+    noise_warning,
+    say,
+)
 from tests.bench.profiling import where_time_goes
 from tests.bench.report import Row, Section, table
 
@@ -221,32 +229,6 @@ class _NotingService(SegmenterService):
 
 
 @dataclass
-class Cpu:
-    """CPU seconds over a timed window: this process's event-loop thread, its other threads
-    (aiosqlite runs SQLite in one), the broker, and the whole machine."""
-
-    loop_thread: float = 0.0
-    other_threads: float = 0.0
-    kafka: float | None = None
-    machine: float | None = None
-
-    @classmethod
-    @contextlib.contextmanager
-    def measure(cls, kafka_pid: int | None) -> Iterator[Cpu]:
-        cpu = cls()
-        thread0, process0 = time.thread_time(), time.process_time()
-        kafka0 = cpu_seconds(kafka_pid) if kafka_pid is not None else None
-        machine0 = machine_busy_seconds()
-        yield cpu
-        thread, process = time.thread_time() - thread0, time.process_time() - process0
-        cpu.loop_thread, cpu.other_threads = thread, max(0.0, process - thread)
-        kafka1 = cpu_seconds(kafka_pid) if kafka_pid is not None else None
-        cpu.kafka = kafka1 - kafka0 if kafka0 is not None and kafka1 is not None else None
-        machine1 = machine_busy_seconds()
-        cpu.machine = machine1 - machine0 if machine0 is not None and machine1 is not None else None
-
-
-@dataclass
 class Load:
     seconds: float  # run() → the last record committed
     first_commit_s: float  # run() → the first batch committed (start, group join, one batch)
@@ -254,7 +236,9 @@ class Load:
     batches: list[list[tuple[Position, str]]]
     cpu: Cpu
     updates: int  # customer_update events relayed to retain.segments
-    customers: int  # rows in the customers table afterwards
+    statements: int  # SQL statements sent to the database during the run (BEGIN included)
+    transactions: int
+    customers: int = 0  # rows in the customers table afterwards
 
 
 @dataclass
@@ -280,6 +264,7 @@ class Ideal:
     pure_s: float
     upsert_s: float
     rows: int
+    cpu: Cpu
 
     @property
     def seconds(self) -> float:
@@ -292,6 +277,13 @@ class Backend:
     loads: list[Load] = field(default_factory=list)
     ideals: list[Ideal] = field(default_factory=list)
     publishes: list[list[Publish]] = field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        """Each round's consumer against the ideal run right after it (closer in time, so
+        less exposed to a machine whose load drifts than a ratio of medians)."""
+        return [
+            i.seconds / load.seconds for load, i in zip(self.loads, self.ideals, strict=True) if load.seconds
+        ]
 
 
 def _settings(bootstrap: str, prefix: str, partitions: int, url: str) -> SegmenterSettings:
@@ -307,11 +299,16 @@ def _settings(bootstrap: str, prefix: str, partitions: int, url: str) -> Segment
 
 
 async def _consume(
-    service: _NotingService, settings: SegmenterSettings, producer: Producer, n: int, kafka_pid: int | None
+    service: _NotingService,
+    settings: SegmenterSettings,
+    producer: Producer,
+    n: int,
+    watch: Watch,
 ) -> Load:
     loop = build_loop(settings, service, producer)
+    sql = StatementCounter(service.db.engine)
     first: float | None = None
-    with Cpu.measure(kafka_pid) as cpu:
+    with Cpu.measure(watch.pids, watch.families) as cpu:
         started = time.perf_counter()
         task = asyncio.create_task(loop.run())
         while loop.stats.records < n:
@@ -322,6 +319,7 @@ async def _consume(
                 task.result()
                 raise RuntimeError(f"the consumer loop ended after {loop.stats.records} of {n} records")
         elapsed = time.perf_counter() - started
+    statements, transactions = sql.statements, sql.transactions
     loop.stop()
     await task
     stats = loop.stats
@@ -339,7 +337,8 @@ async def _consume(
         batches=service.batches,
         cpu=cpu,
         updates=relay.published if relay is not None else 0,
-        customers=0,
+        statements=statements,
+        transactions=transactions,
     )
 
 
@@ -360,7 +359,11 @@ def _check_batches(dataset: Dataset, batches: list[list[tuple[Position, str]]]) 
 
 
 async def serial_ideal(
-    url: str, dataset: Dataset, batches: list[list[tuple[Position, str]]], config: LifecycleConfig
+    url: str,
+    dataset: Dataset,
+    batches: list[list[tuple[Position, str]]],
+    config: LifecycleConfig,
+    watch: Watch,
 ) -> Ideal:
     """Decode + pure apply, then the batch's upsert alone; the two timed apart, serially."""
     db = Database(url)
@@ -371,35 +374,36 @@ async def serial_ideal(
     pure_s = upsert_s = 0.0
     written = 0
     try:
-        for batch in batches:
-            started = time.perf_counter()
-            now = datetime.now(UTC)
-            fresh: dict[str, list[Event]] = defaultdict(list)
-            taken: set[str] = set()
-            for position, _ in batch:
-                event = decode_event(dataset.payload_at[position])
-                if event.event_id not in taken:
-                    taken.add(event.event_id)
-                    fresh[event.customer_id].append(event)
-            out: list[CustomerRow] = []
-            for customer_id, events in fresh.items():
-                old = rows.get(customer_id)
-                state = load_state(customer_id, old.state) if old else ProfileState(customer_id)
-                for event in events:
-                    apply_event(state, event)
-                key = ",".join(sorted(e.event_id for e in events))
-                decision = decide(state, old, rules, config, now, UpdateCause.EVENTS, key, events)
-                rows[customer_id] = decision.row
-                out.append(decision.row)
-            upsert_started = time.perf_counter()
-            pure_s += upsert_started - started
-            async with db.transaction() as session:
-                await repo.save_customers(session, out)
-            upsert_s += time.perf_counter() - upsert_started
-            written += len(out)
+        with Cpu.measure(watch.pids, watch.families) as cpu:
+            for batch in batches:
+                started = time.perf_counter()
+                now = datetime.now(UTC)
+                fresh: dict[str, list[Event]] = defaultdict(list)
+                taken: set[str] = set()
+                for position, _ in batch:
+                    event = decode_event(dataset.payload_at[position])
+                    if event.event_id not in taken:
+                        taken.add(event.event_id)
+                        fresh[event.customer_id].append(event)
+                out: list[CustomerRow] = []
+                for customer_id, events in fresh.items():
+                    old = rows.get(customer_id)
+                    state = load_state(customer_id, old.state) if old else ProfileState(customer_id)
+                    for event in events:
+                        apply_event(state, event)
+                    key = ",".join(sorted(e.event_id for e in events))
+                    decision = decide(state, old, rules, config, now, UpdateCause.EVENTS, key, events)
+                    rows[customer_id] = decision.row
+                    out.append(decision.row)
+                upsert_started = time.perf_counter()
+                pure_s += upsert_started - started
+                async with db.transaction() as session:
+                    await repo.save_customers(session, out)
+                upsert_s += time.perf_counter() - upsert_started
+                written += len(out)
     finally:
         await db.dispose()
-    return Ideal(pure_s, upsert_s, written)
+    return Ideal(pure_s, upsert_s, written, cpu)
 
 
 # --------------------------------------------------------------------------------------
@@ -484,7 +488,7 @@ async def _round(
     url: str,
     settings: SegmenterSettings,
     dataset: Dataset,
-    kafka_pid: int | None,
+    watch: Watch,
     *,
     publish: bool,
 ) -> tuple[Load, list[Publish]]:
@@ -494,7 +498,7 @@ async def _round(
     service = _NotingService(db, settings, producer)
     try:
         await service.ensure_default_rules()
-        load = await _consume(service, settings, producer, dataset.events, kafka_pid)
+        load = await _consume(service, settings, producer, dataset.events, watch)
         async with db.sessions() as session:
             load.customers = await service.repo.count_customers(session)
         publishes: list[Publish] = []
@@ -533,6 +537,10 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else 0.0
 
 
+def _per(count: int, items: int) -> str:
+    return f"{count / max(items, 1):.1f}"
+
+
 def _share(value: float | None, seconds: float) -> str:
     return "" if value is None or seconds <= 0 else f"{value:.1f} s ({value / seconds:.0%})"
 
@@ -555,12 +563,16 @@ def run(ctx: BenchContext) -> Section:
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         pg, missing_pg = None, f"{type(exc).__name__}: {str(exc)[:300]}"
         say(f"segmenter: no PostgreSQL ({missing_pg}); SQLite only")
+    kafka_watch = {"Kafka": kafka.pid} if kafka.pid is not None else {}
+    postmaster = pg.postmaster_pid if pg is not None else None
+    pg_watch = {"PostgreSQL": postmaster} if postmaster is not None else {}
     settings_probe = _settings(kafka.bootstrap, prefix, options.partitions, "sqlite://")
     config = settings_probe.lifecycle
     tag = uuid.uuid4().hex[:6]
 
     def measure(backend: Backend, round_no: int) -> None:
         files: list[Path] = []
+        watch = Watch(kafka_watch)
         if backend is sqlite or pg is None:
             url, files = _sqlite_url(f"segmenter-{tag}-{round_no}")
             ideal_url, ideal_files = _sqlite_url(f"segmenter-ideal-{tag}-{round_no}")
@@ -568,10 +580,11 @@ def run(ctx: BenchContext) -> Section:
         else:
             url = pg.create_database(f"segmenter_{tag}_{round_no}")
             ideal_url = pg.create_database(f"segmenter_ideal_{tag}_{round_no}")
+            watch = Watch(kafka_watch, pg_watch)
         settings = _settings(kafka.bootstrap, prefix, options.partitions, url)
         label = f"{backend.name} (round {round_no}/{options.rounds})"
         say(f"segmenter: consuming {n:,} events on {label}")
-        load, publishes = asyncio.run(_round(url, settings, dataset, kafka.pid, publish=True))
+        load, publishes = asyncio.run(_round(url, settings, dataset, watch, publish=True))
         _check_batches(dataset, load.batches)
         say(
             f"  {_rate(n, load.seconds):,.0f} events/s ({load.seconds:.1f} s, {len(load.batches)} batches, "
@@ -583,7 +596,7 @@ def run(ctx: BenchContext) -> Section:
                 f"changed (pure: {p.pure_per_s:,.0f}/s, {p.pure_moved:,} move)"
             )
         say(f"segmenter: serial ideal on {label}")
-        ideal = asyncio.run(serial_ideal(ideal_url, dataset, load.batches, config))
+        ideal = asyncio.run(serial_ideal(ideal_url, dataset, load.batches, config, watch))
         say(
             f"  {_rate(n, ideal.seconds):,.0f} events/s (decode + apply {ideal.pure_s:.1f} s, "
             f"upsert {ideal.upsert_s:.1f} s)"
@@ -607,7 +620,7 @@ def run(ctx: BenchContext) -> Section:
             Row(
                 f"segmenter consumer, {backend.name}: topic → committed profiles",
                 measured,
-                measured / ideal if ideal else 0.0,
+                _median(backend.ratios()),
                 f"serial ideal, {backend.name}",
                 TARGET,
                 STRETCH,
@@ -618,6 +631,7 @@ def run(ctx: BenchContext) -> Section:
             runs = [ps[i] for ps in backend.publishes]
             rate = _median([p.per_s for p in runs])
             pure = _median([p.pure_per_s for p in runs])
+            ratio = _median([p.per_s / p.pure_per_s for p in runs if p.pure_per_s])
             section.rows += [
                 Row(
                     f"rule publish, {label}, {backend.name}: pure re-evaluation, customers/s (baseline)",
@@ -626,7 +640,7 @@ def run(ctx: BenchContext) -> Section:
                 Row(
                     f"rule publish, {label}, {backend.name}: publish → job done, customers/s",
                     rate,
-                    rate / pure if pure else 0.0,
+                    ratio,
                     "pure re-evaluation",
                     absolute_target=PUBLISH_TARGET,
                 ),
@@ -635,6 +649,9 @@ def run(ctx: BenchContext) -> Section:
     section.notes = _notes(dataset, options.partitions, settings_probe)
     if missing_pg is not None:
         section.notes.append(f"PostgreSQL was not measured: {missing_pg}")
+    noisy = noise_warning([x.cpu for b in backends for x in b.loads])
+    if noisy:
+        section.notes.append(noisy)
     if options.profile:
         section.appendix = _profile(ctx, prefix, dataset, tag)
     return section
@@ -648,9 +665,13 @@ def _median_round(backend: Backend) -> int:
 def _details(dataset: Dataset, rounds: int, *backends: Backend) -> list[str]:
     n = dataset.events
     lines = [
-        f"The median round of {rounds} of each backend, and its serial ideal. CPU: seconds over the "
-        "measured run; 'other threads' is aiosqlite's SQLite thread; 'machine busy' counts every core "
-        "(200% = both of 2).",
+        f"The median round of {rounds} of each backend, and its serial ideal. CPU: share of one core "
+        "over the measured run; 'other threads' is aiosqlite's SQLite thread; PostgreSQL counts the "
+        "server and its backends; 'others' is what the rest of the machine used meanwhile. The ratio "
+        "in the table is the median of the rounds' ratios (each consumer run against the ideal run "
+        "right after it). CPU µs/event adds up this process, the broker and PostgreSQL: on a shared "
+        "machine it moves less than wall time, so 'CPU: ideal / consumer' is a second opinion on "
+        "the ratio.",
         "",
     ]
     rows = []
@@ -663,17 +684,20 @@ def _details(dataset: Dataset, rounds: int, *backends: Backend) -> list[str]:
                 f"{_rate(n, load.seconds):,.0f}",
                 _spread([_rate(n, x.seconds) for x in b.loads]),
                 f"{load.seconds:.1f} s",
-                f"{load.cpu.loop_thread:.1f} s",
-                f"{load.cpu.other_threads:.1f} s",
-                "" if load.cpu.kafka is None else f"{load.cpu.kafka:.1f} s",
-                "" if load.cpu.machine is None else f"{load.cpu.machine / load.seconds:.0%}",
+                load.cpu.share(load.cpu.loop_thread),
+                load.cpu.share(load.cpu.other_threads),
+                load.cpu.share(load.cpu.watched.get("Kafka")),
+                load.cpu.share(load.cpu.watched.get("PostgreSQL")),
+                load.cpu.share(load.cpu.unaccounted),
                 f"{len(load.batches)} × {n / max(len(load.batches), 1):.0f}",
+                _per(load.statements, len(load.batches)) + " / " + _per(load.transactions, len(load.batches)),
                 f"{load.customers:,}",
                 f"{load.updates:,}",
                 f"{_rate(n, ideal.seconds):,.0f}",
                 _spread([_rate(n, x.seconds) for x in b.ideals]),
-                f"{ideal.pure_s:.1f} s",
-                f"{ideal.upsert_s:.1f} s",
+                ", ".join(f"{r:.2f}" for r in b.ratios()),
+                f"{load.cpu.total / n * 1e6:,.0f} / {ideal.cpu.total / n * 1e6:,.0f}",
+                f"{ideal.cpu.total / load.cpu.total:.2f}" if load.cpu.total else "",
             ]
         )
     lines += table(
@@ -682,20 +706,23 @@ def _details(dataset: Dataset, rounds: int, *backends: Backend) -> list[str]:
             "events/s",
             "range",
             "wall",
-            "loop-thread CPU",
-            "other threads CPU",
-            "Kafka CPU",
-            "machine busy",
+            "loop thread",
+            "other threads",
+            "Kafka",
+            "PostgreSQL",
+            "others",
             "batches × records",
+            "SQL statements / transactions per batch",
             "customers",
             "updates relayed",
             "ideal events/s",
             "ideal range",
-            "ideal: decode + apply",
-            "ideal: upsert",
+            "ratio per round",
+            "CPU µs/event: consumer / ideal",
+            "CPU: ideal / consumer",
         ],
         rows,
-        align="lrrrrrrrlrrrrrr",
+        align="lrrrrrrrrlrrrrrlrr",
     )
     lines += [
         "",
@@ -824,7 +851,8 @@ def _profile(ctx: BenchContext, prefix: str, dataset: Dataset, tag: str) -> list
     profiler = cProfile.Profile()
     profiler.enable()
     try:
-        load, _ = asyncio.run(_round(url, settings, dataset, kafka.pid, publish=False))
+        watch = Watch({"Kafka": kafka.pid} if kafka.pid is not None else {})
+        load, _ = asyncio.run(_round(url, settings, dataset, watch, publish=False))
     finally:
         profiler.disable()
     profiler.dump_stats(str(prof))

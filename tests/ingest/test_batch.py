@@ -54,3 +54,11 @@ def test_batch_over_the_limit_is_refused_before_validation() -> None:
 def test_empty_batch_is_invalid() -> None:
     with pytest.raises(InvalidBatchError):
         validate_batch([], 2)
+
+
+@pytest.mark.parametrize("tag", [{}, [], ["purchase"], 3, None])
+def test_a_type_of_any_json_shape_is_an_invalid_event_not_a_crash(tag: object) -> None:
+    with pytest.raises(InvalidBatchError) as info:
+        validate_batch([{**EXAMPLES["purchase"], "type": tag}], 10)
+    assert [(e.index, e.field) for e in info.value.errors] == [(0, "type")]
+    assert info.value.types == ["unknown"]

@@ -432,6 +432,10 @@ async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
         ),
         ("/v1/clv/model", {"as_of": "2999-01-01"}, "query.as_of"),
         ("/v1/clv/model", {"as_of": "1997-13-01"}, "query.as_of"),
+        # Near date.min/max the period arithmetic would overflow: refused by range instead.
+        ("/v1/kpis/churn", {"to": "0001-01-01"}, "query.to"),
+        ("/v1/kpis/cohorts", {"from": "9999-12-31", "to": "9999-12-31"}, "query.from"),
+        ("/v1/clv/model", {"as_of": "0001-01-01"}, "query.as_of"),
     ],
 )
 async def test_bad_parameters_are_named(kpi: Kpi, url: str, params: dict[str, str], field: str) -> None:

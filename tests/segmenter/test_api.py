@@ -386,6 +386,9 @@ async def test_versions_are_immutable_and_listed(api: Api) -> None:
     assert (await api.get("/v1/rules/versions/99")).status_code == 404
     assert (await api.get("/v1/rules/versions/0")).status_code == 422
     assert (await api.get("/v1/rules/versions/abc")).status_code == 422
+    # Past the 32-bit column: PostgreSQL refused it as a query argument (a 500), now a 422.
+    assert (await api.get(f"/v1/rules/versions/{2**31}")).status_code == 422
+    assert (await api.post(f"/v1/rules/rollback/{2**31}")).status_code == 422
 
 
 async def test_rollback_publishes_an_old_version_again(api: Api) -> None:

@@ -1,0 +1,114 @@
+"""What every service's app gets from shared.http: URL and body guards, and an OpenAPI that
+documents the errors the handlers really send."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, Body, Depends, FastAPI, Request
+
+from shared.auth import ApiKey, KeyStore, create_key, require_scope
+from shared.http import endpoints, setup_app
+
+LIMIT = 2048
+
+
+def _store(request: Request) -> KeyStore:
+    found: KeyStore = request.app.state.keys
+    return found
+
+
+Reader = Annotated[ApiKey, Depends(require_scope(_store, "kpi:read"))]
+
+
+def _app(keys: Path) -> FastAPI:
+    app = FastAPI()
+    app.state.keys = KeyStore(keys)
+    router = APIRouter()
+
+    @router.get("/v1/things/{thing_id}")
+    async def thing(thing_id: str, _key: Reader) -> dict[str, str]:
+        return {"id": thing_id}
+
+    @router.post("/v1/things")
+    async def create(body: Annotated[dict[str, Any], Body()], _key: Reader) -> dict[str, int]:
+        return {"fields": len(body)}
+
+    @router.post("/hooks/form")
+    async def form(request: Request) -> dict[str, int]:
+        return {"fields": len(await request.form())}
+
+    async def ready() -> dict[str, Any]:
+        return {}
+
+    setup_app(app, "test", ready, max_body_bytes=LIMIT)
+    app.include_router(router)
+    return app
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    keys = tmp_path / "keys.json"
+    _, key = create_key(keys, ["kpi:read"])
+    transport = httpx.ASGITransport(app=_app(keys))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers={"X-API-Key": key}
+    ) as http:
+        yield http
+
+
+async def test_a_nul_in_the_path_or_query_is_a_422_not_a_query(client: httpx.AsyncClient) -> None:
+    in_path = await client.get("/v1/things/a%00b")
+    in_query = await client.get("/v1/things/a", params={"q": "\x00"})
+    assert (in_path.status_code, in_query.status_code) == (422, 422)
+    assert in_path.json()["error"]["details"][0]["field"] == "path"
+    assert "NUL" in in_query.json()["error"]["message"]
+    assert (await client.get("/v1/things/a", params={"q": "%"})).status_code == 200
+
+
+async def test_bodies_over_the_limit_are_413_declared_or_streamed(client: httpx.AsyncClient) -> None:
+    async def stream() -> AsyncIterator[bytes]:
+        yield b'{"a": "'
+        for _ in range(10):
+            yield b"x" * 512
+        yield b'"}'
+
+    declared = await client.post("/v1/things", json={"a": "x" * LIMIT})
+    streamed = await client.post("/v1/things", content=stream(), headers={"Content-Type": "application/json"})
+    form = await client.post("/hooks/form", data={"a": "x" * LIMIT})
+    for response in (declared, streamed, form):
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "payload_too_large"
+        assert f"limit of {LIMIT} bytes" in response.json()["error"]["message"]
+    assert (await client.post("/v1/things", json={"a": "x"})).json() == {"fields": 1}
+
+
+def test_the_openapi_documents_the_errors_in_their_real_shape(tmp_path: Path) -> None:
+    schema = _app(tmp_path / "keys.json").openapi()
+    one = schema["paths"]["/v1/things/{thing_id}"]["get"]["responses"]
+    create = schema["paths"]["/v1/things"]["post"]["responses"]
+    hook = schema["paths"]["/hooks/form"]["post"]["responses"]
+    assert set(one) == {"200", "401", "403", "404", "422"}
+    assert set(create) == {"200", "400", "401", "403", "413", "422"}
+    assert set(hook) == {"200"}  # no key, no declared body: it answers for itself
+    ref = one["422"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/ErrorResponse"
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
+def test_endpoints_lists_the_routes_of_included_routers(tmp_path: Path) -> None:
+    found = {(m, e.path) for e in endpoints(_app(tmp_path / "keys.json").routes) for m in e.methods}
+    assert {("GET", "/v1/things/{thing_id}"), ("POST", "/hooks/form"), ("GET", "/healthz")} <= found
+
+
+async def test_framework_errors_carry_the_same_codes_as_ours(client: httpx.AsyncClient) -> None:
+    unknown = await client.get("/v1/nothing-here")
+    unparsable = await client.post(
+        "/v1/things", content=b'{"a": "\xc3"}', headers={"Content-Type": "application/json"}
+    )
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")
+    assert (unparsable.status_code, unparsable.json()["error"]["code"]) == (400, "bad_request")
