@@ -84,6 +84,8 @@ UNSUBSCRIBES = Counter(
 )
 
 Clock = Callable[[], datetime]
+# How long a message for a customer without any known address waits for their profile.
+PROFILE_GRACE = timedelta(minutes=10)
 HISTORY_DAYS = 31  # the longest default cap window (win-back: 30 days) and a day to spare
 
 
@@ -243,6 +245,10 @@ class MessengerService:
                 )
         return events
 
+    @staticmethod
+    def _expired(journey: Journey, entry: Entry, now: datetime) -> bool:
+        return now - entry.at >= timedelta(hours=journey.ttl_hours)
+
     async def _add_wait(
         self, session: Any, customer_id: str, entry: Entry, due: datetime, now: datetime
     ) -> None:
@@ -345,6 +351,18 @@ class MessengerService:
             return [self._event(existing, MessageStatus.DUPLICATE, decision.reason, now, seq="dup")]
         if decision.status == MessageStatus.CAPPED:
             CAP_HITS.labels(journey.name).inc()
+        if (
+            decision.status == MessageStatus.NO_ADDRESS
+            and not (profile.email or profile.phone or profile.whatsapp)
+            and not entry.details.get("awaited_profile")
+            and not self._expired(journey, entry, now)
+        ):
+            # The backend topics are consumed independently: a purchase can be applied before
+            # the profile that came with it. With no contact details known at all, wait a
+            # little for them (once) rather than record a customer we cannot reach.
+            waiting = replace(entry, details={**entry.details, "awaited_profile": True})
+            await self._add_wait(session, customer_id, waiting, now + PROFILE_GRACE, now)
+            return []
         # The next attempt (win-back) waits like the first, so the journey's exits and
         # 'unless' can still end it; it is scheduled whatever became of this one.
         next_due = next_attempt_at(journey, entry.attempt, decision.send_at or now)

@@ -428,3 +428,39 @@ async def test_win_back_also_starts_when_a_customer_lapses(world: World) -> None
     assert await world.service.fire_waits() == 1
     [row] = await messages(world, customer)
     assert (row["journey"], row["status"]) == ("win_back", "queued")
+
+
+async def test_a_purchase_applied_before_its_profile_waits_for_the_address(world: World) -> None:
+    """The backend topics are consumed independently: the thank-you decided from a snapshot
+    with no contact details waits (once) for the profile instead of being lost."""
+    customer = customer_not_in_holdout("thank_you")
+    early = purchase_update(customer, 1, NOON, email=None, phone=None, whatsapp=None, consents={})
+    await world.service.apply_batch(delivered([early]))
+    assert await messages(world, customer) == []
+    with_profile = CustomerUpdate(
+        event_id=f"u-{customer}-profile",
+        customer_id=customer,
+        occurred_at=NOON + timedelta(seconds=1),
+        cause=UpdateCause.EVENTS,
+        tier_old="silver",
+        tier_new="silver",
+        rule_version=1,
+        profile=profile(),
+    )
+    await world.service.apply_batch(delivered([with_profile]))
+    world.clock.now = NOON + timedelta(minutes=11)
+    assert await world.service.fire_waits() == 1
+    [row] = await messages(world, customer)
+    assert (row["journey"], row["status"], row["channel"]) == ("thank_you", "queued", "sms")
+
+
+async def test_a_customer_who_never_gets_an_address_is_recorded_once(world: World) -> None:
+    customer = customer_not_in_holdout("thank_you")
+    nowhere = purchase_update(customer, 1, NOON, email=None, phone=None, whatsapp=None, consents={})
+    await world.service.apply_batch(delivered([nowhere]))
+    world.clock.now = NOON + timedelta(minutes=11)
+    assert await world.service.fire_waits() == 1
+    [row] = await messages(world, customer)
+    assert row["status"] == "no_address"
+    world.clock.now = NOON + timedelta(hours=1)
+    assert await world.service.fire_waits() == 0
