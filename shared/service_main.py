@@ -1,13 +1,21 @@
-"""Running a consumer process: signals → a clean stop (finish the batch, commit, leave)."""
+"""Running a worker process (a consumer, the sender): its database, producer and metrics, and
+signals → a clean stop (finish the batch, commit, leave)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+from shared.config import CommonSettings
+from shared.db import Database, migrate
 from shared.kafka.consumer import ConsumerLoop
-from shared.logs import get_logger
+from shared.kafka.producer import Producer
+from shared.logs import configure_logging, get_logger
+from shared.metrics import serve_worker_metrics
 
 log = get_logger(__name__)
 
@@ -17,3 +25,20 @@ async def run_until_signalled(loop: ConsumerLoop[Any]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         running.add_signal_handler(sig, loop.stop)
     await loop.run()
+
+
+@asynccontextmanager
+async def worker(
+    settings: CommonSettings, database_url: str, migrations: Path, client_id: str, metrics_port: int
+) -> AsyncIterator[tuple[Database, Producer]]:
+    """Logging, /metrics, the service's migrated database and a producer; closed on the way out."""
+    configure_logging(settings.log_level, settings.log_json)
+    serve_worker_metrics(metrics_port)
+    db = Database(database_url)
+    await migrate(db, migrations)
+    producer = Producer(settings.kafka_bootstrap, client_id=client_id)
+    try:
+        yield db, producer
+    finally:
+        await producer.stop()
+        await db.dispose()

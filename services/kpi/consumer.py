@@ -10,13 +10,10 @@ from pathlib import Path
 from services.kpi.config import KpiSettings
 from services.kpi.service import KpiService
 from shared.codec import decode_with
-from shared.db import Database, migrate
 from shared.events import EVENT_ADAPTER, MESSAGE_EVENT_ADAPTER, Event, MessageEvent
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
-from shared.logs import configure_logging
-from shared.metrics import serve_worker_metrics
-from shared.service_main import run_until_signalled
+from shared.service_main import run_until_signalled, worker
 from shared.topics import CANCELLATIONS, MESSAGES, PROFILES, PURCHASES, SUPPORT
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -47,17 +44,9 @@ def build_loop(
 
 async def main(settings: KpiSettings | None = None) -> None:
     settings = settings or KpiSettings()
-    configure_logging(settings.log_level, settings.log_json)
-    serve_worker_metrics(8104)
-    db = Database(settings.database_url)
-    await migrate(db, MIGRATIONS)
-    producer = Producer(settings.kafka_bootstrap, client_id="retain-kpi")
-    service = KpiService(db, settings, producer)
-    try:
+    async with worker(settings, settings.database_url, MIGRATIONS, "retain-kpi", 8104) as (db, producer):
+        service = KpiService(db, settings, producer)
         await run_until_signalled(build_loop(settings, service, producer))
-    finally:
-        await producer.stop()
-        await db.dispose()
 
 
 if __name__ == "__main__":

@@ -9,13 +9,10 @@ from pathlib import Path
 from services.messenger.config import MessengerSettings
 from services.messenger.service import MessengerService
 from shared.codec import decode_with
-from shared.db import Database, migrate
 from shared.events import CUSTOMER_UPDATE_ADAPTER, CustomerUpdate
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
-from shared.logs import configure_logging
-from shared.metrics import serve_worker_metrics
-from shared.service_main import run_until_signalled
+from shared.service_main import run_until_signalled, worker
 from shared.topics import SEGMENTS
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -39,18 +36,13 @@ def build_loop(
 
 async def main(settings: MessengerSettings | None = None) -> None:
     settings = settings or MessengerSettings()
-    configure_logging(settings.log_level, settings.log_json)
-    serve_worker_metrics(8103)
-    db = Database(settings.database_url)
-    await migrate(db, MIGRATIONS)
-    producer = Producer(settings.kafka_bootstrap, client_id="retain-messenger")
-    service = MessengerService(db, settings, producer)
-    await service.ensure_defaults()
-    try:
+    async with worker(settings, settings.database_url, MIGRATIONS, "retain-messenger", 8103) as (
+        db,
+        producer,
+    ):
+        service = MessengerService(db, settings, producer)
+        await service.ensure_defaults()
         await run_until_signalled(build_loop(settings, service, producer))
-    finally:
-        await producer.stop()
-        await db.dispose()
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.providers.registry import build_limiter, build_providers, close_providers, describe
 from services.messenger.service import MessengerService
-from shared.db import Database, migrate
-from shared.kafka.producer import Producer
-from shared.logs import configure_logging, get_logger
-from shared.metrics import serve_worker_metrics
+from shared.logs import get_logger
+from shared.service_main import worker
 
 log = get_logger(__name__)
 
@@ -41,27 +39,22 @@ async def run(service: MessengerService, interval_s: float, stop: asyncio.Event)
 
 async def main(settings: MessengerSettings | None = None) -> None:
     settings = settings or MessengerSettings()
-    configure_logging(settings.log_level, settings.log_json)
-    serve_worker_metrics(8203)
-    db = Database(settings.database_url)
-    await migrate(db, MIGRATIONS)
-    producer = Producer(settings.kafka_bootstrap, client_id="retain-messenger-sender")
-    providers = build_providers(settings)
-    for channel, provider in providers.items():
-        log.info("provider", channel=channel.value, provider=describe(provider))
-    service = MessengerService(db, settings, producer, providers, limiter=build_limiter(settings))
-    await service.ensure_defaults()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await run(service, settings.messenger_sender_interval_s, stop)
-    finally:
-        await service.flush()
-        await close_providers(providers)
-        await producer.stop()
-        await db.dispose()
+    client_id = "retain-messenger-sender"
+    async with worker(settings, settings.database_url, MIGRATIONS, client_id, 8203) as (db, producer):
+        providers = build_providers(settings)
+        for channel, provider in providers.items():
+            log.info("provider", channel=channel.value, provider=describe(provider))
+        service = MessengerService(db, settings, producer, providers, limiter=build_limiter(settings))
+        await service.ensure_defaults()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run(service, settings.messenger_sender_interval_s, stop)
+        finally:
+            await service.flush()
+            await close_providers(providers)
 
 
 if __name__ == "__main__":

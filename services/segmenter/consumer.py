@@ -9,13 +9,10 @@ from pathlib import Path
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.service import SegmenterService
 from shared.codec import decode_with
-from shared.db import Database, migrate
 from shared.events import CLV_ADAPTER, EVENT_ADAPTER, ClvPrediction, Event
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
-from shared.logs import configure_logging
-from shared.metrics import serve_worker_metrics
-from shared.service_main import run_until_signalled
+from shared.service_main import run_until_signalled, worker
 from shared.topics import CANCELLATIONS, CLV, PROFILES, PURCHASES, SUPPORT
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -46,18 +43,13 @@ def build_loop(
 
 async def main(settings: SegmenterSettings | None = None) -> None:
     settings = settings or SegmenterSettings()
-    configure_logging(settings.log_level, settings.log_json)
-    serve_worker_metrics(8102)
-    db = Database(settings.database_url)
-    await migrate(db, MIGRATIONS)
-    producer = Producer(settings.kafka_bootstrap, client_id="retain-segmenter")
-    service = SegmenterService(db, settings, producer)
-    await service.ensure_default_rules()
-    try:
+    async with worker(settings, settings.database_url, MIGRATIONS, "retain-segmenter", 8102) as (
+        db,
+        producer,
+    ):
+        service = SegmenterService(db, settings, producer)
+        await service.ensure_default_rules()
         await run_until_signalled(build_loop(settings, service, producer))
-    finally:
-        await producer.stop()
-        await db.dispose()
 
 
 if __name__ == "__main__":

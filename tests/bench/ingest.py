@@ -210,10 +210,13 @@ def _profile(ctx: BenchContext, env: dict[str, str], key: str) -> list[str]:
     with running(server, ("/healthz", "/readyz")):
         _check(server, key)
         result = _load(ctx, "ingest under cProfile, single event", server, key, 1, profile_pid=server.pid)
+        # The server writes its dump on the way out: wait until the file exists and has
+        # stopped growing, rather than for a guessed while.
         deadline = time.monotonic() + 30.0
-        while not prof.exists() and time.monotonic() < deadline:
+        sizes = [-2, -1]
+        while time.monotonic() < deadline and (sizes[-1] <= 0 or sizes[-1] != sizes[-2]):
             time.sleep(0.1)
-        time.sleep(0.5)  # the dump is written in one go; give it a moment to finish
+            sizes.append(prof.stat().st_size if prof.exists() else -1)
     lines = [
         f"### Profile of ingest, single events (cProfile over the timed window; `var/bench/{prof.name}`)",
         "",
