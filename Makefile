@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo var/tools/bin/uv)
 PY := .venv/bin/python
 FORCE ?=
 
-.PHONY: help install run demo test test-fast lint fmt bench ops clean keys
+.PHONY: help install run demo test test-fast lint fmt bench chaos ops clean keys
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,9 @@ fmt: install ## Format and auto-fix
 
 bench: install ## Benchmarks as ratios against baselines measured in the same run
 	$(PY) -m tests.bench $(ARGS)
+
+chaos: install ## Replay 20,000 events under kills, restarts and rebalances; check against the oracle (→ docs/reliability.md)
+	$(PY) -m tests.chaos $(ARGS)
 
 ops: install ## Prometheus (Debian's package) scraping `make run`'s services, with the shipped alert rules (Ctrl-C stops)
 	$(PY) -m shared.infra.prometheus run

@@ -4,18 +4,36 @@ the state they describe, and relayed to Kafka afterwards.
 A crash after the commit and before the relay loses nothing (the rows wait for the next
 flush); a crash after sending and before deleting re-sends rows with the same event ids,
 which consumers drop as duplicates.
+
+Two ways to relay:
+
+- ``enqueue`` in the transaction, ``flush()`` after it: reads the table and sends what it
+  holds, oldest first. Simple, and all a service that writes a few rows now and then needs.
+- ``stage`` in the transaction, ``after_commit`` after it: the caller has the records it
+  committed, so nothing is read back. A background task sends them, in commit order, while
+  the caller goes on with its next transaction; the rows it has sent are deleted in the
+  caller's next ``stage`` (no transaction of the relay's own competing for SQLite's one
+  writer), or by ``drain()``, which waits until everything handed over is sent and deleted.
+  Rows a previous process committed and never sent go out before anything of this one, so
+  the order per key holds across a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, delete, insert, select
+from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import Database, UtcDateTime
 from shared.kafka.producer import OutboundRecord, Producer
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def outbox_table(metadata: MetaData) -> Table:
@@ -30,34 +48,148 @@ def outbox_table(metadata: MetaData) -> Table:
     )
 
 
-async def enqueue(session: AsyncSession, table: Table, records: Sequence[OutboundRecord]) -> None:
-    if records:
-        now = datetime.now(UTC)
-        await session.execute(
-            insert(table),
-            [{"topic": r.topic, "key": r.key, "value": r.value, "created_at": now} for r in records],
-        )
+async def enqueue(session: AsyncSession, table: Table, records: Sequence[OutboundRecord]) -> list[int]:
+    """Insert ``records`` in the caller's transaction; return the new rows' ids (in no
+    particular order: asking for the records' order makes SQLite insert row by row)."""
+    if not records:
+        return []
+    now = datetime.now(UTC)
+    result = await session.execute(
+        insert(table).returning(table.c.id),
+        [{"topic": r.topic, "key": r.key, "value": r.value, "created_at": now} for r in records],
+    )
+    return [row[0] for row in result]
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """What ``OutboxRelay.stage`` did in a transaction, for ``after_commit`` once it commits."""
+
+    ids: list[int]  # the rows holding ``records``
+    records: list[OutboundRecord]
+    deleted: list[int] = field(default_factory=list)  # rows sent earlier, deleted in it
 
 
 class OutboxRelay:
-    def __init__(self, db: Database, table: Table, producer: Producer, batch: int = 1000) -> None:
+    def __init__(
+        self,
+        db: Database,
+        table: Table,
+        producer: Producer,
+        batch: int = 1000,
+        max_pending: int = 10_000,
+    ) -> None:
         self._db = db
         self._table = table
         self._producer = producer
         self._batch = batch
+        # Records handed over and not yet acknowledged: past this, after_commit waits (Kafka
+        # slower than the caller, or away) instead of holding an ever longer queue in memory.
+        self._max_pending = max_pending
+        self._pending: deque[Staged] = deque()  # one entry per committed transaction
+        self._pending_records = 0
+        self._sent: set[int] = set()  # rows whose records Kafka acknowledged, not yet deleted
+        self._sender: asyncio.Task[None] | None = None
+        self._leftovers_sent = False
         self.published = 0
+
+    # --- from memory, in the background ---------------------------------------------------
+
+    async def stage(self, session: AsyncSession, records: Sequence[OutboundRecord]) -> Staged:
+        """In the caller's transaction: write ``records`` to the outbox, and delete the rows
+        sent since the last call. Hand the result to ``after_commit`` once it has committed."""
+        deleted = list(self._sent)
+        if deleted:
+            await session.execute(delete(self._table).where(self._table.c.id.in_(deleted)))
+        return Staged(await enqueue(session, self._table, records), list(records), deleted)
+
+    async def after_commit(self, staged: Staged) -> None:
+        """Relay what a committed transaction staged. Returns at once unless too much is
+        waiting; then it waits, and raises if Kafka is unreachable."""
+        self._sent.difference_update(staged.deleted)
+        if staged.records:
+            self._pending.append(staged)
+            self._pending_records += len(staged.records)
+            self._start_sender()
+        if self._pending_records > self._max_pending:
+            await self.drain()
+
+    @property
+    def sending(self) -> bool:
+        """Whether records handed over are still on their way."""
+        return bool(self._pending)
+
+    async def drain(self) -> None:
+        """Wait until every record handed over is acknowledged, and delete its row. Raises
+        what stopped the sender (the records stay queued; the next call tries again)."""
+        while self._pending:
+            self._start_sender()
+            sender = self._sender
+            assert sender is not None  # noqa: S101 - just started
+            try:
+                await asyncio.shield(sender)
+            finally:
+                if sender.done():
+                    self._sender = None
+        if self._sent:
+            ids = list(self._sent)
+            async with self._db.transaction() as session:
+                await session.execute(delete(self._table).where(self._table.c.id.in_(ids)))
+            self._sent.difference_update(ids)
+
+    def _start_sender(self) -> None:
+        if self._sender is not None and self._sender.done():
+            if not self._sender.cancelled() and self._sender.exception() is not None:
+                log.warning(
+                    "outbox relay failed; retrying",
+                    error=type(self._sender.exception()).__name__,
+                    waiting=self._pending_records,
+                )
+            self._sender = None
+        if self._sender is None and self._pending:
+            self._sender = asyncio.get_running_loop().create_task(self._send_pending())
+
+    async def _send_pending(self) -> None:
+        if not self._leftovers_sent and self._pending:
+            # What an earlier process committed and never sent is older than anything here.
+            await self._send_table(below=min(self._pending[0].ids))
+            self._leftovers_sent = True
+        while self._pending:
+            # Whole transactions at a time, so a row is deleted only once all of its
+            # transaction's records (whose ids come back unordered) are acknowledged.
+            taken = [self._pending[0]]
+            count = len(taken[0].records)
+            while (
+                len(taken) < len(self._pending)
+                and count + len(self._pending[len(taken)].records) <= self._batch
+            ):
+                count += len(self._pending[len(taken)].records)
+                taken.append(self._pending[len(taken)])
+            await self._producer.send_all([r for staged in taken for r in staged.records])
+            for staged in taken:
+                self._pending.popleft()
+                self._pending_records -= len(staged.records)
+                self._sent.update(staged.ids)
+            self.published += count
+
+    # --- from the table -------------------------------------------------------------------------
 
     async def flush(self) -> int:
         """Send everything waiting, oldest first (so per-customer order holds); return count."""
+        await self.drain()
+        sent = await self._send_table()
+        self._leftovers_sent = True
+        return sent
+
+    async def _send_table(self, below: int | None = None) -> int:
         sent = 0
         t = self._table
         while True:
+            query = select(t.c.id, t.c.topic, t.c.key, t.c.value).order_by(t.c.id).limit(self._batch)
+            if below is not None:
+                query = query.where(t.c.id < below)
             async with self._db.sessions() as session:
-                rows = (
-                    await session.execute(
-                        select(t.c.id, t.c.topic, t.c.key, t.c.value).order_by(t.c.id).limit(self._batch)
-                    )
-                ).all()
+                rows = (await session.execute(query)).all()
             if not rows:
                 return sent
             await self._producer.send_all([OutboundRecord(r.topic, r.key, r.value) for r in rows])
@@ -67,7 +199,5 @@ class OutboxRelay:
             self.published += len(rows)
 
     async def pending(self) -> int:
-        from sqlalchemy import func  # noqa: PLC0415
-
         async with self._db.sessions() as session:
             return int(await session.scalar(select(func.count()).select_from(self._table)) or 0)

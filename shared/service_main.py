@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import DBAPIError
 
 from shared.config import CommonSettings
 from shared.db import Database, migrate
@@ -18,6 +21,27 @@ from shared.logs import configure_logging, get_logger
 from shared.metrics import serve_worker_metrics
 
 log = get_logger(__name__)
+
+DATABASE_WAIT_S = 60.0  # how long a starting worker waits for its database before giving up
+
+
+async def migrate_when_reachable(db: Database, migrations: Path, wait_s: float = DATABASE_WAIT_S) -> None:
+    """Migrate, waiting out a database that is restarting (a worker restarted during a
+    database restart must not exit); a database still away after ``wait_s`` is an error."""
+    deadline = time.monotonic() + wait_s
+    backoff = 0.2
+    while True:
+        try:
+            await migrate(db, migrations)
+            return
+        except (DBAPIError, OSError) as exc:
+            if time.monotonic() + backoff > deadline:
+                raise
+            log.warning(
+                "database unreachable at start; retrying", error=type(exc).__name__, backoff_s=backoff
+            )
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
 
 
 async def run_until_signalled(loop: ConsumerLoop[Any]) -> None:
@@ -35,7 +59,7 @@ async def worker(
     configure_logging(settings.log_level, settings.log_json)
     serve_worker_metrics(metrics_port)
     db = Database(database_url)
-    await migrate(db, migrations)
+    await migrate_when_reachable(db, migrations)
     producer = Producer(settings.kafka_bootstrap, client_id=client_id)
     try:
         yield db, producer

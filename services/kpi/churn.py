@@ -5,20 +5,25 @@ Definitions (docs/kpis.md, "Churn"), for a period [s, e) and a churn window of W
 * contractual: active at s = bought before s, and no cancellation since the last purchase
   before s (at or after it, before s). Churned in the period = active at s and cancelled in
   [s, e). A purchase after a cancellation makes the customer active again (won back);
-* non-contractual: active at s = the last purchase before s is less than W before s. The
-  customer lapses W after a purchase not followed by another within W; churned in the period
-  = active at s and the first lapse after s falls in [s, e) and has already happened (<= now);
+* lapsed (the non-contractual window alone): active at s = the last purchase before s is less
+  than W before s. The customer lapses W after a purchase not followed by another within W;
+  lapsed in the period = active at s and the first lapse after s falls in [s, e) and has
+  already happened (<= now);
+* non-contractual: active at s as for lapsed; churned in the period = lapsed in it, and the
+  customer's BG/NBD P(alive) at that lapse is below the threshold (``AliveTest``);
 * churn rate = churned in the period / active at its start (None when nobody was active).
 """
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from services.kpi.clv import BgNbdParams, p_alive
 from services.kpi.periods import Granularity, Period, bucket_start, local_day
 from services.kpi.stats import ratio
 
@@ -79,11 +84,55 @@ def first_lapse_after(h: CustomerHistory, at: datetime, window: timedelta) -> da
     return current + window
 
 
-def non_contractual_churn(h: CustomerHistory, p: Period, window: timedelta, now: datetime) -> bool:
+def lapse_in(h: CustomerHistory, p: Period, window: timedelta, now: datetime) -> datetime | None:
+    """The lapse of a customer active at the period's start, if it falls in the period and has
+    already happened."""
     if not active_non_contractual(h, p.start, window):
-        return False
+        return None
     lapse = first_lapse_after(h, p.start, window)
-    return lapse is not None and lapse < p.end and lapse <= now
+    return lapse if lapse is not None and lapse < p.end and lapse <= now else None
+
+
+@dataclass(frozen=True, slots=True)
+class AliveTest:
+    """The second condition of non-contractual churn: P(alive) at the lapse below ``threshold``.
+
+    P(alive) is the BG/NBD's ([FHL05] eq. 13) with ``params``, on the customer's purchases before
+    the lapse instant, by local day as the CLV model sees them: x = purchase days − 1, t_x =
+    weeks from the first to the last purchase day, T = weeks from the first purchase day to the
+    lapse's local day.
+    """
+
+    params: BgNbdParams
+    threshold: float
+    tz: ZoneInfo
+
+    def p_alive_at(self, h: CustomerHistory, at: datetime) -> float:
+        days = sorted(
+            {local_day(t, self.tz).toordinal() for t in h.purchases[: bisect_left(h.purchases, at)]}
+        )
+        if not days:
+            return 1.0
+        first = days[0]
+        value = p_alive(
+            self.params,
+            len(days) - 1,
+            (days[-1] - first) / 7.0,
+            (local_day(at, self.tz).toordinal() - first) / 7.0,
+        )
+        return float(value)
+
+    def gone(self, h: CustomerHistory, at: datetime) -> bool:
+        """Below the threshold; a P(alive) that is not a number (a degenerate fit) is not."""
+        value = self.p_alive_at(h, at)
+        return math.isfinite(value) and value < self.threshold
+
+
+def non_contractual_churn(
+    h: CustomerHistory, p: Period, window: timedelta, now: datetime, alive: AliveTest
+) -> bool:
+    lapse = lapse_in(h, p, window, now)
+    return lapse is not None and alive.gone(h, lapse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,48 +150,76 @@ def _count(active: int, churned: int) -> ChurnCount:
 class PeriodChurn:
     period: Period
     contractual: ChurnCount
-    non_contractual: ChurnCount
+    # The non-contractual window alone (no purchase for W).
+    lapsed: ChurnCount
+    # Lapsed and P(alive) at the lapse below the threshold; None without a fitted model.
+    non_contractual: ChurnCount | None
     # Contractual churn split by cancellation reason; each rate is over all active at start,
     # so the reasons' rates add up to the contractual rate.
     contractual_by_reason: dict[str, ChurnCount] = field(default_factory=dict)
-    # Per tier (the customer's latest known tier): both kinds, over that tier's active.
+    # Per tier (the customer's latest known tier): each kind over that tier's active.
     contractual_by_tier: dict[str, ChurnCount] = field(default_factory=dict)
+    lapsed_by_tier: dict[str, ChurnCount] = field(default_factory=dict)
     non_contractual_by_tier: dict[str, ChurnCount] = field(default_factory=dict)
 
 
+def _bump(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
 def churn(
-    histories: Sequence[CustomerHistory], periods: Sequence[Period], window: timedelta, now: datetime
+    histories: Sequence[CustomerHistory],
+    periods: Sequence[Period],
+    window: timedelta,
+    now: datetime,
+    alive: AliveTest | None = None,
 ) -> list[PeriodChurn]:
+    """Churn per period; without ``alive`` (no fitted model yet) non-contractual churn is None."""
+    gone: dict[tuple[str, datetime], bool] = {}  # the periods overlap (a total and its buckets)
     out: list[PeriodChurn] = []
     for p in periods:
         c_active: dict[str, int] = {}
         c_churned: dict[str, int] = {}
         n_active: dict[str, int] = {}
+        lapsed: dict[str, int] = {}
         n_churned: dict[str, int] = {}
         reasons: dict[str, int] = {}
         for h in histories:
             tier = h.tier or UNKNOWN
             if active_contractual(h, p.start):
-                c_active[tier] = c_active.get(tier, 0) + 1
+                _bump(c_active, tier)
                 reason = contractual_churn(h, p)
                 if reason is not None:
-                    c_churned[tier] = c_churned.get(tier, 0) + 1
-                    reasons[reason] = reasons.get(reason, 0) + 1
+                    _bump(c_churned, tier)
+                    _bump(reasons, reason)
             if active_non_contractual(h, p.start, window):
-                n_active[tier] = n_active.get(tier, 0) + 1
-                if non_contractual_churn(h, p, window, now):
-                    n_churned[tier] = n_churned.get(tier, 0) + 1
+                _bump(n_active, tier)
+                lapse = lapse_in(h, p, window, now)
+                if lapse is None:
+                    continue
+                _bump(lapsed, tier)
+                if alive is not None:
+                    key = (h.customer_id, lapse)
+                    if key not in gone:
+                        gone[key] = alive.gone(h, lapse)
+                    if gone[key]:
+                        _bump(n_churned, tier)
         c_total = sum(c_active.values())
+        n_total = sum(n_active.values())
         out.append(
             PeriodChurn(
                 period=p,
                 contractual=_count(c_total, sum(c_churned.values())),
-                non_contractual=_count(sum(n_active.values()), sum(n_churned.values())),
+                lapsed=_count(n_total, sum(lapsed.values())),
+                non_contractual=None if alive is None else _count(n_total, sum(n_churned.values())),
                 contractual_by_reason={r: _count(c_total, n) for r, n in sorted(reasons.items())},
                 contractual_by_tier={t: _count(n, c_churned.get(t, 0)) for t, n in sorted(c_active.items())},
-                non_contractual_by_tier={
-                    t: _count(n, n_churned.get(t, 0)) for t, n in sorted(n_active.items())
-                },
+                lapsed_by_tier={t: _count(n, lapsed.get(t, 0)) for t, n in sorted(n_active.items())},
+                non_contractual_by_tier=(
+                    {}
+                    if alive is None
+                    else {t: _count(n, n_churned.get(t, 0)) for t, n in sorted(n_active.items())}
+                ),
             )
         )
     return out

@@ -179,6 +179,16 @@ def bgnbd_log_likelihood(params: BgNbdParams, x: ArrayLike, t_x: ArrayLike, T: A
     return float(ll.sum())
 
 
+def _weighted(ll: FloatArray, grad: FloatArray, weight: FloatArray, total: float) -> tuple[float, FloatArray]:
+    """The mean negative log-likelihood and its gradient over weighted rows.
+
+    Plain multiply-and-sum rather than ``@``: a matrix product goes to numpy's OpenBLAS, which
+    may have been loaded with a thread per core before ``services.kpi`` limited it (see the
+    package's docstring), and whose threads then spin-wait between the optimiser's calls.
+    """
+    return -float(np.sum(weight * ll)) / total, -np.sum(grad * weight, axis=1) / total
+
+
 def _compress(*columns: FloatArray) -> tuple[list[FloatArray], FloatArray]:
     """Collapse identical rows into unique rows plus a multiplicity weight."""
     stacked = np.column_stack(columns)
@@ -208,7 +218,7 @@ def fit_bgnbd(x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> BgNbdParams:
 
     def objective(theta: FloatArray) -> tuple[float, FloatArray]:
         ll, grad = _bgnbd_terms(theta, ux, utx, uT)
-        return -float(weight @ ll) / total, -(grad @ weight) / total
+        return _weighted(ll, grad, weight, total)
 
     # Start from moment-like values: mean rate = mean(x) / mean(T) with r = 1.
     rate = max(float(xa.mean() / max(Ta.mean(), 1e-9)), 1e-6)
@@ -381,7 +391,7 @@ def fit_gamma_gamma(x: ArrayLike, m: ArrayLike) -> GammaGammaParams:
 
     def objective(theta: FloatArray) -> tuple[float, FloatArray]:
         ll, grad = _gg_terms(theta, ux, um)
-        return -float(weight @ ll) / total, -(grad @ weight) / total
+        return _weighted(ll, grad, weight, total)
 
     # p = q = 2 with the population mean spend p * gamma / (q - 1) matching the sample mean.
     start = np.log(np.array([2.0, 2.0, float(np.average(um, weights=weight)) / 2.0]))

@@ -16,7 +16,13 @@ class KpiSettings(CommonSettings):
         default=None, description="Database URL; default sqlite+aiosqlite:///<var_dir>/kpi.db."
     )
     kpi_group_id: str = Field(default="retain-kpi", description="Kafka consumer group.")
-    kpi_batch_size: int = Field(default=500, ge=1, le=10000, description="Records per consumed batch.")
+    kpi_batch_size: int = Field(
+        default=2000,
+        ge=1,
+        le=10000,
+        description="Records per consumed batch. KPIs are recomputed between batches, not per event, "
+        "so larger batches cost no freshness and spread each batch's fixed statements thinner.",
+    )
     kpi_timezone: str = Field(
         default="Asia/Jerusalem", description="Reporting time zone: KPI days and months are local to it."
     )
@@ -46,6 +52,13 @@ class KpiSettings(CommonSettings):
     kpi_churn_window_days: int = Field(
         default=90, ge=1, description="Non-contractual churn: this many days without a purchase."
     )
+    kpi_churn_p_alive_threshold: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="Non-contractual churn also needs the customer's BG/NBD P(alive) at the lapse "
+        "below this (latest fitted CLV model).",
+    )
     kpi_win_back_days: int = Field(
         default=180, ge=1, description="A purchase this soon after a cancellation is a win-back."
     )
@@ -71,7 +84,10 @@ class KpiSettings(CommonSettings):
         default=0.02, ge=0, description="Publish a prediction when it moved by more than this share."
     )
     kpi_rollup_interval_s: float = Field(
-        default=30.0, gt=0, description="How often the Grafana tables (kpi_*_daily/monthly) catch up."
+        default=30.0,
+        gt=0,
+        description="How often the tickets and the Grafana tables (kpi_*_daily/monthly) catch up "
+        "(the API derives the tickets not rebuilt yet from their steps).",
     )
     kpi_metrics_window_days: int = Field(
         default=30, ge=1, le=366, description="/metrics gauges cover the last this many days."

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from services.kpi.response_time import SupportStep
 from shared.events import (
     CancellationEvent,
     Event,
@@ -24,7 +25,8 @@ from shared.events import (
 
 def stamp(at: datetime, event_id: str) -> str:
     """A register version that sorts like (occurred_at, event id) as text, on every backend."""
-    return f"{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}|{event_id}"
+    # isoformat is strftime('%Y-%m-%dT%H:%M:%S.%f') (four-digit years) at a fraction of the cost.
+    return f"{at.astimezone(UTC).isoformat(timespec='microseconds')[:26]}|{event_id}"
 
 
 @dataclass(slots=True)
@@ -43,6 +45,21 @@ class FactRows:
     def message_ids(self) -> set[str]:
         return {r["message_id"] for r in self.messages}
 
+    def support_steps(self) -> list[SupportStep]:
+        return [
+            SupportStep(
+                r["event_id"],
+                r["ticket_id"],
+                r["customer_id"],
+                r["occurred_at"],
+                r["action"],
+                r["category"],
+                r["priority"],
+                r["is_complaint"],
+            )
+            for r in self.support
+        ]
+
     def purchase_times(self) -> list[datetime]:
         return [r["occurred_at"] for r in self.purchases.values()]
 
@@ -52,24 +69,38 @@ class FactRows:
 
 REGISTER_COLUMNS = ("locale", "locale_at", "channel", "channel_at", "tier", "tier_at")
 
+# Per customer, per register: the winning (occurred_at, event id, value) of the batch. Aware
+# datetimes compare as instants, so the tuple orders like the stamp, which is built only for
+# the winners.
+Registers = dict[str, dict[str, tuple[datetime, str, str]]]
 
-REGISTER_COLUMNS = ("locale", "locale_at", "channel", "channel_at", "tier", "tier_at")
 
-
-def _set_register(
-    rows: dict[str, dict[str, Any]], customer_id: str, name: str, value: str, version: str
+def _offer(
+    registers: Registers, customer_id: str, name: str, value: str, at: datetime, event_id: str
 ) -> None:
-    row = rows.setdefault(
-        customer_id,
-        {"customer_id": customer_id, **dict.fromkeys(REGISTER_COLUMNS)},
-    )
-    if row[f"{name}_at"] is None or version > row[f"{name}_at"]:
-        row[name] = value
-        row[f"{name}_at"] = version
+    mine = registers.get(customer_id)
+    if mine is None:
+        registers[customer_id] = {name: (at, event_id, value)}
+        return
+    current = mine.get(name)
+    if current is None or (at, event_id) > (current[0], current[1]):
+        mine[name] = (at, event_id, value)
+
+
+def _register_rows(registers: Registers) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for customer_id, mine in registers.items():
+        row: dict[str, Any] = {"customer_id": customer_id, **dict.fromkeys(REGISTER_COLUMNS)}
+        for name, (at, event_id, value) in mine.items():
+            row[name] = value
+            row[f"{name}_at"] = stamp(at, event_id)
+        rows[customer_id] = row
+    return rows
 
 
 def fold(events: Iterable[Event | MessageEvent]) -> FactRows:
     out = FactRows()
+    registers: Registers = {}
     for e in events:
         if isinstance(e, PurchaseEvent):
             key = (e.customer_id, e.order_id)
@@ -107,11 +138,11 @@ def fold(events: Iterable[Event | MessageEvent]) -> FactRows:
                 }
             )
         elif isinstance(e, ProfileEvent):
-            version = stamp(e.occurred_at, e.event_id)
             if e.locale is not None:
-                _set_register(out.customers, e.customer_id, "locale", e.locale, version)
+                _offer(registers, e.customer_id, "locale", e.locale, e.occurred_at, e.event_id)
             if e.preferred_channel is not None:
-                _set_register(out.customers, e.customer_id, "channel", e.preferred_channel.value, version)
+                channel = e.preferred_channel.value
+                _offer(registers, e.customer_id, "channel", channel, e.occurred_at, e.event_id)
         elif isinstance(e, MessageEvent):
             out.messages.append(
                 {
@@ -129,5 +160,6 @@ def fold(events: Iterable[Event | MessageEvent]) -> FactRows:
                 }
             )
             if e.tier is not None:
-                _set_register(out.customers, e.customer_id, "tier", e.tier, stamp(e.occurred_at, e.event_id))
+                _offer(registers, e.customer_id, "tier", e.tier, e.occurred_at, e.event_id)
+    out.customers = _register_rows(registers)
     return out

@@ -22,6 +22,7 @@ from services.kpi.tables import (
     message_events,
     purchases,
     rollup_state,
+    stale_tickets,
     support_events,
     tickets,
 )
@@ -87,6 +88,17 @@ def _ticket(r: Any) -> Ticket:
     )
 
 
+CHUNK = 1000  # ids per IN list
+TICKET_REBUILD_LOCK = 0x6B70695F7469636B  # "kpi_tick": the advisory lock of the ticket rebuild
+
+
+def _by_value(marks: Mapping[str, int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for key, value in marks.items():
+        out.setdefault(value, []).append(key)
+    return out
+
+
 class KpiRepository:
     # --- facts written by the consumer ------------------------------------------------------------
 
@@ -131,12 +143,11 @@ class KpiRepository:
             ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_), list(rows)
         )
 
-    async def support_steps(self, session: AsyncSession, ticket_ids: Iterable[str]) -> list[SupportStep]:
-        ids = list(ticket_ids)
-        if not ids:
-            return []
+    async def stale_ticket_steps(self, session: AsyncSession) -> list[SupportStep]:
+        """Every step of the tickets marked stale."""
         s = support_events.c
-        result = await session.execute(select(support_events).where(s.ticket_id.in_(ids)))
+        stale = select(stale_tickets.c.ticket_id)
+        result = await session.execute(select(support_events).where(s.ticket_id.in_(stale)))
         return [
             SupportStep(
                 r.event_id,
@@ -177,13 +188,43 @@ class KpiRepository:
             ins.on_conflict_do_update(index_elements=[tickets.c.ticket_id], set_=set_), values
         )
 
-    async def first_message_times(self, session: AsyncSession, message_ids: Iterable[str]) -> list[datetime]:
-        ids = list(message_ids)
+    async def mark_tickets_stale(self, session: AsyncSession, ticket_ids: Iterable[str]) -> None:
+        ids = sorted(set(ticket_ids))
         if not ids:
-            return []
+            return
+        ins = _insert(session, stale_tickets)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[stale_tickets.c.ticket_id], set_={"marks": stale_tickets.c.marks + 1}
+        )
+        await session.execute(stmt, [{"ticket_id": t, "marks": 1} for t in ids])
+
+    async def lock_ticket_rebuild(self, session: AsyncSession) -> None:
+        """Serialise the rebuilds of two consumer processes (PostgreSQL; SQLite's one writer
+        already does): one with older steps must not overwrite a newer one's tickets."""
+        if session.get_bind().dialect.name == "postgresql":
+            await session.execute(select(func.pg_advisory_xact_lock(TICKET_REBUILD_LOCK)))
+
+    async def stale_tickets(self, session: AsyncSession) -> dict[str, int]:
+        """Ticket id → the marks it has."""
+        s = stale_tickets.c
+        return {r.ticket_id: r.marks for r in await session.execute(select(s.ticket_id, s.marks))}
+
+    async def clear_stale_tickets(self, session: AsyncSession, seen: Mapping[str, int]) -> None:
+        """Unmark the tickets rebuilt, unless a batch marked one again since it was read."""
+        s = stale_tickets.c
+        for marks, ids in _by_value(seen).items():
+            for i in range(0, len(ids), CHUNK):
+                chunk = ids[i : i + CHUNK]
+                await session.execute(delete(stale_tickets).where(s.marks == marks, s.ticket_id.in_(chunk)))
+
+    async def first_time_of_messages_since(self, session: AsyncSession, since: datetime) -> datetime | None:
+        """The earliest status event of the messages with a status event at or after ``since``."""
         m = message_events.c
-        stmt = select(func.min(m.occurred_at)).where(m.message_id.in_(ids)).group_by(m.message_id)
-        return [v for v in (await session.scalars(stmt)).all() if v is not None]
+        touched = select(m.message_id).where(m.occurred_at >= since).distinct()
+        first: datetime | None = await session.scalar(
+            select(func.min(m.occurred_at)).where(m.message_id.in_(touched))
+        )
+        return first
 
     # --- Grafana-table bookkeeping ----------------------------------------------------------------
 

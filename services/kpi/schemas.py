@@ -88,7 +88,11 @@ class WinBackOut(_Out):
 
 class ChurnBlock(_Out):
     contractual: ChurnCountOut
-    non_contractual: ChurnCountOut
+    non_contractual: ChurnCountOut | None = Field(
+        description="Lapsed, and P(alive) at the lapse below p_alive_threshold; null before the "
+        "first CLV model is fitted."
+    )
+    lapsed: ChurnCountOut = Field(description="The non-contractual window alone: no purchase for W.")
     groups: dict[str, dict[str, ChurnCountOut]] | None = Field(
         default=None, description="kind → breakdown value → counts (by=reason: contractual only)."
     )
@@ -100,8 +104,21 @@ class ChurnBucket(ChurnBlock):
     end: date
 
 
+class PAliveModelOut(_Out):
+    as_of: date = Field(description="The CLV model's calibration cutoff (local day).")
+    fitted_at: datetime
+    r: float
+    alpha: float
+    a: float
+    b: float
+
+
 class ChurnOut(Header):
     churn_window_days: int
+    p_alive_threshold: float
+    p_alive_model: PAliveModelOut | None = Field(
+        description="The BG/NBD parameters P(alive) was computed with: the latest fitted model."
+    )
     win_back_days: int
     total: ChurnBlock
     buckets: list[ChurnBucket]

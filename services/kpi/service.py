@@ -9,13 +9,14 @@ import asyncio
 import hashlib
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from prometheus_client import Counter, Gauge
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi import churn as churn_kpi
 from services.kpi import conversion as conversion_kpi
@@ -196,6 +197,15 @@ def _attribute(attrs: Mapping[str, CustomerAttributes], name: str) -> Callable[[
     return of
 
 
+def _overlay(
+    stored: Iterable[response_kpi.Ticket],
+    fresh: Mapping[str, response_kpi.Ticket],
+    keep: Callable[[response_kpi.Ticket], bool],
+) -> list[response_kpi.Ticket]:
+    """The stored tickets, with the stale ones replaced by their fresh derivation."""
+    return [t for t in stored if t.ticket_id not in fresh] + [t for t in fresh.values() if keep(t)]
+
+
 def _top(values: Iterable[str]) -> Callable[[str], str]:
     """Bounded gauge labels: the most frequent values keep their name, the rest become 'other'."""
     kept = {v for v, _ in Tally(values).most_common(MAX_LABELS)}
@@ -214,6 +224,9 @@ class KpiService:
         self.clv_topic = settings.topic(CLV)
         self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
         self._last_rollup = -float("inf")
+        # The outbox is read at the first tick (what an earlier process left), right after each
+        # refit's enqueue, and after a failed send: not after every batch.
+        self._outbox_clean = False
         self._last_fit: float | None = None
         self._gauges_at = -float("inf")
         self._fit_lock = asyncio.Lock()
@@ -241,14 +254,10 @@ class KpiService:
             await self.repo.insert_facts(session, cancellations, rows.cancellations)
             await self.repo.insert_facts(session, message_events, rows.messages)
             await self.repo.upsert_customers(session, list(rows.customers.values()))
+            # The tickets are rebuilt from their steps by the periodic rollup (which marks the
+            # response-time days they open on); readers derive the stale ones meanwhile.
+            await self.repo.mark_tickets_stale(session, rows.ticket_ids)
             dirty: dict[str, list[datetime]] = {}
-            if rows.support:
-                steps = await self.repo.support_steps(session, rows.ticket_ids)
-                derived = [
-                    response_kpi.ticket_from_steps(s) for s in group_by(steps, lambda s: s.ticket_id).values()
-                ]
-                await self.repo.save_tickets(session, derived)
-                dirty["response_time"] = [t.opened_at for t in derived]
             if rows.purchases:
                 bought = rows.purchase_times()
                 dirty["churn"] = bought
@@ -258,8 +267,9 @@ class KpiService:
             if rows.cancellations:
                 dirty.setdefault("churn", []).extend(rows.cancellation_times())
             if rows.messages:
-                firsts = await self.repo.first_message_times(session, rows.message_ids)
-                dirty.setdefault("conversion", []).extend(firsts)
+                # A new status of a message redoes the day the message began on: the rollup
+                # widens this day to the first status of every message with a status since.
+                dirty.setdefault("conversion", []).extend(r["occurred_at"] for r in rows.messages)
             await self.repo.mark_dirty(
                 session, {name: local_day(min(times), self.tz) for name, times in dirty.items() if times}
             )
@@ -274,8 +284,14 @@ class KpiService:
             await self.run_rollups()
         if await self._refit_due():
             await self.refit_and_publish()
-        if self.relay is not None:
-            await self.relay.flush()
+        await self._flush_outbox()
+
+    async def _flush_outbox(self) -> None:
+        if self.relay is None:
+            return
+        if not self._outbox_clean:
+            await self.relay.flush()  # raises on failure: still not clean, the next tick retries
+            self._outbox_clean = True
 
     async def _refit_due(self) -> bool:
         if self._last_fit is None:
@@ -300,11 +316,61 @@ class KpiService:
             repr(sorted(s.kpi_first_response_targets_h.items())),
             repr(s.kpi_default_first_response_target_h),
             repr(s.kpi_churn_window_days),
+            repr(s.kpi_churn_p_alive_threshold),
             repr(s.kpi_conversion_window_days),
         )
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
+    async def rebuild_tickets(self) -> int:
+        """Derive the stale tickets from all of their steps; mark the days they open on."""
+        async with self.db.transaction() as session:
+            await self.repo.lock_ticket_rebuild(session)
+            seen = await self.repo.stale_tickets(session)
+            if not seen:
+                return 0
+            derived = list((await self._fresh_tickets(session)).values())
+            await self.repo.save_tickets(session, derived)
+            await self.repo.clear_stale_tickets(session, seen)
+            if derived:
+                first = min(t.opened_at for t in derived)
+                await self.repo.mark_dirty(session, {"response_time": local_day(first, self.tz)})
+        return len(derived)
+
+    async def _fresh_tickets(self, session: AsyncSession) -> dict[str, response_kpi.Ticket]:
+        """The stale tickets, derived from their steps."""
+        steps = await self.repo.stale_ticket_steps(session)
+        return {
+            ticket_id: response_kpi.ticket_from_steps(group)
+            for ticket_id, group in group_by(steps, lambda s: s.ticket_id).items()
+        }
+
+    async def _tickets_opened(
+        self,
+        session: AsyncSession,
+        start: datetime,
+        end: datetime,
+        fresh: Mapping[str, response_kpi.Ticket],
+    ) -> list[response_kpi.Ticket]:
+        stored = await self.repo.tickets_opened(session, start, end)
+        return _overlay(stored, fresh, lambda t: start <= t.opened_at < end)
+
+    async def _tickets_and_open(
+        self, session: AsyncSession, start: datetime, end: datetime
+    ) -> tuple[list[response_kpi.Ticket], list[response_kpi.Ticket]]:
+        """The tickets opened in [start, end), and every ticket still open."""
+        fresh = await self._fresh_tickets(session)
+        found = await self._tickets_opened(session, start, end, fresh)
+        still_open = _overlay(await self.repo.open_tickets(session), fresh, lambda t: t.resolved_at is None)
+        return found, still_open
+
+    async def _first_conversion_day(self, dirty: date) -> date:
+        """The day of the first status of every message with a status on or after ``dirty``."""
+        async with self.db.sessions() as session:
+            first = await self.repo.first_time_of_messages_since(session, local_midnight(dirty, self.tz))
+        return dirty if first is None else min(dirty, local_day(first, self.tz))
+
     async def run_rollups(self) -> None:
+        await self.rebuild_tickets()
         today = self.today()
         targets_days = max(
             [
@@ -323,11 +389,20 @@ class KpiService:
             today - timedelta(days=1),
             self._conversion_rows,
             message_events.c.occurred_at,
+            widen=self._first_conversion_day,
         )
-        # Non-contractual lapses happen as time passes: this month and the last are redone.
+        # Non-contractual lapses happen as time passes: this month and the last are redone; a
+        # new CLV model changes P(alive) at every lapse, so it redoes every month.
         previous_month = add_months(bucket_start(today, Granularity.MONTH), -1)
+        async with self.db.sessions() as session:
+            alive, model = await self._alive_test(session)
+        model_key = "" if model is None else f"{model.as_of}|{model.fitted_at.isoformat()}"
+
+        async def churn_rows(first: date, last: date) -> list[dict[str, Any]]:
+            return await self._churn_rows(first, last, alive)
+
         await self._rollup(
-            "churn", kpi_churn_monthly, previous_month, self._churn_rows, purchases.c.occurred_at
+            "churn", kpi_churn_monthly, previous_month, churn_rows, purchases.c.occurred_at, model_key
         )
 
     async def _rollup(
@@ -337,9 +412,15 @@ class KpiService:
         always_from: date,
         compute: Callable[[date, date], Any],
         earliest_column: Any,
+        inputs: str = "",
+        widen: Callable[[date], Awaitable[date]] | None = None,
     ) -> None:
+        """``inputs``: what else the rows depend on (a change recomputes them all); ``widen``:
+        the earliest day a change on the dirty day reaches back to."""
         today = self.today()
         settings = self._rollup_settings()
+        if inputs:
+            settings = hashlib.sha256(f"{settings}|{inputs}".encode()).hexdigest()
         async with self.db.sessions() as session:
             dirty, computed_with, computed = await self.repo.rollup_status(session, name)
             if not computed or computed_with != settings:
@@ -347,6 +428,8 @@ class KpiService:
                 since = local_day(earliest, self.tz) if earliest is not None else today
             else:
                 since = min(dirty or today, always_from)
+        if widen is not None and dirty is not None:
+            since = min(since, await widen(dirty))
         if name == "churn":
             since = bucket_start(since, Granularity.MONTH)
         since = min(since, today)
@@ -362,7 +445,8 @@ class KpiService:
     async def _response_rows(self, first: date, last: date) -> list[dict[str, Any]]:
         whole = period(first, last, self.tz)
         async with self.db.sessions() as session:
-            found = await self.repo.tickets_opened(session, whole.start, whole.end)
+            fresh = await self._fresh_tickets(session)
+            found = await self._tickets_opened(session, whole.start, whole.end, fresh)
         now = self.clock()
         dims: dict[str, Callable[[response_kpi.Ticket], str]] = {
             "all": lambda _t: "all",
@@ -441,7 +525,18 @@ class KpiService:
                     )
         return out
 
-    async def _churn_rows(self, first: date, last: date) -> list[dict[str, Any]]:
+    async def _alive_test(self, session: AsyncSession) -> tuple[churn_kpi.AliveTest | None, Any]:
+        """Non-contractual churn's P(alive) condition, with the latest fitted model (None before
+        the first fit)."""
+        model = await self.repo.latest_clv_model(session, self.today())
+        if model is None:
+            return None, None
+        bg, _ = params_from(model.model)
+        return churn_kpi.AliveTest(bg, self.settings.kpi_churn_p_alive_threshold, self.tz), model
+
+    async def _churn_rows(
+        self, first: date, last: date, alive: churn_kpi.AliveTest | None
+    ) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:
             bought = await self.repo.purchases(session)
             cancelled = await self.repo.cancellations(session)
@@ -450,16 +545,19 @@ class KpiService:
         # Whole months: the last one runs to its end (non-contractual lapses count up to now).
         months = [period(m.first, add_months(m.first, 1) - timedelta(days=1), self.tz) for m in months]
         results = churn_kpi.churn(
-            _histories(bought, cancelled, attrs), months, self.settings.churn_window, self.clock()
+            _histories(bought, cancelled, attrs), months, self.settings.churn_window, self.clock(), alive
         )
         out: list[dict[str, Any]] = []
         for r in results:
             groups: list[tuple[str, str, str, churn_kpi.ChurnCount]] = [
                 ("contractual", "all", "all", r.contractual),
-                ("non_contractual", "all", "all", r.non_contractual),
+                ("lapsed", "all", "all", r.lapsed),
             ]
+            if r.non_contractual is not None:  # no model yet: no rows rather than made-up ones
+                groups.append(("non_contractual", "all", "all", r.non_contractual))
             groups += [("contractual", "reason", k, v) for k, v in r.contractual_by_reason.items()]
             groups += [("contractual", "tier", k, v) for k, v in r.contractual_by_tier.items()]
+            groups += [("lapsed", "tier", k, v) for k, v in r.lapsed_by_tier.items()]
             groups += [("non_contractual", "tier", k, v) for k, v in r.non_contractual_by_tier.items()]
             out += [
                 {
@@ -480,8 +578,7 @@ class KpiService:
     async def response_time(self, q: KpiQuery) -> dict[str, Any]:
         whole = period(q.first, q.last, self.tz)
         async with self.db.sessions() as session:
-            found = await self.repo.tickets_opened(session, whole.start, whole.end)
-            still_open = await self.repo.open_tickets(session)
+            found, still_open = await self._tickets_and_open(session, whole.start, whole.end)
             attrs: dict[str, CustomerAttributes] = {}
             if q.by in ("tier", "channel"):
                 attrs = await self.repo.customer_attributes(
@@ -561,21 +658,27 @@ class KpiService:
             bought = await self.repo.purchases(session)
             cancelled = await self.repo.cancellations(session)
             attrs = await self.repo.customer_attributes(session) if q.by == "tier" else {}
+            alive, model = await self._alive_test(session)
         now = self.clock()
         histories = _histories(bought, cancelled, attrs)
         window = self.settings.churn_window
         whole = period(q.first, q.last, self.tz)
         periods = [whole, *buckets(q.first, q.last, q.granularity, self.tz)]
-        results = churn_kpi.churn(histories, periods, window, now)
+        results = churn_kpi.churn(histories, periods, window, now, alive)
 
         def block(r: churn_kpi.PeriodChurn) -> dict[str, Any]:
-            out: dict[str, Any] = {"contractual": r.contractual, "non_contractual": r.non_contractual}
+            out: dict[str, Any] = {
+                "contractual": r.contractual,
+                "non_contractual": r.non_contractual,
+                "lapsed": r.lapsed,
+            }
             if q.by == "reason":
                 out["groups"] = {"contractual": r.contractual_by_reason}
             elif q.by == "tier":
                 out["groups"] = {
                     "contractual": r.contractual_by_tier,
-                    "non_contractual": r.non_contractual_by_tier,
+                    "lapsed": r.lapsed_by_tier,
+                    **({} if r.non_contractual is None else {"non_contractual": r.non_contractual_by_tier}),
                 }
             out["win_back"] = churn_kpi.win_back(histories, r.period, self.settings.win_back_window, now)
             return out
@@ -583,6 +686,14 @@ class KpiService:
         return {
             **self._header(q),
             "churn_window_days": self.settings.kpi_churn_window_days,
+            "p_alive_threshold": self.settings.kpi_churn_p_alive_threshold,
+            "p_alive_model": None
+            if model is None
+            else {
+                "as_of": model.as_of,
+                "fitted_at": model.fitted_at,
+                **{k: model.model["params"][k] for k in ("r", "alpha", "a", "b")},
+            },
             "win_back_days": self.settings.kpi_win_back_days,
             "total": block(results[0]),
             "buckets": [{"start": r.period.first, "end": r.period.last, **block(r)} for r in results[1:]],
@@ -716,7 +827,7 @@ class KpiService:
     def _clv_settings(self) -> str:
         return f"{self.settings.kpi_timezone}|{self.settings.fx.fingerprint()}"
 
-    async def _clv_inputs(self, as_of: date) -> tuple[list[tuple[str, date, float]], int, str]:
+    async def clv_inputs(self, as_of: date) -> tuple[list[tuple[str, date, float]], int, str]:
         until = local_midnight(as_of + timedelta(days=1), self.tz)
         async with self.db.sessions() as session:
             fingerprint = await self.repo.purchase_fingerprint(session, until)
@@ -746,7 +857,7 @@ class KpiService:
 
     async def _fit(self, as_of: date) -> tuple[FittedModel, dict[str, Any]]:
         async with self._fit_lock:  # one fit at a time per process: they are CPU-bound anyway
-            inputs, unconverted, fingerprint = await self._clv_inputs(as_of)
+            inputs, unconverted, fingerprint = await self.clv_inputs(as_of)
             if not inputs:
                 raise InsufficientDataError(f"no purchases up to {as_of}")
             try:
@@ -832,8 +943,8 @@ class KpiService:
             await enqueue(session, outbox, records)
         PREDICTIONS_PUBLISHED.inc(len(records))
         log.info("clv predictions refreshed", customers=len(rows), published=len(records))
-        if self.relay is not None:
-            await self.relay.flush()
+        self._outbox_clean = False
+        await self._flush_outbox()
         return len(records)
 
     def _record(self, r: Prediction, fitted_at: datetime, model_as_of: datetime) -> OutboundRecord:
@@ -918,10 +1029,9 @@ class KpiService:
         this_month = bucket_start(today, Granularity.MONTH)
         months = KpiQuery(add_months(this_month, -1), today, Granularity.MONTH)
         async with self.db.sessions() as session:
-            found = await self.repo.tickets_opened(
+            found, still_open = await self._tickets_and_open(
                 session, *_bounds(period(recent.first, recent.last, self.tz))
             )
-            still_open = await self.repo.open_tickets(session)
             stored = await self.repo.predictions(session)
             model = await self.repo.latest_clv_model(session, today)
         messages, bought = await self._messages(period(recent.first, recent.last, self.tz))
@@ -967,8 +1077,9 @@ class KpiService:
         for cat in {*response, *breaching}:
             OPEN_IN_BREACH.labels(cat).set(breaching.get(cat, 0))
         for label, bucket in zip(("previous", "current"), churned["buckets"], strict=False):
-            _set(CHURN_RATE.labels("contractual", label), bucket["contractual"].rate)
-            _set(CHURN_RATE.labels("non_contractual", label), bucket["non_contractual"].rate)
+            for kind in ("contractual", "non_contractual", "lapsed"):
+                if bucket[kind] is not None:  # non_contractual: None before the first CLV model
+                    _set(CHURN_RATE.labels(kind, label), bucket[kind].rate)
         for j, conv in per_journey.items():
             _set(CONVERSION_RATE.labels(j, "treatment"), conv.conversion_rate)
             _set(CONVERSION_RATE.labels(j, "holdout"), conv.holdout_rate)

@@ -318,7 +318,8 @@ class MessengerAdmin:
         profile = ProfileSnapshot.model_validate(customer.profile) if customer is not None else None
         locale = locale or (profile.locale if profile else None) or DEFAULT_LOCALE
         template = store.resolve(template_name, channel, locale)
-        sample = sample_variables(template.key.locale)
+        perks = self.service.settings.messenger_tier_perks
+        sample = sample_variables(template.key.locale, perks_config=perks)
         if profile is None:
             variables, from_sample = sample, sorted(sample)
         else:
@@ -328,6 +329,7 @@ class MessengerAdmin:
                 locale=formatting_locale(profile.locale, template.key.locale),
                 # The sample link: a real one would let any reader of the API unsubscribe them.
                 unsubscribe_url=sample["unsubscribe_url"],
+                perks_config=perks,
             )
             trigger = {k: v for k, v in sample.items() if k in TRIGGER_VARIABLES}
             variables, from_sample = {**own, **trigger}, sorted({*trigger, "unsubscribe_url"})

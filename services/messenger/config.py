@@ -1,8 +1,13 @@
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+import copy
 
+from pydantic import Field, SecretStr, field_validator
+
+from services.messenger.templates import DEFAULT_PERKS, normalize_locale
 from shared.config import CommonSettings
+
+TierPerks = dict[str, dict[str, list[str]]]
 
 
 class MessengerSettings(CommonSettings):
@@ -33,6 +38,11 @@ class MessengerSettings(CommonSettings):
     messenger_link_secret: SecretStr = Field(
         default=SecretStr("change-me-in-production"), description="Signs unsubscribe links."
     )
+    messenger_tier_perks: TierPerks = Field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_PERKS),
+        description="Perks per tier and language, as JSON {tier: {locale: [perk, ...]}}: what "
+        "tier_upgrade lists for the new tier. A tier or language left out shows no perks.",
+    )
     # Providers: without credentials a channel goes to the sandbox outbox.
     twilio_account_sid: str | None = Field(default=None, description="Twilio account SID (SMS, WhatsApp).")
     twilio_auth_token: SecretStr | None = Field(
@@ -54,6 +64,21 @@ class MessengerSettings(CommonSettings):
     sendgrid_webhook_public_key: str | None = Field(
         default=None, description="SendGrid event webhook verification key (base64 ECDSA public key)."
     )
+
+    @field_validator("messenger_tier_perks")
+    @classmethod
+    def _perks_by_normalised_locale(cls, perks: TierPerks) -> TierPerks:
+        # Templates look perks up by BCP 47 tag (he-IL → he): "he_il" or "EN" must still match.
+        out: TierPerks = {}
+        for tier, per_locale in perks.items():
+            if not tier.strip():
+                raise ValueError("a tier name is empty")
+            out[tier] = {}
+            for locale, items in per_locale.items():
+                if any(not item.strip() for item in items):
+                    raise ValueError(f"an empty perk for tier {tier!r} in {locale!r}")
+                out[tier][normalize_locale(locale)] = [item.strip() for item in items]
+        return out
 
     @property
     def database_url(self) -> str:

@@ -10,7 +10,8 @@ a re-entry policy + a holdout share.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -18,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.conditions import Condition, ConditionError, compile_condition, validate
-from shared.events import Channel, CustomerUpdate, EventType, MessageKind, SupportAction
+from shared.events import Channel, CustomerUpdate, EventType, MessageKind, SupportAction, TriggeringEvent
 
 JourneyName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 
@@ -228,6 +229,50 @@ def wait_until(journey: Journey, trigger_at: datetime, churn_reason: str | None)
     if journey.wait.by_churn_reason_days and churn_reason in journey.wait.by_churn_reason_days:
         return trigger_at + timedelta(days=journey.wait.by_churn_reason_days[churn_reason])
     return trigger_at + timedelta(hours=journey.wait.hours)
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """What to do with an entry when its update arrives."""
+
+    entry: Entry  # decide now: its ``at`` is when the message became due (its TTL starts there)
+    wait_until: datetime | None = None  # not yet: store a wait until then (entry unchanged)
+    ended: str | None = None  # its wait was over before the update arrived, and ended first
+
+
+def schedule(
+    journey: Journey,
+    entry: Entry,
+    facts: dict[str, Any],
+    events: Sequence[TriggeringEvent],
+    now: datetime,
+) -> Schedule:
+    """Whether an entry waits, is decided now, or already ended.
+
+    A wait is measured from the trigger (the event's occurred_at), so an update that arrives
+    after the wait is over (a replayed history, a consumer that was down for a day) is due at
+    once. It is then decided as ``fire_waits`` would have decided it at the end of the wait:
+    its exit and 'unless' conditions are checked first (``events`` are the update's triggering
+    events: a purchase after the cancellation and before the end of the cool-off ends a
+    win-back), and its TTL counts from the end of the wait, not from the trigger: a 14-day
+    cool-off is longer than the week a win-back may be late, and a survey due yesterday is due.
+    """
+    wait = journey.wait
+    due = wait_until(journey, entry.at, facts.get("churn_reason"))
+    if wait is None or due is None:
+        return Schedule(entry)
+    if due > now:
+        return Schedule(entry, wait_until=due)
+    if journey.exit is not None and holds(journey.exit, facts, now):
+        return Schedule(entry, ended="exit condition met")
+    if wait.unless is not None and holds(wait.unless, facts, now):
+        return Schedule(entry, ended="'unless' condition met")
+    if wait.unless_event is not None and any(
+        e.type == wait.unless_event and entry.at <= e.occurred_at <= due and e.event_id != entry.event_id
+        for e in events
+    ):
+        return Schedule(entry, ended=f"a {wait.unless_event.value} happened first")
+    return Schedule(replace(entry, at=due))
 
 
 def message_key(customer_id: str, entry: Entry) -> str:

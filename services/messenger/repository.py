@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,9 +26,23 @@ COUNTED = ("queued", "sending", "sent", "delivered", "undelivered")
 DUE = ("queued", "held_quiet_hours")
 
 
+# Bound parameters per IN list: far below SQLite's (32,766) and asyncpg's (32,767) limits.
+IN_CHUNK = 5000
+
+
 def _upsert(session: AsyncSession, table: Any) -> Any:
     dialect = session.get_bind().dialect.name
     return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+
+
+def _chunks(values: Collection[str]) -> Iterator[list[str]]:
+    ordered = sorted(values)
+    for i in range(0, len(ordered), IN_CHUNK):
+        yield ordered[i : i + IN_CHUNK]
+
+
+def _for_update(session: AsyncSession, stmt: Any) -> Any:
+    return stmt.with_for_update() if session.get_bind().dialect.name == "postgresql" else stmt
 
 
 class MessengerRepository:
@@ -43,25 +57,34 @@ class MessengerRepository:
             stmt = stmt.with_for_update()
         return (await session.execute(stmt)).first()
 
-    async def upsert_customer(
-        self,
-        session: AsyncSession,
-        customer_id: str,
-        profile: dict[str, Any],
-        profile_at: datetime,
-        now: datetime,
-    ) -> None:
-        ins = _upsert(session, customers).values(
-            customer_id=customer_id, profile=profile, profile_at=profile_at, updated_at=now
-        )
+    async def upsert_customers(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The customers' latest snapshots, in one statement (customer_id, profile, profile_at,
+        updated_at per row; one row per customer). Rows go in customer order, so two writers
+        take the row locks in the same order and never deadlock."""
+        if not rows:
+            return
+        ins = _upsert(session, customers)
         # Updates of one customer arrive in order (one partition), but a replay must not move
         # the snapshot back: keep the newer one.
         stmt = ins.on_conflict_do_update(
             index_elements=[customers.c.customer_id],
-            set_={"profile": ins.excluded.profile, "profile_at": ins.excluded.profile_at, "updated_at": now},
+            set_={
+                "profile": ins.excluded.profile,
+                "profile_at": ins.excluded.profile_at,
+                "updated_at": ins.excluded.updated_at,
+            },
             where=customers.c.profile_at <= ins.excluded.profile_at,
         )
-        await session.execute(stmt)
+        await session.execute(stmt, sorted(rows, key=lambda r: str(r["customer_id"])))
+
+    async def lock_customers(self, session: AsyncSession, customer_ids: Collection[str]) -> dict[str, Any]:
+        """``lock_customer`` for many customers: their rows by id, locked in id order (as
+        ``upsert_customers`` locks them)."""
+        found: dict[str, Any] = {}
+        for ids in _chunks(customer_ids):
+            stmt = select(customers).where(customers.c.customer_id.in_(ids)).order_by(customers.c.customer_id)
+            found.update((r.customer_id, r) for r in await session.execute(_for_update(session, stmt)))
+        return found
 
     async def set_whatsapp_inbound(self, session: AsyncSession, customer_id: str, at: datetime) -> None:
         await session.execute(
@@ -91,6 +114,18 @@ class MessengerRepository:
         )
         return list((await session.execute(stmt)).all())
 
+    async def consent_facts_of(self, session: AsyncSession, customer_ids: Collection[str]) -> list[Any]:
+        """The consent facts of many customers, each customer's in time order."""
+        found: list[Any] = []
+        for ids in _chunks(customer_ids):
+            stmt = (
+                select(consent_facts)
+                .where(consent_facts.c.customer_id.in_(ids))
+                .order_by(consent_facts.c.customer_id, consent_facts.c.at)
+            )
+            found += (await session.execute(stmt)).all()
+        return found
+
     async def add_consent_fact(
         self,
         session: AsyncSession,
@@ -114,8 +149,32 @@ class MessengerRepository:
 
     # --- the ledger ----------------------------------------------------------------------------
 
-    async def message_by_key(self, session: AsyncSession, key: str) -> Any:
-        return (await session.execute(select(messages).where(messages.c.idempotency_key == key))).first()
+    async def messages_by_keys(self, session: AsyncSession, keys: Collection[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for chunk in _chunks(keys):
+            stmt = select(messages).where(messages.c.idempotency_key.in_(chunk))
+            found.update((r.idempotency_key, r) for r in await session.execute(stmt))
+        return found
+
+    async def claimable(self, session: AsyncSession, message_ids: Collection[str]) -> list[Any]:
+        """Those of the messages still due (queued or held), with their customer's profile
+        (``customer_profile``) and ``whatsapp_inbound_at``; on PostgreSQL both rows are locked
+        until the transaction ends, customers in id order as the consumer locks them (SQLite's
+        write lock serialises senders). Another sender that got here first has moved them on."""
+        found: list[Any] = []
+        for ids in _chunks(message_ids):
+            stmt = (
+                select(
+                    messages,
+                    customers.c.profile.label("customer_profile"),
+                    customers.c.whatsapp_inbound_at,
+                )
+                .join(customers, customers.c.customer_id == messages.c.customer_id)
+                .where(messages.c.id.in_(ids), messages.c.status.in_(DUE))
+                .order_by(messages.c.customer_id, messages.c.id)
+            )
+            found += (await session.execute(_for_update(session, stmt))).all()
+        return found
 
     async def message(self, session: AsyncSession, message_id: str, *, for_update: bool = False) -> Any:
         stmt = select(messages).where(messages.c.id == message_id)
@@ -127,36 +186,44 @@ class MessengerRepository:
         stmt = select(messages).where(messages.c.provider_message_id == provider_id)
         return (await session.execute(stmt)).first()
 
-    async def insert_message(self, session: AsyncSession, values: dict[str, Any]) -> str:
-        message_id = values.get("id") or str(uuid.uuid4())
-        await session.execute(
-            messages.insert().values(id=message_id, **{k: v for k, v in values.items() if k != "id"})
-        )
-        return message_id
+    async def insert_messages(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Ledger rows with their ids, in one executemany (every row has the same keys)."""
+        if rows:
+            await session.execute(messages.insert(), list(rows))
 
     async def update_message(self, session: AsyncSession, message_id: str, **values: Any) -> None:
         await session.execute(update(messages).where(messages.c.id == message_id).values(**values))
 
-    async def history(self, session: AsyncSession, customer_id: str, since: datetime) -> list[Any]:
-        """What counts against caps: messages decided to go since ``since``."""
-        stmt = select(
-            messages.c.id,
-            messages.c.channel,
-            messages.c.journey,
-            messages.c.kind,
-            messages.c.created_at,
-            messages.c.sent_at,
-            messages.c.send_at,
-        ).where(
-            messages.c.customer_id == customer_id,
-            messages.c.status.in_(COUNTED),
-            func.coalesce(messages.c.sent_at, messages.c.send_at, messages.c.created_at) >= since,
-        )
-        return list((await session.execute(stmt)).all())
+    async def update_messages(self, session: AsyncSession, changes: Sequence[Mapping[str, Any]]) -> None:
+        """Many ``update_message``: each change is the row's ``id`` and the values to set; one
+        executemany per set of columns changed."""
+        await _update_by_id(session, messages, changes)
+
+    async def histories(
+        self, session: AsyncSession, customer_ids: Collection[str], since: datetime
+    ) -> list[Any]:
+        """``history`` of many customers (with customer_id)."""
+        found: list[Any] = []
+        for ids in _chunks(customer_ids):
+            stmt = select(
+                messages.c.customer_id,
+                messages.c.channel,
+                messages.c.journey,
+                messages.c.kind,
+                messages.c.created_at,
+                messages.c.sent_at,
+                messages.c.send_at,
+            ).where(
+                messages.c.customer_id.in_(ids),
+                messages.c.status.in_(COUNTED),
+                func.coalesce(messages.c.sent_at, messages.c.send_at, messages.c.created_at) >= since,
+            )
+            found += (await session.execute(stmt)).all()
+        return found
 
     async def due_messages(self, session: AsyncSession, now: datetime, limit: int) -> list[Any]:
         stmt = (
-            select(messages.c.id, messages.c.customer_id)
+            select(messages.c.id, messages.c.customer_id, messages.c.channel)
             .where(messages.c.status.in_(DUE), or_(messages.c.send_at.is_(None), messages.c.send_at <= now))
             .order_by(messages.c.send_at)
             .limit(limit)
@@ -238,33 +305,51 @@ class MessengerRepository:
         )
         return (await session.execute(stmt)).first()
 
-    async def entries(self, session: AsyncSession, customer_id: str) -> dict[str, datetime]:
-        stmt = select(journey_entries.c.journey, journey_entries.c.entered_at).where(
-            journey_entries.c.customer_id == customer_id
-        )
-        return {r.journey: r.entered_at for r in await session.execute(stmt)}
+    async def entries_of(
+        self, session: AsyncSession, customer_ids: Collection[str]
+    ) -> dict[str, dict[str, datetime]]:
+        """``entries`` of many customers: customer → journey → last entered."""
+        found: dict[str, dict[str, datetime]] = defaultdict(dict)
+        for ids in _chunks(customer_ids):
+            stmt = select(
+                journey_entries.c.customer_id, journey_entries.c.journey, journey_entries.c.entered_at
+            ).where(journey_entries.c.customer_id.in_(ids))
+            for r in await session.execute(stmt):
+                found[r.customer_id][r.journey] = r.entered_at
+        return found
 
-    async def record_entry(self, session: AsyncSession, customer_id: str, journey: str, at: datetime) -> None:
-        ins = _upsert(session, journey_entries).values(
-            customer_id=customer_id, journey=journey, entered_at=at, count=1
+    async def record_entries(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Many ``record_entry``: (customer_id, journey, entered_at, count) per row, ``count``
+        the entries this batch adds to the pair (one row per pair)."""
+        if not rows:
+            return
+        ins = _upsert(session, journey_entries)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[journey_entries.c.customer_id, journey_entries.c.journey],
+            set_={
+                "entered_at": ins.excluded.entered_at,
+                "count": journey_entries.c.count + ins.excluded.count,
+            },
         )
-        await session.execute(
-            ins.on_conflict_do_update(
-                index_elements=[journey_entries.c.customer_id, journey_entries.c.journey],
-                set_={"entered_at": at, "count": journey_entries.c.count + 1},
+        await session.execute(stmt, list(rows))
+
+    async def add_waits(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Waits with their ids, in one executemany (every row has the same keys)."""
+        if rows:
+            await session.execute(journey_waits.insert(), list(rows))
+
+    async def waiting_of(self, session: AsyncSession, customer_ids: Collection[str]) -> list[Any]:
+        found: list[Any] = []
+        for ids in _chunks(customer_ids):
+            stmt = select(journey_waits).where(
+                journey_waits.c.customer_id.in_(ids), journey_waits.c.status == "waiting"
             )
-        )
+            found += (await session.execute(stmt)).all()
+        return found
 
-    async def add_wait(self, session: AsyncSession, values: dict[str, Any]) -> str:
-        wait_id = str(uuid.uuid4())
-        await session.execute(journey_waits.insert().values(id=wait_id, **values))
-        return wait_id
-
-    async def waiting(self, session: AsyncSession, customer_id: str) -> list[Any]:
-        stmt = select(journey_waits).where(
-            journey_waits.c.customer_id == customer_id, journey_waits.c.status == "waiting"
-        )
-        return list((await session.execute(stmt)).all())
+    async def close_waits(self, session: AsyncSession, changes: Sequence[Mapping[str, Any]]) -> None:
+        """Many ``close_wait``: id, status and reason per change."""
+        await _update_by_id(session, journey_waits, changes)
 
     async def due_waits(self, session: AsyncSession, now: datetime, limit: int) -> list[Any]:
         stmt = (
@@ -274,11 +359,6 @@ class MessengerRepository:
             .limit(limit)
         )
         return list((await session.execute(stmt)).all())
-
-    async def close_wait(self, session: AsyncSession, wait_id: str, status: str, reason: str | None) -> None:
-        await session.execute(
-            update(journey_waits).where(journey_waits.c.id == wait_id).values(status=status, reason=reason)
-        )
 
     async def count_waiting(self, session: AsyncSession, journey: str) -> int:
         stmt = select(func.count()).where(
@@ -323,6 +403,22 @@ class MessengerRepository:
                 name=name, value=value, updated_at=now, updated_by="system"
             )
         )
+
+
+async def _update_by_id(session: AsyncSession, table: Any, changes: Sequence[Mapping[str, Any]]) -> None:
+    """UPDATE … WHERE id = :id for every change (its ``id`` and the columns to set), one
+    executemany per set of columns."""
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for change in changes:
+        columns = tuple(sorted(k for k in change if k != "id"))
+        by_columns[columns].append({"b_id": change["id"], **{f"b_{k}": change[k] for k in columns}})
+    for columns, params in by_columns.items():
+        stmt = (
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values({k: bindparam(f"b_{k}") for k in columns})
+        )
+        await session.execute(stmt, params)
 
 
 def rows_to_dicts(rows: Sequence[Any]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.providers.registry import build_limiter, build_providers, close_providers, describe
 from services.messenger.service import MessengerService
+from shared.kafka.consumer import is_transient
 from shared.logs import get_logger
 from shared.service_main import worker
 
@@ -27,7 +28,10 @@ async def run(service: MessengerService, interval_s: float, stop: asyncio.Event)
             outcomes = await service.send_due()
             await service.reconcile()
             await service.refresh_gauges()
-        except (OSError, TimeoutError) as exc:  # the database or broker is away: try again
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # The database or broker is away (a restart): try again at the next pass.
             log.warning("sender pass failed; retrying", error=type(exc).__name__)
             outcomes = []
         if outcomes:

@@ -6,10 +6,14 @@ status, templates)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+import random
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -25,9 +29,9 @@ from services.messenger.journeys import (
     message_key,
     next_attempt_at,
     reentry_allowed,
+    schedule,
     snapshot_facts,
     triggered,
-    wait_until,
 )
 from services.messenger.links import unsubscribe_url
 from services.messenger.providers.base import OutgoingMessage, Provider, ProviderError, ProviderResult
@@ -114,14 +118,127 @@ class _Memo:
     entries: dict[str, datetime]
 
 
+@dataclass
+class _Batch:
+    """What the decisions of one transaction read (``_load``) and will write (``_write``),
+    kept current in memory as they are made, so that each sees those before it."""
+
+    memos: dict[str, _Memo]  # per customer deciding
+    ledger: dict[str, Any]  # idempotency key → ledger row, stored or decided in this batch
+    waits: defaultdict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    entries: dict[tuple[str, str], tuple[datetime, int]] = field(default_factory=dict)
+    new_waits: list[dict[str, Any]] = field(default_factory=list)
+    closed_waits: list[dict[str, Any]] = field(default_factory=list)
+    new_messages: list[dict[str, Any]] = field(default_factory=list)
+    events: list[MessageEvent] = field(default_factory=list)
+
+    def record_entry(self, customer_id: str, journey: str, at: datetime) -> None:
+        """(customer, journey) → (the last entry, how many this batch made)."""
+        _, count = self.entries.get((customer_id, journey), (at, 0))
+        self.entries[customer_id, journey] = (at, count + 1)
+
+    def add_wait(self, wait: dict[str, Any]) -> None:
+        self.new_waits.append(wait)
+        self.waits[wait["customer_id"]].append(wait)
+
+    def close_wait(self, wait: dict[str, Any], status: str, reason: str | None) -> None:
+        new = any(w is wait for w in self.new_waits)  # inserted as it ends up
+        wait["status"], wait["reason"] = status, reason
+        if not new:
+            self.closed_waits.append({"id": wait["id"], "status": status, "reason": reason})
+
+
 class _Row:
-    """A ledger row just written, without reading it back."""
+    """A ledger row as written, without reading it back."""
 
     def __init__(self, **values: Any) -> None:
         self.__dict__.update(values)
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(name)
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return self.__dict__
+
+
+class _SendPass:
+    """One ``send_due``: ``messenger_send_concurrency`` workers, each taking a claimed message,
+    calling its provider and settling the result. One transaction at a time (SQLite has one
+    writer anyway; on PostgreSQL a claim never waits on a settle's locks), and few of them:
+    a settle commits every result that arrived meanwhile, and claims the next two chunks in
+    the same transaction when fewer than a chunk are left to hand out."""
+
+    def __init__(
+        self,
+        service: MessengerService,
+        due: list[str],
+        now: datetime,
+        outcomes: list[SendOutcome],
+        chunk: int,
+        transactions: asyncio.Lock,
+    ):
+        self.service = service
+        self.due = due
+        self.now = now
+        self.outcomes = outcomes
+        self.chunk = chunk
+        self.claimed_upto = 0  # due[:claimed_upto] were claimed
+        self.ready: deque[tuple[Any, OutgoingMessage]] = deque()  # claimed, not yet handed out
+        self.results: list[tuple[Any, ProviderResult | ProviderError]] = []
+        self.received = 0  # results handed to _settle so far…
+        self.settled = 0  # …and the first this many of them are committed
+        self.transactions = transactions  # shared by the passes of one send_due
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(min(self.chunk, len(self.due))):
+                    workers.create_task(self._work())
+        except BaseExceptionGroup as errors:
+            # One error, as a single send raises it: the sender retries a database or broker
+            # outage and stops on anything else.
+            raise errors.exceptions[0] from None
+
+    async def _work(self) -> None:
+        while (item := await self._next()) is not None:
+            row, outgoing = item
+            await self._settle(row, await self.service._provider_call(row, outgoing))
+
+    async def _next(self) -> tuple[Any, OutgoingMessage] | None:
+        while not self.ready:
+            if self.claimed_upto >= len(self.due):
+                return None
+            async with self.transactions:
+                if not self.ready and self.claimed_upto < len(self.due):
+                    async with self.service.db.transaction() as session:
+                        await self._claim_next(session)
+        return self.ready.popleft()
+
+    async def _claim_next(self, session: Any) -> None:
+        # Two chunks: claimed messages not yet handed to a provider cost nothing but a delay
+        # after a crash (the reconciler finds them not sent, and queues them again).
+        ids = self.due[self.claimed_upto : self.claimed_upto + 2 * self.chunk]
+        self.claimed_upto += len(ids)
+        claimed, outcomes = await self.service._claim(session, ids, self.now)
+        self.ready.extend(claimed)
+        self.outcomes += outcomes
+
+    async def _settle(self, row: Any, result: ProviderResult | ProviderError) -> None:
+        """Returns once the result is committed: with every result that arrived meanwhile, by
+        whichever worker got the transaction first. A worker takes its next message only
+        then, so at most ``chunk`` messages are ever handed to providers and not settled."""
+        self.results.append((row, result))
+        self.received += 1
+        ticket = self.received
+        async with self.transactions:
+            if ticket <= self.settled:
+                return
+            results, self.results, self.settled = self.results, [], self.received
+            async with self.service.db.transaction() as session:
+                self.outcomes += await self.service._record(session, results)
+                if len(self.ready) < self.chunk and self.claimed_upto < len(self.due):
+                    await self._claim_next(session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +271,8 @@ class MessengerService:
         self._journeys: tuple[datetime | None, list[Journey]] = (None, [])
         self._caps: tuple[datetime | None, CapsConfig] = (None, DEFAULT_CAPS)
         self._templates_at: datetime | None = None
+        self._zones: dict[tuple[str | None, str | None], ZoneInfo] = {}
+        self._jitter = random.Random()  # noqa: S311 - retry jitter, not security (one, not one per call)
 
     # --- configuration kept in the database ------------------------------------------------------
 
@@ -204,62 +323,98 @@ class MessengerService:
                 session, applied_events, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
             )
             taken: set[str] = set()
-            journeys = [j for j in await self.journeys(session) if j.enabled]
-            caps = await self.caps(session)
-            events: list[MessageEvent] = []
+            fresh: list[CustomerUpdate] = []
             for d in batch:
-                update = d.value
-                if update.event_id not in new_ids or update.event_id in taken:
-                    continue
-                taken.add(update.event_id)
-                events += await self._on_update(session, update, journeys, caps, now)
-            await self._publish(session, events)
+                if d.value.event_id in new_ids and d.value.event_id not in taken:
+                    taken.add(d.value.event_id)
+                    fresh.append(d.value)
+            if fresh:
+                journeys = [j for j in await self.journeys(session) if j.enabled]
+                caps = await self.caps(session)
+                await self._publish(session, await self._on_updates(session, fresh, journeys, caps, now))
         await self.flush()
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
 
-    async def _on_update(
-        self, session: Any, update: CustomerUpdate, journeys: list[Journey], caps: CapsConfig, now: datetime
+    async def _on_updates(
+        self,
+        session: Any,
+        updates: Sequence[CustomerUpdate],
+        journeys: list[Journey],
+        caps: CapsConfig,
+        now: datetime,
     ) -> list[MessageEvent]:
-        customer_id = update.customer_id
-        profile = update.profile.model_dump(mode="json")
-        await self.repo.upsert_customer(session, customer_id, profile, update.occurred_at, now)
-        facts = snapshot_facts(update)
-        events = await self._cancel_waits(session, update, facts, now, journeys)
-        memo: _Memo | None = None
-        for journey in journeys:
-            for entry in triggered(journey, update):
-                if not holds(journey.entry, facts, now):
-                    continue
-                if memo is None:
-                    memo = await self._memo(session, customer_id, now)
+        """The updates in their order, with the outcome of applying them one after another, in
+        a few statements per batch: customers upserted in one, what the decisions read in one
+        per table (``_load``), the decisions made in memory (each sees those before it), and
+        what they wrote in one per table (``_write``)."""
+        latest: dict[str, CustomerUpdate] = {}
+        for update in updates:
+            kept = latest.get(update.customer_id)
+            if kept is None or kept.occurred_at <= update.occurred_at:
+                latest[update.customer_id] = update
+        await self.repo.upsert_customers(
+            session,
+            [
+                {
+                    "customer_id": customer_id,
+                    "profile": update.profile.model_dump(mode="json"),
+                    "profile_at": update.occurred_at,
+                    "updated_at": now,
+                }
+                for customer_id, update in latest.items()
+            ],
+        )
+        plans = []
+        for update in updates:
+            facts = snapshot_facts(update)
+            entries = [
+                (journey, entry)
+                for journey in journeys
+                for entry in triggered(journey, update)
+                if holds(journey.entry, facts, now)
+            ]
+            plans.append((update, facts, entries))
+        batch = await self._load(
+            session,
+            {u.customer_id for u, _, entries in plans if entries},
+            {message_key(u.customer_id, entry) for u, _, entries in plans for _, entry in entries},
+            now,
+            waits_of=latest.keys(),
+        )
+        for update, facts, entries in plans:
+            customer_id = update.customer_id
+            self._cancel_waits(batch, update, facts, now, journeys)
+            for journey, entry in entries:
+                memo = batch.memos[customer_id]
                 if not reentry_allowed(journey, memo.entries.get(journey.name), entry.at):
                     continue
                 memo.entries[journey.name] = entry.at
-                await self.repo.record_entry(session, customer_id, journey.name, entry.at)
-                due = wait_until(journey, entry.at, facts.get("churn_reason"))
-                if due is not None and due > now:
-                    await self._add_wait(session, customer_id, entry, due, now)
+                batch.record_entry(customer_id, journey.name, entry.at)
+                plan = schedule(journey, entry, facts, update.triggering_events, now)
+                if plan.wait_until is not None:
+                    self._add_wait(batch, customer_id, entry, plan.wait_until, now)
                     continue
-                events += await self._decide(
-                    session, customer_id, journey, entry, update.profile, caps, now, memo
-                )
-        return events
+                if plan.ended is not None:  # its wait was over on arrival, and its exit came first
+                    continue
+                self._decide(batch, customer_id, journey, plan.entry, update.profile, caps, now)
+        await self._write(session, batch)
+        return batch.events
 
     @staticmethod
     def _expired(journey: Journey, entry: Entry, now: datetime) -> bool:
         return now - entry.at >= timedelta(hours=journey.ttl_hours)
 
-    async def _add_wait(
-        self, session: Any, customer_id: str, entry: Entry, due: datetime, now: datetime
-    ) -> None:
-        await self.repo.add_wait(
-            session,
+    @staticmethod
+    def _add_wait(batch: _Batch, customer_id: str, entry: Entry, due: datetime, now: datetime) -> None:
+        batch.add_wait(
             {
+                "id": str(uuid.uuid4()),
                 "customer_id": customer_id,
                 "journey": entry.journey.name,
                 "due_at": due,
                 "trigger_event_id": entry.event_id,
                 "status": "waiting",
+                "reason": None,
                 "data": {
                     "key": entry.key,
                     "details": entry.details,
@@ -267,44 +422,77 @@ class MessengerService:
                     "attempt": entry.attempt,
                 },
                 "created_at": now,
-            },
+            }
         )
 
-    async def _memo(self, session: Any, customer_id: str, now: datetime) -> _Memo:
-        """What decisions about one customer read, loaded once per update (and kept current
-        in memory as messages are decided), under the customer's row lock."""
-        customer = await self.repo.lock_customer(session, customer_id)
-        history = [
-            SentRecord(
-                at=r.sent_at or r.send_at or r.created_at,
-                channel=Channel(r.channel),
-                journey=r.journey,
-                kind=MessageKind(r.kind),
-            )
-            for r in await self.repo.history(session, customer_id, now - timedelta(days=HISTORY_DAYS))
-            if r.channel
-        ]
-        facts = [
-            ConsentFact(channel=Channel(f.channel), at=f.at, source=FactSource(f.source))
-            for f in await self.repo.consent_facts(session, customer_id)
-        ]
-        entries = await self.repo.entries(session, customer_id)
-        return _Memo(customer, history, facts, entries)
-
-    async def _cancel_waits(
+    async def _load(
         self,
         session: Any,
-        update: CustomerUpdate,
-        facts: dict[str, Any],
+        customer_ids: Collection[str],
+        keys: Collection[str],
         now: datetime,
-        enabled: list[Journey],
-    ) -> list[MessageEvent]:
+        *,
+        customers: Mapping[str, Any] | None = None,
+        waits_of: Collection[str] = (),
+        entries: bool = True,
+    ) -> _Batch:
+        """What decisions about these customers read, in one statement per table, under the
+        customers' row locks (taken here unless ``customers`` holds the locked rows already):
+        every decision that counts caps takes them first, so two deciders for one customer
+        never both see room under a cap. ``keys``: the idempotency keys that may be decided."""
+        if customers is None:
+            customers = await self.repo.lock_customers(session, customer_ids)
+        history: dict[str, list[SentRecord]] = defaultdict(list)
+        since = now - timedelta(days=HISTORY_DAYS)
+        for r in await self.repo.histories(session, customer_ids, since):
+            if r.channel:
+                history[r.customer_id].append(
+                    SentRecord(
+                        at=r.sent_at or r.send_at or r.created_at,
+                        channel=Channel(r.channel),
+                        journey=r.journey,
+                        kind=MessageKind(r.kind),
+                    )
+                )
+        facts: dict[str, list[ConsentFact]] = defaultdict(list)
+        for f in await self.repo.consent_facts_of(session, customer_ids):
+            facts[f.customer_id].append(
+                ConsentFact(channel=Channel(f.channel), at=f.at, source=FactSource(f.source))
+            )
+        entered = await self.repo.entries_of(session, customer_ids) if entries else {}
+        batch = _Batch(
+            memos={
+                c: _Memo(customers.get(c), history[c], facts[c], dict(entered.get(c, {})))
+                for c in customer_ids
+            },
+            ledger=await self.repo.messages_by_keys(session, keys),
+        )
+        for wait in await self.repo.waiting_of(session, waits_of):
+            batch.waits[wait.customer_id].append(dict(wait._mapping))
+        return batch
+
+    async def _write(self, session: Any, batch: _Batch) -> None:
+        await self.repo.record_entries(
+            session,
+            [
+                {"customer_id": customer_id, "journey": journey, "entered_at": at, "count": count}
+                for (customer_id, journey), (at, count) in batch.entries.items()
+            ],
+        )
+        await self.repo.add_waits(session, batch.new_waits)
+        await self.repo.close_waits(session, batch.closed_waits)
+        await self.repo.insert_messages(session, batch.new_messages)
+
+    @staticmethod
+    def _cancel_waits(
+        batch: _Batch, update: CustomerUpdate, facts: dict[str, Any], now: datetime, enabled: list[Journey]
+    ) -> None:
         """Waiting messages whose exit condition now holds, or whose 'unless' happened, end."""
         journeys = {j.name: j for j in enabled}
         types = {e.type for e in update.triggering_events}
-        for wait in await self.repo.waiting(session, update.customer_id):
-            journey = journeys.get(wait.journey)
-            if journey is None:
+        for wait in batch.waits.get(update.customer_id, ()):
+            journey = journeys.get(wait["journey"])
+            if journey is None or wait["status"] != "waiting":
                 continue
             reason = None
             if journey.exit is not None and holds(journey.exit, facts, now):
@@ -316,23 +504,21 @@ class MessengerService:
             ):
                 reason = f"a {journey.wait.unless_event.value} happened first"
             if reason is not None:
-                await self.repo.close_wait(session, wait.id, "cancelled", reason)
-        return []
+                batch.close_wait(wait, "cancelled", reason)
 
-    async def _decide(
+    def _decide(
         self,
-        session: Any,
+        batch: _Batch,
         customer_id: str,
         journey: Journey,
         entry: Entry,
         profile: ProfileSnapshot,
         caps: CapsConfig,
         now: datetime,
-        memo: _Memo | None = None,
-    ) -> list[MessageEvent]:
-        memo = memo or await self._memo(session, customer_id, now)
+    ) -> None:
+        memo = batch.memos[customer_id]
         key = message_key(customer_id, entry)
-        existing = await self.repo.message_by_key(session, key)
+        existing = batch.ledger.get(key)
         candidate = Candidate(
             message_key=key,
             customer_id=customer_id,
@@ -348,7 +534,10 @@ class MessengerService:
         decision = decide(candidate, context, now)
         DECISIONS.labels(journey.name, decision.status.value).inc()
         if decision.status == MessageStatus.DUPLICATE:
-            return [self._event(existing, MessageStatus.DUPLICATE, decision.reason, now, seq="dup")]
+            batch.events.append(
+                self._event(existing, MessageStatus.DUPLICATE, decision.reason, now, seq="dup")
+            )
+            return
         if decision.status == MessageStatus.CAPPED:
             CAP_HITS.labels(journey.name).inc()
         if (
@@ -361,15 +550,13 @@ class MessengerService:
             # the profile that came with it. With no contact details known at all, wait a
             # little for them (once) rather than record a customer we cannot reach.
             waiting = replace(entry, details={**entry.details, "awaited_profile": True})
-            await self._add_wait(session, customer_id, waiting, now + PROFILE_GRACE, now)
-            return []
+            self._add_wait(batch, customer_id, waiting, now + PROFILE_GRACE, now)
+            return
         # The next attempt (win-back) waits like the first, so the journey's exits and
         # 'unless' can still end it; it is scheduled whatever became of this one.
         next_due = next_attempt_at(journey, entry.attempt, decision.send_at or now)
         if next_due is not None:
-            await self._add_wait(
-                session, customer_id, replace(entry, attempt=entry.attempt + 1), next_due, now
-            )
+            self._add_wait(batch, customer_id, replace(entry, attempt=entry.attempt + 1), next_due, now)
         facts = snapshot_facts_of(profile)
         details: dict[str, Any] = {"trigger": entry.details, "profile": profile.model_dump(mode="json")}
         if journey.offer_if is not None and holds(journey.offer_if, facts, now):
@@ -378,6 +565,7 @@ class MessengerService:
         if escalate:
             details["escalated"] = True
         values = {
+            "id": str(uuid.uuid4()),
             "idempotency_key": key,
             "customer_id": customer_id,
             "journey": journey.name,
@@ -397,8 +585,9 @@ class MessengerService:
             "whatsapp_mode": decision.whatsapp_mode,
             "details": details,
         }
-        message_id = await self.repo.insert_message(session, values)
-        row = _Row(id=message_id, provider=None, provider_message_id=None, error_code=None, **values)
+        batch.new_messages.append(values)
+        row = _Row(provider=None, provider_message_id=None, error_code=None, **values)
+        batch.ledger[key] = row
         if decision.status == MessageStatus.QUEUED and decision.channel is not None:
             memo.history.append(
                 SentRecord(
@@ -408,9 +597,9 @@ class MessengerService:
                     kind=journey.kind,
                 )
             )
-        out = [self._event(row, decision.status, decision.reason, now)]
+        batch.events.append(self._event(row, decision.status, decision.reason, now))
         if escalate:
-            out.append(
+            batch.events.append(
                 self._event(
                     row,
                     MessageStatus.ESCALATION,
@@ -427,13 +616,6 @@ class MessengerService:
                     },
                 )
             )
-        return out
-
-    async def _context(
-        self, session: Any, customer_id: str, profile: ProfileSnapshot, caps: CapsConfig, *, duplicate: bool
-    ) -> DecisionContext:
-        memo = await self._memo(session, customer_id, self.clock())
-        return self._context_of(memo, profile, caps, duplicate=duplicate)
 
     def _context_of(
         self, memo: _Memo, profile: ProfileSnapshot, caps: CapsConfig, *, duplicate: bool
@@ -448,7 +630,7 @@ class MessengerService:
                 Channel.WHATSAPP: profile.whatsapp,
             },
             consents=dict(profile.consents),
-            timezone=customer_zone(profile.timezone, profile.locale),
+            timezone=self._zone(profile.timezone, profile.locale),
             locale=profile.locale,
             preferred_channel=profile.preferred_channel,
             facts=facts,
@@ -461,24 +643,40 @@ class MessengerService:
             duplicate=duplicate,
         )
 
+    def _zone(self, timezone: str | None, locale: str | None) -> ZoneInfo:
+        # zoneinfo keeps only the last 8 zones it was asked for that nobody still holds; a batch
+        # of customers in many zones would load most from disk again.
+        key = (timezone, locale)
+        zone = self._zones.get(key)
+        if zone is None:
+            zone = self._zones[key] = customer_zone(timezone, locale)
+        return zone
+
     # --- waits (between consumer batches) ------------------------------------------------------
 
     async def fire_waits(self, limit: int = 500) -> int:
         """Waits whose time has come become decisions now (their exits were checked on every
         update meanwhile)."""
         now = self.clock()
-        fired = 0
         async with self.db.transaction() as session:
             journeys = {j.name: j for j in await self.journeys(session)}
             caps = await self.caps(session)
-            events: list[MessageEvent] = []
-            for wait in await self.repo.due_waits(session, now, limit):
+            due = await self.repo.due_waits(session, now, limit)
+            customers = await self.repo.lock_customers(session, {w.customer_id for w in due})
+            profiles: dict[str, ProfileSnapshot] = {}
+            closed: list[dict[str, Any]] = []
+            firing: list[tuple[Any, Journey, Entry, ProfileSnapshot]] = []
+            for wait in due:
                 journey = journeys.get(wait.journey)
-                customer = await self.repo.lock_customer(session, wait.customer_id)
+                customer = customers.get(wait.customer_id)
                 if journey is None or not journey.enabled or customer is None:
-                    await self.repo.close_wait(session, wait.id, "cancelled", "journey disabled or removed")
+                    closed.append(
+                        {"id": wait.id, "status": "cancelled", "reason": "journey disabled or removed"}
+                    )
                     continue
-                profile = ProfileSnapshot.model_validate(customer.profile)
+                profile = profiles.get(wait.customer_id)
+                if profile is None:
+                    profile = profiles[wait.customer_id] = ProfileSnapshot.model_validate(customer.profile)
                 # The message's TTL counts from the end of its wait, not from the trigger: a
                 # win-back cools off for weeks, far longer than it may then be late.
                 entry = Entry(
@@ -489,45 +687,58 @@ class MessengerService:
                     wait.data["details"],
                     wait.data.get("attempt", 1),
                 )
-                facts = snapshot_facts_of(profile)
-                if journey.exit is not None and holds(journey.exit, facts, now):
-                    await self.repo.close_wait(session, wait.id, "cancelled", "exit condition met")
+                if journey.exit is not None and holds(journey.exit, snapshot_facts_of(profile), now):
+                    closed.append({"id": wait.id, "status": "cancelled", "reason": "exit condition met"})
                     continue
-                await self.repo.close_wait(session, wait.id, "fired", None)
-                events += await self._decide(session, wait.customer_id, journey, entry, profile, caps, now)
-                fired += 1
-            await self._publish(session, events)
-        if fired:
+                closed.append({"id": wait.id, "status": "fired", "reason": None})
+                firing.append((wait, journey, entry, profile))
+            batch = await self._load(
+                session,
+                {w.customer_id for w, _, _, _ in firing},
+                {message_key(w.customer_id, entry) for w, _, entry, _ in firing},
+                now,
+                customers=customers,
+                entries=False,
+            )
+            batch.closed_waits += closed
+            for wait, journey, entry, profile in firing:
+                self._decide(batch, wait.customer_id, journey, entry, profile, caps, now)
+            await self._write(session, batch)
+            await self._publish(session, batch.events)
+        if firing:
             await self.flush()
-        return fired
+        return len(firing)
 
     # --- the sender ------------------------------------------------------------------------------
 
     async def send_due(self, limit: int = 200) -> list[SendOutcome]:
-        """Send what is due, a chunk of ``messenger_send_concurrency`` messages at a time:
-        claim the chunk in one transaction (committed 'sending' before any provider is called),
-        call the providers concurrently, settle the chunk in one transaction. The chunk bounds
-        what a crash can leave unsettled (and, for providers that cannot be asked, resent)."""
+        """Send what is due with ``messenger_send_concurrency`` provider calls in flight (see
+        ``_SendPass``). Messages are claimed in one transaction, committed ('sending') before
+        any of them goes to a provider; results are settled together, in one transaction for
+        every call that ended meanwhile. A call's slot is free again only once its result is
+        committed, so a crash leaves at most ``messenger_send_concurrency`` messages handed to a
+        provider and not settled (for providers that cannot be asked, what may go twice).
+
+        Each channel gets its own pass and an equal share of the slots: a provider's retries
+        sleep in their slot, so with one pool a slow or failing provider would hold every slot
+        and the other channels' messages would wait behind it (tests/chaos/test_providers.py)."""
         now = self.clock()
-        outcomes: list[SendOutcome] = []
         async with self.db.sessions() as session:
             await self.load_template_overrides(session)
-            due = [d.id for d in await self.repo.due_messages(session, now, limit)]
-        chunk = self.settings.messenger_send_concurrency
-        for i in range(0, len(due), chunk):
-            claimed: list[tuple[Any, OutgoingMessage]] = []
-            async with self.db.transaction() as session:
-                for message_id in due[i : i + chunk]:
-                    claim = await self._claim(session, message_id, now)
-                    if isinstance(claim, SendOutcome):
-                        outcomes.append(claim)
-                    elif claim is not None:
-                        claimed.append(claim)
-            results = await asyncio.gather(*(self._provider_call(row, outgoing) for row, outgoing in claimed))
-            if claimed:
-                async with self.db.transaction() as session:
-                    for (row, _), result in zip(claimed, results, strict=True):
-                        outcomes.append(await self._record(session, row, result))
+            due = await self.repo.due_messages(session, now, limit)
+        by_channel: dict[str | None, list[str]] = {}
+        for d in due:
+            by_channel.setdefault(d.channel, []).append(d.id)
+        outcomes: list[SendOutcome] = []
+        if by_channel:
+            share = max(1, self.settings.messenger_send_concurrency // len(by_channel))
+            transactions = asyncio.Lock()
+            try:
+                async with asyncio.TaskGroup() as passes:
+                    for ids in by_channel.values():
+                        passes.create_task(_SendPass(self, ids, now, outcomes, share, transactions).run())
+            except BaseExceptionGroup as errors:
+                raise errors.exceptions[0] from None  # as _SendPass.run: one error, as one send
         await self.flush()
         return outcomes
 
@@ -535,58 +746,109 @@ class MessengerService:
         """Claim (commit 'sending'), call the provider, settle. Never twice: the claim is
         committed before the call, and only a 'queued' or held row can be claimed."""
         async with self.db.transaction() as session:
-            claim = await self._claim(session, message_id, self.clock())
-        if claim is None or isinstance(claim, SendOutcome):
-            return claim
-        row, outgoing = claim
+            claimed, outcomes = await self._claim(session, [message_id], self.clock())
+        if outcomes:
+            return outcomes[0]
+        if not claimed:
+            return None  # another sender took it, or it was settled meanwhile
+        row, outgoing = claimed[0]
         result = await self._provider_call(row, outgoing)
         async with self.db.transaction() as session:
-            return await self._record(session, row, result)
+            [outcome] = await self._record(session, [(row, result)])
+        return outcome
 
     async def _claim(
-        self, session: Any, message_id: str, now: datetime
-    ) -> tuple[Any, OutgoingMessage] | SendOutcome | None:
-        row = await self.repo.message(session, message_id, for_update=True)
-        if row is None or row.status not in ("queued", "held_quiet_hours"):
-            return None  # another sender took it, or it was settled meanwhile
-        customer = await self.repo.lock_customer(session, row.customer_id)
-        profile = ProfileSnapshot.model_validate(customer.profile)
-        if row.status == "held_quiet_hours" or (row.expires_at and row.expires_at <= now):
-            # The window opened: consent, caps and quiet hours are checked again, now.
+        self, session: Any, message_ids: Sequence[str], now: datetime
+    ) -> tuple[list[tuple[Any, OutgoingMessage]], list[SendOutcome]]:
+        """Mark the messages still due 'sending', with what is handed to the provider; those
+        that may not go after all (or cannot) are settled with their outcome instead."""
+        position = {m: i for i, m in enumerate(message_ids)}
+        rows = sorted(await self.repo.claimable(session, message_ids), key=lambda r: position[r.id])
+        customers = {r.customer_id: r for r in rows}  # whatsapp_inbound_at and customer_profile
+        # A held message's window opened (or a message expired): consent, caps and quiet hours
+        # are checked again, now.
+        recheck = {
+            r.id for r in rows if r.status == "held_quiet_hours" or (r.expires_at and r.expires_at <= now)
+        }
+        memos: dict[str, _Memo] = {}
+        caps = DEFAULT_CAPS
+        if recheck:
             caps = await self.caps(session)
-            context = await self._context(session, row.customer_id, profile, caps, duplicate=False)
-            # Its own hold must not count against itself.
-            context = _without(context, row.id, row)
-            decision = recheck_at_send(_candidate_of(row), context, now)
-            if decision.status != MessageStatus.QUEUED:
-                await self._settle(
-                    session, row, decision.status.value, decision.reason, now, send_at=decision.send_at
+            customer_ids = {r.customer_id for r in rows if r.id in recheck}
+            memos = (
+                await self._load(session, customer_ids, (), now, customers=customers, entries=False)
+            ).memos
+        profiles: dict[str, ProfileSnapshot] = {}
+        claimed: list[tuple[Any, OutgoingMessage]] = []
+        outcomes: list[SendOutcome] = []
+        settled: list[tuple[Any, str, str | None, dict[str, Any]]] = []
+
+        def settle(row: Any, status: str, reason: str, outcome: str | None, **values: Any) -> None:
+            settled.append((row, status, reason, values))
+            outcomes.append(SendOutcome(row.id, status, outcome))
+            memo = memos.get(row.customer_id)
+            if memo is not None and row.status == "queued":
+                memo.history = _history_without(memo.history, row)  # it counted until now
+
+        for row in rows:
+            profile = profiles.get(row.customer_id)
+            if profile is None:
+                profile = ProfileSnapshot.model_validate(row.customer_profile)
+                profiles[row.customer_id] = profile
+            memo = memos.get(row.customer_id) if row.id in recheck else None
+            if memo is not None:
+                # Its own record (a queued message that expired) must not count against itself.
+                context = _without(self._context_of(memo, profile, caps, duplicate=False), row)
+                decision = recheck_at_send(_candidate_of(row), context, now)
+                if decision.status != MessageStatus.QUEUED:
+                    status = decision.status.value
+                    settle(row, status, decision.reason, decision.reason, send_at=decision.send_at)
+                    continue
+            if self.providers.get(Channel(row.channel)) is None:
+                settle(row, "failed", f"no provider for {row.channel}", "no provider")
+                continue
+            try:
+                outgoing = self._outgoing(row, profile)
+            except Exception as exc:  # noqa: BLE001 - a template that cannot render fails this message only
+                settle(row, "failed", f"render failed: {type(exc).__name__}: {exc}", "render failed")
+                continue
+            if memo is not None and row.status != "queued":
+                # Going now: it counts against the caps of the messages after it.
+                memo.history.append(
+                    SentRecord(
+                        at=row.send_at or row.created_at,
+                        channel=Channel(row.channel),
+                        journey=row.journey,
+                        kind=MessageKind(row.kind),
+                    )
                 )
-                return SendOutcome(row.id, decision.status.value, decision.reason)
-        if self.providers.get(Channel(row.channel)) is None:
-            await self._settle(session, row, "failed", f"no provider for {row.channel}", now)
-            return SendOutcome(row.id, "failed", "no provider")
-        try:
-            outgoing = self._outgoing(row, profile)
-        except Exception as exc:  # noqa: BLE001 - a template that cannot render fails this message only
-            await self._settle(session, row, "failed", f"render failed: {type(exc).__name__}: {exc}", now)
-            return SendOutcome(row.id, "failed", "render failed")
-        await self.repo.update_message(
+            claimed.append((row, outgoing))
+        await self.repo.update_messages(
             session,
-            row.id,
-            status="sending",
-            attempts=row.attempts + 1,
-            updated_at=now,
-            content={"subject": outgoing.subject, "text": outgoing.text, "to": outgoing.to},
+            [
+                {
+                    "id": row.id,
+                    "status": "sending",
+                    "attempts": row.attempts + 1,
+                    "updated_at": now,
+                    "content": {"subject": outgoing.subject, "text": outgoing.text, "to": outgoing.to},
+                }
+                for row, outgoing in claimed
+            ],
         )
-        return row, outgoing
+        await self._settle_many(session, settled, now)
+        return claimed, outcomes
 
     async def _provider_call(self, row: Any, outgoing: OutgoingMessage) -> ProviderResult | ProviderError:
         provider = self.providers[Channel(row.channel)]
         started = self.clock()
         try:
             result = await send_with_retry(
-                provider, outgoing, self.limiter, max_attempts=self.settings.messenger_max_attempts
+                provider,
+                outgoing,
+                self.limiter,
+                max_attempts=self.settings.messenger_max_attempts,
+                rng=self._jitter,
             )
         except ProviderError as exc:
             PROVIDER_CALLS.labels(provider.name, row.channel, "error").inc()
@@ -596,31 +858,31 @@ class MessengerService:
         PROVIDER_CALLS.labels(provider.name, row.channel, "ok").inc()
         return result
 
-    async def _record(self, session: Any, row: Any, result: ProviderResult | ProviderError) -> SendOutcome:
+    async def _record(
+        self, session: Any, results: Sequence[tuple[Any, ProviderResult | ProviderError]]
+    ) -> list[SendOutcome]:
+        """The providers' answers: 'sent' with the provider's id, or 'failed' with its error
+        (and the address suppressed where the error says so)."""
         now = self.clock()
-        if isinstance(result, ProviderError):
-            await self._settle(
-                session,
-                row,
-                "failed",
-                f"{result.provider} {result.code}: {result.message}",
-                now,
-                error_code=result.code,
-            )
-            if result.suppress_address:
-                source = FactSource.PROVIDER_21610 if result.code == "21610" else FactSource.BOUNCE
-                await self._opt_out(session, row.customer_id, Channel(row.channel), source, now)
-            return SendOutcome(row.id, "failed", result.code)
-        await self._settle(
-            session,
-            row,
-            "sent",
-            f"handed to {result.provider}",
-            now,
-            provider=result.provider,
-            provider_message_id=result.provider_message_id,
-        )
-        return SendOutcome(row.id, "sent", None)
+        settled: list[tuple[Any, str, str | None, dict[str, Any]]] = []
+        outcomes: list[SendOutcome] = []
+        opt_outs: list[tuple[str, Channel, FactSource]] = []
+        for row, result in results:
+            if isinstance(result, ProviderError):
+                reason = f"{result.provider} {result.code}: {result.message}"
+                settled.append((row, "failed", reason, {"error_code": result.code}))
+                if result.suppress_address:
+                    source = FactSource.PROVIDER_21610 if result.code == "21610" else FactSource.BOUNCE
+                    opt_outs.append((row.customer_id, Channel(row.channel), source))
+                outcomes.append(SendOutcome(row.id, "failed", result.code))
+            else:
+                values = {"provider": result.provider, "provider_message_id": result.provider_message_id}
+                settled.append((row, "sent", f"handed to {result.provider}", values))
+                outcomes.append(SendOutcome(row.id, "sent", None))
+        await self._settle_many(session, settled, now)
+        for customer_id, channel, source in opt_outs:
+            await self._opt_out(session, customer_id, channel, source, now)
+        return outcomes
 
     def _outgoing(self, row: Any, profile: ProfileSnapshot) -> OutgoingMessage:
         channel = Channel(row.channel)
@@ -642,6 +904,7 @@ class MessengerService:
             personal_contact={"name": "Dana", "phone": "+972 3 555 0100"}
             if details.get("escalated")
             else None,
+            perks_config=self.settings.messenger_tier_perks,
         )
         rendered = render(template, variables, strict=False, kind=MessageKind(row.kind))
         address = {
@@ -718,14 +981,24 @@ class MessengerService:
     async def _settle(
         self, session: Any, row: Any, status: str, reason: str | None, now: datetime, **values: Any
     ) -> None:
-        extra = {}
-        if status == "sent":
-            extra["sent_at"] = now
-        await self.repo.update_message(
-            session, row.id, status=status, reason=reason, updated_at=now, **extra, **values
-        )
-        current = await self.repo.message(session, row.id)
-        await self._publish(session, [self._event(current, MessageStatus(status), reason, now)])
+        await self._settle_many(session, [(row, status, reason, values)], now)
+
+    async def _settle_many(
+        self, session: Any, settled: Sequence[tuple[Any, str, str | None, Mapping[str, Any]]], now: datetime
+    ) -> None:
+        """Ledger rows moved to their outcome (row, status, reason, other values), in one
+        statement, and the outcomes published."""
+        changes: list[dict[str, Any]] = []
+        events: list[MessageEvent] = []
+        for row, status, reason, values in settled:
+            change = {"id": row.id, "status": status, "reason": reason, "updated_at": now, **values}
+            if status == "sent":
+                change["sent_at"] = now
+            changes.append(change)
+            current = _Row(**{**row._mapping, **change})
+            events.append(self._event(current, MessageStatus(status), reason, now))
+        await self.repo.update_messages(session, changes)
+        await self._publish(session, events)
 
     # --- provider callbacks ----------------------------------------------------------------------
 
@@ -950,12 +1223,14 @@ def _offer_code(row: Any) -> str:
     return "BACK-" + str(row.id).replace("-", "")[:8].upper()
 
 
-def _without(context: DecisionContext, message_id: str, row: Any) -> DecisionContext:
+def _history_without(history: Sequence[SentRecord], row: Any) -> list[SentRecord]:
     own_at = row.sent_at or row.send_at or row.created_at
-    history = [
+    return [
         h
-        for h in context.history
+        for h in history
         if not (h.at == own_at and h.journey == row.journey and h.channel.value == row.channel)
     ]
-    del message_id
-    return replace(context, history=history)
+
+
+def _without(context: DecisionContext, row: Any) -> DecisionContext:
+    return replace(context, history=_history_without(context.history, row))

@@ -168,6 +168,7 @@ class TemplateLimitError(jinja_exc.SecurityError):
 _LOCALE_ALIASES = {"iw": "he", "in": "id", "ji": "yi"}
 
 
+@lru_cache(maxsize=1024)  # a handful of tags, asked for many times per message
 def normalize_locale(tag: str) -> str:
     """``he_il`` → ``he-IL``; subtags cased the BCP 47 way; legacy ``iw`` → ``he``."""
     parts = [p for p in re.split(r"[-_]", tag.strip()) if p]
@@ -728,11 +729,19 @@ def tier_display_name(tier: str, locale: str) -> str:
 def tier_perks(
     tier: str, locale: str, perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None
 ) -> list[str]:
-    """The tier's perks in the message's language; none rather than another language's."""
+    """The tier's perks in the message's language: the closest locale (he-IL → he), else any
+    of the same language (a shop that configured only he-IL, for a ``he`` message); none rather
+    than another language's."""
     per_locale = (perks_config if perks_config is not None else DEFAULT_PERKS).get(tier, {})
     for tag in locale_chain(locale, default_locale=locale):
         if tag in per_locale:
             return list(per_locale[tag])
+    with contextlib.suppress(ValueError):
+        language = language_of(locale)
+        for tag in sorted(per_locale):
+            with contextlib.suppress(ValueError):
+                if language_of(tag) == language:
+                    return list(per_locale[tag])
     return []
 
 
@@ -843,7 +852,12 @@ SAMPLE_UNSUBSCRIBE_URL = "https://rtn.example/u/3fK9qL2x"
 SAMPLE_SURVEY_URL = "https://rtn.example/s/T5512"
 
 
-def sample_variables(locale: str, *, brand: Brand = DEFAULT_BRAND) -> dict[str, Any]:
+def sample_variables(
+    locale: str,
+    *,
+    brand: Brand = DEFAULT_BRAND,
+    perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+) -> dict[str, Any]:
     """Every variable, with realistic values in the locale's language (preview, validation)."""
     lang = language_of(locale)
     name, contact, currency = _SAMPLE_PEOPLE.get(lang, _SAMPLE_PEOPLE["en"])
@@ -871,6 +885,7 @@ def sample_variables(locale: str, *, brand: Brand = DEFAULT_BRAND) -> dict[str, 
         survey_url=SAMPLE_SURVEY_URL,
         offer_code="BACK15",
         personal_contact={"name": contact, "phone": "+972521234567"},
+        perks_config=perks_config,
         brand=brand,
     )
 

@@ -49,7 +49,10 @@ async def main(settings: SegmenterSettings | None = None) -> None:
     ):
         service = SegmenterService(db, settings, producer)
         await service.ensure_default_rules()
-        await run_until_signalled(build_loop(settings, service, producer))
+        try:
+            await run_until_signalled(build_loop(settings, service, producer))
+        finally:
+            await service.close()
 
 
 if __name__ == "__main__":

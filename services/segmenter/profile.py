@@ -471,8 +471,25 @@ def facts_to_json(f: dict[str, Any]) -> dict[str, Any]:
 _DATETIME_FACTS = frozenset(k for k, t in FACT_TYPES.items() if t == "datetime")
 
 
-def facts_from_json(raw: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: (datetime.fromisoformat(v) if k in _DATETIME_FACTS and isinstance(v, str) else v)
-        for k, v in raw.items()
-    }
+def facts_from_json(raw: dict[str, Any], only: Iterable[str] | None = None) -> dict[str, Any]:
+    """Stored facts with their datetimes parsed again: all of them, or only those in ``only``
+    (the facts some rule reads: re-evaluating everyone needs no more)."""
+    if only is None:
+        return {
+            k: (datetime.fromisoformat(v) if k in _DATETIME_FACTS and isinstance(v, str) else v)
+            for k, v in raw.items()
+        }
+    out = dict(raw)
+    for k in _DATETIME_FACTS.intersection(only):
+        v = out.get(k)
+        if isinstance(v, str):
+            out[k] = datetime.fromisoformat(v)
+    return out
+
+
+def registers_from_json(raw: dict[str, Any]) -> tuple[dict[str, Register], dict[str, Register]]:
+    """The consents and attributes of a stored state, without loading the rest of it."""
+    return (
+        {k: _reg_in(v) for k, v in raw["consents"].items()},
+        {k: _reg_in(v) for k, v in raw["attributes"].items()},
+    )

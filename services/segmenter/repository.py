@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -53,7 +53,7 @@ def _row(r: Any) -> CustomerRow:
     return CustomerRow(
         customer_id=r.customer_id,
         state=r._mapping.get("state") or {},
-        facts=r.facts,
+        facts=r._mapping.get("facts") or {},
         tier=r.tier,
         segments=list(r.segments),
         lifecycle_stage=r.lifecycle_stage,
@@ -61,6 +61,30 @@ def _row(r: Any) -> CustomerRow:
         next_check_at=r.next_check_at,
         updated_at=r.updated_at,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """What re-evaluating a customer under other rules needs: the stored facts (as JSON) and
+    what the stored tier, segments and next check are."""
+
+    customer_id: str
+    facts: dict[str, Any]
+    tier: str
+    segments: list[str]
+    next_check_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reassignment:
+    """A customer's new tier, segments and next check under a rule set; state and facts stay."""
+
+    customer_id: str
+    tier: str
+    segments: list[str]
+    rule_version: int
+    next_check_at: datetime | None
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +106,33 @@ class SegmenterRepository:
     # --- customers ----------------------------------------------------------------------------
 
     async def load_customers(
-        self, session: AsyncSession, ids: Sequence[str], *, for_update: bool = False
+        self,
+        session: AsyncSession,
+        ids: Sequence[str],
+        *,
+        for_update: bool = False,
+        with_facts: bool = True,
     ) -> dict[str, CustomerRow]:
+        """Full rows; without the stored facts (``facts`` left empty) for a caller that derives
+        them again from the state anyway."""
         if not ids:
             return {}
-        stmt = select(customers).where(customers.c.customer_id.in_(list(ids)))
+        columns = list(customers.c) if with_facts else [c for c in customers.c if c.name != "facts"]
+        stmt = select(*columns).where(customers.c.customer_id.in_(list(ids)))
         if for_update and session.get_bind().dialect.name == "postgresql":
             # Two consumers never own one customer at once (partitioned by key), except
-            # around a rebalance: the row lock keeps that window safe too.
+            # around a rebalance: the row lock keeps that window safe too. A customer seen for
+            # the first time has no row to lock, and two transactions could each build it
+            # from nothing, the second overwriting the first (the chaos suite saw it once):
+            # a transaction-scoped advisory lock per customer covers them, taken in one
+            # order (the sorted array, which unnest keeps) so two batches cannot deadlock.
+            await session.execute(
+                text(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(k, 0))"
+                    " FROM unnest(CAST(:ids AS text[])) AS k"
+                ),
+                {"ids": sorted(set(ids))},
+            )
             stmt = stmt.with_for_update()
         return {r.customer_id: _row(r) for r in await session.execute(stmt)}
 
@@ -117,12 +160,68 @@ class SegmenterRepository:
                 insert_ignoring_conflicts(session, memberships),
                 [{"segment": s, "customer_id": c, "entered_at": at} for s, c in entered],
             )
-        for segment, customer_id in left:
-            await session.execute(
-                delete(memberships).where(
-                    memberships.c.segment == segment, memberships.c.customer_id == customer_id
-                )
+        if left:
+            stmt = delete(memberships).where(
+                memberships.c.segment == bindparam("s"), memberships.c.customer_id == bindparam("c")
             )
+            await session.execute(stmt, [{"s": s, "c": c} for s, c in left])
+
+    async def standings_after(self, session: AsyncSession, cursor: str | None, limit: int) -> list[Standing]:
+        """A page of customers in id order, with only what rule evaluation reads."""
+        c = customers.c
+        stmt = (
+            select(c.customer_id, c.facts, c.tier, c.segments, c.next_check_at)
+            .order_by(c.customer_id)
+            .limit(limit)
+        )
+        if cursor is not None:
+            stmt = stmt.where(c.customer_id > cursor)
+        return [
+            Standing(r.customer_id, r.facts, r.tier, r.segments, r.next_check_at)
+            for r in await session.execute(stmt)
+        ]
+
+    async def reassign(self, session: AsyncSession, changes: Sequence[Reassignment]) -> None:
+        """Write new tiers, segments and next checks, leaving state and facts as they are."""
+        if not changes:
+            return
+        c = customers.c
+        stmt = (
+            update(customers)
+            .where(c.customer_id == bindparam("customer"))
+            .values(
+                tier=bindparam("new_tier"),
+                segments=bindparam("new_segments"),
+                rule_version=bindparam("new_rule_version"),
+                next_check_at=bindparam("new_next_check_at"),
+                updated_at=bindparam("new_updated_at"),
+            )
+        )
+        await session.execute(
+            stmt,
+            [
+                {
+                    "customer": ch.customer_id,
+                    "new_tier": ch.tier,
+                    "new_segments": ch.segments,
+                    "new_rule_version": ch.rule_version,
+                    "new_next_check_at": ch.next_check_at,
+                    "new_updated_at": ch.updated_at,
+                }
+                for ch in changes
+            ],
+        )
+
+    async def move_next_checks(self, session: AsyncSession, changes: Sequence[tuple[str, datetime]]) -> None:
+        """Bring the next check of (customer id, instant) pairs forward."""
+        if changes:
+            c = customers.c
+            stmt = (
+                update(customers)
+                .where(c.customer_id == bindparam("customer"))
+                .values(next_check_at=bindparam("at"))
+            )
+            await session.execute(stmt, [{"customer": cid, "at": at} for cid, at in changes])
 
     async def due_for_check(self, session: AsyncSession, now: datetime, limit: int) -> list[str]:
         stmt = (

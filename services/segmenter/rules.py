@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any
@@ -79,11 +79,20 @@ class Assignment:
     boundaries: tuple[datetime, ...]  # future instants at which a time condition flips
 
 
+# Only a condition over a datetime fact can flip with time alone (within_days, older_than_days).
+_DATETIME_FIELDS = frozenset(name for name, kind in SEGMENT_FACT_TYPES.items() if kind == "datetime")
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledRules:
     version: int
     tiers: tuple[tuple[str, Condition], ...]
     segments: tuple[tuple[str, Condition], ...]
+    _timed: tuple[Condition, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        timed = tuple(c for _, c in (*self.tiers, *self.segments) if c.fields & _DATETIME_FIELDS)
+        object.__setattr__(self, "_timed", timed)
 
     @property
     def tier_names(self) -> list[str]:
@@ -93,18 +102,26 @@ class CompiledRules:
     def segment_names(self) -> list[str]:
         return [name for name, _ in self.segments]
 
+    @property
+    def fields(self) -> frozenset[str]:
+        """Every fact some rule reads."""
+        return frozenset(f for _, cond in (*self.tiers, *self.segments) for f in cond.fields)
+
     def assign(self, facts: dict[str, Any], now: datetime, *, boundaries: bool = True) -> Assignment:
         tier = next((name for name, cond in self.tiers if cond.evaluate(facts, now)), NO_TIER)
         with_tier = {**facts, "tier": tier}
         segments = tuple(name for name, cond in self.segments if cond.evaluate(with_tier, now))
         if not boundaries:
             return Assignment(tier, segments, ())
+        return Assignment(tier, segments, self.time_boundaries(facts, now))
+
+    def time_boundaries(self, facts: dict[str, Any], now: datetime) -> tuple[datetime, ...]:
+        """The future instants at which some rule's time condition flips (``assign``'s
+        boundaries): they depend on the datetime facts alone, not on the tier."""
         found: list[datetime] = []
-        for _, cond in self.tiers:
+        for cond in self._timed:
             found += cond.time_boundaries(facts, now)
-        for _, cond in self.segments:
-            found += cond.time_boundaries(with_tier, now)
-        return Assignment(tier, segments, tuple(sorted(set(found))))
+        return tuple(sorted(set(found)))
 
     def explain(self, facts: dict[str, Any], now: datetime) -> dict[str, Any]:
         """Why the customer has their tier and segments: every rule with its evaluation."""

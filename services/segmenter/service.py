@@ -19,15 +19,15 @@ from services.segmenter.profile import ProfileState, apply_event, facts_from_jso
 from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
 from services.segmenter.rules import CompiledRules, compile_rules, default_rules, ruleset_etag, validate_rules
 from services.segmenter.tables import applied_events, outbox
-from services.segmenter.updates import Decision, decide
+from services.segmenter.updates import Decision, RuleChange, decide, reevaluate, rule_change
 from shared.codec import encode, encode_key
 from shared.conditions import ConditionError
 from shared.db import Database, claim_events
 from shared.events import ClvPrediction, CustomerUpdate, Event, UpdateCause
 from shared.kafka.consumer import BatchResult, Delivered
-from shared.kafka.producer import OutboundRecord, Producer
+from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
-from shared.outbox import OutboxRelay, enqueue
+from shared.outbox import OutboxRelay, Staged, enqueue
 from shared.topics import SEGMENTS
 
 log = get_logger(__name__)
@@ -128,6 +128,7 @@ class SegmenterService:
 
     async def apply_batch(self, batch: Sequence[Delivered[Event | ClvPrediction]]) -> BatchResult:
         now = self.clock()
+        staged = Staged([], [])
         async with self.db.transaction() as session:
             new_ids = await claim_events(
                 session, applied_events, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
@@ -141,7 +142,8 @@ class SegmenterService:
                     fresh[d.value.customer_id].append(d.value)
             if fresh:
                 rules = await self.rules(session)
-                rows = await self.repo.load_customers(session, list(fresh), for_update=True)
+                # The facts are derived again from the state: the stored ones are not read.
+                rows = await self.repo.load_customers(session, list(fresh), for_update=True, with_facts=False)
                 decisions: list[Decision] = []
                 for customer_id, events in fresh.items():
                     old = rows.get(customer_id)
@@ -152,12 +154,14 @@ class SegmenterService:
                     cause = UpdateCause.EVENTS if backend else UpdateCause.CLV
                     key = ",".join(sorted(e.event_id for e in events))
                     decisions.append(decide(state, old, rules, self.config, now, cause, key, backend))
-                await self._write(session, decisions, now)
-        if self.relay is not None:
-            await self.relay.flush()  # publish after commit
+                staged = await self._enqueue(session, await self._write(session, decisions, now))
+        await self._relay(staged)  # publish after commit
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
 
-    async def _write(self, session: Any, decisions: Sequence[Decision], now: datetime) -> None:
+    async def _write(
+        self, session: Any, decisions: Sequence[Decision], now: datetime
+    ) -> list[CustomerUpdate]:
+        """Write the decided rows and memberships; return the updates to announce them."""
         await self.repo.save_customers(session, [d.row for d in decisions])
         await self.repo.change_memberships(
             session,
@@ -165,10 +169,32 @@ class SegmenterService:
             [(s, d.row.customer_id) for d in decisions for s in d.left],
             now,
         )
-        updates = [d.update for d in decisions if d.update is not None]
-        await enqueue(session, outbox, [self._record(u) for u in updates])
+        return [d.update for d in decisions if d.update is not None]
+
+    async def _enqueue(self, session: Any, updates: Sequence[CustomerUpdate]) -> Staged:
+        """Put the updates in the outbox, in the caller's transaction."""
+        records = [self._record(u) for u in updates]
         for u in updates:
             UPDATES_PUBLISHED.labels(u.cause.value).inc()
+        if self.relay is None:  # the API process: the consumer process relays them
+            return Staged(await enqueue(session, outbox, records), records)
+        return await self.relay.stage(session, records)
+
+    async def _relay(self, staged: Staged) -> None:
+        """Hand what a transaction staged to the relay once it has committed: the relay sends
+        it in the background while the next batch is applied."""
+        if self.relay is not None:
+            await self.relay.after_commit(staged)
+
+    async def close(self) -> None:
+        """Wait until every update committed so far has gone out (for a clean stop)."""
+        if self.relay is None:
+            return
+        try:
+            await self.relay.drain()
+        except BrokerUnavailableError as exc:
+            # Nothing is lost: the rows stay in the outbox and go out at the next start.
+            log.warning("updates wait in the outbox: Kafka unreachable", error=str(exc)[:200])
 
     def _record(self, update: CustomerUpdate) -> OutboundRecord:
         return OutboundRecord(self.topic, encode_key(update.customer_id), encode(update))
@@ -185,7 +211,7 @@ class SegmenterService:
                 if not due:
                     break
                 rules = await self.rules(session)
-                rows = await self.repo.load_customers(session, due, for_update=True)
+                rows = await self.repo.load_customers(session, due, for_update=True, with_facts=False)
                 decisions = [
                     decide(
                         load_state(cid, row.state),
@@ -198,13 +224,12 @@ class SegmenterService:
                     )
                     for cid, row in rows.items()
                 ]
-                await self._write(session, decisions, now)
+                staged = await self._enqueue(session, await self._write(session, decisions, now))
+            await self._relay(staged)
             total += len(due)
             SWEPT.inc(len(due))
             if len(due) < limit:
                 break
-        if total and self.relay is not None:
-            await self.relay.flush()
         return total
 
     # --- rule publishing -------------------------------------------------------------------------
@@ -223,44 +248,56 @@ class SegmenterService:
                 await self.repo.advance_job(session, job.id, status="superseded", finished_at=now)
                 PUBLISH_JOBS.labels("superseded").inc()
                 return job
-            rows = await self.repo.customers_after(session, job.cursor, chunk, with_state=False)
-            moved = [row.customer_id for row in rows if self._moves(row, rules, now)]
-            # Only customers who move are re-derived in full, from their stored state.
-            full = await self.repo.load_customers(session, moved, for_update=True)
-            decisions = [self._reassign(full[customer_id], rules, now) for customer_id in moved]
-            changed = [d for d in decisions if d.update is not None]
-            await self._write(session, decisions, now)
-            done = job.done + len(rows)
-            finished = len(rows) < chunk
+            standings = await self.repo.standings_after(session, job.cursor, chunk)
+            step = reevaluate(standings, rules, now)
+            # Only the customers who move (or whose stored facts are out of date) are read in
+            # full, and locked, to announce the move.
+            rows = await self.repo.load_customers(session, step.to_read, for_update=True)
+            changes: list[RuleChange] = []
+            decisions: list[Decision] = []
+            for standing, f, assignment in step.moves:
+                row = rows.get(standing.customer_id)
+                if row is not None and (row.facts, row.tier, row.segments) == (
+                    standing.facts,
+                    standing.tier,
+                    standing.segments,
+                ):
+                    changes.append(rule_change(row, f, assignment, rules, self.config, now))
+                elif row is not None:  # written since we read it: derive it all again
+                    decisions.append(self._reassign(row, rules, now))
+            decisions += [self._reassign(rows[cid], rules, now) for cid in step.stale if cid in rows]
+            await self.repo.reassign(session, [c.reassignment for c in changes])
+            await self.repo.move_next_checks(session, step.earlier_checks)
+            await self.repo.change_memberships(
+                session,
+                [(s, c.reassignment.customer_id) for c in changes for s in c.entered],
+                [(s, c.reassignment.customer_id) for c in changes for s in c.left],
+                now,
+            )
+            updates = await self._write(session, decisions, now) + [c.update for c in changes]
+            staged = await self._enqueue(session, updates)
+            changed = len(updates)
+            done = job.done + len(standings)
+            finished = len(standings) < chunk
             await self.repo.advance_job(
                 session,
                 job.id,
                 status="done" if finished else "running",
                 done=done,
-                changed=job.changed + len(changed),
-                cursor=rows[-1].customer_id if rows else job.cursor,
+                changed=job.changed + changed,
+                cursor=standings[-1].customer_id if standings else job.cursor,
                 started_at=job.started_at or now,
                 finished_at=now if finished else None,
                 total=max(job.total, done),
             )
+        await self._relay(staged)
         PUBLISH_JOB_PROGRESS.set(1.0 if finished else done / max(job.total, 1))
         if finished:
             PUBLISH_JOBS.labels("done").inc()
             log.info(
-                "rule publish applied",
-                version=job.version,
-                customers=done,
-                changed=job.changed + len(changed),
+                "rule publish applied", version=job.version, customers=done, changed=job.changed + changed
             )
-        if changed and self.relay is not None:
-            await self.relay.flush()
         return job
-
-    @staticmethod
-    def _moves(row: CustomerRow, rules: CompiledRules, now: datetime) -> bool:
-        """Whether the rules give this customer another tier or segments (from stored facts)."""
-        assignment = rules.assign(facts_from_json(row.facts), now, boundaries=False)
-        return assignment.tier != row.tier or set(assignment.segments) != set(row.segments)
 
     def _reassign(self, row: CustomerRow, rules: CompiledRules, now: datetime) -> Decision:
         return decide(
@@ -284,11 +321,17 @@ class SegmenterService:
         await self.run_publish_step()  # one chunk per tick, so events keep flowing meanwhile
         if time.monotonic() - self._last_sweep >= self.settings.segmenter_sweep_interval_s:
             self._last_sweep = time.monotonic()
+            if self.relay is not None:
+                # Rows committed and never sent by a process that died (this one's predecessor,
+                # at start-up, or another instance since): rare, so looked for now and then.
+                await self.relay.flush()
             swept = await self.sweep()
             if swept:
                 log.info("time-based re-evaluation", customers=swept)
-        if self.relay is not None:
-            await self.relay.flush()
+        if self.relay is not None and not self.relay.sending:
+            # Between batches the next batch's transaction deletes the rows sent; when none
+            # comes, this does.
+            await self.relay.drain()
 
     async def refresh_gauges(self) -> None:
         async with self.db.sessions() as session:

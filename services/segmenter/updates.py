@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -12,12 +12,15 @@ from typing import Any
 from services.segmenter.profile import (
     LifecycleConfig,
     ProfileState,
+    Register,
     dump_state,
     facts,
+    facts_from_json,
     facts_to_json,
+    registers_from_json,
 )
-from services.segmenter.repository import CustomerRow
-from services.segmenter.rules import CompiledRules
+from services.segmenter.repository import CustomerRow, Reassignment, Standing
+from services.segmenter.rules import Assignment, CompiledRules
 from shared.events import (
     CancellationEvent,
     ConsentState,
@@ -59,7 +62,16 @@ def triggering(event: Event) -> TriggeringEvent:
     return TriggeringEvent(**fields)
 
 
-def snapshot(state: ProfileState, f: dict[str, Any], tier: str, segments: Sequence[str]) -> ProfileSnapshot:
+def snapshot(
+    consents: Mapping[str, Register],
+    attributes: Mapping[str, Register],
+    f: dict[str, Any],
+    tier: str,
+    segments: Sequence[str],
+    reporting_currency: str,
+) -> ProfileSnapshot:
+    """What the messenger knows of the customer: ``f`` are the facts, the registers come from
+    the state (``ProfileState`` or ``registers_from_json`` of the stored one)."""
     clv = f.get("predicted_clv")
     return ProfileSnapshot(
         name=f.get("name"),
@@ -71,7 +83,7 @@ def snapshot(state: ProfileState, f: dict[str, Any], tier: str, segments: Sequen
         preferred_channel=f.get("preferred_channel"),
         consents={
             channel: ConsentState(granted=bool(reg.value), at=reg.stamp.at)
-            for channel, reg in state.consents.items()
+            for channel, reg in consents.items()
         },
         lifecycle_stage=f["lifecycle_stage"],
         churn_reason=f.get("churn_reason"),
@@ -80,14 +92,14 @@ def snapshot(state: ProfileState, f: dict[str, Any], tier: str, segments: Sequen
         segments=list(segments),
         orders_count=f["orders_count"],
         total_value=Decimal(str(f["total_value"])),
-        reporting_currency="",  # filled by the caller, which knows the configuration
+        reporting_currency=reporting_currency,
         last_purchase_at=f.get("last_purchase_at"),
         open_tickets=f["open_tickets"],
         last_complaint_resolved=f.get("last_complaint_resolved"),
         predicted_clv=None if clv is None else Decimal(str(clv)),
         p_alive=f.get("p_alive"),
         expected_purchases_90d=f.get("expected_purchases_90d"),
-        attributes={k: r.value for k, r in state.attributes.items()},
+        attributes={k: r.value for k, r in attributes.items()},
     )
 
 
@@ -137,8 +149,8 @@ def decide(
     )
     if cause != UpdateCause.EVENTS and not changed:
         return Decision(row, None, entered, left)
-    snap = snapshot(state, f, assignment.tier, assignment.segments).model_copy(
-        update={"reporting_currency": config.reporting_currency}
+    snap = snapshot(
+        state.consents, state.attributes, f, assignment.tier, assignment.segments, config.reporting_currency
     )
     occurred_at = max((e.occurred_at for e in events), default=now)
     update = CustomerUpdate(
@@ -155,3 +167,108 @@ def decide(
         profile=snap,
     )
     return Decision(row, update, entered, left)
+
+
+def facts_current(row_next_check_at: datetime | None, now: datetime) -> bool:
+    """Whether facts stored with a row still hold at ``now``: time alone changes them only at
+    the boundaries ``facts`` reports, and the row's next check is never later than the first."""
+    return row_next_check_at is None or row_next_check_at > now
+
+
+@dataclass(frozen=True, slots=True)
+class RuleChange:
+    """A customer whose tier or segments another rule set changes, their facts unchanged."""
+
+    reassignment: Reassignment
+    update: CustomerUpdate
+    entered: tuple[str, ...]
+    left: tuple[str, ...]
+
+
+def next_check_under(
+    rules: CompiledRules, f: dict[str, Any], previous: datetime | None, now: datetime
+) -> datetime | None:
+    """The next check of a customer whose facts are current, under ``rules``.
+
+    The earliest of the stored next check and the rules' own boundaries: the stored one may
+    be an old rule's boundary and come early, which costs one sweep that changes nothing,
+    but it is never later than the facts' own next change (which this does not recompute)."""
+    found = rules.time_boundaries(f, now)
+    if previous is not None:
+        return min(previous, found[0]) if found else previous
+    return found[0] if found else None
+
+
+def rule_change(
+    old: CustomerRow,
+    f: dict[str, Any],
+    assignment: Assignment,
+    rules: CompiledRules,
+    config: LifecycleConfig,
+    now: datetime,
+) -> RuleChange:
+    """Announce ``rules``' ``assignment`` of a customer whose stored facts ``f`` are current
+    (``facts_current``), without deriving them again from the state: the stored state only
+    lends the consents and attributes of the snapshot."""
+    old_segments = set(old.segments)
+    entered = tuple(s for s in assignment.segments if s not in old_segments)
+    left = tuple(sorted(old_segments - set(assignment.segments)))
+    consents, attributes = registers_from_json(old.state)
+    snap = snapshot(consents, attributes, f, assignment.tier, assignment.segments, config.reporting_currency)
+    update = CustomerUpdate(
+        event_id=update_id(old.customer_id, UpdateCause.RULES, str(rules.version)),
+        customer_id=old.customer_id,
+        occurred_at=now,
+        cause=UpdateCause.RULES,
+        triggering_events=[],
+        tier_old=old.tier,
+        tier_new=assignment.tier,
+        segments_entered=list(entered),
+        segments_left=list(left),
+        rule_version=rules.version,
+        profile=snap,
+    )
+    reassignment = Reassignment(
+        customer_id=old.customer_id,
+        tier=assignment.tier,
+        segments=list(assignment.segments),
+        rule_version=rules.version,
+        next_check_at=next_check_under(rules, f, old.next_check_at, now),
+        updated_at=now,
+    )
+    return RuleChange(reassignment, update, entered, left)
+
+
+@dataclass(slots=True)
+class Reevaluation:
+    """A page of customers under a new rule set, evaluated once each."""
+
+    # Customers whose tier or segments change: their facts (parsed) and new assignment.
+    moves: list[tuple[Standing, dict[str, Any], Assignment]] = field(default_factory=list)
+    # Customers whose stored facts are out of date (the sweep is behind): derive them again.
+    stale: list[str] = field(default_factory=list)
+    # Customers who stay, but whom the new rules must look at again sooner.
+    earlier_checks: list[tuple[str, datetime]] = field(default_factory=list)
+
+    @property
+    def to_read(self) -> list[str]:
+        return [s.customer_id for s, _, _ in self.moves] + self.stale
+
+
+def reevaluate(standings: Sequence[Standing], rules: CompiledRules, now: datetime) -> Reevaluation:
+    """Who ``rules`` move, from the stored facts, which hold until the row's next check."""
+    out = Reevaluation()
+    needed = rules.fields
+    for standing in standings:
+        if not facts_current(standing.next_check_at, now):
+            out.stale.append(standing.customer_id)
+            continue
+        f = facts_from_json(standing.facts, needed)
+        assignment = rules.assign(f, now, boundaries=False)
+        if assignment.tier != standing.tier or set(assignment.segments) != set(standing.segments):
+            out.moves.append((standing, facts_from_json(standing.facts), assignment))
+            continue
+        check = next_check_under(rules, f, standing.next_check_at, now)
+        if check is not None and check != standing.next_check_at:
+            out.earlier_checks.append((standing.customer_id, check))
+    return out

@@ -93,9 +93,20 @@ Decoder = Callable[[str, bytes], T]
 Handler = Callable[[Sequence[Delivered[T]]], Awaitable[BatchResult | None]]
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
+# PostgreSQL SQLSTATEs (classes or codes) of a server that is away for a while: connection
+# exceptions, too many connections, shutting down or still recovering ("the database system is
+# not yet accepting connections", 57P03, arrives as a bare DBAPIError after a crash restart).
+TRANSIENT_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether waiting and trying again may succeed (the database or broker is away)."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(TRANSIENT_SQLSTATES):
+            return True
     return isinstance(exc, TRANSIENT_ERRORS)
 
 
@@ -154,9 +165,32 @@ class ConsumerLoop(Generic[T]):
         """Ask the loop to finish the batch in hand, commit it, and return."""
         self._stopping.set()
 
+    async def _start(self) -> bool:
+        """Start the producer and the consumer, waiting out a broker that is away (a worker
+        restarted during a broker restart must not exit); False if asked to stop meanwhile."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._producer.start()
+                await self._consumer.start()
+                return True
+            except (KafkaError, BrokerUnavailableError, OSError) as exc:
+                log.warning(
+                    "broker unreachable at start; retrying",
+                    group=self._group_id,
+                    error=_reason(exc),
+                    backoff_s=backoff,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            if self._stopping.is_set():
+                return False
+            backoff = min(backoff * 2, self._max_backoff_s)
+
     async def run(self) -> None:
-        await self._producer.start()
-        await self._consumer.start()
+        if not await self._start():
+            await self._consumer.stop()
+            return
         log.info("consumer started", group=self._group_id, topics=self._topics)
         try:
             while not self._stopping.is_set():
@@ -321,7 +355,7 @@ class ConsumerLoop(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not _is_transient(exc):
+                if not is_transient(exc):
                     raise
                 self.stats.retries += 1
                 CONSUMER_RETRIES.labels(self._group_id, _reason(exc)).inc()

@@ -15,16 +15,30 @@ import shlex
 import sys
 from collections.abc import Callable
 
+from shared.config import REPO_ROOT
 from shared.logs import configure_logging
-from tests.bench import ingest, messenger, segmenter
+from tests.bench import e2e, ingest, kpi, messenger, segmenter
 from tests.bench.context import BenchContext, Options
 from tests.bench.infra import BENCH_VAR, machine_info, say
 from tests.bench.report import Section, render
+
+DOCS = REPO_ROOT / "docs" / "benchmarks.md"
+PREFACE = """# Benchmarks
+
+Written by `make bench` (`python -m tests.bench`) from its last full run; rerun it to reproduce
+on your machine. Every figure is a ratio against a baseline measured in the same run on the same
+machine, because absolute numbers say more about the machine than about Retain. The machine of
+this run is listed below; a busy machine (other processes on the cores) shows as a wide range
+between rounds in the sections' details. Sections: `--only ingest|segmenter|messenger|kpi|e2e`;
+sizes: `--scale`; repeats: `--rounds`; where the time goes: `--profile`.
+"""
 
 SECTIONS: dict[str, Callable[[BenchContext], Section]] = {
     "ingest": ingest.run,
     "segmenter": segmenter.run,
     "messenger": messenger.run,
+    "kpi": kpi.run,
+    "e2e": e2e.run,
 }
 
 
@@ -87,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         (BENCH_VAR / f"{section.name}.md").write_text(render(command, machine, [section]), "utf-8")
     report = render(command, machine, done)
     (BENCH_VAR / "report.md").write_text(report, "utf-8")
+    if not args.only:
+        # The whole system's table is kept with the code, with the machine it ran on.
+        DOCS.write_text(PREFACE + report.split("\n", 1)[1] + "\n", "utf-8")
+        sys.stdout.write(f"\n(docs/benchmarks.md updated: {DOCS})\n")
     sys.stdout.write(report + "\n")
     written = ", ".join(["var/bench/report.md", *(f"var/bench/{s.name}.md" for s in done)])
     sys.stdout.write(f"\n(written to {written})\n")

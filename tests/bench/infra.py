@@ -107,8 +107,12 @@ def kafka_cluster(partitions: int) -> Iterator[KafkaInfo]:
 
     libs = ensure_jars(REPO_ROOT / "var")
     var = BENCH_VAR / f"kafka-{os.getpid()}"
+    port = free_port()
+    controller_port = free_port()
+    while controller_port == port:  # the kernel may hand the same free port out twice
+        controller_port = free_port()
     broker = LocalKafkaBroker(
-        var, port=free_port(), controller_port=free_port(), num_partitions=partitions, libs_dir=libs
+        var, port=port, controller_port=controller_port, num_partitions=partitions, libs_dir=libs
     )
     say(f"starting a local Kafka {kafka_version()} broker (data in {var})")
     started = time.monotonic()

@@ -20,13 +20,16 @@ CUSTOMERS = 10_000
 
 def event(run_id: str, n: int) -> dict[str, Any]:
     kind = KINDS[n % len(KINDS)]
+    # A multiplicative spread, so neighbouring events belong to different customers.
+    customer = (n * 7919) % CUSTOMERS
     # Shallow: only top-level fields change; nested values are shared and never mutated here.
-    return {
-        **EXAMPLES[kind],
-        "event_id": f"bench-{run_id}-{n}",
-        # A multiplicative spread, so neighbouring events belong to different customers.
-        "customer_id": f"c-{(n * 7919) % CUSTOMERS:06d}",
-    }
+    out = {**EXAMPLES[kind], "event_id": f"bench-{run_id}-{n}", "customer_id": f"c-{customer:06d}"}
+    if kind == "profile":
+        # Each customer's own address and numbers, as in life: validation caches what it has
+        # seen, and one shared example address would make every profile event a cache hit.
+        out["email"] = f"customer.{customer}@example.co.il"
+        out["phone"] = out["whatsapp"] = f"+9725{customer % 10}{customer:07d}"
+    return out
 
 
 def events(run_id: str, start: int, count: int) -> Iterator[dict[str, Any]]:

@@ -17,11 +17,13 @@ class Row:
     # A rate the issue asks for outright (e.g. "≥ 20k customers/s"): it depends on the machine,
     # so it is shown beside a same-run ratio, never instead of one.
     absolute_target: float | None = None
+    unit: str = "events/s"  # of events_per_s, which is then the row's figure (e.g. "ms")
+    at_most: bool = False  # the target is a ceiling (latency), not a floor
 
     @property
     def met(self) -> bool | None:
         if self.ratio is not None and self.target is not None:
-            return self.ratio >= self.target
+            return self.ratio <= self.target if self.at_most else self.ratio >= self.target
         if self.absolute_target is not None:
             return self.events_per_s >= self.absolute_target
         return None
@@ -43,22 +45,29 @@ class Section:
     appendix: list[str] = field(default_factory=list)  # markdown lines after the notes (profiles)
 
 
-def _events(value: float) -> str:
-    return f"{value:,.0f}"
+def _figure(row: Row) -> str:
+    if row.unit == "events/s":
+        return f"{row.events_per_s:,.0f}"
+    if row.unit == "ms":
+        return f"{row.events_per_s:,.1f} ms"
+    if row.unit == "s":
+        return f"{row.events_per_s:,.2f} s"
+    return f"{row.events_per_s:,.0f} {row.unit}"
 
 
 def _ratio(row: Row) -> str:
     if row.ratio is None:
-        return "baseline"
+        return "baseline" if "(baseline)" in row.measurement else ""
     return f"{row.ratio:.2f}× {row.baseline}".rstrip()
 
 
 def _target(row: Row) -> str:
     if row.target:
-        text = f"≥ {row.target:g}×"
+        text = f"{'≤' if row.at_most else '≥'} {row.target:g}×"
         return text + (f" (stretch {row.stretch:g}×)" if row.stretch else "")
     if row.absolute_target:
-        return f"≥ {row.absolute_target:,.0f}/s (absolute)"
+        unit = "/s" if row.unit == "events/s" else f" {row.unit}"
+        return f"≥ {row.absolute_target:,.0f}{unit} (absolute)"
     return ""
 
 
@@ -84,11 +93,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str = ""
 def render_section(section: Section) -> list[str]:
     lines = [f"## {section.title}", ""]
     lines += table(
-        ["measurement", "events/s", "ratio vs baseline", "target", "met?"],
+        ["measurement", "events/s (or as shown)", "ratio vs baseline", "target", "met?"],
         [
             [
                 r.measurement,
-                _events(r.events_per_s),
+                _figure(r),
                 _ratio(r),
                 _target(r),
                 _met(r),
@@ -106,6 +115,43 @@ def render_section(section: Section) -> list[str]:
     return lines
 
 
+def _baseline_figure(section: Section, row: Row) -> str:
+    for other in section.rows:
+        if other is not row and row.baseline and other.measurement.startswith(row.baseline):
+            return f"{row.baseline}: {_figure(other)}"
+    return row.baseline
+
+
+def summary(sections: Sequence[Section]) -> list[str]:
+    """One table for the whole system: every figure that has a target, with its baseline."""
+    rows = [
+        [
+            section.title.split(":")[0],
+            row.measurement,
+            _figure(row),
+            _baseline_figure(section, row),
+            f"{row.ratio:.2f}×" if row.ratio is not None else "",
+            _target(row),
+            _met(row),
+        ]
+        for section in sections
+        for row in section.rows
+        if row.target or row.absolute_target
+    ]
+    if not rows:
+        return []
+    return [
+        "## Summary: every target",
+        "",
+        *table(
+            ["section", "measurement", "figure", "same-run baseline", "ratio", "target", "met?"],
+            rows,
+            align="llrlrll",
+        ),
+        "",
+    ]
+
+
 def render(command: str, machine: Sequence[tuple[str, str]], sections: Sequence[Section]) -> str:
     lines = [
         "# Retain benchmarks",
@@ -117,6 +163,7 @@ def render(command: str, machine: Sequence[tuple[str, str]], sections: Sequence[
         "",
         *[f"- {k}: {v}" for k, v in machine],
         "",
+        *summary(sections),
     ]
     for section in sections:
         lines += [*render_section(section), ""]

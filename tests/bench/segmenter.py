@@ -19,12 +19,17 @@ default rules), then those rows upserted alone with ``save_customers``, one tran
 batch, in a fresh database of the same kind. No Kafka, no ledger, no outbox, no memberships,
 no reads. Ideal events/s = N / (pure time + upsert time). Target ≥ 0.6× (stretch 0.8×).
 
+The measured run ends when the last record is committed and the relay has sent (and deleted)
+every customer_update committed before it: the relay sends in the background, and a run that
+left updates unsent would not be done.
+
 Rule publish, after each load: two changed rule sets go through the service (``put_draft`` →
-``publish`` → ``run_publish_step()`` until None): a new segment that takes in about a fifth of
-the customers, and a description edit that moves nobody. Customers re-evaluated per second,
-timed from ``publish``; the issue's target (≥ 20k customers/s) is absolute. Beside it, the
-same re-evaluation done purely in memory on the same rows (``_moves`` then ``decide`` for the
-movers), for a same-run ratio.
+``publish`` → ``run_publish_step()`` until None, then the relay drained): a new segment that
+takes in about a fifth of the customers, and a description edit that moves nobody. Customers
+re-evaluated per second, timed from ``publish`` until every update is acknowledged by Kafka;
+the issue's target (≥ 20k customers/s) is absolute. Beside it, the same decisions made purely
+in memory on the same rows (``reevaluate`` of every customer, then ``rule_change`` for the
+movers, as the service makes them), for a same-run ratio.
 """
 
 from __future__ import annotations
@@ -49,18 +54,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.consumer import MIGRATIONS, build_loop
 from services.segmenter.profile import LifecycleConfig, ProfileState, apply_event, load_state
-from services.segmenter.repository import CustomerRow, SegmenterRepository
+from services.segmenter.repository import CustomerRow, SegmenterRepository, Standing
 from services.segmenter.rules import compile_rules, default_rules
 from services.segmenter.service import SegmenterService
 from services.segmenter.tables import outbox
-from services.segmenter.updates import decide
+from services.segmenter.updates import decide, reevaluate, rule_change
 from shared.codec import decode_event, encode_event, encode_key
 from shared.db import Database, migrate
 from shared.demo.generator import generate
 from shared.events import EVENT_ADAPTER, TOPIC_OF_TYPE, ClvPrediction, Event, UpdateCause
 from shared.kafka.consumer import BatchResult, Delivered
 from shared.kafka.producer import OutboundRecord, Producer, partition_for
-from shared.outbox import OutboxRelay
+from shared.outbox import OutboxRelay, Staged
 from shared.topics import all_topic_names, ensure_topics
 from tests.bench.context import BenchContext
 from tests.bench.infra import (
@@ -153,7 +158,7 @@ class _Phases:
 
     def __init__(self) -> None:
         self.seconds: defaultdict[str, float] = defaultdict(float)
-        self.inside = "handler"  # or "tick": where the relay is being flushed from
+        self.inside = "handler"  # or "tick", or "drain": where the relay is being waited for
 
     @contextlib.asynccontextmanager
     async def timed(self, name: str) -> AsyncIterator[None]:
@@ -171,10 +176,15 @@ class _TimedRepository(SegmenterRepository):
         self.phases = phases
 
     async def load_customers(
-        self, session: AsyncSession, ids: Sequence[str], *, for_update: bool = False
+        self,
+        session: AsyncSession,
+        ids: Sequence[str],
+        *,
+        for_update: bool = False,
+        with_facts: bool = True,
     ) -> dict[str, CustomerRow]:
         async with self.phases.timed("read customers back"):
-            return await super().load_customers(session, ids, for_update=for_update)
+            return await super().load_customers(session, ids, for_update=for_update, with_facts=with_facts)
 
     async def save_customers(self, session: AsyncSession, rows: Sequence[CustomerRow]) -> None:
         async with self.phases.timed("upsert customers"):
@@ -196,9 +206,18 @@ class _TimedRelay(OutboxRelay):
         super().__init__(db, outbox, producer)
         self.phases = phases
 
+    async def after_commit(self, staged: Staged) -> None:
+        # Returns at once unless the background sender is too far behind.
+        async with self.phases.timed(f"relay in {self.phases.inside}"):
+            await super().after_commit(staged)
+
     async def flush(self) -> int:
         async with self.phases.timed(f"relay in {self.phases.inside}"):
             return await super().flush()
+
+    async def drain(self) -> None:
+        async with self.phases.timed(f"relay in {self.phases.inside}"):
+            await super().drain()
 
 
 class _NotingService(SegmenterService):
@@ -318,6 +337,9 @@ async def _consume(
             if task.done():
                 task.result()
                 raise RuntimeError(f"the consumer loop ended after {loop.stats.records} of {n} records")
+        # The last batches' updates may still be on their way to Kafka: part of the run.
+        service.phases.inside = "drain"
+        await service.close()
         elapsed = time.perf_counter() - started
     statements, transactions = sql.statements, sql.transactions
     loop.stop()
@@ -446,25 +468,32 @@ def _reworded(rules: dict[str, Any]) -> dict[str, Any]:
 
 async def _publish(service: SegmenterService, rules_json: dict[str, Any], label: str) -> Publish:
     rows = await _all_rows(service.db)
-    # The same work in memory: which customers move, and their new row and update.
+    # The same decisions in memory: who moves, and the move and update of each mover.
     async with service.db.sessions() as session:
         version = (await service.repo.published_version(session) or 0) + 1
     candidate = compile_rules(rules_json, version)
+    standings = [Standing(r.customer_id, r.facts, r.tier, r.segments, r.next_check_at) for r in rows]
+    by_id = {r.customer_id: r for r in rows}
     now = datetime.now(UTC)
     started = time.perf_counter()
     moved = 0
-    for row in rows:
-        if SegmenterService._moves(row, candidate, now):  # the service's own test of who moves
-            decide(
-                load_state(row.customer_id, row.state),
+    for i in range(0, len(standings), service.settings.segmenter_publish_chunk):
+        step = reevaluate(standings[i : i + service.settings.segmenter_publish_chunk], candidate, now)
+        for standing, f, assignment in step.moves:
+            rule_change(by_id[standing.customer_id], f, assignment, candidate, service.config, now)
+            moved += 1
+        for customer_id in step.stale:  # a boundary passed since the load: derived again
+            row = by_id[customer_id]
+            decision = decide(
+                load_state(customer_id, row.state),
                 row,
                 candidate,
                 service.config,
                 now,
                 UpdateCause.RULES,
-                str(version),
+                "v",
             )
-            moved += 1
+            moved += decision.update is not None
     pure_s = time.perf_counter() - started
 
     _, etag, _, _ = await service.draft()
@@ -473,6 +502,7 @@ async def _publish(service: SegmenterService, rules_json: dict[str, Any], label:
     _, job_id = await service.publish("bench", etag, label)
     while await service.run_publish_step() is not None:
         pass
+    await service.close()  # done means every update acknowledged by Kafka
     elapsed = time.perf_counter() - started
     job = await service.job(job_id)
     if job is None or job.status != "done":
@@ -728,10 +758,12 @@ def _details(dataset: Dataset, rounds: int, *backends: Backend) -> list[str]:
         "",
         "Where the measured run's wall time goes (same rounds). The handler is `apply_batch`: one "
         "transaction (ledger insert, reading the customers back, the pure apply, the upsert, "
-        "memberships, the outbox insert, commit), then the outbox relay to Kafka, which waits for "
-        "the broker's acks. 'Rest of the handler' is the handler less the timed calls in it. "
-        "Outside the handler: `getmany`, decoding, the offset commit, and start-up with the group "
-        "join (the first commit came after 'first commit').",
+        "memberships, the outbox insert, commit), then handing the committed updates to the relay, "
+        "which sends them in the background and makes the handler wait only when it is too far "
+        "behind ('relay waits'). 'Rest of the handler' is the handler less the timed calls in it. "
+        "'Final drain': after the last commit, waiting for the last updates' acks. Outside the "
+        "handler: `getmany`, decoding, the offset commit, the final drain, and start-up with the "
+        "group join (the first commit came after 'first commit').",
         "",
     ]
     rows = []
@@ -752,6 +784,7 @@ def _details(dataset: Dataset, rounds: int, *backends: Backend) -> list[str]:
                 *(_share(ph.get(k, 0.0), load.seconds) for k in timed),
                 _share(rest_handler, load.seconds),
                 _share(ph.get("tick", 0.0), load.seconds),
+                _share(ph.get("relay in drain", 0.0), load.seconds),
                 _share(outside, load.seconds),
                 f"{ideal.pure_s:.1f} s",
                 f"{ideal.upsert_s:.1f} s",
@@ -766,15 +799,16 @@ def _details(dataset: Dataset, rounds: int, *backends: Backend) -> list[str]:
             "read back",
             "upsert",
             "memberships",
-            "relay to Kafka",
+            "relay waits",
             "rest of the handler",
             "tick",
+            "final drain",
             "outside the handler",
             "ideal: decode + apply",
             "ideal: upsert",
         ],
         rows,
-        align="lrrrrrrrrrrrr",
+        align="lrrrrrrrrrrrrr",
     )
     lines += ["", "Rule publishes (median round):", ""]
     prow = []
@@ -824,20 +858,23 @@ def _notes(dataset: Dataset, partitions: int, settings: SegmenterSettings, *back
         "group into a fresh database; rounds alternate SQLite and PostgreSQL, and each measured run is "
         "followed by its serial ideal on the batches it consumed.",
         f"Consumer settings as shipped: batch {settings.segmenter_batch_size} records, publish chunk "
-        f"{settings.segmenter_publish_chunk} customers; the relay publishes customer_update to Kafka "
-        "(acks=all) before the handler returns. SQLite: WAL, synchronous=NORMAL (shared/db.py). "
+        f"{settings.segmenter_publish_chunk} customers; the relay sends customer_update to Kafka "
+        "(acks=all) from memory after each commit, in the background, and deletes the sent outbox "
+        "rows in batches. SQLite: WAL, synchronous=NORMAL (shared/db.py). "
         "PostgreSQL: a local cluster with fsync=off (shared/infra/postgres.py), so commits cost no disk "
         "flush on either backend.",
         "The measured time runs from `loop.run()` (consumer start and group join included, see "
-        "'first commit') to the commit of the last record; its committed positions must add up to N "
-        "with nothing dead-lettered or duplicate, and every batch is checked against the dataset.",
+        "'first commit') to the commit of the last record and the acknowledgement of the last "
+        "customer_update (the relay drained); its committed positions must add up to N with nothing "
+        "dead-lettered or duplicate, and every batch is checked against the dataset.",
         "The serial ideal leaves out by design: the Kafka fetch and commit, Delivered objects, the "
         "applied-events ledger, reading the customers back, memberships, encoding and relaying "
         "customer_update through the outbox, and the tick. Its pure part does include `load_state` "
         "of the previous row and building each customer_update (inside `decide`).",
         "Rule publish targets: the issue's ≥ 20,000 customers/s is absolute and so depends on the "
-        "machine; the ratio beside it is against the same decisions made in memory on the same rows "
-        "(no reads, writes, outbox or Kafka).",
+        "machine; 'publish → done' runs until the job is done and every customer_update it made is "
+        "acknowledged by Kafka. The ratio beside it is against the same decisions made in memory on "
+        "the same rows (no reads, writes, outbox or Kafka).",
     ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -164,6 +164,20 @@ def churn_events() -> list[Event | MessageEvent]:
         purchase("E", utc(2025, 12, 1)),
         cancellation("E", utc(2026, 1, 20), "price"),
         cancellation("E", utc(2026, 1, 25), "both"),
+    ]
+
+
+def march_lapse_events() -> list[Event | MessageEvent]:
+    """test_churn.lapsing_in_march() as events (noon UTC), tiers from messages."""
+    loyal_last = utc(2025, 12, 10, 12)
+    return [
+        purchase("R", utc(2025, 12, 1, 12)),
+        purchase("R", utc(2025, 12, 8, 12)),
+        *[purchase("L", loyal_last - timedelta(days=80 * k)) for k in range(11)],
+        purchase("O", utc(2025, 12, 5, 12)),
+        message("MR", "R", "sent", utc(2025, 11, 1), tier="gold"),
+        message("ML", "L", "sent", utc(2025, 11, 1), tier="gold"),
+        message("MO", "O", "sent", utc(2025, 11, 1), tier="bronze"),
     ]
 
 

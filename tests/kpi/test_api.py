@@ -26,6 +26,8 @@ from services.kpi.tables import (
     kpi_conversion_daily,
     kpi_response_time_daily,
     outbox,
+    stale_tickets,
+    tickets,
 )
 from shared.auth import create_key
 from shared.codec import decode_with
@@ -35,6 +37,7 @@ from tests.kpi.factories import (
     apply,
     churn_events,
     conversion_events,
+    march_lapse_events,
     message,
     profile,
     purchase,
@@ -190,10 +193,14 @@ async def test_churn_by_month_and_reason(kpi: Kpi) -> None:
     jan, feb, mar = months["2026-01-01"], months["2026-02-01"], months["2026-03-01"]
     assert jan["contractual"] == {"active_at_start": 4, "churned": 2, "rate": 0.5}
     assert jan["groups"]["contractual"]["price"] == {"active_at_start": 4, "churned": 1, "rate": 0.25}
-    assert jan["non_contractual"] == {"active_at_start": 3, "churned": 0, "rate": 0.0}
+    assert jan["lapsed"] == {"active_at_start": 3, "churned": 0, "rate": 0.0}
     assert feb["contractual"]["rate"] == 0.5
-    assert feb["non_contractual"]["churned"] == 1
-    assert mar["non_contractual"] == {"active_at_start": 3, "churned": 1, "rate": pytest.approx(1 / 3)}
+    assert feb["lapsed"]["churned"] == 1
+    assert mar["lapsed"] == {"active_at_start": 3, "churned": 1, "rate": pytest.approx(1 / 3)}
+    # No CLV model fitted yet: P(alive) is unknown, and so is non-contractual churn.
+    assert body["p_alive_model"] is None
+    assert body["p_alive_threshold"] == 0.3
+    assert all(b["non_contractual"] is None for b in body["buckets"])
     assert body["total"]["win_back"]["all"] == {
         "episodes": 3,
         "won_back": 1,
@@ -279,6 +286,66 @@ async def test_grafana_tables_follow_late_events(kpi: Kpi) -> None:
         assert months  # the purchases of the scenario give churn months too
 
 
+async def test_tickets_read_right_after_a_batch_equal_the_rebuilt_ones(kpi: Kpi) -> None:
+    """The consumer marks tickets stale and the periodic rollup rebuilds them: the API derives
+    the stale ones from their steps meanwhile, so its answers never wait for the rollup."""
+    kpi.at(TICKETS_NOW)
+    events = ticket_events()
+    late = next(e for e in events if e.event_id == "s-T4-agent_replied-202601111030")
+    await kpi.apply([e for e in events if e is not late])
+    span = {"from": "2026-01-10", "to": "2026-01-12"}
+
+    async def answer() -> Any:
+        return await kpi.get("/v1/kpis/response-time", **span, by="category")
+
+    async def stale() -> int:
+        async with kpi.db.sessions() as s:
+            return int(await s.scalar(select(func.count()).select_from(stale_tickets)) or 0)
+
+    async def stored() -> int:
+        async with kpi.db.sessions() as s:
+            return int(await s.scalar(select(func.count()).select_from(tickets)) or 0)
+
+    assert (await stale(), await stored()) == (5, 0)
+    before = await answer()
+    assert (before["total"]["stats"]["tickets"], before["total"]["stats"]["breached"]) == (5, 3)
+    assert await kpi.service.rebuild_tickets() == 5
+    assert (await stale(), await stored()) == (0, 5)
+    assert await answer() == before
+    await kpi.apply([late])  # T4's late first reply: only T4 is stale, the rest come from the table
+    assert await stale() == 1
+    after = await answer()
+    assert (after["total"]["stats"]["tickets"], after["total"]["stats"]["breached"]) == (5, 2)
+    assert (before["open_in_breach"]["count"], after["open_in_breach"]["count"]) == (2, 1)  # T4 answered
+    assert await kpi.service.rebuild_tickets() == 1
+    assert await stale() == 0
+    assert await answer() == after
+    assert await kpi.service.rebuild_tickets() == 0
+
+
+async def test_a_late_status_redoes_the_day_its_message_began_on(kpi: Kpi) -> None:
+    """The batch marks only its statuses' day; the rollup widens that to the day the message
+    began on (the day its Grafana row is under)."""
+    kpi.at(utc(2026, 1, 25))
+    first = message("L1", "c9", "sent", utc(2026, 1, 8), channel="email")
+    late = message("L1", "c9", "delivered", utc(2026, 1, 14), channel="email")
+    await kpi.apply([first])
+    await kpi.service.run_rollups()
+
+    async def delivered(day: date) -> tuple[int, int]:
+        async with kpi.db.sessions() as s:
+            c = kpi_conversion_daily.c
+            row = (
+                await s.execute(select(kpi_conversion_daily).where(c.day == day, c.dimension == "all"))
+            ).one()
+            return row.sent, row.delivered
+
+    assert await delivered(date(2026, 1, 8)) == (1, 0)
+    await kpi.apply([late])
+    await kpi.service.run_rollups()
+    assert await delivered(date(2026, 1, 8)) == (1, 1)
+
+
 async def test_churn_table_by_month(kpi: Kpi) -> None:
     kpi.at(CHURN_NOW)
     await kpi.apply(churn_events())
@@ -290,8 +357,74 @@ async def test_churn_table_by_month(kpi: Kpi) -> None:
         ).all()
     table = {(r.month, r.kind): (r.active_at_start, r.churned) for r in rows}
     assert table[(date(2026, 1, 1), "contractual")] == (4, 2)
-    assert table[(date(2026, 2, 1), "non_contractual")] == (3, 1)
-    assert table[(date(2026, 3, 1), "non_contractual")] == (3, 1)
+    assert table[(date(2026, 2, 1), "lapsed")] == (3, 1)
+    assert table[(date(2026, 3, 1), "lapsed")] == (3, 1)
+    # Without a CLV model there is no non-contractual figure, rather than a made-up one.
+    assert not [k for k in table if k[1] == "non_contractual"]
+
+
+def unit_model(as_of: date, a: float = 1.0) -> dict[str, Any]:
+    """A stored CLV model with r = alpha = b = 1 (test_churn's hand-computed P(alive) when a = 1)."""
+    return {
+        "as_of": as_of.isoformat(),
+        "params": {"r": 1.0, "alpha": 1.0, "a": a, "b": 1.0, "p": 6.0, "q": 4.0, "gamma": 15.0},
+    }
+
+
+async def test_non_contractual_churn_uses_the_latest_model(kpi: Kpi) -> None:
+    kpi.at(CHURN_NOW)
+    await kpi.apply(march_lapse_events())
+    async with kpi.db.transaction() as s:
+        await kpi.service.repo.save_clv_model(
+            s, date(2026, 4, 1), "test", utc(2026, 4, 1), unit_model(date(2026, 4, 1))
+        )
+        # A model as of a day after today is not the latest one for today.
+        await kpi.service.repo.save_clv_model(
+            s, date(2026, 4, 20), "test", utc(2026, 4, 20), unit_model(date(2026, 4, 20), a=1e-9)
+        )
+    params = {"from": "2026-03-01", "to": "2026-03-31", "by": "tier"}
+    body = await kpi.get("/v1/kpis/churn", **params)
+    assert body["p_alive_model"] | {"fitted_at": None} == {
+        "as_of": "2026-04-01",
+        "fitted_at": None,
+        "r": 1.0,
+        "alpha": 1.0,
+        "a": 1.0,
+        "b": 1.0,
+    }
+    (march,) = body["buckets"]
+    # R (P(alive) 49/2753) churned; L (0.758) and O (one purchase: 1) only lapsed.
+    assert march["non_contractual"] == {"active_at_start": 3, "churned": 1, "rate": pytest.approx(1 / 3)}
+    assert march["lapsed"] == {"active_at_start": 3, "churned": 3, "rate": 1.0}
+    assert march["groups"]["non_contractual"] == {
+        "bronze": {"active_at_start": 1, "churned": 0, "rate": 0.0},
+        "gold": {"active_at_start": 2, "churned": 1, "rate": 0.5},
+    }
+    await kpi.service.run_rollups()
+
+    async def march_table() -> dict[str, tuple[int, int]]:
+        async with kpi.db.sessions() as s:
+            c = kpi_churn_monthly.c
+            rows = (
+                await s.execute(
+                    select(kpi_churn_monthly).where(c.dimension == "all", c.month == date(2026, 3, 1))
+                )
+            ).all()
+        return {r.kind: (r.active_at_start, r.churned) for r in rows}
+
+    assert await march_table() == {"contractual": (3, 0), "lapsed": (3, 3), "non_contractual": (3, 1)}
+
+    # A newer model where dropping out is all but impossible (a → 0): P(alive) ≈ 1 for everyone,
+    # so nobody churned; the Grafana table follows the new model without any new event.
+    async with kpi.db.transaction() as s:
+        await kpi.service.repo.save_clv_model(
+            s, date(2026, 4, 14), "test", utc(2026, 4, 14), unit_model(date(2026, 4, 14), a=1e-9)
+        )
+    body = await kpi.get("/v1/kpis/churn", **params)
+    assert body["p_alive_model"]["as_of"] == "2026-04-14"
+    assert body["buckets"][0]["non_contractual"] == {"active_at_start": 3, "churned": 0, "rate": 0.0}
+    await kpi.service.run_rollups()
+    assert (await march_table())["non_contractual"] == (3, 0)
 
 
 # --- CLV --------------------------------------------------------------------------------------------------

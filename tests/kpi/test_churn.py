@@ -5,6 +5,7 @@ Months are local to Asia/Jerusalem: March 2026 starts at 2026-02-28 22:00 UTC.
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -12,6 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.kpi.churn import (
+    AliveTest,
     CustomerHistory,
     active_contractual,
     active_non_contractual,
@@ -20,8 +22,11 @@ from services.kpi.churn import (
     episodes,
     first_lapse_after,
     history,
+    lapse_in,
+    non_contractual_churn,
     win_back,
 )
+from services.kpi.clv import BgNbdParams
 from services.kpi.periods import Granularity, buckets, period
 
 JERUSALEM = ZoneInfo("Asia/Jerusalem")
@@ -84,19 +89,17 @@ def test_monthly_churn() -> None:
         "price": (1, 0.25),
         "service": (1, 0.25),
     }
-    assert (jan.non_contractual.active_at_start, jan.non_contractual.churned, jan.non_contractual.rate) == (
-        3,
-        0,
-        0.0,
-    )
+    assert (jan.lapsed.active_at_start, jan.lapsed.churned, jan.lapsed.rate) == (3, 0, 0.0)
     # February: A cancels (of A, B); C lapses on the 18th (of A, C, E).
     assert (feb.contractual.active_at_start, feb.contractual.churned, feb.contractual.rate) == (2, 1, 0.5)
     assert list(feb.contractual_by_reason) == ["price"]
-    assert (feb.non_contractual.active_at_start, feb.non_contractual.churned) == (3, 1)
-    assert feb.non_contractual.rate == pytest.approx(1 / 3)
+    assert (feb.lapsed.active_at_start, feb.lapsed.churned) == (3, 1)
+    assert feb.lapsed.rate == pytest.approx(1 / 3)
     # March: nobody cancels (of B, D); E lapses on 1 March 12:00 local (of A, D, E).
     assert (mar.contractual.active_at_start, mar.contractual.churned, mar.contractual.rate) == (2, 0, 0.0)
-    assert (mar.non_contractual.active_at_start, mar.non_contractual.churned) == (3, 1)
+    assert (mar.lapsed.active_at_start, mar.lapsed.churned) == (3, 1)
+    # Without a fitted model P(alive) is unknown: no non-contractual churn figure at all.
+    assert [m.non_contractual for m in (jan, feb, mar)] == [None, None, None]
 
 
 def test_churn_by_tier() -> None:
@@ -115,8 +118,8 @@ def test_a_lapse_after_now_has_not_happened_yet() -> None:
     a = customers()[0]  # lapses 15 April 10:00 UTC
     before = churn([a], [april], WINDOW, d(2026, 4, 15, 9))[0]
     after = churn([a], [april], WINDOW, d(2026, 4, 15, 11))[0]
-    assert before.non_contractual.churned == 0
-    assert after.non_contractual.churned == 1
+    assert before.lapsed.churned == 0
+    assert after.lapsed.churned == 1
 
 
 def test_late_events_give_the_same_answer() -> None:
@@ -139,12 +142,14 @@ def test_a_late_purchase_corrects_a_past_month() -> None:
     c = customers()[2]
     corrected = history("C", [*c.purchases, d(2026, 2, 1)], c.cancellations, tier="gold")
     feb = churn([corrected], MONTHS, WINDOW, NOW)[1]
-    assert feb.non_contractual.churned == 0
+    assert feb.lapsed.churned == 0
 
 
 def test_empty_periods() -> None:
     results = churn([], MONTHS, WINDOW, NOW)
-    assert all(r.contractual.rate is None and r.non_contractual.rate is None for r in results)
+    assert all(r.contractual.rate is None and r.lapsed.rate is None for r in results)
+    with_model = churn([], MONTHS, WINDOW, NOW, AliveTest(UNIT, 0.3, JERUSALEM))
+    assert all(r.non_contractual is not None and r.non_contractual.rate is None for r in with_model)
     assert all(r.contractual.active_at_start == 0 for r in results)
     # A month before anyone bought: nobody active, no rate.
     early = period(date(2025, 1, 1), date(2025, 1, 31), JERUSALEM)
@@ -216,3 +221,108 @@ def test_a_second_departure_after_a_return_is_a_new_episode() -> None:
         (d(2025, 2, 1), d(2025, 3, 1)),
         (d(2025, 4, 1), None),
     ]
+
+
+# --- non-contractual churn: lapsed and P(alive) at the lapse below the threshold -------------------
+#
+# BG/NBD with r = alpha = a = b = 1, so P(alive) = 1 / (1 + [x > 0] / x * ((1 + T) / (1 + t_x))^(1 + x))
+# (a / (b + x - 1) = 1 / x). Purchases at 12:00 UTC (14:00 local): local days are UTC days.
+
+UNIT = BgNbdParams(r=1.0, alpha=1.0, a=1.0, b=1.0)
+
+
+def noon(year: int, month: int, day: int) -> datetime:
+    return datetime(year, month, day, 12, tzinfo=UTC)
+
+
+def lapsing_in_march() -> list[CustomerHistory]:
+    loyal_last = noon(2025, 12, 10)
+    return [
+        # Weekly pair, then silence: lapses 8 March 12:00 UTC. x = 1, t_x = 1 week,
+        # T = 1 Dec → 8 Mar = 97 days: P = 1 / (1 + ((1 + 97/7) / 2)^2) = 1 / (1 + (52/7)^2) = 49/2753.
+        history("R", [noon(2025, 12, 1), noon(2025, 12, 8)], tier="gold"),
+        # Eleven purchases 80 days apart (never a 90-day gap), the last on 10 December: lapses
+        # 10 March. x = 10, t_x = 800/7, T = 890/7: P = 1 / (1 + 0.1 * (897/807)^11) = 0.757594.
+        history("L", [loyal_last - timedelta(days=80 * k) for k in range(11)], tier="gold"),
+        # One purchase: lapses 5 March with x = 0, and P(alive) = 1 in the BG/NBD.
+        history("O", [noon(2025, 12, 5)], tier="bronze"),
+    ]
+
+
+MARCH = MONTHS[2]
+
+
+def test_p_alive_at_the_lapse_by_hand() -> None:
+    alive = AliveTest(UNIT, 0.3, JERUSALEM)
+    r, loyal, once = lapsing_in_march()
+    assert lapse_in(r, MARCH, WINDOW, NOW) == noon(2026, 3, 8)
+    assert lapse_in(loyal, MARCH, WINDOW, NOW) == noon(2026, 3, 10)
+    assert lapse_in(once, MARCH, WINDOW, NOW) == noon(2026, 3, 5)
+    assert alive.p_alive_at(r, noon(2026, 3, 8)) == pytest.approx(49 / 2753, rel=1e-12)
+    assert alive.p_alive_at(loyal, noon(2026, 3, 10)) == pytest.approx(1 / (1 + 0.1 * (897 / 807) ** 11))
+    assert alive.p_alive_at(once, noon(2026, 3, 5)) == 1.0
+    assert [non_contractual_churn(h, MARCH, WINDOW, NOW, alive) for h in (r, loyal, once)] == [
+        True,
+        False,
+        False,
+    ]
+
+
+def test_p_alive_counts_only_purchases_before_the_lapse() -> None:
+    # R comes back on 20 March: the 8 March lapse still happened, judged on what came before it.
+    r = lapsing_in_march()[0]
+    back = history("R", [*r.purchases, noon(2026, 3, 20)])
+    alive = AliveTest(UNIT, 0.3, JERUSALEM)
+    assert lapse_in(back, MARCH, WINDOW, NOW) == noon(2026, 3, 8)
+    assert alive.p_alive_at(back, noon(2026, 3, 8)) == pytest.approx(49 / 2753, rel=1e-12)
+
+
+def test_non_contractual_churn_needs_both_conditions() -> None:
+    histories = lapsing_in_march()
+    (march,) = churn(histories, [MARCH], WINDOW, NOW, AliveTest(UNIT, 0.3, JERUSALEM))
+    # All three bought within 90 days before 1 March (local) and lapse in March, before NOW.
+    assert (march.lapsed.active_at_start, march.lapsed.churned, march.lapsed.rate) == (3, 3, 1.0)
+    # Only R's P(alive) (0.0178) is below 0.3; L (0.7576) and O (1) are probably still customers.
+    assert march.non_contractual is not None
+    assert (march.non_contractual.active_at_start, march.non_contractual.churned) == (3, 1)
+    assert march.non_contractual.rate == pytest.approx(1 / 3)
+    assert {t: (c.active_at_start, c.churned) for t, c in march.non_contractual_by_tier.items()} == {
+        "bronze": (1, 0),
+        "gold": (2, 1),
+    }
+    assert {t: (c.active_at_start, c.churned) for t, c in march.lapsed_by_tier.items()} == {
+        "bronze": (1, 1),
+        "gold": (2, 2),
+    }
+    # Contractual churn does not depend on P(alive).
+    assert march.contractual == churn(histories, [MARCH], WINDOW, NOW)[0].contractual
+
+
+@pytest.mark.parametrize(
+    ("threshold", "churned"),
+    [(0.0, 0), (0.0177, 0), (0.0179, 1), (0.3, 1), (0.757, 1), (0.758, 2), (1.0, 2)],
+)
+def test_the_threshold_is_strict_and_configurable(threshold: float, churned: int) -> None:
+    (march,) = churn(lapsing_in_march(), [MARCH], WINDOW, NOW, AliveTest(UNIT, threshold, JERUSALEM))
+    assert march.non_contractual is not None
+    # O (P(alive) = 1) never falls below a threshold of at most 1.
+    assert march.non_contractual.churned == churned
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_not_a_number_p_alive_is_not_churn() -> None:
+    # A degenerate fit (a, b run off to infinity) gives P(alive) = nan: not below any threshold.
+    runaway = AliveTest(BgNbdParams(r=1.0, alpha=1.0, a=math.inf, b=math.inf), 0.3, JERUSALEM)
+    r = lapsing_in_march()[0]
+    assert math.isnan(runaway.p_alive_at(r, noon(2026, 3, 8)))
+    assert not runaway.gone(r, noon(2026, 3, 8))
+
+
+def test_lapse_days_are_local() -> None:
+    # A purchase at 23:30 UTC on 1 December is on 2 December in Jerusalem: t_x = 6 days after
+    # 26 November, and its lapse at 23:30 UTC on 1 March is on local 2 March.
+    h = history("N", [datetime(2025, 12, 1, 23, 30, tzinfo=UTC), noon(2025, 11, 26)])
+    lapse = datetime(2026, 3, 1, 23, 30, tzinfo=UTC)
+    assert lapse_in(h, MARCH, WINDOW, NOW) == lapse
+    # x = 1, t_x = 6/7, T = (26 Nov → 2 Mar local = 96 days)/7: P = 1 / (1 + ((103/7) / (13/7))^2).
+    assert AliveTest(UNIT, 0.3, JERUSALEM).p_alive_at(h, lapse) == pytest.approx(1 / (1 + (103 / 13) ** 2))

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import event
 from twilio.request_validator import RequestValidator
 
 from services.messenger.app import create_app
@@ -464,3 +465,85 @@ async def test_a_customer_who_never_gets_an_address_is_recorded_once(world: Worl
     assert row["status"] == "no_address"
     world.clock.now = NOON + timedelta(hours=1)
     assert await world.service.fire_waits() == 0
+
+
+def customer_in_neither_holdout() -> str:
+    return next(
+        c
+        for c in (f"b{i}" for i in range(1000))
+        if not in_holdout(c, "thank_you", 10) and not in_holdout(c, "tier_upgrade", 5)
+    )
+
+
+async def test_one_batch_decides_its_updates_in_order(world: World) -> None:
+    """A batch is read and written a table at a time, yet each update is decided after the
+    ones before it: the second message of the day for one customer is capped by the first."""
+    customer = customer_in_neither_holdout()
+    first = purchase_update(customer, 1, NOON)
+    result = await world.service.apply_batch(delivered([first, tier_update(customer, NOON), first]))
+    assert (result.applied, result.duplicates) == (2, 1)
+    rows = await messages(world, customer)
+    assert [(r["journey"], r["status"]) for r in rows] == [
+        ("thank_you", "queued"),
+        ("tier_upgrade", "capped"),
+    ]
+
+
+def counting_statements(db: Database) -> list[str]:
+    seen: list[str] = []
+    event.listen(db.engine.sync_engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
+    return seen
+
+
+async def test_a_batch_takes_as_many_statements_for_fifty_customers_as_for_five(world: World) -> None:
+    statements = counting_statements(world.db)
+    counts = []
+    for size in (5, 50):
+        start = len(statements)
+        at = NOON + timedelta(minutes=size)
+        await world.service.apply_batch(
+            delivered([purchase_update(f"n{size}-{i}", 1, at) for i in range(size)])
+        )
+        counts.append(len(statements) - start)
+    assert counts[0] == counts[1] <= 20, statements
+
+
+async def test_two_senders_racing_hand_each_message_over_once(world: World) -> None:
+    updates = [complaint_update(f"q{i}", NOON) for i in range(40)]  # transactional: no caps, no holdout
+    await world.service.apply_batch(delivered(updates))
+    provider = world.service.providers[Channel.SMS]
+    handed: list[str] = []
+    real_send = provider.send
+
+    async def counting_send(msg: Any) -> Any:
+        handed.append(msg.message_id)
+        return await real_send(msg)
+
+    provider.send = counting_send  # type: ignore[method-assign]
+    other = MessengerService(
+        world.db, world.service.settings, None, world.service.providers, clock=world.clock
+    )
+    first, second = await asyncio.gather(world.service.send_due(), other.send_due())
+    ledger = await world.service.list_messages(
+        customer_id=None, journey=None, status=None, before=None, limit=500
+    )
+    assert {r["status"] for r in ledger} == {"sent"}
+    assert sorted(handed) == sorted(r["id"] for r in ledger)  # every message once, none twice
+    assert sorted(o.message_id for o in [*first, *second]) == sorted(handed)
+
+
+async def test_held_messages_are_checked_again_in_order_when_the_window_opens(world: World) -> None:
+    """Held messages do not count against caps until they go: two held overnight for one
+    customer are both held, and when the window opens the daily cap lets the first go."""
+    customer = customer_in_neither_holdout()
+    world.clock.now = datetime(2026, 11, 24, 21, 30, tzinfo=UTC)  # 23:30 in Jerusalem
+    night = world.clock.now
+    await world.service.apply_batch(
+        delivered([purchase_update(customer, 1, night), tier_update(customer, night)])
+    )
+    assert {r["status"] for r in await messages(world, customer)} == {"held_quiet_hours"}
+    world.clock.now = datetime(2026, 11, 25, 7, 0, 1, tzinfo=UTC)
+    outcomes = await world.service.send_due()
+    assert sorted(o.status for o in outcomes) == ["capped", "sent"]
+    rows = await messages(world, customer)
+    assert sorted(r["status"] for r in rows) == ["capped", "sent"]

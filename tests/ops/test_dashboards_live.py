@@ -6,8 +6,12 @@ the session's PostgreSQL, seeded through its own code path (tests/ops/seed.py). 
 Prometheus (Debian's package) runs the shipped config with the ports moved and a 1 s scrape.
 Traffic goes in through ingest's API (plus a poison record and a re-delivered event straight
 onto Kafka, and an unsubscribe link), in two waves so counters born in the first one move in
-the second. Then every PromQL panel query must return a finite value, every SQL panel query
-must return rows, and every metric a panel or alert names must be exported by some process.
+the second; the second finds the segmenter's database locked, so its consumer retries. Then
+every PromQL panel query must return a finite value, every SQL panel query must return rows,
+every metric a panel or alert names must be exported by some process, every alert's signal
+(its expression without the threshold, tests/ops/promql.py) must return series, and the alerts
+whose condition this traffic creates (dead letters, retries, tickets past their target, a
+stopped process) must be active in Prometheus.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import math
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +50,7 @@ from shared.infra.prometheus import LocalPrometheus
 from shared.kafka.producer import OutboundRecord, Producer
 from shared.topics import all_topic_names, ensure_topics
 from tests.ops.grafana import alert_rules, expanded, family, metric_names, panel_queries
+from tests.ops.promql import signals
 from tests.ops.seed import seed_kpi_database
 from tests.support.infra import KafkaHandle, PostgresHandle, free_port
 
@@ -60,6 +67,21 @@ PROCESS_PORTS = {
     8103: "messenger-consumer",
     8203: "messenger-sender",
     8104: "kpi-consumer",
+}
+# Alerts whose full expression this test's traffic makes true, and how.
+ACTIVE_LIVE = {
+    "RetainDeadLettersGrowing": "the poison record of each wave",
+    "RetainDeadLettersWaiting": "the same dead letters (pending: it waits an hour)",
+    "RetainConsumerRetrying": "the segmenter's database locked during the second wave",
+    "RetainResponseTimeBreachRate": "the seeded tickets left unanswered past their target",
+    "RetainProviderFailureRate": "the second wave's welcome emails, to an SMTP server not there",
+}
+# Not made true here, and why: each has a promtool unit test where it fires, and its signal
+# is checked live like every alert's.
+NOT_ACTIVE_LIVE = {
+    "RetainConsumerLagGrowing": "needs lag above 100 rising for 10 minutes",
+    "RetainHeldMessagesOverdue": "needs a held message 15 minutes past its window",
+    "RetainTargetDown": "test_a_stopped_process_is_a_target_down_alert, at the end",
 }
 # Exported, but deliberately on no dashboard and in no alert (the reason is the value).
 NOT_CHARTED = {
@@ -85,6 +107,8 @@ class Live:
     kpi_url: str
     started: datetime
     ports: dict[int, int]
+    processes: dict[str, subprocess.Popen[bytes]]
+    launch: Callable[[set[str]], None]  # starts the named processes (again)
     logs: dict[str, Path] = field(default_factory=dict)
 
     def tails(self, lines: int = 15) -> str:
@@ -104,23 +128,26 @@ def _zone_at(now: datetime, local_hour: int) -> str:
     return name
 
 
-def wave(tag: str, now: datetime) -> list[dict[str, Any]]:
+def wave(tag: str, now: datetime, mail: int = 3) -> list[dict[str, Any]]:
     """Backend events of a few new customers: welcome and thank-you journeys (the second
     capped by one marketing message a day), SMS through the outbox, email through an SMTP
     server that is not there (provider errors), one customer in quiet hours (held), tickets,
-    a complaint and a cancellation."""
+    a complaint and a cancellation. ``mail`` customers prefer email (three prefer SMS)."""
     day, night = _zone_at(now, 14), _zone_at(now, 2)
     at = (now - timedelta(minutes=5)).isoformat()
     later = (now - timedelta(minutes=4)).isoformat()
     customers: list[tuple[str, dict[str, Any]]] = []
-    for i in range(3):
+    for i in range(max(3, mail)):
         phone = f"+9725212345{i}{len(tag)}"
-        customers.append(
-            (
-                f"{tag}-sms-{i}",
-                {"phone": phone, "timezone": day, "preferred_channel": "sms", "consents": {"sms": True}},
+        if i < 3:
+            customers.append(
+                (
+                    f"{tag}-sms-{i}",
+                    {"phone": phone, "timezone": day, "preferred_channel": "sms", "consents": {"sms": True}},
+                )
             )
-        )
+        if i >= mail:
+            continue
         customers.append(
             (
                 f"{tag}-mail-{i}",
@@ -207,7 +234,8 @@ def wave(tag: str, now: datetime) -> list[dict[str, Any]]:
 
 async def _wait_http(url: str, name: str, logs: Mapping[str, Path]) -> None:
     try:
-        async with asyncio.timeout(60), httpx.AsyncClient(timeout=2.0) as http:
+        # Generous: eight Python processes starting at once on a busy 2-core machine.
+        async with asyncio.timeout(180), httpx.AsyncClient(timeout=2.0) as http:
             while True:
                 try:
                     if (await http.get(url)).status_code == 200:
@@ -221,10 +249,17 @@ async def _wait_http(url: str, name: str, logs: Mapping[str, Path]) -> None:
 
 
 async def _send_wave(
-    http: httpx.AsyncClient, producer: Producer, prefix: str, ingest: str, key: str, messenger: str, tag: str
+    http: httpx.AsyncClient,
+    producer: Producer,
+    prefix: str,
+    ingest: str,
+    key: str,
+    messenger: str,
+    tag: str,
+    mail: int = 3,
 ) -> None:
     headers = {"Authorization": f"Bearer {key}"}
-    events = wave(tag, datetime.now(UTC))
+    events = wave(tag, datetime.now(UTC), mail)
     accepted = await http.post(f"{ingest}/v1/events", json=events, headers=headers)
     assert accepted.status_code == 202, accepted.text
     # The same batch again: answered from ingest's dedupe window, not produced twice.
@@ -246,11 +281,36 @@ async def _send_wave(
     assert (await http.post(f"{messenger}/u/{token}")).status_code == 200
 
 
-async def _until_sent(http: httpx.AsyncClient, sender_metrics: str) -> None:
-    """Until the sender has tried an email: the wave went all the way through."""
-    tried = re.compile(r'retain_messenger_provider_calls_total\{[^}]*channel="email"')
-    while not tried.search((await http.get(sender_metrics)).text):
+# Samples of a process's /metrics, the value captured. Email tried: a wave went all the way
+# through the sender. Batches retried after "database is locked" (OperationalError).
+EMAIL_TRIED = re.compile(r'retain_messenger_provider_calls_total\{[^}]*channel="email"[^}]*\} (\S+)')
+RETRIED = re.compile(r'retain_consumer_retries_total\{[^}]*error="OperationalError"[^}]*\} (\S+)')
+
+
+async def _until_exported(
+    http: httpx.AsyncClient, metrics_url: str, sample: re.Pattern[str], at_least: float = 1.0
+) -> None:
+    """Until the process serving ``metrics_url`` exports ``sample`` with a value of at least
+    ``at_least``."""
+    while True:
+        match = sample.search((await http.get(metrics_url)).text)
+        if match and float(match.group(1)) >= at_least:
+            return
         await asyncio.sleep(0.2)
+
+
+@contextmanager
+def _write_locked(database: Path) -> Iterator[None]:
+    """SQLite's write lock on ``database``, held by the test: the service's writers wait out
+    their busy_timeout (15 s) and fail with "database is locked", the transient error a
+    consumer retries its batch for, as when its database is away."""
+    conn = sqlite3.connect(database, isolation_level=None, timeout=30)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
 
 
 async def _until_prometheus_has(prometheus: LocalPrometheus, promql: str) -> None:
@@ -341,7 +401,7 @@ async def live(
     )
     producer = Producer(kafka.bootstrap, client_id=f"ops-{unique}")
 
-    def start(names: set[str]) -> None:
+    def start(names: set[str]) -> None:  # and again, for a process the tests stopped
         for name, (command, extra) in _commands(ports).items():
             if name in names:
                 logs[name] = tmp / f"{name}.log"
@@ -369,16 +429,24 @@ async def live(
         ingest = f"http://127.0.0.1:{ports[8001]}"
         messenger = f"http://127.0.0.1:{ports[8003]}"
         sender_metrics = f"http://127.0.0.1:{ports[8203]}/metrics"
-        async with asyncio.timeout(90), httpx.AsyncClient(timeout=30.0) as http:
+        segmenter_consumer_metrics = f"http://127.0.0.1:{ports[8102]}/metrics"
+        async with asyncio.timeout(300), httpx.AsyncClient(timeout=30.0) as http:
             await _send_wave(http, producer, prefix, ingest, key, messenger, "w1")
-            await asyncio.to_thread(prometheus.wait_until_targets_up, 30.0)
-            await _until_sent(http, sender_metrics)
+            await asyncio.to_thread(prometheus.wait_until_targets_up, 60.0)
+            await _until_exported(http, sender_metrics, EMAIL_TRIED)
             # Once Prometheus holds the first wave's counters, the second wave moves them: rates
             # over the next minute are positive, and the queries run within it.
             await _until_prometheus_has(prometheus, "retain_messenger_provider_calls_total")
-            await _send_wave(http, producer, prefix, ingest, key, messenger, "w2")
+            # The segmenter's consumer finds its database locked and applies the second wave
+            # once the lock is gone. Two failed tries (~30 s), because increase() cannot see a
+            # counter's birth, and RetainConsumerRetrying is written with increase().
+            with _write_locked(tmp / "segmenter.db"):
+                # More email customers than the first: each welcome email fails (no SMTP
+                # server), enough of them within 10 minutes for RetainProviderFailureRate.
+                await _send_wave(http, producer, prefix, ingest, key, messenger, "w2", mail=12)
+                await _until_exported(http, segmenter_consumer_metrics, RETRIED, at_least=2)
             await _until_prometheus_has(prometheus, "rate(retain_messenger_provider_seconds_count[1m]) > 0")
-        yield Live(prometheus, kpi_url, now, ports, logs)
+        yield Live(prometheus, kpi_url, now, ports, processes, start, logs)
     finally:
         await producer.stop()
         _stop(processes)
@@ -389,26 +457,80 @@ def _finite(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(series["value"][1])) for series in result)
 
 
+async def _failing(live: Live, queries: Mapping[str, str], *, within: float) -> dict[str, str]:
+    """The queries (by label) that are invalid or return no finite value, tried again until
+    none is or ``within`` seconds have passed: the scrapes and rule evaluations of the last
+    traffic may still be arriving."""
+    deadline = time.monotonic() + within
+    while True:
+        failing: dict[str, str] = {}
+        for label, promql in queries.items():
+            try:
+                result = await asyncio.to_thread(live.prometheus.query, promql)
+            except Exception as exc:  # noqa: BLE001 - reported per query below
+                failing[label] = f"{promql}\n    error: {exc}"
+                continue
+            if not _finite(result):
+                failing[label] = f"{promql}\n    {'only NaN' if result else 'no data'}"
+        if not failing or time.monotonic() > deadline:
+            return failing
+        await asyncio.sleep(1.0)
+
+
+def _report(failing: Mapping[str, str], live: Live) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in failing.items()) + "\n" + live.tails()
+
+
+async def _rules(live: Live) -> dict[str, dict[str, Any]]:
+    groups = await asyncio.to_thread(live.prometheus.rule_groups)
+    return {r["name"]: r for g in groups for r in g["rules"]}
+
+
+def _label_sets(result: list[dict[str, Any]]) -> set[frozenset[tuple[str, str]]]:
+    return {frozenset(series["metric"].items()) for series in result}
+
+
+async def test_alerts_made_true_by_the_traffic_are_active(live: Live) -> None:
+    """First in this module: RetainConsumerRetrying looks back 5 minutes only.
+
+    The full expression returns series, only ones its signal has (a threshold filters,
+    it does not invent), and Prometheus' own evaluation of the rule is pending or firing."""
+    rules = {r["alert"]: r for r in alert_rules()}
+    assert set(ACTIVE_LIVE) | set(NOT_ACTIVE_LIVE) == set(rules)
+    assert not set(ACTIVE_LIVE) & set(NOT_ACTIVE_LIVE)
+    failing = await _failing(live, {name: rules[name]["expr"] for name in ACTIVE_LIVE}, within=60)
+    assert not failing, _report(failing, live)
+    for name in ACTIVE_LIVE:
+        full = await asyncio.to_thread(live.prometheus.query, rules[name]["expr"])
+        watched = await asyncio.to_thread(live.prometheus.query, signals(rules[name]["expr"])[0])
+        assert _label_sets(full) <= _label_sets(watched), name
+    deadline = time.monotonic() + 15
+    while True:
+        loaded = await _rules(live)
+        inactive = {n: loaded[n].get("state") for n in ACTIVE_LIVE if not loaded[n].get("alerts")}
+        if not inactive or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert inactive == {}
+    assert {n: loaded[n]["state"] for n in ACTIVE_LIVE} == {
+        "RetainDeadLettersGrowing": "firing",  # no `for:`
+        "RetainDeadLettersWaiting": "pending",
+        "RetainConsumerRetrying": "pending",
+        "RetainResponseTimeBreachRate": "pending",
+        "RetainProviderFailureRate": "pending",
+    }
+    retrying = [a["labels"] for a in loaded["RetainConsumerRetrying"]["alerts"]]
+    assert [(r["service"], r["group"][:8], r["error"]) for r in retrying] == [
+        ("segmenter", "ops-seg-", "OperationalError")  # the locked database, and nothing else
+    ]
+
+
 async def test_every_prometheus_panel_query_returns_data(live: Live) -> None:
     queries = [q for q in panel_queries() if q.kind == "prometheus"]
     assert len(queries) > 30
     start, end = live.started - timedelta(days=400), live.started + timedelta(days=1)
-    deadline = time.monotonic() + 40
-    while True:
-        failing: dict[str, str] = {}
-        for q in queries:
-            promql = expanded(q, start, end)
-            try:
-                result = await asyncio.to_thread(live.prometheus.query, promql)
-            except Exception as exc:  # noqa: BLE001 - reported per query below
-                failing[q.label] = f"{promql}\n    error: {exc}"
-                continue
-            if not _finite(result):
-                failing[q.label] = f"{promql}\n    {'only NaN' if result else 'no data'}"
-        if not failing or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(1.0)
-    assert not failing, "\n".join(f"{k}: {v}" for k, v in failing.items()) + "\n" + live.tails()
+    failing = await _failing(live, {q.label: expanded(q, start, end) for q in queries}, within=40)
+    assert not failing, _report(failing, live)
 
 
 async def test_every_sql_panel_query_returns_rows(live: Live) -> None:
@@ -433,8 +555,7 @@ async def test_every_alert_is_loaded_healthy_and_its_expression_valid(live: Live
     loaded: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        groups = await asyncio.to_thread(live.prometheus.rule_groups)
-        loaded = {r["name"]: r for g in groups for r in g["rules"]}
+        loaded = await _rules(live)
         if all(r.get("health") == "ok" for r in loaded.values()):
             break
         await asyncio.sleep(0.5)
@@ -442,10 +563,23 @@ async def test_every_alert_is_loaded_healthy_and_its_expression_valid(live: Live
     assert {n: r.get("lastError") for n, r in loaded.items() if r.get("health") != "ok"} == {}
     for rule in rules.values():
         await asyncio.to_thread(live.prometheus.query, rule["expr"])  # raises on an invalid one
-    # A healthy system fires nothing but the reminder that dead letters exist (the poison
-    # records above), which waits an hour before it fires.
+    # Nothing fires but the alert on new dead letters (the poison records above); the others
+    # made true here wait out their `for:` as pending.
     firing = {r["name"] for r in loaded.values() if r.get("state") == "firing"}
     assert firing <= {"RetainDeadLettersGrowing"}
+
+
+async def test_every_alert_signal_returns_data(live: Live) -> None:
+    """Each alert's expression without its threshold (every operand of a top-level ``and``)
+    has series: the alert watches something that exists, whatever its state."""
+    queries = {
+        f"{rule['alert']} / signal {n}": signal
+        for rule in alert_rules()
+        for n, signal in enumerate(signals(rule["expr"]), start=1)
+    }
+    assert len(queries) > len(alert_rules())  # the `and` alerts have two
+    failing = await _failing(live, queries, within=30)
+    assert not failing, _report(failing, live)
 
 
 async def test_every_metric_used_is_exported_and_every_exported_one_is_used(live: Live) -> None:
@@ -475,3 +609,31 @@ async def test_every_process_is_a_healthy_target(live: Live) -> None:
     assert json.dumps(sorted(t["labels"]["process"] for t in targets)) == json.dumps(
         sorted(["api"] * 4 + ["consumer"] * 3 + ["sender"])
     )
+
+
+async def test_a_stopped_process_is_a_target_down_alert(live: Live) -> None:
+    """Last in this module: it stops the sender and starts it again."""
+    name, prod_port = "messenger-sender", 8203
+    instance = f"127.0.0.1:{live.ports[prod_port]}"
+    expr = next(r["expr"] for r in alert_rules() if r["alert"] == "RetainTargetDown")
+    assert await asyncio.to_thread(live.prometheus.query, expr) == []  # all up so far
+    process = live.processes[name]
+    process.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(process.wait, 30)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                down = await asyncio.to_thread(live.prometheus.query, expr)
+                alerts = (await _rules(live))["RetainTargetDown"].get("alerts", [])
+                if down and alerts:
+                    break
+                await asyncio.sleep(0.5)
+        assert [s["metric"]["instance"] for s in down] == [instance]
+        assert down[0]["metric"]["service"] == "messenger"
+        assert down[0]["metric"]["process"] == "sender"
+        assert [a["labels"]["instance"] for a in alerts] == [instance]
+        assert alerts[0]["state"] == "pending"  # `for: 2m`
+    finally:
+        live.launch({name})
+        await _wait_http(f"http://{instance}/metrics", name, live.logs)
+    await _until_prometheus_has(live.prometheus, f'up{{instance="{instance}"}} == 1')

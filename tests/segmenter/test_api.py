@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from services.segmenter.app import create_app
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.consumer import MIGRATIONS
 from services.segmenter.profile import LifecycleConfig, build, facts
+from services.segmenter.repository import Standing
 from services.segmenter.rules import Assignment, compile_rules, default_rules
 from services.segmenter.service import SegmenterService
 from services.segmenter.tables import outbox, publish_jobs
@@ -519,6 +521,105 @@ async def test_the_sweep_keeps_everyone_right_as_time_passes(api: Api) -> None:
     assert {"at_risk", "lapsed"} <= stages
     # Far in the future nothing is due any more that was not already handled.
     assert await api.service.sweep() == 0
+
+
+async def publish_and_run(api: Api, rules: dict[str, Any]) -> dict[str, Any]:
+    etag = await put_draft(api, rules)
+    published = await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})
+    assert published.status_code == 202, published.text
+    await api.run_jobs()
+    job: dict[str, Any] = (await api.get(f"/v1/rules/jobs/{published.json()['job_id']}")).json()
+    assert job["status"] == "done"
+    return job
+
+
+async def stored_rows(api: Api) -> dict[str, Any]:
+    async with api.service.db.sessions() as session:
+        return {r.customer_id: r for r in await api.service.repo.customers_after(session, None, 1000)}
+
+
+async def test_a_publish_long_after_the_last_sweep_derives_out_of_date_facts_again(api: Api) -> None:
+    # No sweep for 61 days: some stored facts (lifecycle stages, windows) no longer hold.
+    at = NOW + timedelta(days=61)
+    api.service.clock = lambda: at
+    before = await stored_rows(api)
+    assert any(r.next_check_at is not None and r.next_check_at <= at for r in before.values())
+
+    job = await publish_and_run(api, stricter_rules())
+
+    want = expected(stricter_rules(), at)
+    after = await stored_rows(api)
+    assert {cid: (r.tier, r.segments) for cid, r in after.items()} == {
+        cid: (a.tier, list(a.segments)) for cid, a in want.items()
+    }
+    assert all(r.next_check_at is None or r.next_check_at > at for r in after.values())
+    rule_updates = [u for u in await api.outbox_updates() if u.cause == UpdateCause.RULES]
+    moved = {
+        cid
+        for cid, r in after.items()
+        if (r.tier, r.segments) != (before[cid].tier, before[cid].segments)
+        or r.lifecycle_stage != before[cid].lifecycle_stage
+    }
+    assert {u.customer_id for u in rule_updates} == moved
+    assert job["changed"] == len(moved)
+    for u in rule_updates:
+        assert (u.tier_new, u.profile.lifecycle_stage) == (
+            want[u.customer_id].tier,
+            after[u.customer_id].lifecycle_stage,
+        )
+
+
+async def test_a_customer_rewritten_since_a_publish_step_read_it_is_derived_again(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every page comes back as it was before some other write: the tier read differs from the
+    # row's when the step locks it, so each customer is derived again from the locked row.
+    read = api.service.repo.standings_after
+
+    async def read_before_a_write(session: Any, cursor: str | None, limit: int) -> list[Standing]:
+        return [dataclasses.replace(s, tier="since_rewritten") for s in await read(session, cursor, limit)]
+
+    monkeypatch.setattr(api.service.repo, "standings_after", read_before_a_write)
+    before = await stored_rows(api)
+    job = await publish_and_run(api, stricter_rules())
+
+    want = expected(stricter_rules())
+    after = await stored_rows(api)
+    assert {cid: (r.tier, r.segments) for cid, r in after.items()} == {
+        cid: (a.tier, list(a.segments)) for cid, a in want.items()
+    }
+    moved = {
+        cid for cid, r in after.items() if (r.tier, r.segments) != (before[cid].tier, before[cid].segments)
+    }
+    assert moved
+    rule_updates = [u for u in await api.outbox_updates() if u.cause == UpdateCause.RULES]
+    assert {u.customer_id for u in rule_updates} == moved
+    assert job["changed"] == len(moved)
+
+
+async def test_a_published_time_condition_is_kept_as_time_passes(api: Api) -> None:
+    # The new segment flips for a lapsed customer sooner than anything the old rules or the
+    # facts would have looked at them for: the publish must bring their next check forward.
+    rules = default_rules()
+    rules["segments"].append(
+        {"name": "long_gone", "when": {"field": "last_purchase_at", "op": "older_than_days", "value": 200}}
+    )
+    before = await stored_rows(api)
+    await publish_and_run(api, rules)
+    after = await stored_rows(api)
+    assert any(
+        a.next_check_at is not None and (b.next_check_at is None or a.next_check_at < b.next_check_at)
+        for a, b in ((after[cid], before[cid]) for cid in after)
+    )
+    for days in (1, 10, 31, 45, 61, 100, 181, 250, 400):
+        at = NOW + timedelta(days=days)
+        api.service.clock = lambda at=at: at  # type: ignore[misc]
+        await api.service.sweep(limit=4)
+        want = expected(rules, at)
+        rows = await stored_rows(api)
+        for cid, row in rows.items():
+            assert (row.tier, row.segments) == (want[cid].tier, list(want[cid].segments)), (days, cid)
+            assert row.next_check_at is None or row.next_check_at > at
 
 
 async def test_health_readiness_and_docs(api: Api) -> None:

@@ -135,6 +135,7 @@ async def test_shuffled_duplicated_stream_gives_the_oracles_profiles(
                 await asyncio.sleep(0.1)
         loop.stop()
         await task
+        await service.close()  # as the consumer process does: the relay sends in the background
     finally:
         if not task.done():
             task.cancel()

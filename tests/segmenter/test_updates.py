@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from services.segmenter.profile import LifecycleConfig, ProfileState, apply_event, build, dump_state, facts
-from services.segmenter.repository import CustomerRow
+from services.segmenter.profile import (
+    LifecycleConfig,
+    ProfileState,
+    apply_event,
+    build,
+    dump_state,
+    facts,
+    facts_from_json,
+    load_state,
+)
+from services.segmenter.repository import CustomerRow, Standing
 from services.segmenter.rules import CompiledRules, compile_rules, default_rules
-from services.segmenter.updates import Decision, decide, update_id
+from services.segmenter.updates import Decision, decide, reevaluate, rule_change, update_id
 from shared.codec import decode_with, encode
 from shared.events import CUSTOMER_UPDATE_ADAPTER, ClvPrediction, Event, UpdateCause
 from tests.segmenter.factories import CUSTOMER, NOW, cancellation, clv, profile, purchase, support
@@ -245,3 +256,97 @@ def test_a_cancellation_carries_its_reason_into_the_update_and_the_snapshot() ->
     assert gone.update.profile.churned_at == NOW - DAY
     assert gone.update.segments_entered == ["churned_service"]
     assert gone.row.next_check_at == NOW + 50 * DAY  # the 90-day window still runs out
+
+
+# --- rule publish: the stored facts, evaluated once ------------------------------------------
+
+
+def stored(decision: Decision) -> CustomerRow:
+    """The row as the database gives it back: JSON types, as the repository reads them."""
+    row = decision.row
+    return CustomerRow(
+        customer_id=row.customer_id,
+        state=json.loads(json.dumps(row.state)),
+        facts=json.loads(json.dumps(row.facts)),
+        tier=row.tier,
+        segments=list(row.segments),
+        lifecycle_stage=row.lifecycle_stage,
+        rule_version=row.rule_version,
+        next_check_at=row.next_check_at,
+        updated_at=row.updated_at,
+    )
+
+
+def standing(row: CustomerRow) -> Standing:
+    return Standing(row.customer_id, row.facts, row.tier, row.segments, row.next_check_at)
+
+
+def with_segment(name: str, when: dict[str, Any], version: int = 2) -> CompiledRules:
+    rules = default_rules()
+    rules["segments"].append({"name": name, "when": when})
+    return compile_rules(rules, version)
+
+
+BIG = with_segment("big", {"field": "total_value", "op": "gte", "value": 300})
+
+
+def test_a_rule_change_announces_what_deriving_everything_again_would() -> None:
+    events = [contact(), first_order(), support("desk-1", NOW - 2 * DAY, "T-9", "opened", complaint=True)]
+    old = stored(run(events))
+    later = NOW + 3 * DAY  # before the row's next check: the stored facts still hold
+    assert old.next_check_at is not None
+    assert later < old.next_check_at
+
+    step = reevaluate([standing(old)], BIG, later)
+    assert (step.stale, step.earlier_checks) == ([], [])
+    [(_, f, assignment)] = step.moves
+    change = rule_change(old, f, assignment, BIG, CONFIG, later)
+    full = decide(load_state(CUSTOMER, old.state), old, BIG, CONFIG, later, UpdateCause.RULES, "2")
+
+    assert full.update is not None
+    assert change.update == full.update
+    assert change.update.event_id == update_id(CUSTOMER, UpdateCause.RULES, "2")
+    assert change.update.profile.consents == full.update.profile.consents
+    assert (change.entered, change.left) == (full.entered, full.left) == (("big",), ())
+    r = change.reassignment
+    assert (r.tier, r.segments, r.rule_version, r.updated_at) == (
+        full.row.tier,
+        full.row.segments,
+        2,
+        later,
+    )
+    # Never later than deriving it all again would say, so no change with time is missed.
+    assert full.row.next_check_at is not None
+    assert r.next_check_at is not None
+    assert later < r.next_check_at <= full.row.next_check_at
+
+
+def test_the_new_rules_own_time_boundaries_bring_a_next_check_forward() -> None:
+    # Someone who bought 5 days ago is not a veteran yet; the new segment takes them in at
+    # 10 days, before anything else about them changes with time.
+    veteran = with_segment("veteran", {"field": "first_purchase_at", "op": "older_than_days", "value": 10})
+    old = stored(run([purchase("shop-2", NOW - 5 * DAY, "o2")]))
+    assert old.next_check_at == NOW + 25 * DAY
+    step = reevaluate([standing(old)], veteran, NOW)
+    assert step.moves == []
+    assert step.earlier_checks == [(CUSTOMER, NOW + 5 * DAY + timedelta(microseconds=1))]
+
+    nothing_sooner = reevaluate([standing(old)], BIG, NOW)  # no time condition in the change
+    assert (nothing_sooner.moves, nothing_sooner.earlier_checks) == ([], [])
+
+
+def test_facts_past_their_next_check_are_derived_again() -> None:
+    old = stored(run([first_order()]))
+    assert old.next_check_at == NOW + 20 * DAY  # at_risk then
+    step = reevaluate([standing(old)], BIG, NOW + 21 * DAY)
+    assert step.stale == [CUSTOMER]
+    assert step.moves == []
+    assert step.to_read == [CUSTOMER]
+
+
+def test_stored_facts_parse_only_the_datetimes_asked_for() -> None:
+    raw = stored(run([first_order()])).facts
+    some = facts_from_json(raw, {"first_purchase_at", "orders_count"})
+    assert some["first_purchase_at"] == NOW - 40 * DAY
+    assert some["last_purchase_at"] == raw["last_purchase_at"]  # left as stored
+    assert facts_from_json(raw)["last_purchase_at"] == NOW - 40 * DAY

@@ -96,8 +96,12 @@ def kafka_for_session() -> Iterator[KafkaHandle]:
     # The jars are shared with `make run` (var/kafka/libs); the data is this session's own.
     libs = ensure_jars(REPO_ROOT / "var")
     var = TEST_VAR / f"kafka-{os.getpid()}"
+    port = free_port()
+    controller_port = free_port()
+    while controller_port == port:  # the kernel may hand the same free port out twice
+        controller_port = free_port()
     broker = LocalKafkaBroker(
-        var, port=free_port(), controller_port=free_port(), num_partitions=3, libs_dir=libs
+        var, port=port, controller_port=controller_port, num_partitions=3, libs_dir=libs
     )
     broker.start()
     try:

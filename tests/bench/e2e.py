@@ -1,0 +1,469 @@
+"""End-to-end latency: from ingest's 202 to the messenger's decision, against an echo.
+
+The pipeline runs as under ``make run`` — ingest's API under uvicorn, the segmenter's and the
+messenger's consumers as processes of their own, on SQLite files under var/bench/ — on the
+bench's broker. Each customer is new and sends one profile event (address, consents), which
+the segmenter turns into a ``customer_update`` and the messenger into a welcome decision
+(queued, held for quiet hours, holdout...: every outcome is published on retain.messages).
+The latency of a customer is from ingest's 202 for its event to the arrival of its first
+message event, read by a consumer in this process (one clock).
+
+1. Maximum sustained rate: a burst of customers sent in batches as fast as ingest takes
+   them; the rate is customers decided per second, from the first send to the last decision.
+2. At half that rate, single events sent at even intervals (an open loop: a slow answer does
+   not slow the sending), for the measured window; p50/p99 of the latencies.
+3. The baseline at the same rate and for as long: a bare produce → consume → produce echo
+   through the same broker (``tests/bench/echo.py``); its latency is from the producer's
+   acknowledgement to the echoed record's arrival. Target (issue 9): p99 ≤ 10× the echo's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from shared.auth import create_key
+from shared.config import REPO_ROOT
+from shared.events import EXAMPLES
+from shared.kafka.producer import OutboundRecord, Producer
+from shared.topics import all_topic_names, ensure_topics
+from tests.bench.context import BenchContext
+from tests.bench.infra import BENCH_VAR, Server, _die_with_parent, free_port, running, say, uvicorn_argv
+from tests.bench.report import Row, Section, table
+
+TARGET = 10.0  # end-to-end p99 ≤ 10× the echo's p99
+BURST = 2_000  # customers in the maximum-rate burst (× --scale)
+BURST_BATCH = 100  # events per request in the burst
+
+
+class Worker:
+    """A consumer process of a service, as ``make run`` starts it; output in var/bench/."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.log_path = BENCH_VAR / f"{name}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("wb")
+        self._proc = subprocess.Popen(
+            self.argv,
+            cwd=REPO_ROOT,
+            env={**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT)},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only prctl(PDEATHSIG)
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
+    def check(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self._proc.returncode}:\n{self.tail()}")
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text("utf-8", errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@contextlib.contextmanager
+def started(workers: Sequence[Worker]) -> Iterator[None]:
+    try:
+        for w in workers:
+            say(f"starting {w.name}")
+            w.start()
+        yield
+    finally:
+        for w in workers:
+            w.stop()
+
+
+class Sampler:
+    """py-spy sampling a worker (``--profile``): a low-overhead look at where a stage's time
+    goes, with no change to the process itself."""
+
+    def __init__(self, worker: Worker, seconds: float) -> None:
+        self.worker = worker
+        self.path = BENCH_VAR / f"{worker.name}.pyspy.txt"
+        argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.pid)]
+        argv += ["--duration", str(max(1, round(seconds))), "--rate", "100", "--format", "raw"]
+        argv += ["--output", str(self.path), "--nonblocking"]
+        self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def summary(self, top: int = 12) -> list[str]:
+        self._proc.wait(60)
+        inclusive: Counter[str] = Counter()
+        own: Counter[str] = Counter()
+        total = 0
+        try:
+            lines = self.path.read_text("utf-8").splitlines()
+        except OSError:
+            return [f"(no py-spy samples for {self.worker.name})"]
+        for line in lines:
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+            own[frames[-1]] += n
+            for frame in set(frames):
+                if "(services/" in frame or "(shared/" in frame:
+                    inclusive[frame] += n
+        if total == 0:
+            return [f"(no py-spy samples for {self.worker.name})"]
+        rows = [[f"{100 * c / total:.1f}%", "inclusive", f"`{f}`"] for f, c in inclusive.most_common(top)]
+        rows += [[f"{100 * c / total:.1f}%", "self", f"`{f}`"] for f, c in own.most_common(top // 2)]
+        return [
+            f"**{self.worker.name}** ({total} samples at 100/s, idle included):",
+            "",
+            *table(["share", "kind", "frame"], rows, align="rll"),
+            "",
+        ]
+
+
+@dataclass(frozen=True)
+class Latencies:
+    name: str
+    rate: float  # offered, per second
+    values_ms: list[float]
+    missing: int  # acknowledged, but never seen at the other end (within the wait)
+    errors: int  # sends that failed (not acknowledged)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.values_ms)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Arrivals:
+    """Reads a topic from its current end; the first arrival time of each awaited key."""
+
+    def __init__(self, bootstrap: str, topic: str, key_of: Any) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._key_of = key_of
+        self.seen: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def __aenter__(self) -> Arrivals:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(self._topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(self._topic) or set()
+        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            now = time.perf_counter()
+            for records in batch.values():
+                for r in records:
+                    key = self._key_of(r)
+                    if key is not None and key not in self.seen:
+                        self.seen[key] = now
+
+    async def wait_for(self, keys: Sequence[str], timeout_s: float) -> None:
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            if all(k in self.seen for k in keys):
+                return
+            assert self._task is not None
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.05)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+def _customer_of_message(record: Any) -> str | None:
+    try:
+        customer = orjson.loads(record.value).get("customer_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return customer if isinstance(customer, str) else None
+
+
+def _profile(run: str, n: int) -> dict[str, Any]:
+    return {**EXAMPLES["profile"], "event_id": f"e2e-{run}-{n}", "customer_id": f"e2e-{run}-{n}"}
+
+
+async def _burst(base_url: str, key: str, arrivals: Arrivals, run: str, count: int) -> float:
+    """Customers decided per second when sent as fast as ingest takes them."""
+    headers = {"Authorization": f"Bearer {key}"}
+    customers = [f"e2e-{run}-{n}" for n in range(count)]
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60.0) as client:
+        queue = list(range(0, count, BURST_BATCH))
+
+        async def sender() -> None:
+            while queue:
+                start = queue.pop()
+                body = [_profile(run, n) for n in range(start, min(count, start + BURST_BATCH))]
+                response = await client.post("/v1/events", json=body)
+                response.raise_for_status()
+
+        await asyncio.gather(*(sender() for _ in range(4)))
+    await arrivals.wait_for(customers, timeout_s=300.0)
+    decided = [arrivals.seen[c] for c in customers if c in arrivals.seen]
+    if len(decided) < count:
+        raise RuntimeError(f"only {len(decided)} of {count} customers were decided within 300 s")
+    return count / (max(decided) - started)
+
+
+async def _paced(
+    name: str,
+    rate: float,
+    seconds: float,
+    send: Any,
+    arrivals: Arrivals,
+    keys: Sequence[str],
+    stage: tuple[str, Arrivals] | None = None,
+) -> list[Latencies]:
+    """Send ``keys`` at ``rate`` per second (an open loop) and time each one's arrival (and,
+    given a ``stage``, its arrival at that intermediate topic too)."""
+    acked: dict[str, float] = {}
+    errors = 0
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(key: str) -> None:
+        nonlocal errors
+        try:
+            await send(key)
+        except Exception as exc:  # noqa: BLE001 - counted and shown
+            errors += 1
+            if errors <= 3:
+                say(f"e2e: {name}: a send failed: {exc!r}")
+            return
+        acked[key] = time.perf_counter()
+
+    start = time.perf_counter()
+    for i, key in enumerate(keys):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(key)))
+    await asyncio.gather(*tasks)
+    await arrivals.wait_for(keys, timeout_s=max(60.0, seconds))
+
+    def measured(label: str, seen: dict[str, float]) -> Latencies:
+        values = [(seen[k] - acked[k]) * 1000 for k in keys if k in acked and k in seen]
+        return Latencies(label, rate, values, missing=len(acked) - len(values), errors=errors)
+
+    out = [measured(name, arrivals.seen)]
+    if stage is not None:
+        out.append(measured(stage[0], stage[1].seen))
+    return out
+
+
+def run(ctx: BenchContext) -> Section:
+    options = ctx.options
+    kafka = ctx.kafka()
+    run_id = uuid.uuid4().hex[:8]
+    prefix = f"e2e{run_id}.retain."
+    echo_in, echo_out = f"{prefix}echo.in", f"{prefix}echo.out"
+    asyncio.run(
+        ensure_topics(
+            kafka.bootstrap, [*all_topic_names(prefix), echo_in, echo_out], partitions=options.partitions
+        )
+    )
+    work = BENCH_VAR / f"e2e-{run_id}"
+    work.mkdir(parents=True, exist_ok=True)
+    keys_file = work / "api_keys.json"
+    _key, plain = create_key(keys_file, ["events:write"], "bench")
+    env = {
+        "RETAIN_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "RETAIN_TOPIC_PREFIX": prefix,
+        "RETAIN_PARTITIONS": str(options.partitions),
+        "RETAIN_VAR_DIR": str(work),
+        "RETAIN_API_KEYS_FILE": str(keys_file),
+        "RETAIN_INGEST_RATE_LIMIT_PER_S": "0",
+        "RETAIN_LOG_LEVEL": "WARNING",
+        "RETAIN_METRICS_PORT": "0",
+    }
+    port = free_port()
+    ingest = Server("e2e-ingest", uvicorn_argv("services.ingest.app:create_app", port), env, port)
+    workers = [
+        Worker(f"e2e-{name}", [sys.executable, "-m", f"services.{name}.consumer"], env)
+        for name in ("segmenter", "messenger")
+    ]
+    echo = Worker(
+        "e2e-echo", [sys.executable, "-m", "tests.bench.echo", kafka.bootstrap, echo_in, echo_out], {}
+    )
+    with running(ingest), started([*workers, echo]):
+        result = asyncio.run(_measure(ctx, ingest.url, plain, prefix, run_id, echo_in, echo_out, workers))
+    return _section(*result)
+
+
+async def _measure(
+    ctx: BenchContext,
+    url: str,
+    key: str,
+    prefix: str,
+    run_id: str,
+    echo_in: str,
+    echo_out: str,
+    workers: Sequence[Worker],
+) -> tuple[float, list[Latencies], Latencies, list[str]]:
+    options = ctx.options
+    bootstrap = ctx.kafka().bootstrap
+    async with Arrivals(bootstrap, f"{prefix}messages", _customer_of_message) as decisions:
+        say("e2e: waiting for the consumers to join and decide a first customer")
+        await _burst(url, key, decisions, f"{run_id}w", 1)
+        for w in workers:
+            w.check()
+        count = max(200, int(BURST * options.scale))
+        say(f"e2e: maximum sustained rate, a burst of {count} customers")
+        max_rate = await _burst(url, key, decisions, f"{run_id}b", count)
+        rate = max_rate / 2
+        seconds = options.seconds * 3
+        n = max(50, int(rate * seconds))
+        say(f"e2e: maximum {max_rate:,.0f} customers/s; {n} at {rate:,.0f}/s through the pipeline")
+        # An open loop: as many connections as requests in flight, never a wait for one.
+        async with httpx.AsyncClient(
+            base_url=url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(60.0, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        ) as client:
+
+            async def send_event(customer: str) -> None:
+                body = {**EXAMPLES["profile"], "event_id": customer, "customer_id": customer}
+                response = await client.post("/v1/events", json=body)
+                response.raise_for_status()
+
+            samplers = [Sampler(w, seconds) for w in workers] if options.profile else []
+            async with Arrivals(bootstrap, f"{prefix}segments", _customer_of_message) as updates:
+                pipeline, first_hop = await _paced(
+                    "ingest 202 → messenger decision",
+                    rate,
+                    seconds,
+                    send_event,
+                    decisions,
+                    [f"e2e-{run_id}p-{i}" for i in range(n)],
+                    stage=("ingest 202 → segmenter's customer_update (first hop)", updates),
+                )
+    producer = Producer(bootstrap, client_id="bench-echo-source")
+    try:
+        async with Arrivals(bootstrap, echo_out, lambda r: r.key.decode() if r.key else None) as echoed:
+
+            async def send_record(customer: str) -> None:
+                await producer.send_all([OutboundRecord(echo_in, customer.encode(), customer.encode())])
+
+            say("e2e: the echo baseline, warming up")
+            await _paced("warm-up", rate, 1.0, send_record, echoed, [f"w-{i}" for i in range(20)])
+            say(f"e2e: the echo baseline, {n} records at {rate:,.0f}/s")
+            [baseline] = await _paced(
+                "produce → consume → produce echo",
+                rate,
+                seconds,
+                send_record,
+                echoed,
+                [f"echo-{run_id}-{i}" for i in range(n)],
+            )
+    finally:
+        await producer.stop()
+    profile = [line for sampler in samplers for line in sampler.summary()]
+    return max_rate, [pipeline, first_hop], baseline, profile
+
+
+def _section(max_rate: float, stages: list[Latencies], baseline: Latencies, profile: list[str]) -> Section:
+    pipeline = stages[0]
+    section = Section("e2e", "End to end: ingest's 202 → the messenger's decision")
+    p99, echo_p99 = pipeline.quantile(0.99), baseline.quantile(0.99)
+    section.rows = [
+        Row("echo p99 latency (baseline)", echo_p99, unit="ms"),
+        Row(
+            "end-to-end p99 latency at half the maximum rate",
+            p99,
+            ratio=p99 / echo_p99 if echo_p99 > 0 else None,
+            baseline="echo p99",
+            target=TARGET,
+            at_most=True,
+            unit="ms",
+        ),
+        Row("maximum sustained rate (customers decided/s)", max_rate, unit="/s"),
+    ]
+    section.details = table(
+        ["path", "offered rate/s", "measured", "missing", "send errors", "p50 ms", "p99 ms", "max ms"],
+        [
+            [
+                lat.name,
+                f"{lat.rate:,.0f}",
+                f"{len(lat.values_ms):,}",
+                str(lat.missing),
+                str(lat.errors),
+                f"{lat.quantile(0.5):,.1f}",
+                f"{lat.quantile(0.99):,.1f}",
+                f"{max(lat.values_ms, default=float('nan')):,.1f}",
+            ]
+            for lat in (*stages, baseline)
+        ],
+        align="lrrrrrrr",
+    )
+    section.notes = [
+        "Each customer is new and sends one profile event; its decision is the first message event"
+        " for it on retain.messages (welcome: queued, held for quiet hours, holdout... all count).",
+        "The pipeline: ingest (uvicorn) → Kafka → segmenter consumer (SQLite, outbox relay after"
+        " commit) → Kafka → messenger consumer (SQLite) → Kafka; two consumer hops and two"
+        " database transactions. The echo: one consume → produce hop, no decoding, no database.",
+        f"Mean of the pipeline's latencies: {statistics.fmean(pipeline.values_ms or [0]):,.1f} ms.",
+    ]
+    if profile:
+        section.appendix = ["### Where the consumers' time goes (py-spy, during the paced run)", "", *profile]
+    return section

@@ -1,0 +1,77 @@
+"""The batch fold (services/kpi/facts.py): register stamps and rows, without a database."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta, timezone
+
+from services.kpi.facts import fold, stamp
+from shared.events import Event, MessageEvent
+from tests.kpi.factories import message, profile, purchase, support, utc
+
+
+def test_a_stamp_is_utc_time_to_the_microsecond_then_the_event_id() -> None:
+    jerusalem_summer = timezone(timedelta(hours=3))
+    assert (
+        stamp(datetime(2026, 7, 1, 2, 30, tzinfo=jerusalem_summer), "e1") == "2026-06-30T23:30:00.000000|e1"
+    )
+    assert stamp(datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=UTC), "e2") == "2026-01-02T03:04:05.000007|e2"
+
+
+def test_stamps_sort_like_time_then_event_id() -> None:
+    rng = random.Random(3)
+    base = datetime(2026, 3, 1, tzinfo=UTC)
+    pairs = [
+        (
+            base + timedelta(seconds=rng.randrange(3) * 3600, microseconds=rng.randrange(3)),
+            f"e{rng.randrange(5)}",
+        )
+        for _ in range(200)
+    ]
+    assert sorted(pairs, key=lambda p: stamp(*p)) == sorted(pairs)
+
+
+def test_the_newest_event_of_an_order_wins_whatever_the_order() -> None:
+    first = purchase("c", utc(2026, 1, 1), "100", order="o1")
+    correction = purchase("c", utc(2026, 1, 2), "90", order="o1")
+    for events in ([first, correction], [correction, first]):
+        (row,) = fold(events).purchases.values()
+        assert (row["event_id"], row["amount"]) == (correction.event_id, correction.amount)
+
+
+def test_support_steps_are_the_batch_rows() -> None:
+    rows = fold(
+        [support("T1", "opened", utc(2026, 1, 1)), support("T1", "agent_replied", utc(2026, 1, 1, 11))]
+    )
+    steps = rows.support_steps()
+    assert [(s.event_id, s.ticket_id, s.at, s.action) for s in steps] == [
+        (r["event_id"], r["ticket_id"], r["occurred_at"], r["action"]) for r in rows.support
+    ]
+    assert rows.ticket_ids == {"T1"}
+
+
+def test_each_register_keeps_its_newest_value_whatever_the_order() -> None:
+    """Locale and channel from profiles, tier from messages: each register independently, the
+    newest (time, then event id) wins, with the winner's stamp; a time in another zone counts
+    as the same instant."""
+    jerusalem = timezone(timedelta(hours=2))
+    events: list[Event | MessageEvent] = [
+        profile("c", utc(2026, 1, 1), locale="en-US", preferred_channel="sms"),
+        profile("c", utc(2026, 1, 2), locale="he-IL"),
+        message("m1", "c", "sent", datetime(2026, 1, 3, 12, tzinfo=jerusalem), tier="gold"),
+        message("m2", "c", "sent", utc(2026, 1, 3, 9), tier="silver"),
+        message("m3", "d", "sent", utc(2026, 1, 3, 9), tier=None),
+    ]
+    for seed in range(5):
+        shuffled = random.Random(seed).sample(events, len(events))
+        assert fold(shuffled).customers == {
+            "c": {
+                "customer_id": "c",
+                "locale": "he-IL",
+                "locale_at": stamp(utc(2026, 1, 2), events[1].event_id),
+                "channel": "sms",
+                "channel_at": stamp(utc(2026, 1, 1), events[0].event_id),
+                "tier": "gold",  # 10:00 UTC, after silver's 09:00
+                "tier_at": stamp(utc(2026, 1, 3, 10), "m1:sent"),
+            }
+        }
