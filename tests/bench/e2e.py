@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import statistics
 import subprocess
@@ -29,22 +28,21 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.auth import create_key
-from shared.config import REPO_ROOT
 from shared.events import EXAMPLES
 from shared.kafka.producer import OutboundRecord, Producer
 from shared.topics import all_topic_names, ensure_topics
 from tests.bench.context import BenchContext
-from tests.bench.infra import BENCH_VAR, Server, _die_with_parent, free_port, running, say, uvicorn_argv
+from tests.bench.infra import BENCH_VAR, Process, Server, free_port, running, say, uvicorn_argv
 from tests.bench.report import Row, Section, table
 
 TARGET = 10.0  # end-to-end p99 ≤ 10× the echo's p99
@@ -52,59 +50,8 @@ BURST = 2_000  # customers in the maximum-rate burst (× --scale)
 BURST_BATCH = 100  # events per request in the burst
 
 
-class Worker:
-    """A consumer process of a service, as ``make run`` starts it; output in var/bench/."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.env = dict(env)
-        self.log_path = BENCH_VAR / f"{name}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        self._log = self.log_path.open("wb")
-        self._proc = subprocess.Popen(
-            self.argv,
-            cwd=REPO_ROOT,
-            env={**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT)},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only prctl(PDEATHSIG)
-        )
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None, "not started"
-        return self._proc.pid
-
-    def check(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self._proc.returncode}:\n{self.tail()}")
-
-    def stop(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text("utf-8", errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 @contextlib.contextmanager
-def started(workers: Sequence[Worker]) -> Iterator[None]:
+def started(workers: Sequence[Process]) -> Iterator[None]:
     try:
         for w in workers:
             say(f"starting {w.name}")
@@ -119,7 +66,7 @@ class Sampler:
     """py-spy sampling a worker (``--profile``): a low-overhead look at where a stage's time
     goes, with no change to the process itself."""
 
-    def __init__(self, worker: Worker, seconds: float) -> None:
+    def __init__(self, worker: Process, seconds: float) -> None:
         self.worker = worker
         self.path = BENCH_VAR / f"{worker.name}.pyspy.txt"
         argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.pid)]
@@ -339,10 +286,10 @@ def run(ctx: BenchContext) -> Section:
     port = free_port()
     ingest = Server("e2e-ingest", uvicorn_argv("services.ingest.app:create_app", port), env, port)
     workers = [
-        Worker(f"e2e-{name}", [sys.executable, "-m", f"services.{name}.consumer"], env)
+        Process(f"e2e-{name}", [sys.executable, "-m", f"services.{name}.consumer"], env)
         for name in ("segmenter", "messenger")
     ]
-    echo = Worker(
+    echo = Process(
         "e2e-echo", [sys.executable, "-m", "tests.bench.echo", kafka.bootstrap, echo_in, echo_out], {}
     )
     with running(ingest), started([*workers, echo]):
@@ -358,7 +305,7 @@ async def _measure(
     run_id: str,
     echo_in: str,
     echo_out: str,
-    workers: Sequence[Worker],
+    workers: Sequence[Process],
 ) -> tuple[float, list[Latencies], Latencies, list[str]]:
     options = ctx.options
     bootstrap = ctx.kafka().bootstrap

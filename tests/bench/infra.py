@@ -296,28 +296,24 @@ def uvicorn_argv(app: str, port: int) -> list[str]:
     ]
 
 
-class Server:
-    """One uvicorn process, its output in a log file under var/bench/."""
+class Process:
+    """One process of the pipeline under measurement, its output in a log file under var/bench/
+    (the last run's, kept for a look afterwards); it dies with the bench."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], port: int) -> None:
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(env)
-        self.port = port
-        self.log_path = BENCH_VAR / f"{name}.log"  # the last run's, kept for a look afterwards
+        self.log_path = BENCH_VAR / f"{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
 
     @property
     def pid(self) -> int:
         assert self._proc is not None, "not started"
         return self._proc.pid
 
-    def start(self, ready_paths: Sequence[str] = ("/healthz",), timeout: float = 60.0) -> None:
+    def start(self) -> None:
         BENCH_VAR.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         env = {**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT)}
@@ -330,23 +326,11 @@ class Server:
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only prctl(PDEATHSIG)
         )
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5.0) as client:
-            for path in ready_paths:
-                while True:
-                    if self._proc.poll() is not None:
-                        code = self._proc.returncode
-                        raise RuntimeError(
-                            f"{self.name} exited with {code} while starting:\n{self.log_tail()}"
-                        )
-                    with contextlib.suppress(httpx.HTTPError):
-                        if client.get(path).status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"{self.name}: {path} not 200 within {timeout:.0f}s\n{self.log_tail()}"
-                        )
-                    time.sleep(0.1)
+
+    def check(self) -> None:
+        """Raise if the process has exited."""
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self._proc.returncode}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
         proc = self._proc
@@ -367,6 +351,38 @@ class Server:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+class Server(Process):
+    """One uvicorn process; started means every ready path answers 200."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], port: int) -> None:
+        super().__init__(name, argv, env)
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, ready_paths: Sequence[str] = ("/healthz",), timeout: float = 60.0) -> None:
+        super().start()
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5.0) as client:
+            for path in ready_paths:
+                while True:
+                    if self._proc is not None and self._proc.poll() is not None:
+                        code = self._proc.returncode
+                        raise RuntimeError(
+                            f"{self.name} exited with {code} while starting:\n{self.log_tail()}"
+                        )
+                    with contextlib.suppress(httpx.HTTPError):
+                        if client.get(path).status_code == 200:
+                            break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"{self.name}: {path} not 200 within {timeout:.0f}s\n{self.log_tail()}"
+                        )
+                    time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -217,6 +217,8 @@ class Cluster:
         assert self.postgres is not None
         began = time.monotonic()
         self.postgres.stop("immediate")
+        # Part of the fault, not a wait for something: the database stays away a moment, so
+        # every client's open connection breaks and has to be made again, as after a real crash.
         time.sleep(1.0)
         self.postgres.start()
         return time.monotonic() - began
