@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo var/tools/bin/uv)
 PY := .venv/bin/python
 FORCE ?=
 
-.PHONY: help install run demo test test-fast lint fmt bench chaos ops clean keys
+.PHONY: help install run demo test test-fast lint audit fmt bench chaos ops clean keys
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,10 +34,14 @@ test: install ## Run the whole test suite (starts its own Kafka broker and Postg
 test-fast: install ## Run only the tests that need no broker or database
 	$(PY) -m pytest -m "not integration" $(ARGS)
 
-lint: install ## ruff (lint + format check) and mypy --strict
+lint: install ## ruff (lint + format check), mypy --strict and the dependency audit
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy shared services tests
+	$(PY) -m tests.audit --skip-unreachable
+
+audit: install ## pip-audit on every package in uv.lock: live advisories, else a dated snapshot (docs/operations.md)
+	$(PY) -m tests.audit
 
 fmt: install ## Format and auto-fix
 	.venv/bin/ruff format .

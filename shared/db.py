@@ -15,12 +15,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
+from shared import sqlite_inline
+
 
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+def create_engine(url: str, *, inline_sqlite: bool = False, **kwargs: Any) -> AsyncEngine:
     # JSON columns hold profiles and facts; orjson is several times faster than json here.
     kwargs.setdefault("json_serializer", _json_dumps)
     kwargs.setdefault("json_deserializer", orjson.loads)
@@ -28,13 +30,18 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if inline_sqlite:
+            kwargs.setdefault("module", sqlite_inline.dbapi())
         engine = create_async_engine(url, **kwargs)
-        _tune_sqlite(engine)
+        # Inline, a wait for another process's write lock blocks the event loop: keep it well
+        # under the consumer's session timeout (10 s) so heartbeats go on, and let the caller's
+        # transient-error retry (which yields to the loop) do the rest of the waiting.
+        _tune_sqlite(engine, busy_timeout_ms=3000 if inline_sqlite else 15000)
         return engine
     return create_async_engine(url, pool_pre_ping=True, **kwargs)
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
+def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     # pysqlite's own transaction handling defers BEGIN and cannot take the write lock up
     # front; SQLAlchemy's documented recipe is to disable it and emit BEGIN ourselves.
     # BEGIN IMMEDIATE makes two writers queue on busy_timeout instead of deadlocking.
@@ -44,7 +51,7 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=15000")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -54,9 +61,12 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
 
 class Database:
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    """One service's database. `inline_sqlite` runs SQLite on the event loop's own thread
+    (see shared/sqlite_inline.py): for workers, not for HTTP APIs; ignored for PostgreSQL."""
+
+    def __init__(self, url: str, *, inline_sqlite: bool = False, **kwargs: Any) -> None:
         self.url = url
-        self.engine = create_engine(url, **kwargs)
+        self.engine = create_engine(url, inline_sqlite=inline_sqlite, **kwargs)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @property

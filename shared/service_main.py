@@ -58,7 +58,8 @@ async def worker(
     """Logging, /metrics, the service's migrated database and a producer; closed on the way out."""
     configure_logging(settings.log_level, settings.log_json)
     serve_worker_metrics(metrics_port)
-    db = Database(database_url)
+    # A worker's loop waits on its transaction anyway: SQLite runs on the loop's own thread.
+    db = Database(database_url, inline_sqlite=True)
     await migrate_when_reachable(db, migrations)
     producer = Producer(settings.kafka_bootstrap, client_id=client_id)
     try:

@@ -1,10 +1,24 @@
+"""POST /v1/events.
+
+The route is served twice over. ``EventsEndpoint`` is a plain ASGI endpoint that ``IngestApp``
+(app.py) calls for ``POST /v1/events`` before FastAPI's middleware, routing and dependency
+solving, which cost a single-event request more CPU than parsing, validating and producing
+its event (in-process, the FastAPI stack around the same endpoint took 57 µs a request against
+9 µs for the endpoint itself). The FastAPI route below documents the operation in the OpenAPI
+and serves what the fast path hands on (a query string, a root path); both run the same
+``EventsEndpoint.accept``, so they answer alike.
+"""
+
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 from services.ingest.batch import (
     BatchTooLargeError,
@@ -12,49 +26,129 @@ from services.ingest.batch import (
     MalformedJsonError,
     parse_body,
 )
+from services.ingest.config import IngestSettings
 from services.ingest.schemas import AcceptedResponse, ErrorResponse, events_request_body
 from services.ingest.service import EVENTS_REJECTED, IngestService
-from shared.auth import ApiKey, KeyStore, authorize
+from shared.auth import KeyStore, authorize
 from shared.errors import (
     BadRequestError,
     InvalidInputError,
     PayloadTooLargeError,
     RateLimitedError,
+    RetainError,
     UnavailableError,
     UnsupportedMediaTypeError,
+    error_body,
 )
 from shared.kafka.producer import BrokerUnavailableError
+from shared.logs import get_logger
+from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from shared.ratelimit import RateLimiter
+
+log = get_logger(__name__)
+
+PATH = "/v1/events"
+_JSON = (b"content-type", b"application/json")
 
 router = APIRouter()
 
 
-def _store(request: Request) -> KeyStore:
-    store: KeyStore = request.app.state.keys
-    return store
+class EventsEndpoint:
+    """Validates a request whole, produces its events and answers once the broker has them."""
 
+    def __init__(
+        self, settings: IngestSettings, keys: KeyStore, limiter: RateLimiter, service: IngestService
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.limiter = limiter
+        self.service = service
+        # What the metrics middleware records for the other routes, for this one (labelled
+        # children looked up once: .labels() is not free).
+        self._latency = HTTP_LATENCY.labels("ingest", PATH, "POST")
+        self._requests: dict[int, Any] = {}
 
-def _service(request: Request) -> IngestService:
-    service: IngestService = request.app.state.service
-    return service
-
-
-def _limited_writer(request: Request) -> ApiKey:
-    # Called inline rather than as a FastAPI dependency: on the hottest route, resolving a
-    # dependency chain cost as much as the rest of the request (measured in make bench).
-    key = authorize(request, _store(request), "events:write")
-    limiter: RateLimiter = request.app.state.limiter
-    wait = limiter.acquire(key.id, time.monotonic())
-    if wait > 0:
-        raise RateLimitedError(
-            f"rate limit of {limiter.rate:g} requests/s for this key exceeded",
-            headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+    async def accept(self, scope: Scope, receive: Receive) -> bytes:
+        """The 202 body; every other answer is raised as a ``RetainError``."""
+        request = Request(scope, receive)
+        key = authorize(request, self.keys, "events:write")
+        wait = self.limiter.acquire(key.id, time.monotonic())
+        if wait > 0:
+            raise RateLimitedError(
+                f"rate limit of {self.limiter.rate:g} requests/s for this key exceeded",
+                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+            )
+        headers = request.headers
+        content_type = headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaTypeError(
+                f"Content-Type must be application/json, not {content_type or 'absent'!r}"
+            )
+        body = await _read_body(receive, headers.get("content-length"), self.settings.ingest_max_body_bytes)
+        service = self.service
+        try:
+            items, _is_batch = parse_body(body)
+            events = service.validate(items)
+        except MalformedJsonError as exc:
+            raise BadRequestError(str(exc)) from exc
+        except BatchTooLargeError as exc:
+            raise PayloadTooLargeError(str(exc)) from exc
+        except InvalidBatchError as exc:
+            for t in exc.types:
+                EVENTS_REJECTED.labels(t).inc()
+            raise InvalidInputError(
+                "the batch was rejected whole; nothing was accepted",
+                details=[{"index": e.index, "field": e.field, "message": e.message} for e in exc.errors],
+            ) from exc
+        prepared = service.prepare(events)
+        # Nothing but the encoded events and their ids stays alive while the broker answers:
+        # the body, its parsed form and the models go now, not after the acknowledgement, so
+        # the collector has fewer objects to walk and a waiting request holds less memory.
+        del body, items, events
+        try:
+            accepted = await service.produce(prepared)
+        except BrokerUnavailableError as exc:
+            raise UnavailableError(
+                "Kafka is not reachable; resend the same events later (their ids make it safe)",
+                headers={"Retry-After": str(self.settings.ingest_retry_after_s)},
+            ) from exc
+        return orjson.dumps(
+            {
+                "accepted": len(accepted.event_ids),
+                "event_ids": accepted.event_ids,
+                "duplicates": accepted.duplicates,
+            }
         )
-    return key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers: list[tuple[bytes, bytes]] = [_JSON]
+        try:
+            body = await self.accept(scope, receive)
+            status = 202
+        except RetainError as exc:
+            # As the error handler of every service renders it (shared/errors.py).
+            status = exc.status_code
+            body = orjson.dumps(error_body(exc.code, exc.message, exc.details))
+            for name, value in (exc.headers or {}).items():
+                headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        except ClientDisconnect:
+            return  # nobody to answer
+        except Exception:
+            log.exception("unexpected error in POST /v1/events")
+            status = 500
+            body = orjson.dumps(error_body("internal", "an unexpected error; it has been logged"))
+        headers.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        counter = self._requests.get(status)
+        if counter is None:
+            counter = self._requests[status] = HTTP_REQUESTS.labels("ingest", PATH, "POST", str(status))
+        counter.inc()
+        self._latency.observe(time.perf_counter() - started)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def _read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"the body is larger than the limit of {limit} bytes")
     # The ASGI messages themselves rather than request.stream(): an async generator per
@@ -62,7 +156,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await request.receive()
+        message: Message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect
         chunk = message.get("body", b"")
@@ -78,7 +172,7 @@ _BODY = events_request_body()
 
 
 @router.post(
-    "/v1/events",
+    PATH,
     status_code=202,
     response_model=AcceptedResponse,
     summary="Send one event or a JSON array of events",
@@ -99,42 +193,7 @@ _BODY = events_request_body()
     },
     openapi_extra={"requestBody": _BODY["requestBody"]},
 )
-async def post_events(request: Request) -> JSONResponse:
-    _limited_writer(request)
-    settings = request.app.state.settings
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaTypeError(
-            f"Content-Type must be application/json, not {content_type or 'absent'!r}"
-        )
-    body = await _read_body(request, settings.ingest_max_body_bytes)
-    service = _service(request)
-    try:
-        items, _is_batch = parse_body(body)
-        events = service.validate(items)
-    except MalformedJsonError as exc:
-        raise BadRequestError(str(exc)) from exc
-    except BatchTooLargeError as exc:
-        raise PayloadTooLargeError(str(exc)) from exc
-    except InvalidBatchError as exc:
-        for t in exc.types:
-            EVENTS_REJECTED.labels(t).inc()
-        raise InvalidInputError(
-            "the batch was rejected whole; nothing was accepted",
-            details=[{"index": e.index, "field": e.field, "message": e.message} for e in exc.errors],
-        ) from exc
-    try:
-        accepted = await service.accept(events)
-    except BrokerUnavailableError as exc:
-        raise UnavailableError(
-            "Kafka is not reachable; resend the same events later (their ids make it safe)",
-            headers={"Retry-After": str(settings.ingest_retry_after_s)},
-        ) from exc
-    return JSONResponse(
-        {
-            "accepted": len(accepted.event_ids),
-            "event_ids": accepted.event_ids,
-            "duplicates": accepted.duplicates,
-        },
-        status_code=202,
-    )
+async def post_events(request: Request) -> Response:
+    endpoint: EventsEndpoint = request.app.state.events
+    body = await endpoint.accept(request.scope, request.receive)
+    return Response(body, status_code=202, media_type="application/json")

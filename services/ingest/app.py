@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,8 +12,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import Receive, Scope, Send
 
-from services.ingest.api import _BODY, router
+from services.ingest.api import _BODY, PATH, EventsEndpoint, router
 from services.ingest.config import IngestSettings
 from services.ingest.dedupe import RecentIds
 from services.ingest.service import IngestService
@@ -22,6 +24,30 @@ from shared.kafka.producer import BrokerUnavailableError, Producer
 from shared.logs import configure_logging
 from shared.ratelimit import RateLimiter
 from shared.topics import ALL_TOPICS
+
+
+class IngestApp(FastAPI):
+    """FastAPI, with ``POST /v1/events`` served by its endpoint directly (see api.py).
+
+    Only a request the FastAPI route would get unchanged takes the short way: no query string
+    (the URL checks of shared/http.py have nothing to look at) and no root path. The metrics
+    the middleware records for every other route, the endpoint records itself; FastAPI's own
+    OpenTelemetry instrumentation, which Retain does not use, does not see it.
+    """
+
+    events: EventsEndpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == PATH
+            and scope["method"] == "POST"
+            and not scope.get("query_string")
+            and not scope.get("root_path")
+        ):
+            await self.events(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: IngestSettings | None = None) -> FastAPI:
@@ -37,10 +63,19 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         # Kafka may be down at start: the service still serves /healthz and 503s until it is back.
         with contextlib.suppress(BrokerUnavailableError):
             await producer.start()
+        # The collector, tuned for a request server. What exists by now (modules, the app,
+        # pydantic's validators, the Kafka client) lives as long as the process: frozen, it is
+        # not walked again by every full collection, which under load came twice a second and
+        # cost a fifth of the CPU. And a request allocates and frees thousands of objects:
+        # collecting every 700 net allocations walked the live ones of the requests in flight
+        # over and over (5% of the CPU; 0.1% at 10,000, in make bench).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
         yield
         await producer.stop()
 
-    app = FastAPI(
+    app = IngestApp(
         title="Retain ingest",
         version="1.0",
         description="Takes purchase, support, cancellation and profile events and puts them on Kafka.",
@@ -55,6 +90,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         topic_prefix=settings.topic_prefix,
         max_batch=settings.ingest_max_batch,
         recent=RecentIds(settings.ingest_dedupe_ttl_s, settings.ingest_dedupe_max_ids),
+    )
+    app.events = app.state.events = EventsEndpoint(
+        settings, app.state.keys, app.state.limiter, app.state.service
     )
     ready_cache: dict[str, Any] = {"at": 0.0, "checks": None}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -68,9 +69,73 @@ class Prediction:
 
 
 def _insert(session: AsyncSession, table: Table) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+    return _insert_for(_dialect(session), table)
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+def _insert_for(dialect: str, table: Table) -> Any:
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+
+
+# The consumer's upserts are built once per dialect: ``excluded`` makes a new column collection
+# on every access, and building them per batch was a measurable share of the consumer's time.
+
+
+@functools.cache
+def _upsert_purchases(dialect: str) -> Any:
+    ins = _insert_for(dialect, purchases)
+    c = purchases.c
+    newer = or_(
+        ins.excluded.occurred_at > c.occurred_at,
+        and_(ins.excluded.occurred_at == c.occurred_at, ins.excluded.event_id > c.event_id),
+    )
+    return ins.on_conflict_do_update(
+        index_elements=[c.customer_id, c.order_id],
+        set_={k: ins.excluded[k] for k in ("event_id", "occurred_at", "amount", "currency")},
+        where=newer,
+    )
+
+
+@functools.cache
+def _upsert_customers(dialect: str) -> Any:
+    ins = _insert_for(dialect, customers)
+    c = customers.c
+    set_: dict[str, Any] = {}
+    for name in ("locale", "channel", "tier"):
+        new_at, current_at = ins.excluded[f"{name}_at"], c[f"{name}_at"]
+        newer = and_(new_at.is_not(None), or_(current_at.is_(None), new_at > current_at))
+        set_[name] = case((newer, ins.excluded[name]), else_=c[name])
+        set_[f"{name}_at"] = case((newer, new_at), else_=current_at)
+    return ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_)
+
+
+@functools.cache
+def _upsert_tickets(dialect: str) -> Any:
+    ins = _insert_for(dialect, tickets)
+    set_ = {c.name: ins.excluded[c.name] for c in tickets.c if c.name != "ticket_id"}
+    return ins.on_conflict_do_update(index_elements=[tickets.c.ticket_id], set_=set_)
+
+
+@functools.cache
+def _mark_stale(dialect: str) -> Any:
+    ins = _insert_for(dialect, stale_tickets)
+    return ins.on_conflict_do_update(
+        index_elements=[stale_tickets.c.ticket_id], set_={"marks": stale_tickets.c.marks + 1}
+    )
+
+
+@functools.cache
+def _lower_dirty_from(dialect: str) -> Any:
+    ins = _insert_for(dialect, rollup_state)
+    current = rollup_state.c.dirty_from
+    lowered = case(
+        (or_(current.is_(None), ins.excluded.dirty_from < current), ins.excluded.dirty_from),
+        else_=current,
+    )
+    return ins.on_conflict_do_update(index_elements=[rollup_state.c.name], set_={"dirty_from": lowered})
 
 
 def _ticket(r: Any) -> Ticket:
@@ -107,18 +172,7 @@ class KpiRepository:
         result does not depend on arrival order. ``rows`` must have one row per key."""
         if not rows:
             return
-        ins = _insert(session, purchases)
-        c = purchases.c
-        newer = or_(
-            ins.excluded.occurred_at > c.occurred_at,
-            and_(ins.excluded.occurred_at == c.occurred_at, ins.excluded.event_id > c.event_id),
-        )
-        stmt = ins.on_conflict_do_update(
-            index_elements=[c.customer_id, c.order_id],
-            set_={k: ins.excluded[k] for k in ("event_id", "occurred_at", "amount", "currency")},
-            where=newer,
-        )
-        await session.execute(stmt, list(rows))
+        await session.execute(_upsert_purchases(_dialect(session)), list(rows))
 
     async def insert_facts(
         self, session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]
@@ -131,17 +185,7 @@ class KpiRepository:
         """Each attribute is a last-writer-wins register stamped "<UTC time>|<event id>"."""
         if not rows:
             return
-        ins = _insert(session, customers)
-        c = customers.c
-        set_: dict[str, Any] = {}
-        for name in ("locale", "channel", "tier"):
-            new_at, current_at = ins.excluded[f"{name}_at"], c[f"{name}_at"]
-            newer = and_(new_at.is_not(None), or_(current_at.is_(None), new_at > current_at))
-            set_[name] = case((newer, ins.excluded[name]), else_=c[name])
-            set_[f"{name}_at"] = case((newer, new_at), else_=current_at)
-        await session.execute(
-            ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_), list(rows)
-        )
+        await session.execute(_upsert_customers(_dialect(session)), list(rows))
 
     async def stale_ticket_steps(self, session: AsyncSession) -> list[SupportStep]:
         """Every step of the tickets marked stale."""
@@ -165,7 +209,6 @@ class KpiRepository:
     async def save_tickets(self, session: AsyncSession, rows: Sequence[Ticket]) -> None:
         if not rows:
             return
-        ins = _insert(session, tickets)
         values = [
             {
                 "ticket_id": t.ticket_id,
@@ -183,20 +226,13 @@ class KpiRepository:
             }
             for t in rows
         ]
-        set_ = {c.name: ins.excluded[c.name] for c in tickets.c if c.name != "ticket_id"}
-        await session.execute(
-            ins.on_conflict_do_update(index_elements=[tickets.c.ticket_id], set_=set_), values
-        )
+        await session.execute(_upsert_tickets(_dialect(session)), values)
 
     async def mark_tickets_stale(self, session: AsyncSession, ticket_ids: Iterable[str]) -> None:
         ids = sorted(set(ticket_ids))
         if not ids:
             return
-        ins = _insert(session, stale_tickets)
-        stmt = ins.on_conflict_do_update(
-            index_elements=[stale_tickets.c.ticket_id], set_={"marks": stale_tickets.c.marks + 1}
-        )
-        await session.execute(stmt, [{"ticket_id": t, "marks": 1} for t in ids])
+        await session.execute(_mark_stale(_dialect(session)), [{"ticket_id": t, "marks": 1} for t in ids])
 
     async def lock_ticket_rebuild(self, session: AsyncSession) -> None:
         """Serialise the rebuilds of two consumer processes (PostgreSQL; SQLite's one writer
@@ -232,14 +268,8 @@ class KpiRepository:
         """Lower each rollup's dirty_from to ``days[name]`` (never raise it)."""
         if not days:
             return
-        ins = _insert(session, rollup_state)
-        current = rollup_state.c.dirty_from
-        lowered = case(
-            (or_(current.is_(None), ins.excluded.dirty_from < current), ins.excluded.dirty_from),
-            else_=current,
-        )
-        stmt = ins.on_conflict_do_update(index_elements=[rollup_state.c.name], set_={"dirty_from": lowered})
-        await session.execute(stmt, [{"name": n, "dirty_from": d} for n, d in sorted(days.items())])
+        rows = [{"name": n, "dirty_from": d} for n, d in sorted(days.items())]
+        await session.execute(_lower_dirty_from(_dialect(session)), rows)
 
     async def rollup_status(self, session: AsyncSession, name: str) -> tuple[date | None, str | None, bool]:
         """(dirty_from, settings fingerprint, whether it was ever computed)."""

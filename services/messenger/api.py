@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import time
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -184,6 +186,15 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
         verified = False
     if not verified:
         raise ForbiddenError("the SendGrid signature does not match")
+    # The signature covers the timestamp: a stale one is a replay of an old delivery, and a
+    # fresh one seen before is a replay inside the window (the receipt, in the transaction).
+    tolerance = service.settings.sendgrid_webhook_tolerance_s
+    try:
+        skew = abs(time.time() - float(timestamp))
+    except ValueError:
+        skew = float("inf")
+    if not skew <= tolerance:
+        raise ForbiddenError(f"the SendGrid timestamp is more than {tolerance} s from now (a replay?)")
     import json  # noqa: PLC0415
 
     try:
@@ -192,11 +203,17 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
         raise InvalidInputError("the body is not JSON") from exc
     if not isinstance(events, list):
         raise InvalidInputError("the body must be a JSON array of events")
-    for event in events[:1000]:
-        if isinstance(event, dict) and isinstance(event.get("email"), str):
-            await service.email_event(
-                event["email"], str(event.get("event", "")), event.get("retain_message_id")
-            )
+    applied = await service.email_events(
+        [
+            (event["email"], str(event.get("event", "")), event.get("retain_message_id"))
+            for event in events[:1000]
+            if isinstance(event, dict) and isinstance(event.get("email"), str)
+        ],
+        # What was signed, not the signature: an ECDSA signature has a second valid form.
+        receipt=hashlib.sha256(f"{timestamp}\n{payload}".encode()).hexdigest(),
+    )
+    if not applied:
+        raise ForbiddenError("this SendGrid delivery was received before (a replay)")
     return Response(status_code=204)
 
 

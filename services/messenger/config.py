@@ -64,6 +64,13 @@ class MessengerSettings(CommonSettings):
     sendgrid_webhook_public_key: str | None = Field(
         default=None, description="SendGrid event webhook verification key (base64 ECDSA public key)."
     )
+    sendgrid_webhook_tolerance_s: int = Field(
+        default=600,
+        ge=1,
+        le=86_400,
+        description="How far a SendGrid webhook's signed timestamp may be from now, in seconds; "
+        "older (or replayed) deliveries are refused with 403.",
+    )
 
     @field_validator("messenger_tier_perks")
     @classmethod

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,6 +19,7 @@ from services.messenger.tables import (
     journey_waits,
     messages,
     settings_table,
+    webhook_receipts,
 )
 from shared.db import insert_ignoring_conflicts
 
@@ -31,7 +33,10 @@ IN_CHUNK = 5000
 
 
 def _upsert(session: AsyncSession, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
+    return _upsert_for(session.get_bind().dialect.name, table)
+
+
+def _upsert_for(dialect: str, table: Any) -> Any:
     return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
 
 
@@ -43,6 +48,37 @@ def _chunks(values: Collection[str]) -> Iterator[list[str]]:
 
 def _for_update(session: AsyncSession, stmt: Any) -> Any:
     return stmt.with_for_update() if session.get_bind().dialect.name == "postgresql" else stmt
+
+
+# Upserts built once per dialect: ``excluded`` makes a new column collection on every access.
+
+
+@functools.cache
+def _upsert_customers(dialect: str) -> Any:
+    ins = _upsert_for(dialect, customers)
+    # Updates of one customer arrive in order (one partition), but a replay must not move
+    # the snapshot back: keep the newer one.
+    return ins.on_conflict_do_update(
+        index_elements=[customers.c.customer_id],
+        set_={
+            "profile": ins.excluded.profile,
+            "profile_at": ins.excluded.profile_at,
+            "updated_at": ins.excluded.updated_at,
+        },
+        where=customers.c.profile_at <= ins.excluded.profile_at,
+    )
+
+
+@functools.cache
+def _record_entries(dialect: str) -> Any:
+    ins = _upsert_for(dialect, journey_entries)
+    return ins.on_conflict_do_update(
+        index_elements=[journey_entries.c.customer_id, journey_entries.c.journey],
+        set_={
+            "entered_at": ins.excluded.entered_at,
+            "count": journey_entries.c.count + ins.excluded.count,
+        },
+    )
 
 
 class MessengerRepository:
@@ -63,18 +99,7 @@ class MessengerRepository:
         take the row locks in the same order and never deadlock."""
         if not rows:
             return
-        ins = _upsert(session, customers)
-        # Updates of one customer arrive in order (one partition), but a replay must not move
-        # the snapshot back: keep the newer one.
-        stmt = ins.on_conflict_do_update(
-            index_elements=[customers.c.customer_id],
-            set_={
-                "profile": ins.excluded.profile,
-                "profile_at": ins.excluded.profile_at,
-                "updated_at": ins.excluded.updated_at,
-            },
-            where=customers.c.profile_at <= ins.excluded.profile_at,
-        )
+        stmt = _upsert_customers(session.get_bind().dialect.name)
         await session.execute(stmt, sorted(rows, key=lambda r: str(r["customer_id"])))
 
     async def lock_customers(self, session: AsyncSession, customer_ids: Collection[str]) -> dict[str, Any]:
@@ -95,6 +120,19 @@ class MessengerRepository:
             )
             .values(whatsapp_inbound_at=at)
         )
+
+    async def claim_receipt(
+        self, session: AsyncSession, digest: str, now: datetime, forget_before: datetime
+    ) -> bool:
+        """Record a signed delivery; False if it was recorded before (a replay). Receipts older
+        than ``forget_before`` can no longer be replayed (their timestamp is refused): dropped."""
+        await session.execute(delete(webhook_receipts).where(webhook_receipts.c.received_at < forget_before))
+        stmt = (
+            insert_ignoring_conflicts(session, webhook_receipts)
+            .values(digest=digest, received_at=now)
+            .returning(webhook_receipts.c.digest)
+        )
+        return (await session.execute(stmt)).first() is not None
 
     async def customer_by_address(self, session: AsyncSession, channel: str, address: str) -> str | None:
         """Find a customer by phone/WhatsApp number or email (inbound messages, bounces)."""
@@ -323,15 +361,7 @@ class MessengerRepository:
         the entries this batch adds to the pair (one row per pair)."""
         if not rows:
             return
-        ins = _upsert(session, journey_entries)
-        stmt = ins.on_conflict_do_update(
-            index_elements=[journey_entries.c.customer_id, journey_entries.c.journey],
-            set_={
-                "entered_at": ins.excluded.entered_at,
-                "count": journey_entries.c.count + ins.excluded.count,
-            },
-        )
-        await session.execute(stmt, list(rows))
+        await session.execute(_record_entries(session.get_bind().dialect.name), list(rows))
 
     async def add_waits(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
         """Waits with their ids, in one executemany (every row has the same keys)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -189,10 +190,13 @@ class _SendPass:
         self.received = 0  # results handed to _settle so far…
         self.settled = 0  # …and the first this many of them are committed
         self.transactions = transactions  # shared by the passes of one send_due
+        self.unsettled = asyncio.Semaphore(4 * chunk)  # results waiting for their settle, slots freed
+        self._tasks: asyncio.TaskGroup
 
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as workers:
+                self._tasks = workers
                 for _ in range(min(self.chunk, len(self.due))):
                     workers.create_task(self._work())
         except BaseExceptionGroup as errors:
@@ -203,7 +207,22 @@ class _SendPass:
     async def _work(self) -> None:
         while (item := await self._next()) is not None:
             row, outgoing = item
-            await self._settle(row, await self.service._provider_call(row, outgoing))
+            result = await self.service._provider_call(row, outgoing)
+            if self.service._can_look_up(row):
+                # After a crash the reconciler finds this one at the provider instead of
+                # sending it again: the slot takes its next message while the result waits
+                # for the next settle (a bounded number of them, so a crash leaves a bounded
+                # number to look up).
+                await self.unsettled.acquire()
+                self._tasks.create_task(self._settle_released(row, result))
+            else:
+                await self._settle(row, result)
+
+    async def _settle_released(self, row: Any, result: ProviderResult | ProviderError) -> None:
+        try:
+            await self._settle(row, result)
+        finally:
+            self.unsettled.release()
 
     async def _next(self) -> tuple[Any, OutgoingMessage] | None:
         while not self.ready:
@@ -226,8 +245,9 @@ class _SendPass:
 
     async def _settle(self, row: Any, result: ProviderResult | ProviderError) -> None:
         """Returns once the result is committed: with every result that arrived meanwhile, by
-        whichever worker got the transaction first. A worker takes its next message only
-        then, so at most ``chunk`` messages are ever handed to providers and not settled."""
+        whichever worker got the transaction first. A worker whose provider cannot be asked
+        afterwards takes its next message only then, so at most ``chunk`` of its messages are
+        ever handed over and not settled (see ``_work`` for the others)."""
         self.results.append((row, result))
         self.received += 1
         ticket = self.received
@@ -264,6 +284,7 @@ class MessengerService:
         self.clock = clock
         self.topic = settings.topic(MESSAGES)
         self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
+        self._last_tick = float("-inf")
         self.providers: dict[Channel, Provider] = dict(providers or {})
         self.limiter = limiter
         self.quiet = QuietHours()
@@ -715,9 +736,12 @@ class MessengerService:
         """Send what is due with ``messenger_send_concurrency`` provider calls in flight (see
         ``_SendPass``). Messages are claimed in one transaction, committed ('sending') before
         any of them goes to a provider; results are settled together, in one transaction for
-        every call that ended meanwhile. A call's slot is free again only once its result is
-        committed, so a crash leaves at most ``messenger_send_concurrency`` messages handed to a
-        provider and not settled (for providers that cannot be asked, what may go twice).
+        every call that ended meanwhile. For a provider that cannot be asked afterwards (SMTP,
+        SendGrid), a call's slot is free again only once its result is committed, so a crash
+        leaves at most ``messenger_send_concurrency`` messages handed to it and not settled: what
+        may go twice. For one that can (the outbox, Twilio), the slot is free at once and the
+        result waits for the next settle, at most four times that many: after a crash, the
+        reconciler looks each of them up instead of sending it again.
 
         Each channel gets its own pass and an equal share of the slots: a provider's retries
         sleep in their slot, so with one pool a slow or failing provider would hold every slot
@@ -838,6 +862,9 @@ class MessengerService:
         )
         await self._settle_many(session, settled, now)
         return claimed, outcomes
+
+    def _can_look_up(self, row: Any) -> bool:
+        return self.providers[Channel(row.channel)].can_look_up
 
     async def _provider_call(self, row: Any, outgoing: OutgoingMessage) -> ProviderResult | ProviderError:
         provider = self.providers[Channel(row.channel)]
@@ -1060,8 +1087,12 @@ class MessengerService:
             await self._opt_out(session, customer_id, channel, source, self.clock())
         await self.flush()
 
-    async def email_event(self, address: str, event: str, message_id: str | None) -> None:
-        """SendGrid event webhook: bounces, spam reports and unsubscribes suppress the address."""
+    async def email_events(
+        self, events: Sequence[tuple[str, str, str | None]], receipt: str | None = None
+    ) -> bool:
+        """SendGrid event webhook: bounces, spam reports and unsubscribes suppress the address;
+        deliveries and clicks are recorded. One transaction for the whole delivery, with its
+        receipt (the signature's digest): a replay applies nothing and returns False."""
         sources = {
             "bounce": FactSource.BOUNCE,
             "dropped": FactSource.BOUNCE,
@@ -1071,19 +1102,38 @@ class MessengerService:
         }
         now = self.clock()
         async with self.db.transaction() as session:
-            customer_id = await self.repo.customer_by_address(session, "email", address)
-            if customer_id is not None and event in sources:
-                await self._opt_out(session, customer_id, Channel.EMAIL, sources[event], now)
-            if message_id and event in ("delivered", "click", "open"):
-                row = await self.repo.message(session, message_id)
-                if row is not None and event == "delivered" and row.status == "sent":
-                    await self._settle(session, row, "delivered", "provider: delivered", now)
-                elif row is not None and event == "click":
-                    await self._publish(
-                        session,
-                        [self._event(row, MessageStatus.CLICKED, "link clicked", now, seq=now.isoformat())],
-                    )
+            if receipt is not None:
+                # Kept twice the tolerance: a delivery signed up to a tolerance ahead of our
+                # clock is still accepted a tolerance after that.
+                forget_before = now - 2 * timedelta(seconds=self.settings.sendgrid_webhook_tolerance_s)
+                if not await self.repo.claim_receipt(session, receipt, now, forget_before):
+                    return False
+            for address, event, message_id in events:
+                await self._email_event(session, address, event, message_id, sources, now)
         await self.flush()
+        return True
+
+    async def _email_event(
+        self,
+        session: Any,
+        address: str,
+        event: str,
+        message_id: str | None,
+        sources: Mapping[str, FactSource],
+        now: datetime,
+    ) -> None:
+        customer_id = await self.repo.customer_by_address(session, "email", address)
+        if customer_id is not None and event in sources:
+            await self._opt_out(session, customer_id, Channel.EMAIL, sources[event], now)
+        if message_id and event in ("delivered", "click", "open"):
+            row = await self.repo.message(session, message_id)
+            if row is not None and event == "delivered" and row.status == "sent":
+                await self._settle(session, row, "delivered", "provider: delivered", now)
+            elif row is not None and event == "click":
+                await self._publish(
+                    session,
+                    [self._event(row, MessageStatus.CLICKED, "link clicked", now, seq=now.isoformat())],
+                )
 
     async def _opt_out(
         self, session: Any, customer_id: str, channel: Channel, source: FactSource, now: datetime
@@ -1167,6 +1217,12 @@ class MessengerService:
             log.warning("outcomes wait in the outbox: Kafka unreachable", error=str(exc)[:200])
 
     async def tick(self) -> None:
+        """Work between consumer batches, at most a few times a second: under a full topic
+        batches come back to back (each one flushes its own outcomes), and neither due waits
+        nor another process's leftovers in the outbox table need looking for after each."""
+        if time.monotonic() - self._last_tick < 0.25:
+            return
+        self._last_tick = time.monotonic()
         await self.fire_waits()
         await self.flush()
 

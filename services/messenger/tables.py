@@ -104,3 +104,13 @@ journey_entries = Table(
     Column("entered_at", UtcDateTime(), nullable=False),
     Column("count", Integer, nullable=False),
 )
+
+# Signed provider deliveries already applied (sha256 of what was signed), kept for as long as
+# their timestamp is accepted: a replay inside that window is refused, one outside it is stale.
+webhook_receipts = Table(
+    "webhook_receipts",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("received_at", UtcDateTime(), nullable=False),
+    Index("ix_webhook_receipts_received_at", "received_at"),
+)

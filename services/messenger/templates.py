@@ -207,6 +207,7 @@ def locale_chain(locale: str | None, default_locale: str = DEFAULT_LOCALE) -> li
     return chain
 
 
+@lru_cache(maxsize=1024)  # Locale.parse reads CLDR data; asked once per message
 def text_direction(locale: str) -> Direction:
     try:
         return "rtl" if Locale.parse(language_of(locale)).text_direction == "rtl" else "ltr"
@@ -282,6 +283,7 @@ _GSM7_BASIC = frozenset(
     "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
 )
 _GSM7_EXTENSION = frozenset("^{}\\[~]|€\f")  # sent as ESC + char: two septets
+_GSM7_ALL = _GSM7_BASIC | _GSM7_EXTENSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +298,7 @@ def count_sms(text: str) -> SmsCount:
 
     A two-septet extension character or a surrogate pair is never split across parts.
     """
-    if all(c in _GSM7_BASIC or c in _GSM7_EXTENSION for c in text):
+    if _GSM7_ALL.issuperset(text):
         encoding: SmsEncoding = "GSM-7"
         sizes = [2 if c in _GSM7_EXTENSION else 1 for c in text]
         single, part = 160, 153
@@ -757,6 +759,7 @@ def formatting_locale(customer_locale: str | None, template_locale: str) -> str:
     return template_locale
 
 
+@lru_cache(maxsize=1024)  # Locale.parse reads CLDR data: a few tags, thousands of messages
 def _babel_locale(locale: str) -> Locale:
     for tag in locale_chain(locale):
         try:

@@ -17,6 +17,12 @@ class SegmenterSettings(CommonSettings):
     segmenter_sweep_interval_s: float = Field(
         default=60.0, gt=0, description="How often customers whose state changes with time are re-evaluated."
     )
+    segmenter_sweep_max_defer_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long the sweep waits while the consumer catches up on a backlog (a "
+        "replay): until then customers may be only partly applied. 0 = never wait.",
+    )
     segmenter_publish_chunk: int = Field(
         default=2000, ge=1, description="Customers re-evaluated per step of a rule-publish job."
     )

@@ -28,7 +28,7 @@ def build_loop(
             return decode_with(CLV_ADAPTER, payload)
         return decode_with(EVENT_ADAPTER, payload)
 
-    return ConsumerLoop(
+    loop = ConsumerLoop(
         bootstrap=settings.kafka_bootstrap,
         topics=[settings.topic(t) for t in (PROFILES, PURCHASES, SUPPORT, CANCELLATIONS, CLV)],
         group_id=settings.segmenter_group_id,
@@ -39,6 +39,8 @@ def build_loop(
         tick=service.tick,
         session_timeout_ms=settings.consumer_session_timeout_ms,
     )
+    service.catching_up = lambda: loop.behind  # the sweep waits for a backlog to be applied
+    return loop
 
 
 async def main(settings: SegmenterSettings | None = None) -> None:

@@ -102,6 +102,9 @@ class ProfileState:
     cancellations: dict[str, Cancellation] = field(default_factory=dict)
     clv: Register | None = None
     first_seen_at: datetime | None = None
+    # The newest occurred_at of any event applied, CLV predictions included: the instant an
+    # event-driven update is evaluated as of (``updates.as_of_events``).
+    last_event_at: datetime | None = None
 
 
 # --- applying events --------------------------------------------------------------------------
@@ -122,6 +125,8 @@ def apply_event(state: ProfileState, event: Event | ClvPrediction) -> None:
     local = event.occurred_at
     event = event.model_copy(update={"occurred_at": local.astimezone(UTC)})
     stamp = Stamp(event.occurred_at, event.event_id)
+    if state.last_event_at is None or event.occurred_at > state.last_event_at:
+        state.last_event_at = event.occurred_at
     if isinstance(event, ClvPrediction):
         value = {
             "predicted_clv": str(event.predicted_clv),
@@ -433,6 +438,7 @@ def dump_state(state: ProfileState) -> dict[str, Any]:
         "cancellations": {k: [c.at.isoformat(), c.reason] for k, c in state.cancellations.items()},
         "clv": None if state.clv is None else _reg_out(state.clv),
         "first_seen_at": None if state.first_seen_at is None else state.first_seen_at.isoformat(),
+        "last_event_at": None if state.last_event_at is None else state.last_event_at.isoformat(),
     }
 
 
@@ -440,7 +446,7 @@ def load_state(customer_id: str, raw: dict[str, Any]) -> ProfileState:
     def when(s: str) -> datetime:
         return datetime.fromisoformat(s)
 
-    return ProfileState(
+    state = ProfileState(
         customer_id=customer_id,
         fields={k: _reg_in(v) for k, v in raw["fields"].items()},
         consents={k: _reg_in(v) for k, v in raw["consents"].items()},
@@ -462,6 +468,26 @@ def load_state(customer_id: str, raw: dict[str, Any]) -> ProfileState:
         clv=None if raw["clv"] is None else _reg_in(raw["clv"]),
         first_seen_at=None if raw["first_seen_at"] is None else when(raw["first_seen_at"]),
     )
+    if "last_event_at" not in raw:  # stored before the state kept it
+        state.last_event_at = _latest_recorded(state)
+    elif raw["last_event_at"] is not None:
+        state.last_event_at = when(raw["last_event_at"])
+    return state
+
+
+def _latest_recorded(state: ProfileState) -> datetime | None:
+    """The newest instant the state records. Every event leaves its occurred_at somewhere (a
+    register it won, its order's stamp, its ticket step or its cancellation) except a profile
+    event that set nothing (empty consents or attributes), which changed nothing either."""
+    registers = [*state.fields.values(), *state.consents.values(), *state.attributes.values()]
+    instants = [
+        *(r.stamp.at for r in registers),
+        *([] if state.clv is None else [state.clv.stamp.at]),
+        *(o.stamp.at for o in state.orders.values()),
+        *(step.at for t in state.tickets.values() for step in t.steps.values()),
+        *(c.at for c in state.cancellations.values()),
+    ]
+    return max(instants, default=None)
 
 
 def facts_to_json(f: dict[str, Any]) -> dict[str, Any]:

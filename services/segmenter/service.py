@@ -19,7 +19,7 @@ from services.segmenter.profile import ProfileState, apply_event, facts_from_jso
 from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
 from services.segmenter.rules import CompiledRules, compile_rules, default_rules, ruleset_etag, validate_rules
 from services.segmenter.tables import applied_events, outbox
-from services.segmenter.updates import Decision, RuleChange, decide, reevaluate, rule_change
+from services.segmenter.updates import Decision, RuleChange, as_of_events, decide, reevaluate, rule_change
 from shared.codec import encode, encode_key
 from shared.conditions import ConditionError
 from shared.db import Database, claim_events
@@ -98,8 +98,10 @@ class SegmenterService:
         self.topic = settings.topic(SEGMENTS)
         self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
         self._rules: CompiledRules | None = None
-        self._last_sweep = 0.0
+        self._last_sweep = time.monotonic() - settings.segmenter_sweep_interval_s  # the first tick sweeps
         self._last_tick = 0.0
+        # Whether the consumer is still working through a backlog; its loop says (build_loop).
+        self.catching_up: Callable[[], bool] = lambda: False
 
     # --- rules in force ---------------------------------------------------------------------------
 
@@ -153,7 +155,10 @@ class SegmenterService:
                     backend = [e for e in events if not isinstance(e, ClvPrediction)]
                     cause = UpdateCause.EVENTS if backend else UpdateCause.CLV
                     key = ",".join(sorted(e.event_id for e in events))
-                    decisions.append(decide(state, old, rules, self.config, now, cause, key, backend))
+                    # As of the customer's latest event, not now: what time alone changed
+                    # since is the sweep's to announce, stamped when it notices it.
+                    as_of = as_of_events(state, now)
+                    decisions.append(decide(state, old, rules, self.config, as_of, cause, key, backend))
                 staged = await self._enqueue(session, await self._write(session, decisions, now))
         await self._relay(staged)  # publish after commit
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
@@ -212,6 +217,9 @@ class SegmenterService:
                     break
                 rules = await self.rules(session)
                 rows = await self.repo.load_customers(session, due, for_update=True, with_facts=False)
+                # Keyed by the instants judged between, not by the change alone: a late event
+                # takes a row back to its latest event, and the sweep that brings it forward
+                # again announces a change of its own (the same id would be dropped downstream).
                 decisions = [
                     decide(
                         load_state(cid, row.state),
@@ -220,7 +228,7 @@ class SegmenterService:
                         self.config,
                         now,
                         UpdateCause.TIME,
-                        f"{row.next_check_at.isoformat() if row.next_check_at else ''}|{row.lifecycle_stage}",
+                        f"{row.updated_at.isoformat()}|{now.isoformat()}",
                     )
                     for cid, row in rows.items()
                 ]
@@ -300,6 +308,8 @@ class SegmenterService:
         return job
 
     def _reassign(self, row: CustomerRow, rules: CompiledRules, now: datetime) -> Decision:
+        # As of now, like the sweep: a publish is news when it happens, and a row whose facts
+        # are out of date would otherwise stay so, its move stamped in the past.
         return decide(
             load_state(row.customer_id, row.state),
             row,
@@ -319,7 +329,7 @@ class SegmenterService:
             return
         self._last_tick = time.monotonic()
         await self.run_publish_step()  # one chunk per tick, so events keep flowing meanwhile
-        if time.monotonic() - self._last_sweep >= self.settings.segmenter_sweep_interval_s:
+        if self._sweep_due():
             self._last_sweep = time.monotonic()
             if self.relay is not None:
                 # Rows committed and never sent by a process that died (this one's predecessor,
@@ -332,6 +342,17 @@ class SegmenterService:
             # Between batches the next batch's transaction deletes the rows sent; when none
             # comes, this does.
             await self.relay.drain()
+
+    def _sweep_due(self) -> bool:
+        """Every sweep interval, but not while the consumer catches up on a backlog (a replay,
+        a restart after downtime), up to a limit: a customer whose later events are still
+        on the topic would be swept as lapsed or at risk, and messaged, only to come back a
+        moment later."""
+        since = time.monotonic() - self._last_sweep
+        interval = self.settings.segmenter_sweep_interval_s
+        if since < interval:
+            return False
+        return not (self.catching_up() and since < interval + self.settings.segmenter_sweep_max_defer_s)
 
     async def refresh_gauges(self) -> None:
         async with self.db.sessions() as session:

@@ -24,6 +24,8 @@ customers = Table(
     Column("rule_version", Integer, nullable=False),
     # When time alone next changes something about this customer; the sweep's index.
     Column("next_check_at", UtcDateTime(), nullable=True),
+    # The instant tier, segments and facts are evaluated as of (``updates.decide``): for
+    # events ``updates.as_of_events``, now for the sweep and a publish.
     Column("updated_at", UtcDateTime(), nullable=False),
     Index("ix_customers_next_check_at", "next_check_at"),
     Index("ix_customers_tier", "tier"),

@@ -111,20 +111,44 @@ class Decision:
     left: tuple[str, ...]
 
 
+def as_of_events(state: ProfileState, now: datetime) -> datetime:
+    """The instant an update caused by events (backend ones or a CLV prediction) is evaluated
+    as of: the customer's latest event, or now when that lies ahead (a clock ahead of ours).
+
+    Not now: a history replayed months after it happened would be judged as if nothing had
+    happened since, and a stage that time alone brings (at_risk after 60 days) would go out
+    stamped with a months-old event, stale before any message about it could go. Judged as of
+    the event, the row's next check lies in the past, and the sweep announces the change when
+    it notices it, stamped then.
+
+    The customer's latest event, not the batch's: the state holds every event applied so far,
+    so the same events in any order or batching are judged as of the same instant. Not the
+    later of that and the row's last instant either: once a sweep had judged a customer as of
+    now halfway through a replay, the rest of their history would be judged and stamped as of
+    then, and every tier upgrade in it would look new. The price: a late event after a sweep
+    takes the row back to its latest event, until the next sweep brings it forward again."""
+    latest = state.last_event_at
+    return now if latest is None else min(latest, now)
+
+
 def decide(
     state: ProfileState,
     old: CustomerRow | None,
     rules: CompiledRules,
     config: LifecycleConfig,
-    now: datetime,
+    as_of: datetime,
     cause: UpdateCause,
     cause_key: str,
     events: Sequence[Event] = (),
 ) -> Decision:
-    """The customer's row after ``state``, and the update to publish (None when a time, rule
-    or CLV change altered nothing a message could react to)."""
-    f, boundaries = facts(state, now, config)
-    assignment = rules.assign(f, now)
+    """The customer's row after ``state`` evaluated as of ``as_of``, and the update to publish
+    (None when a time, rule or CLV change altered nothing a message could react to).
+
+    ``as_of`` is now for the sweep and a rule publish, ``as_of_events`` for events. The update
+    is stamped with it, and the row keeps it as ``updated_at``: the instant its facts hold at,
+    and from which its next check is counted (a next check already past is the sweep's)."""
+    f, boundaries = facts(state, as_of, config)
+    assignment = rules.assign(f, as_of)
     next_check = min([*boundaries, *assignment.boundaries], default=None)
     old_segments = set(old.segments) if old else set()
     entered = tuple(s for s in assignment.segments if s not in old_segments)
@@ -138,7 +162,7 @@ def decide(
         lifecycle_stage=f["lifecycle_stage"],
         rule_version=rules.version,
         next_check_at=next_check,
-        updated_at=now,
+        updated_at=as_of,
     )
     changed = (
         old is None
@@ -152,11 +176,10 @@ def decide(
     snap = snapshot(
         state.consents, state.attributes, f, assignment.tier, assignment.segments, config.reporting_currency
     )
-    occurred_at = max((e.occurred_at for e in events), default=now)
     update = CustomerUpdate(
         event_id=update_id(state.customer_id, cause, cause_key),
         customer_id=state.customer_id,
-        occurred_at=occurred_at,
+        occurred_at=as_of,
         cause=cause,
         triggering_events=[triggering(e) for e in sorted(events, key=lambda e: (e.occurred_at, e.event_id))],
         tier_old=old.tier if old else None,

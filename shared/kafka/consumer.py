@@ -144,6 +144,7 @@ class ConsumerLoop(Generic[T]):
         self._stopping = asyncio.Event()
         self.stats = LoopStats()
         self._lag_partitions: set[TopicPartition] = set()
+        self.behind = True  # records waiting past our position, as of the latest fetch (or not known yet)
         self._consumer = AIOKafkaConsumer(
             *self._topics,
             bootstrap_servers=bootstrap,
@@ -260,6 +261,7 @@ class ConsumerLoop(Generic[T]):
             if end is not None:  # None: not fetched yet since the assignment
                 ends[tp] = end
         reported: set[TopicPartition] = set()
+        behind = len(ends) < len(self._consumer.assignment())  # a partition not fetched yet: unknown
         for tp, end in ends.items():
             try:
                 position = await self._consumer.position(tp)
@@ -267,10 +269,12 @@ class ConsumerLoop(Generic[T]):
                 continue  # revoked while we looked
             CONSUMER_LAG.labels(self._group_id, tp.topic, str(tp.partition)).set(max(0, end - position))
             reported.add(tp)
+            behind = behind or end > position
         for tp in self._lag_partitions - set(self._consumer.assignment()):
             with contextlib.suppress(KeyError):
                 CONSUMER_LAG.remove(self._group_id, tp.topic, str(tp.partition))
         self._lag_partitions = (self._lag_partitions & set(self._consumer.assignment())) | reported
+        self.behind = behind
 
     def _decode_all(
         self, records: list[ConsumerRecord[bytes, bytes]]

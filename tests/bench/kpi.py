@@ -291,7 +291,7 @@ def _decoder(settings: KpiSettings) -> Any:
 
 
 async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, inline_sqlite=True)  # as the workers run it
     metadata = MetaData()
     ledger = applied_events_table(metadata)
     raw = Table(
@@ -347,7 +347,7 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
 
 
 async def kpi_consumer(settings: KpiSettings, n: int, watch: Watch) -> Run:
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, inline_sqlite=True)  # as the workers run it
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="bench-kpi")
     service = _TimedKpiService(db, settings, producer)
@@ -416,7 +416,7 @@ class ClvFit:
 async def clv_fit(customers: int, url: str, rounds: int) -> ClvFit:
     events = simulated_purchases(customers)
     settings = KpiSettings(kpi_database_url=url, kpi_reporting_currency="USD", var_dir=BENCH_VAR)
-    db = Database(url)
+    db = Database(url, inline_sqlite=True)  # as the workers run it
     await migrate(db, MIGRATIONS)
     service = KpiService(db, settings, clock=lambda: datetime(2026, 6, 1, 12, tzinfo=UTC))
     try:

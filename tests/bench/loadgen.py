@@ -111,7 +111,7 @@ class _ClosedError(Exception):
     """The server closed the connection (or asked to)."""
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     """Read one response; return its status and whether the server will close the connection."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
@@ -158,7 +158,7 @@ async def _connection(spec: LoadSpec, state: _State) -> None:
             request = state.take()
             started = perf()
             writer.write(request)
-            status, close = await _read_response(reader)
+            status, close = await read_response(reader)
             if state.measuring:
                 if status == spec.expect_status:
                     state.ok += 1

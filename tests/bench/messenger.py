@@ -260,7 +260,7 @@ async def measured(
     prism_url: str | None,
     watch: Watch,
 ) -> Run:
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, inline_sqlite=True)  # as the workers run it
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="bench-messenger")
     providers = _providers(target, prism_url, Path(settings.outbox_dir))

@@ -58,7 +58,7 @@ from services.segmenter.repository import CustomerRow, SegmenterRepository, Stan
 from services.segmenter.rules import compile_rules, default_rules
 from services.segmenter.service import SegmenterService
 from services.segmenter.tables import outbox
-from services.segmenter.updates import decide, reevaluate, rule_change
+from services.segmenter.updates import as_of_events, decide, reevaluate, rule_change
 from shared.codec import decode_event, encode_event, encode_key
 from shared.db import Database, migrate
 from shared.demo.generator import generate
@@ -388,7 +388,7 @@ async def serial_ideal(
     watch: Watch,
 ) -> Ideal:
     """Decode + pure apply, then the batch's upsert alone; the two timed apart, serially."""
-    db = Database(url)
+    db = Database(url, inline_sqlite=True)  # as the workers run it
     await migrate(db, MIGRATIONS)
     repo = SegmenterRepository()
     rules = compile_rules(default_rules(), 1)
@@ -414,7 +414,8 @@ async def serial_ideal(
                     for event in events:
                         apply_event(state, event)
                     key = ",".join(sorted(e.event_id for e in events))
-                    decision = decide(state, old, rules, config, now, UpdateCause.EVENTS, key, events)
+                    as_of = as_of_events(state, now)  # as the service judges events
+                    decision = decide(state, old, rules, config, as_of, UpdateCause.EVENTS, key, events)
                     rows[customer_id] = decision.row
                     out.append(decision.row)
                 upsert_started = time.perf_counter()
@@ -522,7 +523,7 @@ async def _round(
     *,
     publish: bool,
 ) -> tuple[Load, list[Publish]]:
-    db = Database(url)
+    db = Database(url, inline_sqlite=True)  # as the workers run it
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="bench-segmenter")
     service = _NotingService(db, settings, producer)

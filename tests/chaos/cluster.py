@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
@@ -333,6 +334,20 @@ class Cluster:
         finally:
             await consumer.stop()
             await admin.close()
+
+    async def due_checks(self, at: datetime) -> int:
+        """Segmenter customers whose next check is at or before ``at``: changes time alone has
+        brought that the sweep has still to make (events are judged as of themselves, so after
+        a replay of history most customers are due at once)."""
+        from services.segmenter.tables import customers  # noqa: PLC0415
+
+        db = Database(self.database_urls["segmenter"])
+        try:
+            async with db.sessions() as session:
+                due = customers.c.next_check_at <= at
+                return int(await session.scalar(select(func.count()).select_from(customers).where(due)) or 0)
+        finally:
+            await db.dispose()
 
     async def pending_work(self) -> dict[str, int]:
         """What the services still have to do: outbox rows, and messages due or mid-send."""

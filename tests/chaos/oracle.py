@@ -97,11 +97,19 @@ def compare_segmenter(
     rows: Mapping[str, CustomerRow],
     rules: CompiledRules,
     config: LifecycleConfig,
-) -> tuple[Comparison, Comparison]:
-    """Profiles (the stored state) and the tier, segments and lifecycle stage derived from
-    them, which the oracle derives again at the instant the row was last written."""
+    settled_at: datetime | None = None,
+) -> tuple[Comparison, Comparison, Comparison]:
+    """Profiles (the stored state); the tier, segments and lifecycle stage derived from them,
+    which the oracle derives again as of the instant the row was evaluated (``updated_at``);
+    and that instant itself.
+
+    Events are judged as of the customer's latest event (capped at now, and none of the
+    stream's lies ahead), the sweep and a publish as of now: so no row is judged as of a moment
+    before the customer's latest event. Once the pipeline has settled (``settled_at``), the
+    sweep has made every change time alone brought until then, so no row's next check is due."""
     states = Comparison("segmenter profiles")
     tiers = Comparison("segmenter tiers, segments and lifecycle stages")
+    instants = Comparison("segmenter evaluation instants and next checks")
     states.missing = sorted(set(expected) - set(rows))
     states.extra = sorted(set(rows) - set(expected))
     for customer_id in sorted(set(expected) & set(rows)):
@@ -115,7 +123,17 @@ def compare_segmenter(
         want = (derived.tier, sorted(derived.segments), derived.lifecycle_stage)
         if got != want:
             tiers.different.append(f"{customer_id}: stored {got}, oracle {want}")
-    return states, tiers
+        instants.compared += 1
+        latest = state.last_event_at
+        if latest is not None and row.updated_at < latest:
+            instants.different.append(
+                f"{customer_id}: judged as of {row.updated_at}, before its event at {latest}"
+            )
+        if settled_at is not None and row.next_check_at is not None and row.next_check_at <= settled_at:
+            instants.different.append(
+                f"{customer_id}: next check {row.next_check_at} still due when settled at {settled_at}"
+            )
+    return states, tiers, instants
 
 
 # --- the kpi service --------------------------------------------------------------------------

@@ -92,6 +92,7 @@ class Figures:
     ingest_retries: int = 0
     faults: list[Fault] = field(default_factory=list)
     settle_s: float = 0.0
+    settled_at: datetime | None = None  # the last look that found nothing left to do
     lag: dict[str, int] = field(default_factory=dict)
     pending: dict[str, int] = field(default_factory=dict)
     lost: int = 0  # accepted by ingest, absent from the topics
@@ -314,10 +315,15 @@ class Run:
         calm = 0
         while True:
             self._check_crashes_except(without)
+            looked_at = datetime.now(UTC)
             lag = asyncio.run(self.cluster.lag())
             pending = asyncio.run(self.cluster.pending_work())
+            pending["segmenter checks due"] = asyncio.run(self.cluster.due_checks(looked_at))
             busy = {k: v for k, v in {**lag, **pending}.items() if v and k not in without}
             calm = 0 if busy else calm + 1
+            # The oracle holds every next check to be later than the last look (one on the
+            # deadline too: what is still due then is reported, not skipped).
+            self.figures.settled_at = looked_at
             if calm >= 2:  # two quiet looks in a row: nothing is still on its way
                 return
             if time.monotonic() > deadline:
@@ -384,14 +390,15 @@ class Run:
                 extra = sorted(set(every) - set(states))
                 applied = await _ids(session, segmenter_tables.applied_events)
             settings = SegmenterSettings()
-            states_cmp, tiers_cmp = compare_segmenter(
-                states, rows, compile_rules(default_rules(), 1), settings.lifecycle
+            states_cmp, tiers_cmp, instants_cmp = compare_segmenter(
+                states, rows, compile_rules(default_rules(), 1), settings.lifecycle, self.figures.settled_at
             )
             states_cmp.extra += extra
             comparisons += [
                 compare_ledger("segmenter applied events", [*backend, *clv], applied),
                 states_cmp,
                 tiers_cmp,
+                instants_cmp,
             ]
             async with kpi.sessions() as session:
                 tables = {

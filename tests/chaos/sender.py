@@ -37,6 +37,10 @@ class CallLogged:
     def paced(self) -> bool:
         return self._inner.paced
 
+    @property
+    def can_look_up(self) -> bool:
+        return self._inner.can_look_up
+
     async def send(self, msg: OutgoingMessage) -> ProviderResult:
         began = datetime.now(UTC)
         result = await self._inner.send(msg)

@@ -171,6 +171,10 @@ class Timed:
     def paced(self) -> bool:
         return self._inner.paced
 
+    @property
+    def can_look_up(self) -> bool:
+        return self._inner.can_look_up
+
     async def send(self, msg: OutgoingMessage) -> ProviderResult:
         began = time.monotonic()
         ok = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,7 @@ def bounce(messenger: Messenger) -> str:
 
 async def test_sendgrid_events_without_a_valid_signature_are_refused(messenger: Messenger) -> None:
     payload = bounce(messenger)
-    timestamp = "1764100000"
+    timestamp = str(int(time.time()))
     good = sendgrid_signature(messenger.sendgrid_key, timestamp, payload)
     stranger = sendgrid_signature(ec.generate_private_key(ec.SECP256R1()), timestamp, payload)
     before = await messenger.state()
@@ -190,7 +191,7 @@ async def test_sendgrid_events_without_a_valid_signature_are_refused(messenger: 
         "not base64": await messenger.sendgrid(payload, "%%% not base64 %%%", timestamp),
         "not a signature": await messenger.sendgrid(payload, "bm90IGEgc2lnbmF0dXJl", timestamp),
         "another key": await messenger.sendgrid(payload, stranger, timestamp),
-        "other timestamp": await messenger.sendgrid(payload, good, "1764100001"),
+        "other timestamp": await messenger.sendgrid(payload, good, str(int(timestamp) + 1)),
         "other payload": await messenger.sendgrid(payload.replace("bounce", "spamreport"), good, timestamp),
     }
 
@@ -198,16 +199,36 @@ async def test_sendgrid_events_without_a_valid_signature_are_refused(messenger: 
     assert await messenger.state() == before
 
 
-async def test_sendgrid_events_with_a_valid_signature_are_applied(messenger: Messenger) -> None:
+async def test_sendgrid_events_with_a_valid_signature_are_applied_once(messenger: Messenger) -> None:
     payload = bounce(messenger)
-    timestamp = "1764100000"
+    timestamp = str(int(time.time()))
+    signature = sendgrid_signature(messenger.sendgrid_key, timestamp, payload)
     before = await messenger.state()
 
-    response = await messenger.sendgrid(
-        payload, sendgrid_signature(messenger.sendgrid_key, timestamp, payload), timestamp
-    )
+    response = await messenger.sendgrid(payload, signature, timestamp)
 
     assert response.status_code == 204, response.text
-    facts = (await messenger.state())["consent_facts"]
-    assert facts != before["consent_facts"]
-    assert any("bounce" in row for row in facts)
+    after = await messenger.state()
+    assert after["consent_facts"] != before["consent_facts"]
+    assert any("bounce" in row for row in after["consent_facts"])
+
+    # The same delivery again, inside the timestamp's window: refused, nothing applied twice.
+    replayed = await messenger.sendgrid(payload, signature, timestamp)
+    assert replayed.status_code == 403
+    assert "received before" in replayed.text
+    assert (await messenger.state()) == after
+
+
+async def test_sendgrid_events_signed_long_ago_or_ahead_are_refused(messenger: Messenger) -> None:
+    """A captured delivery replayed after the tolerance (600 s by default) is refused by its
+    signed timestamp alone, as is one signed far in the future; nothing changes."""
+    payload = bounce(messenger)
+    before = await messenger.state()
+    now = int(time.time())
+    statuses = {}
+    for name, at in {"an hour ago": now - 3600, "an hour ahead": now + 3600, "not a number": None}.items():
+        timestamp = "soon" if at is None else str(at)
+        signature = sendgrid_signature(messenger.sendgrid_key, timestamp, payload)
+        statuses[name] = (await messenger.sendgrid(payload, signature, timestamp)).status_code
+    assert statuses == {"an hour ago": 403, "an hour ahead": 403, "not a number": 403}
+    assert await messenger.state() == before

@@ -194,6 +194,35 @@ async def test_transport_errors(client: Client) -> None:
     assert await client.landed() == []
 
 
+async def test_the_documented_route_answers_as_the_direct_endpoint(client: Client) -> None:
+    """POST /v1/events is served before FastAPI's middleware and routing (app.py); a request
+    it hands on (here: one with a query string) reaches the FastAPI route, which answers alike."""
+    direct = await client.post(_event("support", "c5", 1))
+    routed = await client.post(_event("support", "c5", 2), params={"via": "route"})
+    assert direct.status_code == routed.status_code == 202
+    assert direct.json() == {"accepted": 1, "event_ids": ["support-c5-1"], "duplicates": 0}
+    assert routed.json() == {"accepted": 1, "event_ids": ["support-c5-2"], "duplicates": 0}
+    assert direct.headers["content-type"] == routed.headers["content-type"] == "application/json"
+
+    headers = {"Authorization": f"Bearer {client.key}", "Content-Type": "text/plain"}
+    refused = [
+        await client.http.post("/v1/events", params=params, content=b"{}", headers=headers)
+        for params in ({}, {"via": "route"})
+    ]
+    assert [r.status_code for r in refused] == [415, 415]
+    assert refused[0].json() == refused[1].json()
+    assert refused[0].json()["error"]["code"] == "unsupported_media_type"
+    unauthorized = await client.http.post("/v1/events", json=_event("support", "c5", 3))
+    assert unauthorized.status_code == 401
+    assert unauthorized.headers["WWW-Authenticate"] == "Bearer"
+
+    metrics = (await client.http.get("/metrics")).text
+    for status in ("202", "415", "401"):
+        labels = f'method="POST",route="/v1/events",service="ingest",status="{status}"'
+        assert f"retain_http_requests_total{{{labels}}}" in metrics
+    assert len(await client.landed()) == 2
+
+
 async def test_auth(client: Client, tmp_path: Path) -> None:
     no_key = await client.http.post("/v1/events", json=_event("support", "c1", 1))
     assert no_key.status_code == 401

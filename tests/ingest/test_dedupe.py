@@ -25,3 +25,30 @@ def test_zero_ttl_disables_the_window() -> None:
     recent = RecentIds(ttl_s=0, max_ids=3)
     recent.add(["a"], now=0)
     assert not recent.contains("a", now=0)
+
+
+def test_an_id_accepted_again_after_its_window_stays_for_a_new_window() -> None:
+    recent = RecentIds(ttl_s=10, max_ids=100)
+    recent.add(["a", "b"], now=0)
+    recent.add(["a"], now=12)  # "a" expired at 10 and came again
+    assert recent.contains("a", now=15)
+    assert not recent.contains("b", now=15)
+    assert len(recent) == 1
+
+
+def test_among_answers_for_a_whole_request() -> None:
+    recent = RecentIds(ttl_s=10, max_ids=100)
+    recent.add(["a", "b"], now=0)
+    recent.add(["c"], now=5)
+    assert recent.among(["a", "c", "x"], now=3) == {"a", "c"}
+    assert recent.among(["a", "c", "x"], now=11) == {"c"}
+
+
+def test_the_size_bound_evicts_the_oldest_ids_across_requests() -> None:
+    recent = RecentIds(ttl_s=100, max_ids=4)
+    recent.add(["a", "b", "c"], now=0)
+    recent.add(["d", "e"], now=1)
+    assert len(recent) == 4
+    assert recent.among(["a", "b", "c", "d", "e"], now=2) == {"b", "c", "d", "e"}
+    recent.add(["f", "g", "h"], now=2)
+    assert recent.among(["b", "c", "d", "e", "f", "g", "h"], now=3) == {"e", "f", "g", "h"}

@@ -254,7 +254,7 @@ async def test_shuffled_duplicated_stream_gives_the_oracles_kpis(
     await produce(kafka, topic_prefix, replay)
 
     settings = settings_for(kafka, topic_prefix, db_url, f"kpi-{unique}", tmp_path, kpi_rollup_interval_s=0.5)
-    db = Database(db_url)
+    db = Database(db_url, inline_sqlite=True)  # as the worker runs it
     await migrate(db, MIGRATIONS)
     producer = Producer(kafka.bootstrap, client_id="kpi-test")
     service = KpiService(db, settings, producer, clock=lambda: NOW)
@@ -306,7 +306,7 @@ async def test_cdnow_through_the_service_reproduces_the_published_fit(
         api_keys_file=keys,
         kpi_reporting_currency="USD",
     )
-    db = Database(db_url)
+    db = Database(db_url, inline_sqlite=True)  # as the worker runs it
     await migrate(db, MIGRATIONS)
     producer = Producer(kafka.bootstrap, client_id="kpi-test")
     service = KpiService(db, settings, producer, clock=lambda: datetime(1998, 7, 1, tzinfo=UTC))
@@ -334,7 +334,7 @@ async def test_cdnow_through_the_service_reproduces_the_published_fit(
 
     # In shekels the shapes stay and the scale follows the rate (3.65 ILS per USD).
     shekels = settings.model_copy(update={"kpi_reporting_currency": "ILS"})
-    db = Database(db_url)
+    db = Database(db_url, inline_sqlite=True)  # as the worker runs it
     ils = await KpiService(db, shekels).clv_model(date(1997, 9, 30))
     await db.dispose()
     assert ils["cached"] is False  # another currency is another model
@@ -356,7 +356,7 @@ async def test_poison_message_goes_to_the_dlq_and_the_rest_flows(
     await produce(kafka, topic_prefix, events)
     url = f"sqlite+aiosqlite:///{tmp_path / 'kpi.db'}"
     settings = settings_for(kafka, topic_prefix, url, f"kpi-{unique}", tmp_path)
-    db = Database(url)
+    db = Database(url, inline_sqlite=True)  # as the worker runs it
     await migrate(db, MIGRATIONS)
     producer = Producer(kafka.bootstrap, client_id="kpi-test")
     service = KpiService(db, settings, producer, clock=lambda: NOW)

@@ -48,13 +48,6 @@ END = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
 SEED, CUSTOMERS, DAYS, LIVE_ROUNDS = 130, 200, 365, 1
 BATCH = 500  # records per consumer batch, as the consumers take them from a full topic
 
-PENDING_SEGMENTER = pytest.mark.xfail(
-    strict=True,
-    reason="needs the segmenter to evaluate a replayed event as of its own time, so that at_risk "
-    "is entered by the sweep when it is noticed, not stamped with a months-old event "
-    "(services/segmenter/{service,updates}.py: not this issue's files; see the report)",
-)
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -135,10 +128,9 @@ def _mail(outbox: Path, message_id: str) -> EmailMessage | None:
 
 
 _ALL = [j.name for j in default_journeys()]
-_MARKS = {"at_risk": [PENDING_SEGMENTER]}
 
 
-@pytest.mark.parametrize("journey", [pytest.param(j, marks=_MARKS.get(j, [])) for j in _ALL])
+@pytest.mark.parametrize("journey", _ALL)
 async def test_the_demo_sends_every_journey_in_the_customers_language(demo: Outcome, journey: str) -> None:
     sent = demo.sent(journey)
     statuses = Counter(r.status for r in demo.rows if r.journey == journey)

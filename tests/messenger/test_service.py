@@ -547,3 +547,45 @@ async def test_held_messages_are_checked_again_in_order_when_the_window_opens(wo
     assert sorted(o.status for o in outcomes) == ["capped", "sent"]
     rows = await messages(world, customer)
     assert sorted(r["status"] for r in rows) == ["capped", "sent"]
+
+
+@pytest.mark.parametrize("can_look_up", [True, False], ids=["looked-up", "not-looked-up"])
+async def test_a_slot_waits_for_its_settle_only_where_a_crash_could_send_twice(
+    world: World, can_look_up: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every settle held back, a provider that cannot be asked afterwards gets no more
+    than the slots' worth of messages (each slot waits for its commit); one that can keeps its
+    slots busy with the messages already claimed. Either way each goes over once."""
+    slots = world.service.settings.messenger_send_concurrency
+    updates = [complaint_update(f"w{i}", NOON) for i in range(3 * slots)]  # transactional
+    await world.service.apply_batch(delivered(updates))
+    provider = world.service.providers[Channel.SMS]
+    handed: list[str] = []
+    real_send, real_record = provider.send, world.service._record
+    gate = asyncio.Event()
+
+    async def counting_send(msg: Any) -> Any:
+        handed.append(msg.message_id)
+        return await real_send(msg)
+
+    async def held_record(*args: Any) -> Any:
+        await gate.wait()
+        return await real_record(*args)
+
+    monkeypatch.setattr(provider, "send", counting_send)
+    monkeypatch.setattr(provider, "can_look_up", can_look_up)
+    monkeypatch.setattr(world.service, "_record", held_record)
+    sending = asyncio.create_task(world.service.send_due())
+    seen = -1
+    while seen != len(handed):  # until the calls stop: every slot is waiting on something
+        seen = len(handed)
+        await asyncio.sleep(0.2)
+    gate.set()
+    outcomes = await sending
+
+    if can_look_up:
+        assert seen == 2 * slots  # every message claimed so far (two chunks), not one per slot
+    else:
+        assert seen == slots
+    assert sorted(handed) == sorted(o.message_id for o in outcomes)
+    assert len(set(handed)) == len(handed)

@@ -45,11 +45,12 @@ from shared.events import (
     UpdateCause,
 )
 from shared.kafka.consumer import Delivered
-from tests.segmenter.factories import profile
+from tests.segmenter.factories import profile, purchase
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
+DAY = timedelta(days=1)
 DEMO_DAYS = 400
 
 
@@ -169,6 +170,9 @@ async def api(database_url: str, tmp_path: Path) -> AsyncIterator[Api]:
     await migrate(service.db, MIGRATIONS)
     await service.ensure_default_rules()
     await seed(service, list(demo_events()))
+    # The events are judged as of each customer's latest one; what time changed since, the
+    # sweep announces, as the consumer's tick does after the batches.
+    await service.sweep()
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://segmenter") as http:
         yield Api(http, service, writer_plain, writer.id, reader_plain, stranger_plain)
@@ -514,9 +518,9 @@ async def test_the_sweep_keeps_everyone_right_as_time_passes(api: Api) -> None:
             assert (row.tier, row.segments) == (a.tier, list(a.segments)), (days, row.customer_id)
             assert row.next_check_at is None or row.next_check_at > at
         assert swept <= 24
-    time_updates = [u for u in await api.outbox_updates() if u.cause == UpdateCause.TIME]
+    time_updates = (await api.outbox_updates())[updates_before:]
     assert time_updates
-    assert len(await api.outbox_updates()) == updates_before + len(time_updates)
+    assert {u.cause for u in time_updates} == {UpdateCause.TIME}
     stages = {u.profile.lifecycle_stage for u in time_updates}
     assert {"at_risk", "lapsed"} <= stages
     # Far in the future nothing is due any more that was not already handled.
@@ -620,6 +624,60 @@ async def test_a_published_time_condition_is_kept_as_time_passes(api: Api) -> No
         for cid, row in rows.items():
             assert (row.tier, row.segments) == (want[cid].tier, list(want[cid].segments)), (days, cid)
             assert row.next_check_at is None or row.next_check_at > at
+
+
+async def test_a_replayed_history_is_judged_as_of_itself_and_the_sweep_announces_at_risk(api: Api) -> None:
+    # Months of history arriving at once (a replay, or a backend catching up): the last
+    # purchase was 100 days ago, so time alone has made the customer at_risk since.
+    cid = "c-replayed"
+    await seed(
+        api.service,
+        [
+            profile("crm-r", NOW - 200 * DAY, customer_id=cid, email="r@example.com"),
+            purchase("shop-r1", NOW - 200 * DAY, "r1", customer_id=cid),
+            purchase("shop-r2", NOW - 100 * DAY, "r2", customer_id=cid),
+        ],
+    )
+    [replayed] = [u for u in await api.outbox_updates() if u.customer_id == cid]
+    assert (replayed.cause, replayed.occurred_at) == (UpdateCause.EVENTS, NOW - 100 * DAY)
+    assert replayed.profile.lifecycle_stage == "active"
+    assert "at_risk" not in replayed.segments_entered
+    row = (await stored_rows(api))[cid]
+    assert row.updated_at == NOW - 100 * DAY
+    assert row.next_check_at is not None
+    assert row.next_check_at <= NOW  # the sweep's index finds them
+
+    noticed = NOW + timedelta(hours=1)  # the sweep comes by later than the batch
+    api.service.clock = lambda: noticed
+    assert await api.service.sweep() >= 1
+    [swept] = [u for u in await api.outbox_updates() if u.customer_id == cid and u.cause == UpdateCause.TIME]
+    assert (swept.occurred_at, swept.triggering_events) == (noticed, [])
+    assert swept.segments_entered == ["at_risk"]
+    assert swept.profile.lifecycle_stage == "at_risk"
+    row = (await stored_rows(api))[cid]
+    assert (row.lifecycle_stage, row.updated_at) == ("at_risk", noticed)
+    assert row.next_check_at is not None
+    assert row.next_check_at > noticed
+    members = (await api.get("/v1/segments/at_risk/customers", params={"limit": 1000})).json()
+    assert cid in [c["customer_id"] for c in members["customers"]]
+    assert await api.service.sweep() == 0  # announced once
+
+    # A late event takes the row back to the customer's latest event; the next sweep brings it
+    # forward again, and that is a change of its own, under its own id (not dropped downstream).
+    await seed(api.service, [profile("crm-late", NOW - 120 * DAY, customer_id=cid, name="Late")])
+    late = [u for u in await api.outbox_updates() if u.customer_id == cid][-1]
+    assert (late.occurred_at, late.segments_left) == (NOW - 100 * DAY, ["at_risk"])
+    again = noticed + timedelta(hours=1)
+    api.service.clock = lambda: again
+    await api.service.sweep()
+    swept_twice = [
+        u for u in await api.outbox_updates() if u.customer_id == cid and u.cause == UpdateCause.TIME
+    ]
+    assert [(u.occurred_at, u.segments_entered) for u in swept_twice] == [
+        (noticed, ["at_risk"]),
+        (again, ["at_risk"]),
+    ]
+    assert len({u.event_id for u in swept_twice}) == 2
 
 
 async def test_health_readiness_and_docs(api: Api) -> None:
@@ -830,4 +888,4 @@ async def test_replayed_batches_change_nothing(api: Api) -> None:
     for cid, body in snapshot.items():
         assert await api.customer(cid) == body
     assert len({u.event_id for u in before}) == len(before)
-    assert {u.cause for u in before} == {UpdateCause.EVENTS}
+    assert {u.cause for u in before} == {UpdateCause.EVENTS, UpdateCause.TIME}  # the fixture's sweep

@@ -90,7 +90,8 @@ async def wait_for_applied(db: Database, expected_customers: int, outbox_empty: 
 
 def oracle_check(events: list[Event], rows: dict[str, dict[str, object]]) -> None:
     """Every stored profile equals the pure fold of the customer's events, and its tier and
-    segments are what the published rules say at the row's own evaluation time."""
+    segments are what the published rules say at the row's own evaluation time: never before
+    the customer's latest event, whatever batch brought it (the history lies in the past)."""
     by_customer: dict[str, list[Event]] = defaultdict(list)
     for e in events:
         by_customer[e.customer_id].append(e)
@@ -105,6 +106,8 @@ def oracle_check(events: list[Event], rows: dict[str, dict[str, object]]) -> Non
         assert row["state"] == dump_state(state), customer_id
         now = row["updated_at"]
         assert isinstance(now, datetime)
+        assert state.last_event_at is not None
+        assert now >= state.last_event_at, customer_id
         expected_facts, _ = facts(state, now, config)
         assignment = rules.assign(expected_facts, now)
         segments = row["segments"]

@@ -185,6 +185,16 @@ def test_stored_form_round_trips(events: list[AnyEvent]) -> None:
     assert facts(again, NOW, CONFIG) == facts(state, NOW, CONFIG)
 
 
+@settings(max_examples=200, deadline=None)
+@given(events=histories())
+def test_a_state_stored_before_it_kept_its_latest_event_finds_it_again(events: list[AnyEvent]) -> None:
+    state = build(CUSTOMER, events)
+    assert state.last_event_at == max(e.occurred_at for e in events)
+    stored = json.loads(json.dumps(dump_state(state)))
+    del stored["last_event_at"]
+    assert load_state(CUSTOMER, stored).last_event_at == state.last_event_at
+
+
 @cache
 def demo_history() -> tuple[datetime, dict[str, list[AnyEvent]]]:
     start = datetime(2025, 1, 1, tzinfo=UTC)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.segmenter.profile import (
     LifecycleConfig,
@@ -20,10 +24,11 @@ from services.segmenter.profile import (
 )
 from services.segmenter.repository import CustomerRow, Standing
 from services.segmenter.rules import CompiledRules, compile_rules, default_rules
-from services.segmenter.updates import Decision, decide, reevaluate, rule_change, update_id
+from services.segmenter.updates import Decision, as_of_events, decide, reevaluate, rule_change, update_id
 from shared.codec import decode_with, encode
 from shared.events import CUSTOMER_UPDATE_ADAPTER, ClvPrediction, Event, UpdateCause
 from tests.segmenter.factories import CUSTOMER, NOW, cancellation, clv, profile, purchase, support
+from tests.segmenter.test_profile import histories, redeliveries
 
 CONFIG = LifecycleConfig()
 DAY = timedelta(days=1)
@@ -55,16 +60,20 @@ def run(
     old: CustomerRow | None = None,
     *,
     now: datetime = NOW,
+    as_of: datetime | None = None,
     cause: UpdateCause = UpdateCause.EVENTS,
     key: str = "k",
     rules: CompiledRules = DEFAULT,
     state: ProfileState | None = None,
 ) -> Decision:
+    """What the service decides when ``events`` arrive at ``now``: as of the customer's latest
+    event, unless ``as_of`` names another instant (as the sweep and a publish do: now)."""
     state = state or ProfileState(CUSTOMER)
     for event in events:
         apply_event(state, event)
     backend = [e for e in events if not isinstance(e, ClvPrediction)]
-    return decide(state, old, rules, CONFIG, now, cause, key, backend)
+    at = as_of_events(state, now) if as_of is None else as_of
+    return decide(state, old, rules, CONFIG, at, cause, key, backend)
 
 
 def test_the_first_update_carries_everything_the_messenger_needs() -> None:
@@ -77,7 +86,7 @@ def test_the_first_update_carries_everything_the_messenger_needs() -> None:
     assert update.customer_id == CUSTOMER
     assert update.cause == UpdateCause.EVENTS
     assert update.event_id == update_id(CUSTOMER, UpdateCause.EVENTS, "crm-1,desk-1,shop-1")
-    assert update.occurred_at == NOW - 2 * DAY  # the latest triggering event
+    assert update.occurred_at == NOW - 2 * DAY  # as of the latest event
     assert update.rule_version == 1
     assert (update.tier_old, update.tier_new) == (None, "bronze")
     assert update.segments_entered == ["recent_unresolved_complaint"]
@@ -141,23 +150,24 @@ def test_the_row_is_what_was_decided() -> None:
 
 
 def test_next_check_is_the_earliest_boundary_of_facts_and_rules() -> None:
+    # Evaluated as of NOW, as the sweep does, so that the boundaries lie ahead.
     # Lifecycle: at_risk 60 days after the last purchase (now + 20 d); windows: the order leaves
     # the 90-day count at now + 50 d. Nothing in the rules is earlier here.
-    decision = run([first_order()])
+    decision = run([first_order()], as_of=NOW)
     assert decision.row.next_check_at == NOW + 20 * DAY
 
     # A first purchase 5 days ago: the new_customers segment (within_days 30) flips at +25 d and
     # one microsecond, the purchases_30d window at +25 d exactly: the window is first.
-    recent = run([purchase("shop-2", NOW - 5 * DAY, "o2")])
+    recent = run([purchase("shop-2", NOW - 5 * DAY, "o2")], as_of=NOW)
     assert recent.row.next_check_at == NOW + 25 * DAY
 
     # A complaint 29 days ago: recent_unresolved_complaint (within_days 30) ends one microsecond
     # after +1 d, before any fact's own boundary.
     complaint = support("desk-2", NOW - 29 * DAY, "T-1", "opened", complaint=True)
-    decision = run([purchase("shop-3", NOW - 50 * DAY, "o3"), complaint])
+    decision = run([purchase("shop-3", NOW - 50 * DAY, "o3"), complaint], as_of=NOW)
     assert decision.row.next_check_at == NOW + DAY + timedelta(microseconds=1)
 
-    assert run([contact()]).row.next_check_at is None  # nothing changes with time alone
+    assert run([contact()], as_of=NOW).row.next_check_at is None  # nothing changes with time alone
 
 
 def test_the_same_cause_gives_the_same_id_and_another_cause_another() -> None:
@@ -336,12 +346,18 @@ def test_the_new_rules_own_time_boundaries_bring_a_next_check_forward() -> None:
 
 
 def test_facts_past_their_next_check_are_derived_again() -> None:
-    old = stored(run([first_order()]))
+    old = stored(run([first_order()], as_of=NOW))  # as the sweep left it
     assert old.next_check_at == NOW + 20 * DAY  # at_risk then
     step = reevaluate([standing(old)], BIG, NOW + 21 * DAY)
     assert step.stale == [CUSTOMER]
     assert step.moves == []
     assert step.to_read == [CUSTOMER]
+
+    # As the events left it, before the sweep came: its facts hold as of the order (a new
+    # customer then), not now, so a publish derives them again too.
+    fresh = stored(run([first_order()]))
+    assert fresh.next_check_at == NOW - 10 * DAY
+    assert reevaluate([standing(fresh)], BIG, NOW).stale == [CUSTOMER]
 
 
 def test_stored_facts_parse_only_the_datetimes_asked_for() -> None:
@@ -350,3 +366,96 @@ def test_stored_facts_parse_only_the_datetimes_asked_for() -> None:
     assert some["first_purchase_at"] == NOW - 40 * DAY
     assert some["last_purchase_at"] == raw["last_purchase_at"]  # left as stored
     assert facts_from_json(raw)["last_purchase_at"] == NOW - 40 * DAY
+
+
+# --- events are judged as of the customer's latest event; the sweep judges as of now ---------
+
+
+def replayed_history() -> list[Event]:
+    """Bought twice, the last time 100 days before the replay (at NOW): at risk today."""
+    return [
+        contact(),
+        purchase("shop-a", NOW - 200 * DAY, "o-a"),
+        purchase("shop-b", NOW - 100 * DAY, "o-b"),
+    ]
+
+
+def test_events_are_evaluated_as_of_the_customers_latest_event() -> None:
+    decision = run(replayed_history(), key="replay")
+    update = decision.update
+    assert update is not None
+    # As of the last purchase they were an active customer, and the update says so, stamped
+    # then: judged now, it would announce at_risk stamped 100 days ago.
+    assert decision.row.updated_at == update.occurred_at == NOW - 100 * DAY
+    assert (decision.row.lifecycle_stage, update.profile.lifecycle_stage) == ("active", "active")
+    assert "at_risk" not in decision.row.segments
+    assert decision.row.facts["purchases_30d"] == 1  # the window as of then
+    # What time alone changed since (the purchase left the 30-day window, then 60 days made
+    # them at_risk) is already past: the sweep's to announce.
+    assert decision.row.next_check_at == NOW - 70 * DAY
+
+    # A late event, alone in its batch, is judged as of what was already known, not before it.
+    state = build(CUSTOMER, replayed_history())
+    late = run([profile("crm-old", NOW - 120 * DAY, name="Noa")], decision.row, state=state)
+    assert late.update is not None
+    assert late.row.updated_at == late.update.occurred_at == NOW - 100 * DAY
+    assert late.row.lifecycle_stage == "active"
+
+    # An event from a clock ahead of ours is judged now, never in the future.
+    ahead = run([profile("crm-ahead", NOW + DAY, name="Noa")], late.row, state=state)
+    assert ahead.row.updated_at == NOW
+    assert ahead.row.lifecycle_stage == "at_risk"
+
+    # A CLV prediction is an event too: judged as of when the model said it.
+    state = build(CUSTOMER, replayed_history())
+    prediction = run([clv("clv-1", NOW - DAY, "40", 0.3)], decision.row, cause=UpdateCause.CLV, state=state)
+    assert prediction.update is not None
+    assert prediction.update.occurred_at == NOW - DAY
+    assert prediction.update.segments_entered == ["at_risk"]
+
+
+def test_the_sweep_announces_the_change_stamped_when_it_notices_it() -> None:
+    state = build(CUSTOMER, replayed_history())
+    replayed = run(replayed_history(), key="r")
+    assert replayed.row.next_check_at is not None
+    noticed = NOW + timedelta(minutes=1)  # the sweep comes by within its interval
+    assert replayed.row.next_check_at <= noticed  # due (the index: next_check_at <= now)
+
+    swept = decide(state, replayed.row, DEFAULT, CONFIG, noticed, UpdateCause.TIME, "t")
+    update = swept.update
+    assert update is not None
+    assert (update.cause, update.occurred_at, update.triggering_events) == (UpdateCause.TIME, noticed, [])
+    assert update.segments_entered == ["at_risk"]
+    assert update.profile.lifecycle_stage == swept.row.lifecycle_stage == "at_risk"
+    assert swept.row.updated_at == noticed
+    assert swept.row.next_check_at == NOW + 80 * DAY  # lapsed, 180 days after the last purchase
+
+    # A late event after that is judged as of the customer's latest event, as any order of the
+    # same events would be: back before the sweep's instant, and due again at once.
+    late = run([profile("crm-late", NOW - 120 * DAY, name="Noa")], swept.row, state=state, now=noticed)
+    assert late.update is not None
+    assert late.row.updated_at == late.update.occurred_at == NOW - 100 * DAY
+    assert late.update.segments_left == ["at_risk"]
+    assert late.row.next_check_at == NOW - 70 * DAY
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=histories(), data=st.data())
+def test_the_row_events_leave_is_the_same_whatever_their_order_and_batching(
+    events: list[Event | ClvPrediction], data: st.DataObject
+) -> None:
+    """Each batch is judged as of the customer's latest event so far, so the last batch's row
+    does not depend on which events it happened to carry (as the batch's latest would)."""
+    whole = run(events)
+    stream = data.draw(redeliveries(events))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=5))))
+    state = ProfileState(CUSTOMER)
+    row: CustomerRow | None = None
+    seen: set[str] = set()
+    for start, end in itertools.pairwise([0, *cuts, len(stream)]):
+        fresh = [e for e in stream[start:end] if e.event_id not in seen]
+        seen.update(e.event_id for e in fresh)
+        if fresh:
+            row = run(fresh, row, state=state).row
+    assert row is not None
+    assert row == whole.row

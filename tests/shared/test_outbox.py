@@ -47,7 +47,7 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tu
     )
     metadata = MetaData()
     table = outbox_table(metadata)
-    database = Database(url)
+    database = Database(url, inline_sqlite=True)  # as the workers run it
     async with database.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     yield database, table

@@ -108,6 +108,12 @@ class Provider(Protocol):
     @property
     def paced(self) -> bool: ...
 
+    # Whether ``lookup`` can find a sent message (the outbox, Twilio): then a result need not
+    # be committed before the sender's slot takes the next message, since after a crash the
+    # reconciler finds it instead of sending it again.
+    @property
+    def can_look_up(self) -> bool: ...
+
     async def send(self, msg: OutgoingMessage) -> ProviderResult:
         """Hand ``msg`` over; raise ``ProviderError`` when the provider refuses or fails."""
         ...

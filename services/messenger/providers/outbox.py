@@ -61,6 +61,7 @@ class OutboxProvider:
     """Writes messages under ``directory`` (``var/outbox/`` by default)."""
 
     paced = False
+    can_look_up = True  # the file is there, named by the message id
 
     def __init__(self, directory: str | os.PathLike[str], *, name: str = "outbox") -> None:
         self.directory = Path(directory)

@@ -62,6 +62,7 @@ _RESERVED = frozenset(
 
 class SendGridProvider:
     paced = False
+    can_look_up = False
 
     def __init__(
         self,

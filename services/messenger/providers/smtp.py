@@ -34,6 +34,7 @@ _ENHANCED_BAD_ADDRESS = re.compile(r"\b5\.1\.\d\b")
 
 class SmtpProvider:
     paced = False
+    can_look_up = False
 
     def __init__(
         self,

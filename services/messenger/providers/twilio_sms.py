@@ -124,6 +124,7 @@ M = TypeVar("M", bound=TwilioMessage)
 
 class TwilioProvider:
     paced = True
+    can_look_up = True  # the day's messages to the number, matched by the body
 
     def __init__(
         self,

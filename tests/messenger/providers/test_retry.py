@@ -26,6 +26,7 @@ class ScriptedProvider:
     def __init__(self, outcomes: Iterable[ProviderError | None], *, paced: bool = False) -> None:
         self.outcomes = list(outcomes)
         self.paced = paced
+        self.can_look_up = True
         self.sends = 0
         self.lookups = 0
         self.found: ProviderResult | None = None

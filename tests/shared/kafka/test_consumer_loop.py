@@ -79,7 +79,7 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
         if request.param == "sqlite"
         else request.getfixturevalue("pg_url")
     )
-    database = Database(url)
+    database = Database(url, inline_sqlite=True)  # as the workers run it
     async with database.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     yield database
@@ -217,3 +217,24 @@ async def test_transient_errors_are_retried_without_committing(
     assert loop.stats.dead_lettered == 0
     assert await total_of(db, "c1") == Decimal(8)
     assert await read_all(kafka.bootstrap, [topic + ".dlq"]) == []
+
+
+async def test_the_loop_says_whether_it_is_behind_the_topic(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """`behind` is what lets work between batches wait for a backlog (the segmenter's sweep):
+    true while records wait past the position, false once all of them are applied."""
+    topic = topic_prefix + "purchases"
+    await produce(kafka, topic, [("c1", encode_event(purchase(i, "c1", "1"))) for i in range(120)])
+    loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db))  # 50 records a batch
+    assert loop.behind  # nothing fetched yet: not known to be caught up
+    try:
+        await drain(loop, 50)
+        assert loop.stats.records < 120
+        assert loop.behind
+        async with asyncio.timeout(30):
+            while loop.stats.records < 120:
+                await loop.run_once()
+        assert loop.behind is False
+    finally:
+        await stop(loop)

@@ -89,7 +89,8 @@ async def test_a_client_that_keeps_failing_is_replaced_by_a_fresh_one(
     async def refuse(*_args: object, **_kwargs: object) -> None:
         raise KafkaConnectionError("Unable connect to node with id 1")
 
-    monkeypatch.setattr(stuck, "send", refuse)
+    # Every record, a lone one too, reaches the client through send_batch.
+    monkeypatch.setattr(stuck, "send_batch", refuse)
     for _ in range(3):
         with pytest.raises(BrokerUnavailableError):
             await producer.send_all([OutboundRecord(topic, b"c1", b"lost")])
@@ -104,3 +105,20 @@ async def test_a_client_that_keeps_failing_is_replaced_by_a_fresh_one(
     await producer.stop()
     values = [r.value for r in await read_all(kafka.bootstrap, [topic])]
     assert values == [b"before", b"after"]
+
+
+async def test_records_beyond_one_batch_go_out_as_several_in_order(
+    kafka: KafkaHandle, topic_prefix: str
+) -> None:
+    """One call's records for one partition, far more than a batch holds, and a second call
+    queued behind them: every record lands, in the order sent."""
+    topic = f"{topic_prefix}support"
+    producer = Producer(kafka.bootstrap, client_id="producer-test")
+    first = [OutboundRecord(topic, b"c1", b"%06d" % n + b"." * 300) for n in range(1500)]
+    second = [OutboundRecord(topic, b"c1", b"%06d" % n + b"." * 300) for n in range(1500, 1600)]
+    try:
+        await asyncio.gather(producer.send_all(first), producer.send_all(second))
+    finally:
+        await producer.stop()
+    records = await read_all(kafka.bootstrap, [topic])
+    assert [int(r.value[:6]) for r in records if r.value is not None] == list(range(1600))

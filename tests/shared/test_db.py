@@ -1,0 +1,108 @@
+"""The database plumbing on SQLite, with aiosqlite (the APIs) and inline (the workers): the
+same transactions, errors and ledger either way."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from shared.db import Database, applied_events_table, claim_events
+from shared.kafka.consumer import is_transient
+
+metadata = MetaData()
+items = Table("items", metadata, Column("id", Integer, primary_key=True), Column("name", String(50)))
+ledger = applied_events_table(metadata)
+
+
+@pytest.fixture(params=[False, True], ids=["aiosqlite", "inline"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", inline_sqlite=request.param)
+    async with database.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield database
+    await database.dispose()
+
+
+async def names(db: Database) -> list[str]:
+    async with db.sessions() as session:
+        return list((await session.execute(select(items.c.name).order_by(items.c.id))).scalars())
+
+
+async def test_a_transaction_commits_on_success_and_rolls_back_on_error(db: Database) -> None:
+    async with db.transaction() as session:
+        await session.execute(items.insert(), [{"id": 1, "name": "kept"}])
+
+    async def fails_midway() -> None:
+        async with db.transaction() as session:
+            await session.execute(items.insert(), [{"id": 2, "name": "rolled back"}])
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await fails_midway()
+    assert await names(db) == ["kept"]
+
+
+async def test_constraint_violations_are_sqlalchemy_errors_and_undo_the_transaction(db: Database) -> None:
+    async with db.transaction() as session:
+        await session.execute(items.insert(), [{"id": 1, "name": "first"}])
+
+    async def clashes() -> None:
+        async with db.transaction() as session:
+            await session.execute(items.insert(), [{"id": 2, "name": "second"}])
+            await session.execute(items.insert(), [{"id": 1, "name": "clash"}])
+
+    with pytest.raises(IntegrityError):
+        await clashes()
+    assert await names(db) == ["first"]
+
+
+async def test_the_ledger_claims_each_event_once(db: Database) -> None:
+    async with db.transaction() as session:
+        first = await claim_events(session, ledger, [("a", "t", 0, 1), ("b", "t", 0, 2), ("a", "t", 0, 1)])
+    async with db.transaction() as session:
+        second = await claim_events(session, ledger, [("b", "t", 0, 2), ("c", "t", 1, 7)])
+    assert (first, second) == ({"a", "b"}, {"c"})
+
+
+async def test_many_rows_and_concurrent_tasks_share_the_engine(db: Database) -> None:
+    async def writer(start: int) -> None:
+        for i in range(start, start + 50):
+            async with db.transaction() as session:
+                await session.execute(items.insert(), [{"id": i, "name": f"n{i:04d}"}])
+
+    await asyncio.gather(*(writer(k * 1000) for k in range(4)))
+    async with db.sessions() as session:
+        count = (await session.execute(text("SELECT count(*) FROM items"))).scalar_one()
+        streamed = [row.id async for row in await session.stream(select(items.c.id).order_by(items.c.id))]
+    assert count == 200
+    assert streamed == sorted(k * 1000 + i for k in range(4) for i in range(50))
+
+
+async def test_a_write_lock_held_elsewhere_is_a_transient_error(tmp_path: Path) -> None:
+    """Another process holding the write lock past busy_timeout: the worker gets an error its
+    loop retries, not a hang and not a permanent failure (inline, the wait is 3 s)."""
+    path = tmp_path / "locked.sqlite"
+    db = Database(f"sqlite+aiosqlite:///{path}", inline_sqlite=True)
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(OperationalError) as caught:
+            async with db.transaction() as session:
+                await session.execute(items.insert(), [{"id": 1, "name": "waits"}])
+        assert "locked" in str(caught.value)
+        assert is_transient(caught.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    async with db.transaction() as session:
+        await session.execute(items.insert(), [{"id": 1, "name": "after"}])
+    assert await names(db) == ["after"]
+    await db.dispose()
