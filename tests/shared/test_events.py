@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -183,3 +184,13 @@ def test_every_accepted_event_round_trips_unchanged(event: Any) -> None:
     assert decoded == revalidated
     assert decoded.occurred_at == event.occurred_at
     assert decoded.occurred_at.utcoffset() == event.occurred_at.utcoffset()
+
+
+def test_every_known_currency_code_is_three_capitals() -> None:
+    """The currency check is set membership alone; that is ISO 4217's shape only while the
+    list it checks against holds nothing else (a babel upgrade could change it)."""
+    from shared.events import _currencies  # noqa: PLC0415 - the private list the check uses
+
+    codes = _currencies()
+    assert len(codes) > 150
+    assert all(re.fullmatch(r"[A-Z]{3}", code) for code in codes)
