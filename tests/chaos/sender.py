@@ -18,28 +18,17 @@ from services.messenger import sender
 from services.messenger.providers.base import OutgoingMessage, Provider, ProviderResult
 from services.messenger.providers.registry import ProviderSettings, build_providers
 from shared.events import Channel
+from tests.support.providers import Wrapping
 
 CALL_LOG_ENV = "RETAIN_CHAOS_CALL_LOG"
 
 
-class CallLogged:
+class CallLogged(Wrapping):
     """A provider that writes down each successful ``send`` of the provider it wraps."""
 
     def __init__(self, inner: Provider, log_path: Path) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._log_path = log_path
-
-    @property
-    def name(self) -> str:
-        return self._inner.name
-
-    @property
-    def paced(self) -> bool:
-        return self._inner.paced
-
-    @property
-    def can_look_up(self) -> bool:
-        return self._inner.can_look_up
 
     async def send(self, msg: OutgoingMessage) -> ProviderResult:
         began = datetime.now(UTC)
@@ -57,12 +46,6 @@ class CallLogged:
         finally:
             os.close(fd)
         return result
-
-    async def lookup(self, msg: OutgoingMessage) -> ProviderResult | None:
-        return await self._inner.lookup(msg)
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ from shared.kafka.consumer import Delivered
 from tests.chaos.cluster import say
 from tests.support.infra import free_port
 from tests.support.prism import PrismServer, prism_mock, twilio_spec_for_mock
+from tests.support.providers import Wrapping
 
 pytestmark = pytest.mark.integration
 
@@ -156,24 +157,12 @@ class Call:
     ok: bool
 
 
-class Timed:
+class Timed(Wrapping):
     """The provider it wraps, with every ``send`` written down (when, and whether it worked)."""
 
     def __init__(self, inner: Provider, calls: list[Call]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._calls = calls
-
-    @property
-    def name(self) -> str:
-        return self._inner.name
-
-    @property
-    def paced(self) -> bool:
-        return self._inner.paced
-
-    @property
-    def can_look_up(self) -> bool:
-        return self._inner.can_look_up
 
     async def send(self, msg: OutgoingMessage) -> ProviderResult:
         began = time.monotonic()
@@ -184,12 +173,6 @@ class Timed:
             return result
         finally:
             self._calls.append(Call(msg.message_id, msg.channel, began, time.monotonic(), ok))
-
-    async def lookup(self, msg: OutgoingMessage) -> ProviderResult | None:
-        return await self._inner.lookup(msg)
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 @pytest.fixture(scope="module")
