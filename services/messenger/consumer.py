@@ -16,6 +16,7 @@ from shared.service_main import run_until_signalled, worker
 from shared.topics import SEGMENTS
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+TICK_EVERY_S = 0.25  # the work between batches, at most this often
 
 
 def build_loop(
@@ -30,6 +31,7 @@ def build_loop(
         producer=producer,
         max_records=settings.messenger_batch_size,
         tick=service.tick,
+        tick_every_s=TICK_EVERY_S,
         session_timeout_ms=settings.consumer_session_timeout_ms,
     )
 

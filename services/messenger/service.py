@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -284,7 +283,6 @@ class MessengerService:
         self.clock = clock
         self.topic = settings.topic(MESSAGES)
         self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
-        self._last_tick = float("-inf")
         self.providers: dict[Channel, Provider] = dict(providers or {})
         self.limiter = limiter
         self.quiet = QuietHours()
@@ -1217,12 +1215,9 @@ class MessengerService:
             log.warning("outcomes wait in the outbox: Kafka unreachable", error=str(exc)[:200])
 
     async def tick(self) -> None:
-        """Work between consumer batches, at most a few times a second: under a full topic
-        batches come back to back (each one flushes its own outcomes), and neither due waits
-        nor another process's leftovers in the outbox table need looking for after each."""
-        if time.monotonic() - self._last_tick < 0.25:
-            return
-        self._last_tick = time.monotonic()
+        """Work between consumer batches (a few times a second: build_loop). Each batch flushes
+        its own outcomes; due waits and another process's leftovers in the outbox table need
+        not be looked for after every one."""
         await self.fire_waits()
         await self.flush()
 

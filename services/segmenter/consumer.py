@@ -16,6 +16,7 @@ from shared.service_main import run_until_signalled, worker
 from shared.topics import CANCELLATIONS, CLV, PROFILES, PURCHASES, SUPPORT
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+TICK_EVERY_S = 0.25  # the work between batches, at most this often
 
 
 def build_loop(
@@ -37,6 +38,7 @@ def build_loop(
         producer=producer,
         max_records=settings.segmenter_batch_size,
         tick=service.tick,
+        tick_every_s=TICK_EVERY_S,
         session_timeout_ms=settings.consumer_session_timeout_ms,
     )
     service.catching_up = lambda: loop.behind  # the sweep waits for a backlog to be applied

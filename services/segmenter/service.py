@@ -99,7 +99,6 @@ class SegmenterService:
         self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
         self._rules: CompiledRules | None = None
         self._last_sweep = time.monotonic() - settings.segmenter_sweep_interval_s  # the first tick sweeps
-        self._last_tick = 0.0
         # Whether the consumer is still working through a backlog; its loop says (build_loop).
         self.catching_up: Callable[[], bool] = lambda: False
 
@@ -321,13 +320,8 @@ class SegmenterService:
         )
 
     async def tick(self) -> None:
-        """Work between consumer batches: a publish step, and the sweep when it is due.
-
-        At most a few times a second: under a full topic, batches come back to back, and
-        each tick costs transactions that the batches' own work does not need."""
-        if time.monotonic() - self._last_tick < 0.25:
-            return
-        self._last_tick = time.monotonic()
+        """Work between consumer batches (a few times a second: build_loop): a publish step,
+        and the sweep when it is due."""
         await self.run_publish_step()  # one chunk per tick, so events keep flowing meanwhile
         if self._sweep_due():
             self._last_sweep = time.monotonic()

@@ -130,6 +130,7 @@ class ConsumerLoop(Generic[T]):
         max_backoff_s: float = 5.0,
         client_id: str | None = None,
         tick: Callable[[], Awaitable[None]] | None = None,
+        tick_every_s: float = 0.0,
         session_timeout_ms: int = 10000,
     ) -> None:
         self._topics = list(topics)
@@ -141,6 +142,10 @@ class ConsumerLoop(Generic[T]):
         self._poll_timeout_ms = poll_timeout_ms
         self._max_backoff_s = max_backoff_s
         self._tick = tick
+        # Under a full topic batches come back to back, and a tick's own transactions need not
+        # follow each of them: at most one per ``tick_every_s`` (0: after every batch).
+        self._tick_every_s = tick_every_s
+        self._last_tick = float("-inf")
         self._stopping = asyncio.Event()
         self.stats = LoopStats()
         self._lag_partitions: set[TopicPartition] = set()
@@ -203,8 +208,9 @@ class ConsumerLoop(Generic[T]):
 
     async def _run_tick(self) -> None:
         """The service's work between batches (sweeps, jobs, outbox); never kills the loop."""
-        if self._tick is None:
+        if self._tick is None or time.monotonic() - self._last_tick < self._tick_every_s:
             return
+        self._last_tick = time.monotonic()
         try:
             await self._tick()
         except asyncio.CancelledError:

@@ -238,3 +238,29 @@ async def test_the_loop_says_whether_it_is_behind_the_topic(
         assert loop.behind is False
     finally:
         await stop(loop)
+
+
+async def test_the_work_between_batches_runs_at_most_once_per_interval(
+    kafka: KafkaHandle, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks: list[float] = []
+    clock = [1000.0]
+    monkeypatch.setattr("shared.kafka.consumer.time.monotonic", lambda: clock[0])
+
+    async def tick() -> None:
+        ticks.append(clock[0])
+
+    loop: ConsumerLoop[Event] = ConsumerLoop(
+        bootstrap=kafka.bootstrap,
+        topics=[f"t-{unique}"],
+        group_id=f"g-{unique}",
+        decode=lambda _topic, payload: decode_event(payload),
+        handle=lambda _items: asyncio.sleep(0),  # never called: no batch is consumed here
+        producer=Producer(kafka.bootstrap, client_id=unique),
+        tick=tick,
+        tick_every_s=0.25,
+    )
+    for now in (1000.0, 1000.1, 1000.24, 1000.25, 1000.3, 1000.6):
+        clock[0] = now
+        await loop._run_tick()
+    assert ticks == [1000.0, 1000.25, 1000.6]
