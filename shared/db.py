@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, Column, DateTime, Dialect, Integer, MetaData, String, Table, event, insert
+from sqlalchemy import JSON, Column, DateTime, Dialect, Integer, MetaData, String, Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.types import TypeDecorator
@@ -96,14 +96,14 @@ def applied_events_table(metadata: MetaData) -> Table:
     )
 
 
+def dialect_insert(dialect: str, table: Table) -> Any:
+    """The INSERT of ``dialect`` ("postgresql" or "sqlite"), which has ON CONFLICT."""
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+
+
 def insert_ignoring_conflicts(session: AsyncSession, table: Table) -> Any:
     """INSERT … ON CONFLICT DO NOTHING for the session's dialect."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    return insert(table)  # pragma: no cover - only SQLite and PostgreSQL are supported
+    return dialect_insert(session.get_bind().dialect.name, table).on_conflict_do_nothing()
 
 
 async def claim_events(

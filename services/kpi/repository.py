@@ -10,7 +10,6 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Table, and_, case, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi.conversion import MessageFact
@@ -27,7 +26,7 @@ from services.kpi.tables import (
     support_events,
     tickets,
 )
-from shared.db import insert_ignoring_conflicts
+from shared.db import dialect_insert, insert_ignoring_conflicts
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +68,11 @@ class Prediction:
 
 
 def _insert(session: AsyncSession, table: Table) -> Any:
-    return _insert_for(_dialect(session), table)
+    return dialect_insert(_dialect(session), table)
 
 
 def _dialect(session: AsyncSession) -> str:
     return session.get_bind().dialect.name
-
-
-def _insert_for(dialect: str, table: Table) -> Any:
-    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
 
 
 # The consumer's upserts are built once per dialect: ``excluded`` makes a new column collection
@@ -86,7 +81,7 @@ def _insert_for(dialect: str, table: Table) -> Any:
 
 @functools.cache
 def _upsert_purchases(dialect: str) -> Any:
-    ins = _insert_for(dialect, purchases)
+    ins = dialect_insert(dialect, purchases)
     c = purchases.c
     newer = or_(
         ins.excluded.occurred_at > c.occurred_at,
@@ -101,7 +96,7 @@ def _upsert_purchases(dialect: str) -> Any:
 
 @functools.cache
 def _upsert_customers(dialect: str) -> Any:
-    ins = _insert_for(dialect, customers)
+    ins = dialect_insert(dialect, customers)
     c = customers.c
     set_: dict[str, Any] = {}
     for name in ("locale", "channel", "tier"):
@@ -114,14 +109,14 @@ def _upsert_customers(dialect: str) -> Any:
 
 @functools.cache
 def _upsert_tickets(dialect: str) -> Any:
-    ins = _insert_for(dialect, tickets)
+    ins = dialect_insert(dialect, tickets)
     set_ = {c.name: ins.excluded[c.name] for c in tickets.c if c.name != "ticket_id"}
     return ins.on_conflict_do_update(index_elements=[tickets.c.ticket_id], set_=set_)
 
 
 @functools.cache
 def _mark_stale(dialect: str) -> Any:
-    ins = _insert_for(dialect, stale_tickets)
+    ins = dialect_insert(dialect, stale_tickets)
     return ins.on_conflict_do_update(
         index_elements=[stale_tickets.c.ticket_id], set_={"marks": stale_tickets.c.marks + 1}
     )
@@ -129,7 +124,7 @@ def _mark_stale(dialect: str) -> Any:
 
 @functools.cache
 def _lower_dirty_from(dialect: str) -> Any:
-    ins = _insert_for(dialect, rollup_state)
+    ins = dialect_insert(dialect, rollup_state)
     current = rollup_state.c.dirty_from
     lowered = case(
         (or_(current.is_(None), ins.excluded.dirty_from < current), ins.excluded.dirty_from),

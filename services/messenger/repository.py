@@ -9,7 +9,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.messenger.tables import (
@@ -21,7 +20,7 @@ from services.messenger.tables import (
     settings_table,
     webhook_receipts,
 )
-from shared.db import insert_ignoring_conflicts
+from shared.db import dialect_insert, insert_ignoring_conflicts
 
 # Statuses that count against frequency caps: decided to go, going, or gone.
 COUNTED = ("queued", "sending", "sent", "delivered", "undelivered")
@@ -33,11 +32,7 @@ IN_CHUNK = 5000
 
 
 def _upsert(session: AsyncSession, table: Any) -> Any:
-    return _upsert_for(session.get_bind().dialect.name, table)
-
-
-def _upsert_for(dialect: str, table: Any) -> Any:
-    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    return dialect_insert(session.get_bind().dialect.name, table)
 
 
 def _chunks(values: Collection[str]) -> Iterator[list[str]]:
@@ -55,7 +50,7 @@ def _for_update(session: AsyncSession, stmt: Any) -> Any:
 
 @functools.cache
 def _upsert_customers(dialect: str) -> Any:
-    ins = _upsert_for(dialect, customers)
+    ins = dialect_insert(dialect, customers)
     # Updates of one customer arrive in order (one partition), but a replay must not move
     # the snapshot back: keep the newer one.
     return ins.on_conflict_do_update(
@@ -71,7 +66,7 @@ def _upsert_customers(dialect: str) -> Any:
 
 @functools.cache
 def _record_entries(dialect: str) -> Any:
-    ins = _upsert_for(dialect, journey_entries)
+    ins = dialect_insert(dialect, journey_entries)
     return ins.on_conflict_do_update(
         index_elements=[journey_entries.c.customer_id, journey_entries.c.journey],
         set_={

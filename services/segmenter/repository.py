@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.tables import (
@@ -21,7 +20,7 @@ from services.segmenter.tables import (
     rule_draft,
     rule_versions,
 )
-from shared.db import insert_ignoring_conflicts
+from shared.db import dialect_insert, insert_ignoring_conflicts
 
 
 @dataclass(slots=True)
@@ -107,7 +106,7 @@ class JobRow:
 def _upsert_customers(dialect: str) -> Any:
     # Built once: ``excluded`` makes a new column collection on every access, a twentieth of
     # the consumer's time when the statement was built per batch.
-    ins: Any = postgresql.insert(customers) if dialect == "postgresql" else sqlite.insert(customers)
+    ins = dialect_insert(dialect, customers)
     return ins.on_conflict_do_update(
         index_elements=[customers.c.customer_id],
         set_={c: ins.excluded[c] for c in CustomerRow.__slots__ if c != "customer_id"},
