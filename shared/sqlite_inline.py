@@ -136,11 +136,10 @@ class Connection:
         self._open().rollback()
 
     async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self.stop()
 
     def stop(self) -> None:
+        """Close at once (aiosqlite's stop(), which SQLAlchemy's terminate calls)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
