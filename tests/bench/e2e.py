@@ -42,10 +42,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.auth import create_key
 from shared.config import REPO_ROOT
-from shared.events import EXAMPLES
 from shared.topics import all_topic_names, ensure_topics
 from tests.bench.context import BenchContext
 from tests.bench.infra import BENCH_VAR, Process, Server, free_port, running, say, uvicorn_argv
+from tests.bench.pacer import profile_event
 from tests.bench.report import Row, Section, table
 
 TARGET = 10.0  # end-to-end p99 ≤ 10× the echo's p99
@@ -187,7 +187,7 @@ def _key(record: Any) -> str | None:
 
 
 def _profile(run: str, n: int) -> dict[str, Any]:
-    return {**EXAMPLES["profile"], "event_id": f"e2e-{run}-{n}", "customer_id": f"e2e-{run}-{n}"}
+    return profile_event(f"e2e-{run}-{n}")
 
 
 async def _burst(base_url: str, key: str, arrivals: Arrivals, run: str, count: int) -> float:

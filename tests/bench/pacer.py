@@ -25,6 +25,11 @@ from shared.kafka.producer import OutboundRecord, Producer
 from tests.bench.loadgen import read_response
 
 
+def profile_event(customer: str) -> dict[str, Any]:
+    """A new customer's one profile event (the end-to-end bench's unit), its id the customer's."""
+    return {**EXAMPLES["profile"], "event_id": customer, "customer_id": customer}
+
+
 async def pace(spec: dict[str, Any]) -> dict[str, Any]:
     keys: list[str] = spec["keys"]
     rate = float(spec["rate"])
@@ -86,7 +91,7 @@ class _HttpPool:
         self.opened: list[asyncio.StreamWriter] = []
 
     async def post(self, customer: str) -> None:
-        body = orjson.dumps({**EXAMPLES["profile"], "event_id": customer, "customer_id": customer})
+        body = orjson.dumps(profile_event(customer))
         request = b"%sContent-Length: %d\r\n\r\n%s" % (self.head, len(body), body)
         while self.idle:
             reader, writer = self.idle.pop()
