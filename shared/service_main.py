@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from shared.collector import settle_collector
 from shared.config import CommonSettings
 from shared.db import Database, migrate
 from shared.kafka.consumer import ConsumerLoop
@@ -62,6 +63,7 @@ async def worker(
     db = Database(database_url, inline_sqlite=True)
     await migrate_when_reachable(db, migrations)
     producer = Producer(settings.kafka_bootstrap, client_id=client_id)
+    settle_collector()
     try:
         yield db, producer
     finally:

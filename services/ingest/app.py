@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from services.ingest.config import IngestSettings
 from services.ingest.dedupe import RecentIds
 from services.ingest.service import IngestService
 from shared.auth import KeyStore
+from shared.collector import settle_collector
 from shared.http import document_errors, setup_app
 from shared.kafka.producer import BrokerUnavailableError, Producer
 from shared.logs import configure_logging
@@ -63,15 +63,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         # Kafka may be down at start: the service still serves /healthz and 503s until it is back.
         with contextlib.suppress(BrokerUnavailableError):
             await producer.start()
-        # The collector, tuned for a request server. What exists by now (modules, the app,
-        # pydantic's validators, the Kafka client) lives as long as the process: frozen, it is
-        # not walked again by every full collection, which under load came twice a second and
-        # cost a fifth of the CPU. And a request allocates and frees thousands of objects:
-        # collecting every 700 net allocations walked the live ones of the requests in flight
-        # over and over (5% of the CPU; 0.1% at 10,000, in make bench).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(10_000, 10, 10)
+        settle_collector()  # the modules, the app, its validators and the Kafka client are built
         yield
         await producer.stop()
 

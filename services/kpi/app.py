@@ -16,6 +16,7 @@ from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS
 from services.kpi.service import KpiService
 from shared.auth import KeyStore
+from shared.collector import settle_collector
 from shared.db import Database, migrate
 from shared.http import setup_app
 from shared.logs import configure_logging, get_logger
@@ -49,6 +50,7 @@ def create_app(settings: KpiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(db, MIGRATIONS)
+        settle_collector()
         yield
         await db.dispose()
 

@@ -16,6 +16,7 @@ from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.service import MessengerService
 from shared.auth import KeyStore
+from shared.collector import settle_collector
 from shared.db import Database, migrate
 from shared.http import setup_app
 from shared.logs import configure_logging
@@ -31,6 +32,7 @@ def create_app(settings: MessengerSettings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(db, MIGRATIONS)
         await service.ensure_defaults()
+        settle_collector()
         yield
         await db.dispose()
 

@@ -15,6 +15,7 @@ from services.segmenter.config import SegmenterSettings
 from services.segmenter.consumer import MIGRATIONS
 from services.segmenter.service import SegmenterService
 from shared.auth import KeyStore
+from shared.collector import settle_collector
 from shared.db import Database, migrate
 from shared.http import setup_app
 from shared.logs import configure_logging
@@ -30,6 +31,7 @@ def create_app(settings: SegmenterSettings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await migrate(db, MIGRATIONS)
         await service.ensure_default_rules()
+        settle_collector()
         yield
         await db.dispose()
 

@@ -73,6 +73,7 @@ class Standing:
     tier: str
     segments: list[str]
     next_check_at: datetime | None
+    rule_version: int  # of the rules that assigned the tier and segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,14 +177,14 @@ class SegmenterRepository:
         """A page of customers in id order, with only what rule evaluation reads."""
         c = customers.c
         stmt = (
-            select(c.customer_id, c.facts, c.tier, c.segments, c.next_check_at)
+            select(c.customer_id, c.facts, c.tier, c.segments, c.next_check_at, c.rule_version)
             .order_by(c.customer_id)
             .limit(limit)
         )
         if cursor is not None:
             stmt = stmt.where(c.customer_id > cursor)
         return [
-            Standing(r.customer_id, r.facts, r.tier, r.segments, r.next_check_at)
+            Standing(r.customer_id, r.facts, r.tier, r.segments, r.next_check_at, r.rule_version)
             for r in await session.execute(stmt)
         ]
 

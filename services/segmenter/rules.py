@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -88,6 +89,10 @@ class CompiledRules:
     version: int
     tiers: tuple[tuple[str, Condition], ...]
     segments: tuple[tuple[str, Condition], ...]
+    # Each rule's name and condition as canonical JSON, in order (tiers, then segments): what
+    # tells two versions' rules apart (``changes_from``). Empty when not compiled from JSON.
+    tier_sources: tuple[str, ...] = ()
+    segment_sources: tuple[str, ...] = ()
     _timed: tuple[Condition, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -118,10 +123,27 @@ class CompiledRules:
     def time_boundaries(self, facts: dict[str, Any], now: datetime) -> tuple[datetime, ...]:
         """The future instants at which some rule's time condition flips (``assign``'s
         boundaries): they depend on the datetime facts alone, not on the tier."""
-        found: list[datetime] = []
-        for cond in self._timed:
-            found += cond.time_boundaries(facts, now)
-        return tuple(sorted(set(found)))
+        return _boundaries(self._timed, facts, now)
+
+    def changes_from(self, old: CompiledRules) -> RuleChanges | None:
+        """What evaluating a customer assigned by ``old`` under these rules needs, when the
+        tier ladder is the same (the tier then stays, and segments whose rule is the same
+        stay); None when the ladder changed or either set has no sources."""
+        if not (self.tier_sources and old.tier_sources) or self.tier_sources != old.tier_sources:
+            return None
+        same = set(old.segment_sources)
+        kept = frozenset(
+            name for (name, _), src in zip(self.segments, self.segment_sources, strict=True) if src in same
+        )
+        evaluated = tuple((name, cond) for name, cond in self.segments if name not in kept)
+        return RuleChanges(
+            old_version=old.version,
+            order=tuple(self.segment_names),
+            kept=kept,
+            evaluated=evaluated,
+            timed=tuple(c for _, c in evaluated if c.fields & _DATETIME_FIELDS),
+            fields=frozenset(f for _, c in evaluated for f in c.fields),
+        )
 
     def explain(self, facts: dict[str, Any], now: datetime) -> dict[str, Any]:
         """Why the customer has their tier and segments: every rule with its evaluation."""
@@ -150,8 +172,48 @@ class CompiledRules:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class RuleChanges:
+    """A new rule set seen from an older one with the same tier ladder: a customer assigned
+    by the older one keeps their tier and the segments whose rule is unchanged, and only the
+    new or changed segment rules are evaluated (a publish re-evaluates everyone)."""
+
+    old_version: int
+    order: tuple[str, ...]  # the new set's segments, in its order
+    kept: frozenset[str]  # segments whose rule is the same in both sets
+    evaluated: tuple[tuple[str, Condition], ...]  # the new set's new or changed segment rules
+    timed: tuple[Condition, ...]  # those of them that can flip with time alone
+    fields: frozenset[str]  # the facts they read
+
+    def assign(self, facts: dict[str, Any], tier: str, segments: Sequence[str], now: datetime) -> Assignment:
+        """The new set's assignment of a customer whose tier and ``segments`` the old set
+        gave as of ``now`` (the facts it read unchanged since); boundaries: only the
+        evaluated rules' own (``time_boundaries``)."""
+        with_tier = {**facts, "tier": tier}
+        held = set(segments)
+        matched = {name for name, cond in self.evaluated if cond.evaluate(with_tier, now)}
+        return Assignment(
+            tier, tuple(n for n in self.order if n in matched or (n in self.kept and n in held)), ()
+        )
+
+    def time_boundaries(self, facts: dict[str, Any], now: datetime) -> tuple[datetime, ...]:
+        """The evaluated rules' boundaries: the kept rules' are in the stored next check."""
+        return _boundaries(self.timed, facts, now)
+
+
+def _boundaries(timed: Sequence[Condition], facts: dict[str, Any], now: datetime) -> tuple[datetime, ...]:
+    found: list[datetime] = []
+    for cond in timed:
+        found += cond.time_boundaries(facts, now)
+    return tuple(sorted(set(found)))
+
+
 def _plain(explanation: Explanation) -> dict[str, Any]:
     return explanation.to_dict()
+
+
+def _source(rule: Rule) -> str:
+    return json.dumps([rule.name, rule.when], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def compile_rules(raw: object, version: int) -> CompiledRules:
@@ -166,6 +228,8 @@ def compile_rules(raw: object, version: int) -> CompiledRules:
             (r.name, compile_condition(r.when, SEGMENT_FACT_TYPES, path=f"$.segments[{i}].when"))  # type: ignore[arg-type]
             for i, r in enumerate(ruleset.segments)
         ),
+        tier_sources=tuple(_source(r) for r in ruleset.tiers),
+        segment_sources=tuple(_source(r) for r in ruleset.segments),
     )
 
 

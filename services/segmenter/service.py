@@ -16,8 +16,15 @@ from prometheus_client import Counter, Gauge
 
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.profile import ProfileState, apply_event, facts_from_json, load_state
-from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
-from services.segmenter.rules import CompiledRules, compile_rules, default_rules, ruleset_etag, validate_rules
+from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository, Standing
+from services.segmenter.rules import (
+    CompiledRules,
+    RuleChanges,
+    compile_rules,
+    default_rules,
+    ruleset_etag,
+    validate_rules,
+)
 from services.segmenter.tables import applied_events, outbox
 from services.segmenter.updates import Decision, RuleChange, as_of_events, decide, reevaluate, rule_change
 from shared.codec import encode, encode_key
@@ -98,6 +105,7 @@ class SegmenterService:
         self.topic = settings.topic(SEGMENTS)
         self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
         self._rules: CompiledRules | None = None
+        self._versions: dict[int, CompiledRules] = {}  # older versions, compiled (publishes compare)
         self._last_sweep = time.monotonic() - settings.segmenter_sweep_interval_s  # the first tick sweeps
         # Whether the consumer is still working through a backlog; its loop says (build_loop).
         self.catching_up: Callable[[], bool] = lambda: False
@@ -256,7 +264,7 @@ class SegmenterService:
                 PUBLISH_JOBS.labels("superseded").inc()
                 return job
             standings = await self.repo.standings_after(session, job.cursor, chunk)
-            step = reevaluate(standings, rules, now)
+            step = reevaluate(standings, rules, now, await self._changes(session, rules, standings))
             # Only the customers who move (or whose stored facts are out of date) are read in
             # full, and locked, to announce the move.
             rows = await self.repo.load_customers(session, step.to_read, for_update=True)
@@ -305,6 +313,24 @@ class SegmenterService:
                 "rule publish applied", version=job.version, customers=done, changed=job.changed + changed
             )
         return job
+
+    async def _changes(
+        self, session: Any, rules: CompiledRules, standings: Sequence[Standing]
+    ) -> dict[int, RuleChanges]:
+        """What ``rules`` change of each older version that assigned someone in ``standings``:
+        most customers then need only the new or changed segment rules evaluated."""
+        changes: dict[int, RuleChanges] = {}
+        for version in {s.rule_version for s in standings} - {rules.version}:
+            old = self._versions.get(version)
+            if old is None:
+                stored = await self.repo.version(session, version)
+                if stored is None:
+                    continue
+                old = self._versions[version] = compile_rules(stored.rules, version)
+            change = rules.changes_from(old)
+            if change is not None:
+                changes[version] = change
+        return changes
 
     def _reassign(self, row: CustomerRow, rules: CompiledRules, now: datetime) -> Decision:
         # As of now, like the sweep: a publish is news when it happens, and a row whose facts

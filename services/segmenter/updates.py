@@ -20,7 +20,7 @@ from services.segmenter.profile import (
     registers_from_json,
 )
 from services.segmenter.repository import CustomerRow, Reassignment, Standing
-from services.segmenter.rules import Assignment, CompiledRules
+from services.segmenter.rules import Assignment, CompiledRules, RuleChanges
 from shared.events import (
     CancellationEvent,
     ConsentState,
@@ -209,7 +209,7 @@ class RuleChange:
 
 
 def next_check_under(
-    rules: CompiledRules, f: dict[str, Any], previous: datetime | None, now: datetime
+    rules: CompiledRules | RuleChanges, f: dict[str, Any], previous: datetime | None, now: datetime
 ) -> datetime | None:
     """The next check of a customer whose facts are current, under ``rules``.
 
@@ -278,20 +278,34 @@ class Reevaluation:
         return [s.customer_id for s, _, _ in self.moves] + self.stale
 
 
-def reevaluate(standings: Sequence[Standing], rules: CompiledRules, now: datetime) -> Reevaluation:
-    """Who ``rules`` move, from the stored facts, which hold until the row's next check."""
+def reevaluate(
+    standings: Sequence[Standing],
+    rules: CompiledRules,
+    now: datetime,
+    changes: Mapping[int, RuleChanges] | None = None,
+) -> Reevaluation:
+    """Who ``rules`` move, from the stored facts, which hold until the row's next check.
+
+    ``changes``: by the version of older rules, what ``rules`` change of them
+    (``CompiledRules.changes_from``); a customer those rules assigned is evaluated only
+    under the changed rules, with the same outcome as evaluating them all."""
     out = Reevaluation()
     needed = rules.fields
     for standing in standings:
         if not facts_current(standing.next_check_at, now):
             out.stale.append(standing.customer_id)
             continue
-        f = facts_from_json(standing.facts, needed)
-        assignment = rules.assign(f, now, boundaries=False)
+        change = changes.get(standing.rule_version) if changes else None
+        if change is None:
+            f = facts_from_json(standing.facts, needed)
+            assignment = rules.assign(f, now, boundaries=False)
+        else:
+            f = facts_from_json(standing.facts, change.fields)
+            assignment = change.assign(f, standing.tier, standing.segments, now)
         if assignment.tier != standing.tier or set(assignment.segments) != set(standing.segments):
             out.moves.append((standing, facts_from_json(standing.facts), assignment))
             continue
-        check = next_check_under(rules, f, standing.next_check_at, now)
+        check = next_check_under(change or rules, f, standing.next_check_at, now)
         if check is not None and check != standing.next_check_at:
             out.earlier_checks.append((standing.customer_id, check))
     return out

@@ -288,7 +288,7 @@ def stored(decision: Decision) -> CustomerRow:
 
 
 def standing(row: CustomerRow) -> Standing:
-    return Standing(row.customer_id, row.facts, row.tier, row.segments, row.next_check_at)
+    return Standing(row.customer_id, row.facts, row.tier, row.segments, row.next_check_at, row.rule_version)
 
 
 def with_segment(name: str, when: dict[str, Any], version: int = 2) -> CompiledRules:
@@ -459,3 +459,87 @@ def test_the_row_events_leave_is_the_same_whatever_their_order_and_batching(
             row = run(fresh, row, state=state).row
     assert row is not None
     assert row == whole.row
+
+
+# --- rule publish: only the changed rules, the same outcome ----------------------------------
+
+
+def edited(edit: str, index: int, amount: int) -> CompiledRules:
+    """The default rule set after one kind of edit marketing makes, as version 2."""
+    rules = default_rules()
+    segments = rules["segments"]
+    i = index % len(segments)
+    if edit == "add":
+        segments.append({"name": "big", "when": {"field": "total_value", "op": "gte", "value": amount}})
+    elif edit == "add_timed":  # joined by time alone: brings next checks forward
+        when = {"field": "first_purchase_at", "op": "older_than_days", "value": amount % 30 + 1}
+        segments.insert(i, {"name": "veteran", "when": when})
+    elif edit == "retarget":
+        segments[i]["when"] = {"field": "orders_count", "op": "gte", "value": amount % 6}
+    elif edit == "remove":
+        del segments[i]
+    elif edit == "reword":
+        segments[i]["description"] = "reworded"
+    else:  # "ladder": the tiers change, so everything is evaluated again
+        rules["tiers"][index % len(rules["tiers"])]["when"] = {
+            "field": "orders_count",
+            "op": "gte",
+            "value": amount % 6,
+        }
+    return compile_rules(rules, 2)
+
+
+def test_rule_changes_keep_the_ladder_and_the_unchanged_segments() -> None:
+    new = edited("add", 0, 500)
+    change = new.changes_from(DEFAULT)
+    assert change is not None
+    assert change.old_version == 1
+    assert change.kept == frozenset(DEFAULT.segment_names)
+    assert [name for name, _ in change.evaluated] == ["big"]
+    assert change.fields == {"total_value"}
+    assert change.timed == ()
+    reworded = edited("reword", 3, 0).changes_from(DEFAULT)
+    assert reworded is not None
+    assert reworded.evaluated == ()  # a description moves nobody
+    assert edited("ladder", 1, 2).changes_from(DEFAULT) is None
+
+
+def test_only_the_changed_rules_bring_a_next_check_forward_as_all_of_them_would() -> None:
+    veteran = with_segment("veteran", {"field": "first_purchase_at", "op": "older_than_days", "value": 10})
+    change = veteran.changes_from(DEFAULT)
+    assert change is not None
+    assert change.fields == {"first_purchase_at"}
+    assert len(change.timed) == 1
+    old = stored(run([purchase("shop-2", NOW - 5 * DAY, "o2")]))
+    step = reevaluate([standing(old)], veteran, NOW, {1: change})
+    assert step.moves == []
+    assert step.earlier_checks == reevaluate([standing(old)], veteran, NOW).earlier_checks
+    assert step.earlier_checks == [(CUSTOMER, NOW + 5 * DAY + timedelta(microseconds=1))]
+    # A row another version assigned (here: none known) is evaluated under every rule.
+    other = reevaluate([standing(old)], veteran, NOW, {7: change})
+    assert other.earlier_checks == step.earlier_checks
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=histories(),
+    edit=st.sampled_from(["add", "add_timed", "retarget", "remove", "reword", "ladder"]),
+    index=st.integers(0, 20),
+    amount=st.integers(0, 3000),
+    days=st.integers(0, 30),  # mostly before the row's next check: facts current
+)
+def test_evaluating_only_the_changed_rules_decides_as_evaluating_them_all(
+    events: list[Any], edit: str, index: int, amount: int, days: int
+) -> None:
+    old = stored(run(events, as_of=NOW))  # as the sweep leaves a row: facts as of now
+    new = edited(edit, index, amount)
+    changes = {1: c} if (c := new.changes_from(DEFAULT)) is not None else {}
+    later = NOW + days * DAY
+    full = reevaluate([standing(old)], new, later)
+    partial = reevaluate([standing(old)], new, later, changes)
+    assert partial.stale == full.stale
+    assert [(s.customer_id, a.tier, a.segments) for s, _, a in partial.moves] == [
+        (s.customer_id, a.tier, a.segments) for s, _, a in full.moves
+    ]
+    assert [f for _, f, _ in partial.moves] == [f for _, f, _ in full.moves]
+    assert partial.earlier_checks == full.earlier_checks
