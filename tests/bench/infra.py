@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import platform
 import shutil
@@ -448,3 +449,16 @@ def machine_info(kafka_version: str | None, postgres_version: str | None = None)
     if postgres_version is not None:
         info.append(("postgresql", postgres_version))
     return info
+
+
+@contextlib.contextmanager
+def collector_as_settled() -> Iterator[None]:
+    """Inside: the collector as a worker process runs it (``settle_collector``, called where
+    the section's service starts); afterwards as it was, so that the sections that follow
+    measure their services and baselines as they did before, each on its own terms."""
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
