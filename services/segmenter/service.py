@@ -264,7 +264,7 @@ class SegmenterService:
                 PUBLISH_JOBS.labels("superseded").inc()
                 return job
             standings = await self.repo.standings_after(session, job.cursor, chunk)
-            step = reevaluate(standings, rules, now, await self._changes(session, rules, standings))
+            step = reevaluate(standings, rules, now, await self.rule_changes(session, rules, standings))
             # Only the customers who move (or whose stored facts are out of date) are read in
             # full, and locked, to announce the move.
             rows = await self.repo.load_customers(session, step.to_read, for_update=True)
@@ -314,7 +314,7 @@ class SegmenterService:
             )
         return job
 
-    async def _changes(
+    async def rule_changes(
         self, session: Any, rules: CompiledRules, standings: Sequence[Standing]
     ) -> dict[int, RuleChanges]:
         """What ``rules`` change of each older version that assigned someone in ``standings``:

@@ -208,18 +208,31 @@ class _TimedRelay(OutboxRelay):
     def __init__(self, db: Database, producer: Producer, phases: _Phases) -> None:
         super().__init__(db, outbox, producer)
         self.phases = phases
+        self._timing = False  # after_commit and flush call drain: their time is counted once
+
+    @contextlib.asynccontextmanager
+    async def _timed(self) -> AsyncIterator[None]:
+        if self._timing:
+            yield
+            return
+        self._timing = True
+        try:
+            async with self.phases.timed(f"relay in {self.phases.inside}"):
+                yield
+        finally:
+            self._timing = False
 
     async def after_commit(self, staged: Staged) -> None:
         # Returns at once unless the background sender is too far behind.
-        async with self.phases.timed(f"relay in {self.phases.inside}"):
+        async with self._timed():
             await super().after_commit(staged)
 
     async def flush(self) -> int:
-        async with self.phases.timed(f"relay in {self.phases.inside}"):
+        async with self._timed():
             return await super().flush()
 
     async def drain(self) -> None:
-        async with self.phases.timed(f"relay in {self.phases.inside}"):
+        async with self._timed():
             await super().drain()
 
 
@@ -483,14 +496,12 @@ def _reworded(rules: dict[str, Any]) -> dict[str, Any]:
 def _pure_publish(
     service: SegmenterService,
     rows: Sequence[CustomerRow],
+    standings: Sequence[Standing],
     candidate: CompiledRules,
     changes: dict[int, RuleChanges],
 ) -> tuple[float, int]:
     """The same decisions in memory: who moves, and the move and update of each mover.
     Seconds taken and customers moved."""
-    standings = [
-        Standing(r.customer_id, r.facts, r.tier, r.segments, r.next_check_at, r.rule_version) for r in rows
-    ]
     by_id = {r.customer_id: r for r in rows}
     now = datetime.now(UTC)
     started = time.perf_counter()
@@ -522,13 +533,13 @@ async def _publish(service: SegmenterService, rules_json: dict[str, Any], label:
     async with service.db.sessions() as session:
         version = (await service.repo.published_version(session) or 0) + 1
         candidate = compile_rules(rules_json, version)
-        changes: dict[int, RuleChanges] = {}
-        for v in {r.rule_version for r in rows}:  # as the publish job compares versions
-            old = compile_rules((await service.repo.version(session, v)).rules, v)
-            if (change := candidate.changes_from(old)) is not None:
-                changes[v] = change
-    pure_s, moved = _pure_publish(service, rows, candidate, changes)
-    del rows
+        standings = [
+            Standing(r.customer_id, r.facts, r.tier, r.segments, r.next_check_at, r.rule_version)
+            for r in rows
+        ]
+        changes = await service.rule_changes(session, candidate, standings)  # as the publish job does
+    pure_s, moved = _pure_publish(service, rows, standings, candidate, changes)
+    del rows, standings
     # The bench's copy of every row is garbage now; collected here, not during the publish.
     gc.collect()
 
