@@ -30,8 +30,7 @@ class RecentIds:
         return len(self._seen)
 
     def contains(self, event_id: str, now: float) -> bool:
-        accepted_at = self._seen.get(event_id)
-        return accepted_at is not None and now - accepted_at < self.ttl_s
+        return bool(self.among([event_id], now))
 
     def among(self, event_ids: list[str], now: float) -> set[str]:
         """Those of ``event_ids`` in the window: one set operation for a whole request."""
