@@ -104,8 +104,7 @@ class SegmenterService:
         self.config = settings.lifecycle
         self.topic = settings.topic(SEGMENTS)
         self.relay = OutboxRelay(db, outbox, producer) if producer is not None else None
-        self._rules: CompiledRules | None = None
-        self._versions: dict[int, CompiledRules] = {}  # older versions, compiled (publishes compare)
+        self._versions: dict[int, CompiledRules] = {}  # every version asked for, compiled
         self._last_sweep = time.monotonic() - settings.segmenter_sweep_interval_s  # the first tick sweeps
         # Whether the consumer is still working through a backlog; its loop says (build_loop).
         self.catching_up: Callable[[], bool] = lambda: False
@@ -128,10 +127,20 @@ class SegmenterService:
         version = await self.repo.published_version(session)
         if version is None:
             raise RuntimeError("no published rule set: call ensure_default_rules() at start")
-        if self._rules is None or self._rules.version != version:
-            published = await self.repo.version(session, version)
-            self._rules = compile_rules(published.rules, version)
-        return self._rules
+        rules = await self._compiled(session, version)
+        if rules is None:
+            raise RuntimeError(f"published rule set version {version} is missing")
+        return rules
+
+    async def _compiled(self, session: Any, version: int) -> CompiledRules | None:
+        """A stored version, compiled once (versions are immutable); None if there is none."""
+        compiled = self._versions.get(version)
+        if compiled is None:
+            stored = await self.repo.version(session, version)
+            if stored is None:
+                return None
+            compiled = self._versions[version] = compile_rules(stored.rules, version)
+        return compiled
 
     # --- the consumer's handler -----------------------------------------------------------------
 
@@ -321,13 +330,8 @@ class SegmenterService:
         most customers then need only the new or changed segment rules evaluated."""
         changes: dict[int, RuleChanges] = {}
         for version in {s.rule_version for s in standings} - {rules.version}:
-            old = self._versions.get(version)
-            if old is None:
-                stored = await self.repo.version(session, version)
-                if stored is None:
-                    continue
-                old = self._versions[version] = compile_rules(stored.rules, version)
-            change = rules.changes_from(old)
+            old = await self._compiled(session, version)
+            change = rules.changes_from(old) if old is not None else None
             if change is not None:
                 changes[version] = change
         return changes
