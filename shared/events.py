@@ -124,12 +124,12 @@ LocaleTag = Annotated[str, StringConstraints(max_length=35), AfterValidator(_bcp
 TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(_iana_zone)]
 Currency = Annotated[str, AfterValidator(_iso4217)]
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=4)]
-# Integers are bounded to 64 bits: attributes are stored as JSON, where larger ones do not
-# survive a round trip.
+# Integers are bounded to 64 bits and floats finite: attributes are stored as JSON, where
+# larger integers do not survive a round trip and infinities and NaN do not exist.
 AttributeValue = (
     Annotated[str, StringConstraints(max_length=500)]
     | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-    | float
+    | Annotated[float, Field(allow_inf_nan=False)]
     | bool
     | None
 )

@@ -24,7 +24,6 @@ from services.ingest.batch import (
     BatchTooLargeError,
     InvalidBatchError,
     MalformedJsonError,
-    parse_body,
 )
 from services.ingest.config import IngestSettings
 from services.ingest.schemas import AcceptedResponse, ErrorResponse, events_request_body
@@ -87,8 +86,7 @@ class EventsEndpoint:
         body = await _read_body(receive, headers.get("content-length"), self.settings.ingest_max_body_bytes)
         service = self.service
         try:
-            items, _is_batch = parse_body(body)
-            events = service.validate(items)
+            events = service.validate(body)
         except MalformedJsonError as exc:
             raise BadRequestError(str(exc)) from exc
         except BatchTooLargeError as exc:
@@ -102,9 +100,9 @@ class EventsEndpoint:
             ) from exc
         prepared = service.prepare(events)
         # Nothing but the encoded events and their ids stays alive while the broker answers:
-        # the body, its parsed form and the models go now, not after the acknowledgement, so
+        # the body and the models go now, not after the acknowledgement, so
         # the collector has fewer objects to walk and a waiting request holds less memory.
-        del body, items, events
+        del body, events
         try:
             accepted = await service.produce(prepared)
         except BrokerUnavailableError as exc:

@@ -7,12 +7,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
-from services.ingest.batch import validate_batch
+from services.ingest.batch import validate_body
 from services.ingest.dedupe import RecentIds
 from shared.codec import encode_event, encode_key
 from shared.events import TOPIC_OF_TYPE, Event
@@ -80,8 +79,8 @@ class IngestService:
         self._accepted = {t: EVENTS_ACCEPTED.labels(t) for t in TOPIC_OF_TYPE}
         self._duplicate = {t: EVENTS_DUPLICATE.labels(t) for t in TOPIC_OF_TYPE}
 
-    def validate(self, items: list[Any]) -> list[Event]:
-        return validate_batch(items, self._max_batch)
+    def validate(self, body: bytes) -> list[Event]:
+        return validate_body(body, self._max_batch)
 
     def prepare(self, events: list[Event]) -> Prepared:
         """Sort out the duplicates and encode the rest, before anything is awaited: the events

@@ -1,15 +1,23 @@
 from __future__ import annotations
 
 import itertools
+import json
+from collections.abc import Callable
+from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from services.ingest import batch
 from services.ingest.batch import (
     BatchTooLargeError,
     InvalidBatchError,
     MalformedJsonError,
     parse_body,
     validate_batch,
+    validate_body,
 )
 from shared.events import EXAMPLES
 
@@ -62,3 +70,122 @@ def test_a_type_of_any_json_shape_is_an_invalid_event_not_a_crash(tag: object) -
         validate_batch([{**EXAMPLES["purchase"], "type": tag}], 10)
     assert [(e.index, e.field) for e in info.value.errors] == [(0, "type")]
     assert info.value.types == ["unknown"]
+
+
+# --- validate_body: the bytes path and the item-by-item path agree ---------------------------
+
+
+def _ids() -> Callable[[], str]:
+    counter = itertools.count()
+    return lambda: f"gen-{next(counter)}"
+
+
+def _outcome(validate: Callable[[], list[Any]]) -> tuple[Any, ...]:
+    try:
+        return ("accepted", validate())
+    except InvalidBatchError as exc:
+        return ("invalid", exc.errors, exc.types)
+    except (MalformedJsonError, BatchTooLargeError) as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def test_a_batch_that_carries_its_ids_is_validated_from_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def item_by_item(body: bytes) -> tuple[list[Any], bool]:
+        raise AssertionError("took the item-by-item path")
+
+    monkeypatch.setattr(batch, "parse_body", item_by_item)
+    body = orjson.dumps([EXAMPLES["purchase"], EXAMPLES["support"]])
+    assert [e.event_id for e in validate_body(body, 10)] == ["shop-order-88412", "desk-5512-opened"]
+    single = b" \n" + orjson.dumps(EXAMPLES["profile"])
+    assert [e.type for e in validate_body(single, 10)] == ["profile"]
+
+
+def test_the_bytes_path_keeps_the_batch_limit() -> None:
+    body = orjson.dumps([{**EXAMPLES["support"], "event_id": f"s-{i}"} for i in range(3)])
+    with pytest.raises(BatchTooLargeError, match="at most 2 events; this one has 3"):
+        validate_body(body, 2)
+
+
+_PROFILE_WITH_NUMBER = orjson.dumps({**EXAMPLES["profile"], "attributes": {"x": "@"}})
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"[]", InvalidBatchError),  # empty: named as such, not accepted as nothing
+        (b'[{"event_id": "x"', MalformedJsonError),
+        (orjson.dumps([{**EXAMPLES["purchase"], "order_id": "a\u0000b"}]), InvalidBatchError),
+        (orjson.dumps([EXAMPLES["purchase"], {**EXAMPLES["support"], "event_id": None}]), None),
+        # Numbers orjson refuses and pydantic's parser would read as infinite.
+        (_PROFILE_WITH_NUMBER.replace(b'"@"', b"1e400"), MalformedJsonError),
+        (_PROFILE_WITH_NUMBER.replace(b'"@"', b"NaN"), MalformedJsonError),
+    ],
+)
+def test_what_the_bytes_path_refuses_is_answered_by_the_item_by_item_path(
+    body: bytes, expected: type[Exception] | None
+) -> None:
+    assert _outcome(lambda: validate_body(body, 10, _ids())) == _outcome(
+        lambda: validate_batch(parse_body(body)[0], 10, _ids())
+    )
+    if expected is not None:
+        with pytest.raises(expected):
+            validate_body(body, 10)
+
+
+# Numbers as written, whatever a parser makes of them: "@" marks a token the body gets raw.
+_RAW = [
+    "1e400",
+    "-1e400",
+    "NaN",
+    "Infinity",
+    "100000000000000000000",
+    "1E2",
+    "-0",
+    "0.1000000000000000000001",
+]
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.sampled_from([f"@{raw}" for raw in _RAW])
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.sampled_from(
+        ["349.90", "1e2", " 12 ", "-0", "+972521234567", "0521234567", "2026-11-21T18:02:11", "ar-EG", "UTC"]
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["city", "email", "x y"]) | st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> bytes:
+    items: list[Any] = []
+    for n in range(draw(st.integers(1, 4))):
+        item = {**EXAMPLES[draw(st.sampled_from(sorted(EXAMPLES)))], "event_id": f"e-{n}"}
+        for field in draw(
+            st.lists(st.sampled_from([*item, "amount", "email", "attributes", "bogus"]), max_size=3)
+        ):
+            if draw(st.booleans()):
+                item[field] = draw(_json)
+            else:
+                item.pop(field, None)
+        items.append(item)
+    value: Any = items if len(items) > 1 or draw(st.booleans()) else items[0]
+    # Both ways backends write JSON: UTF-8 as is, and everything beyond ASCII escaped.
+    body = json.dumps(value).encode() if draw(st.booleans()) else orjson.dumps(value)
+    for raw in _RAW:
+        body = body.replace(f'"@{raw}"'.encode(), raw.encode())
+    return body
+
+
+@settings(max_examples=400, deadline=None)
+@given(_bodies())
+def test_both_paths_accept_the_same_events_with_equal_values_and_refuse_alike(body: bytes) -> None:
+    assert _outcome(lambda: validate_body(body, 3, _ids())) == _outcome(
+        lambda: validate_batch(parse_body(body)[0], 3, _ids())
+    )
