@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
@@ -349,8 +349,10 @@ class Cluster:
         finally:
             await db.dispose()
 
-    async def pending_work(self) -> dict[str, int]:
-        """What the services still have to do: outbox rows, and messages due or mid-send."""
+    async def pending_work(self, due_within_s: float = 0.0) -> dict[str, int]:
+        """What the services still have to do: outbox rows, and messages due (or due within
+        ``due_within_s``) or mid-send."""
+        from services.messenger.repository import DUE  # noqa: PLC0415
         from services.messenger.tables import messages  # noqa: PLC0415
         from services.segmenter.tables import outbox  # noqa: PLC0415
 
@@ -363,9 +365,11 @@ class Cluster:
                         await session.scalar(select(func.count()).select_from(outbox)) or 0
                     )
                     if service == "messenger":
-                        now = await session.scalar(select(func.now()))
-                        due = (messages.c.status == "queued") & (
-                            messages.c.send_at.is_(None) | (messages.c.send_at <= now)
+                        # What the sender claims: queued, and held for quiet hours whose
+                        # window has opened (DUE), not only queued.
+                        soon = datetime.now(UTC) + timedelta(seconds=due_within_s)
+                        due = messages.c.status.in_(DUE) & (
+                            messages.c.send_at.is_(None) | (messages.c.send_at <= soon)
                         )
                         out["messages due"] = int(
                             await session.scalar(select(func.count()).select_from(messages).where(due)) or 0

@@ -303,21 +303,25 @@ class Run:
         (its CLV refits feed the segmenter), settle again, then stop the rest cleanly."""
         began = time.monotonic()
         deadline = began + self.options.settle_timeout_s
-        self._wait_quiet(deadline)
+        # Messages about to fall due count as work left, so kpi is not stopped a moment before
+        # they go out: a run that settled at 06:59:59 UTC stopped it while messages held until
+        # 09:00 in Israel went out a second later, and their outcomes never reached kpi. The
+        # second look's horizon is shorter, so nothing can come due between the two.
+        self._wait_quiet(deadline, due_within_s=60.0)
         self.cluster.stop_services(["kpi"])
-        self._wait_quiet(deadline, without=("kpi",))
+        self._wait_quiet(deadline, without=("kpi",), due_within_s=30.0)
         self.cluster.stop_services()
         self.figures.settle_s = time.monotonic() - began
         self.figures.lag = asyncio.run(self.cluster.lag())
         self.figures.pending = asyncio.run(self.cluster.pending_work())
 
-    def _wait_quiet(self, deadline: float, without: Sequence[str] = ()) -> None:
+    def _wait_quiet(self, deadline: float, without: Sequence[str] = (), due_within_s: float = 0.0) -> None:
         calm = 0
         while True:
             self._check_crashes_except(without)
             looked_at = datetime.now(UTC)
             lag = asyncio.run(self.cluster.lag())
-            pending = asyncio.run(self.cluster.pending_work())
+            pending = asyncio.run(self.cluster.pending_work(due_within_s))
             pending["segmenter checks due"] = asyncio.run(self.cluster.due_checks(looked_at))
             busy = {k: v for k, v in {**lag, **pending}.items() if v and k not in without}
             calm = 0 if busy else calm + 1
