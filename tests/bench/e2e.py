@@ -61,9 +61,9 @@ TARGET = 10.0  # end-to-end p99 ≤ 10× the echo's p99
 BURST = 2_000  # customers in the maximum-rate burst (× --scale)
 BURST_BATCH = 100  # events per request in the burst
 PROBES = 5  # paced probes bisecting for the maximum sustained rate
-PROBE_S = 4.0  # seconds of sends per probe
+PROBE_S = 6.0  # seconds of sends per probe: the longer, the more a backlog outgrows the swings of batching
 # A probe kept up unless its last quarter of sends waited this much longer (median) than its
-# first quarter: at 10% over capacity, a 4 s probe's backlog adds 400 ms; noise adds tens.
+# first quarter: at 10% over capacity, a 6 s probe's backlog adds 600 ms; noise adds tens.
 GROWTH_MS = 100.0
 
 
