@@ -82,7 +82,7 @@ class OutboxRelay:
         self._db = db
         self._table = table
         self._producer = producer
-        self._batch = batch
+        self._batch = batch  # rows per read of the table (flush); what is in memory goes in one call
         # Records handed over and not yet acknowledged: past this, after_commit waits (Kafka
         # slower than the caller, or away) instead of holding an ever longer queue in memory.
         self._max_pending = max_pending
@@ -162,13 +162,13 @@ class OutboxRelay:
             # segmenter's time in make bench). Whole transactions only, so a row is deleted
             # only once every record of its transaction is acknowledged.
             taken = list(self._pending)
-            count = sum(len(staged.records) for staged in taken)
-            await self._producer.send_all([r for staged in taken for r in staged.records])
+            records = [r for staged in taken for r in staged.records]
+            await self._producer.send_all(records)
             for staged in taken:
                 self._pending.popleft()
                 self._pending_records -= len(staged.records)
                 self._sent.update(staged.ids)
-            self.published += count
+            self.published += len(records)
 
     # --- from the table -------------------------------------------------------------------------
 
