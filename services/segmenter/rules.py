@@ -96,8 +96,7 @@ class CompiledRules:
     _timed: tuple[Condition, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        timed = tuple(c for _, c in (*self.tiers, *self.segments) if c.fields & _DATETIME_FIELDS)
-        object.__setattr__(self, "_timed", timed)
+        object.__setattr__(self, "_timed", _timed((*self.tiers, *self.segments)))
 
     @property
     def tier_names(self) -> list[str]:
@@ -141,7 +140,7 @@ class CompiledRules:
             order=tuple(self.segment_names),
             kept=kept,
             evaluated=evaluated,
-            timed=tuple(c for _, c in evaluated if c.fields & _DATETIME_FIELDS),
+            timed=_timed(evaluated),
             fields=frozenset(f for _, c in evaluated for f in c.fields),
         )
 
@@ -199,6 +198,11 @@ class RuleChanges:
     def time_boundaries(self, facts: dict[str, Any], now: datetime) -> tuple[datetime, ...]:
         """The evaluated rules' boundaries: the kept rules' are in the stored next check."""
         return _boundaries(self.timed, facts, now)
+
+
+def _timed(rules: Sequence[tuple[str, Condition]]) -> tuple[Condition, ...]:
+    """The conditions of ``rules`` that can flip with time alone: those reading a datetime."""
+    return tuple(c for _, c in rules if c.fields & _DATETIME_FIELDS)
 
 
 def _boundaries(timed: Sequence[Condition], facts: dict[str, Any], now: datetime) -> tuple[datetime, ...]:
