@@ -15,8 +15,8 @@ message event, read by a consumer in this process (one clock).
    paced probes (as in step 2, a few seconds each) bisect between 0 and that bound: a rate
    is sustained when the latency does not grow over the probe (``keeps_up``): a backlog
    that grows shows as the later sends waiting longer than the first ones.
-2. At half the highest sustained rate, single events sent at even intervals (an open loop: a slow answer does
-   not slow the sending), for the measured window; p50/p99 of the latencies.
+2. At half the highest sustained rate, single events sent at even intervals (an open loop: a
+   slow answer does not slow the sending), for the measured window; p50/p99 of the latencies.
    The paced sends come from a separate process (``tests/bench/pacer.py``); this one only
    reads, and both stamp times on the system-wide monotonic clock.
 3. The baseline at the same rate and for as long: a bare produce → consume → produce echo
@@ -338,6 +338,7 @@ async def _measure(
     options = ctx.options
     bootstrap = ctx.kafka().bootstrap
     echo = {"mode": "kafka", "bootstrap": bootstrap, "topic": echo_in}
+    through_ingest = {"mode": "http", "url": url, "api_key": key}
     rounds: list[Round] = []
     samplers: list[Sampler] = []
     async with (
@@ -353,7 +354,7 @@ async def _measure(
         say(f"e2e: maximum rate, a burst of {count} customers")
         burst_rate = await _burst(url, key, decisions, f"{run_id}b", count)
         say(f"  {burst_rate:,.0f} customers/s; paced probes below it for the sustained rate")
-        max_rate, probes = await _sustained(url, key, decisions, run_id, burst_rate)
+        max_rate, probes = await _sustained(through_ingest, decisions, run_id, burst_rate)
         rate = max_rate / 2
         seconds = options.seconds * 3
         n = max(50, int(rate * seconds))
@@ -366,7 +367,7 @@ async def _measure(
             pipeline, first_hop = await _paced(
                 "ingest 202 → messenger decision",
                 rate,
-                {"mode": "http", "url": url, "api_key": key},
+                through_ingest,
                 decisions,
                 [f"e2e-{run_id}p{r}-{i}" for i in range(n)],
                 stage=("ingest 202 → segmenter's customer_update (first hop)", updates),
@@ -394,7 +395,7 @@ class Rates:
 
 
 async def _sustained(
-    url: str, key: str, decisions: Arrivals, run_id: str, upper: float
+    spec: dict[str, Any], decisions: Arrivals, run_id: str, upper: float
 ) -> tuple[float, list[Latencies]]:
     """The highest paced rate (of ``PROBES``, bisecting below ``upper``) that kept up."""
     lo, hi = 0.0, upper
@@ -404,7 +405,7 @@ async def _sustained(
         [probe] = await _paced(
             "probe",
             rate,
-            {"mode": "http", "url": url, "api_key": key},
+            spec,
             decisions,
             [f"e2e-{run_id}s{i}-{n}" for n in range(max(50, int(rate * PROBE_S)))],
         )
