@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, select, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, bindparam, insert, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 
-from shared.db import Database, applied_events_table, claim_events
+from shared.db import Database, UtcDateTime, applied_events_table, claim_events
 from shared.kafka.consumer import is_transient
 
 metadata = MetaData()
@@ -106,3 +107,55 @@ async def test_a_write_lock_held_elsewhere_is_a_transient_error(tmp_path: Path) 
         await session.execute(items.insert(), [{"id": 1, "name": "after"}])
     assert await names(db) == ["after"]
     await db.dispose()
+
+
+stamps = Table(
+    "stamps", metadata, Column("id", Integer, primary_key=True), Column("at", UtcDateTime(), nullable=True)
+)
+
+
+async def test_utc_datetimes_are_stored_as_sqlalchemy_stores_them_and_read_back_aware(db: Database) -> None:
+    """The text in the file is SQLAlchemy's DATETIME format in UTC, so files written before
+    read the same, text order is time order, and plain DateTime columns agree."""
+    israel = timezone(timedelta(hours=2))
+    written = [
+        datetime(2026, 11, 26, 10, 0, 0, tzinfo=israel),  # 08:00 UTC
+        datetime(2026, 11, 26, 8, 30, 0, 5, tzinfo=UTC),
+        datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC),
+        None,
+    ]
+    async with db.transaction() as session:
+        await session.execute(insert(stamps), [{"id": i, "at": at} for i, at in enumerate(written)])
+        await session.execute(
+            text("INSERT INTO stamps (id, at) VALUES (9, :at)").bindparams(bindparam("at", type_=DateTime())),
+            {"at": datetime(2026, 1, 1, 12, 0)},  # noqa: DTZ001 - naive, through SQLAlchemy's own processor
+        )
+    async with db.sessions() as session:
+        raw = (await session.execute(text("SELECT at FROM stamps ORDER BY id"))).scalars().all()
+        read = (await session.execute(select(stamps.c.at).order_by(stamps.c.id))).scalars().all()
+        later = (
+            (
+                await session.execute(
+                    select(stamps.c.id).where(stamps.c.at > datetime(2026, 11, 26, 8, 15, tzinfo=UTC))
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert raw == [
+        "2026-11-26 08:00:00.000000",
+        "2026-11-26 08:30:00.000005",
+        "0999-01-02 03:04:05.000000",
+        None,
+        "2026-01-01 12:00:00.000000",
+    ]
+    assert read[:4] == written
+    assert all(r is None or r.tzinfo is UTC for r in read)
+    assert read[4] == datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert later == [1]
+
+
+async def test_a_naive_datetime_is_refused(db: Database) -> None:
+    with pytest.raises(StatementError, match="naive datetime"):
+        async with db.transaction() as session:
+            await session.execute(insert(stamps), [{"id": 1, "at": datetime(2026, 1, 1)}])  # noqa: DTZ001 - the point
