@@ -38,7 +38,7 @@ def build_loop(
         producer=producer,
         max_records=settings.kpi_batch_size,
         tick=service.tick,
-        session_timeout_ms=settings.consumer_session_timeout_ms,
+        **settings.consumer_options(),
     )
 
 

@@ -32,7 +32,7 @@ def build_loop(
         max_records=settings.messenger_batch_size,
         tick=service.tick,
         tick_every_s=TICK_EVERY_S,
-        session_timeout_ms=settings.consumer_session_timeout_ms,
+        **settings.consumer_options(),
     )
 
 

@@ -39,7 +39,7 @@ def build_loop(
         max_records=settings.segmenter_batch_size,
         tick=service.tick,
         tick_every_s=TICK_EVERY_S,
-        session_timeout_ms=settings.consumer_session_timeout_ms,
+        **settings.consumer_options(),
     )
     service.catching_up = lambda: loop.behind  # the sweep waits for a backlog to be applied
     return loop

@@ -337,7 +337,7 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
         handle=handle,
         producer=producer,
         max_records=settings.kpi_batch_size,
-        session_timeout_ms=settings.consumer_session_timeout_ms,
+        **settings.consumer_options(),  # as the kpi consumer's
     )
     try:
         return await _consume(loop, db, clock, n, watch)

@@ -14,6 +14,7 @@ from sqlalchemy import Column, MetaData, Numeric, String, Table, select
 from sqlalchemy.exc import OperationalError
 
 from shared.codec import decode_event, encode_event, encode_key
+from shared.config import CommonSettings
 from shared.db import Database, applied_events_table, claim_events, insert_ignoring_conflicts
 from shared.events import EVENT_ADAPTER, EXAMPLES, Event, PurchaseEvent
 from shared.kafka.consumer import BatchResult, ConsumerLoop, Delivered, PermanentError
@@ -337,3 +338,20 @@ async def test_a_commit_of_partitions_no_longer_ours_is_given_up_not_retried(
     assert calls == 1
     assert loop.stats.commits == 0
     assert await total_of(db, "c1") == Decimal(3)
+
+
+async def test_the_fetch_settings_reach_the_kafka_consumer() -> None:
+    """Each service's loop takes its group and fetch settings from ``consumer_options``."""
+    settings = CommonSettings(consumer_fetch_max_wait_ms=7, consumer_fetch_min_bytes=1234)
+    loop: ConsumerLoop[Event] = ConsumerLoop(
+        bootstrap="127.0.0.1:1",
+        topics=["t"],
+        group_id="g",
+        decode=lambda _topic, payload: decode_event(payload),
+        handle=ToyHandler(Database("sqlite+aiosqlite://")),
+        producer=Producer("127.0.0.1:1", client_id="g"),
+        **settings.consumer_options(),
+    )
+    assert loop._consumer._fetch_max_wait_ms == 7
+    assert loop._consumer._fetch_min_bytes == 1234
+    assert loop._consumer._session_timeout_ms == settings.consumer_session_timeout_ms
