@@ -4,14 +4,6 @@ Offsets are committed only after the handler's transaction (which records the ap
 ids) has committed and every poison record has been acknowledged by its dead-letter topic.
 A crash anywhere before the commit re-delivers the batch, and the handler's recorded event
 ids make the second application a no-op. Nothing is skipped without landing in a DLQ.
-
-The commit of a batch's offsets travels while the next batch is fetched and applied: it is a
-round trip to the group coordinator and nothing after it depends on it (the ledger, not the
-offset, is what keeps a replay harmless). At most one is in flight; the next batch's commit,
-and stopping, wait for it. Waiting for it took a fifth of the segmenter's time at 600
-events/s in make bench's end-to-end pipeline (timed per phase). On the bench's 2-core machine
-the time freed goes to the other processes, and the end-to-end latency did not measurably move;
-with a core of its own a consumer saves a round trip per batch.
 """
 
 from __future__ import annotations
@@ -157,7 +149,6 @@ class ConsumerLoop(Generic[T]):
         self._tick_every_s = tick_every_s
         self._last_tick = float("-inf")
         self._stopping = asyncio.Event()
-        self._committing: asyncio.Task[None] | None = None  # the previous batch's commit
         self.stats = LoopStats()
         self._lag_partitions: set[TopicPartition] = set()
         self.behind = True  # records waiting past our position, as of the latest fetch (or not known yet)
@@ -216,7 +207,6 @@ class ConsumerLoop(Generic[T]):
                 await self.run_once()
                 await self._run_tick()
         finally:
-            await self.committed()
             await self._consumer.stop()
             log.info("consumer stopped", group=self._group_id, **self._summary())
 
@@ -248,8 +238,7 @@ class ConsumerLoop(Generic[T]):
         }
 
     async def run_once(self) -> int:
-        """Consume and apply one batch, and send its commit (``committed`` waits for it);
-        return how many records it held."""
+        """Consume, apply and commit one batch; return how many records it held."""
         batch = await self._consumer.getmany(timeout_ms=self._poll_timeout_ms, max_records=self._max_records)
         records = [r for tp in sorted(batch, key=lambda t: (t.topic, t.partition)) for r in batch[tp]]
         if not records:
@@ -435,21 +424,8 @@ class ConsumerLoop(Generic[T]):
     async def _send(self, records: list[OutboundRecord]) -> None:
         await self._producer.send_all(records)
 
-    async def committed(self) -> None:
-        """Wait for the commit in flight, if any (it handles its own errors)."""
-        if self._committing is not None:
-            await asyncio.shield(self._committing)
-            self._committing = None
-
     async def _commit(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
-        await self.committed()  # in order, one at a time: a later commit never overtakes
-        self._committing = asyncio.get_running_loop().create_task(self._commit_offsets(offsets))
-        # Let it put its request on the wire now: a worker's SQLite transaction runs without
-        # yielding (shared/sqlite_inline.py), so otherwise it would leave after the next batch.
-        await asyncio.sleep(0)
-
-    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
         backoff = 0.1
         while True:
             try:
