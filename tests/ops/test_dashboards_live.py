@@ -498,7 +498,11 @@ async def test_alerts_made_true_by_the_traffic_are_active(live: Live) -> None:
     rules = {r["alert"]: r for r in alert_rules()}
     assert set(ACTIVE_LIVE) | set(NOT_ACTIVE_LIVE) == set(rules)
     assert not set(ACTIVE_LIVE) & set(NOT_ACTIVE_LIVE)
-    failing = await _failing(live, {name: rules[name]["expr"] for name in ACTIVE_LIVE}, within=60)
+    # The second wave waits out the segmenter's locked database (and, while it waited, maybe a
+    # rebalance of its group) before its emails fail. Twice in about twenty-five runs of this
+    # module, a third of its customers were still undecided a minute after the lock went.
+    # So the alerts get longer to come true; one that never does still fails.
+    failing = await _failing(live, {name: rules[name]["expr"] for name in ACTIVE_LIVE}, within=180)
     assert not failing, _report(failing, live)
     for name in ACTIVE_LIVE:
         full = await asyncio.to_thread(live.prometheus.query, rules[name]["expr"])
