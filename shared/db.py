@@ -161,8 +161,8 @@ class UtcDateTime(TypeDecorator[datetime]):
 
     def load_dialect_impl(self, dialect: Dialect) -> Any:
         if dialect.name == "sqlite":
-            return dialect.type_descriptor(_SqliteUtcText())  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
-        return dialect.type_descriptor(self.impl)
+            return _SqliteUtcText()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
+        return super().load_dialect_impl(dialect)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | str | None:
         if value is None:
