@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import aiokafka.record.default_records
 from aiokafka import AIOKafkaProducer
+from aiokafka.codec import lz4_encode
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
+from aiokafka.record._crecords import default_records as c_default_records
 
 from shared.logs import get_logger
 
@@ -32,6 +35,25 @@ def partition_for(key: bytes, partitions: int) -> int:
 # trips, and the segmenter waited for them (make bench). Well below the broker's default
 # message.max.bytes (1 MiB), which a compressed batch must fit.
 MAX_BATCH_BYTES = 512 * 1024
+
+# lz4's fast mode. aiokafka compresses lz4 at level 9, which is LZ4HC (the broker's default
+# level when it recompresses itself), and has no setting for it. On a batch of 70 ingest
+# events (18 KB) level 9 took 64 µs and made 4.3 KB, level 1 took 10 µs and made 4.9 KB.
+# Ingest's throughput went from 63,187 to 83,203 events/s for batches of 100 and from 7,105
+# to 7,663 for single events (make bench), for 0.6 KB more a batch on the wire. Any level
+# decompresses the same way, so consumers see no difference.
+LZ4_LEVEL = 1
+
+
+def _lz4_encode(payload: Any) -> bytes:
+    compressed: bytes = lz4_encode(payload, level=LZ4_LEVEL)
+    return compressed
+
+
+# Both record batch builders (the C one is the one in use) look the codec up by this name at
+# every batch.
+c_default_records.lz4_encode = _lz4_encode
+aiokafka.record.default_records.lz4_encode = _lz4_encode
 
 # As the producer's metadata_max_age_ms: partitions added to a topic are seen as soon.
 _PARTITION_COUNT_TTL_S = 30.0
