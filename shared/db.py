@@ -3,6 +3,7 @@ boundary, and the applied-event ledger that makes consumers idempotent."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -129,9 +130,16 @@ async def claim_events(
                 "applied_at": now,
             },
         )
-    stmt = insert_ignoring_conflicts(session, ledger).returning(ledger.c.event_id)
+    stmt = _claim(session.get_bind().dialect.name, ledger)
     result = await session.execute(stmt, list(rows.values()))
     return {row[0] for row in result}
+
+
+@functools.cache
+def _claim(dialect: str, ledger: Table) -> Any:
+    # Built once per ledger: building the statement and its cache key on every batch cost
+    # more than SQLite took to run it.
+    return dialect_insert(dialect, ledger).on_conflict_do_nothing().returning(ledger.c.event_id)
 
 
 class _SqliteUtcText(sqlite.DATETIME):

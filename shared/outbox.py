@@ -21,12 +21,26 @@ Two ways to relay:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, delete, func, insert, select
+from sqlalchemy import (
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import Database, UtcDateTime
@@ -55,10 +69,32 @@ async def enqueue(session: AsyncSession, table: Table, records: Sequence[Outboun
         return []
     now = datetime.now(UTC)
     result = await session.execute(
-        insert(table).returning(table.c.id),
+        _statements(table).insert,
         [{"topic": r.topic, "key": r.key, "value": r.value, "created_at": now} for r in records],
     )
     return [row[0] for row in result]
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    insert: Any
+    delete: Any  # the rows of the ids in ``ids``
+    oldest: Any  # the oldest ``limit`` rows
+    oldest_below: Any  # the oldest ``limit`` rows with an id below ``below``
+
+
+@functools.cache
+def _statements(table: Table) -> _Statements:
+    # Built once per table: a consumer stages and deletes after every batch, and building a
+    # statement and its cache key cost more than SQLite took to run it.
+    t = table.c
+    oldest = select(t.id, t.topic, t.key, t.value).order_by(t.id).limit(bindparam("limit"))
+    return _Statements(
+        insert=insert(table).returning(t.id),
+        delete=delete(table).where(t.id.in_(bindparam("ids", expanding=True))),
+        oldest=oldest,
+        oldest_below=oldest.where(t.id < bindparam("below")),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +136,7 @@ class OutboxRelay:
         sent since the last call. Hand the result to ``after_commit`` once it has committed."""
         deleted = list(self._sent)
         if deleted:
-            await session.execute(delete(self._table).where(self._table.c.id.in_(deleted)))
+            await session.execute(_statements(self._table).delete, {"ids": deleted})
         return Staged(await enqueue(session, self._table, records), list(records), deleted)
 
     async def after_commit(self, staged: Staged) -> None:
@@ -134,7 +170,7 @@ class OutboxRelay:
         if self._sent:
             ids = list(self._sent)
             async with self._db.transaction() as session:
-                await session.execute(delete(self._table).where(self._table.c.id.in_(ids)))
+                await session.execute(_statements(self._table).delete, {"ids": ids})
             self._sent.difference_update(ids)
 
     def _start_sender(self) -> None:
@@ -181,18 +217,18 @@ class OutboxRelay:
 
     async def _send_table(self, below: int | None = None) -> int:
         sent = 0
-        t = self._table
+        statements = _statements(self._table)
+        query, params = statements.oldest, {"limit": self._batch}
+        if below is not None:
+            query, params = statements.oldest_below, {**params, "below": below}
         while True:
-            query = select(t.c.id, t.c.topic, t.c.key, t.c.value).order_by(t.c.id).limit(self._batch)
-            if below is not None:
-                query = query.where(t.c.id < below)
             async with self._db.sessions() as session:
-                rows = (await session.execute(query)).all()
+                rows = (await session.execute(query, params)).all()
             if not rows:
                 return sent
             await self._producer.send_all([OutboundRecord(r.topic, r.key, r.value) for r in rows])
             async with self._db.transaction() as session:
-                await session.execute(delete(t).where(t.c.id.in_([r.id for r in rows])))
+                await session.execute(statements.delete, {"ids": [r.id for r in rows]})
             sent += len(rows)
             self.published += len(rows)
 

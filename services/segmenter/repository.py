@@ -114,6 +114,35 @@ def _upsert_customers(dialect: str) -> Any:
     )
 
 
+# The statements of a consumer batch, built once with expanding IN parameters instead of per
+# call: building a statement and its cache key took longer than SQLite took to run it.
+_IDS: Any = bindparam("ids", expanding=True)
+_CUSTOMERS_IN = {
+    with_facts: select(*(c for c in customers.c if with_facts or c.name != "facts")).where(
+        customers.c.customer_id.in_(_IDS)
+    )
+    for with_facts in (True, False)
+}
+_LEAVE = delete(memberships).where(
+    memberships.c.segment == bindparam("s"), memberships.c.customer_id == bindparam("c")
+)
+
+
+# Every batch asks for the rule set in force, and every tick for a publish job to step.
+_PUBLISHED_VERSION = select(func.max(rule_versions.c.version))
+_ACTIVE_JOB = (
+    select(publish_jobs)
+    .where(publish_jobs.c.status.in_(["pending", "running"]))
+    .order_by(publish_jobs.c.version.desc())
+    .limit(1)
+)
+
+
+@functools.cache
+def _enter(dialect: str) -> Any:
+    return dialect_insert(dialect, memberships).on_conflict_do_nothing()
+
+
 class SegmenterRepository:
     # --- customers ----------------------------------------------------------------------------
 
@@ -129,8 +158,7 @@ class SegmenterRepository:
         them again from the state anyway."""
         if not ids:
             return {}
-        columns = list(customers.c) if with_facts else [c for c in customers.c if c.name != "facts"]
-        stmt = select(*columns).where(customers.c.customer_id.in_(list(ids)))
+        stmt = _CUSTOMERS_IN[with_facts]
         if for_update and session.get_bind().dialect.name == "postgresql":
             # Two consumers never own one customer at once (partitioned by key), except
             # around a rebalance: the row lock keeps that window safe too. A customer seen for
@@ -146,7 +174,7 @@ class SegmenterRepository:
                 {"ids": sorted(set(ids))},
             )
             stmt = stmt.with_for_update()
-        return {r.customer_id: _row(r) for r in await session.execute(stmt)}
+        return {r.customer_id: _row(r) for r in await session.execute(stmt, {"ids": list(ids)})}
 
     async def save_customers(self, session: AsyncSession, rows: Sequence[CustomerRow]) -> None:
         if not rows:
@@ -164,14 +192,11 @@ class SegmenterRepository:
         """``entered`` / ``left``: (segment, customer_id) pairs."""
         if entered:
             await session.execute(
-                insert_ignoring_conflicts(session, memberships),
+                _enter(session.get_bind().dialect.name),
                 [{"segment": s, "customer_id": c, "entered_at": at} for s, c in entered],
             )
         if left:
-            stmt = delete(memberships).where(
-                memberships.c.segment == bindparam("s"), memberships.c.customer_id == bindparam("c")
-            )
-            await session.execute(stmt, [{"s": s, "c": c} for s, c in left])
+            await session.execute(_LEAVE, [{"s": s, "c": c} for s, c in left])
 
     async def standings_after(self, session: AsyncSession, cursor: str | None, limit: int) -> list[Standing]:
         """A page of customers in id order, with only what rule evaluation reads."""
@@ -288,7 +313,7 @@ class SegmenterRepository:
         return None if row is None else (row.version, row.rules)
 
     async def published_version(self, session: AsyncSession) -> int | None:
-        value = await session.scalar(select(func.max(rule_versions.c.version)))
+        value = await session.scalar(_PUBLISHED_VERSION)
         return None if value is None else int(value)
 
     async def version(self, session: AsyncSession, n: int) -> Any:
@@ -393,13 +418,7 @@ class SegmenterRepository:
         return job_id
 
     async def active_job(self, session: AsyncSession) -> JobRow | None:
-        stmt = (
-            select(publish_jobs)
-            .where(publish_jobs.c.status.in_(["pending", "running"]))
-            .order_by(publish_jobs.c.version.desc())
-            .limit(1)
-        )
-        row = (await session.execute(stmt)).first()
+        row = (await session.execute(_ACTIVE_JOB)).first()
         return None if row is None else JobRow(**row._mapping)
 
     async def job(self, session: AsyncSession, job_id: str) -> JobRow | None:
