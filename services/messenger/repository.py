@@ -41,10 +41,6 @@ def _chunks(values: Collection[str]) -> Iterator[list[str]]:
         yield ordered[i : i + IN_CHUNK]
 
 
-def _for_update(session: AsyncSession, stmt: Any) -> Any:
-    return stmt.with_for_update() if session.get_bind().dialect.name == "postgresql" else stmt
-
-
 # The reads of a consumer batch, built once with an expanding IN parameter (``ids``) instead
 # of per call: building a SELECT and its cache key took longer than SQLite took to run it
 # (163 against 77 µs a statement), and every batch runs a dozen of them.
@@ -79,6 +75,14 @@ _WAITING_IN = select(journey_waits).where(
 _SETTING = select(settings_table).where(settings_table.c.name == bindparam("name"))
 _INSERT_MESSAGES = messages.insert()
 _INSERT_WAITS = journey_waits.insert()
+# And the sender's claim.
+_CLAIMABLE = (
+    select(messages, customers.c.profile.label("customer_profile"), customers.c.whatsapp_inbound_at)
+    .join(customers, customers.c.customer_id == messages.c.customer_id)
+    .where(messages.c.id.in_(_IDS), messages.c.status.in_(DUE))
+    .order_by(messages.c.customer_id, messages.c.id)
+)
+_CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update()
 
 
 # Upserts built once per dialect: ``excluded`` makes a new column collection on every access.
@@ -227,18 +231,9 @@ class MessengerRepository:
         until the transaction ends, customers in id order as the consumer locks them (SQLite's
         write lock serialises senders). Another sender that got here first has moved them on."""
         found: list[Any] = []
+        stmt = _CLAIMABLE_LOCKED if session.get_bind().dialect.name == "postgresql" else _CLAIMABLE
         for ids in _chunks(message_ids):
-            stmt = (
-                select(
-                    messages,
-                    customers.c.profile.label("customer_profile"),
-                    customers.c.whatsapp_inbound_at,
-                )
-                .join(customers, customers.c.customer_id == messages.c.customer_id)
-                .where(messages.c.id.in_(ids), messages.c.status.in_(DUE))
-                .order_by(messages.c.customer_id, messages.c.id)
-            )
-            found += (await session.execute(_for_update(session, stmt))).all()
+            found += (await session.execute(stmt, {"ids": ids})).all()
         return found
 
     async def message(self, session: AsyncSession, message_id: str, *, for_update: bool = False) -> Any:
@@ -451,12 +446,15 @@ async def _update_by_id(session: AsyncSession, table: Any, changes: Sequence[Map
         columns = tuple(sorted(k for k in change if k != "id"))
         by_columns[columns].append({"b_id": change["id"], **{f"b_{k}": change[k] for k in columns}})
     for columns, params in by_columns.items():
-        stmt = (
-            update(table)
-            .where(table.c.id == bindparam("b_id"))
-            .values({k: bindparam(f"b_{k}") for k in columns})
-        )
-        await session.execute(stmt, params)
+        await session.execute(_update_by_id_statement(table, columns), params)
+
+
+@functools.cache
+def _update_by_id_statement(table: Any, columns: tuple[str, ...]) -> Any:
+    # One per table and set of columns (a handful: each settle and send changes the same ones),
+    # built once, as the consumer's statements are.
+    values: dict[str, Any] = {k: bindparam(f"b_{k}") for k in columns}
+    return update(table).where(table.c.id == bindparam("b_id")).values(values)
 
 
 def rows_to_dicts(rows: Sequence[Any]) -> list[dict[str, Any]]:
