@@ -53,7 +53,16 @@ from shared.auth import create_key
 from shared.config import REPO_ROOT
 from shared.topics import all_topic_names, ensure_topics
 from tests.bench.context import BenchContext
-from tests.bench.infra import BENCH_VAR, Process, Server, free_port, running, say, uvicorn_argv
+from tests.bench.infra import (
+    BENCH_VAR,
+    Process,
+    Server,
+    free_port,
+    machine_busy_seconds,
+    running,
+    say,
+    uvicorn_argv,
+)
 from tests.bench.pacer import profile_event
 from tests.bench.report import Row, Section, table
 
@@ -361,6 +370,7 @@ async def _measure(
         say("e2e: the echo baseline, warming up")
         await _paced("warm-up", rate, echo, echoed, [f"w-{run_id}-{i}" for i in range(20)])
         for r in range(1, options.rounds + 1):
+            await _quiet()
             say(f"e2e: round {r}/{options.rounds}: {n} customers at {rate:,.0f}/s through the pipeline")
             if options.profile and r == 1:
                 samplers = [Sampler(w, seconds) for w in workers]
@@ -372,6 +382,7 @@ async def _measure(
                 [f"e2e-{run_id}p{r}-{i}" for i in range(n)],
                 stage=("ingest 202 → segmenter's customer_update (first hop)", updates),
             )
+            await _quiet()
             say(f"e2e: round {r}/{options.rounds}: the echo baseline, {n} records at {rate:,.0f}/s")
             [baseline] = await _paced(
                 "produce → consume → produce echo",
@@ -385,6 +396,24 @@ async def _measure(
             say(f"  p99 {p99:,.1f} ms against the echo's {echo_p99:,.1f} ms: {rounds[-1].ratio:,.2f}×")
     profile = [line for sampler in samplers for line in sampler.summary()]
     return Rates(burst_rate, max_rate, probes), rounds, profile
+
+
+async def _quiet(*, window_s: float = 0.5, below: float = 0.3, limit_s: float = 15.0) -> None:
+    """Wait until the machine is nearly idle: under ``below`` of a core busy, all processes
+    together, over ``window_s`` (at most ``limit_s``). What a paced run leaves behind (the
+    broker's and the services' work after the last record) otherwise runs during the next
+    measurement. Without this, the echo right after the first round had a p99 of 44-71 ms in
+    three runs, against 5-7 ms in the other rounds, which made that round's ratio small; with
+    it, 10 ms in three runs."""
+    started = time.monotonic()
+    busy = float("inf")
+    while time.monotonic() - started < limit_s:
+        before = machine_busy_seconds() or 0.0
+        await asyncio.sleep(window_s)
+        busy = ((machine_busy_seconds() or 0.0) - before) / window_s
+        if busy < below:
+            break
+    say(f"  machine idle ({busy:.2f} of a core busy) after {time.monotonic() - started:.1f} s")
 
 
 @dataclass(frozen=True)
@@ -527,8 +556,9 @@ def _section(rates: Rates, rounds: list[Round], profile: list[str]) -> Section:
         " commit) → Kafka → messenger consumer (SQLite) → Kafka; two consumer hops and two"
         " database transactions. The echo: one consume → produce hop, no decoding, no database.",
         f"Rounds: {len(rounds)}, each a paced run through the pipeline and then the echo at the same"
-        " rate for as long; the ratio is the median of the rounds' ratios, so one round's hiccup in"
-        " either (a stall of the shared machine) does not decide it. Mean of the pipeline's"
+        " rate for as long, each starting once the machine is idle (under 0.3 of a core busy); the"
+        " ratio is the median of the rounds' ratios, so one round's hiccup in either (a stall of the"
+        " shared machine) does not decide it. Mean of the pipeline's"
         f" latencies: {statistics.fmean([v for r in rounds for v in r.pipeline.values_ms] or [0]):,.1f} ms.",
         "The paced sends come from a process of their own (tests/bench/pacer.py), which stamps each"
         " acknowledgement on the system-wide monotonic clock; this process only reads the topics and"
