@@ -401,10 +401,10 @@ async def _measure(
 async def _quiet(*, window_s: float = 0.5, below: float = 0.3, limit_s: float = 15.0) -> None:
     """Wait until the machine is nearly idle: under ``below`` of a core busy, all processes
     together, over ``window_s`` (at most ``limit_s``). What a paced run leaves behind (the
-    broker's and the services' work after the last record) otherwise runs during the next
-    measurement. Without this, the echo right after the first round had a p99 of 44-71 ms in
-    three runs, against 5-7 ms in the other rounds, which made that round's ratio small; with
-    it, 10 ms in three runs."""
+    broker's and the services' work after the last record) would otherwise run during the
+    next measurement. It does not explain the slow echo of the first round, though: its p99
+    was 44-71 ms in three runs without this wait, 10 ms in three with it, then 37 ms in the
+    next (5-10 ms in the other rounds); the cause is not known yet."""
     started = time.monotonic()
     busy = float("inf")
     while time.monotonic() - started < limit_s:
