@@ -104,7 +104,15 @@ def dialect_insert(dialect: str, table: Table) -> Any:
 
 def insert_ignoring_conflicts(session: AsyncSession, table: Table) -> Any:
     """INSERT … ON CONFLICT DO NOTHING for the session's dialect."""
-    return dialect_insert(session.get_bind().dialect.name, table).on_conflict_do_nothing()
+    return _ignoring_conflicts(session.get_bind().dialect.name, table)
+
+
+@functools.cache
+def _ignoring_conflicts(dialect: str, table: Table) -> Any:
+    # Built once per table: consumers insert every batch, and building the statement and its
+    # cache key cost more than SQLite took to run it. Callers derive from it (.values(),
+    # .returning()), which makes new statements and leaves this one as it is.
+    return dialect_insert(dialect, table).on_conflict_do_nothing()
 
 
 async def claim_events(
@@ -137,9 +145,8 @@ async def claim_events(
 
 @functools.cache
 def _claim(dialect: str, ledger: Table) -> Any:
-    # Built once per ledger: building the statement and its cache key on every batch cost
-    # more than SQLite took to run it.
-    return dialect_insert(dialect, ledger).on_conflict_do_nothing().returning(ledger.c.event_id)
+    # The RETURNING form, built once too (every batch of every consumer claims).
+    return _ignoring_conflicts(dialect, ledger).returning(ledger.c.event_id)
 
 
 class _SqliteUtcText(sqlite.DATETIME):

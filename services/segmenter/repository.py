@@ -138,11 +138,6 @@ _ACTIVE_JOB = (
 )
 
 
-@functools.cache
-def _enter(dialect: str) -> Any:
-    return dialect_insert(dialect, memberships).on_conflict_do_nothing()
-
-
 class SegmenterRepository:
     # --- customers ----------------------------------------------------------------------------
 
@@ -192,7 +187,7 @@ class SegmenterRepository:
         """``entered`` / ``left``: (segment, customer_id) pairs."""
         if entered:
             await session.execute(
-                _enter(session.get_bind().dialect.name),
+                insert_ignoring_conflicts(session, memberships),
                 [{"segment": s, "customer_id": c, "entered_at": at} for s, c in entered],
             )
         if left:
