@@ -58,17 +58,30 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read (``Database.sessions``) begins deferred: in WAL mode it then reads a snapshot
+        # beside the writer instead of queueing for the write lock, where an API's GET waited
+        # behind the consumers' batches and, past the busy timeout, failed.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READS_ONLY) else "BEGIN IMMEDIATE")
+
+
+# The execution option that marks the engine of read sessions.
+_READS_ONLY = "retain_reads_only"
 
 
 class Database:
     """One service's database. `inline_sqlite` runs SQLite on the event loop's own thread
-    (see shared/sqlite_inline.py): for workers, not for HTTP APIs; ignored for PostgreSQL."""
+    (see shared/sqlite_inline.py): for workers, not for HTTP APIs; ignored for PostgreSQL.
+
+    ``sessions()`` is for reading (it never commits; on SQLite it does not take the write
+    lock), ``transaction()`` for writing."""
 
     def __init__(self, url: str, *, inline_sqlite: bool = False, **kwargs: Any) -> None:
         self.url = url
         self.engine = create_engine(url, inline_sqlite=inline_sqlite, **kwargs)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = async_sessionmaker(
+            self.engine.execution_options(**{_READS_ONLY: True}), expire_on_commit=False
+        )
+        self._writes = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
@@ -77,7 +90,7 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """The one place a transaction begins and ends: commit on success, roll back on error."""
-        async with self.sessions() as session, session.begin():
+        async with self._writes() as session, session.begin():
             yield session
 
     async def dispose(self) -> None:

@@ -109,6 +109,41 @@ async def test_a_write_lock_held_elsewhere_is_a_transient_error(tmp_path: Path) 
     await db.dispose()
 
 
+async def test_a_read_takes_no_write_lock_and_reads_one_snapshot(db: Database) -> None:
+    """A read session open (an API's GET mid-query) while another process writes: the writer
+    does not wait for it, and the read goes on seeing what it began with. A read that began
+    IMMEDIATE held the write lock, and the writer here would fail after its 0.2 s."""
+    async with db.transaction() as session:
+        await session.execute(items.insert(), [{"id": 1, "name": "before"}])
+    path = db.url.split(":///", 1)[1]
+    writer = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        async with db.sessions() as reading:
+            first = list((await reading.execute(select(items.c.name))).scalars())
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("INSERT INTO items (id, name) VALUES (2, 'after')")
+            writer.execute("COMMIT")
+            again = list((await reading.execute(select(items.c.name))).scalars())
+    finally:
+        writer.close()
+    assert first == again == ["before"]
+    assert await names(db) == ["before", "after"]
+
+
+async def test_writes_still_queue_for_the_write_lock_up_front(db: Database) -> None:
+    """Transactions begin IMMEDIATE: a second writer waits at BEGIN instead of failing later
+    on upgrading a read lock (which SQLite cannot wait for)."""
+    path = db.url.split(":///", 1)[1]
+    other = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        async with db.transaction() as session:
+            await session.execute(select(items.c.name))
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+    finally:
+        other.close()
+
+
 stamps = Table(
     "stamps", metadata, Column("id", Integer, primary_key=True), Column("at", UtcDateTime(), nullable=True)
 )
