@@ -1,0 +1,126 @@
+"""The messenger's per-batch reads on SQLite: what they return, and that they find the batch's
+customers by the customer's index, so that their cost does not grow with the table."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.messenger.consumer import MIGRATIONS
+from services.messenger.repository import COUNTED, MessengerRepository
+from services.messenger.tables import journey_waits, messages
+from shared.db import Database, migrate
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+STATUSES = (*COUNTED, "failed", "suppressed", "held_quiet_hours")
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'messenger.db'}", inline_sqlite=True)
+    await migrate(database, MIGRATIONS)
+    yield database
+    await database.dispose()
+
+
+def message(customer_id: str, status: str, created_at: datetime) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "idempotency_key": str(uuid.uuid4()),
+        "customer_id": customer_id,
+        "journey": "welcome",
+        "kind": "welcome",
+        "channel": "email",
+        "status": status,
+        "created_at": created_at,
+        "updated_at": created_at,
+        "attempts": 0,
+    }
+
+
+def wait(customer_id: str, status: str) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "customer_id": customer_id,
+        "journey": "re_engagement",
+        "due_at": NOW + timedelta(days=1),
+        "status": status,
+        "data": {},
+        "created_at": NOW,
+    }
+
+
+async def fill(db: Database, others: int) -> None:
+    """Two customers with a message and a wait of every status, and ``others`` customers with
+    a queued message and a waiting wait each: what the status indexes would find."""
+    rows = [message(c, s, NOW - timedelta(hours=1)) for c in ("c1", "c2") for s in STATUSES]
+    rows.append(message("c1", "sent", NOW - timedelta(days=40)))  # before the window
+    rows += [message(f"other-{i}", "queued", NOW) for i in range(others)]
+    waits = [wait(c, s) for c in ("c1", "c2") for s in ("waiting", "fired", "cancelled")]
+    waits += [wait(f"other-{i}", "waiting") for i in range(others)]
+    async with db.transaction() as session:
+        await session.execute(messages.insert(), rows)
+        await session.execute(journey_waits.insert(), waits)
+
+
+async def test_histories_are_the_counted_messages_in_the_window(db: Database) -> None:
+    await fill(db, others=10)
+    async with db.sessions() as session:
+        found = await MessengerRepository().histories(
+            session, ["c1", "c2", "nobody"], NOW - timedelta(days=30)
+        )
+    assert sorted((r.customer_id, r.status) for r in found) == sorted(
+        (c, s) for c in ("c1", "c2") for s in COUNTED
+    )
+
+
+async def test_waiting_of_is_the_waits_still_waiting(db: Database) -> None:
+    await fill(db, others=10)
+    async with db.sessions() as session:
+        found = await MessengerRepository().waiting_of(session, ["c1", "c2", "nobody"])
+    assert sorted((r.customer_id, r.status) for r in found) == [("c1", "waiting"), ("c2", "waiting")]
+
+
+async def plans(db: Database, read: Callable[[AsyncSession], Awaitable[object]]) -> list[str]:
+    """EXPLAIN QUERY PLAN of each SELECT ``read`` runs, with its own parameters."""
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append((statement, parameters))
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        async with db.sessions() as session:
+            await read(session)
+            connection = await session.connection()
+            out: list[str] = []
+            for statement, parameters in statements:
+                rows = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+                # (id, parent, notused, detail) per step of the plan
+                out.append("; ".join(str(step.detail) for step in rows))
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", seen)
+    return out
+
+
+async def test_batch_reads_search_by_the_customers_index(db: Database) -> None:
+    """With the status in the query, SQLite chose the status index and read every queued
+    message (or waiting wait) of everyone, once per batch: 6.3 ms a batch of 16 with 20,000
+    messages in the table, against 28 µs now."""
+    await fill(db, others=200)
+    repo = MessengerRepository()
+    ids = [f"c{i}" for i in range(16)]
+    histories = await plans(db, lambda s: repo.histories(s, ids, NOW - timedelta(days=30)))
+    waits = await plans(db, lambda s: repo.waiting_of(s, ids))
+    assert histories
+    assert all("USING INDEX ix_messages_customer" in p for p in histories), histories
+    assert waits
+    assert all("USING INDEX ix_journey_waits_customer" in p for p in waits), waits
