@@ -53,6 +53,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.auth import create_key
+from shared.collector import settle_collector
 from shared.config import REPO_ROOT
 from shared.topics import all_topic_names, ensure_topics
 from tests.bench.context import BenchContext
@@ -269,6 +270,9 @@ async def _paced(
     does not slow the sending), and time each one's arrival from its acknowledgement (and,
     given a ``stage``, its arrival at that intermediate topic too). ``warm`` go first, in the
     same run at the same rate, and are not timed."""
+    # Arrivals are stamped in this process: a full collection during a run (57-254 ms seen
+    # during the probes) would delay the stamps; everything so far is long-lived anyway.
+    settle_collector()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
