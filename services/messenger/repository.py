@@ -87,6 +87,9 @@ _CLAIMABLE = (
 _CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update()
 
 
+# The column of the customers' table that holds each channel's address.
+_ADDRESS_OF_CHANNEL = {"sms": "phone", "whatsapp": "whatsapp", "email": "email"}
+
 # Upserts built once per dialect: ``excluded`` makes a new column collection on every access.
 
 
@@ -101,6 +104,9 @@ def _upsert_customers(dialect: str) -> Any:
             "profile": ins.excluded.profile,
             "profile_at": ins.excluded.profile_at,
             "updated_at": ins.excluded.updated_at,
+            "email": ins.excluded.email,
+            "phone": ins.excluded.phone,
+            "whatsapp": ins.excluded.whatsapp,
         },
         where=customers.c.profile_at <= ins.excluded.profile_at,
     )
@@ -132,8 +138,9 @@ class MessengerRepository:
 
     async def upsert_customers(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
         """The customers' latest snapshots, in one statement (customer_id, profile, profile_at,
-        updated_at per row; one row per customer). Rows go in customer order, so two writers
-        take the row locks in the same order and never deadlock."""
+        updated_at, and the profile's email, phone and whatsapp per row; one row per
+        customer). Rows go in customer order, so two writers take the row locks in the same
+        order and never deadlock."""
         if not rows:
             return
         stmt = _upsert_customers(session.get_bind().dialect.name)
@@ -173,10 +180,8 @@ class MessengerRepository:
 
     async def customer_by_address(self, session: AsyncSession, channel: str, address: str) -> str | None:
         """Find a customer by phone/WhatsApp number or email (inbound messages, bounces)."""
-        field = {"sms": "phone", "whatsapp": "whatsapp", "email": "email"}[channel]
-        column = customers.c.profile[field]
-        value = column.as_string()
-        stmt = select(customers.c.customer_id).where(value == address).limit(1)
+        column = customers.c[_ADDRESS_OF_CHANNEL[channel]]
+        stmt = select(customers.c.customer_id).where(column == address).limit(1)
         return (await session.execute(stmt)).scalar()
 
     # --- consent facts ------------------------------------------------------------------------------

@@ -379,6 +379,9 @@ class MessengerService:
                     "profile": update.profile.model_dump(mode="json"),
                     "profile_at": update.occurred_at,
                     "updated_at": now,
+                    "email": update.profile.email,
+                    "phone": update.profile.phone,
+                    "whatsapp": update.profile.whatsapp,
                 }
                 for customer_id, update in latest.items()
             ],

@@ -20,6 +20,14 @@ customers = Table(
     Column("profile_at", UtcDateTime(), nullable=False),  # occurred_at of that update
     Column("whatsapp_inbound_at", UtcDateTime(), nullable=True),  # opens the 24-hour window
     Column("updated_at", UtcDateTime(), nullable=False),
+    # The snapshot's addresses again, indexed: how an inbound message or a bounce finds its
+    # customer (matching inside the JSON read every profile).
+    Column("email", Text, nullable=True),
+    Column("phone", Text, nullable=True),
+    Column("whatsapp", Text, nullable=True),
+    Index("ix_customers_email", "email"),
+    Index("ix_customers_phone", "phone"),
+    Index("ix_customers_whatsapp", "whatsapp"),
 )
 
 # Opt-outs and opt-ins that do not come from profile events: STOP/START, unsubscribe links,

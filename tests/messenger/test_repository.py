@@ -111,6 +111,39 @@ async def plans(db: Database, read: Callable[[AsyncSession], Awaitable[object]])
     return out
 
 
+async def test_an_address_finds_its_customer_by_index(db: Database) -> None:
+    """Inbound messages and bounces: the address columns, kept with the snapshot, indexed
+    (matching inside the profile JSON read every customer's: 56 ms at 100,000)."""
+    profile = {"lifecycle_stage": "active", "email": "noa@example.com", "phone": "+972521234567"}
+    async with db.transaction() as session:
+        await MessengerRepository().upsert_customers(
+            session,
+            [
+                {
+                    "customer_id": "c1",
+                    "profile": profile,
+                    "profile_at": NOW,
+                    "updated_at": NOW,
+                    "email": profile["email"],
+                    "phone": profile["phone"],
+                    "whatsapp": None,
+                }
+            ],
+        )
+    repo = MessengerRepository()
+    async with db.sessions() as session:
+        found = [
+            await repo.customer_by_address(session, "email", "noa@example.com"),
+            await repo.customer_by_address(session, "sms", "+972521234567"),
+            await repo.customer_by_address(session, "whatsapp", "+972521234567"),
+        ]
+    assert found == ["c1", "c1", None]
+    [by_email] = await plans(db, lambda s: repo.customer_by_address(s, "email", "x"))
+    [by_phone] = await plans(db, lambda s: repo.customer_by_address(s, "sms", "x"))
+    assert "USING INDEX ix_customers_email" in by_email
+    assert "USING INDEX ix_customers_phone" in by_phone
+
+
 async def test_batch_reads_search_by_the_customers_index(db: Database) -> None:
     """With the status in the query, SQLite chose the status index and read every queued
     message (or waiting wait) of everyone, once per batch: 6.3 ms a batch of 16 with 20,000

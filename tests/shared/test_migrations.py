@@ -41,3 +41,47 @@ async def test_migrations_match_the_declared_tables(service: str, tmp_path: Path
     # alembic_version is Alembic's own; anything else is drift.
     drift = [d for d in differences if "alembic_version" not in repr(d)]
     assert drift == [], f"{service}: migrations and tables.py differ: {drift}"
+
+
+async def test_the_messenger_s_address_columns_are_filled_from_the_stored_snapshots(tmp_path: Path) -> None:
+    """Migration 0003 on a database that has customers: their addresses come from the JSON."""
+    from alembic import command  # noqa: PLC0415
+    from alembic.config import Config  # noqa: PLC0415
+    from sqlalchemy import text  # noqa: PLC0415
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "services" / "messenger" / "migrations"))
+    try:
+        async with db.engine.begin() as conn:
+
+            def to_0002(sync_conn: Any) -> None:
+                config.attributes["connection"] = sync_conn
+                command.upgrade(config, "0002")
+
+            await conn.run_sync(to_0002)
+            await conn.execute(
+                text(
+                    "INSERT INTO customers (customer_id, profile, profile_at, updated_at) VALUES"
+                    " ('c1', :p1, '2026-11-01 10:00:00', '2026-11-01 10:00:00'),"
+                    " ('c2', :p2, '2026-11-01 10:00:00', '2026-11-01 10:00:00')"
+                ),
+                {
+                    "p1": '{"email": "noa@example.com", "phone": "+972521234567",'
+                    ' "whatsapp": "+972521234567"}',
+                    "p2": '{"lifecycle_stage": "new"}',
+                },
+            )
+        await migrate(db, REPO_ROOT / "services" / "messenger" / "migrations")
+        async with db.sessions() as session:
+            rows = (
+                await session.execute(
+                    text("SELECT customer_id, email, phone, whatsapp FROM customers ORDER BY customer_id")
+                )
+            ).all()
+    finally:
+        await db.dispose()
+    assert [tuple(r) for r in rows] == [
+        ("c1", "noa@example.com", "+972521234567", "+972521234567"),
+        ("c2", None, None, None),
+    ]
