@@ -1,0 +1,75 @@
+"""The kpi's reads on SQLite that the rollups make: what they return, and that they read the
+recent rows by index rather than the whole table."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from services.kpi.consumer import MIGRATIONS
+from services.kpi.repository import KpiRepository
+from services.kpi.tables import message_events
+from shared.db import Database, migrate
+
+T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'kpi.db'}", inline_sqlite=True)
+    await migrate(database, MIGRATIONS)
+    yield database
+    await database.dispose()
+
+
+def status(message_id: str, n: int, at: datetime) -> dict[str, Any]:
+    return {
+        "event_id": f"{message_id}-{n}",
+        "message_id": message_id,
+        "customer_id": "c1",
+        "status": "sent",
+        "occurred_at": at,
+        "journey": "welcome",
+        "kind": "welcome",
+        "holdout": False,
+    }
+
+
+async def test_the_first_status_of_the_messages_touched_since(db: Database) -> None:
+    """A message with a status event since the cut counts from its first status event, even
+    one before the cut; a message untouched since does not count."""
+    rows = [
+        status("old", 1, T0),  # nothing since: not counted
+        status("m1", 1, T0 + timedelta(days=2)),
+        status("m1", 2, T0 + timedelta(days=9)),
+        status("m2", 1, T0 + timedelta(days=8)),
+    ]
+    async with db.transaction() as session:
+        await session.execute(message_events.insert(), rows)
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append((statement, parameters))
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        async with db.sessions() as session:
+            first = await KpiRepository().first_time_of_messages_since(session, T0 + timedelta(days=7))
+            [(statement, parameters)] = statements
+            connection = await session.connection()
+            plan = [
+                str(step.detail)
+                for step in await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            ]
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", seen)
+    assert first == T0 + timedelta(days=2)
+    # The recent statuses by their time's index (with DISTINCT: a scan of the whole table).
+    assert any("USING INDEX ix_message_events_occurred_at" in step for step in plan), plan
+    assert not any(step.startswith("SCAN message_events") for step in plan), plan
