@@ -157,3 +157,40 @@ async def test_batch_reads_search_by_the_customers_index(db: Database) -> None:
     assert all("USING INDEX ix_messages_customer" in p for p in histories), histories
     assert waits
     assert all("USING INDEX ix_journey_waits_customer" in p for p in waits), waits
+
+
+async def test_due_messages_are_the_unscheduled_then_the_earliest_whose_time_has_come(db: Database) -> None:
+    rows = [
+        message("c1", "queued", NOW) | {"id": "now", "send_at": None},
+        message("c2", "held_quiet_hours", NOW) | {"id": "held-past", "send_at": NOW - timedelta(hours=1)},
+        message("c3", "queued", NOW) | {"id": "queued-past", "send_at": NOW - timedelta(hours=2)},
+        message("c4", "held_quiet_hours", NOW) | {"id": "held-future", "send_at": NOW + timedelta(hours=1)},
+        message("c5", "sent", NOW) | {"id": "sent", "send_at": NOW - timedelta(hours=3)},
+    ]
+    async with db.transaction() as session:
+        await session.execute(messages.insert(), rows)
+    repo = MessengerRepository()
+    async with db.sessions() as session:
+        everything = [r.id for r in await repo.due_messages(session, NOW, 10)]
+        two = [r.id for r in await repo.due_messages(session, NOW, 2)]
+        one = [r.id for r in await repo.due_messages(session, NOW, 1)]
+    assert everything == ["now", "queued-past", "held-past"]
+    assert two == ["now", "queued-past"]
+    assert one == ["now"]
+
+
+async def test_due_messages_read_ranges_of_the_due_index(db: Database) -> None:
+    """Not every held message on each poll: the send time bounds the read."""
+    async with db.transaction() as session:
+        await session.execute(
+            messages.insert(),
+            [
+                message(f"c{i}", "held_quiet_hours", NOW) | {"send_at": NOW + timedelta(hours=1)}
+                for i in range(200)
+            ],
+        )
+    repo = MessengerRepository()
+    found = await plans(db, lambda s: repo.due_messages(s, NOW, 10))
+    assert len(found) == 2
+    assert "USING INDEX ix_messages_due (status=? AND send_at=?)" in found[0]
+    assert "USING INDEX ix_messages_due (status=? AND send_at<?)" in found[1]
