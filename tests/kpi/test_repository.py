@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi.consumer import MIGRATIONS
 from services.kpi.repository import KpiRepository
 from services.kpi.tables import message_events
 from shared.db import Database, migrate
+from tests.support.sqlite import plans
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
@@ -51,25 +52,13 @@ async def test_the_first_status_of_the_messages_touched_since(db: Database) -> N
     ]
     async with db.transaction() as session:
         await session.execute(message_events.insert(), rows)
-    statements: list[tuple[str, Any]] = []
+    found: list[datetime | None] = []
 
-    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            statements.append((statement, parameters))
+    async def read(session: AsyncSession) -> None:
+        found.append(await KpiRepository().first_time_of_messages_since(session, T0 + timedelta(days=7)))
 
-    event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
-    try:
-        async with db.sessions() as session:
-            first = await KpiRepository().first_time_of_messages_since(session, T0 + timedelta(days=7))
-            [(statement, parameters)] = statements
-            connection = await session.connection()
-            plan = [
-                str(step.detail)
-                for step in await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
-            ]
-    finally:
-        event.remove(db.engine.sync_engine, "before_cursor_execute", seen)
-    assert first == T0 + timedelta(days=2)
+    [plan] = await plans(db, read)
+    assert found == [T0 + timedelta(days=2)]
     # The recent statuses by their time's index (with DISTINCT: a scan of the whole table).
-    assert any("USING INDEX ix_message_events_occurred_at" in step for step in plan), plan
-    assert not any(step.startswith("SCAN message_events") for step in plan), plan
+    assert "USING INDEX ix_message_events_occurred_at" in plan, plan
+    assert "SCAN message_events" not in plan, plan

@@ -4,19 +4,18 @@ customers by the customer's index, so that their cost does not grow with the tab
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.repository import COUNTED, MessengerRepository
 from services.messenger.tables import journey_waits, messages
 from shared.db import Database, migrate
+from tests.support.sqlite import plans
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 STATUSES = (*COUNTED, "failed", "suppressed", "held_quiet_hours")
@@ -86,29 +85,6 @@ async def test_waiting_of_is_the_waits_still_waiting(db: Database) -> None:
     async with db.sessions() as session:
         found = await MessengerRepository().waiting_of(session, ["c1", "c2", "nobody"])
     assert sorted((r.customer_id, r.status) for r in found) == [("c1", "waiting"), ("c2", "waiting")]
-
-
-async def plans(db: Database, read: Callable[[AsyncSession], Awaitable[object]]) -> list[str]:
-    """EXPLAIN QUERY PLAN of each SELECT ``read`` runs, with its own parameters."""
-    statements: list[tuple[str, Any]] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            statements.append((statement, parameters))
-
-    event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
-    try:
-        async with db.sessions() as session:
-            await read(session)
-            connection = await session.connection()
-            out: list[str] = []
-            for statement, parameters in statements:
-                rows = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
-                # (id, parent, notused, detail) per step of the plan
-                out.append("; ".join(str(step.detail) for step in rows))
-    finally:
-        event.remove(db.engine.sync_engine, "before_cursor_execute", seen)
-    return out
 
 
 async def test_an_address_finds_its_customer_by_index(db: Database) -> None:
