@@ -203,6 +203,7 @@ class Ledger:
     channel: Channel | None
     status: str
     trigger_event_id: str | None
+    created_at: datetime  # when the messenger decided it
 
 
 @dataclass
@@ -258,6 +259,12 @@ def check_delivery(
     """Each message handed to a provider once; no cap exceeded; nothing sent without consent or
     in quiet hours.
 
+    Caps are judged in the order the messenger decided the messages, each at the time it was
+    handed to the provider: a cap holds back a marketing candidate by what was decided before
+    it. Judged in the order of the calls instead, a complaint's acknowledgement decided after a
+    welcome and sent a moment before it (two sends of one pass) made the welcome look over the
+    daily cap, which counts transactional sends too.
+
     Consent is judged by the oracle, not by the messenger's copy: a marketing message is a
     violation when the stream's consent for its channel, as of the last event the triggering
     update carried, was not granted (each customer's events reach the segmenter in order, so
@@ -280,9 +287,9 @@ def check_delivery(
     for e in backend:
         by_customer[e.customer_id].append(e)
     history: dict[str, list[SentRecord]] = defaultdict(list)
-    for call in sorted(first_call.values(), key=lambda c: c.called_at):
-        row = rows.get(call.message_id)
-        if row is None or row.channel is None:
+    decided = [(rows[c.message_id], c) for c in first_call.values() if c.message_id in rows]
+    for row, call in sorted(decided, key=lambda rc: (rc[0].created_at, rc[0].message_id)):
+        if row.channel is None:
             continue
         state = states.get(row.customer_id)
         fields = state.fields if state is not None else {}

@@ -430,6 +430,7 @@ class Run:
                         None if r.channel is None else Channel(r.channel),
                         r.status,
                         r.trigger_event_id,
+                        r.created_at,
                     )
                     for r in await session.execute(select(table))
                 ]
