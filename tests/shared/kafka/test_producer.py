@@ -148,8 +148,10 @@ def test_record_batches_are_compressed_in_lz4_fast_mode_and_read_back_whole() ->
             base_sequence=-1,
             batch_size=MAX_BATCH_BYTES,
         )
+        # One fixed timestamp (ms): with None each record takes the clock's, and the two builds
+        # differed whenever a millisecond ticked between them (make test saw it once).
         for offset, value in enumerate(values):
-            builder.append(offset, timestamp=None, key=b"c1", value=value, headers=[])
+            builder.append(offset, timestamp=1_764_150_000_000, key=b"c1", value=value, headers=[])
         return bytes(builder.build())
 
     plain, compressed = built(DefaultRecordBatch.CODEC_NONE), built(DefaultRecordBatch.CODEC_LZ4)
