@@ -85,6 +85,25 @@ _CLAIMABLE = (
     .order_by(messages.c.customer_id, messages.c.id)
 )
 _CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update()
+# And the sender's poll: two ranges of ix_messages_due (see ``due_messages``).
+_DUE_COLUMNS = (messages.c.id, messages.c.customer_id, messages.c.channel)
+_DUE_UNSCHEDULED = (
+    select(*_DUE_COLUMNS)
+    .where(messages.c.status.in_(DUE), messages.c.send_at.is_(None))
+    .limit(bindparam("limit"))
+)
+_DUE_TIMED = (
+    select(*_DUE_COLUMNS)
+    .where(messages.c.status.in_(DUE), messages.c.send_at <= bindparam("now"))
+    .order_by(messages.c.send_at)
+    .limit(bindparam("limit"))
+)
+
+
+def _row_locks(session: AsyncSession) -> bool:
+    """Whether a read that decides a write must lock its rows: on PostgreSQL; SQLite's write
+    lock, taken at BEGIN, already serialises the writers."""
+    return session.get_bind().dialect.name == "postgresql"
 
 
 # The column of the customers' table that holds each channel's address.
@@ -132,7 +151,7 @@ class MessengerRepository:
         lock already serialises writers). Every decision that counts caps takes it first, so
         two deciders for one customer never both see room under a cap."""
         stmt = select(customers).where(customers.c.customer_id == customer_id)
-        if session.get_bind().dialect.name == "postgresql":
+        if _row_locks(session):
             stmt = stmt.with_for_update()
         return (await session.execute(stmt)).first()
 
@@ -150,7 +169,7 @@ class MessengerRepository:
         """``lock_customer`` for many customers: their rows by id, locked in id order (as
         ``upsert_customers`` locks them)."""
         found: dict[str, Any] = {}
-        stmt = _CUSTOMERS_IN_LOCKED if session.get_bind().dialect.name == "postgresql" else _CUSTOMERS_IN
+        stmt = _CUSTOMERS_IN_LOCKED if _row_locks(session) else _CUSTOMERS_IN
         for ids in _chunks(customer_ids):
             found.update((r.customer_id, r) for r in await session.execute(stmt, {"ids": ids}))
         return found
@@ -238,14 +257,14 @@ class MessengerRepository:
         until the transaction ends, customers in id order as the consumer locks them (SQLite's
         write lock serialises senders). Another sender that got here first has moved them on."""
         found: list[Any] = []
-        stmt = _CLAIMABLE_LOCKED if session.get_bind().dialect.name == "postgresql" else _CLAIMABLE
+        stmt = _CLAIMABLE_LOCKED if _row_locks(session) else _CLAIMABLE
         for ids in _chunks(message_ids):
             found += (await session.execute(stmt, {"ids": ids})).all()
         return found
 
     async def message(self, session: AsyncSession, message_id: str, *, for_update: bool = False) -> Any:
         stmt = select(messages).where(messages.c.id == message_id)
-        if for_update and session.get_bind().dialect.name == "postgresql":
+        if for_update and _row_locks(session):
             stmt = stmt.with_for_update()
         return (await session.execute(stmt)).first()
 
@@ -281,14 +300,9 @@ class MessengerRepository:
         whose time has come. Two reads, each a range of ix_messages_due: with the two in one
         OR, SQLite read every queued and held message and sorted them on each poll (4.7 ms
         with 50,000 held for quiet hours, growing with them)."""
-        c = messages.c
-        columns = (c.id, c.customer_id, c.channel)
-        found = list(
-            await session.execute(select(*columns).where(c.status.in_(DUE), c.send_at.is_(None)).limit(limit))
-        )
+        found = list(await session.execute(_DUE_UNSCHEDULED, {"limit": limit}))
         if len(found) < limit:
-            timed = select(*columns).where(c.status.in_(DUE), c.send_at <= now).order_by(c.send_at)
-            found += await session.execute(timed.limit(limit - len(found)))
+            found += await session.execute(_DUE_TIMED, {"now": now, "limit": limit - len(found)})
         return found
 
     async def stuck_sending(self, session: AsyncSession, before: datetime, limit: int) -> list[Any]:
@@ -425,7 +439,7 @@ class MessengerRepository:
         """A setting; ``for_update`` locks it (PostgreSQL) so read-modify-write edits queue
         instead of overwriting each other (SQLite's write lock already serialises them)."""
         stmt = _SETTING
-        if for_update and session.get_bind().dialect.name == "postgresql":
+        if for_update and _row_locks(session):
             stmt = stmt.with_for_update()
         return (await session.execute(stmt, {"name": name})).first()
 
