@@ -38,12 +38,11 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    insert,
     select,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import Database, UtcDateTime
+from shared.db import Database, RowsInsert, UtcDateTime, rows_insert
 from shared.kafka.producer import OutboundRecord, Producer
 from shared.logs import get_logger
 
@@ -68,16 +67,20 @@ async def enqueue(session: AsyncSession, table: Table, records: Sequence[Outboun
     if not records:
         return []
     now = datetime.now(UTC)
-    result = await session.execute(
-        _statements(table).insert,
-        [{"topic": r.topic, "key": r.key, "value": r.value, "created_at": now} for r in records],
-    )
+    rows = [{"topic": r.topic, "key": r.key, "value": r.value, "created_at": now} for r in records]
+    result = await _insert(session.get_bind().dialect.name, table).execute(session, rows)
     return [row[0] for row in result]
+
+
+@functools.cache
+def _insert(dialect: str, table: Table) -> RowsInsert:
+    return rows_insert(
+        dialect, table, lambda ins: ins.returning(table.c.id), columns=("topic", "key", "value", "created_at")
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class _Statements:
-    insert: Any
     delete: Any  # the rows of the ids in ``ids``
     oldest: Any  # the oldest ``limit`` rows
     oldest_below: Any  # the oldest ``limit`` rows with an id below ``below``
@@ -90,7 +93,6 @@ def _statements(table: Table) -> _Statements:
     t = table.c
     oldest = select(t.id, t.topic, t.key, t.value).order_by(t.id).limit(bindparam("limit"))
     return _Statements(
-        insert=insert(table).returning(t.id),
         delete=delete(table).where(t.id.in_(bindparam("ids", expanding=True))),
         oldest=oldest,
         oldest_below=oldest.where(t.id < bindparam("below")),

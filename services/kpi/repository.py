@@ -26,7 +26,7 @@ from services.kpi.tables import (
     support_events,
     tickets,
 )
-from shared.db import dialect_insert, insert_ignoring_conflicts
+from shared.db import RowsInsert, dialect_insert, rows_insert
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,32 +79,47 @@ def _dialect(session: AsyncSession) -> str:
 # on every access, and building them per batch was a measurable share of the consumer's time.
 
 
+# On PostgreSQL an upsert of a batch is one statement (``rows_insert``), and ON CONFLICT DO
+# UPDATE may not touch a row twice in one statement: the callers give one row per key.
+
+
 @functools.cache
-def _upsert_purchases(dialect: str) -> Any:
-    ins = dialect_insert(dialect, purchases)
+def _upsert_purchases(dialect: str) -> RowsInsert:
     c = purchases.c
-    newer = or_(
-        ins.excluded.occurred_at > c.occurred_at,
-        and_(ins.excluded.occurred_at == c.occurred_at, ins.excluded.event_id > c.event_id),
-    )
-    return ins.on_conflict_do_update(
-        index_elements=[c.customer_id, c.order_id],
-        set_={k: ins.excluded[k] for k in ("event_id", "occurred_at", "amount", "currency")},
-        where=newer,
-    )
+
+    def finish(ins: Any) -> Any:
+        newer = or_(
+            ins.excluded.occurred_at > c.occurred_at,
+            and_(ins.excluded.occurred_at == c.occurred_at, ins.excluded.event_id > c.event_id),
+        )
+        return ins.on_conflict_do_update(
+            index_elements=[c.customer_id, c.order_id],
+            set_={k: ins.excluded[k] for k in ("event_id", "occurred_at", "amount", "currency")},
+            where=newer,
+        )
+
+    return rows_insert(dialect, purchases, finish)
 
 
 @functools.cache
-def _upsert_customers(dialect: str) -> Any:
-    ins = dialect_insert(dialect, customers)
+def _upsert_customers(dialect: str) -> RowsInsert:
     c = customers.c
-    set_: dict[str, Any] = {}
-    for name in ("locale", "channel", "tier"):
-        new_at, current_at = ins.excluded[f"{name}_at"], c[f"{name}_at"]
-        newer = and_(new_at.is_not(None), or_(current_at.is_(None), new_at > current_at))
-        set_[name] = case((newer, ins.excluded[name]), else_=c[name])
-        set_[f"{name}_at"] = case((newer, new_at), else_=current_at)
-    return ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_)
+
+    def finish(ins: Any) -> Any:
+        set_: dict[str, Any] = {}
+        for name in ("locale", "channel", "tier"):
+            new_at, current_at = ins.excluded[f"{name}_at"], c[f"{name}_at"]
+            newer = and_(new_at.is_not(None), or_(current_at.is_(None), new_at > current_at))
+            set_[name] = case((newer, ins.excluded[name]), else_=c[name])
+            set_[f"{name}_at"] = case((newer, new_at), else_=current_at)
+        return ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_)
+
+    return rows_insert(dialect, customers, finish)
+
+
+@functools.cache
+def _insert_facts(dialect: str, table: Table) -> RowsInsert:
+    return rows_insert(dialect, table, lambda ins: ins.on_conflict_do_nothing())
 
 
 @functools.cache
@@ -115,10 +130,13 @@ def _upsert_tickets(dialect: str) -> Any:
 
 
 @functools.cache
-def _mark_stale(dialect: str) -> Any:
-    ins = dialect_insert(dialect, stale_tickets)
-    return ins.on_conflict_do_update(
-        index_elements=[stale_tickets.c.ticket_id], set_={"marks": stale_tickets.c.marks + 1}
+def _mark_stale(dialect: str) -> RowsInsert:
+    return rows_insert(
+        dialect,
+        stale_tickets,
+        lambda ins: ins.on_conflict_do_update(
+            index_elements=[stale_tickets.c.ticket_id], set_={"marks": stale_tickets.c.marks + 1}
+        ),
     )
 
 
@@ -167,20 +185,20 @@ class KpiRepository:
         result does not depend on arrival order. ``rows`` must have one row per key."""
         if not rows:
             return
-        await session.execute(_upsert_purchases(_dialect(session)), list(rows))
+        await _upsert_purchases(_dialect(session)).execute(session, rows)
 
     async def insert_facts(
         self, session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]
     ) -> None:
         """Facts keyed by event id (ticket steps, cancellations, message statuses)."""
         if rows:
-            await session.execute(insert_ignoring_conflicts(session, table), list(rows))
+            await _insert_facts(_dialect(session), table).execute(session, rows)
 
     async def upsert_customers(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
         """Each attribute is a last-writer-wins register stamped "<UTC time>|<event id>"."""
         if not rows:
             return
-        await session.execute(_upsert_customers(_dialect(session)), list(rows))
+        await _upsert_customers(_dialect(session)).execute(session, rows)
 
     async def stale_ticket_steps(self, session: AsyncSession) -> list[SupportStep]:
         """Every step of the tickets marked stale."""
@@ -227,7 +245,7 @@ class KpiRepository:
         ids = sorted(set(ticket_ids))
         if not ids:
             return
-        await session.execute(_mark_stale(_dialect(session)), [{"ticket_id": t, "marks": 1} for t in ids])
+        await _mark_stale(_dialect(session)).execute(session, [{"ticket_id": t, "marks": 1} for t in ids])
 
     async def lock_ticket_rebuild(self, session: AsyncSession) -> None:
         """Serialise the rebuilds of two consumer processes (PostgreSQL; SQLite's one writer

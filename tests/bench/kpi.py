@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Column, MetaData, String, Table, insert
+from sqlalchemy import Column, MetaData, String, Table
 
 from services.kpi.clv import BgNbdParams, simulate_bgnbd
 from services.kpi.config import KpiSettings
@@ -56,7 +56,7 @@ from services.kpi.consumer import MIGRATIONS, build_loop
 from services.kpi.predictions import fit
 from services.kpi.service import KpiService
 from shared.codec import decode_with, encode, encode_key
-from shared.db import Database, UtcDateTime, applied_events_table, claim_events, migrate
+from shared.db import Database, UtcDateTime, applied_events_table, claim_events, migrate, rows_insert
 from shared.demo.generator import generate
 from shared.events import (
     EVENT_ADAPTER,
@@ -304,6 +304,8 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
     )
     async with db.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
+    # The batch write the services use (one statement per batch on PostgreSQL).
+    write_raw = rows_insert(db.dialect, raw)
     clock = _Clock()
 
     async def apply(batch: Sequence[Delivered[Payload]]) -> BatchResult:
@@ -322,7 +324,7 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
                 if d.value.event_id in new
             }
             if rows:
-                await session.execute(insert(raw), list(rows.values()))
+                await write_raw.execute(session, list(rows.values()))
         return BatchResult(applied=len(rows), duplicates=len(batch) - len(rows))
 
     async def handle(batch: Sequence[Delivered[Payload]]) -> BatchResult:

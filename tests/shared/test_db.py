@@ -7,23 +7,62 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, bindparam, insert, select, text
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    bindparam,
+    event,
+    insert,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 
-from shared.db import Database, UtcDateTime, applied_events_table, claim_events
+from shared.db import Database, UtcDateTime, applied_events_table, claim_events, rows_insert
 from shared.kafka.consumer import is_transient
 
 metadata = MetaData()
 items = Table("items", metadata, Column("id", Integer, primary_key=True), Column("name", String(50)))
 ledger = applied_events_table(metadata)
+facts = Table(
+    "facts",
+    metadata,
+    Column("key", String(20), primary_key=True),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("amount", Numeric(18, 4), nullable=False),
+    Column("flag", Boolean, nullable=False),
+    Column("note", String(50), nullable=True),
+)
 
 
 @pytest.fixture(params=[False, True], ids=["aiosqlite", "inline"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     database = Database(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", inline_sqlite=request.param)
+    async with database.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def both(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """A database of each dialect the services run on."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    database = Database(url, inline_sqlite=True)
     async with database.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     yield database
@@ -69,6 +108,97 @@ async def test_the_ledger_claims_each_event_once(db: Database) -> None:
     async with db.transaction() as session:
         second = await claim_events(session, ledger, [("b", "t", 0, 2), ("c", "t", 1, 7)])
     assert (first, second) == ({"a", "b"}, {"c"})
+
+
+async def test_the_ledger_claims_each_event_once_on_both_dialects(both: Database) -> None:
+    async with both.transaction() as session:
+        first = await claim_events(session, ledger, [("a", "t", 0, 1), ("b", "t", 0, 2), ("a", "t", 0, 1)])
+    async with both.transaction() as session:
+        second = await claim_events(session, ledger, [("b", "t", 0, 2), ("c", "t", 1, 7)])
+    async with both.sessions() as session:
+        rows = (await session.execute(select(ledger).order_by(ledger.c.event_id))).all()
+    assert (first, second) == ({"a", "b"}, {"c"})
+    assert [(r.event_id, r.topic, r.partition, r.offset) for r in rows] == [
+        ("a", "t", 0, 1),
+        ("b", "t", 0, 2),
+        ("c", "t", 1, 7),
+    ]
+
+
+def _statements(db: Database) -> list[bool]:
+    """Whether each INSERT the engine runs from now on is an executemany."""
+    seen: list[bool] = []
+
+    @event.listens_for(db.engine.sync_engine, "before_cursor_execute")
+    def _seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.startswith("INSERT"):
+            seen.append(many)
+
+    return seen
+
+
+async def test_a_batch_of_rows_is_one_statement_and_every_value_comes_back(both: Database) -> None:
+    at = datetime(2026, 11, 26, 15, 0, 0, 123456, tzinfo=UTC)
+    rows = [
+        {
+            "key": f"k{i}",
+            "at": at + timedelta(minutes=i),
+            "amount": Decimal(f"{i}.0125"),
+            "flag": i % 2 == 0,
+            "note": None if i % 3 else f"note {i}",
+        }
+        for i in range(250)
+    ]
+    write = rows_insert(both.dialect, facts, lambda ins: ins.on_conflict_do_nothing())
+    seen = _statements(both)
+    async with both.transaction() as session:
+        await write.execute(session, rows)
+        await write.execute(session, rows[:10])  # conflicts, ignored
+    # PostgreSQL: one statement per batch, the rows as arrays; SQLite: one executemany.
+    assert seen == ([False, False] if both.dialect == "postgresql" else [True, True])
+    async with both.sessions() as session:
+        back = [dict(r._mapping) for r in await session.execute(select(facts).order_by(facts.c.at))]
+    assert back == rows
+
+
+async def test_an_upsert_of_a_batch_keeps_its_conflict_rule(both: Database) -> None:
+    at = datetime(2026, 11, 26, tzinfo=UTC)
+
+    def newer_wins(ins: Any) -> Any:
+        return ins.on_conflict_do_update(
+            index_elements=[facts.c.key],
+            set_={"at": ins.excluded.at, "note": ins.excluded.note},
+            where=or_(ins.excluded.at > facts.c.at),
+        )
+
+    write = rows_insert(both.dialect, facts, newer_wins)
+
+    def row(key: str, minutes: int, note: str) -> dict[str, Any]:
+        return {
+            "key": key,
+            "at": at + timedelta(minutes=minutes),
+            "amount": Decimal(1),
+            "flag": True,
+            "note": note,
+        }
+
+    async with both.transaction() as session:
+        await write.execute(session, [row("a", 5, "a first"), row("b", 5, "b first")])
+        await write.execute(session, [row("a", 1, "a older"), row("b", 9, "b newer"), row("c", 0, "c")])
+    async with both.sessions() as session:
+        notes = dict((await session.execute(select(facts.c.key, facts.c.note))).all())
+    assert notes == {"a": "a first", "b": "b newer", "c": "c"}
+
+
+async def test_a_row_without_every_column_is_refused_and_writes_nothing(both: Database) -> None:
+    write = rows_insert(both.dialect, facts)
+    at = datetime(2026, 11, 26, tzinfo=UTC)
+    good = {"key": "a", "at": at, "amount": Decimal(1), "flag": True, "note": None}
+    with pytest.raises((KeyError, StatementError)):
+        async with both.transaction() as session:
+            await write.execute(session, [good, {"key": "b", "at": at, "amount": Decimal(1), "flag": True}])
+    async with both.sessions() as session:
+        assert (await session.execute(select(facts))).all() == []
 
 
 async def test_many_rows_and_concurrent_tasks_share_the_engine(db: Database) -> None:
