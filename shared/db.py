@@ -166,7 +166,10 @@ def rows_insert(
     given = [table.c[name] for name in columns] if columns is not None else list(table.c)
     # Several set-returning functions in one select list advance together (PostgreSQL 10+),
     # so equal arrays give the rows back in their order (a serial column numbers them so).
-    arrays = select(*(func.unnest(bindparam(c.name, type_=postgresql.ARRAY(c.type))) for c in given))
+    # One dimension: a JSON value that is a list is one element, not a sub-array.
+    arrays = select(
+        *(func.unnest(bindparam(c.name, type_=postgresql.ARRAY(c.type, dimensions=1))) for c in given)
+    )
     names = tuple(c.name for c in given)
     return RowsInsert(finish(postgresql.insert(table).from_select(list(names), arrays)), names)
 

@@ -20,7 +20,7 @@ from services.segmenter.tables import (
     rule_draft,
     rule_versions,
 )
-from shared.db import dialect_insert, insert_ignoring_conflicts
+from shared.db import RowsInsert, insert_ignoring_conflicts, rows_insert
 
 
 @dataclass(slots=True)
@@ -104,14 +104,23 @@ class JobRow:
 
 
 @functools.cache
-def _upsert_customers(dialect: str) -> Any:
+def _upsert_customers(dialect: str) -> RowsInsert:
     # Built once: ``excluded`` makes a new column collection on every access, a twentieth of
-    # the consumer's time when the statement was built per batch.
-    ins = dialect_insert(dialect, customers)
-    return ins.on_conflict_do_update(
-        index_elements=[customers.c.customer_id],
-        set_={c: ins.excluded[c] for c in CustomerRow.__slots__ if c != "customer_id"},
+    # the consumer's time when the statement was built per batch. On PostgreSQL it is one
+    # statement per batch (``rows_insert``), so a batch holds each customer once.
+    return rows_insert(
+        dialect,
+        customers,
+        lambda ins: ins.on_conflict_do_update(
+            index_elements=[customers.c.customer_id],
+            set_={c: ins.excluded[c] for c in CustomerRow.__slots__ if c != "customer_id"},
+        ),
     )
+
+
+@functools.cache
+def _join_segments(dialect: str) -> RowsInsert:
+    return rows_insert(dialect, memberships, lambda ins: ins.on_conflict_do_nothing())
 
 
 # The statements of a consumer batch, built once with expanding IN parameters instead of per
@@ -174,8 +183,7 @@ class SegmenterRepository:
     async def save_customers(self, session: AsyncSession, rows: Sequence[CustomerRow]) -> None:
         if not rows:
             return
-        stmt = _upsert_customers(session.get_bind().dialect.name)
-        await session.execute(stmt, [r.values() for r in rows])
+        await _upsert_customers(session.get_bind().dialect.name).execute(session, [r.values() for r in rows])
 
     async def change_memberships(
         self,
@@ -186,9 +194,8 @@ class SegmenterRepository:
     ) -> None:
         """``entered`` / ``left``: (segment, customer_id) pairs."""
         if entered:
-            await session.execute(
-                insert_ignoring_conflicts(session, memberships),
-                [{"segment": s, "customer_id": c, "entered_at": at} for s, c in entered],
+            await _join_segments(session.get_bind().dialect.name).execute(
+                session, [{"segment": s, "customer_id": c, "entered_at": at} for s, c in entered]
             )
         if left:
             await session.execute(_LEAVE, [{"s": s, "c": c} for s, c in left])

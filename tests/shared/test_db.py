@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 
-from shared.db import Database, UtcDateTime, applied_events_table, claim_events, rows_insert
+from shared.db import Database, UtcDateTime, applied_events_table, claim_events, json_type, rows_insert
 from shared.kafka.consumer import is_transient
 
 metadata = MetaData()
@@ -44,6 +44,7 @@ facts = Table(
     Column("amount", Numeric(18, 4), nullable=False),
     Column("flag", Boolean, nullable=False),
     Column("note", String(50), nullable=True),
+    Column("doc", json_type(), nullable=False),
 )
 
 
@@ -146,6 +147,8 @@ async def test_a_batch_of_rows_is_one_statement_and_every_value_comes_back(both:
             "amount": Decimal(f"{i}.0125"),
             "flag": i % 2 == 0,
             "note": None if i % 3 else f"note {i}",
+            # A JSON list is one value, not a sub-array; so is a list of lists.
+            "doc": [["x", i]] if i % 2 else {"segments": ["a", "b"][: i % 3], "n": i},
         }
         for i in range(250)
     ]
@@ -180,6 +183,7 @@ async def test_an_upsert_of_a_batch_keeps_its_conflict_rule(both: Database) -> N
             "amount": Decimal(1),
             "flag": True,
             "note": note,
+            "doc": [],
         }
 
     async with both.transaction() as session:
@@ -193,10 +197,11 @@ async def test_an_upsert_of_a_batch_keeps_its_conflict_rule(both: Database) -> N
 async def test_a_row_without_every_column_is_refused_and_writes_nothing(both: Database) -> None:
     write = rows_insert(both.dialect, facts)
     at = datetime(2026, 11, 26, tzinfo=UTC)
-    good = {"key": "a", "at": at, "amount": Decimal(1), "flag": True, "note": None}
+    good = {"key": "a", "at": at, "amount": Decimal(1), "flag": True, "note": None, "doc": {}}
+    without_note = {k: v for k, v in good.items() if k != "note"}
     with pytest.raises((KeyError, StatementError)):
         async with both.transaction() as session:
-            await write.execute(session, [good, {"key": "b", "at": at, "amount": Decimal(1), "flag": True}])
+            await write.execute(session, [good, {**without_note, "key": "b"}])
     async with both.sessions() as session:
         assert (await session.execute(select(facts))).all() == []
 
