@@ -3,7 +3,10 @@ boundary, and the applied-event ledger that makes consumers idempotent."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,13 +36,24 @@ from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import TypeDecorator
 
 from shared import sqlite_inline
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def create_engine(url: str, *, inline_sqlite: bool = False, **kwargs: Any) -> AsyncEngine:
+# With background checkpoints (``WalCheckpointer``), the committing connection still
+# checkpoints once the log passes this many pages (40 MB): a backstop for a checkpointer that
+# falls behind, not the usual path (SQLite's default, 1,000 pages, would make it so again).
+BACKSTOP_CHECKPOINT_PAGES = 10_000
+
+
+def create_engine(
+    url: str, *, inline_sqlite: bool = False, wal_autocheckpoint: int | None = None, **kwargs: Any
+) -> AsyncEngine:
     # JSON columns hold profiles and facts; orjson is several times faster than json here.
     kwargs.setdefault("json_serializer", _json_dumps)
     kwargs.setdefault("json_deserializer", orjson.loads)
@@ -53,12 +67,14 @@ def create_engine(url: str, *, inline_sqlite: bool = False, **kwargs: Any) -> As
         # Inline, a wait for another process's write lock blocks the event loop: keep it well
         # under the consumer's session timeout (10 s) so heartbeats go on, and let the caller's
         # transient-error retry (which yields to the loop) do the rest of the waiting.
-        _tune_sqlite(engine, busy_timeout_ms=3000 if inline_sqlite else 15000)
+        _tune_sqlite(
+            engine, busy_timeout_ms=3000 if inline_sqlite else 15000, autocheckpoint=wal_autocheckpoint
+        )
         return engine
     return create_async_engine(url, pool_pre_ping=True, **kwargs)
 
 
-def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int, autocheckpoint: int | None) -> None:
     # pysqlite's own transaction handling defers BEGIN and cannot take the write lock up
     # front; SQLAlchemy's documented recipe is to disable it and emit BEGIN ourselves.
     # BEGIN IMMEDIATE makes two writers queue on busy_timeout instead of deadlocking.
@@ -70,6 +86,8 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if autocheckpoint is not None:
+            cursor.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint:d}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
@@ -89,10 +107,21 @@ class Database:
     (see shared/sqlite_inline.py): for workers, not for HTTP APIs; ignored for PostgreSQL.
 
     ``sessions()`` is for reading (it never commits; on SQLite it does not take the write
-    lock), ``transaction()`` for writing."""
+    lock), ``transaction()`` for writing.
 
-    def __init__(self, url: str, *, inline_sqlite: bool = False, **kwargs: Any) -> None:
+    ``background_checkpoints``: on a SQLite file, a ``WalCheckpointer`` from the first
+    transaction on (for the workers, which write all the time); ignored for PostgreSQL."""
+
+    def __init__(
+        self, url: str, *, inline_sqlite: bool = False, background_checkpoints: bool = False, **kwargs: Any
+    ) -> None:
         self.url = url
+        path = url.split(":///", 1)[-1] if url.startswith("sqlite") else ""
+        self._checkpoints = (
+            WalCheckpointer(path) if background_checkpoints and path and path != ":memory:" else None
+        )
+        if self._checkpoints is not None:
+            kwargs["wal_autocheckpoint"] = BACKSTOP_CHECKPOINT_PAGES
         self.engine = create_engine(url, inline_sqlite=inline_sqlite, **kwargs)
         self.sessions = async_sessionmaker(
             self.engine.execution_options(**{_READS_ONLY: True}), expire_on_commit=False
@@ -106,11 +135,71 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """The one place a transaction begins and ends: commit on success, roll back on error."""
+        if self._checkpoints is not None:
+            self._checkpoints.start()
         async with self._writes() as session, session.begin():
             yield session
 
     async def dispose(self) -> None:
+        if self._checkpoints is not None:
+            await self._checkpoints.stop()
         await self.engine.dispose()
+
+
+class WalCheckpointer:
+    """Copies a SQLite database's write-ahead log back into the database file from a thread of
+    its own, every ``interval_s``, instead of in the commit that takes the log past its limit.
+
+    By default SQLite checkpoints in the committing connection once the log holds 1,000 pages
+    (4 MB). A consumer batch writes more than that (a segmenter customer row with its state is
+    several KB), so nearly every commit copied the pages of the one before, on the event loop's
+    thread while the loop waited: 20 ms of each segmenter batch's commit. A PASSIVE
+    checkpoint runs beside the writer without blocking it or waiting for it; here it runs on a
+    thread (sqlite3 lets the GIL go while it works), and a page that several batches wrote in
+    between is copied once. Measured on the segmenter's bench stream in-process (100k events,
+    batches of 500, two runs each): commits 3.7-4.0 → 1.5-1.6 s, the run 28.2-30.0 →
+    26.1-27.8 s."""
+
+    def __init__(self, path: str, interval_s: float = 0.25) -> None:
+        self._path = path
+        self._interval_s = interval_s
+        self._connection: sqlite3.Connection | None = None
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.checkpoints = 0  # completed, for tests and curiosity
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Finish the checkpoint under way (never interrupt the thread), then close."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+            if not self._stopping.is_set():
+                await asyncio.to_thread(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._connection is None:
+                self._connection = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+                # Another process checkpointing: skip this turn rather than wait for it.
+                self._connection.execute("PRAGMA busy_timeout=0")
+            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.checkpoints += 1
+        except sqlite3.Error as exc:
+            # The next turn tries again, and the commit-time backstop is still there.
+            log.warning("background checkpoint failed; retrying", path=self._path, error=str(exc)[:200])
 
 
 def applied_events_table(metadata: MetaData) -> Table:

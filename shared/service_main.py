@@ -52,6 +52,13 @@ async def run_until_signalled(loop: ConsumerLoop[Any]) -> None:
     await loop.run()
 
 
+def worker_database(url: str) -> Database:
+    """A worker's database (a consumer's, the sender's; the benches run theirs so too). A
+    worker's loop waits on its transaction anyway: SQLite runs on the loop's own thread, and
+    its log is checkpointed on another (``WalCheckpointer``)."""
+    return Database(url, inline_sqlite=True, background_checkpoints=True)
+
+
 @asynccontextmanager
 async def worker(
     settings: CommonSettings, database_url: str, migrations: Path, client_id: str, metrics_port: int
@@ -59,8 +66,7 @@ async def worker(
     """Logging, /metrics, the service's migrated database and a producer; closed on the way out."""
     configure_logging(settings.log_level, settings.log_json)
     serve_worker_metrics(metrics_port)
-    # A worker's loop waits on its transaction anyway: SQLite runs on the loop's own thread.
-    db = Database(database_url, inline_sqlite=True)
+    db = worker_database(database_url)
     await migrate_when_reachable(db, migrations)
     producer = Producer(settings.kafka_bootstrap, client_id=client_id)
     settle_collector()

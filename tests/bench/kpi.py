@@ -71,6 +71,7 @@ from shared.events import (
 )
 from shared.kafka.consumer import BatchResult, ConsumerLoop, Delivered
 from shared.kafka.producer import OutboundRecord, Producer
+from shared.service_main import worker_database
 from shared.topics import (
     CANCELLATIONS,
     MESSAGES,
@@ -291,7 +292,7 @@ def _decoder(settings: KpiSettings) -> Any:
 
 
 async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
-    db = Database(settings.database_url, inline_sqlite=True)  # as the workers run it
+    db = worker_database(settings.database_url)
     metadata = MetaData()
     ledger = applied_events_table(metadata)
     raw = Table(
@@ -349,7 +350,7 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
 
 
 async def kpi_consumer(settings: KpiSettings, n: int, watch: Watch) -> Run:
-    db = Database(settings.database_url, inline_sqlite=True)  # as the workers run it
+    db = worker_database(settings.database_url)
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="bench-kpi")
     service = _TimedKpiService(db, settings, producer)
@@ -418,7 +419,7 @@ class ClvFit:
 async def clv_fit(customers: int, url: str, rounds: int) -> ClvFit:
     events = simulated_purchases(customers)
     settings = KpiSettings(kpi_database_url=url, kpi_reporting_currency="USD", var_dir=BENCH_VAR)
-    db = Database(url, inline_sqlite=True)  # as the workers run it
+    db = worker_database(url)
     await migrate(db, MIGRATIONS)
     service = KpiService(db, settings, clock=lambda: datetime(2026, 6, 1, 12, tzinfo=UTC))
     try:

@@ -68,6 +68,7 @@ from shared.events import (
 )
 from shared.kafka.consumer import Delivered
 from shared.kafka.producer import Producer
+from shared.service_main import worker_database
 from shared.topics import SEGMENTS, all_topic_names, ensure_topics
 from tests.bench.context import BenchContext, Options
 from tests.bench.infra import BENCH_VAR, Cpu, StatementCounter, Watch, noise_warning, say
@@ -260,7 +261,7 @@ async def measured(
     prism_url: str | None,
     watch: Watch,
 ) -> Run:
-    db = Database(settings.database_url, inline_sqlite=True)  # as the workers run it
+    db = worker_database(settings.database_url)
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="bench-messenger")
     providers = _providers(target, prism_url, Path(settings.outbox_dir))

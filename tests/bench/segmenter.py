@@ -68,6 +68,7 @@ from shared.events import EVENT_ADAPTER, TOPIC_OF_TYPE, ClvPrediction, Event, Up
 from shared.kafka.consumer import BatchResult, Delivered
 from shared.kafka.producer import OutboundRecord, Producer, partition_for
 from shared.outbox import OutboxRelay, Staged
+from shared.service_main import worker_database
 from shared.topics import all_topic_names, ensure_topics
 from tests.bench.context import BenchContext
 from tests.bench.infra import (
@@ -413,7 +414,7 @@ async def serial_ideal(
     watch: Watch,
 ) -> Ideal:
     """Decode + pure apply, then the batch's upsert alone; the two timed apart, serially."""
-    db = Database(url, inline_sqlite=True)  # as the workers run it
+    db = worker_database(url)
     await migrate(db, MIGRATIONS)
     repo = SegmenterRepository()
     rules = compile_rules(default_rules(), 1)
@@ -569,7 +570,7 @@ async def _round(
     *,
     publish: bool,
 ) -> tuple[Load, list[Publish]]:
-    db = Database(url, inline_sqlite=True)  # as the workers run it
+    db = worker_database(url)
     await migrate(db, MIGRATIONS)
     producer = Producer(settings.kafka_bootstrap, client_id="bench-segmenter")
     service = _NotingService(db, settings, producer)

@@ -4,6 +4,7 @@ same transactions, errors and ledger either way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -329,3 +330,53 @@ async def test_a_naive_datetime_is_refused(db: Database) -> None:
     with pytest.raises(StatementError, match="naive datetime"):
         async with db.transaction() as session:
             await session.execute(insert(stamps), [{"id": 1, "at": datetime(2026, 1, 1)}])  # noqa: DTZ001 - the point
+
+
+blobs = Table("blobs", MetaData(), Column("id", Integer, primary_key=True), Column("body", String))
+
+
+async def _write_blobs(db: Database, transactions: int) -> None:
+    async with db.engine.begin() as conn:
+        await conn.run_sync(blobs.metadata.create_all)
+    for t in range(transactions):
+        async with db.transaction() as session:
+            await session.execute(insert(blobs), [{"id": t * 10 + i, "body": "x" * 3000} for i in range(10)])
+
+
+def _rows_in_the_file_alone(path: Path, copy: Path) -> int:
+    """Rows in the database file without its write-ahead log: what checkpoints copied there."""
+    copy.write_bytes(path.read_bytes())
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM blobs").fetchone()[0])
+        except sqlite3.OperationalError:  # the table itself is still only in the log
+            return 0
+
+
+async def test_background_checkpoints_copy_the_log_into_the_file_while_commits_do_not(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    db = Database(f"sqlite+aiosqlite:///{path}", inline_sqlite=True, background_checkpoints=True)
+    try:
+        await _write_blobs(db, 30)  # ~250 pages: under SQLite's own limit of 1,000
+        async with db.sessions() as session:
+            # The commits' own checkpoint waits for a log ten times SQLite's default.
+            assert await session.scalar(text("PRAGMA wal_autocheckpoint")) == 10_000
+        async with asyncio.timeout(10):
+            while _rows_in_the_file_alone(path, tmp_path / "copy.sqlite") < 300:
+                await asyncio.sleep(0.1)
+        assert db._checkpoints is not None
+        assert db._checkpoints.checkpoints >= 1
+    finally:
+        await db.dispose()
+    assert db._checkpoints._task is None  # stopped with the database
+
+
+async def test_without_background_checkpoints_a_small_log_stays_uncopied(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    db = Database(f"sqlite+aiosqlite:///{path}", inline_sqlite=True)
+    try:
+        await _write_blobs(db, 30)
+        await asyncio.sleep(0.6)  # two of the checkpointer's turns
+        assert _rows_in_the_file_alone(path, tmp_path / "copy.sqlite") == 0
+    finally:
+        await db.dispose()
