@@ -51,6 +51,14 @@ def _json_dumps(value: Any) -> str:
 BACKSTOP_CHECKPOINT_PAGES = 10_000
 
 
+def sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL; None for PostgreSQL and for an in-memory database."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split(":///", 1)[-1]
+    return path if path and path != ":memory:" else None
+
+
 def create_engine(
     url: str, *, inline_sqlite: bool = False, wal_autocheckpoint: int | None = None, **kwargs: Any
 ) -> AsyncEngine:
@@ -58,8 +66,8 @@ def create_engine(
     kwargs.setdefault("json_serializer", _json_dumps)
     kwargs.setdefault("json_deserializer", orjson.loads)
     if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1]
-        if path and path != ":memory:":
+        path = sqlite_file(url)
+        if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         if inline_sqlite:
             kwargs.setdefault("module", sqlite_inline.dbapi())
@@ -116,9 +124,9 @@ class Database:
         self, url: str, *, inline_sqlite: bool = False, background_checkpoints: bool = False, **kwargs: Any
     ) -> None:
         self.url = url
-        path = url.split(":///", 1)[-1] if url.startswith("sqlite") else ""
+        self.sqlite_file = sqlite_file(url)
         self._checkpoints = (
-            WalCheckpointer(path) if background_checkpoints and path and path != ":memory:" else None
+            WalCheckpointer(self.sqlite_file) if background_checkpoints and self.sqlite_file else None
         )
         if self._checkpoints is not None:
             kwargs["wal_autocheckpoint"] = BACKSTOP_CHECKPOINT_PAGES

@@ -251,7 +251,8 @@ async def test_a_read_takes_no_write_lock_and_reads_one_snapshot(db: Database) -
     IMMEDIATE held the write lock, and the writer here would fail after its 0.2 s."""
     async with db.transaction() as session:
         await session.execute(items.insert(), [{"id": 1, "name": "before"}])
-    path = db.url.split(":///", 1)[1]
+    path = db.sqlite_file
+    assert path is not None
     writer = sqlite3.connect(path, timeout=0.2, isolation_level=None)
     try:
         async with db.sessions() as reading:
@@ -269,7 +270,8 @@ async def test_a_read_takes_no_write_lock_and_reads_one_snapshot(db: Database) -
 async def test_writes_still_queue_for_the_write_lock_up_front(db: Database) -> None:
     """Transactions begin IMMEDIATE: a second writer waits at BEGIN instead of failing later
     on upgrading a read lock (which SQLite cannot wait for)."""
-    path = db.url.split(":///", 1)[1]
+    path = db.sqlite_file
+    assert path is not None
     other = sqlite3.connect(path, timeout=0.2, isolation_level=None)
     try:
         async with db.transaction() as session:
