@@ -128,9 +128,12 @@ class Database:
         self._checkpoints = (
             WalCheckpointer(self.sqlite_file) if background_checkpoints and self.sqlite_file else None
         )
-        if self._checkpoints is not None:
-            kwargs["wal_autocheckpoint"] = BACKSTOP_CHECKPOINT_PAGES
-        self.engine = create_engine(url, inline_sqlite=inline_sqlite, **kwargs)
+        self.engine = create_engine(
+            url,
+            inline_sqlite=inline_sqlite,
+            wal_autocheckpoint=BACKSTOP_CHECKPOINT_PAGES if self._checkpoints is not None else None,
+            **kwargs,
+        )
         self.sessions = async_sessionmaker(
             self.engine.execution_options(**{_READS_ONLY: True}), expire_on_commit=False
         )
@@ -269,6 +272,16 @@ def rows_insert(
     )
     names = tuple(c.name for c in given)
     return RowsInsert(finish(postgresql.insert(table).from_select(list(names), arrays)), names)
+
+
+def rows_ignoring_conflicts(session: AsyncSession, table: Table) -> RowsInsert:
+    """The ``RowsInsert`` … ON CONFLICT DO NOTHING of ``table`` for the session's dialect."""
+    return _rows_ignoring_conflicts(session.get_bind().dialect.name, table)
+
+
+@functools.cache
+def _rows_ignoring_conflicts(dialect: str, table: Table) -> RowsInsert:
+    return rows_insert(dialect, table, lambda ins: ins.on_conflict_do_nothing())
 
 
 def insert_ignoring_conflicts(session: AsyncSession, table: Table) -> Any:

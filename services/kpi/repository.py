@@ -26,7 +26,7 @@ from services.kpi.tables import (
     support_events,
     tickets,
 )
-from shared.db import RowsInsert, dialect_insert, rows_insert
+from shared.db import RowsInsert, dialect_insert, rows_ignoring_conflicts, rows_insert
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +77,6 @@ def _dialect(session: AsyncSession) -> str:
 
 # The consumer's upserts are built once per dialect: ``excluded`` makes a new column collection
 # on every access, and building them per batch was a measurable share of the consumer's time.
-
-
 # On PostgreSQL an upsert of a batch is one statement (``rows_insert``), and ON CONFLICT DO
 # UPDATE may not touch a row twice in one statement: the callers give one row per key.
 
@@ -115,11 +113,6 @@ def _upsert_customers(dialect: str) -> RowsInsert:
         return ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_)
 
     return rows_insert(dialect, customers, finish)
-
-
-@functools.cache
-def _insert_facts(dialect: str, table: Table) -> RowsInsert:
-    return rows_insert(dialect, table, lambda ins: ins.on_conflict_do_nothing())
 
 
 @functools.cache
@@ -192,7 +185,7 @@ class KpiRepository:
     ) -> None:
         """Facts keyed by event id (ticket steps, cancellations, message statuses)."""
         if rows:
-            await _insert_facts(_dialect(session), table).execute(session, rows)
+            await rows_ignoring_conflicts(session, table).execute(session, rows)
 
     async def upsert_customers(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
         """Each attribute is a last-writer-wins register stamped "<UTC time>|<event id>"."""

@@ -20,7 +20,7 @@ from services.segmenter.tables import (
     rule_draft,
     rule_versions,
 )
-from shared.db import RowsInsert, insert_ignoring_conflicts, rows_insert
+from shared.db import RowsInsert, insert_ignoring_conflicts, rows_ignoring_conflicts, rows_insert
 
 
 @dataclass(slots=True)
@@ -118,11 +118,6 @@ def _upsert_customers(dialect: str) -> RowsInsert:
     )
 
 
-@functools.cache
-def _join_segments(dialect: str) -> RowsInsert:
-    return rows_insert(dialect, memberships, lambda ins: ins.on_conflict_do_nothing())
-
-
 # The statements of a consumer batch, built once with expanding IN parameters instead of per
 # call: building a statement and its cache key took longer than SQLite took to run it.
 _IDS: Any = bindparam("ids", expanding=True)
@@ -194,7 +189,7 @@ class SegmenterRepository:
     ) -> None:
         """``entered`` / ``left``: (segment, customer_id) pairs."""
         if entered:
-            await _join_segments(session.get_bind().dialect.name).execute(
+            await rows_ignoring_conflicts(session, memberships).execute(
                 session, [{"segment": s, "customer_id": c, "entered_at": at} for s, c in entered]
             )
         if left:

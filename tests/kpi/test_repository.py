@@ -14,18 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.kpi.consumer import MIGRATIONS
 from services.kpi.repository import KpiRepository
 from services.kpi.tables import message_events
-from shared.db import Database, migrate
-from tests.support.sqlite import plans
+from shared.db import Database
+from tests.support.sqlite import migrated, plans
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'kpi.db'}", inline_sqlite=True)
-    await migrate(database, MIGRATIONS)
-    yield database
-    await database.dispose()
+    async with migrated(tmp_path / "kpi.db", MIGRATIONS) as database:
+        yield database
 
 
 def status(message_id: str, n: int, at: datetime) -> dict[str, Any]:

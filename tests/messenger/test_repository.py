@@ -14,8 +14,8 @@ import pytest
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.repository import COUNTED, MessengerRepository
 from services.messenger.tables import journey_waits, messages
-from shared.db import Database, migrate
-from tests.support.sqlite import plans
+from shared.db import Database
+from tests.support.sqlite import migrated, plans
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 STATUSES = (*COUNTED, "failed", "suppressed", "held_quiet_hours")
@@ -23,10 +23,8 @@ STATUSES = (*COUNTED, "failed", "suppressed", "held_quiet_hours")
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'messenger.db'}", inline_sqlite=True)
-    await migrate(database, MIGRATIONS)
-    yield database
-    await database.dispose()
+    async with migrated(tmp_path / "messenger.db", MIGRATIONS) as database:
+        yield database
 
 
 def message(customer_id: str, status: str, created_at: datetime) -> dict[str, Any]:

@@ -1,14 +1,29 @@
-"""How SQLite runs a repository's reads: EXPLAIN QUERY PLAN of the statements themselves."""
+"""A repository's SQLite database for its tests, and how SQLite runs the repository's reads:
+EXPLAIN QUERY PLAN of the statements themselves."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import Database
+from shared.db import Database, migrate
+
+
+@asynccontextmanager
+async def migrated(path: Path, migrations: Path) -> AsyncIterator[Database]:
+    """A SQLite database at ``path``, run inline as the workers run theirs, migrated to the
+    newest revision of ``migrations``; disposed on the way out."""
+    database = Database(f"sqlite+aiosqlite:///{path}", inline_sqlite=True)
+    try:
+        await migrate(database, migrations)
+        yield database
+    finally:
+        await database.dispose()
 
 
 async def plans(db: Database, read: Callable[[AsyncSession], Awaitable[object]]) -> list[str]:
