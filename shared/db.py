@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from sqlalchemy import (
     bindparam,
     event,
     func,
+    literal_column,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -368,19 +370,51 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value.tzinfo is not UTC:
             value = value.astimezone(UTC)
         if dialect.name == "sqlite":
-            return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+            # The naive text is the aware one without its "+00:00" (slicing is a third
+            # quicker than replace(tzinfo=None), and a page of customers binds thousands).
+            return value.isoformat(" ", "microseconds")[:-6]
         return value
 
     def process_result_value(self, value: datetime | str | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if isinstance(value, str):  # SQLite
-            value = datetime.fromisoformat(value)
+        if isinstance(value, str):  # SQLite: naive text in UTC
+            # Parsed with its offset appended: six times quicker than replace(tzinfo=UTC)
+            # afterwards, which was a tenth of reading a page of customers.
+            try:
+                return datetime.fromisoformat(value + "+00:00")
+            except ValueError:  # text written with an offset of its own
+                value = datetime.fromisoformat(value)
+        if value.tzinfo is UTC:
+            return value
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def json_type() -> Any:
     return JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+_JSON_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def json_values(dialect: str, column: Any, keys: Sequence[str]) -> Any:
+    """The values at ``keys`` of a JSON object ``column``, read as one JSON array (a list in
+    Python, ``None`` for a key the object lacks).
+
+    The database picks them out with its own JSON functions, so reading two keys of an object
+    of kilobytes parses the object in C inside the database, not whole in Python. JSON
+    ``true`` stays ``true`` (SQLite's ``json_extract`` alone would give 1). The keys are
+    identifiers, written into the statement (a bound path makes PostgreSQL's ``->``
+    ambiguous); build the expression once per key set. SQLite's ``->`` needs 3.38 or later.
+    """
+    bad = [k for k in keys if not _JSON_KEY.match(k)]
+    if bad:
+        raise ValueError(f"not an identifier: {bad}")
+    if dialect == "postgresql":
+        picked = [column.op("->")(literal_column(f"'{k}'")) for k in keys]
+        return func.jsonb_build_array(*picked, type_=json_type())
+    picked = [column.op("->")(literal_column(f"'$.{k}'")) for k in keys]
+    return func.json_array(*picked, type_=json_type())
 
 
 async def migrate(db: Database, script_location: Path) -> None:

@@ -500,22 +500,25 @@ _DATETIME_FACTS = frozenset(k for k, t in FACT_TYPES.items() if t == "datetime")
 def facts_from_json(raw: dict[str, Any], only: Iterable[str] | None = None) -> dict[str, Any]:
     """Stored facts with their datetimes parsed again: all of them, or only those in ``only``
     (the facts some rule reads: re-evaluating everyone needs no more)."""
-    if only is None:
-        return {
-            k: (datetime.fromisoformat(v) if k in _DATETIME_FACTS and isinstance(v, str) else v)
-            for k, v in raw.items()
-        }
     out = dict(raw)
-    for k in _DATETIME_FACTS.intersection(only):
+    for k in _DATETIME_FACTS if only is None else _DATETIME_FACTS.intersection(only):
         v = out.get(k)
         if isinstance(v, str):
             out[k] = datetime.fromisoformat(v)
     return out
 
 
-def registers_from_json(raw: dict[str, Any]) -> tuple[dict[str, Register], dict[str, Register]]:
-    """The consents and attributes of a stored state, without loading the rest of it."""
-    return (
-        {k: _reg_in(v) for k, v in raw["consents"].items()},
-        {k: _reg_in(v) for k, v in raw["attributes"].items()},
-    )
+def consent_states(consents: dict[str, Register]) -> dict[str, dict[str, Any]]:
+    """Each channel's consent as a ``ConsentState`` has it: granted or not, and when."""
+    return {k: {"granted": bool(r.value), "at": r.stamp.at} for k, r in consents.items()}
+
+
+def consent_states_from_json(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``consent_states`` of a stored state's ``consents``, without loading the rest of it
+    (``at`` stays in its ISO form; the snapshot's validation parses it)."""
+    return {k: {"granted": bool(v[0]), "at": v[1]} for k, v in raw.items()}
+
+
+def attribute_values_from_json(raw: dict[str, Any]) -> dict[str, Any]:
+    """The attributes' values of a stored state (its ``attributes``), without their stamps."""
+    return {k: v[0] for k, v in raw.items()}

@@ -206,6 +206,8 @@ def _timed(rules: Sequence[tuple[str, Condition]]) -> tuple[Condition, ...]:
 
 
 def _boundaries(timed: Sequence[Condition], facts: dict[str, Any], now: datetime) -> tuple[datetime, ...]:
+    if not timed:  # most rule changes: asked for every customer of a publish
+        return ()
     found: list[datetime] = []
     for cond in timed:
         found += cond.time_boundaries(facts, now)

@@ -5,9 +5,10 @@ repository; decisions live in the pure modules (profile, rules, updates)."""
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.profile import ProfileState, apply_event, facts_from_json, load_state
-from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository, Standing
+from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
 from services.segmenter.rules import (
     CompiledRules,
     RuleChanges,
@@ -26,7 +27,17 @@ from services.segmenter.rules import (
     validate_rules,
 )
 from services.segmenter.tables import applied_events, outbox
-from services.segmenter.updates import Decision, RuleChange, as_of_events, decide, reevaluate, rule_change
+from services.segmenter.updates import (
+    Decision,
+    RuleChange,
+    as_of_events,
+    decide,
+    facts_read,
+    read_whole,
+    reevaluate,
+    rule_change,
+    unchanged,
+)
 from shared.codec import encode, encode_key
 from shared.conditions import ConditionError
 from shared.db import Database, claim_events
@@ -195,8 +206,8 @@ class SegmenterService:
     async def _enqueue(self, session: Any, updates: Sequence[CustomerUpdate]) -> Staged:
         """Put the updates in the outbox, in the caller's transaction."""
         records = [self._record(u) for u in updates]
-        for u in updates:
-            UPDATES_PUBLISHED.labels(u.cause.value).inc()
+        for cause, n in Tally(u.cause.value for u in updates).items():
+            UPDATES_PUBLISHED.labels(cause).inc(n)
         if self.relay is None:  # the API process: the consumer process relays them
             return Staged(await enqueue(session, outbox, records), records)
         return await self.relay.stage(session, records)
@@ -272,24 +283,33 @@ class SegmenterService:
                 await self.repo.advance_job(session, job.id, status="superseded", finished_at=now)
                 PUBLISH_JOBS.labels("superseded").inc()
                 return job
-            standings = await self.repo.standings_after(session, job.cursor, chunk)
-            step = reevaluate(standings, rules, now, await self.rule_changes(session, rules, standings))
-            # Only the customers who move (or whose stored facts are out of date) are read in
-            # full, and locked, to announce the move.
-            rows = await self.repo.load_customers(session, step.to_read, for_update=True)
+            # The page is read with only the facts the changed rules read, picked out of the
+            # stored JSON by the database; customers some rule set with another tier ladder
+            # assigned are evaluated under every rule, and read whole.
+            rule_changes = await self.rule_changes(session, rules)
+            fields = facts_read(rule_changes)
+            standings = await self.repo.standings_after(session, job.cursor, chunk, fields)
+            if fields is not None and (whole := read_whole(standings, rules, rule_changes)):
+                stored = await self.repo.stored_facts(session, whole)
+                standings = [
+                    replace(s, facts=stored[s.customer_id]) if s.customer_id in stored else s
+                    for s in standings
+                ]
+            step = reevaluate(standings, rules, now, rule_changes)
+            # Only the customers who move are read again, locked, and with only what announcing
+            # the move needs; those written since the page was read (or whose stored facts are
+            # out of date) are read in full and derived again.
+            movers = await self.repo.load_movers(session, [s.customer_id for s, _ in step.moves])
             changes: list[RuleChange] = []
-            decisions: list[Decision] = []
-            for standing, f, assignment in step.moves:
-                row = rows.get(standing.customer_id)
-                if row is not None and (row.facts, row.tier, row.segments) == (
-                    standing.facts,
-                    standing.tier,
-                    standing.segments,
-                ):
-                    changes.append(rule_change(row, f, assignment, rules, self.config, now))
-                elif row is not None:  # written since we read it: derive it all again
-                    decisions.append(self._reassign(row, rules, now))
-            decisions += [self._reassign(rows[cid], rules, now) for cid in step.stale if cid in rows]
+            again = list(step.stale)
+            for standing, assignment in step.moves:
+                mover = movers.get(standing.customer_id)
+                if mover is not None and unchanged(standing, mover):
+                    changes.append(rule_change(mover, assignment, rules, self.config, now))
+                elif mover is not None:
+                    again.append(standing.customer_id)
+            rows = await self.repo.load_customers(session, again, for_update=True)
+            decisions = [self._reassign(rows[cid], rules, now) for cid in again if cid in rows]
             await self.repo.reassign(session, [c.reassignment for c in changes])
             await self.repo.move_next_checks(session, step.earlier_checks)
             await self.repo.change_memberships(
@@ -323,14 +343,12 @@ class SegmenterService:
             )
         return job
 
-    async def rule_changes(
-        self, session: Any, rules: CompiledRules, standings: Sequence[Standing]
-    ) -> dict[int, RuleChanges]:
-        """What ``rules`` change of each older version that assigned someone in ``standings``:
-        most customers then need only the new or changed segment rules evaluated."""
+    async def rule_changes(self, session: Any, rules: CompiledRules) -> dict[int, RuleChanges]:
+        """What ``rules`` change of each older version with the same tier ladder: customers
+        those versions assigned need only the new or changed segment rules evaluated."""
         changes: dict[int, RuleChanges] = {}
-        for version in {s.rule_version for s in standings} - {rules.version}:
-            old = await self._compiled(session, version)
+        for version in await self.repo.version_numbers(session):
+            old = await self._compiled(session, version) if version != rules.version else None
             change = rules.changes_from(old) if old is not None else None
             if change is not None:
                 changes[version] = change

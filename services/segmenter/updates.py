@@ -12,18 +12,18 @@ from typing import Any
 from services.segmenter.profile import (
     LifecycleConfig,
     ProfileState,
-    Register,
+    attribute_values_from_json,
+    consent_states,
+    consent_states_from_json,
     dump_state,
     facts,
     facts_from_json,
     facts_to_json,
-    registers_from_json,
 )
-from services.segmenter.repository import CustomerRow, Reassignment, Standing
+from services.segmenter.repository import CustomerRow, Mover, Reassignment, Standing
 from services.segmenter.rules import Assignment, CompiledRules, RuleChanges
 from shared.events import (
     CancellationEvent,
-    ConsentState,
     CustomerUpdate,
     Event,
     ProfileSnapshot,
@@ -63,15 +63,17 @@ def triggering(event: Event) -> TriggeringEvent:
 
 
 def snapshot(
-    consents: Mapping[str, Register],
-    attributes: Mapping[str, Register],
+    consents: dict[str, dict[str, Any]],
+    attributes: dict[str, Any],
     f: dict[str, Any],
     tier: str,
     segments: Sequence[str],
     reporting_currency: str,
 ) -> ProfileSnapshot:
-    """What the messenger knows of the customer: ``f`` are the facts, the registers come from
-    the state (``ProfileState`` or ``registers_from_json`` of the stored one)."""
+    """What the messenger knows of the customer: ``f`` are the facts; the consents (each
+    ``{"granted", "at"}``) and the attributes' values come from the state (``consent_states``
+    of a ``ProfileState``, or ``consent_states_from_json`` and ``attribute_values_from_json``
+    of the stored one)."""
     clv = f.get("predicted_clv")
     return ProfileSnapshot(
         name=f.get("name"),
@@ -81,10 +83,7 @@ def snapshot(
         locale=f.get("locale"),
         timezone=f.get("timezone"),
         preferred_channel=f.get("preferred_channel"),
-        consents={
-            channel: ConsentState(granted=bool(reg.value), at=reg.stamp.at)
-            for channel, reg in consents.items()
-        },
+        consents=consents,  # validated into ConsentState
         lifecycle_stage=f["lifecycle_stage"],
         churn_reason=f.get("churn_reason"),
         churned_at=f.get("churned_at"),
@@ -99,7 +98,7 @@ def snapshot(
         predicted_clv=None if clv is None else Decimal(str(clv)),
         p_alive=f.get("p_alive"),
         expected_purchases_90d=f.get("expected_purchases_90d"),
-        attributes={k: r.value for k, r in attributes.items()},
+        attributes=attributes,
     )
 
 
@@ -173,8 +172,14 @@ def decide(
     )
     if cause != UpdateCause.EVENTS and not changed:
         return Decision(row, None, entered, left)
+    attributes = {k: r.value for k, r in state.attributes.items()}
     snap = snapshot(
-        state.consents, state.attributes, f, assignment.tier, assignment.segments, config.reporting_currency
+        consent_states(state.consents),
+        attributes,
+        f,
+        assignment.tier,
+        assignment.segments,
+        config.reporting_currency,
     )
     update = CustomerUpdate(
         event_id=update_id(state.customer_id, cause, cause_key),
@@ -222,22 +227,39 @@ def next_check_under(
     return found[0] if found else None
 
 
+def unchanged(standing: Standing, mover: Mover) -> bool:
+    """Whether a mover, read and locked after their standing was, still holds what their new
+    assignment was decided from: the tier, the segments and the facts the standing read (the
+    other facts no changed rule reads, and the snapshot takes them from the mover)."""
+    return (
+        mover.tier == standing.tier
+        and mover.segments == standing.segments
+        and all(mover.facts.get(k) == v for k, v in standing.facts.items())
+    )
+
+
 def rule_change(
-    old: CustomerRow,
-    f: dict[str, Any],
+    old: Mover,
     assignment: Assignment,
     rules: CompiledRules,
     config: LifecycleConfig,
     now: datetime,
 ) -> RuleChange:
-    """Announce ``rules``' ``assignment`` of a customer whose stored facts ``f`` are current
-    (``facts_current``), without deriving them again from the state: the stored state only
-    lends the consents and attributes of the snapshot."""
+    """Announce ``rules``' ``assignment`` of a customer whose stored facts are current
+    (``facts_current``), without deriving them again from the state: the stored consents and
+    attributes lend the rest of the snapshot."""
+    f = facts_from_json(old.facts)
     old_segments = set(old.segments)
     entered = tuple(s for s in assignment.segments if s not in old_segments)
     left = tuple(sorted(old_segments - set(assignment.segments)))
-    consents, attributes = registers_from_json(old.state)
-    snap = snapshot(consents, attributes, f, assignment.tier, assignment.segments, config.reporting_currency)
+    snap = snapshot(
+        consent_states_from_json(old.consents),
+        attribute_values_from_json(old.attributes),
+        f,
+        assignment.tier,
+        assignment.segments,
+        config.reporting_currency,
+    )
     update = CustomerUpdate(
         event_id=update_id(old.customer_id, UpdateCause.RULES, str(rules.version)),
         customer_id=old.customer_id,
@@ -251,13 +273,16 @@ def rule_change(
         rule_version=rules.version,
         profile=snap,
     )
+    next_check = next_check_under(rules, f, old.next_check_at, now)
     reassignment = Reassignment(
         customer_id=old.customer_id,
         tier=assignment.tier,
         segments=list(assignment.segments),
         rule_version=rules.version,
-        next_check_at=next_check_under(rules, f, old.next_check_at, now),
+        next_check_at=next_check,
         updated_at=now,
+        tier_changed=assignment.tier != old.tier,
+        check_changed=next_check != old.next_check_at,
     )
     return RuleChange(reassignment, update, entered, left)
 
@@ -266,8 +291,8 @@ def rule_change(
 class Reevaluation:
     """A page of customers under a new rule set, evaluated once each."""
 
-    # Customers whose tier or segments change: their facts (parsed) and new assignment.
-    moves: list[tuple[Standing, dict[str, Any], Assignment]] = field(default_factory=list)
+    # Customers whose tier or segments change, and their new assignment.
+    moves: list[tuple[Standing, Assignment]] = field(default_factory=list)
     # Customers whose stored facts are out of date (the sweep is behind): derive them again.
     stale: list[str] = field(default_factory=list)
     # Customers who stay, but whom the new rules must look at again sooner.
@@ -275,7 +300,7 @@ class Reevaluation:
 
     @property
     def to_read(self) -> list[str]:
-        return [s.customer_id for s, _, _ in self.moves] + self.stale
+        return [s.customer_id for s, _ in self.moves] + self.stale
 
 
 def reevaluate(
@@ -288,12 +313,16 @@ def reevaluate(
 
     ``changes``: by the version of older rules, what ``rules`` change of them
     (``CompiledRules.changes_from``); a customer those rules assigned is evaluated only
-    under the changed rules, with the same outcome as evaluating them all."""
+    under the changed rules, with the same outcome as evaluating them all. A standing holds
+    the facts ``facts_read`` names for its version, or all of them. A customer ``rules``
+    assigned themselves (a write since the publish) stays as they are."""
     out = Reevaluation()
     needed = rules.fields
     for standing in standings:
         if not facts_current(standing.next_check_at, now):
             out.stale.append(standing.customer_id)
+            continue
+        if standing.rule_version == rules.version:
             continue
         change = changes.get(standing.rule_version) if changes else None
         if change is None:
@@ -303,9 +332,29 @@ def reevaluate(
             f = facts_from_json(standing.facts, change.fields)
             assignment = change.assign(f, standing.tier, standing.segments, now)
         if assignment.tier != standing.tier or set(assignment.segments) != set(standing.segments):
-            out.moves.append((standing, facts_from_json(standing.facts), assignment))
+            out.moves.append((standing, assignment))
             continue
         check = next_check_under(change or rules, f, standing.next_check_at, now)
         if check is not None and check != standing.next_check_at:
             out.earlier_checks.append((standing.customer_id, check))
     return out
+
+
+def facts_read(changes: Mapping[int, RuleChanges]) -> frozenset[str] | None:
+    """The stored facts to read a page of standings with, given what the new rules change of
+    each older version (``changes``): those the changed rules read, or all of them (None)
+    when no older version has the new rules' tier ladder. Customers of a version that
+    ``changes`` lacks are evaluated under every rule: read theirs whole (``read_whole``)."""
+    if not changes:
+        return None
+    return frozenset().union(*(c.fields for c in changes.values()))
+
+
+def read_whole(
+    standings: Sequence[Standing], rules: CompiledRules, changes: Mapping[int, RuleChanges]
+) -> list[str]:
+    """The customers in ``standings`` (read with ``facts_read``) whose facts ``reevaluate``
+    needs whole: those an older version with another tier ladder assigned."""
+    return [
+        s.customer_id for s in standings if s.rule_version != rules.version and s.rule_version not in changes
+    ]

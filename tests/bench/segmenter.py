@@ -55,7 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.consumer import MIGRATIONS, build_loop
 from services.segmenter.profile import LifecycleConfig, ProfileState, apply_event, load_state
-from services.segmenter.repository import CustomerRow, SegmenterRepository, Standing
+from services.segmenter.repository import CustomerRow, Mover, SegmenterRepository, Standing
 from services.segmenter.rules import CompiledRules, RuleChanges, compile_rules, default_rules
 from services.segmenter.service import SegmenterService
 from services.segmenter.tables import outbox
@@ -511,8 +511,18 @@ def _pure_publish(
         step = reevaluate(
             standings[i : i + service.settings.segmenter_publish_chunk], candidate, now, changes
         )
-        for standing, f, assignment in step.moves:
-            rule_change(by_id[standing.customer_id], f, assignment, candidate, service.config, now)
+        for standing, assignment in step.moves:
+            row = by_id[standing.customer_id]
+            mover = Mover(
+                row.customer_id,
+                row.facts,
+                row.tier,
+                row.segments,
+                row.next_check_at,
+                row.state["consents"],
+                row.state["attributes"],
+            )
+            rule_change(mover, assignment, candidate, service.config, now)
             moved += 1
         for customer_id in step.stale:  # a boundary passed since the load: derived again
             row = by_id[customer_id]
@@ -538,7 +548,7 @@ async def _publish(service: SegmenterService, rules_json: dict[str, Any], label:
             Standing(r.customer_id, r.facts, r.tier, r.segments, r.next_check_at, r.rule_version)
             for r in rows
         ]
-        changes = await service.rule_changes(session, candidate, standings)  # as the publish job does
+        changes = await service.rule_changes(session, candidate)  # as the publish job does
     pure_s, moved = _pure_publish(service, rows, standings, candidate, changes)
     del rows, standings
     # The bench's copy of every row is garbage now; collected here, not during the publish.

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -573,21 +573,33 @@ async def test_a_publish_long_after_the_last_sweep_derives_out_of_date_facts_aga
         )
 
 
+def with_big_spenders() -> dict[str, Any]:
+    """A segment added, the ladder kept: a publish reads only the facts the new rule reads."""
+    rules = default_rules()
+    rules["segments"].append({"name": "big", "when": {"field": "total_value", "op": "gte", "value": 300}})
+    return rules
+
+
+@pytest.mark.parametrize("rules", [stricter_rules, with_big_spenders], ids=["ladder", "segment"])
 async def test_a_customer_rewritten_since_a_publish_step_read_it_is_derived_again(
-    api: Api, monkeypatch: pytest.MonkeyPatch
+    api: Api, monkeypatch: pytest.MonkeyPatch, rules: Callable[[], dict[str, Any]]
 ) -> None:
     # Every page comes back as it was before some other write: the tier read differs from the
     # row's when the step locks it, so each customer is derived again from the locked row.
     read = api.service.repo.standings_after
 
-    async def read_before_a_write(session: Any, cursor: str | None, limit: int) -> list[Standing]:
-        return [dataclasses.replace(s, tier="since_rewritten") for s in await read(session, cursor, limit)]
+    async def read_before_a_write(
+        session: Any, cursor: str | None, limit: int, fields: Collection[str] | None = None
+    ) -> list[Standing]:
+        return [
+            dataclasses.replace(s, tier="since_rewritten") for s in await read(session, cursor, limit, fields)
+        ]
 
     monkeypatch.setattr(api.service.repo, "standings_after", read_before_a_write)
     before = await stored_rows(api)
-    job = await publish_and_run(api, stricter_rules())
+    job = await publish_and_run(api, rules())
 
-    want = expected(stricter_rules())
+    want = expected(rules())
     after = await stored_rows(api)
     assert {cid: (r.tier, r.segments) for cid, r in after.items()} == {
         cid: (a.tier, list(a.segments)) for cid, a in want.items()
@@ -599,6 +611,54 @@ async def test_a_customer_rewritten_since_a_publish_step_read_it_is_derived_agai
     rule_updates = [u for u in await api.outbox_updates() if u.cause == UpdateCause.RULES]
     assert {u.customer_id for u in rule_updates} == moved
     assert job["changed"] == len(moved)
+
+
+async def test_publishes_over_versions_with_other_ladders_read_what_each_needs(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # v2 changes the ladder; those it does not move stay assigned by v1. v3 adds a segment to
+    # v2: v2's customers are read with the new rule's one fact, v1's (another ladder) whole,
+    # and everyone ends where evaluating v3 from scratch puts them.
+    await publish_and_run(api, stricter_rules())
+    at_v1 = {cid for cid, r in (await stored_rows(api)).items() if r.rule_version == 1}
+    assert at_v1
+    assert len(at_v1) < 24
+    v3 = stricter_rules()
+    v3["segments"].append({"name": "big", "when": {"field": "total_value", "op": "gte", "value": 300}})
+    read: list[tuple[Collection[str] | None, list[Standing]]] = []
+    standings_after = api.service.repo.standings_after
+
+    async def noting(
+        session: Any, cursor: str | None, limit: int, fields: Collection[str] | None = None
+    ) -> Any:
+        page = await standings_after(session, cursor, limit, fields)
+        read.append((fields, page))
+        return page
+
+    monkeypatch.setattr(api.service.repo, "standings_after", noting)
+    before = await stored_rows(api)
+    job = await publish_and_run(api, v3)
+
+    assert {frozenset(f) if f is not None else None for f, _ in read} == {frozenset({"total_value"})}
+    assert all(set(s.facts) == {"total_value"} for _, page in read for s in page)
+    want = expected(v3)
+    after = await stored_rows(api)
+    assert {cid: (r.tier, r.segments) for cid, r in after.items()} == {
+        cid: (a.tier, list(a.segments)) for cid, a in want.items()
+    }
+    moved = {
+        cid for cid, r in after.items() if (r.tier, r.segments) != (before[cid].tier, before[cid].segments)
+    }
+    assert moved & at_v1
+    assert moved - at_v1
+    rule_updates = [
+        u for u in await api.outbox_updates() if u.cause == UpdateCause.RULES and u.rule_version == 3
+    ]
+    assert {u.customer_id for u in rule_updates} == moved
+    assert job["changed"] == len(moved)
+    for u in rule_updates:
+        assert "big" in u.segments_entered or "big" in u.segments_left or u.tier_old != u.tier_new
+        assert u.profile.email == (await api.customer(u.customer_id))["profile"]["email"]
 
 
 async def test_a_published_time_condition_is_kept_as_time_passes(api: Api) -> None:

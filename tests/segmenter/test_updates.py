@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Sequence
@@ -22,9 +23,19 @@ from services.segmenter.profile import (
     facts_from_json,
     load_state,
 )
-from services.segmenter.repository import CustomerRow, Standing
+from services.segmenter.repository import CustomerRow, Mover, Standing
 from services.segmenter.rules import CompiledRules, compile_rules, default_rules
-from services.segmenter.updates import Decision, as_of_events, decide, reevaluate, rule_change, update_id
+from services.segmenter.updates import (
+    Decision,
+    as_of_events,
+    decide,
+    facts_read,
+    read_whole,
+    reevaluate,
+    rule_change,
+    unchanged,
+    update_id,
+)
 from shared.codec import decode_with, encode
 from shared.events import CUSTOMER_UPDATE_ADAPTER, ClvPrediction, Event, UpdateCause
 from tests.segmenter.factories import CUSTOMER, NOW, cancellation, clv, profile, purchase, support
@@ -287,8 +298,23 @@ def stored(decision: Decision) -> CustomerRow:
     )
 
 
-def standing(row: CustomerRow) -> Standing:
-    return Standing(row.customer_id, row.facts, row.tier, row.segments, row.next_check_at, row.rule_version)
+def standing(row: CustomerRow, fields: frozenset[str] | None = None) -> Standing:
+    """As ``standings_after`` reads it: the facts whole, or only ``fields`` (None if absent)."""
+    f = row.facts if fields is None else {k: row.facts.get(k) for k in fields}
+    return Standing(row.customer_id, f, row.tier, row.segments, row.next_check_at, row.rule_version)
+
+
+def mover(row: CustomerRow) -> Mover:
+    """As ``load_movers`` reads it."""
+    return Mover(
+        row.customer_id,
+        row.facts,
+        row.tier,
+        row.segments,
+        row.next_check_at,
+        row.state["consents"],
+        row.state["attributes"],
+    )
 
 
 def with_segment(name: str, when: dict[str, Any], version: int = 2) -> CompiledRules:
@@ -309,8 +335,8 @@ def test_a_rule_change_announces_what_deriving_everything_again_would() -> None:
 
     step = reevaluate([standing(old)], BIG, later)
     assert (step.stale, step.earlier_checks) == ([], [])
-    [(_, f, assignment)] = step.moves
-    change = rule_change(old, f, assignment, BIG, CONFIG, later)
+    [(_, assignment)] = step.moves
+    change = rule_change(mover(old), assignment, BIG, CONFIG, later)
     full = decide(load_state(CUSTOMER, old.state), old, BIG, CONFIG, later, UpdateCause.RULES, "2")
 
     assert full.update is not None
@@ -329,6 +355,9 @@ def test_a_rule_change_announces_what_deriving_everything_again_would() -> None:
     assert full.row.next_check_at is not None
     assert r.next_check_at is not None
     assert later < r.next_check_at <= full.row.next_check_at
+    # Only what changes is written (a segment alone here: the tier and next check stay).
+    assert (r.tier_changed, r.check_changed) == (r.tier != old.tier, r.next_check_at != old.next_check_at)
+    assert (r.tier_changed, r.check_changed) == (False, False)
 
 
 def test_the_new_rules_own_time_boundaries_bring_a_next_check_forward() -> None:
@@ -536,10 +565,73 @@ def test_evaluating_only_the_changed_rules_decides_as_evaluating_them_all(
     changes = {1: c} if (c := new.changes_from(DEFAULT)) is not None else {}
     later = NOW + days * DAY
     full = reevaluate([standing(old)], new, later)
-    partial = reevaluate([standing(old)], new, later, changes)
+    # As a publish step reads the page: only the facts the changed rules read.
+    read = standing(old, facts_read(changes))
+    assert read_whole([read], new, changes) == ([] if changes else [CUSTOMER])
+    partial = reevaluate([read if changes else standing(old)], new, later, changes)
     assert partial.stale == full.stale
-    assert [(s.customer_id, a.tier, a.segments) for s, _, a in partial.moves] == [
-        (s.customer_id, a.tier, a.segments) for s, _, a in full.moves
+    assert [(s.customer_id, a.tier, a.segments) for s, a in partial.moves] == [
+        (s.customer_id, a.tier, a.segments) for s, a in full.moves
     ]
-    assert [f for _, f, _ in partial.moves] == [f for _, f, _ in full.moves]
     assert partial.earlier_checks == full.earlier_checks
+    for (s, _), (_whole, assignment) in zip(partial.moves, full.moves, strict=True):
+        assert unchanged(s, mover(old))
+        # The move announced from the mover's row is the one deriving it all again announces.
+        announced = rule_change(mover(old), assignment, new, CONFIG, later).update
+        derived = decide(load_state(CUSTOMER, old.state), old, new, CONFIG, later, UpdateCause.RULES, "2")
+        assert derived.update is not None
+        assert announced == derived.update
+        assert encode(announced) == encode(derived.update)  # the same bytes on retain.segments
+
+
+def complained() -> list[Event]:
+    return [contact(), first_order(), support("desk-1", NOW - 2 * DAY, "T-9", "opened", complaint=True)]
+
+
+def test_a_page_is_read_with_the_facts_the_changed_rules_read() -> None:
+    add, timed = edited("add", 0, 500).changes_from(DEFAULT), edited("add_timed", 0, 5).changes_from(DEFAULT)
+    assert add is not None
+    assert timed is not None
+    assert facts_read({1: add}) == frozenset({"total_value"})
+    assert facts_read({1: add, 3: timed}) == frozenset({"total_value", "first_purchase_at"})
+    assert facts_read({}) is None  # no older version shares the ladder: every fact
+    reworded = edited("reword", 0, 0).changes_from(DEFAULT)
+    assert reworded is not None
+    assert facts_read({1: reworded}) == frozenset()  # a description edit reads nothing
+
+
+def test_customers_of_a_version_with_another_ladder_are_read_whole() -> None:
+    new = edited("add", 0, 500)
+    change = new.changes_from(DEFAULT)
+    assert change is not None
+    row = stored(run([first_order()], as_of=NOW))
+    pages = [
+        Standing("a", {}, row.tier, row.segments, row.next_check_at, 1),  # a change is known
+        Standing("b", {}, row.tier, row.segments, row.next_check_at, 0),  # another ladder
+        Standing("c", {}, row.tier, row.segments, row.next_check_at, new.version),  # new rules
+    ]
+    assert read_whole(pages, new, {1: change}) == ["b"]
+
+
+def test_customers_the_new_rules_assigned_themselves_stay() -> None:
+    # Written by a batch after the publish, under the new rules: nothing to re-evaluate,
+    # though an empty page of facts would move them out of every segment if evaluated.
+    old = stored(run(complained(), as_of=NOW))
+    assert old.segments
+    written = Standing(old.customer_id, {}, old.tier, old.segments, old.next_check_at, BIG.version)
+    step = reevaluate([written], BIG, NOW)
+    assert (step.moves, step.stale, step.earlier_checks) == ([], [], [])
+
+
+def test_a_mover_rewritten_since_the_page_was_read_is_told_apart() -> None:
+    old = stored(run(complained(), as_of=NOW))
+    read = standing(old, frozenset({"total_value", "orders_count"}))
+    assert unchanged(read, mover(old))
+    other_tier = dataclasses.replace(old, tier="since_rewritten")
+    assert not unchanged(read, mover(other_tier))
+    assert not unchanged(read, mover(dataclasses.replace(old, segments=[*old.segments, "new"])))
+    more = dataclasses.replace(old, facts={**old.facts, "total_value": 10_000})
+    assert not unchanged(read, mover(more))
+    # A fact the page did not read changes nothing the new assignment was decided from.
+    renamed = dataclasses.replace(old, facts={**old.facts, "name": "someone else"})
+    assert unchanged(read, mover(renamed))

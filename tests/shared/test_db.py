@@ -31,7 +31,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 
-from shared.db import Database, UtcDateTime, applied_events_table, claim_events, json_type, rows_insert
+from shared.db import (
+    Database,
+    UtcDateTime,
+    applied_events_table,
+    claim_events,
+    json_type,
+    json_values,
+    rows_insert,
+)
 from shared.kafka.consumer import is_transient
 
 metadata = MetaData()
@@ -163,6 +171,39 @@ async def test_a_batch_of_rows_is_one_statement_and_every_value_comes_back(both:
     async with both.sessions() as session:
         back = [dict(r._mapping) for r in await session.execute(select(facts).order_by(facts.c.at))]
     assert back == rows
+
+
+async def test_json_values_pick_keys_out_of_an_object_with_their_json_types(both: Database) -> None:
+    doc = {
+        "yes": True,
+        "no": False,
+        "n": 3,
+        "x": 2.5,
+        "s": "שלום",
+        "at": "2026-11-26T10:00:00+00:00",
+        "list": [1, "a"],
+        "obj": {"k": [True, None]},
+        "null": None,
+    }
+    at = datetime(2026, 11, 26, tzinfo=UTC)
+    async with both.transaction() as session:
+        await rows_insert(both.dialect, facts).execute(
+            session,
+            [{"key": "k", "at": at, "amount": Decimal(1), "flag": True, "note": None, "doc": doc}],
+        )
+    keys = ["yes", "no", "n", "x", "s", "at", "list", "obj", "null", "absent"]
+    async with both.sessions() as session:
+        picked = (await session.execute(select(json_values(both.dialect, facts.c.doc, keys)))).scalar_one()
+        one = (await session.execute(select(json_values(both.dialect, facts.c.doc, ["yes"])))).scalar_one()
+    # true stays true (not 1), and a key the object lacks reads as None.
+    assert picked == [*(doc[k] for k in keys[:-1]), None]
+    assert [type(v) for v in picked[:2]] == [bool, bool]
+    assert one == [True]
+
+
+def test_json_values_take_identifiers_only() -> None:
+    with pytest.raises(ValueError, match="not an identifier"):
+        json_values("sqlite", facts.c.doc, ["ok", "x') OR 1=1 --"])
 
 
 async def test_an_upsert_of_a_batch_keeps_its_conflict_rule(both: Database) -> None:
@@ -303,13 +344,18 @@ async def test_utc_datetimes_are_stored_as_sqlalchemy_stores_them_and_read_back_
             text("INSERT INTO stamps (id, at) VALUES (9, :at)").bindparams(bindparam("at", type_=DateTime())),
             {"at": datetime(2026, 1, 1, 12, 0)},  # noqa: DTZ001 - naive, through SQLAlchemy's own processor
         )
+        # Text some other writer stored with an offset reads as the same instant in UTC.
+        await session.execute(text("INSERT INTO stamps (id, at) VALUES (10, '2026-11-26 10:00:00+02:00')"))
     async with db.sessions() as session:
         raw = (await session.execute(text("SELECT at FROM stamps ORDER BY id"))).scalars().all()
         read = (await session.execute(select(stamps.c.at).order_by(stamps.c.id))).scalars().all()
         later = (
             (
                 await session.execute(
-                    select(stamps.c.id).where(stamps.c.at > datetime(2026, 11, 26, 8, 15, tzinfo=UTC))
+                    select(stamps.c.id).where(
+                        stamps.c.at > datetime(2026, 11, 26, 8, 15, tzinfo=UTC),
+                        stamps.c.id != 10,  # its text does not order as its time: never written so
+                    )
                 )
             )
             .scalars()
@@ -321,10 +367,12 @@ async def test_utc_datetimes_are_stored_as_sqlalchemy_stores_them_and_read_back_
         "0999-01-02 03:04:05.000000",
         None,
         "2026-01-01 12:00:00.000000",
+        "2026-11-26 10:00:00+02:00",
     ]
     assert read[:4] == written
     assert all(r is None or r.tzinfo is UTC for r in read)
     assert read[4] == datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert read[5] == datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
     assert later == [1]
 
 
