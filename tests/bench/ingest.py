@@ -72,9 +72,10 @@ class Measured:
 
 
 def _pool(options: Options, batch_size: int) -> int:
-    """Distinct requests to pre-build: enough that ids never repeat within a measurement."""
+    """Distinct requests to pre-build: enough that ids never repeat within a measurement (a
+    batch of 100 reached 73,000 events/s, and 7 s of it ran through 5,000 bodies)."""
     scale = max(1.0, (options.warmup + options.seconds) / 7.0)
-    return int((200_000 if batch_size == 1 else 5_000) * scale)
+    return int((200_000 if batch_size == 1 else 8_000) * scale)
 
 
 def _check(server: Server, key: str | None) -> None:
