@@ -92,6 +92,14 @@ class Mover:
     consents: dict[str, Any]
     attributes: dict[str, Any]
 
+    @classmethod
+    def of(cls, row: CustomerRow) -> Mover:
+        """What ``load_movers`` reads of a stored ``row`` (the bench's and tests' copies)."""
+        consents, attributes = row.state["consents"], row.state["attributes"]
+        return cls(
+            row.customer_id, row.facts, row.tier, row.segments, row.next_check_at, consents, attributes
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Reassignment:

@@ -512,17 +512,7 @@ def _pure_publish(
             standings[i : i + service.settings.segmenter_publish_chunk], candidate, now, changes
         )
         for standing, assignment in step.moves:
-            row = by_id[standing.customer_id]
-            mover = Mover(
-                row.customer_id,
-                row.facts,
-                row.tier,
-                row.segments,
-                row.next_check_at,
-                row.state["consents"],
-                row.state["attributes"],
-            )
-            rule_change(mover, assignment, candidate, service.config, now)
+            rule_change(Mover.of(by_id[standing.customer_id]), assignment, candidate, service.config, now)
             moved += 1
         for customer_id in step.stale:  # a boundary passed since the load: derived again
             row = by_id[customer_id]

@@ -304,19 +304,6 @@ def standing(row: CustomerRow, fields: frozenset[str] | None = None) -> Standing
     return Standing(row.customer_id, f, row.tier, row.segments, row.next_check_at, row.rule_version)
 
 
-def mover(row: CustomerRow) -> Mover:
-    """As ``load_movers`` reads it."""
-    return Mover(
-        row.customer_id,
-        row.facts,
-        row.tier,
-        row.segments,
-        row.next_check_at,
-        row.state["consents"],
-        row.state["attributes"],
-    )
-
-
 def with_segment(name: str, when: dict[str, Any], version: int = 2) -> CompiledRules:
     rules = default_rules()
     rules["segments"].append({"name": name, "when": when})
@@ -336,7 +323,7 @@ def test_a_rule_change_announces_what_deriving_everything_again_would() -> None:
     step = reevaluate([standing(old)], BIG, later)
     assert (step.stale, step.earlier_checks) == ([], [])
     [(_, assignment)] = step.moves
-    change = rule_change(mover(old), assignment, BIG, CONFIG, later)
+    change = rule_change(Mover.of(old), assignment, BIG, CONFIG, later)
     full = decide(load_state(CUSTOMER, old.state), old, BIG, CONFIG, later, UpdateCause.RULES, "2")
 
     assert full.update is not None
@@ -575,9 +562,9 @@ def test_evaluating_only_the_changed_rules_decides_as_evaluating_them_all(
     ]
     assert partial.earlier_checks == full.earlier_checks
     for (s, _), (_whole, assignment) in zip(partial.moves, full.moves, strict=True):
-        assert unchanged(s, mover(old))
+        assert unchanged(s, Mover.of(old))
         # The move announced from the mover's row is the one deriving it all again announces.
-        announced = rule_change(mover(old), assignment, new, CONFIG, later).update
+        announced = rule_change(Mover.of(old), assignment, new, CONFIG, later).update
         derived = decide(load_state(CUSTOMER, old.state), old, new, CONFIG, later, UpdateCause.RULES, "2")
         assert derived.update is not None
         assert announced == derived.update
@@ -626,12 +613,12 @@ def test_customers_the_new_rules_assigned_themselves_stay() -> None:
 def test_a_mover_rewritten_since_the_page_was_read_is_told_apart() -> None:
     old = stored(run(complained(), as_of=NOW))
     read = standing(old, frozenset({"total_value", "orders_count"}))
-    assert unchanged(read, mover(old))
+    assert unchanged(read, Mover.of(old))
     other_tier = dataclasses.replace(old, tier="since_rewritten")
-    assert not unchanged(read, mover(other_tier))
-    assert not unchanged(read, mover(dataclasses.replace(old, segments=[*old.segments, "new"])))
+    assert not unchanged(read, Mover.of(other_tier))
+    assert not unchanged(read, Mover.of(dataclasses.replace(old, segments=[*old.segments, "new"])))
     more = dataclasses.replace(old, facts={**old.facts, "total_value": 10_000})
-    assert not unchanged(read, mover(more))
+    assert not unchanged(read, Mover.of(more))
     # A fact the page did not read changes nothing the new assignment was decided from.
     renamed = dataclasses.replace(old, facts={**old.facts, "name": "someone else"})
-    assert unchanged(read, mover(renamed))
+    assert unchanged(read, Mover.of(renamed))
