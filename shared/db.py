@@ -30,6 +30,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Result
@@ -241,7 +242,8 @@ class RowsInsert:
     with ``unnest``: one statement for the whole batch. An executemany is one Bind/Execute
     per row, each with SQLAlchemy's parameter processing in Python before it; the kpi consumer
     spent more time there and in PostgreSQL's per-statement work than in inserting the rows.
-    On SQLite, executemany of the plain statement, which is already a loop in C."""
+    On SQLite, executemany of the plain statement, which is already a loop in C.
+    ``rows_update`` makes an UPDATE of a batch that runs the same way."""
 
     statement: Executable
     columns: tuple[str, ...] | None  # None: executemany (SQLite)
@@ -274,6 +276,28 @@ def rows_insert(
     )
     names = tuple(c.name for c in given)
     return RowsInsert(finish(postgresql.insert(table).from_select(list(names), arrays)), names)
+
+
+def rows_update(dialect: str, table: Table, key: str, columns: Sequence[str]) -> RowsInsert:
+    """An UPDATE of ``columns`` of a batch of rows, each found by its ``key`` column, as a
+    ``RowsInsert`` runs it: on PostgreSQL one statement for the batch (UPDATE … FROM the
+    unnest of one array per column), on SQLite an executemany. Each row gives the key and
+    every column as ``new_<name>`` (SQLAlchemy reserves the columns' own names in a SET).
+    Build it once (``functools.cache``)."""
+    names = (key, *columns)
+    if dialect != "postgresql":
+        where = table.c[key] == bindparam(f"new_{key}")
+        return RowsInsert(
+            update(table).where(where).values({c: bindparam(f"new_{c}") for c in columns}), None
+        )
+    arrays = select(
+        *(
+            func.unnest(bindparam(f"new_{n}", type_=postgresql.ARRAY(table.c[n].type, dimensions=1))).label(n)
+            for n in names
+        )
+    ).subquery("v")
+    stmt = update(table).where(table.c[key] == arrays.c[key]).values({c: arrays.c[c] for c in columns})
+    return RowsInsert(stmt, tuple(f"new_{n}" for n in names))
 
 
 def rows_ignoring_conflicts(session: AsyncSession, table: Table) -> RowsInsert:

@@ -20,7 +20,14 @@ from services.segmenter.tables import (
     rule_draft,
     rule_versions,
 )
-from shared.db import RowsInsert, insert_ignoring_conflicts, json_values, rows_ignoring_conflicts, rows_insert
+from shared.db import (
+    RowsInsert,
+    insert_ignoring_conflicts,
+    json_values,
+    rows_ignoring_conflicts,
+    rows_insert,
+    rows_update,
+)
 
 
 @dataclass(slots=True)
@@ -187,18 +194,13 @@ def _standings(dialect: str, fields: frozenset[str] | None, after: bool) -> Any:
 
 
 @functools.cache
-def _reassign(tier: bool, check: bool) -> Any:
-    c = customers.c
-    values: dict[str, Any] = {
-        "segments": bindparam("new_segments"),
-        "rule_version": bindparam("new_rule_version"),
-        "updated_at": bindparam("new_updated_at"),
-    }
+def _reassign(dialect: str, tier: bool, check: bool) -> RowsInsert:
+    columns = ["segments", "rule_version", "updated_at"]
     if tier:
-        values["tier"] = bindparam("new_tier")
+        columns.append("tier")
     if check:
-        values["next_check_at"] = bindparam("new_next_check_at")
-    return update(customers).where(c.customer_id == bindparam("customer")).values(values)
+        columns.append("next_check_at")
+    return rows_update(dialect, customers, "customer_id", columns)
 
 
 _LEAVE = delete(memberships).where(
@@ -321,16 +323,18 @@ class SegmenterRepository:
 
         The tier and the next check are set only where they change: SQLite rewrites the index
         entries of every column an UPDATE sets, changed or not, and most moves of a publish
-        are into or out of a segment alone (the rewrites were half the cost of its writes)."""
+        are into or out of a segment alone (the rewrites were half the cost of its writes).
+        On PostgreSQL each group is one statement (``rows_update``), not one per customer."""
         groups: dict[tuple[bool, bool], list[Reassignment]] = {}
         for ch in changes:
             groups.setdefault((ch.tier_changed, ch.check_changed), []).append(ch)
+        dialect = session.get_bind().dialect.name
         for (tier, check), group in groups.items():
-            await session.execute(
-                _reassign(tier, check),
+            await _reassign(dialect, tier, check).execute(
+                session,
                 [
                     {
-                        "customer": ch.customer_id,
+                        "new_customer_id": ch.customer_id,
                         "new_tier": ch.tier,
                         "new_segments": ch.segments,
                         "new_rule_version": ch.rule_version,

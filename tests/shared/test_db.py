@@ -39,6 +39,7 @@ from shared.db import (
     json_type,
     json_values,
     rows_insert,
+    rows_update,
 )
 from shared.kafka.consumer import is_transient
 
@@ -136,12 +137,12 @@ async def test_the_ledger_claims_each_event_once_on_both_dialects(both: Database
 
 
 def _statements(db: Database) -> list[bool]:
-    """Whether each INSERT the engine runs from now on is an executemany."""
+    """Whether each INSERT or UPDATE the engine runs from now on is an executemany."""
     seen: list[bool] = []
 
     @event.listens_for(db.engine.sync_engine, "before_cursor_execute")
     def _seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        if statement.startswith("INSERT"):
+        if statement.startswith(("INSERT", "UPDATE")):
             seen.append(many)
 
     return seen
@@ -171,6 +172,40 @@ async def test_a_batch_of_rows_is_one_statement_and_every_value_comes_back(both:
     async with both.sessions() as session:
         back = [dict(r._mapping) for r in await session.execute(select(facts).order_by(facts.c.at))]
     assert back == rows
+
+
+async def test_an_update_of_a_batch_is_one_statement_and_touches_only_its_rows_and_columns(
+    both: Database,
+) -> None:
+    at = datetime(2026, 11, 26, 15, 0, 0, 123456, tzinfo=UTC)
+    rows = [
+        {"key": f"k{i}", "at": at, "amount": Decimal(i), "flag": True, "note": "old", "doc": {"n": i}}
+        for i in range(6)
+    ]
+    async with both.transaction() as session:
+        await rows_insert(both.dialect, facts).execute(session, rows)
+    update = rows_update(both.dialect, facts, "key", ["at", "note", "doc"])
+    seen = _statements(both)
+    later = at + timedelta(days=1)
+    changes = [
+        {"new_key": "k1", "new_at": later, "new_note": None, "new_doc": ["a", "b"]},
+        {
+            "new_key": "k4",
+            "new_at": later + timedelta(microseconds=1),
+            "new_note": "new",
+            "new_doc": [["x", 1]],
+        },
+        {"new_key": "nobody", "new_at": later, "new_note": "x", "new_doc": {}},  # no such row: nothing
+    ]
+    async with both.transaction() as session:
+        await update.execute(session, changes)
+    assert seen == ([False] if both.dialect == "postgresql" else [True])
+    async with both.sessions() as session:
+        back = {r.key: dict(r._mapping) for r in await session.execute(select(facts))}
+    want = {r["key"]: dict(r) for r in rows}
+    want["k1"] |= {"at": later, "note": None, "doc": ["a", "b"]}
+    want["k4"] |= {"at": later + timedelta(microseconds=1), "note": "new", "doc": [["x", 1]]}
+    assert back == want  # amount and flag untouched, other rows untouched
 
 
 async def test_json_values_pick_keys_out_of_an_object_with_their_json_types(both: Database) -> None:
