@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,13 @@ async def topic_prefix(kafka: KafkaHandle, unique: str) -> str:
 def pg_url(postgres: PostgresHandle, unique: str) -> str:
     """A fresh PostgreSQL database for this test."""
     return postgres.create_database(f"t_{unique}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database of each dialect the services run on: a SQLite file of this test's
+    own, then a PostgreSQL database (``pg_url``)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url

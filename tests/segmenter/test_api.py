@@ -134,14 +134,6 @@ class Api:
         return body
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'segmenter.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 async def seed(service: SegmenterService, events: list[Event], batch: int = 50) -> None:
     delivered: list[Delivered[Event | ClvPrediction]] = [
         Delivered(f"retain.{e.type}", 0, offset, e.customer_id.encode(), e, 0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -18,12 +17,9 @@ from tests.segmenter.factories import CUSTOMER
 from tests.segmenter.test_updates import complained, run, stored
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'segmenter.db'}"
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_url")
-    database = Database(url, inline_sqlite=True)
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url, inline_sqlite=True)
     await migrate(database, MIGRATIONS)
     yield database
     await database.dispose()

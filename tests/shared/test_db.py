@@ -67,13 +67,10 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
     await database.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def both(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    """A database of each dialect the services run on."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_url")
-    database = Database(url, inline_sqlite=True)
+@pytest.fixture
+async def both(database_url: str) -> AsyncIterator[Database]:
+    """A database of each dialect the services run on (``database_url``)."""
+    database = Database(database_url, inline_sqlite=True)
     async with database.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     yield database
