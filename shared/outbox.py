@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import Database, RowsInsert, UtcDateTime, rows_insert
+from shared.db import Database, RowsInsert, UtcDateTime, in_list, rows_insert
 from shared.kafka.producer import OutboundRecord, Producer
 from shared.logs import get_logger
 
@@ -87,13 +87,13 @@ class _Statements:
 
 
 @functools.cache
-def _statements(table: Table) -> _Statements:
+def _statements(dialect: str, table: Table) -> _Statements:
     # Built once per table: a consumer stages and deletes after every batch, and building a
     # statement and its cache key cost more than SQLite took to run it.
     t = table.c
     oldest = select(t.id, t.topic, t.key, t.value).order_by(t.id).limit(bindparam("limit"))
     return _Statements(
-        delete=delete(table).where(t.id.in_(bindparam("ids", expanding=True))),
+        delete=delete(table).where(in_list(dialect, t.id)),
         oldest=oldest,
         oldest_below=oldest.where(t.id < bindparam("below")),
     )
@@ -138,7 +138,7 @@ class OutboxRelay:
         sent since the last call. Hand the result to ``after_commit`` once it has committed."""
         deleted = list(self._sent)
         if deleted:
-            await session.execute(_statements(self._table).delete, {"ids": deleted})
+            await session.execute(_statements(self._db.dialect, self._table).delete, {"ids": deleted})
         return Staged(await enqueue(session, self._table, records), list(records), deleted)
 
     async def after_commit(self, staged: Staged) -> None:
@@ -172,7 +172,7 @@ class OutboxRelay:
         if self._sent:
             ids = list(self._sent)
             async with self._db.transaction() as session:
-                await session.execute(_statements(self._table).delete, {"ids": ids})
+                await session.execute(_statements(self._db.dialect, self._table).delete, {"ids": ids})
             self._sent.difference_update(ids)
 
     def _start_sender(self) -> None:
@@ -219,7 +219,7 @@ class OutboxRelay:
 
     async def _send_table(self, below: int | None = None) -> int:
         sent = 0
-        statements = _statements(self._table)
+        statements = _statements(self._db.dialect, self._table)
         query, params = statements.oldest, {"limit": self._batch}
         if below is not None:
             query, params = statements.oldest_below, {**params, "below": below}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from services.messenger.tables import (
     settings_table,
     webhook_receipts,
 )
-from shared.db import dialect_insert, insert_ignoring_conflicts
+from shared.db import dialect_insert, in_list, insert_ignoring_conflicts
 
 # Statuses that count against frequency caps: decided to go, going, or gone.
 COUNTED = ("queued", "sending", "sent", "delivered", "undelivered")
@@ -41,50 +42,75 @@ def _chunks(values: Collection[str]) -> Iterator[list[str]]:
         yield ordered[i : i + IN_CHUNK]
 
 
-# The reads of a consumer batch, built once with an expanding IN parameter (``ids``) instead
-# of per call: building a SELECT and its cache key took longer than SQLite took to run it
-# (163 against 77 µs a statement), and every batch runs a dozen of them.
-_IDS: Any = bindparam("ids", expanding=True)
-_CUSTOMERS_IN = select(customers).where(customers.c.customer_id.in_(_IDS)).order_by(customers.c.customer_id)
-_CUSTOMERS_IN_LOCKED = _CUSTOMERS_IN.with_for_update()  # PostgreSQL's row locks
-_CONSENT_FACTS_IN = (
-    select(consent_facts)
-    .where(consent_facts.c.customer_id.in_(_IDS))
-    .order_by(consent_facts.c.customer_id, consent_facts.c.at)
-)
-_MESSAGES_BY_KEYS = select(messages).where(messages.c.idempotency_key.in_(_IDS))
-# The customers' rows alone, status filtered here: with the status in the WHERE clause SQLite
-# chose the status index (ix_messages_due, ix_journey_waits_due) over the customer's, and read
-# every queued message or waiting wait of everyone for each batch (EXPLAIN QUERY PLAN), a
-# cost that grew with the table.
-_HISTORIES = select(
-    messages.c.customer_id,
-    messages.c.channel,
-    messages.c.journey,
-    messages.c.kind,
-    messages.c.created_at,
-    messages.c.sent_at,
-    messages.c.send_at,
-    messages.c.status,
-).where(
-    messages.c.customer_id.in_(_IDS),
-    func.coalesce(messages.c.sent_at, messages.c.send_at, messages.c.created_at) >= bindparam("since"),
-)
-_ENTRIES_IN = select(
-    journey_entries.c.customer_id, journey_entries.c.journey, journey_entries.c.entered_at
-).where(journey_entries.c.customer_id.in_(_IDS))
-_WAITS_IN = select(journey_waits).where(journey_waits.c.customer_id.in_(_IDS))
+# The reads of a consumer batch, built once per dialect with the ids as one parameter
+# (``in_list``) instead of per call: building a SELECT and its cache key took longer than
+# SQLite took to run it (163 against 77 µs a statement), and every batch runs a dozen of them.
+@dataclass(frozen=True, slots=True)
+class _Reads:
+    customers: Any
+    customers_locked: Any  # PostgreSQL's row locks
+    consent_facts: Any
+    messages_by_keys: Any
+    histories: Any
+    entries: Any
+    waits: Any
+    claimable: Any  # the sender's claim
+    claimable_locked: Any
+
+
+@functools.cache
+def _reads(dialect: str) -> _Reads:
+    def ids_of(column: Any) -> Any:
+        return in_list(dialect, column)
+
+    customers_in = select(customers).where(ids_of(customers.c.customer_id)).order_by(customers.c.customer_id)
+    claimable = (
+        select(messages, customers.c.profile.label("customer_profile"), customers.c.whatsapp_inbound_at)
+        .join(customers, customers.c.customer_id == messages.c.customer_id)
+        .where(ids_of(messages.c.id), messages.c.status.in_(DUE))
+        .order_by(messages.c.customer_id, messages.c.id)
+    )
+    return _Reads(
+        customers=customers_in,
+        customers_locked=customers_in.with_for_update(),
+        consent_facts=select(consent_facts)
+        .where(ids_of(consent_facts.c.customer_id))
+        .order_by(consent_facts.c.customer_id, consent_facts.c.at),
+        messages_by_keys=select(messages).where(ids_of(messages.c.idempotency_key)),
+        # The customers' rows alone, status filtered here: with the status in the WHERE
+        # clause SQLite chose the status index (ix_messages_due, ix_journey_waits_due) over
+        # the customer's, and read every queued message or waiting wait of everyone for each
+        # batch (EXPLAIN QUERY PLAN), a cost that grew with the table.
+        histories=select(
+            messages.c.customer_id,
+            messages.c.channel,
+            messages.c.journey,
+            messages.c.kind,
+            messages.c.created_at,
+            messages.c.sent_at,
+            messages.c.send_at,
+            messages.c.status,
+        ).where(
+            ids_of(messages.c.customer_id),
+            func.coalesce(messages.c.sent_at, messages.c.send_at, messages.c.created_at)
+            >= bindparam("since"),
+        ),
+        entries=select(
+            journey_entries.c.customer_id, journey_entries.c.journey, journey_entries.c.entered_at
+        ).where(ids_of(journey_entries.c.customer_id)),
+        waits=select(journey_waits).where(ids_of(journey_waits.c.customer_id)),
+        claimable=claimable,
+        claimable_locked=claimable.with_for_update(),
+    )
+
+
+def _reads_of(session: AsyncSession) -> _Reads:
+    return _reads(session.get_bind().dialect.name)
+
+
 _SETTING = select(settings_table).where(settings_table.c.name == bindparam("name"))
 _INSERT_MESSAGES = messages.insert()
 _INSERT_WAITS = journey_waits.insert()
-# And the sender's claim.
-_CLAIMABLE = (
-    select(messages, customers.c.profile.label("customer_profile"), customers.c.whatsapp_inbound_at)
-    .join(customers, customers.c.customer_id == messages.c.customer_id)
-    .where(messages.c.id.in_(_IDS), messages.c.status.in_(DUE))
-    .order_by(messages.c.customer_id, messages.c.id)
-)
-_CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update()
 # And the sender's poll: two ranges of ix_messages_due (see ``due_messages``).
 _DUE_COLUMNS = (messages.c.id, messages.c.customer_id, messages.c.channel)
 _DUE_UNSCHEDULED = (
@@ -169,7 +195,8 @@ class MessengerRepository:
         """``lock_customer`` for many customers: their rows by id, locked in id order (as
         ``upsert_customers`` locks them)."""
         found: dict[str, Any] = {}
-        stmt = _CUSTOMERS_IN_LOCKED if _row_locks(session) else _CUSTOMERS_IN
+        reads = _reads_of(session)
+        stmt = reads.customers_locked if _row_locks(session) else reads.customers
         for ids in _chunks(customer_ids):
             found.update((r.customer_id, r) for r in await session.execute(stmt, {"ids": ids}))
         return found
@@ -217,7 +244,7 @@ class MessengerRepository:
         """The consent facts of many customers, each customer's in time order."""
         found: list[Any] = []
         for ids in _chunks(customer_ids):
-            found += (await session.execute(_CONSENT_FACTS_IN, {"ids": ids})).all()
+            found += (await session.execute(_reads_of(session).consent_facts, {"ids": ids})).all()
         return found
 
     async def add_consent_fact(
@@ -247,7 +274,8 @@ class MessengerRepository:
         found: dict[str, Any] = {}
         for chunk in _chunks(keys):
             found.update(
-                (r.idempotency_key, r) for r in await session.execute(_MESSAGES_BY_KEYS, {"ids": chunk})
+                (r.idempotency_key, r)
+                for r in await session.execute(_reads_of(session).messages_by_keys, {"ids": chunk})
             )
         return found
 
@@ -257,7 +285,8 @@ class MessengerRepository:
         until the transaction ends, customers in id order as the consumer locks them (SQLite's
         write lock serialises senders). Another sender that got here first has moved them on."""
         found: list[Any] = []
-        stmt = _CLAIMABLE_LOCKED if _row_locks(session) else _CLAIMABLE
+        reads = _reads_of(session)
+        stmt = reads.claimable_locked if _row_locks(session) else reads.claimable
         for ids in _chunks(message_ids):
             found += (await session.execute(stmt, {"ids": ids})).all()
         return found
@@ -291,7 +320,7 @@ class MessengerRepository:
         """``history`` of many customers (with customer_id)."""
         found: list[Any] = []
         for ids in _chunks(customer_ids):
-            rows = await session.execute(_HISTORIES, {"ids": ids, "since": since})
+            rows = await session.execute(_reads_of(session).histories, {"ids": ids, "since": since})
             found += [r for r in rows if r.status in COUNTED]
         return found
 
@@ -386,7 +415,7 @@ class MessengerRepository:
         """``entries`` of many customers: customer → journey → last entered."""
         found: dict[str, dict[str, datetime]] = defaultdict(dict)
         for ids in _chunks(customer_ids):
-            for r in await session.execute(_ENTRIES_IN, {"ids": ids}):
+            for r in await session.execute(_reads_of(session).entries, {"ids": ids}):
                 found[r.customer_id][r.journey] = r.entered_at
         return found
 
@@ -405,7 +434,11 @@ class MessengerRepository:
     async def waiting_of(self, session: AsyncSession, customer_ids: Collection[str]) -> list[Any]:
         found: list[Any] = []
         for ids in _chunks(customer_ids):
-            found += [r for r in await session.execute(_WAITS_IN, {"ids": ids}) if r.status == "waiting"]
+            found += [
+                r
+                for r in await session.execute(_reads_of(session).waits, {"ids": ids})
+                if r.status == "waiting"
+            ]
         return found
 
     async def close_waits(self, session: AsyncSession, changes: Sequence[Mapping[str, Any]]) -> None:

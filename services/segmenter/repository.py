@@ -22,6 +22,7 @@ from services.segmenter.tables import (
 )
 from shared.db import (
     RowsInsert,
+    in_list,
     insert_ignoring_conflicts,
     json_values,
     rows_ignoring_conflicts,
@@ -153,13 +154,14 @@ def _upsert_customers(dialect: str) -> RowsInsert:
     )
 
 
-# The statements of a consumer batch, built once with expanding IN parameters instead of per
-# call: building a statement and its cache key took longer than SQLite took to run it.
-_IDS: Any = bindparam("ids", expanding=True)
+# The statements of a consumer batch, built once per dialect with the ids as one parameter
+# (``in_list``) instead of per call: building a statement and its cache key took longer than
+# SQLite took to run it.
 _CUSTOMERS_IN = {
-    with_facts: select(*(c for c in customers.c if with_facts or c.name != "facts")).where(
-        customers.c.customer_id.in_(_IDS)
+    (dialect, with_facts): select(*(c for c in customers.c if with_facts or c.name != "facts")).where(
+        in_list(dialect, customers.c.customer_id)
     )
+    for dialect in ("sqlite", "postgresql")
     for with_facts in (True, False)
 }
 _MOVERS_IN = {
@@ -170,10 +172,15 @@ _MOVERS_IN = {
         customers.c.segments,
         customers.c.next_check_at,
         json_values(dialect, customers.c.state, ["consents", "attributes"]),
-    ).where(customers.c.customer_id.in_(_IDS))
+    ).where(in_list(dialect, customers.c.customer_id))
     for dialect in ("sqlite", "postgresql")
 }
-_FACTS_IN = select(customers.c.customer_id, customers.c.facts).where(customers.c.customer_id.in_(_IDS))
+_FACTS_IN = {
+    dialect: select(customers.c.customer_id, customers.c.facts).where(
+        in_list(dialect, customers.c.customer_id)
+    )
+    for dialect in ("sqlite", "postgresql")
+}
 
 
 @functools.cache
@@ -233,7 +240,7 @@ class SegmenterRepository:
         them again from the state anyway."""
         if not ids:
             return {}
-        stmt = _CUSTOMERS_IN[with_facts]
+        stmt = _CUSTOMERS_IN[session.get_bind().dialect.name, with_facts]
         if for_update and await self._lock(session, ids):
             stmt = stmt.with_for_update()
         return {r.customer_id: _row(r) for r in await session.execute(stmt, {"ids": list(ids)})}
@@ -277,7 +284,7 @@ class SegmenterRepository:
         """The stored facts, whole, of ``ids``."""
         if not ids:
             return {}
-        rows = await session.execute(_FACTS_IN, {"ids": list(ids)})
+        rows = await session.execute(_FACTS_IN[session.get_bind().dialect.name], {"ids": list(ids)})
         return {cid: facts for cid, facts in rows}  # noqa: C416 - a Result is no mapping source
 
     async def save_customers(self, session: AsyncSession, rows: Sequence[CustomerRow]) -> None:

@@ -36,6 +36,7 @@ from shared.db import (
     UtcDateTime,
     applied_events_table,
     claim_events,
+    in_list,
     json_type,
     json_values,
     rows_insert,
@@ -203,6 +204,24 @@ async def test_an_update_of_a_batch_is_one_statement_and_touches_only_its_rows_a
     want["k1"] |= {"at": later, "note": None, "doc": ["a", "b"]}
     want["k4"] |= {"at": later + timedelta(microseconds=1), "note": "new", "doc": [["x", 1]]}
     assert back == want  # amount and flag untouched, other rows untouched
+
+
+async def test_in_list_is_one_statement_for_lists_of_any_length(both: Database) -> None:
+    stmt = select(items.c.id, items.c.name).where(in_list(both.dialect, items.c.name)).order_by(items.c.id)
+    async with both.transaction() as session:
+        await session.execute(insert(items), [{"id": i, "name": f"n{i}"} for i in range(1, 8)])
+    async with both.sessions() as session:
+        found = {
+            n: [r.id for r in await session.execute(stmt, {"ids": [f"n{i}" for i in range(n, 0, -2)]})]
+            for n in (0, 1, 4, 7)
+        }
+        # The key of a text column is bound as text, with nothing to cast on either side.
+        absent = (await session.execute(stmt, {"ids": ["n9", "N1", ""]})).all()
+    assert found == {0: [], 1: [1], 4: [2, 4], 7: [1, 3, 5, 7]}
+    assert absent == []
+    if both.dialect == "postgresql":
+        # One placeholder, whatever the length: one prepared statement, not one per length.
+        assert str(stmt.compile(dialect=both.engine.dialect)).count("$") == 1
 
 
 async def test_json_values_pick_keys_out_of_an_object_with_their_json_types(both: Database) -> None:
