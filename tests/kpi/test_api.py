@@ -79,13 +79,9 @@ class Kpi:
         assert (result.applied, result.duplicates) == (len(events), len(replayed) - len(events))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def kpi(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Kpi]:
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'kpi.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
+@pytest.fixture
+async def kpi(database_url: str, tmp_path: Path) -> AsyncIterator[Kpi]:
+    url = database_url
     keys = tmp_path / "keys.json"
     _, key = create_key(keys, ["kpi:read"], "analyst")
     _, other = create_key(keys, ["rules:read"], "someone else")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -114,14 +113,6 @@ def settings_for(
         var_dir=tmp_path,
         **kw,
     )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'kpi.db'}"
-    else:
-        yield request.getfixturevalue("pg_url")
 
 
 async def consume(settings: KpiSettings, service: KpiService, producer: Producer, records: int) -> Any:
@@ -245,7 +236,7 @@ async def check_against_oracle(service: KpiService, events: list[Record]) -> dic
 
 
 async def test_shuffled_duplicated_stream_gives_the_oracles_kpis(
-    kafka: KafkaHandle, topic_prefix: str, unique: str, db_url: str, tmp_path: Path
+    kafka: KafkaHandle, topic_prefix: str, unique: str, database_url: str, tmp_path: Path
 ) -> None:
     backend = demo_events(120)
     events: list[Record] = [*backend, *outreach(backend)]
@@ -253,8 +244,10 @@ async def test_shuffled_duplicated_stream_gives_the_oracles_kpis(
     random.Random(5).shuffle(replay)
     await produce(kafka, topic_prefix, replay)
 
-    settings = settings_for(kafka, topic_prefix, db_url, f"kpi-{unique}", tmp_path, kpi_rollup_interval_s=0.5)
-    db = Database(db_url, inline_sqlite=True)  # as the worker runs it
+    settings = settings_for(
+        kafka, topic_prefix, database_url, f"kpi-{unique}", tmp_path, kpi_rollup_interval_s=0.5
+    )
+    db = Database(database_url, inline_sqlite=True)  # as the worker runs it
     await migrate(db, MIGRATIONS)
     producer = Producer(kafka.bootstrap, client_id="kpi-test")
     service = KpiService(db, settings, producer, clock=lambda: NOW)
@@ -285,7 +278,7 @@ async def test_shuffled_duplicated_stream_gives_the_oracles_kpis(
 
 
 async def test_cdnow_through_the_service_reproduces_the_published_fit(
-    kafka: KafkaHandle, topic_prefix: str, unique: str, db_url: str, tmp_path: Path
+    kafka: KafkaHandle, topic_prefix: str, unique: str, database_url: str, tmp_path: Path
 ) -> None:
     events: list[Record] = []
     for n, line in enumerate(CDNOW.read_text().splitlines()):
@@ -300,13 +293,13 @@ async def test_cdnow_through_the_service_reproduces_the_published_fit(
     settings = settings_for(
         kafka,
         topic_prefix,
-        db_url,
+        database_url,
         f"kpi-{unique}",
         tmp_path,
         api_keys_file=keys,
         kpi_reporting_currency="USD",
     )
-    db = Database(db_url, inline_sqlite=True)  # as the worker runs it
+    db = Database(database_url, inline_sqlite=True)  # as the worker runs it
     await migrate(db, MIGRATIONS)
     producer = Producer(kafka.bootstrap, client_id="kpi-test")
     service = KpiService(db, settings, producer, clock=lambda: datetime(1998, 7, 1, tzinfo=UTC))
@@ -334,7 +327,7 @@ async def test_cdnow_through_the_service_reproduces_the_published_fit(
 
     # In shekels the shapes stay and the scale follows the rate (3.65 ILS per USD).
     shekels = settings.model_copy(update={"kpi_reporting_currency": "ILS"})
-    db = Database(db_url, inline_sqlite=True)  # as the worker runs it
+    db = Database(database_url, inline_sqlite=True)  # as the worker runs it
     ils = await KpiService(db, shekels).clv_model(date(1997, 9, 30))
     await db.dispose()
     assert ils["cached"] is False  # another currency is another model

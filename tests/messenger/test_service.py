@@ -62,13 +62,9 @@ class World:
     db: Database
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'messenger.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
+@pytest.fixture
+async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    url = database_url
     settings = MessengerSettings(
         messenger_database_url=url,
         messenger_outbox_dir=str(tmp_path / "outbox"),

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,14 +63,6 @@ def settings_for(kafka: KafkaHandle, prefix: str, url: str, group: str, tmp_path
     )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'segmenter.db'}"
-    else:
-        yield request.getfixturevalue("pg_url")
-
-
 async def stored(db: Database) -> dict[str, dict[str, object]]:
     async with db.sessions() as session:
         return {r.customer_id: r._asdict() for r in await session.execute(select(customers))}
@@ -117,15 +108,15 @@ def oracle_check(events: list[Event], rows: dict[str, dict[str, object]]) -> Non
 
 
 async def test_shuffled_duplicated_stream_gives_the_oracles_profiles(
-    kafka: KafkaHandle, topic_prefix: str, unique: str, db_url: str, tmp_path: Path
+    kafka: KafkaHandle, topic_prefix: str, unique: str, database_url: str, tmp_path: Path
 ) -> None:
     events = demo_events(40)
     shuffled = events + random.Random(3).sample(events, 200)
     random.Random(5).shuffle(shuffled)
     await produce(kafka, topic_prefix, shuffled)
 
-    settings = settings_for(kafka, topic_prefix, db_url, f"seg-{unique}", tmp_path)
-    db = Database(db_url)
+    settings = settings_for(kafka, topic_prefix, database_url, f"seg-{unique}", tmp_path)
+    db = Database(database_url)
     await migrate(db, MIGRATIONS)
     producer = Producer(kafka.bootstrap, client_id="seg-test")
     service = SegmenterService(db, settings, producer)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 
 import pytest
 from sqlalchemy import MetaData, Table, func, select
@@ -38,16 +37,11 @@ def records(*values: str) -> list[OutboundRecord]:
     return [OutboundRecord("t", b"k", v.encode()) for v in values]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Database, Table]]:
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[tuple[Database, Table]]:
     metadata = MetaData()
     table = outbox_table(metadata)
-    database = Database(url, inline_sqlite=True)  # as the workers run it
+    database = Database(database_url, inline_sqlite=True)  # as the workers run it
     async with database.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     yield database, table

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from aiokafka.errors import IllegalStateError
@@ -74,14 +73,9 @@ class ToyHandler:
             return BatchResult(applied=len(new), duplicates=len(batch) - len(new))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'toy.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    database = Database(url, inline_sqlite=True)  # as the workers run it
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url, inline_sqlite=True)  # as the workers run it
     async with database.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     yield database
