@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up before each window (2)")
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP connections of the load (64)")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="repeat each measurement, interleaved; report medians (3)"
+        "--rounds", type=int, default=5, help="repeat each measurement, interleaved; report medians (5)"
     )
     parser.add_argument("--partitions", type=int, default=6, help="partitions of every topic (6)")
     parser.add_argument(
