@@ -236,15 +236,15 @@ def dialect_insert(dialect: str, table: Table) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class RowsInsert:
-    """An INSERT of a batch of rows (with its ON CONFLICT clause), for one dialect.
+class RowsWrite:
+    """A write of a batch of rows, for one dialect: an INSERT (with its ON CONFLICT clause,
+    ``rows_insert``) or an UPDATE (``rows_update``).
 
     On PostgreSQL the batch goes as one array per column and the statement reads the rows back
     with ``unnest``: one statement for the whole batch. An executemany is one Bind/Execute
     per row, each with SQLAlchemy's parameter processing in Python before it; the kpi consumer
     spent more time there and in PostgreSQL's per-statement work than in inserting the rows.
-    On SQLite, executemany of the plain statement, which is already a loop in C.
-    ``rows_update`` makes an UPDATE of a batch that runs the same way."""
+    On SQLite, executemany of the plain statement, which is already a loop in C."""
 
     statement: Executable
     columns: tuple[str, ...] | None  # None: executemany (SQLite)
@@ -262,12 +262,12 @@ def rows_insert(
     table: Table,
     finish: Callable[[Any], Any] = lambda ins: ins,
     columns: Sequence[str] | None = None,
-) -> RowsInsert:
-    """The ``RowsInsert`` of ``table``; ``finish`` adds the ON CONFLICT (and RETURNING) clauses
+) -> RowsWrite:
+    """The ``RowsWrite`` of ``table``; ``finish`` adds the ON CONFLICT (and RETURNING) clauses
     to the dialect's INSERT, whose ``excluded`` it may use. ``columns``: the ones the rows
     give, if not all (the others take their defaults). Build it once (``functools.cache``)."""
     if dialect != "postgresql":
-        return RowsInsert(finish(dialect_insert(dialect, table)), None)
+        return RowsWrite(finish(dialect_insert(dialect, table)), None)
     given = [table.c[name] for name in columns] if columns is not None else list(table.c)
     # Several set-returning functions in one select list advance together (PostgreSQL 10+),
     # so equal arrays give the rows back in their order (a serial column numbers them so).
@@ -276,21 +276,19 @@ def rows_insert(
         *(func.unnest(bindparam(c.name, type_=postgresql.ARRAY(c.type, dimensions=1))) for c in given)
     )
     names = tuple(c.name for c in given)
-    return RowsInsert(finish(postgresql.insert(table).from_select(list(names), arrays)), names)
+    return RowsWrite(finish(postgresql.insert(table).from_select(list(names), arrays)), names)
 
 
-def rows_update(dialect: str, table: Table, key: str, columns: Sequence[str]) -> RowsInsert:
+def rows_update(dialect: str, table: Table, key: str, columns: Sequence[str]) -> RowsWrite:
     """An UPDATE of ``columns`` of a batch of rows, each found by its ``key`` column, as a
-    ``RowsInsert`` runs it: on PostgreSQL one statement for the batch (UPDATE … FROM the
+    ``RowsWrite`` runs it: on PostgreSQL one statement for the batch (UPDATE … FROM the
     unnest of one array per column), on SQLite an executemany. Each row gives the key and
     every column as ``new_<name>`` (SQLAlchemy reserves the columns' own names in a SET).
     Build it once (``functools.cache``)."""
     names = (key, *columns)
     if dialect != "postgresql":
         where = table.c[key] == bindparam(f"new_{key}")
-        return RowsInsert(
-            update(table).where(where).values({c: bindparam(f"new_{c}") for c in columns}), None
-        )
+        return RowsWrite(update(table).where(where).values({c: bindparam(f"new_{c}") for c in columns}), None)
     arrays = select(
         *(
             func.unnest(bindparam(f"new_{n}", type_=postgresql.ARRAY(table.c[n].type, dimensions=1))).label(n)
@@ -298,16 +296,16 @@ def rows_update(dialect: str, table: Table, key: str, columns: Sequence[str]) ->
         )
     ).subquery("v")
     stmt = update(table).where(table.c[key] == arrays.c[key]).values({c: arrays.c[c] for c in columns})
-    return RowsInsert(stmt, tuple(f"new_{n}" for n in names))
+    return RowsWrite(stmt, tuple(f"new_{n}" for n in names))
 
 
-def rows_ignoring_conflicts(session: AsyncSession, table: Table) -> RowsInsert:
-    """The ``RowsInsert`` … ON CONFLICT DO NOTHING of ``table`` for the session's dialect."""
+def rows_ignoring_conflicts(session: AsyncSession, table: Table) -> RowsWrite:
+    """The ``RowsWrite`` … ON CONFLICT DO NOTHING of ``table`` for the session's dialect."""
     return _rows_ignoring_conflicts(session.get_bind().dialect.name, table)
 
 
 @functools.cache
-def _rows_ignoring_conflicts(dialect: str, table: Table) -> RowsInsert:
+def _rows_ignoring_conflicts(dialect: str, table: Table) -> RowsWrite:
     return rows_insert(dialect, table, lambda ins: ins.on_conflict_do_nothing())
 
 
@@ -352,7 +350,7 @@ async def claim_events(
 
 
 @functools.cache
-def _claim(dialect: str, ledger: Table) -> RowsInsert:
+def _claim(dialect: str, ledger: Table) -> RowsWrite:
     # Built once too (every batch of every consumer claims).
     return rows_insert(dialect, ledger, lambda ins: ins.on_conflict_do_nothing().returning(ledger.c.event_id))
 

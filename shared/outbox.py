@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import Database, RowsInsert, UtcDateTime, in_list, rows_insert
+from shared.db import Database, RowsWrite, UtcDateTime, in_list, rows_insert
 from shared.kafka.producer import OutboundRecord, Producer
 from shared.logs import get_logger
 
@@ -73,7 +73,7 @@ async def enqueue(session: AsyncSession, table: Table, records: Sequence[Outboun
 
 
 @functools.cache
-def _insert(dialect: str, table: Table) -> RowsInsert:
+def _insert(dialect: str, table: Table) -> RowsWrite:
     return rows_insert(
         dialect, table, lambda ins: ins.returning(table.c.id), columns=("topic", "key", "value", "created_at")
     )

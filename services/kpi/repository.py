@@ -26,7 +26,7 @@ from services.kpi.tables import (
     support_events,
     tickets,
 )
-from shared.db import RowsInsert, dialect_insert, rows_ignoring_conflicts, rows_insert
+from shared.db import RowsWrite, dialect_insert, rows_ignoring_conflicts, rows_insert
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +82,7 @@ def _dialect(session: AsyncSession) -> str:
 
 
 @functools.cache
-def _upsert_purchases(dialect: str) -> RowsInsert:
+def _upsert_purchases(dialect: str) -> RowsWrite:
     c = purchases.c
 
     def finish(ins: Any) -> Any:
@@ -100,7 +100,7 @@ def _upsert_purchases(dialect: str) -> RowsInsert:
 
 
 @functools.cache
-def _upsert_customers(dialect: str) -> RowsInsert:
+def _upsert_customers(dialect: str) -> RowsWrite:
     c = customers.c
 
     def finish(ins: Any) -> Any:
@@ -123,7 +123,7 @@ def _upsert_tickets(dialect: str) -> Any:
 
 
 @functools.cache
-def _mark_stale(dialect: str) -> RowsInsert:
+def _mark_stale(dialect: str) -> RowsWrite:
     return rows_insert(
         dialect,
         stale_tickets,

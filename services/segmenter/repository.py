@@ -21,7 +21,7 @@ from services.segmenter.tables import (
     rule_versions,
 )
 from shared.db import (
-    RowsInsert,
+    RowsWrite,
     in_list,
     insert_ignoring_conflicts,
     json_values,
@@ -140,7 +140,7 @@ class JobRow:
 
 
 @functools.cache
-def _upsert_customers(dialect: str) -> RowsInsert:
+def _upsert_customers(dialect: str) -> RowsWrite:
     # Built once: ``excluded`` makes a new column collection on every access, a twentieth of
     # the consumer's time when the statement was built per batch. On PostgreSQL it is one
     # statement per batch (``rows_insert``), so a batch holds each customer once.
@@ -201,7 +201,7 @@ def _standings(dialect: str, fields: frozenset[str] | None, after: bool) -> Any:
 
 
 @functools.cache
-def _reassign(dialect: str, tier: bool, check: bool) -> RowsInsert:
+def _reassign(dialect: str, tier: bool, check: bool) -> RowsWrite:
     columns = ["segments", "rule_version", "updated_at"]
     if tier:
         columns.append("tier")

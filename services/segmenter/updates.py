@@ -298,10 +298,6 @@ class Reevaluation:
     # Customers who stay, but whom the new rules must look at again sooner.
     earlier_checks: list[tuple[str, datetime]] = field(default_factory=list)
 
-    @property
-    def to_read(self) -> list[str]:
-        return [s.customer_id for s, _ in self.moves] + self.stale
-
 
 def reevaluate(
     standings: Sequence[Standing],
