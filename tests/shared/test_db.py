@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 from sqlalchemy import (
     Boolean,
     Column,
@@ -377,6 +378,29 @@ async def test_writes_still_queue_for_the_write_lock_up_front(db: Database) -> N
 stamps = Table(
     "stamps", metadata, Column("id", Integer, primary_key=True), Column("at", UtcDateTime(), nullable=True)
 )
+
+
+async def test_utc_datetimes_of_any_offset_read_back_as_the_same_instant_in_utc(both: Database) -> None:
+    """On either dialect, whatever the writer's offset or tzinfo class (pydantic's UTC is not
+    datetime's): the instant is kept and read back with datetime's UTC."""
+    parsed = TypeAdapter(datetime).validate_python("2026-11-26T08:30:00.000005Z")
+    assert parsed.tzinfo is not UTC  # the case PostgreSQL's bind leaves to asyncpg
+    written = {
+        1: datetime(2026, 11, 26, 10, 0, 0, tzinfo=timezone(timedelta(hours=2))),
+        2: parsed,
+        3: datetime(2026, 11, 26, 3, 0, 0, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+    }
+    async with both.transaction() as session:
+        await session.execute(insert(stamps), [{"id": i, "at": at} for i, at in written.items()])
+    with pytest.raises(StatementError, match="naive"):
+        async with both.transaction() as session:
+            await session.execute(insert(stamps), [{"id": 9, "at": datetime(2026, 1, 1)}])  # noqa: DTZ001
+    async with both.sessions() as session:
+        rows = await session.execute(select(stamps.c.id, stamps.c.at).order_by(stamps.c.id))
+        read: dict[int, datetime] = {i: at for i, at in rows}  # noqa: C416 - a Result is no mapping source
+    assert read == written
+    assert {at.tzinfo for at in read.values()} == {UTC}
+    assert read[1] == datetime(2026, 11, 26, 8, 0, 0, tzinfo=UTC)
 
 
 async def test_utc_datetimes_are_stored_as_sqlalchemy_stores_them_and_read_back_aware(db: Database) -> None:
