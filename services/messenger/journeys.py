@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from shared.conditions import Condition, ConditionError, compile_condition, validate
 from shared.events import Channel, CustomerUpdate, EventType, MessageKind, SupportAction, TriggeringEvent
@@ -123,8 +123,6 @@ def snapshot_facts(update: CustomerUpdate) -> dict[str, Any]:
 
 
 def validate_journey(raw: object, templates: set[str] | None = None) -> list[ConditionError]:
-    from pydantic import ValidationError  # noqa: PLC0415
-
     try:
         journey = Journey.model_validate(raw)
     except ValidationError as exc:

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.profile import ProfileState, apply_event, facts_from_json, load_state
+from services.segmenter.profile import facts as derive_facts
 from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
 from services.segmenter.rules import (
     CompiledRules,
@@ -554,9 +555,7 @@ class SegmenterService:
             rules = await self.rules(session)
         now = self.clock()
         state = load_state(customer_id, row.state)
-        from services.segmenter.profile import facts as derive  # noqa: PLC0415
-
-        current, _ = derive(state, now, self.config)
+        current, _ = derive_facts(state, now, self.config)
         return {
             "customer_id": customer_id,
             "tier": row.tier,
