@@ -257,6 +257,12 @@ class RowsWrite:
         return await session.execute(self.statement, {c: [r[c] for r in rows] for c in self.columns})
 
 
+def _array_param(name: str, column: Any) -> Any:
+    """A parameter ``name`` that binds a list of ``column``'s values as one PostgreSQL array.
+    One dimension: a JSON value that is a list is one element, not a sub-array."""
+    return bindparam(name, type_=postgresql.ARRAY(column.type, dimensions=1))
+
+
 def rows_insert(
     dialect: str,
     table: Table,
@@ -271,10 +277,7 @@ def rows_insert(
     given = [table.c[name] for name in columns] if columns is not None else list(table.c)
     # Several set-returning functions in one select list advance together (PostgreSQL 10+),
     # so equal arrays give the rows back in their order (a serial column numbers them so).
-    # One dimension: a JSON value that is a list is one element, not a sub-array.
-    arrays = select(
-        *(func.unnest(bindparam(c.name, type_=postgresql.ARRAY(c.type, dimensions=1))) for c in given)
-    )
+    arrays = select(*(func.unnest(_array_param(c.name, c)) for c in given))
     names = tuple(c.name for c in given)
     return RowsWrite(finish(postgresql.insert(table).from_select(list(names), arrays)), names)
 
@@ -289,12 +292,9 @@ def rows_update(dialect: str, table: Table, key: str, columns: Sequence[str]) ->
     if dialect != "postgresql":
         where = table.c[key] == bindparam(f"new_{key}")
         return RowsWrite(update(table).where(where).values({c: bindparam(f"new_{c}") for c in columns}), None)
-    arrays = select(
-        *(
-            func.unnest(bindparam(f"new_{n}", type_=postgresql.ARRAY(table.c[n].type, dimensions=1))).label(n)
-            for n in names
-        )
-    ).subquery("v")
+    arrays = select(*(func.unnest(_array_param(f"new_{n}", table.c[n])).label(n) for n in names)).subquery(
+        "v"
+    )
     stmt = update(table).where(table.c[key] == arrays.c[key]).values({c: arrays.c[c] for c in columns})
     return RowsWrite(stmt, tuple(f"new_{n}" for n in names))
 
@@ -450,7 +450,7 @@ def in_list(dialect: str, column: Any, name: str = "ids") -> Any:
     again (a rule publish's read of 400 movers spent more there than in reading them). On
     SQLite an expanding IN, whose elements are bound in C. Build the statement once."""
     if dialect == "postgresql":
-        return column == any_(bindparam(name, type_=postgresql.ARRAY(column.type, dimensions=1)))
+        return column == any_(_array_param(name, column))
     return column.in_(bindparam(name, expanding=True))
 
 
