@@ -154,33 +154,27 @@ def _upsert_customers(dialect: str) -> RowsWrite:
     )
 
 
-# The statements of a consumer batch, built once per dialect with the ids as one parameter
-# (``in_list``) instead of per call: building a statement and its cache key took longer than
-# SQLite took to run it.
-_CUSTOMERS_IN = {
-    (dialect, with_facts): select(*(c for c in customers.c if with_facts or c.name != "facts")).where(
-        in_list(dialect, customers.c.customer_id)
+# The statements of a consumer batch and of a publish step, built once per dialect with the
+# ids as one parameter (``in_list``) instead of per call: building a statement and its cache
+# key took longer than SQLite took to run it.
+@functools.cache
+def _customers_in(dialect: str, with_facts: bool) -> Any:
+    columns = (c for c in customers.c if with_facts or c.name != "facts")
+    return select(*columns).where(in_list(dialect, customers.c.customer_id))
+
+
+@functools.cache
+def _movers_in(dialect: str) -> Any:
+    c = customers.c
+    consents_and_attributes = json_values(dialect, c.state, ["consents", "attributes"])
+    return select(c.customer_id, c.facts, c.tier, c.segments, c.next_check_at, consents_and_attributes).where(
+        in_list(dialect, c.customer_id)
     )
-    for dialect in ("sqlite", "postgresql")
-    for with_facts in (True, False)
-}
-_MOVERS_IN = {
-    dialect: select(
-        customers.c.customer_id,
-        customers.c.facts,
-        customers.c.tier,
-        customers.c.segments,
-        customers.c.next_check_at,
-        json_values(dialect, customers.c.state, ["consents", "attributes"]),
-    ).where(in_list(dialect, customers.c.customer_id))
-    for dialect in ("sqlite", "postgresql")
-}
-_FACTS_IN = {
-    dialect: select(customers.c.customer_id, customers.c.facts).where(
-        in_list(dialect, customers.c.customer_id)
-    )
-    for dialect in ("sqlite", "postgresql")
-}
+
+
+@functools.cache
+def _facts_in(dialect: str) -> Any:
+    return select(customers.c.customer_id, customers.c.facts).where(in_list(dialect, customers.c.customer_id))
 
 
 @functools.cache
@@ -240,7 +234,7 @@ class SegmenterRepository:
         them again from the state anyway."""
         if not ids:
             return {}
-        stmt = _CUSTOMERS_IN[session.get_bind().dialect.name, with_facts]
+        stmt = _customers_in(session.get_bind().dialect.name, with_facts)
         if for_update and await self._lock(session, ids):
             stmt = stmt.with_for_update()
         return {r.customer_id: _row(r) for r in await session.execute(stmt, {"ids": list(ids)})}
@@ -249,8 +243,7 @@ class SegmenterRepository:
         """The customers a rule publish moves, locked (``load_customers(for_update=True)``)."""
         if not ids:
             return {}
-        dialect = session.get_bind().dialect.name
-        stmt = _MOVERS_IN[dialect]
+        stmt = _movers_in(session.get_bind().dialect.name)
         if await self._lock(session, ids):
             stmt = stmt.with_for_update()
         return {
@@ -284,7 +277,7 @@ class SegmenterRepository:
         """The stored facts, whole, of ``ids``."""
         if not ids:
             return {}
-        rows = await session.execute(_FACTS_IN[session.get_bind().dialect.name], {"ids": list(ids)})
+        rows = await session.execute(_facts_in(session.get_bind().dialect.name), {"ids": list(ids)})
         return {cid: facts for cid, facts in rows}  # noqa: C416 - a Result is no mapping source
 
     async def save_customers(self, session: AsyncSession, rows: Sequence[CustomerRow]) -> None:
