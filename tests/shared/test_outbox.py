@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
-from sqlalchemy import MetaData, Table, func, select
+from sqlalchemy import MetaData, Table, event, func, select
 
 from shared.db import Database
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
@@ -167,4 +167,30 @@ async def test_flush_sends_what_enqueue_wrote(db: tuple[Database, Table]) -> Non
     assert len(set(ids)) == 3
     assert await relay.flush() == 3
     assert broker.acked == [b"x", b"y", b"z"]
+    assert await relay.pending() == 0
+
+
+async def test_flush_reads_the_table_again_only_after_a_full_read(db: tuple[Database, Table]) -> None:
+    """A read that came back short emptied the table: asking again, after every batch of the
+    messenger's, was a query that could only find rows committed meanwhile (the next flush's)."""
+    database, table = db
+    broker = FakeBroker()
+    relay = OutboxRelay(database, table, broker, batch=3)
+    reads: list[str] = []
+
+    def count_reads(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            reads.append(statement)
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", count_reads)
+    async with database.transaction() as session:
+        await enqueue(session, table, records("a", "b"))
+    assert await relay.flush() == 2
+    assert len(reads) == 1
+    reads.clear()
+    async with database.transaction() as session:
+        await enqueue(session, table, records(*"cdefgh"))  # two full reads, then one that finds none
+    assert await relay.flush() == 6
+    assert len(reads) == 3
+    assert broker.acked == [v.encode() for v in "abcdefgh"]
     assert await relay.pending() == 0
