@@ -16,6 +16,12 @@ Two ways to relay:
   writer), or by ``drain()``, which waits until everything handed over is sent and deleted.
   Rows a previous process committed and never sent go out before anything of this one, so
   the order per key holds across a restart.
+
+A staged row is leased to the relay that staged it: its ``visible_at`` lies ``lease`` ahead,
+and a flush (of this process or another on the same database: the messenger's sender flushes
+after every pass) takes only rows visible by now. Read by a flush while its relay was still
+sending it, a row went out twice; now only when the relay took longer than the lease, or
+died (then its rows go out once the lease ends, or at once when it starts again).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import functools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -57,17 +63,22 @@ def outbox_table(metadata: MetaData) -> Table:
         Column("topic", String(255), nullable=False),
         Column("key", LargeBinary, nullable=False),
         Column("value", LargeBinary, nullable=False),
-        Column("created_at", UtcDateTime(), nullable=False),
+        # When a flush may take the row: its commit for an enqueued row, the end of the staging
+        # relay's lease for a staged one.
+        Column("visible_at", UtcDateTime(), nullable=False),
     )
 
 
-async def enqueue(session: AsyncSession, table: Table, records: Sequence[OutboundRecord]) -> list[int]:
-    """Insert ``records`` in the caller's transaction; return the new rows' ids (in no
-    particular order: asking for the records' order makes SQLite insert row by row)."""
+async def enqueue(
+    session: AsyncSession, table: Table, records: Sequence[OutboundRecord], visible_at: datetime | None = None
+) -> list[int]:
+    """Insert ``records`` in the caller's transaction, for a flush to take from ``visible_at``
+    (default: now); return the new rows' ids (in no particular order: asking for the records'
+    order makes SQLite insert row by row)."""
     if not records:
         return []
-    now = datetime.now(UTC)
-    rows = [{"topic": r.topic, "key": r.key, "value": r.value, "created_at": now} for r in records]
+    at = visible_at or datetime.now(UTC)
+    rows = [{"topic": r.topic, "key": r.key, "value": r.value, "visible_at": at} for r in records]
     result = await _insert(session.get_bind().dialect.name, table).execute(session, rows)
     return [row[0] for row in result]
 
@@ -75,15 +86,16 @@ async def enqueue(session: AsyncSession, table: Table, records: Sequence[Outboun
 @functools.cache
 def _insert(dialect: str, table: Table) -> RowsWrite:
     return rows_insert(
-        dialect, table, lambda ins: ins.returning(table.c.id), columns=("topic", "key", "value", "created_at")
+        dialect, table, lambda ins: ins.returning(table.c.id), columns=("topic", "key", "value", "visible_at")
     )
 
 
 @dataclass(frozen=True, slots=True)
 class _Statements:
     delete: Any  # the rows of the ids in ``ids``
-    oldest: Any  # the oldest ``limit`` rows
-    oldest_below: Any  # the oldest ``limit`` rows with an id below ``below``
+    oldest: Any  # the oldest ``limit`` rows, leased or not
+    oldest_visible: Any  # the oldest ``limit`` rows visible at ``now``
+    oldest_below: Any  # the oldest ``limit`` rows with an id below ``below``, leased or not
 
 
 @functools.cache
@@ -95,6 +107,7 @@ def _statements(dialect: str, table: Table) -> _Statements:
     return _Statements(
         delete=delete(table).where(in_list(dialect, t.id)),
         oldest=oldest,
+        oldest_visible=oldest.where(t.visible_at <= bindparam("now", type_=UtcDateTime())),
         oldest_below=oldest.where(t.id < bindparam("below")),
     )
 
@@ -116,6 +129,7 @@ class OutboxRelay:
         producer: Producer,
         batch: int = 1000,
         max_pending: int = 10_000,
+        lease: timedelta = timedelta(seconds=30),
     ) -> None:
         self._db = db
         self._table = table
@@ -124,6 +138,10 @@ class OutboxRelay:
         # Records handed over and not yet acknowledged: past this, after_commit waits (Kafka
         # slower than the caller, or away) instead of holding an ever longer queue in memory.
         self._max_pending = max_pending
+        # Longer than a send takes, Kafka's retries included (the producer gives up on a
+        # record after its ack timeout); what a relay that died left waits this long for
+        # another process, or less for its own restart.
+        self._lease = lease
         self._pending: deque[Staged] = deque()  # one entry per committed transaction
         self._pending_records = 0
         self._sent: set[int] = set()  # rows whose records Kafka acknowledged, not yet deleted
@@ -139,7 +157,8 @@ class OutboxRelay:
         deleted = list(self._sent)
         if deleted:
             await session.execute(_statements(self._db.dialect, self._table).delete, {"ids": deleted})
-        return Staged(await enqueue(session, self._table, records), list(records), deleted)
+        ids = await enqueue(session, self._table, records, datetime.now(UTC) + self._lease)
+        return Staged(ids, list(records), deleted)
 
     async def after_commit(self, staged: Staged) -> None:
         """Relay what a committed transaction staged. Returns at once unless too much is
@@ -190,8 +209,9 @@ class OutboxRelay:
     async def _send_pending(self) -> None:
         if not self._leftovers_sent and self._pending:
             # What an earlier process committed and never sent is older than anything here.
-            await self._send_table(below=min(self._pending[0].ids))
             self._leftovers_sent = True
+            statements = _statements(self._db.dialect, self._table)
+            await self._send_table(statements.oldest_below, {"below": min(self._pending[0].ids)})
         while self._pending:
             # Everything handed over so far, in one call: the records are in memory already,
             # and each call waits a round trip for its acks. This task only runs when the
@@ -211,18 +231,30 @@ class OutboxRelay:
     # --- from the table -------------------------------------------------------------------------
 
     async def flush(self) -> int:
-        """Send everything waiting, oldest first (so per-customer order holds); return count."""
+        """Send everything handed over, then what the table holds for anyone to send (see
+        ``send_waiting``); return how many rows of the table went out."""
         await self.drain()
-        sent = await self._send_table()
-        self._leftovers_sent = True
-        return sent
+        return await self.send_waiting()
 
-    async def _send_table(self, below: int | None = None) -> int:
+    async def send_waiting(self) -> int:
+        """Send the rows of the table a flush may take, oldest first (so per-customer order
+        holds): enqueued ones, and staged ones whose lease ran out. Not what this relay has in
+        hand: that goes out from memory. Return how many went out.
+
+        The first look of a relay that has sent nothing yet takes every row, leased or not:
+        what a relay that died before this process started left goes out at once, and before
+        anything of this one (as in ``_send_pending``), not once its lease ends. A relay of
+        another process still sending some of them sends those twice, with the same ids."""
+        statements = _statements(self._db.dialect, self._table)
+        if not self._leftovers_sent and self._sender is None and not self._pending:
+            self._leftovers_sent = True
+            return await self._send_table(statements.oldest, {})
+        return await self._send_table(statements.oldest_visible, {"now": datetime.now(UTC)})
+
+    async def _send_table(self, query: Any, params: dict[str, Any]) -> int:
         sent = 0
         statements = _statements(self._db.dialect, self._table)
-        query, params = statements.oldest, {"limit": self._batch}
-        if below is not None:
-            query, params = statements.oldest_below, {**params, "below": below}
+        params = {**params, "limit": self._batch}
         while True:
             async with self._db.sessions() as session:
                 rows = (await session.execute(query, params)).all()
@@ -234,9 +266,9 @@ class OutboxRelay:
             sent += len(rows)
             self.published += len(rows)
             if len(rows) < self._batch:
-                # The table held fewer than a read takes: it is empty now, but for rows
-                # committed since, which the next flush sends. Reading again to find that
-                # out was a second query after every batch of the messenger's.
+                # A short read took every row there was to take: only rows committed (or
+                # whose lease ended) since could be found, and the next flush sends those.
+                # Reading again to find that out was a second query after every batch.
                 return sent
 
     async def pending(self) -> int:

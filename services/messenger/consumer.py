@@ -44,7 +44,10 @@ async def main(settings: MessengerSettings | None = None) -> None:
     ):
         service = MessengerService(db, settings, producer)
         await service.ensure_defaults()
-        await run_until_signalled(build_loop(settings, service, producer))
+        try:
+            await run_until_signalled(build_loop(settings, service, producer))
+        finally:
+            await service.flush()  # a clean stop: what the last batches staged goes out now
 
 
 if __name__ == "__main__":

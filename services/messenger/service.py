@@ -55,7 +55,7 @@ from shared.events import (
 from shared.kafka.consumer import BatchResult, Delivered
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
-from shared.outbox import OutboxRelay, enqueue
+from shared.outbox import OutboxRelay, Staged, enqueue
 from shared.topics import MESSAGES
 
 log = get_logger(__name__)
@@ -337,6 +337,7 @@ class MessengerService:
 
     async def apply_batch(self, batch: Sequence[Delivered[CustomerUpdate]]) -> BatchResult:
         now = self.clock()
+        staged = Staged([], [])
         async with self.db.transaction() as session:
             new_ids = await claim_events(
                 session, applied_events, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
@@ -350,8 +351,12 @@ class MessengerService:
             if fresh:
                 journeys = [j for j in await self.journeys(session) if j.enabled]
                 caps = await self.caps(session)
-                await self._publish(session, await self._on_updates(session, fresh, journeys, caps, now))
-        await self.flush()
+                decisions = await self._on_updates(session, fresh, journeys, caps, now)
+                staged = await self._stage(session, decisions)
+        if self.relay is not None:
+            # Publish after commit, from memory, while the next batch is applied: flushing
+            # the table here (read, send, wait for the acks, delete) held every batch up.
+            await self.relay.after_commit(staged)
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
 
     async def _on_updates(
@@ -1200,12 +1205,21 @@ class MessengerService:
             details={k: v for k, v in (extra or {}).items() if v is not None},
         )
 
+    def _records(self, events: Sequence[MessageEvent]) -> list[OutboundRecord]:
+        return [OutboundRecord(self.topic, encode_key(e.customer_id), encode(e)) for e in events]
+
     async def _publish(self, session: Any, events: Sequence[MessageEvent]) -> None:
-        await enqueue(
-            session,
-            outbox,
-            [OutboundRecord(self.topic, encode_key(e.customer_id), encode(e)) for e in events],
-        )
+        """Put the outcomes in the outbox, for ``flush`` once the transaction commits."""
+        await enqueue(session, outbox, self._records(events))
+
+    async def _stage(self, session: Any, events: Sequence[MessageEvent]) -> Staged:
+        """The consumer's outcomes: staged with the relay, which sends them once the
+        transaction commits (``after_commit``) and holds their rows leased meanwhile, so the
+        sender's flushes leave them alone."""
+        if self.relay is None:
+            await self._publish(session, events)
+            return Staged([], [])
+        return await self.relay.stage(session, self._records(events))
 
     async def flush(self) -> None:
         """Publish what the outbox table holds. With the broker away, the rows wait there for
@@ -1218,11 +1232,19 @@ class MessengerService:
             log.warning("outcomes wait in the outbox: Kafka unreachable", error=str(exc)[:200])
 
     async def tick(self) -> None:
-        """Work between consumer batches (a few times a second: build_loop). Each batch flushes
-        its own outcomes; due waits and another process's leftovers in the outbox table need
-        not be looked for after every one."""
+        """Work between consumer batches (a few times a second: build_loop): due waits, and the
+        outbox rows that are anyone's to send (the API's, a dead relay's). Each batch's own
+        outcomes go out from memory; the next batch deletes their rows, or this when none
+        comes."""
         await self.fire_waits()
-        await self.flush()
+        if self.relay is None:
+            return
+        try:
+            if not self.relay.sending:
+                await self.relay.drain()
+            await self.relay.send_waiting()
+        except BrokerUnavailableError as exc:
+            log.warning("outcomes wait in the outbox: Kafka unreachable", error=str(exc)[:200])
 
     # --- the API's reads and writes ------------------------------------------------------------------
 

@@ -569,7 +569,7 @@ def _section(rates: Rates, rounds: list[Round], profile: list[str]) -> Section:
         "Each customer is new and sends one profile event; its decision is the first message event"
         " for it on retain.messages (welcome: queued, held for quiet hours, holdout... all count).",
         "The pipeline: ingest (uvicorn) → Kafka → segmenter consumer (SQLite, outbox relay after"
-        " commit) → Kafka → messenger consumer (SQLite) → Kafka; two consumer hops and two"
+        " commit) → Kafka → messenger consumer (SQLite, likewise) → Kafka; two consumer hops and two"
         " database transactions. The echo: one consume → produce hop, no decoding, no database.",
         f"Rounds: {len(rounds)}, each a paced run through the pipeline and then the echo at the same"
         " rate for as long, each starting once the machine is idle (under 0.3 of a core busy) with"

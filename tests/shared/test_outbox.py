@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import MetaData, Table, event, func, select
@@ -194,3 +195,64 @@ async def test_flush_reads_the_table_again_only_after_a_full_read(db: tuple[Data
     assert len(reads) == 3
     assert broker.acked == [v.encode() for v in "abcdefgh"]
     assert await relay.pending() == 0
+
+
+async def test_another_relays_flush_leaves_staged_rows_to_their_relay_until_the_lease_ends(
+    db: tuple[Database, Table],
+) -> None:
+    """Two processes on one database (the messenger's consumer and its sender): a flush of one
+    that read the rows the other was still sending sent them twice."""
+    database, table = db
+    slow = FakeBroker()
+    slow.delay_s = 0.3
+    staging = OutboxRelay(database, table, slow)
+    other_broker = FakeBroker()
+    other = OutboxRelay(database, table, other_broker)
+    assert await other.flush() == 0  # its first look, which takes leased rows too (see below)
+    await commit(staging, database, "first")  # past its start-up's look at the table
+    await staging.drain()
+    async with database.transaction() as session:
+        await enqueue(session, table, records("anyone's"))  # e.g. the API's: no relay of its own
+    await commit(staging, database, "staged")
+    assert staging.sending
+    assert await other.flush() == 1  # the enqueued row, not the one still on its way
+    assert other_broker.acked == [b"anyone's"]
+    await staging.drain()
+    assert slow.acked == [b"first", b"staged"]
+    assert await rows_left(database, table) == 0
+
+    # A relay that dies after its commit: its rows wait out the lease, then any flush takes them.
+    dying = OutboxRelay(database, table, FakeBroker(), lease=timedelta(seconds=0.5))
+    async with database.transaction() as session:
+        await dying.stage(session, records("orphan"))
+    assert await other.flush() == 0
+    await asyncio.sleep(0.6)
+    assert await other.flush() == 1
+    assert other_broker.acked == [b"anyone's", b"orphan"]
+
+
+async def test_a_restarted_relay_sends_the_rows_its_predecessor_leased_before_its_own(
+    db: tuple[Database, Table],
+) -> None:
+    database, table = db
+    predecessor = OutboxRelay(database, table, FakeBroker())
+    async with database.transaction() as session:
+        await predecessor.stage(session, records("old"))  # committed, leased, then a SIGKILL
+    broker = FakeBroker()
+    relay = OutboxRelay(database, table, broker)
+    await commit(relay, database, "new")
+    await relay.drain()
+    assert broker.acked == [b"old", b"new"]  # the restart's first send takes it first
+    assert await rows_left(database, table) == 0
+
+    # The same when the restarted process flushes before it stages anything (the messenger's
+    # consumer ticks before its first batch).
+    async with database.transaction() as session:
+        await predecessor.stage(session, records("old2"))
+    restarted_broker = FakeBroker()
+    restarted = OutboxRelay(database, table, restarted_broker)
+    assert await restarted.flush() == 1
+    assert restarted_broker.acked == [b"old2"]
+    async with database.transaction() as session:
+        await predecessor.stage(session, records("old3"))
+    assert await restarted.flush() == 0  # after its first look, a lease holds
