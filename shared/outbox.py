@@ -83,6 +83,17 @@ async def enqueue(
     return [row[0] for row in result]
 
 
+async def stage_or_enqueue(
+    relay: OutboxRelay | None, session: AsyncSession, table: Table, records: Sequence[OutboundRecord]
+) -> Staged:
+    """``relay.stage`` the records; in a process without a relay (an API with no producer),
+    ``enqueue`` them, visible at once, for a consumer's flush to send. Hand the result to the
+    relay's ``after_commit``, if there is one, once the transaction has committed."""
+    if relay is None:
+        return Staged(await enqueue(session, table, records), list(records))
+    return await relay.stage(session, records)
+
+
 @functools.cache
 def _insert(dialect: str, table: Table) -> RowsWrite:
     return rows_insert(
@@ -193,6 +204,13 @@ class OutboxRelay:
             async with self._db.transaction() as session:
                 await session.execute(_statements(self._db.dialect, self._table).delete, {"ids": ids})
             self._sent.difference_update(ids)
+
+    async def delete_sent(self) -> None:
+        """For a caller between batches when none comes: delete the rows sent, in a transaction
+        of its own, unless records are still on their way (the next ``stage`` deletes them
+        then, or this at the caller's next call). Raises as ``drain``."""
+        if not self.sending:
+            await self.drain()
 
     def _start_sender(self) -> None:
         if self._sender is not None and self._sender.done():

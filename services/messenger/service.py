@@ -55,7 +55,7 @@ from shared.events import (
 from shared.kafka.consumer import BatchResult, Delivered
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
-from shared.outbox import OutboxRelay, Staged, enqueue
+from shared.outbox import OutboxRelay, Staged, enqueue, stage_or_enqueue
 from shared.topics import MESSAGES
 
 log = get_logger(__name__)
@@ -1216,20 +1216,11 @@ class MessengerService:
         """The consumer's outcomes: staged with the relay, which sends them once the
         transaction commits (``after_commit``) and holds their rows leased meanwhile, so the
         sender's flushes leave them alone."""
-        if self.relay is None:
-            await self._publish(session, events)
-            return Staged([], [])
-        return await self.relay.stage(session, self._records(events))
+        return await stage_or_enqueue(self.relay, session, outbox, self._records(events))
 
     async def flush(self) -> None:
-        """Publish what the outbox table holds. With the broker away, the rows wait there for
-        the next flush: sending to customers does not stop because Kafka is down."""
-        if self.relay is None:
-            return
-        try:
-            await self.relay.flush()
-        except BrokerUnavailableError as exc:
-            log.warning("outcomes wait in the outbox: Kafka unreachable", error=str(exc)[:200])
+        """Publish what the outbox table holds, after all this process has handed the relay."""
+        await self._relay_table(wait=True)
 
     async def tick(self) -> None:
         """Work between consumer batches (a few times a second: build_loop): due waits, and the
@@ -1237,11 +1228,21 @@ class MessengerService:
         outcomes go out from memory; the next batch deletes their rows, or this when none
         comes."""
         await self.fire_waits()
+        await self._relay_table(wait=False)
+
+    async def _relay_table(self, *, wait: bool) -> None:
+        """Send the outbox rows that are anyone's to send (``send_waiting``), after waiting for
+        everything this process handed the relay (``wait``: a flush), or after deleting only
+        the rows it has sent (between batches: ``delete_sent``). With the broker away, the
+        rows wait in the table for the next call: sending to customers does not stop because
+        Kafka is down."""
         if self.relay is None:
             return
         try:
-            if not self.relay.sending:
+            if wait:
                 await self.relay.drain()
+            else:
+                await self.relay.delete_sent()
             await self.relay.send_waiting()
         except BrokerUnavailableError as exc:
             log.warning("outcomes wait in the outbox: Kafka unreachable", error=str(exc)[:200])

@@ -46,7 +46,7 @@ from shared.events import ClvPrediction, CustomerUpdate, Event, UpdateCause
 from shared.kafka.consumer import BatchResult, Delivered
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
-from shared.outbox import OutboxRelay, Staged, enqueue
+from shared.outbox import OutboxRelay, Staged, stage_or_enqueue
 from shared.topics import SEGMENTS
 
 log = get_logger(__name__)
@@ -209,9 +209,8 @@ class SegmenterService:
         records = [self._record(u) for u in updates]
         for cause, n in Tally(u.cause.value for u in updates).items():
             UPDATES_PUBLISHED.labels(cause).inc(n)
-        if self.relay is None:  # the API process: the consumer process relays them
-            return Staged(await enqueue(session, outbox, records), records)
-        return await self.relay.stage(session, records)
+        # The API process has no relay: the consumer process relays its updates.
+        return await stage_or_enqueue(self.relay, session, outbox, records)
 
     async def _relay(self, staged: Staged) -> None:
         """Hand what a transaction staged to the relay once it has committed: the relay sends
@@ -381,10 +380,8 @@ class SegmenterService:
             swept = await self.sweep()
             if swept:
                 log.info("time-based re-evaluation", customers=swept)
-        if self.relay is not None and not self.relay.sending:
-            # Between batches the next batch's transaction deletes the rows sent; when none
-            # comes, this does.
-            await self.relay.drain()
+        if self.relay is not None:
+            await self.relay.delete_sent()
 
     def _sweep_due(self) -> bool:
         """Every sweep interval, but not while the consumer catches up on a backlog (a replay,
