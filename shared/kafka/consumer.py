@@ -4,6 +4,11 @@ Offsets are committed only after the handler's transaction (which records the ap
 ids) has committed and every poison record has been acknowledged by its dead-letter topic.
 A crash anywhere before the commit re-delivers the batch, and the handler's recorded event
 ids make the second application a no-op. Nothing is skipped without landing in a DLQ.
+
+Since a re-delivered batch changes nothing, the commit may also wait: with a commit interval
+the offsets of applied batches are committed at most once per interval, when the loop finds
+nothing new to fetch, and when it stops. A crash or a rebalance re-delivers up to an
+interval's records more, which the ledger turns away.
 """
 
 from __future__ import annotations
@@ -134,6 +139,7 @@ class ConsumerLoop(Generic[T]):
         session_timeout_ms: int = 10000,
         fetch_max_wait_ms: int = 500,
         fetch_min_bytes: int = 1,
+        commit_interval_ms: int = 0,
     ) -> None:
         self._topics = list(topics)
         self._group_id = group_id
@@ -148,6 +154,10 @@ class ConsumerLoop(Generic[T]):
         # follow each of them: at most one per ``tick_every_s`` (0: after every batch).
         self._tick_every_s = tick_every_s
         self._last_tick = float("-inf")
+        # Offsets of applied batches not committed yet, and when they last were (0: every batch).
+        self._commit_interval_s = commit_interval_ms / 1000
+        self._pending: dict[TopicPartition, int] = {}
+        self._last_commit = float("-inf")
         self._stopping = asyncio.Event()
         self.stats = LoopStats()
         self._lag_partitions: set[TopicPartition] = set()
@@ -206,6 +216,7 @@ class ConsumerLoop(Generic[T]):
             while not self._stopping.is_set():
                 await self.run_once()
                 await self._run_tick()
+            await self.commit_pending()
         finally:
             await self._consumer.stop()
             log.info("consumer stopped", group=self._group_id, **self._summary())
@@ -242,6 +253,7 @@ class ConsumerLoop(Generic[T]):
         batch = await self._consumer.getmany(timeout_ms=self._poll_timeout_ms, max_records=self._max_records)
         records = [r for tp in sorted(batch, key=lambda t: (t.topic, t.partition)) for r in batch[tp]]
         if not records:
+            await self.commit_pending()  # caught up: what was applied need not wait any longer
             await self._record_lag()  # idle: the lag falls to 0 instead of freezing at the last batch's
             return 0
         started = time.perf_counter()
@@ -250,7 +262,9 @@ class ConsumerLoop(Generic[T]):
             return 0  # stopping while the database was away: leave the batch uncommitted
         if dead and not await self._dead_letter(dead):
             return 0
-        await self._commit(batch)
+        self._pending.update({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
+        if time.monotonic() - self._last_commit >= self._commit_interval_s:
+            await self.commit_pending()
         self.stats.batches += 1
         self.stats.records += len(records)
         CONSUMER_BATCH_SIZE.labels(self._group_id).observe(len(records))
@@ -424,8 +438,20 @@ class ConsumerLoop(Generic[T]):
     async def _send(self, records: list[OutboundRecord]) -> None:
         await self._producer.send_all(records)
 
-    async def _commit(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
-        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+    async def commit_pending(self) -> None:
+        """Commit the offsets of the batches applied since the last commit."""
+        if not self._pending:
+            return
+        held = self._consumer.assignment()
+        # A partition given away since its batch was applied is its new owner's to commit:
+        # offering it would fail the whole commit, and the new owner's replay changes nothing.
+        offsets = {tp: offset for tp, offset in self._pending.items() if tp in held}
+        self._pending = {}
+        self._last_commit = time.monotonic()
+        if offsets:
+            await self._commit(offsets)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         backoff = 0.1
         while True:
             try:

@@ -1,10 +1,12 @@
 """The end-to-end baseline's echo: consume one topic and produce every record to another.
 
 ``python -m tests.bench.echo <bootstrap> <from-topic> <to-topic>``. It is the least a
-consume → produce hop through the broker can do: aiokafka's consumer with its defaults (as
-the services' consumer loop, which commits after each batch) and the shared producer
-(acks=all, idempotent, lz4) and the services' collector settings, no decoding and no
-database. SIGTERM stops it.
+consume → produce hop through the broker can do: aiokafka's consumer with its defaults
+(which return a fetch as soon as a record is there) committing after each batch, the
+textbook at-least-once hop, and the shared producer (acks=all, idempotent, lz4) and the
+services' collector settings, no decoding and no database. (The services' loops commit once
+a second while busy, ``consumer_commit_interval_ms``: their ledgers make a replay harmless,
+which the echo has no way to know.) SIGTERM stops it.
 """
 
 from __future__ import annotations

@@ -102,7 +102,9 @@ async def produce(kafka: KafkaHandle, topic: str, values: list[tuple[str, bytes]
     await producer.stop()
 
 
-def make_loop(kafka: KafkaHandle, topic: str, group: str, handler: ToyHandler) -> ConsumerLoop[Event]:
+def make_loop(
+    kafka: KafkaHandle, topic: str, group: str, handler: ToyHandler, commit_interval_ms: int = 0
+) -> ConsumerLoop[Event]:
     return ConsumerLoop(
         bootstrap=kafka.bootstrap,
         topics=[topic],
@@ -112,6 +114,7 @@ def make_loop(kafka: KafkaHandle, topic: str, group: str, handler: ToyHandler) -
         producer=Producer(kafka.bootstrap, client_id=group),
         max_records=50,
         poll_timeout_ms=200,
+        commit_interval_ms=commit_interval_ms,
     )
 
 
@@ -286,9 +289,66 @@ async def test_a_commit_of_partitions_no_longer_ours_is_given_up_not_retried(
     assert await total_of(db, "c1") == Decimal(3)
 
 
+async def committed(loop: ConsumerLoop[Event], topic: str) -> int:
+    return sum(
+        [await loop._consumer.committed(tp) or 0 for tp in loop._consumer.assignment() if tp.topic == topic]
+    )
+
+
+async def test_with_a_commit_interval_a_busy_loop_commits_once_per_interval_and_at_once_when_idle(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    topic = topic_prefix + "purchases"
+    await produce(kafka, topic, [("c1", encode_event(purchase(i, "c1", "1"))) for i in range(120)])
+    loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db), commit_interval_ms=60_000)
+    try:
+        await drain(loop, 120)  # 50 records a batch
+        assert loop.stats.batches >= 3
+        assert loop.stats.commits == 1  # the first batch's; the others wait for the interval
+        first = sum(loop.stats.positions.values())
+        assert 0 < first < 120
+        assert await committed(loop, topic) == first
+        assert await loop.run_once() == 0  # caught up: nothing waits any longer
+        assert loop.stats.commits == 2
+        assert sum(loop.stats.positions.values()) == 120
+        assert await committed(loop, topic) == 120
+    finally:
+        await stop(loop)
+    assert await total_of(db, "c1") == Decimal(120)
+
+
+async def test_a_crash_with_applied_batches_not_committed_yet_changes_nothing_twice(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """What a commit interval risks: the batches applied since the last commit come again."""
+    topic = topic_prefix + "purchases"
+    await produce(
+        kafka, topic, [(f"c{i % 3}", encode_event(purchase(i, f"c{i % 3}", "1"))) for i in range(120)]
+    )
+    group = f"g-{unique}"
+    crashing = make_loop(kafka, topic, group, ToyHandler(db), commit_interval_ms=60_000)
+    try:
+        await drain(crashing, 120)
+    finally:
+        await stop(crashing)  # killed: the consumer leaves without committing what it holds
+    first = sum(crashing.stats.positions.values())
+    assert first < 120
+
+    survivor = make_loop(kafka, topic, group, ToyHandler(db))
+    try:
+        await drain(survivor, 120 - first)
+    finally:
+        await stop(survivor)
+    assert survivor.stats.duplicates == 120 - first  # applied once already, skipped now
+    assert survivor.stats.applied == 0
+    assert [await total_of(db, f"c{i}") for i in range(3)] == [Decimal(40)] * 3
+
+
 async def test_the_fetch_settings_reach_the_kafka_consumer() -> None:
     """Each service's loop takes its group and fetch settings from ``consumer_options``."""
-    settings = CommonSettings(consumer_fetch_max_wait_ms=7, consumer_fetch_min_bytes=1234)
+    settings = CommonSettings(
+        consumer_fetch_max_wait_ms=7, consumer_fetch_min_bytes=1234, consumer_commit_interval_ms=250
+    )
     loop: ConsumerLoop[Event] = ConsumerLoop(
         bootstrap="127.0.0.1:1",
         topics=["t"],
@@ -300,4 +360,5 @@ async def test_the_fetch_settings_reach_the_kafka_consumer() -> None:
     )
     assert loop._consumer._fetch_max_wait_ms == 7
     assert loop._consumer._fetch_min_bytes == 1234
+    assert loop._commit_interval_s == 0.25
     assert loop._consumer._session_timeout_ms == settings.consumer_session_timeout_ms
