@@ -5,7 +5,8 @@ Where the advisories come from (``RETAIN_AUDIT_SOURCE``, default ``auto`` = the 
 * ``osv`` — the live OSV API (api.osv.dev), which carries the PyPA advisory database and GitHub's;
 * ``pypi`` — PyPI's JSON API (``/pypi/<name>/<version>/json``, its ``vulnerabilities``);
 * ``snapshot`` — a dated copy of the PyPA advisory database (the first of ``$RETAIN_AUDIT_ADVISORIES``,
-  ``../shared/advisories``, ``var/audit/advisories`` that exists), served to pip-audit by
+  ``../shared/advisories``, ``var/audit/advisories``, and the committed ``deploy/audit/advisories``
+  that exists), served to pip-audit by
   :mod:`tests.audit.osv` on 127.0.0.1 for the few seconds of the audit.
 
 A source counts as working only if it reports a known vulnerability of a canary (jinja2 2.10): a
@@ -156,6 +157,12 @@ def probe_pypi(template: str = PYPI_JSON_URL) -> str | None:
     return None
 
 
+# The last resort, kept with the code: the packages of uv.lock from the newest copy of the
+# database the team's offline machines could reach. Old (its age is printed with every audit),
+# but an audit against it says something, where none said nothing at all.
+COMMITTED_SNAPSHOT = REPO_ROOT / "deploy" / "audit" / "advisories"
+
+
 def snapshot_dirs() -> list[Path]:
     """Where a snapshot may be, in order of preference."""
     explicit = os.environ.get("RETAIN_AUDIT_ADVISORIES", "").strip()
@@ -164,6 +171,7 @@ def snapshot_dirs() -> list[Path]:
     return [
         REPO_ROOT.parent / "shared" / "advisories",
         REPO_ROOT / "var" / "audit" / "advisories",
+        COMMITTED_SNAPSHOT,
     ]
 
 
