@@ -23,6 +23,9 @@ a plain loop with the same concurrency (``messenger_send_concurrency``) straight
 target: ``OutboxProvider.send`` into another fresh directory, or ``TwilioProvider.send`` to
 the same Prism. No decisions, no database. Target ≥ 0.5× the bare loop.
 
+Both run with the collector as the worker processes run it (``shared.collector.settle_collector``
+once started), as in the segmenter and kpi sections.
+
 The service runs without the per-sender rate limiter (as in the service tests): the
 default pacing of a long code is 1 message per second, which would measure the limiter.
 """
@@ -56,6 +59,7 @@ from services.messenger.providers.twilio_sms import TwilioProvider
 from services.messenger.quiet import QuietHours, is_quiet
 from services.messenger.service import MessengerService
 from services.messenger.tables import messages
+from shared.collector import settle_collector
 from shared.db import Database, migrate
 from shared.events import (
     Channel,
@@ -71,7 +75,15 @@ from shared.kafka.producer import Producer
 from shared.service_main import worker_database
 from shared.topics import SEGMENTS, all_topic_names, ensure_topics
 from tests.bench.context import BenchContext, Options
-from tests.bench.infra import BENCH_VAR, Cpu, StatementCounter, Watch, noise_warning, say
+from tests.bench.infra import (
+    BENCH_VAR,
+    Cpu,
+    StatementCounter,
+    Watch,
+    collector_as_settled,
+    noise_warning,
+    say,
+)
 from tests.bench.profiling import where_time_goes
 from tests.bench.report import Row, Section, table
 
@@ -275,6 +287,7 @@ async def measured(
     try:
         await service.ensure_defaults()
         await producer.start()
+        settle_collector()  # as the workers run it (shared.service_main.worker)
         counter = StatementCounter(db.engine)
         with Cpu.measure(watch.pids, watch.families) as cpu:
             started = time.perf_counter()
@@ -306,6 +319,7 @@ async def bare(
     """The same messages straight to the same target, ``concurrency`` at a time."""
     provider: Provider = _twilio(prism_url) if target == "twilio" else OutboxProvider(outbox_dir)
     semaphore = asyncio.Semaphore(concurrency)
+    settle_collector()  # as the measured run
 
     async def one(msg: OutgoingMessage) -> None:
         async with semaphore:
@@ -372,6 +386,11 @@ def _start_prism(ctx: BenchContext) -> tuple[str | None, int | None, str | None]
 
 
 def run(ctx: BenchContext) -> Section:
+    with collector_as_settled():
+        return _run(ctx)
+
+
+def _run(ctx: BenchContext) -> Section:
     options = ctx.options
     kafka = ctx.kafka()
     prefix = f"bench{uuid.uuid4().hex[:8]}.retain."
