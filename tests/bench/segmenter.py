@@ -274,7 +274,7 @@ class _NotingService(SegmenterService):
 
 @dataclass
 class Load:
-    seconds: float  # run() → the last record committed
+    seconds: float  # run() → the last record applied
     first_commit_s: float  # run() → the first batch committed (start, group join, one batch)
     phases: dict[str, float]  # wall seconds: handler, tick, and calls within them
     batches: list[list[tuple[Position, str]]]
@@ -922,7 +922,7 @@ def _notes(dataset: Dataset, partitions: int, settings: SegmenterSettings, *back
         "objects collected every 10,000 allocations); the bench restores Python's defaults for "
         "the sections after this one.",
         "The measured time runs from `loop.run()` (consumer start and group join included, see "
-        "'first commit') to the commit of the last record and the acknowledgement of the last "
+        "'first commit') to the last record applied and the acknowledgement of the last "
         "customer_update (the relay drained); its committed positions must add up to N with nothing "
         "dead-lettered or duplicate, and every batch is checked against the dataset.",
         "The time-based sweep is off during the measured run: it is not part of applying the stream, "
