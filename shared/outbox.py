@@ -226,10 +226,11 @@ class OutboxRelay:
 
     async def _send_pending(self) -> None:
         if not self._leftovers_sent and self._pending:
-            # What an earlier process committed and never sent is older than anything here.
-            self._leftovers_sent = True
+            # What an earlier process committed and never sent is older than anything here;
+            # marked sent only once it is, so that a failed send tries them first again.
             statements = _statements(self._db.dialect, self._table)
             await self._send_table(statements.oldest_below, {"below": min(self._pending[0].ids)})
+            self._leftovers_sent = True
         while self._pending:
             # Everything handed over so far, in one call: the records are in memory already,
             # and each call waits a round trip for its acks. This task only runs when the

@@ -125,6 +125,24 @@ async def test_rows_an_earlier_process_left_go_out_first(db: tuple[Database, Tab
     assert await rows_left(database, table) == 0
 
 
+async def test_rows_an_earlier_process_left_go_out_first_after_a_failed_send_too(
+    db: tuple[Database, Table],
+) -> None:
+    database, table = db
+    async with database.transaction() as session:  # committed, then the process died
+        await enqueue(session, table, records("old1", "old2"))
+    broker = FakeBroker()
+    broker.away = True
+    relay = OutboxRelay(database, table, broker)
+    await commit(relay, database, "new1")
+    with pytest.raises(BrokerUnavailableError):
+        await relay.drain()
+    broker.away = False
+    await relay.drain()
+    assert broker.acked == [b"old1", b"old2", b"new1"]
+    assert await rows_left(database, table) == 0
+
+
 async def test_kafka_away_loses_nothing_and_holds_the_caller_back(db: tuple[Database, Table]) -> None:
     database, table = db
     broker = FakeBroker()
