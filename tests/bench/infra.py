@@ -453,9 +453,10 @@ def machine_info(kafka_version: str | None, postgres_version: str | None = None)
 
 @contextlib.contextmanager
 def collector_as_settled() -> Iterator[None]:
-    """Inside: the collector as a worker process runs it (``settle_collector``, called where
-    the section's service starts); afterwards as it was, so that the sections that follow
-    measure their services and baselines as they did before, each on its own terms."""
+    """Inside (or around a section's ``run``, as a decorator): the collector as a worker
+    process runs it (``settle_collector``, called where the section's service starts);
+    afterwards as it was, so that the sections that follow measure their services and
+    baselines as they did before, each on its own terms."""
     threshold = gc.get_threshold()
     try:
         yield

@@ -500,12 +500,8 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else 0.0
 
 
+@collector_as_settled()
 def run(ctx: BenchContext) -> Section:
-    with collector_as_settled():
-        return _run(ctx)
-
-
-def _run(ctx: BenchContext) -> Section:
     options = ctx.options
     kafka = ctx.kafka()
     prefix = f"bench{uuid.uuid4().hex[:8]}.retain."

@@ -385,12 +385,8 @@ def _start_prism(ctx: BenchContext) -> tuple[str | None, int | None, str | None]
     return server.url, server.process.pid, None
 
 
+@collector_as_settled()
 def run(ctx: BenchContext) -> Section:
-    with collector_as_settled():
-        return _run(ctx)
-
-
-def _run(ctx: BenchContext) -> Section:
     options = ctx.options
     kafka = ctx.kafka()
     prefix = f"bench{uuid.uuid4().hex[:8]}.retain."

@@ -625,12 +625,8 @@ def _share(value: float | None, seconds: float) -> str:
     return "" if value is None or seconds <= 0 else f"{value:.1f} s ({value / seconds:.0%})"
 
 
+@collector_as_settled()
 def run(ctx: BenchContext) -> Section:
-    with collector_as_settled():
-        return _run(ctx)
-
-
-def _run(ctx: BenchContext) -> Section:
     options = ctx.options
     kafka = ctx.kafka()
     prefix = f"bench{uuid.uuid4().hex[:8]}.retain."
