@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import operator
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -35,7 +36,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Result
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import TypeDecorator
 
@@ -254,7 +262,9 @@ class RowsWrite:
         not its default, so a missing key is an error here on every dialect)."""
         if self.columns is None:
             return await session.execute(self.statement, list(rows))
-        return await session.execute(self.statement, {c: [r[c] for r in rows] for c in self.columns})
+        return await session.execute(
+            self.statement, {c: list(map(operator.itemgetter(c), rows)) for c in self.columns}
+        )
 
 
 def _array_param(name: str, column: Any) -> Any:
@@ -307,6 +317,78 @@ def rows_ignoring_conflicts(session: AsyncSession, table: Table) -> RowsWrite:
 @functools.cache
 def _rows_ignoring_conflicts(dialect: str, table: Table) -> RowsWrite:
     return rows_insert(dialect, table, lambda ins: ins.on_conflict_do_nothing())
+
+
+async def copy_new_rows(session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert rows whose keys are new by construction: facts keyed by the event ids that this
+    transaction's ledger claim (``claim_events``) has just returned as new. There is no conflict
+    clause: a row whose key exists fails the transaction, as any broken invariant should.
+
+    On PostgreSQL the rows go as one binary COPY: the kpi consumer's message statuses (eleven
+    columns) went in at half the wall time and a third of the client CPU of the INSERT … SELECT
+    unnest of ``rows_insert``, whose array encoding checks every element (80,000 rows in
+    batches of 2,000, measured with asyncpg alone). The columns' bind processors run as they
+    would in an INSERT (a naive datetime is still refused). On SQLite, an executemany.
+    Every row must give every column. Must follow another statement of the transaction, which
+    begins PostgreSQL's transaction (the claim does); otherwise it refuses."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    if dialect.name != "postgresql":
+        await session.execute(_plain_insert(dialect.name, table), list(rows))
+        return
+    names, processors = _copy_columns(dialect, table)
+    columns = []
+    for name, process in zip(names, processors, strict=True):
+        values = map(operator.itemgetter(name), rows)
+        columns.append(list(values if process is None else map(process, values)))
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    if driver is None or not driver.is_in_transaction():
+        raise RuntimeError(f"COPY into {table.name} outside a begun transaction: it would not be atomic")
+    try:
+        await driver.copy_records_to_table(
+            table.name, records=zip(*columns, strict=True), columns=names, schema_name=table.schema
+        )
+    except Exception as exc:
+        raise await _as_statement_error(connection, raw.dbapi_connection, exc, f"COPY {table.name}") from exc
+
+
+async def _as_statement_error(
+    connection: AsyncConnection, adapted: Any, exc: Exception, statement: str
+) -> Exception:
+    """The error SQLAlchemy would have raised had the statement gone through it (asyncpg's own
+    error translated to the DBAPI's, then wrapped: IntegrityError, OperationalError, …), with
+    the connection invalidated if it is gone, so that callers, ``is_transient`` and the pool
+    see a failed COPY as they see a failed INSERT."""
+    try:
+        adapted._handle_exception(exc)  # SQLAlchemy's asyncpg adapter: raises the DBAPI's error
+    except Exception as translated:  # noqa: BLE001 - re-raised, wrapped, by the caller
+        orig: Any = translated
+    else:  # pragma: no cover - _handle_exception always raises
+        orig = exc
+    dialect = connection.dialect
+    gone = dialect.is_disconnect(orig, adapted, None)
+    if gone:
+        await connection.invalidate(orig)
+    wrapped: Exception = DBAPIError.instance(
+        statement, None, orig, dialect.loaded_dbapi.Error, connection_invalidated=gone, dialect=dialect
+    )
+    return wrapped
+
+
+@functools.cache
+def _plain_insert(dialect: str, table: Table) -> Any:
+    return dialect_insert(dialect, table)
+
+
+@functools.cache
+def _copy_columns(
+    dialect: Dialect, table: Table
+) -> tuple[tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]]:
+    names = tuple(c.name for c in table.c)
+    return names, tuple(c.type.dialect_impl(dialect).bind_processor(dialect) for c in table.c)
 
 
 def insert_ignoring_conflicts(session: AsyncSession, table: Table) -> Any:

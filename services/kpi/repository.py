@@ -26,7 +26,7 @@ from services.kpi.tables import (
     support_events,
     tickets,
 )
-from shared.db import RowsWrite, dialect_insert, rows_ignoring_conflicts, rows_insert
+from shared.db import RowsWrite, copy_new_rows, dialect_insert, rows_insert
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +183,9 @@ class KpiRepository:
     async def insert_facts(
         self, session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]
     ) -> None:
-        """Facts keyed by event id (ticket steps, cancellations, message statuses)."""
-        if rows:
-            await rows_ignoring_conflicts(session, table).execute(session, rows)
+        """Facts keyed by event id (ticket steps, cancellations, message statuses), of the
+        events the batch's ledger claim returned as new: none of them can be in the table."""
+        await copy_new_rows(session, table, rows)
 
     async def upsert_customers(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
         """Each attribute is a last-writer-wins register stamped "<UTC time>|<event id>"."""

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
+import asyncpg  # type: ignore[import-untyped]  # no stubs
 import httpx
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -255,6 +256,23 @@ class StatementCounter:
 
     def _statement(self, *_: object) -> None:
         self.statements += 1
+
+    @contextlib.contextmanager
+    def counting_copies(self) -> Iterator[None]:
+        """Also count PostgreSQL COPYs (``shared.db.copy_new_rows``), which go to asyncpg
+        directly and so past SQLAlchemy's events: every COPY in this process meanwhile."""
+        original = asyncpg.Connection.copy_records_to_table
+
+        async def counted(connection: asyncpg.Connection, *args: Any, **kwargs: Any) -> str:
+            self.statements += 1
+            status: str = await original(connection, *args, **kwargs)
+            return status
+
+        asyncpg.Connection.copy_records_to_table = counted
+        try:
+            yield
+        finally:
+            asyncpg.Connection.copy_records_to_table = original
 
     def _begin(self, *_: object) -> None:
         self.transactions += 1

@@ -12,7 +12,8 @@ of the backend (SQLite under var/bench, what ``make run`` uses, and PostgreSQL):
 * baseline: the project's ``ConsumerLoop`` with the same topics, batch size and per-topic
   decoding as the kpi consumer, whose handler does the bare minimum of an idempotent consumer
   in one transaction per batch: claim the batch's event ids in the ledger and insert one row per
-  new event into one table (bare consume + batch write);
+  new event into one table (bare consume + batch write), written as the kpi writes its facts
+  of new events (``shared.db.copy_new_rows``: a binary COPY on PostgreSQL);
 * the kpi consumer: ``services.kpi.consumer.build_loop`` with the real ``KpiService`` and its
   tick (ticket rebuild and Grafana tables, scheduled CLV refit, outbox relay), as
   ``python -m services.kpi.consumer``
@@ -64,7 +65,7 @@ from services.kpi.predictions import fit
 from services.kpi.service import KpiService
 from shared.codec import decode_with, encode, encode_key
 from shared.collector import settle_collector
-from shared.db import Database, UtcDateTime, applied_events_table, claim_events, migrate, rows_insert
+from shared.db import Database, UtcDateTime, applied_events_table, claim_events, copy_new_rows, migrate
 from shared.demo.generator import generate
 from shared.events import (
     EVENT_ADAPTER,
@@ -274,7 +275,7 @@ def _settings(bootstrap: str, prefix: str, partitions: int, url: str) -> KpiSett
 
 async def _consume(loop: ConsumerLoop[Payload], db: Database, clock: _Clock, n: int, watch: Watch) -> Run:
     sql = StatementCounter(db.engine)
-    with Cpu.measure(watch.pids, watch.families) as cpu:
+    with sql.counting_copies(), Cpu.measure(watch.pids, watch.families) as cpu:
         task = asyncio.create_task(loop.run())
         while loop.stats.records < n:
             await asyncio.sleep(0.005)
@@ -322,8 +323,6 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
     )
     async with db.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
-    # The batch write the services use (one statement per batch on PostgreSQL).
-    write_raw = rows_insert(db.dialect, raw)
     clock = _Clock()
 
     async def apply(batch: Sequence[Delivered[Payload]]) -> BatchResult:
@@ -342,7 +341,8 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
                 if d.value.event_id in new
             }
             if rows:
-                await write_raw.execute(session, list(rows.values()))
+                # The kpi's write of new facts (a binary COPY on PostgreSQL, an executemany on SQLite).
+                await copy_new_rows(session, raw, list(rows.values()))
         return BatchResult(applied=len(rows), duplicates=len(batch) - len(rows))
 
     async def handle(batch: Sequence[Delivered[Payload]]) -> BatchResult:

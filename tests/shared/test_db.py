@@ -30,13 +30,14 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 
 from shared.db import (
     Database,
     UtcDateTime,
     applied_events_table,
     claim_events,
+    copy_new_rows,
     in_list,
     json_type,
     json_values,
@@ -298,6 +299,115 @@ async def test_a_row_without_every_column_is_refused_and_writes_nothing(both: Da
             await write.execute(session, [good, {**without_note, "key": "b"}])
     async with both.sessions() as session:
         assert (await session.execute(select(facts))).all() == []
+
+
+def _fact(i: int) -> dict[str, Any]:
+    at = datetime(2026, 11, 26, 15, 0, 0, 123456, tzinfo=UTC)
+    jerusalem = timezone(timedelta(hours=2))
+    return {
+        "key": f"k{i}",
+        "at": (at + timedelta(minutes=i)).astimezone(jerusalem if i % 2 else UTC),
+        "amount": Decimal(f"{i}.0125"),
+        "flag": i % 2 == 0,
+        "note": None if i % 3 else f"note {i}",
+        "doc": [["x", i]] if i % 2 else {"segments": ["a", "b"][: i % 3], "n": i},
+    }
+
+
+async def _facts_back(db: Database) -> list[dict[str, Any]]:
+    async with db.sessions() as session:
+        return [dict(r._mapping) for r in await session.execute(select(facts).order_by(facts.c.at))]
+
+
+async def _claim_and_copy(db: Database, event_id: str, rows: list[dict[str, Any]]) -> None:
+    """A kpi-like batch: the ledger claim, then the facts of the new event."""
+    async with db.transaction() as session:
+        await claim_events(session, ledger, [(event_id, "t", 0, 0)])
+        await copy_new_rows(session, facts, rows)
+
+
+async def test_new_rows_are_copied_and_every_value_comes_back(both: Database) -> None:
+    """After the ledger claim, as the kpi consumer writes its facts: PostgreSQL's binary COPY
+    (no INSERT statement at all), SQLite's executemany; the same values back either way."""
+    rows = [_fact(i) for i in range(250)]
+    seen = _statements(both)
+    async with both.transaction() as session:
+        await claim_events(session, ledger, [(f"e{i}", "t", 0, i) for i in range(250)])
+        await copy_new_rows(session, facts, rows[:200])
+        await copy_new_rows(session, facts, rows[200:])
+        await copy_new_rows(session, facts, [])
+    # The claim, then on PostgreSQL no INSERT through SQLAlchemy (two COPYs); on SQLite two executemanys.
+    assert seen == ([False] if both.dialect == "postgresql" else [True, True, True])
+    back = await _facts_back(both)
+    assert back == rows
+    assert all(r["at"].tzinfo is UTC for r in back)
+
+
+async def test_a_copied_row_whose_key_exists_fails_the_whole_transaction(both: Database) -> None:
+    """No conflict clause: a key already there is a broken invariant (a fact without its ledger
+    row). The error is SQLAlchemy's, as an INSERT's would be, and the batch's claim and rows go
+    back with it."""
+    await _claim_and_copy(both, "e-first", [_fact(1)])
+    with pytest.raises(IntegrityError):
+        await _claim_and_copy(both, "e-second", [_fact(2), _fact(1), _fact(3)])
+    assert [r["key"] for r in await _facts_back(both)] == ["k1"]
+    async with both.sessions() as session:
+        assert list((await session.execute(select(ledger.c.event_id))).scalars()) == ["e-first"]
+
+
+@pytest.fixture
+async def pg(pg_url: str) -> AsyncIterator[Database]:
+    database = Database(pg_url)
+    async with database.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield database
+    await database.dispose()
+
+
+async def test_a_copy_on_a_lost_connection_is_a_transient_error_and_the_retry_goes_through(
+    pg: Database,
+) -> None:
+    """PostgreSQL ends the session between the claim and the COPY (a restart, an admin): the
+    consumer loop must see what it sees when an INSERT fails so, retry, and get a new connection."""
+
+    async def cut_off_before_the_copy() -> None:
+        async with pg.transaction() as session:
+            await claim_events(session, ledger, [("e1", "t", 0, 0)])
+            pid = await session.scalar(text("SELECT pg_backend_pid()"))
+            async with pg.engine.connect() as other:
+                await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            await copy_new_rows(session, facts, [_fact(1)])
+
+    with pytest.raises(DBAPIError) as raised:
+        await cut_off_before_the_copy()
+    assert raised.value.statement == "COPY facts"  # the COPY's own error, not the rollback's after it
+    assert raised.value.connection_invalidated
+    assert is_transient(raised.value)
+    await _claim_and_copy(pg, "e1", [_fact(1)])
+    assert [r["key"] for r in await _facts_back(pg)] == ["k1"]
+
+
+async def test_a_copied_naive_datetime_is_refused_and_writes_nothing(both: Database) -> None:
+    naive = {**_fact(2), "at": datetime(2026, 1, 1)}  # noqa: DTZ001 - the point
+    with pytest.raises((StatementError, ValueError), match="naive datetime"):
+        await _claim_and_copy(both, "e", [_fact(1), naive])
+    assert await _facts_back(both) == []
+
+
+async def test_a_copy_before_any_statement_of_the_transaction_is_refused_on_postgresql(
+    both: Database,
+) -> None:
+    """asyncpg's transaction begins with the first statement SQLAlchemy sends; a COPY before it
+    would commit on its own, outside the batch's transaction. SQLite has no such gap."""
+    if both.dialect == "postgresql":
+        with pytest.raises(RuntimeError, match="outside a begun transaction"):
+            async with both.transaction() as session:
+                await copy_new_rows(session, facts, [_fact(1)])
+        assert await _facts_back(both) == []
+    else:
+        async with both.transaction() as session:
+            await copy_new_rows(session, facts, [_fact(1)])
+        assert [r["key"] for r in await _facts_back(both)] == ["k1"]
 
 
 async def test_many_rows_and_concurrent_tasks_share_the_engine(db: Database) -> None:
