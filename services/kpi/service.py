@@ -257,22 +257,26 @@ class KpiService:
             # The tickets are rebuilt from their steps by the periodic rollup (which marks the
             # response-time days they open on); readers derive the stale ones meanwhile.
             await self.repo.mark_tickets_stale(session, rows.ticket_ids)
-            dirty: dict[str, list[datetime]] = {}
+            # The earliest time each rollup must redo from. One min() per kind of fact: each
+            # comparison of two event times calls their tzinfo's utcoffset twice.
+            dirty: dict[str, datetime] = {}
+
+            def redo_from(name: str, at: datetime) -> None:
+                if name not in dirty or at < dirty[name]:
+                    dirty[name] = at
+
             if rows.purchases:
-                bought = rows.purchase_times()
-                dirty["churn"] = bought
-                dirty["clv"] = bought
-                window = self.settings.conversion_window
-                dirty["conversion"] = [at - window for at in bought]
+                bought = min(rows.purchase_times())
+                redo_from("churn", bought)
+                redo_from("clv", bought)
+                redo_from("conversion", bought - self.settings.conversion_window)
             if rows.cancellations:
-                dirty.setdefault("churn", []).extend(rows.cancellation_times())
+                redo_from("churn", min(rows.cancellation_times()))
             if rows.messages:
                 # A new status of a message redoes the day the message began on: the rollup
                 # widens this day to the first status of every message with a status since.
-                dirty.setdefault("conversion", []).extend(r["occurred_at"] for r in rows.messages)
-            await self.repo.mark_dirty(
-                session, {name: local_day(min(times), self.tz) for name, times in dirty.items() if times}
-            )
+                redo_from("conversion", min(r["occurred_at"] for r in rows.messages))
+            await self.repo.mark_dirty(session, {name: local_day(at, self.tz) for name, at in dirty.items()})
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
 
     # --- between batches -----------------------------------------------------------------------
