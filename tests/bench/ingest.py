@@ -201,16 +201,18 @@ def _details(measured: list[Measured], sends: list[SendBatchResult], rounds: int
     return lines
 
 
-def _profile(ctx: BenchContext, env: dict[str, str], key: str) -> list[str]:
-    """Single-event load against ingest with cProfile on for the timed window only."""
-    prof = BENCH_VAR / "ingest-single.prof"
+def _profile(ctx: BenchContext, env: dict[str, str], key: str, batch_size: int) -> list[str]:
+    """Load of ``batch_size`` events per request against ingest with cProfile on for the timed
+    window only."""
+    what = "single events" if batch_size == 1 else f"batches of {batch_size}"
+    prof = BENCH_VAR / ("ingest-single.prof" if batch_size == 1 else f"ingest-batch-{batch_size}.prof")
     prof.unlink(missing_ok=True)
     port = free_port()
     argv = [sys.executable, "-m", "tests.bench.profiled_server", INGEST_APP, str(port), str(prof)]
     server = Server("ingest-profiled", argv, env, port)
     with running(server, ("/healthz", "/readyz")):
         _check(server, key)
-        result = _load(ctx, "ingest under cProfile, single event", server, key, 1, profile_pid=server.pid)
+        result = _load(ctx, f"ingest under cProfile, {what}", server, key, batch_size, profile_pid=server.pid)
         # The server writes its dump on the way out: wait until the file exists and has
         # stopped growing, rather than for a guessed while.
         deadline = time.monotonic() + 30.0
@@ -219,7 +221,7 @@ def _profile(ctx: BenchContext, env: dict[str, str], key: str) -> list[str]:
             time.sleep(0.1)
             sizes.append(prof.stat().st_size if prof.exists() else -1)
     lines = [
-        f"### Profile of ingest, single events (cProfile over the timed window; `var/bench/{prof.name}`)",
+        f"### Profile of ingest, {what} (cProfile over the timed window; `var/bench/{prof.name}`)",
         "",
         f"Under the profiler ingest did {result.events_per_s:,.0f} events/s "
         f"(server CPU {_cpu(result.watched_cpu.get('server'))}); not comparable with the table.",
@@ -297,6 +299,14 @@ def run(ctx: BenchContext) -> Section:
     def ratio(value: float, base: float) -> float:
         return value / base if base > 0 else 0.0
 
+    def round_ratio(subject: Measured, base: Measured) -> float:
+        """The median over rounds of the round's ratio: a round's two measurements are seconds
+        apart, so a slow patch of the machine that spans a round hits both (as in the kpi and
+        end-to-end sections); a ratio of medians would pair figures from different rounds."""
+        return statistics.median(
+            ratio(s.events_per_s, b.events_per_s) for s, b in zip(subject.rounds, base.rounds, strict=True)
+        )
+
     section = Section("ingest", "Ingest: POST /v1/events")
     section.rows = [
         Row(bare_single.name + " (baseline)", bare_single.events_per_s),
@@ -305,11 +315,17 @@ def run(ctx: BenchContext) -> Section:
         Row(
             ingest_single.name,
             single,
-            ratio(single, bare_single.events_per_s),
+            round_ratio(ingest_single, bare_single),
             "bare endpoint, single event",
             SINGLE_TARGET,
         ),
-        Row(ingest_batch.name, batched, ratio(batched, single), "ingest, single event", BATCH_TARGET),
+        Row(
+            ingest_batch.name,
+            batched,
+            round_ratio(ingest_batch, ingest_single),
+            "ingest, single event",
+            BATCH_TARGET,
+        ),
         Row(
             ingest_batch.name,
             batched,
@@ -319,6 +335,12 @@ def run(ctx: BenchContext) -> Section:
         Row(ingest_batch.name, batched, ratio(batched, send_rate), "aiokafka send_batch alone"),
     ]
     section.details = _details(measured, sends, options.rounds)
+    for subject, base in ((ingest_single, bare_single), (ingest_batch, ingest_single)):
+        per_round = ", ".join(
+            f"{ratio(s.events_per_s, b.events_per_s):.2f}×"
+            for s, b in zip(subject.rounds, base.rounds, strict=True)
+        )
+        section.details.append(f"- {subject.name} / {base.name}, per round: {per_round}")
     section.notes = [
         "Ingest ran with its rate limiter off (RETAIN_INGEST_RATE_LIMIT_PER_S=0): the bench measures "
         "throughput, not the limiter.",
@@ -331,7 +353,8 @@ def run(ctx: BenchContext) -> Section:
         f"Load: {options.concurrency} keep-alive HTTP/1.1 connections from a separate process "
         f"(tests/bench/loadgen.py), {options.warmup:g} s warm-up then {options.seconds:g} s counted; only "
         f"202s count. Each measurement ran {options.rounds} time(s), interleaved; the table shows medians "
-        "and ratios of medians.",
+        "of events/s; a ratio with a target is the median of the rounds' ratios (each round's two "
+        "figures measured seconds apart), the others ratios of medians.",
         "send_batch baseline: one task per topic-partition, each sending groups of "
         f"{BATCH} pre-encoded events with create_batch()/send_batch() (a group spans several batches "
         "when it exceeds the producer's max_batch_size) and waiting for the acks.",
@@ -349,5 +372,5 @@ def run(ctx: BenchContext) -> Section:
             "what limits those numbers."
         )
     if options.profile:
-        section.appendix = _profile(ctx, env, key)
+        section.appendix = [*_profile(ctx, env, key, 1), "", *_profile(ctx, env, key, BATCH)]
     return section
