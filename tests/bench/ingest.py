@@ -299,13 +299,17 @@ def run(ctx: BenchContext) -> Section:
     def ratio(value: float, base: float) -> float:
         return value / base if base > 0 else 0.0
 
-    def round_ratio(subject: Measured, base: Measured) -> float:
-        """The median over rounds of the round's ratio: a round's two measurements are seconds
-        apart, so a slow patch of the machine that spans a round hits both (as in the kpi and
-        end-to-end sections); a ratio of medians would pair figures from different rounds."""
-        return statistics.median(
+    # A ratio with a target is the median over rounds of the round's ratio: a round's two
+    # measurements are seconds apart, so a slow patch of the machine that spans a round hits
+    # both (as in the kpi and end-to-end sections); a ratio of medians would pair figures from
+    # different rounds. The same per-round ratios are listed in the details.
+    compared = ((ingest_single, bare_single), (ingest_batch, ingest_single))
+    per_round = {
+        subject.name: [
             ratio(s.events_per_s, b.events_per_s) for s, b in zip(subject.rounds, base.rounds, strict=True)
-        )
+        ]
+        for subject, base in compared
+    }
 
     section = Section("ingest", "Ingest: POST /v1/events")
     section.rows = [
@@ -315,14 +319,14 @@ def run(ctx: BenchContext) -> Section:
         Row(
             ingest_single.name,
             single,
-            round_ratio(ingest_single, bare_single),
+            statistics.median(per_round[ingest_single.name]),
             "bare endpoint, single event",
             SINGLE_TARGET,
         ),
         Row(
             ingest_batch.name,
             batched,
-            round_ratio(ingest_batch, ingest_single),
+            statistics.median(per_round[ingest_batch.name]),
             "ingest, single event",
             BATCH_TARGET,
         ),
@@ -335,12 +339,9 @@ def run(ctx: BenchContext) -> Section:
         Row(ingest_batch.name, batched, ratio(batched, send_rate), "aiokafka send_batch alone"),
     ]
     section.details = _details(measured, sends, options.rounds)
-    for subject, base in ((ingest_single, bare_single), (ingest_batch, ingest_single)):
-        per_round = ", ".join(
-            f"{ratio(s.events_per_s, b.events_per_s):.2f}×"
-            for s, b in zip(subject.rounds, base.rounds, strict=True)
-        )
-        section.details.append(f"- {subject.name} / {base.name}, per round: {per_round}")
+    for subject, base in compared:
+        listed = ", ".join(f"{r:.2f}×" for r in per_round[subject.name])
+        section.details.append(f"- {subject.name} / {base.name}, per round: {listed}")
     section.notes = [
         "Ingest ran with its rate limiter off (RETAIN_INGEST_RATE_LIMIT_PER_S=0): the bench measures "
         "throughput, not the limiter.",
