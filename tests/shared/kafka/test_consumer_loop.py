@@ -118,6 +118,13 @@ def make_loop(
     )
 
 
+async def produce_purchases_of_three(kafka: KafkaHandle, topic: str, n: int) -> None:
+    """``n`` purchases of 1, taking turns among customers c0, c1 and c2 (n/3 each)."""
+    await produce(
+        kafka, topic, [(f"c{i % 3}", encode_event(purchase(i, f"c{i % 3}", "1"))) for i in range(n)]
+    )
+
+
 async def drain(loop: ConsumerLoop[Event], expected: int, timeout_s: float = 30) -> None:
     """Run batches until ``expected`` records were handled (applied, skipped or dead-lettered)."""
     await loop._producer.start()
@@ -173,9 +180,7 @@ async def test_crash_before_commit_redelivers_and_the_ledger_makes_it_a_noop(
     kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
 ) -> None:
     topic = topic_prefix + "purchases"
-    await produce(
-        kafka, topic, [(f"c{i % 3}", encode_event(purchase(i, f"c{i % 3}", "1"))) for i in range(30)]
-    )
+    await produce_purchases_of_three(kafka, topic, 30)
     group = f"g-{unique}"
 
     crashing = make_loop(kafka, topic, group, ToyHandler(db))
@@ -322,9 +327,7 @@ async def test_a_crash_with_applied_batches_not_committed_yet_changes_nothing_tw
 ) -> None:
     """What a commit interval risks: the batches applied since the last commit come again."""
     topic = topic_prefix + "purchases"
-    await produce(
-        kafka, topic, [(f"c{i % 3}", encode_event(purchase(i, f"c{i % 3}", "1"))) for i in range(120)]
-    )
+    await produce_purchases_of_three(kafka, topic, 120)
     group = f"g-{unique}"
     crashing = make_loop(kafka, topic, group, ToyHandler(db), commit_interval_ms=60_000)
     try:
