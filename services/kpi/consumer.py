@@ -29,7 +29,7 @@ def build_loop(
             return decode_with(MESSAGE_EVENT_ADAPTER, payload)
         return decode_with(EVENT_ADAPTER, payload)
 
-    return ConsumerLoop(
+    loop: ConsumerLoop[Event | MessageEvent] = ConsumerLoop(
         bootstrap=settings.kafka_bootstrap,
         topics=[settings.topic(t) for t in (PROFILES, PURCHASES, SUPPORT, CANCELLATIONS, MESSAGES)],
         group_id=settings.kpi_group_id,
@@ -40,6 +40,8 @@ def build_loop(
         tick=service.tick,
         **settings.consumer_options(),
     )
+    service.catching_up = lambda: loop.behind  # the scheduled CLV fit waits for a backlog to be applied
+    return loop
 
 
 async def main(settings: KpiSettings | None = None) -> None:

@@ -228,6 +228,9 @@ class KpiService:
         # refit's enqueue, and after a failed send: not after every batch.
         self._outbox_clean = False
         self._last_fit: float | None = None
+        self._started = time.monotonic()
+        # Whether the consumer is still working through a backlog; its loop says (build_loop).
+        self.catching_up: Callable[[], bool] = lambda: False
         self._gauges_at = -float("inf")
         self._fit_lock = asyncio.Lock()
 
@@ -298,10 +301,16 @@ class KpiService:
             self._outbox_clean = True
 
     async def _refit_due(self) -> bool:
-        if self._last_fit is None:
-            return True
-        since = time.monotonic() - self._last_fit
+        """The scheduled fit waits for a backlog to be applied: a fit on the first minutes of a
+        replayed history would be published and served until the next one. The hourly interval
+        (since the last fit, or the start) bounds the wait, so that a consumer that never catches
+        up still refits."""
+        since = time.monotonic() - (self._started if self._last_fit is None else self._last_fit)
         if since >= self.settings.kpi_clv_refit_interval_s:
+            return True
+        if self.catching_up():
+            return False
+        if self._last_fit is None:
             return True
         if since < self.settings.kpi_clv_refit_after_change_s:
             return False

@@ -498,6 +498,21 @@ async def test_clv_model_customer_and_publication(kpi: Kpi) -> None:
     assert summary["model"]["params"]["r"] > 0
 
 
+async def test_a_backlog_defers_the_scheduled_fit_at_most_the_refit_interval(kpi: Kpi) -> None:
+    """While the consumer works through a backlog the tick does not fit (test_consumer has the
+    loop's side); a consumer that never catches up still refits once the interval is up."""
+    kpi.at(utc(1997, 10, 1, 12))
+    await kpi.apply(cdnow_events(50))
+    kpi.service.catching_up = lambda: True
+    await kpi.service.tick()
+    async with kpi.db.sessions() as s:
+        assert await kpi.service.repo.predictions(s) == {}
+    kpi.service.settings = kpi.service.settings.model_copy(update={"kpi_clv_refit_interval_s": 0})
+    await kpi.service.tick()
+    async with kpi.db.sessions() as s:
+        assert len(await kpi.service.repo.predictions(s)) == 50
+
+
 async def test_a_degenerate_fit_publishes_no_nonsense(kpi: Kpi) -> None:
     kpi.at(utc(2026, 1, 1, 12))
     await kpi.apply(no_dropout_buyers())

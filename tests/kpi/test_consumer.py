@@ -109,9 +109,8 @@ def settings_for(
         topic_prefix=prefix,
         kpi_database_url=url,
         kpi_group_id=group,
-        kpi_batch_size=200,
         var_dir=tmp_path,
-        **kw,
+        **{"kpi_batch_size": 200, **kw},
     )
 
 
@@ -272,6 +271,41 @@ async def test_shuffled_duplicated_stream_gives_the_oracles_kpis(
         assert float(latest[sorted(buyers)[0]].predicted_clv) == pytest.approx(
             stored["predicted_clv"], abs=0.01
         )
+    finally:
+        await producer.stop()
+        await db.dispose()
+
+
+class FitsWatched(KpiService):
+    """Notes how many orders each scheduled refit found stored."""
+
+    fits: list[int]
+
+    async def refit_and_publish(self) -> int:
+        async with self.db.sessions() as session:
+            self.fits.append(len(await self.repo.purchases(session)))
+        return await super().refit_and_publish()
+
+
+async def test_the_first_clv_fit_waits_for_the_backlog(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, database_url: str, tmp_path: Path
+) -> None:
+    """A consumer started on a backlog (make run's replayed year, a new deployment) fits once it
+    has caught up: a fit after its first batch was published and served until the next refit,
+    minutes later, from a fraction of the history."""
+    events = demo_events(60)
+    await produce(kafka, topic_prefix, list(events))
+    orders = len({(e.customer_id, e.order_id) for e in events if isinstance(e, PurchaseEvent)})
+    settings = settings_for(kafka, topic_prefix, database_url, f"kpi-{unique}", tmp_path, kpi_batch_size=40)
+    db = Database(database_url, inline_sqlite=True)
+    await migrate(db, MIGRATIONS)
+    producer = Producer(kafka.bootstrap, client_id="kpi-test")
+    service = FitsWatched(db, settings, producer, clock=lambda: NOW)
+    service.fits = []
+    try:
+        loop = await consume(settings, service, producer, len(events))
+        assert loop.stats.batches >= len(events) // 40  # a backlog of many batches
+        assert service.fits == [orders]  # one fit, on every order
     finally:
         await producer.stop()
         await db.dispose()
