@@ -10,7 +10,8 @@ Definitions (docs/kpis.md, "Conversion of outreach"):
 * revenue of a message: the purchases in that window (reporting currency); a purchase that
   follows two messages counts for both (a per-message view, not an attribution model);
 * uplift: treatment conversion rate - holdout conversion rate, with Newcombe's hybrid score
-  95 % interval (``stats.newcombe_difference``);
+  95 % interval (``stats.newcombe_difference``), over the messages of the journeys that have
+  both arms among those compared (so the rates it subtracts can differ from the shown ones);
 * delivery rate = delivered / attempted, failure rate = failed-or-undelivered (never delivered)
   / attempted, where attempted = reached any of sent, delivered, undelivered, failed;
 * actions per engagement = (replies + clicks + purchases in the window) of delivered messages
@@ -160,7 +161,15 @@ class ConversionStats:
 def summarize(
     messages: Iterable[Message], purchases: Mapping[str, Purchases], window: timedelta
 ) -> ConversionStats:
+    messages = list(messages)
+    # The uplift compares like with like: the journeys with both arms among these messages.
+    # A journey without a holdout group (a complaint acknowledgement, an order thank-you sent
+    # to everyone) converts at its own rate, which no holdout of another journey measures.
+    treated = {m.journey for m in messages if m.arm is Arm.TREATMENT}
+    held_back = {m.journey for m in messages if m.arm is Arm.HOLDOUT}
+    compared = treated & held_back
     sent = conversions = held = held_conversions = attempted = delivered = failed = actions = 0
+    compared_sent = compared_conversions = compared_held = compared_held_won = 0
     unconverted = 0
     revenue = Decimal(0)
     for m in messages:
@@ -170,15 +179,21 @@ def summarize(
             conversions += result.converted
             revenue += result.revenue
             unconverted += result.unconverted
+            if m.journey in compared:
+                compared_sent += 1
+                compared_conversions += result.converted
         elif m.arm is Arm.HOLDOUT:
             held += 1
             held_conversions += result.converted
+            if m.journey in compared:
+                compared_held += 1
+                compared_held_won += result.converted
         attempted += m.attempted
         delivered += m.delivered
         failed += m.failed
         if m.delivered:
             actions += m.replies + m.clicks + result.purchases
-    uplift = newcombe_difference(conversions, sent, held_conversions, held)
+    uplift = newcombe_difference(compared_conversions, compared_sent, compared_held_won, compared_held)
     return ConversionStats(
         sent=sent,
         conversions=conversions,

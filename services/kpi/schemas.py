@@ -148,7 +148,11 @@ class ConversionStatsOut(_Out):
     holdout: int = Field(description="Holdout messages (held back for the journey's control group).")
     holdout_conversions: int
     holdout_rate: float | None
-    uplift: float | None = Field(description="conversion_rate - holdout_rate.")
+    uplift: float | None = Field(
+        description="Treatment minus holdout conversion rate over the journeys with both arms here "
+        "(a journey without a holdout group is left out, so this can differ from "
+        "conversion_rate - holdout_rate)."
+    )
     uplift_ci_low: float | None = Field(description="95 % Newcombe hybrid score interval.")
     uplift_ci_high: float | None
     attempted: int

@@ -141,6 +141,11 @@ PREDICTIONS_PUBLISHED = Counter(
 ROLLUPS = Counter("retain_kpi_rollups_total", "Grafana-table recomputations, by table.", ["table"])
 
 
+# Bumped when a KPI's definition changes, so that the Grafana tables of a running installation
+# are recomputed with it (2: the uplift compares only the journeys that have both arms).
+DEFINITIONS_VERSION = 2
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -324,6 +329,7 @@ class KpiService:
         """What the Grafana tables depend on besides the facts; a change recomputes them all."""
         s = self.settings
         parts = (
+            str(DEFINITIONS_VERSION),
             s.kpi_timezone,
             s.fx.fingerprint(),
             repr(sorted(s.kpi_first_response_targets_h.items())),

@@ -129,6 +129,28 @@ def test_conversion_uplift_revenue_and_delivery() -> None:
     assert s.actions_per_engagement == 2.0
 
 
+def test_the_uplift_leaves_out_journeys_without_both_arms() -> None:
+    """A journey without a holdout group (complaint acknowledgements) converts at its own rate:
+    it is in the conversion rate, not in the uplift; nor is a holdout with nothing sent."""
+    extra = [
+        # complaint_ack, sent to everyone: c1 and c2 buy within 7 days of the 10th.
+        fact("A1", "c1", "sent", at(10), journey="complaint_ack"),
+        fact("A2", "c2", "sent", at(10), journey="complaint_ack"),
+        # win_back held back but sent to no one in the period: c4 bought on the 15th.
+        fact("W1", "c4", "holdout", at(10), journey="win_back", holdout=True),
+    ]
+    s = summarize(build_messages([*facts(), *extra]), purchases(), WINDOW)
+    assert (s.sent, s.conversions) == (6, 5)  # M1, M2, M3, M7 and A1, A2; all but M3 converted
+    assert (s.holdout, s.holdout_conversions) == (3, 2)  # M4, M5 and W1; M4 and W1 converted
+    # The uplift is welcome's alone: 3/4 sent against 1/2 held back, as without the others.
+    assert s.uplift == pytest.approx(0.75 - 0.5)
+    expected = newcombe_difference(3, 4, 1, 2)
+    assert expected is not None
+    assert (s.uplift_ci_low, s.uplift_ci_high) == pytest.approx(expected[1:])
+    ack_only = summarize(build_messages(extra[:2]), purchases(), WINDOW)
+    assert (ack_only.conversion_rate, ack_only.uplift) == (1.0, None)
+
+
 def test_breakdown_by_channel() -> None:
     messages = build_messages(facts())
     sms = summarize([m for m in messages if m.channel == "sms"], purchases(), WINDOW)
