@@ -1084,35 +1084,36 @@ class KpiService:
                 ("0.9", st.first_response.p90_s),
                 ("mean", st.first_response.mean_s),
             ):
-                _set(FIRST_RESPONSE.labels(cat, q), v)
+                _set(FIRST_RESPONSE, (cat, q), v)
             for q, v in (
                 ("0.5", st.resolution.p50_s),
                 ("0.9", st.resolution.p90_s),
                 ("mean", st.resolution.mean_s),
             ):
-                _set(RESOLUTION.labels(cat, q), v)
-            _set(BREACH_RATE.labels(cat), st.breach_rate)
+                _set(RESOLUTION, (cat, q), v)
+            _set(BREACH_RATE, (cat,), st.breach_rate)
             FIRST_RESPONSE_TARGET.labels(cat).set(targets.per_category.get(cat, targets.default_s))
         for cat in {*response, *breaching}:
             OPEN_IN_BREACH.labels(cat).set(breaching.get(cat, 0))
         for label, bucket in zip(("previous", "current"), churned["buckets"], strict=False):
             for kind in ("contractual", "non_contractual", "lapsed"):
                 if bucket[kind] is not None:  # non_contractual: None before the first CLV model
-                    _set(CHURN_RATE.labels(kind, label), bucket[kind].rate)
+                    _set(CHURN_RATE, (kind, label), bucket[kind].rate)
         for j, conv in per_journey.items():
-            _set(CONVERSION_RATE.labels(j, "treatment"), conv.conversion_rate)
-            _set(CONVERSION_RATE.labels(j, "holdout"), conv.holdout_rate)
-            _set(UPLIFT.labels(j, "estimate"), conv.uplift)
-            _set(UPLIFT.labels(j, "ci_low"), conv.uplift_ci_low)
-            _set(UPLIFT.labels(j, "ci_high"), conv.uplift_ci_high)
+            _set(CONVERSION_RATE, (j, "treatment"), conv.conversion_rate)
+            _set(CONVERSION_RATE, (j, "holdout"), conv.holdout_rate)
+            _set(UPLIFT, (j, "estimate"), conv.uplift)
+            _set(UPLIFT, (j, "ci_low"), conv.uplift_ci_low)
+            _set(UPLIFT, (j, "ci_high"), conv.uplift_ci_high)
             _set(
-                REVENUE_PER_MESSAGE.labels(j),
+                REVENUE_PER_MESSAGE,
+                (j,),
                 None if conv.revenue_per_message is None else float(conv.revenue_per_message),
             )
         for c, conv in per_channel.items():
-            _set(DELIVERY_RATE.labels(c), conv.delivery_rate)
-            _set(FAILURE_RATE.labels(c), conv.failure_rate)
-            _set(ACTIONS_PER_ENGAGEMENT.labels(c), conv.actions_per_engagement)
+            _set(DELIVERY_RATE, (c,), conv.delivery_rate)
+            _set(FAILURE_RATE, (c,), conv.failure_rate)
+            _set(ACTIONS_PER_ENGAGEMENT, (c,), conv.actions_per_engagement)
         predictions = list(stored.values())
         CLV_CUSTOMERS.set(len(predictions))
         CLV_PREDICTED_TOTAL.set(sum(p.predicted_clv for p in predictions))
@@ -1124,9 +1125,11 @@ class KpiService:
                 CLV_PARAM.labels(name).set(value)
 
 
-def _set(gauge: Any, value: float | None) -> None:
+def _set(gauge: Any, labels: tuple[str, ...], value: float | None) -> None:
+    """A series only for a value: asking for a labelled child already exports it, at 0, where
+    the API says null (no message, no ticket)."""
     if value is not None:
-        gauge.set(value)
+        gauge.labels(*labels).set(value)
 
 
 def _bounds(p: Period) -> tuple[datetime, datetime]:

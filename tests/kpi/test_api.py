@@ -543,7 +543,10 @@ async def test_clv_model_needs_data(kpi: Kpi) -> None:
 
 async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
     kpi.at(TICKETS_NOW)
-    await kpi.apply([*ticket_events(), *conversion_events(), profile("c1", utc(2026, 1, 1), locale="ar")])
+    ack = message("A1", "c8", "sent", utc(2026, 1, 11), journey="complaint_ack")  # no holdout group
+    await kpi.apply(
+        [*ticket_events(), *conversion_events(), ack, profile("c1", utc(2026, 1, 1), locale="ar")]
+    )
     response = await kpi.http.get("/metrics")
     assert response.status_code == 200
     lines = [line for line in response.text.splitlines() if line.startswith("retain_kpi_")]
@@ -553,6 +556,11 @@ async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
         for line in lines
     )
     assert any(line.startswith('retain_kpi_delivery_ratio{channel="sms"}') for line in lines)
+    # What the API gives as null has no series (not a 0): the uplift of a journey without a
+    # holdout group, the delivery ratio of messages never attempted (held out, capped: no channel).
+    uplifts = [line for line in lines if line.startswith("retain_kpi_conversion_uplift{")]
+    assert {line.split('journey="')[1].split('"')[0] for line in uplifts} == {"welcome"}
+    assert not [line for line in lines if line.startswith('retain_kpi_delivery_ratio{channel="unknown"}')]
     # As a label value of the KPI series. Not a substring of the whole page: the registry is
     # the test process's, and other tests' labels (random topic and group names, segments) are on it.
     leaked = [line for line in lines if any(f'"{cid}"' in line for cid in ("vip", "cust-T1", "c1", "c7"))]
