@@ -53,7 +53,9 @@ def _e164(value: str) -> str:
     try:
         parsed = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException as exc:
-        raise ValueError(f"not an E.164 phone number ({exc})") from exc
+        # The library's own words ("(0) Missing or invalid default region.") are about its
+        # arguments; a national number without +country is what a sender got wrong.
+        raise ValueError("not an E.164 phone number: + and the country code, e.g. +972521234567") from exc
     canonical = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
     # Possible rather than valid: number ranges are allocated faster than metadata ships.
     if canonical != value or not phonenumbers.is_possible_number(parsed):
