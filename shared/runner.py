@@ -110,8 +110,12 @@ def run(with_demo: bool = True) -> int:
         for p in processes:
             manager.add_process(p.name, shlex.join(p.command), env=env, cwd=str(REPO_ROOT))
         if with_demo:
+            # The key goes in the environment: a command line is readable by every user of the machine.
             manager.add_process(
-                "demo", shlex.join(demo_command(key, settings.var_dir)), env=env, cwd=str(REPO_ROOT)
+                "demo",
+                shlex.join(demo_command(settings.var_dir)),
+                env={**env, "RETAIN_API_KEY": key},
+                cwd=str(REPO_ROOT),
             )
         sys.stdout.write(_banner(settings, processes, key, with_demo))
         sys.stdout.flush()
@@ -122,11 +126,15 @@ def run(with_demo: bool = True) -> int:
         if broker is not None:
             log.info("stopping the Kafka broker")
             broker.stop()
+            log.info(
+                "Kafka broker stopped; everything is down", logs=str(settings.var_dir / "kafka" / "logs")
+            )
 
 
-def demo_command(key: str, var_dir: Path) -> list[str]:
+def demo_command(var_dir: Path) -> list[str]:
+    """The demo stream's sender; its API key comes from RETAIN_API_KEY."""
     return [
-        sys.executable, "-m", "shared.demo", "--url", "http://127.0.0.1:8001", "--api-key", key,
+        sys.executable, "-m", "shared.demo", "--url", "http://127.0.0.1:8001",
         "--seed", "7", "--customers", "3000", "--days", "365", "--start", _demo_start(var_dir),
         "--fast", "--then-live", "2",
     ]  # fmt: skip

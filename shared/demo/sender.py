@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -239,7 +240,12 @@ def _parser() -> argparse.ArgumentParser:
         help="RFC 3339 start of the history (default: --days before now, so it ends now)",
     )
     parser.add_argument("--url", default="http://127.0.0.1:8001", help="ingest base URL")
-    parser.add_argument("--api-key", help="ingest API key with the events:write scope")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("RETAIN_API_KEY"),
+        help="ingest API key with the events:write scope (default: $RETAIN_API_KEY, which keeps it "
+        "off the process list)",
+    )
     pacing = parser.add_mutually_exclusive_group()
     pacing.add_argument("--rate", type=float, help="events per second")
     pacing.add_argument(
@@ -283,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif start.tzinfo is None:
         parser.error("--start needs an offset, e.g. 2025-01-01T00:00:00+02:00")
     if args.dump is None and not args.api_key:
-        parser.error("--api-key is required unless --dump is given")
+        parser.error("--api-key (or RETAIN_API_KEY) is required unless --dump is given")
 
     began = time.perf_counter()
     events = generate(args.seed, args.customers, start, args.days)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from shared.demo import DemoEvent, generate
-from shared.demo.sender import SendError, SendReport, main, send
+from shared.demo.sender import SendError, SendReport, _parser, main, send
 
 URL = "http://ingest.test"
 KEY = "demo-key"
@@ -211,7 +211,15 @@ def test_cli_dump_writes_the_generated_events_as_jsonl(tmp_path: Path) -> None:
     assert [json.loads(line) for line in lines] == expected
 
 
-def test_cli_needs_a_key_to_send() -> None:
+def test_cli_needs_a_key_to_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RETAIN_API_KEY", raising=False)
     with pytest.raises(SystemExit) as info:
         main(["--customers", "1"])
     assert info.value.code == 2
+
+
+def test_cli_takes_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """make run passes the demo's key this way: a command line is on every user's process list."""
+    monkeypatch.setenv("RETAIN_API_KEY", "rk_from_env")
+    assert _parser().parse_args([]).api_key == "rk_from_env"
+    assert _parser().parse_args(["--api-key", "rk_flag"]).api_key == "rk_flag"
