@@ -9,6 +9,19 @@ from typing import Any
 import structlog
 
 
+class TransientCoordinatorAsWarning(logging.Filter):
+    """aiokafka logs at ERROR a group coordinator that is not there yet, and then retries by
+    itself: every group's first join on a fresh broker (the offsets topic is being created, so
+    each `make run` began with an ERROR) and every broker restart. A warning says what it is."""
+
+    TRANSIENT = ("GroupCoordinatorNotAvailableError", "NotCoordinatorForGroupError")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and any(t in record.getMessage() for t in self.TRANSIENT):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging(level: str = "INFO", json: bool = False) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -31,6 +44,9 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     # aiokafka logs every reconnect attempt at ERROR while a broker restarts; warnings suffice.
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    if not any(isinstance(f, TransientCoordinatorAsWarning) for f in coordinator.filters):
+        coordinator.addFilter(TransientCoordinatorAsWarning())
     # Alembic announces every plugin and the DDL mode at each start: noise once migrated.
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
