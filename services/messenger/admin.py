@@ -257,6 +257,23 @@ class MessengerAdmin:
             spec = journey_defaults().get(key.journey)
             body["kind"] = (spec.kind if spec else MessageKind.MARKETING).value
         template = Template.from_json(body)
+        # The journeys decide what a message is: a template cannot call itself transactional
+        # (and so skip the opt-out link) while a marketing journey sends it.
+        async with self.db.sessions() as session:
+            journeys = await self.service.journeys(session)
+        marketing = sorted(
+            j.name for j in journeys if j.template == key.journey and j.kind is MessageKind.MARKETING
+        )
+        if marketing and template.kind is not MessageKind.MARKETING:
+            raise TemplateInvalidError(
+                [
+                    TemplateError(
+                        "$.kind",
+                        f"{', '.join(marketing)} sends this template as marketing: it must be 'marketing' "
+                        "(and show {{ unsubscribe_url }})",
+                    )
+                ]
+            )
         # Rendering the sample data runs user code (bounded to about a second): off the loop.
         errors = await asyncio.to_thread(validate_template, template)
         if errors:

@@ -41,7 +41,7 @@ from services.messenger.quiet import QuietHours, customer_zone
 from services.messenger.repository import MessengerRepository
 from services.messenger.status import advances, ours
 from services.messenger.tables import applied_events, outbox
-from services.messenger.templates import Template, TemplateStore, build_variables, render
+from services.messenger.templates import Template, TemplateRenderError, TemplateStore, build_variables, render
 from shared.codec import encode, encode_key
 from shared.db import Database, claim_events
 from shared.events import (
@@ -939,7 +939,18 @@ class MessengerService:
             else None,
             perks_config=self.settings.messenger_tier_perks,
         )
-        rendered = render(template, variables, strict=False, kind=MessageKind(row.kind))
+        kind = MessageKind(row.kind)
+        rendered = render(template, variables, strict=False, kind=kind)
+        if (
+            kind is MessageKind.MARKETING
+            and (channel is Channel.SMS or (channel is Channel.WHATSAPP and row.whatsapp_mode != "template"))
+            and unsubscribe not in rendered.text
+        ):
+            # The template API checks this when a template is saved; the journey's kind can
+            # change afterwards. Email gets the link in its footer and headers whatever the text.
+            raise TemplateRenderError(
+                "$.text", "a marketing message must show how to opt out (unsubscribe_url)"
+            )
         address = {
             Channel.EMAIL: profile.email,
             Channel.SMS: profile.phone,

@@ -442,3 +442,39 @@ async def test_an_email_override_is_what_the_customer_gets(world: World, api: Cl
     assert outcome.status == "sent"
     [file] = list(world.outbox.iterdir())
     assert "spring edition" in file.read_text(encoding="utf-8")
+
+
+async def test_a_template_a_marketing_journey_sends_cannot_skip_the_opt_out(api: Clients) -> None:
+    """Calling a promotion 'transactional' would drop the opt-out link the law asks of it."""
+    url = "/v1/templates/thank_you/sms/en"  # thank_you is a marketing journey
+    put = await api.writer.put(url, json={"text": "20% off with CODE20", "kind": "transactional"})
+    assert put.status_code == 422, put.text
+    assert paths(put) == {"$.kind"}
+    assert "thank_you" in put.text
+    assert (await api.reader.get(url)).json()["overridden"] is False
+
+
+async def test_a_marketing_message_without_the_opt_out_is_not_sent(world: World, api: Clients) -> None:  # noqa: F811
+    """A journey turned marketing after its transactional template was saved: the sender checks
+    the rendered text too, and fails the message rather than send it without the link."""
+    url = "/v1/templates/notice/sms/he"
+    put = await api.writer.put(url, json={"text": "ההזמנה שלך בדרך.", "kind": "transactional"})
+    assert put.status_code == 200, put.text
+    journey = {**VIP, "name": "notice", "template": "notice", "kind": "transactional"}
+    assert (await api.writer.post("/v1/journeys", json=journey)).status_code == 201
+    changed = await api.writer.put("/v1/journeys/notice", json={**journey, "kind": "marketing"})
+    assert changed.status_code == 200, changed.text
+
+    # thank_you answers the same purchase and would take the day's marketing cap first.
+    thanks = (await api.reader.get("/v1/journeys/thank_you")).json()
+    off = await api.writer.put("/v1/journeys/thank_you", json={**thanks, "enabled": False})
+    assert off.status_code == 200, off.text
+    customer = customer_not_in_holdout("notice")
+    update = purchase_update(customer, 1, NOON, tier="platinum")
+    await world.service.apply_batch(delivered([update]))
+    [outcome] = await world.service.send_due()
+    assert outcome.status == "failed"
+    [row] = await messages(world, customer)
+    assert (row["journey"], row["status"]) == ("notice", "failed")
+    assert "opt out" in row["reason"]
+    assert not list(world.outbox.glob("*"))  # nothing reached the provider
