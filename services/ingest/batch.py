@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -109,6 +111,37 @@ def validate_batch(items: list[Any], max_batch: int, new_id: Any = uuid.uuid4) -
         errors = [_field_error(e) for e in exc.errors(include_url=False)]
         types = [_type_label(items[e.index]) for e in errors]
         raise InvalidBatchError(errors, types) from exc
+
+
+# At or before the Unix epoch: a zero or unset timestamp, or a year typed wrong. Histories older
+# than that are not customers' purchases.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -> None:
+    """Event times a schema cannot judge: more than ``max_future`` ahead of this server's clock
+    (a year typed wrong, milliseconds read as seconds) or not after 1970. Either would be
+    applied as a real purchase, a customer's last one for years. Refused whole, as any field."""
+    latest = now + max_future
+    ahead = f"{max_future.total_seconds() / 3600:g} h"
+    errors: list[FieldError] = []
+    for i, e in enumerate(events):
+        at = e.occurred_at
+        if at > latest:
+            errors.append(
+                FieldError(
+                    i,
+                    "occurred_at",
+                    f"{at.isoformat()} is in the future: this server's clock says "
+                    f"{now.isoformat(timespec='seconds')}, and at most {ahead} ahead is accepted",
+                )
+            )
+        elif at <= EARLIEST:
+            errors.append(
+                FieldError(i, "occurred_at", f"{at.isoformat()} is not after 1970-01-01: a zero timestamp?")
+            )
+    if errors:
+        raise InvalidBatchError(errors, [events[e.index].type for e in errors])
 
 
 def _check_size(count: int, max_batch: int) -> None:

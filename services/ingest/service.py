@@ -7,11 +7,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
-from services.ingest.batch import validate_body
+from services.ingest.batch import check_times, validate_body
 from services.ingest.dedupe import RecentIds
 from shared.codec import encode_event, encode_key
 from shared.events import TOPIC_OF_TYPE, Event
@@ -66,9 +67,13 @@ class IngestService:
         topic_prefix: str,
         max_batch: int,
         recent: RecentIds,
+        max_future: timedelta = timedelta(days=1),
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._producer = producer
+        self._max_future = max_future
+        self._wall_clock = wall_clock
         self._topic_of = {t: f"{topic_prefix}{topic}" for t, topic in TOPIC_OF_TYPE.items()}
         self._max_batch = max_batch
         self._recent = recent
@@ -80,7 +85,9 @@ class IngestService:
         self._duplicate = {t: EVENTS_DUPLICATE.labels(t) for t in TOPIC_OF_TYPE}
 
     def validate(self, body: bytes) -> list[Event]:
-        return validate_body(body, self._max_batch)
+        events = validate_body(body, self._max_batch)
+        check_times(events, self._wall_clock(), self._max_future)
+        return events
 
     def prepare(self, events: list[Event]) -> Prepared:
         """Sort out the duplicates and encode the rest, before anything is awaited: the events

@@ -140,6 +140,18 @@ async def test_same_id_twice_in_one_batch_is_produced_once(client: Client) -> No
         ({**_event("support", "c1", 1), "occurred_at": "2026-11-22T10:00:00"}, 422, "timezone"),
         ({**_event("support", "c1", 1), "type": "refund"}, 422, "'type' must be one of"),
         ([], 422, "empty"),
+        # A year typed wrong either way: applied, it would be the customer's last purchase for
+        # years, or their first.
+        (
+            [
+                _event("purchase", "c1", 1),
+                {**_event("purchase", "c1", 2), "occurred_at": "2031-01-01T10:00:00Z"},
+            ],
+            422,
+            "is in the future",
+        ),
+        ({**_event("purchase", "c1", 1), "occurred_at": "1900-01-01T00:00:00Z"}, 422, "not after 1970"),
+        ({**_event("support", "c1", 1), "occurred_at": "1970-01-01T00:00:00Z"}, 422, "a zero timestamp"),
     ],
 )
 async def test_invalid_events_reject_the_whole_batch(

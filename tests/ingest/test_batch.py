@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from services.ingest.batch import (
     BatchTooLargeError,
     InvalidBatchError,
     MalformedJsonError,
+    check_times,
     parse_body,
     validate_batch,
     validate_body,
@@ -189,3 +191,21 @@ def test_both_paths_accept_the_same_events_with_equal_values_and_refuse_alike(bo
     assert _outcome(lambda: validate_body(body, 3, _ids())) == _outcome(
         lambda: validate_batch(parse_body(body)[0], 3, _ids())
     )
+
+
+def test_event_times_within_a_day_ahead_and_after_1970_pass() -> None:
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    times = [
+        "2026-11-28T11:59:59+00:00",  # a day ahead, less a second
+        "2026-11-28T14:00:01+02:00",  # a day and a second
+        "1970-01-01T00:00:01+00:00",
+        "1970-01-01T02:00:00+02:00",  # the epoch, in Israel
+    ]
+    body = [{**EXAMPLES["purchase"], "event_id": f"p{i}", "occurred_at": t} for i, t in enumerate(times)]
+    events = validate_batch(body, 10)
+    check_times(events[:1] + events[2:3], now, timedelta(days=1))  # no error
+    with pytest.raises(InvalidBatchError) as info:
+        check_times(events, now, timedelta(days=1))
+    assert [(e.index, e.field) for e in info.value.errors] == [(1, "occurred_at"), (3, "occurred_at")]
+    assert "at most 24 h ahead" in info.value.errors[0].message
+    assert info.value.types == ["purchase", "purchase"]
