@@ -48,14 +48,19 @@ def _dlq(args: argparse.Namespace) -> int:
     from shared.dlq import replay  # noqa: PLC0415 - needs a broker
 
     settings = CommonSettings()
-    report = asyncio.run(
-        replay(settings.kafka_bootstrap, args.topic, args.since, dry_run=args.dry_run, reason=args.reason)
-    )
+    try:
+        report = asyncio.run(
+            replay(settings.kafka_bootstrap, args.topic, args.since, dry_run=args.dry_run, reason=args.reason)
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"retain dlq replay: {exc}\n")
+        return 2
     verb = "would replay" if args.dry_run else "replayed"
     sys.stdout.write(
         f"{report.topic}.dlq: scanned {report.scanned}, {verb} "
         f"{report.replayed if not args.dry_run else sum(report.by_reason.values())}"
-        f" (by reason: {report.by_reason or '-'}), older than --since: {report.skipped_before_since}\n"
+        f" (by reason: {report.by_reason or '-'}), older than --since: {report.skipped_before_since}, "
+        f"letters of a record already taken (one per consumer group): {report.same_record}\n"
     )
     return 0
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.kafka.producer import OutboundRecord, Producer
-from shared.topics import dlq
+from shared.topics import DLQ_SUFFIX, dlq
 
 
 @dataclass(slots=True)
@@ -25,6 +25,9 @@ class ReplayReport:
     scanned: int = 0
     replayed: int = 0
     skipped_before_since: int = 0
+    # Letters of a record already taken: every consumer group of a topic dead-letters the same
+    # poison record on its own, and it goes back once.
+    same_record: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -46,7 +49,13 @@ async def replay(
 ) -> ReplayReport:
     """Re-produce the dead letters of ``topic`` first seen at or after ``since`` (and, if
     given, refused for ``reason``) to the topic they came from."""
+    if topic.endswith(DLQ_SUFFIX):
+        raise ValueError(
+            f"{topic!r} is a dead-letter topic: give the topic its letters came from, "
+            f"{topic.removesuffix(DLQ_SUFFIX)!r}"
+        )
     report = ReplayReport(topic)
+    taken: set[tuple[str, str, str]] = set()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     producer = Producer(bootstrap, client_id="retain-dlq-replay")
     await consumer.start()
@@ -76,12 +85,19 @@ async def replay(
                             continue
                         if reason is not None and why != reason:
                             continue
-                        report.by_reason[why] = report.by_reason.get(why, 0) + 1
                         origin = _header(headers, "x-retain-topic") or topic
+                        partition = _header(headers, "x-retain-partition")
+                        offset = _header(headers, "x-retain-offset")
+                        if partition is not None and offset is not None:
+                            if (origin, partition, offset) in taken:
+                                report.same_record += 1
+                                continue
+                            taken.add((origin, partition, offset))
+                        report.by_reason[why] = report.by_reason.get(why, 0) + 1
                         batch.append(
                             OutboundRecord(
                                 origin,
-                                r.key or b"",
+                                r.key or b"",  # a keyless record: one partition, which consumers don't mind
                                 r.value or b"",
                                 (("x-retain-replayed-from", f"{name}:{r.partition}:{r.offset}".encode()),),
                             )

@@ -23,8 +23,11 @@ CLV = "clv"
 ALL_TOPICS = (PROFILES, PURCHASES, SUPPORT, CANCELLATIONS, SEGMENTS, MESSAGES, CLV)
 
 
+DLQ_SUFFIX = ".dlq"
+
+
 def dlq(topic: str) -> str:
-    return f"{topic}.dlq"
+    return f"{topic}{DLQ_SUFFIX}"
 
 
 def all_topic_names(prefix: str) -> list[str]:

@@ -46,3 +46,39 @@ async def test_replay_puts_dead_letters_back_on_their_topic(kafka: KafkaHandle, 
     back = await read_all(kafka.bootstrap, [topic])
     assert [(r.key, r.value) for r in back] == [(b"c1", b'{"b": 2}')]
     assert dict(back[0].headers)["x-retain-replayed-from"].startswith((topic + ".dlq:").encode())
+
+
+async def test_a_record_dead_lettered_by_every_group_goes_back_once(
+    kafka: KafkaHandle, topic_prefix: str
+) -> None:
+    """The segmenter and the kpi both read retain.purchases: a poison record there gets two
+    letters, and a replay that sent both would put it back twice."""
+    topic = topic_prefix + "purchases"
+    seen = datetime.now(UTC).isoformat().encode()
+
+    def letter(value: bytes, offset: int, group: bytes) -> OutboundRecord:
+        headers = (
+            ("x-retain-error", b"undecodable"),
+            ("x-retain-topic", topic.encode()),
+            ("x-retain-partition", b"2"),
+            ("x-retain-offset", str(offset).encode()),
+            ("x-retain-first-seen", seen),
+            ("x-retain-group", group),
+        )
+        return OutboundRecord(topic + ".dlq", b"c1", value, headers)
+
+    producer = Producer(kafka.bootstrap, client_id="dlq-test")
+    await producer.send_all([
+        letter(b'{"a": 1}', 7, b"retain-segmenter"),
+        letter(b'{"a": 1}', 7, b"retain-kpi"),
+        letter(b'{"b": 2}', 8, b"retain-kpi"),
+    ])  # fmt: skip
+    await producer.stop()
+
+    report = await replay(kafka.bootstrap, topic)
+    assert (report.scanned, report.replayed, report.same_record) == (3, 2, 1)
+    back = await read_all(kafka.bootstrap, [topic])
+    assert sorted(r.value for r in back) == [b'{"a": 1}', b'{"b": 2}']
+
+    with pytest.raises(ValueError, match="dead-letter topic"):
+        await replay(kafka.bootstrap, topic + ".dlq")
