@@ -9,9 +9,10 @@ Definitions (docs/kpis.md, "Conversion of outreach"):
 * it converted when the customer made a purchase in (exposure, exposure + window];
 * revenue of a message: the purchases in that window (reporting currency); a purchase that
   follows two messages counts for both (a per-message view, not an attribution model);
-* uplift: treatment conversion rate - holdout conversion rate, with Newcombe's hybrid score
-  95 % interval (``stats.newcombe_difference``), over the messages of the journeys that have
-  both arms among those compared (so the rates it subtracts can differ from the shown ones);
+* uplift, intent to treat: the conversion rate of the messages *assigned* to the journey
+  (every one not held out, sent or not) minus that of the held-out ones, each from its
+  decision (first event), over the journeys with both arms among the messages compared, with
+  Newcombe's hybrid score 95 % interval (``stats.newcombe_difference``);
 * delivery rate = delivered / attempted, failure rate = failed-or-undelivered (never delivered)
   / attempted, where attempted = reached any of sent, delivered, undelivered, failed;
 * actions per engagement = (replies + clicks + purchases in the window) of delivered messages
@@ -64,6 +65,7 @@ class Message:
     locale: str | None
     arm: Arm | None  # None: never sent nor held out (capped, no consent, failed at once …)
     at: datetime  # exposure (first sent / holdout), else the first attempt, else the first event
+    decided_at: datetime  # the first event: the decision, when the holdout was assigned
     attempted: bool
     delivered: bool
     failed: bool
@@ -99,6 +101,7 @@ def build_message(facts: Sequence[MessageFact]) -> Message:
         locale=attribute("locale"),
         arm=arm,
         at=anchor.at,
+        decided_at=ordered[0].at,
         attempted=bool(statuses & ATTEMPTED),
         delivered=delivered,
         failed=not delivered and bool(statuses & FAILED),
@@ -125,11 +128,15 @@ class Outcome:
 Purchases = Sequence[tuple[datetime, Decimal | None]]  # sorted by time; amount in reporting currency
 
 
-def outcome(message: Message, purchases: Purchases, window: timedelta) -> Outcome:
-    """The customer's purchases in (exposure, exposure + window]."""
+def outcome(
+    message: Message, purchases: Purchases, window: timedelta, *, since: datetime | None = None
+) -> Outcome:
+    """The customer's purchases in (start, start + window]: start is the exposure unless
+    ``since`` says otherwise."""
+    start = message.at if since is None else since
     times = [at for at, _ in purchases]
-    low = bisect_right(times, message.at)
-    high = bisect_right(times, message.at + window)
+    low = bisect_right(times, start)
+    high = bisect_right(times, start + window)
     inside = purchases[low:high]
     revenue = sum((amount for _, amount in inside if amount is not None), Decimal(0))
     return Outcome(len(inside), revenue, sum(1 for _, amount in inside if amount is None))
@@ -145,6 +152,9 @@ class ConversionStats:
     holdout: int
     holdout_conversions: int
     holdout_rate: float | None
+    assigned: int
+    assigned_conversions: int
+    assigned_rate: float | None
     uplift: float | None
     uplift_ci_low: float | None
     uplift_ci_high: float | None
@@ -162,38 +172,44 @@ def summarize(
     messages: Iterable[Message], purchases: Mapping[str, Purchases], window: timedelta
 ) -> ConversionStats:
     messages = list(messages)
-    # The uplift compares like with like: the journeys with both arms among these messages.
-    # A journey without a holdout group (a complaint acknowledgement, an order thank-you sent
-    # to everyone) converts at its own rate, which no holdout of another journey measures.
-    treated = {m.journey for m in messages if m.arm is Arm.TREATMENT}
+    # The uplift is intent to treat, as the messenger assigns its holdout: before consent,
+    # channel, caps and quiet hours, so a held-out message stands for one that might not have
+    # gone either. Against it stand all the journey's messages not held out (sent or not),
+    # from their decisions: "sent" alone would be the consenting, reachable customers, who buy
+    # more anyway. And like with like: only journeys with both arms among these messages (a
+    # complaint acknowledgement, sent to everyone, has no holdout to be measured against).
     held_back = {m.journey for m in messages if m.arm is Arm.HOLDOUT}
-    compared = treated & held_back
+    assigned_to = {m.journey for m in messages if m.arm is not Arm.HOLDOUT}
+    compared = held_back & assigned_to
     sent = conversions = held = held_conversions = attempted = delivered = failed = actions = 0
-    compared_sent = compared_conversions = compared_held = compared_held_won = 0
+    assigned = assigned_won = compared_held = compared_held_won = 0
     unconverted = 0
     revenue = Decimal(0)
     for m in messages:
-        result = outcome(m, purchases.get(m.customer_id, ()), window)
+        bought = purchases.get(m.customer_id, ())
+        result = outcome(m, bought, window)
         if m.arm is Arm.TREATMENT:
             sent += 1
             conversions += result.converted
             revenue += result.revenue
             unconverted += result.unconverted
-            if m.journey in compared:
-                compared_sent += 1
-                compared_conversions += result.converted
         elif m.arm is Arm.HOLDOUT:
             held += 1
             held_conversions += result.converted
-            if m.journey in compared:
+        if m.journey in compared:
+            won = outcome(m, bought, window, since=m.decided_at).converted
+            if m.arm is Arm.HOLDOUT:
                 compared_held += 1
-                compared_held_won += result.converted
+                compared_held_won += won
+            else:
+                assigned += 1
+                assigned_won += won
         attempted += m.attempted
         delivered += m.delivered
         failed += m.failed
         if m.delivered:
             actions += m.replies + m.clicks + result.purchases
-    uplift = newcombe_difference(compared_conversions, compared_sent, compared_held_won, compared_held)
+    uplift = newcombe_difference(assigned_won, assigned, compared_held_won, compared_held)
     return ConversionStats(
         sent=sent,
         conversions=conversions,
@@ -203,6 +219,9 @@ def summarize(
         holdout=held,
         holdout_conversions=held_conversions,
         holdout_rate=ratio(held_conversions, held),
+        assigned=assigned,
+        assigned_conversions=assigned_won,
+        assigned_rate=ratio(assigned_won, assigned),
         uplift=None if uplift is None else uplift[0],
         uplift_ci_low=None if uplift is None else uplift[1],
         uplift_ci_high=None if uplift is None else uplift[2],

@@ -390,17 +390,11 @@ class KpiRepository:
         return [CancellationRow(*r) for r in await session.execute(stmt.order_by(c.occurred_at))]
 
     async def message_facts(self, session: AsyncSession, start: datetime, end: datetime) -> list[MessageFact]:
-        """Every status event of the messages that were sent, held out or attempted in [start, end)."""
+        """Every status event of the messages with an event in [start, end): a superset of those
+        whose exposure is (the caller keeps those). Not only the sent, held-out or attempted
+        ones: the uplift's assigned arm counts the capped, unconsented and expired too."""
         m = message_events.c
-        anchored = (
-            select(m.message_id)
-            .where(
-                m.occurred_at >= start,
-                m.occurred_at < end,
-                m.status.in_(["sent", "holdout", "delivered", "undelivered", "failed"]),
-            )
-            .distinct()
-        )
+        anchored = select(m.message_id).where(m.occurred_at >= start, m.occurred_at < end).distinct()
         stmt = select(message_events).where(m.message_id.in_(anchored))
         return [
             MessageFact(

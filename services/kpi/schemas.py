@@ -148,10 +148,17 @@ class ConversionStatsOut(_Out):
     holdout: int = Field(description="Holdout messages (held back for the journey's control group).")
     holdout_conversions: int
     holdout_rate: float | None
+    assigned: int = Field(
+        description="The uplift's other arm (intent to treat): messages of the journeys with a holdout "
+        "here that were not held out, sent or not (capped, no consent, expired …)."
+    )
+    assigned_conversions: int = Field(
+        description="Assigned messages followed by a purchase, from the decision."
+    )
+    assigned_rate: float | None
     uplift: float | None = Field(
-        description="Treatment minus holdout conversion rate over the journeys with both arms here "
-        "(a journey without a holdout group is left out, so this can differ from "
-        "conversion_rate - holdout_rate)."
+        description="assigned_rate - the holdout rate of the same journeys (intent to treat); null "
+        "when no journey has both arms here."
     )
     uplift_ci_low: float | None = Field(description="95 % Newcombe hybrid score interval.")
     uplift_ci_high: float | None

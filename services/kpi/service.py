@@ -142,8 +142,9 @@ ROLLUPS = Counter("retain_kpi_rollups_total", "Grafana-table recomputations, by 
 
 
 # Bumped when a KPI's definition changes, so that the Grafana tables of a running installation
-# are recomputed with it (2: the uplift compares only the journeys that have both arms).
-DEFINITIONS_VERSION = 2
+# are recomputed with it (2: the uplift compares only the journeys that have both arms; 3: it
+# is intent to treat, with the assigned arm in kpi_conversion_daily).
+DEFINITIONS_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -530,6 +531,9 @@ class KpiService:
                             "holdout": s.holdout,
                             "holdout_conversions": s.holdout_conversions,
                             "holdout_rate": s.holdout_rate,
+                            "assigned": s.assigned,
+                            "assigned_conversions": s.assigned_conversions,
+                            "assigned_rate": s.assigned_rate,
                             "uplift": s.uplift,
                             "uplift_ci_low": s.uplift_ci_low,
                             "uplift_ci_high": s.uplift_ci_high,
@@ -746,7 +750,8 @@ class KpiService:
             bought = await self.repo.purchases(
                 session,
                 customer_ids={m.customer_id for m in messages},
-                since=whole.start,
+                # The uplift counts from each decision, which can come before the exposure.
+                since=min((m.decided_at for m in messages), default=whole.start),
                 until=whole.end + window + timedelta(microseconds=1),
             )
         return messages, _converted_purchases(bought, self.settings)
@@ -1102,6 +1107,7 @@ class KpiService:
         for j, conv in per_journey.items():
             _set(CONVERSION_RATE, (j, "treatment"), conv.conversion_rate)
             _set(CONVERSION_RATE, (j, "holdout"), conv.holdout_rate)
+            _set(CONVERSION_RATE, (j, "assigned"), conv.assigned_rate)
             _set(UPLIFT, (j, "estimate"), conv.uplift)
             _set(UPLIFT, (j, "ci_low"), conv.uplift_ci_low)
             _set(UPLIFT, (j, "ci_high"), conv.uplift_ci_high)

@@ -241,6 +241,9 @@ kpi_conversion_daily = Table(
     Column("holdout", Integer, nullable=False),
     Column("holdout_conversions", Integer, nullable=False),
     Column("holdout_rate", Float, nullable=True),
+    Column("assigned", Integer, nullable=False, server_default="0"),  # the uplift's intent-to-treat arm
+    Column("assigned_conversions", Integer, nullable=False, server_default="0"),
+    Column("assigned_rate", Float, nullable=True),
     Column("uplift", Float, nullable=True),
     Column("uplift_ci_low", Float, nullable=True),
     Column("uplift_ci_high", Float, nullable=True),

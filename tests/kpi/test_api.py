@@ -230,8 +230,11 @@ async def test_conversion_with_uplift(kpi: Kpi) -> None:
     assert (total["sent"], total["conversions"], total["conversion_rate"]) == (4, 3, 0.75)
     assert total["revenue"] == 282.5
     assert total["revenue_per_message"] == 70.625
-    assert (total["holdout"], total["holdout_rate"], total["uplift"]) == (2, 0.5, 0.25)
-    assert total["uplift_ci_low"] < 0.25 < total["uplift_ci_high"]
+    assert (total["holdout"], total["holdout_rate"]) == (2, 0.5)
+    # Intent to treat: the five messages not held out (M6 capped among them), three converted.
+    assert (total["assigned"], total["assigned_conversions"], total["assigned_rate"]) == (5, 3, 0.6)
+    assert total["uplift"] == pytest.approx(0.1)
+    assert total["uplift_ci_low"] < 0.1 < total["uplift_ci_high"]
     assert (total["delivery_rate"], total["failure_rate"], total["actions_per_engagement"]) == (
         0.5,
         0.25,
@@ -241,6 +244,26 @@ async def test_conversion_with_uplift(kpi: Kpi) -> None:
     assert body["total"]["groups"]["sms"]["sent"] == 2
     assert body["total"]["groups"]["email"]["actions_per_engagement"] == 2.0
     assert body["uplift_interval"].startswith("Newcombe")
+
+
+async def test_the_uplift_counts_from_decisions_before_the_period(kpi: Kpi) -> None:
+    """Held overnight: decided on the 9th (local), bought that evening, sent on the 10th. In a
+    period from the 10th the purchase precedes the sending but follows the decision."""
+    kpi.at(utc(2026, 1, 25))
+    await kpi.apply(
+        [
+            message("Q1", "c8", "held_quiet_hours", utc(2026, 1, 9, 12)),
+            purchase("c8", utc(2026, 1, 9, 20), "40", "ILS"),  # 22:00 in Jerusalem, on the 9th
+            message("Q1", "c8", "sent", utc(2026, 1, 10, 8)),
+            message("H1", "c9", "holdout", utc(2026, 1, 10, 8), channel=None, holdout=True),
+        ]
+    )
+    total = (await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-10", "to": "2026-01-12"}))["total"][
+        "stats"
+    ]
+    assert (total["sent"], total["conversions"]) == (1, 0)
+    assert (total["assigned"], total["assigned_conversions"], total["holdout"]) == (1, 1, 1)
+    assert total["uplift"] == 1.0
 
 
 # --- the Grafana tables --------------------------------------------------------------------------------
@@ -278,6 +301,15 @@ async def test_grafana_tables_follow_late_events(kpi: Kpi) -> None:
             )
         ).one()
         assert (sms.sent, sms.conversions, sms.delivered, sms.failed) == (2, 2, 1, 1)
+        # The uplift's arms of the 10th: M1, M2 and the capped M6 assigned (M1, M2 bought),
+        # M4 and M5 held out (M4 bought).
+        day = (
+            await s.execute(
+                select(kpi_conversion_daily).where(c.day == date(2026, 1, 10), c.dimension == "all")
+            )
+        ).one()
+        assert (day.assigned, day.assigned_conversions, day.holdout, day.holdout_conversions) == (3, 2, 2, 1)
+        assert day.uplift == pytest.approx(2 / 3 - 1 / 2)
         months = await s.scalar(select(func.count()).select_from(kpi_churn_monthly))
         assert months  # the purchases of the scenario give churn months too
 

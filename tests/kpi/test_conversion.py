@@ -117,8 +117,11 @@ def test_conversion_uplift_revenue_and_delivery() -> None:
     assert s.unconverted_purchases == 1
     # Holdout: M4 (bought on the 15th) and M5.
     assert (s.holdout, s.holdout_conversions, s.holdout_rate) == (2, 1, 0.5)
-    assert s.uplift == pytest.approx(0.25)
-    expected = newcombe_difference(3, 4, 1, 2)
+    # The uplift is intent to treat: every message of the journey not held out, sent or not
+    # (M6 was capped), from its decision. M1, M2 and M7 were followed by a purchase; M3, M6 not.
+    assert (s.assigned, s.assigned_conversions, s.assigned_rate) == (5, 3, 0.6)
+    assert s.uplift == pytest.approx(0.6 - 0.5)
+    expected = newcombe_difference(3, 5, 1, 2)
     assert expected is not None
     assert (s.uplift_ci_low, s.uplift_ci_high) == pytest.approx(expected[1:])
     # Delivery: 4 attempted, M1 and M3 delivered, M2 failed.
@@ -142,13 +145,29 @@ def test_the_uplift_leaves_out_journeys_without_both_arms() -> None:
     s = summarize(build_messages([*facts(), *extra]), purchases(), WINDOW)
     assert (s.sent, s.conversions) == (6, 5)  # M1, M2, M3, M7 and A1, A2; all but M3 converted
     assert (s.holdout, s.holdout_conversions) == (3, 2)  # M4, M5 and W1; M4 and W1 converted
-    # The uplift is welcome's alone: 3/4 sent against 1/2 held back, as without the others.
-    assert s.uplift == pytest.approx(0.75 - 0.5)
-    expected = newcombe_difference(3, 4, 1, 2)
+    # The uplift is welcome's alone: 3/5 assigned against 1/2 held back, as without the others.
+    assert (s.assigned, s.assigned_conversions) == (5, 3)
+    assert s.uplift == pytest.approx(0.6 - 0.5)
+    expected = newcombe_difference(3, 5, 1, 2)
     assert expected is not None
     assert (s.uplift_ci_low, s.uplift_ci_high) == pytest.approx(expected[1:])
     ack_only = summarize(build_messages(extra[:2]), purchases(), WINDOW)
     assert (ack_only.conversion_rate, ack_only.uplift) == (1.0, None)
+
+
+def test_the_uplift_counts_from_the_decision() -> None:
+    """A message held for quiet hours and sent two days later: a purchase in between follows
+    the decision (the holdout is measured from its decision too), not the sending."""
+    held_then_sent = [
+        fact("Q1", "c8", "held_quiet_hours", at(10)),
+        fact("Q1", "c8", "sent", at(12)),
+        fact("H1", "c9", "holdout", at(10), channel=None, holdout=True),
+    ]
+    bought = {"c8": [(at(11), Decimal(40))]}
+    s = summarize(build_messages(held_then_sent), bought, WINDOW)
+    assert (s.sent, s.conversions) == (1, 0)  # bought before it was sent
+    assert (s.assigned, s.assigned_conversions, s.holdout, s.holdout_conversions) == (1, 1, 1, 0)
+    assert s.uplift == 1.0
 
 
 def test_breakdown_by_channel() -> None:
