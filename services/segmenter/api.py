@@ -14,12 +14,15 @@ from services.segmenter.schemas import (
     AuditEntry,
     CustomerOut,
     DraftOut,
+    GroupOut,
     JobOut,
     MemberOut,
     MembersPage,
     PreviewOut,
     PublishOut,
     RulesProblem,
+    SegmentsOut,
+    TiersOut,
     ValidationOut,
     VersionOut,
     VersionSummary,
@@ -233,6 +236,32 @@ async def customer(
     if found is None:
         raise NotFoundError(f"no customer {customer_id!r}")
     return found
+
+
+@router.get(
+    "/v1/tiers",
+    response_model=TiersOut,
+    tags=["customers"],
+    summary="The published tiers with how many customers are in each",
+)
+async def tiers(_key: Reader, service: Service) -> TiersOut:
+    version, tiers, _ = await service.catalogue()
+    return TiersOut(
+        version=version, tiers=[GroupOut(name=n, description=d, customers=c) for n, d, c in tiers]
+    )
+
+
+@router.get(
+    "/v1/segments",
+    response_model=SegmentsOut,
+    tags=["customers"],
+    summary="The published segments with how many customers are in each",
+)
+async def segments(_key: Reader, service: Service) -> SegmentsOut:
+    version, _, segments = await service.catalogue()
+    return SegmentsOut(
+        version=version, segments=[GroupOut(name=n, description=d, customers=c) for n, d, c in segments]
+    )
 
 
 @router.get("/v1/segments/{name}/customers", response_model=MembersPage, tags=["customers"])

@@ -98,3 +98,19 @@ class MembersPage(BaseModel):
     segment: str
     customers: list[MemberOut]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end.")
+
+
+class GroupOut(BaseModel):
+    name: str
+    description: str
+    customers: int = Field(description="Customers in it now (a publish in progress moves them).")
+
+
+class TiersOut(BaseModel):
+    version: int = Field(description="The published rule version the tiers come from.")
+    tiers: list[GroupOut] = Field(description="In ladder order, then 'none' (no tier matched).")
+
+
+class SegmentsOut(BaseModel):
+    version: int = Field(description="The published rule version the segments come from.")
+    segments: list[GroupOut] = Field(description="In the rule set's order.")

@@ -20,8 +20,10 @@ from services.segmenter.profile import ProfileState, apply_event, facts_from_jso
 from services.segmenter.profile import facts as derive_facts
 from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
 from services.segmenter.rules import (
+    NO_TIER,
     CompiledRules,
     RuleChanges,
+    RuleSet,
     compile_rules,
     default_rules,
     ruleset_etag,
@@ -571,6 +573,23 @@ class SegmenterService:
     ) -> list[tuple[str, datetime]]:
         async with self.db.sessions() as session:
             return await self.repo.segment_members(session, segment, cursor, limit)
+
+    async def catalogue(self) -> tuple[int, list[tuple[str, str, int]], list[tuple[str, str, int]]]:
+        """The published version, its tiers (ladder order, then "none") and segments (rule
+        order), each as (name, description, customers in it now)."""
+        async with self.db.sessions() as session:
+            rules = await self.rules(session)
+            row = await self.repo.version(session, rules.version)
+            tiers = await self.repo.tier_counts(session)
+            segments = await self.repo.segment_counts(session)
+        ruleset = RuleSet.model_validate(row.rules)
+        described = {r.name: r.description for r in (*ruleset.tiers, *ruleset.segments)}
+        described.setdefault(NO_TIER, "no tier's rule matched")
+        return (
+            rules.version,
+            [(n, described.get(n, ""), tiers.get(n, 0)) for n in rules.tier_names],
+            [(n, described.get(n, ""), segments.get(n, 0)) for n in rules.segment_names],
+        )
 
     async def known_segment(self, segment: str) -> bool:
         async with self.db.sessions() as session:

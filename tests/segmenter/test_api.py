@@ -816,6 +816,30 @@ async def test_segments_follow_a_publish(api: Api) -> None:
     assert [c["customer_id"] for c in loyal["customers"]] == want
 
 
+@pytest.mark.parametrize("publish", [False, True])
+async def test_tiers_and_segments_are_listed_with_their_sizes(api: Api, publish: bool) -> None:
+    """What a marketer looks at first: which segments there are and how many are in each."""
+    rules = default_rules()
+    if publish:
+        rules = stricter_rules()
+        etag = await put_draft(api, rules)
+        await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})
+        await api.run_jobs()
+    want = expected(rules)
+    tiers = (await api.get("/v1/tiers", key=api.reader)).json()
+    assert tiers["version"] == (2 if publish else 1)
+    ladder = [t["name"] for t in rules["tiers"]] + ["none"]
+    assert [(t["name"], t["customers"]) for t in tiers["tiers"]] == [
+        (name, sum(1 for a in want.values() if a.tier == name)) for name in ladder
+    ]
+    assert tiers["tiers"][0]["description"] == rules["tiers"][0].get("description", "")
+    segments = (await api.get("/v1/segments", key=api.reader)).json()
+    assert [(g["name"], g["customers"]) for g in segments["segments"]] == [
+        (r["name"], sum(1 for a in want.values() if r["name"] in a.segments)) for r in rules["segments"]
+    ]
+    assert (await api.get("/v1/segments", key=api.stranger)).status_code == 403
+
+
 # --- auth and bad input ------------------------------------------------------------------------------
 
 
