@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from shared.conditions import Condition, ConditionError, compile_condition, validate
 from shared.events import Channel, CustomerUpdate, EventType, MessageKind, SupportAction, TriggeringEvent
@@ -55,6 +55,21 @@ class Trigger(BaseModel):
     segment_entered: str | None = None
     segment_left: str | None = None
     tier_upgrade: bool = Field(default=False, description="The tier moved up the ladder.")
+
+    @model_validator(mode="after")
+    def _fires(self) -> Trigger:
+        # An enabled journey whose trigger can never fire sends nothing, silently.
+        if not (
+            self.event or self.new_customer or self.segment_entered or self.segment_left or self.tier_upgrade
+        ):
+            raise ValueError(
+                "a trigger needs one of event, new_customer, segment_entered, segment_left or tier_upgrade"
+            )
+        if (self.support_action is not None or self.complaint is not None) and self.event != "support":
+            raise ValueError("support_action and complaint apply only with event 'support'")
+        if self.first_purchase and self.event != "purchase":
+            raise ValueError("first_purchase applies only with event 'purchase'")
+        return self
 
 
 class Wait(BaseModel):

@@ -139,6 +139,16 @@ async def test_invalid_journeys_are_422_naming_the_json_path(api: Clients) -> No
         json={**VIP, "wait": {"hours": 1, "unless": {"field": "tier", "op": "gt", "value": "x"}}},
     )
     assert paths(nested) == {"$.wait.unless.op"}
+
+    # A trigger that can never fire would be an enabled journey that silently sends nothing.
+    never = await api.writer.post("/v1/journeys", json={**VIP, "trigger": {}})
+    assert paths(never) == {"$.trigger"}
+    assert "a trigger needs one of event" in never.text
+    complaint_purchase = await api.writer.post(
+        "/v1/journeys", json={**VIP, "trigger": {"event": "purchase", "complaint": True}}
+    )
+    assert paths(complaint_purchase) == {"$.trigger"}
+    assert "only with event 'support'" in complaint_purchase.text
     # Nothing of it was stored.
     names = {j["name"] for j in (await api.reader.get("/v1/journeys")).json()["journeys"]}
     assert "vip_thanks" not in names
