@@ -221,14 +221,15 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
 
     if expires_at is not None and send_at.astimezone(UTC) >= expires_at:
         when = "was due" if send_at is now else f"could go at {send_at.astimezone(tz).isoformat()}"
-        reason = f"expired at {expires_at.astimezone(tz).isoformat()} (TTL {candidate.ttl}); {when}"
+        ttl = f"{candidate.ttl.total_seconds() / 3600:g} h"
+        reason = f"expired at {expires_at.astimezone(tz).isoformat()} (TTL {ttl}); {when}"
+        # No send_at: it never goes (when it could have is in the reason).
         return Decision(
             MessageStatus.EXPIRED,
             reason,
             channel=channel,
             whatsapp_mode=mode,
             skipped=skipped,
-            send_at=send_at,
             expires_at=expires_at,
         )
 

@@ -200,6 +200,8 @@ def test_expired_when_it_could_only_go_after_its_ttl() -> None:
     assert d.status is S.EXPIRED
     assert d.expires_at == TUESDAY_NIGHT + 5 * H
     assert "could go at" in d.reason
+    assert "(TTL 6 h)" in d.reason  # not "6:00:00"
+    assert d.send_at is None  # it never goes: no time to send it in the ledger
     # Already past its TTL when decided.
     stale = candidate(kind=TRX, triggered_at=TUESDAY_NOON - 3 * H, ttl=2 * H)
     assert decide(stale, context(), TUESDAY_NOON).status is S.EXPIRED
