@@ -669,7 +669,12 @@ class _Compiler:
             self.error(where, f"expected a field name (string), got {_json_type(name)}")
             return None
         if name not in self.catalogue:
-            self.error(where, f"unknown field {name!r}" + _suggest(name, list(self.catalogue)))
+            fields = sorted(self.catalogue)
+            self.error(
+                where,
+                f"unknown field {name!r}"
+                + (_suggest(name, fields) or f"; the fields are {', '.join(fields)}"),
+            )
             return None
         return name
 
@@ -745,7 +750,9 @@ class _Compiler:
             return self.instant(name, value, path)
         if not ok:
             got = _json_type(value)
-            if ftype == "number" and got == "number":
+            if ftype == "number" and got == "number" and isinstance(value, int):
+                got = f"{value}, an integer beyond 64 bits (JSON loses it; write it as a decimal, e.g. 1e20)"
+            elif ftype == "number" and got == "number":
                 got = "a non-finite number"
             elif value is None:
                 got = "null (use the exists operator for missing values)"

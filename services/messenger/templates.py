@@ -36,6 +36,7 @@ is small, ``*``/``**``/``+``/``~`` cannot build huge values, and output is cappe
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import re
 import time
@@ -1119,7 +1120,13 @@ def validate_template(template: Template) -> list[TemplateError]:
             errors.append(TemplateError(path, _message(exc)))
             continue
         for name in sorted(undeclared - allowed):
-            errors.append(TemplateError(path, f"unknown variable {name!r}; the variables are in VARIABLES"))
+            close = difflib.get_close_matches(name, sorted(allowed), n=2, cutoff=0.6)
+            hint = (
+                "did you mean " + " or ".join(repr(c) for c in close) + "?"
+                if close
+                else f"the variables are {', '.join(sorted(allowed))}"
+            )
+            errors.append(TemplateError(path, f"unknown variable {name!r}; {hint}"))
     if errors:
         return errors
     return _check_rendering(template)

@@ -152,10 +152,15 @@ def test_unknown_variable_is_rejected_naming_it(store: TemplateStore) -> None:
     errors = store.validate(template)
     assert [e.path for e in errors] == ["$.text"]
     assert "favourite_colour" in errors[0].message
+    assert "the variables are " in errors[0].message
+    assert "first_name" in errors[0].message
     with pytest.raises(TemplateInvalidError) as raised:
         store.put(template)
     assert raised.value.status_code == 422
     assert raised.value.errors == tuple(errors)
+    # A typo gets the name it was meant to be.
+    (typo,) = store.validate(custom("Hi {{ frist_name or '' }} {{ unsubscribe_url }}"))
+    assert typo.message.startswith("unknown variable 'frist_name'; did you mean 'first_name'")
 
 
 def test_unknown_variable_in_a_content_variable_is_rejected() -> None:
