@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, TypeAdapter
 
-from shared.events import EVENT_ADAPTER, Event
+from shared.events import EVENT_ADAPTER, TOPIC_OF_TYPE, Event
 
 T = TypeVar("T")
 
@@ -30,6 +30,17 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(payload: bytes) -> Event:
     return EVENT_ADAPTER.validate_json(payload)
+
+
+def decode_event_on(topic: str, payload: bytes) -> Event:
+    """A backend event read from ``topic``, refused (a ValueError: the consumer dead-letters it)
+    when its type belongs on another topic: a producer writing straight to Kafka that puts a
+    purchase on retain.support would otherwise have it applied as if nothing were wrong."""
+    event = EVENT_ADAPTER.validate_json(payload)
+    home = TOPIC_OF_TYPE[event.type]
+    if not topic.endswith(home):
+        raise ValueError(f"a {event.type} event on {topic}: {event.type} events go on the {home!r} topic")
+    return event
 
 
 def encode_key(customer_id: str) -> bytes:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from services.kpi.config import KpiSettings
 from services.kpi.service import KpiService
-from shared.codec import decode_with
-from shared.events import EVENT_ADAPTER, MESSAGE_EVENT_ADAPTER, Event, MessageEvent
+from shared.codec import decode_event_on, decode_with
+from shared.events import MESSAGE_EVENT_ADAPTER, Event, MessageEvent
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
 from shared.service_main import run_until_signalled, worker
@@ -27,7 +27,7 @@ def build_loop(
     def decode(topic: str, payload: bytes) -> Event | MessageEvent:
         if topic == messages_topic:
             return decode_with(MESSAGE_EVENT_ADAPTER, payload)
-        return decode_with(EVENT_ADAPTER, payload)
+        return decode_event_on(topic, payload)
 
     loop: ConsumerLoop[Event | MessageEvent] = ConsumerLoop(
         bootstrap=settings.kafka_bootstrap,

@@ -221,8 +221,8 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
 
     if expires_at is not None and send_at.astimezone(UTC) >= expires_at:
         when = "was due" if send_at is now else f"could go at {send_at.astimezone(tz).isoformat()}"
-        ttl = f"{candidate.ttl.total_seconds() / 3600:g} h"
-        reason = f"expired at {expires_at.astimezone(tz).isoformat()} (TTL {ttl}); {when}"
+        ttl = "" if candidate.ttl is None else f" (TTL {candidate.ttl.total_seconds() / 3600:g} h)"
+        reason = f"expired at {expires_at.astimezone(tz).isoformat()}{ttl}; {when}"
         # No send_at: it never goes (when it could have is in the reason).
         return Decision(
             MessageStatus.EXPIRED,

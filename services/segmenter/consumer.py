@@ -8,8 +8,8 @@ from pathlib import Path
 
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.service import SegmenterService
-from shared.codec import decode_with
-from shared.events import CLV_ADAPTER, EVENT_ADAPTER, ClvPrediction, Event
+from shared.codec import decode_event_on, decode_with
+from shared.events import CLV_ADAPTER, ClvPrediction, Event
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
 from shared.service_main import run_until_signalled, worker
@@ -27,7 +27,7 @@ def build_loop(
     def decode(topic: str, payload: bytes) -> Event | ClvPrediction:
         if topic == clv_topic:
             return decode_with(CLV_ADAPTER, payload)
-        return decode_with(EVENT_ADAPTER, payload)
+        return decode_event_on(topic, payload)
 
     loop = ConsumerLoop(
         bootstrap=settings.kafka_bootstrap,

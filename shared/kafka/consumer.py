@@ -115,6 +115,18 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_ERRORS)
 
 
+def _describe(exc: Exception) -> str:
+    """What was wrong with a record, for the one who produced it: every field error as
+    "path: message" (pydantic's own text opens with the model's internal name, e.g.
+    "tagged-union[function-after[…], …]", and ends each error with a documentation link)."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(record)'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors(include_url=False)
+    )
+
+
 def _reason(exc: BaseException) -> str:
     # A bounded label for metrics and headers: the class, never the message.
     return type(exc).__name__
@@ -309,7 +321,7 @@ class ConsumerLoop(Generic[T]):
             try:
                 value = self._decode(r.topic, r.value if r.value is not None else b"")
             except (ValidationError, ValueError, PermanentError) as exc:
-                detail = str(exc)[:2000]
+                detail = _describe(exc)[:2000]
                 dead.append(_DeadLetter(r, "undecodable", detail))
                 continue
             decoded.append((r, Delivered(r.topic, r.partition, r.offset, r.key, value, r.timestamp)))

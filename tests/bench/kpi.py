@@ -63,7 +63,7 @@ from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS, build_loop
 from services.kpi.predictions import fit
 from services.kpi.service import KpiService
-from shared.codec import decode_with, encode, encode_key
+from shared.codec import decode_event_on, decode_with, encode, encode_key
 from shared.collector import settle_collector
 from shared.db import Database, UtcDateTime, applied_events_table, claim_events, copy_new_rows, migrate
 from shared.demo.generator import generate
@@ -304,7 +304,7 @@ def _decoder(settings: KpiSettings) -> Any:
     def decode(topic: str, payload: bytes) -> Payload:
         if topic == messages_topic:
             return decode_with(MESSAGE_EVENT_ADAPTER, payload)
-        return decode_with(EVENT_ADAPTER, payload)
+        return decode_event_on(topic, payload)  # as the kpi consumer decodes
 
     return decode
 

@@ -375,9 +375,14 @@ async def test_poison_message_goes_to_the_dlq_and_the_rest_flows(
     kafka: KafkaHandle, topic_prefix: str, unique: str, tmp_path: Path
 ) -> None:
     events: list[Record] = list(demo_events(5, seed=3))
+    # A purchase a producer put on the support topic: valid, but not where it belongs.
+    stray = next(e for e in events if isinstance(e, PurchaseEvent)).model_copy(update={"event_id": "stray"})
     producer = Producer(kafka.bootstrap, client_id="poison")
     await producer.send_all(
-        [OutboundRecord(topic_prefix + "messages", b"c-x", b'{"type": "message", "status": "sent"}')]
+        [
+            OutboundRecord(topic_prefix + "messages", b"c-x", b'{"type": "message", "status": "sent"}'),
+            OutboundRecord(topic_prefix + "support", encode_key(stray.customer_id), encode(stray)),
+        ]
     )
     await producer.stop()
     await produce(kafka, topic_prefix, events)
@@ -388,11 +393,20 @@ async def test_poison_message_goes_to_the_dlq_and_the_rest_flows(
     producer = Producer(kafka.bootstrap, client_id="kpi-test")
     service = KpiService(db, settings, producer, clock=lambda: NOW)
     try:
-        loop = await consume(settings, service, producer, len(events) + 1)
+        loop = await consume(settings, service, producer, len(events) + 2)
     finally:
         await producer.stop()
-    assert loop.stats.dead_lettered == 1
-    dead = await read_all(kafka.bootstrap, [topic_prefix + "messages.dlq"])
-    assert [r.value for r in dead] == [b'{"type": "message", "status": "sent"}']
+    assert loop.stats.dead_lettered == 2
+    [dead] = await read_all(kafka.bootstrap, [topic_prefix + "messages.dlq"])
+    assert dead.value == b'{"type": "message", "status": "sent"}'
+    # The detail is for whoever produced it: each field and what is wrong, no pydantic internals.
+    detail = dict(dead.headers)["x-retain-error-detail"].decode()
+    assert detail.startswith("event_id: Field required; ")
+    assert "tagged-union" not in detail
+    assert "errors.pydantic.dev" not in detail
+    [wrong_topic] = await read_all(kafka.bootstrap, [topic_prefix + "support.dlq"])
+    assert dict(wrong_topic.headers)["x-retain-error-detail"].decode() == (
+        f"a purchase event on {topic_prefix}support: purchase events go on the 'purchases' topic"
+    )
     assert loop.stats.applied == len(events)
     await db.dispose()

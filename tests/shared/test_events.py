@@ -7,15 +7,17 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from shared.codec import decode_event, encode_event
+from shared.codec import decode_event, decode_event_on, encode_event
 from shared.events import (
     EVENT_ADAPTER,
     EXAMPLES,
+    TOPIC_OF_TYPE,
     CancellationEvent,
     Consents,
     ProfileEvent,
@@ -197,3 +199,13 @@ def test_every_known_currency_code_is_three_capitals() -> None:
     codes = _currencies()
     assert len(codes) > 150
     assert all(re.fullmatch(r"[A-Z]{3}", code) for code in codes)
+
+
+@pytest.mark.parametrize("kind", ["profile", "purchase", "support", "cancellation"])
+def test_a_backend_event_decodes_on_its_own_topic_only(kind: str) -> None:
+    payload = orjson.dumps(EXAMPLES[kind])
+    home = "retain." + TOPIC_OF_TYPE[kind]
+    assert decode_event_on(home, payload).type == kind
+    elsewhere = next(f"retain.{t}" for k, t in TOPIC_OF_TYPE.items() if k != kind)
+    with pytest.raises(ValueError, match=f"a {kind} event on {elsewhere}: {kind} events go on"):
+        decode_event_on(elsewhere, payload)
