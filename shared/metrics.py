@@ -8,8 +8,13 @@ deploy/prometheus/prometheus.yml).
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from shared.logs import get_logger
 
@@ -61,6 +66,29 @@ METRICS_PORT_ENV = "RETAIN_METRICS_PORT"
 METRICS_HOST_ENV = "RETAIN_METRICS_HOST"
 
 
+_METRICS = make_wsgi_app()
+_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+
+
+def worker_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """/metrics, and /healthz (the process is alive and answering); 404 for anything else.
+    prometheus_client's own listener answers every path with the metrics and 200, so a probe
+    of a worker's /readyz passed whatever the worker's state."""
+    path = environ.get("PATH_INFO", "")
+    if path == "/metrics":
+        return _METRICS(environ, start_response)  # type: ignore[no-any-return]
+    if path == "/healthz":
+        start_response("200 OK", _TEXT)
+        return [b"ok\n"]
+    start_response("404 Not Found", _TEXT)
+    return [b"this worker's listener serves /metrics and /healthz\n"]
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Every scrape would be a line on stderr."""
+
+
 def serve_worker_metrics(default_port: int) -> int | None:
     """Serve this worker process's /metrics in a background thread.
 
@@ -75,7 +103,7 @@ def serve_worker_metrics(default_port: int) -> int | None:
         return None
     host = os.environ.get(METRICS_HOST_ENV, "").strip() or "127.0.0.1"
     try:
-        start_http_server(port, addr=host)
+        server = make_server(host, port, worker_app, ThreadingWSGIServer, handler_class=_Quiet)
     except OSError as exc:
         log.warning(
             "metrics listener not started; set RETAIN_METRICS_PORT to a free port",
@@ -84,5 +112,6 @@ def serve_worker_metrics(default_port: int) -> int | None:
             error=type(exc).__name__,
         )
         return None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics listener", url=f"http://{host}:{port}/metrics")
     return port
