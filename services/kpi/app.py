@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.kpi.api import router
 from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS
-from services.kpi.service import KpiService
+from services.kpi.service import KpiService, expose_kpi_gauges
 from shared.auth import KeyStore
 from shared.collector import settle_collector
 from shared.db import Database, migrate
@@ -46,6 +46,7 @@ def create_app(settings: KpiSettings | None = None) -> FastAPI:
     configure_logging(settings.log_level, settings.log_json)
     db = Database(settings.database_url)
     service = KpiService(db, settings)
+    expose_kpi_gauges()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -6,6 +6,7 @@ and end here; SQL lives in the repository; the definitions live in the pure modu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections import Counter as Tally
@@ -15,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi import churn as churn_kpi
@@ -70,55 +71,89 @@ Clock = Callable[[], datetime]
 UNKNOWN = "unknown"
 MAX_LABELS = 20  # per label of a KPI gauge; the rest are summed up as "other"
 
+# The KPI values: computed by the API process when /metrics is scraped (refresh_gauges), and
+# registered there only (expose_kpi_gauges). The consumer imports this module too, and would
+# export a copy of every one of them at 0 that a sum() or min() over both targets would count.
 FIRST_RESPONSE = Gauge(
     "retain_kpi_first_response_seconds",
     "First response time of the tickets opened in the metrics window.",
     ["category", "quantile"],
+    registry=None,
 )
 RESOLUTION = Gauge(
     "retain_kpi_resolution_seconds",
     "Resolution time of the tickets opened in the metrics window (resolved ones).",
     ["category", "quantile"],
+    registry=None,
 )
 FIRST_RESPONSE_TARGET = Gauge(
     "retain_kpi_first_response_target_seconds",
     "First-response target of each category charted (a complaint-flagged ticket may have the "
     "stricter complaint target).",
     ["category"],
+    registry=None,
 )
 BREACH_RATE = Gauge(
     "retain_kpi_first_response_breach_ratio",
     "Share of tickets past their first-response target.",
     ["category"],
+    registry=None,
 )
 OPEN_IN_BREACH = Gauge(
     "retain_kpi_open_tickets_in_breach",
     "Unresolved tickets already past their first-response target.",
     ["category"],
+    registry=None,
 )
-CHURN_RATE = Gauge("retain_kpi_churn_rate", "Churned in the month / active at its start.", ["kind", "month"])
+CHURN_RATE = Gauge(
+    "retain_kpi_churn_rate", "Churned in the month / active at its start.", ["kind", "month"], registry=None
+)
 CONVERSION_RATE = Gauge(
-    "retain_kpi_conversion_rate", "Messages followed by a purchase within the window.", ["journey", "arm"]
+    "retain_kpi_conversion_rate",
+    "Messages followed by a purchase within the window.",
+    ["journey", "arm"],
+    registry=None,
 )
 UPLIFT = Gauge(
     "retain_kpi_conversion_uplift",
     "Treatment minus holdout conversion rate, with its 95 % Newcombe interval.",
     ["journey", "bound"],
+    registry=None,
 )
 REVENUE_PER_MESSAGE = Gauge(
-    "retain_kpi_revenue_per_message", "Revenue within the window per sent message.", ["journey"]
+    "retain_kpi_revenue_per_message",
+    "Revenue within the window per sent message.",
+    ["journey"],
+    registry=None,
 )
-DELIVERY_RATE = Gauge("retain_kpi_delivery_ratio", "Delivered / attempted messages.", ["channel"])
-FAILURE_RATE = Gauge("retain_kpi_failure_ratio", "Failed or undelivered / attempted messages.", ["channel"])
+DELIVERY_RATE = Gauge(
+    "retain_kpi_delivery_ratio", "Delivered / attempted messages.", ["channel"], registry=None
+)
+FAILURE_RATE = Gauge(
+    "retain_kpi_failure_ratio", "Failed or undelivered / attempted messages.", ["channel"], registry=None
+)
 ACTIONS_PER_ENGAGEMENT = Gauge(
-    "retain_kpi_actions_per_engagement", "Replies, clicks and purchases per delivered message.", ["channel"]
+    "retain_kpi_actions_per_engagement",
+    "Replies, clicks and purchases per delivered message.",
+    ["channel"],
+    registry=None,
 )
-CLV_CUSTOMERS = Gauge("retain_kpi_clv_customers", "Customers with a CLV prediction.")
-CLV_PREDICTED_TOTAL = Gauge("retain_kpi_clv_predicted_total", "Sum of predicted CLV (reporting currency).")
-CLV_HISTORIC_TOTAL = Gauge("retain_kpi_clv_historic_total", "Sum of historic value (reporting currency).")
-CLV_P_ALIVE_MEAN = Gauge("retain_kpi_clv_p_alive_mean", "Mean P(alive) of customers with a prediction.")
-CLV_AT_RISK = Gauge("retain_kpi_clv_at_risk_customers", "Customers with P(alive) below the threshold.")
-CLV_PARAM = Gauge("retain_kpi_clv_model_param", "Parameters of the latest CLV model.", ["param"])
+CLV_CUSTOMERS = Gauge("retain_kpi_clv_customers", "Customers with a CLV prediction.", registry=None)
+CLV_PREDICTED_TOTAL = Gauge(
+    "retain_kpi_clv_predicted_total", "Sum of predicted CLV (reporting currency).", registry=None
+)
+CLV_HISTORIC_TOTAL = Gauge(
+    "retain_kpi_clv_historic_total", "Sum of historic value (reporting currency).", registry=None
+)
+CLV_P_ALIVE_MEAN = Gauge(
+    "retain_kpi_clv_p_alive_mean", "Mean P(alive) of customers with a prediction.", registry=None
+)
+CLV_AT_RISK = Gauge(
+    "retain_kpi_clv_at_risk_customers", "Customers with P(alive) below the threshold.", registry=None
+)
+CLV_PARAM = Gauge(
+    "retain_kpi_clv_model_param", "Parameters of the latest CLV model.", ["param"], registry=None
+)
 CLV_FIT_SECONDS = Gauge("retain_kpi_clv_fit_seconds", "Duration of the latest CLV fit.")
 LABELLED_GAUGES = (
     FIRST_RESPONSE,
@@ -135,6 +170,23 @@ LABELLED_GAUGES = (
     ACTIONS_PER_ENGAGEMENT,
     CLV_PARAM,
 )
+KPI_GAUGES = (
+    *LABELLED_GAUGES,
+    CLV_CUSTOMERS,
+    CLV_PREDICTED_TOTAL,
+    CLV_HISTORIC_TOTAL,
+    CLV_P_ALIVE_MEAN,
+    CLV_AT_RISK,
+)
+
+
+def expose_kpi_gauges() -> None:
+    """Register the KPI value gauges with this process's /metrics (the API's); once."""
+    for gauge in KPI_GAUGES:
+        with contextlib.suppress(ValueError):  # registered already (a second app in one process)
+            REGISTRY.register(gauge)
+
+
 PREDICTIONS_PUBLISHED = Counter(
     "retain_kpi_clv_predictions_published_total", "ClvPrediction events written to retain.clv."
 )

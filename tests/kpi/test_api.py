@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -14,12 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from sqlalchemy import func, select
 
 from services.kpi.app import create_app
 from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS
-from services.kpi.service import KpiService
+from services.kpi.service import KpiService, expose_kpi_gauges
 from services.kpi.tables import (
     clv_predictions,
     kpi_churn_monthly,
@@ -662,3 +665,23 @@ async def test_messenger_ids_longer_than_backend_ids_fit(kpi: Kpi) -> None:
     )
     body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-10", "to": "2026-01-10"})
     assert body["total"]["stats"]["sent"] == 1
+
+
+def test_the_kpi_values_are_on_the_apis_metrics_only() -> None:
+    """The consumer process imports the gauges too; exported there they would be a copy at 0
+    (retain_kpi_clv_customers 0.0 on :8104 against 2749.0 on :8004) that sum() or min() counts."""
+    script = (
+        "import services.kpi.consumer\n"
+        "from prometheus_client import generate_latest\n"
+        "print(generate_latest().decode())\n"
+    )
+    consumer = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    names = {
+        line.split("{")[0].split(" ")[0] for line in consumer.stdout.splitlines() if not line.startswith("#")
+    }
+    assert "retain_kpi_clv_fit_seconds" in names  # the consumer fits: its own figure
+    assert not {n for n in names if n.startswith(("retain_kpi_clv_customers", "retain_kpi_churn_rate"))}
+    expose_kpi_gauges()
+    expose_kpi_gauges()  # idempotent: a second app in one process
+    exported = generate_latest().decode()
+    assert "# TYPE retain_kpi_clv_customers gauge" in exported
