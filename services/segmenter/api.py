@@ -77,6 +77,13 @@ def _etag(value: str | None) -> str | None:
     return None if value is None else value.strip().removeprefix("W/").strip('"')
 
 
+def _draft_etag(value: str | None) -> str | None:
+    """If-Match of a draft replacement: ``*`` matches whatever draft there is (RFC 9110 13.1.1),
+    as no header does; anything else must be the draft's current ETag."""
+    etag = _etag(value)
+    return None if etag == "*" else etag
+
+
 @router.get("/v1/rules/draft", response_model=DraftOut, tags=["rules"], summary="The draft being edited")
 async def get_draft(_key: Reader, service: Service) -> JSONResponse:
     rules, etag, updated_at, updated_by = await service.draft()
@@ -98,7 +105,7 @@ async def put_draft(
     if_match: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     try:
-        etag = await service.put_draft(rules, key.id, _etag(if_match))
+        etag = await service.put_draft(rules, key.id, _draft_etag(if_match))
     except InvalidRulesError as exc:
         raise _invalid(exc) from exc
     except RulesConflictError as exc:

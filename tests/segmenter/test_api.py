@@ -224,6 +224,10 @@ async def test_replacing_the_draft_needs_the_current_etag(api: Api) -> None:
     again = await api.put("/v1/rules/draft", default_rules(), **{"If-Match": f'"{etag}"'})
     assert again.status_code == 412
     assert (await api.get("/v1/rules/draft")).json()["rules"] == new
+    # "*" matches whatever draft there is (RFC 9110): the editor says they mean to overwrite it.
+    star = await api.put("/v1/rules/draft", default_rules(), **{"If-Match": "*"})
+    assert star.status_code == 200, star.text
+    assert (await api.get("/v1/rules/draft")).json()["rules"] == default_rules()
 
 
 async def test_validate_reports_problems_without_storing_anything(api: Api) -> None:
