@@ -39,6 +39,8 @@ SCOPE_OF: dict[str, dict[tuple[str, str], str]] = {
         ("GET", "/v1/rules/audit"): "rules:read",
         ("GET", "/v1/customers/{customer_id}"): "rules:read",
         ("GET", "/v1/segments/{name}/customers"): "rules:read",
+        ("GET", "/v1/segments"): "rules:read",
+        ("GET", "/v1/tiers"): "rules:read",
     },
     "messenger": {
         ("GET", "/v1/messages"): "messages:read",
