@@ -6,7 +6,7 @@ import time
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import AfterValidator, ValidationError
 from twilio.request_validator import RequestValidator
@@ -14,10 +14,16 @@ from twilio.request_validator import RequestValidator
 from services.messenger.caps import CapsConfig
 from services.messenger.links import verify_unsubscribe
 from services.messenger.schemas import CapsOut, MessageOut, MessagesPage
-from services.messenger.service import MessengerService
+from services.messenger.service import CapsConflictError, MessengerService, caps_etag
 from services.messenger.stopwords import match_inbound, reply_for
 from shared.auth import ApiKey, KeyStore, require_scope
-from shared.errors import ForbiddenError, InvalidInputError, NotFoundError, pydantic_errors
+from shared.errors import (
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionFailedError,
+    pydantic_errors,
+)
 from shared.events import Channel, MessageStatus
 from shared.storable import storable
 
@@ -83,13 +89,25 @@ async def list_messages(
     return MessagesPage(messages=items, next_cursor=next_cursor)
 
 
-@router.get("/v1/caps", response_model=CapsOut, tags=["caps"], summary="Frequency caps in force")
-async def get_caps(_key: Reader, service: Service) -> CapsOut:
+async def _caps_response(service: MessengerService) -> JSONResponse:
     caps, updated_at, updated_by = await service.get_caps()
-    return CapsOut(caps=caps.caps, updated_at=updated_at, updated_by=updated_by)
+    etag = caps_etag(caps)
+    body = CapsOut(caps=caps.caps, etag=etag, updated_at=updated_at, updated_by=updated_by)
+    return JSONResponse(body.model_dump(mode="json"), headers={"ETag": f'"{etag}"'})
 
 
-@router.put("/v1/caps", response_model=CapsOut, tags=["caps"], summary="Replace the frequency caps")
+@router.get("/v1/caps", response_model=CapsOut, tags=["caps"], summary="Frequency caps in force")
+async def get_caps(_key: Reader, service: Service) -> JSONResponse:
+    return await _caps_response(service)
+
+
+@router.put(
+    "/v1/caps",
+    response_model=CapsOut,
+    tags=["caps"],
+    summary="Replace the frequency caps (all of them: send every cap to keep; If-Match: the ETag you read)",
+    responses={412: {"description": "the caps changed since they were read"}},
+)
 async def put_caps(
     body: Annotated[
         dict[str, Any],
@@ -102,14 +120,20 @@ async def put_caps(
     ],
     key: Writer,
     service: Service,
-) -> CapsOut:
+    if_match: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
     try:
         caps = CapsConfig.model_validate(body)
     except ValidationError as exc:
         raise InvalidInputError("the caps are not valid", details=pydantic_errors(exc.errors())) from exc
-    await service.put_caps(caps, key.id)
-    caps_now, updated_at, updated_by = await service.get_caps()
-    return CapsOut(caps=caps_now.caps, updated_at=updated_at, updated_by=updated_by)
+    expected = None if if_match is None else if_match.strip().removeprefix("W/").strip('"')
+    try:
+        await service.put_caps(caps, key.id, expected)
+    except CapsConflictError as exc:
+        raise PreconditionFailedError(
+            "the caps changed since you read them (stale ETag); GET them again"
+        ) from exc
+    return await _caps_response(service)
 
 
 # --- provider callbacks ------------------------------------------------------------------------

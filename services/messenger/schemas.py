@@ -44,5 +44,6 @@ class MessagesPage(BaseModel):
 
 class CapsOut(BaseModel):
     caps: list[Cap]
+    etag: str = Field(description="Send as If-Match with the next PUT, so no one else's change is undone.")
     updated_at: datetime | None
     updated_by: str | None

@@ -6,6 +6,8 @@ status, templates)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 import uuid
 from collections import defaultdict, deque
@@ -44,6 +46,7 @@ from services.messenger.tables import applied_events, outbox
 from services.messenger.templates import Template, TemplateRenderError, TemplateStore, build_variables, render
 from shared.codec import encode, encode_key
 from shared.db import Database, claim_events
+from shared.errors import InvalidInputError
 from shared.events import (
     Channel,
     CustomerUpdate,
@@ -1271,8 +1274,29 @@ class MessengerService:
             return DEFAULT_CAPS, None, None
         return CapsConfig.model_validate(row.value), row.updated_at, row.updated_by
 
-    async def put_caps(self, caps: CapsConfig, actor: str) -> None:
+    async def put_caps(self, caps: CapsConfig, actor: str, if_match: str | None = None) -> None:
+        """Replace the caps. ``if_match``: the ETag of the caps the editor read (``caps_etag``),
+        so that two editors cannot silently undo each other; a journey a cap names must exist."""
         async with self.db.transaction() as session:
+            row = await self.repo.setting(session, "caps", for_update=True)
+            current = DEFAULT_CAPS if row is None else CapsConfig.model_validate(row.value)
+            if if_match not in (None, "*") and if_match != caps_etag(current):
+                raise CapsConflictError
+            journeys = {j.name for j in await self.journeys(session)}
+            unknown = [
+                (i, c.journey) for i, c in enumerate(caps.caps) if c.journey and c.journey not in journeys
+            ]
+            if unknown:
+                raise InvalidInputError(
+                    "the caps are not valid",
+                    details=[
+                        {
+                            "field": f"caps.{i}.journey",
+                            "message": f"no journey {name!r}; the journeys are {', '.join(sorted(journeys))}",
+                        }
+                        for i, name in unknown
+                    ],
+                )
             await self.repo.put_setting(session, "caps", caps.model_dump(mode="json"), actor, self.clock())
 
     async def refresh_gauges(self) -> None:
@@ -1283,6 +1307,16 @@ class MessengerService:
         HELD.set(counts.get("held_quiet_hours", 0))
         HELD_OLDEST_AGE.set((now - oldest_created).total_seconds() if oldest_created else 0.0)
         HELD_OVERDUE.set(max(0.0, (now - earliest_window).total_seconds()) if earliest_window else 0.0)
+
+
+class CapsConflictError(Exception):
+    """The caps changed since the editor read them (a stale If-Match)."""
+
+
+def caps_etag(caps: CapsConfig) -> str:
+    """The caps' version as an ETag: a digest of their canonical JSON."""
+    canonical = json.dumps(caps.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def snapshot_facts_of(profile: ProfileSnapshot) -> dict[str, Any]:

@@ -400,6 +400,21 @@ async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> No
     good = await api.put("/v1/caps", json={"caps": caps})
     assert good.status_code == 200
     assert good.json()["caps"][0]["limit"] == 5
+    # A cap on a journey that does not exist would count nothing: refused, nothing stored.
+    typo = {"name": "x", "scope": "journey", "journey": "no_such_journey", "limit": 1, "window": 7}
+    unknown = await api.put("/v1/caps", json={"caps": [*caps, typo]})
+    assert unknown.status_code == 422
+    [detail] = unknown.json()["error"]["details"]
+    assert detail["field"] == f"caps.{len(caps)}.journey"
+    assert "no journey 'no_such_journey'; the journeys are " in detail["message"]
+    # Two editors: the second, who read before the first saved, gets a 412, not a silent undo.
+    read = await api.get("/v1/caps")
+    assert read.headers["ETag"] == f'"{read.json()["etag"]}"'
+    first = await api.put("/v1/caps", json={"caps": caps[1:]}, headers={"If-Match": read.headers["ETag"]})
+    assert first.status_code == 200, first.text
+    second = await api.put("/v1/caps", json={"caps": caps}, headers={"If-Match": read.headers["ETag"]})
+    assert second.status_code == 412
+    assert (await api.get("/v1/caps")).json()["caps"] == first.json()["caps"]
     assert (await api.get("/v1/messages", params={"status": "nope"})).status_code == 422
     assert (await api.get("/v1/messages", headers={"X-API-Key": "rk_x_y"})).status_code == 401
 
