@@ -8,6 +8,7 @@ deploy/prometheus/prometheus.yml).
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -67,7 +68,11 @@ METRICS_HOST_ENV = "RETAIN_METRICS_HOST"
 
 
 _METRICS = make_wsgi_app()
-_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+
+
+def _text() -> list[tuple[str, str]]:
+    # A new list for each response: wsgiref adds Content-Length to the one it is given.
+    return [("Content-Type", "text/plain; charset=utf-8")]
 
 
 def worker_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -78,15 +83,26 @@ def worker_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> I
     if path == "/metrics":
         return _METRICS(environ, start_response)  # type: ignore[no-any-return]
     if path == "/healthz":
-        start_response("200 OK", _TEXT)
+        start_response("200 OK", _text())
         return [b"ok\n"]
-    start_response("404 Not Found", _TEXT)
+    start_response("404 Not Found", _text())
     return [b"this worker's listener serves /metrics and /healthz\n"]
 
 
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Every scrape would be a line on stderr."""
+
+
+def _server_class(host: str) -> type[ThreadingWSGIServer]:
+    """IPv6 for an IPv6 bind address (``::``), as prometheus_client's own listener chose."""
+    if ":" not in host:
+        return ThreadingWSGIServer
+
+    class _Server6(ThreadingWSGIServer):
+        address_family = socket.AF_INET6
+
+    return _Server6
 
 
 def serve_worker_metrics(default_port: int) -> int | None:
@@ -103,7 +119,7 @@ def serve_worker_metrics(default_port: int) -> int | None:
         return None
     host = os.environ.get(METRICS_HOST_ENV, "").strip() or "127.0.0.1"
     try:
-        server = make_server(host, port, worker_app, ThreadingWSGIServer, handler_class=_Quiet)
+        server = make_server(host, port, worker_app, _server_class(host), handler_class=_Quiet)
     except OSError as exc:
         log.warning(
             "metrics listener not started; set RETAIN_METRICS_PORT to a free port",

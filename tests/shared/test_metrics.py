@@ -20,6 +20,10 @@ def test_the_worker_listener_serves_metrics_and_health_only(monkeypatch: pytest.
     assert httpx.get(f"{base}/healthz").text == "ok\n"
     # prometheus_client's own listener answered these with the metrics page and 200.
     for path in ("/readyz", "/", "/anything"):
-        assert httpx.get(base + path).status_code == 404
+        missing = httpx.get(base + path)
+        assert missing.status_code == 404
+        assert missing.text == "this worker's listener serves /metrics and /healthz\n"
+        # Each response's own headers: a shared list once took the first body's Content-Length.
+        assert httpx.get(f"{base}/healthz").text == "ok\n"
     # A second listener on the same port is logged and skipped: the worker runs on.
     assert serve_worker_metrics(1) is None
