@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from shared.conditions import Condition, ConditionError, compile_condition, validate
 from shared.events import Channel, CustomerUpdate, EventType, MessageKind, SupportAction, TriggeringEvent
@@ -55,21 +55,6 @@ class Trigger(BaseModel):
     segment_entered: str | None = None
     segment_left: str | None = None
     tier_upgrade: bool = Field(default=False, description="The tier moved up the ladder.")
-
-    @model_validator(mode="after")
-    def _fires(self) -> Trigger:
-        # An enabled journey whose trigger can never fire sends nothing, silently.
-        if not (
-            self.event or self.new_customer or self.segment_entered or self.segment_left or self.tier_upgrade
-        ):
-            raise ValueError(
-                "a trigger needs one of event, new_customer, segment_entered, segment_left or tier_upgrade"
-            )
-        if (self.support_action is not None or self.complaint is not None) and self.event != "support":
-            raise ValueError("support_action and complaint apply only with event 'support'")
-        if self.first_purchase and self.event != "purchase":
-            raise ValueError("first_purchase applies only with event 'purchase'")
-        return self
 
 
 class Wait(BaseModel):
@@ -154,9 +139,25 @@ def validate_journey(raw: object, templates: set[str] | None = None) -> list[Con
             errors += validate(tree, SNAPSHOT_FIELDS, path=f"$.{name}")  # type: ignore[arg-type]
     if journey.wait and journey.wait.unless is not None:
         errors += validate(journey.wait.unless, SNAPSHOT_FIELDS, path="$.wait.unless")  # type: ignore[arg-type]
+    errors += [ConditionError("$.trigger", message) for message in _trigger_problems(journey.trigger)]
     if templates is not None and journey.template not in templates:
         errors.append(ConditionError("$.template", f"unknown template {journey.template!r}"))
     return errors
+
+
+def _trigger_problems(t: Trigger) -> list[str]:
+    """A trigger that can never fire: an enabled journey that silently sends nothing. Checked
+    when a journey is written, not in the model, so a journey stored before still loads."""
+    problems: list[str] = []
+    if not (t.event or t.new_customer or t.segment_entered or t.segment_left or t.tier_upgrade):
+        problems.append(
+            "a trigger needs one of event, new_customer, segment_entered, segment_left or tier_upgrade"
+        )
+    if (t.support_action is not None or t.complaint is not None) and t.event != "support":
+        problems.append("support_action and complaint apply only with event 'support'")
+    if t.first_purchase and t.event != "purchase":
+        problems.append("first_purchase applies only with event 'purchase'")
+    return problems
 
 
 _COMPILED: dict[int, tuple[dict[str, Any], Condition]] = {}

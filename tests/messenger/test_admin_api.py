@@ -488,3 +488,21 @@ async def test_a_marketing_message_without_the_opt_out_is_not_sent(world: World,
     assert (row["journey"], row["status"]) == ("notice", "failed")
     assert "opt out" in row["reason"]
     assert not list(world.outbox.glob("*"))  # nothing reached the provider
+
+
+async def test_a_journey_stored_before_the_trigger_check_still_loads(world: World, api: Clients) -> None:  # noqa: F811
+    """The never-firing trigger is refused when a journey is written; one already stored (from
+    before that check) must not make every read of the journeys fail: it can be listed and
+    deleted, and the others keep deciding."""
+    async with world.db.sessions() as session:
+        stored = [j.model_dump(mode="json") for j in await world.service.journeys(session)]
+    stored.append({**VIP, "name": "never", "trigger": {}})
+    async with world.db.transaction() as session:
+        await world.service.repo.put_setting(session, "journeys", stored, "before", NOON)
+    listed = await api.reader.get("/v1/journeys")
+    assert listed.status_code == 200, listed.text
+    assert "never" in {j["name"] for j in listed.json()["journeys"]}
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    assert [m["journey"] for m in await messages(world, customer)] == ["thank_you"]
+    assert (await api.writer.delete("/v1/journeys/never")).status_code == 204
