@@ -10,9 +10,11 @@ Definitions (docs/kpis.md, "Conversion of outreach"):
 * revenue of a message: the purchases in that window (reporting currency); a purchase that
   follows two messages counts for both (a per-message view, not an attribution model);
 * uplift, intent to treat: the conversion rate of the messages *assigned* to the journey
-  (every one not held out, sent or not) minus that of the held-out ones, each from its
+  (every one not held out, sent or not) minus that of the *held-out* ones, each from its
   decision (first event), over the journeys with both arms among the messages compared, with
-  Newcombe's hybrid score 95 % interval (``stats.newcombe_difference``);
+  Newcombe's hybrid score 95 % interval (``stats.newcombe_difference``); the holdout figures
+  are that arm's;
+* a message belongs to the period (day) of its decision, its first event;
 * delivery rate = delivered / attempted, failure rate = failed-or-undelivered (never delivered)
   / attempted, where attempted = reached any of sent, delivered, undelivered, failed;
 * actions per engagement = (replies + clicks + purchases in the window) of delivered messages
@@ -169,8 +171,14 @@ class ConversionStats:
 
 
 def summarize(
-    messages: Iterable[Message], purchases: Mapping[str, Purchases], window: timedelta
+    messages: Iterable[Message],
+    purchases: Mapping[str, Purchases],
+    window: timedelta,
+    *,
+    compare: bool = True,
 ) -> ConversionStats:
+    """``compare=False`` for a breakdown whose values split the arms apart (the channel: a
+    held-out message was never given one): no uplift there, whatever the arms hold."""
     messages = list(messages)
     # The uplift is intent to treat, as the messenger assigns its holdout: before consent,
     # channel, caps and quiet hours, so a held-out message stands for one that might not have
@@ -181,8 +189,8 @@ def summarize(
     held_back = {m.journey for m in messages if m.arm is Arm.HOLDOUT}
     assigned_to = {m.journey for m in messages if m.arm is not Arm.HOLDOUT}
     compared = held_back & assigned_to
-    sent = conversions = held = held_conversions = attempted = delivered = failed = actions = 0
-    assigned = assigned_won = compared_held = compared_held_won = 0
+    sent = conversions = attempted = delivered = failed = actions = 0
+    assigned = assigned_won = held = held_won = 0
     unconverted = 0
     revenue = Decimal(0)
     for m in messages:
@@ -193,14 +201,11 @@ def summarize(
             conversions += result.converted
             revenue += result.revenue
             unconverted += result.unconverted
-        elif m.arm is Arm.HOLDOUT:
-            held += 1
-            held_conversions += result.converted
         if m.journey in compared:
             won = outcome(m, bought, window, since=m.decided_at).converted
             if m.arm is Arm.HOLDOUT:
-                compared_held += 1
-                compared_held_won += won
+                held += 1
+                held_won += won
             else:
                 assigned += 1
                 assigned_won += won
@@ -209,7 +214,7 @@ def summarize(
         failed += m.failed
         if m.delivered:
             actions += m.replies + m.clicks + result.purchases
-    uplift = newcombe_difference(assigned_won, assigned, compared_held_won, compared_held)
+    uplift = newcombe_difference(assigned_won, assigned, held_won, held) if compare else None
     return ConversionStats(
         sent=sent,
         conversions=conversions,
@@ -217,8 +222,8 @@ def summarize(
         revenue=revenue,
         revenue_per_message=revenue / sent if sent else None,
         holdout=held,
-        holdout_conversions=held_conversions,
-        holdout_rate=ratio(held_conversions, held),
+        holdout_conversions=held_won,
+        holdout_rate=ratio(held_won, held),
         assigned=assigned,
         assigned_conversions=assigned_won,
         assigned_rate=ratio(assigned_won, assigned),

@@ -391,8 +391,8 @@ class KpiRepository:
 
     async def message_facts(self, session: AsyncSession, start: datetime, end: datetime) -> list[MessageFact]:
         """Every status event of the messages with an event in [start, end): a superset of those
-        whose exposure is (the caller keeps those). Not only the sent, held-out or attempted
-        ones: the uplift's assigned arm counts the capped, unconsented and expired too."""
+        decided in it (the caller keeps those). Not only the sent, held-out or attempted ones:
+        the uplift's assigned arm counts the capped, unconsented and expired too."""
         m = message_events.c
         anchored = select(m.message_id).where(m.occurred_at >= start, m.occurred_at < end).distinct()
         stmt = select(message_events).where(m.message_id.in_(anchored))

@@ -145,7 +145,9 @@ class ConversionStatsOut(_Out):
     conversion_rate: float | None
     revenue: float = Field(description="Purchases within the window after each sent message.")
     revenue_per_message: float | None
-    holdout: int = Field(description="Holdout messages (held back for the journey's control group).")
+    holdout: int = Field(
+        description="Held-out messages (the journey's control group) of the journeys with both arms here."
+    )
     holdout_conversions: int
     holdout_rate: float | None
     assigned: int = Field(
@@ -157,8 +159,8 @@ class ConversionStatsOut(_Out):
     )
     assigned_rate: float | None
     uplift: float | None = Field(
-        description="assigned_rate - the holdout rate of the same journeys (intent to treat); null "
-        "when no journey has both arms here."
+        description="assigned_rate - holdout_rate (intent to treat); null when no journey has both "
+        "arms here, and in a breakdown by channel (a held-out message has none)."
     )
     uplift_ci_low: float | None = Field(description="95 % Newcombe hybrid score interval.")
     uplift_ci_high: float | None

@@ -116,7 +116,7 @@ CONVERSION_RATE = Gauge(
 )
 UPLIFT = Gauge(
     "retain_kpi_conversion_uplift",
-    "Treatment minus holdout conversion rate, with its 95 % Newcombe interval.",
+    "Assigned minus held-out conversion rate (intent to treat), with its 95 % Newcombe interval.",
     ["journey", "bound"],
     registry=None,
 )
@@ -564,10 +564,11 @@ class KpiService:
             "locale": lambda m: m.locale or UNKNOWN,
         }
         out: list[dict[str, Any]] = []
-        for day, day_messages in sorted(group_by(messages, lambda m: local_day(m.at, self.tz)).items()):
+        by_day = group_by(messages, lambda m: local_day(m.decided_at, self.tz))
+        for day, day_messages in sorted(by_day.items()):
             for dimension, key in dims.items():
                 for value, group in sorted(group_by(day_messages, key).items()):
-                    s = conversion_kpi.summarize(group, bought, window)
+                    s = conversion_kpi.summarize(group, bought, window, compare=dimension != "channel")
                     out.append(
                         {
                             "day": day,
@@ -798,12 +799,11 @@ class KpiService:
         window = self.settings.conversion_window
         async with self.db.sessions() as session:
             facts = await self.repo.message_facts(session, whole.start, whole.end)
-            messages = [m for m in conversion_kpi.build_messages(facts) if whole.contains(m.at)]
+            messages = [m for m in conversion_kpi.build_messages(facts) if whole.contains(m.decided_at)]
             bought = await self.repo.purchases(
                 session,
                 customer_ids={m.customer_id for m in messages},
-                # The uplift counts from each decision, which can come before the exposure.
-                since=min((m.decided_at for m in messages), default=whole.start),
+                since=whole.start,  # every message here was decided in the period
                 until=whole.end + window + timedelta(microseconds=1),
             )
         return messages, _converted_purchases(bought, self.settings)
@@ -824,7 +824,7 @@ class KpiService:
                 {}
                 if key is None
                 else {
-                    k: conversion_kpi.summarize(g, bought, window)
+                    k: conversion_kpi.summarize(g, bought, window, compare=q.by != "channel")
                     for k, g in sorted(group_by(group, key).items())
                 }
             )
@@ -837,7 +837,7 @@ class KpiService:
             "uplift_interval": "Newcombe hybrid score (method 10), 95 %",
             "total": block(messages),
             "buckets": [
-                {"start": b.first, "end": b.last, **block([m for m in messages if b.contains(m.at)])}
+                {"start": b.first, "end": b.last, **block([m for m in messages if b.contains(m.decided_at)])}
                 for b in buckets(q.first, q.last, q.granularity, self.tz)
             ],
         }
@@ -1129,7 +1129,7 @@ class KpiService:
             for k, g in group_by(messages, lambda m: journey(m.journey)).items()
         }
         per_channel = {
-            k: conversion_kpi.summarize(g, bought, window)
+            k: conversion_kpi.summarize(g, bought, window, compare=False)
             for k, g in group_by(messages, lambda m: channel(m.channel or UNKNOWN)).items()
         }
 

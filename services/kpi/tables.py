@@ -230,7 +230,7 @@ kpi_churn_monthly = Table(
 kpi_conversion_daily = Table(
     "kpi_conversion_daily",
     metadata,
-    Column("day", Date, primary_key=True),  # local day of the message's exposure
+    Column("day", Date, primary_key=True),  # local day of the message's decision (its first event)
     Column("dimension", String(16), primary_key=True),  # all, journey, channel, tier, locale
     Column("value", String(128), primary_key=True),
     Column("sent", Integer, nullable=False),

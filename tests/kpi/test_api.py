@@ -249,24 +249,36 @@ async def test_conversion_with_uplift(kpi: Kpi) -> None:
     assert body["uplift_interval"].startswith("Newcombe")
 
 
-async def test_the_uplift_counts_from_decisions_before_the_period(kpi: Kpi) -> None:
-    """Held overnight: decided on the 9th (local), bought that evening, sent on the 10th. In a
-    period from the 10th the purchase precedes the sending but follows the decision."""
+async def test_a_message_belongs_to_the_day_of_its_decision(kpi: Kpi) -> None:
+    """Held overnight: decided on the 9th (local) beside a held-out twin, bought that evening,
+    sent on the 10th. It stays with its twin on the 9th, converted for the uplift (from the
+    decision) but not as a sent message (the purchase came before the sending)."""
     kpi.at(utc(2026, 1, 25))
     await kpi.apply(
         [
             message("Q1", "c8", "held_quiet_hours", utc(2026, 1, 9, 12)),
             purchase("c8", utc(2026, 1, 9, 20), "40", "ILS"),  # 22:00 in Jerusalem, on the 9th
             message("Q1", "c8", "sent", utc(2026, 1, 10, 8)),
-            message("H1", "c9", "holdout", utc(2026, 1, 10, 8), channel=None, holdout=True),
+            message("H1", "c9", "holdout", utc(2026, 1, 9, 12), channel=None, holdout=True),
+            # Assigned too, but nothing could go: no address, so no channel either.
+            message("N1", "c10", "no_address", utc(2026, 1, 9, 12), channel=None),
         ]
     )
-    total = (await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-10", "to": "2026-01-12"}))["total"][
-        "stats"
-    ]
-    assert (total["sent"], total["conversions"]) == (1, 0)
-    assert (total["assigned"], total["assigned_conversions"], total["holdout"]) == (1, 1, 1)
-    assert total["uplift"] == 1.0
+    body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-09", "to": "2026-01-10"})
+    ninth, tenth = (b["stats"] for b in body["buckets"])
+    assert (ninth["sent"], ninth["conversions"]) == (1, 0)
+    assert (ninth["assigned"], ninth["assigned_conversions"], ninth["holdout"]) == (2, 1, 1)
+    assert ninth["uplift"] == 0.5
+    assert (tenth["sent"], tenth["assigned"], tenth["holdout"], tenth["uplift"]) == (0, 0, 0, None)
+    # By channel: the held-out message has none, so no uplift anywhere; "unknown" would set it
+    # against the unreachable N1 alone.
+    by_channel = await kpi.get(
+        "/v1/kpis/conversion", **{"from": "2026-01-09", "to": "2026-01-10", "by": "channel"}
+    )
+    assert {k: g["uplift"] for k, g in by_channel["total"]["groups"].items()} == {
+        "sms": None,
+        "unknown": None,
+    }
 
 
 # --- the Grafana tables --------------------------------------------------------------------------------

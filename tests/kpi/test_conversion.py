@@ -144,9 +144,9 @@ def test_the_uplift_leaves_out_journeys_without_both_arms() -> None:
     ]
     s = summarize(build_messages([*facts(), *extra]), purchases(), WINDOW)
     assert (s.sent, s.conversions) == (6, 5)  # M1, M2, M3, M7 and A1, A2; all but M3 converted
-    assert (s.holdout, s.holdout_conversions) == (3, 2)  # M4, M5 and W1; M4 and W1 converted
-    # The uplift is welcome's alone: 3/5 assigned against 1/2 held back, as without the others.
-    assert (s.assigned, s.assigned_conversions) == (5, 3)
+    # The uplift's arms are welcome's alone: 3/5 assigned against 1/2 held back (M4, M5; not
+    # W1, whose journey sent nothing), as without the others.
+    assert (s.assigned, s.assigned_conversions, s.holdout, s.holdout_conversions) == (5, 3, 2, 1)
     assert s.uplift == pytest.approx(0.6 - 0.5)
     expected = newcombe_difference(3, 5, 1, 2)
     assert expected is not None
