@@ -160,6 +160,7 @@ def _ticket(r: Any) -> Ticket:
 
 
 CHUNK = 1000  # ids per IN list
+MANY_IDS = 5000  # beyond this many customer ids, purchases() reads the time window whole
 TICKET_REBUILD_LOCK = 0x6B70695F7469636B  # "kpi_tick": the advisory lock of the ticket rebuild
 
 
@@ -336,12 +337,14 @@ class KpiRepository:
     async def customer_attributes(
         self, session: AsyncSession, ids: Iterable[str] | None = None
     ) -> dict[str, CustomerAttributes]:
+        """Of ``ids`` when given (perhaps of others too, for many: see ``purchases``)."""
         stmt = select(customers.c.customer_id, customers.c.locale, customers.c.channel, customers.c.tier)
         if ids is not None:
             wanted = list(ids)
             if not wanted:
                 return {}
-            stmt = stmt.where(customers.c.customer_id.in_(wanted))
+            if len(wanted) <= MANY_IDS:
+                stmt = stmt.where(customers.c.customer_id.in_(wanted))
         return {r.customer_id: CustomerAttributes(*r) for r in await session.execute(stmt)}
 
     async def purchases(
@@ -352,14 +355,18 @@ class KpiRepository:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> list[PurchaseRow]:
-        """Orders with ``since <= occurred_at < until``, oldest first."""
+        """Orders with ``since <= occurred_at < until``, oldest first; of ``customer_ids`` when
+        given (perhaps of others too, for many ids: the caller looks its customers up)."""
         p = purchases.c
         stmt = select(p.customer_id, p.order_id, p.event_id, p.occurred_at, p.amount, p.currency)
         if customer_ids is not None:
             wanted = list(customer_ids)
             if not wanted:
                 return []
-            stmt = stmt.where(p.customer_id.in_(wanted))
+            # One bind parameter per id, and asyncpg takes at most 32,767 in a statement: beyond
+            # a few thousand ids the time window alone is the narrower filter anyway.
+            if len(wanted) <= MANY_IDS:
+                stmt = stmt.where(p.customer_id.in_(wanted))
         if since is not None:
             stmt = stmt.where(p.occurred_at >= since)
         if until is not None:

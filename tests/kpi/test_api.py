@@ -697,3 +697,18 @@ def test_the_kpi_values_are_on_the_apis_metrics_only() -> None:
     expose_kpi_gauges()  # idempotent: a second app in one process
     exported = generate_latest().decode()
     assert "# TYPE retain_kpi_clv_customers gauge" in exported
+
+
+async def test_lookups_of_many_customers_stay_within_the_drivers_limits(kpi: Kpi) -> None:
+    """A year's conversion can concern tens of thousands of customers: one bind parameter per
+    id would pass asyncpg's 32,767."""
+    kpi.at(utc(2026, 1, 25))
+    await kpi.apply(
+        [purchase("c1", utc(2026, 1, 10), "40", "ILS"), profile("c1", utc(2026, 1, 1), locale="ar")]
+    )
+    many = ["c1", *(f"x{i:05d}" for i in range(40_000))]
+    async with kpi.db.sessions() as s:
+        bought = await kpi.service.repo.purchases(s, customer_ids=many, since=utc(2026, 1, 1))
+        attributes = await kpi.service.repo.customer_attributes(s, many)
+    assert [(r.customer_id, r.amount) for r in bought] == [("c1", 40)]
+    assert attributes["c1"].locale == "ar"
