@@ -55,7 +55,9 @@ def _e164(value: str) -> str:
     except phonenumbers.NumberParseException as exc:
         # The library's own words ("(0) Missing or invalid default region.") are about its
         # arguments; a national number without +country is what a sender got wrong.
-        raise ValueError("not an E.164 phone number: + and the country code, e.g. +972521234567") from exc
+        if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
+            raise ValueError("not an E.164 phone number: + and the country code, e.g. +972521234567") from exc
+        raise ValueError("not a valid E.164 phone number, e.g. +972521234567") from exc
     canonical = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
     # Possible rather than valid: number ranges are allocated faster than metadata ships.
     if canonical != value or not phonenumbers.is_possible_number(parsed):

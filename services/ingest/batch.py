@@ -122,12 +122,16 @@ def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -
     """Event times a schema cannot judge: more than ``max_future`` ahead of this server's clock
     (a year typed wrong, milliseconds read as seconds) or not after 1970. Either would be
     applied as a real purchase, a customer's last one for years. Refused whole, as any field."""
-    latest = now + max_future
+    # On every request: POSIX seconds compare at a third of the cost of aware datetimes.
+    latest = (now + max_future).timestamp()
+    earliest = EARLIEST.timestamp()
+    if all(earliest < e.occurred_at.timestamp() <= latest for e in events):
+        return
     ahead = f"{max_future.total_seconds() / 3600:g} h"
     errors: list[FieldError] = []
     for i, e in enumerate(events):
         at = e.occurred_at
-        if at > latest:
+        if at.timestamp() > latest:
             errors.append(
                 FieldError(
                     i,
@@ -136,7 +140,7 @@ def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -
                     f"{now.isoformat(timespec='seconds')}, and at most {ahead} ahead is accepted",
                 )
             )
-        elif at <= EARLIEST:
+        elif at.timestamp() <= earliest:
             errors.append(
                 FieldError(i, "occurred_at", f"{at.isoformat()} is not after 1970-01-01: a zero timestamp?")
             )

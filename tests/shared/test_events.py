@@ -55,6 +55,7 @@ def test_unknown_top_level_field_is_rejected_and_points_to_attributes() -> None:
     [
         ("phone", "052-1234567", "+ and the country code"),
         ("phone", "+97252", "E.164"),
+        ("phone", "phone me", "not a valid E.164 phone number"),
         ("locale", "klingon", "BCP 47"),
         ("locale", "xx-YY", "unknown locale"),
         ("timezone", "Asia/Atlantis", "IANA"),
