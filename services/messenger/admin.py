@@ -214,7 +214,21 @@ class MessengerAdmin:
         errors = validate_journey(dict(raw), templates=store.journeys())
         if errors:
             raise JourneyInvalidError([e.to_dict() for e in errors])
-        return Journey.model_validate(dict(raw))
+        journey = Journey.model_validate(dict(raw))
+        if journey.kind is MessageKind.MARKETING:
+            # Its messages must show how to opt out; a transactional template need not, and
+            # the sender would fail each of them (TemplateRenderError) rather than send it.
+            named = [k for k in store.keys() if k.journey == journey.template]  # noqa: SIM118 - a list
+            lacking = sorted(
+                str(k) for k in named if (t := store.get(k)) and t.kind is not MessageKind.MARKETING
+            )
+            if lacking:
+                message = (
+                    "a marketing journey needs marketing templates, which show {{ unsubscribe_url }}; "
+                    f"transactional: {', '.join(lacking)}"
+                )
+                raise JourneyInvalidError([{"path": "$.kind", "message": message}])
+        return journey
 
     async def _edit_journeys(self, change: Callable[[list[Journey]], list[Journey]], actor: str) -> None:
         async with self.db.transaction() as session:

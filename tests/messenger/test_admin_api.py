@@ -465,15 +465,24 @@ async def test_a_template_a_marketing_journey_sends_cannot_skip_the_opt_out(api:
 
 
 async def test_a_marketing_message_without_the_opt_out_is_not_sent(world: World, api: Clients) -> None:  # noqa: F811
-    """A journey turned marketing after its transactional template was saved: the sender checks
-    the rendered text too, and fails the message rather than send it without the link."""
+    """A marketing journey whose template is transactional (the journey API refuses to make one;
+    one may be stored from before): the sender checks the rendered text too, and fails the
+    message rather than send it without the link."""
     url = "/v1/templates/notice/sms/he"
     put = await api.writer.put(url, json={"text": "ההזמנה שלך בדרך.", "kind": "transactional"})
     assert put.status_code == 200, put.text
     journey = {**VIP, "name": "notice", "template": "notice", "kind": "transactional"}
     assert (await api.writer.post("/v1/journeys", json=journey)).status_code == 201
-    changed = await api.writer.put("/v1/journeys/notice", json={**journey, "kind": "marketing"})
-    assert changed.status_code == 200, changed.text
+    # The journey API refuses to make it marketing with that template...
+    refused = await api.writer.put("/v1/journeys/notice", json={**journey, "kind": "marketing"})
+    assert paths(refused) == {"$.kind"}
+    assert "notice/sms/he" in refused.text
+    # ...but one stored before that check (written here directly) is still guarded at send time.
+    async with world.db.transaction() as session:
+        stored = [j.model_dump(mode="json") for j in await world.service.journeys(session)]
+        stored = [{**j, "kind": "marketing"} if j["name"] == "notice" else j for j in stored]
+        # A later version than the API's (the service reloads journeys on a new updated_at).
+        await world.service.repo.put_setting(session, "journeys", stored, "before", NOON + timedelta(hours=1))
 
     # thank_you answers the same purchase and would take the day's marketing cap first.
     thanks = (await api.reader.get("/v1/journeys/thank_you")).json()
@@ -498,7 +507,7 @@ async def test_a_journey_stored_before_the_trigger_check_still_loads(world: Worl
         stored = [j.model_dump(mode="json") for j in await world.service.journeys(session)]
     stored.append({**VIP, "name": "never", "trigger": {}})
     async with world.db.transaction() as session:
-        await world.service.repo.put_setting(session, "journeys", stored, "before", NOON)
+        await world.service.repo.put_setting(session, "journeys", stored, "before", NOON + timedelta(hours=1))
     listed = await api.reader.get("/v1/journeys")
     assert listed.status_code == 200, listed.text
     assert "never" in {j["name"] for j in listed.json()["journeys"]}
