@@ -202,7 +202,9 @@ def summarize(
             revenue += result.revenue
             unconverted += result.unconverted
         if m.journey in compared:
-            won = outcome(m, bought, window, since=m.decided_at).converted
+            # Most messages are exposed at their decision (held out, capped, sent at once).
+            same = m.decided_at == m.at
+            won = result.converted if same else outcome(m, bought, window, since=m.decided_at).converted
             if m.arm is Arm.HOLDOUT:
                 held += 1
                 held_won += won
