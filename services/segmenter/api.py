@@ -252,7 +252,7 @@ async def customer(
     summary="The published tiers with how many customers are in each",
 )
 async def tiers(_key: Reader, service: Service) -> TiersOut:
-    version, tiers, _ = await service.catalogue()
+    version, tiers = await service.groups("tiers")
     return TiersOut(
         version=version, tiers=[GroupOut(name=n, description=d, customers=c) for n, d, c in tiers]
     )
@@ -265,7 +265,7 @@ async def tiers(_key: Reader, service: Service) -> TiersOut:
     summary="The published segments with how many customers are in each",
 )
 async def segments(_key: Reader, service: Service) -> SegmentsOut:
-    version, _, segments = await service.catalogue()
+    version, segments = await service.groups("segments")
     return SegmentsOut(
         version=version, segments=[GroupOut(name=n, description=d, customers=c) for n, d, c in segments]
     )

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import jsonpatch
 from prometheus_client import Counter, Gauge
@@ -574,22 +574,19 @@ class SegmenterService:
         async with self.db.sessions() as session:
             return await self.repo.segment_members(session, segment, cursor, limit)
 
-    async def catalogue(self) -> tuple[int, list[tuple[str, str, int]], list[tuple[str, str, int]]]:
-        """The published version, its tiers (ladder order, then "none") and segments (rule
+    async def groups(self, kind: Literal["tiers", "segments"]) -> tuple[int, list[tuple[str, str, int]]]:
+        """The published version and its tiers (ladder order, then "none") or segments (rule
         order), each as (name, description, customers in it now)."""
         async with self.db.sessions() as session:
             rules = await self.rules(session)
             row = await self.repo.version(session, rules.version)
-            tiers = await self.repo.tier_counts(session)
-            segments = await self.repo.segment_counts(session)
+            count = self.repo.tier_counts if kind == "tiers" else self.repo.segment_counts
+            counts = await count(session)
         ruleset = RuleSet.model_validate(row.rules)
-        described = {r.name: r.description for r in (*ruleset.tiers, *ruleset.segments)}
+        described = {r.name: r.description for r in getattr(ruleset, kind)}
         described.setdefault(NO_TIER, "no tier's rule matched")
-        return (
-            rules.version,
-            [(n, described.get(n, ""), tiers.get(n, 0)) for n in rules.tier_names],
-            [(n, described.get(n, ""), segments.get(n, 0)) for n in rules.segment_names],
-        )
+        names = rules.tier_names if kind == "tiers" else rules.segment_names
+        return rules.version, [(n, described.get(n, ""), counts.get(n, 0)) for n in names]
 
     async def known_segment(self, segment: str) -> bool:
         async with self.db.sessions() as session:
