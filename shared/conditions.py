@@ -533,6 +533,12 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def unknown_hint(word: str, choices: Sequence[str], noun: str) -> str:
+    """What to say after "unknown <noun> 'word'": the close names, else all of them."""
+    names = sorted(choices)
+    return _suggest(word, names) or f"; the {noun} are {', '.join(names)}"
+
+
 def _suggest(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
     synonym = _KEY_SYNONYMS.get(word)
@@ -669,12 +675,7 @@ class _Compiler:
             self.error(where, f"expected a field name (string), got {_json_type(name)}")
             return None
         if name not in self.catalogue:
-            fields = sorted(self.catalogue)
-            self.error(
-                where,
-                f"unknown field {name!r}"
-                + (_suggest(name, fields) or f"; the fields are {', '.join(fields)}"),
-            )
+            self.error(where, f"unknown field {name!r}{unknown_hint(name, list(self.catalogue), 'fields')}")
             return None
         return name
 

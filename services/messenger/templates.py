@@ -36,7 +36,6 @@ is small, ``*``/``**``/``+``/``~`` cannot build huge values, and output is cappe
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import re
 import time
@@ -65,6 +64,7 @@ from jinja2.visitor import NodeTransformer
 from markupsafe import Markup, escape
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from shared.conditions import unknown_hint
 from shared.errors import InvalidInputError, NotFoundError
 from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent
 
@@ -1120,13 +1120,8 @@ def validate_template(template: Template) -> list[TemplateError]:
             errors.append(TemplateError(path, _message(exc)))
             continue
         for name in sorted(undeclared - allowed):
-            close = difflib.get_close_matches(name, sorted(allowed), n=2, cutoff=0.6)
-            hint = (
-                "did you mean " + " or ".join(repr(c) for c in close) + "?"
-                if close
-                else f"the variables are {', '.join(sorted(allowed))}"
-            )
-            errors.append(TemplateError(path, f"unknown variable {name!r}; {hint}"))
+            hint = unknown_hint(name, list(allowed), "variables")
+            errors.append(TemplateError(path, f"unknown variable {name!r}{hint}"))
     if errors:
         return errors
     return _check_rendering(template)
