@@ -121,6 +121,12 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def if_match_etag(value: str | None) -> str | None:
+    """The ETag an If-Match header names (a weak W/ prefix and the quotes stripped); None
+    without the header. ``*`` comes back as ``*``: what it matches is the endpoint's call."""
+    return None if value is None else value.strip().removeprefix("W/").strip('"')
+
+
 def ops_router(ready: ReadinessCheck) -> APIRouter:
     router = APIRouter(tags=["operations"])
 

@@ -25,6 +25,7 @@ from shared.errors import (
     pydantic_errors,
 )
 from shared.events import Channel, MessageStatus
+from shared.http import if_match_etag
 from shared.storable import storable
 
 router = APIRouter()
@@ -126,9 +127,8 @@ async def put_caps(
         caps = CapsConfig.model_validate(body)
     except ValidationError as exc:
         raise InvalidInputError("the caps are not valid", details=pydantic_errors(exc.errors())) from exc
-    expected = None if if_match is None else if_match.strip().removeprefix("W/").strip('"')
     try:
-        await service.put_caps(caps, key.id, expected)
+        await service.put_caps(caps, key.id, if_match_etag(if_match))
     except CapsConflictError as exc:
         raise PreconditionFailedError(
             "the caps changed since you read them (stale ETag); GET them again"

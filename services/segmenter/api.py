@@ -41,6 +41,7 @@ from shared.errors import (
     PreconditionFailedError,
     RetainError,
 )
+from shared.http import if_match_etag
 from shared.storable import storable
 
 router = APIRouter()
@@ -73,14 +74,10 @@ def _invalid(exc: InvalidRulesError) -> InvalidInputError:
     )
 
 
-def _etag(value: str | None) -> str | None:
-    return None if value is None else value.strip().removeprefix("W/").strip('"')
-
-
 def _draft_etag(value: str | None) -> str | None:
     """If-Match of a draft replacement: ``*`` matches whatever draft there is (RFC 9110 13.1.1),
     as no header does; anything else must be the draft's current ETag."""
-    etag = _etag(value)
+    etag = if_match_etag(value)
     return None if etag == "*" else etag
 
 
@@ -158,7 +155,7 @@ async def publish(
     if_match: Annotated[str | None, Header()] = None,
     note: Annotated[str | None, Query(max_length=500)] = None,
 ) -> PublishOut:
-    etag = _etag(if_match)
+    etag = if_match_etag(if_match)
     if etag is None:
         raise RetainError(
             "If-Match with the draft's ETag is required", status_code=428, code="precondition_required"
