@@ -9,7 +9,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Table, and_, case, delete, func, or_, select, update
+from sqlalchemy import Select, Table, and_, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi.conversion import MessageFact
@@ -160,7 +160,16 @@ def _ticket(r: Any) -> Ticket:
 
 
 CHUNK = 1000  # ids per IN list
-MANY_IDS = 5000  # beyond this many customer ids, purchases() reads the time window whole
+MANY_IDS = 5000  # beyond this many customer ids, a lookup reads its other filters' rows whole
+
+
+def _among(stmt: Select[Any], column: Any, ids: list[str]) -> Select[Any]:
+    """``stmt`` narrowed to ``ids``, unless they are many: one bind parameter per id, and asyncpg
+    takes at most 32,767 in a statement; beyond a few thousand ids the statement's other filters
+    (a time window) are the narrower anyway, and the caller looks its customers up."""
+    return stmt.where(column.in_(ids)) if len(ids) <= MANY_IDS else stmt
+
+
 TICKET_REBUILD_LOCK = 0x6B70695F7469636B  # "kpi_tick": the advisory lock of the ticket rebuild
 
 
@@ -343,8 +352,7 @@ class KpiRepository:
             wanted = list(ids)
             if not wanted:
                 return {}
-            if len(wanted) <= MANY_IDS:
-                stmt = stmt.where(customers.c.customer_id.in_(wanted))
+            stmt = _among(stmt, customers.c.customer_id, wanted)
         return {r.customer_id: CustomerAttributes(*r) for r in await session.execute(stmt)}
 
     async def purchases(
@@ -363,10 +371,7 @@ class KpiRepository:
             wanted = list(customer_ids)
             if not wanted:
                 return []
-            # One bind parameter per id, and asyncpg takes at most 32,767 in a statement: beyond
-            # a few thousand ids the time window alone is the narrower filter anyway.
-            if len(wanted) <= MANY_IDS:
-                stmt = stmt.where(p.customer_id.in_(wanted))
+            stmt = _among(stmt, p.customer_id, wanted)
         if since is not None:
             stmt = stmt.where(p.occurred_at >= since)
         if until is not None:
