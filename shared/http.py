@@ -31,6 +31,7 @@ class MetricsMiddleware:
         self.app = app
         self.service = service
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._endpoint_paths: dict[Any, str] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,8 +49,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = self._route_path(scope)
             method = scope.get("method", "")
             # Labelled children are looked up once per label set: .labels() is not free.
             key = (path, method, status)
@@ -61,6 +61,25 @@ class MetricsMiddleware:
                 )
             children[0].inc()
             children[1].observe(time.perf_counter() - started)
+
+    def _route_path(self, scope: Scope) -> str:
+        """The template of the route that answered ("/v1/customers/{customer_id}"), never the raw
+        path: customer ids in a label would grow the series without bound."""
+        path = getattr(scope.get("route"), "path", None)
+        if path is not None:
+            return str(path)
+        # FastAPI's own pages (/openapi.json, /docs) are plain Starlette routes, which leave only
+        # their endpoint in the scope; without this they were counted as "unmatched".
+        endpoint, router = scope.get("endpoint"), scope.get("router")
+        if endpoint is None or router is None:
+            return "unmatched"
+        found = self._endpoint_paths.get(endpoint)
+        if found is None:
+            found = next(
+                (str(r.path) for r in router.routes if getattr(r, "endpoint", None) is endpoint), "unmatched"
+            )
+            self._endpoint_paths[endpoint] = found
+        return found
 
 
 class RefuseNulInUrl:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import httpx
 import pytest
 from fastapi import APIRouter, Body, Depends, FastAPI, Request
+from prometheus_client import REGISTRY
 
 from shared.auth import ApiKey, KeyStore, create_key, require_scope
 from shared.http import endpoints, setup_app
@@ -112,3 +113,22 @@ async def test_framework_errors_carry_the_same_codes_as_ours(client: httpx.Async
     )
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")
     assert (unparsable.status_code, unparsable.json()["error"]["code"]) == (400, "bad_request")
+
+
+async def test_requests_are_counted_by_route_template_including_the_framework_pages(
+    client: httpx.AsyncClient,
+) -> None:
+    def count(route: str) -> float:
+        labels = {"service": "test", "route": route, "method": "GET", "status": "200"}
+        return REGISTRY.get_sample_value("retain_http_requests_total", labels) or 0.0
+
+    before = {r: count(r) for r in ("/openapi.json", "/docs", "/v1/things/{thing_id}", "unmatched")}
+    not_found = {"service": "test", "route": "unmatched", "method": "GET", "status": "404"}
+    missing_before = REGISTRY.get_sample_value("retain_http_requests_total", not_found) or 0.0
+    for path in ("/openapi.json", "/docs", "/v1/things/c-1", "/v1/things/c-2", "/no/such/page"):
+        await client.get(path)
+    assert count("/openapi.json") - before["/openapi.json"] == 1
+    assert count("/docs") - before["/docs"] == 1
+    assert count("/v1/things/{thing_id}") - before["/v1/things/{thing_id}"] == 2  # the template, not the ids
+    assert count("unmatched") == before["unmatched"]  # no 200 went unlabelled
+    assert REGISTRY.get_sample_value("retain_http_requests_total", not_found) == missing_before + 1
