@@ -22,10 +22,33 @@ class FieldProblem(BaseModel):
     message: str
 
 
+def _event_models(schema: dict[str, Any]) -> list[str]:
+    return [ref.rsplit("/", 1)[1] for ref in schema["discriminator"]["mapping"].values()]
+
+
+def _as_sent_over_http(model: dict[str, Any]) -> dict[str, Any]:
+    """An event's schema as POST /v1/events takes it, which is not quite the Kafka contract:
+    ``event_id`` may be left out (ingest assigns one), and ``type`` must be given (it picks the
+    model; the models' defaults would read as if it could be left out)."""
+    model = {**model, "properties": dict(model["properties"])}
+    event_id = dict(model["properties"]["event_id"])
+    event_id["description"] = (
+        "Your id for this event, unique per event: a retry with the same id is not applied twice. "
+        "Assigned (a UUID, returned in event_ids) when left out, and then a retry is a new event."
+    )
+    type_ = {k: v for k, v in model["properties"]["type"].items() if k != "default"}
+    model["properties"]["event_id"] = event_id
+    model["properties"]["type"] = type_
+    model["required"] = ["type", *(f for f in model.get("required", []) if f not in ("event_id", "type"))]
+    return model
+
+
 def events_request_body() -> dict[str, Any]:
     """The OpenAPI request body of POST /v1/events: one event or an array, with examples."""
     schema = EVENT_ADAPTER.json_schema(ref_template="#/components/schemas/{model}")
     defs = schema.pop("$defs", {})
+    for name in _event_models(schema):
+        defs[name] = _as_sent_over_http(defs[name])
     one = schema
     examples: dict[str, Any] = {
         name: {"summary": f"one {name} event", "value": value} for name, value in EXAMPLES.items()
