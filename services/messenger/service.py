@@ -45,6 +45,7 @@ from services.messenger.status import advances, ours
 from services.messenger.tables import applied_events, outbox
 from services.messenger.templates import Template, TemplateRenderError, TemplateStore, build_variables, render
 from shared.codec import encode, encode_key
+from shared.conditions import unknown_hint
 from shared.db import Database, claim_events
 from shared.errors import InvalidInputError
 from shared.events import (
@@ -1292,7 +1293,7 @@ class MessengerService:
                     details=[
                         {
                             "field": f"caps.{i}.journey",
-                            "message": f"no journey {name!r}; the journeys are {', '.join(sorted(journeys))}",
+                            "message": f"no journey {name!r}{unknown_hint(name, list(journeys), 'journeys')}",
                         }
                         for i, name in unknown
                     ],

@@ -407,6 +407,12 @@ async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> No
     [detail] = unknown.json()["error"]["details"]
     assert detail["field"] == f"caps.{len(caps)}.journey"
     assert "no journey 'no_such_journey'; the journeys are " in detail["message"]
+    # A near miss is answered with the close name, not the whole list.
+    near = {**typo, "journey": "winback"}
+    misspelt = await api.put("/v1/caps", json={"caps": [*caps, near]})
+    assert misspelt.status_code == 422
+    [hint] = misspelt.json()["error"]["details"]
+    assert hint["message"] == "no journey 'winback'; did you mean 'win_back'?"
     # Two editors: the second, who read before the first saved, gets a 412, not a silent undo.
     read = await api.get("/v1/caps")
     assert read.headers["ETag"] == f'"{read.json()["etag"]}"'
