@@ -549,6 +549,27 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
     return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
+@dataclass(frozen=True, slots=True)
+class Choices:
+    """The values a string field can hold (a channel, a lifecycle stage, a tier)."""
+
+    values: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The closed interval a number field lies in (P(alive) in [0, 1])."""
+
+    low: float
+    high: float
+
+
+# What the values of some fields can be, beyond their type. Checked by ``validate`` (when a rule
+# is written), not by ``compile_condition`` (when a stored one is loaded): a rule stored before
+# a domain was declared must still load.
+Domains = Mapping[str, Choices | Range]
+
+
 _TYPE_WORDS: Mapping[FieldType, str] = {
     "number": "a number",
     "string": "a string",
@@ -559,8 +580,16 @@ _TYPE_WORDS: Mapping[FieldType, str] = {
 
 
 class _Compiler:
-    def __init__(self, catalogue: Catalogue, root_path: str, max_depth: int, max_nodes: int) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        root_path: str,
+        max_depth: int,
+        max_nodes: int,
+        domains: Domains | None = None,
+    ) -> None:
         self.catalogue = catalogue
+        self.domains: Domains = domains or {}
         self.root_path = root_path
         self.max_depth = max_depth
         self.max_nodes = max_nodes
@@ -762,7 +791,26 @@ class _Compiler:
             self.error(
                 path, f"{name!r} is a {ftype} field, so the value must be {_TYPE_WORDS[ftype]}, not {got}"
             )
+        elif name in self.domains:
+            self.in_domain(name, self.domains[name], value, path)
         return value
+
+    def in_domain(self, name: str, domain: Choices | Range, value: object, path: str) -> None:
+        """A value of the right type that no customer can have: the comparison would be the same
+        for everyone (``p_alive lt 1.5``), or never hold (``preferred_channel eq "emial"``)."""
+        if isinstance(domain, Choices):
+            if isinstance(value, str) and value not in domain.values:
+                self.error(
+                    path,
+                    f"no customer has {name} {_shown(value)}"
+                    + unknown_hint(value, list(domain.values), f"values of {name!r}"),
+                )
+        elif _is_number(value) and not domain.low <= value <= domain.high:
+            self.error(
+                path,
+                f"{name!r} lies between {domain.low:g} and {domain.high:g}; {_shown(value)} is outside "
+                "that, so the comparison would be the same for every customer",
+            )
 
     def instant(self, name: str, value: object, path: str) -> datetime | None:
         if isinstance(value, str) and _NAIVE_DATETIME.fullmatch(value):
@@ -817,14 +865,16 @@ def validate(
     path: str = "$",
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_nodes: int = DEFAULT_MAX_NODES,
+    domains: Domains | None = None,
 ) -> list[ConditionError]:
     """Every problem in ``tree`` against ``catalogue``, with JSON paths under ``path``.
 
     An empty list means :func:`compile_condition` will succeed. The root is at depth 1; a
     node deeper than ``max_depth`` is reported once (its subtree is not inspected). Past
-    ``max_nodes`` nodes the walk stops with one error at ``path``.
+    ``max_nodes`` nodes the walk stops with one error at ``path``. ``domains``: values that no
+    customer can have are errors too (see ``Domains``).
     """
-    compiler = _Compiler(catalogue, path, max_depth, max_nodes)
+    compiler = _Compiler(catalogue, path, max_depth, max_nodes, domains)
     compiler.node(tree, path, 1)
     return compiler.errors
 

@@ -11,7 +11,7 @@ import re
 from decimal import Decimal
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import phonenumbers
@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.networks import validate_email
+
+from shared.conditions import Choices, Domains, Range
 
 SCHEMA_VERSION = 1
 
@@ -327,6 +329,20 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 class ConsentState(_Strict):
     granted: bool
     at: AwareDatetime  # when the customer said so (occurred_at of the profile event)
+
+
+# The segmenter's lifecycle stages (services/segmenter/profile.lifecycle), in a customer's order.
+LifecycleStage = Literal["new", "active", "at_risk", "lapsed", "churned", "won_back"]
+LIFECYCLE_STAGES: tuple[str, ...] = get_args(LifecycleStage)
+
+# What the facts that rules and journey conditions read can be, beyond their type: a value
+# outside these is a typo or a comparison that holds for everyone (shared.conditions.Domains).
+FACT_DOMAINS: Domains = {
+    "preferred_channel": Choices(frozenset(c.value for c in Channel)),
+    "lifecycle_stage": Choices(frozenset(LIFECYCLE_STAGES)),
+    "churn_reason": Choices(frozenset(r.value for r in CancellationReason)),
+    "p_alive": Range(0, 1),
+}
 
 
 class ProfileSnapshot(_Strict):

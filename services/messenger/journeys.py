@@ -19,7 +19,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from shared.conditions import Condition, ConditionError, compile_condition, validate
-from shared.events import Channel, CustomerUpdate, EventType, MessageKind, SupportAction, TriggeringEvent
+from shared.events import (
+    FACT_DOMAINS,
+    Channel,
+    CustomerUpdate,
+    EventType,
+    MessageKind,
+    SupportAction,
+    TriggeringEvent,
+)
 
 JourneyName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 
@@ -136,9 +144,9 @@ def validate_journey(raw: object, templates: set[str] | None = None) -> list[Con
     for name in ("entry", "exit", "escalate_if", "offer_if"):
         tree = getattr(journey, name)
         if tree is not None:
-            errors += validate(tree, SNAPSHOT_FIELDS, path=f"$.{name}")  # type: ignore[arg-type]
+            errors += validate(tree, SNAPSHOT_FIELDS, path=f"$.{name}", domains=FACT_DOMAINS)  # type: ignore[arg-type]
     if journey.wait and journey.wait.unless is not None:
-        errors += validate(journey.wait.unless, SNAPSHOT_FIELDS, path="$.wait.unless")  # type: ignore[arg-type]
+        errors += validate(journey.wait.unless, SNAPSHOT_FIELDS, path="$.wait.unless", domains=FACT_DOMAINS)  # type: ignore[arg-type]
     errors += [ConditionError("$.trigger", message) for message in _trigger_problems(journey.trigger)]
     if templates is not None and journey.template not in templates:
         errors.append(ConditionError("$.template", f"unknown template {journey.template!r}"))

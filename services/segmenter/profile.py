@@ -21,6 +21,7 @@ from shared.events import (
     CancellationEvent,
     ClvPrediction,
     Event,
+    LifecycleStage,
     ProfileEvent,
     PurchaseEvent,
     SupportAction,
@@ -246,7 +247,9 @@ def _days(n: int) -> timedelta:
     return timedelta(days=n)
 
 
-def lifecycle(state: ProfileState, now: datetime, config: LifecycleConfig) -> tuple[str, datetime | None]:
+def lifecycle(
+    state: ProfileState, now: datetime, config: LifecycleConfig
+) -> tuple[LifecycleStage, datetime | None]:
     """The stage and the next instant at which time alone would change it."""
     purchases = sorted(o.at for o in state.orders.values())
     last_cancel = max(state.cancellations.values(), key=lambda c: (c.at, c.event_id), default=None)

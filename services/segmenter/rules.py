@@ -17,7 +17,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from services.segmenter.profile import FACT_TYPES, SEGMENT_FACT_TYPES
-from shared.conditions import Condition, ConditionError, Explanation, compile_condition, validate
+from shared.conditions import Choices, Condition, ConditionError, Explanation, compile_condition, validate
+from shared.events import FACT_DOMAINS
 
 NO_TIER = "none"
 RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
@@ -53,9 +54,11 @@ def validate_rules(raw: object) -> list[ConditionError]:
     except ValidationError as exc:
         return [ConditionError(_json_path(tuple(e["loc"])), e["msg"]) for e in exc.errors(include_url=False)]
     errors: list[ConditionError] = []
-    for kind, rules, catalogue in (
-        ("tiers", ruleset.tiers, FACT_TYPES),
-        ("segments", ruleset.segments, SEGMENT_FACT_TYPES),
+    # A segment rule may read the tier just assigned: one of this set's tiers, or none.
+    tiers = Choices(frozenset({NO_TIER, *(r.name for r in ruleset.tiers)}))
+    for kind, rules, catalogue, domains in (
+        ("tiers", ruleset.tiers, FACT_TYPES, FACT_DOMAINS),
+        ("segments", ruleset.segments, SEGMENT_FACT_TYPES, {**FACT_DOMAINS, "tier": tiers}),
     ):
         seen: set[str] = set()
         for i, rule in enumerate(rules):
@@ -64,7 +67,7 @@ def validate_rules(raw: object) -> list[ConditionError]:
             seen.add(rule.name)
             if kind == "tiers" and rule.name == NO_TIER:
                 errors.append(ConditionError(f"$.tiers[{i}].name", f"{NO_TIER!r} is the tier of no match"))
-            errors += validate(rule.when, catalogue, path=f"$.{kind}[{i}].when")  # type: ignore[arg-type]
+            errors += validate(rule.when, catalogue, path=f"$.{kind}[{i}].when", domains=domains)  # type: ignore[arg-type]
     return errors
 
 

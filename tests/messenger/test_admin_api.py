@@ -149,6 +149,14 @@ async def test_invalid_journeys_are_422_naming_the_json_path(api: Clients) -> No
     )
     assert paths(complaint_purchase) == {"$.trigger"}
     assert "only with event 'support'" in complaint_purchase.text
+    # A value no customer's snapshot can have: a journey that would never (or always) enter.
+    typo = {"all": [{"field": "lifecycle_stage", "op": "eq", "value": "lapsd"}]}
+    stage = await api.writer.post("/v1/journeys", json={**VIP, "entry": typo})
+    assert paths(stage) == {"$.entry.all[0].value"}
+    assert "did you mean 'lapsed'?" in stage.text
+    always = {"field": "p_alive", "op": "lte", "value": 2}
+    unless = await api.writer.post("/v1/journeys", json={**VIP, "wait": {"hours": 1, "unless": always}})
+    assert paths(unless) == {"$.wait.unless.value"}
     # Nothing of it was stored.
     names = {j["name"] for j in (await api.reader.get("/v1/journeys")).json()["journeys"]}
     assert "vip_thanks" not in names

@@ -231,7 +231,38 @@ def test_tiers_cannot_use_tier_but_segments_can() -> None:
     assert "tier" not in FACT_TYPES
     assert SEGMENT_FACT_TYPES["tier"] == "string"
     assert paths({"tiers": [rule("t", on_tier)], "segments": []}) == ["$.tiers[0].when.field"]
-    assert paths({"tiers": [], "segments": [rule("s", on_tier)]}) == []
+    assert paths({"tiers": [rule("gold", {"all": []})], "segments": [rule("s", on_tier)]}) == []
+
+
+def test_values_no_customer_can_have_are_refused_with_the_close_ones() -> None:
+    """A typo in a value would make a rule that silently matches no one (or everyone)."""
+    tiers = [rule("gold", leaf("total_value", "gt", 1000)), rule("silver", {"all": []})]
+
+    def of(*leaves: dict[str, Any]) -> list[tuple[str, str]]:
+        return problems({"tiers": tiers, "segments": [rule("s", {"all": list(leaves)})]})
+
+    at = "$.segments[0].when.all"
+    assert of(
+        leaf("tier", "eq", "glod"),
+        leaf("lifecycle_stage", "eq", "at-risk"),
+        leaf("preferred_channel", "in", ["email", "whatsap"]),
+        leaf("churn_reason", "eq", "pricing"),
+        leaf("p_alive", "lt", 1.5),
+    ) == [
+        (f"{at}[0].value", "no customer has tier \"glod\"; did you mean 'gold'?"),
+        (f"{at}[1].value", "no customer has lifecycle_stage \"at-risk\"; did you mean 'at_risk'?"),
+        (f"{at}[2].value[1]", "no customer has preferred_channel \"whatsap\"; did you mean 'whatsapp'?"),
+        (f"{at}[3].value", "no customer has churn_reason \"pricing\"; did you mean 'price'?"),
+        (
+            f"{at}[4].value",
+            "'p_alive' lies between 0 and 1; 1.5 is outside that, so the comparison would be the same "
+            "for every customer",
+        ),
+    ]
+    # The tier of no match is a tier a segment may ask for; tier rules get the same checks.
+    assert of(leaf("tier", "eq", NO_TIER), leaf("p_alive", "between", [0, 1])) == []
+    bad_tier = {"tiers": [rule("gold", leaf("lifecycle_stage", "eq", "activ"))], "segments": []}
+    assert paths(bad_tier) == ["$.tiers[0].when.value"]
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -15,10 +15,13 @@ from shared.conditions import (
     OPS,
     OPS_BY_TYPE,
     Catalogue,
+    Choices,
     ConditionError,
     ConditionTree,
+    Domains,
     FieldType,
     InvalidConditionError,
+    Range,
     compile_condition,
     fields_used,
     validate,
@@ -49,12 +52,12 @@ def holds(tree: object, facts: Mapping[str, object], now: datetime = NOW) -> boo
     return compile_condition(tree, CATALOGUE).evaluate(facts, now)
 
 
-def errors_of(tree: object, path: str = "$", **limits: int) -> list[tuple[str, str]]:
-    return [(e.path, e.message) for e in validate(tree, CATALOGUE, path, **limits)]
+def errors_of(tree: object, path: str = "$", **options: Any) -> list[tuple[str, str]]:
+    return [(e.path, e.message) for e in validate(tree, CATALOGUE, path, **options)]
 
 
-def paths_of(tree: object, path: str = "$", **limits: int) -> list[str]:
-    return [p for p, _ in errors_of(tree, path, **limits)]
+def paths_of(tree: object, path: str = "$", **options: Any) -> list[str]:
+    return [p for p, _ in errors_of(tree, path, **options)]
 
 
 # --- operators, per field type ----------------------------------------------------------------
@@ -269,6 +272,37 @@ def test_unknown_field_suggests_close_names() -> None:
     [(path, message)] = errors_of(leaf("zzz", "gt", 1))
     assert (path, message.split(";")[0]) == ("$.field", "unknown field 'zzz'")
     assert message.endswith("; the fields are " + ", ".join(sorted(CATALOGUE)))
+
+
+DOMAINS: Domains = {"country": Choices(frozenset({"IL", "JO", "AE"})), "total_spend": Range(0, 1_000_000)}
+
+
+def test_values_outside_a_fields_domain_are_named_where_they_are() -> None:
+    assert errors_of(leaf("country", "eq", "ILL"), domains=DOMAINS) == [
+        ("$.value", "no customer has country \"ILL\"; did you mean 'IL'?")
+    ]
+    [(path, message)] = errors_of(leaf("country", "in", ["IL", "XX"]), domains=DOMAINS)
+    assert (path, message) == (
+        "$.value[1]",
+        "no customer has country \"XX\"; the values of 'country' are AE, IL, JO",
+    )
+    [(path, message)] = errors_of(leaf("total_spend", "lt", -5), domains=DOMAINS)
+    assert path == "$.value"
+    assert message.startswith("'total_spend' lies between 0 and 1e+06; -5 is outside that")
+    assert paths_of(leaf("total_spend", "between", [10, 2_000_000]), domains=DOMAINS) == ["$.value[1]"]
+    # Inside the domain (bounds included), a value is fine; fields without a domain are as before.
+    for ok in (
+        leaf("country", "ne", "JO"),
+        leaf("total_spend", "lte", 1_000_000),
+        leaf("total_spend", "between", [0, 10]),
+        leaf("email", "eq", "x@example.com"),
+        leaf("orders", "gt", -1),
+    ):
+        assert errors_of(ok, domains=DOMAINS) == [], ok
+    # Checked when a rule is written, never when a stored one is loaded: a rule stored before
+    # its field had a domain still compiles, and evaluates as written.
+    assert errors_of(leaf("country", "eq", "Il")) == []
+    assert holds(leaf("country", "eq", "Il"), {"country": "Il"})
 
 
 def test_unknown_operator() -> None:
