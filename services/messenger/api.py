@@ -13,7 +13,7 @@ from twilio.request_validator import RequestValidator
 
 from services.messenger.caps import CapsConfig
 from services.messenger.links import verify_unsubscribe
-from services.messenger.schemas import CapsOut, MessageOut, MessagesPage
+from services.messenger.schemas import CapsOut, MessageOut, MessagesPage, WaitOut, WaitsPage, WaitStatus
 from services.messenger.service import CapsConflictError, MessengerService, caps_etag
 from services.messenger.stopwords import match_inbound, reply_for
 from shared.auth import ApiKey, KeyStore, require_scope
@@ -80,14 +80,41 @@ async def list_messages(
         before=_cursor(cursor),
         limit=limit,
     )
-    items = [MessageOut.model_validate(r) for r in rows]
-    next_cursor = None
-    if len(rows) == limit:
-        last = rows[-1]
-        next_cursor = base64.urlsafe_b64encode(
-            f"{last['created_at'].isoformat()}|{last['id']}".encode()
-        ).decode()
-    return MessagesPage(messages=items, next_cursor=next_cursor)
+    return MessagesPage(
+        messages=[MessageOut.model_validate(r) for r in rows], next_cursor=_next_cursor(rows, limit)
+    )
+
+
+@router.get(
+    "/v1/waits",
+    response_model=WaitsPage,
+    tags=["messages"],
+    summary="Journey messages waiting for their delay, and what became of earlier ones",
+)
+async def list_waits(
+    _key: Reader,
+    service: Service,
+    customer_id: Annotated[str | None, Query(max_length=128)] = None,
+    journey: Annotated[str | None, Query(max_length=64)] = None,
+    status: WaitStatus | None = None,
+    cursor: Annotated[str | None, Query(max_length=300)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> WaitsPage:
+    """A journey with a wait (the feedback survey a day after a ticket is resolved, a check-in
+    after a quiet spell) decides its message when the wait is due: until then the message is not
+    in /v1/messages. This is where it is, newest first."""
+    rows = await service.list_waits(
+        customer_id=customer_id, journey=journey, status=status, before=_cursor(cursor), limit=limit
+    )
+    return WaitsPage(waits=[WaitOut.model_validate(r) for r in rows], next_cursor=_next_cursor(rows, limit))
+
+
+def _next_cursor(rows: list[dict[str, Any]], limit: int) -> str | None:
+    """The keyset cursor after the last row of a full page (created_at|id); None after the last."""
+    if len(rows) < limit:
+        return None
+    last = rows[-1]
+    return base64.urlsafe_b64encode(f"{last['created_at'].isoformat()}|{last['id']}".encode()).decode()
 
 
 async def _caps_response(service: MessengerService) -> JSONResponse:

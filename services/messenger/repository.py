@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Select, Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.messenger.tables import (
@@ -40,6 +40,26 @@ def _chunks(values: Collection[str]) -> Iterator[list[str]]:
     ordered = sorted(values)
     for i in range(0, len(ordered), IN_CHUNK):
         yield ordered[i : i + IN_CHUNK]
+
+
+def _newest_first(
+    stmt: Select[Any],
+    table: Table,
+    filters: Mapping[str, str | None],
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> Select[Any]:
+    """A page of ``table`` newest first (created_at, then id), with the given columns' equality
+    filters (None: any) and after the keyset cursor ``before``, the last row of the page before."""
+    c = table.c
+    stmt = stmt.order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+    for name, value in filters.items():
+        if value is not None:
+            stmt = stmt.where(c[name] == value)
+    if before is not None:
+        at, row_id = before
+        stmt = stmt.where(or_(c.created_at < at, and_(c.created_at == at, c.id < row_id)))
+    return stmt
 
 
 # The reads of a consumer batch, built once per dialect with the ids as one parameter
@@ -366,19 +386,30 @@ class MessengerRepository:
         before: tuple[datetime, str] | None,
         limit: int,
     ) -> list[Any]:
-        stmt = select(messages).order_by(messages.c.created_at.desc(), messages.c.id.desc()).limit(limit)
-        if customer_id is not None:
-            stmt = stmt.where(messages.c.customer_id == customer_id)
-        if journey is not None:
-            stmt = stmt.where(messages.c.journey == journey)
-        if status is not None:
-            stmt = stmt.where(messages.c.status == status)
-        if before is not None:
-            at, mid = before
-            stmt = stmt.where(
-                or_(messages.c.created_at < at, and_(messages.c.created_at == at, messages.c.id < mid))
-            )
-        return list((await session.execute(stmt)).all())
+        filters = {"customer_id": customer_id, "journey": journey, "status": status}
+        return list(
+            (await session.execute(_newest_first(select(messages), messages, filters, before, limit))).all()
+        )
+
+    async def list_waits(
+        self,
+        session: AsyncSession,
+        *,
+        customer_id: str | None,
+        journey: str | None,
+        status: str | None,
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[Any]:
+        """Journey waits, newest first; ``data`` (the trigger's snapshot) stays inside."""
+        w = journey_waits.c
+        shown = select(
+            w.id, w.customer_id, w.journey, w.status, w.due_at, w.reason, w.trigger_event_id, w.created_at
+        )
+        filters = {"customer_id": customer_id, "journey": journey, "status": status}
+        return list(
+            (await session.execute(_newest_first(shown, journey_waits, filters, before, limit))).all()
+        )
 
     async def count_by(self, session: AsyncSession, journey: str) -> dict[str, int]:
         stmt = (

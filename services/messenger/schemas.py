@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +40,31 @@ class MessageOut(BaseModel):
 class MessagesPage(BaseModel):
     messages: list[MessageOut]
     next_cursor: str | None = Field(description="Pass as ?cursor= for older messages; null at the end.")
+
+
+WaitStatus = Literal["waiting", "fired", "cancelled"]
+
+
+class WaitOut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    customer_id: str
+    journey: str
+    status: WaitStatus = Field(
+        description="waiting: decided at due_at; fired: decided (see /v1/messages); cancelled: see reason."
+    )
+    due_at: datetime = Field(description="When the journey's message is decided, unless an exit comes first.")
+    reason: str | None = Field(
+        description="Why a wait was cancelled: the exit or 'unless' condition met, an event that came "
+        "first, the journey disabled or removed."
+    )
+    trigger_event_id: str | None
+    created_at: datetime
+
+
+class WaitsPage(BaseModel):
+    waits: list[WaitOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for older waits; null at the end.")
 
 
 class CapsOut(BaseModel):

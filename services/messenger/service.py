@@ -1268,6 +1268,10 @@ class MessengerService:
         async with self.db.sessions() as session:
             return [dict(r._mapping) for r in await self.repo.list_messages(session, **filters)]
 
+    async def list_waits(self, **filters: Any) -> list[dict[str, Any]]:
+        async with self.db.sessions() as session:
+            return [dict(r._mapping) for r in await self.repo.list_waits(session, **filters)]
+
     async def get_caps(self) -> tuple[CapsConfig, datetime | None, str | None]:
         async with self.db.sessions() as session:
             row = await self.repo.setting(session, "caps")

@@ -44,6 +44,7 @@ SCOPE_OF: dict[str, dict[tuple[str, str], str]] = {
     },
     "messenger": {
         ("GET", "/v1/messages"): "messages:read",
+        ("GET", "/v1/waits"): "messages:read",
         ("GET", "/v1/caps"): "messages:read",
         ("PUT", "/v1/caps"): "messages:write",
         ("GET", "/v1/journeys"): "messages:read",

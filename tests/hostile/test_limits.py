@@ -260,6 +260,7 @@ async def test_journey_condition_depth_is_422_with_the_path(stack: Stack) -> Non
         ("segmenter", "/v1/customers/" + "c" * 129, "path.customer_id"),
         ("segmenter", "/v1/rules/publish?note=" + "n" * 501, "query.note"),
         ("messenger", "/v1/messages?customer_id=" + "c" * 129, "query.customer_id"),
+        ("messenger", "/v1/waits?customer_id=" + "c" * 129, "query.customer_id"),
         ("messenger", "/v1/journeys/" + "j" * 65, "path.name"),
         ("kpi", "/v1/customers/" + "c" * 129 + "/clv", "path.customer_id"),
     ],
@@ -284,6 +285,7 @@ PAGINATED = {
     ("segmenter", "/v1/segments/{name}/customers", "limit"),
     ("segmenter", "/v1/rules/preview", "sample"),
     ("messenger", "/v1/messages", "limit"),
+    ("messenger", "/v1/waits", "limit"),
 }
 
 

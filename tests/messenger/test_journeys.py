@@ -16,6 +16,7 @@ from decimal import Decimal
 from email.message import EmailMessage
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -39,6 +40,7 @@ from shared.events import (
 from tests.messenger.test_service import (
     NOON,
     World,
+    api,  # noqa: F401 - a fixture, by this name
     delivered,
     messages,
     profile,
@@ -644,6 +646,45 @@ async def test_win_back_ends_at_once_on_repurchase_or_an_unresolved_complaint(
     await world.service.send_due()
     win_backs = [r for r in await messages(world, customer) if r["journey"] == "win_back"]
     assert len(win_backs) == before_attempt - 1
+
+
+async def test_the_waits_api_shows_what_a_journey_waits_for_and_what_became_of_it(
+    world: World,
+    api: httpx.AsyncClient,  # noqa: F811 - the imported fixture, by name
+) -> None:
+    """Until its wait is due, a journey's message is in no list of messages: GET /v1/waits is
+    where an operator finds it (and why a wait ended without one)."""
+    first, second = treated("waits-api-a", "win_back"), treated("waits-api-b", "win_back")
+    await cancel(world, first, "he", CancellationReason.SERVICE)
+    world.clock.now = NOON + timedelta(minutes=1)
+    await cancel(world, second, "ar", CancellationReason.PRICE)
+    [wait] = (await api.get("/v1/waits", params={"customer_id": first})).json()["waits"]
+    assert (wait["journey"], wait["status"], wait["reason"]) == ("win_back", "waiting", None)
+    assert datetime.fromisoformat(wait["due_at"]) == NOON + 30 * DAY  # the service cool-off
+    assert "data" not in wait  # the trigger's snapshot (contact details) stays inside
+    assert await messages(world, first) == []
+
+    # Newest first, a page at a time, filtered by journey.
+    page = (await api.get("/v1/waits", params={"journey": "win_back", "limit": 1})).json()
+    assert [w["customer_id"] for w in page["waits"]] == [second]
+    rest = (await api.get("/v1/waits", params={"journey": "win_back", "cursor": page["next_cursor"]})).json()
+    assert first in [w["customer_id"] for w in rest["waits"]]
+    assert second not in [w["customer_id"] for w in rest["waits"]]
+
+    # The customer buys again: the wait ends, and says why.
+    world.clock.now = NOON + 5 * DAY
+    await world.service.apply_batch(delivered([interruption("repurchase", first, world.clock.now)]))
+    ended = await api.get("/v1/waits", params={"customer_id": first, "status": "cancelled"})
+    assert [(w["status"], w["reason"]) for w in ended.json()["waits"]] == [
+        ("cancelled", "exit condition met")
+    ]
+    waiting = await api.get("/v1/waits", params={"customer_id": first, "status": "waiting"})
+    assert waiting.json() == {"waits": [], "next_cursor": None}
+
+    bad = await api.get("/v1/waits", params={"status": "sleeping"})
+    assert bad.status_code == 422
+    assert "status" in bad.text
+    assert (await api.get("/v1/waits", params={"cursor": "nonsense"})).status_code == 422
 
 
 async def test_win_back_never_starts_over_an_open_complaint(world: World) -> None:
