@@ -119,6 +119,7 @@ class Preview:
     overridden: bool
     customer_id: str | None
     sample_data: list[str]  # the variables filled with sample values, not the customer's
+    draft: bool = False  # rendered from an unsaved body, not a stored template
 
 
 def _version_after(previous: datetime | None, now: datetime) -> datetime:
@@ -261,37 +262,9 @@ class MessengerAdmin:
         self, key: TemplateKey, raw: Mapping[str, Any], actor: str
     ) -> tuple[TemplateEntry, Template]:
         """Validate (sandbox, variables, size, SMS segments) and keep as an override."""
-        key_json = key.model_dump(mode="json")
-        if "key" in raw and raw["key"] != key_json:
-            raise TemplateInvalidError(
-                [TemplateError("$.key", f"must be {key_json}, the template in the path")]
-            )
-        body = {**raw, "key": key_json}
-        if "kind" not in body:
-            spec = journey_defaults().get(key.journey)
-            body["kind"] = (spec.kind if spec else MessageKind.MARKETING).value
-        template = Template.from_json(body)
-        # The journeys decide what a message is: a template cannot call itself transactional
-        # (and so skip the opt-out link) while a marketing journey sends it.
         async with self.db.sessions() as session:
             journeys = await self.service.journeys(session)
-        marketing = sorted(
-            j.name for j in journeys if j.template == key.journey and j.kind is MessageKind.MARKETING
-        )
-        if marketing and template.kind is not MessageKind.MARKETING:
-            raise TemplateInvalidError(
-                [
-                    TemplateError(
-                        "$.kind",
-                        f"{', '.join(marketing)} sends this template as marketing: it must be 'marketing' "
-                        "(and show {{ unsubscribe_url }})",
-                    )
-                ]
-            )
-        # Rendering the sample data runs user code (bounded to about a second): off the loop.
-        errors = await asyncio.to_thread(validate_template, template)
-        if errors:
-            raise TemplateInvalidError(errors)
+        template = await _checked_template(key, raw, journeys)
 
         def put(overrides: dict[TemplateKey, Template]) -> None:
             if key not in overrides and len(overrides) >= MAX_OVERRIDES:
@@ -336,10 +309,17 @@ class MessengerAdmin:
         await self.store()  # this process renders with it at once; the others on their next read
 
     async def preview(
-        self, template_name: str, channel: Channel, locale: str | None, customer_id: str | None
+        self,
+        template_name: str,
+        channel: Channel,
+        locale: str | None,
+        customer_id: str | None,
+        draft: Mapping[str, Any] | None = None,
     ) -> Preview:
         """Render as the sender would (absent optional variables empty), for a stored customer's
-        profile or for sample data. The trigger's data (order, ticket, offer …) is always a sample."""
+        profile or for sample data. The trigger's data (order, ticket, offer …) is always a sample.
+        ``draft``: an unsaved template body for exactly this key, checked as a save would check it
+        and rendered instead of the stored one, so that an edit can be seen before it is saved."""
         async with self.db.sessions() as session:
             store = await self.service.load_template_overrides(session)
             journeys = await self.service.journeys(session)
@@ -348,7 +328,10 @@ class MessengerAdmin:
             raise CustomerNotFoundError(f"the messenger has not seen customer {customer_id!r}")
         profile = ProfileSnapshot.model_validate(customer.profile) if customer is not None else None
         locale = locale or (profile.locale if profile else None) or DEFAULT_LOCALE
-        template = store.resolve(template_name, channel, locale)
+        if draft is None:
+            template = store.resolve(template_name, channel, locale)
+        else:
+            template = await _checked_template(template_key(template_name, channel, locale), draft, journeys)
         perks = self.service.settings.messenger_tier_perks
         sample = sample_variables(template.key.locale, perks_config=perks)
         if profile is None:
@@ -366,7 +349,41 @@ class MessengerAdmin:
             variables, from_sample = {**own, **trigger}, sorted({*trigger, "unsubscribe_url"})
         kind = next((j.kind for j in journeys if j.template == template_name), template.kind)
         rendered = await asyncio.to_thread(render, template, variables, strict=False, kind=kind)
-        return Preview(rendered, store.is_overridden(template.key), customer_id, from_sample)
+        overridden = draft is None and store.is_overridden(template.key)
+        return Preview(rendered, overridden, customer_id, from_sample, draft=draft is not None)
+
+
+async def _checked_template(key: TemplateKey, raw: Mapping[str, Any], journeys: list[Journey]) -> Template:
+    """``raw`` as the template ``key`` (its kind defaulting to its journey's), with every problem
+    a save would refuse: the same checks for a PUT and for the preview of a draft."""
+    key_json = key.model_dump(mode="json")
+    if "key" in raw and raw["key"] != key_json:
+        raise TemplateInvalidError([TemplateError("$.key", f"must be {key_json}, the template in the path")])
+    body = {**raw, "key": key_json}
+    if "kind" not in body:
+        spec = journey_defaults().get(key.journey)
+        body["kind"] = (spec.kind if spec else MessageKind.MARKETING).value
+    template = Template.from_json(body)
+    # The journeys decide what a message is: a template cannot call itself transactional
+    # (and so skip the opt-out link) while a marketing journey sends it.
+    marketing = sorted(
+        j.name for j in journeys if j.template == key.journey and j.kind is MessageKind.MARKETING
+    )
+    if marketing and template.kind is not MessageKind.MARKETING:
+        raise TemplateInvalidError(
+            [
+                TemplateError(
+                    "$.kind",
+                    f"{', '.join(marketing)} sends this template as marketing: it must be 'marketing' "
+                    "(and show {{ unsubscribe_url }})",
+                )
+            ]
+        )
+    # Rendering the sample data runs user code (bounded to about a second): off the loop.
+    errors = await asyncio.to_thread(validate_template, template)
+    if errors:
+        raise TemplateInvalidError(errors)
+    return template
 
 
 def _known(journeys: list[Journey], name: str) -> list[Journey]:

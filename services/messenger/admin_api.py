@@ -126,11 +126,18 @@ class PreviewIn(BaseModel):
     customer_id: Annotated[str | None, AfterValidator(storable)] = Field(
         default=None, max_length=128, description="Render with this customer's stored profile."
     )
+    draft: Annotated[dict[str, Any] | None, AfterValidator(storable)] = Field(
+        default=None,
+        description="An unsaved template body (as for PUT /v1/templates/…) to render instead of the "
+        "stored one, for exactly this journey, channel and locale (no fallback); checked as a save "
+        "would be (422 names each problem). Nothing is stored.",
+    )
 
 
 class PreviewOut(BaseModel):
     template: str = Field(description="The template used after the locale fallback: journey/channel/locale.")
     overridden: bool
+    draft: bool = Field(description="Rendered from the request's draft, not a stored template.")
     customer_id: str | None
     kind: MessageKind
     subject: str | None
@@ -270,15 +277,16 @@ async def list_templates(_key: Reader, admin: Admin) -> TemplatesOut:
     "/v1/templates/preview",
     response_model=PreviewOut,
     tags=["templates"],
-    summary="Render a template for a stored customer or sample data, with its SMS segments",
+    summary="Render a template, stored or a draft, for a customer or sample data, with its SMS segments",
     responses={404: {"model": ErrorResponse, "description": "No such template or customer."}},
 )
 async def preview_template(body: PreviewIn, _key: Reader, admin: Admin) -> PreviewOut:
-    preview = await admin.preview(body.journey, body.channel, body.locale, body.customer_id)
+    preview = await admin.preview(body.journey, body.channel, body.locale, body.customer_id, body.draft)
     rendered = preview.rendered
     return PreviewOut(
         template=str(rendered.key),
         overridden=preview.overridden,
+        draft=preview.draft,
         customer_id=preview.customer_id,
         kind=rendered.kind,
         subject=rendered.subject,
