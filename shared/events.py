@@ -413,6 +413,10 @@ class CustomerUpdate(_Strict):
     triggering_events: list[TriggeringEvent] = Field(default_factory=list)
     tier_old: str | None = None
     tier_new: str
+    # Up the ladder of the rule version that assigned tier_new (its tiers in order, the first the
+    # highest; none the lowest), which only the segmenter knows: marketing names and orders the
+    # tiers. None on updates from before the segmenter said so.
+    tier_upgrade: bool | None = None
     segments_entered: list[str] = Field(default_factory=list)
     segments_left: list[str] = Field(default_factory=list)
     rule_version: int

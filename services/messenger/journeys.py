@@ -182,6 +182,8 @@ def holds(tree: dict[str, Any] | None, facts: dict[str, Any], now: datetime) -> 
     return cached[1].evaluate(facts, now)
 
 
+# The default rule set's ladder, lowest first: for updates from before the segmenter said
+# whether a tier change was an upgrade (CustomerUpdate.tier_upgrade None).
 TIER_ORDER = ("none", "bronze", "silver", "gold", "platinum")
 
 
@@ -222,9 +224,12 @@ def triggered(
     if t.segment_left and t.segment_left in update.segments_left:
         out.append(Entry(journey, f"left:{t.segment_left}:{update.event_id}", None, update.occurred_at, {}))
     if t.tier_upgrade and update.tier_old is not None:
-        old = tier_order.index(update.tier_old) if update.tier_old in tier_order else -1
-        new = tier_order.index(update.tier_new) if update.tier_new in tier_order else -1
-        if new > old >= 0:
+        up = update.tier_upgrade
+        if up is None:
+            old = tier_order.index(update.tier_old) if update.tier_old in tier_order else -1
+            new = tier_order.index(update.tier_new) if update.tier_new in tier_order else -1
+            up = new > old >= 0
+        if up:
             out.append(
                 Entry(
                     journey,

@@ -105,6 +105,12 @@ class CompiledRules:
     def tier_names(self) -> list[str]:
         return [name for name, _ in self.tiers] + [NO_TIER]
 
+    def upgrade(self, old: str | None, new: str) -> bool:
+        """Whether ``old`` → ``new`` moves up this set's ladder (its tiers in order, the first the
+        highest, then none). A tier this set no longer has is not ranked: no upgrade from it."""
+        ladder = self.tier_names
+        return old in ladder and new in ladder and ladder.index(new) < ladder.index(old)
+
     @property
     def segment_names(self) -> list[str]:
         return [name for name, _ in self.segments]

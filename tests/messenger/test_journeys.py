@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from services.messenger.caps import DEFAULT_CAPS
 from services.messenger.decision import in_holdout
-from services.messenger.journeys import default_journeys
+from services.messenger.journeys import default_journeys, triggered
 from services.messenger.service import MessengerService
 from services.messenger.tables import journey_waits, outbox
 from shared.events import (
@@ -431,6 +431,23 @@ async def test_tier_upgrade_congratulates_with_the_new_tiers_perks(world: World,
     down = update(customer, lang, world.clock.now, tier_old="gold", tier="silver", cause=UpdateCause.RULES)
     await world.service.apply_batch(delivered([down]))
     assert len(await messages(world, customer)) == 1
+
+
+def test_an_upgrade_is_what_the_segmenter_says_it_is_on_the_ladder_marketing_named() -> None:
+    """The ladder is the rule set's, not the default names: a set with tiers vip > regular
+    upgrades regular → vip, and the segmenter's word beats the default order both ways."""
+    journey = JOURNEYS["tier_upgrade"]
+
+    def fires(old: str, new: str, upgrade: bool | None) -> bool:
+        moved = update("ladder", "en", NOON, tier_old=old, tier=new, cause=UpdateCause.RULES)
+        return bool(triggered(journey, moved.model_copy(update={"tier_upgrade": upgrade})))
+
+    assert fires("regular", "vip", True)
+    assert not fires("vip", "regular", False)
+    assert not fires("silver", "gold", False)  # gold ranks below silver in that set
+    # Updates from before the segmenter said: the default ladder's names.
+    assert fires("silver", "gold", None)
+    assert not fires("regular", "vip", None)
 
 
 @pytest.mark.parametrize("lang", LANGS)

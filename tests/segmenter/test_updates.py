@@ -265,6 +265,36 @@ def test_a_new_rule_version_announces_only_a_change() -> None:
     assert unchanged.row.rule_version == 3
 
 
+def test_an_upgrade_is_up_the_ladder_of_the_rules_that_assigned_it() -> None:
+    """Marketing names and orders the tiers; the messenger's tier_upgrade journey learns from the
+    update whether a move was up, on the ladder of the version that made it."""
+    state = build(CUSTOMER, [contact(), first_order()])
+    everyone: dict[str, Any] = {"all": []}
+    no_one: dict[str, Any] = {"any": []}
+
+    def ladder(version: int, vip: dict[str, Any]) -> CompiledRules:
+        tiers = [{"name": "vip", "when": vip}, {"name": "regular", "when": everyone}]
+        return compile_rules({"tiers": tiers, "segments": []}, version)
+
+    def moved(decision: Any) -> tuple[str | None, str, bool | None]:
+        assert decision.update is not None
+        return decision.update.tier_old, decision.update.tier_new, decision.update.tier_upgrade
+
+    first = decide(state, None, ladder(1, no_one), CONFIG, NOW, UpdateCause.EVENTS, "k", [first_order()])
+    assert moved(first) == (None, "regular", False)
+    up = decide(state, first.row, ladder(2, everyone), CONFIG, NOW, UpdateCause.RULES, "2")
+    assert moved(up) == ("regular", "vip", True)
+    down = decide(state, up.row, ladder(3, no_one), CONFIG, NOW, UpdateCause.RULES, "3")
+    assert moved(down) == ("vip", "regular", False)
+    # From a tier the new set does not have, nothing is ranked: no upgrade, whatever the names.
+    other = decide(state, down.row, DEFAULT, CONFIG, NOW, UpdateCause.RULES, "4")
+    assert moved(other) == ("regular", "bronze", False)
+    assert DEFAULT.upgrade("bronze", "gold")
+    assert DEFAULT.upgrade("none", "bronze")
+    assert not DEFAULT.upgrade("gold", "gold")
+    assert not DEFAULT.upgrade("platinum", "gold")
+
+
 def test_a_cancellation_carries_its_reason_into_the_update_and_the_snapshot() -> None:
     base = [contact(), first_order()]
     first = run(base)
