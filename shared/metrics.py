@@ -63,6 +63,13 @@ CONSUMER_LAG = Gauge(
     ["group", "topic", "partition"],
 )
 
+CONSUMER_MISKEYED = Counter(
+    "retain_consumer_miskeyed_total",
+    "Records applied whose Kafka key is not their customer id (a producer writing straight to "
+    "Kafka with another key, or none): that customer's events may land on several partitions.",
+    ["group", "topic"],
+)
+
 METRICS_PORT_ENV = "RETAIN_METRICS_PORT"
 METRICS_HOST_ENV = "RETAIN_METRICS_HOST"
 

@@ -33,6 +33,7 @@ from shared.metrics import (
     CONSUMER_BATCH_SIZE,
     CONSUMER_DUPLICATES,
     CONSUMER_LAG,
+    CONSUMER_MISKEYED,
     CONSUMER_RECORDS,
     CONSUMER_RETRIES,
     DLQ_MESSAGES,
@@ -89,6 +90,7 @@ class LoopStats:
     applied: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    miskeyed: int = 0
     commits: int = 0
     retries: int = 0
     positions: dict[TopicPartition, int] = field(default_factory=dict)
@@ -173,6 +175,7 @@ class ConsumerLoop(Generic[T]):
         self._stopping = asyncio.Event()
         self.stats = LoopStats()
         self._lag_partitions: set[TopicPartition] = set()
+        self._miskeyed_logged: dict[str, float] = {}  # topic → when a miskeyed record was last logged
         self.behind = True  # records waiting past our position, as of the latest fetch (or not known yet)
         self._consumer = AIOKafkaConsumer(
             *self._topics,
@@ -258,6 +261,7 @@ class ConsumerLoop(Generic[T]):
             "applied": s.applied,
             "duplicates": s.duplicates,
             "dead_lettered": s.dead_lettered,
+            "miskeyed": s.miskeyed,
         }
 
     async def run_once(self) -> int:
@@ -325,7 +329,31 @@ class ConsumerLoop(Generic[T]):
                 dead.append(_DeadLetter(r, "undecodable", detail))
                 continue
             decoded.append((r, Delivered(r.topic, r.partition, r.offset, r.key, value, r.timestamp)))
+            customer_id = getattr(value, "customer_id", None)
+            if isinstance(customer_id, str) and r.key != customer_id.encode():
+                self._miskeyed(r, customer_id, getattr(value, "event_id", None))
         return decoded, dead
+
+    def _miskeyed(self, record: ConsumerRecord[bytes, bytes], customer_id: str, event_id: object) -> None:
+        """Every topic is keyed by customer, so that one customer's events share a partition and
+        stay in order. A record keyed otherwise is still applied (the consumers do not depend on
+        the order), but its producer is told: counted, and logged once a minute per topic."""
+        self.stats.miskeyed += 1
+        CONSUMER_MISKEYED.labels(self._group_id, record.topic).inc()
+        now = time.monotonic()
+        if now - self._miskeyed_logged.get(record.topic, -float("inf")) < 60:
+            return
+        self._miskeyed_logged[record.topic] = now
+        log.warning(
+            "record not keyed by its customer id",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=None if record.key is None else record.key.decode("utf-8", "replace")[:200],
+            customer_id=customer_id,
+            event_id=event_id,
+            hint="produce with key=customer_id.encode() (README, 'Producing straight to Kafka')",
+        )
 
     async def _apply(
         self,

@@ -71,6 +71,7 @@ PROCESS_PORTS = {
 # Alerts whose full expression this test's traffic makes true, and how.
 ACTIVE_LIVE = {
     "RetainDeadLettersGrowing": "the poison record of each wave",
+    "RetainMiskeyedRecords": "the re-delivered event of each wave, keyed by a made-up order id",
     "RetainDeadLettersWaiting": "the same dead letters (pending: it waits an hour)",
     "RetainConsumerRetrying": "the segmenter's database locked during the second wave",
     "RetainResponseTimeBreachRate": "the seeded tickets left unanswered past their target",
@@ -267,12 +268,13 @@ async def _send_wave(
     # Bad input: a 422 and a rejected event.
     bad = {"type": "purchase", "customer_id": f"{tag}-bad", "occurred_at": events[0]["occurred_at"]}
     assert (await http.post(f"{ingest}/v1/events", json=bad, headers=headers)).status_code == 422
-    # Straight onto Kafka: one event re-delivered (consumers skip it as a duplicate) and one
-    # record nobody can decode (dead-lettered by every group reading the topic).
+    # Straight onto Kafka: one event re-delivered, keyed as a careless producer might (the
+    # consumers skip it as a duplicate, and count it as miskeyed), and one record nobody can
+    # decode (dead-lettered by every group reading the topic).
     again = EVENT_ADAPTER.validate_python(events[0])
     await producer.send_all(
         [
-            OutboundRecord(f"{prefix}profiles", encode_key(again.customer_id), encode_event(again)),
+            OutboundRecord(f"{prefix}profiles", encode_key(f"{tag}-order-1"), encode_event(again)),
             OutboundRecord(f"{prefix}profiles", encode_key(f"{tag}-poison"), b"{not json"),
         ]
     )
@@ -519,6 +521,7 @@ async def test_alerts_made_true_by_the_traffic_are_active(live: Live) -> None:
     assert inactive == {}
     assert {n: loaded[n]["state"] for n in ACTIVE_LIVE} == {
         "RetainDeadLettersGrowing": "firing",  # no `for:`
+        "RetainMiskeyedRecords": "firing",  # no `for:`
         "RetainDeadLettersWaiting": "pending",
         "RetainConsumerRetrying": "pending",
         "RetainResponseTimeBreachRate": "pending",
@@ -568,10 +571,10 @@ async def test_every_alert_is_loaded_healthy_and_its_expression_valid(live: Live
     assert {n: r.get("lastError") for n, r in loaded.items() if r.get("health") != "ok"} == {}
     for rule in rules.values():
         await asyncio.to_thread(live.prometheus.query, rule["expr"])  # raises on an invalid one
-    # Nothing fires but the alert on new dead letters (the poison records above); the others
-    # made true here wait out their `for:` as pending.
+    # Nothing fires but the alerts on new dead letters and miskeyed records (the records
+    # produced straight to Kafka above); the others made true here wait out their `for:`.
     firing = {r["name"] for r in loaded.values() if r.get("state") == "firing"}
-    assert firing <= {"RetainDeadLettersGrowing"}
+    assert firing <= {"RetainDeadLettersGrowing", "RetainMiskeyedRecords"}
 
 
 async def test_every_alert_signal_returns_data(live: Live) -> None:

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 
 import pytest
+import structlog.testing
 from aiokafka.errors import IllegalStateError
+from prometheus_client import REGISTRY
 from sqlalchemy import Column, MetaData, Numeric, String, Table, select
 from sqlalchemy.exc import OperationalError
 
@@ -174,6 +176,34 @@ async def test_poison_goes_to_the_dlq_and_the_partition_keeps_flowing(
     assert all(b"T" in h["x-retain-first-seen"] for h in headers)
     assert loop.stats.dead_lettered == 3
     assert loop.stats.applied == 2
+
+
+async def test_records_not_keyed_by_their_customer_are_applied_counted_and_logged_once(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """A backend producing straight to Kafka with the order id as key: nothing is lost, and the
+    operator is told (a counter, and one log line a minute per topic, not one per record)."""
+    topic = topic_prefix + "purchases"
+    group = f"g-{unique}"
+    await produce(kafka, topic, [
+        ("c1", encode_event(purchase(1, "c1", "10"))),
+        ("order-2", encode_event(purchase(2, "c1", "5"))),
+        ("order-3", encode_event(purchase(3, "c2", "1"))),
+    ])  # fmt: skip
+    loop = make_loop(kafka, topic, group, ToyHandler(db))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await drain(loop, 3)
+    finally:
+        await stop(loop)
+
+    assert (await total_of(db, "c1"), await total_of(db, "c2")) == (Decimal(15), Decimal(1))
+    assert loop.stats.miskeyed == 2
+    counted = REGISTRY.get_sample_value("retain_consumer_miskeyed_total", {"group": group, "topic": topic})
+    assert counted == 2
+    [warning] = [e for e in logs if e["event"] == "record not keyed by its customer id"]
+    assert (warning["log_level"], warning["key"], warning["customer_id"]) == ("warning", "order-2", "c1")
+    assert "key=customer_id.encode()" in warning["hint"]
 
 
 async def test_crash_before_commit_redelivers_and_the_ledger_makes_it_a_noop(
