@@ -476,6 +476,10 @@ class MessengerRepository:
         """Many ``close_wait``: id, status and reason per change."""
         await _update_by_id(session, journey_waits, changes)
 
+    async def move_waits(self, session: AsyncSession, changes: Sequence[Mapping[str, Any]]) -> None:
+        """New due times: id and due_at per change."""
+        await _update_by_id(session, journey_waits, changes)
+
     async def due_waits(self, session: AsyncSession, now: datetime, limit: int) -> list[Any]:
         stmt = (
             select(journey_waits)

@@ -133,6 +133,7 @@ class _Batch:
     entries: dict[tuple[str, str], tuple[datetime, int]] = field(default_factory=dict)
     new_waits: list[dict[str, Any]] = field(default_factory=list)
     closed_waits: list[dict[str, Any]] = field(default_factory=list)
+    moved_waits: list[dict[str, Any]] = field(default_factory=list)  # id and a new due_at
     new_messages: list[dict[str, Any]] = field(default_factory=list)
     events: list[MessageEvent] = field(default_factory=list)
 
@@ -150,6 +151,12 @@ class _Batch:
         wait["status"], wait["reason"] = status, reason
         if not new:
             self.closed_waits.append({"id": wait["id"], "status": status, "reason": reason})
+
+    def move_wait(self, wait: dict[str, Any], due: datetime) -> None:
+        new = any(w is wait for w in self.new_waits)
+        wait["due_at"] = due
+        if not new:
+            self.moved_waits.append({"id": wait["id"], "due_at": due})
 
 
 class _Row:
@@ -415,6 +422,7 @@ class MessengerService:
         for update, facts, entries in plans:
             customer_id = update.customer_id
             self._cancel_waits(batch, update, facts, now, journeys)
+            self._wake_waits_for_address(batch, update, now)
             for journey, entry in entries:
                 memo = batch.memos[customer_id]
                 if not reentry_allowed(journey, memo.entries.get(journey.name), entry.at):
@@ -512,6 +520,7 @@ class MessengerService:
         )
         await self.repo.add_waits(session, batch.new_waits)
         await self.repo.close_waits(session, batch.closed_waits)
+        await self.repo.move_waits(session, batch.moved_waits)
         await self.repo.insert_messages(session, batch.new_messages)
 
     @staticmethod
@@ -536,6 +545,19 @@ class MessengerService:
                 reason = f"a {journey.wait.unless_event.value} happened first"
             if reason is not None:
                 batch.close_wait(wait, "cancelled", reason)
+
+    @staticmethod
+    def _wake_waits_for_address(batch: _Batch, update: CustomerUpdate, now: datetime) -> None:
+        """Messages waiting for the customer's contact details (``PROFILE_GRACE``) are due now
+        that an update brings some: the next tick decides them, seconds after the profile, not
+        when the grace ends. A welcome should not reach a new customer ten minutes late."""
+        p = update.profile
+        if not (p.email or p.phone or p.whatsapp):
+            return
+        for wait in batch.waits.get(update.customer_id, ()):
+            awaited = wait["data"].get("details", {}).get("awaited_profile")
+            if wait["status"] == "waiting" and awaited and wait["due_at"] > now:
+                batch.move_wait(wait, now)
 
     def _decide(
         self,

@@ -465,11 +465,27 @@ async def test_a_purchase_applied_before_its_profile_waits_for_the_address(world
         rule_version=1,
         profile=profile(),
     )
+    world.clock.now = NOON + timedelta(seconds=2)
     await world.service.apply_batch(delivered([with_profile]))
-    world.clock.now = NOON + timedelta(minutes=11)
+    # Due as soon as the address is known, not when the ten minutes of grace end.
     assert await world.service.fire_waits() == 1
     [row] = await messages(world, customer)
     assert (row["journey"], row["status"], row["channel"]) == ("thank_you", "queued", "sms")
+    world.clock.now = NOON + timedelta(minutes=11)
+    assert await world.service.fire_waits() == 0
+
+
+async def test_a_purchase_and_its_profile_in_one_batch_decide_at_the_next_tick(world: World) -> None:
+    """Both updates in one consumer batch: the wait the first adds is due at once."""
+    customer = customer_not_in_holdout("thank_you")
+    early = purchase_update(customer, 1, NOON, email=None, phone=None, whatsapp=None, consents={})
+    with_profile = early.model_copy(
+        update={"event_id": f"u-{customer}-profile", "triggering_events": [], "profile": profile()}
+    )
+    await world.service.apply_batch(delivered([early, with_profile]))
+    assert await world.service.fire_waits() == 1
+    [row] = await messages(world, customer)
+    assert (row["journey"], row["status"]) == ("thank_you", "queued")
 
 
 async def test_a_customer_who_never_gets_an_address_is_recorded_once(world: World) -> None:
