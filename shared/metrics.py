@@ -65,8 +65,9 @@ CONSUMER_LAG = Gauge(
 
 CONSUMER_MISKEYED = Counter(
     "retain_consumer_miskeyed_total",
-    "Records applied whose Kafka key is not their customer id (a producer writing straight to "
-    "Kafka with another key, or none): that customer's events may land on several partitions.",
+    "Records consumed (applied, or skipped as duplicates) whose Kafka key is not their customer id "
+    "(a producer writing straight to Kafka with another key, or none): that customer's events may "
+    "land on several partitions.",
     ["group", "topic"],
 )
 

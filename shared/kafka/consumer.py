@@ -26,6 +26,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from shared.codec import encode_key
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
 from shared.metrics import (
@@ -330,7 +331,7 @@ class ConsumerLoop(Generic[T]):
                 continue
             decoded.append((r, Delivered(r.topic, r.partition, r.offset, r.key, value, r.timestamp)))
             customer_id = getattr(value, "customer_id", None)
-            if isinstance(customer_id, str) and r.key != customer_id.encode():
+            if isinstance(customer_id, str) and r.key != encode_key(customer_id):
                 self._miskeyed(r, customer_id, getattr(value, "event_id", None))
         return decoded, dead
 
