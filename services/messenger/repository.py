@@ -472,12 +472,8 @@ class MessengerRepository:
             ]
         return found
 
-    async def close_waits(self, session: AsyncSession, changes: Sequence[Mapping[str, Any]]) -> None:
-        """Many ``close_wait``: id, status and reason per change."""
-        await _update_by_id(session, journey_waits, changes)
-
-    async def move_waits(self, session: AsyncSession, changes: Sequence[Mapping[str, Any]]) -> None:
-        """New due times: id and due_at per change."""
+    async def update_waits(self, session: AsyncSession, changes: Sequence[Mapping[str, Any]]) -> None:
+        """Waits closed (status, reason) or moved (due_at): the id and the columns per change."""
         await _update_by_id(session, journey_waits, changes)
 
     async def due_waits(self, session: AsyncSession, now: datetime, limit: int) -> list[Any]:

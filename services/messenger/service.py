@@ -132,8 +132,7 @@ class _Batch:
     waits: defaultdict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     entries: dict[tuple[str, str], tuple[datetime, int]] = field(default_factory=dict)
     new_waits: list[dict[str, Any]] = field(default_factory=list)
-    closed_waits: list[dict[str, Any]] = field(default_factory=list)
-    moved_waits: list[dict[str, Any]] = field(default_factory=list)  # id and a new due_at
+    changed_waits: list[dict[str, Any]] = field(default_factory=list)  # id and the columns to set
     new_messages: list[dict[str, Any]] = field(default_factory=list)
     events: list[MessageEvent] = field(default_factory=list)
 
@@ -147,16 +146,15 @@ class _Batch:
         self.waits[wait["customer_id"]].append(wait)
 
     def close_wait(self, wait: dict[str, Any], status: str, reason: str | None) -> None:
-        new = any(w is wait for w in self.new_waits)  # inserted as it ends up
-        wait["status"], wait["reason"] = status, reason
-        if not new:
-            self.closed_waits.append({"id": wait["id"], "status": status, "reason": reason})
+        self._change_wait(wait, status=status, reason=reason)
 
     def move_wait(self, wait: dict[str, Any], due: datetime) -> None:
-        new = any(w is wait for w in self.new_waits)
-        wait["due_at"] = due
-        if not new:
-            self.moved_waits.append({"id": wait["id"], "due_at": due})
+        self._change_wait(wait, due_at=due)
+
+    def _change_wait(self, wait: dict[str, Any], **columns: Any) -> None:
+        wait.update(columns)
+        if not any(w is wait for w in self.new_waits):  # a new one is inserted as it ends up
+            self.changed_waits.append({"id": wait["id"], **columns})
 
 
 class _Row:
@@ -519,8 +517,7 @@ class MessengerService:
             ],
         )
         await self.repo.add_waits(session, batch.new_waits)
-        await self.repo.close_waits(session, batch.closed_waits)
-        await self.repo.move_waits(session, batch.moved_waits)
+        await self.repo.update_waits(session, batch.changed_waits)
         await self.repo.insert_messages(session, batch.new_messages)
 
     @staticmethod
@@ -609,7 +606,11 @@ class MessengerService:
         # 'unless' can still end it; it is scheduled whatever became of this one.
         next_due = next_attempt_at(journey, entry.attempt, decision.send_at or now)
         if next_due is not None:
-            self._add_wait(batch, customer_id, replace(entry, attempt=entry.attempt + 1), next_due, now)
+            # Its own wait for an address, if it needs one: this attempt's is over, and a next
+            # attempt marked as awaiting one would be woken early by the next address.
+            own = {k: v for k, v in entry.details.items() if k != "awaited_profile"}
+            following = replace(entry, attempt=entry.attempt + 1, details=own)
+            self._add_wait(batch, customer_id, following, next_due, now)
         facts = snapshot_facts_of(profile)
         details: dict[str, Any] = {"trigger": entry.details, "profile": profile.model_dump(mode="json")}
         if journey.offer_if is not None and holds(journey.offer_if, facts, now):
@@ -753,7 +754,7 @@ class MessengerService:
                 customers=customers,
                 entries=False,
             )
-            batch.closed_waits += closed
+            batch.changed_waits += closed
             for wait, journey, entry, profile in firing:
                 self._decide(batch, wait.customer_id, journey, entry, profile, caps, now)
             await self._write(session, batch)

@@ -6,6 +6,7 @@ reason nothing was sent."""
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import itertools
@@ -702,6 +703,45 @@ async def test_the_waits_api_shows_what_a_journey_waits_for_and_what_became_of_i
     assert bad.status_code == 422
     assert "status" in bad.text
     assert (await api.get("/v1/waits", params={"cursor": "nonsense"})).status_code == 422
+    naive = base64.urlsafe_b64encode(b"2026-06-01T12:00:00|x").decode()  # forged: no offset
+    for path in ("/v1/waits", "/v1/messages"):
+        forged = await api.get(path, params={"cursor": naive})
+        assert forged.status_code == 422, forged.text
+        assert forged.json()["error"]["details"] == [{"field": "cursor"}]
+
+
+async def test_an_attempt_that_waited_for_an_address_leaves_the_next_one_its_spacing(world: World) -> None:
+    """Win-back's first attempt comes due with no address known: it waits for one, and is
+    decided when it comes. The second attempt is then a wait of its own, which a later
+    address does not bring forward."""
+    customer = treated("no-address-yet", "win_back")
+    nowhere: dict[str, Any] = {"email": None, "phone": None, "whatsapp": None, "consents": {}}
+    await cancel(world, customer, "he", CancellationReason.PRICE, **nowhere)
+    first_due = NOON + 14 * DAY  # the price cool-off
+    world.clock.now = first_due
+    assert await restarted(world).fire_waits() == 1  # decided: no address, so it waits for one
+    assert await messages(world, customer) == []
+    world.clock.now = first_due + timedelta(minutes=1)
+    reachable = update(customer, "he", world.clock.now, cause=UpdateCause.EVENTS, **churned())
+    await world.service.apply_batch(delivered([reachable]))
+    assert await restarted(world).fire_waits() == 1  # due at once now that an address is known
+    [first] = await messages(world, customer)
+    assert (first["journey"], first["status"]) == ("win_back", "queued")
+
+    world.clock.now = first_due + 2 * DAY
+    again = update(customer, "he", world.clock.now, cause=UpdateCause.EVENTS, **churned())
+    await world.service.apply_batch(delivered([again]))
+    assert await restarted(world).fire_waits() == 0  # the second attempt keeps its spacing
+    async with world.db.sessions() as session:
+        [second] = (
+            await session.execute(
+                select(journey_waits).where(
+                    journey_waits.c.customer_id == customer, journey_waits.c.status == "waiting"
+                )
+            )
+        ).all()
+    assert second.data["attempt"] == 2
+    assert second.due_at > world.clock.now + (WIN_BACK.attempt_spacing_days - 3) * DAY
 
 
 async def test_win_back_never_starts_over_an_open_complaint(world: World) -> None:
