@@ -147,6 +147,11 @@ def require_scope(store_of: Callable[[Request], KeyStore], scope: str) -> ScopeR
     return ScopeRequirement(store_of, scope)
 
 
+def allows(key: ApiKey, scope: str) -> bool:
+    """Whether ``key`` carries ``scope`` (``admin`` carries them all)."""
+    return scope in key.scopes or "admin" in key.scopes
+
+
 def authorize(request: Request, store: KeyStore, scope: str) -> ApiKey:
     """The caller's key, which must carry ``scope`` (or ``admin``); 401/403 otherwise."""
     presented = presented_key(request)
@@ -158,7 +163,7 @@ def authorize(request: Request, store: KeyStore, scope: str) -> ApiKey:
     key = store.authenticate(presented)
     if key is None:
         raise UnauthorizedError("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-    if scope not in key.scopes and "admin" not in key.scopes:
+    if not allows(key, scope):
         raise ForbiddenError(f"the API key lacks the scope {scope!r}")
     request.state.api_key = key
     return key

@@ -13,7 +13,8 @@ from services.messenger.admin import MessengerAdmin, TemplateEntry, template_key
 from services.messenger.api import Reader, Service, Writer
 from services.messenger.journeys import Journey
 from services.messenger.templates import VARIABLES, SmsEncoding, Template
-from shared.errors import ErrorResponse
+from shared.auth import allows
+from shared.errors import ErrorResponse, ForbiddenError
 from shared.events import Channel, MessageKind
 from shared.storable import storable
 
@@ -280,7 +281,10 @@ async def list_templates(_key: Reader, admin: Admin) -> TemplatesOut:
     summary="Render a template, stored or a draft, for a customer or sample data, with its SMS segments",
     responses={404: {"model": ErrorResponse, "description": "No such template or customer."}},
 )
-async def preview_template(body: PreviewIn, _key: Reader, admin: Admin) -> PreviewOut:
+async def preview_template(body: PreviewIn, key: Reader, admin: Admin) -> PreviewOut:
+    if body.draft is not None and not allows(key, "messages:write"):
+        # A draft is a template to run in the sandbox: what saving one needs.
+        raise ForbiddenError("previewing a draft needs the scope 'messages:write', as saving one does")
     preview = await admin.preview(body.journey, body.channel, body.locale, body.customer_id, body.draft)
     rendered = preview.rendered
     return PreviewOut(

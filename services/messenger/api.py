@@ -51,7 +51,10 @@ def _cursor(value: str | None) -> tuple[datetime, str] | None:
         return None
     try:
         at, mid = base64.urlsafe_b64decode(value.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(at), mid
+        instant = datetime.fromisoformat(at)
+        if instant.tzinfo is None:  # ours carry an offset; a naive one would fail in the query
+            raise ValueError("no UTC offset")
+        return instant, mid
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInputError(
             "the cursor is not one this API gave out", details=[{"field": "cursor"}]

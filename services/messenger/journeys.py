@@ -141,12 +141,11 @@ def validate_journey(raw: object, templates: set[str] | None = None) -> list[Con
             for e in exc.errors(include_url=False)
         ]
     errors: list[ConditionError] = []
-    for name in ("entry", "exit", "escalate_if", "offer_if"):
-        tree = getattr(journey, name)
+    trees = {f"$.{name}": getattr(journey, name) for name in ("entry", "exit", "escalate_if", "offer_if")}
+    trees["$.wait.unless"] = journey.wait.unless if journey.wait else None
+    for path, tree in trees.items():
         if tree is not None:
-            errors += validate(tree, SNAPSHOT_FIELDS, path=f"$.{name}", domains=FACT_DOMAINS)  # type: ignore[arg-type]
-    if journey.wait and journey.wait.unless is not None:
-        errors += validate(journey.wait.unless, SNAPSHOT_FIELDS, path="$.wait.unless", domains=FACT_DOMAINS)  # type: ignore[arg-type]
+            errors += validate(tree, SNAPSHOT_FIELDS, path=path, domains=FACT_DOMAINS)  # type: ignore[arg-type]
     errors += [ConditionError("$.trigger", message) for message in _trigger_problems(journey.trigger)]
     if templates is not None and journey.template not in templates:
         errors.append(ConditionError("$.template", f"unknown template {journey.template!r}"))

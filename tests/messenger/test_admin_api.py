@@ -387,7 +387,11 @@ async def test_a_draft_is_previewed_as_it_would_be_saved_and_nothing_is_stored(a
     before = (await api.reader.get(url)).json()
     draft = {"text": OVERRIDE_HE}
     request = {"journey": "thank_you", "channel": "sms", "locale": "he", "draft": draft}
-    preview = await api.reader.post("/v1/templates/preview", json=request)
+    # Running a template in the sandbox is what saving one needs: a read-only key may not.
+    refused = await api.reader.post("/v1/templates/preview", json=request)
+    assert refused.status_code == 403
+    assert "messages:write" in refused.text
+    preview = await api.writer.post("/v1/templates/preview", json=request)
     assert preview.status_code == 200, preview.text
     body = preview.json()
     assert (body["draft"], body["overridden"], body["template"]) == (True, False, "thank_you/sms/he")
@@ -396,20 +400,20 @@ async def test_a_draft_is_previewed_as_it_would_be_saved_and_nothing_is_stored(a
     assert (await api.reader.get(url)).json() == before  # nothing stored
 
     # What a save would refuse, the preview refuses, naming each problem.
-    broken = await api.reader.post(
+    broken = await api.writer.post(
         "/v1/templates/preview", json={**request, "draft": {"text": "Hi {{ first_name "}}
     )
     assert broken.status_code == 422, broken.text
     assert paths(broken) == {"$.text"}
-    no_link = await api.reader.post("/v1/templates/preview", json={**request, "draft": {"text": "Hi!"}})
+    no_link = await api.writer.post("/v1/templates/preview", json={**request, "draft": {"text": "Hi!"}})
     assert no_link.status_code == 422
     assert "unsubscribe_url" in no_link.text
-    disguised = await api.reader.post(
+    disguised = await api.writer.post(
         "/v1/templates/preview", json={**request, "draft": {"text": "Hi!", "kind": "transactional"}}
     )
     assert paths(disguised) == {"$.kind"}
     # A draft is for exactly its key: there is no fallback to render instead of it.
-    regional = await api.reader.post(
+    regional = await api.writer.post(
         "/v1/templates/preview", json={**request, "locale": "he-IL", "draft": draft}
     )
     assert regional.json()["template"] == "thank_you/sms/he-IL"
