@@ -590,25 +590,32 @@ class MessengerService:
             return
         if decision.status == MessageStatus.CAPPED:
             CAP_HITS.labels(journey.name).inc()
-        if (
-            decision.status == MessageStatus.NO_ADDRESS
-            and not (profile.email or profile.phone or profile.whatsapp)
-            and not entry.details.get("awaited_profile")
-            and not self._expired(journey, entry, now)
-        ):
+        unreachable = decision.status in (MessageStatus.NO_ADDRESS, MessageStatus.NO_CONSENT)
+        if unreachable and not self._expired(journey, entry, now):
             # The backend topics are consumed independently: a purchase can be applied before
             # the profile that came with it. With no contact details known at all, wait a
-            # little for them (once) rather than record a customer we cannot reach.
-            waiting = replace(entry, details={**entry.details, "awaited_profile": True})
-            self._add_wait(batch, customer_id, waiting, now + PROFILE_GRACE, now)
-            return
+            # little for them (once) rather than record a customer we cannot reach. An update
+            # with an address wakes the wait (_wake_waits_for_address); if the profile is still
+            # not enough for this message (an address without its consent, a phone for an
+            # email), the rest of the grace is waited out, as it was before the wake: a message
+            # is decided early only when it can go.
+            grace_ends = entry.details.get("awaited_until")
+            first = decision.status == MessageStatus.NO_ADDRESS and not entry.details.get("awaited_profile")
+            if first and not (profile.email or profile.phone or profile.whatsapp):
+                until = now + PROFILE_GRACE
+                marked = {**entry.details, "awaited_profile": True, "awaited_until": until.isoformat()}
+                self._add_wait(batch, customer_id, replace(entry, details=marked), until, now)
+                return
+            if grace_ends is not None and now < datetime.fromisoformat(grace_ends):
+                self._add_wait(batch, customer_id, entry, datetime.fromisoformat(grace_ends), now)
+                return
         # The next attempt (win-back) waits like the first, so the journey's exits and
         # 'unless' can still end it; it is scheduled whatever became of this one.
         next_due = next_attempt_at(journey, entry.attempt, decision.send_at or now)
         if next_due is not None:
             # Its own wait for an address, if it needs one: this attempt's is over, and a next
             # attempt marked as awaiting one would be woken early by the next address.
-            own = {k: v for k, v in entry.details.items() if k != "awaited_profile"}
+            own = {k: v for k, v in entry.details.items() if k not in ("awaited_profile", "awaited_until")}
             following = replace(entry, attempt=entry.attempt + 1, details=own)
             self._add_wait(batch, customer_id, following, next_due, now)
         facts = snapshot_facts_of(profile)

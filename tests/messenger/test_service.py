@@ -475,6 +475,59 @@ async def test_a_purchase_applied_before_its_profile_waits_for_the_address(world
     assert await world.service.fire_waits() == 0
 
 
+async def test_a_profile_that_comes_in_pieces_is_waited_for_until_the_grace_ends(world: World) -> None:
+    """The first piece (an address without its consent) wakes the wait, but the message is
+    decided early only if it can go: otherwise the rest of the ten minutes is waited out."""
+    customer = customer_not_in_holdout("thank_you")
+    early = purchase_update(customer, 1, NOON, email=None, phone=None, whatsapp=None, consents={})
+    await world.service.apply_batch(delivered([early]))
+
+    def piece(n: int, **fields: Any) -> CustomerUpdate:
+        return early.model_copy(
+            update={
+                "event_id": f"u-{customer}-piece-{n}",
+                "occurred_at": NOON + timedelta(seconds=n),
+                "triggering_events": [],
+                "profile": profile(**fields),
+            }
+        )
+
+    world.clock.now = NOON + timedelta(seconds=2)
+    await world.service.apply_batch(delivered([piece(1, email=None, phone=None, consents={})]))
+    assert await world.service.fire_waits() == 1  # woken, and waiting again: no consent yet
+    assert await messages(world, customer) == []
+    world.clock.now = NOON + timedelta(minutes=3)
+    await world.service.apply_batch(delivered([piece(2)]))  # the whole profile, consents with it
+    assert await world.service.fire_waits() == 1
+    [row] = await messages(world, customer)
+    assert (row["journey"], row["status"]) == ("thank_you", "queued")
+
+
+async def test_a_profile_never_completed_is_recorded_when_the_grace_ends(world: World) -> None:
+    customer = customer_not_in_holdout("thank_you")
+    early = purchase_update(customer, 1, NOON, email=None, phone=None, whatsapp=None, consents={})
+    await world.service.apply_batch(delivered([early]))
+    partial = early.model_copy(
+        update={
+            "event_id": f"u-{customer}-partial",
+            "occurred_at": NOON + timedelta(seconds=1),
+            "triggering_events": [],
+            "profile": profile(email=None, phone=None, consents={}),
+        }
+    )
+    world.clock.now = NOON + timedelta(seconds=2)
+    await world.service.apply_batch(delivered([partial]))
+    assert await world.service.fire_waits() == 1
+    world.clock.now = NOON + timedelta(minutes=9)
+    assert await world.service.fire_waits() == 0  # the grace is not over
+    world.clock.now = NOON + timedelta(minutes=10, seconds=1)
+    assert await world.service.fire_waits() == 1
+    [row] = await messages(world, customer)
+    assert row["status"] == "no_consent"
+    world.clock.now = NOON + timedelta(hours=1)
+    assert await world.service.fire_waits() == 0
+
+
 async def test_a_purchase_and_its_profile_in_one_batch_decide_at_the_next_tick(world: World) -> None:
     """Both updates in one consumer batch: the wait the first adds is due at once."""
     customer = customer_not_in_holdout("thank_you")
