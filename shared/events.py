@@ -372,6 +372,11 @@ class ProfileSnapshot(_Strict):
     expected_purchases_90d: float | None = None
     attributes: dict[str, AttributeValue] = Field(default_factory=dict)
 
+    @property
+    def has_address(self) -> bool:
+        """Whether any contact detail is known (an email, a phone or a WhatsApp number)."""
+        return bool(self.email or self.phone or self.whatsapp)
+
 
 class TriggeringEvent(_Strict):
     """A backend event that caused an update, with the fields a message about it needs."""

@@ -548,8 +548,7 @@ class MessengerService:
         """Messages waiting for the customer's contact details (``PROFILE_GRACE``) are due now
         that an update brings some: the next tick decides them, seconds after the profile, not
         when the grace ends. A welcome should not reach a new customer ten minutes late."""
-        p = update.profile
-        if not (p.email or p.phone or p.whatsapp):
+        if not update.profile.has_address:
             return
         for wait in batch.waits.get(update.customer_id, ()):
             awaited = wait["data"].get("details", {}).get("awaited_profile")
@@ -601,7 +600,7 @@ class MessengerService:
             # is decided early only when it can go.
             grace_ends = entry.details.get("awaited_until")
             first = decision.status == MessageStatus.NO_ADDRESS and not entry.details.get("awaited_profile")
-            if first and not (profile.email or profile.phone or profile.whatsapp):
+            if first and not profile.has_address:
                 until = now + PROFILE_GRACE
                 marked = {**entry.details, "awaited_profile": True, "awaited_until": until.isoformat()}
                 self._add_wait(batch, customer_id, replace(entry, details=marked), until, now)
