@@ -579,6 +579,28 @@ _TYPE_WORDS: Mapping[FieldType, str] = {
 }
 
 
+def _range_verdict(op: str, operands: Sequence[float | Decimal], domain: Range) -> tuple[bool, bool]:
+    """Whether ``field op operands`` holds for no value in ``domain``, and for every value."""
+    low, high = domain.low, domain.high
+    v = operands[0]
+    match op:
+        case "eq":
+            return not low <= v <= high, low == v == high
+        case "ne":
+            return low == v == high, not low <= v <= high
+        case "lt":
+            return v <= low, v > high
+        case "lte":
+            return v < low, v >= high
+        case "gt":
+            return v >= high, v < low
+        case "gte":
+            return v > high, v <= low
+        case "between":
+            return operands[1] < low or v > high, v <= low and operands[1] >= high
+    raise ValueError(f"no range verdict for {op!r}")
+
+
 class _Compiler:
     def __init__(
         self,
@@ -745,6 +767,9 @@ class _Compiler:
                 return None, None
             before = len(self.errors)
             items = [self.scalar(name, ftype, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            if len(self.errors) == before and isinstance(domain := self.domains.get(name), Range):
+                for i, item in enumerate(items):
+                    self.in_range(name, domain, f"{path}[{i}]", "eq", (item,))
             if len(self.errors) != before:
                 return None, None
             return _one_of(name, ftype, frozenset(items)), None
@@ -762,8 +787,12 @@ class _Compiler:
                     path, f"low bound {_shown(value[0])} is greater than high bound {_shown(value[1])}"
                 )
                 return None, None
+            if isinstance(domain := self.domains.get(name), Range):
+                self.in_range(name, domain, path, "between", (low, high))
             return _between(name, ftype, low, high), None
         operand = self.scalar(name, ftype, value, path)
+        if isinstance(domain := self.domains.get(name), Range) and _is_number(operand):
+            self.in_range(name, domain, path, op, (operand,))
         compare = {"eq": operator.eq, "ne": operator.ne, **_COMPARATORS}[op]
         return _compare(name, ftype, compare, operand), None
 
@@ -791,26 +820,37 @@ class _Compiler:
             self.error(
                 path, f"{name!r} is a {ftype} field, so the value must be {_TYPE_WORDS[ftype]}, not {got}"
             )
-        elif name in self.domains:
-            self.in_domain(name, self.domains[name], value, path)
-        return value
-
-    def in_domain(self, name: str, domain: Choices | Range, value: object, path: str) -> None:
-        """A value of the right type that no customer can have: the comparison would be the same
-        for everyone (``p_alive lt 1.5``), or never hold (``preferred_channel eq "emial"``)."""
-        if isinstance(domain, Choices):
-            if isinstance(value, str) and value not in domain.values:
-                self.error(
-                    path,
-                    f"no customer has {name} {_shown(value)}"
-                    + unknown_hint(value, list(domain.values), f"values of {name!r}"),
-                )
-        elif _is_number(value) and not domain.low <= value <= domain.high:
+        elif (
+            isinstance(domain := self.domains.get(name), Choices)
+            and isinstance(value, str)
+            and value not in domain.values
+        ):
+            # A value no customer has: the comparison would never hold (``eq "emial"``) or
+            # hold for everyone (``ne "emial"``), either way not what was meant.
             self.error(
                 path,
-                f"{name!r} lies between {domain.low:g} and {domain.high:g}; {_shown(value)} is outside "
-                "that, so the comparison would be the same for every customer",
+                f"no customer has {name} {_shown(value)}"
+                + unknown_hint(value, list(domain.values), f"values of {name!r}"),
             )
+        return value
+
+    def in_range(
+        self, name: str, domain: Range, path: str, op: str, operands: Sequence[float | Decimal]
+    ) -> None:
+        """A comparison of a field that lies in ``domain``, refused when it holds for no customer
+        (``p_alive gt 1``), or for every customer by a bound outside the range, a slip of unit
+        (``p_alive lt 30``, P(alive) read as a percentage). What holds for everyone within the
+        range (``p_alive gte 0``, "has a P(alive)") and what selects part of it with a bound
+        beyond (``p_alive between [0.5, 1.5]``) mean what they say, and pass."""
+        never, everyone = _range_verdict(op, operands, domain)
+        outside = [v for v in operands if not domain.low <= v <= domain.high]
+        where = f"{name!r} lies between {domain.low:g} and {domain.high:g}"
+        outcome = "would hold for no customer" if never else "would be the same for every customer"
+        if never and not outside:
+            asked = f"[{operands[0]:g}, {operands[1]:g}]" if op == "between" else f"{operands[0]:g}"
+            self.error(path, f"{where}, so {name} {op} {asked} {outcome}")
+        elif never or (everyone and outside):
+            self.error(path, f"{where}; {_shown(outside[0])} is outside that, so the comparison {outcome}")
 
     def instant(self, name: str, value: object, path: str) -> datetime | None:
         if isinstance(value, str) and _NAIVE_DATETIME.fullmatch(value):

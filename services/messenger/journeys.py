@@ -18,9 +18,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from shared.conditions import Condition, ConditionError, compile_condition, validate
+from shared.conditions import Condition, ConditionError, compile_condition, unknown_hint, validate
 from shared.events import (
     FACT_DOMAINS,
+    CancellationReason,
     Channel,
     CustomerUpdate,
     EventType,
@@ -147,6 +148,8 @@ def validate_journey(raw: object, templates: set[str] | None = None) -> list[Con
         if tree is not None:
             errors += validate(tree, SNAPSHOT_FIELDS, path=path, domains=FACT_DOMAINS)  # type: ignore[arg-type]
     errors += [ConditionError("$.trigger", message) for message in _trigger_problems(journey.trigger)]
+    if journey.wait is not None:
+        errors += _cool_off_problems(journey.wait)
     if templates is not None and journey.template not in templates:
         errors.append(ConditionError("$.template", f"unknown template {journey.template!r}"))
     return errors
@@ -165,6 +168,25 @@ def _trigger_problems(t: Trigger) -> list[str]:
     if t.first_purchase and t.event != "purchase":
         problems.append("first_purchase applies only with event 'purchase'")
     return problems
+
+
+# A win-back cool-off longer than this is surely a unit slip (hours written as days).
+MAX_COOL_OFF_DAYS = 365
+
+
+def _cool_off_problems(wait: Wait) -> list[ConditionError]:
+    """A cool-off keyed by a churn reason no cancellation carries never applies: the customer
+    gets the default wait, and nobody is told. Checked on write, like the trigger."""
+    reasons = [r.value for r in CancellationReason]
+    errors: list[ConditionError] = []
+    for reason, days in (wait.by_churn_reason_days or {}).items():
+        path = f"$.wait.by_churn_reason_days.{reason}"
+        if reason not in reasons:
+            hint = unknown_hint(reason, reasons, "churn reasons")
+            errors.append(ConditionError(path, f"unknown churn reason {reason!r}{hint}"))
+        elif not 0 <= days <= MAX_COOL_OFF_DAYS:
+            errors.append(ConditionError(path, f"{days:g} days: a cool-off is 0 to {MAX_COOL_OFF_DAYS} days"))
+    return errors
 
 
 _COMPILED: dict[int, tuple[dict[str, Any], Condition]] = {}

@@ -261,6 +261,12 @@ def test_values_no_customer_can_have_are_refused_with_the_close_ones() -> None:
     ]
     # The tier of no match is a tier a segment may ask for; tier rules get the same checks.
     assert of(leaf("tier", "eq", NO_TIER), leaf("p_alive", "between", [0, 1])) == []
+    # Judged by what the comparison selects: "likely alive" with a generous upper bound is
+    # meant; "above certainty" holds for nobody.
+    assert of(leaf("p_alive", "between", [0.5, 1.5])) == []
+    assert of(leaf("p_alive", "gt", 1)) == [
+        (f"{at}[0].value", "'p_alive' lies between 0 and 1, so p_alive gt 1 would hold for no customer")
+    ]
     bad_tier = {"tiers": [rule("gold", leaf("lifecycle_stage", "eq", "activ"))], "segments": []}
     assert paths(bad_tier) == ["$.tiers[0].when.value"]
 

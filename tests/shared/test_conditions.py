@@ -289,12 +289,16 @@ def test_values_outside_a_fields_domain_are_named_where_they_are() -> None:
     [(path, message)] = errors_of(leaf("total_spend", "lt", -5), domains=DOMAINS)
     assert path == "$.value"
     assert message.startswith("'total_spend' lies between 0 and 1e+06; -5 is outside that")
-    assert paths_of(leaf("total_spend", "between", [10, 2_000_000]), domains=DOMAINS) == ["$.value[1]"]
     # Inside the domain (bounds included), a value is fine; fields without a domain are as before.
     for ok in (
         leaf("country", "ne", "JO"),
         leaf("total_spend", "lte", 1_000_000),
         leaf("total_spend", "between", [0, 10]),
+        # Part of the range, with a bound beyond it: it means what it says.
+        leaf("total_spend", "between", [10, 2_000_000]),
+        # Everyone within the range, by bounds inside it: "has a value".
+        leaf("total_spend", "gte", 0),
+        leaf("total_spend", "between", [0, 1_000_000]),
         leaf("email", "eq", "x@example.com"),
         leaf("orders", "gt", -1),
     ):
@@ -303,6 +307,50 @@ def test_values_outside_a_fields_domain_are_named_where_they_are() -> None:
     # its field had a domain still compiles, and evaluates as written.
     assert errors_of(leaf("country", "eq", "Il")) == []
     assert holds(leaf("country", "eq", "Il"), {"country": "Il"})
+
+
+def test_a_comparison_is_judged_by_what_it_selects_of_a_fields_range() -> None:
+    """Refused: what holds for no customer, and what holds for everyone only by a bound outside
+    the range (a slip of unit: P(alive) read as a percentage)."""
+    spend = "'total_spend' lies between 0 and 1e+06"
+    never = "would hold for no customer"
+    for tree, message in (
+        (leaf("total_spend", "gt", 1_000_000), f"{spend}, so total_spend gt 1e+06 {never}"),
+        (leaf("total_spend", "lt", 0), f"{spend}, so total_spend lt 0 {never}"),
+        (
+            leaf("total_spend", "gte", 2_000_000),
+            f"{spend}; 2000000 is outside that, so the comparison {never}",
+        ),
+        (leaf("total_spend", "eq", -1), f"{spend}; -1 is outside that, so the comparison {never}"),
+        (
+            leaf("total_spend", "between", [2e6, 3e6]),
+            f"{spend}; 2000000.0 is outside that, so the comparison {never}",
+        ),
+        (
+            leaf("total_spend", "lt", 5_000_000),
+            f"{spend}; 5000000 is outside that, so the comparison would be the same for every customer",
+        ),
+        (
+            leaf("total_spend", "ne", 5_000_000),
+            f"{spend}; 5000000 is outside that, so the comparison would be the same for every customer",
+        ),
+        (
+            leaf("total_spend", "between", [-1, 2e6]),
+            f"{spend}; -1 is outside that, so the comparison would be the same for every customer",
+        ),
+    ):
+        assert errors_of(tree, domains=DOMAINS) == [("$.value", message)], tree
+    # Each item of an in-list that no customer has is named at its place.
+    assert errors_of(leaf("total_spend", "in", [5, 2e6, 7]), domains=DOMAINS) == [
+        ("$.value[1]", f"{spend}; 2000000.0 is outside that, so the comparison {never}")
+    ]
+    # At the edges: gte the top and lte the bottom select customers there, and pass.
+    for ok in (
+        leaf("total_spend", "gte", 1_000_000),
+        leaf("total_spend", "lte", 0),
+        leaf("total_spend", "lt", 1),
+    ):
+        assert errors_of(ok, domains=DOMAINS) == [], ok
 
 
 def test_unknown_operator() -> None:
