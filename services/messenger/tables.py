@@ -76,6 +76,7 @@ messages = Table(
     Index("ix_messages_customer", "customer_id", "created_at"),
     Index("ix_messages_due", "status", "send_at"),
     Index("ix_messages_provider_id", "provider_message_id"),
+    Index("ix_messages_created", "created_at", "id"),  # the order of GET /v1/messages
 )
 
 settings_table = Table(
@@ -102,6 +103,7 @@ journey_waits = Table(
     Column("created_at", UtcDateTime(), nullable=False),
     Index("ix_journey_waits_due", "status", "due_at"),
     Index("ix_journey_waits_customer", "customer_id", "journey"),
+    Index("ix_journey_waits_created", "created_at", "id"),  # the order of GET /v1/waits
 )
 
 journey_entries = Table(

