@@ -14,6 +14,10 @@ of the backend (SQLite under var/bench, what ``make run`` uses, and PostgreSQL):
   in one transaction per batch: claim the batch's event ids in the ledger and insert one row per
   new event into one table (bare consume + batch write), written as the kpi writes its facts
   of new events (``shared.db.copy_new_rows``: a binary COPY on PostgreSQL);
+* for context, no target: the same baseline writing each event's own fields instead of four
+  (one table per event type, every scalar field of the event as consumed: amount and currency,
+  ticket, action and category, …; the nested ones, items, consents, attributes, details, left
+  out), so the kpi's own work is seen apart from what any consumer storing these events pays;
 * the kpi consumer: ``services.kpi.consumer.build_loop`` with the real ``KpiService`` and its
   tick (ticket rebuild and Grafana tables, scheduled CLV refit, outbox relay), as
   ``python -m services.kpi.consumer``
@@ -43,9 +47,12 @@ for 25k customers, shown as 2 s / the median fit's seconds ≥ 1.
 from __future__ import annotations
 
 import asyncio
+import enum
 import statistics
 import subprocess
 import time
+import types
+import typing
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -56,7 +63,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Column, MetaData, String, Table
+from pydantic import AwareDatetime, BaseModel
+from sqlalchemy import Boolean, Column, MetaData, Numeric, String, Table
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import TypeEngine
 
 from services.kpi.clv import BgNbdParams, simulate_bgnbd
 from services.kpi.config import KpiSettings
@@ -71,12 +81,15 @@ from shared.events import (
     EVENT_ADAPTER,
     MESSAGE_EVENT_ADAPTER,
     TOPIC_OF_TYPE,
+    CancellationEvent,
     Channel,
     Event,
     MessageEvent,
     MessageKind,
     MessageStatus,
+    ProfileEvent,
     PurchaseEvent,
+    SupportEvent,
 )
 from shared.kafka.consumer import BatchResult, ConsumerLoop, Delivered
 from shared.kafka.producer import OutboundRecord, Producer
@@ -310,7 +323,55 @@ def _decoder(settings: KpiSettings) -> Any:
     return decode
 
 
-async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
+_EVENT_MODELS: dict[str, type[BaseModel]] = {
+    "purchase": PurchaseEvent,
+    "support": SupportEvent,
+    "cancellation": CancellationEvent,
+    "profile": ProfileEvent,
+    "message": MessageEvent,
+}
+
+
+def _column_type(annotation: Any) -> TypeEngine[Any] | None:
+    """The column of a scalar event field (None: a nested one, not stored)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _column_type(args[0])
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _column_type(args[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return String(32) if all(isinstance(a, str) for a in args) else None
+    if not isinstance(annotation, type):
+        return None
+    if annotation is AwareDatetime or issubclass(annotation, datetime):
+        return UtcDateTime()
+    if issubclass(annotation, Decimal):
+        return Numeric(18, 4)
+    if issubclass(annotation, bool):
+        return Boolean()
+    if issubclass(annotation, str | enum.Enum):
+        return String(255)
+    return None
+
+
+def _field_tables(metadata: MetaData) -> dict[str, tuple[Table, list[str]]]:
+    """Event type → a table of its scalar fields, and their names."""
+    tables: dict[str, tuple[Table, list[str]]] = {}
+    for kind, model in _EVENT_MODELS.items():
+        columns = [
+            Column(name, column, primary_key=name == "event_id")
+            for name, info in model.model_fields.items()
+            # type and schema_version are the same for every row of a type's table
+            if name not in ("type", "schema_version")
+            and (column := _column_type(info.annotation)) is not None
+        ]
+        tables[kind] = (Table(f"raw_{kind}", metadata, *columns), [c.name for c in columns])
+    return tables
+
+
+async def baseline(settings: KpiSettings, n: int, watch: Watch, *, own_fields: bool = False) -> Run:
+    """``own_fields``: each event's scalar fields into its type's table, instead of four fields
+    of every event into one."""
     db = worker_database(settings.database_url)
     metadata = MetaData()
     ledger = applied_events_table(metadata)
@@ -322,6 +383,7 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
         Column("customer_id", String(128), nullable=False),
         Column("occurred_at", UtcDateTime(), nullable=False),
     )
+    by_type = _field_tables(metadata) if own_fields else {}
     async with db.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     clock = _Clock()
@@ -331,6 +393,8 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
             new = await claim_events(
                 session, ledger, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
             )
+            if own_fields:
+                return await write_own_fields(session, batch, new)
             rows = {
                 d.value.event_id: {
                     "event_id": d.value.event_id,
@@ -345,6 +409,18 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch) -> Run:
                 # The kpi's write of new facts (a binary COPY on PostgreSQL, an executemany on SQLite).
                 await copy_new_rows(session, raw, list(rows.values()))
         return BatchResult(applied=len(rows), duplicates=len(batch) - len(rows))
+
+    async def write_own_fields(
+        session: AsyncSession, batch: Sequence[Delivered[Payload]], new: set[str]
+    ) -> BatchResult:
+        fresh = {d.value.event_id: d.value for d in batch if d.value.event_id in new}
+        rows_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for event in fresh.values():
+            _, names = by_type[event.type]
+            rows_of[event.type].append({name: getattr(event, name) for name in names})
+        for kind, rows in rows_of.items():
+            await copy_new_rows(session, by_type[kind][0], rows)
+        return BatchResult(applied=len(fresh), duplicates=len(batch) - len(fresh))
 
     async def handle(batch: Sequence[Delivered[Payload]]) -> BatchResult:
         return await clock.handled(len(batch), apply(batch))
@@ -469,12 +545,13 @@ class Backend:
     name: str
     baselines: list[Run] = field(default_factory=list)
     kpis: list[Run] = field(default_factory=list)
+    own_fields: list[Run] = field(default_factory=list)  # context: the baseline writing every field
 
-    def ratios(self) -> list[float]:
-        """Per round: kpi events/s over baseline events/s."""
+    def ratios(self, against: str = "baselines") -> list[float]:
+        """Per round: kpi events/s over baseline events/s (or ``own_fields``' events/s)."""
         return [
             _rate(k.records, k.seconds) / _rate(b.records, b.seconds)
-            for b, k in zip(self.baselines, self.kpis, strict=True)
+            for b, k in zip(getattr(self, against), self.kpis, strict=True)
             if b.seconds > 0 and k.seconds > 0
         ]
 
@@ -526,7 +603,7 @@ def run(ctx: BenchContext) -> Section:
 
     for round_no in range(1, options.rounds + 1):
         for backend in backends:
-            for kind in ("baseline", "kpi"):
+            for kind in ("baseline", "own_fields", "kpi"):
                 files: list[Path] = []
                 if backend.name == "SQLite" or pg is None:
                     url, files = _sqlite_url(f"kpi-{kind}-{tag}-{round_no}")
@@ -536,9 +613,13 @@ def run(ctx: BenchContext) -> Section:
                     watch = Watch(kafka_watch, {"PostgreSQL": postmaster} if postmaster else {})
                 settings = _settings(kafka.bootstrap, prefix, options.partitions, url)
                 say(f"kpi: {kind} on {backend.name} (round {round_no}/{options.rounds}), {n:,} events")
-                measure = baseline if kind == "baseline" else kpi_consumer
-                result = asyncio.run(measure(settings, n, watch))
-                (backend.baselines if kind == "baseline" else backend.kpis).append(result)
+                if kind == "kpi":
+                    result = asyncio.run(kpi_consumer(settings, n, watch))
+                else:
+                    result = asyncio.run(baseline(settings, n, watch, own_fields=kind == "own_fields"))
+                {"baseline": backend.baselines, "own_fields": backend.own_fields, "kpi": backend.kpis}[
+                    kind
+                ].append(result)
                 rate = _rate(result.records, result.seconds)
                 say(
                     f"  {rate:,.0f} events/s ({result.seconds:.2f} s; handler {result.handler_s:.2f} s, "
@@ -548,7 +629,10 @@ def run(ctx: BenchContext) -> Section:
                     f.unlink(missing_ok=True)
         for backend in backends:
             if backend.ratios():
-                say(f"  {backend.name} round {round_no}: overhead {1 / backend.ratios()[-1] - 1:+.1%}")
+                say(
+                    f"  {backend.name} round {round_no}: overhead {1 / backend.ratios()[-1] - 1:+.1%} "
+                    f"(over the events' own fields: {1 / backend.ratios('own_fields')[-1] - 1:+.1%})"
+                )
 
     say(f"kpi: CLV fit on {SIMULATED:,} simulated customers")
     clv_url, clv_files = _sqlite_url(f"kpi-clv-{tag}")
@@ -569,6 +653,17 @@ def run(ctx: BenchContext) -> Section:
                 statistics.median(backend.ratios()),
                 f"baseline, {backend.name}",
                 TARGET,
+            ),
+            # Context, no target: what the kpi adds to a consumer that stores these events' fields.
+            Row(
+                f"context, {backend.name}: consume + ledger + each event's own fields (a table per type)",
+                statistics.median(_rate(r.records, r.seconds) for r in backend.own_fields),
+            ),
+            Row(
+                f"context, {backend.name}: kpi consumer against it",
+                kpi,
+                statistics.median(backend.ratios("own_fields")),
+                f"each event's own fields, {backend.name}",
             ),
         ]
     fit_s = statistics.median(clv.fits_s)
@@ -605,7 +700,7 @@ def run(ctx: BenchContext) -> Section:
     ]
     if missing_pg is not None:
         section.notes.append(f"PostgreSQL was not measured: {missing_pg}")
-    noisy = noise_warning([r.cpu for b in backends for r in [*b.baselines, *b.kpis]])
+    noisy = noise_warning([r.cpu for b in backends for r in [*b.baselines, *b.own_fields, *b.kpis]])
     if noisy:
         section.notes.append(noisy)
     return section
@@ -624,16 +719,20 @@ def _details(dataset: Dataset, rounds: int, backends: Sequence[Backend], clv: Cl
     ]
     rows: list[list[str]] = []
     for b in backends:
-        for i, (base, kpi) in enumerate(zip(b.baselines, b.kpis, strict=True), start=1):
+        for i, (base, own, kpi) in enumerate(zip(b.baselines, b.own_fields, b.kpis, strict=True), start=1):
             rows.append(
                 [
                     b.name,
                     str(i),
                     f"{base.seconds:.2f}",
+                    f"{own.seconds:.2f}",
                     f"{kpi.seconds:.2f}",
                     f"{kpi.handler_s:.2f}",
                     f"{kpi.tick_s:.2f}",
                     f"{_rate(base.records, base.seconds) / _rate(kpi.records, kpi.seconds) - 1:+.1%}"
+                    if kpi.seconds
+                    else "",
+                    f"{_rate(own.records, own.seconds) / _rate(kpi.records, kpi.seconds) - 1:+.1%}"
                     if kpi.seconds
                     else "",
                     f"{_per(base.statements, base.batches)} / {_per(kpi.statements, kpi.batches)}",
@@ -647,25 +746,31 @@ def _details(dataset: Dataset, rounds: int, backends: Sequence[Backend], clv: Cl
             "backend",
             "round",
             "baseline s",
+            "own fields s",
             "kpi s",
             "kpi handler s",
             "kpi tick s",
             "overhead",
+            "overhead over own fields",
             "SQL statements per batch (baseline / kpi)",
             "CPU s (baseline / kpi)",
             "CPU overhead",
             "after: rollups s / refit s",
         ],
         rows,
-        align="llrrrrrrrrr",
+        align="llrrrrrrrrrrr",
     )
     per_batch: dict[str, list[float]] = defaultdict(list)
+    over_fields: dict[str, list[float]] = defaultdict(list)
     for b in backends:
         per_batch[b.name] = [1 / r - 1 for r in b.ratios()]
+        over_fields[b.name] = [1 / r - 1 for r in b.ratios("own_fields")]
     lines += [
         "",
         "Median overhead: "
         + ", ".join(f"{name} {statistics.median(v):+.1%}" for name, v in per_batch.items() if v)
+        + "; over each event's own fields (context, no target): "
+        + ", ".join(f"{name} {statistics.median(v):+.1%}" for name, v in over_fields.items() if v)
         + f". CLV: {clv.customers:,} customers, {clv.purchases:,} purchase events; pure fit per round "
         + ", ".join(f"{s:.2f} s" for s in clv.fits_s)
         + f"; service path cold {clv.service_s:.2f} s; fitted r={clv.params.get('r', float('nan')):.3f}, "
