@@ -533,6 +533,20 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def number_text(value: float | Decimal) -> str:
+    """A number as a marketer wrote it: 2000000 (not 2e+06 or 2000000.0), 0.35, 1.5."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f") if value == value.to_integral_value() else str(value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def key_path(path: str, key: object) -> str:
+    """``path`` then ``key``: ``.key``, or ``['a key']`` when it is not an identifier."""
+    return _key_path(path, key)
+
+
 def unknown_hint(word: str, choices: Sequence[str], noun: str) -> str:
     """What to say after "unknown <noun> 'word'": the close names, else all of them."""
     names = sorted(choices)
@@ -769,7 +783,7 @@ class _Compiler:
             items = [self.scalar(name, ftype, v, f"{path}[{i}]") for i, v in enumerate(value)]
             if len(self.errors) == before and isinstance(domain := self.domains.get(name), Range):
                 for i, item in enumerate(items):
-                    self.in_range(name, domain, f"{path}[{i}]", "eq", (item,))
+                    self.in_range(name, domain, f"{path}[{i}]", "eq", (item,), item=True)
             if len(self.errors) != before:
                 return None, None
             return _one_of(name, ftype, frozenset(items)), None
@@ -835,22 +849,43 @@ class _Compiler:
         return value
 
     def in_range(
-        self, name: str, domain: Range, path: str, op: str, operands: Sequence[float | Decimal]
+        self,
+        name: str,
+        domain: Range,
+        path: str,
+        op: str,
+        operands: Sequence[float | Decimal],
+        item: bool = False,
     ) -> None:
         """A comparison of a field that lies in ``domain``, refused when it holds for no customer
         (``p_alive gt 1``), or for every customer by a bound outside the range, a slip of unit
         (``p_alive lt 30``, P(alive) read as a percentage). What holds for everyone within the
         range (``p_alive gte 0``, "has a P(alive)") and what selects part of it with a bound
-        beyond (``p_alive between [0.5, 1.5]``) mean what they say, and pass."""
+        beyond (``p_alive between [0.5, 1.5]``) mean what they say, and pass. ``item``: one value
+        of an ``in`` list, checked as ``eq``."""
         never, everyone = _range_verdict(op, operands, domain)
-        outside = [v for v in operands if not domain.low <= v <= domain.high]
-        where = f"{name!r} lies between {domain.low:g} and {domain.high:g}"
-        outcome = "would hold for no customer" if never else "would be the same for every customer"
+        outside = [number_text(v) for v in operands if not domain.low <= v <= domain.high]
+        where = f"{name!r} lies between {number_text(domain.low)} and {number_text(domain.high)}"
+        if item:
+            outcome = "this value would match no customer"
+        elif never:
+            outcome = "the comparison would hold for no customer"
+        else:
+            outcome = "the comparison would be the same for every customer"
         if never and not outside:
-            asked = f"[{operands[0]:g}, {operands[1]:g}]" if op == "between" else f"{operands[0]:g}"
-            self.error(path, f"{where}, so {name} {op} {asked} {outcome}")
+            asked = " ".join(
+                [
+                    name,
+                    op,
+                    f"[{', '.join(number_text(v) for v in operands)}]"
+                    if op == "between"
+                    else number_text(operands[0]),
+                ]
+            )
+            self.error(path, f"{where}, so {asked} {outcome.removeprefix('the comparison ')}")
         elif never or (everyone and outside):
-            self.error(path, f"{where}; {_shown(outside[0])} is outside that, so the comparison {outcome}")
+            verb = "is" if len(outside) == 1 else "are"
+            self.error(path, f"{where}; {' and '.join(outside)} {verb} outside that, so {outcome}")
 
     def instant(self, name: str, value: object, path: str) -> datetime | None:
         if isinstance(value, str) and _NAIVE_DATETIME.fullmatch(value):

@@ -18,7 +18,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from shared.conditions import Condition, ConditionError, compile_condition, unknown_hint, validate
+from shared.conditions import (
+    Condition,
+    ConditionError,
+    compile_condition,
+    key_path,
+    number_text,
+    unknown_hint,
+    validate,
+)
 from shared.events import (
     FACT_DOMAINS,
     CancellationReason,
@@ -180,12 +188,14 @@ def _cool_off_problems(wait: Wait) -> list[ConditionError]:
     reasons = [r.value for r in CancellationReason]
     errors: list[ConditionError] = []
     for reason, days in (wait.by_churn_reason_days or {}).items():
-        path = f"$.wait.by_churn_reason_days.{reason}"
+        path = key_path("$.wait.by_churn_reason_days", reason)
         if reason not in reasons:
             hint = unknown_hint(reason, reasons, "churn reasons")
             errors.append(ConditionError(path, f"unknown churn reason {reason!r}{hint}"))
         elif not 0 <= days <= MAX_COOL_OFF_DAYS:
-            errors.append(ConditionError(path, f"{days:g} days: a cool-off is 0 to {MAX_COOL_OFF_DAYS} days"))
+            errors.append(
+                ConditionError(path, f"{number_text(days)} days: a cool-off is 0 to {MAX_COOL_OFF_DAYS} days")
+            )
     return errors
 
 

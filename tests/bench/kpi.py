@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import AwareDatetime, BaseModel
-from sqlalchemy import Boolean, Column, MetaData, Numeric, String, Table
+from sqlalchemy import BigInteger, Boolean, Column, Float, MetaData, Numeric, String, Table, Text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeEngine
 
@@ -349,8 +349,12 @@ def _column_type(annotation: Any) -> TypeEngine[Any] | None:
         return Numeric(18, 4)
     if issubclass(annotation, bool):
         return Boolean()
+    if issubclass(annotation, int):
+        return BigInteger()
+    if issubclass(annotation, float):
+        return Float()
     if issubclass(annotation, str | enum.Enum):
-        return String(255)
+        return Text()  # a reason_text may hold 2,000 characters
     return None
 
 
@@ -603,7 +607,8 @@ def run(ctx: BenchContext) -> Section:
 
     for round_no in range(1, options.rounds + 1):
         for backend in backends:
-            for kind in ("baseline", "own_fields", "kpi"):
+            # The target's pair back to back, as before the context run was added after them.
+            for kind in ("baseline", "kpi", "own_fields"):
                 files: list[Path] = []
                 if backend.name == "SQLite" or pg is None:
                     url, files = _sqlite_url(f"kpi-{kind}-{tag}-{round_no}")
@@ -628,7 +633,7 @@ def run(ctx: BenchContext) -> Section:
                 for f in files:
                     f.unlink(missing_ok=True)
         for backend in backends:
-            if backend.ratios():
+            if backend.ratios() and backend.ratios("own_fields"):
                 say(
                     f"  {backend.name} round {round_no}: overhead {1 / backend.ratios()[-1] - 1:+.1%} "
                     f"(over the events' own fields: {1 / backend.ratios('own_fields')[-1] - 1:+.1%})"

@@ -158,9 +158,13 @@ async def test_invalid_journeys_are_422_naming_the_json_path(api: Clients) -> No
     unless = await api.writer.post("/v1/journeys", json={**VIP, "wait": {"hours": 1, "unless": always}})
     assert paths(unless) == {"$.wait.unless.value"}
     # A cool-off keyed by a reason no cancellation carries would silently never apply.
-    cool_off = {"hours": 720, "by_churn_reason_days": {"prise": 14, "service": -3, "both": 30}}
+    cool_off = {"hours": 720, "by_churn_reason_days": {"prise": 14, "service": -3, "both": 30, "price?": 1}}
     reasons = await api.writer.post("/v1/journeys", json={**VIP, "wait": cool_off})
-    assert paths(reasons) == {"$.wait.by_churn_reason_days.prise", "$.wait.by_churn_reason_days.service"}
+    assert paths(reasons) == {
+        "$.wait.by_churn_reason_days.prise",
+        "$.wait.by_churn_reason_days.service",
+        "$.wait.by_churn_reason_days['price?']",
+    }
     assert "unknown churn reason 'prise'; did you mean 'price'?" in reasons.text
     assert "-3 days: a cool-off is 0 to 365 days" in reasons.text
     # Nothing of it was stored.
