@@ -505,7 +505,8 @@ def _older_than(name: str, window: timedelta) -> Predicate:
 # Validation and compilation happen in one walk, so the two can never disagree.
 
 
-def _key_path(path: str, key: object) -> str:
+def key_path(path: str, key: object) -> str:
+    """``path`` then ``key``: ``.key``, or ``['a key']`` when it is not an identifier."""
     if isinstance(key, str) and _IDENTIFIER.fullmatch(key):
         return f"{path}.{key}"
     text = str(key).replace("\\", "\\\\").replace("'", "\\'")
@@ -540,11 +541,6 @@ def number_text(value: float | Decimal) -> str:
     if isinstance(value, Decimal):
         return format(value.normalize(), "f") if value == value.to_integral_value() else str(value)
     return repr(value) if isinstance(value, float) else str(value)
-
-
-def key_path(path: str, key: object) -> str:
-    """``path`` then ``key``: ``.key``, or ``['a key']`` when it is not an identifier."""
-    return _key_path(path, key)
 
 
 def unknown_hint(word: str, choices: Sequence[str], noun: str) -> str:
@@ -657,17 +653,17 @@ class _Compiler:
             for key in raw:
                 if key != kind:
                     self.error(
-                        _key_path(path, key),
+                        key_path(path, key),
                         f"unexpected key {key!r} beside {kind!r}; a condition holds exactly one of "
                         "all, any, not or field/op/value",
                     )
             if kind == "not":
-                return self.negation(raw["not"], _key_path(path, "not"), path, depth)
+                return self.negation(raw["not"], key_path(path, "not"), path, depth)
             group_kind: Literal["all", "any"] = "all" if kind == "all" else "any"
-            return self.group(group_kind, raw[kind], _key_path(path, kind), path, depth)
+            return self.group(group_kind, raw[kind], key_path(path, kind), path, depth)
         unknown = [k for k in raw if k not in _LEAF_KEYS]
         for key in unknown:
-            self.error(_key_path(path, key), f"unknown key {key!r}" + _suggest(str(key), _KNOWN_KEYS))
+            self.error(key_path(path, key), f"unknown key {key!r}" + _suggest(str(key), _KNOWN_KEYS))
         if len(unknown) == len(raw):
             return None  # nothing here looks like a condition; missing-key errors would be noise
         return self.leaf(raw, path)
@@ -705,16 +701,16 @@ class _Compiler:
             return None
         allowed_ops = OPS_BY_TYPE.get(ftype)
         if allowed_ops is None:
-            self.error(_key_path(path, "field"), f"field {name!r} has the unsupported type {ftype!r}")
+            self.error(key_path(path, "field"), f"field {name!r} has the unsupported type {ftype!r}")
             return None
         if op not in allowed_ops:
             allowed = ", ".join(o for o in OPS if o in allowed_ops)
             self.error(
-                _key_path(path, "op"),
+                key_path(path, "op"),
                 f"operator {op!r} does not apply to {ftype} field {name!r}; use one of {allowed}",
             )
             return None
-        value_path = _key_path(path, "value")
+        value_path = key_path(path, "value")
         if op == "exists":
             expect = raw.get("value", True)
             if not isinstance(expect, bool):
@@ -731,7 +727,7 @@ class _Compiler:
         return _Leaf(path, name, op, copy.deepcopy(value), test, window)
 
     def field(self, raw: Mapping[Any, object], path: str) -> str | None:
-        where = _key_path(path, "field")
+        where = key_path(path, "field")
         if "field" not in raw:
             self.error(where, "missing key 'field'")
             return None
@@ -745,7 +741,7 @@ class _Compiler:
         return name
 
     def operator(self, raw: Mapping[Any, object], path: str) -> Op | None:
-        where = _key_path(path, "op")
+        where = key_path(path, "op")
         if "op" not in raw:
             self.error(where, "missing key 'op'")
             return None
@@ -865,27 +861,21 @@ class _Compiler:
         of an ``in`` list, checked as ``eq``."""
         never, everyone = _range_verdict(op, operands, domain)
         outside = [number_text(v) for v in operands if not domain.low <= v <= domain.high]
+        if not never and not (everyone and outside):
+            return
         where = f"{name!r} lies between {number_text(domain.low)} and {number_text(domain.high)}"
+        result = "would hold for no customer" if never else "would be the same for every customer"
         if item:
-            outcome = "this value would match no customer"
-        elif never:
-            outcome = "the comparison would hold for no customer"
+            subject, result = "this value", "would match no customer"
         else:
-            outcome = "the comparison would be the same for every customer"
-        if never and not outside:
-            asked = " ".join(
-                [
-                    name,
-                    op,
-                    f"[{', '.join(number_text(v) for v in operands)}]"
-                    if op == "between"
-                    else number_text(operands[0]),
-                ]
-            )
-            self.error(path, f"{where}, so {asked} {outcome.removeprefix('the comparison ')}")
-        elif never or (everyone and outside):
+            subject = "the comparison"
+        if outside:
             verb = "is" if len(outside) == 1 else "are"
-            self.error(path, f"{where}; {' and '.join(outside)} {verb} outside that, so {outcome}")
+            self.error(path, f"{where}; {' and '.join(outside)} {verb} outside that, so {subject} {result}")
+        else:
+            shown = ", ".join(number_text(v) for v in operands)
+            asked = f"[{shown}]" if op == "between" else shown
+            self.error(path, f"{where}, so {name} {op} {asked} {result}")
 
     def instant(self, name: str, value: object, path: str) -> datetime | None:
         if isinstance(value, str) and _NAIVE_DATETIME.fullmatch(value):

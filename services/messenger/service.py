@@ -598,15 +598,16 @@ class MessengerService:
             # not enough for this message (an address without its consent, a phone for an
             # email), the rest of the grace is waited out, as it was before the wake: a message
             # is decided early only when it can go.
-            grace_ends = entry.details.get("awaited_until")
+            awaited_until = entry.details.get("awaited_until")
+            grace_ends = None if awaited_until is None else datetime.fromisoformat(awaited_until)
             first = decision.status == MessageStatus.NO_ADDRESS and not entry.details.get("awaited_profile")
             if first and not profile.has_address:
                 until = now + PROFILE_GRACE
                 marked = {**entry.details, "awaited_profile": True, "awaited_until": until.isoformat()}
                 self._add_wait(batch, customer_id, replace(entry, details=marked), until, now)
                 return
-            if grace_ends is not None and now < datetime.fromisoformat(grace_ends):
-                self._add_wait(batch, customer_id, entry, datetime.fromisoformat(grace_ends), now)
+            if grace_ends is not None and now < grace_ends:
+                self._add_wait(batch, customer_id, entry, grace_ends, now)
                 return
         # The next attempt (win-back) waits like the first, so the journey's exits and
         # 'unless' can still end it; it is scheduled whatever became of this one.
