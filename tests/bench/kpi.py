@@ -55,7 +55,7 @@ import types
 import typing
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -68,9 +68,11 @@ from sqlalchemy import BigInteger, Boolean, Column, Float, MetaData, Numeric, St
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeEngine
 
+from services.kpi import tables as kpi_tables
 from services.kpi.clv import BgNbdParams, simulate_bgnbd
 from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS, build_loop
+from services.kpi.facts import fold
 from services.kpi.predictions import fit
 from services.kpi.service import KpiService
 from shared.codec import decode_event_on, decode_with, encode, encode_key
@@ -373,9 +375,17 @@ def _field_tables(metadata: MetaData) -> dict[str, tuple[Table, list[str]]]:
     return tables
 
 
-async def baseline(settings: KpiSettings, n: int, watch: Watch, *, own_fields: bool = False) -> Run:
+async def baseline(
+    settings: KpiSettings,
+    n: int,
+    watch: Watch,
+    *,
+    own_fields: bool = False,
+    kpi_facts: Mapping[str, tuple[Table, dict[str, Any]]] | None = None,
+) -> Run:
     """``own_fields``: each event's scalar fields into its type's table, instead of four fields
-    of every event into one."""
+    of every event into one. ``kpi_facts``: event id → (kpi table, row), written instead into the
+    kpi's own tables (``kpi_fact_rows``)."""
     db = worker_database(settings.database_url)
     metadata = MetaData()
     ledger = applied_events_table(metadata)
@@ -388,8 +398,12 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch, *, own_fields: b
         Column("occurred_at", UtcDateTime(), nullable=False),
     )
     by_type = _field_tables(metadata) if own_fields else {}
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    if kpi_facts is not None:
+        await migrate(db, MIGRATIONS)  # the kpi's tables, ledger included, as the kpi consumer has them
+        ledger = kpi_tables.applied_events
+    else:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
     clock = _Clock()
 
     async def apply(batch: Sequence[Delivered[Payload]]) -> BatchResult:
@@ -399,6 +413,8 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch, *, own_fields: b
             )
             if own_fields:
                 return await write_own_fields(session, batch, new)
+            if kpi_facts is not None:
+                return await write_kpi_facts(session, batch, new, kpi_facts)
             rows = {
                 d.value.event_id: {
                     "event_id": d.value.event_id,
@@ -426,6 +442,25 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch, *, own_fields: b
             await copy_new_rows(session, by_type[kind][0], rows)
         return BatchResult(applied=len(fresh), duplicates=len(batch) - len(fresh))
 
+    async def write_kpi_facts(
+        session: AsyncSession,
+        batch: Sequence[Delivered[Payload]],
+        new: set[str],
+        facts: Mapping[str, tuple[Table, dict[str, Any]]],
+    ) -> BatchResult:
+        applied: set[str] = set()
+        rows_of: dict[Table, list[dict[str, Any]]] = defaultdict(list)
+        for d in batch:
+            eid = d.value.event_id
+            if eid in new and eid not in applied:
+                applied.add(eid)
+                fact = facts.get(eid)
+                if fact is not None:
+                    rows_of[fact[0]].append(fact[1])
+        for fact_table, rows in rows_of.items():
+            await copy_new_rows(session, fact_table, rows)
+        return BatchResult(applied=len(applied), duplicates=len(batch) - len(applied))
+
     async def handle(batch: Sequence[Delivered[Payload]]) -> BatchResult:
         return await clock.handled(len(batch), apply(batch))
 
@@ -446,6 +481,35 @@ async def baseline(settings: KpiSettings, n: int, watch: Watch, *, own_fields: b
     finally:
         await producer.stop()
         await db.dispose()
+
+
+def kpi_fact_rows(
+    records: Sequence[OutboundRecord], settings: KpiSettings
+) -> dict[str, tuple[Table, dict[str, Any]]]:
+    """Event id → the kpi's fact row of that event alone and its table, as ``KpiService``
+    would write it (``fold``): a purchase, a ticket step, a cancellation, a message status.
+    Profiles have none (they only move the customers' registers, which are left out)."""
+    decode = _decoder(settings)
+    out: dict[str, tuple[Table, dict[str, Any]]] = {}
+    orders: set[tuple[str, str]] = set()
+    for record in records:
+        event = decode(record.topic, record.value)
+        rows = fold([event])
+        if rows.purchases:
+            [(order, row)] = rows.purchases.items()
+            if order in orders:
+                # Two events of one order are one upserted row: a COPY of both would fail.
+                raise RuntimeError(f"order {order} has two purchase events; the fact rows need one each")
+            orders.add(order)
+            out[event.event_id] = (kpi_tables.purchases, row)
+        for fact_table, listed in (
+            (kpi_tables.support_events, rows.support),
+            (kpi_tables.cancellations, rows.cancellations),
+            (kpi_tables.message_events, rows.messages),
+        ):
+            if listed:
+                out[event.event_id] = (fact_table, listed[0])
+    return out
 
 
 async def kpi_consumer(settings: KpiSettings, n: int, watch: Watch) -> Run:
@@ -550,9 +614,10 @@ class Backend:
     baselines: list[Run] = field(default_factory=list)
     kpis: list[Run] = field(default_factory=list)
     own_fields: list[Run] = field(default_factory=list)  # context: the baseline writing every field
+    kpi_facts: list[Run] = field(default_factory=list)  # context: the kpi's fact rows, no logic
 
     def ratios(self, against: str = "baselines") -> list[float]:
-        """Per round: kpi events/s over baseline events/s (or ``own_fields``' events/s)."""
+        """Per round: kpi events/s over baseline events/s (or ``own_fields``' or ``kpi_facts``')."""
         return [
             _rate(k.records, k.seconds) / _rate(b.records, b.seconds)
             for b, k in zip(getattr(self, against), self.kpis, strict=True)
@@ -592,6 +657,9 @@ def run(ctx: BenchContext) -> Section:
     n = dataset.events
     say(f"kpi: producing {n:,} events of {dataset.customers:,} customers to {prefix}*")
     asyncio.run(prefill(kafka.bootstrap, prefix, options.partitions, dataset.records))
+    facts = kpi_fact_rows(
+        dataset.records, _settings(kafka.bootstrap, prefix, options.partitions, "sqlite://")
+    )
     backends = [Backend("SQLite")]
     missing_pg: str | None = None
     pg: PostgresInfo | None = None
@@ -608,7 +676,7 @@ def run(ctx: BenchContext) -> Section:
     for round_no in range(1, options.rounds + 1):
         for backend in backends:
             # The target's pair back to back, as before the context run was added after them.
-            for kind in ("baseline", "kpi", "own_fields"):
+            for kind in ("baseline", "kpi", "own_fields", "kpi_facts"):
                 files: list[Path] = []
                 if backend.name == "SQLite" or pg is None:
                     url, files = _sqlite_url(f"kpi-{kind}-{tag}-{round_no}")
@@ -621,10 +689,16 @@ def run(ctx: BenchContext) -> Section:
                 if kind == "kpi":
                     result = asyncio.run(kpi_consumer(settings, n, watch))
                 else:
-                    result = asyncio.run(baseline(settings, n, watch, own_fields=kind == "own_fields"))
-                {"baseline": backend.baselines, "own_fields": backend.own_fields, "kpi": backend.kpis}[
-                    kind
-                ].append(result)
+                    result = asyncio.run(
+                        baseline(
+                            settings,
+                            n,
+                            watch,
+                            own_fields=kind == "own_fields",
+                            kpi_facts=facts if kind == "kpi_facts" else None,
+                        )
+                    )
+                getattr(backend, {"baseline": "baselines", "kpi": "kpis"}.get(kind, kind)).append(result)
                 rate = _rate(result.records, result.seconds)
                 say(
                     f"  {rate:,.0f} events/s ({result.seconds:.2f} s; handler {result.handler_s:.2f} s, "
@@ -633,10 +707,11 @@ def run(ctx: BenchContext) -> Section:
                 for f in files:
                     f.unlink(missing_ok=True)
         for backend in backends:
-            if backend.ratios() and backend.ratios("own_fields"):
+            if backend.ratios() and backend.ratios("own_fields") and backend.ratios("kpi_facts"):
                 say(
                     f"  {backend.name} round {round_no}: overhead {1 / backend.ratios()[-1] - 1:+.1%} "
-                    f"(over the events' own fields: {1 / backend.ratios('own_fields')[-1] - 1:+.1%})"
+                    f"(over the events' own fields: {1 / backend.ratios('own_fields')[-1] - 1:+.1%}; "
+                    f"over the kpi's fact rows: {1 / backend.ratios('kpi_facts')[-1] - 1:+.1%})"
                 )
 
     say(f"kpi: CLV fit on {SIMULATED:,} simulated customers")
@@ -669,6 +744,23 @@ def run(ctx: BenchContext) -> Section:
                 kpi,
                 statistics.median(backend.ratios("own_fields")),
                 f"each event's own fields, {backend.name}",
+            ),
+            # Context, no target: the writes the kpi cannot do without, and none of its logic.
+            Row(
+                f"context, {backend.name}: consume + ledger + the kpi's fact rows, made before the run, "
+                "into its own tables",
+                statistics.median(_rate(r.records, r.seconds) for r in backend.kpi_facts),
+                statistics.median(
+                    _rate(f.records, f.seconds) / _rate(b.records, b.seconds)
+                    for b, f in zip(backend.baselines, backend.kpi_facts, strict=True)
+                ),
+                f"baseline, {backend.name}",
+            ),
+            Row(
+                f"context, {backend.name}: kpi consumer against it",
+                kpi,
+                statistics.median(backend.ratios("kpi_facts")),
+                f"the kpi's fact rows, {backend.name}",
             ),
         ]
     fit_s = statistics.median(clv.fits_s)
@@ -705,7 +797,9 @@ def run(ctx: BenchContext) -> Section:
     ]
     if missing_pg is not None:
         section.notes.append(f"PostgreSQL was not measured: {missing_pg}")
-    noisy = noise_warning([r.cpu for b in backends for r in [*b.baselines, *b.own_fields, *b.kpis]])
+    noisy = noise_warning(
+        [r.cpu for b in backends for r in [*b.baselines, *b.own_fields, *b.kpi_facts, *b.kpis]]
+    )
     if noisy:
         section.notes.append(noisy)
     return section
@@ -724,13 +818,15 @@ def _details(dataset: Dataset, rounds: int, backends: Sequence[Backend], clv: Cl
     ]
     rows: list[list[str]] = []
     for b in backends:
-        for i, (base, own, kpi) in enumerate(zip(b.baselines, b.own_fields, b.kpis, strict=True), start=1):
+        runs = zip(b.baselines, b.own_fields, b.kpi_facts, b.kpis, strict=True)
+        for i, (base, own, facts, kpi) in enumerate(runs, start=1):
             rows.append(
                 [
                     b.name,
                     str(i),
                     f"{base.seconds:.2f}",
                     f"{own.seconds:.2f}",
+                    f"{facts.seconds:.2f}",
                     f"{kpi.seconds:.2f}",
                     f"{kpi.handler_s:.2f}",
                     f"{kpi.tick_s:.2f}",
@@ -738,6 +834,9 @@ def _details(dataset: Dataset, rounds: int, backends: Sequence[Backend], clv: Cl
                     if kpi.seconds
                     else "",
                     f"{_rate(own.records, own.seconds) / _rate(kpi.records, kpi.seconds) - 1:+.1%}"
+                    if kpi.seconds
+                    else "",
+                    f"{_rate(facts.records, facts.seconds) / _rate(kpi.records, kpi.seconds) - 1:+.1%}"
                     if kpi.seconds
                     else "",
                     f"{_per(base.statements, base.batches)} / {_per(kpi.statements, kpi.batches)}",
@@ -752,30 +851,36 @@ def _details(dataset: Dataset, rounds: int, backends: Sequence[Backend], clv: Cl
             "round",
             "baseline s",
             "own fields s",
+            "kpi fact rows s",
             "kpi s",
             "kpi handler s",
             "kpi tick s",
             "overhead",
             "overhead over own fields",
+            "overhead over the kpi's fact rows",
             "SQL statements per batch (baseline / kpi)",
             "CPU s (baseline / kpi)",
             "CPU overhead",
             "after: rollups s / refit s",
         ],
         rows,
-        align="llrrrrrrrrrrr",
+        align="llrrrrrrrrrrrrr",
     )
     per_batch: dict[str, list[float]] = defaultdict(list)
     over_fields: dict[str, list[float]] = defaultdict(list)
+    over_facts: dict[str, list[float]] = defaultdict(list)
     for b in backends:
         per_batch[b.name] = [1 / r - 1 for r in b.ratios()]
         over_fields[b.name] = [1 / r - 1 for r in b.ratios("own_fields")]
+        over_facts[b.name] = [1 / r - 1 for r in b.ratios("kpi_facts")]
     lines += [
         "",
         "Median overhead: "
         + ", ".join(f"{name} {statistics.median(v):+.1%}" for name, v in per_batch.items() if v)
         + "; over each event's own fields (context, no target): "
         + ", ".join(f"{name} {statistics.median(v):+.1%}" for name, v in over_fields.items() if v)
+        + "; over the kpi's fact rows (context, no target): "
+        + ", ".join(f"{name} {statistics.median(v):+.1%}" for name, v in over_facts.items() if v)
         + f". CLV: {clv.customers:,} customers, {clv.purchases:,} purchase events; pure fit per round "
         + ", ".join(f"{s:.2f} s" for s in clv.fits_s)
         + f"; service path cold {clv.service_s:.2f} s; fitted r={clv.params.get('r', float('nan')):.3f}, "
