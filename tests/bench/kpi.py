@@ -675,7 +675,7 @@ def run(ctx: BenchContext) -> Section:
 
     for round_no in range(1, options.rounds + 1):
         for backend in backends:
-            # The target's pair back to back, as before the context run was added after them.
+            # The target's pair back to back, then the two context runs.
             for kind in ("baseline", "kpi", "own_fields", "kpi_facts"):
                 files: list[Path] = []
                 if backend.name == "SQLite" or pg is None:
