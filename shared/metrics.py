@@ -7,6 +7,7 @@ deploy/prometheus/prometheus.yml).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -14,8 +15,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 from shared.logs import get_logger
 
@@ -70,6 +72,18 @@ CONSUMER_MISKEYED = Counter(
     "land on several partitions.",
     ["group", "topic"],
 )
+
+
+def expose(collectors: Iterable[Collector]) -> None:
+    """Register with this process's /metrics the metrics that only one kind of process of a
+    service updates (made with ``registry=None``). Every process of the service imports them;
+    registered at import, the others would export copies frozen at 0, which a min(), an avg()
+    or an alert per target counts as real (a publish job's progress stuck at 0 on the API).
+    Idempotent: a second app in one process, or a test, registers them again."""
+    for collector in collectors:
+        with contextlib.suppress(ValueError):  # registered already
+            REGISTRY.register(collector)
+
 
 METRICS_PORT_ENV = "RETAIN_METRICS_PORT"
 METRICS_HOST_ENV = "RETAIN_METRICS_HOST"

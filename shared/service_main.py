@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.registry import Collector
 from sqlalchemy.exc import DBAPIError
 
 from shared.collector import settle_collector
@@ -19,7 +20,7 @@ from shared.db import Database, migrate
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
 from shared.logs import configure_logging, get_logger
-from shared.metrics import serve_worker_metrics
+from shared.metrics import expose, serve_worker_metrics
 
 log = get_logger(__name__)
 
@@ -61,10 +62,18 @@ def worker_database(url: str) -> Database:
 
 @asynccontextmanager
 async def worker(
-    settings: CommonSettings, database_url: str, migrations: Path, client_id: str, metrics_port: int
+    settings: CommonSettings,
+    database_url: str,
+    migrations: Path,
+    client_id: str,
+    metrics_port: int,
+    own_metrics: Iterable[Collector] = (),
 ) -> AsyncIterator[tuple[Database, Producer]]:
-    """Logging, /metrics, the service's migrated database and a producer; closed on the way out."""
+    """Logging, /metrics (with ``own_metrics``, the ones only this kind of process updates:
+    ``shared.metrics.expose``), the service's migrated database and a producer; closed on the
+    way out."""
     configure_logging(settings.log_level, settings.log_json)
+    expose(own_metrics)
     serve_worker_metrics(metrics_port)
     db = worker_database(database_url)
     await migrate_when_reachable(db, migrations)

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 from services.kpi.config import KpiSettings
-from services.kpi.service import KpiService
+from services.kpi.service import CONSUMER_METRICS, KpiService
 from shared.codec import decode_event_on, decode_with
 from shared.events import MESSAGE_EVENT_ADAPTER, Event, MessageEvent
 from shared.kafka.consumer import ConsumerLoop
@@ -46,7 +46,9 @@ def build_loop(
 
 async def main(settings: KpiSettings | None = None) -> None:
     settings = settings or KpiSettings()
-    async with worker(settings, settings.database_url, MIGRATIONS, "retain-kpi", 8104) as (db, producer):
+    async with worker(
+        settings, settings.database_url, MIGRATIONS, "retain-kpi", 8104, own_metrics=CONSUMER_METRICS
+    ) as (db, producer):
         service = KpiService(db, settings, producer)
         await run_until_signalled(build_loop(settings, service, producer))
 

@@ -6,7 +6,6 @@ and end here; SQL lives in the repository; the definitions live in the pure modu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections import Counter as Tally
@@ -16,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi import churn as churn_kpi
@@ -62,6 +61,7 @@ from shared.events import ClvPrediction, Event, MessageEvent
 from shared.kafka.consumer import BatchResult, Delivered
 from shared.kafka.producer import OutboundRecord, Producer
 from shared.logs import get_logger
+from shared.metrics import expose
 from shared.outbox import OutboxRelay, enqueue
 from shared.topics import CLV
 
@@ -181,15 +181,16 @@ KPI_GAUGES = (
 
 
 def expose_kpi_gauges() -> None:
-    """Register the KPI value gauges with this process's /metrics (the API's); once."""
-    for gauge in KPI_GAUGES:
-        with contextlib.suppress(ValueError):  # registered already (a second app in one process)
-            REGISTRY.register(gauge)
+    """Register the KPI value gauges with this process's /metrics (the API's)."""
+    expose(KPI_GAUGES)
 
 
+# The consumer's scheduled refit is what publishes, so the consumer process alone registers it
+# (``shared.metrics.expose``). The fit's duration is set by on-demand fits in the API as well.
 PREDICTIONS_PUBLISHED = Counter(
-    "retain_kpi_clv_predictions_published_total", "ClvPrediction events written to retain.clv."
+    "retain_kpi_clv_predictions_published_total", "ClvPrediction events written to retain.clv.", registry=None
 )
+CONSUMER_METRICS = (PREDICTIONS_PUBLISHED,)
 ROLLUPS = Counter("retain_kpi_rollups_total", "Grafana-table recomputations, by table.", ["table"])
 
 

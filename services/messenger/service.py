@@ -78,14 +78,24 @@ PROVIDER_SECONDS = Histogram(
     ["provider"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-HELD = Gauge("retain_messenger_held_messages", "Messages held for quiet hours, waiting for their window.")
+# Set by refresh_gauges, which the API (on /readyz) and the sender (every pass) run; registered
+# by those processes only (``shared.metrics.expose``): the consumer would export zeros.
+HELD = Gauge(
+    "retain_messenger_held_messages",
+    "Messages held for quiet hours, waiting for their window.",
+    registry=None,
+)
 HELD_OLDEST_AGE = Gauge(
-    "retain_messenger_held_oldest_age_seconds", "Age of the oldest message held for quiet hours (0: none)."
+    "retain_messenger_held_oldest_age_seconds",
+    "Age of the oldest message held for quiet hours (0: none).",
+    registry=None,
 )
 HELD_OVERDUE = Gauge(
     "retain_messenger_held_overdue_seconds",
     "How long ago the earliest window of a still-held message opened (0: none is past its window).",
+    registry=None,
 )
+HELD_GAUGES = (HELD, HELD_OLDEST_AGE, HELD_OVERDUE)
 CAP_HITS = Counter("retain_messenger_cap_hits_total", "Messages stopped by a frequency cap.", ["journey"])
 UNSUBSCRIBES = Counter(
     "retain_messenger_unsubscribes_total", "Opt-outs recorded, by channel and source.", ["channel", "source"]

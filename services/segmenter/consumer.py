@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from services.segmenter.config import SegmenterSettings
-from services.segmenter.service import SegmenterService
+from services.segmenter.service import CONSUMER_METRICS, SegmenterService
 from shared.codec import decode_event_on, decode_with
 from shared.events import CLV_ADAPTER, ClvPrediction, Event
 from shared.kafka.consumer import ConsumerLoop
@@ -47,10 +47,9 @@ def build_loop(
 
 async def main(settings: SegmenterSettings | None = None) -> None:
     settings = settings or SegmenterSettings()
-    async with worker(settings, settings.database_url, MIGRATIONS, "retain-segmenter", 8102) as (
-        db,
-        producer,
-    ):
+    async with worker(
+        settings, settings.database_url, MIGRATIONS, "retain-segmenter", 8102, own_metrics=CONSUMER_METRICS
+    ) as (db, producer):
         service = SegmenterService(db, settings, producer)
         await service.ensure_default_rules()
         try:

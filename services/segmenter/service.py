@@ -65,10 +65,13 @@ UPDATES_PUBLISHED = Counter(
 PUBLISH_JOBS = Counter(
     "retain_segmenter_publish_jobs_total", "Rule-publish jobs, by final status.", ["status"]
 )
+# Updated by the consumer's tick only (publish steps, the sweep), so registered by the consumer
+# process only (``shared.metrics.expose``): the API would export a progress stuck at 0.
 PUBLISH_JOB_PROGRESS = Gauge(
-    "retain_segmenter_publish_job_progress_ratio", "Share of customers re-evaluated."
+    "retain_segmenter_publish_job_progress_ratio", "Share of customers re-evaluated.", registry=None
 )
-SWEPT = Counter("retain_segmenter_swept_total", "Customers re-evaluated because time passed.")
+SWEPT = Counter("retain_segmenter_swept_total", "Customers re-evaluated because time passed.", registry=None)
+CONSUMER_METRICS = (PUBLISH_JOB_PROGRESS, SWEPT)
 
 Clock = Callable[[], datetime]
 

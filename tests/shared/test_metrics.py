@@ -1,6 +1,12 @@
-"""A worker's metrics listener: what a Prometheus scrape and a liveness probe get."""
+"""A worker's metrics listener: what a Prometheus scrape and a liveness probe get; which process
+exports which metric."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,3 +33,87 @@ def test_the_worker_listener_serves_metrics_and_health_only(monkeypatch: pytest.
         assert httpx.get(f"{base}/healthz").text == "ok\n"
     # A second listener on the same port is logged and skipped: the worker runs on.
     assert serve_worker_metrics(1) is None
+
+
+# What each process of a service exports when started as `make run` starts it: an API by its
+# create_app, a worker by its main() (here stopped at the worker's start, after its metrics are
+# registered and before any database or broker is needed).
+_API = """
+from prometheus_client import generate_latest
+from services.{service}.app import create_app
+create_app()
+print(generate_latest().decode())
+"""
+_WORKER = """
+import asyncio, contextlib
+from prometheus_client import generate_latest
+import services.{module} as entry
+from shared.metrics import expose
+
+class Started(Exception):
+    pass
+
+@contextlib.asynccontextmanager
+async def worker(*args, own_metrics=(), **kwargs):
+    expose(own_metrics)  # what shared.service_main.worker does before its listener serves them
+    raise Started
+    yield
+
+entry.worker = worker
+try:
+    asyncio.run(entry.main())
+except Started:
+    print(generate_latest().decode())
+"""
+ONLY_WHERE_UPDATED = {
+    # process: (exported there, not exported there)
+    "segmenter api": (set(), {"retain_segmenter_publish_job_progress_ratio", "retain_segmenter_swept_total"}),
+    "segmenter consumer": (
+        {"retain_segmenter_publish_job_progress_ratio", "retain_segmenter_swept_total"},
+        set(),
+    ),
+    "messenger api": ({"retain_messenger_held_messages", "retain_messenger_held_overdue_seconds"}, set()),
+    "messenger consumer": (
+        set(),
+        {
+            "retain_messenger_held_messages",
+            "retain_messenger_held_oldest_age_seconds",
+            "retain_messenger_held_overdue_seconds",
+        },
+    ),
+    "messenger sender": (
+        {
+            "retain_messenger_held_messages",
+            "retain_messenger_held_oldest_age_seconds",
+            "retain_messenger_held_overdue_seconds",
+        },
+        set(),
+    ),
+    "kpi api": (
+        {"retain_kpi_clv_customers", "retain_kpi_clv_fit_seconds"},
+        {"retain_kpi_clv_predictions_published_total"},
+    ),
+    "kpi consumer": (
+        {"retain_kpi_clv_predictions_published_total", "retain_kpi_clv_fit_seconds"},
+        {"retain_kpi_clv_customers"},
+    ),
+}
+
+
+@pytest.mark.parametrize("process", sorted(ONLY_WHERE_UPDATED))
+def test_a_metric_only_some_processes_update_is_exported_by_those_only(process: str, tmp_path: Path) -> None:
+    """Every process of a service imports its metrics; one that never updates a metric would
+    export it frozen at 0, which a min(), an avg() or an alert per target reads as real: a rule
+    publish's progress stuck at 0 on the segmenter's API, no messages held on the consumer."""
+    service, kind = process.split()
+    script = _API.format(service=service) if kind == "api" else _WORKER.format(module=f"{service}.{kind}")
+    env = {**os.environ, "RETAIN_VAR_DIR": str(tmp_path), "RETAIN_LOG_LEVEL": "WARNING"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    families = {line.split(" ")[2] for line in out.stdout.splitlines() if line.startswith("# TYPE ")}
+    exported, not_exported = ONLY_WHERE_UPDATED[process]
+    assert exported <= families, (process, exported - families)
+    assert not (not_exported & families), (process, not_exported & families)
+    assert any(f.startswith(f"retain_{service}_") for f in families) or service == "messenger", families
