@@ -7,7 +7,6 @@ deploy/prometheus/prometheus.yml).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
@@ -74,15 +73,19 @@ CONSUMER_MISKEYED = Counter(
 )
 
 
+_EXPOSED: set[int] = set()  # ids of the collectors ``expose`` registered
+
+
 def expose(collectors: Iterable[Collector]) -> None:
-    """Register with this process's /metrics the metrics that only one kind of process of a
-    service updates (made with ``registry=None``). Every process of the service imports them;
-    registered at import, the others would export copies frozen at 0, which a min(), an avg()
-    or an alert per target counts as real (a publish job's progress stuck at 0 on the API).
-    Idempotent: a second app in one process, or a test, registers them again."""
+    """Register with this process's /metrics the metrics that only some processes of a service
+    update (made with ``registry=None``). Every process of the service imports them; registered
+    at import, the others would export copies frozen at 0, which a min(), an avg() or an alert
+    per target counts as real (a publish job's progress stuck at 0 on the API). Idempotent (a
+    second app in one process, a test); another collector of the same name is still an error."""
     for collector in collectors:
-        with contextlib.suppress(ValueError):  # registered already
+        if id(collector) not in _EXPOSED:
             REGISTRY.register(collector)
+            _EXPOSED.add(id(collector))
 
 
 METRICS_PORT_ENV = "RETAIN_METRICS_PORT"

@@ -154,6 +154,7 @@ CLV_AT_RISK = Gauge(
 CLV_PARAM = Gauge(
     "retain_kpi_clv_model_param", "Parameters of the latest CLV model.", ["param"], registry=None
 )
+# Registered at import, by both processes: the API fits too, on demand (an as_of not fitted yet).
 CLV_FIT_SECONDS = Gauge("retain_kpi_clv_fit_seconds", "Duration of the latest CLV fit.")
 LABELLED_GAUGES = (
     FIRST_RESPONSE,
@@ -186,7 +187,7 @@ def expose_kpi_gauges() -> None:
 
 
 # The consumer's scheduled refit is what publishes, so the consumer process alone registers it
-# (``shared.metrics.expose``). The fit's duration is set by on-demand fits in the API as well.
+# (``shared.metrics.expose``).
 PREDICTIONS_PUBLISHED = Counter(
     "retain_kpi_clv_predictions_published_total", "ClvPrediction events written to retain.clv.", registry=None
 )

@@ -36,8 +36,8 @@ def test_the_worker_listener_serves_metrics_and_health_only(monkeypatch: pytest.
 
 
 # What each process of a service exports when started as `make run` starts it: an API by its
-# create_app, a worker by its main() (here stopped at the worker's start, after its metrics are
-# registered and before any database or broker is needed).
+# create_app, a worker by its main(), stopped where shared.service_main.worker would start its
+# metrics listener (its metrics registered; no database or broker needed yet).
 _API = """
 from prometheus_client import generate_latest
 from services.{service}.app import create_app
@@ -45,26 +45,28 @@ create_app()
 print(generate_latest().decode())
 """
 _WORKER = """
-import asyncio, contextlib
+import asyncio
 from prometheus_client import generate_latest
 import services.{module} as entry
-from shared.metrics import expose
+import shared.service_main
 
 class Started(Exception):
     pass
 
-@contextlib.asynccontextmanager
-async def worker(*args, own_metrics=(), **kwargs):
-    expose(own_metrics)  # what shared.service_main.worker does before its listener serves them
-    raise Started
-    yield
+def serve_worker_metrics(port):
+    raise Started  # the worker's listener would serve now: its metrics are registered
 
-entry.worker = worker
+shared.service_main.serve_worker_metrics = serve_worker_metrics
 try:
     asyncio.run(entry.main())
 except Started:
     print(generate_latest().decode())
 """
+HELD = {
+    "retain_messenger_held_messages",
+    "retain_messenger_held_oldest_age_seconds",
+    "retain_messenger_held_overdue_seconds",
+}
 ONLY_WHERE_UPDATED = {
     # process: (exported there, not exported there)
     "segmenter api": (set(), {"retain_segmenter_publish_job_progress_ratio", "retain_segmenter_swept_total"}),
@@ -72,23 +74,9 @@ ONLY_WHERE_UPDATED = {
         {"retain_segmenter_publish_job_progress_ratio", "retain_segmenter_swept_total"},
         set(),
     ),
-    "messenger api": ({"retain_messenger_held_messages", "retain_messenger_held_overdue_seconds"}, set()),
-    "messenger consumer": (
-        set(),
-        {
-            "retain_messenger_held_messages",
-            "retain_messenger_held_oldest_age_seconds",
-            "retain_messenger_held_overdue_seconds",
-        },
-    ),
-    "messenger sender": (
-        {
-            "retain_messenger_held_messages",
-            "retain_messenger_held_oldest_age_seconds",
-            "retain_messenger_held_overdue_seconds",
-        },
-        set(),
-    ),
+    "messenger api": (HELD, set()),  # refreshed on its /readyz
+    "messenger consumer": (set(), HELD),
+    "messenger sender": (HELD, set()),
     "kpi api": (
         {"retain_kpi_clv_customers", "retain_kpi_clv_fit_seconds"},
         {"retain_kpi_clv_predictions_published_total"},
@@ -116,4 +104,5 @@ def test_a_metric_only_some_processes_update_is_exported_by_those_only(process: 
     exported, not_exported = ONLY_WHERE_UPDATED[process]
     assert exported <= families, (process, exported - families)
     assert not (not_exported & families), (process, not_exported & families)
-    assert any(f.startswith(f"retain_{service}_") for f in families) or service == "messenger", families
+    # And it is the service's process, with the metrics every process of it exports.
+    assert any(f.startswith(f"retain_{service}_") for f in families), families
