@@ -628,11 +628,12 @@ class Backend:
     own_fields: list[Run] = field(default_factory=list)  # context: the baseline writing every field
     kpi_facts: list[Run] = field(default_factory=list)  # context: the kpi's fact rows, no logic
 
-    def ratios(self, against: str = "baselines") -> list[float]:
-        """Per round: kpi events/s over baseline events/s (or ``own_fields``' or ``kpi_facts``')."""
+    def ratios(self, against: str = "baselines", of: str = "kpis") -> list[float]:
+        """Per round: ``of``'s events/s over ``against``'s (the kpi's over the baseline's, by
+        default; ``own_fields`` and ``kpi_facts`` are the context runs)."""
         return [
             _rate(k.records, k.seconds) / _rate(b.records, b.seconds)
-            for b, k in zip(getattr(self, against), self.kpis, strict=True)
+            for b, k in zip(getattr(self, against), getattr(self, of), strict=True)
             if b.seconds > 0 and k.seconds > 0
         ]
 
@@ -649,6 +650,15 @@ def _consumer_cpu(run: Run) -> float:
     """CPU seconds of the consumer: this process (event loop and SQLite's thread) and PostgreSQL;
     not the broker, and not whatever else ran on the machine meanwhile."""
     return run.cpu.loop_thread + run.cpu.other_threads + run.cpu.watched.get("PostgreSQL", 0.0)
+
+
+def _overhead(kpi: Run, over: Run) -> str:
+    """How much longer the kpi took per event than ``over``, as a signed percentage."""
+    return (
+        f"{_rate(over.records, over.seconds) / _rate(kpi.records, kpi.seconds) - 1:+.1%}"
+        if kpi.seconds
+        else ""
+    )
 
 
 def _per(count: int, items: int) -> str:
@@ -763,11 +773,7 @@ def run(ctx: BenchContext) -> Section:
                 f"context, {backend.name}: consume + ledger + the kpi's fact rows, made before the run, "
                 "by its own statements into its own tables",
                 statistics.median(_rate(r.records, r.seconds) for r in backend.kpi_facts),
-                statistics.median(
-                    _rate(f.records, f.seconds) / _rate(b.records, b.seconds)
-                    for b, f in zip(backend.baselines, backend.kpi_facts, strict=True)
-                    if b.seconds > 0 and f.seconds > 0
-                ),
+                statistics.median(backend.ratios(of="kpi_facts")),
                 f"baseline, {backend.name}",
             ),
             Row(
@@ -844,15 +850,9 @@ def _details(dataset: Dataset, rounds: int, backends: Sequence[Backend], clv: Cl
                     f"{kpi.seconds:.2f}",
                     f"{kpi.handler_s:.2f}",
                     f"{kpi.tick_s:.2f}",
-                    f"{_rate(base.records, base.seconds) / _rate(kpi.records, kpi.seconds) - 1:+.1%}"
-                    if kpi.seconds
-                    else "",
-                    f"{_rate(own.records, own.seconds) / _rate(kpi.records, kpi.seconds) - 1:+.1%}"
-                    if kpi.seconds
-                    else "",
-                    f"{_rate(facts.records, facts.seconds) / _rate(kpi.records, kpi.seconds) - 1:+.1%}"
-                    if kpi.seconds
-                    else "",
+                    _overhead(kpi, base),
+                    _overhead(kpi, own),
+                    _overhead(kpi, facts),
                     f"{_per(base.statements, base.batches)} / {_per(kpi.statements, kpi.batches)}",
                     f"{_consumer_cpu(base):.2f} / {_consumer_cpu(kpi):.2f}",
                     f"{_consumer_cpu(kpi) / _consumer_cpu(base) - 1:+.1%}" if _consumer_cpu(base) else "",
