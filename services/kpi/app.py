@@ -14,12 +14,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.kpi.api import router
 from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS
-from services.kpi.service import KpiService, expose_kpi_gauges
+from services.kpi.service import KPI_GAUGES, KpiService
 from shared.auth import KeyStore
 from shared.collector import settle_collector
 from shared.db import Database, migrate
 from shared.http import setup_app
 from shared.logs import configure_logging, get_logger
+from shared.metrics import expose
 
 log = get_logger(__name__)
 
@@ -46,7 +47,7 @@ def create_app(settings: KpiSettings | None = None) -> FastAPI:
     configure_logging(settings.log_level, settings.log_json)
     db = Database(settings.database_url)
     service = KpiService(db, settings)
-    expose_kpi_gauges()
+    expose(KPI_GAUGES)  # the KPI values are the API's: computed when /metrics is scraped
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

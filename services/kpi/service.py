@@ -61,7 +61,6 @@ from shared.events import ClvPrediction, Event, MessageEvent
 from shared.kafka.consumer import BatchResult, Delivered
 from shared.kafka.producer import OutboundRecord, Producer
 from shared.logs import get_logger
-from shared.metrics import expose
 from shared.outbox import OutboxRelay, enqueue
 from shared.topics import CLV
 
@@ -72,8 +71,8 @@ UNKNOWN = "unknown"
 MAX_LABELS = 20  # per label of a KPI gauge; the rest are summed up as "other"
 
 # The KPI values: computed by the API process when /metrics is scraped (refresh_gauges), and
-# registered there only (expose_kpi_gauges). The consumer imports this module too, and would
-# export a copy of every one of them at 0 that a sum() or min() over both targets would count.
+# registered there only (``shared.metrics.expose`` in its create_app). The consumer imports this
+# module too, and would export a copy of every one of them at 0 that a sum() or min() counts.
 FIRST_RESPONSE = Gauge(
     "retain_kpi_first_response_seconds",
     "First response time of the tickets opened in the metrics window.",
@@ -154,7 +153,8 @@ CLV_AT_RISK = Gauge(
 CLV_PARAM = Gauge(
     "retain_kpi_clv_model_param", "Parameters of the latest CLV model.", ["param"], registry=None
 )
-# Registered at import, by both processes: the API fits too, on demand (an as_of not fitted yet).
+# Registered at import, by both processes: the API fits too, when GET /v1/clv/model or
+# /v1/customers/{id}/clv finds no current fit.
 CLV_FIT_SECONDS = Gauge("retain_kpi_clv_fit_seconds", "Duration of the latest CLV fit.")
 LABELLED_GAUGES = (
     FIRST_RESPONSE,
@@ -179,11 +179,6 @@ KPI_GAUGES = (
     CLV_P_ALIVE_MEAN,
     CLV_AT_RISK,
 )
-
-
-def expose_kpi_gauges() -> None:
-    """Register the KPI value gauges with this process's /metrics (the API's)."""
-    expose(KPI_GAUGES)
 
 
 # The consumer's scheduled refit is what publishes, so the consumer process alone registers it

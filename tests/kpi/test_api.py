@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from services.kpi.app import create_app
 from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS
-from services.kpi.service import KpiService, expose_kpi_gauges
+from services.kpi.service import KPI_GAUGES, KpiService
 from services.kpi.tables import (
     clv_predictions,
     kpi_churn_monthly,
@@ -37,6 +37,7 @@ from shared.auth import create_key
 from shared.codec import decode_with
 from shared.db import Database, migrate
 from shared.events import CLV_ADAPTER, Event, MessageEvent
+from shared.metrics import expose
 from tests.kpi.factories import (
     apply,
     churn_events,
@@ -694,8 +695,8 @@ def test_the_kpi_values_are_on_the_apis_metrics_only() -> None:
     }
     assert "retain_kpi_clv_fit_seconds" in names  # the consumer fits: its own figure
     assert not {n for n in names if n.startswith(("retain_kpi_clv_customers", "retain_kpi_churn_rate"))}
-    expose_kpi_gauges()
-    expose_kpi_gauges()  # idempotent: a second app in one process
+    expose(KPI_GAUGES)
+    expose(KPI_GAUGES)  # idempotent: a second app in one process
     exported = generate_latest().decode()
     assert "# TYPE retain_kpi_clv_customers gauge" in exported
 
