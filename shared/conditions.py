@@ -777,9 +777,9 @@ class _Compiler:
                 return None, None
             before = len(self.errors)
             items = [self.scalar(name, ftype, v, f"{path}[{i}]") for i, v in enumerate(value)]
-            if len(self.errors) == before and isinstance(domain := self.domains.get(name), Range):
+            if len(self.errors) == before:
                 for i, item in enumerate(items):
-                    self.in_range(name, domain, f"{path}[{i}]", "eq", (item,), item=True)
+                    self.in_range(name, f"{path}[{i}]", "eq", (item,), item=True)
             if len(self.errors) != before:
                 return None, None
             return _one_of(name, ftype, frozenset(items)), None
@@ -797,12 +797,10 @@ class _Compiler:
                     path, f"low bound {_shown(value[0])} is greater than high bound {_shown(value[1])}"
                 )
                 return None, None
-            if isinstance(domain := self.domains.get(name), Range):
-                self.in_range(name, domain, path, "between", (low, high))
+            self.in_range(name, path, "between", (low, high))
             return _between(name, ftype, low, high), None
         operand = self.scalar(name, ftype, value, path)
-        if isinstance(domain := self.domains.get(name), Range) and _is_number(operand):
-            self.in_range(name, domain, path, op, (operand,))
+        self.in_range(name, path, op, (operand,))
         compare = {"eq": operator.eq, "ne": operator.ne, **_COMPARATORS}[op]
         return _compare(name, ftype, compare, operand), None
 
@@ -847,20 +845,26 @@ class _Compiler:
     def in_range(
         self,
         name: str,
-        domain: Range,
         path: str,
         op: str,
-        operands: Sequence[float | Decimal],
+        operands: Sequence[object],
         item: bool = False,
     ) -> None:
-        """A comparison of a field that lies in ``domain``, refused when it holds for no customer
+        """A comparison of a field whose domain is a range, refused when it holds for no customer
         (``p_alive gt 1``), or for every customer by a bound outside the range, a slip of unit
         (``p_alive lt 30``, P(alive) read as a percentage). What holds for everyone within the
         range (``p_alive gte 0``, "has a P(alive)") and what selects part of it with a bound
         beyond (``p_alive between [0.5, 1.5]``) mean what they say, and pass. ``item``: one value
-        of an ``in`` list, checked as ``eq``."""
-        never, everyone = _range_verdict(op, operands, domain)
-        outside = [number_text(v) for v in operands if not domain.low <= v <= domain.high]
+        of an ``in`` list, checked as ``eq``. Fields with no range, and operands that are not
+        numbers (already reported), are left alone."""
+        domain = self.domains.get(name)
+        if not isinstance(domain, Range):
+            return
+        numbers = [v for v in operands if _is_number(v)]
+        if len(numbers) != len(operands):
+            return
+        never, everyone = _range_verdict(op, numbers, domain)
+        outside = [number_text(v) for v in numbers if not domain.low <= v <= domain.high]
         if not never and not (everyone and outside):
             return
         where = f"{name!r} lies between {number_text(domain.low)} and {number_text(domain.high)}"
@@ -873,7 +877,7 @@ class _Compiler:
             verb = "is" if len(outside) == 1 else "are"
             self.error(path, f"{where}; {' and '.join(outside)} {verb} outside that, so {subject} {result}")
         else:
-            shown = ", ".join(number_text(v) for v in operands)
+            shown = ", ".join(number_text(v) for v in numbers)
             asked = f"[{shown}]" if op == "between" else shown
             self.error(path, f"{where}, so {name} {op} {asked} {result}")
 
