@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,7 +54,11 @@ from tests.ops.promql import signals
 from tests.ops.seed import seed_kpi_database
 from tests.support.infra import KafkaHandle, PostgresHandle, free_port
 
-pytestmark = pytest.mark.integration
+# The module's fixture starts eight processes and Prometheus, then waits for two waves of traffic
+# to cross them: up to about eleven minutes under its stages' own deadlines (_stage), which name
+# what did not happen. pytest-timeout's default 300 s would cut it first with a bare stack dump,
+# as it did once on a CI host made slow by other work; this bound is for a hung test only.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 LINK_SECRET = "ops-test-link-secret"
 # Where each process listens in production (deploy/prometheus/prometheus.yml) → its name here.
@@ -113,11 +117,26 @@ class Live:
     logs: dict[str, Path] = field(default_factory=dict)
 
     def tails(self, lines: int = 15) -> str:
-        out = []
-        for name, path in self.logs.items():
-            content = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-            out.append(f"--- {name}\n" + "\n".join(content))
-        return "\n".join(out)
+        return _tails(self.logs, lines)
+
+
+def _tails(logs: Mapping[str, Path], lines: int = 15) -> str:
+    out = []
+    for name, path in logs.items():
+        content = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+        out.append(f"--- {name}\n" + "\n".join(content))
+    return "\n".join(out)
+
+
+@asynccontextmanager
+async def _stage(what: str, seconds: float, logs: Mapping[str, Path]) -> AsyncIterator[None]:
+    """A step of the fixture that must finish within ``seconds``; if not, the failure says which
+    step and shows every process's log tail, instead of waiting forever."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise AssertionError(f"not within {seconds:g} s: {what}\n{_tails(logs)}") from None
 
 
 def _zone_at(now: datetime, local_hour: int) -> str:
@@ -246,7 +265,7 @@ async def _wait_http(url: str, name: str, logs: Mapping[str, Path]) -> None:
                 await asyncio.sleep(0.1)
     except TimeoutError:
         tail = logs[name].read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise AssertionError(f"{name} not answering {url}:\n{tail}") from None
+        raise AssertionError(f"{name} not answering {url} within 180 s:\n{tail}") from None
 
 
 async def _send_wave(
@@ -432,22 +451,27 @@ async def live(
         messenger = f"http://127.0.0.1:{ports[8003]}"
         sender_metrics = f"http://127.0.0.1:{ports[8203]}/metrics"
         segmenter_consumer_metrics = f"http://127.0.0.1:{ports[8102]}/metrics"
-        async with asyncio.timeout(300), httpx.AsyncClient(timeout=30.0) as http:
-            await _send_wave(http, producer, prefix, ingest, key, messenger, "w1")
-            await asyncio.to_thread(prometheus.wait_until_targets_up, 60.0)
-            await _until_exported(http, sender_metrics, EMAIL_TRIED)
+        async with httpx.AsyncClient(timeout=30.0) as http:
+            async with _stage("the first wave through ingest to the sender's email provider", 180, logs):
+                await _send_wave(http, producer, prefix, ingest, key, messenger, "w1")
+                await asyncio.to_thread(prometheus.wait_until_targets_up, 60.0)
+                await _until_exported(http, sender_metrics, EMAIL_TRIED)
             # Once Prometheus holds the first wave's counters, the second wave moves them: rates
             # over the next minute are positive, and the queries run within it.
-            await _until_prometheus_has(prometheus, "retain_messenger_provider_calls_total")
+            async with _stage("Prometheus scraping the first wave's provider calls", 60, logs):
+                await _until_prometheus_has(prometheus, "retain_messenger_provider_calls_total")
             # The segmenter's consumer finds its database locked and applies the second wave
             # once the lock is gone. Two failed tries (~30 s), because increase() cannot see a
             # counter's birth, and RetainConsumerRetrying is written with increase().
+            second = "the second wave, and two retries of the segmenter's consumer on its locked database"
             with _write_locked(tmp / "segmenter.db"):
-                # More email customers than the first: each welcome email fails (no SMTP
-                # server), enough of them within 10 minutes for RetainProviderFailureRate.
-                await _send_wave(http, producer, prefix, ingest, key, messenger, "w2", mail=12)
-                await _until_exported(http, segmenter_consumer_metrics, RETRIED, at_least=2)
-            await _until_prometheus_has(prometheus, "rate(retain_messenger_provider_seconds_count[1m]) > 0")
+                async with _stage(second, 180, logs):
+                    # More email customers than the first: each welcome email fails (no SMTP
+                    # server), enough of them within 10 minutes for RetainProviderFailureRate.
+                    await _send_wave(http, producer, prefix, ingest, key, messenger, "w2", mail=12)
+                    await _until_exported(http, segmenter_consumer_metrics, RETRIED, at_least=2)
+            async with _stage("Prometheus seeing the second wave's provider calls", 60, logs):
+                await _until_prometheus_has(prometheus, "rate(retain_messenger_provider_seconds_count[1m]) > 0")
         yield Live(prometheus, kpi_url, now, ports, processes, start, logs)
     finally:
         await producer.stop()
