@@ -306,6 +306,8 @@ async def _send_wave(
 # through the sender. Batches retried after "database is locked" (OperationalError).
 EMAIL_TRIED = re.compile(r'retain_messenger_provider_calls_total\{[^}]*channel="email"[^}]*\} (\S+)')
 RETRIED = re.compile(r'retain_consumer_retries_total\{[^}]*error="OperationalError"[^}]*\} (\S+)')
+# The second wave's provider calls, as a rate Prometheus computes once it has two scrapes of them.
+SECOND_WAVE_SEEN = "rate(retain_messenger_provider_seconds_count[1m]) > 0"
 
 
 async def _until_exported(
@@ -471,7 +473,7 @@ async def live(
                     await _send_wave(http, producer, prefix, ingest, key, messenger, "w2", mail=12)
                     await _until_exported(http, segmenter_consumer_metrics, RETRIED, at_least=2)
             async with _stage("Prometheus seeing the second wave's provider calls", 60, logs):
-                await _until_prometheus_has(prometheus, "rate(retain_messenger_provider_seconds_count[1m]) > 0")
+                await _until_prometheus_has(prometheus, SECOND_WAVE_SEEN)
         yield Live(prometheus, kpi_url, now, ports, processes, start, logs)
     finally:
         await producer.stop()
