@@ -77,10 +77,10 @@ def ticket_from_steps(steps: Iterable[SupportStep]) -> Ticket:
     first_reply = next((s.at for s in ordered if s.action == "agent_replied" and s.at >= opened_at), None)
     status_steps = [s for s in ordered if s.action in ("resolved", "reopened")]
     resolved_at = status_steps[-1].at if status_steps and status_steps[-1].action == "resolved" else None
-    # Category and priority can be corrected: the newest step that says one wins.
-    newest = max(ordered, key=lambda s: (s.at, s.event_id))
-    with_priority = [s for s in ordered if s.priority is not None]
-    priority = max(with_priority, key=lambda s: (s.at, s.event_id)).priority if with_priority else None
+    # Category and priority can be corrected: the newest step that says one wins, in the steps'
+    # order (at the same instant the desk's order of actions decides, as for everything else).
+    newest = ordered[-1]
+    priority = next((s.priority for s in reversed(ordered) if s.priority is not None), None)
     return Ticket(
         ticket_id=ordered[0].ticket_id,
         customer_id=ordered[0].customer_id,

@@ -146,6 +146,17 @@ def test_category_and_priority_corrections_take_the_newest_step() -> None:
     assert (t.category, t.priority) == ("account", "low")
 
 
+def test_at_the_same_instant_the_desks_order_decides_the_newest_step() -> None:
+    """Steps are ordered by time, then the desk's order of actions, then event id (docs/kpis.md):
+    a reply at the instant of the opening comes after it, although its event id sorts first."""
+    opened = step("T", "opened", at(11, 7, 0), "billing", priority="low")
+    reply = step("T", "agent_replied", at(11, 7, 0), "account", priority="high")
+    assert reply.event_id < opened.event_id
+    for steps in ([opened, reply], [reply, opened]):
+        t = ticket_from_steps(steps)
+        assert (t.category, t.priority) == ("account", "high")
+
+
 def test_targets_per_category_and_for_complaints() -> None:
     tickets = {t.ticket_id: t for t in all_tickets()}
     assert TARGETS.for_ticket(tickets["T1"]) == 24 * H  # billing
