@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -1173,11 +1174,18 @@ class KpiService:
         CLV_CUSTOMERS.set(len(predictions))
         CLV_PREDICTED_TOTAL.set(sum(p.predicted_clv for p in predictions))
         CLV_HISTORIC_TOTAL.set(sum(p.historic_value for p in predictions))
-        CLV_P_ALIVE_MEAN.set(sum(p.p_alive for p in predictions) / len(predictions) if predictions else 0.0)
+        CLV_P_ALIVE_MEAN.set(_gauge_mean([p.p_alive for p in predictions]))
         CLV_AT_RISK.set(sum(1 for p in predictions if p.p_alive < self.settings.kpi_p_alive_threshold))
         if model is not None:
             for name, value in model.model["params"].items():
                 CLV_PARAM.labels(name).set(value)
+
+
+def _gauge_mean(values: Sequence[float]) -> float:
+    """A mean of nothing is not 0 (for P(alive): everyone dead) but NaN, as a summary with no
+    observations exports, which no comparison holds for: an unlabelled gauge cannot be left out
+    as ``_set`` leaves out a labelled series."""
+    return sum(values) / len(values) if values else math.nan
 
 
 def _set(gauge: Any, labels: tuple[str, ...], value: float | None) -> None:

@@ -610,6 +610,9 @@ async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
     uplifts = [line for line in lines if line.startswith("retain_kpi_conversion_uplift{")]
     assert {line.split('journey="')[1].split('"')[0] for line in uplifts} == {"welcome"}
     assert not [line for line in lines if line.startswith('retain_kpi_delivery_ratio{channel="unknown"}')]
+    # No CLV fit yet: no customer has a prediction, and their mean P(alive) is not a number (not 0).
+    assert "retain_kpi_clv_customers 0.0" in lines
+    assert "retain_kpi_clv_p_alive_mean NaN" in lines
     # As a label value of the KPI series. Not a substring of the whole page: the registry is
     # the test process's, and other tests' labels (random topic and group names, segments) are on it.
     leaked = [line for line in lines if any(f'"{cid}"' in line for cid in ("vip", "cust-T1", "c1", "c7"))]
