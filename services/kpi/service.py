@@ -798,11 +798,14 @@ class KpiService:
         async with self.db.sessions() as session:
             facts = await self.repo.message_facts(session, whole.start, whole.end)
             messages = [m for m in conversion_kpi.build_messages(facts) if whole.contains(m.decided_at)]
+            # A message held by quiet hours is exposed after its decision, maybe after the
+            # period: its window runs from then.
+            exposed = max((m.at for m in messages), default=whole.end)
             bought = await self.repo.purchases(
                 session,
                 customer_ids={m.customer_id for m in messages},
                 since=whole.start,  # every message here was decided in the period
-                until=whole.end + window + timedelta(microseconds=1),
+                until=max(whole.end, exposed) + window + timedelta(microseconds=1),
             )
         return messages, _converted_purchases(bought, self.settings)
 

@@ -283,6 +283,23 @@ async def test_a_message_belongs_to_the_day_of_its_decision(kpi: Kpi) -> None:
     }
 
 
+async def test_a_message_sent_after_the_range_converts_within_its_own_window(kpi: Kpi) -> None:
+    """Decided on the 9th, the range's last day, and sent the next morning: its window runs from
+    the sending, so a purchase seven days after the range (but within the window) converts it."""
+    kpi.at(utc(2026, 1, 25))
+    await kpi.apply(
+        [
+            message("Q2", "c8", "held_quiet_hours", utc(2026, 1, 9, 12)),
+            message("Q2", "c8", "sent", utc(2026, 1, 10, 8)),
+            # After the range's end (Jan 9, 22:00 UTC) + 7 days, before the sending + 7 days.
+            purchase("c8", utc(2026, 1, 17, 6), "40", "ILS"),
+        ]
+    )
+    body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-09", "to": "2026-01-09"})
+    total = body["total"]["stats"]
+    assert (total["sent"], total["conversions"], total["revenue"]) == (1, 1, 40.0)
+
+
 # --- the Grafana tables --------------------------------------------------------------------------------
 
 
