@@ -176,9 +176,13 @@ def summarize(
     window: timedelta,
     *,
     compare: bool = True,
+    lone_arms: bool = False,
 ) -> ConversionStats:
     """``compare=False`` for a breakdown whose values split the arms apart (the channel: a
-    held-out message was never given one): no uplift there, whatever the arms hold."""
+    held-out message was never given one): no uplift there, whatever the arms hold.
+    ``lone_arms=True`` counts each journey's arms even when the other one is not among these
+    messages (the uplift still needs both): for one journey's day in kpi_conversion_daily, whose
+    days a range adds up, and which has both arms if any of its days has each."""
     messages = list(messages)
     # The uplift is intent to treat, as the messenger assigns its holdout: before consent,
     # channel, caps and quiet hours, so a held-out message stands for one that might not have
@@ -188,7 +192,7 @@ def summarize(
     # complaint acknowledgement, sent to everyone, has no holdout to be measured against).
     held_back = {m.journey for m in messages if m.arm is Arm.HOLDOUT}
     assigned_to = {m.journey for m in messages if m.arm is not Arm.HOLDOUT}
-    compared = held_back & assigned_to
+    compared = held_back | assigned_to if lone_arms else held_back & assigned_to
     sent = conversions = attempted = delivered = failed = actions = 0
     assigned = assigned_won = held = held_won = 0
     unconverted = 0

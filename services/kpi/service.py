@@ -566,7 +566,15 @@ class KpiService:
         for day, day_messages in sorted(by_day.items()):
             for dimension, key in dims.items():
                 for value, group in sorted(group_by(day_messages, key).items()):
-                    s = conversion_kpi.summarize(group, bought, window, compare=dimension != "channel")
+                    s = conversion_kpi.summarize(
+                        group,
+                        bought,
+                        window,
+                        compare=dimension != "channel",
+                        # One journey per row: the panel adds a journey's days up, like with like
+                        # over its range; a day with one arm must still bring that arm.
+                        lone_arms=dimension == "journey",
+                    )
                     out.append(
                         {
                             "day": day,

@@ -283,6 +283,45 @@ async def test_a_message_belongs_to_the_day_of_its_decision(kpi: Kpi) -> None:
     }
 
 
+async def test_a_journeys_daily_rows_add_up_to_its_uplift_over_the_range(kpi: Kpi) -> None:
+    """welcome holds one message back on the 9th and sends on the 9th and the 10th. Over the
+    two days it has both arms, so both sends count for the uplift, as the Grafana panel finds
+    by adding up the journey's rows of kpi_conversion_daily: the 10th's row brings its lone
+    assigned message (its own uplift is null), while the 10th's overall row compares only the
+    journeys with both arms that day."""
+    kpi.at(utc(2026, 1, 25))
+    await kpi.apply(
+        [
+            message("H9", "c9", "holdout", utc(2026, 1, 9, 12), channel=None, holdout=True),
+            message("S9", "c10", "sent", utc(2026, 1, 9, 12)),
+            message("S10", "c11", "sent", utc(2026, 1, 10, 12)),
+            purchase("c10", utc(2026, 1, 11, 12), "40", "ILS"),
+            purchase("c11", utc(2026, 1, 11, 12), "40", "ILS"),
+        ]
+    )
+    body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-09", "to": "2026-01-10", "by": "journey"})
+    api = body["total"]["groups"]["welcome"]
+    arms = ("assigned", "assigned_conversions", "holdout", "holdout_conversions")
+    assert tuple(api[name] for name in arms) == (2, 2, 1, 0)
+    assert api["uplift"] == 1.0
+    await kpi.service.run_rollups()
+    c = kpi_conversion_daily.c
+    async with kpi.db.sessions() as s:
+        rows = {
+            (r.day, r.dimension): r
+            for r in await s.execute(
+                select(kpi_conversion_daily).where(
+                    c.day.between(date(2026, 1, 9), date(2026, 1, 10)), c.value.in_(["welcome", "all"])
+                )
+            )
+        }
+    days = [rows[date(2026, 1, 9), "journey"], rows[date(2026, 1, 10), "journey"]]
+    assert days[1].uplift is None
+    for name in ("sent", "conversions", *arms):
+        assert sum(getattr(d, name) for d in days) == api[name], name
+    assert (rows[date(2026, 1, 10), "all"].assigned, rows[date(2026, 1, 10), "all"].holdout) == (0, 0)
+
+
 async def test_a_message_sent_after_the_range_converts_within_its_own_window(kpi: Kpi) -> None:
     """Decided on the 9th, the range's last day, and sent the next morning: its window runs from
     the sending, so a purchase seven days after the range (but within the window) converts it."""
