@@ -329,6 +329,13 @@ class MessengerRepository:
     async def update_message(self, session: AsyncSession, message_id: str, **values: Any) -> None:
         await session.execute(update(messages).where(messages.c.id == message_id).values(**values))
 
+    async def pending_messages(self, session: AsyncSession, customer_id: str, channel: str) -> list[Any]:
+        """The customer's messages on ``channel`` not handed to a provider yet (queued or held)."""
+        m = messages.c
+        mine = (m.customer_id == customer_id, m.channel == channel, m.status.in_(DUE))
+        stmt = select(m.id, m.details).where(*mine)
+        return list((await session.execute(stmt)).all())
+
     async def update_messages(self, session: AsyncSession, changes: Sequence[Mapping[str, Any]]) -> None:
         """Many ``update_message``: each change is the row's ``id`` and the values to set; one
         executemany per set of columns changed."""

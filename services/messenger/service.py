@@ -105,6 +105,9 @@ Clock = Callable[[], datetime]
 # How long a message for a customer without any known address waits for their profile.
 PROFILE_GRACE = timedelta(minutes=10)
 HISTORY_DAYS = 31  # the longest default cap window (win-back: 30 days) and a day to spare
+# A queued message the sender claims later than this after its decision is checked again
+# (consent, caps, quiet hours): normally the sender takes it within seconds.
+RECHECK_QUEUED_AFTER = timedelta(seconds=60)
 
 
 def utcnow() -> datetime:
@@ -839,10 +842,16 @@ class MessengerService:
         position = {m: i for i, m in enumerate(message_ids)}
         rows = sorted(await self.repo.claimable(session, message_ids), key=lambda r: position[r.id])
         customers = {r.customer_id: r for r in rows}  # whatsapp_inbound_at and customer_profile
-        # A held message's window opened (or a message expired): consent, caps and quiet hours
-        # are checked again, now.
+        # Consent, caps and quiet hours are checked again, now, for a held message whose window
+        # opened, a message that expired, one that waited (a backlog, the sender down: the
+        # night may have come) and one whose customer opted out on its channel since (_opt_out).
         recheck = {
-            r.id for r in rows if r.status == "held_quiet_hours" or (r.expires_at and r.expires_at <= now)
+            r.id
+            for r in rows
+            if r.status == "held_quiet_hours"
+            or (r.expires_at and r.expires_at <= now)
+            or now - r.created_at >= RECHECK_QUEUED_AFTER
+            or (r.details or {}).get("recheck")
         }
         memos: dict[str, _Memo] = {}
         caps = DEFAULT_CAPS
@@ -1208,6 +1217,13 @@ class MessengerService:
             source.value,
             source == FactSource.UNSUBSCRIBE_LINK,
         )
+        # What was decided before and not sent yet is checked again when the sender claims it,
+        # however soon: an opt-out is honoured from the moment it arrives, not from the next
+        # decision. (Settling it here would repeat the consent rules: an unsubscribe link
+        # leaves transactional email allowed, a STOP does not.)
+        for pending in await self.repo.pending_messages(session, customer_id, channel.value):
+            details = {**(pending.details or {}), "recheck": source.value}
+            await self.repo.update_message(session, pending.id, details=details, updated_at=now)
         UNSUBSCRIBES.labels(channel.value, source.value).inc()
         await self._publish(
             session,

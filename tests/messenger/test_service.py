@@ -281,6 +281,32 @@ async def test_a_crash_between_provider_and_commit_is_settled_not_resent(world: 
     assert len(list(world.outbox.iterdir())) == 1  # the provider has it exactly once
 
 
+async def test_a_stop_before_the_sender_runs_stops_the_queued_message(world: World) -> None:
+    """Decided and queued; the customer, reachable by SMS only, answers STOP before the sender
+    claims it, however soon: the claim checks consent again and nothing goes."""
+    customer = customer_not_in_holdout("thank_you")
+    only_sms = purchase_update(customer, 1, NOON, whatsapp=None, email=None)
+    await world.service.apply_batch(delivered([only_sms]))
+    assert [r["status"] for r in await messages(world, customer)] == ["queued"]
+    assert await world.service.inbound(Channel.SMS, "+972521234567", "STOP", "stop") == customer
+    outcomes = await world.service.send_due()
+    assert [o.status for o in outcomes] == ["suppressed"]
+    assert not world.outbox.exists() or not list(world.outbox.iterdir())
+    assert [r["status"] for r in await messages(world, customer)] == ["suppressed"]
+
+
+async def test_a_message_claimed_after_a_backlog_is_held_if_night_came(world: World) -> None:
+    """Queued at noon in Jerusalem; the sender was down and claims it at 22:00 local: quiet
+    hours are checked again, so it is held for the morning instead of sent at night."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    world.clock.now = NOON + timedelta(hours=10)  # 20:00 UTC, 22:00 in Jerusalem
+    assert [o.status for o in await world.service.send_due()] == ["held_quiet_hours"]
+    assert not world.outbox.exists() or not list(world.outbox.iterdir())
+    world.clock.now = NOON + timedelta(hours=22)  # 10:00 local the next morning
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+
+
 async def test_stop_in_three_languages_suppresses_and_start_lifts(world: World) -> None:
     for n, stop in enumerate(["STOP", "הסר", "إلغاء"]):
         customer = f"s{n}"
