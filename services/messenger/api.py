@@ -14,7 +14,7 @@ from twilio.request_validator import RequestValidator
 from services.messenger.caps import CapsConfig
 from services.messenger.links import verify_unsubscribe
 from services.messenger.schemas import CapsOut, MessageOut, MessagesPage, WaitOut, WaitsPage, WaitStatus
-from services.messenger.service import CapsConflictError, MessengerService, caps_etag
+from services.messenger.service import CapsConflictError, CapsMatchRequiredError, MessengerService, caps_etag
 from services.messenger.stopwords import match_inbound, reply_for
 from shared.auth import ApiKey, KeyStore, require_scope
 from shared.errors import (
@@ -22,6 +22,7 @@ from shared.errors import (
     InvalidInputError,
     NotFoundError,
     PreconditionFailedError,
+    RetainError,
     pydantic_errors,
 )
 from shared.events import Channel, MessageStatus
@@ -137,7 +138,10 @@ async def get_caps(_key: Reader, service: Service) -> JSONResponse:
     response_model=CapsOut,
     tags=["caps"],
     summary="Replace the frequency caps (all of them: send every cap to keep; If-Match: the ETag you read)",
-    responses={412: {"description": "the caps changed since they were read"}},
+    responses={
+        412: {"description": "the caps changed since they were read"},
+        428: {"description": "If-Match missing"},
+    },
 )
 async def put_caps(
     body: Annotated[
@@ -158,7 +162,13 @@ async def put_caps(
     except ValidationError as exc:
         raise InvalidInputError("the caps are not valid", details=pydantic_errors(exc.errors())) from exc
     try:
-        await service.put_caps(caps, key.id, if_match_etag(if_match))
+        await service.put_caps(caps, key.id, if_match_etag(if_match), match_required=True)
+    except CapsMatchRequiredError as exc:
+        raise RetainError(
+            "If-Match with the ETag of the caps you read (GET /v1/caps) is required",
+            status_code=428,
+            code="precondition_required",
+        ) from exc
     except CapsConflictError as exc:
         raise PreconditionFailedError(
             "the caps changed since you read them (stale ETag); GET them again"

@@ -114,6 +114,13 @@ class CapsConfig(BaseModel):
 
     caps: Annotated[list[Cap], Field(max_length=100), AfterValidator(_unique_names)]
 
+    @property
+    def lookback_days(self) -> int:
+        """How far back a decision reads the customer's messages: the longest window (a local
+        day spans at most two UTC dates) and a day to spare for time zones. A 90-day cap must
+        see 90 days; the defaults need 31."""
+        return max((2 if c.window == "day" else c.window for c in self.caps), default=1) + 1
+
 
 DEFAULT_CAPS = CapsConfig(
     caps=[

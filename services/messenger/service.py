@@ -104,7 +104,6 @@ UNSUBSCRIBES = Counter(
 Clock = Callable[[], datetime]
 # How long a message for a customer without any known address waits for their profile.
 PROFILE_GRACE = timedelta(minutes=10)
-HISTORY_DAYS = 31  # the longest default cap window (win-back: 30 days) and a day to spare
 # A queued message the sender claims later than this after its decision is checked again
 # (consent, caps, quiet hours): normally the sender takes it within seconds.
 RECHECK_QUEUED_AFTER = timedelta(seconds=60)
@@ -428,6 +427,7 @@ class MessengerService:
             {u.customer_id for u, _, entries in plans if entries},
             {message_key(u.customer_id, entry) for u, _, entries in plans for _, entry in entries},
             now,
+            caps=caps,
             waits_of=latest.keys(),
         )
         for update, facts, entries in plans:
@@ -482,6 +482,7 @@ class MessengerService:
         keys: Collection[str],
         now: datetime,
         *,
+        caps: CapsConfig,
         customers: Mapping[str, Any] | None = None,
         waits_of: Collection[str] = (),
         entries: bool = True,
@@ -493,7 +494,7 @@ class MessengerService:
         if customers is None:
             customers = await self.repo.lock_customers(session, customer_ids)
         history: dict[str, list[SentRecord]] = defaultdict(list)
-        since = now - timedelta(days=HISTORY_DAYS)
+        since = now - timedelta(days=caps.lookback_days)
         for r in await self.repo.histories(session, customer_ids, since):
             if r.channel:
                 history[r.customer_id].append(
@@ -771,6 +772,7 @@ class MessengerService:
                 {w.customer_id for w, _, _, _ in firing},
                 {message_key(w.customer_id, entry) for w, _, entry, _ in firing},
                 now,
+                caps=caps,
                 customers=customers,
                 entries=False,
             )
@@ -858,9 +860,10 @@ class MessengerService:
         if recheck:
             caps = await self.caps(session)
             customer_ids = {r.customer_id for r in rows if r.id in recheck}
-            memos = (
-                await self._load(session, customer_ids, (), now, customers=customers, entries=False)
-            ).memos
+            loaded = await self._load(
+                session, customer_ids, (), now, caps=caps, customers=customers, entries=False
+            )
+            memos = loaded.memos
         profiles: dict[str, ProfileSnapshot] = {}
         claimed: list[tuple[Any, OutgoingMessage]] = []
         outcomes: list[SendOutcome] = []
@@ -1335,14 +1338,15 @@ class MessengerService:
             return DEFAULT_CAPS, None, None
         return CapsConfig.model_validate(row.value), row.updated_at, row.updated_by
 
-    async def put_caps(self, caps: CapsConfig, actor: str, if_match: str | None = None) -> None:
+    async def put_caps(
+        self, caps: CapsConfig, actor: str, if_match: str | None = None, *, match_required: bool = False
+    ) -> None:
         """Replace the caps. ``if_match``: the ETag of the caps the editor read (``caps_etag``),
-        so that two editors cannot silently undo each other; a journey a cap names must exist."""
+        so that two editors cannot silently undo each other (the API requires it:
+        ``match_required``); a journey a cap names must exist."""
         async with self.db.transaction() as session:
             row = await self.repo.setting(session, "caps", for_update=True)
             current = DEFAULT_CAPS if row is None else CapsConfig.model_validate(row.value)
-            if if_match not in (None, "*") and if_match != caps_etag(current):
-                raise CapsConflictError
             journeys = {j.name for j in await self.journeys(session)}
             unknown = [
                 (i, c.journey) for i, c in enumerate(caps.caps) if c.journey and c.journey not in journeys
@@ -1358,6 +1362,10 @@ class MessengerService:
                         for i, name in unknown
                     ],
                 )
+            if if_match is None and match_required:
+                raise CapsMatchRequiredError
+            if if_match not in (None, "*") and if_match != caps_etag(current):
+                raise CapsConflictError
             await self.repo.put_setting(session, "caps", caps.model_dump(mode="json"), actor, self.clock())
 
     async def refresh_gauges(self) -> None:
@@ -1372,6 +1380,10 @@ class MessengerService:
 
 class CapsConflictError(Exception):
     """The caps changed since the editor read them (a stale If-Match)."""
+
+
+class CapsMatchRequiredError(Exception):
+    """A replacement of the caps without the ETag of those the editor read (no If-Match)."""
 
 
 def caps_etag(caps: CapsConfig) -> str:

@@ -19,6 +19,7 @@ from sqlalchemy import event
 from twilio.request_validator import RequestValidator
 
 from services.messenger.app import create_app
+from services.messenger.caps import Cap, CapsConfig, CapScope
 from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.decision import in_holdout
@@ -281,6 +282,24 @@ async def test_a_crash_between_provider_and_commit_is_settled_not_resent(world: 
     assert len(list(world.outbox.iterdir())) == 1  # the provider has it exactly once
 
 
+async def test_a_cap_longer_than_a_month_sees_its_whole_window(world: World) -> None:
+    """A 90-day cap on thank_you: the message sent 60 days ago still counts (decisions read
+    as far back as the longest cap's window, not a fixed month)."""
+    caps = CapsConfig(
+        caps=[Cap(name="thanks_90d", scope=CapScope.JOURNEY, journey="thank_you", limit=1, window=90)]
+    )
+    await world.service.put_caps(caps, "test")
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    world.clock.now = NOON + timedelta(days=60)
+    await world.service.apply_batch(delivered([purchase_update(customer, 2, world.clock.now)]))
+    assert [r["status"] for r in await messages(world, customer)] == ["sent", "capped"]
+    world.clock.now = NOON + timedelta(days=91)
+    await world.service.apply_batch(delivered([purchase_update(customer, 3, world.clock.now)]))
+    assert [r["status"] for r in await messages(world, customer)] == ["sent", "capped", "queued"]
+
+
 async def test_a_stop_before_the_sender_runs_stops_the_queued_message(world: World) -> None:
     """Decided and queued; the customer, reachable by SMS only, answers STOP before the sender
     claims it, however soon: the claim checks consent again and nothing goes."""
@@ -423,7 +442,12 @@ async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> No
     assert bad.status_code == 422
     assert bad.json()["error"]["details"]
     caps[0]["limit"] = 5
-    good = await api.put("/v1/caps", json={"caps": caps})
+    # Without the ETag of what the editor read: refused, as a publish of the rules is.
+    blind = await api.put("/v1/caps", json={"caps": caps})
+    assert blind.status_code == 428
+    assert blind.json()["error"]["code"] == "precondition_required"
+    etag = (await api.get("/v1/caps")).headers["ETag"]
+    good = await api.put("/v1/caps", json={"caps": caps}, headers={"If-Match": etag})
     assert good.status_code == 200
     assert good.json()["caps"][0]["limit"] == 5
     # A cap on a journey that does not exist would count nothing: refused, nothing stored.
