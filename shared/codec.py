@@ -6,11 +6,13 @@ equal to the event written (Decimal amounts travel as strings, datetimes as RFC 
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
 from typing import TypeVar
 
 from pydantic import BaseModel, TypeAdapter
 
-from shared.events import EVENT_ADAPTER, TOPIC_OF_TYPE, Event
+from shared.events import EARLIEST_EVENT_TIME, EVENT_ADAPTER, TOPIC_OF_TYPE, Event
 
 T = TypeVar("T")
 
@@ -32,14 +34,29 @@ def decode_event(payload: bytes) -> Event:
     return EVENT_ADAPTER.validate_json(payload)
 
 
-def decode_event_on(topic: str, payload: bytes) -> Event:
+def decode_event_on(topic: str, payload: bytes, max_future: timedelta | None = None) -> Event:
     """A backend event read from ``topic``, refused (a ValueError: the consumer dead-letters it)
     when its type belongs on another topic: a producer writing straight to Kafka that puts a
-    purchase on retain.support would otherwise have it applied as if nothing were wrong."""
+    purchase on retain.support would otherwise have it applied as if nothing were wrong.
+    With ``max_future``, also when its ``occurred_at`` is more than that ahead of this clock or
+    not after 1970, as ingest refuses it (``RETAIN_INGEST_MAX_FUTURE_S``): a year typed wrong
+    would be a customer's last purchase for years. Time only makes an event less ahead, so one
+    ingest accepted is never refused here; a refused one can be replayed once its time comes."""
     event = EVENT_ADAPTER.validate_json(payload)
     home = TOPIC_OF_TYPE[event.type]
     if not topic.endswith(home):
         raise ValueError(f"a {event.type} event on {topic}: {event.type} events go on the {home!r} topic")
+    if max_future is not None:
+        at = event.occurred_at.timestamp()
+        if at > time.time() + max_future.total_seconds():
+            raise ValueError(
+                f"occurred_at {event.occurred_at.isoformat()} is more than "
+                f"{max_future.total_seconds() / 3600:g} h ahead of this consumer's clock"
+            )
+        if at <= EARLIEST_EVENT_TIME.timestamp():
+            raise ValueError(
+                f"occurred_at {event.occurred_at.isoformat()} is not after 1970-01-01: a zero timestamp?"
+            )
     return event
 
 

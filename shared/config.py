@@ -27,6 +27,11 @@ class CommonSettings(BaseSettings):
         default="127.0.0.1:9092", description="Kafka bootstrap servers, comma separated."
     )
     topic_prefix: str = Field(default="retain.", description="Prefix of every topic name.")
+    # Shared: ingest refuses an event further ahead (422), and the consumers dead-letter one
+    # produced straight to Kafka, by the same bound.
+    ingest_max_future_s: float = Field(
+        default=86400.0, gt=0, description="How far ahead of this server's clock an occurred_at may be."
+    )
     partitions: int = Field(
         default=6, ge=1, le=1000, description="Partition count of every topic (same for all)."
     )

@@ -8,6 +8,7 @@ strict on purpose: an event that is accepted here is one every consumer can appl
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import lru_cache
@@ -261,6 +262,11 @@ Event = Annotated[
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+# An occurred_at at or before the Unix epoch is refused (ingest: 422; straight onto Kafka: dead
+# letter): a zero or unset timestamp, or a year typed wrong. Histories older than that are not
+# customers' purchases.
+EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Which topic (without the deployment's prefix) each backend event type goes to.
 TOPIC_OF_TYPE: dict[str, str] = {

@@ -10,13 +10,13 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
-from shared.events import EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event, EventType
+from shared.events import EARLIEST_EVENT_TIME, EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event, EventType
 from shared.storable import unstorable_paths
 
 _TAGS = frozenset(t.value for t in EventType)
@@ -113,18 +113,13 @@ def validate_batch(items: list[Any], max_batch: int, new_id: Any = uuid.uuid4) -
         raise InvalidBatchError(errors, types) from exc
 
 
-# At or before the Unix epoch: a zero or unset timestamp, or a year typed wrong. Histories older
-# than that are not customers' purchases.
-EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -> None:
     """Event times a schema cannot judge: more than ``max_future`` ahead of this server's clock
     (a year typed wrong, milliseconds read as seconds) or not after 1970. Either would be
     applied as a real purchase, a customer's last one for years. Refused whole, as any field."""
     # On every request: POSIX seconds compare at a third of the cost of aware datetimes.
     latest = (now + max_future).timestamp()
-    earliest = EARLIEST.timestamp()
+    earliest = EARLIEST_EVENT_TIME.timestamp()
     if all(earliest < e.occurred_at.timestamp() <= latest for e in events):
         return
     ahead = f"{max_future.total_seconds() / 3600:g} h"

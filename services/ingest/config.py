@@ -8,9 +8,6 @@ from shared.config import CommonSettings
 class IngestSettings(CommonSettings):
     ingest_max_batch: int = Field(default=1000, ge=1, description="Most events in one request.")
     ingest_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="Largest request body.")
-    ingest_max_future_s: float = Field(
-        default=86400.0, gt=0, description="How far ahead of this server's clock an occurred_at may be."
-    )
     ingest_dedupe_ttl_s: float = Field(
         default=24 * 3600, ge=0, description="How long an accepted event id is answered as a duplicate."
     )

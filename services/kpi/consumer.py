@@ -5,6 +5,7 @@ Run: ``python -m services.kpi.consumer``."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 from services.kpi.config import KpiSettings
@@ -23,11 +24,12 @@ def build_loop(
     settings: KpiSettings, service: KpiService, producer: Producer
 ) -> ConsumerLoop[Event | MessageEvent]:
     messages_topic = settings.topic(MESSAGES)
+    max_future = timedelta(seconds=settings.ingest_max_future_s)
 
     def decode(topic: str, payload: bytes) -> Event | MessageEvent:
         if topic == messages_topic:
             return decode_with(MESSAGE_EVENT_ADAPTER, payload)
-        return decode_event_on(topic, payload)
+        return decode_event_on(topic, payload, max_future)
 
     loop: ConsumerLoop[Event | MessageEvent] = ConsumerLoop(
         bootstrap=settings.kafka_bootstrap,

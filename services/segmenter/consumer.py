@@ -4,6 +4,7 @@ segments → customer_update on retain.segments. Run: ``python -m services.segme
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 from services.segmenter.config import SegmenterSettings
@@ -23,11 +24,12 @@ def build_loop(
     settings: SegmenterSettings, service: SegmenterService, producer: Producer
 ) -> ConsumerLoop[Event | ClvPrediction]:
     clv_topic = settings.topic(CLV)
+    max_future = timedelta(seconds=settings.ingest_max_future_s)
 
     def decode(topic: str, payload: bytes) -> Event | ClvPrediction:
         if topic == clv_topic:
             return decode_with(CLV_ADAPTER, payload)
-        return decode_event_on(topic, payload)
+        return decode_event_on(topic, payload, max_future)
 
     loop = ConsumerLoop(
         bootstrap=settings.kafka_bootstrap,

@@ -210,3 +210,22 @@ def test_a_backend_event_decodes_on_its_own_topic_only(kind: str) -> None:
     elsewhere = next(f"retain.{t}" for k, t in TOPIC_OF_TYPE.items() if k != kind)
     with pytest.raises(ValueError, match=f"a {kind} event on {elsewhere}: {kind} events go on"):
         decode_event_on(elsewhere, payload)
+
+
+def test_straight_onto_kafka_the_time_is_bounded_as_ingest_bounds_it() -> None:
+    """A record produced straight to Kafka with a year typed wrong is refused (dead-lettered by
+    the consumer) by the bound ingest applies; one within it, or in the past, is taken."""
+    day = timedelta(days=1)
+
+    def at(when: datetime) -> bytes:
+        return orjson.dumps({**EXAMPLES["purchase"], "occurred_at": when.isoformat()})
+
+    now = datetime.now(UTC)
+    assert decode_event_on("retain.purchases", at(now + timedelta(hours=23)), day).type == "purchase"
+    assert decode_event_on("retain.purchases", at(datetime(1999, 5, 1, tzinfo=UTC)), day).type == "purchase"
+    with pytest.raises(ValueError, match=r"is more than 24 h ahead of this consumer's clock"):
+        decode_event_on("retain.purchases", at(now.replace(year=now.year + 1)), day)
+    with pytest.raises(ValueError, match=r"is not after 1970-01-01"):
+        decode_event_on("retain.purchases", at(datetime(1970, 1, 1, tzinfo=UTC)), day)
+    # Without a bound (the codec alone), only the schema and the topic are checked.
+    assert decode_event_on("retain.purchases", at(now.replace(year=now.year + 1))).type == "purchase"
