@@ -58,6 +58,51 @@ class Register:
     stamp: Stamp
 
 
+# The observations of a consent's current value kept (see Consent): the first ones, which say
+# since when it holds, and the newest.
+CONSENT_RUN_KEPT = 64
+
+
+@dataclass(slots=True)
+class Consent:
+    """A channel's consent: the newest profile event's value, and *since* when it holds it — the
+    first observation of the final run of that value. A CRM repeating ``sms: true`` on every
+    profile update does not move ``since``: a grant dated after a STOP means a new grant, not a
+    repeat (the messenger lifts a STOP only for that).
+
+    A function of the set of observations, whatever their order: ``boundary`` is the newest
+    observation of the other value, ``run`` the observations of ``value`` after it (sorted).
+    A late observation of the other value inside the run splits it. ``run`` keeps its first
+    ``CONSENT_RUN_KEPT - 1`` and its newest: only a late split among dropped ones (years of
+    repeats, then a stale opposite event arriving late) could date ``since`` too late."""
+
+    value: bool
+    run: list[Stamp]
+    boundary: Stamp | None = None
+
+    @property
+    def since(self) -> Stamp:
+        return self.run[0]
+
+    @property
+    def newest(self) -> Stamp:
+        return self.run[-1]
+
+    def observe(self, value: bool, stamp: Stamp) -> None:
+        if stamp in self.run or stamp == self.boundary:
+            return
+        if value == self.value:
+            if self.boundary is None or stamp.newer_than(self.boundary):
+                self.run = sorted([*self.run, stamp], key=lambda s: (s.at, s.event_id))
+                if len(self.run) > CONSENT_RUN_KEPT:
+                    self.run = [*self.run[: CONSENT_RUN_KEPT - 1], self.run[-1]]
+        elif stamp.newer_than(self.newest):  # the value changes
+            self.value, self.boundary, self.run = value, self.newest, [stamp]
+        elif self.boundary is None or stamp.newer_than(self.boundary):  # a late change inside the run
+            self.boundary = stamp
+            self.run = [s for s in self.run if s.newer_than(stamp)]
+
+
 @dataclass(frozen=True, slots=True)
 class Order:
     at: datetime  # when it was placed (the earliest event of the order, UTC)
@@ -96,7 +141,7 @@ class Cancellation:
 class ProfileState:
     customer_id: str
     fields: dict[str, Register] = field(default_factory=dict)
-    consents: dict[str, Register] = field(default_factory=dict)
+    consents: dict[str, Consent] = field(default_factory=dict)
     attributes: dict[str, Register] = field(default_factory=dict)
     orders: dict[str, Order] = field(default_factory=dict)
     tickets: dict[str, Ticket] = field(default_factory=dict)
@@ -149,7 +194,11 @@ def apply_event(state: ProfileState, event: Event | ClvPrediction) -> None:
             for channel in CHANNELS:
                 granted = getattr(event.consents, channel)
                 if granted is not None:
-                    _set(state.consents, channel, granted, stamp)
+                    consent = state.consents.get(channel)
+                    if consent is None:
+                        state.consents[channel] = Consent(granted, [stamp])
+                    else:
+                        consent.observe(granted, stamp)
         for key, attr in (event.attributes or {}).items():
             _set(state.attributes, key, attr, stamp)
     elif isinstance(event, PurchaseEvent):
@@ -418,12 +467,27 @@ def _reg_in(raw: list[Any]) -> Register:
     return Register(raw[0], _stamp_in(raw[1:]))
 
 
+def _consent_out(c: Consent) -> list[Any]:
+    boundary = None if c.boundary is None else _stamp_out(c.boundary)
+    return [c.value, *_stamp_out(c.since), {"run": [_stamp_out(s) for s in c.run], "boundary": boundary}]
+
+
+def _consent_in(raw: list[Any]) -> Consent:
+    if len(raw) == 3:  # stored as a register, before since was kept: its newest stands for it
+        return Consent(bool(raw[0]), [_stamp_in(raw[1:])])
+    extra = raw[3]
+    boundary = None if extra["boundary"] is None else _stamp_in(extra["boundary"])
+    return Consent(bool(raw[0]), [_stamp_in(s) for s in extra["run"]], boundary)
+
+
 def dump_state(state: ProfileState) -> dict[str, Any]:
     """The state as plain JSON types (stored in one column; read back by ``load_state``)."""
     return {
         "v": 1,
         "fields": {k: _reg_out(r) for k, r in state.fields.items()},
-        "consents": {k: _reg_out(r) for k, r in state.consents.items()},
+        # [value, since…, newest…]: readers of the stored JSON take [0] and [1] (the value and
+        # since when), as from a register (``consent_states_from_json``).
+        "consents": {k: _consent_out(c) for k, c in state.consents.items()},
         "attributes": {k: _reg_out(r) for k, r in state.attributes.items()},
         "orders": {
             k: [o.at.isoformat(), o.local_day.isoformat(), str(o.amount), o.currency, *_stamp_out(o.stamp)]
@@ -452,7 +516,7 @@ def load_state(customer_id: str, raw: dict[str, Any]) -> ProfileState:
     state = ProfileState(
         customer_id=customer_id,
         fields={k: _reg_in(v) for k, v in raw["fields"].items()},
-        consents={k: _reg_in(v) for k, v in raw["consents"].items()},
+        consents={k: _consent_in(v) for k, v in raw["consents"].items()},
         attributes={k: _reg_in(v) for k, v in raw["attributes"].items()},
         orders={
             k: Order(when(v[0]), date.fromisoformat(v[1]), Decimal(v[2]), v[3], _stamp_in(v[4:]))
@@ -482,9 +546,10 @@ def _latest_recorded(state: ProfileState) -> datetime | None:
     """The newest instant the state records. Every event leaves its occurred_at somewhere (a
     register it won, its order's stamp, its ticket step or its cancellation) except a profile
     event that set nothing (empty consents or attributes), which changed nothing either."""
-    registers = [*state.fields.values(), *state.consents.values(), *state.attributes.values()]
+    registers = [*state.fields.values(), *state.attributes.values()]
     instants = [
         *(r.stamp.at for r in registers),
+        *(c.newest.at for c in state.consents.values()),
         *([] if state.clv is None else [state.clv.stamp.at]),
         *(o.stamp.at for o in state.orders.values()),
         *(step.at for t in state.tickets.values() for step in t.steps.values()),
@@ -511,9 +576,9 @@ def facts_from_json(raw: dict[str, Any], only: Iterable[str] | None = None) -> d
     return out
 
 
-def consent_states(consents: dict[str, Register]) -> dict[str, dict[str, Any]]:
-    """Each channel's consent as a ``ConsentState`` has it: granted or not, and when."""
-    return {k: {"granted": bool(r.value), "at": r.stamp.at} for k, r in consents.items()}
+def consent_states(consents: dict[str, Consent]) -> dict[str, dict[str, Any]]:
+    """Each channel's consent as a ``ConsentState`` has it: granted or not, and since when."""
+    return {k: {"granted": bool(c.value), "at": c.since.at} for k, c in consents.items()}
 
 
 def consent_states_from_json(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -567,7 +567,7 @@ class SegmenterService:
             "updated_at": row.updated_at,
             "next_check_at": row.next_check_at,
             "profile": current,
-            "consents": {c: {"granted": r.value, "at": r.stamp.at} for c, r in state.consents.items()},
+            "consents": {c: {"granted": r.value, "at": r.since.at} for c, r in state.consents.items()},
             "why": rules.explain(current, now),
         }
 

@@ -15,10 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.segmenter.profile import (
+    CONSENT_RUN_KEPT,
+    Consent,
     LifecycleConfig,
     ProfileState,
+    Stamp,
     apply_event,
     build,
+    consent_states,
     dump_state,
     facts,
     facts_to_json,
@@ -394,7 +398,46 @@ def test_equal_times_are_broken_by_the_larger_event_id() -> None:
         f, _ = facts(build(CUSTOMER, order), NOW, CONFIG)
         assert (f["email"], f["consent_email"]) == ("b@example.com", True)
         state = build(CUSTOMER, order)
-        assert state.consents["email"].stamp.event_id == "evt-b"
+        assert state.consents["email"].newest.event_id == "evt-b"
+
+
+def test_a_consent_repeated_keeps_the_instant_it_was_given() -> None:
+    """A CRM that repeats sms: true on every profile update does not re-date the consent: the
+    messenger lifts a STOP only for a grant given after it, not for a repeat of an old one."""
+    granted = profile("crm-1", NOW - 30 * DAY, {"sms": True})
+    repeat = profile("crm-2", NOW - DAY, {"sms": True})
+    for order in ([granted, repeat], [repeat, granted]):
+        sms = consent_states(build(CUSTOMER, order).consents)["sms"]
+        assert sms == {"granted": True, "at": NOW - 30 * DAY}
+    # Withdrawn, then given again: since the new grant, whatever order the events came in.
+    withdrawn = profile("crm-3", NOW - 10 * DAY, {"sms": False})
+    again = profile("crm-4", NOW - 5 * DAY, {"sms": True})
+    for permutation in itertools.permutations([granted, repeat, withdrawn, again]):
+        state = build(CUSTOMER, list(permutation))
+        assert consent_states(state.consents)["sms"] == {"granted": True, "at": NOW - 5 * DAY}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.booleans()), min_size=1, max_size=30, unique_by=lambda t: t[0]),
+    st.data(),
+)
+def test_a_consent_holds_since_the_first_of_its_final_run(
+    seen: list[tuple[int, bool]], data: st.DataObject
+) -> None:
+    """By brute force over the observations: the value is the newest one's, and since is the
+    first observation after the newest one of the other value; in any order, with repeats."""
+    stamps = [(Stamp(NOW + i * TICK, f"e{i:02d}"), value) for i, value in seen]
+    ordered = sorted(stamps, key=lambda sv: sv[0].at)
+    value = ordered[-1][1]
+    other = [s for s, v in ordered if v != value]
+    since = next(s for s, v in ordered if v == value and (not other or s.newer_than(other[-1])))
+    stream = data.draw(st.permutations([*stamps, *data.draw(st.lists(st.sampled_from(stamps), max_size=10))]))
+    consent = Consent(stream[0][1], [stream[0][0]])
+    for stamp, granted in stream[1:]:
+        consent.observe(granted, stamp)
+    assert (consent.value, consent.since, consent.newest) == (value, since, ordered[-1][0])
+    assert len(consent.run) <= CONSENT_RUN_KEPT
 
 
 def test_a_later_event_for_the_same_order_corrects_it() -> None:
