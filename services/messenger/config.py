@@ -6,6 +6,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from services.messenger.templates import DEFAULT_PERKS, normalize_locale
 from shared.config import CommonSettings
+from shared.events import TimeZone
 
 TierPerks = dict[str, dict[str, list[str]]]
 
@@ -18,6 +19,11 @@ class MessengerSettings(CommonSettings):
     messenger_batch_size: int = Field(default=200, ge=1, le=5000, description="Records per consumed batch.")
     messenger_fallback_order: list[str] = Field(
         default=["email", "whatsapp", "sms"], description="Channels tried after the preferred one."
+    )
+    messenger_default_timezone: TimeZone | None = Field(
+        default=None,
+        description="IANA zone of a customer whose profile and locale name none (quiet hours); "
+        "default: the language's likely region (he → Asia/Jerusalem), else UTC.",
     )
     messenger_send_concurrency: int = Field(default=16, ge=1, description="Provider calls in flight at once.")
     messenger_sender_interval_s: float = Field(

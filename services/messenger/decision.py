@@ -117,7 +117,7 @@ class DecisionContext:
         cls,
         profile: ProfileSnapshot,
         *,
-        default_timezone: str = "UTC",
+        default_timezone: str | None = None,
         facts: Sequence[ConsentFact] = (),
         history: Sequence[SentRecord] = (),
         caps: Sequence[Cap] = tuple(DEFAULT_CAPS.caps),

@@ -243,14 +243,28 @@ def _zone_of_region(region: str) -> str | None:
     return str(candidates[0]) if len(candidates) == 1 else None
 
 
-def customer_zone(timezone: str | None, locale: str | None, default: str = "UTC") -> ZoneInfo:
+@lru_cache(maxsize=256)
+def _likely_region(language: str) -> str | None:
+    """CLDR's likely region of a bare language: he → IL, ar → EG, en → US."""
+    likely: str | None = get_global("likely_subtags").get(language.lower())
+    region = likely.split("_")[-1] if likely else ""
+    return region if len(region) == 2 and region.isalpha() else None
+
+
+def customer_zone(timezone: str | None, locale: str | None, default: str | None = None) -> ZoneInfo:
     """The customer's zone: the profile's, else the only zone of the locale's region (he-IL →
-    Asia/Jerusalem; en-US has several, so no guess), else ``default``."""
+    Asia/Jerusalem; en-US has several, so no guess), else ``default`` (the business's, when
+    configured), else the only zone of the language's likely region (he → Asia/Jerusalem, ar
+    → Africa/Cairo), else UTC. Quiet hours in UTC would wake an Israeli customer whose profile
+    says only "he" at 22:00."""
     names = [timezone]
+    likely: list[str | None] = []
     if locale:
         parts = _normalise_locale(locale).split("-")
         names += [_zone_of_region(p) for p in parts[1:] if len(p) == 2 and p.isalpha()]
-    for name in [*names, default]:
+        region = _likely_region(parts[0])
+        likely.append(None if region is None else _zone_of_region(region))
+    for name in [*names, default, *likely]:
         if name:
             try:
                 return ZoneInfo(name)

@@ -724,7 +724,8 @@ class MessengerService:
         key = (timezone, locale)
         zone = self._zones.get(key)
         if zone is None:
-            zone = self._zones[key] = customer_zone(timezone, locale)
+            default = self.settings.messenger_default_timezone
+            zone = self._zones[key] = customer_zone(timezone, locale, default)
         return zone
 
     # --- waits (between consumer batches) ------------------------------------------------------

@@ -266,6 +266,18 @@ def test_customer_zone() -> None:
     assert customer_zone(None, None, "Asia/Jerusalem") == JLM
 
 
+def test_a_bare_language_is_placed_in_its_likely_region_unless_the_business_says_otherwise() -> None:
+    """A profile that says only "he" is not in UTC, where 21:00-09:00 quiet hours would let a
+    message out at 22:00 in Israel: CLDR's likely region of the language, when it has one zone;
+    a configured default zone (the business's market) comes first."""
+    assert customer_zone(None, "he") == JLM
+    assert customer_zone(None, "ar") == ZoneInfo("Africa/Cairo")
+    assert customer_zone(None, "en") == ZoneInfo("UTC")  # the US: many zones, no guess
+    assert customer_zone(None, "ar", "Asia/Jerusalem") == JLM
+    assert customer_zone(None, "he", "Europe/London") == ZoneInfo("Europe/London")
+    assert customer_zone(None, "ar-EG", "Asia/Jerusalem") == ZoneInfo("Africa/Cairo")  # its own region first
+
+
 # --- property -------------------------------------------------------------------------------
 
 instants = st.integers(0, 2 * 365 * 24 * 3600).map(lambda s: utc(2026, 1, 1) + timedelta(seconds=s))
