@@ -474,6 +474,7 @@ class MessageStatus(StrEnum):
     HOLDOUT = "holdout"
     DUPLICATE = "duplicate"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"  # held, then its journey's exit condition came true before it could go
     REPLIED = "replied"  # the customer answered (inbound SMS/WhatsApp)
     CLICKED = "clicked"  # when a provider reports it
     UNSUBSCRIBED = "unsubscribed"  # STOP, unsubscribe link, bounce or spam report

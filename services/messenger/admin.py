@@ -46,7 +46,7 @@ MAX_OVERRIDES = 500  # the setting is one JSON row, read by every process on eve
 # Handed to a provider (what a customer may have seen).
 SENT = ("sent", "delivered", "undelivered")
 # Decided not to send, each status its own reason.
-NOT_SENT = ("capped", "no_consent", "suppressed", "no_address", "expired", "failed")
+NOT_SENT = ("capped", "no_consent", "suppressed", "no_address", "expired", "cancelled", "failed")
 # Decided to send, not sent yet.
 PENDING = ("queued", "sending", "held_quiet_hours")
 

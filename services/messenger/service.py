@@ -845,26 +845,17 @@ class MessengerService:
         position = {m: i for i, m in enumerate(message_ids)}
         rows = sorted(await self.repo.claimable(session, message_ids), key=lambda r: position[r.id])
         customers = {r.customer_id: r for r in rows}  # whatsapp_inbound_at and customer_profile
-        # Consent, caps and quiet hours are checked again, now, for a held message whose window
-        # opened, a message that expired, one that waited (a backlog, the sender down: the
-        # night may have come) and one whose customer opted out on its channel since (_opt_out).
-        recheck = {
-            r.id
-            for r in rows
-            if r.status == "held_quiet_hours"
-            or (r.expires_at and r.expires_at <= now)
-            or now - r.created_at >= RECHECK_QUEUED_AFTER
-            or (r.details or {}).get("recheck")
-        }
+        recheck = {r.id for r in rows if _needs_recheck(r, now)}
         memos: dict[str, _Memo] = {}
         caps = DEFAULT_CAPS
+        journeys: dict[str, Journey] = {}
         if recheck:
             caps = await self.caps(session)
-            customer_ids = {r.customer_id for r in rows if r.id in recheck}
-            loaded = await self._load(
-                session, customer_ids, (), now, caps=caps, customers=customers, entries=False
-            )
-            memos = loaded.memos
+            journeys = {j.name: j for j in await self.journeys(session)}
+            deciding = {r.customer_id for r in rows if r.id in recheck}
+            memos = (
+                await self._load(session, deciding, (), now, caps=caps, customers=customers, entries=False)
+            ).memos
         profiles: dict[str, ProfileSnapshot] = {}
         claimed: list[tuple[Any, OutgoingMessage]] = []
         outcomes: list[SendOutcome] = []
@@ -878,11 +869,12 @@ class MessengerService:
                 memo.history = _history_without(memo.history, row)  # it counted until now
 
         for row in rows:
-            profile = profiles.get(row.customer_id)
-            if profile is None:
-                profile = ProfileSnapshot.model_validate(row.customer_profile)
-                profiles[row.customer_id] = profile
+            if (profile := profiles.get(row.customer_id)) is None:
+                profile = profiles[row.customer_id] = ProfileSnapshot.model_validate(row.customer_profile)
             memo = memos.get(row.customer_id) if row.id in recheck else None
+            if memo is not None and _exited(journeys.get(row.journey), profile, now):
+                settle(row, "cancelled", "the journey's exit condition came true before it went", "exit")
+                continue
             if memo is not None:
                 # Its own record (a queued message that expired) must not count against itself.
                 context = _without(self._context_of(memo, profile, caps, duplicate=False), row)
@@ -1391,6 +1383,29 @@ def caps_etag(caps: CapsConfig) -> str:
     """The caps' version as an ETag: a digest of their canonical JSON."""
     canonical = json.dumps(caps.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _needs_recheck(row: Any, now: datetime) -> bool:
+    """Consent, caps, quiet hours and the journey's exit are checked again, at the claim, for a
+    held message whose window opened, a message that expired, one that waited (a backlog, the
+    sender down: the night may have come) and one whose customer opted out on its channel
+    since its decision (``_opt_out``)."""
+    return bool(
+        row.status == "held_quiet_hours"
+        or (row.expires_at and row.expires_at <= now)
+        or now - row.created_at >= RECHECK_QUEUED_AFTER
+        or (row.details or {}).get("recheck")
+    )
+
+
+def _exited(journey: Journey | None, profile: ProfileSnapshot, now: datetime) -> bool:
+    """The journey's exit condition holds now: a win-back held overnight must not go over the
+    complaint opened meanwhile, nor to a customer who came back (as for a waiting one)."""
+    return (
+        journey is not None
+        and journey.exit is not None
+        and holds(journey.exit, snapshot_facts_of(profile), now)
+    )
 
 
 def snapshot_facts_of(profile: ProfileSnapshot) -> dict[str, Any]:

@@ -744,6 +744,27 @@ async def test_an_attempt_that_waited_for_an_address_leaves_the_next_one_its_spa
     assert second.due_at > world.clock.now + (WIN_BACK.attempt_spacing_days - 3) * DAY
 
 
+async def test_a_win_back_held_for_the_night_does_not_go_over_a_complaint_opened_meanwhile(
+    world: World,
+) -> None:
+    """Its wait ends at 23:00 in Jerusalem, so the message is held for the morning; a complaint
+    opened in the night is the journey's exit: in the morning it is cancelled, not sent."""
+    customer = treated("held-then-complaint", "win_back", "thank_you")
+    await cancel(world, customer, "he", CancellationReason.SERVICE)
+    world.clock.now = NOON + 30 * DAY + timedelta(hours=11)  # 23:00 (or 22:00) in Jerusalem
+    assert await restarted(world).fire_waits() == 1
+    [held] = [r for r in await messages(world, customer) if r["journey"] == "win_back"]
+    assert held["status"] == "held_quiet_hours"
+    world.clock.now += timedelta(hours=1)
+    await world.service.apply_batch(delivered([interruption("complaint", customer, world.clock.now)]))
+    world.clock.now = NOON + 31 * DAY  # the next noon
+    outcomes = {o.message_id: o.status for o in await world.service.send_due()}
+    assert outcomes[held["id"]] == "cancelled"  # (the complaint's acknowledgement goes)
+    [row] = [r for r in await messages(world, customer) if r["journey"] == "win_back"]
+    assert row["status"] == "cancelled"
+    assert row["reason"] == "the journey's exit condition came true before it went"
+
+
 async def test_win_back_never_starts_over_an_open_complaint(world: World) -> None:
     customer = treated("open-ticket", "win_back")
     await cancel(world, customer, "ar", open_tickets=1, last_complaint_resolved=False)
