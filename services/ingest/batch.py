@@ -39,10 +39,16 @@ class BatchTooLargeError(ValueError):
 
 
 class InvalidBatchError(ValueError):
-    def __init__(self, errors: list[FieldError], types: list[str]) -> None:
+    """``valid``: the events of the batch that passed the schema, by index, so that their times
+    can be judged too and every problem be answered at once."""
+
+    def __init__(
+        self, errors: list[FieldError], types: list[str], valid: Sequence[tuple[int, Event]] = ()
+    ) -> None:
         super().__init__(f"{len(errors)} problem(s) in the batch")
         self.errors = errors
         self.types = types
+        self.valid = valid
 
 
 def validate_body(body: bytes, max_batch: int, new_id: Any = uuid.uuid4) -> list[Event]:
@@ -110,7 +116,9 @@ def validate_batch(items: list[Any], max_batch: int, new_id: Any = uuid.uuid4) -
     except ValidationError as exc:
         errors = [_field_error(e) for e in exc.errors(include_url=False)]
         types = [_type_label(items[e.index]) for e in errors]
-        raise InvalidBatchError(errors, types) from exc
+        failed = {e.index for e in errors}
+        valid = [(i, EVENT_ADAPTER.validate_python(item)) for i, item in enumerate(items) if i not in failed]
+        raise InvalidBatchError(errors, types, valid) from exc
 
 
 def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -> None:
@@ -122,9 +130,32 @@ def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -
     earliest = EARLIEST_EVENT_TIME.timestamp()
     if all(earliest < e.occurred_at.timestamp() <= latest for e in events):
         return
+    errors = time_errors(list(enumerate(events)), now, max_future)
+    if errors:
+        raise InvalidBatchError(errors, [events[e.index].type for e in errors])
+
+
+def with_time_errors(exc: InvalidBatchError, now: datetime, max_future: timedelta) -> InvalidBatchError:
+    """``exc`` with the time problems of the events that passed the schema: every problem of
+    the batch in one answer, by index, rather than the times only on the next try."""
+    more = time_errors(exc.valid, now, max_future)
+    if not more:
+        return exc
+    types = {e.index: t for e, t in zip(exc.errors, exc.types, strict=True)}
+    types.update((i, e.type) for i, e in exc.valid)
+    errors = sorted([*exc.errors, *more], key=lambda e: e.index)
+    return InvalidBatchError(errors, [types[e.index] for e in errors])
+
+
+def time_errors(
+    events: Sequence[tuple[int, Event]], now: datetime, max_future: timedelta
+) -> list[FieldError]:
+    """``check_times``'s problems of ``events`` (index, event)."""
+    latest = (now + max_future).timestamp()
+    earliest = EARLIEST_EVENT_TIME.timestamp()
     ahead = f"{max_future.total_seconds() / 3600:g} h"
     errors: list[FieldError] = []
-    for i, e in enumerate(events):
+    for i, e in events:
         at = e.occurred_at
         if at.timestamp() > latest:
             errors.append(
@@ -139,8 +170,7 @@ def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -
             errors.append(
                 FieldError(i, "occurred_at", f"{at.isoformat()} is not after 1970-01-01: a zero timestamp?")
             )
-    if errors:
-        raise InvalidBatchError(errors, [events[e.index].type for e in errors])
+    return errors
 
 
 def _check_size(count: int, max_batch: int) -> None:

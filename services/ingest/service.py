@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
-from services.ingest.batch import check_times, validate_body
+from services.ingest.batch import InvalidBatchError, check_times, validate_body, with_time_errors
 from services.ingest.dedupe import RecentIds
 from shared.codec import encode_event, encode_key
 from shared.events import TOPIC_OF_TYPE, Event
@@ -85,7 +85,10 @@ class IngestService:
         self._duplicate = {t: EVENTS_DUPLICATE.labels(t) for t in TOPIC_OF_TYPE}
 
     def validate(self, body: bytes) -> list[Event]:
-        events = validate_body(body, self._max_batch)
+        try:
+            events = validate_body(body, self._max_batch)
+        except InvalidBatchError as exc:
+            raise with_time_errors(exc, self._wall_clock(), self._max_future) from exc
         check_times(events, self._wall_clock(), self._max_future)
         return events
 

@@ -182,6 +182,21 @@ async def test_every_problem_is_listed_with_index_and_field(client: Client) -> N
     assert await client.landed() == []
 
 
+async def test_a_time_problem_is_listed_beside_the_schemas(client: Client) -> None:
+    """The times are judged after the schema, but of every event the schema accepted: one
+    answer lists both, not the time only on the next try."""
+    body = [
+        {**_event("purchase", "c1", 0), "occurred_at": IN_FIVE_YEARS},
+        {**_event("purchase", "c1", 1), "currency": "shekel"},
+        _event("purchase", "c1", 2),
+    ]
+    response = await client.post(body)
+    assert response.status_code == 422
+    details = [(d["index"], d["field"]) for d in response.json()["error"]["details"]]
+    assert details == [(0, "occurred_at"), (1, "currency")]
+    assert await client.landed() == []
+
+
 async def test_transport_errors(client: Client) -> None:
     auth = {"Authorization": f"Bearer {client.key}"}
     malformed = await client.http.post(
