@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import copy
+from typing import Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from services.messenger.templates import DEFAULT_PERKS, normalize_locale
 from shared.config import CommonSettings
@@ -29,10 +30,17 @@ class MessengerSettings(CommonSettings):
     messenger_sender_interval_s: float = Field(
         default=1.0, gt=0, description="How often the sender looks for due messages."
     )
-    messenger_reconcile_after_s: float = Field(
-        default=60.0,
+    messenger_send_timeout_s: float = Field(
+        default=120.0,
         gt=0,
-        description="A message still 'sending' after this long is looked up at the provider.",
+        description="The longest one message's provider call may take, retries and pacing included; "
+        "then it fails (it may have reached the provider: at most once, never twice).",
+    )
+    messenger_reconcile_after_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="A message still 'sending' after this long is looked up at the provider. Longer "
+        "than messenger_send_timeout_s: no sender is still at work on it, only a crashed one left it.",
     )
     messenger_max_attempts: int = Field(default=5, ge=1, description="Provider attempts before 'failed'.")
     messenger_outbox_dir: str | None = Field(
@@ -77,6 +85,17 @@ class MessengerSettings(CommonSettings):
         description="How far a SendGrid webhook's signed timestamp may be from now, in seconds; "
         "older (or replayed) deliveries are refused with 403.",
     )
+
+    @model_validator(mode="after")
+    def _reconcile_after_the_longest_call(self) -> Self:
+        # Sooner, one sender's reconciliation would queue again a message another sender (or
+        # its own pass) is still sending, slowly, and it would go twice.
+        if self.messenger_reconcile_after_s <= self.messenger_send_timeout_s:
+            raise ValueError(
+                f"messenger_reconcile_after_s ({self.messenger_reconcile_after_s:g}) must be longer than "
+                f"messenger_send_timeout_s ({self.messenger_send_timeout_s:g})"
+            )
+        return self
 
     @field_validator("messenger_tier_perks")
     @classmethod

@@ -925,12 +925,22 @@ class MessengerService:
         provider = self.providers[Channel(row.channel)]
         started = self.clock()
         try:
-            result = await send_with_retry(
-                provider,
-                outgoing,
-                self.limiter,
-                max_attempts=self.settings.messenger_max_attempts,
-                rng=self._jitter,
+            # Bounded, so that reconciliation (messenger_reconcile_after_s, longer) never takes
+            # a message a sender is still at work on for one a crash left behind.
+            async with asyncio.timeout(self.settings.messenger_send_timeout_s):
+                result = await send_with_retry(
+                    provider,
+                    outgoing,
+                    self.limiter,
+                    max_attempts=self.settings.messenger_max_attempts,
+                    rng=self._jitter,
+                )
+        except TimeoutError:
+            PROVIDER_CALLS.labels(provider.name, row.channel, "error").inc()
+            seconds = self.settings.messenger_send_timeout_s
+            message = f"no answer within {seconds:g} s, retries and pacing included"
+            return ProviderError(
+                "timeout", message, permanent=False, maybe_delivered=True, provider=provider.name
             )
         except ProviderError as exc:
             PROVIDER_CALLS.labels(provider.name, row.channel, "error").inc()

@@ -247,8 +247,10 @@ class Cluster:
             "RETAIN_SEGMENTER_SWEEP_INTERVAL_S": "5",
             "RETAIN_MESSENGER_OUTBOX_DIR": str(self.outbox_dir),
             "RETAIN_MESSENGER_SENDER_INTERVAL_S": "0.5",
-            # A message a SIGKILL left 'sending' is looked up at the provider this soon.
-            "RETAIN_MESSENGER_RECONCILE_AFTER_S": "3",
+            # A message a SIGKILL left 'sending' is looked up at the provider this soon: after
+            # the longest a send may take (the outbox provider writes a file).
+            "RETAIN_MESSENGER_SEND_TIMEOUT_S": "5",
+            "RETAIN_MESSENGER_RECONCILE_AFTER_S": "6",
             "RETAIN_INGEST_RATE_LIMIT_PER_S": "0",
             "RETAIN_INGEST_ACK_TIMEOUT_S": "5",
             "RETAIN_INGEST_RETRY_AFTER_S": "1",

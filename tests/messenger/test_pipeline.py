@@ -242,7 +242,9 @@ async def test_sender_killed_mid_batch_delivers_every_message(
         "RETAIN_SMTP_PORT": str(smtp_server.port),
         "RETAIN_SMTP_STARTTLS": "false",
         "RETAIN_MESSENGER_SEND_CONCURRENCY": "2",
-        "RETAIN_MESSENGER_RECONCILE_AFTER_S": "1",
+        # Reconciliation must wait out the longest send (a local SMTP server answers at once).
+        "RETAIN_MESSENGER_SEND_TIMEOUT_S": "3",
+        "RETAIN_MESSENGER_RECONCILE_AFTER_S": "4",
         "RETAIN_MESSENGER_SENDER_INTERVAL_S": "0.2",
         "RETAIN_KAFKA_BOOTSTRAP": "127.0.0.1:1",  # outcomes wait in the outbox table
         "RETAIN_VAR_DIR": str(tmp_path),

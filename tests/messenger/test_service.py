@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import event
 from twilio.request_validator import RequestValidator
 
@@ -298,6 +298,39 @@ async def test_a_cap_longer_than_a_month_sees_its_whole_window(world: World) -> 
     world.clock.now = NOON + timedelta(days=91)
     await world.service.apply_batch(delivered([purchase_update(customer, 3, world.clock.now)]))
     assert [r["status"] for r in await messages(world, customer)] == ["sent", "capped", "queued"]
+
+
+def test_reconciliation_waits_longer_than_any_send_can_last() -> None:
+    """Sooner, one sender's reconciliation would queue again a message another is still
+    sending (slowly: retries, pacing), and it would go twice."""
+    with pytest.raises(ValidationError, match=r"messenger_reconcile_after_s .* must be longer than"):
+        MessengerSettings(messenger_reconcile_after_s=60, messenger_send_timeout_s=120)
+    assert MessengerSettings().messenger_reconcile_after_s > MessengerSettings().messenger_send_timeout_s
+
+
+async def test_a_send_that_outlasts_its_bound_fails_and_is_not_sent_again(world: World) -> None:
+    """A provider that does not answer within messenger_send_timeout_s: the message fails (it
+    may have reached the provider), so no reconciliation takes it for one a crash left."""
+    world.service.settings = world.service.settings.model_copy(update={"messenger_send_timeout_s": 0.2})
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    provider = world.service.providers[Channel.SMS]
+    real_send = provider.send
+
+    async def hang(msg: Any) -> Any:
+        await asyncio.sleep(5)
+        return await real_send(msg)
+
+    provider.send = hang  # type: ignore[method-assign]
+    try:
+        assert [(o.status, o.reason) for o in await world.service.send_due()] == [("failed", "timeout")]
+    finally:
+        provider.send = real_send  # type: ignore[method-assign]
+    [row] = await messages(world, customer)
+    assert (row["status"], row["error_code"]) == ("failed", "timeout")
+    world.clock.now = NOON + timedelta(hours=1)
+    assert await world.service.reconcile() == 0  # not 'sending': nothing to requeue
+    assert await world.service.send_due() == []
 
 
 async def test_a_stop_before_the_sender_runs_stops_the_queued_message(world: World) -> None:
