@@ -452,11 +452,15 @@ class SegmenterService:
             old = await self.repo.version(session, version)
             if old is None:
                 raise UnknownVersionError(version)
+            live = await self.repo.published(session)
+            draft = await self.repo.draft(session)
             new = await self._new_version(
                 session, old.rules, actor, f"rollback to {version}", "rollback", now
             )
-            etag = ruleset_etag(old.rules)
-            await self.repo.replace_draft(session, old.rules, etag, actor, now, None)
+            # The draft follows the rollback, unless it holds edits not published yet: those are
+            # someone's work in progress, kept (with its ETag) for its editor to publish or drop.
+            if draft is None or live is None or draft.rules == live[1]:
+                await self.repo.replace_draft(session, old.rules, ruleset_etag(old.rules), actor, now, None)
             return new
 
     async def _new_version(

@@ -418,6 +418,19 @@ async def test_rollback_publishes_an_old_version_again(api: Api) -> None:
     assert (await api.get("/v1/rules/jobs/no-such-job")).status_code == 404
 
 
+async def test_a_rollback_keeps_a_draft_with_unpublished_edits(api: Api) -> None:
+    """A marketer is editing when someone rolls back: their draft is theirs, not replaced, and
+    its ETag still publishes it (on top of the rollback)."""
+    etag = await put_draft(api, stricter_rules())
+    assert (await api.post("/v1/rules/rollback/1")).status_code == 202
+    draft = await api.get("/v1/rules/draft")
+    assert draft.json()["rules"] == stricter_rules()
+    assert draft.headers["ETag"] == f'"{etag}"'
+    published = await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})
+    assert published.status_code == 202, published.text
+    assert published.json()["version"] == 3  # 1 the defaults, 2 the rollback to them, 3 the edit
+
+
 async def test_every_change_is_audited_with_who_and_a_json_patch(api: Api) -> None:
     etag = await put_draft(api, stricter_rules())
     assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).status_code == 202
