@@ -399,7 +399,15 @@ def facts(
     f["has_whatsapp"] = f.get("whatsapp") is not None
 
     clv = state.clv.value if state.clv else {}
-    f["predicted_clv"] = float(clv["predicted_clv"]) if "predicted_clv" in clv else None
+    # In the reporting currency, as total_value and the rules' thresholds: the kpi's prediction
+    # is in its own (RETAIN_KPI_REPORTING_CURRENCY); one without a rate here is unknown, not
+    # compared as if it were in this one.
+    clv_rate = config.rate(clv.get("currency") or config.reporting_currency)
+    f["predicted_clv"] = (
+        float(Decimal(clv["predicted_clv"]) * clv_rate)
+        if "predicted_clv" in clv and clv_rate is not None
+        else None
+    )
     f["p_alive"] = clv.get("p_alive")
     f["expected_purchases_90d"] = clv.get("expected_purchases_90d")
     return f, sorted(b for b in boundaries if b > now)

@@ -401,6 +401,19 @@ def test_equal_times_are_broken_by_the_larger_event_id() -> None:
         assert state.consents["email"].newest.event_id == "evt-b"
 
 
+def test_a_predicted_clv_is_converted_to_the_reporting_currency() -> None:
+    """The kpi predicts in its own reporting currency: a rule's "predicted_clv > 500" is in
+    the segmenter's. A prediction in a currency without a rate is unknown, not taken as is."""
+    in_dollars = clv("clv-usd", NOW - DAY, "100").model_copy(update={"currency": "USD"})
+    f, _ = facts(build(CUSTOMER, [in_dollars]), NOW, CONFIG)
+    assert f["predicted_clv"] == pytest.approx(365.0)  # 3.65 ILS per USD (the default rates)
+    in_yen = clv("clv-jpy", NOW - DAY, "100").model_copy(update={"currency": "JPY"})
+    f, _ = facts(build(CUSTOMER, [in_yen]), NOW, CONFIG)
+    assert f["predicted_clv"] is None
+    in_shekels = clv("clv-ils", NOW - DAY, "2400.5")
+    assert facts(build(CUSTOMER, [in_shekels]), NOW, CONFIG)[0]["predicted_clv"] == 2400.5
+
+
 def test_a_consent_repeated_keeps_the_instant_it_was_given() -> None:
     """A CRM that repeats sms: true on every profile update does not re-date the consent: the
     messenger lifts a STOP only for a grant given after it, not for a repeat of an old one."""
