@@ -48,7 +48,7 @@ from shared.events import Channel, ConsentState, MessageKind, MessageStatus, Pro
 # Cheapest and least intrusive first; SMS last (the seeds: don't bombard customers by SMS).
 DEFAULT_FALLBACK_ORDER: tuple[Channel, ...] = (Channel.EMAIL, Channel.WHATSAPP, Channel.SMS)
 
-_NO_CHANNEL_STATUS: dict[SkipReason, MessageStatus] = {
+NO_CHANNEL_STATUS: dict[SkipReason, MessageStatus] = {
     "no_address": MessageStatus.NO_ADDRESS,
     "no_consent": MessageStatus.NO_CONSENT,
     "suppressed": MessageStatus.SUPPRESSED,
@@ -191,7 +191,7 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
     choice = _choose(candidate, context, now)
     if choice.channel is None:
         return Decision(
-            _NO_CHANNEL_STATUS[choice.outcome or "no_address"],
+            NO_CHANNEL_STATUS[choice.outcome or "no_address"],
             "; ".join(s.detail for s in choice.tried),
             expires_at=expires_at,
             skipped=choice.tried,

@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.messenger.caps import DEFAULT_CAPS, CapsConfig, SentRecord
 from services.messenger.config import MessengerSettings
 from services.messenger.consent import ConsentFact, FactSource
-from services.messenger.decision import Candidate, DecisionContext, decide, recheck_at_send
+from services.messenger.decision import NO_CHANNEL_STATUS, Candidate, DecisionContext, decide, recheck_at_send
 from services.messenger.journeys import (
     Entry,
     Journey,
@@ -205,7 +205,8 @@ class _SendPass:
         self.outcomes = outcomes
         self.chunk = chunk
         self.claimed_upto = 0  # due[:claimed_upto] were claimed
-        self.ready: deque[tuple[Any, OutgoingMessage]] = deque()  # claimed, not yet handed out
+        # Claimed, not yet handed out, with when each was claimed (its 'sending' row's updated_at).
+        self.ready: deque[tuple[Any, OutgoingMessage, datetime]] = deque()
         self.results: list[tuple[Any, ProviderResult | ProviderError]] = []
         self.received = 0  # results handed to _settle so far…
         self.settled = 0  # …and the first this many of them are committed
@@ -226,7 +227,12 @@ class _SendPass:
 
     async def _work(self) -> None:
         while (item := await self._next()) is not None:
-            row, outgoing = item
+            row, outgoing, claimed_at = item
+            if not self.service._may_start(claimed_at):
+                # Waited so long in this pass that the call could outlast the moment another
+                # sender's reconciliation may take the row: left 'sending' for it, as a crash
+                # would leave it (looked up, then queued again), rather than sent twice.
+                continue
             result = await self.service._provider_call(row, outgoing)
             if self.service._can_look_up(row):
                 # After a crash the reconciler finds this one at the provider instead of
@@ -244,7 +250,7 @@ class _SendPass:
         finally:
             self.unsettled.release()
 
-    async def _next(self) -> tuple[Any, OutgoingMessage] | None:
+    async def _next(self) -> tuple[Any, OutgoingMessage, datetime] | None:
         while not self.ready:
             if self.claimed_upto >= len(self.due):
                 return None
@@ -259,8 +265,10 @@ class _SendPass:
         # after a crash (the reconciler finds them not sent, and queues them again).
         ids = self.due[self.claimed_upto : self.claimed_upto + 2 * self.chunk]
         self.claimed_upto += len(ids)
-        claimed, outcomes = await self.service._claim(session, ids, self.now)
-        self.ready.extend(claimed)
+        # Stamped now, not at the pass's start: reconciliation reads the age of a claim.
+        now = self.service.clock()
+        claimed, outcomes = await self.service._claim(session, ids, now)
+        self.ready.extend((row, outgoing, now) for row, outgoing in claimed)
         self.outcomes += outcomes
 
     async def _settle(self, row: Any, result: ProviderResult | ProviderError) -> None:
@@ -872,16 +880,11 @@ class MessengerService:
             if (profile := profiles.get(row.customer_id)) is None:
                 profile = profiles[row.customer_id] = ProfileSnapshot.model_validate(row.customer_profile)
             memo = memos.get(row.customer_id) if row.id in recheck else None
-            if memo is not None and _exited(journeys.get(row.journey), profile, now):
-                settle(row, "cancelled", "the journey's exit condition came true before it went", "exit")
-                continue
             if memo is not None:
-                # Its own record (a queued message that expired) must not count against itself.
-                context = _without(self._context_of(memo, profile, caps, duplicate=False), row)
-                decision = recheck_at_send(_candidate_of(row), context, now)
-                if decision.status != MessageStatus.QUEUED:
-                    status = decision.status.value
-                    settle(row, status, decision.reason, decision.reason, send_at=decision.send_at)
+                refused = self._recheck(row, memo, profile, caps, journeys.get(row.journey), now)
+                if refused is not None:
+                    status, reason, outcome, send_at = refused
+                    settle(row, status, reason, outcome, send_at=send_at)
                     continue
             if self.providers.get(Channel(row.channel)) is None:
                 settle(row, "failed", f"no provider for {row.channel}", "no provider")
@@ -917,6 +920,42 @@ class MessengerService:
         )
         await self._settle_many(session, settled, now)
         return claimed, outcomes
+
+    def _recheck(
+        self,
+        row: Any,
+        memo: _Memo,
+        profile: ProfileSnapshot,
+        caps: CapsConfig,
+        journey: Journey | None,
+        now: datetime,
+    ) -> tuple[str, str, str, datetime | None] | None:
+        """Why a message that waited may not go now (status, reason, outcome, send_at), or None."""
+        if _exited(journey, profile, now):
+            return "cancelled", "the journey's exit condition came true before it went", "exit", None
+        # Its own record (a queued message that expired) must not count against itself.
+        context = _without(self._context_of(memo, profile, caps, duplicate=False), row)
+        own = Channel(row.channel)
+        decision = recheck_at_send(replace(_candidate_of(row), channel=own), context, now)
+        if decision.status != MessageStatus.QUEUED:
+            return decision.status.value, decision.reason, decision.reason, decision.send_at
+        if decision.channel is not own:
+            # It was rendered for its own channel and goes by it or not at all: the recheck's
+            # fallback (email after a STOP on SMS) is not the message this row would send.
+            why = next((s for s in decision.skipped if s.channel is own), None)
+            status = "no_consent" if why is None else NO_CHANNEL_STATUS[why.reason].value
+            detail = f"{own.value} no longer usable" if why is None else why.detail
+            return status, detail, detail, None
+        if row.whatsapp_mode == "freeform" and decision.whatsapp_mode == "template":
+            return "failed", "the WhatsApp 24-hour window closed while it waited", "window closed", None
+        return None
+
+    def _may_start(self, claimed_at: datetime) -> bool:
+        """Whether a provider call started now ends (``messenger_send_timeout_s``) before the row
+        claimed at ``claimed_at`` is old enough for reconciliation to take it."""
+        waited = (self.clock() - claimed_at).total_seconds()
+        s = self.settings
+        return waited + s.messenger_send_timeout_s < s.messenger_reconcile_after_s
 
     def _can_look_up(self, row: Any) -> bool:
         return self.providers[Channel(row.channel)].can_look_up

@@ -308,6 +308,17 @@ def test_reconciliation_waits_longer_than_any_send_can_last() -> None:
     assert MessengerSettings().messenger_reconcile_after_s > MessengerSettings().messenger_send_timeout_s
 
 
+def test_a_claim_that_waited_too_long_is_left_to_reconciliation(world: World) -> None:
+    """A message claimed at the start of a long pass (pacing, slow providers) is not sent once a
+    call could still be running when another sender's reconciliation may take its row: it is
+    left 'sending' for that reconciliation, which looks it up first."""
+    s = world.service.settings
+    margin = s.messenger_reconcile_after_s - s.messenger_send_timeout_s  # 60 s by default
+    now = world.clock.now
+    assert world.service._may_start(now - timedelta(seconds=margin - 1))
+    assert not world.service._may_start(now - timedelta(seconds=margin))
+
+
 async def test_a_send_that_outlasts_its_bound_fails_and_is_not_sent_again(world: World) -> None:
     """A provider that does not answer within messenger_send_timeout_s: the message fails (it
     may have reached the provider), so no reconciliation takes it for one a crash left."""
@@ -345,6 +356,19 @@ async def test_a_stop_before_the_sender_runs_stops_the_queued_message(world: Wor
     assert [o.status for o in outcomes] == ["suppressed"]
     assert not world.outbox.exists() or not list(world.outbox.iterdir())
     assert [r["status"] for r in await messages(world, customer)] == ["suppressed"]
+
+
+async def test_a_stop_before_the_sender_runs_is_not_answered_by_the_same_message_on_sms(world: World) -> None:
+    """The customer can be reached by email too: the recheck must not find email usable and
+    then send the SMS it was rendered for. It goes by its own channel or not at all."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON, whatsapp=None)]))
+    [queued] = await messages(world, customer)
+    assert (queued["status"], queued["channel"]) == ("queued", "sms")
+    assert await world.service.inbound(Channel.SMS, "+972521234567", "STOP", "stop") == customer
+    [outcome] = await world.service.send_due()
+    assert outcome.status in ("suppressed", "no_consent")
+    assert not world.outbox.exists() or not list(world.outbox.iterdir())
 
 
 async def test_a_message_claimed_after_a_backlog_is_held_if_night_came(world: World) -> None:
