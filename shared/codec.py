@@ -34,21 +34,27 @@ def decode_event(payload: bytes) -> Event:
     return EVENT_ADAPTER.validate_json(payload)
 
 
+# How far a consumer's clock may run behind ingest's before an event ingest took is refused.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
 def decode_event_on(topic: str, payload: bytes, max_future: timedelta | None = None) -> Event:
     """A backend event read from ``topic``, refused (a ValueError: the consumer dead-letters it)
     when its type belongs on another topic: a producer writing straight to Kafka that puts a
     purchase on retain.support would otherwise have it applied as if nothing were wrong.
-    With ``max_future``, also when its ``occurred_at`` is more than that ahead of this clock or
-    not after 1970, as ingest refuses it (``RETAIN_INGEST_MAX_FUTURE_S``): a year typed wrong
-    would be a customer's last purchase for years. Time only makes an event less ahead, so one
-    ingest accepted is never refused here; a refused one can be replayed once its time comes."""
+    With ``max_future``, also when its ``occurred_at`` is more than that (and ``CLOCK_SKEW``)
+    ahead of this clock or not after 1970, as ingest refuses it (``RETAIN_INGEST_MAX_FUTURE_S``):
+    a year typed wrong would be a customer's last purchase for years. Time only makes an event
+    less ahead, and the skew allowance covers a consumer's clock a little behind ingest's, so
+    one ingest accepted is not refused here (with the same setting on both); a refused one can
+    be replayed once its time comes."""
     event = EVENT_ADAPTER.validate_json(payload)
     home = TOPIC_OF_TYPE[event.type]
     if not topic.endswith(home):
         raise ValueError(f"a {event.type} event on {topic}: {event.type} events go on the {home!r} topic")
     if max_future is not None:
         at = event.occurred_at.timestamp()
-        if at > time.time() + max_future.total_seconds():
+        if at > time.time() + (max_future + CLOCK_SKEW).total_seconds():
             raise ValueError(
                 f"occurred_at {event.occurred_at.isoformat()} is more than "
                 f"{max_future.total_seconds() / 3600:g} h ahead of this consumer's clock"

@@ -334,7 +334,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 
 class ConsentState(_Strict):
     granted: bool
-    at: AwareDatetime  # when the customer said so (occurred_at of the profile event)
+    at: AwareDatetime  # since when: the first profile event of the run saying it (not a repeat)
 
 
 # The segmenter's lifecycle stages (services/segmenter/profile.lifecycle), in a customer's order.

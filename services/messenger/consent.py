@@ -2,8 +2,9 @@
 
 Consent is judged from two sources that never overwrite each other:
 
-- the profile's consents (``ConsentState(granted, at)`` per channel, ``at`` being the
-  ``occurred_at`` of the profile event that said so; the segmenter keeps the latest one), and
+- the profile's consents (``ConsentState(granted, at)`` per channel: the latest value, ``at``
+  the ``occurred_at`` of the first profile event of the run that has said it since; a CRM
+  repeating an old grant does not move it, see the segmenter's ``Consent``), and
 - consent facts the messenger itself observed: inbound STOP / START, unsubscribe links,
   bounces, spam reports and Twilio's 21610 ("the recipient replied STOP"). They form a
   time-ordered log per channel; nothing is ever deleted from it, a later opt-in simply makes an

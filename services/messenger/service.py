@@ -1404,7 +1404,7 @@ class MessengerService:
                         for i, name in unknown
                     ],
                 )
-            if if_match is None and match_required:
+            if match_required and if_match in (None, "*"):  # "*" would be a blind PUT too
                 raise CapsMatchRequiredError
             if if_match not in (None, "*") and if_match != caps_etag(current):
                 raise CapsConflictError

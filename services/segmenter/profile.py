@@ -73,12 +73,14 @@ class Consent:
     A function of the set of observations, whatever their order: ``boundary`` is the newest
     observation of the other value, ``run`` the observations of ``value`` after it (sorted).
     A late observation of the other value inside the run splits it. ``run`` keeps its first
-    ``CONSENT_RUN_KEPT - 1`` and its newest: only a late split among dropped ones (years of
-    repeats, then a stale opposite event arriving late) could date ``since`` too late."""
+    ``CONSENT_RUN_KEPT - 1`` and its newest; ``dropped_after`` is the last kept before the
+    ones dropped. A late split among dropped ones dates ``since`` at the split itself: earlier
+    than the truth, never later (a later one could lift a STOP the customer never undid)."""
 
     value: bool
     run: list[Stamp]
     boundary: Stamp | None = None
+    dropped_after: Stamp | None = None
 
     @property
     def since(self) -> Stamp:
@@ -95,12 +97,18 @@ class Consent:
             if self.boundary is None or stamp.newer_than(self.boundary):
                 self.run = sorted([*self.run, stamp], key=lambda s: (s.at, s.event_id))
                 if len(self.run) > CONSENT_RUN_KEPT:
+                    if self.dropped_after is None:
+                        self.dropped_after = self.run[CONSENT_RUN_KEPT - 2]
                     self.run = [*self.run[: CONSENT_RUN_KEPT - 1], self.run[-1]]
         elif stamp.newer_than(self.newest):  # the value changes
-            self.value, self.boundary, self.run = value, self.newest, [stamp]
+            self.value, self.boundary, self.run, self.dropped_after = value, self.newest, [stamp], None
         elif self.boundary is None or stamp.newer_than(self.boundary):  # a late change inside the run
-            self.boundary = stamp
-            self.run = [s for s in self.run if s.newer_than(stamp)]
+            after = [s for s in self.run if s.newer_than(stamp)]
+            if self.dropped_after is not None and stamp.newer_than(self.dropped_after):
+                # The first observation after it may be one of those dropped: since is dated at
+                # the split, a lower bound.
+                after = [stamp, *after]
+            self.boundary, self.run, self.dropped_after = stamp, after, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,16 +484,31 @@ def _reg_in(raw: list[Any]) -> Register:
 
 
 def _consent_out(c: Consent) -> list[Any]:
-    boundary = None if c.boundary is None else _stamp_out(c.boundary)
-    return [c.value, *_stamp_out(c.since), {"run": [_stamp_out(s) for s in c.run], "boundary": boundary}]
+    def out(s: Stamp | None) -> list[str] | None:
+        return None if s is None else _stamp_out(s)
+
+    extra = {
+        "run": [_stamp_out(s) for s in c.run],
+        "boundary": out(c.boundary),
+        "dropped_after": out(c.dropped_after),
+    }
+    return [c.value, *_stamp_out(c.since), extra]
 
 
 def _consent_in(raw: list[Any]) -> Consent:
-    if len(raw) == 3:  # stored as a register, before since was kept: its newest stands for it
-        return Consent(bool(raw[0]), [_stamp_in(raw[1:])])
+    if len(raw) == 3:
+        # Stored as a register, before since was kept: its newest stands for since, and the
+        # older observations it forgot stay forgotten (a boundary just before it), so that a
+        # redelivered old one does not move since back.
+        newest = _stamp_in(raw[1:])
+        return Consent(bool(raw[0]), [newest], Stamp(newest.at, ""))
     extra = raw[3]
-    boundary = None if extra["boundary"] is None else _stamp_in(extra["boundary"])
-    return Consent(bool(raw[0]), [_stamp_in(s) for s in extra["run"]], boundary)
+
+    def stamp(s: list[str] | None) -> Stamp | None:
+        return None if s is None else _stamp_in(s)
+
+    run = [_stamp_in(s) for s in extra["run"]]
+    return Consent(bool(raw[0]), run, stamp(extra["boundary"]), stamp(extra.get("dropped_after")))
 
 
 def dump_state(state: ProfileState) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import jsonpatch
 from prometheus_client import Counter, Gauge
 
 from services.segmenter.config import SegmenterSettings
-from services.segmenter.profile import ProfileState, apply_event, facts_from_json, load_state
+from services.segmenter.profile import ProfileState, apply_event, consent_states, facts_from_json, load_state
 from services.segmenter.profile import facts as derive_facts
 from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
 from services.segmenter.rules import (
@@ -571,7 +571,7 @@ class SegmenterService:
             "updated_at": row.updated_at,
             "next_check_at": row.next_check_at,
             "profile": current,
-            "consents": {c: {"granted": r.value, "at": r.since.at} for c, r in state.consents.items()},
+            "consents": consent_states(state.consents),
             "why": rules.explain(current, now),
         }
 

@@ -503,6 +503,7 @@ async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> No
     blind = await api.put("/v1/caps", json={"caps": caps})
     assert blind.status_code == 428
     assert blind.json()["error"]["code"] == "precondition_required"
+    assert (await api.put("/v1/caps", json={"caps": caps}, headers={"If-Match": "*"})).status_code == 428
     etag = (await api.get("/v1/caps")).headers["ETag"]
     good = await api.put("/v1/caps", json={"caps": caps}, headers={"If-Match": etag})
     assert good.status_code == 200

@@ -453,6 +453,60 @@ def test_a_consent_holds_since_the_first_of_its_final_run(
     assert len(consent.run) <= CONSENT_RUN_KEPT
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        # Mostly one value: long runs, past what is kept, then a stale opposite one late.
+        st.tuples(st.integers(0, 400), st.sampled_from([True] * 39 + [False])),
+        min_size=1,
+        max_size=200,
+        unique_by=lambda t: t[0],
+    ),
+    st.data(),
+)
+def test_a_long_consent_history_never_dates_since_too_late(
+    seen: list[tuple[int, bool]], data: st.DataObject
+) -> None:
+    """Past CONSENT_RUN_KEPT observations of one value some are dropped: since may then be
+    dated earlier than the truth (a STOP stays in force), never later (it would be lifted)."""
+    stamps = [(Stamp(NOW + i * TICK, f"e{i:03d}"), value) for i, value in seen]
+    ordered = sorted(stamps, key=lambda sv: sv[0].at)
+    value = ordered[-1][1]
+    other = [s for s, v in ordered if v != value]
+    since = next(s for s, v in ordered if v == value and (not other or s.newer_than(other[-1])))
+    stream = data.draw(st.permutations(stamps))
+    consent = Consent(stream[0][1], [stream[0][0]])
+    for stamp, granted in stream[1:]:
+        consent.observe(granted, stamp)
+    assert (consent.value, consent.newest) == (value, ordered[-1][0])
+    assert not consent.since.newer_than(since)
+
+
+def test_a_late_change_among_dropped_repeats_dates_since_at_the_change() -> None:
+    """100 repeats of a grant (more than are kept), then a stale withdrawal between the 80th
+    and the 81st arrives: since is the 81st's instant or earlier, never the newest repeat's."""
+    consent = Consent(True, [Stamp(NOW + TICK, "e001")])
+    for i in range(2, 101):
+        consent.observe(True, Stamp(NOW + i * TICK, f"e{i:03d}"))
+    assert len(consent.run) == CONSENT_RUN_KEPT
+    consent.observe(False, Stamp(NOW + 80 * TICK, "e080x"))
+    assert consent.value is True
+    assert not consent.since.newer_than(Stamp(NOW + 81 * TICK, "e081"))
+    assert consent.newest == Stamp(NOW + 100 * TICK, "e100")
+
+
+def test_a_consent_stored_before_since_was_kept_keeps_its_instant() -> None:
+    """Stored as [value, at, event id]: a redelivered older observation of the same value does
+    not move since back before the instant the stored register had."""
+    stored = json.loads(json.dumps(dump_state(build(CUSTOMER, [profile("crm-9", NOW - DAY, {"sms": True})]))))
+    stored["consents"]["sms"] = stored["consents"]["sms"][:3]  # the old form
+    state = load_state(CUSTOMER, stored)
+    apply_event(state, profile("crm-1", NOW - 30 * DAY, {"sms": True}))
+    assert consent_states(state.consents)["sms"] == {"granted": True, "at": NOW - DAY}
+    apply_event(state, profile("crm-10", NOW, {"sms": False}))
+    assert consent_states(state.consents)["sms"] == {"granted": False, "at": NOW}
+
+
 def test_a_later_event_for_the_same_order_corrects_it() -> None:
     first = purchase("o-1", NOW - 3 * DAY, "o", "100.00")
     fix = purchase("o-2", NOW - 3 * DAY + timedelta(minutes=5), "o", "80.00")

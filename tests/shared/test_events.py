@@ -222,6 +222,10 @@ def test_straight_onto_kafka_the_time_is_bounded_as_ingest_bounds_it() -> None:
 
     now = datetime.now(UTC)
     assert decode_event_on("retain.purchases", at(now + timedelta(hours=23)), day).type == "purchase"
+    # A consumer's clock a minute behind ingest's: what ingest took at its edge still goes in.
+    assert decode_event_on("retain.purchases", at(now + day + timedelta(minutes=1)), day).type == "purchase"
+    with pytest.raises(ValueError, match=r"ahead of this consumer's clock"):
+        decode_event_on("retain.purchases", at(now + day + timedelta(minutes=10)), day)
     assert decode_event_on("retain.purchases", at(datetime(1999, 5, 1, tzinfo=UTC)), day).type == "purchase"
     with pytest.raises(ValueError, match=r"is more than 24 h ahead of this consumer's clock"):
         decode_event_on("retain.purchases", at(now.replace(year=now.year + 1)), day)
