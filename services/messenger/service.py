@@ -194,14 +194,12 @@ class _SendPass:
         self,
         service: MessengerService,
         due: list[str],
-        now: datetime,
         outcomes: list[SendOutcome],
         chunk: int,
         transactions: asyncio.Lock,
     ):
         self.service = service
         self.due = due
-        self.now = now
         self.outcomes = outcomes
         self.chunk = chunk
         self.claimed_upto = 0  # due[:claimed_upto] were claimed
@@ -824,7 +822,7 @@ class MessengerService:
             try:
                 async with asyncio.TaskGroup() as passes:
                     for ids in by_channel.values():
-                        passes.create_task(_SendPass(self, ids, now, outcomes, share, transactions).run())
+                        passes.create_task(_SendPass(self, ids, outcomes, share, transactions).run())
             except BaseExceptionGroup as errors:
                 raise errors.exceptions[0] from None  # as _SendPass.run: one error, as one send
         await self.flush()
