@@ -1264,9 +1264,12 @@ class MessengerService:
         # however soon: an opt-out is honoured from the moment it arrives, not from the next
         # decision. (Settling it here would repeat the consent rules: an unsubscribe link
         # leaves transactional email allowed, a STOP does not.)
-        for pending in await self.repo.pending_messages(session, customer_id, channel.value):
-            details = {**(pending.details or {}), "recheck": source.value}
-            await self.repo.update_message(session, pending.id, details=details, updated_at=now)
+        pending = await self.repo.pending_messages(session, customer_id, channel.value)
+        marked = [
+            {"id": p.id, "details": {**(p.details or {}), "recheck": source.value}, "updated_at": now}
+            for p in pending
+        ]
+        await self.repo.update_messages(session, marked)
         UNSUBSCRIBES.labels(channel.value, source.value).inc()
         await self._publish(
             session,
