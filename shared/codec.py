@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, TypeAdapter
 
-from shared.events import EARLIEST_EVENT_TIME, EVENT_ADAPTER, TOPIC_OF_TYPE, Event
+from shared.events import EVENT_ADAPTER, NOT_AFTER_EPOCH, TOPIC_OF_TYPE, Event, time_bound_broken
 
 T = TypeVar("T")
 
@@ -53,16 +53,15 @@ def decode_event_on(topic: str, payload: bytes, max_future: timedelta | None = N
     if not topic.endswith(home):
         raise ValueError(f"a {event.type} event on {topic}: {event.type} events go on the {home!r} topic")
     if max_future is not None:
-        at = event.occurred_at.timestamp()
-        if at > time.time() + (max_future + CLOCK_SKEW).total_seconds():
+        at = event.occurred_at
+        broken = time_bound_broken(at, time.time() + (max_future + CLOCK_SKEW).total_seconds())
+        if broken == "ahead":
             raise ValueError(
-                f"occurred_at {event.occurred_at.isoformat()} is more than "
+                f"occurred_at {at.isoformat()} is more than "
                 f"{max_future.total_seconds() / 3600:g} h ahead of this consumer's clock"
             )
-        if at <= EARLIEST_EVENT_TIME.timestamp():
-            raise ValueError(
-                f"occurred_at {event.occurred_at.isoformat()} is not after 1970-01-01: a zero timestamp?"
-            )
+        if broken == "epoch":
+            raise ValueError(f"occurred_at {at.isoformat()} {NOT_AFTER_EPOCH}")
     return event
 
 

@@ -267,6 +267,20 @@ EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 # letter): a zero or unset timestamp, or a year typed wrong. Histories older than that are not
 # customers' purchases.
 EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+NOT_AFTER_EPOCH = "is not after 1970-01-01: a zero timestamp?"
+
+
+def time_bound_broken(at: datetime, latest: float) -> Literal["ahead", "epoch"] | None:
+    """Which bound an ``occurred_at`` breaks: after ``latest`` (POSIX seconds: a clock plus what
+    may be ahead of it) or not after 1970. Ingest refuses such an event (422); the consumers
+    dead-letter one produced straight to Kafka (``shared.codec.decode_event_on``)."""
+    t = at.timestamp()
+    if t > latest:
+        return "ahead"
+    if t <= EARLIEST_EVENT_TIME.timestamp():
+        return "epoch"
+    return None
+
 
 # Which topic (without the deployment's prefix) each backend event type goes to.
 TOPIC_OF_TYPE: dict[str, str] = {

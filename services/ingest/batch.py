@@ -16,7 +16,15 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from shared.events import EARLIEST_EVENT_TIME, EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event, EventType
+from shared.events import (
+    EARLIEST_EVENT_TIME,
+    EVENT_ADAPTER,
+    EVENT_LIST_ADAPTER,
+    NOT_AFTER_EPOCH,
+    Event,
+    EventType,
+    time_bound_broken,
+)
 from shared.storable import unstorable_paths
 
 _TAGS = frozenset(t.value for t in EventType)
@@ -152,12 +160,12 @@ def time_errors(
 ) -> list[FieldError]:
     """``check_times``'s problems of ``events`` (index, event)."""
     latest = (now + max_future).timestamp()
-    earliest = EARLIEST_EVENT_TIME.timestamp()
     ahead = f"{max_future.total_seconds() / 3600:g} h"
     errors: list[FieldError] = []
     for i, e in events:
         at = e.occurred_at
-        if at.timestamp() > latest:
+        broken = time_bound_broken(at, latest)
+        if broken == "ahead":
             errors.append(
                 FieldError(
                     i,
@@ -166,10 +174,8 @@ def time_errors(
                     f"{now.isoformat(timespec='seconds')}, and at most {ahead} ahead is accepted",
                 )
             )
-        elif at.timestamp() <= earliest:
-            errors.append(
-                FieldError(i, "occurred_at", f"{at.isoformat()} is not after 1970-01-01: a zero timestamp?")
-            )
+        elif broken == "epoch":
+            errors.append(FieldError(i, "occurred_at", f"{at.isoformat()} {NOT_AFTER_EPOCH}"))
     return errors
 
 
