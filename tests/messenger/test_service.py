@@ -165,6 +165,11 @@ async def messages(world: World, customer: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["created_at"], r["journey"]))
 
 
+def outbox_files(world: World) -> list[Path]:
+    """What the sandbox provider has sent (its directory appears with the first message)."""
+    return sorted(world.outbox.iterdir()) if world.outbox.exists() else []
+
+
 def customer_not_in_holdout(journey: str) -> str:
     return next(f"c{i}" for i in range(1000) if not in_holdout(f"c{i}", journey, 10))
 
@@ -354,7 +359,7 @@ async def test_a_stop_before_the_sender_runs_stops_the_queued_message(world: Wor
     assert await world.service.inbound(Channel.SMS, "+972521234567", "STOP", "stop") == customer
     outcomes = await world.service.send_due()
     assert [o.status for o in outcomes] == ["suppressed"]
-    assert not world.outbox.exists() or not list(world.outbox.iterdir())
+    assert outbox_files(world) == []
     assert [r["status"] for r in await messages(world, customer)] == ["suppressed"]
 
 
@@ -368,7 +373,7 @@ async def test_a_stop_before_the_sender_runs_is_not_answered_by_the_same_message
     assert await world.service.inbound(Channel.SMS, "+972521234567", "STOP", "stop") == customer
     [outcome] = await world.service.send_due()
     assert outcome.status in ("suppressed", "no_consent")
-    assert not world.outbox.exists() or not list(world.outbox.iterdir())
+    assert outbox_files(world) == []
 
 
 async def test_a_message_claimed_after_a_backlog_is_held_if_night_came(world: World) -> None:
@@ -378,7 +383,7 @@ async def test_a_message_claimed_after_a_backlog_is_held_if_night_came(world: Wo
     await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
     world.clock.now = NOON + timedelta(hours=10)  # 20:00 UTC, 22:00 in Jerusalem
     assert [o.status for o in await world.service.send_due()] == ["held_quiet_hours"]
-    assert not world.outbox.exists() or not list(world.outbox.iterdir())
+    assert outbox_files(world) == []
     world.clock.now = NOON + timedelta(hours=22)  # 10:00 local the next morning
     assert [o.status for o in await world.service.send_due()] == ["sent"]
 
