@@ -255,6 +255,7 @@ def check_delivery(
     states: Mapping[str, ProfileState],
     caps: CapsConfig = DEFAULT_CAPS,
     quiet: QuietHours | None = None,
+    decided_order: Mapping[str, int] | None = None,
 ) -> Delivery:
     """Each message handed to a provider once; no cap exceeded; nothing sent without consent or
     in quiet hours.
@@ -263,7 +264,11 @@ def check_delivery(
     handed to the provider: a cap holds back a marketing candidate by what was decided before
     it. Judged in the order of the calls instead, a complaint's acknowledgement decided after a
     welcome and sent a moment before it (two sends of one pass) made the welcome look over the
-    daily cap, which counts transactional sends too.
+    daily cap, which counts transactional sends too. The messages one batch decides share their
+    ``created_at``; ``decided_order`` (message id → offset of its first event on
+    retain.messages, where a customer's events keep the order they were decided in) orders
+    those, where the message id alone could put a tier upgrade after the acknowledgement the
+    same batch decided after it.
 
     Consent is judged by the oracle, not by the messenger's copy: a marketing message is a
     violation when the stream's consent for its channel, as of the last event the triggering
@@ -288,7 +293,12 @@ def check_delivery(
         by_customer[e.customer_id].append(e)
     history: dict[str, list[SentRecord]] = defaultdict(list)
     decided = [(rows[c.message_id], c) for c in first_call.values() if c.message_id in rows]
-    for row, call in sorted(decided, key=lambda rc: (rc[0].created_at, rc[0].message_id)):
+    order = decided_order or {}
+
+    def decision(rc: tuple[Ledger, Call]) -> tuple[datetime, int, str]:
+        return rc[0].created_at, order.get(rc[0].message_id, -1), rc[0].message_id
+
+    for row, call in sorted(decided, key=decision):
         if row.channel is None:
             continue
         state = states.get(row.customer_id)

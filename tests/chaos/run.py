@@ -353,6 +353,9 @@ class Run:
         clv: dict[str, ClvPrediction] = {}
         updates: dict[str, CustomerUpdate] = {}
         message_events: dict[str, MessageEvent] = {}
+        # A message's first event on retain.messages: its decision, in the order its batch made
+        # them (one customer, one partition), which created_at alone cannot tell apart.
+        decided_order: dict[str, int] = {}
         ordered: list[Event | ClvPrediction] = []
         duplicates = 0
         poison_values = {p.value for p in self.placed}
@@ -369,6 +372,7 @@ class Run:
                 updates.setdefault(u.event_id, u)
             elif topic == MESSAGES:
                 m = decode_with(MESSAGE_EVENT_ADAPTER, value)
+                decided_order[m.message_id] = min(decided_order.get(m.message_id, r.offset), r.offset)
                 duplicates += m.event_id in message_events
                 message_events.setdefault(m.event_id, m)
             elif value in poison_values:
@@ -456,7 +460,13 @@ class Run:
             dlq.replay_failures = [f"dlq replay exit {code}: {out}" for code, out in self.replays if code]
             self.figures.dlq = dlq
         self.figures.delivery = check_delivery(
-            ledger, _calls(c.call_log), _outbox_ids(c.outbox_dir, ledger), list(replayed), by_event, states
+            ledger,
+            _calls(c.call_log),
+            _outbox_ids(c.outbox_dir, ledger),
+            list(replayed),
+            by_event,
+            states,
+            decided_order=decided_order,
         )
 
 
