@@ -232,6 +232,23 @@ class SupportAction(StrEnum):
     REOPENED = "reopened"
 
 
+# The steps of one ticket at the same instant are in the order a help desk records them: the
+# order of a ticket's steps is (occurred_at, this, event id) in every service, so the
+# segmenter and the kpi agree on which step is a ticket's newest.
+SUPPORT_ACTION_ORDER: dict[str, int] = {
+    SupportAction.OPENED: 0,
+    SupportAction.CUSTOMER_REPLIED: 1,
+    SupportAction.AGENT_REPLIED: 2,
+    SupportAction.RESOLVED: 3,
+    SupportAction.REOPENED: 4,
+}
+
+
+def support_step_order(at: datetime, action: str, event_id: str) -> tuple[datetime, int, str]:
+    """The sort key of a ticket's step (see ``SUPPORT_ACTION_ORDER``)."""
+    return (at, SUPPORT_ACTION_ORDER[action], event_id)
+
+
 class SupportEvent(EventBase):
     type: Literal["support"] = "support"
     ticket_id: Identifier

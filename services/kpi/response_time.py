@@ -24,9 +24,8 @@ from decimal import Decimal
 from enum import StrEnum
 
 from services.kpi.stats import Durations, durations, ratio
+from shared.events import support_step_order
 
-# Steps at the same instant are ordered as a help desk records them (as the segmenter does).
-ACTION_ORDER = {"opened": 0, "customer_replied": 1, "agent_replied": 2, "resolved": 3, "reopened": 4}
 COMPLAINT = "complaint"
 
 
@@ -69,7 +68,8 @@ class Ticket:
 
 
 def ticket_from_steps(steps: Iterable[SupportStep]) -> Ticket:
-    ordered = sorted(steps, key=lambda s: (s.at, ACTION_ORDER[s.action], s.event_id))
+    # Steps at the same instant are ordered as a help desk records them, as in the segmenter.
+    ordered = sorted(steps, key=lambda s: support_step_order(s.at, s.action, s.event_id))
     if not ordered:
         raise ValueError("a ticket needs at least one step")
     opened = next((s for s in ordered if s.action == "opened"), None)

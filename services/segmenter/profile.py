@@ -26,19 +26,11 @@ from shared.events import (
     PurchaseEvent,
     SupportAction,
     SupportEvent,
+    support_step_order,
 )
 
 CONTACT_FIELDS = tuple(f for f in PROFILE_FIELDS if f not in ("consents", "attributes"))
 CHANNELS = ("email", "sms", "whatsapp")
-
-# Ticket steps that happen at the same instant are ordered as a help desk would record them.
-_ACTION_ORDER = {
-    SupportAction.OPENED: 0,
-    SupportAction.CUSTOMER_REPLIED: 1,
-    SupportAction.AGENT_REPLIED: 2,
-    SupportAction.RESOLVED: 3,
-    SupportAction.REOPENED: 4,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +118,13 @@ class TicketStep:
     action: SupportAction
     event_id: str
 
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.at, self.event_id)
+
+    def order(self) -> tuple[datetime, int, str]:
+        return support_step_order(self.at, self.action, self.event_id)
+
 
 @dataclass(slots=True)
 class Ticket:
@@ -135,7 +134,19 @@ class Ticket:
     steps: dict[str, TicketStep] = field(default_factory=dict)
 
     def ordered_steps(self) -> list[TicketStep]:
-        return sorted(self.steps.values(), key=lambda s: (s.at, _ACTION_ORDER[s.action], s.event_id))
+        return sorted(self.steps.values(), key=TicketStep.order)
+
+    def newer_than(self, step: TicketStep, register: Register | None) -> bool:
+        """Whether the step says a newer category or priority than the register's, in the steps'
+        order (the kpi's too): at one instant an agent's reply that corrects the category wins
+        over the opening, whichever event id sorts first. The register's own step gives its
+        action; a register whose step is unknown compares by its stamp alone."""
+        if register is None:
+            return True
+        mine = self.steps.get(register.stamp.event_id)
+        if mine is None:
+            return step.stamp.newer_than(register.stamp)
+        return step.order() > mine.order()
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,17 +234,16 @@ def apply_event(state: ProfileState, event: Event | ClvPrediction) -> None:
                 placed[0], placed[1], existing.amount, existing.currency, existing.stamp
             )
     elif isinstance(event, SupportEvent):
+        step = TicketStep(event.occurred_at, event.action, event.event_id)
         ticket = state.tickets.get(event.ticket_id)
         if ticket is None:
             ticket = state.tickets[event.ticket_id] = Ticket(category=Register(event.category, stamp))
-        elif stamp.newer_than(ticket.category.stamp):
+        elif ticket.newer_than(step, ticket.category):
             ticket.category = Register(event.category, stamp)
-        if event.priority is not None and (
-            ticket.priority is None or stamp.newer_than(ticket.priority.stamp)
-        ):
+        if event.priority is not None and ticket.newer_than(step, ticket.priority):
             ticket.priority = Register(event.priority, stamp)
         ticket.complaint = ticket.complaint or event.is_complaint
-        ticket.steps[event.event_id] = TicketStep(event.occurred_at, event.action, event.event_id)
+        ticket.steps[event.event_id] = step
     elif isinstance(event, CancellationEvent):
         state.cancellations[event.event_id] = Cancellation(event.occurred_at, event.reason, event.event_id)
 

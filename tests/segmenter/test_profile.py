@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.kpi.response_time import SupportStep, ticket_from_steps
 from services.segmenter.profile import (
     CONSENT_RUN_KEPT,
     Consent,
@@ -399,6 +400,49 @@ def test_equal_times_are_broken_by_the_larger_event_id() -> None:
         assert (f["email"], f["consent_email"]) == ("b@example.com", True)
         state = build(CUSTOMER, order)
         assert state.consents["email"].newest.event_id == "evt-b"
+
+
+def test_at_one_instant_a_ticket_says_the_category_of_its_later_action() -> None:
+    """An agent's reply at the instant of the opening that corrects the category wins, as the
+    desk records the two (opening first), whichever event id sorts first: the kpi reads it so."""
+    opened = support("z-open", NOW - DAY, "T", "opened", "delivery", priority="low")
+    replied = support("a-reply", NOW - DAY, "T", "agent_replied", "complaint", priority="high")
+    for order in ([opened, replied], [replied, opened]):
+        ticket = build(CUSTOMER, order).tickets["T"]
+        assert ticket.category.value == "complaint"
+        assert ticket.priority is not None
+        assert ticket.priority.value == "high"
+        f, _ = facts(build(CUSTOMER, order), NOW, CONFIG)
+        assert f["complaints_90d"] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(support_steps, min_size=1, max_size=12), data=st.data())
+def test_a_ticket_has_the_category_and_priority_the_kpi_gives_it(
+    steps: list[Any], data: st.DataObject
+) -> None:
+    """The segmenter's rules and the kpi's response-time breakdowns read one ticket the same
+    way: its newest step in the one order of steps (shared.events.support_step_order)."""
+    ids = data.draw(st.permutations([f"e{i:02d}" for i in range(len(steps))]))
+    events = [make(eid) for make, eid in zip(steps, ids, strict=True)]
+    state = build(CUSTOMER, data.draw(st.permutations(events)))
+    for ticket_id, ticket in state.tickets.items():
+        mine = [e for e in events if e.ticket_id == ticket_id]
+        kpi = ticket_from_steps(
+            SupportStep(
+                e.event_id,
+                e.ticket_id,
+                e.customer_id,
+                e.occurred_at,
+                e.action.value,
+                e.category,
+                e.priority,
+                e.is_complaint,
+            )
+            for e in mine
+        )
+        assert ticket.category.value == kpi.category
+        assert (None if ticket.priority is None else ticket.priority.value) == kpi.priority
 
 
 def test_a_predicted_clv_is_converted_to_the_reporting_currency() -> None:
