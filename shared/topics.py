@@ -57,6 +57,17 @@ async def ensure_topics(bootstrap: str, names: list[str], partitions: int) -> li
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        # Checked before anything is created: a mismatch leaves the cluster as it found it.
+        present = [n for n in names if n in existing]
+        if present:
+            described = await admin.describe_topics(present)
+            wrong = {
+                d["topic"]: len(d["partitions"]) for d in described if len(d["partitions"]) != partitions
+            }
+            if wrong:
+                raise PartitionMismatchError(
+                    f"topics with a partition count other than {partitions}: {wrong}"
+                )
         missing = [n for n in names if n not in existing]
         created: list[str] = []
         if missing:
@@ -68,16 +79,6 @@ async def ensure_topics(bootstrap: str, names: list[str], partitions: int) -> li
             except TopicAlreadyExistsError:
                 # Another process created them between list and create: that is the goal.
                 created = []
-        present = [n for n in names if n in existing]
-        if present:
-            described = await admin.describe_topics(present)
-            wrong = {
-                d["topic"]: len(d["partitions"]) for d in described if len(d["partitions"]) != partitions
-            }
-            if wrong:
-                raise PartitionMismatchError(
-                    f"topics with a partition count other than {partitions}: {wrong}"
-                )
         if created:
             log.info("topics created", topics=created, partitions=partitions)
             await _wait_visible(admin, created)

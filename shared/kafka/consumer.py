@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -191,6 +193,12 @@ class ConsumerLoop(Generic[T]):
             heartbeat_interval_ms=max(100, session_timeout_ms // 3),
             fetch_max_wait_ms=fetch_max_wait_ms,
             fetch_min_bytes=fetch_min_bytes,
+            # Partition i of every topic goes to one consumer (the topics share a partition
+            # count), so a customer's events, keyed alike on every topic, are applied by one
+            # process: aiokafka's default, round robin over all the topics' partitions, gives
+            # partition 0 of one topic and of the next to different consumers of a group. Round
+            # robin stays listed so that a group rolling over from it can still agree on one.
+            partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
         )
 
     @property

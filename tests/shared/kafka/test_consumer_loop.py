@@ -406,3 +406,48 @@ async def test_the_fetch_settings_reach_the_kafka_consumer() -> None:
     assert loop._consumer._fetch_min_bytes == 1234
     assert loop._commit_interval_s == 0.25
     assert loop._consumer._session_timeout_ms == settings.consumer_session_timeout_ms
+
+
+async def test_a_customer_is_applied_by_one_consumer_of_a_group_on_every_topic(
+    kafka: KafkaHandle, topic_prefix: str, unique: str
+) -> None:
+    """Each partition number goes to one consumer on every topic, so a customer's profile and
+    purchases (keyed alike) are applied by one process. With round robin, two consumers of two
+    topics of three partitions split partition 0 of one topic and of the other."""
+    topics = [topic_prefix + "profiles", topic_prefix + "purchases"]
+    group = f"g-{unique}"
+    loops = [
+        ConsumerLoop(
+            bootstrap=kafka.bootstrap,
+            topics=topics,
+            group_id=group,
+            client_id=f"{group}-{i}",
+            decode=lambda _topic, payload: decode_event(payload),
+            handle=ToyHandler(Database("sqlite+aiosqlite://")),  # nothing is produced: never called
+            producer=Producer(kafka.bootstrap, client_id=f"{group}-{i}"),
+            max_records=50,
+            poll_timeout_ms=100,
+        )
+        for i in range(2)
+    ]
+
+    def settled() -> bool:
+        held = [loop._consumer.assignment() for loop in loops]
+        return all(held) and sum(len(h) for h in held) == 2 * 3
+
+    try:
+        for loop in loops:
+            await loop._producer.start()
+            await loop._consumer.start()
+        async with asyncio.timeout(60):
+            while not settled():
+                await asyncio.gather(*(loop.run_once() for loop in loops))
+        for loop in loops:
+            by_topic = {
+                t: {tp.partition for tp in loop._consumer.assignment() if tp.topic == t} for t in topics
+            }
+            assert by_topic[topics[0]] == by_topic[topics[1]]
+            assert by_topic[topics[0]]  # each consumer holds a share
+    finally:
+        for loop in loops:
+            await stop(loop)
