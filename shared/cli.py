@@ -45,14 +45,21 @@ def _aware(value: str) -> datetime:
 
 
 def _dlq(args: argparse.Namespace) -> int:
-    from shared.dlq import replay  # noqa: PLC0415 - needs a broker
+    from shared.dlq import ReplayTimeoutError, replay  # noqa: PLC0415 - needs a broker
 
     settings = CommonSettings()
     try:
         report = asyncio.run(
-            replay(settings.kafka_bootstrap, args.topic, args.since, dry_run=args.dry_run, reason=args.reason)
+            replay(
+                settings.kafka_bootstrap,
+                args.topic,
+                args.since,
+                dry_run=args.dry_run,
+                reason=args.reason,
+                timeout_s=args.timeout_s,
+            )
         )
-    except ValueError as exc:
+    except (ValueError, ReplayTimeoutError) as exc:
         sys.stderr.write(f"retain dlq replay: {exc}\n")
         return 2
     verb = "would replay" if args.dry_run else "replayed"
@@ -90,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--since", type=_aware, help="only letters first refused at or after (RFC 3339)")
     replay.add_argument("--reason", help="only letters refused for this reason, e.g. undecodable")
     replay.add_argument("--dry-run", action="store_true", help="count, do not send")
+    replay.add_argument(
+        "--timeout-s",
+        type=float,
+        default=60.0,
+        help="longest time to read the dead-letter topic to its end (default 60; a large one needs more)",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "keys":

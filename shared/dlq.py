@@ -4,6 +4,11 @@ Each record in ``<topic>.dlq`` carries the original key and value, and headers n
 topic, partition, offset and the time it was first refused. Replaying sends key and value
 back to the original topic; consumers apply it as any event (their ledgers drop what was
 applied meanwhile), and a record that is still poison lands in the DLQ again with its reason.
+
+The replayed record carries its letter's origin headers (``ORIGIN_HEADERS``), and a consumer
+that refuses it again writes those rather than the replayed record's own: the new letter is the
+same record refused since the same instant, so the next replay sends it back once, however many
+replays came before.
 """
 
 from __future__ import annotations
@@ -13,10 +18,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from shared.kafka.producer import OutboundRecord, Producer
 from shared.topics import DLQ_SUFFIX, dlq
+
+# What a letter says about the record it holds, kept through a replay (see the module's doc).
+ORIGIN_HEADERS = ("x-retain-topic", "x-retain-partition", "x-retain-offset", "x-retain-first-seen")
+SEND_CHUNK = 1000  # records sent at a time: a large DLQ is not held in memory to the end
+
+
+class ReplayTimeoutError(RuntimeError):
+    """The scan ran out of time; what was sent before stays sent (a second replay is safe)."""
 
 
 @dataclass(slots=True)
@@ -38,6 +51,58 @@ def _header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
     return None
 
 
+@dataclass(slots=True)
+class _Replay:
+    """One replay's choice of letters and what it sends, ``SEND_CHUNK`` at a time."""
+
+    dlq_topic: str
+    report: ReplayReport
+    producer: Producer
+    since: datetime | None
+    reason: str | None
+    dry_run: bool
+    taken: set[tuple[str, str, str]] = field(default_factory=set)
+    batch: list[OutboundRecord] = field(default_factory=list)
+
+    async def take(self, r: ConsumerRecord[bytes, bytes]) -> None:
+        report = self.report
+        report.scanned += 1
+        headers = list(r.headers)
+        why = _header(headers, "x-retain-error") or "unknown"
+        first_seen = _header(headers, "x-retain-first-seen")
+        if self.since is not None and first_seen and datetime.fromisoformat(first_seen) < self.since:
+            report.skipped_before_since += 1
+            return
+        if self.reason is not None and why != self.reason:
+            return
+        origin = _header(headers, "x-retain-topic") or report.topic
+        partition = _header(headers, "x-retain-partition")
+        offset = _header(headers, "x-retain-offset")
+        if partition is not None and offset is not None:
+            if (origin, partition, offset) in self.taken:
+                report.same_record += 1
+                return
+            self.taken.add((origin, partition, offset))
+        report.by_reason[why] = report.by_reason.get(why, 0) + 1
+        carried = tuple((k, v) for k, v in headers if k in ORIGIN_HEADERS)
+        self.batch.append(
+            OutboundRecord(
+                origin,
+                r.key or b"",  # a keyless record: one partition, which consumers don't mind
+                r.value or b"",
+                (*carried, ("x-retain-replayed-from", f"{self.dlq_topic}:{r.partition}:{r.offset}".encode())),
+            )
+        )
+        if len(self.batch) >= SEND_CHUNK:
+            await self.send()
+
+    async def send(self) -> None:
+        if not self.dry_run and self.batch:
+            await self.producer.send_all(self.batch)
+            self.report.replayed += len(self.batch)
+        self.batch.clear()
+
+
 async def replay(
     bootstrap: str,
     topic: str,
@@ -54,58 +119,35 @@ async def replay(
             f"{topic!r} is a dead-letter topic: give the topic its letters came from, "
             f"{topic.removesuffix(DLQ_SUFFIX)!r}"
         )
-    report = ReplayReport(topic)
-    taken: set[tuple[str, str, str]] = set()
+    name = dlq(topic)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     producer = Producer(bootstrap, client_id="retain-dlq-replay")
+    run = _Replay(name, ReplayReport(topic), producer, since, reason, dry_run)
     await consumer.start()
     try:
-        name = dlq(topic)
         partitions = consumer.partitions_for_topic(name)
         if not partitions:
             await consumer._client.force_metadata_update()
             partitions = consumer.partitions_for_topic(name) or set()
         tps = [TopicPartition(name, p) for p in sorted(partitions)]
         if not tps:
-            return report
+            return run.report
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
-        batch: list[OutboundRecord] = []
-        async with asyncio.timeout(timeout_s):
-            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    for r in records:
-                        report.scanned += 1
-                        headers = list(r.headers)
-                        why = _header(headers, "x-retain-error") or "unknown"
-                        first_seen = _header(headers, "x-retain-first-seen")
-                        if since is not None and first_seen and datetime.fromisoformat(first_seen) < since:
-                            report.skipped_before_since += 1
-                            continue
-                        if reason is not None and why != reason:
-                            continue
-                        origin = _header(headers, "x-retain-topic") or topic
-                        partition = _header(headers, "x-retain-partition")
-                        offset = _header(headers, "x-retain-offset")
-                        if partition is not None and offset is not None:
-                            if (origin, partition, offset) in taken:
-                                report.same_record += 1
-                                continue
-                            taken.add((origin, partition, offset))
-                        report.by_reason[why] = report.by_reason.get(why, 0) + 1
-                        batch.append(
-                            OutboundRecord(
-                                origin,
-                                r.key or b"",  # a keyless record: one partition, which consumers don't mind
-                                r.value or b"",
-                                (("x-retain-replayed-from", f"{name}:{r.partition}:{r.offset}".encode()),),
-                            )
-                        )
-        if not dry_run and batch:
-            await producer.send_all(batch)
-        report.replayed = 0 if dry_run else len(batch)
-        return report
+        try:
+            async with asyncio.timeout(timeout_s):
+                while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        for r in records:
+                            await run.take(r)
+                await run.send()
+        except TimeoutError:
+            raise ReplayTimeoutError(
+                f"{name} was not read to its end in {timeout_s:g} s ({run.report.scanned} letters "
+                f"scanned, {run.report.replayed} sent): give a longer --timeout-s; replaying again is safe"
+            ) from None
+        return run.report
     finally:
         await consumer.stop()
         await producer.stop()

@@ -24,6 +24,9 @@ ALL_TOPICS = (PROFILES, PURCHASES, SUPPORT, CANCELLATIONS, SEGMENTS, MESSAGES, C
 
 
 DLQ_SUFFIX = ".dlq"
+# Dead letters wait for a fix and a replay: a month, not the broker's default week, so that a
+# letter outlives a holiday. Only the topics `retain topics` creates get it.
+DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 
 
 def dlq(topic: str) -> str:
@@ -73,7 +76,17 @@ async def ensure_topics(bootstrap: str, names: list[str], partitions: int) -> li
         if missing:
             try:
                 await admin.create_topics(
-                    [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in missing]
+                    [
+                        NewTopic(
+                            n,
+                            num_partitions=partitions,
+                            replication_factor=1,
+                            topic_configs={"retention.ms": str(DLQ_RETENTION_MS)}
+                            if n.endswith(DLQ_SUFFIX)
+                            else {},
+                        )
+                        for n in missing
+                    ]
                 )
                 created = missing
             except TopicAlreadyExistsError:

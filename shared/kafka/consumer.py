@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared.codec import encode_key
+from shared.dlq import ORIGIN_HEADERS
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
 from shared.metrics import (
@@ -129,6 +130,21 @@ def _describe(exc: Exception) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or '(record)'}: {e['msg'].removeprefix('Value error, ')}"
         for e in exc.errors(include_url=False)
+    )
+
+
+def _origin(record: ConsumerRecord[bytes, bytes], now: str) -> tuple[tuple[str, bytes], ...]:
+    """Where a dead letter's record came from and since when it is refused: this record, or,
+    for a record a replay put back (it carries all of ``ORIGIN_HEADERS``), its first letter's,
+    so that every letter of one record has one origin and a replay sends it back once."""
+    carried = {k: v for k, v in record.headers if k in ORIGIN_HEADERS}
+    if len(carried) == len(ORIGIN_HEADERS):
+        return tuple((k, carried[k]) for k in ORIGIN_HEADERS)
+    return (
+        ("x-retain-topic", record.topic.encode()),
+        ("x-retain-partition", str(record.partition).encode()),
+        ("x-retain-offset", str(record.offset).encode()),
+        ("x-retain-first-seen", now.encode()),
     )
 
 
@@ -458,10 +474,7 @@ class ConsumerLoop(Generic[T]):
                 headers=(
                     ("x-retain-error", d.reason.encode()),
                     ("x-retain-error-detail", d.detail.encode()),
-                    ("x-retain-topic", d.record.topic.encode()),
-                    ("x-retain-partition", str(d.record.partition).encode()),
-                    ("x-retain-offset", str(d.record.offset).encode()),
-                    ("x-retain-first-seen", now.encode()),
+                    *_origin(d.record, now),
                     ("x-retain-group", self._group_id.encode()),
                 ),
             )

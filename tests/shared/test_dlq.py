@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared.dlq import replay
+from shared import dlq as dlq_module
+from shared.dlq import ReplayTimeoutError, replay
 from shared.kafka.producer import OutboundRecord, Producer
 from tests.support.infra import KafkaHandle
 from tests.support.kafka import read_all
@@ -82,3 +83,40 @@ async def test_a_record_dead_lettered_by_every_group_goes_back_once(
 
     with pytest.raises(ValueError, match="dead-letter topic"):
         await replay(kafka.bootstrap, topic + ".dlq")
+
+
+async def test_a_large_dlq_is_sent_in_chunks_and_a_scan_out_of_time_says_so(
+    kafka: KafkaHandle, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = topic_prefix + "purchases"
+    seen = datetime.now(UTC).isoformat().encode()
+    letters = [
+        OutboundRecord(
+            topic + ".dlq",
+            b"c1",
+            f'{{"n": {i}}}'.encode(),
+            (("x-retain-error", b"undecodable"), ("x-retain-first-seen", seen)),
+        )
+        for i in range(5)
+    ]
+    producer = Producer(kafka.bootstrap, client_id="dlq-test")
+    await producer.send_all(letters)
+    await producer.stop()
+
+    with pytest.raises(ReplayTimeoutError, match="longer --timeout-s"):
+        await replay(kafka.bootstrap, topic, timeout_s=0)
+    sent: list[int] = []
+    real_send_all = Producer.send_all
+
+    async def counting(self: Producer, records: list[OutboundRecord]) -> None:
+        sent.append(len(records))
+        await real_send_all(self, records)
+
+    monkeypatch.setattr(Producer, "send_all", counting)
+    monkeypatch.setattr(dlq_module, "SEND_CHUNK", 2)
+    report = await replay(kafka.bootstrap, topic)
+    assert report.replayed == 5
+    assert sum(sent) == 5
+    assert max(sent) < 5  # sent as it was read, not all at the end
+    back = await read_all(kafka.bootstrap, [topic])
+    assert sorted(r.value for r in back) == sorted(r.value for r in letters)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -15,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from shared.codec import decode_event, encode_event, encode_key
 from shared.config import CommonSettings
 from shared.db import Database, applied_events_table, claim_events, insert_ignoring_conflicts
+from shared.dlq import replay
 from shared.events import EVENT_ADAPTER, EXAMPLES, Event, PurchaseEvent
 from shared.kafka import consumer as consumer_module
 from shared.kafka.consumer import BatchResult, ConsumerLoop, Delivered, PermanentError
@@ -176,6 +178,35 @@ async def test_poison_goes_to_the_dlq_and_the_partition_keeps_flowing(
     assert all(b"T" in h["x-retain-first-seen"] for h in headers)
     assert loop.stats.dead_lettered == 3
     assert loop.stats.applied == 2
+
+
+async def test_a_record_still_poison_after_a_replay_keeps_its_first_letter_and_goes_back_once(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """Replayed before the fix reached it, a record is refused again: its new letter says where
+    it first came from and since when, so a second replay with the same --since sends it back
+    once, not once per letter (which doubled it with every round)."""
+    topic = topic_prefix + "purchases"
+    await produce(kafka, topic, [("c1", encode_event(purchase(1, "c1", "666")))])
+    loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db))
+    try:
+        await drain(loop, 1)
+        since = datetime.now(UTC) - timedelta(hours=1)
+        assert (await replay(kafka.bootstrap, topic, since)).replayed == 1
+        async with asyncio.timeout(30):
+            while loop.stats.records < 2:  # refused again
+                await loop.run_once()
+        letters = [dict(r.headers) for r in await read_all(kafka.bootstrap, [topic + ".dlq"])]
+        assert len(letters) == 2
+        first, again = letters
+        for name in ("x-retain-topic", "x-retain-partition", "x-retain-offset", "x-retain-first-seen"):
+            assert again[name] == first[name]
+        assert again["x-retain-offset"] == b"0"
+        second = await replay(kafka.bootstrap, topic, since)
+        assert (second.scanned, second.replayed, second.same_record) == (2, 1, 1)
+    finally:
+        await stop(loop)
+    assert len(await read_all(kafka.bootstrap, [topic])) == 3  # the record and one copy per replay
 
 
 async def test_records_not_keyed_by_their_customer_are_applied_counted_and_logged_once(
