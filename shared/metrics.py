@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -72,6 +73,44 @@ CONSUMER_MISKEYED = Counter(
     ["group", "topic"],
 )
 
+CONSUMER_BROKER_CONTACT = Gauge(
+    "retain_consumer_broker_contact_timestamp_seconds",
+    "When the broker last answered a fetch of a partition this consumer holds (Unix seconds), as "
+    "of the loop's latest pass: an idle consumer's long polls keep it current; it stands still "
+    "while the broker is away (or the loop is stalled). No series while the consumer holds none.",
+    ["group"],
+)
+
+WORKER_HEARTBEAT = Gauge(
+    "retain_worker_heartbeat_timestamp_seconds",
+    "When this worker's loop last completed a pass (Unix seconds): a consumer's batch applied or "
+    "idle poll, and its work between batches; the sender's send pass. It stands still while the "
+    "loop hangs or retries a database that is away.",
+    ["loop"],
+)
+
+# A worker whose loop has not completed a pass for this long is stalled: its /healthz fails.
+# Kafka's own limit on the time between two polls (max.poll.interval.ms) is the same 5 minutes.
+STALL_AFTER_S = 300.0
+_beats: dict[str, float] = {}  # loop → time.monotonic() of its latest pass
+
+
+def heartbeat(loop: str) -> None:
+    """A pass of ``loop`` completed (see ``WORKER_HEARTBEAT``)."""
+    WORKER_HEARTBEAT.labels(loop).set_to_current_time()
+    _beats[loop] = time.monotonic()
+
+
+def stalled(now: float | None = None) -> dict[str, float]:
+    """The loops of this process with no pass for ``STALL_AFTER_S``, and for how long."""
+    now = time.monotonic() if now is None else now
+    return {loop: now - at for loop, at in list(_beats.items()) if now - at > STALL_AFTER_S}
+
+
+def forget_loop(loop: str) -> None:
+    """A loop that stopped on purpose is not stalled."""
+    _beats.pop(loop, None)
+
 
 _EXPOSED: set[int] = set()  # ids of the collectors ``expose`` registered
 
@@ -101,13 +140,24 @@ def _text() -> list[tuple[str, str]]:
 
 
 def worker_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """/metrics, and /healthz (the process is alive and answering); 404 for anything else.
+    """/metrics, and /healthz (the process is alive and its loops are not stalled); 404 for
+    anything else.
     prometheus_client's own listener answers every path with the metrics and 200, so a probe
     of a worker's /readyz passed whatever the worker's state."""
     path = environ.get("PATH_INFO", "")
     if path == "/metrics":
         return _METRICS(environ, start_response)  # type: ignore[no-any-return]
     if path == "/healthz":
+        late = stalled()
+        if late:
+            # A hung loop still answers here (this listener has its own thread): say so, and a
+            # liveness probe restarts the worker.
+            start_response("503 Service Unavailable", _text())
+            return [
+                "".join(
+                    f"stalled: {loop} has not completed a pass for {s:.0f} s\n" for loop, s in late.items()
+                ).encode()
+            ]
         start_response("200 OK", _text())
         return [b"ok\n"]
     start_response("404 Not Found", _text())

@@ -16,18 +16,22 @@ from services.messenger.providers.registry import build_limiter, build_providers
 from services.messenger.service import HELD_GAUGES, MessengerService
 from shared.kafka.consumer import is_transient
 from shared.logs import get_logger
+from shared.metrics import forget_loop, heartbeat
 from shared.service_main import worker
 
 log = get_logger(__name__)
+LOOP = "retain-messenger-sender"  # its heartbeat's label (shared.metrics.heartbeat)
 
 
 async def run(service: MessengerService, interval_s: float, stop: asyncio.Event) -> None:
+    heartbeat(LOOP)  # from here on, a pass that hangs is a stall
     await service.reconcile()  # first: whatever a crash left half-sent
     while not stop.is_set():
         try:
             outcomes = await service.send_due()
             await service.reconcile()
             await service.refresh_gauges()
+            heartbeat(LOOP)
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -43,7 +47,7 @@ async def run(service: MessengerService, interval_s: float, stop: asyncio.Event)
 
 async def main(settings: MessengerSettings | None = None) -> None:
     settings = settings or MessengerSettings()
-    client_id = "retain-messenger-sender"
+    client_id = LOOP
     async with worker(
         settings, settings.database_url, MIGRATIONS, client_id, 8203, own_metrics=HELD_GAUGES
     ) as (db, producer):
@@ -59,6 +63,7 @@ async def main(settings: MessengerSettings | None = None) -> None:
         try:
             await run(service, settings.messenger_sender_interval_s, stop)
         finally:
+            forget_loop(LOOP)
             await service.flush()
             await close_providers(providers)
 

@@ -999,6 +999,17 @@ class MessengerService:
         for row, result in results:
             if isinstance(result, ProviderError):
                 reason = f"{result.provider} {result.code}: {result.message}"
+                # One line per failure with the provider's code: what on-call reads first when
+                # RetainProviderFailureRate fires (credentials, a rate limit, an outage).
+                log.warning(
+                    "message failed",
+                    message_id=row.id,
+                    channel=row.channel,
+                    provider=result.provider,
+                    code=result.code,
+                    permanent=result.permanent,
+                    detail=result.message[:300],
+                )
                 settled.append((row, "failed", reason, {"error_code": result.code}))
                 if result.suppress_address:
                     source = FactSource.PROVIDER_21610 if result.code == "21610" else FactSource.BOUNCE

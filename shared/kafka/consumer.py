@@ -35,12 +35,15 @@ from shared.logs import get_logger
 from shared.metrics import (
     CONSUMER_BATCH_SECONDS,
     CONSUMER_BATCH_SIZE,
+    CONSUMER_BROKER_CONTACT,
     CONSUMER_DUPLICATES,
     CONSUMER_LAG,
     CONSUMER_MISKEYED,
     CONSUMER_RECORDS,
     CONSUMER_RETRIES,
     DLQ_MESSAGES,
+    forget_loop,
+    heartbeat,
 )
 from shared.topics import dlq
 
@@ -252,12 +255,15 @@ class ConsumerLoop(Generic[T]):
             await self._consumer.stop()
             return
         log.info("consumer started", group=self._group_id, topics=self._topics)
+        heartbeat(self._group_id)  # from here on, a first pass that hangs is a stall too
         try:
             while not self._stopping.is_set():
                 await self.run_once()
                 await self._run_tick()
+                heartbeat(self._group_id)
             await self.commit_pending()
         finally:
+            forget_loop(self._group_id)
             await self._consumer.stop()
             log.info("consumer stopped", group=self._group_id, **self._summary())
 
@@ -325,6 +331,7 @@ class ConsumerLoop(Generic[T]):
             end = lso if lso is not None and lso >= 0 else self._consumer.highwater(tp)
             if end is not None:  # None: not fetched yet since the assignment
                 ends[tp] = end
+        self._record_contact(ends)
         reported: set[TopicPartition] = set()
         behind = len(ends) < len(self._consumer.assignment())  # a partition not fetched yet: unknown
         for tp, end in ends.items():
@@ -340,6 +347,20 @@ class ConsumerLoop(Generic[T]):
                 CONSUMER_LAG.remove(self._group_id, tp.topic, str(tp.partition))
         self._lag_partitions = (self._lag_partitions & set(self._consumer.assignment())) | reported
         self.behind = behind
+
+    def _record_contact(self, fetched: Sequence[TopicPartition] | dict[TopicPartition, int]) -> None:
+        """The latest fetch response the broker gave for a partition we hold; no series while we
+        hold none (an idle consumer of a group larger than the partitions is not out of touch)."""
+        contact: list[int] = []  # milliseconds since the epoch
+        for tp in fetched:
+            with contextlib.suppress(AssertionError):  # aiokafka's check: revoked while we looked
+                if (at := self._consumer.last_poll_timestamp(tp)) is not None:
+                    contact.append(at)
+        if contact:
+            CONSUMER_BROKER_CONTACT.labels(self._group_id).set(max(contact) / 1000)
+        elif not self._consumer.assignment():
+            with contextlib.suppress(KeyError):
+                CONSUMER_BROKER_CONTACT.remove(self._group_id)
 
     def _decode_all(
         self, records: list[ConsumerRecord[bytes, bytes]]

@@ -6,12 +6,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from shared.metrics import METRICS_PORT_ENV, serve_worker_metrics
+from shared import metrics as metrics_module
+from shared.metrics import (
+    METRICS_PORT_ENV,
+    STALL_AFTER_S,
+    WORKER_HEARTBEAT,
+    forget_loop,
+    heartbeat,
+    serve_worker_metrics,
+    stalled,
+)
 from tests.support.infra import free_port
 
 
@@ -33,6 +43,28 @@ def test_the_worker_listener_serves_metrics_and_health_only(monkeypatch: pytest.
         assert httpx.get(f"{base}/healthz").text == "ok\n"
     # A second listener on the same port is logged and skipped: the worker runs on.
     assert serve_worker_metrics(1) is None
+
+
+def test_a_worker_whose_loop_stopped_passing_is_not_healthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener has its own thread, so a worker whose asyncio loop hangs (or retries a
+    database that is away) still answered ok; a liveness probe now sees the stall."""
+    port = free_port()
+    monkeypatch.setenv(METRICS_PORT_ENV, str(port))
+    assert serve_worker_metrics(1) == port
+    health = f"http://127.0.0.1:{port}/healthz"
+    heartbeat("retain-test-loop")
+    assert httpx.get(health).status_code == 200
+    assert "retain-test-loop" not in stalled()
+    monkeypatch.setitem(metrics_module._beats, "retain-test-loop", time.monotonic() - STALL_AFTER_S - 30)
+    late = httpx.get(health)
+    assert late.status_code == 503
+    assert late.text.startswith("stalled: retain-test-loop has not completed a pass for 33")
+    heartbeat("retain-test-loop")  # it passes again
+    assert httpx.get(health).status_code == 200
+    monkeypatch.setitem(metrics_module._beats, "retain-test-loop", time.monotonic() - STALL_AFTER_S - 30)
+    forget_loop("retain-test-loop")  # stopped on purpose
+    assert httpx.get(health).status_code == 200
+    assert WORKER_HEARTBEAT.labels("retain-test-loop")._value.get() == pytest.approx(time.time(), abs=60)
 
 
 # What each process of a service exports when started as `make run` starts it: an API by its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -13,6 +14,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Column, MetaData, Numeric, String, Table, select
 from sqlalchemy.exc import OperationalError
 
+from shared import metrics as metrics_module
 from shared.codec import decode_event, encode_event, encode_key
 from shared.config import CommonSettings
 from shared.db import Database, applied_events_table, claim_events, insert_ignoring_conflicts
@@ -21,6 +23,7 @@ from shared.events import EVENT_ADAPTER, EXAMPLES, Event, PurchaseEvent
 from shared.kafka import consumer as consumer_module
 from shared.kafka.consumer import BatchResult, ConsumerLoop, Delivered, PermanentError
 from shared.kafka.producer import OutboundRecord, Producer
+from shared.metrics import CONSUMER_BROKER_CONTACT, stalled
 from tests.support.infra import KafkaHandle
 from tests.support.kafka import read_all
 
@@ -482,3 +485,33 @@ async def test_a_customer_is_applied_by_one_consumer_of_a_group_on_every_topic(
     finally:
         for loop in loops:
             await stop(loop)
+
+
+async def test_a_running_loop_beats_and_says_when_the_broker_last_answered(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """What RetainWorkerStalled and RetainConsumerBrokerUnreachable read: both move while the
+    loop runs (idle long polls included), and the loop is forgotten once stopped on purpose."""
+    topic = topic_prefix + "purchases"
+    await produce_purchases_of_three(kafka, topic, 6)
+    group = f"g-{unique}"
+    loop = make_loop(kafka, topic, group, ToyHandler(db))
+    task = asyncio.create_task(loop.run())
+    try:
+        async with asyncio.timeout(30):
+            while loop.stats.records < 6 or group not in metrics_module._beats:
+                await asyncio.sleep(0.05)
+        first = metrics_module._beats[group]
+        contact = CONSUMER_BROKER_CONTACT.labels(group)._value.get()
+        assert contact == pytest.approx(time.time(), abs=10)
+        async with asyncio.timeout(30):
+            while (
+                metrics_module._beats[group] == first
+                or CONSUMER_BROKER_CONTACT.labels(group)._value.get() == contact
+            ):
+                await asyncio.sleep(0.05)  # idle: each empty poll is a pass, each fetch an answer
+        assert group not in stalled()
+    finally:
+        loop.stop()
+        await task
+    assert group not in metrics_module._beats
