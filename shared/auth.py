@@ -22,6 +22,9 @@ from typing import Any
 from fastapi import Request
 
 from shared.errors import ForbiddenError, UnauthorizedError
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 SCOPES = frozenset(
     {"events:write", "rules:read", "rules:write", "messages:read", "messages:write", "kpi:read", "admin"}
@@ -59,7 +62,8 @@ class KeyStore:
         self._path = path
         self._extra = {k.id: k for k in extra}
         self._keys: dict[str, ApiKey] = dict(self._extra)
-        self._mtime: float | None = None
+        self._mtime: float | None = None  # of the version loaded
+        self._broken: float | None = None  # of a version that could not be loaded, logged
         self._checked = 0.0
 
     def _refresh(self) -> None:
@@ -75,8 +79,22 @@ class KeyStore:
             return
         if mtime == self._mtime:
             return
-        self._mtime = mtime
-        self._keys = {**load_keys(self._path), **self._extra}
+        try:
+            loaded = load_keys(self._path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # A hand edit that broke the file: refuse its keys until it is fixed rather than keep
+            # the ones it had (the edit may have been a revocation), and say so once per version.
+            if self._broken != mtime:
+                self._broken = mtime
+                log.error(
+                    "keys file unreadable: its keys are refused until it is fixed",
+                    path=str(self._path),
+                    error=f"{type(exc).__name__}: {exc}"[:300],
+                )
+            self._keys = dict(self._extra)
+            return
+        self._mtime, self._broken = mtime, None
+        self._keys = {**loaded, **self._extra}
 
     def authenticate(self, presented: str) -> ApiKey | None:
         self._refresh()

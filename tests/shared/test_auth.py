@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
+from shared import auth as auth_module
 from shared.auth import KeyStore, create_key, hash_key
 
 
@@ -33,3 +36,28 @@ def test_authenticate(tmp_path: Path) -> None:
 def test_unknown_scope_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown scopes"):
         create_key(tmp_path / "k.json", ["events:delete"])
+
+
+def test_a_keys_file_broken_by_an_edit_refuses_its_keys_until_it_is_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edit may have been a revocation: keeping the keys of the last good version would keep
+    the revoked key valid, silently. The request gets a 401, not a 500."""
+    path = tmp_path / "keys.json"
+    _key, plain = create_key(path, ["events:write"])
+    store = KeyStore(path)
+    assert store.authenticate(plain) is not None
+    good = path.read_text()
+    errors: list[str] = []
+    monkeypatch.setattr(auth_module.log, "error", lambda event, **_fields: errors.append(event))
+    start = time.monotonic()
+    clock = iter(range(10, 100, 10))  # seconds apart: each call looks at the file again
+    monkeypatch.setattr(time, "monotonic", lambda: start + next(clock))
+    path.write_text(good.replace('"keys"', '"keys" ,,'))  # a stray comma
+    os.utime(path, (1, 1))
+    assert store.authenticate(plain) is None
+    assert store.authenticate(plain) is None  # still broken: refused, logged once
+    assert errors == ["keys file unreadable: its keys are refused until it is fixed"]
+    path.write_text(good)
+    os.utime(path, (2, 2))
+    assert store.authenticate(plain) is not None
