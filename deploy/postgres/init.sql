@@ -1,5 +1,7 @@
 -- Retain on PostgreSQL 16: one database per service, created once, when the data volume is
--- empty (the postgres image runs /docker-entrypoint-initdb.d/*.sql as POSTGRES_USER with psql).
+-- empty: the postgres image runs init.sh, which runs this file with psql as POSTGRES_USER and
+-- the two passwords as psql variables (from RETAIN_DB_PASSWORD and
+-- RETAIN_GRAFANA_KPI_DB_PASSWORD; quoted by psql, never spliced into the SQL by hand).
 --
 -- Each service owns its database and creates its own tables (Alembic, on start-up): the
 -- segmenter, messenger and kpi never share tables and never read each other's databases.
@@ -10,15 +12,23 @@
 --   grafana_reader  Grafana's role for the Retention KPIs dashboard: CONNECT on kpi only and
 --                   SELECT on its tables, never the service's own role
 --
--- The passwords below are for a local compose run. In production change them (ALTER ROLE …
--- PASSWORD …, or create the roles yourself) and put the same values into the services'
--- RETAIN_<SERVICE>_DATABASE_URL and Grafana's RETAIN_GRAFANA_KPI_DB_PASSWORD; better still, a
+-- Without the variables (psql -f init.sql by hand) the passwords are the local ones, retain and
+-- grafana_reader. They are set on the first start only: to change them later, ALTER ROLE …
+-- PASSWORD … and set the same value where compose reads it. In production, better still, a
 -- role per service with its own password.
 
 \set ON_ERROR_STOP on
+\if :{?retain_password}
+\else
+\set retain_password retain
+\endif
+\if :{?grafana_password}
+\else
+\set grafana_password grafana_reader
+\endif
 
-CREATE ROLE retain LOGIN PASSWORD 'retain';
-CREATE ROLE grafana_reader LOGIN PASSWORD 'grafana_reader';
+CREATE ROLE retain LOGIN PASSWORD :'retain_password';
+CREATE ROLE grafana_reader LOGIN PASSWORD :'grafana_password';
 
 CREATE DATABASE segmenter OWNER retain;
 CREATE DATABASE messenger OWNER retain;
