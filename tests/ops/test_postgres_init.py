@@ -15,8 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from shared.config import REPO_ROOT
 from shared.infra.postgres import HOST, SUPERUSER, LocalPostgres
-from tests.support.infra import REPO_ROOT, TEST_VAR
+from tests.support.infra import TEST_VAR
 
 pytestmark = pytest.mark.integration
 
