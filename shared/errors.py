@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.events import one_error_per_attribute
+
 
 class RetainError(Exception):
     status_code = 400
@@ -124,7 +126,7 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 def pydantic_errors(errors: Any, *, drop_prefix: int = 0) -> list[dict[str, Any]]:
     """Pydantic's error list as ``{field, message}`` pairs with a dotted field path."""
     out: list[dict[str, Any]] = []
-    for err in errors:
+    for err in one_error_per_attribute(list(errors)):
         loc = [str(p) for p in err.get("loc", ())][drop_prefix:]
         out.append({"field": ".".join(loc) or "(body)", "message": err.get("msg", "invalid")})
     return out

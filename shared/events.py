@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.networks import validate_email
+from pydantic_core import ErrorDetails
 
 from shared.conditions import Choices, Domains, Range
 
@@ -140,6 +141,47 @@ AttributeValue = (
     | bool
     | None
 )
+
+# The members of AttributeValue as pydantic names them at the end of an error's path, and the
+# one that judges a value of each kind.
+_ATTRIBUTE_MEMBERS = frozenset({"constrained-str", "constrained-int", "float", "bool"})
+_MEMBER_OF_KIND = {str: "constrained-str", int: "constrained-int", float: "float"}
+_FLAT_ONLY = "must be a string, a number, a boolean or null: attributes hold flat values only, not {}"
+
+
+def one_error_per_attribute(errors: list[ErrorDetails]) -> list[ErrorDetails]:
+    """Validation errors with one per attribute value, at the attribute's own path: pydantic
+    reports a value that no member of AttributeValue accepts once per member, each under a
+    path ending in the member's internal name (``attributes.tags.constrained-str``,
+    ``….constrained-int``, …), which a developer never wrote. The one kept is that of the
+    value's own kind (a string too long, an infinite number), else "flat values only".
+    Applied where errors are shown, so that valid events cost nothing more."""
+    out: list[ErrorDetails] = []
+    said: set[tuple[int | str, ...]] = set()
+    for error in errors:
+        loc = error["loc"]
+        if len(loc) < 3 or loc[-1] not in _ATTRIBUTE_MEMBERS:
+            out.append(error)
+            continue
+        path = loc[:-1]
+        if path in said:
+            continue
+        said.add(path)
+        given = error["input"]
+        own_loc = (*path, _MEMBER_OF_KIND.get(type(given), ""))
+        own = next((e for e in errors if e["loc"] == own_loc), None)
+        if own is not None:
+            out.append({**own, "loc": path})
+        else:
+            kind = (
+                "lists"
+                if isinstance(given, list)
+                else "objects"
+                if isinstance(given, dict)
+                else "other values"
+            )
+            out.append({**error, "type": "attribute_value_type", "loc": path, "msg": _FLAT_ONLY.format(kind)})
+    return out
 
 
 class Channel(StrEnum):

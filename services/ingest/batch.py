@@ -23,6 +23,7 @@ from shared.events import (
     NOT_AFTER_EPOCH,
     Event,
     EventType,
+    one_error_per_attribute,
     time_bound_broken,
 )
 from shared.storable import unstorable_paths
@@ -122,7 +123,7 @@ def validate_batch(items: list[Any], max_batch: int, new_id: Any = uuid.uuid4) -
     try:
         return EVENT_LIST_ADAPTER.validate_python(items)
     except ValidationError as exc:
-        errors = [_field_error(e) for e in exc.errors(include_url=False)]
+        errors = [_field_error(e) for e in one_error_per_attribute(exc.errors(include_url=False))]
         types = [_type_label(items[e.index]) for e in errors]
         failed = {e.index for e in errors}
         valid = [(i, EVENT_ADAPTER.validate_python(item)) for i, item in enumerate(items) if i not in failed]

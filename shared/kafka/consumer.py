@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared.codec import encode_key
 from shared.dlq import ORIGIN_HEADERS
+from shared.events import one_error_per_attribute
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
 from shared.metrics import (
@@ -132,7 +133,7 @@ def _describe(exc: Exception) -> str:
         return str(exc)
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or '(record)'}: {e['msg'].removeprefix('Value error, ')}"
-        for e in exc.errors(include_url=False)
+        for e in one_error_per_attribute(exc.errors(include_url=False))
     )
 
 

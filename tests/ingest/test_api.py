@@ -156,6 +156,7 @@ IN_FIVE_YEARS = (datetime.now(UTC) + timedelta(days=5 * 365)).isoformat()
         ),
         ({**_event("purchase", "c1", 1), "occurred_at": "1900-01-01T00:00:00Z"}, 422, "not after 1970"),
         ({**_event("support", "c1", 1), "occurred_at": "1970-01-01T00:00:00Z"}, 422, "a zero timestamp"),
+        ({**_event("profile", "c1", 1), "attributes": {"tags": ["vip"]}}, 422, "flat values only"),
     ],
 )
 async def test_invalid_events_reject_the_whole_batch(
@@ -179,6 +180,13 @@ async def test_every_problem_is_listed_with_index_and_field(client: Client) -> N
     assert response.status_code == 422
     details = {(d["index"], d["field"]) for d in response.json()["error"]["details"]}
     assert details == {(1, "currency"), (1, "amount"), (2, "phone")}
+    # An attribute's problem is one detail at the attribute's own path.
+    response = await client.post(
+        {**_event("profile", "c3", 3), "attributes": {"tags": ["vip"], "note": "x" * 501}}
+    )
+    assert response.status_code == 422
+    details = {(d["index"], d["field"]) for d in response.json()["error"]["details"]}
+    assert details == {(0, "attributes.tags"), (0, "attributes.note")}
     assert await client.landed() == []
 
 

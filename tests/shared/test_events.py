@@ -24,13 +24,15 @@ from shared.events import (
     PurchaseEvent,
     PurchaseItem,
     SupportEvent,
+    one_error_per_attribute,
 )
 
 
 def _errors(payload: dict[str, Any]) -> dict[str, str]:
     with pytest.raises(ValidationError) as info:
         EVENT_ADAPTER.validate_python(payload)
-    return {".".join(str(p) for p in e["loc"][1:]): e["msg"] for e in info.value.errors()}
+    errors = one_error_per_attribute(info.value.errors())
+    return {".".join(str(p) for p in e["loc"][1:]): e["msg"] for e in errors}
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -48,6 +50,40 @@ def test_naive_datetime_is_rejected() -> None:
 def test_unknown_top_level_field_is_rejected_and_points_to_attributes() -> None:
     errors = _errors({**EXAMPLES["profile"], "vip": True})
     assert errors == {"vip": "Extra inputs are not permitted"}
+
+
+def test_a_bad_attribute_is_one_error_at_its_own_path() -> None:
+    """Not one per member of the union of attribute values, each under a path ending in
+    pydantic's internal name for it (attributes.tags.constrained-str, ….constrained-int, …)."""
+    errors = _errors(
+        {
+            **EXAMPLES["profile"],
+            "attributes": {
+                "tags": ["vip", "b2b"],
+                "address": {"city": "Haifa"},
+                "note": "x" * 501,
+                "score": float("inf"),
+                "ok": "fine",
+            },
+        }
+    )
+    flat = "must be a string, a number, a boolean or null: attributes hold flat values only, not "
+    assert errors == {
+        "attributes.tags": flat + "lists",
+        "attributes.address": flat + "objects",
+        "attributes.note": "String should have at most 500 characters",
+        "attributes.score": "Input should be a finite number",
+    }
+
+
+def test_attribute_values_keep_their_kind_from_python_and_from_json() -> None:
+    attributes = {"s": "fine", "b": True, "i": -(2**63), "j": 2**63 - 1, "f": 1.5, "n": None}
+    payload = {**EXAMPLES["profile"], "attributes": attributes}
+    for event in (EVENT_ADAPTER.validate_python(payload), EVENT_ADAPTER.validate_json(orjson.dumps(payload))):
+        assert isinstance(event, ProfileEvent)
+        assert event.attributes == attributes
+        assert event.attributes is not None
+        assert [type(v) for v in event.attributes.values()] == [str, bool, int, int, float, type(None)]
 
 
 @pytest.mark.parametrize(
@@ -142,7 +178,9 @@ profiles = st.builds(
     preferred_channel=st.sampled_from(["email", "sms", "whatsapp"]) | st.none(),
     consents=st.builds(Consents, email=st.booleans() | st.none(), sms=st.booleans(), whatsapp=st.booleans())
     | st.none(),
-    attributes=st.dictionaries(labels, st.integers() | st.text(max_size=20) | st.booleans(), max_size=4)
+    attributes=st.dictionaries(
+        labels, st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20) | st.booleans(), max_size=4
+    )
     | st.none(),
 )
 purchases = st.builds(
