@@ -92,6 +92,7 @@ class KeyStore:
                     error=f"{type(exc).__name__}: {exc}"[:300],
                 )
             self._keys = dict(self._extra)
+            self._mtime = None  # a backup restored with its old mtime (mv, cp -p) is read again
             return
         self._mtime, self._broken = mtime, None
         self._keys = {**loaded, **self._extra}

@@ -6,9 +6,11 @@ back to the original topic; consumers apply it as any event (their ledgers drop 
 applied meanwhile), and a record that is still poison lands in the DLQ again with its reason.
 
 The replayed record carries its letter's origin headers (``ORIGIN_HEADERS``), and a consumer
-that refuses it again writes those rather than the replayed record's own: the new letter is the
-same record refused since the same instant, so the next replay sends it back once, however many
-replays came before.
+that refuses it again writes those rather than the replayed record's own (``carried_origin``):
+the new letter is the same record, so the next replay sends it back once, however many replays
+came before. Each letter also says when it was itself refused (``x-retain-refused-at``), which
+is what ``since`` compares: a record refused again for a new reason is among the letters since
+that problem began.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from shared.topics import DLQ_SUFFIX, dlq
 
 # What a letter says about the record it holds, kept through a replay (see the module's doc).
 ORIGIN_HEADERS = ("x-retain-topic", "x-retain-partition", "x-retain-offset", "x-retain-first-seen")
+REPLAYED_FROM = "x-retain-replayed-from"
+REFUSED_AT = "x-retain-refused-at"
 SEND_CHUNK = 1000  # records sent at a time: a large DLQ is not held in memory to the end
 
 
@@ -44,11 +48,38 @@ class ReplayReport:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-def _header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
+def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> str | None:
     for key, value in headers:
         if key == name:
-            return value.decode("utf-8", errors="replace")
+            return None if value is None else value.decode("utf-8", errors="replace")
     return None
+
+
+def _instant(value: str | None) -> datetime | None:
+    """A header's time, if it is one with a zone (a letter written by hand may hold anything)."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def carried_origin(
+    headers: Sequence[tuple[str, bytes | None]], topic: str
+) -> tuple[tuple[str, bytes], ...] | None:
+    """The first letter's origin that a record a replay put back on ``topic`` carries, if it is
+    one a replay could have written: replayed, of this very topic, a partition and an offset
+    that are numbers and a first-refused time with a zone. Anything else is a producer's own
+    headers, which must not choose where the record's letter says it came from."""
+    if _header(headers, REPLAYED_FROM) is None or _header(headers, "x-retain-topic") != topic:
+        return None
+    values = [_header(headers, name) for name in ORIGIN_HEADERS]
+    partition, offset, first_seen = values[1], values[2], values[3]
+    if not (partition or "").isdigit() or not (offset or "").isdigit() or _instant(first_seen) is None:
+        return None
+    return tuple((name, str(value).encode()) for name, value in zip(ORIGIN_HEADERS, values, strict=True))
 
 
 @dataclass(slots=True)
@@ -61,7 +92,7 @@ class _Replay:
     since: datetime | None
     reason: str | None
     dry_run: bool
-    taken: set[tuple[str, str, str]] = field(default_factory=set)
+    taken: set[tuple[str, str]] = field(default_factory=set)  # the records' (partition, offset)
     batch: list[OutboundRecord] = field(default_factory=list)
 
     async def take(self, r: ConsumerRecord[bytes, bytes]) -> None:
@@ -69,28 +100,29 @@ class _Replay:
         report.scanned += 1
         headers = list(r.headers)
         why = _header(headers, "x-retain-error") or "unknown"
-        first_seen = _header(headers, "x-retain-first-seen")
-        if self.since is not None and first_seen and datetime.fromisoformat(first_seen) < self.since:
+        # When this letter was refused; letters from before it said so, when the record was.
+        refused = _instant(_header(headers, REFUSED_AT)) or _instant(_header(headers, "x-retain-first-seen"))
+        if self.since is not None and refused is not None and refused < self.since:
             report.skipped_before_since += 1
             return
         if self.reason is not None and why != self.reason:
             return
-        origin = _header(headers, "x-retain-topic") or report.topic
         partition = _header(headers, "x-retain-partition")
         offset = _header(headers, "x-retain-offset")
         if partition is not None and offset is not None:
-            if (origin, partition, offset) in self.taken:
+            if (partition, offset) in self.taken:
                 report.same_record += 1
                 return
-            self.taken.add((origin, partition, offset))
+            self.taken.add((partition, offset))
         report.by_reason[why] = report.by_reason.get(why, 0) + 1
-        carried = tuple((k, v) for k, v in headers if k in ORIGIN_HEADERS)
+        carried = tuple((k, v) for k, v in headers if k in ORIGIN_HEADERS and v is not None)
         self.batch.append(
             OutboundRecord(
-                origin,
+                # The topic whose letters these are: never one a header names.
+                report.topic,
                 r.key or b"",  # a keyless record: one partition, which consumers don't mind
                 r.value or b"",
-                (*carried, ("x-retain-replayed-from", f"{self.dlq_topic}:{r.partition}:{r.offset}".encode())),
+                (*carried, (REPLAYED_FROM, f"{self.dlq_topic}:{r.partition}:{r.offset}".encode())),
             )
         )
         if len(self.batch) >= SEND_CHUNK:

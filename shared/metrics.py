@@ -75,17 +75,17 @@ CONSUMER_MISKEYED = Counter(
 
 CONSUMER_BROKER_CONTACT = Gauge(
     "retain_consumer_broker_contact_timestamp_seconds",
-    "When the broker last answered a fetch of a partition this consumer holds (Unix seconds), as "
-    "of the loop's latest pass: an idle consumer's long polls keep it current; it stands still "
-    "while the broker is away (or the loop is stalled). No series while the consumer holds none.",
+    "When the broker last answered this consumer's metadata request, made every 15 s apart from "
+    "the loop's passes (Unix seconds): it stands still while the broker is away or unreachable.",
     ["group"],
 )
 
 WORKER_HEARTBEAT = Gauge(
     "retain_worker_heartbeat_timestamp_seconds",
     "When this worker's loop last completed a pass (Unix seconds): a consumer's batch applied or "
-    "idle poll, and its work between batches; the sender's send pass. It stands still while the "
-    "loop hangs or retries a database that is away.",
+    "idle poll, and its work between batches (which beats while it runs, for up to 30 minutes); "
+    "the sender's send pass. It stands still while the loop hangs or retries a database that is "
+    "away.",
     ["loop"],
 )
 

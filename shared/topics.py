@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from shared.logs import get_logger
 
@@ -46,6 +46,10 @@ async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s:
             await asyncio.sleep(0.05)
 
 
+class TopicCreationError(RuntimeError):
+    """The broker refused to create a topic, and said why."""
+
+
 class PartitionMismatchError(RuntimeError):
     """An existing topic has another partition count: per-customer order would break."""
 
@@ -74,24 +78,27 @@ async def ensure_topics(bootstrap: str, names: list[str], partitions: int) -> li
         missing = [n for n in names if n not in existing]
         created: list[str] = []
         if missing:
-            try:
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            n,
-                            num_partitions=partitions,
-                            replication_factor=1,
-                            topic_configs={"retention.ms": str(DLQ_RETENTION_MS)}
-                            if n.endswith(DLQ_SUFFIX)
-                            else {},
-                        )
-                        for n in missing
-                    ]
-                )
-                created = missing
-            except TopicAlreadyExistsError:
-                # Another process created them between list and create: that is the goal.
-                created = []
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        n,
+                        num_partitions=partitions,
+                        replication_factor=1,
+                        topic_configs={"retention.ms": str(DLQ_RETENTION_MS)}
+                        if n.endswith(DLQ_SUFFIX)
+                        else {},
+                    )
+                    for n in missing
+                ]
+            )
+            failed: dict[str, str] = {}
+            for name, code, *message in response.topic_errors:
+                if code == 0:
+                    created.append(name)
+                elif code != TopicAlreadyExistsError.errno:  # that one: another process was first
+                    failed[name] = f"{for_code(code).__name__}: {message[0] if message else ''}".rstrip(": ")
+            if failed:
+                raise TopicCreationError(f"the broker refused to create {failed}")
         if created:
             log.info("topics created", topics=created, partitions=partitions)
             await _wait_visible(admin, created)

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared.codec import encode_key
-from shared.dlq import ORIGIN_HEADERS
+from shared.dlq import REFUSED_AT, carried_origin
 from shared.events import one_error_per_attribute
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
@@ -51,6 +51,11 @@ from shared.topics import dlq
 log = get_logger(__name__)
 
 T = TypeVar("T")
+
+# How often a busy loop's long work between batches, and the broker watch, beat; and how long
+# that work may take before its loop counts as stalled all the same.
+BEAT_EVERY_S = 15.0
+LONG_WORK_S = 30 * 60.0
 
 # Errors worth retrying the whole batch for: the database or broker is away for a while.
 # Anything else raised while applying one record is that record's fault and sends it to the DLQ.
@@ -138,18 +143,16 @@ def _describe(exc: Exception) -> str:
 
 
 def _origin(record: ConsumerRecord[bytes, bytes], now: str) -> tuple[tuple[str, bytes], ...]:
-    """Where a dead letter's record came from and since when it is refused: this record, or,
-    for a record a replay put back (it carries all of ``ORIGIN_HEADERS``), its first letter's,
-    so that every letter of one record has one origin and a replay sends it back once."""
-    carried = {k: v for k, v in record.headers if k in ORIGIN_HEADERS}
-    if len(carried) == len(ORIGIN_HEADERS):
-        return tuple((k, carried[k]) for k in ORIGIN_HEADERS)
-    return (
+    """Where a dead letter's record came from and since when it is refused (this record, or,
+    for a record a replay put back, its first letter's: ``shared.dlq.carried_origin``), and
+    when this letter is."""
+    origin = carried_origin(record.headers, record.topic) or (
         ("x-retain-topic", record.topic.encode()),
         ("x-retain-partition", str(record.partition).encode()),
         ("x-retain-offset", str(record.offset).encode()),
         ("x-retain-first-seen", now.encode()),
     )
+    return (*origin, (REFUSED_AT, now.encode()))
 
 
 def _reason(exc: BaseException) -> str:
@@ -257,6 +260,7 @@ class ConsumerLoop(Generic[T]):
             return
         log.info("consumer started", group=self._group_id, topics=self._topics)
         heartbeat(self._group_id)  # from here on, a first pass that hangs is a stall too
+        watch = asyncio.create_task(self._watch_broker())
         try:
             while not self._stopping.is_set():
                 await self.run_once()
@@ -264,7 +268,12 @@ class ConsumerLoop(Generic[T]):
                 heartbeat(self._group_id)
             await self.commit_pending()
         finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
             forget_loop(self._group_id)
+            with contextlib.suppress(KeyError):
+                CONSUMER_BROKER_CONTACT.remove(self._group_id)
             await self._consumer.stop()
             log.info("consumer stopped", group=self._group_id, **self._summary())
 
@@ -274,7 +283,7 @@ class ConsumerLoop(Generic[T]):
             return
         self._last_tick = time.monotonic()
         try:
-            await self._tick()
+            await self._beating(self._tick())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - retried at the next tick, and logged with its type
@@ -284,6 +293,35 @@ class ConsumerLoop(Generic[T]):
                 error=_reason(exc),
                 detail=str(exc)[:300],
             )
+
+    async def _beating(self, work: Awaitable[None]) -> None:
+        """Await ``work`` (the work between batches), beating while it runs for up to
+        ``LONG_WORK_S``: a kpi's Grafana tables and CLV refit on a large history may take
+        minutes, which is work, not a stall; past that bound it counts as one."""
+        task = asyncio.ensure_future(work)
+        started = time.monotonic()
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=BEAT_EVERY_S)
+                if not task.done() and time.monotonic() - started < LONG_WORK_S:
+                    heartbeat(self._group_id)
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _watch_broker(self) -> None:
+        """When the broker last answered: a metadata round trip every ``BEAT_EVERY_S``, apart
+        from the loop's passes and from what its fetches buffered (a backlog leaves nothing to
+        fetch for minutes, and a loop waiting out its database fetches nothing either)."""
+        while True:
+            try:
+                async with asyncio.timeout(BEAT_EVERY_S):
+                    await self._consumer.topics()
+                CONSUMER_BROKER_CONTACT.labels(self._group_id).set_to_current_time()
+            except (KafkaError, OSError, TimeoutError):
+                pass  # the gauge stands still: RetainConsumerBrokerUnreachable
+            await asyncio.sleep(BEAT_EVERY_S)
 
     def _summary(self) -> dict[str, int]:
         s = self.stats
@@ -332,7 +370,6 @@ class ConsumerLoop(Generic[T]):
             end = lso if lso is not None and lso >= 0 else self._consumer.highwater(tp)
             if end is not None:  # None: not fetched yet since the assignment
                 ends[tp] = end
-        self._record_contact(ends)
         reported: set[TopicPartition] = set()
         behind = len(ends) < len(self._consumer.assignment())  # a partition not fetched yet: unknown
         for tp, end in ends.items():
@@ -348,20 +385,6 @@ class ConsumerLoop(Generic[T]):
                 CONSUMER_LAG.remove(self._group_id, tp.topic, str(tp.partition))
         self._lag_partitions = (self._lag_partitions & set(self._consumer.assignment())) | reported
         self.behind = behind
-
-    def _record_contact(self, fetched: Sequence[TopicPartition] | dict[TopicPartition, int]) -> None:
-        """The latest fetch response the broker gave for a partition we hold; no series while we
-        hold none (an idle consumer of a group larger than the partitions is not out of touch)."""
-        contact: list[int] = []  # milliseconds since the epoch
-        for tp in fetched:
-            with contextlib.suppress(AssertionError):  # aiokafka's check: revoked while we looked
-                if (at := self._consumer.last_poll_timestamp(tp)) is not None:
-                    contact.append(at)
-        if contact:
-            CONSUMER_BROKER_CONTACT.labels(self._group_id).set(max(contact) / 1000)
-        elif not self._consumer.assignment():
-            with contextlib.suppress(KeyError):
-                CONSUMER_BROKER_CONTACT.remove(self._group_id)
 
     def _decode_all(
         self, records: list[ConsumerRecord[bytes, bytes]]

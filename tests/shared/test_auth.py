@@ -45,6 +45,7 @@ def test_a_keys_file_broken_by_an_edit_refuses_its_keys_until_it_is_fixed(
     the revoked key valid, silently. The request gets a 401, not a 500."""
     path = tmp_path / "keys.json"
     _key, plain = create_key(path, ["events:write"])
+    os.utime(path, (0, 0))
     store = KeyStore(path)
     assert store.authenticate(plain) is not None
     good = path.read_text()
@@ -59,5 +60,5 @@ def test_a_keys_file_broken_by_an_edit_refuses_its_keys_until_it_is_fixed(
     assert store.authenticate(plain) is None  # still broken: refused, logged once
     assert errors == ["keys file unreadable: its keys are refused until it is fixed"]
     path.write_text(good)
-    os.utime(path, (2, 2))
+    os.utime(path, (0, 0))  # the backup put back as it was (mv, cp -p): the first good version's time
     assert store.authenticate(plain) is not None

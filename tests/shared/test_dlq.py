@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shared import dlq as dlq_module
-from shared.dlq import ReplayTimeoutError, replay
+from shared.dlq import ReplayTimeoutError, carried_origin, replay
 from shared.kafka.producer import OutboundRecord, Producer
 from tests.support.infra import KafkaHandle
 from tests.support.kafka import read_all
@@ -120,3 +120,50 @@ async def test_a_large_dlq_is_sent_in_chunks_and_a_scan_out_of_time_says_so(
     assert max(sent) < 5  # sent as it was read, not all at the end
     back = await read_all(kafka.bootstrap, [topic])
     assert sorted(r.value for r in back) == sorted(r.value for r in letters)
+
+
+def test_only_an_origin_a_replay_could_have_written_is_carried() -> None:
+    topic = "retain.purchases"
+    good = [
+        ("x-retain-topic", topic.encode()),
+        ("x-retain-partition", b"2"),
+        ("x-retain-offset", b"41"),
+        ("x-retain-first-seen", b"2026-11-25T10:00:00+00:00"),
+        ("x-retain-replayed-from", b"retain.purchases.dlq:2:5"),
+    ]
+    assert carried_origin(good, topic) == tuple(good[:4])
+
+    def without(name: str) -> list[tuple[str, bytes | None]]:
+        return [(k, v) for k, v in good if k != name]
+
+    def with_(name: str, value: bytes | None) -> list[tuple[str, bytes | None]]:
+        return [(k, value if k == name else v) for k, v in good]
+
+    for bad in (
+        without("x-retain-replayed-from"),  # not put back by a replay: a producer's own
+        with_("x-retain-topic", b"retain.segments"),  # another topic's letter
+        with_("x-retain-partition", b"two"),
+        with_("x-retain-offset", None),
+        with_("x-retain-first-seen", b"2026-11-25T10:00:00"),  # no zone
+        with_("x-retain-first-seen", b"yesterday"),
+    ):
+        assert carried_origin(bad, topic) is None, bad
+
+
+async def test_a_letter_with_headers_of_its_own_does_not_stop_a_replay(
+    kafka: KafkaHandle, topic_prefix: str
+) -> None:
+    """Written by hand or by another tool: a time without a zone, or none at all, is not a
+    reason to stop replaying the topic's other letters; such a letter counts as recent."""
+    topic = topic_prefix + "purchases"
+    letter = topic + ".dlq"
+    producer = Producer(kafka.bootstrap, client_id="dlq-test")
+    await producer.send_all([
+        OutboundRecord(letter, b"c1", b'{"a": 1}', (("x-retain-first-seen", b"yesterday"),)),
+        OutboundRecord(letter, b"c1", b'{"b": 2}', (("x-retain-first-seen", b"2026-11-25T10:00:00"),)),
+        OutboundRecord(letter, b"c1", b'{"c": 3}', (("x-retain-error", b"undecodable"),)),
+    ])  # fmt: skip
+    await producer.stop()
+    report = await replay(kafka.bootstrap, topic, datetime.now(UTC) - timedelta(hours=1))
+    assert (report.scanned, report.replayed, report.skipped_before_since) == (3, 3, 0)
+    assert report.by_reason == {"unknown": 2, "undecodable": 1}

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from shared.topics import DLQ_RETENTION_MS, PartitionMismatchError, all_topic_names, ensure_topics
+from shared.topics import (
+    DLQ_RETENTION_MS,
+    PartitionMismatchError,
+    TopicCreationError,
+    all_topic_names,
+    ensure_topics,
+)
 from tests.support.infra import KafkaHandle
 
 pytestmark = pytest.mark.integration
@@ -64,3 +72,13 @@ async def test_a_partition_count_mismatch_fails_naming_the_topic_and_creates_not
     with pytest.raises(PartitionMismatchError, match=rf"other than 3: \{{'{old}': 2\}}"):
         await ensure_topics(kafka.bootstrap, [old, new], partitions=3)
     assert await topics_on(kafka, prefix) == {old: 2}
+
+
+async def test_a_topic_the_broker_refuses_fails_with_the_broker_s_reason(
+    kafka: KafkaHandle, unique: str
+) -> None:
+    """Not a 30 s wait for a topic that will never appear."""
+    name = f"tt{unique}.retain.profiles"
+    with pytest.raises(TopicCreationError, match=rf"{re.escape(name)}.*InvalidPartitionsError"):
+        await ensure_topics(kafka.bootstrap, [name], partitions=0)
+    assert await topics_on(kafka, f"tt{unique}.") == {}

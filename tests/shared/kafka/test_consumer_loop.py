@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 from aiokafka.errors import IllegalStateError
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import Column, MetaData, Numeric, String, Table, select
 from sqlalchemy.exc import OperationalError
 
@@ -205,11 +205,45 @@ async def test_a_record_still_poison_after_a_replay_keeps_its_first_letter_and_g
         for name in ("x-retain-topic", "x-retain-partition", "x-retain-offset", "x-retain-first-seen"):
             assert again[name] == first[name]
         assert again["x-retain-offset"] == b"0"
+        assert again["x-retain-refused-at"] > first["x-retain-refused-at"]  # each letter's own
         second = await replay(kafka.bootstrap, topic, since)
         assert (second.scanned, second.replayed, second.same_record) == (2, 1, 1)
+        # Refused again for a new reason, it counts among the letters since that problem began.
+        between = datetime.fromisoformat(again["x-retain-refused-at"].decode()) - timedelta(microseconds=1)
+        assert between > datetime.fromisoformat(first["x-retain-refused-at"].decode())
+        third = await replay(kafka.bootstrap, topic, between, dry_run=True)
+        assert (third.scanned, third.skipped_before_since, sum(third.by_reason.values())) == (2, 1, 1)
     finally:
         await stop(loop)
     assert len(await read_all(kafka.bootstrap, [topic])) == 3  # the record and one copy per replay
+
+
+async def test_a_record_whose_own_headers_claim_an_origin_is_dead_lettered_as_itself(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """A producer's headers must not choose the topic a replay sends its record to."""
+    topic = topic_prefix + "purchases"
+    forged = (
+        ("x-retain-topic", (topic_prefix + "segments").encode()),
+        ("x-retain-partition", b"0"),
+        ("x-retain-offset", b"7"),
+        ("x-retain-first-seen", b"2026-01-01T00:00:00+00:00"),
+        ("x-retain-replayed-from", b"elsewhere.dlq:0:1"),
+    )
+    producer = Producer(kafka.bootstrap, client_id="forger")
+    await producer.send_all(
+        [OutboundRecord(topic, encode_key("c1"), encode_event(purchase(1, "c1", "666")), forged)]
+    )
+    await producer.stop()
+    loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db))
+    try:
+        await drain(loop, 1)
+    finally:
+        await stop(loop)
+    [letter] = [dict(r.headers) for r in await read_all(kafka.bootstrap, [topic + ".dlq"])]
+    assert letter["x-retain-topic"] == topic.encode()
+    assert letter["x-retain-offset"] == b"0"
+    assert letter["x-retain-first-seen"] == letter["x-retain-refused-at"]
 
 
 async def test_records_not_keyed_by_their_customer_are_applied_counted_and_logged_once(
@@ -487,11 +521,41 @@ async def test_a_customer_is_applied_by_one_consumer_of_a_group_on_every_topic(
             await stop(loop)
 
 
+async def test_long_work_between_batches_beats_for_a_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kpi's refit on a large history is work, not a stall: the loop beats while it runs, up to
+    LONG_WORK_S; work that outlasts that stops the beats, and the loop counts as stalled."""
+    beats: list[str] = []
+    monkeypatch.setattr(consumer_module, "heartbeat", beats.append)
+    monkeypatch.setattr(consumer_module, "BEAT_EVERY_S", 0.02)
+    monkeypatch.setattr(consumer_module, "LONG_WORK_S", 0.2)
+    work_s = [0.1]
+
+    async def tick() -> None:
+        await asyncio.sleep(work_s[0])
+
+    loop: ConsumerLoop[Event] = ConsumerLoop(
+        bootstrap="127.0.0.1:1",
+        topics=["t"],
+        group_id="g-long-work",
+        decode=lambda _topic, payload: decode_event(payload),
+        handle=ToyHandler(Database("sqlite+aiosqlite://")),  # never called
+        producer=Producer("127.0.0.1:1", client_id="g"),
+        tick=tick,
+    )
+    await loop._run_tick()
+    assert 2 <= len(beats) <= 5  # beats every 0.02 s of 0.1 s of work
+    beats.clear()
+    work_s[0] = 0.6
+    await loop._run_tick()
+    assert 5 <= len(beats) <= 10  # only during its first 0.2 s: the rest is a stall
+
+
 async def test_a_running_loop_beats_and_says_when_the_broker_last_answered(
-    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What RetainWorkerStalled and RetainConsumerBrokerUnreachable read: both move while the
-    loop runs (idle long polls included), and the loop is forgotten once stopped on purpose."""
+    loop runs (idle polls included), and both are forgotten once the loop is stopped on purpose."""
+    monkeypatch.setattr(consumer_module, "BEAT_EVERY_S", 0.1)
     topic = topic_prefix + "purchases"
     await produce_purchases_of_three(kafka, topic, 6)
     group = f"g-{unique}"
@@ -515,3 +579,7 @@ async def test_a_running_loop_beats_and_says_when_the_broker_last_answered(
         loop.stop()
         await task
     assert group not in metrics_module._beats
+    exported = generate_latest().decode()
+    assert (
+        f'retain_consumer_broker_contact_timestamp_seconds{{group="{group}"}}' not in exported
+    )  # none to go stale
