@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import IllegalStateError, KafkaConnectionError
 from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import Column, MetaData, Numeric, String, Table, select
 from sqlalchemy.exc import OperationalError
@@ -548,6 +548,42 @@ async def test_long_work_between_batches_beats_for_a_bounded_time(monkeypatch: p
     work_s[0] = 0.6
     await loop._run_tick()
     assert 5 <= len(beats) <= 10  # only during its first 0.2 s: the rest is a stall
+
+
+async def test_the_broker_contact_stands_still_while_the_broker_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiokafka's metadata request raises when no broker answers (KafkaError): the gauge keeps
+    its last value, which RetainConsumerBrokerUnreachable compares with the clock."""
+    monkeypatch.setattr(consumer_module, "BEAT_EVERY_S", 0.01)
+    group = "g-contact"
+    loop: ConsumerLoop[Event] = ConsumerLoop(
+        bootstrap="127.0.0.1:1",
+        topics=["t"],
+        group_id=group,
+        decode=lambda _topic, payload: decode_event(payload),
+        handle=ToyHandler(Database("sqlite+aiosqlite://")),  # never called
+        producer=Producer("127.0.0.1:1", client_id="g"),
+    )
+    answers = [False]
+
+    async def topics() -> set[str]:
+        if not answers[0]:
+            raise KafkaConnectionError("Unable to get cluster metadata over all known brokers")
+        return {"t"}
+
+    monkeypatch.setattr(loop._consumer, "topics", topics)
+    CONSUMER_BROKER_CONTACT.labels(group).set(1000.0)  # its last answer
+    watch = asyncio.create_task(loop._watch_broker())
+    try:
+        await asyncio.sleep(0.1)
+        assert CONSUMER_BROKER_CONTACT.labels(group)._value.get() == 1000.0
+        answers[0] = True  # the broker is back
+        await asyncio.sleep(0.1)
+        assert CONSUMER_BROKER_CONTACT.labels(group)._value.get() == pytest.approx(time.time(), abs=10)
+    finally:
+        watch.cancel()
+        CONSUMER_BROKER_CONTACT.remove(group)
 
 
 async def test_a_running_loop_beats_and_says_when_the_broker_last_answered(
