@@ -24,7 +24,7 @@ from decimal import Decimal
 from enum import StrEnum
 
 from services.kpi.stats import Durations, durations, ratio
-from shared.events import support_step_order
+from shared.events import SupportEvent, support_step_order
 
 COMPLAINT = "complaint"
 
@@ -39,6 +39,19 @@ class SupportStep:
     category: str
     priority: str | None
     is_complaint: bool
+
+    @classmethod
+    def of(cls, e: SupportEvent) -> SupportStep:
+        return cls(
+            e.event_id,
+            e.ticket_id,
+            e.customer_id,
+            e.occurred_at,
+            e.action.value,
+            e.category,
+            e.priority,
+            e.is_complaint,
+        )
 
 
 @dataclass(frozen=True, slots=True)

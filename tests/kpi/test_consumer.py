@@ -136,18 +136,7 @@ def oracle_tickets(events: list[Record]) -> list[response_kpi.Ticket]:
     steps: dict[str, list[response_kpi.SupportStep]] = defaultdict(list)
     for e in events:
         if isinstance(e, SupportEvent):
-            steps[e.ticket_id].append(
-                response_kpi.SupportStep(
-                    e.event_id,
-                    e.ticket_id,
-                    e.customer_id,
-                    e.occurred_at,
-                    e.action.value,
-                    e.category,
-                    e.priority,
-                    e.is_complaint,
-                )
-            )
+            steps[e.ticket_id].append(response_kpi.SupportStep.of(e))
     return [response_kpi.ticket_from_steps(s) for s in steps.values()]
 
 

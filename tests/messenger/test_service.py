@@ -5,7 +5,7 @@ and the providers' callbacks (signed, replayed, out of order, STOP in three lang
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -40,6 +40,7 @@ from shared.events import (
     UpdateCause,
 )
 from shared.kafka.consumer import Delivered
+from tests.support.logs import WarningRecorder
 
 pytestmark = pytest.mark.integration
 
@@ -331,16 +332,8 @@ async def test_a_send_that_outlasts_its_bound_fails_and_is_not_sent_again(
     """A provider that does not answer within messenger_send_timeout_s: the message fails (it
     may have reached the provider), so no reconciliation takes it for one a crash left. The
     failure is logged with its code, as docs/alerts.md tells on-call to look for."""
-    warnings: list[tuple[str, dict[str, Any]]] = []
-
-    class Recorder:
-        def warning(self, event: str, **fields: Any) -> None:
-            warnings.append((event, fields))
-
-        def __getattr__(self, _name: str) -> Callable[..., None]:
-            return lambda *_args, **_fields: None
-
-    monkeypatch.setattr(service_module, "log", Recorder())
+    recorder = WarningRecorder()
+    monkeypatch.setattr(service_module, "log", recorder)
     world.service.settings = world.service.settings.model_copy(update={"messenger_send_timeout_s": 0.2})
     customer = customer_not_in_holdout("thank_you")
     await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
@@ -358,7 +351,7 @@ async def test_a_send_that_outlasts_its_bound_fails_and_is_not_sent_again(
         provider.send = real_send  # type: ignore[method-assign]
     [row] = await messages(world, customer)
     assert (row["status"], row["error_code"]) == ("failed", "timeout")
-    failed = [fields for event, fields in warnings if event == "message failed"]
+    failed = [fields for event, fields in recorder.warnings if event == "message failed"]
     assert [(f["message_id"], f["channel"], f["code"]) for f in failed] == [(row["id"], "sms", "timeout")]
     world.clock.now = NOON + timedelta(hours=1)
     assert await world.service.reconcile() == 0  # not 'sending': nothing to requeue

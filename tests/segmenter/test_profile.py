@@ -428,19 +428,7 @@ def test_a_ticket_has_the_category_and_priority_the_kpi_gives_it(
     state = build(CUSTOMER, data.draw(st.permutations(events)))
     for ticket_id, ticket in state.tickets.items():
         mine = [e for e in events if e.ticket_id == ticket_id]
-        kpi = ticket_from_steps(
-            SupportStep(
-                e.event_id,
-                e.ticket_id,
-                e.customer_id,
-                e.occurred_at,
-                e.action.value,
-                e.category,
-                e.priority,
-                e.is_complaint,
-            )
-            for e in mine
-        )
+        kpi = ticket_from_steps(SupportStep.of(e) for e in mine)
         assert ticket.category.value == kpi.category
         assert (None if ticket.priority is None else ticket.priority.value) == kpi.priority
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -26,6 +26,7 @@ from shared.kafka.producer import OutboundRecord, Producer
 from shared.metrics import CONSUMER_BROKER_CONTACT, stalled
 from tests.support.infra import KafkaHandle
 from tests.support.kafka import read_all
+from tests.support.logs import WarningRecorder
 
 pytestmark = pytest.mark.integration
 
@@ -251,18 +252,9 @@ async def test_records_not_keyed_by_their_customer_are_applied_counted_and_logge
 ) -> None:
     """A backend producing straight to Kafka with the order id as key: nothing is lost, and the
     operator is told (a counter, and one log line a minute per topic, not one per record)."""
-    warnings: list[tuple[str, dict[str, object]]] = []
-
-    class Recorder:
-        def warning(self, event: str, **fields: object) -> None:
-            warnings.append((event, fields))
-
-        def __getattr__(self, _name: str) -> Callable[..., None]:
-            return lambda *_args, **_fields: None
-
-    # The module's logger itself: structlog's cached loggers may not see capture_logs when
-    # another test configured logging first.
-    monkeypatch.setattr(consumer_module, "log", Recorder())
+    recorder = WarningRecorder()
+    warnings = recorder.warnings
+    monkeypatch.setattr(consumer_module, "log", recorder)
     topic = topic_prefix + "purchases"
     group = f"g-{unique}"
     await produce(kafka, topic, [
