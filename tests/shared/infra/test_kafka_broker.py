@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from shared import metrics as metrics_module
+from shared.codec import decode_event
+from shared.events import Event
 from shared.infra.kafka_broker import KafkaBrokerError, LocalKafkaBroker, ensure_jars
+from shared.kafka import consumer as consumer_module
+from shared.kafka.consumer import ConsumerLoop
+from shared.kafka.producer import Producer
+from shared.metrics import CONSUMER_BROKER_CONTACT
 
 pytestmark = pytest.mark.integration
 
@@ -254,3 +262,56 @@ async def test_restart_reuses_data_and_refuses_second_broker(tmp_path: Path, kaf
             await consumer.stop()
     finally:
         b.stop()
+
+
+async def test_a_consumer_loop_says_when_the_broker_last_answered_across_an_outage(
+    broker: LocalKafkaBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What RetainConsumerBrokerUnreachable relies on, with the broker really stopped: the
+    contact gauge stands still while it is away, the loop itself keeps passing (so it is the
+    broker alert that fires, not RetainWorkerStalled), and the gauge moves again once it is
+    back. The broker is started again before the test ends, for the module's other tests."""
+    monkeypatch.setattr(consumer_module, "BEAT_EVERY_S", 0.5)
+    topic = _topic("contact")
+    await _create_topics(broker.bootstrap, topic)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    loop: ConsumerLoop[Event] = ConsumerLoop(
+        bootstrap=broker.bootstrap,
+        topics=[topic],
+        group_id=group,
+        decode=lambda _topic, payload: decode_event(payload),
+        handle=lambda _items: asyncio.sleep(0),  # never called: nothing is produced
+        producer=Producer(broker.bootstrap, client_id=group),
+        poll_timeout_ms=200,
+    )
+
+    def contact() -> float | None:
+        for metric in CONSUMER_BROKER_CONTACT.collect():
+            for sample in metric.samples:
+                if sample.labels == {"group": group}:
+                    return float(sample.value)
+        return None
+
+    task = asyncio.create_task(loop.run())
+    try:
+        async with asyncio.timeout(60):
+            while contact() is None:
+                await asyncio.sleep(0.1)
+        await asyncio.to_thread(broker.stop, 30)
+        stopped = time.time()
+        beats_before = metrics_module._beats[group]
+        await asyncio.sleep(5)
+        last = contact()
+        assert last is not None
+        assert last <= stopped + 1  # nothing answered since (a request in flight as it stopped may)
+        assert metrics_module._beats[group] > beats_before  # the loop still passes
+        await asyncio.to_thread(broker.start, 90)
+        async with asyncio.timeout(90):
+            while (contact() or 0) <= stopped + 5:
+                await asyncio.sleep(0.2)
+    finally:
+        if not broker.is_running():
+            await asyncio.to_thread(broker.start, 90)
+        loop.stop()
+        async with asyncio.timeout(60):
+            await task
