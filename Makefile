@@ -25,7 +25,7 @@ install: .venv/.synced ## Create .venv with the locked dependencies
 run: install ## Set up everything and run the whole pipeline on a demo stream (Ctrl-C stops; ARGS=--no-demo: without it)
 	$(PY) -m shared.cli run $(ARGS)
 
-demo: install ## Send the demo stream to a running ingest (ARGS="--customers 500 --speed 86400")
+demo: install ## Send the demo stream to a running ingest (RETAIN_API_KEY=<events:write key> ARGS="--customers 500 --speed 86400")
 	$(PY) -m shared.cli demo $(ARGS)
 
 test: install ## Run the whole test suite (starts its own Kafka broker and PostgreSQL)
