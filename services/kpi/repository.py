@@ -380,17 +380,29 @@ class KpiRepository:
         return [PurchaseRow(*r) for r in rows]
 
     async def purchase_fingerprint(self, session: AsyncSession, until: datetime) -> str:
-        """Changes when any order before ``until`` is added or corrected (a cache key)."""
+        """Changes when any order before ``until`` is added or corrected (a cache key of the CLV
+        model): per currency, the count, the amounts' sum, and the sums of each order's time and
+        of its time times its amount, so that an order moved to another day, or its amount moved
+        to another order, changes it too (the first and last event ids did not: a correction's
+        id is neither, as a rule)."""
         p = purchases.c
-        row = (
-            await session.execute(
-                select(func.count(), func.sum(p.amount), func.max(p.event_id), func.min(p.event_id)).where(
-                    p.occurred_at < until
-                )
-            )
-        ).one()
-        count, total, highest, lowest = row
-        return f"{count}|{Decimal(total or 0).normalize()}|{highest}|{lowest}"
+        at = (
+            func.julianday(p.occurred_at)
+            if _dialect(session) == "sqlite"
+            else func.extract("epoch", p.occurred_at)
+        )
+        stmt = (
+            select(p.currency, func.count(), func.sum(p.amount), func.sum(at), func.sum(at * p.amount))
+            .where(p.occurred_at < until)
+            .group_by(p.currency)
+            .order_by(p.currency)
+        )
+        return ";".join(
+            # Exact sums on PostgreSQL (numeric); on SQLite floats summed in one scan order, to
+            # a few seconds of resolution: an order moved across a day always shows.
+            f"{currency}|{count}|{Decimal(total or 0).normalize()}|{times}|{weighted}"
+            for currency, count, total, times, weighted in await session.execute(stmt)
+        )
 
     async def cancellations(
         self, session: AsyncSession, until: datetime | None = None

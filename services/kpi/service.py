@@ -909,8 +909,11 @@ class KpiService:
 
     # --- CLV ----------------------------------------------------------------------------------
 
-    def _clv_settings(self) -> str:
-        return f"{self.settings.kpi_timezone}|{self.settings.fx.fingerprint()}"
+    def _clv_key(self, purchases_fingerprint: str) -> str:
+        """The cache key of a CLV fit: its purchases and the settings it depends on, hashed to
+        the 64 characters clv_models keeps whatever the number of currencies."""
+        settings = f"{self.settings.kpi_timezone}|{self.settings.fx.fingerprint()}"
+        return hashlib.sha256(f"{purchases_fingerprint}|{settings}".encode()).hexdigest()
 
     async def clv_inputs(self, as_of: date) -> tuple[list[tuple[str, date, float]], int, str]:
         until = local_midnight(as_of + timedelta(days=1), self.tz)
@@ -926,14 +929,14 @@ class KpiService:
                 unconverted += 1
                 continue
             inputs.append((r.customer_id, local_day(r.occurred_at, self.tz), float(value)))
-        return inputs, unconverted, f"{fingerprint}|{self._clv_settings()}"
+        return inputs, unconverted, self._clv_key(fingerprint)
 
     async def clv_model(self, as_of: date) -> dict[str, Any]:
         """The model fitted on the purchases up to and including ``as_of`` (local day), from the
         cache when neither those purchases nor the settings changed since it was fitted."""
         until = local_midnight(as_of + timedelta(days=1), self.tz)
         async with self.db.sessions() as session:
-            fingerprint = f"{await self.repo.purchase_fingerprint(session, until)}|{self._clv_settings()}"
+            fingerprint = self._clv_key(await self.repo.purchase_fingerprint(session, until))
             cached = await self.repo.clv_model(session, as_of)
         if cached is not None and cached.fingerprint == fingerprint:
             return {**cached.model, "fitted_at": cached.fitted_at, "cached": True}
@@ -1079,8 +1082,10 @@ class KpiService:
             "horizon_weeks": s.kpi_clv_horizon_weeks,
             "annual_discount_rate": s.kpi_clv_discount_rate,
         }
-        if inputs:
-            rfm = summarize(inputs, today)
+        rfm = summarize(inputs, today) if inputs else None
+        # summarize leaves out a customer whose purchases all fall on a local day after today
+        # (ingest takes events up to a day ahead): historic value 0, nothing predicted yet.
+        if rfm is not None and len(rfm.customer_ids):
             p = predict(
                 bg,
                 gg,

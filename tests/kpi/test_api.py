@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from services.kpi.tables import (
 from shared.auth import create_key
 from shared.codec import decode_with
 from shared.db import Database, migrate
-from shared.events import CLV_ADAPTER, Event, MessageEvent
+from shared.events import CLV_ADAPTER, Event, MessageEvent, PurchaseEvent
 from shared.metrics import expose
 from tests.kpi.factories import (
     apply,
@@ -554,6 +554,36 @@ def no_dropout_buyers(n: int = 60) -> list[Event | MessageEvent]:
             events.append(purchase(f"k{i:03d}", when, f"{rng.randrange(50, 400)}"))
             day += rng.randrange(5, 80)
     return events
+
+
+async def test_a_corrected_order_is_a_new_fit_not_the_cached_one(kpi: Kpi) -> None:
+    """The same amount on another day is another history: the cache key saw the count, the sum
+    and the extreme event ids only, and served the old fit as current."""
+    kpi.at(utc(1997, 10, 1, 12))
+    events = cdnow_events(60)
+    await kpi.apply(events)
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is False
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is True
+    ids = sorted(e.event_id for e in events)
+    middle = next(e for e in events if isinstance(e, PurchaseEvent) and e.event_id == ids[len(ids) // 2])
+    moved = middle.model_copy(
+        update={"event_id": middle.event_id + "-fix", "occurred_at": middle.occurred_at + timedelta(days=40)}
+    )
+    assert ids[0] < moved.event_id < ids[-1]  # neither the first nor the last id
+    await kpi.apply([moved])
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is False
+
+
+async def test_a_customer_whose_only_purchase_is_tomorrow_here_has_no_value_yet(kpi: Kpi) -> None:
+    """22:30 UTC is 01:30 the next day in Jerusalem (ingest takes events up to a day ahead): the
+    customer has no purchase to date. It answered 500 (an empty summary indexed)."""
+    kpi.at(utc(1997, 10, 1, 12))
+    await kpi.apply([*cdnow_events(60), purchase("early", utc(1997, 10, 1, 22, 30), "80", "USD")])
+    await kpi.service.refit_and_publish()
+    early = await kpi.get("/v1/customers/early/clv")
+    assert early["orders"] == 1
+    assert early["historic_value"] == 0.0
+    assert (early["p_alive"], early["predicted_clv"], early["expected_purchases_90d"]) == (None, None, None)
 
 
 async def test_clv_model_customer_and_publication(kpi: Kpi) -> None:
