@@ -947,7 +947,12 @@ class KpiService:
         async with self._fit_lock:  # one fit at a time per process: they are CPU-bound anyway
             inputs, unconverted, fingerprint = await self.clv_inputs(as_of)
             if not inputs:
-                raise InsufficientDataError(f"no purchases up to {as_of}")
+                raise InsufficientDataError(
+                    f"no purchases up to {as_of}"
+                    if not unconverted
+                    else f"no purchases with an exchange rate up to {as_of} ({unconverted} in currencies "
+                    f"without one: RETAIN_KPI_FX_RATES)"
+                )
             try:
                 fitted = await asyncio.to_thread(fit, inputs, as_of)
             except ClvFitError as exc:

@@ -671,6 +671,15 @@ async def test_clv_model_needs_data(kpi: Kpi) -> None:
     assert response.json()["error"]["details"][0]["field"] == "query.as_of"
     missing = await kpi.http.get("/v1/customers/nobody/clv", headers={"Authorization": f"Bearer {kpi.key}"})
     assert missing.status_code == 404
+    # Purchases there are, in a currency without a rate: the answer says which is missing.
+    await kpi.apply(
+        [purchase("yen", utc(2025, 6, 1), "5000", "JPY"), purchase("yen", utc(2025, 9, 1), "800", "JPY")]
+    )
+    response = await kpi.http.get("/v1/customers/yen/clv", headers={"Authorization": f"Bearer {kpi.key}"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "insufficient_data"
+    assert "no purchases with an exchange rate" in response.json()["error"]["message"]
+    assert "RETAIN_KPI_FX_RATES" in response.json()["error"]["message"]
 
 
 # --- metrics ----------------------------------------------------------------------------------------------
