@@ -129,7 +129,22 @@ async def cohorts(
         Literal["tier", "locale", "channel"] | None, Query(description="One table per value of this.")
     ] = None,
 ) -> dict[str, Any]:
-    return await service.cohorts(_query(service, from_, to, granularity, by))
+    q = _query(service, from_, to, granularity, by)
+    # A cohort's row runs to today, whatever 'to' is: the bucket limit counts to today too, or a
+    # daily table from years back answers with millions of cells.
+    today = service.today()
+    if q.first <= today and len(buckets(q.first, today, granularity, service.tz)) > MAX_BUCKETS:
+        raise InvalidInputError(
+            "the request is not valid",
+            details=[
+                {
+                    "field": "query.granularity",
+                    "message": f"a cohort's row runs to today: more than {MAX_BUCKETS} {granularity.value} "
+                    f"buckets from 'from' ({q.first}) to today; use a coarser granularity or a later 'from'",
+                }
+            ],
+        )
+    return await service.cohorts(q)
 
 
 @router.get(

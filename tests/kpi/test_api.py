@@ -737,6 +737,12 @@ async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
         # Near date.min/max the period arithmetic would overflow: refused by range instead.
         ("/v1/kpis/churn", {"to": "0001-01-01"}, "query.to"),
         ("/v1/kpis/cohorts", {"from": "9999-12-31", "to": "9999-12-31"}, "query.from"),
+        # A cohort's row runs to today: a daily table from years back is refused, not 20 MB.
+        (
+            "/v1/kpis/cohorts",
+            {"from": "2016-01-01", "to": "2016-02-01", "granularity": "day"},
+            "query.granularity",
+        ),
         ("/v1/clv/model", {"as_of": "0001-01-01"}, "query.as_of"),
     ],
 )
@@ -744,6 +750,20 @@ async def test_bad_parameters_are_named(kpi: Kpi, url: str, params: dict[str, st
     response = await kpi.http.get(url, params=params, headers={"Authorization": f"Bearer {kpi.key}"})
     assert response.status_code == 422, response.text
     assert field in [d["field"] for d in response.json()["error"]["details"]]
+
+
+async def test_cohorts_from_years_back_by_week_are_answered(kpi: Kpi) -> None:
+    """The limit counts to today in the granularity asked: weeks since 2016 are well under it."""
+    kpi.at(utc(2026, 6, 1))
+    await kpi.apply([purchase("w", utc(2016, 1, 4)), purchase("w", utc(2016, 1, 20))])
+    body = await kpi.get(
+        "/v1/kpis/cohorts", **{"from": "2016-01-01", "to": "2016-02-01", "granularity": "week"}
+    )
+    [cohort] = body["cohorts"]
+    assert (cohort["start"], cohort["size"]) == ("2016-01-04", 1)
+    weeks = (date(2026, 6, 1) - date(2016, 1, 4)).days // 7  # to this week: 544 buckets
+    assert len(cohort["active"]) == weeks + 1
+    assert cohort["active"][:3] == [1, 0, 1]  # bought in its first and third week
 
 
 async def test_scope_kpi_read_is_required(kpi: Kpi) -> None:
