@@ -115,6 +115,10 @@ class Journey(BaseModel):
         default=None, description="win_back: include the offer when this holds."
     )
 
+    def exited(self, facts: dict[str, Any], now: datetime) -> bool:
+        """Its exit condition holds: a waiting or held message of it goes no further."""
+        return self.exit is not None and holds(self.exit, facts, now)
+
 
 def snapshot_facts(update: CustomerUpdate) -> dict[str, Any]:
     p = update.profile
@@ -321,7 +325,7 @@ def schedule(
         return Schedule(entry)
     if due > now:
         return Schedule(entry, wait_until=due)
-    if journey.exit is not None and holds(journey.exit, facts, now):
+    if journey.exited(facts, now):
         return Schedule(entry, ended="exit condition met")
     if wait.unless is not None and holds(wait.unless, facts, now):
         return Schedule(entry, ended="'unless' condition met")

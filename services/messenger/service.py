@@ -552,7 +552,7 @@ class MessengerService:
             if journey is None or wait["status"] != "waiting":
                 continue
             reason = None
-            if journey.exit is not None and holds(journey.exit, facts, now):
+            if journey.exited(facts, now):
                 reason = "exit condition met"
             elif journey.wait and journey.wait.unless is not None and holds(journey.wait.unless, facts, now):
                 reason = "'unless' condition met"
@@ -769,7 +769,7 @@ class MessengerService:
                     wait.data["details"],
                     wait.data.get("attempt", 1),
                 )
-                if journey.exit is not None and holds(journey.exit, snapshot_facts_of(profile), now):
+                if journey.exited(snapshot_facts_of(profile), now):
                     closed.append({"id": wait.id, "status": "cancelled", "reason": "exit condition met"})
                     continue
                 closed.append({"id": wait.id, "status": "fired", "reason": None})
@@ -929,7 +929,9 @@ class MessengerService:
         now: datetime,
     ) -> tuple[str, str, str, datetime | None] | None:
         """Why a message that waited may not go now (status, reason, outcome, send_at), or None."""
-        if _exited(journey, profile, now):
+        # A win-back held overnight must not go over the complaint opened meanwhile, nor to a
+        # customer who came back (as for a waiting one).
+        if journey is not None and journey.exited(snapshot_facts_of(profile), now):
             return "cancelled", "the journey's exit condition came true before it went", "exit", None
         # Its own record (a queued message that expired) must not count against itself.
         context = _without(self._context_of(memo, profile, caps, duplicate=False), row)
@@ -1456,16 +1458,6 @@ def _needs_recheck(row: Any, now: datetime) -> bool:
         or (row.expires_at and row.expires_at <= now)
         or now - row.created_at >= RECHECK_QUEUED_AFTER
         or (row.details or {}).get("recheck")
-    )
-
-
-def _exited(journey: Journey | None, profile: ProfileSnapshot, now: datetime) -> bool:
-    """The journey's exit condition holds now: a win-back held overnight must not go over the
-    complaint opened meanwhile, nor to a customer who came back (as for a waiting one)."""
-    return (
-        journey is not None
-        and journey.exit is not None
-        and holds(journey.exit, snapshot_facts_of(profile), now)
     )
 
 
