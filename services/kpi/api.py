@@ -58,18 +58,33 @@ Grain = Annotated[Granularity, Query(description="Bucket size: day, week (ISO, M
 
 
 def _query(
-    service: KpiService, first: date | None, last: date | None, granularity: Granularity, by: str | None
+    service: KpiService,
+    first: date | None,
+    last: date | None,
+    granularity: Granularity,
+    by: str | None,
+    *,
+    rows_to_today: bool = False,
 ) -> KpiQuery:
-    last = last or service.today()
+    """The query, or a 422 naming what is wrong. ``rows_to_today``: each row of the answer runs
+    from its bucket to today whatever 'to' is (a cohort's), so the buckets are counted to today."""
+    today = service.today()
+    last = last or today
     first = first or last - timedelta(days=DEFAULT_DAYS - 1)
+    end = max(last, today) if rows_to_today else last
     problems: list[dict[str, str]] = []
     if last < first:
         problems.append({"field": "query.to", "message": f"'to' ({last}) is before 'from' ({first})"})
     elif (last - first).days >= MAX_DAYS:
         problems.append({"field": "query.from", "message": f"the range may span at most {MAX_DAYS} days"})
-    elif len(buckets(first, last, granularity, service.tz)) > MAX_BUCKETS:
+    elif len(buckets(first, end, granularity, service.tz)) > MAX_BUCKETS:
+        through = f"from 'from' ({first}) to today" if end > last else "in the range"
         problems.append(
-            {"field": "query.granularity", "message": f"more than {MAX_BUCKETS} buckets: use a coarser one"}
+            {
+                "field": "query.granularity",
+                "message": f"more than {MAX_BUCKETS} {granularity.value} buckets {through}: "
+                "use a coarser granularity" + (" or a later 'from'" if end > last else ""),
+            }
         )
     if problems:
         raise InvalidInputError("the request is not valid", details=problems)
@@ -129,22 +144,9 @@ async def cohorts(
         Literal["tier", "locale", "channel"] | None, Query(description="One table per value of this.")
     ] = None,
 ) -> dict[str, Any]:
-    q = _query(service, from_, to, granularity, by)
-    # A cohort's row runs to today, whatever 'to' is: the bucket limit counts to today too, or a
-    # daily table from years back answers with millions of cells.
-    today = service.today()
-    if q.first <= today and len(buckets(q.first, today, granularity, service.tz)) > MAX_BUCKETS:
-        raise InvalidInputError(
-            "the request is not valid",
-            details=[
-                {
-                    "field": "query.granularity",
-                    "message": f"a cohort's row runs to today: more than {MAX_BUCKETS} {granularity.value} "
-                    f"buckets from 'from' ({q.first}) to today; use a coarser granularity or a later 'from'",
-                }
-            ],
-        )
-    return await service.cohorts(q)
+    # A cohort's row runs to today, whatever 'to' is: counted to 'to' only, a daily table from
+    # years back answered with millions of cells.
+    return await service.cohorts(_query(service, from_, to, granularity, by, rows_to_today=True))
 
 
 @router.get(
