@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import TypedDict
 
@@ -69,6 +70,11 @@ class CommonSettings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="Log level of every process.")
     log_json: bool = Field(default=False, description="Log as JSON lines instead of console.")
+
+    @property
+    def max_future(self) -> timedelta:
+        """``ingest_max_future_s``: ingest's bound, and the consumers' for what skips ingest."""
+        return timedelta(seconds=self.ingest_max_future_s)
 
     @property
     def keys_path(self) -> Path:

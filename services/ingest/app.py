@@ -7,7 +7,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
@@ -83,7 +82,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         topic_prefix=settings.topic_prefix,
         max_batch=settings.ingest_max_batch,
         recent=RecentIds(settings.ingest_dedupe_ttl_s, settings.ingest_dedupe_max_ids),
-        max_future=timedelta(seconds=settings.ingest_max_future_s),
+        max_future=settings.max_future,
     )
     app.events = app.state.events = EventsEndpoint(
         settings, app.state.keys, app.state.limiter, app.state.service

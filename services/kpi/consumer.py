@@ -5,7 +5,6 @@ Run: ``python -m services.kpi.consumer``."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from pathlib import Path
 
 from services.kpi.config import KpiSettings
@@ -24,7 +23,7 @@ def build_loop(
     settings: KpiSettings, service: KpiService, producer: Producer
 ) -> ConsumerLoop[Event | MessageEvent]:
     messages_topic = settings.topic(MESSAGES)
-    max_future = timedelta(seconds=settings.ingest_max_future_s)
+    max_future = settings.max_future  # once: decode runs for every record
 
     def decode(topic: str, payload: bytes) -> Event | MessageEvent:
         if topic == messages_topic:

@@ -4,7 +4,6 @@ segments → customer_update on retain.segments. Run: ``python -m services.segme
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from pathlib import Path
 
 from services.segmenter.config import SegmenterSettings
@@ -24,7 +23,7 @@ def build_loop(
     settings: SegmenterSettings, service: SegmenterService, producer: Producer
 ) -> ConsumerLoop[Event | ClvPrediction]:
     clv_topic = settings.topic(CLV)
-    max_future = timedelta(seconds=settings.ingest_max_future_s)
+    max_future = settings.max_future  # once: decode runs for every record
 
     def decode(topic: str, payload: bytes) -> Event | ClvPrediction:
         if topic == clv_topic:
