@@ -440,11 +440,13 @@ class SegmenterService:
                 raise InvalidRulesError(errors)
             # One ETag publishes once: swap it (compare-and-set) so a second publish with the
             # same ETag — concurrent or later — finds it stale.
-            published = await self.repo.published_version(session) or 0
-            fresh = ruleset_etag({"rules": draft.rules, "published_as": published + 1})
+            current = await self.repo.published(session)
+            fresh = ruleset_etag({"rules": draft.rules, "published_as": (current[0] if current else 0) + 1})
             if not await self.repo.swap_draft_etag(session, if_match, fresh):
                 raise RulesConflictError
-            return await self._new_version(session, draft.rules, actor, note or "publish", "publish", now)
+            return await self._new_version(
+                session, current, draft.rules, actor, note or "publish", "publish", now
+            )
 
     async def rollback(self, version: int, actor: str) -> tuple[int, str]:
         now = self.clock()
@@ -455,7 +457,7 @@ class SegmenterService:
             live = await self.repo.published(session)
             draft = await self.repo.draft(session)
             new = await self._new_version(
-                session, old.rules, actor, f"rollback to {version}", "rollback", now
+                session, live, old.rules, actor, f"rollback to {version}", "rollback", now
             )
             # The draft follows the rollback, unless it holds edits not published yet: those are
             # someone's work in progress, kept (with its ETag) for its editor to publish or drop.
@@ -464,11 +466,19 @@ class SegmenterService:
             return new
 
     async def _new_version(
-        self, session: Any, rules: dict[str, Any], actor: str, note: str, action: str, now: datetime
+        self,
+        session: Any,
+        current: tuple[int, dict[str, Any]] | None,
+        rules: dict[str, Any],
+        actor: str,
+        note: str,
+        action: str,
+        now: datetime,
     ) -> tuple[int, str]:
+        """Publish ``rules`` over ``current`` (the published version and its rules, as the caller
+        read them in this transaction)."""
         # The version row's primary key serialises publishes: of two racing, one inserts n+1
         # and the other finds it taken and fails as a conflict rather than interleaving.
-        current = await self.repo.published(session)
         version = (current[0] if current else 0) + 1
         if not await self.repo.add_version(session, version, rules, actor, note, now):
             raise RulesConflictError
