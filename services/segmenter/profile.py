@@ -526,8 +526,8 @@ def dump_state(state: ProfileState) -> dict[str, Any]:
     return {
         "v": 1,
         "fields": {k: _reg_out(r) for k, r in state.fields.items()},
-        # [value, since…, newest…]: readers of the stored JSON take [0] and [1] (the value and
-        # since when), as from a register (``consent_states_from_json``).
+        # [value, since…, {run, boundary, dropped_after}]: readers of the stored JSON take [0]
+        # and [1] (the value and since when), as from a register (``consent_states_from_json``).
         "consents": {k: _consent_out(c) for k, c in state.consents.items()},
         "attributes": {k: _reg_out(r) for k, r in state.attributes.items()},
         "orders": {
