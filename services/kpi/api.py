@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import re
 from datetime import date, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from pydantic import BeforeValidator
 
 from services.kpi.periods import Granularity, buckets
 from services.kpi.schemas import (
@@ -41,8 +43,21 @@ Service = Annotated[KpiService, Depends(_service)]
 # Days outside these make no report and, near date.min/max, overflow the arithmetic of periods.
 EARLIEST = date(1900, 1, 1)
 LATEST = date(2999, 12, 31)
+ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _iso_day(value: object) -> object:
+    """Only YYYY-MM-DD: pydantic's date also reads a Unix time ('1767225600') and a datetime at
+    midnight ('2026-01-01T00:00:00Z', in whose zone?) as a day, and answers '20260101' with a
+    message about datetimes; a report's first or last day is none of those."""
+    if isinstance(value, str) and not ISO_DAY.fullmatch(value):
+        raise ValueError(f"expected a day as YYYY-MM-DD, got {value[:40]!r}")
+    return value
+
+
+Day = Annotated[date, BeforeValidator(_iso_day)]
 From = Annotated[
-    date | None,
+    Day | None,
     Query(
         alias="from",
         ge=EARLIEST,
@@ -51,7 +66,7 @@ From = Annotated[
     ),
 ]
 To = Annotated[
-    date | None,
+    Day | None,
     Query(ge=EARLIEST, le=LATEST, description="Last local day, included, 1900 … 2999 (default: today)."),
 ]
 Grain = Annotated[Granularity, Query(description="Bucket size: day, week (ISO, Monday) or month.")]
@@ -200,7 +215,7 @@ async def clv_model(
     _key: Reader,
     service: Service,
     as_of: Annotated[
-        date | None,
+        Day | None,
         Query(ge=EARLIEST, le=LATEST, description="Calibration cutoff, YYYY-MM-DD (default: today)."),
     ] = None,
 ) -> dict[str, Any]:

@@ -744,12 +744,26 @@ async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
             "query.granularity",
         ),
         ("/v1/clv/model", {"as_of": "0001-01-01"}, "query.as_of"),
+        # Only YYYY-MM-DD: not a Unix time (2026-01-01 00:00 UTC), nor a datetime, nor digits alone.
+        ("/v1/kpis/churn", {"from": "1767225600"}, "query.from"),
+        ("/v1/kpis/conversion", {"to": "2026-01-31T00:00:00Z"}, "query.to"),
+        ("/v1/clv/model", {"as_of": "20260101"}, "query.as_of"),
     ],
 )
 async def test_bad_parameters_are_named(kpi: Kpi, url: str, params: dict[str, str], field: str) -> None:
     response = await kpi.http.get(url, params=params, headers={"Authorization": f"Bearer {kpi.key}"})
     assert response.status_code == 422, response.text
     assert field in [d["field"] for d in response.json()["error"]["details"]]
+
+
+async def test_a_day_not_written_yyyy_mm_dd_is_named_with_the_form_expected(kpi: Kpi) -> None:
+    response = await kpi.http.get(
+        "/v1/kpis/churn", params={"from": "1767225600"}, headers={"Authorization": f"Bearer {kpi.key}"}
+    )
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["error"]["details"]
+    assert detail["field"] == "query.from"
+    assert "expected a day as YYYY-MM-DD, got '1767225600'" in detail["message"]
 
 
 async def test_cohorts_from_years_back_by_week_are_answered(kpi: Kpi) -> None:
