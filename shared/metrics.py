@@ -53,7 +53,9 @@ CONSUMER_DUPLICATES = Counter(
     "retain_consumer_duplicates_total", "Records skipped because already applied.", ["group"]
 )
 CONSUMER_RETRIES = Counter(
-    "retain_consumer_retries_total", "Batches retried after a transient error.", ["group", "error"]
+    "retain_consumer_retries_total",
+    "Batches (and offset commits) retried after a transient error.",
+    ["group", "error"],
 )
 DLQ_MESSAGES = Counter(
     "retain_dlq_messages_total", "Records sent to a dead-letter topic.", ["topic", "reason"]

@@ -574,6 +574,10 @@ class ConsumerLoop(Generic[T]):
                 if self._stopping.is_set():
                     log.warning("commit abandoned at stop", group=self._group_id, error=_reason(exc))
                     return
+                # Counted as a batch's retry is: a commit failing for minutes (a coordinator
+                # that does not settle) raises RetainConsumerRetrying, not only the stall alert.
+                self.stats.retries += 1
+                CONSUMER_RETRIES.labels(self._group_id, _reason(exc)).inc()
                 log.warning("commit failed, retrying", group=self._group_id, error=_reason(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff_s)

@@ -395,6 +395,38 @@ async def test_a_commit_of_partitions_no_longer_ours_is_given_up_not_retried(
     assert await total_of(db, "c1") == Decimal(3)
 
 
+async def test_a_commit_retried_after_a_transient_broker_error_is_counted_as_a_retry(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """A commit that keeps failing must show on retain_consumer_retries_total, which
+    RetainConsumerRetrying watches; the commit goes through once the broker answers."""
+    topic = topic_prefix + "purchases"
+    group = f"g-{unique}"
+    await produce(kafka, topic, [("c1", encode_event(purchase(i, "c1", "1"))) for i in range(3)])
+    loop = make_loop(kafka, topic, group, ToyHandler(db))
+    commit = loop._consumer.commit
+    failures = 2
+
+    async def flaky(offsets: object) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise KafkaConnectionError("Connection at 127.0.0.1:9092 closed")
+        await commit(offsets)
+
+    labels = {"group": group, "error": "KafkaConnectionError"}
+    loop._consumer.commit = flaky
+    try:
+        await drain(loop, 3, timeout_s=10)
+    finally:
+        await stop(loop)
+    assert failures == 0
+    assert loop.stats.commits == 1
+    assert loop.stats.retries == 2
+    assert REGISTRY.get_sample_value("retain_consumer_retries_total", labels) == 2
+    assert await total_of(db, "c1") == Decimal(3)
+
+
 async def committed(loop: ConsumerLoop[Event], topic: str) -> int:
     return sum(
         [await loop._consumer.committed(tp) or 0 for tp in loop._consumer.assignment() if tp.topic == topic]
