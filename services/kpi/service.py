@@ -794,9 +794,10 @@ class KpiService:
         out: dict[str, Any] = {**self._header(q), "cohorts": table(histories)}
         if q.by:
             of = _attribute(attrs, q.by)
-            out["groups"] = {
-                k: table(g) for k, g in sorted(group_by(histories, lambda h: of(h.customer_id)).items())
-            }
+            grouped = group_by(histories, lambda h: of(h.customer_id))
+            groups = {k: table(g) for k, g in sorted(grouped.items())}
+            # A group none of whose customers began in the range has no row to show.
+            out["groups"] = {k: rows for k, rows in groups.items() if rows}
         return out
 
     async def _messages(

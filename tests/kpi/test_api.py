@@ -224,6 +224,23 @@ async def test_cohorts(kpi: Kpi) -> None:
     }
 
 
+async def test_cohorts_by_list_only_the_groups_with_a_cohort_in_the_range(kpi: Kpi) -> None:
+    kpi.at(utc(2026, 3, 15))
+    await kpi.apply(
+        [
+            profile("old", utc(2024, 1, 1), locale="ar"),
+            purchase("old", utc(2024, 2, 1)),  # its cohort (Feb 2024) is before the range
+            purchase("old", utc(2026, 2, 1)),
+            profile("new", utc(2026, 1, 1), locale="he"),
+            purchase("new", utc(2026, 1, 10)),
+        ]
+    )
+    body = await kpi.get("/v1/kpis/cohorts", **{"from": "2026-01-01", "to": "2026-03-31", "by": "locale"})
+    assert list(body["groups"]) == ["he"]
+    assert [c["start"] for c in body["groups"]["he"]] == ["2026-01-01"]
+    assert [c["start"] for c in body["cohorts"]] == ["2026-01-01"]
+
+
 # --- conversion ----------------------------------------------------------------------------------------
 
 
