@@ -22,6 +22,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -132,15 +133,31 @@ LocaleTag = Annotated[str, StringConstraints(max_length=35), AfterValidator(_bcp
 TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(_iana_zone)]
 Currency = Annotated[str, AfterValidator(_iso4217)]
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=4)]
+INT64 = range(-(2**63), 2**63)
+BEYOND_64_BITS = (
+    "an integer beyond 64 bits would lose digits as a number (it would be read as a float): "
+    "send it as a string"
+)
+
+
+def _within_64_bits(value: object) -> object:
+    # Before the union: its float member would otherwise take the integer the int member
+    # refuses, and keep 16 of its digits.
+    if type(value) is int and value not in INT64:
+        raise ValueError(BEYOND_64_BITS)
+    return value
+
+
 # Integers are bounded to 64 bits and floats finite: attributes are stored as JSON, where
 # larger integers do not survive a round trip and infinities and NaN do not exist.
-AttributeValue = (
+AttributeValue = Annotated[
     Annotated[str, StringConstraints(max_length=500)]
     | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
     | Annotated[float, Field(allow_inf_nan=False)]
     | bool
-    | None
-)
+    | None,
+    BeforeValidator(_within_64_bits),
+]
 
 # The members of AttributeValue as pydantic names them at the end of an error's path, and the
 # one that judges a value of each kind.

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
+import pydantic_core
 from pydantic import ValidationError
 
 from shared.events import (
@@ -98,6 +99,11 @@ def parse_body(body: bytes) -> tuple[list[Any], bool]:
     except orjson.JSONDecodeError as exc:
         raise MalformedJsonError(f"the body is not valid JSON: {exc}") from exc
     items, is_batch = (data, True) if isinstance(data, list) else ([data], False)
+    if _maybe_beyond_64_bits(items):
+        # orjson reads an integer beyond 64 bits as a float, which the schema would take with
+        # its digits lost; pydantic's parser keeps it an int, which the schema refuses by name.
+        items = pydantic_core.from_json(body, allow_inf_nan=False)
+        items = items if is_batch else [items]
     # orjson refuses lone surrogates already; a NUL only comes as this escape, so the walk
     # (slow next to the search) runs only for the rare body that has one.
     if b"\\u0000" in body:
@@ -109,6 +115,18 @@ def parse_body(body: bytes) -> tuple[list[Any], bool]:
         if errors:
             raise InvalidBatchError(errors, [_type_label(items[e.index]) for e in errors])
     return items, is_batch
+
+
+def _maybe_beyond_64_bits(items: list[Any]) -> bool:
+    """Whether an attribute is a float out of the 64-bit integers' range: orjson's reading of
+    an integer beyond them, or a number written so (1e30), which a second reading keeps."""
+    for item in items:
+        attributes = item.get("attributes") if isinstance(item, dict) else None
+        if isinstance(attributes, dict):
+            for value in attributes.values():
+                if type(value) is float and not -(2.0**63) <= value < 2.0**63:
+                    return True
+    return False
 
 
 def validate_batch(items: list[Any], max_batch: int, new_id: Any = uuid.uuid4) -> list[Event]:

@@ -21,7 +21,7 @@ from services.ingest.batch import (
     validate_batch,
     validate_body,
 )
-from shared.events import EXAMPLES
+from shared.events import BEYOND_64_BITS, EXAMPLES, ProfileEvent
 
 
 def test_single_object_and_array_bodies() -> None:
@@ -132,6 +132,24 @@ def test_what_the_bytes_path_refuses_is_answered_by_the_item_by_item_path(
     if expected is not None:
         with pytest.raises(expected):
             validate_body(body, 10)
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_an_integer_attribute_beyond_64_bits_is_refused_on_both_paths(with_ids: bool) -> None:
+    """orjson reads it as a float, which the schema would keep with 16 of its digits."""
+    item = {**EXAMPLES["profile"], "attributes": {"account": "@", "score": "#"}}
+    if not with_ids:
+        del item["event_id"]
+    body = orjson.dumps([item]).replace(b'"@"', b"123456789012345678901234").replace(b'"#"', b"1e30")
+    with pytest.raises(InvalidBatchError) as info:
+        validate_body(body, 10, _ids())
+    assert [(e.field, e.message) for e in info.value.errors] == [
+        ("attributes.account", "Value error, " + BEYOND_64_BITS)
+    ]
+    # A float written as one, however large, is a float.
+    [event] = validate_body(body.replace(b"123456789012345678901234", b"12"), 10, _ids())
+    assert isinstance(event, ProfileEvent)
+    assert event.attributes == {"account": 12, "score": 1e30}
 
 
 # Numbers as written, whatever a parser makes of them: "@" marks a token the body gets raw.
