@@ -160,6 +160,7 @@ def validate_journey(raw: object, templates: set[str] | None = None) -> list[Con
         if tree is not None:
             errors += validate(tree, SNAPSHOT_FIELDS, path=path, domains=FACT_DOMAINS)  # type: ignore[arg-type]
     errors += [ConditionError("$.trigger", message) for message in _trigger_problems(journey.trigger)]
+    errors += _duration_problems(journey)
     if journey.wait is not None:
         errors += _cool_off_problems(journey.wait)
     if templates is not None and journey.template not in templates:
@@ -180,6 +181,26 @@ def _trigger_problems(t: Trigger) -> list[str]:
     if t.first_purchase and t.event != "purchase":
         problems.append("first_purchase applies only with event 'purchase'")
     return problems
+
+
+# The journey's durations with no upper bound in the model (a journey stored before still
+# loads), and the most each may be: longer is surely a unit slip, and an infinite or huge one
+# (1e400 is infinity to a JSON reader) overflows a datetime, so that every update the journey
+# matched would fail, to the dead-letter topic, instead of sending.
+MAX_DURATIONS = {
+    "ttl_hours": (24 * 365, "hours"),
+    "reentry_days": (3650, "days"),
+    "attempt_spacing_days": (365, "days"),
+}
+
+
+def _duration_problems(journey: Journey) -> list[ConditionError]:
+    errors: list[ConditionError] = []
+    for name, (most, unit) in MAX_DURATIONS.items():
+        value = getattr(journey, name)
+        if not value <= most:  # NaN too
+            errors.append(ConditionError(f"$.{name}", f"{number_text(value)} {unit}: at most {most} {unit}"))
+    return errors
 
 
 # A win-back cool-off longer than this is surely a unit slip (hours written as days).

@@ -167,6 +167,16 @@ async def test_invalid_journeys_are_422_naming_the_json_path(api: Clients) -> No
     }
     assert "unknown churn reason 'prise'; did you mean 'price'?" in reasons.text
     assert "-3 days: a cool-off is 0 to 365 days" in reasons.text
+    # A duration past any use (a unit slip), or infinite as a JSON reader takes 1e400: its
+    # times would overflow, and every update the journey matched would fail instead of sending.
+    huge = {**VIP, "ttl_hours": 1e12, "reentry_days": 3651, "attempt_spacing_days": "@"}
+    body = json.dumps(huge).replace('"@"', "1e400")
+    durations = await api.writer.post(
+        "/v1/journeys", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert paths(durations) == {"$.ttl_hours", "$.reentry_days", "$.attempt_spacing_days"}
+    assert "1000000000000 hours: at most 8760 hours" in durations.text
+    assert "inf days: at most 365 days" in durations.text
     # Nothing of it was stored.
     names = {j["name"] for j in (await api.reader.get("/v1/journeys")).json()["journeys"]}
     assert "vip_thanks" not in names
