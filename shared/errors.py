@@ -11,6 +11,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.events import one_error_per_attribute
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class RetainError(Exception):
@@ -156,6 +159,15 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's outermost middleware calls this and then raises the error on to the
+        # server, which logs its traceback; the line here is the one in the service's own log.
+        log.error("unexpected error", method=request.method, path=request.url.path, error=type(exc).__name__)
+        return JSONResponse(
+            error_body("internal", "an unexpected error; it has been logged"), status_code=500
+        )
+
     app.add_exception_handler(RetainError, on_retain_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

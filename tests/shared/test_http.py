@@ -39,6 +39,10 @@ def _app(keys: Path) -> FastAPI:
     async def create(body: Annotated[dict[str, Any], Body()], _key: Reader) -> dict[str, int]:
         return {"fields": len(body)}
 
+    @router.get("/v1/broken")
+    async def broken() -> dict[str, str]:
+        raise RuntimeError("a bug")
+
     @router.post("/hooks/form")
     async def form(request: Request) -> dict[str, int]:
         return {"fields": len(await request.form())}
@@ -113,6 +117,20 @@ async def test_framework_errors_carry_the_same_codes_as_ours(client: httpx.Async
     )
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")
     assert (unparsable.status_code, unparsable.json()["error"]["code"]) == (400, "bad_request")
+
+
+async def test_an_unexpected_error_is_a_500_in_the_errors_shape(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    create_key(keys, ["kpi:read"])
+    # As a server answers: the error goes on to it after the answer (the traceback in its log).
+    transport = httpx.ASGITransport(app=_app(keys), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.get("/v1/broken")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "error": {"code": "internal", "message": "an unexpected error; it has been logged"}
+    }
 
 
 async def test_requests_are_counted_by_route_template_including_the_framework_pages(
