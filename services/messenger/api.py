@@ -3,7 +3,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
@@ -55,8 +55,11 @@ def _cursor(value: str | None) -> tuple[datetime, str] | None:
         instant = datetime.fromisoformat(at)
         if instant.tzinfo is None:  # ours carry an offset; a naive one would fail in the query
             raise ValueError("no UTC offset")
-        return instant, mid
-    except (ValueError, UnicodeDecodeError) as exc:
+        if "\x00" in mid:  # PostgreSQL's text takes none (a 500 from the query)
+            raise ValueError("NUL in the id")
+        # In UTC here, as the query would (at 0001-01-01 with an offset east of UTC, OverflowError).
+        return instant.astimezone(UTC), mid
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise InvalidInputError(
             "the cursor is not one this API gave out", details=[{"field": "cursor"}]
         ) from exc

@@ -703,11 +703,16 @@ async def test_the_waits_api_shows_what_a_journey_waits_for_and_what_became_of_i
     assert bad.status_code == 422
     assert "status" in bad.text
     assert (await api.get("/v1/waits", params={"cursor": "nonsense"})).status_code == 422
-    naive = base64.urlsafe_b64encode(b"2026-06-01T12:00:00|x").decode()  # forged: no offset
+    forgeries = [
+        b"2026-06-01T12:00:00|x",  # no offset
+        b"0001-01-01T00:00:00+01:00|x",  # before the first instant a datetime holds, in UTC
+        b"2026-06-01T12:00:00+00:00|x\x00y",  # a NUL, which PostgreSQL's text refuses
+    ]
     for path in ("/v1/waits", "/v1/messages"):
-        forged = await api.get(path, params={"cursor": naive})
-        assert forged.status_code == 422, forged.text
-        assert forged.json()["error"]["details"] == [{"field": "cursor"}]
+        for forgery in forgeries:
+            forged = await api.get(path, params={"cursor": base64.urlsafe_b64encode(forgery).decode()})
+            assert forged.status_code == 422, (forgery, forged.text)
+            assert forged.json()["error"]["details"] == [{"field": "cursor"}]
 
 
 async def test_an_attempt_that_waited_for_an_address_leaves_the_next_one_its_spacing(world: World) -> None:
