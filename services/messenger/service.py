@@ -998,7 +998,37 @@ class MessengerService:
         settled: list[tuple[Any, str, str | None, dict[str, Any]]] = []
         outcomes: list[SendOutcome] = []
         opt_outs: list[tuple[str, Channel, FactSource]] = []
+        later: list[dict[str, Any]] = []
         for row, result in results:
+            if isinstance(result, ProviderError) and _come_back_later(row, result):
+                # The provider named when to come back (a rate limit's Retry-After, longer than
+                # a call sleeps through): queued again until then, not failed. Still queued to
+                # anyone reading retain.messages, so nothing is published.
+                assert result.retry_after is not None  # noqa: S101 - _come_back_later checked it
+                send_at = now + timedelta(seconds=result.retry_after)
+                reason = (
+                    f"{result.provider} {result.code}: again after {send_at.isoformat(timespec='seconds')}"
+                )
+                log.warning(
+                    "message put back",
+                    message_id=row.id,
+                    channel=row.channel,
+                    provider=result.provider,
+                    code=result.code,
+                    retry_after_s=result.retry_after,
+                    claims=row.attempts + 1,
+                )
+                later.append(
+                    {
+                        "id": row.id,
+                        "status": "queued",
+                        "send_at": send_at,
+                        "reason": reason,
+                        "updated_at": now,
+                    }
+                )
+                outcomes.append(SendOutcome(row.id, "queued", result.code))
+                continue
             if isinstance(result, ProviderError):
                 reason = f"{result.provider} {result.code}: {result.message}"
                 # One line per failure with the provider's code: what on-call reads first when
@@ -1021,6 +1051,7 @@ class MessengerService:
                 values = {"provider": result.provider, "provider_message_id": result.provider_message_id}
                 settled.append((row, "sent", f"handed to {result.provider}", values))
                 outcomes.append(SendOutcome(row.id, "sent", None))
+        await self.repo.update_messages(session, later)
         await self._settle_many(session, settled, now)
         for customer_id, channel, source in opt_outs:
             await self._opt_out(session, customer_id, channel, source, now)
@@ -1446,6 +1477,18 @@ def caps_etag(caps: CapsConfig) -> str:
     """The caps' version as an ETag: a digest of their canonical JSON."""
     canonical = json.dumps(caps.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# The claims of one message (each with its provider attempts) before a provider that keeps
+# asking to come back later fails it: a rate limit that does not lift is an outage.
+MAX_CLAIMS = 5
+
+
+def _come_back_later(row: Any, error: ProviderError) -> bool:
+    """Whether a failed call is put back in the queue rather than failed: the provider said
+    when to come back, and the message has not been claimed ``MAX_CLAIMS`` times (``attempts``
+    is the count before this claim)."""
+    return not error.permanent and error.retry_after is not None and row.attempts + 1 < MAX_CLAIMS
 
 
 def _needs_recheck(row: Any, now: datetime) -> bool:

@@ -25,6 +25,7 @@ from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.decision import in_holdout
 from services.messenger.links import sign_unsubscribe
+from services.messenger.providers.base import ProviderError
 from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import MessengerService
 from shared.auth import create_key
@@ -355,6 +356,57 @@ async def test_a_send_that_outlasts_its_bound_fails_and_is_not_sent_again(
     assert [(f["message_id"], f["channel"], f["code"]) for f in failed] == [(row["id"], "sms", "timeout")]
     world.clock.now = NOON + timedelta(hours=1)
     assert await world.service.reconcile() == 0  # not 'sending': nothing to requeue
+    assert await world.service.send_due() == []
+
+
+async def test_a_provider_asking_to_come_back_later_gets_the_message_then_not_a_failure(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rate limit's Retry-After longer than a call sleeps through: the message is queued
+    again until then; after MAX_CLAIMS claims of a limit that never lifts, it fails."""
+    recorder = WarningRecorder()
+    monkeypatch.setattr(service_module, "log", recorder)
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    provider = world.service.providers[Channel.SMS]
+    real_send = provider.send
+    calls = 0
+
+    async def limited(msg: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise ProviderError("429", "Too Many Requests", permanent=False, retry_after=3600, provider="outbox")
+
+    provider.send = limited  # type: ignore[method-assign]
+    try:
+        assert [(o.status, o.reason) for o in await world.service.send_due()] == [("queued", "429")]
+        [row] = await messages(world, customer)
+        assert row["status"] == "queued"
+        assert "outbox 429: again after" in row["reason"]
+        assert [f["retry_after_s"] for e, f in recorder.warnings if e == "message put back"] == [3600]
+        world.clock.now = NOON + timedelta(minutes=59)
+        assert await world.service.send_due() == []  # not before the provider's time
+        assert calls == 1
+    finally:
+        provider.send = real_send  # type: ignore[method-assign]
+    world.clock.now = NOON + timedelta(hours=1)
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    assert len(outbox_files(world)) == 1
+
+    # A limit that never lifts: claimed MAX_CLAIMS times, then failed with the provider's code.
+    other = customer_not_in_holdout("thank_you") + "x"
+    await world.service.apply_batch(delivered([purchase_update(other, 1, world.clock.now)]))
+    provider.send = limited  # type: ignore[method-assign]
+    statuses = []
+    try:
+        for _ in range(service_module.MAX_CLAIMS):
+            statuses += [o.status for o in await world.service.send_due()]
+            world.clock.now += timedelta(hours=1)
+    finally:
+        provider.send = real_send  # type: ignore[method-assign]
+    assert statuses == ["queued"] * (service_module.MAX_CLAIMS - 1) + ["failed"]
+    [row] = await messages(world, other)
+    assert (row["status"], row["error_code"]) == ("failed", "429")
     assert await world.service.send_due() == []
 
 
