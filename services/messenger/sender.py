@@ -25,9 +25,15 @@ LOOP = "retain-messenger-sender"  # its heartbeat's label (shared.metrics.heartb
 
 async def run(service: MessengerService, interval_s: float, stop: asyncio.Event) -> None:
     heartbeat(LOOP)  # from here on, a pass that hangs is a stall
-    await service.reconcile()  # first: whatever a crash left half-sent
+    started = False
     while not stop.is_set():
         try:
+            if not started:
+                # First, and retried as a pass is: a database restarting as the sender starts
+                # (57P03) must not end the process.
+                await service.ensure_defaults()
+                await service.reconcile()  # whatever a crash left half-sent
+                started = True
             outcomes = await service.send_due()
             await service.reconcile()
             await service.refresh_gauges()
@@ -55,7 +61,6 @@ async def main(settings: MessengerSettings | None = None) -> None:
         for channel, provider in providers.items():
             log.info("provider", channel=channel.value, provider=describe(provider))
         service = MessengerService(db, settings, producer, providers, limiter=build_limiter(settings))
-        await service.ensure_defaults()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
