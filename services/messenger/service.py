@@ -817,11 +817,13 @@ class MessengerService:
             by_channel.setdefault(d.channel, []).append(d.id)
         outcomes: list[SendOutcome] = []
         if by_channel:
-            share = max(1, self.settings.messenger_send_concurrency // len(by_channel))
+            shares = _shares(self.settings.messenger_send_concurrency, len(by_channel))
             transactions = asyncio.Lock()
             try:
                 async with asyncio.TaskGroup() as passes:
-                    for ids in by_channel.values():
+                    # With fewer slots than channels due, the channels past them wait for the
+                    # next pass (the earliest due first), so the slots in flight stay within it.
+                    for ids, share in zip(by_channel.values(), shares, strict=False):
                         passes.create_task(_SendPass(self, ids, outcomes, share, transactions).run())
             except BaseExceptionGroup as errors:
                 raise errors.exceptions[0] from None  # as _SendPass.run: one error, as one send
@@ -1477,6 +1479,13 @@ def caps_etag(caps: CapsConfig) -> str:
     """The caps' version as an ETag: a digest of their canonical JSON."""
     canonical = json.dumps(caps.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _shares(slots: int, channels: int) -> list[int]:
+    """The send slots of each channel due, in order: equal shares of ``slots`` (the first ones
+    one more when they do not divide), none for the channels past ``slots``."""
+    base, extra = divmod(slots, channels)
+    return [base + (1 if i < extra else 0) for i in range(min(channels, slots))]
 
 
 # The claims of one message (each with its provider attempts) before a provider that keeps

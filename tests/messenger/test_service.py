@@ -308,6 +308,17 @@ async def test_a_cap_longer_than_a_month_sees_its_whole_window(world: World) -> 
     assert [r["status"] for r in await messages(world, customer)] == ["sent", "capped", "queued"]
 
 
+@pytest.mark.parametrize(
+    ("slots", "channels", "shares"),
+    [(16, 2, [8, 8]), (16, 3, [6, 5, 5]), (2, 3, [1, 1]), (1, 3, [1]), (3, 3, [1, 1, 1])],
+)
+def test_the_send_slots_are_shared_by_the_channels_due_and_never_exceeded(
+    slots: int, channels: int, shares: list[int]
+) -> None:
+    assert service_module._shares(slots, channels) == shares
+    assert sum(shares) == slots  # every slot used, none beyond
+
+
 def test_reconciliation_waits_longer_than_any_send_can_last() -> None:
     """Sooner, one sender's reconciliation would queue again a message another is still
     sending (slowly: retries, pacing), and it would go twice."""
