@@ -7,11 +7,14 @@ with its reason and go on with the partition.
 
 The replay needs a record that is valid after "a fix". No fault in the pipeline can be switched
 off on cue, so the run plays the consumer's part: a valid purchase (of a customer whose profile
-is the stream's first event) is written to ``retain.purchases.dlq`` with the headers
-``ConsumerLoop._dead_letter`` writes, and never sent through ingest. ``retain dlq replay`` puts
-it back, twice. The oracle holds it, so a replay that never applied it shows as missing in the
-profile, the kpi purchases and the ledgers. (Applied twice it would change nothing visible:
-orders are keyed by order id; the ledgers drop the second copy.)
+is the stream's first event) is written to ``<prefix>purchases.dlq`` with the headers
+``ConsumerLoop._dead_letter`` writes for a handler failure that is not transient (reason
+``IntegrityError``; its origin partition and offset are 0 and 0, since the record was never on
+the topic), and never sent through ingest. ``retain dlq replay`` puts it back, twice. The
+oracle holds it, so a replay that never applied it shows as "lost" (absent from the topics), as
+"missing" in the kpi purchases and as "different" in the customer's profile; ``applied_in``
+says where the run found it. (Applied twice it would change nothing visible: orders are keyed
+by order id; the ledgers drop the second copy.)
 """
 
 from __future__ import annotations
@@ -28,12 +31,18 @@ from aiokafka import AIOKafkaProducer
 
 from shared.codec import encode_event, encode_key
 from shared.config import REPO_ROOT
+from shared.dlq import REFUSED_AT
 from shared.events import EVENT_ADAPTER
 from shared.topics import CANCELLATIONS, PURCHASES, SUPPORT, dlq
 from tests.support.kafka import read_all
 
 CUSTOMER = "c-dlq-000001"
 REASON = "undecodable"  # what ConsumerLoop writes for all three
+# What ConsumerLoop writes for a record its handler refused with a non-transient error (the
+# exception's class name; ``shared.kafka.consumer.is_transient`` is False for it): the dead
+# letter the run replays. An OperationalError would never be dead-lettered: it is retried.
+REPLAY_REASON = "IntegrityError"
+PURCHASE_ID = "chaos-dlq-purchase"  # the dead-lettered purchase's event id
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,7 @@ def customer_events(now: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
         "consents": {"email": False, "sms": False, "whatsapp": False},
     }
     purchase = {
-        "event_id": "chaos-dlq-purchase",
+        "event_id": PURCHASE_ID,
         "type": "purchase",
         "customer_id": CUSTOMER,
         "occurred_at": (now - timedelta(days=35)).isoformat(),
@@ -109,10 +118,19 @@ class Placed:
 class DlqFigures:
     poisons: list[Placed] = field(default_factory=list)
     letters: dict[str, dict[str, int]] = field(default_factory=dict)  # poison → group → letters
+    reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # poison → reason → letters
     bad_letters: list[str] = field(default_factory=list)  # wrong reason, detail, or origin
-    after_poison: int = 0  # records behind the poisons on their partitions (applied: ledgers)
+    # Records behind each poison on its partition (applied: ledgers). Only the total must be
+    # above 0: a sparse topic (cancellations) may have nothing behind its poison in a short run.
+    behind: dict[str, int] = field(default_factory=dict)
     replays: list[str] = field(default_factory=list)  # what `retain dlq replay` printed
     replay_failures: list[str] = field(default_factory=list)
+    # Where the run found the replayed purchase applied (``APPLIED_IN``), set after the run.
+    applied_in: list[str] = field(default_factory=list)
+
+    @property
+    def after_poison(self) -> int:
+        return sum(self.behind.values())
 
     def problems(self) -> list[str]:
         out = list(self.bad_letters) + self.replay_failures
@@ -128,7 +146,33 @@ class DlqFigures:
             out.append(f"dlq replays: {len(self.replays)} of 2")
         if self.poisons and not self.after_poison:
             out.append("no record behind the poisons: the partitions' flow was not tested")
+        if self.replays:
+            absent = [w for w in APPLIED_IN if w not in self.applied_in]
+            if absent:
+                out.append(f"the replayed purchase is not applied in: {', '.join(absent)}")
         return out
+
+
+# Where a replayed purchase shows once applied: the customer's profile equal to the oracle's,
+# a kpi purchases row of its event, and each consumer's applied-event ledger.
+APPLIED_IN = ("profile", "kpi purchases", "segmenter ledger", "kpi ledger")
+
+
+def letter_headers(origin_topic: str, now: datetime) -> list[tuple[str, bytes]]:
+    """The headers ``ConsumerLoop._dead_letter`` writes for a record first refused ``now`` by a
+    non-transient handler error, in its order. The origin's partition and offset are 0: the
+    record was never on the topic."""
+    at = now.isoformat().encode()
+    return [
+        ("x-retain-error", REPLAY_REASON.encode()),
+        ("x-retain-error-detail", b"chaos: a dead letter written by the run, as the consumer would"),
+        ("x-retain-topic", origin_topic.encode()),
+        ("x-retain-partition", b"0"),
+        ("x-retain-offset", b"0"),
+        ("x-retain-first-seen", at),
+        (REFUSED_AT, at),
+        ("x-retain-group", b"chaos-run"),
+    ]
 
 
 async def place(bootstrap: str, prefix: str, now: datetime, purchase: dict[str, Any]) -> list[Placed]:
@@ -144,15 +188,7 @@ async def place(bootstrap: str, prefix: str, now: datetime, purchase: dict[str, 
             placed.append(Placed(p.name, meta.topic, meta.partition, meta.offset, p.value))
         event = EVENT_ADAPTER.validate_python(purchase)
         origin = prefix + PURCHASES
-        headers = [
-            ("x-retain-error", b"OperationalError"),
-            ("x-retain-error-detail", b"chaos: a dead letter written by the run, as the consumer would"),
-            ("x-retain-topic", origin.encode()),
-            ("x-retain-partition", b"0"),
-            ("x-retain-offset", b"0"),
-            ("x-retain-first-seen", datetime.now(UTC).isoformat().encode()),
-            ("x-retain-group", b"chaos-run"),
-        ]
+        headers = letter_headers(origin, datetime.now(UTC))
         await producer.send_and_wait(dlq(origin), encode_event(event), key=key, headers=headers)
         return placed
     finally:
@@ -163,7 +199,7 @@ def replay_cli(bootstrap: str, prefix: str, since: datetime) -> tuple[int, str]:
     """``retain dlq replay --topic <prefix>purchases --since …`` as an operator runs it."""
     env = {**os.environ, "RETAIN_KAFKA_BOOTSTRAP": bootstrap, "RETAIN_TOPIC_PREFIX": prefix}
     argv = [sys.executable, "-m", "shared.cli", "dlq", "replay", "--topic", prefix + PURCHASES]
-    argv += ["--since", since.isoformat(), "--reason", "OperationalError"]
+    argv += ["--since", since.isoformat(), "--reason", REPLAY_REASON]
     done = subprocess.run(
         argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -178,9 +214,11 @@ async def check(bootstrap: str, placed: list[Placed], groups: dict[str, list[str
     records = await read_all(bootstrap, [dlq(t) for t in topics] + topics, timeout_s=120)
     for p in placed:
         counts: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        figures.behind[p.name] = 0
         for r in records:
             if r.topic == p.topic and r.partition == p.partition and r.offset > p.offset:
-                figures.after_poison += 1
+                figures.behind[p.name] += 1
             if r.topic != dlq(p.topic):
                 continue
             h = {k: v.decode("utf-8", "replace") for k, v in r.headers}
@@ -190,11 +228,14 @@ async def check(bootstrap: str, placed: list[Placed], groups: dict[str, list[str
                 continue
             group = h.get("x-retain-group", "?")
             counts[group] = counts.get(group, 0) + 1
+            reason = h.get("x-retain-error", "(none)")
+            reasons[reason] = reasons.get(reason, 0) + 1
             if h.get("x-retain-error") != REASON or not h.get("x-retain-error-detail"):
                 figures.bad_letters.append(f"{p.name} from {group}: reason {h.get('x-retain-error')!r}")
             if (r.value or b"") != p.value:
                 figures.bad_letters.append(f"{p.name} from {group}: the letter's value is not the poison")
         expected = groups.get(p.topic, [])
         figures.letters[p.name] = {g: counts.get(g, 0) for g in expected}
+        figures.reasons[p.name] = reasons
         figures.bad_letters += [f"{p.name}: a letter from {g}" for g in counts if g not in expected]
     return figures

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.config import REPO_ROOT
+from tests.chaos.poison import REASON
 from tests.chaos.run import KILLED, Figures, Options
 
 DOC = REPO_ROOT / "docs" / "reliability.md"
@@ -60,15 +61,19 @@ def lines(figures: Figures, options: Options, command: str) -> list[str]:
         q = f.dlq
         for p in q.poisons:
             letters = ", ".join(f"{g} {n}" for g, n in q.letters.get(p.name, {}).items())
+            reasons = ", ".join(f"'{r}' {n}" for r, n in q.reasons.get(p.name, {}).items())
             out.append(
                 f"| poison: {p.name} on {p.topic.removeprefix('chaos.retain.')} → dead letters "
-                f"with reason 'undecodable' | {letters or 'none'} |"
+                f"per group (reasons; required: '{REASON}') | {letters or 'none'} "
+                f"({reasons or 'no letter'}) |"
             )
+        behind = ", ".join(f"{name} {n}" for name, n in q.behind.items())
         out += [
-            f"| records behind the poisons on their partitions (applied: ledgers) | {q.after_poison} |",
+            f"| records behind the poisons on their partitions (applied: ledgers) | {q.after_poison} "
+            f"({behind}) |",
             f"| dead letters with a wrong reason, detail or value | {len(q.bad_letters)} |",
             f"| `retain dlq replay` of a dead-lettered valid purchase (runs that exited 0) | "
-            f"{len(q.replays)} of 2: applied (profile, kpi purchases, ledgers above) |",
+            f"{len(q.replays)} of 2; applied in: {', '.join(q.applied_in) or 'nothing'} |",
         ]
     return out
 

@@ -402,6 +402,11 @@ class Run:
                 states, rows, compile_rules(default_rules(), 1), settings.lifecycle, self.figures.settled_at
             )
             states_cmp.extra += extra
+            # Where the replayed dead-lettered purchase shows as applied (poison.APPLIED_IN).
+            found = {
+                "profile": poison.CUSTOMER in rows and poison.CUSTOMER not in states_cmp.different,
+                "segmenter ledger": poison.PURCHASE_ID in applied,
+            }
             comparisons += [
                 compare_ledger("segmenter applied events", [*backend, *clv], applied),
                 states_cmp,
@@ -420,6 +425,8 @@ class Run:
                     )
                 }
                 applied = await _ids(session, kpi_tables.applied_events)
+            found["kpi purchases"] = any(r["event_id"] == poison.PURCHASE_ID for r in tables["purchases"])
+            found["kpi ledger"] = poison.PURCHASE_ID in applied
             comparisons.append(compare_ledger("kpi applied events", [*backend, *message_events], applied))
             comparisons += compare_kpi([*replayed, *message_events.values()], tables)
             async with msg.sessions() as session:
@@ -458,6 +465,7 @@ class Run:
             dlq = await poison.check(c.bootstrap, self.placed, groups)
             dlq.replays = [out for code, out in self.replays if code == 0]
             dlq.replay_failures = [f"dlq replay exit {code}: {out}" for code, out in self.replays if code]
+            dlq.applied_in = [w for w in poison.APPLIED_IN if found.get(w)]
             self.figures.dlq = dlq
         self.figures.delivery = check_delivery(
             ledger,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.chaos import poison
 from tests.chaos.report import problems
 from tests.chaos.run import KILLED, Options, Run
 
@@ -35,4 +36,5 @@ def test_the_pipeline_loses_and_duplicates_nothing_under_faults() -> None:
     assert all(n >= 1 for p in figures.dlq.letters.values() for n in p.values()), figures.dlq.letters
     assert figures.dlq.after_poison > 0
     assert len(figures.dlq.replays) == 2, figures.dlq.replay_failures
+    assert figures.dlq.applied_in == list(poison.APPLIED_IN), figures.dlq.applied_in
     assert figures.ok
