@@ -13,8 +13,9 @@ message event, read by a consumer in this process (one clock).
    decision); a burst is decided in batches of hundreds, cheaper per customer than the few
    that paced single events make, so the bound is not a rate the pipeline sustains. Then
    paced probes (as in step 2, a few seconds each) bisect between 0 and that bound: a rate
-   is sustained when the latency does not grow over the probe (``keeps_up``): a backlog
-   that grows shows as the later sends waiting longer than the first ones.
+   is sustained when the latency does not grow over the probe, nothing is missing and no
+   send failed (``keeps_up``): a backlog that grows shows as the later sends waiting longer
+   than the first ones.
 2. At half the highest sustained rate, single events sent at even intervals (an open loop: a
    slow answer does not slow the sending), for the measured window; p50/p99 of the latencies.
    The paced sends come from a separate process (``tests/bench/pacer.py``); this one only
@@ -54,7 +55,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.auth import create_key
 from shared.collector import settle_collector
-from shared.config import REPO_ROOT
+from shared.config import REPO_ROOT, CommonSettings
 from shared.topics import all_topic_names, ensure_topics
 from tests.bench.context import BenchContext
 from tests.bench.infra import (
@@ -79,6 +80,10 @@ PROBE_S = 6.0  # seconds of sends per probe: the longer, the more a backlog outg
 # A probe kept up unless its last quarter of sends waited this much longer (median) than its
 # first quarter: at 10% over capacity, a 6 s probe's backlog adds 600 ms; noise adds tens.
 GROWTH_MS = 100.0
+# Each measured run waits for the machine to be this idle (cores busy, all processes) before it
+# starts, for at most QUIET_LIMIT_S; whether it got there is reported with the run.
+QUIET_BELOW = 0.3
+QUIET_LIMIT_S = 15.0
 
 
 @contextlib.contextmanager
@@ -338,8 +343,9 @@ def run(ctx: BenchContext) -> Section:
         Process(f"e2e-{name}", [sys.executable, "-m", f"services.{name}.consumer"], env)
         for name in ("segmenter", "messenger")
     ]
+    # The workers' environment: the echo reads its commit interval from the same settings.
     echo = Process(
-        "e2e-echo", [sys.executable, "-m", "tests.bench.echo", kafka.bootstrap, echo_in, echo_out], {}
+        "e2e-echo", [sys.executable, "-m", "tests.bench.echo", kafka.bootstrap, echo_in, echo_out], env
     )
     with running(ingest), started([*workers, echo]):
         result = asyncio.run(_measure(ctx, ingest.url, plain, prefix, run_id, echo_in, echo_out, workers))
@@ -385,7 +391,7 @@ async def _measure(
         # 25-71 ms in that round, 5-12 ms in the others), which made the ratio small.
         warm = max(50, int(rate * WARM_S))
         for r in range(1, options.rounds + 1):
-            await _quiet()
+            pipeline_start = await _quiet()
             say(f"e2e: round {r}/{options.rounds}: {n} customers at {rate:,.0f}/s through the pipeline")
             if options.profile and r == 1:
                 samplers = [Sampler(w, seconds) for w in workers]
@@ -398,7 +404,7 @@ async def _measure(
                 stage=("ingest 202 → segmenter's customer_update (first hop)", updates),
                 warm=[f"e2e-{run_id}p{r}w-{i}" for i in range(warm)],
             )
-            await _quiet()
+            echo_start = await _quiet()
             say(f"e2e: round {r}/{options.rounds}: the echo baseline, {n} records at {rate:,.0f}/s")
             [baseline] = await _paced(
                 "produce → consume → produce echo",
@@ -408,19 +414,32 @@ async def _measure(
                 [f"echo-{run_id}-{r}-{i}" for i in range(n)],
                 warm=[f"echo-{run_id}-{r}w-{i}" for i in range(warm)],
             )
-            rounds.append(Round(pipeline, first_hop, baseline))
+            rounds.append(Round(pipeline, first_hop, baseline, pipeline_start, echo_start))
             p99, echo_p99 = pipeline.quantile(0.99), baseline.quantile(0.99)
             say(f"  p99 {p99:,.1f} ms against the echo's {echo_p99:,.1f} ms: {rounds[-1].ratio:,.2f}×")
     profile = [line for sampler in samplers for line in sampler.summary()]
     return Rates(burst_rate, max_rate, probes), rounds, profile
 
 
-async def _quiet(*, window_s: float = 0.5, below: float = 0.3, limit_s: float = 15.0) -> None:
+@dataclass(frozen=True)
+class Quiet:
+    """How idle the machine was when a measured run started (``_quiet``)."""
+
+    idle: bool  # under QUIET_BELOW of a core busy; False: the wait gave up after QUIET_LIMIT_S
+    busy: float  # cores busy over the last window before the start
+
+    def __str__(self) -> str:
+        return f"{'yes' if self.idle else 'no'} ({self.busy:.2f})"
+
+
+async def _quiet(
+    *, window_s: float = 0.5, below: float = QUIET_BELOW, limit_s: float = QUIET_LIMIT_S
+) -> Quiet:
     """Wait until the machine is nearly idle: under ``below`` of a core busy, all processes
-    together, over ``window_s`` (at most ``limit_s``). What a paced run leaves behind (the
-    broker's and the services' work after the last record) would otherwise run during the
-    next measurement. (It did not remove the slow start of the echo's runs; the untimed
-    warm-up at the start of each run does.)"""
+    together, over ``window_s`` (at most ``limit_s``, then the run starts anyway, and the
+    report says so). What a paced run leaves behind (the broker's and the services' work after
+    the last record) would otherwise run during the next measurement. (It did not remove the
+    slow start of the echo's runs; the untimed warm-up at the start of each run does.)"""
     started = time.monotonic()
     busy = float("inf")
     while time.monotonic() - started < limit_s:
@@ -429,7 +448,10 @@ async def _quiet(*, window_s: float = 0.5, below: float = 0.3, limit_s: float = 
         busy = ((machine_busy_seconds() or 0.0) - before) / window_s
         if busy < below:
             break
-    say(f"  machine idle ({busy:.2f} of a core busy) after {time.monotonic() - started:.1f} s")
+    idle = busy < below
+    state = "idle" if idle else "still busy"
+    say(f"  machine {state} ({busy:.2f} of a core busy) after {time.monotonic() - started:.1f} s")
+    return Quiet(idle, busy)
 
 
 @dataclass(frozen=True)
@@ -477,6 +499,8 @@ class Round:
     pipeline: Latencies
     first_hop: Latencies
     echo: Latencies
+    pipeline_start: Quiet  # the machine when the pipeline's run started
+    echo_start: Quiet  # and when the echo's did
 
     @property
     def ratio(self) -> float:
@@ -520,6 +544,7 @@ def _section(rates: Rates, rounds: list[Round], profile: list[str]) -> Section:
             "p99 ms",
             "max ms",
             "p99 / echo p99",
+            "idle at start (cores busy)",
         ],
         [
             [
@@ -534,11 +559,12 @@ def _section(rates: Rates, rounds: list[Round], profile: list[str]) -> Section:
                 f"{lat.quantile(0.99):,.1f}",
                 f"{max(lat.values_ms, default=float('nan')):,.1f}",
                 f"{r.ratio:,.2f}×" if lat is r.pipeline else "",
+                str(r.echo_start if lat is r.echo else r.pipeline_start),
             ]
             for i, r in enumerate(rounds, 1)
             for lat in (r.pipeline, r.first_hop, r.echo)
         ],
-        align="rlrrrrrrrrr",
+        align="rlrrrrrrrrrl",
     )
     probes = table(
         ["probe", "offered rate/s", "measured", "p50 ms", "p99 ms", "latency growth ms", "kept up"],
@@ -561,7 +587,7 @@ def _section(rates: Rates, rounds: list[Round], profile: list[str]) -> Section:
         f"The maximum sustained rate, {rates.sustained:,.0f}/s: paced probes of {PROBE_S:g} s, the"
         f" first at the burst's rate ({rates.burst:,.0f}/s), then bisecting. A probe kept up when"
         f" the median latency of its last quarter of sends was at most {GROWTH_MS:g} ms above that"
-        " of its first quarter, with nothing missing.",
+        " of its first quarter, with nothing missing and no send errors.",
         "",
         *probes,
     ]
@@ -570,9 +596,14 @@ def _section(rates: Rates, rounds: list[Round], profile: list[str]) -> Section:
         " for it on retain.messages (welcome: queued, held for quiet hours, holdout... all count).",
         "The pipeline: ingest (uvicorn) → Kafka → segmenter consumer (SQLite, outbox relay after"
         " commit) → Kafka → messenger consumer (SQLite, likewise) → Kafka; two consumer hops and two"
-        " database transactions. The echo: one consume → produce hop, no decoding, no database.",
+        " database transactions. The echo: one consume → produce hop, no decoding, no database; it"
+        " commits its offsets as the services' consumers do, at most once per"
+        f" consumer_commit_interval_ms ({CommonSettings().consumer_commit_interval_ms:,} ms) while"
+        " busy and at once when a fetch comes back empty.",
         f"Rounds: {len(rounds)}, each a paced run through the pipeline and then the echo at the same"
-        " rate for as long, each starting once the machine is idle (under 0.3 of a core busy) with"
+        " rate for as long, each waiting up to"
+        f" {QUIET_LIMIT_S:g} s for the machine to be idle (under {QUIET_BELOW:g} of a core busy;"
+        " 'idle at start' says whether it was) and starting with"
         f" {WARM_S:g} s of sends at the rate that are not timed; the"
         " ratio is the median of the rounds' ratios, so one round's hiccup in either (a stall of the"
         " shared machine) does not decide it. Mean of the pipeline's"

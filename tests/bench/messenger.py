@@ -582,16 +582,17 @@ def _notes(n: int, zone: str, targets: Sequence[Target], options: Options) -> li
         f"{n:,} updates per run, one per customer (purchase now, returning customer, preferred channel "
         f"SMS with consent, locale {LOCALE}, time zone {zone}: outside quiet hours for the next hour). "
         f"Customer ids in the {JOURNEY} holdout were skipped when building the updates "
-        f"({targets[0].skipped_holdout:,} of {n + targets[0].skipped_holdout:,} in the last run); the "
+        f"({targets[0].skipped_holdout:,} of {n + targets[0].skipped_holdout:,} in the last round of "
+        f"the {targets[0].label} target; each round's ids differ, and so may the count); the "
         "'ledger afterwards' column shows what the service decided: every message should be 'sent'.",
         "Each run: a fresh SQLite database under var/bench and a fresh outbox directory; apply_batch in "
         "batches of messenger_batch_size, then send_due() (200 due messages per call, "
         "messenger_send_concurrency in flight) until nothing is due. The outbox relay publishes every "
         "decision and send to retain.messages on the bench's broker, as in production. The consumer "
         "loop's own work (getmany, decode, offset commit) is not in this measurement.",
-        "Bare loop: the measured run's messages as they were handed to the provider (text, To, From "
-        "from the ledger), sent with asyncio.gather under a semaphore of the same concurrency, to a "
-        "fresh outbox directory or to the same Prism.",
+        "Bare loop: the measured run's messages as they were handed to the provider (text and To "
+        "from the ledger, From the sender the service is configured with), sent with asyncio.gather "
+        "under a semaphore of the same concurrency, to a fresh outbox directory or to the same Prism.",
         "No sender rate limiter (SenderRateLimiter) in either: Twilio pacing of a long code (1/s) would "
         "be measured instead of the messenger.",
         f"Rounds: {options.rounds}; each target's measured run is followed by its bare loop.",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 class Row:
     measurement: str
     events_per_s: float
-    ratio: float | None = None  # events_per_s / the baseline's events/s
+    ratio: float | None = None  # against the baseline; the sections give the median of per-round ratios
     baseline: str = ""  # what the ratio is against
     target: float | None = None  # the ratio the issue asks for, if any
     stretch: float | None = None  # the ratio the issue hopes for, beyond the target
@@ -55,10 +55,22 @@ def _figure(row: Row) -> str:
     return f"{row.events_per_s:,.0f} {row.unit}"
 
 
+def _times(row: Row) -> str:
+    """The ratio as ``0.91×``; with as many decimals as its target has, if more than 2, so that
+    a miss does not round to the target (0.906 against ≥ 0.909 would show as 0.91×)."""
+    assert row.ratio is not None
+    decimals = 2
+    if row.target:
+        text = f"{row.target:g}"
+        if "e" not in text:
+            decimals = max(decimals, len(text.partition(".")[2]))
+    return f"{row.ratio:.{decimals}f}×"
+
+
 def _ratio(row: Row) -> str:
     if row.ratio is None:
         return "baseline" if "(baseline)" in row.measurement else ""
-    return f"{row.ratio:.2f}× {row.baseline}".rstrip()
+    return f"{_times(row)} {row.baseline}".rstrip()
 
 
 def _target(row: Row) -> str:
@@ -123,14 +135,18 @@ def _baseline_figure(section: Section, row: Row) -> str:
 
 
 def summary(sections: Sequence[Section]) -> list[str]:
-    """One table for the whole system: every figure that has a target, with its baseline."""
+    """One table for the whole system: every figure that has a target, with its baseline.
+
+    The figures beside a ratio are medians of the rounds, while the sections compute a ratio
+    with a target per round and take its median: figure ÷ baseline need not equal it, and the
+    header says which one is shown."""
     rows = [
         [
             section.title.split(":")[0],
             row.measurement,
             _figure(row),
             _baseline_figure(section, row),
-            f"{row.ratio:.2f}×" if row.ratio is not None else "",
+            _times(row) if row.ratio is not None else "",
             _target(row),
             _met(row),
         ]
@@ -144,7 +160,15 @@ def summary(sections: Sequence[Section]) -> list[str]:
         "## Summary: every target",
         "",
         *table(
-            ["section", "measurement", "figure", "same-run baseline", "ratio", "target", "met?"],
+            [
+                "section",
+                "measurement",
+                "figure",
+                "same-run baseline",
+                "ratio vs baseline (median of the rounds' ratios)",
+                "target",
+                "met?",
+            ],
             rows,
             align="llrlrll",
         ),
@@ -156,8 +180,10 @@ def render(command: str, machine: Sequence[tuple[str, str]], sections: Sequence[
     lines = [
         "# Retain benchmarks",
         "",
-        "Ratios against baselines measured in the same run on the same machine; absolute numbers",
-        "are for context only and are not compared with anything.",
+        "Ratios against baselines measured in the same run on the same machine, except where a",
+        "target is absolute (marked '(absolute)') or a constant (the CLV fit's 2 s, shown as",
+        "2 s / fit seconds); other absolute numbers are for context only and are not compared",
+        "with anything.",
         "",
         f"Command: `{command}`",
         "",
