@@ -148,6 +148,26 @@ def validate_batch(items: list[Any], max_batch: int, new_id: Any = uuid.uuid4) -
         raise InvalidBatchError(errors, types, valid) from exc
 
 
+def check_ids(events: Sequence[Event]) -> None:
+    """One id per event: two items of a request with one ``event_id`` and different contents
+    are refused, by index; the second would otherwise be answered as a duplicate and dropped.
+    (The same event twice in a request, a resend batched with its original, is one event.)"""
+    ids = [e.event_id for e in events]
+    if len(set(ids)) == len(ids):  # the usual request: nothing more to look at
+        return
+    first: dict[str, int] = {}
+    errors: list[FieldError] = []
+    for i, e in enumerate(events):
+        j = first.setdefault(e.event_id, i)
+        if j != i and events[j] != e:
+            message = (
+                f"event_id {e.event_id!r} is also that of item {j}, a different event: an id names one event"
+            )
+            errors.append(FieldError(i, "event_id", message))
+    if errors:
+        raise InvalidBatchError(errors, [events[e.index].type for e in errors])
+
+
 def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -> None:
     """Event times a schema cannot judge: more than ``max_future`` ahead of this server's clock
     (a year typed wrong, milliseconds read as seconds) or not after 1970. Either would be

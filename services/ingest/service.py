@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
-from services.ingest.batch import InvalidBatchError, check_times, validate_body, with_time_errors
+from services.ingest.batch import InvalidBatchError, check_ids, check_times, validate_body, with_time_errors
 from services.ingest.dedupe import RecentIds
 from shared.codec import encode_event, encode_key
 from shared.events import TOPIC_OF_TYPE, Event
@@ -90,6 +90,7 @@ class IngestService:
         except InvalidBatchError as exc:
             raise with_time_errors(exc, self._wall_clock(), self._max_future) from exc
         check_times(events, self._wall_clock(), self._max_future)
+        check_ids(events)
         return events
 
     def prepare(self, events: list[Event]) -> Prepared:

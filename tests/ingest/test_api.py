@@ -129,6 +129,17 @@ async def test_same_id_twice_in_one_batch_is_produced_once(client: Client) -> No
     assert len(await client.landed()) == 1
 
 
+async def test_one_id_on_two_different_events_in_one_batch_is_refused_not_dropped(client: Client) -> None:
+    first = _event("purchase", "c3", 1)
+    other = {**_event("purchase", "c3", 2, order_id="o-other"), "event_id": first["event_id"]}
+    response = await client.post([first, _event("support", "c3", 1), other])
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["error"]["details"]
+    assert (detail["index"], detail["field"]) == (2, "event_id")
+    assert "is also that of item 0, a different event" in detail["message"]
+    assert await client.landed() == []
+
+
 IN_FIVE_YEARS = (datetime.now(UTC) + timedelta(days=5 * 365)).isoformat()
 
 
