@@ -4,7 +4,7 @@ import base64
 import hashlib
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -76,14 +76,16 @@ async def list_messages(
     service: Service,
     customer_id: Annotated[str | None, Query(max_length=128)] = None,
     journey: Annotated[str | None, Query(max_length=64)] = None,
-    status: MessageStatus | None = None,
+    # The statuses a ledger row can have: every MessageStatus, and 'sending' (claimed by the
+    # sender, not settled yet), which is the ledger's own and never published.
+    status: MessageStatus | Literal["sending"] | None = None,
     cursor: Annotated[str | None, Query(max_length=300)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> MessagesPage:
     rows = await service.list_messages(
         customer_id=customer_id,
         journey=journey,
-        status=status.value if status else None,
+        status=None if status is None else str(status),
         before=_cursor(cursor),
         limit=limit,
     )

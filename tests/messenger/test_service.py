@@ -568,6 +568,16 @@ async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> No
     [message] = page.json()["messages"]
     assert message["journey"] == "thank_you"
     assert message["reason"]
+    # The ledger's statuses are filters, 'sending' (claimed, not settled) among them.
+    assert message["status"] == "queued"
+    queued = await api.get("/v1/messages", params={"status": "queued"})
+    assert [m["id"] for m in queued.json()["messages"]] == [message["id"]]
+    async with world.db.transaction() as session:
+        await world.service.repo.update_message(session, message["id"], status="sending")
+    sending = await api.get("/v1/messages", params={"status": "sending"})
+    assert sending.status_code == 200, sending.text
+    assert [m["id"] for m in sending.json()["messages"]] == [message["id"]]
+    assert (await api.get("/v1/messages", params={"status": "lost"})).status_code == 422
     caps = (await api.get("/v1/caps")).json()["caps"]
     assert {c["name"] for c in caps} >= {"sms_7d", "marketing_day"}
     bad = await api.put(
