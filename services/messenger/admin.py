@@ -333,7 +333,8 @@ class MessengerAdmin:
         else:
             template = await _checked_template(template_key(template_name, channel, locale), draft, journeys)
         perks = self.service.settings.messenger_tier_perks
-        sample = sample_variables(template.key.locale, perks_config=perks)
+        brand = self.service.settings.brand
+        sample = sample_variables(template.key.locale, perks_config=perks, brand=brand)
         if profile is None:
             variables, from_sample = sample, sorted(sample)
         else:
@@ -344,6 +345,7 @@ class MessengerAdmin:
                 # The sample link: a real one would let any reader of the API unsubscribe them.
                 unsubscribe_url=sample["unsubscribe_url"],
                 perks_config=perks,
+                brand=brand,
             )
             trigger = {k: v for k, v in sample.items() if k in TRIGGER_VARIABLES}
             variables, from_sample = {**own, **trigger}, sorted({*trigger, "unsubscribe_url"})

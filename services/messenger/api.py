@@ -6,13 +6,15 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Form, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import AfterValidator, ValidationError
 from twilio.request_validator import RequestValidator
 
+from services.messenger import pages
 from services.messenger.caps import CapsConfig
-from services.messenger.links import verify_unsubscribe
+from services.messenger.links import message_id_of, verify_unsubscribe
+from services.messenger.pages import page_language
 from services.messenger.schemas import CapsOut, MessageOut, MessagesPage, WaitOut, WaitsPage, WaitStatus
 from services.messenger.service import CapsConflictError, CapsMatchRequiredError, MessengerService, caps_etag
 from services.messenger.stopwords import match_inbound, reply_for
@@ -288,18 +290,21 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
 
 # --- links in messages ---------------------------------------------------------------------------
 
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>
-<body style="font-family:sans-serif;max-width:30em;margin:3em auto">{body}</body></html>"""
+
+def _html(page: str, status_code: int = 200) -> HTMLResponse:
+    return HTMLResponse(page, status_code=status_code)
 
 
 @router.get("/u/{token}", tags=["links"], response_class=HTMLResponse, summary="Unsubscribe page")
 async def unsubscribe_page(token: Annotated[str, Path(max_length=300)], service: Service) -> HTMLResponse:
-    if verify_unsubscribe(service.settings.messenger_link_secret.get_secret_value(), token) is None:
+    found = verify_unsubscribe(service.settings.messenger_link_secret.get_secret_value(), token)
+    if found is None:
         raise NotFoundError("this unsubscribe link is not valid")
+    customer_id, channel = found
+    lang = page_language(await service.customer_locale(customer_id))
     # GET never unsubscribes by itself: mail scanners follow links. The button POSTs.
-    button = "Unsubscribe / הסרה / إلغاء الاشتراك"
-    form = f'<form method="post" action="/u/{token}"><button type="submit">{button}</button></form>'
-    return HTMLResponse(_PAGE.format(title="Unsubscribe", body=form))
+    brand = service.settings.messenger_brand_name
+    return _html(pages.unsubscribe_confirm(lang, Channel(channel), brand, f"/u/{token}"))
 
 
 @router.post("/u/{token}", tags=["links"], summary="One-click unsubscribe (RFC 8058)")
@@ -309,17 +314,35 @@ async def unsubscribe(token: Annotated[str, Path(max_length=300)], service: Serv
         raise NotFoundError("this unsubscribe link is not valid")
     customer_id, channel = found
     await service.unsubscribe(customer_id, Channel(channel))
-    return HTMLResponse(_PAGE.format(title="Unsubscribed", body="<p>Done. / בוצע. / تم.</p>"))
+    lang = page_language(await service.customer_locale(customer_id))
+    return _html(pages.unsubscribed(lang, Channel(channel), service.settings.messenger_brand_name))
+
+
+MessageId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
 
 
 @router.get(
-    "/s/{message_id}", tags=["links"], response_class=HTMLResponse, summary="Feedback survey landing page"
+    "/s/{message_id}", tags=["links"], response_class=HTMLResponse, summary="Feedback survey: the question"
 )
-async def survey(message_id: Annotated[str, Path(max_length=64)]) -> HTMLResponse:
-    del message_id
-    return HTMLResponse(
-        _PAGE.format(title="Thank you", body="<p>Thank you for your feedback. / תודה! / شكرًا!</p>")
-    )
+async def survey(message_id: MessageId, service: Service) -> HTMLResponse:
+    locale, state = await service.survey_state(message_id_of(message_id))
+    lang = page_language(locale)
+    if state is not None:
+        return _html(pages.survey_done(lang, state), 404 if state == "gone" else 200)
+    return _html(pages.survey_form(lang, service.settings.messenger_brand_name, f"/s/{message_id}"))
+
+
+@router.post(
+    "/s/{message_id}", tags=["links"], response_class=HTMLResponse, summary="Feedback survey: the answer"
+)
+async def survey_answer(
+    message_id: MessageId,
+    service: Service,
+    score: Annotated[int, Form(ge=pages.SURVEY_SCORES.start, le=pages.SURVEY_SCORES.stop - 1)],
+    comment: Annotated[str, Form(max_length=pages.MAX_COMMENT), AfterValidator(storable)] = "",
+) -> HTMLResponse:
+    locale, state = await service.answer_survey(message_id_of(message_id), score, comment.strip())
+    return _html(pages.survey_done(page_language(locale), state), 404 if state == "gone" else 200)
 
 
 def json_error(status: int, message: str) -> JSONResponse:

@@ -5,7 +5,7 @@ from typing import Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from services.messenger.templates import DEFAULT_PERKS, normalize_locale
+from services.messenger.templates import DEFAULT_PERKS, Brand, normalize_locale
 from shared.config import CommonSettings
 from shared.events import TimeZone
 
@@ -52,6 +52,31 @@ class MessengerSettings(CommonSettings):
     messenger_link_secret: SecretStr = Field(
         default=SecretStr("change-me-in-production"), description="Signs unsubscribe links."
     )
+    messenger_brand_name: str = Field(
+        default="Retain", min_length=1, max_length=60, description="The business's name in every message."
+    )
+    messenger_support_phone: str = Field(
+        default="+972-3-555-0100",
+        min_length=1,
+        max_length=30,
+        description="The support phone number shown in messages, as it should be shown.",
+    )
+    messenger_complaint_response_hours: int = Field(
+        default=4,
+        ge=1,
+        le=168,
+        description="What a complaint acknowledgement promises: an answer within this many hours "
+        "(the kpi's first-response target for complaints, RETAIN_KPI_FIRST_RESPONSE_TARGETS_H).",
+    )
+    messenger_escalation_contact_name: str | None = Field(
+        default=None,
+        max_length=60,
+        description="Who looks after an escalated complaint of a valuable customer, named in its "
+        "acknowledgement; unset: the acknowledgement names nobody.",
+    )
+    messenger_escalation_contact_phone: str | None = Field(
+        default=None, max_length=30, description="That person's phone; unset: the support phone."
+    )
     messenger_tier_perks: TierPerks = Field(
         default_factory=lambda: copy.deepcopy(DEFAULT_PERKS),
         description="Perks per tier and language, as JSON {tier: {locale: [perk, ...]}}: what "
@@ -96,6 +121,13 @@ class MessengerSettings(CommonSettings):
                 f"messenger_send_timeout_s ({self.messenger_send_timeout_s:g})"
             )
         return self
+
+    @property
+    def brand(self) -> Brand:
+        """The business as its messages name it."""
+        return Brand(
+            self.messenger_brand_name, self.messenger_support_phone, self.messenger_complaint_response_hours
+        )
 
     @field_validator("messenger_tier_perks")
     @classmethod

@@ -1,4 +1,5 @@
-"""Signed one-click unsubscribe links, per customer and channel. Pure (the secret is passed in).
+"""Signed one-click unsubscribe links, per customer and channel, and the short survey links.
+Pure (the secret is passed in).
 
 The token is ``<payload>.<signature>``: the payload names the channel (one letter) and the
 customer, the signature (HMAC-SHA256 truncated to 64 bits, compared in constant time) proves
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import uuid
 
 
 def _b64(data: bytes) -> str:
@@ -53,3 +55,22 @@ def verify_unsubscribe(secret: str, token: str) -> tuple[str, str] | None:
 
 def unsubscribe_url(base_url: str, secret: str, customer_id: str, channel: str) -> str:
     return f"{base_url.rstrip('/')}/u/{sign_unsubscribe(secret, customer_id, channel)}"
+
+
+def survey_token(message_id: str) -> str:
+    """A message's id as its survey link carries it: a UUID in 22 characters (base64url of its
+    16 bytes) instead of 36, which a Hebrew or Arabic SMS has no room for beside the text."""
+    try:
+        return _b64(uuid.UUID(message_id).bytes)
+    except ValueError:
+        return message_id  # not a UUID: as it is
+
+
+def message_id_of(token: str) -> str:
+    """The message id of a survey link: its short form, or the id itself (links sent before)."""
+    if len(token) == 22:
+        try:
+            return str(uuid.UUID(bytes=_unb64(token)))
+        except ValueError:
+            pass
+    return token

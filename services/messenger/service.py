@@ -35,7 +35,8 @@ from services.messenger.journeys import (
     snapshot_facts,
     triggered,
 )
-from services.messenger.links import unsubscribe_url
+from services.messenger.links import survey_token, unsubscribe_url
+from services.messenger.pages import SurveyState
 from services.messenger.providers.base import OutgoingMessage, Provider, ProviderError, ProviderResult
 from services.messenger.providers.ratelimit import SenderRateLimiter
 from services.messenger.providers.retry import send_with_retry
@@ -43,7 +44,14 @@ from services.messenger.quiet import QuietHours, customer_zone
 from services.messenger.repository import MessengerRepository
 from services.messenger.status import advances, ours
 from services.messenger.tables import applied_events, outbox
-from services.messenger.templates import Template, TemplateRenderError, TemplateStore, build_variables, render
+from services.messenger.templates import (
+    Template,
+    TemplateRenderError,
+    TemplateStore,
+    build_variables,
+    formatting_locale,
+    render,
+)
 from shared.codec import encode, encode_key
 from shared.conditions import unknown_hint
 from shared.db import Database, claim_events
@@ -1069,17 +1077,22 @@ class MessengerService:
             row.customer_id,
             channel.value,
         )
+        s = self.settings
+        contact = s.messenger_escalation_contact_name
         variables = build_variables(
             profile,
             details.get("trigger") or {},
-            locale=profile.locale,
+            # The template's language formats the amounts and dates: a customer in ru-RU who
+            # gets the English template reads English dates, as the preview shows them.
+            locale=formatting_locale(profile.locale, template.key.locale),
             unsubscribe_url=unsubscribe,
-            survey_url=f"{self.settings.messenger_public_url.rstrip('/')}/s/{row.id}",
+            survey_url=f"{s.messenger_public_url.rstrip('/')}/s/{survey_token(row.id)}",
             offer_code=_offer_code(row) if details.get("offer") else None,
-            personal_contact={"name": "Dana", "phone": "+972 3 555 0100"}
-            if details.get("escalated")
+            personal_contact={"name": contact, "phone": s.messenger_escalation_contact_phone or ""}
+            if contact and details.get("escalated")
             else None,
-            perks_config=self.settings.messenger_tier_perks,
+            perks_config=s.messenger_tier_perks,
+            brand=s.brand,
         )
         kind = MessageKind(row.kind)
         rendered = render(template, variables, strict=False, kind=kind)
@@ -1182,7 +1195,10 @@ class MessengerService:
                 change["sent_at"] = now
             changes.append(change)
             current = _Row(**{**row._mapping, **change})
-            events.append(self._event(current, MessageStatus(status), reason, now))
+            # The win-back's offer code, for the shop to honour at checkout: it is made here.
+            offer = status == "sent" and (row.details or {}).get("offer")
+            extra = {"offer_code": _offer_code(row)} if offer else None
+            events.append(self._event(current, MessageStatus(status), reason, now, extra=extra))
         await self.repo.update_messages(session, changes)
         await self._publish(session, events)
 
@@ -1238,6 +1254,51 @@ class MessengerService:
                 )
         await self.flush()
         return customer_id
+
+    async def customer_locale(self, customer_id: str) -> str | None:
+        """The locale of the customer's latest profile (the language of the pages behind links)."""
+        async with self.db.sessions() as session:
+            row = await self.repo.lock_customer(session, customer_id)
+        return None if row is None else ProfileSnapshot.model_validate(row.profile).locale
+
+    async def survey_state(self, message_id: str) -> tuple[str | None, SurveyState | None]:
+        """(the message's locale, 'already' when answered, 'gone' when there is no such
+        message, None when the form is to be shown)."""
+        async with self.db.sessions() as session:
+            row = await self.repo.message(session, message_id)
+        if row is None:
+            return None, "gone"
+        return row.locale, "already" if (row.details or {}).get("survey") else None
+
+    async def answer_survey(
+        self, message_id: str, score: int, comment: str
+    ) -> tuple[str | None, SurveyState]:
+        """Record the customer's answer to the survey of ``message_id``, once: the message's
+        row keeps it, and a 'replied' event carries it on retain.messages (the kpi counts it as
+        an action). A second answer changes nothing ('already')."""
+        now = self.clock()
+        async with self.db.transaction() as session:
+            row = await self.repo.message(session, message_id, for_update=True)
+            if row is None:
+                return None, "gone"
+            details = row.details or {}
+            if details.get("survey"):
+                return row.locale, "already"
+            answer = {"score": score, "comment": comment or None, "at": now.isoformat()}
+            await self.repo.update_message(
+                session, row.id, details={**details, "survey": answer}, updated_at=now
+            )
+            event = self._event(
+                row,
+                MessageStatus.REPLIED,
+                f"survey answer: {score} of 5",
+                now,
+                seq="survey",
+                extra={"survey_score": score, "survey_comment": comment or None},
+            )
+            await self._publish(session, [event])
+        await self.flush()
+        return row.locale, "thanks"
 
     async def unsubscribe(
         self, customer_id: str, channel: Channel, source: FactSource = FactSource.UNSUBSCRIBE_LINK

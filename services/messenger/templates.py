@@ -98,8 +98,10 @@ VARIABLES: dict[str, str] = {
     "offer_code": "Optional. The win-back offer code, only when the journey grants one.",
     "personal_contact": "Optional. Complaint escalation: .name and .phone of the customer's "
     "personal contact, only when escalated.",
-    "brand_name": "The brand's name.",
-    "support_phone": "The support phone number, as it should be shown.",
+    "brand_name": "The brand's name (RETAIN_MESSENGER_BRAND_NAME).",
+    "support_phone": "The support phone number, as it should be shown (RETAIN_MESSENGER_SUPPORT_PHONE).",
+    "response_hours": "The hours within which support answers a complaint, as digits "
+    "(RETAIN_MESSENGER_COMPLAINT_RESPONSE_HOURS).",
 }
 OPTIONAL_VARIABLES: frozenset[str] = frozenset(
     {
@@ -624,6 +626,7 @@ def default_templates() -> Mapping[TemplateKey, Template]:
 class Brand:
     name: str = "Retain"
     support_phone: str = "+972-3-555-0100"
+    response_hours: int = 4  # the complaint first-response target (the kpi's default for complaints)
 
 
 DEFAULT_BRAND = Brand()
@@ -817,6 +820,7 @@ def build_variables(
         "tier_perks": tier_perks(profile.tier, loc, perks_config),
         "brand_name": brand.name,
         "support_phone": brand.support_phone,
+        "response_hours": str(brand.response_hours),
         "unsubscribe_url": unsubscribe_url,
     }
     optional: dict[str, Any] = {
@@ -852,7 +856,10 @@ _SAMPLE_PEOPLE = {
     "ar": ("ليلى حداد", "سامر خوري", "ILS"),
     "en": ("Sarah Miller", "Dana Cohen", "USD"),
 }
-SAMPLE_UNSUBSCRIBE_URL = "https://rtn.example/u/3fK9qL2x"
+# As long as a real one: a deployment's public URL, a customer id of ten characters, the
+# signature (links.py). A shorter sample let SMS templates pass the two-segment check that the
+# messages sent with real links then failed.
+SAMPLE_UNSUBSCRIBE_URL = "https://shop.example/u/c2MtMDAwMTIzNDU.Xk3f9QaZb2w"
 SAMPLE_SURVEY_URL = "https://rtn.example/s/T5512"
 
 
@@ -898,15 +905,16 @@ def sample_variables(
 
 _FOOTER: dict[str, dict[str, str]] = {
     "he": {
-        "why": "קיבלת את המייל הזה כי הצטרפת לרשימת הדיוור של {brand}.",
+        # As a customer: a buyer never joined a mailing list, and reads that as untrue.
+        "why": "קיבלת את המייל הזה כלקוח/ה של {brand}.",
         "link": "להסרה מרשימת הדיוור",
     },
     "ar": {
-        "why": "وصلتك هذه الرسالة لأنك اشتركت في القائمة البريدية لـ{brand}.",
+        "why": "وصلتك هذه الرسالة لأنك من عملاء {brand}.",
         "link": "لإلغاء الاشتراك",
     },
     "en": {
-        "why": "You're getting this email because you joined the {brand} mailing list.",
+        "why": "You're getting this email because you're a {brand} customer.",
         "link": "Unsubscribe",
     },
 }

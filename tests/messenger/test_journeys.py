@@ -24,6 +24,7 @@ from sqlalchemy import select
 from services.messenger.caps import DEFAULT_CAPS
 from services.messenger.decision import in_holdout
 from services.messenger.journeys import default_journeys, triggered
+from services.messenger.links import survey_token
 from services.messenger.service import MessengerService
 from services.messenger.tables import journey_waits, outbox
 from shared.events import (
@@ -320,13 +321,24 @@ async def test_thank_you_after_a_purchase_at_most_once_a_week(world: World, lang
 
 @pytest.mark.parametrize("lang", LANGS)
 @pytest.mark.parametrize(
-    ("tier", "segments", "escalated"),
-    [("platinum", [], True), ("gold", ["high_value"], True), ("silver", [], False)],
+    ("tier", "segments", "escalated", "contact"),
+    [
+        ("platinum", [], True, True),
+        ("gold", ["high_value"], True, False),  # no escalation contact configured
+        ("silver", [], False, True),
+    ],
     ids=["platinum", "high_value", "regular"],
 )
 async def test_complaint_ack_at_once_and_escalated_for_the_valuable(
-    world: World, lang: str, tier: str, segments: list[str], escalated: bool
+    world: World, lang: str, tier: str, segments: list[str], escalated: bool, contact: bool
 ) -> None:
+    if contact:
+        world.service.settings = world.service.settings.model_copy(
+            update={
+                "messenger_escalation_contact_name": "Dana",
+                "messenger_escalation_contact_phone": "+972 3 555 0100",
+            }
+        )
     # 23:30 in Jerusalem and no marketing consent at all: an acknowledgement goes regardless.
     world.clock.now = datetime(2026, 11, 24, 21, 30, tzinfo=NOON.tzinfo)
     customer = f"complaint-{lang}-{tier}"
@@ -370,12 +382,14 @@ async def test_complaint_ack_at_once_and_escalated_for_the_valuable(
             "predicted_clv": "4200",
             "total_value": "3100",
         }
+    if escalated and contact:
         assert PERSONAL_CONTACT[lang] in mail.text
         assert "+972 3 555 0100" in mail.text
     else:
-        assert escalations == []
         assert NO_PERSONAL_CONTACT[lang] in mail.text
         assert "Dana" not in mail.text
+    if not escalated:
+        assert escalations == []
     assert [e.status for e in events if e.status is not MessageStatus.ESCALATION] == [
         MessageStatus.QUEUED,
         MessageStatus.SENT,
@@ -398,7 +412,7 @@ async def test_feedback_survey_a_day_after_resolution_not_twice_in_30_days(world
     row = await sent_one(world, customer, "feedback_survey")
     mail = mail_of(world, row["id"])
     assert_in_language(mail, lang, "feedback_survey")
-    assert f"https://retain.example/s/{row['id']}" in mail.text
+    assert f"https://retain.example/s/{survey_token(row['id'])}" in mail.text
     assert "T-7" in mail.text
 
     # Another ticket resolved ten days later: no second survey within 30 days.
@@ -553,16 +567,22 @@ async def test_win_back_offers_compensation_only_to_the_valuable(
     mail = mail_of(world, row["id"])
     assert_in_language(mail, lang, "win_back")
     code = "BACK-" + row["id"].replace("-", "")[:8].upper()
+    # The code the customer got is on the message's 'sent' event, for the shop to honour.
+    [sent] = [
+        e for e in await published(world) if e.message_id == row["id"] and e.status is MessageStatus.SENT
+    ]
     if offered:
         assert row["details"]["offer"] is True
         assert OFFER[lang] in mail.text
         assert code in mail.text
         assert code in mail.html
+        assert sent.details == {"offer_code": code}
     else:
         assert "offer" not in row["details"]
         assert OFFER[lang] not in mail.text
         assert "BACK-" not in mail.text
         assert "BACK-" not in mail.html
+        assert "offer_code" not in sent.details
 
 
 def test_win_back_attempts_are_spaced_beyond_its_frequency_cap() -> None:

@@ -26,6 +26,7 @@ from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.consumer import build_loop as messenger_loop
 from services.messenger.decision import in_holdout
+from services.messenger.links import survey_token
 from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import MessengerService
 from services.messenger.tables import journey_waits
@@ -156,6 +157,9 @@ async def pipeline(kafka: KafkaHandle, tmp_path_factory: pytest.TempPathFactory)
         messenger_group_id=f"msg-{unique}",
         messenger_outbox_dir=str(tmp / "outbox"),
         messenger_public_url=PUBLIC_URL,
+        # The person named in an escalated complaint's acknowledgement (none by default).
+        messenger_escalation_contact_name="Dana",
+        messenger_escalation_contact_phone="+972 3 555 0100",
         var_dir=tmp,
     )
     db = Database(url)
@@ -337,7 +341,7 @@ async def test_feedback_survey_through_kafka_a_day_after_the_resolution(pipeline
         row = await pipeline.only(c, "feedback_survey")
         mail = pipeline.mail(row)
         assert_in_language(mail, lang, "feedback_survey")
-        assert f"{PUBLIC_URL}/s/{row['id']}" in mail.text
+        assert f"{PUBLIC_URL}/s/{survey_token(row['id'])}" in mail.text
 
 
 async def test_feedback_survey_through_kafka_not_twice_in_30_days(pipeline: Pipeline) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import event
+from sqlalchemy import event, select
 from twilio.request_validator import RequestValidator
 
 from services.messenger import service as service_module
@@ -24,17 +24,20 @@ from services.messenger.caps import Cap, CapsConfig, CapScope
 from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.decision import in_holdout
-from services.messenger.links import sign_unsubscribe
+from services.messenger.links import sign_unsubscribe, survey_token
 from services.messenger.providers.base import ProviderError
 from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import MessengerService
+from services.messenger.tables import outbox as outbox_table
 from shared.auth import create_key
 from shared.db import Database, migrate
 from shared.events import (
+    MESSAGE_EVENT_ADAPTER,
     Channel,
     ConsentState,
     CustomerUpdate,
     EventType,
+    MessageStatus,
     ProfileSnapshot,
     SupportAction,
     TriggeringEvent,
@@ -554,11 +557,55 @@ async def test_inbound_stop_over_http_and_unsubscribe_link(world: World, api: ht
     token = sign_unsubscribe(world.service.settings.messenger_link_secret.get_secret_value(), "h1", "email")
     page = await api.get(f"/u/{token}")
     assert page.status_code == 200
-    assert "form" in page.text
+    # In the customer's language and direction, naming the channel and the business.
+    assert '<html lang="he" dir="rtl">' in page.text
+    assert "להפסיק לקבל הודעות דוא״ל מRetain?" in page.text
+    assert '<form method="post" action="/u/' in page.text
     done = await api.post(f"/u/{token}")
     assert done.status_code == 200
+    assert "ההסרה בוצעה" in done.text
+    assert "הודעות על הזמנות ופניות שלך יגיעו כרגיל" in done.text  # a marketing opt-out only
     forged = await api.post(f"/u/{token[:-2]}xx")
     assert forged.status_code == 404
+    # A customer the messenger has not seen: the page is in English.
+    stranger = sign_unsubscribe(world.service.settings.messenger_link_secret.get_secret_value(), "zz", "sms")
+    assert "Stop SMS messages from Retain?" in (await api.get(f"/u/{stranger}")).text
+
+
+async def test_the_survey_link_asks_records_one_answer_and_publishes_it(
+    world: World, api: httpx.AsyncClient
+) -> None:
+    await world.service.apply_batch(delivered([purchase_update("sv", 1, NOON)]))
+    [message] = await messages(world, "sv")
+    # The link's short form (22 characters for the 36 of the id), and the id itself, which
+    # links sent before carry.
+    path = f"/s/{survey_token(message['id'])}"
+    assert len(survey_token(message["id"])) == 22
+    assert (await api.get(f"/s/{message['id']}")).status_code == 200
+    form = await api.get(path)
+    assert form.status_code == 200
+    assert '<html lang="he" dir="rtl">' in form.text
+    assert 'name="score" value="5"' in form.text
+    bad = await api.post(path, data={"score": "9"})
+    assert bad.status_code == 422
+    answered = await api.post(path, data={"score": "4", "comment": " המשלוח איחר ביום "})
+    assert answered.status_code == 200, answered.text
+    assert "קיבלנו את התשובה שלך" in answered.text
+    [row] = await messages(world, "sv")
+    assert row["details"]["survey"]["score"] == 4
+    assert row["details"]["survey"]["comment"] == "המשלוח איחר ביום"
+    again = await api.post(path, data={"score": "1"})
+    assert "כבר קיבלנו ממך תשובה" in again.text
+    assert (await messages(world, "sv"))[0]["details"]["survey"]["score"] == 4  # the first answer stands
+    async with world.db.sessions() as session:
+        values = (await session.execute(select(outbox_table.c.value))).scalars().all()
+    replies = [
+        e for e in map(MESSAGE_EVENT_ADAPTER.validate_json, values) if e.status == MessageStatus.REPLIED
+    ]
+    assert [(e.message_id, e.details) for e in replies] == [
+        (message["id"], {"survey_score": 4, "survey_comment": "המשלוח איחר ביום"})
+    ]
+    assert (await api.get("/s/no-such-message")).status_code == 404
 
 
 async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> None:

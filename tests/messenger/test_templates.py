@@ -506,8 +506,10 @@ def test_build_variables_leaves_out_what_is_unknown() -> None:
         "tier_perks",
         "brand_name",
         "support_phone",
+        "response_hours",
         "unsubscribe_url",
     }
+    assert variables["response_hours"] == "4"
     assert variables["tier_name"] == "الفضي"
     assert variables["tier_perks"][0] == "نقاط مضاعفة على كل عملية شراء"
 
