@@ -8,6 +8,7 @@ strict on purpose: an event that is accepted here is one every consumer can appl
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -306,6 +307,15 @@ SUPPORT_ACTION_ORDER: dict[str, int] = {
 def support_step_order(at: datetime, action: str, event_id: str) -> tuple[datetime, int, str]:
     """The sort key of a ticket's step (see ``SUPPORT_ACTION_ORDER``)."""
     return (at, SUPPORT_ACTION_ORDER[action], event_id)
+
+
+def ticket_resolved(actions_in_order: Iterable[str]) -> bool:
+    """Whether a ticket whose steps, in ``support_step_order``, had these actions is resolved:
+    its last 'resolved' or 'reopened' is a 'resolved'. A reply after the resolution (the
+    customer's thanks, an agent's follow-up) does not reopen it; only 'reopened' does. The
+    segmenter (open tickets, a complaint resolved) and the kpi (resolution time) both judge so."""
+    status = [a for a in actions_in_order if a in (SupportAction.RESOLVED, SupportAction.REOPENED)]
+    return bool(status) and status[-1] == SupportAction.RESOLVED
 
 
 class SupportEvent(EventBase):

@@ -24,7 +24,7 @@ from decimal import Decimal
 from enum import StrEnum
 
 from services.kpi.stats import Durations, durations, ratio
-from shared.events import SupportEvent, support_step_order
+from shared.events import SupportEvent, support_step_order, ticket_resolved
 
 COMPLAINT = "complaint"
 
@@ -89,7 +89,7 @@ def ticket_from_steps(steps: Iterable[SupportStep]) -> Ticket:
     opened_at = (opened or ordered[0]).at
     first_reply = next((s.at for s in ordered if s.action == "agent_replied" and s.at >= opened_at), None)
     status_steps = [s for s in ordered if s.action in ("resolved", "reopened")]
-    resolved_at = status_steps[-1].at if status_steps and status_steps[-1].action == "resolved" else None
+    resolved_at = status_steps[-1].at if ticket_resolved(s.action for s in ordered) else None
     # Category and priority can be corrected: the newest step that says one wins, in the steps'
     # order (at the same instant the desk's order of actions decides, as for everything else).
     newest = ordered[-1]

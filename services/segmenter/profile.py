@@ -27,6 +27,7 @@ from shared.events import (
     SupportAction,
     SupportEvent,
     support_step_order,
+    ticket_resolved,
 )
 
 CONTACT_FIELDS = tuple(f for f in PROFILE_FIELDS if f not in ("consents", "attributes"))
@@ -303,7 +304,7 @@ def _ticket_view(ticket_id: str, ticket: Ticket) -> TicketView:
         priority=None if ticket.priority is None else str(ticket.priority.value),
         complaint=ticket.complaint or str(ticket.category.value) == "complaint",
         opened_at=opened_at,
-        resolved=steps[-1].action == SupportAction.RESOLVED,
+        resolved=ticket_resolved(s.action for s in steps),
         first_response_minutes=None
         if first_reply is None
         else round((first_reply - opened_at).total_seconds() / 60, 2),
@@ -323,17 +324,20 @@ def lifecycle(
     last_purchase = purchases[-1] if purchases else None
     if last_cancel is not None and (last_purchase is None or last_purchase <= last_cancel.at):
         return "churned", None
-    if last_cancel is not None and last_purchase is not None:
-        came_back = next(p for p in purchases if p > last_cancel.at)
-        if now - came_back < _days(config.won_back_days):
-            return "won_back", came_back + _days(config.won_back_days)
     if last_purchase is None:
         return "new", None
     since_last = now - last_purchase
+    # Recency first: a customer won back who then stops buying for 60 days is at risk again,
+    # not 'won back' until the 90 days of the win-back are over.
     if since_last >= _days(config.lapsed_after_days):
         return "lapsed", None
     if since_last >= _days(config.at_risk_after_days):
         return "at_risk", last_purchase + _days(config.lapsed_after_days)
+    at_risk_from = last_purchase + _days(config.at_risk_after_days)
+    if last_cancel is not None:
+        came_back = next(p for p in purchases if p > last_cancel.at)
+        if now - came_back < _days(config.won_back_days):
+            return "won_back", min(came_back + _days(config.won_back_days), at_risk_from)
     first = purchases[0]
     if now - first < _days(config.new_days):
         return "new", min(first + _days(config.new_days), last_purchase + _days(config.at_risk_after_days))

@@ -21,6 +21,7 @@ from services.segmenter.profile import (
     LifecycleConfig,
     ProfileState,
     Stamp,
+    _ticket_view,
     apply_event,
     build,
     consent_states,
@@ -44,6 +45,7 @@ from tests.segmenter.factories import (
 
 CONFIG = LifecycleConfig()
 DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
 TICK = timedelta(microseconds=1)
 AnyEvent = Event | ClvPrediction
 
@@ -341,6 +343,22 @@ def test_facts_of_a_small_history_computed_by_hand() -> None:
     assert NOW + 70 * DAY in boundaries  # T1 leaves the 90-day complaint window
 
 
+def test_a_customer_won_back_who_stops_buying_is_at_risk_after_60_days_not_90() -> None:
+    """Recency first: 'won back' lasts 90 days from the return only while they keep buying."""
+    start = NOW - 200 * DAY
+    state = build(
+        CUSTOMER,
+        [
+            purchase("p1", start, "o1"),
+            cancellation("x1", start + 10 * DAY),
+            purchase("p2", start + 20 * DAY, "o2"),
+        ],
+    )
+    assert lifecycle(state, start + 50 * DAY, CONFIG) == ("won_back", start + 80 * DAY)
+    assert lifecycle(state, start + 80 * DAY, CONFIG) == ("at_risk", start + 200 * DAY)
+    assert lifecycle(state, start + 200 * DAY, CONFIG) == ("lapsed", None)
+
+
 def test_windows_flip_exactly_at_their_boundaries() -> None:
     state = build(CUSTOMER, scenario())
     before, _ = facts(state, NOW + 20 * DAY - TICK, CONFIG)
@@ -365,6 +383,21 @@ def test_the_latest_complaint_decides_resolved_and_a_reopened_ticket_is_open() -
     assert f["open_tickets"] == 1
     assert f["complaints_90d"] == 2
     assert f["median_first_response_minutes"] is None
+
+
+def test_a_reply_after_the_resolution_does_not_reopen_the_ticket() -> None:
+    """The customer's thanks, or an agent's follow-up, after 'resolved': still resolved, as the
+    kpi counts it (shared.events.ticket_resolved); only 'reopened' reopens. It was open for good,
+    which blocked the win-back and kept the customer in an unresolved-complaint segment."""
+    for late in ("customer_replied", "agent_replied"):
+        events = [
+            support("c-1", NOW - 3 * DAY, "C", "opened", complaint=True),
+            support("c-2", NOW - 3 * DAY + HOUR, "C", "agent_replied"),
+            support("c-3", NOW - 2 * DAY, "C", "resolved"),
+            support("c-4", NOW - DAY, "C", late),
+        ]
+        f, _ = facts(build(CUSTOMER, events), NOW, CONFIG)
+        assert (f["open_tickets"], f["last_complaint_resolved"]) == (0, True), late
 
 
 def test_an_unknown_customer_has_empty_facts() -> None:
@@ -431,6 +464,7 @@ def test_a_ticket_has_the_category_and_priority_the_kpi_gives_it(
         kpi = ticket_from_steps(SupportStep.of(e) for e in mine)
         assert ticket.category.value == kpi.category
         assert (None if ticket.priority is None else ticket.priority.value) == kpi.priority
+        assert _ticket_view(ticket_id, ticket).resolved is (kpi.resolved_at is not None)
 
 
 def test_a_predicted_clv_is_converted_to_the_reporting_currency() -> None:
