@@ -60,9 +60,6 @@ class FactRows:
             for r in self.support
         ]
 
-    def purchase_times(self) -> list[datetime]:
-        return [r["occurred_at"] for r in self.purchases.values()]
-
     def cancellation_times(self) -> list[datetime]:
         return [r["occurred_at"] for r in self.cancellations]
 
@@ -103,17 +100,27 @@ def fold(events: Iterable[Event | MessageEvent]) -> FactRows:
     registers: Registers = {}
     for e in events:
         if isinstance(e, PurchaseEvent):
+            # An order keeps the date of its first event and takes the amount and currency of its
+            # newest (amount_at, then event id): a correction months later changes what was paid,
+            # not when, as in the segmenter (KpiRepository.upsert_purchases across batches).
             key = (e.customer_id, e.order_id)
             current = out.purchases.get(key)
-            if current is None or (e.occurred_at, e.event_id) > (current["occurred_at"], current["event_id"]):
+            if current is None:
                 out.purchases[key] = {
                     "customer_id": e.customer_id,
                     "order_id": e.order_id,
                     "event_id": e.event_id,
                     "occurred_at": e.occurred_at,
+                    "amount_at": e.occurred_at,
                     "amount": e.amount,
                     "currency": e.currency,
                 }
+                continue
+            current["occurred_at"] = min(current["occurred_at"], e.occurred_at)
+            if (e.occurred_at, e.event_id) > (current["amount_at"], current["event_id"]):
+                current.update(
+                    event_id=e.event_id, amount_at=e.occurred_at, amount=e.amount, currency=e.currency
+                )
         elif isinstance(e, SupportEvent):
             out.support.append(
                 {

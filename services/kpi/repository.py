@@ -86,14 +86,17 @@ def _upsert_purchases(dialect: str) -> RowsWrite:
     c = purchases.c
 
     def finish(ins: Any) -> Any:
+        new = ins.excluded
         newer = or_(
-            ins.excluded.occurred_at > c.occurred_at,
-            and_(ins.excluded.occurred_at == c.occurred_at, ins.excluded.event_id > c.event_id),
+            new.amount_at > c.amount_at, and_(new.amount_at == c.amount_at, new.event_id > c.event_id)
         )
-        return ins.on_conflict_do_update(
-            index_elements=[c.customer_id, c.order_id],
-            set_={k: ins.excluded[k] for k in ("event_id", "occurred_at", "amount", "currency")},
-            where=newer,
+        # No WHERE: an older event can still be the order's first (a late original after its
+        # correction) and lower its date while its amount stays. Every SET reads the old row.
+        set_ = {k: case((newer, new[k]), else_=c[k]) for k in ("event_id", "amount_at", "amount", "currency")}
+        set_["occurred_at"] = case((new.occurred_at < c.occurred_at, new.occurred_at), else_=c.occurred_at)
+        # The order's date as stored after the write: where the periods must be redone from.
+        return ins.on_conflict_do_update(index_elements=[c.customer_id, c.order_id], set_=set_).returning(
+            c.occurred_at
         )
 
     return rows_insert(dialect, purchases, finish)
@@ -183,12 +186,18 @@ def _by_value(marks: Mapping[str, int]) -> dict[int, list[str]]:
 class KpiRepository:
     # --- facts written by the consumer ------------------------------------------------------------
 
-    async def upsert_purchases(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
-        """One row per (customer, order): the newest event (occurred_at, event id) wins, so the
-        result does not depend on arrival order. ``rows`` must have one row per key."""
+    async def upsert_purchases(
+        self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]
+    ) -> datetime | None:
+        """One row per (customer, order): the earliest event's date, the newest event's amount
+        and currency (amount_at, event id), so the result does not depend on arrival order.
+        ``rows`` must have one row per key (``fold``). Returns the earliest date of the orders
+        written, as stored: a correction of an old order changes that order's periods."""
         if not rows:
-            return
-        await _upsert_purchases(_dialect(session)).execute(session, rows)
+            return None
+        result = await _upsert_purchases(_dialect(session)).execute(session, rows)
+        earliest: datetime = min(at for (at,) in result)
+        return earliest
 
     async def insert_facts(
         self, session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]

@@ -308,7 +308,8 @@ class KpiService:
                     taken.add(eid)
                     fresh.append(d.value)
             rows = fold(fresh)
-            await self.repo.upsert_purchases(session, list(rows.purchases.values()))
+            # The earliest date of the orders written, as stored (an order keeps its first date).
+            ordered_from = await self.repo.upsert_purchases(session, list(rows.purchases.values()))
             await self.repo.insert_facts(session, support_events, rows.support)
             await self.repo.insert_facts(session, cancellations, rows.cancellations)
             await self.repo.insert_facts(session, message_events, rows.messages)
@@ -324,8 +325,8 @@ class KpiService:
                 if name not in dirty or at < dirty[name]:
                     dirty[name] = at
 
-            if rows.purchases:
-                bought = min(rows.purchase_times())
+            if ordered_from is not None:
+                bought = ordered_from
                 redo_from("churn", bought)
                 redo_from("clv", bought)
                 redo_from("conversion", bought - self.settings.conversion_window)

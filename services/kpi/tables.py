@@ -50,9 +50,11 @@ purchases = Table(
     metadata,
     Column("customer_id", String(128), primary_key=True),
     Column("order_id", String(128), primary_key=True),
-    # The newest event of the order (occurred_at, then event id) wins, as in the segmenter.
+    # As in the segmenter: the order's date is that of its first event; its amount and currency
+    # are those of its newest (amount_at, then event id), whose id is event_id.
     Column("event_id", String(128), nullable=False),
     Column("occurred_at", UtcDateTime(), nullable=False),
+    Column("amount_at", UtcDateTime(), nullable=False),
     Column("amount", Money, nullable=False),
     Column("currency", String(3), nullable=False),
     # A customer's orders come by the primary key; no second (customer_id, …) index to keep up.

@@ -40,6 +40,7 @@ from shared.events import CLV_ADAPTER, Event, MessageEvent, PurchaseEvent
 from shared.metrics import expose
 from tests.kpi.factories import (
     apply,
+    cancellation,
     churn_events,
     conversion_events,
     march_lapse_events,
@@ -222,6 +223,32 @@ async def test_cohorts(kpi: Kpi) -> None:
         "active": [2, 0, 1, 0, 1, 0],
         "retention": [1.0, 0.0, 0.5, 0.0, 0.5, 0.0],
     }
+
+
+async def test_a_correction_changes_what_an_order_paid_not_when_and_redoes_its_periods(kpi: Kpi) -> None:
+    """As in the segmenter: a correction months later is not a purchase then (no win-back of the
+    cancellation between, no conversion of a message before it); the order's own periods are
+    redone, from its date, whichever event of it comes first."""
+    kpi.at(utc(2024, 6, 1))
+    original = {c: purchase(c, utc(2024, 1, 10), "100", order=f"o-{c}") for c in ("a", "b")}
+    corrected = {c: purchase(c, utc(2024, 5, 20), "80", order=f"o-{c}") for c in ("a", "b")}
+    await kpi.apply([original["a"], corrected["b"], cancellation("a", utc(2024, 3, 1), "price")])
+    await kpi.service.run_rollups()
+    await kpi.apply([corrected["a"], original["b"]])
+    async with kpi.db.sessions() as session:
+        rows = {r.customer_id: r for r in await kpi.service.repo.purchases(session)}
+        dirty, _, _ = await kpi.service.repo.rollup_status(session, "churn")
+    for c in ("a", "b"):
+        assert (rows[c].occurred_at, rows[c].amount, rows[c].event_id) == (
+            utc(2024, 1, 10),
+            Decimal("80"),
+            corrected[c].event_id,
+        )
+    assert dirty == date(2024, 1, 10)  # the order's day, not the correction's
+    churn = await kpi.get(
+        "/v1/kpis/churn", **{"from": "2024-03-01", "to": "2024-05-31", "granularity": "month"}
+    )
+    assert churn["total"]["win_back"]["all"]["won_back"] == 0
 
 
 async def test_cohorts_by_list_only_the_groups_with_a_cohort_in_the_range(kpi: Kpi) -> None:
@@ -574,8 +601,9 @@ def no_dropout_buyers(n: int = 60) -> list[Event | MessageEvent]:
 
 
 async def test_a_corrected_order_is_a_new_fit_not_the_cached_one(kpi: Kpi) -> None:
-    """The same amount on another day is another history: the cache key saw the count, the sum
-    and the extreme event ids only, and served the old fit as current."""
+    """A correction of an order's amount is another history: the cache key saw the count, the
+    sum and the extreme event ids only, and served the old fit as current. One that repeats the
+    amount later changes nothing (the order keeps its date): the cached fit stands."""
     kpi.at(utc(1997, 10, 1, 12))
     events = cdnow_events(60)
     await kpi.apply(events)
@@ -583,11 +611,15 @@ async def test_a_corrected_order_is_a_new_fit_not_the_cached_one(kpi: Kpi) -> No
     assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is True
     ids = sorted(e.event_id for e in events)
     middle = next(e for e in events if isinstance(e, PurchaseEvent) and e.event_id == ids[len(ids) // 2])
-    moved = middle.model_copy(
-        update={"event_id": middle.event_id + "-fix", "occurred_at": middle.occurred_at + timedelta(days=40)}
+    later = middle.occurred_at + timedelta(days=40)
+    same = middle.model_copy(update={"event_id": middle.event_id + "-fix", "occurred_at": later})
+    assert ids[0] < same.event_id < ids[-1]  # neither the first nor the last id
+    await kpi.apply([same])
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is True
+    fixed = same.model_copy(
+        update={"event_id": middle.event_id + "-fix2", "occurred_at": later, "amount": middle.amount + 7}
     )
-    assert ids[0] < moved.event_id < ids[-1]  # neither the first nor the last id
-    await kpi.apply([moved])
+    await kpi.apply([fixed])
     assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is False
 
 

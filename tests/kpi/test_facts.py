@@ -31,12 +31,17 @@ def test_stamps_sort_like_time_then_event_id() -> None:
     assert sorted(pairs, key=lambda p: stamp(*p)) == sorted(pairs)
 
 
-def test_the_newest_event_of_an_order_wins_whatever_the_order() -> None:
+def test_an_order_keeps_its_first_date_and_takes_its_newest_amount_whatever_the_order() -> None:
     first = purchase("c", utc(2026, 1, 1), "100", order="o1")
-    correction = purchase("c", utc(2026, 1, 2), "90", order="o1")
+    correction = purchase("c", utc(2026, 5, 20), "90", order="o1")
     for events in ([first, correction], [correction, first]):
         (row,) = fold(events).purchases.values()
-        assert (row["event_id"], row["amount"]) == (correction.event_id, correction.amount)
+        assert (row["event_id"], row["amount"], row["amount_at"]) == (
+            correction.event_id,
+            correction.amount,
+            correction.occurred_at,
+        )
+        assert row["occurred_at"] == first.occurred_at  # a correction is not a new purchase
 
 
 def test_support_steps_are_the_batch_rows() -> None:
