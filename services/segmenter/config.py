@@ -1,11 +1,17 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Annotated, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.segmenter.profile import LifecycleConfig
 from shared.config import CommonSettings
+from shared.events import Currency
+
+# Units of the reporting currency per unit of another: a rate of 0 or below would make every
+# amount in that currency worth nothing or less.
+Rate = Annotated[Decimal, Field(gt=0)]
 
 
 class SegmenterSettings(CommonSettings):
@@ -26,8 +32,8 @@ class SegmenterSettings(CommonSettings):
     segmenter_publish_chunk: int = Field(
         default=2000, ge=1, description="Customers re-evaluated per step of a rule-publish job."
     )
-    segmenter_reporting_currency: str = Field(default="ILS", description="Currency of total_value.")
-    segmenter_fx_rates: dict[str, Decimal] = Field(
+    segmenter_reporting_currency: Currency = Field(default="ILS", description="Currency of total_value.")
+    segmenter_fx_rates: dict[Currency, Rate] = Field(
         default={
             "USD": Decimal("3.65"),
             "EUR": Decimal("3.95"),
@@ -48,6 +54,16 @@ class SegmenterSettings(CommonSettings):
     segmenter_won_back_days: int = Field(
         default=90, ge=1, description="How long a returning customer is won_back."
     )
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> Self:
+        # Otherwise a customer would go from active straight to lapsed: at_risk never comes.
+        if self.segmenter_lapsed_after_days <= self.segmenter_at_risk_after_days:
+            raise ValueError(
+                f"RETAIN_SEGMENTER_LAPSED_AFTER_DAYS ({self.segmenter_lapsed_after_days}) must be more "
+                f"than RETAIN_SEGMENTER_AT_RISK_AFTER_DAYS ({self.segmenter_at_risk_after_days})"
+            )
+        return self
 
     @property
     def database_url(self) -> str:
