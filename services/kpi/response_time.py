@@ -88,8 +88,9 @@ def ticket_from_steps(steps: Iterable[SupportStep]) -> Ticket:
     opened = next((s for s in ordered if s.action == "opened"), None)
     opened_at = (opened or ordered[0]).at
     first_reply = next((s.at for s in ordered if s.action == "agent_replied" and s.at >= opened_at), None)
-    status_steps = [s for s in ordered if s.action in ("resolved", "reopened")]
-    resolved_at = status_steps[-1].at if ticket_resolved(s.action for s in ordered) else None
+    # Resolved (shared.events.ticket_resolved): then its last 'resolved' is its last status step.
+    resolved = ticket_resolved(s.action for s in ordered)
+    resolved_at = next(s.at for s in reversed(ordered) if s.action == "resolved") if resolved else None
     # Category and priority can be corrected: the newest step that says one wins, in the steps'
     # order (at the same instant the desk's order of actions decides, as for everything else).
     newest = ordered[-1]

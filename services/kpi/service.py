@@ -326,10 +326,9 @@ class KpiService:
                     dirty[name] = at
 
             if ordered_from is not None:
-                bought = ordered_from
-                redo_from("churn", bought)
-                redo_from("clv", bought)
-                redo_from("conversion", bought - self.settings.conversion_window)
+                redo_from("churn", ordered_from)
+                redo_from("clv", ordered_from)
+                redo_from("conversion", ordered_from - self.settings.conversion_window)
             if rows.cancellations:
                 redo_from("churn", min(rows.cancellation_times()))
             if rows.messages:
