@@ -291,10 +291,6 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
 # --- links in messages ---------------------------------------------------------------------------
 
 
-def _html(page: str, status_code: int = 200) -> HTMLResponse:
-    return HTMLResponse(page, status_code=status_code)
-
-
 @router.get("/u/{token}", tags=["links"], response_class=HTMLResponse, summary="Unsubscribe page")
 async def unsubscribe_page(token: Annotated[str, Path(max_length=300)], service: Service) -> HTMLResponse:
     found = verify_unsubscribe(service.settings.messenger_link_secret.get_secret_value(), token)
@@ -304,7 +300,7 @@ async def unsubscribe_page(token: Annotated[str, Path(max_length=300)], service:
     lang = page_language(await service.customer_locale(customer_id))
     # GET never unsubscribes by itself: mail scanners follow links. The button POSTs.
     brand = service.settings.messenger_brand_name
-    return _html(pages.unsubscribe_confirm(lang, Channel(channel), brand, f"/u/{token}"))
+    return HTMLResponse(pages.unsubscribe_confirm(lang, Channel(channel), brand, f"/u/{token}"))
 
 
 @router.post("/u/{token}", tags=["links"], summary="One-click unsubscribe (RFC 8058)")
@@ -315,7 +311,7 @@ async def unsubscribe(token: Annotated[str, Path(max_length=300)], service: Serv
     customer_id, channel = found
     await service.unsubscribe(customer_id, Channel(channel))
     lang = page_language(await service.customer_locale(customer_id))
-    return _html(pages.unsubscribed(lang, Channel(channel), service.settings.messenger_brand_name))
+    return HTMLResponse(pages.unsubscribed(lang, Channel(channel), service.settings.messenger_brand_name))
 
 
 MessageId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
@@ -328,8 +324,8 @@ async def survey(message_id: MessageId, service: Service) -> HTMLResponse:
     locale, state = await service.survey_state(message_id_of(message_id))
     lang = page_language(locale)
     if state is not None:
-        return _html(pages.survey_done(lang, state), 404 if state == "gone" else 200)
-    return _html(pages.survey_form(lang, service.settings.messenger_brand_name, f"/s/{message_id}"))
+        return HTMLResponse(pages.survey_done(lang, state), 404 if state == "gone" else 200)
+    return HTMLResponse(pages.survey_form(lang, service.settings.messenger_brand_name, f"/s/{message_id}"))
 
 
 @router.post(
@@ -342,7 +338,7 @@ async def survey_answer(
     comment: Annotated[str, Form(max_length=pages.MAX_COMMENT), AfterValidator(storable)] = "",
 ) -> HTMLResponse:
     locale, state = await service.answer_survey(message_id_of(message_id), score, comment.strip())
-    return _html(pages.survey_done(page_language(locale), state), 404 if state == "gone" else 200)
+    return HTMLResponse(pages.survey_done(page_language(locale), state), 404 if state == "gone" else 200)
 
 
 def json_error(status: int, message: str) -> JSONResponse:

@@ -1010,57 +1010,42 @@ class MessengerService:
         opt_outs: list[tuple[str, Channel, FactSource]] = []
         later: list[dict[str, Any]] = []
         for row, result in results:
-            if isinstance(result, ProviderError) and _come_back_later(row, result):
-                # The provider named when to come back (a rate limit's Retry-After, longer than
-                # a call sleeps through): queued again until then, not failed. Still queued to
-                # anyone reading retain.messages, so nothing is published.
-                assert result.retry_after is not None  # noqa: S101 - _come_back_later checked it
-                send_at = now + timedelta(seconds=result.retry_after)
-                reason = (
-                    f"{result.provider} {result.code}: again after {send_at.isoformat(timespec='seconds')}"
-                )
-                log.warning(
-                    "message put back",
-                    message_id=row.id,
-                    channel=row.channel,
-                    provider=result.provider,
-                    code=result.code,
-                    retry_after_s=result.retry_after,
-                    claims=row.attempts + 1,
-                )
-                later.append(
-                    {
-                        "id": row.id,
-                        "status": "queued",
-                        "send_at": send_at,
-                        "reason": reason,
-                        "updated_at": now,
-                    }
-                )
-                outcomes.append(SendOutcome(row.id, "queued", result.code))
-                continue
-            if isinstance(result, ProviderError):
-                reason = f"{result.provider} {result.code}: {result.message}"
-                # One line per failure with the provider's code: what on-call reads first when
-                # RetainProviderFailureRate fires (credentials, a rate limit, an outage).
-                log.warning(
-                    "message failed",
-                    message_id=row.id,
-                    channel=row.channel,
-                    provider=result.provider,
-                    code=result.code,
-                    permanent=result.permanent,
-                    detail=result.message[:300],
-                )
-                settled.append((row, "failed", reason, {"error_code": result.code}))
-                if result.suppress_address:
-                    source = FactSource.PROVIDER_21610 if result.code == "21610" else FactSource.BOUNCE
-                    opt_outs.append((row.customer_id, Channel(row.channel), source))
-                outcomes.append(SendOutcome(row.id, "failed", result.code))
-            else:
+            if not isinstance(result, ProviderError):
                 values = {"provider": result.provider, "provider_message_id": result.provider_message_id}
                 settled.append((row, "sent", f"handed to {result.provider}", values))
                 outcomes.append(SendOutcome(row.id, "sent", None))
+                continue
+            about = {
+                "message_id": row.id,
+                "channel": row.channel,
+                "provider": result.provider,
+                "code": result.code,
+            }
+            send_at = _come_back_at(row, result, now)
+            if send_at is not None:
+                # The provider named when to come back (a rate limit's Retry-After, longer than
+                # a call sleeps through): queued again until then, not failed. Still queued to
+                # anyone reading retain.messages, so nothing is published.
+                log.warning(
+                    "message put back", **about, retry_after_s=result.retry_after, claims=row.attempts + 1
+                )
+                again = (
+                    f"{result.provider} {result.code}: again after {send_at.isoformat(timespec='seconds')}"
+                )
+                later.append(
+                    {"id": row.id, "status": "queued", "send_at": send_at, "reason": again, "updated_at": now}
+                )
+                outcomes.append(SendOutcome(row.id, "queued", result.code))
+                continue
+            # One line per failure with the provider's code: what on-call reads first when
+            # RetainProviderFailureRate fires (credentials, a rate limit, an outage).
+            log.warning("message failed", **about, permanent=result.permanent, detail=result.message[:300])
+            reason = f"{result.provider} {result.code}: {result.message}"
+            settled.append((row, "failed", reason, {"error_code": result.code}))
+            if result.suppress_address:
+                source = FactSource.PROVIDER_21610 if result.code == "21610" else FactSource.BOUNCE
+                opt_outs.append((row.customer_id, Channel(row.channel), source))
+            outcomes.append(SendOutcome(row.id, "failed", result.code))
         await self.repo.update_messages(session, later)
         await self._settle_many(session, settled, now)
         for customer_id, channel, source in opt_outs:
@@ -1554,11 +1539,13 @@ def _shares(slots: int, channels: int) -> list[int]:
 MAX_CLAIMS = 5
 
 
-def _come_back_later(row: Any, error: ProviderError) -> bool:
-    """Whether a failed call is put back in the queue rather than failed: the provider said
-    when to come back, and the message has not been claimed ``MAX_CLAIMS`` times (``attempts``
-    is the count before this claim)."""
-    return not error.permanent and error.retry_after is not None and row.attempts + 1 < MAX_CLAIMS
+def _come_back_at(row: Any, error: ProviderError, now: datetime) -> datetime | None:
+    """When a failed call's message goes again, put back in the queue rather than failed: the
+    provider said when to come back, and the message has not been claimed ``MAX_CLAIMS`` times
+    (``attempts`` is the count before this claim). None: it fails."""
+    if error.permanent or error.retry_after is None or row.attempts + 1 >= MAX_CLAIMS:
+        return None
+    return now + timedelta(seconds=error.retry_after)
 
 
 def _needs_recheck(row: Any, now: datetime) -> bool:
