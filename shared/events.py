@@ -134,6 +134,9 @@ LocaleTag = Annotated[str, StringConstraints(max_length=35), AfterValidator(_bcp
 TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(_iana_zone)]
 Currency = Annotated[str, AfterValidator(_iso4217)]
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=4)]
+# Units of a reporting currency per unit of another (the segmenter's and the kpi's FX tables):
+# a rate of 0 or below would make every amount in that currency worth nothing or less.
+FxRate = Annotated[Decimal, Field(gt=0)]
 INT64 = range(-(2**63), 2**63)
 BEYOND_64_BITS = (
     "an integer beyond 64 bits would lose digits as a number (it would be read as a float): "
@@ -153,7 +156,7 @@ def _within_64_bits(value: object) -> object:
 # larger integers do not survive a round trip and infinities and NaN do not exist.
 AttributeValue = Annotated[
     Annotated[str, StringConstraints(max_length=500)]
-    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+    | Annotated[int, Field(ge=INT64.start, le=INT64.stop - 1)]
     | Annotated[float, Field(allow_inf_nan=False)]
     | bool
     | None,

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
-from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
@@ -10,7 +9,7 @@ from pydantic import Field, field_validator
 from services.kpi.fx import Fx
 from services.kpi.response_time import Targets
 from shared.config import CommonSettings
-from shared.events import Currency
+from shared.events import Currency, FxRate
 
 
 class KpiSettings(CommonSettings):
@@ -29,7 +28,7 @@ class KpiSettings(CommonSettings):
         default="Asia/Jerusalem", description="Reporting time zone: KPI days and months are local to it."
     )
     kpi_reporting_currency: str = Field(default="ILS", description="Currency of every money KPI and CLV.")
-    kpi_fx_rates: dict[Currency, Annotated[Decimal, Field(gt=0)]] = Field(
+    kpi_fx_rates: dict[Currency, FxRate] = Field(
         default={
             "USD": Decimal("3.65"),
             "EUR": Decimal("3.95"),

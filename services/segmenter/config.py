@@ -1,17 +1,13 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated, Self
+from typing import Self
 
 from pydantic import Field, model_validator
 
 from services.segmenter.profile import LifecycleConfig
 from shared.config import CommonSettings
-from shared.events import Currency
-
-# Units of the reporting currency per unit of another: a rate of 0 or below would make every
-# amount in that currency worth nothing or less.
-Rate = Annotated[Decimal, Field(gt=0)]
+from shared.events import Currency, FxRate
 
 
 class SegmenterSettings(CommonSettings):
@@ -33,7 +29,7 @@ class SegmenterSettings(CommonSettings):
         default=2000, ge=1, description="Customers re-evaluated per step of a rule-publish job."
     )
     segmenter_reporting_currency: Currency = Field(default="ILS", description="Currency of total_value.")
-    segmenter_fx_rates: dict[Currency, Rate] = Field(
+    segmenter_fx_rates: dict[Currency, FxRate] = Field(
         default={
             "USD": Decimal("3.65"),
             "EUR": Decimal("3.95"),
