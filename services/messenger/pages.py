@@ -11,6 +11,7 @@ from typing import Literal
 
 from jinja2 import Environment
 
+from services.messenger.templates import language_of
 from shared.events import Channel
 
 Language = Literal["he", "ar", "en"]
@@ -106,8 +107,10 @@ _TEXTS: dict[Language, dict[str, str]] = {
 
 def page_language(locale: str | None) -> Language:
     """The page's language: the customer's if we have its texts, else English."""
-    lang = (locale or "").strip().replace("_", "-").split("-")[0].lower()
-    lang = "he" if lang == "iw" else lang
+    try:
+        lang = language_of(locale or "")  # as the templates read a locale (iw is he)
+    except ValueError:  # no locale, or not a language tag
+        return "en"
     return lang if lang in ("he", "ar") else "en"  # type: ignore[return-value]
 
 
