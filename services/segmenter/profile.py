@@ -340,8 +340,8 @@ def lifecycle(
             return "won_back", min(came_back + _days(config.won_back_days), at_risk_from)
     first = purchases[0]
     if now - first < _days(config.new_days):
-        return "new", min(first + _days(config.new_days), last_purchase + _days(config.at_risk_after_days))
-    return "active", last_purchase + _days(config.at_risk_after_days)
+        return "new", min(first + _days(config.new_days), at_risk_from)
+    return "active", at_risk_from
 
 
 WINDOWS = (30, 90, 365)
