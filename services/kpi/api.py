@@ -14,6 +14,7 @@ from services.kpi.schemas import (
     ClvSummaryOut,
     CohortsOut,
     ConversionOut,
+    CsatOut,
     CustomerClvOut,
     ResponseTimeOut,
 )
@@ -182,6 +183,26 @@ async def conversion(
     ] = None,
 ) -> dict[str, Any]:
     return await service.conversion(_query(service, from_, to, granularity, by))
+
+
+@router.get(
+    "/v1/kpis/csat",
+    response_model=CsatOut,
+    tags=["kpis"],
+    summary="Customer satisfaction from survey answers: CSAT (4–5 of 5), mean score, high-value customers",
+)
+async def csat(
+    _key: Reader,
+    service: Service,
+    from_: From = None,
+    to: To = None,
+    granularity: Grain = Granularity.DAY,
+    by: Annotated[
+        Literal["journey", "channel", "tier", "locale"] | None,
+        Query(description="Break down by this (as stamped on the answered message)."),
+    ] = None,
+) -> dict[str, Any]:
+    return await service.csat(_query(service, from_, to, granularity, by))
 
 
 @router.get(

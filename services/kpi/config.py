@@ -48,7 +48,8 @@ class KpiSettings(CommonSettings):
     kpi_high_value_threshold: Decimal = Field(
         default=Decimal(5000),
         ge=0,
-        description="Revenue before a complaint (reporting currency) that makes it a high-value one.",
+        description="Revenue before a complaint or a survey answer (reporting currency) that makes it "
+        "a high-value one.",
     )
     kpi_churn_window_days: int = Field(
         default=90, ge=1, description="Non-contractual churn: this many days without a purchase."

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from services.kpi.csat import survey_score
 from services.kpi.response_time import SupportStep
 from shared.events import (
     CancellationEvent,
     Event,
     MessageEvent,
+    MessageStatus,
     ProfileEvent,
     PurchaseEvent,
     SupportEvent,
@@ -35,6 +37,7 @@ class FactRows:
     support: list[dict[str, Any]] = field(default_factory=list)
     cancellations: list[dict[str, Any]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
+    surveys: list[dict[str, Any]] = field(default_factory=list)
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -168,5 +171,21 @@ def fold(events: Iterable[Event | MessageEvent]) -> FactRows:
             )
             if e.tier is not None:
                 _offer(registers, e.customer_id, "tier", e.tier, e.occurred_at, e.event_id)
+            if e.details and e.status is MessageStatus.REPLIED:
+                score = survey_score(e.details.get("survey_score"))
+                if score is not None:
+                    out.surveys.append(
+                        {
+                            "event_id": e.event_id,
+                            "message_id": e.message_id,
+                            "customer_id": e.customer_id,
+                            "occurred_at": e.occurred_at,
+                            "score": score,
+                            "journey": e.journey,
+                            "channel": None if e.channel is None else e.channel.value,
+                            "tier": e.tier,
+                            "locale": e.locale,
+                        }
+                    )
     out.customers = _register_rows(registers)
     return out

@@ -13,6 +13,7 @@ from sqlalchemy import Select, Table, and_, case, delete, func, or_, select, upd
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi.conversion import MessageFact
+from services.kpi.csat import Answer
 from services.kpi.response_time import SupportStep, Ticket
 from services.kpi.tables import (
     cancellations,
@@ -24,6 +25,7 @@ from services.kpi.tables import (
     rollup_state,
     stale_tickets,
     support_events,
+    survey_answers,
     tickets,
 )
 from shared.db import RowsWrite, copy_new_rows, dialect_insert, rows_insert
@@ -441,6 +443,27 @@ class KpiRepository:
                 r.tier,
                 r.locale,
                 r.holdout,
+            )
+            for r in await session.execute(stmt)
+        ]
+
+    async def survey_answers(self, session: AsyncSession, start: datetime, end: datetime) -> list[Answer]:
+        """Every answer of the messages answered in [start, end): whether one is its message's
+        first depends on the others (``csat.first_answers``)."""
+        a = survey_answers.c
+        answered = select(a.message_id).where(a.occurred_at >= start, a.occurred_at < end)
+        stmt = select(survey_answers).where(a.message_id.in_(answered))
+        return [
+            Answer(
+                r.event_id,
+                r.message_id,
+                r.customer_id,
+                r.occurred_at,
+                r.score,
+                r.journey,
+                r.channel,
+                r.tier,
+                r.locale,
             )
             for r in await session.execute(stmt)
         ]

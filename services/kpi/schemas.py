@@ -192,6 +192,46 @@ class ConversionOut(Header):
     buckets: list[ConversionBucket]
 
 
+# --- customer satisfaction ------------------------------------------------------------------------------
+
+
+class CsatStatsOut(_Out):
+    answers: int = Field(description="Survey answers, the first of each message.")
+    satisfied: int = Field(description="Answers of 4 or 5.")
+    neutral: int = Field(description="Answers of 3.")
+    dissatisfied: int = Field(description="Answers of 1 or 2.")
+    csat: float | None = Field(description="satisfied / answers; null without answers.")
+    csat_ci_low: float | None = Field(description="95 % Wilson score interval of csat.")
+    csat_ci_high: float | None
+    mean_score: float | None
+    scores: dict[str, int] = Field(description='Answers per score, "1" to "5".')
+
+
+class CsatBlock(_Out):
+    stats: CsatStatsOut
+    groups: dict[str, CsatStatsOut]
+
+
+class CsatBucket(CsatBlock):
+    start: date
+    end: date
+
+
+class CsatHighValue(CsatBlock):
+    threshold: float = Field(
+        description="Revenue before the answer (reporting currency) that makes a customer high-value."
+    )
+
+
+class CsatOut(Header):
+    scale: str
+    satisfied_scores: list[int]
+    interval: str
+    total: CsatBlock
+    buckets: list[CsatBucket]
+    high_value: CsatHighValue
+
+
 # --- CLV --------------------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi import churn as churn_kpi
 from services.kpi import conversion as conversion_kpi
+from services.kpi import csat as csat_kpi
 from services.kpi import response_time as response_kpi
 from services.kpi.clv import ClvFitError, summarize
 from services.kpi.config import KpiSettings
@@ -49,11 +50,13 @@ from services.kpi.tables import (
     cancellations,
     kpi_churn_monthly,
     kpi_conversion_daily,
+    kpi_csat_daily,
     kpi_response_time_daily,
     message_events,
     outbox,
     purchases,
     support_events,
+    survey_answers,
     tickets,
 )
 from shared.codec import encode, encode_key
@@ -138,6 +141,15 @@ ACTIONS_PER_ENGAGEMENT = Gauge(
     ["channel"],
     registry=None,
 )
+CSAT = Gauge(
+    "retain_kpi_csat_ratio",
+    "Survey answers of 4 or 5 out of 5 / answers, in the metrics window.",
+    ["journey"],
+    registry=None,
+)
+CSAT_ANSWERS = Gauge(
+    "retain_kpi_csat_answers", "Survey answers in the metrics window.", ["journey"], registry=None
+)
 CLV_CUSTOMERS = Gauge("retain_kpi_clv_customers", "Customers with a CLV prediction.", registry=None)
 CLV_PREDICTED_TOTAL = Gauge(
     "retain_kpi_clv_predicted_total", "Sum of predicted CLV (reporting currency).", registry=None
@@ -170,6 +182,8 @@ LABELLED_GAUGES = (
     DELIVERY_RATE,
     FAILURE_RATE,
     ACTIONS_PER_ENGAGEMENT,
+    CSAT,
+    CSAT_ANSWERS,
     CLV_PARAM,
 )
 KPI_GAUGES = (
@@ -262,6 +276,18 @@ def _overlay(
     return [t for t in stored if t.ticket_id not in fresh] + [t for t in fresh.values() if keep(t)]
 
 
+# What CSAT is broken down by: what the messenger stamped on the answer's message.
+CSAT_BREAKDOWNS = ("journey", "channel", "tier", "locale")
+
+
+def _stamped(name: str) -> Callable[[csat_kpi.Answer], str]:
+    def of(answer: csat_kpi.Answer) -> str:
+        value: str | None = getattr(answer, name)
+        return value or UNKNOWN
+
+    return of
+
+
 def _top(values: Iterable[str]) -> Callable[[str], str]:
     """Bounded gauge labels: the most frequent values keep their name, the rest become 'other'."""
     kept = {v for v, _ in Tally(values).most_common(MAX_LABELS)}
@@ -313,6 +339,7 @@ class KpiService:
             await self.repo.insert_facts(session, support_events, rows.support)
             await self.repo.insert_facts(session, cancellations, rows.cancellations)
             await self.repo.insert_facts(session, message_events, rows.messages)
+            await self.repo.insert_facts(session, survey_answers, rows.surveys)
             await self.repo.upsert_customers(session, list(rows.customers.values()))
             # The tickets are rebuilt from their steps by the periodic rollup (which marks the
             # response-time days they open on); readers derive the stale ones meanwhile.
@@ -335,6 +362,8 @@ class KpiService:
                 # A new status of a message redoes the day the message began on: the rollup
                 # widens this day to the first status of every message with a status since.
                 redo_from("conversion", min(r["occurred_at"] for r in rows.messages))
+            if rows.surveys:
+                redo_from("csat", min(r["occurred_at"] for r in rows.surveys))
             await self.repo.mark_dirty(session, {name: local_day(at, self.tz) for name, at in dirty.items()})
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
 
@@ -460,6 +489,9 @@ class KpiService:
             self._conversion_rows,
             message_events.c.occurred_at,
             widen=self._first_conversion_day,
+        )
+        await self._rollup(
+            "csat", kpi_csat_daily, today - timedelta(days=1), self._csat_rows, survey_answers.c.occurred_at
         )
         # Non-contractual lapses happen as time passes: this month and the last are redone; a
         # new CLV model changes P(alive) at every lapse, so it redoes every month.
@@ -603,6 +635,39 @@ class KpiService:
                             "failure_rate": s.failure_rate,
                             "actions": s.actions,
                             "actions_per_engagement": s.actions_per_engagement,
+                        }
+                    )
+        return out
+
+    async def _answers(self, whole: Period) -> list[csat_kpi.Answer]:
+        """The first answer of each message answered in the period."""
+        async with self.db.sessions() as session:
+            stored = await self.repo.survey_answers(session, whole.start, whole.end)
+        return [a for a in csat_kpi.first_answers(stored) if whole.contains(a.at)]
+
+    async def _csat_rows(self, first: date, last: date) -> list[dict[str, Any]]:
+        answers = await self._answers(period(first, last, self.tz))
+        dims: dict[str, Callable[[csat_kpi.Answer], str]] = {
+            "all": lambda _a: "all",
+            **{name: _stamped(name) for name in CSAT_BREAKDOWNS},
+        }
+        out: list[dict[str, Any]] = []
+        for day, day_answers in sorted(group_by(answers, lambda a: local_day(a.at, self.tz)).items()):
+            for dimension, key in dims.items():
+                for value, group in sorted(group_by(day_answers, key).items()):
+                    s = csat_kpi.summarize(group)
+                    out.append(
+                        {
+                            "day": day,
+                            "dimension": dimension,
+                            "value": value[:128],
+                            "answers": s.answers,
+                            "satisfied": s.satisfied,
+                            "neutral": s.neutral,
+                            "dissatisfied": s.dissatisfied,
+                            "score_sum": sum(a.score for a in group),
+                            "csat": s.csat,
+                            "mean_score": s.mean_score,
                         }
                     )
         return out
@@ -850,6 +915,39 @@ class KpiService:
                 {"start": b.first, "end": b.last, **block([m for m in messages if b.contains(m.decided_at)])}
                 for b in buckets(q.first, q.last, q.granularity, self.tz)
             ],
+        }
+
+    async def csat(self, q: KpiQuery) -> dict[str, Any]:
+        whole = period(q.first, q.last, self.tz)
+        answers = await self._answers(whole)
+        async with self.db.sessions() as session:
+            bought = await self.repo.purchases(
+                session, customer_ids={a.customer_id for a in answers}, until=whole.end
+            )
+        values = _converted_purchases(bought, self.settings)
+        threshold = self.settings.kpi_high_value_threshold
+        key = None if q.by is None else _stamped(q.by)
+
+        def block(group: Sequence[csat_kpi.Answer]) -> dict[str, Any]:
+            by = group_by(group, key) if key is not None else {}
+            groups = {k: csat_kpi.summarize(g) for k, g in sorted(by.items())}
+            return {"stats": csat_kpi.summarize(group), "groups": groups}
+
+        # As the response time's high-value complaints: revenue before the answer.
+        high_value = [
+            a for a in answers if response_kpi.value_before(values.get(a.customer_id, ()), a.at) >= threshold
+        ]
+        return {
+            **self._header(q),
+            "scale": "1 (not at all) … 5 (very)",
+            "satisfied_scores": sorted(csat_kpi.SATISFIED),
+            "interval": "Wilson score, 95 %",
+            "total": block(answers),
+            "buckets": [
+                {"start": b.first, "end": b.last, **block([a for a in answers if b.contains(a.at)])}
+                for b in buckets(q.first, q.last, q.granularity, self.tz)
+            ],
+            "high_value": {"threshold": threshold, **block(high_value)},
         }
 
     async def clv_summary(self, q: KpiQuery) -> dict[str, Any]:
@@ -1131,6 +1229,7 @@ class KpiService:
             stored = await self.repo.predictions(session)
             model = await self.repo.latest_clv_model(session, today)
         messages, bought = await self._messages(period(recent.first, recent.last, self.tz))
+        satisfied = _csat_by_journey(await self._answers(period(recent.first, recent.last, self.tz)))
         churned = await self.churn(months)
         now = self.clock()
         targets = self.settings.targets
@@ -1176,22 +1275,10 @@ class KpiService:
             for kind in ("contractual", "non_contractual", "lapsed"):
                 if bucket[kind] is not None:  # non_contractual: None before the first CLV model
                     _set(CHURN_RATE, (kind, label), bucket[kind].rate)
-        for j, conv in per_journey.items():
-            _set(CONVERSION_RATE, (j, "treatment"), conv.conversion_rate)
-            _set(CONVERSION_RATE, (j, "holdout"), conv.holdout_rate)
-            _set(CONVERSION_RATE, (j, "assigned"), conv.assigned_rate)
-            _set(UPLIFT, (j, "estimate"), conv.uplift)
-            _set(UPLIFT, (j, "ci_low"), conv.uplift_ci_low)
-            _set(UPLIFT, (j, "ci_high"), conv.uplift_ci_high)
-            _set(
-                REVENUE_PER_MESSAGE,
-                (j,),
-                None if conv.revenue_per_message is None else float(conv.revenue_per_message),
-            )
-        for c, conv in per_channel.items():
-            _set(DELIVERY_RATE, (c,), conv.delivery_rate)
-            _set(FAILURE_RATE, (c,), conv.failure_rate)
-            _set(ACTIONS_PER_ENGAGEMENT, (c,), conv.actions_per_engagement)
+        _set_conversion_gauges(per_journey, per_channel)
+        for j, satisfaction in satisfied.items():
+            _set(CSAT, (j,), satisfaction.csat)
+            CSAT_ANSWERS.labels(j).set(satisfaction.answers)
         predictions = list(stored.values())
         CLV_CUSTOMERS.set(len(predictions))
         CLV_PREDICTED_TOTAL.set(sum(p.predicted_clv for p in predictions))
@@ -1201,6 +1288,33 @@ class KpiService:
         if model is not None:
             for name, value in model.model["params"].items():
                 CLV_PARAM.labels(name).set(value)
+
+
+def _set_conversion_gauges(
+    per_journey: Mapping[str, conversion_kpi.ConversionStats],
+    per_channel: Mapping[str, conversion_kpi.ConversionStats],
+) -> None:
+    for j, conv in per_journey.items():
+        _set(CONVERSION_RATE, (j, "treatment"), conv.conversion_rate)
+        _set(CONVERSION_RATE, (j, "holdout"), conv.holdout_rate)
+        _set(CONVERSION_RATE, (j, "assigned"), conv.assigned_rate)
+        _set(UPLIFT, (j, "estimate"), conv.uplift)
+        _set(UPLIFT, (j, "ci_low"), conv.uplift_ci_low)
+        _set(UPLIFT, (j, "ci_high"), conv.uplift_ci_high)
+        _set(
+            REVENUE_PER_MESSAGE,
+            (j,),
+            None if conv.revenue_per_message is None else float(conv.revenue_per_message),
+        )
+    for c, conv in per_channel.items():
+        _set(DELIVERY_RATE, (c,), conv.delivery_rate)
+        _set(FAILURE_RATE, (c,), conv.failure_rate)
+        _set(ACTIONS_PER_ENGAGEMENT, (c,), conv.actions_per_engagement)
+
+
+def _csat_by_journey(answers: Sequence[csat_kpi.Answer]) -> dict[str, csat_kpi.CsatStats]:
+    journey = _top(a.journey for a in answers)
+    return {j: csat_kpi.summarize(g) for j, g in group_by(answers, lambda a: journey(a.journey)).items()}
 
 
 def _gauge_mean(values: Sequence[float]) -> float:

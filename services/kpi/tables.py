@@ -1,7 +1,7 @@
 """The kpi service's tables (SQLAlchemy Core). Migrations in ``migrations/`` create them.
 
 Three kinds: *facts* as the events stated them (one row per order, ticket step, cancellation,
-message status), written by the consumer; *derived rows* recomputed from all of an entity's
+message status, survey answer), written by the consumer; *derived rows* recomputed from all of an entity's
 facts (``customers`` in the batch, ``tickets`` by the periodic rollup: see ``stale_tickets``);
 and the *Grafana tables* (``kpi_*_daily`` / ``kpi_churn_monthly``), recomputed by the
 consumer's tick from the facts with the same pure functions as the API. Every KPI can be
@@ -103,6 +103,23 @@ message_events = Table(
     Column("holdout", Boolean, nullable=False),
     Index("ix_message_events_message", "message_id"),
     Index("ix_message_events_occurred_at", "occurred_at"),
+)
+
+# The 'replied' statuses that carry a survey score (services/kpi/csat.py): a table of their own,
+# so that the consumer's every other message status does not write a column it never has.
+survey_answers = Table(
+    "survey_answers",
+    metadata,
+    Column("event_id", String(255), primary_key=True),
+    Column("message_id", String(200), nullable=False),
+    Column("customer_id", String(128), nullable=False),
+    Column("occurred_at", UtcDateTime(), nullable=False),
+    Column("score", Integer, nullable=False),  # 1 … 5
+    Column("journey", String(128), nullable=False),
+    Column("channel", String(16), nullable=True),
+    Column("tier", String(128), nullable=True),
+    Column("locale", String(35), nullable=True),
+    Index("ix_survey_answers_occurred_at", "occurred_at"),
 )
 
 # --- derived from the facts -------------------------------------------------------------------
@@ -256,5 +273,21 @@ kpi_conversion_daily = Table(
     Column("failure_rate", Float, nullable=True),
     Column("actions", Integer, nullable=False),
     Column("actions_per_engagement", Float, nullable=True),
+    Column("computed_at", UtcDateTime(), nullable=False),
+)
+
+kpi_csat_daily = Table(
+    "kpi_csat_daily",
+    metadata,
+    Column("day", Date, primary_key=True),  # local day of the answer
+    Column("dimension", String(16), primary_key=True),  # all, journey, channel, tier, locale
+    Column("value", String(128), primary_key=True),
+    Column("answers", Integer, nullable=False),
+    Column("satisfied", Integer, nullable=False),  # scores 4 and 5
+    Column("neutral", Integer, nullable=False),  # 3
+    Column("dissatisfied", Integer, nullable=False),  # 1 and 2
+    Column("score_sum", Integer, nullable=False),  # a range's mean: sum(score_sum) / sum(answers)
+    Column("csat", Float, nullable=True),  # satisfied / answers
+    Column("mean_score", Float, nullable=True),
     Column("computed_at", UtcDateTime(), nullable=False),
 )

@@ -110,6 +110,35 @@ def message(
     )
 
 
+def survey_answer(
+    message_id: str,
+    customer: str,
+    score: Any,
+    when: datetime,
+    *,
+    journey: str = "thank_you",
+    channel: str | None = "email",
+    tier: str | None = "gold",
+    locale: str | None = "he-IL",
+    seq: str = "survey",
+) -> MessageEvent:
+    """The 'replied' event the messenger's survey page publishes (``answer_survey``)."""
+    return MessageEvent(
+        event_id=f"{message_id}:replied:{seq}",
+        customer_id=customer,
+        occurred_at=when,
+        message_id=message_id,
+        journey=journey,
+        kind=MessageKind.TRANSACTIONAL if journey == "complaint_ack" else MessageKind.MARKETING,
+        status=MessageStatus.REPLIED,
+        reason=f"survey answer: {score} of 5",
+        channel=None if channel is None else Channel(channel),
+        tier=tier,
+        locale=locale,
+        details={"survey_score": score, "survey_comment": "thanks"},
+    )
+
+
 async def apply(service: KpiService, events: Sequence[Event | MessageEvent], batch: int = 7) -> BatchResult:
     """Apply ``events`` in batches, as the consumer would (offsets are made up)."""
     total = BatchResult()

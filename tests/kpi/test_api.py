@@ -28,6 +28,7 @@ from services.kpi.tables import (
     clv_predictions,
     kpi_churn_monthly,
     kpi_conversion_daily,
+    kpi_csat_daily,
     kpi_response_time_daily,
     outbox,
     stale_tickets,
@@ -48,6 +49,7 @@ from tests.kpi.factories import (
     profile,
     purchase,
     support,
+    survey_answer,
     ticket_events,
     utc,
 )
@@ -381,6 +383,91 @@ async def test_a_message_sent_after_the_range_converts_within_its_own_window(kpi
     body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-09", "to": "2026-01-09"})
     total = body["total"]["stats"]
     assert (total["sent"], total["conversions"], total["revenue"]) == (1, 1, 40.0)
+
+
+# --- customer satisfaction -------------------------------------------------------------------------------
+
+CSAT_NOW = utc(2026, 2, 10)
+
+
+def csat_events() -> list[Event | MessageEvent]:
+    """Five first answers over 1–3 February (Asia/Jerusalem, UTC+2), a second answer to M1 on
+    the 5th, an SMS reply that is no score, and 'vip', whose 6,000 ILS before answering make
+    them high-value (threshold 5,000)."""
+    ack: dict[str, Any] = {"journey": "complaint_ack", "channel": "sms"}
+    return [
+        # 23:30 local on the 1st, and 00:30 local on the 2nd: the day is the local one.
+        survey_answer("M1", "c1", 5, utc(2026, 2, 1, 21, 30), locale="he-IL"),
+        survey_answer("M2", "c2", 4, utc(2026, 2, 1, 22, 30), locale="ar"),
+        survey_answer("M3", "c3", 2, utc(2026, 2, 2), locale="en", **ack),
+        survey_answer("M4", "c4", 3, utc(2026, 2, 3), tier=None, **ack),
+        purchase("vip", utc(2026, 1, 5), "6000"),
+        survey_answer("M5", "vip", 1, utc(2026, 2, 3, 12), **ack),
+        survey_answer("M1", "c1", 1, utc(2026, 2, 5), seq="again"),  # not its first: left out
+        message("M6", "c6", "replied", utc(2026, 2, 2), journey="complaint_ack"),  # a reply, not a score
+    ]
+
+
+async def test_csat_by_local_day_journey_and_high_value(kpi: Kpi) -> None:
+    kpi.at(CSAT_NOW)
+    await kpi.apply(csat_events())
+    body = await kpi.get("/v1/kpis/csat", **{"from": "2026-02-01", "to": "2026-02-03", "by": "journey"})
+    total = body["total"]["stats"]
+    assert (total["answers"], total["satisfied"], total["neutral"], total["dissatisfied"]) == (5, 2, 1, 2)
+    assert (total["csat"], total["mean_score"]) == (0.4, 3.0)
+    assert total["scores"] == {"1": 1, "2": 1, "3": 1, "4": 1, "5": 1}
+    assert total["csat_ci_low"] < 0.4 < total["csat_ci_high"]
+    groups = body["total"]["groups"]
+    assert (groups["thank_you"]["answers"], groups["thank_you"]["csat"]) == (2, 1.0)
+    assert (groups["complaint_ack"]["answers"], groups["complaint_ack"]["csat"]) == (3, 0.0)
+    assert groups["complaint_ack"]["mean_score"] == 2.0
+    days = {b["start"]: (b["stats"]["answers"], b["stats"]["csat"]) for b in body["buckets"]}
+    assert days == {"2026-02-01": (1, 1.0), "2026-02-02": (2, 0.5), "2026-02-03": (2, 0.0)}
+    high = body["high_value"]
+    assert (high["stats"]["answers"], high["stats"]["dissatisfied"], high["threshold"]) == (1, 1, 5000.0)
+    assert body["satisfied_scores"] == [4, 5]
+
+    by_tier = await kpi.get("/v1/kpis/csat", **{"from": "2026-02-01", "to": "2026-02-03", "by": "tier"})
+    assert {k: v["answers"] for k, v in by_tier["total"]["groups"].items()} == {"gold": 4, "unknown": 1}
+    # M1's second answer is on the 5th, but M1 was answered on the 1st: nothing on the 5th.
+    fifth = await kpi.get("/v1/kpis/csat", **{"from": "2026-02-05", "to": "2026-02-05"})
+    assert fifth["total"]["stats"]["answers"] == 0
+    assert fifth["total"]["stats"]["csat"] is None
+
+
+async def test_csat_table_for_grafana_follows_late_answers(kpi: Kpi) -> None:
+    kpi.at(CSAT_NOW)
+    await kpi.apply(csat_events())
+    await kpi.service.run_rollups()
+
+    async def rows(day: date) -> dict[tuple[str, str], Any]:
+        async with kpi.db.sessions() as s:
+            c = kpi_csat_daily.c
+            found = await s.execute(select(kpi_csat_daily).where(c.day == day))
+            return {(r.dimension, r.value): r for r in found}
+
+    second = await rows(date(2026, 2, 2))
+    everyone = second["all", "all"]
+    assert (everyone.answers, everyone.satisfied, everyone.dissatisfied, everyone.score_sum) == (2, 1, 1, 6)
+    assert (everyone.csat, everyone.mean_score) == (0.5, 3.0)
+    assert second["locale", "ar"].answers == 1
+    assert second["channel", "sms"].answers == 1
+    # A late answer (a week after the day it was given on) redoes that day.
+    await kpi.apply([survey_answer("M7", "c7", 5, utc(2026, 2, 2, 8))])
+    await kpi.service.run_rollups()
+    everyone = (await rows(date(2026, 2, 2)))["all", "all"]
+    assert (everyone.answers, everyone.satisfied, everyone.score_sum) == (3, 2, 11)
+    assert everyone.csat == pytest.approx(2 / 3)
+
+
+async def test_csat_on_metrics_by_journey(kpi: Kpi) -> None:
+    kpi.at(utc(2026, 2, 4))
+    await kpi.apply(csat_events())
+    response = await kpi.http.get("/metrics")
+    lines = response.text.splitlines()
+    assert 'retain_kpi_csat_ratio{journey="thank_you"} 1.0' in lines
+    assert 'retain_kpi_csat_ratio{journey="complaint_ack"} 0.0' in lines
+    assert 'retain_kpi_csat_answers{journey="complaint_ack"} 3.0' in lines
 
 
 # --- the Grafana tables --------------------------------------------------------------------------------
@@ -772,6 +859,8 @@ async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
         ("/v1/kpis/churn", {"from": "2026-05-01", "to": "2026-01-01"}, "query.to"),
         ("/v1/kpis/response-time", {"by": "customer"}, "query.by"),
         ("/v1/kpis/conversion", {"by": "tier,channel"}, "query.by"),
+        ("/v1/kpis/csat", {"by": "customer"}, "query.by"),
+        ("/v1/kpis/csat", {"from": "2026-02-30"}, "query.from"),
         ("/v1/kpis/cohorts", {"granularity": "year"}, "query.granularity"),
         ("/v1/kpis/clv/summary", {"from": "yesterday"}, "query.from"),
         ("/v1/kpis/response-time", {"from": "2026-02-30"}, "query.from"),

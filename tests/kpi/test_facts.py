@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from services.kpi.facts import fold, stamp
 from shared.events import Event, MessageEvent
-from tests.kpi.factories import message, profile, purchase, support, utc
+from tests.kpi.factories import message, profile, purchase, support, survey_answer, utc
 
 
 def test_a_stamp_is_utc_time_to_the_microsecond_then_the_event_id() -> None:
@@ -80,3 +80,29 @@ def test_each_register_keeps_its_newest_value_whatever_the_order() -> None:
                 "tier_at": stamp(utc(2026, 1, 3, 10), "m1:sent"),
             }
         }
+
+
+def test_a_survey_answer_is_a_fact_of_its_own_and_other_replies_are_not() -> None:
+    when = utc(2026, 2, 1)
+    answered = survey_answer("m1", "c1", 4, when, channel="whatsapp", tier=None, locale="ar")
+    not_scores = [survey_answer(f"m-{i}", "c1", bad, when) for i, bad in enumerate((0, 6, True, "5", 4.5))]
+    sms_reply = message("m2", "c1", "replied", when)
+    score_on_another_status = message("m3", "c1", "clicked", when).model_copy(
+        update={"details": {"survey_score": 5}}
+    )
+    rows = fold([answered, *not_scores, sms_reply, score_on_another_status])
+    assert rows.surveys == [
+        {
+            "event_id": "m1:replied:survey",
+            "message_id": "m1",
+            "customer_id": "c1",
+            "occurred_at": when,
+            "score": 4,
+            "journey": "thank_you",
+            "channel": "whatsapp",
+            "tier": None,
+            "locale": "ar",
+        }
+    ]
+    # Every one of them is still a status of its message.
+    assert len(rows.messages) == 8

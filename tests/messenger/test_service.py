@@ -18,6 +18,7 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy import event, select
 from twilio.request_validator import RequestValidator
 
+from services.kpi.facts import fold
 from services.messenger import service as service_module
 from services.messenger.app import create_app
 from services.messenger.caps import Cap, CapsConfig, CapScope
@@ -605,6 +606,9 @@ async def test_the_survey_link_asks_records_one_answer_and_publishes_it(
     assert [(e.message_id, e.details) for e in replies] == [
         (message["id"], {"survey_score": 4, "survey_comment": "המשלוח איחר ביום"})
     ]
+    # The kpi's reading of it (services/kpi/facts.py): one survey answer, score 4, of that message.
+    [answer] = fold(replies).surveys
+    assert (answer["message_id"], answer["score"], answer["journey"]) == (message["id"], 4, "thank_you")
     assert (await api.get("/s/no-such-message")).status_code == 404
 
 

@@ -4,7 +4,7 @@ through the kpi service's own code path (apply_batch, the rollups, the scheduled
 Deterministic for a given ``now``: a seeded RNG draws a year of purchases for 80 customers
 (repeat buyers, some dropping out, so the BG/NBD fit has something to fit), and the last weeks
 hold tickets (some past their target), cancellations in this month and the last, and message
-outcomes of two journeys with a holdout arm.
+outcomes of two journeys with a holdout arm, most delivered ones answered on the survey page.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from services.kpi.consumer import MIGRATIONS
 from services.kpi.service import KpiService
 from shared.db import Database, migrate
 from shared.events import Event, MessageEvent
-from tests.kpi.factories import apply, cancellation, message, profile, purchase, support
+from tests.kpi.factories import apply, cancellation, message, profile, purchase, support, survey_answer
 
 CUSTOMERS = 80
 TIERS = ("bronze", "silver", "gold")
@@ -64,6 +64,12 @@ def kpi_events(now: datetime, seed: int = 11) -> list[Event | MessageEvent]:
                         tier=tier,
                     )
                 )
+                if outcome == "delivered" and n % 6 != 2:  # most answer the survey, 1 to 5
+                    answered = sent + timedelta(hours=rng.uniform(1, 30))
+                    score = rng.choice((1, 2, 3, 4, 4, 5, 5, 5))
+                    events.append(
+                        survey_answer(mid, cid, score, answered, journey=journey, channel=channel, tier=tier)
+                    )
             if n % 3 == 0:  # converts
                 events.append(purchase(cid, sent + timedelta(days=1), "120.00", order=f"conv-{cid}"))
     for t in range(24):
