@@ -78,7 +78,10 @@ def _banner(settings: CommonSettings, processes: list[ServiceProcess], key: str,
         f"  curl -s -H 'Authorization: Bearer {key}' http://127.0.0.1:8001/readyz",
     ]
     if demo:
-        lines.append("The demo replays a year of history for 3,000 customers, then keeps a live trickle.")
+        lines.append(
+            "The demo replays a year of history for 3,000 customers, then keeps a live trickle; "
+            "its customers answer some of the surveys they are sent."
+        )
     lines += ["Ctrl-C stops everything cleanly; `make run` again resumes where it stopped.", ""]
     return "\n".join(lines)
 
@@ -136,7 +139,7 @@ def demo_command(var_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "shared.demo", "--url", "http://127.0.0.1:8001",
         "--seed", "7", "--customers", "3000", "--days", "365", "--start", _demo_start(var_dir),
-        "--fast", "--then-live", "2",
+        "--fast", "--then-live", "2", "--answer-surveys", "http://127.0.0.1:8003",
     ]  # fmt: skip
 
 

@@ -27,6 +27,7 @@ import orjson
 
 from shared.demo.generator import generate
 from shared.demo.live import live_round
+from shared.demo.respondents import Respondents
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="after the history, keep sending events of new customers happening now, RATE per second",
     )
+    parser.add_argument(
+        "--answer-surveys",
+        metavar="MESSENGER_URL",
+        help="with --then-live: play the customers who open the survey link in a message the "
+        "messenger sent and answer it (the key needs messages:read)",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -316,18 +323,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         if args.then_live:
-            asyncio.run(_live(args.seed, args.url, args.api_key, args.then_live, args.batch))
+            asyncio.run(
+                _live(args.seed, args.url, args.api_key, args.then_live, args.batch, args.answer_surveys)
+            )
     except SendError as exc:
         logger.error("%s", exc)
         return 1
     return 0
 
 
-async def _live(seed: int, url: str, api_key: str, rate: float, batch: int) -> None:
+async def _live(
+    seed: int, url: str, api_key: str, rate: float, batch: int, messenger_url: str | None = None
+) -> None:
     run_id = uuid.uuid4().hex[:6]
     logger.info("history sent; now a live trickle of %.1f events/s (run %s)", rate, run_id)
-    round_no = 0
-    while True:
-        events = live_round(seed, run_id, round_no, datetime.now(UTC), rate)
-        await send(events, url, api_key, rate=rate, batch_size=batch)
-        round_no += 1
+    async with httpx.AsyncClient(timeout=30.0) as client, asyncio.TaskGroup() as tasks:
+        if messenger_url:
+            tasks.create_task(Respondents(client, messenger_url, api_key, seed).run())
+        round_no = 0
+        while True:
+            events = live_round(seed, run_id, round_no, datetime.now(UTC), rate)
+            await send(events, url, api_key, rate=rate, batch_size=batch)
+            round_no += 1
