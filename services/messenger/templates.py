@@ -856,11 +856,12 @@ _SAMPLE_PEOPLE = {
     "ar": ("ليلى حداد", "سامر خوري", "ILS"),
     "en": ("Sarah Miller", "Dana Cohen", "USD"),
 }
-# As long as a real one: a deployment's public URL, a customer id of ten characters, the
-# signature (links.py). A shorter sample let SMS templates pass the two-segment check that the
-# messages sent with real links then failed.
-SAMPLE_UNSUBSCRIBE_URL = "https://shop.example/u/c2MtMDAwMTIzNDU.Xk3f9QaZb2w"
-SAMPLE_SURVEY_URL = "https://rtn.example/s/T5512"
+# As long as real ones (links.py), so that the two-segment check of an SMS holds for the messages
+# sent: a public URL of 20 characters (a longer one eats into every SMS), the unsubscribe token of
+# a customer whose id is a UUID (35 characters; an id of up to 16 ASCII characters makes no longer one),
+# a message id's survey token (22). Shorter samples let templates pass that real links then broke.
+SAMPLE_UNSUBSCRIBE_URL = "https://shop.example/u/UwyPcgys9EO9sLUejh5IKXg.FQ4ssICHB8k"
+SAMPLE_SURVEY_URL = "https://shop.example/s/bh8qnEt9TiqfPI1bGn4MQg"
 
 
 def sample_variables(

@@ -9,6 +9,7 @@ import pytest
 
 from services.messenger.templates import (
     OPTIONAL_VARIABLES,
+    SAMPLE_SURVEY_URL,
     SAMPLE_UNSUBSCRIBE_URL,
     VARIABLES,
     Brand,
@@ -33,7 +34,7 @@ from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent
 JOURNEYS = ("welcome", "thank_you", "complaint_ack", "feedback_survey", "tier_upgrade", "at_risk", "win_back")
 LOCALES = ("he", "ar", "en")
 CHANNELS = (Channel.EMAIL, Channel.SMS, Channel.WHATSAPP)
-UNSUBSCRIBE_HINT = {"he": "להסרה", "ar": "لإلغاء الاشتراك", "en": "nsubscribe"}
+UNSUBSCRIBE_HINT = {"he": "להסרה", "ar": "لإلغاء", "en": "nsubscribe"}  # ar: in SMS, للإلغاء
 FIRST_NAMES = {"he": "נועה", "ar": "ليلى", "en": "Sarah"}
 
 
@@ -389,12 +390,20 @@ def test_surrogate_pair_is_not_split_across_parts() -> None:
     assert count_sms("a" * 67 + "🙂" + "a" * 65).segments == 2  # the same 134 units, no straddle
 
 
+# First names twice as long as the samples' (נועה, ليلى, Sarah), for the SMS length budget.
+LONG_FIRST_NAMES = {"he": "אלכסנדרה", "ar": "عبد الله", "en": "Christopher"}
+
+
 @pytest.mark.parametrize("locale", LOCALES)
 @pytest.mark.parametrize("journey", JOURNEYS)
 def test_default_sms_fit_in_two_segments(store: TemplateStore, journey: str, locale: str) -> None:
+    """With links as long as real ones (a UUID customer's unsubscribe token, a message's survey
+    token, a 20-character public URL) and a long first name."""
     template = store.resolve(journey, "sms", locale)
     full = sample_variables(locale)
-    for variables in (full, full | {"offer_code": None, "personal_contact": None}):
+    lean = full | {"offer_code": None, "personal_contact": None}
+    long_name = {"first_name": LONG_FIRST_NAMES[locale[:2]]}
+    for variables in (full, lean, full | long_name, lean | long_name):
         rendered = render(template, variables, strict=False)
         assert rendered.sms_encoding == ("GSM-7" if locale == "en" else "UCS-2")
         assert rendered.sms_segments is not None
@@ -665,7 +674,7 @@ def test_whatsapp_approved_template_placeholder(store: TemplateStore) -> None:
     assert unnamed.content_sid is None  # not configured: no approved template to fall back on
     assert unnamed.content_variables == {"1": "לקוח/ה יקר/ה"}
     survey = render(store.resolve("feedback_survey", "whatsapp", "en"), sample_variables("en"), strict=False)
-    assert survey.content_variables == {"1": "Sarah", "2": "https://rtn.example/s/T5512"}
+    assert survey.content_variables == {"1": "Sarah", "2": SAMPLE_SURVEY_URL}
 
 
 def test_rendered_to_json_for_the_preview(store: TemplateStore) -> None:
