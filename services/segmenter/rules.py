@@ -47,27 +47,47 @@ def _json_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+def _rules_of(raw: object, kind: str) -> list[tuple[int, dict[str, Any]]]:
+    """The rules of ``kind`` that are JSON objects, with their index, however malformed the rest."""
+    listed = raw.get(kind) if isinstance(raw, dict) else None
+    if not isinstance(listed, list):
+        return []
+    return [(i, rule) for i, rule in enumerate(listed) if isinstance(rule, dict)]
+
+
 def validate_rules(raw: object) -> list[ConditionError]:
-    """Every problem of a rule set, each with the JSON path where it is."""
-    try:
-        ruleset = RuleSet.model_validate(raw)
-    except ValidationError as exc:
-        return [ConditionError(_json_path(tuple(e["loc"])), e["msg"]) for e in exc.errors(include_url=False)]
+    """Every problem of a rule set, each with the JSON path where it is: the set's shape first,
+    then, rule by rule, duplicate and reserved names and every problem of each condition. A
+    malformed rule (a bad name, an unknown key) does not hide the problems of the others, nor
+    those of its own condition: marketing fixes them in one go."""
     errors: list[ConditionError] = []
+    try:
+        RuleSet.model_validate(raw)
+    except ValidationError as exc:
+        errors += [
+            ConditionError(_json_path(tuple(e["loc"])), e["msg"]) for e in exc.errors(include_url=False)
+        ]
     # A segment rule may read the tier just assigned: one of this set's tiers, or none.
-    tiers = Choices(frozenset({NO_TIER, *(r.name for r in ruleset.tiers)}))
-    for kind, rules, catalogue, domains in (
-        ("tiers", ruleset.tiers, FACT_TYPES, FACT_DOMAINS),
-        ("segments", ruleset.segments, SEGMENT_FACT_TYPES, {**FACT_DOMAINS, "tier": tiers}),
+    tier_names = {r["name"] for _, r in _rules_of(raw, "tiers") if isinstance(r.get("name"), str)}
+    tiers = Choices(frozenset({NO_TIER, *tier_names}))
+    for kind, catalogue, domains in (
+        ("tiers", FACT_TYPES, FACT_DOMAINS),
+        ("segments", SEGMENT_FACT_TYPES, {**FACT_DOMAINS, "tier": tiers}),
     ):
         seen: set[str] = set()
-        for i, rule in enumerate(rules):
-            if rule.name in seen:
-                errors.append(ConditionError(f"$.{kind}[{i}].name", f"{rule.name!r} is defined twice"))
-            seen.add(rule.name)
-            if kind == "tiers" and rule.name == NO_TIER:
-                errors.append(ConditionError(f"$.tiers[{i}].name", f"{NO_TIER!r} is the tier of no match"))
-            errors += validate(rule.when, catalogue, path=f"$.{kind}[{i}].when", domains=domains)  # type: ignore[arg-type]
+        for i, rule in _rules_of(raw, kind):
+            name = rule.get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    errors.append(ConditionError(f"$.{kind}[{i}].name", f"{name!r} is defined twice"))
+                seen.add(name)
+                if kind == "tiers" and name == NO_TIER:
+                    errors.append(
+                        ConditionError(f"$.tiers[{i}].name", f"{NO_TIER!r} is the tier of no match")
+                    )
+            when = rule.get("when")
+            if isinstance(when, dict):  # otherwise the shape's errors say what is wrong with it
+                errors += validate(when, catalogue, path=f"$.{kind}[{i}].when", domains=domains)  # type: ignore[arg-type]
     return errors
 
 

@@ -221,6 +221,34 @@ def test_structural_errors(raw: object, expected: list[tuple[str, str]]) -> None
     assert problems(raw) == expected
 
 
+def test_a_malformed_rule_does_not_hide_the_other_problems() -> None:
+    """One round trip for marketing: the set's shape and every rule's conditions at once."""
+    raw = {
+        "tiers": [
+            rule("Gold Tier", leaf("no_such_fact", "gte", 1)),  # a bad name, and a bad condition
+            rule("silver", leaf("orders_count", "gte", 1)),
+            rule("silver", leaf("orders_count", "between", 1)),  # defined twice, not a [low, high]
+            "bronze",  # not a rule at all
+        ],
+        "segments": [
+            {**rule("vip", leaf("tier", "eq", "platinum")), "colour": "red"},  # unknown key; no such tier
+            {"name": "quiet"},  # no condition
+        ],
+    }
+    assert sorted(paths(raw)) == sorted(
+        [
+            "$.tiers[0].name",
+            "$.tiers[0].when.field",
+            "$.tiers[2].name",
+            "$.tiers[2].when.value",
+            "$.tiers[3]",
+            "$.segments[0].colour",
+            "$.segments[0].when.value",
+            "$.segments[1].when",
+        ]
+    )
+
+
 def test_rule_names_are_identifiers() -> None:
     raw = {"tiers": [rule("Gold Tier", leaf("orders_count", "gte", 1))], "segments": []}
     assert paths(raw) == ["$.tiers[0].name"]
