@@ -2,8 +2,8 @@
 
 Definitions (docs/kpis.md, "Customer satisfaction"):
 
-* an answer is a ``replied`` status of a message whose details carry ``survey_score``, an
-  integer from 1 ("not at all") to 5 ("very"), as the messenger's survey page publishes it;
+* an answer is a ``replied`` status of a message whose details carry ``survey_score``, a whole
+  number from 1 ("not at all") to 5 ("very"), as the messenger's survey page publishes it;
   any other value is not an answer (a reply by SMS is not a score);
 * one answer per message, its first (time, then event id): the messenger keeps the first and
   refuses the next, and this keeps a replay or a second producer from counting twice;
@@ -28,10 +28,14 @@ DISSATISFIED = frozenset({1, 2})
 
 def survey_score(value: object) -> int | None:
     """The score a message event's ``details["survey_score"]`` gives, or None when it is not
-    one: an integer from 1 to 5 (a bool is not one, nor 4.5, nor "5")."""
-    if isinstance(value, int) and not isinstance(value, bool) and value in SCORES:
-        return value
-    return None
+    one: a whole number from 1 to 5, written 5 or 5.0 (a producer's JSON may make any number
+    a float); not a bool, nor 4.5, nor "5"."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    score = int(value)
+    return score if score in SCORES else None
 
 
 @dataclass(frozen=True, slots=True)

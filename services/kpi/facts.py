@@ -69,6 +69,23 @@ class FactRows:
 
 REGISTER_COLUMNS = ("locale", "locale_at", "channel", "channel_at", "tier", "tier_at")
 
+# The statuses of a message at its decision or its sending, which say the customer's tier then.
+# The later ones (delivered, a reply, a click, a survey answer days after) repeat that tier with
+# their own, later time: offered, they would put an older tier back over a newer message's.
+TIER_STATUSES = frozenset(
+    {
+        MessageStatus.QUEUED,
+        MessageStatus.SENT,
+        MessageStatus.HELD_QUIET_HOURS,
+        MessageStatus.CAPPED,
+        MessageStatus.NO_CONSENT,
+        MessageStatus.SUPPRESSED,
+        MessageStatus.NO_ADDRESS,
+        MessageStatus.HOLDOUT,
+        MessageStatus.DUPLICATE,
+    }
+)
+
 # Per customer, per register: the winning (occurred_at, event id, value) of the batch. Aware
 # datetimes compare as instants, so the tuple orders like the stamp, which is built only for
 # the winners.
@@ -169,7 +186,7 @@ def fold(events: Iterable[Event | MessageEvent]) -> FactRows:
                     "holdout": e.holdout,
                 }
             )
-            if e.tier is not None:
+            if e.tier is not None and e.status in TIER_STATUSES:
                 _offer(registers, e.customer_id, "tier", e.tier, e.occurred_at, e.event_id)
             if e.details and e.status is MessageStatus.REPLIED:
                 score = survey_score(e.details.get("survey_score"))

@@ -202,8 +202,8 @@ class CsatStatsOut(_Out):
     dissatisfied: int = Field(description="Answers of 1 or 2.")
     csat: float | None = Field(description="satisfied / answers; null without answers.")
     csat_ci_low: float | None = Field(description="95 % Wilson score interval of csat.")
-    csat_ci_high: float | None
-    mean_score: float | None
+    csat_ci_high: float | None = Field(description="Its upper bound.")
+    mean_score: float | None = Field(description="The mean of the answers, on the 1–5 scale.")
     scores: dict[str, int] = Field(description='Answers per score, "1" to "5".')
 
 

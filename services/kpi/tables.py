@@ -119,6 +119,7 @@ survey_answers = Table(
     Column("channel", String(16), nullable=True),
     Column("tier", String(128), nullable=True),
     Column("locale", String(35), nullable=True),
+    Index("ix_survey_answers_message", "message_id"),
     Index("ix_survey_answers_occurred_at", "occurred_at"),
 )
 

@@ -19,12 +19,12 @@ def answer(message: str, score: int, day: int = 1, hour: int = 10, event: str | 
     )
 
 
-@pytest.mark.parametrize(("value", "score"), [(1, 1), (3, 3), (5, 5)])
-def test_a_score_is_an_integer_from_1_to_5(value: object, score: int) -> None:
+@pytest.mark.parametrize(("value", "score"), [(1, 1), (3, 3), (5, 5), (5.0, 5), (1.0, 1)])
+def test_a_score_is_a_whole_number_from_1_to_5(value: object, score: int) -> None:
     assert survey_score(value) == score
 
 
-@pytest.mark.parametrize("value", [0, 6, -1, True, False, 4.0, 4.5, "5", None, [5]])
+@pytest.mark.parametrize("value", [0, 6, -1, 0.0, 5.5, True, False, 4.5, "5", None, [5], float("nan")])
 def test_anything_else_is_not_a_score(value: object) -> None:
     assert survey_score(value) is None
 

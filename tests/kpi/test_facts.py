@@ -106,3 +106,19 @@ def test_a_survey_answer_is_a_fact_of_its_own_and_other_replies_are_not() -> Non
     ]
     # Every one of them is still a status of its message.
     assert len(rows.messages) == 8
+
+
+def test_a_later_status_of_a_message_does_not_put_its_older_tier_back() -> None:
+    """M1 was decided silver, M2 gold four days later; M1's survey answer (and its delivery
+    report) come after M2 with M1's silver: the customer's tier stays gold."""
+    events = [
+        message("M1", "c", "sent", utc(2026, 3, 1), tier="silver"),
+        message("M2", "c", "sent", utc(2026, 3, 5), tier="gold"),
+        message("M1", "c", "delivered", utc(2026, 3, 5, 11), tier="silver"),
+        survey_answer("M1", "c", 5, utc(2026, 3, 6), tier="silver"),
+    ]
+    for ordered in (events, events[::-1]):
+        assert fold(ordered).customers["c"]["tier"] == "gold"
+    # Held overnight, then sent: the held status says the tier (the sending repeats it).
+    held = [message("M3", "d", "held_quiet_hours", utc(2026, 3, 1, 21), tier="bronze")]
+    assert fold(held).customers["d"]["tier"] == "bronze"

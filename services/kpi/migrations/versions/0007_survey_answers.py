@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("event_id"),
     )
     with op.batch_alter_table("survey_answers", schema=None) as batch_op:
+        batch_op.create_index("ix_survey_answers_message", ["message_id"], unique=False)
         batch_op.create_index("ix_survey_answers_occurred_at", ["occurred_at"], unique=False)
     op.create_table(
         "kpi_csat_daily",
@@ -56,4 +57,5 @@ def downgrade() -> None:
     op.drop_table("kpi_csat_daily")
     with op.batch_alter_table("survey_answers", schema=None) as batch_op:
         batch_op.drop_index("ix_survey_answers_occurred_at")
+        batch_op.drop_index("ix_survey_answers_message")
     op.drop_table("survey_answers")
