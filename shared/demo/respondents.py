@@ -3,8 +3,10 @@
 Under ``make run`` nobody reads the outbox, so nobody would ever open a survey link, and the
 kpi's customer satisfaction (``GET /v1/kpis/csat``) would stay empty. This plays the customers:
 it reads the messages the messenger sent (``GET /v1/messages``, as an operator would), finds the
-survey link in a message's text, and opens it as the customer would (``POST /s/{token}``) with
-a score of 1 to 5 — about seven in ten of them answer, most of them pleased. Whether and how a
+survey link in a message's text, and opens it as the customer would: the form (``GET
+/s/{token}``), then the answer (``POST``), a score of 1 to 5 — about seven in ten of them
+answer, most of them pleased. It goes to the messenger it was given, whatever host the link
+names (the public URL may be a tunnel for the providers' callbacks). Whether and how a
 customer answers is drawn from the seed and the message id, so a rerun answers the same way
 (and the messenger keeps the first answer anyway).
 """
@@ -22,7 +24,13 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-SURVEY_LINK = re.compile(r"https?://[^\s\"'<>]+/s/[A-Za-z0-9_-]+")
+# A survey link's token: a message id's short form (22 characters, links.survey_token) or the
+# id itself (links sent before); not any path under /s/ (a shop's /s/summer-sale).
+SURVEY_LINK = re.compile(
+    r"https?://\S+?/s/([A-Za-z0-9_-]{22}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+    r"(?![A-Za-z0-9_-])"
+)
+FORM_MARK = 'name="score"'  # the survey page asks (not yet answered, the message exists)
 ANSWER_SHARE = 0.7
 SCORES = (1, 2, 3, 4, 5)
 WEIGHTS = (0.06, 0.08, 0.16, 0.34, 0.36)
@@ -40,11 +48,11 @@ SENT_STATUSES = ("sent", "delivered")
 PAGE = 500
 
 
-def survey_link(content: Mapping[str, Any] | None) -> str | None:
-    """The survey link in a message's text, if it has one."""
+def survey_link_token(content: Mapping[str, Any] | None) -> str | None:
+    """The token of the survey link in a message's text, if it has one."""
     text = (content or {}).get("text")
     found = SURVEY_LINK.search(text) if isinstance(text, str) else None
-    return found.group(0) if found else None
+    return found.group(1) if found else None
 
 
 def answer_of(seed: int, message: Mapping[str, Any]) -> dict[str, str] | None:
@@ -59,7 +67,8 @@ def answer_of(seed: int, message: Mapping[str, Any]) -> dict[str, str] | None:
 
 
 class Respondents:
-    """Answers each sent message's survey at most once per process (``seen``)."""
+    """Answers each sent message's survey at most once: ``seen`` are the messages this process
+    has dealt with; one answered before (another run) shows no form and is left alone."""
 
     def __init__(self, client: httpx.AsyncClient, messenger_url: str, api_key: str, seed: int) -> None:
         self.client = client
@@ -86,21 +95,27 @@ class Respondents:
         return found
 
     async def answer_once(self) -> int:
-        """One pass over the sent messages not looked at yet; how many surveys were answered."""
+        """One pass over the sent messages not dealt with yet; how many surveys were answered.
+        A message is dealt with once its form was read (an error on the way leaves it for the
+        next pass); the list is read whole each time, since a message held overnight is sent,
+        and listed, after newer ones."""
         answered = 0
         for message in await self._sent():
             if message["id"] in self.seen:
                 continue
-            self.seen.add(message["id"])
-            link = survey_link(message.get("content"))
-            form = answer_of(self.seed, message) if link else None
-            if link is None or form is None:
+            token = survey_link_token(message.get("content"))
+            form = answer_of(self.seed, message) if token else None
+            if token is None or form is None:
+                self.seen.add(message["id"])
                 continue
-            response = await self.client.post(link, data=form)
-            if response.status_code == 200:
-                answered += 1
-            else:
-                logger.warning("survey answer refused: %s %s", response.status_code, response.text[:200])
+            page = await self.client.get(f"{self.url}/s/{token}")
+            if page.status_code == 200 and FORM_MARK in page.text:
+                response = await self.client.post(f"{self.url}/s/{token}", data=form)
+                if response.status_code == 200:
+                    answered += 1
+                else:
+                    logger.warning("survey answer refused: %s %s", response.status_code, response.text[:200])
+            self.seen.add(message["id"])
         return answered
 
     async def run(self, interval_s: float = 15.0) -> None:
