@@ -8,7 +8,9 @@ Pure numpy/scipy: no I/O, no clock. Conventions (see docs/kpis.md, "Customer lif
 * time is measured in ``time_unit_days`` units (weeks by default): ``t_x`` from the first to the
   last purchase day, ``T`` from the first purchase day to the cutoff;
 * ``m`` is the mean of the repeat purchase days' totals (the first purchase is excluded, as in
-  Fader & Hardie's Gamma-Gamma note); 0 when ``x == 0``.
+  Fader & Hardie's Gamma-Gamma note) over the ``x_m`` of them whose every purchase has a value
+  (an amount in a currency without an exchange rate has none: its day counts as a purchase for
+  BG/NBD, not as a spend for Gamma-Gamma); 0 when ``x_m == 0``.
 
 References:
   [FHL05] Fader, Hardie & Lee (2005), "'Counting Your Customers' the Easy Way: An Alternative
@@ -57,8 +59,9 @@ class RfmData:
     x: FloatArray  # repeat purchase days in (first purchase, cutoff]
     t_x: FloatArray  # first to last purchase day, in time units
     T: FloatArray  # first purchase day to cutoff, in time units
-    m: FloatArray  # mean day total of the repeat purchases; 0 when x == 0
-    historic_value: FloatArray  # total revenue from the first purchase through the cutoff
+    m: FloatArray  # mean day total of the x_m valued repeat purchase days; 0 when x_m == 0
+    historic_value: FloatArray  # total revenue (valued purchases) through the cutoff
+    x_m: FloatArray  # repeat purchase days whose every purchase has a value: Gamma-Gamma's x
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +97,13 @@ class GammaGammaParams:
 
 
 def summarize(
-    purchases: Iterable[tuple[str, date, Decimal | float]],
+    purchases: Iterable[tuple[str, date, Decimal | float | None]],
     cutoff: date,
     time_unit_days: float = 7.0,
 ) -> RfmData:
-    """Summarise ``(customer_id, day, amount)`` purchases into RFM arrays at ``cutoff``.
+    """Summarise ``(customer_id, day, amount)`` purchases into RFM arrays at ``cutoff``; an
+    amount of None is a purchase without a value (no exchange rate): it counts in x, t_x and T,
+    and a day with one is left out of the repeat spend (m, x_m).
 
     Purchases after ``cutoff`` are ignored; the cutoff day itself is included. Customers whose
     first purchase is after the cutoff do not appear. Customer order is first appearance order.
@@ -107,29 +112,41 @@ def summarize(
         raise ValueError("time_unit_days must be positive")
     cutoff_ordinal = cutoff.toordinal()
     days: dict[str, dict[int, float]] = {}
+    unvalued: set[tuple[str, int]] = set()  # (customer, day) with a purchase without a value
     for customer_id, day, amount in purchases:
         ordinal = day.toordinal()
         if ordinal > cutoff_ordinal:
             continue
         per_day = days.setdefault(customer_id, {})
-        per_day[ordinal] = per_day.get(ordinal, 0.0) + float(amount)
+        if amount is None:
+            per_day.setdefault(ordinal, 0.0)
+            unvalued.add((customer_id, ordinal))
+        else:
+            per_day[ordinal] = per_day.get(ordinal, 0.0) + float(amount)
 
     n = len(days)
     x = np.zeros(n)
     t_x = np.zeros(n)
     T = np.zeros(n)
     m = np.zeros(n)
+    x_m = np.zeros(n)
     historic = np.zeros(n)
-    for i, per_day in enumerate(days.values()):
+    for i, (customer_id, per_day) in enumerate(days.items()):
         ordinals = sorted(per_day)
         first, last = ordinals[0], ordinals[-1]
         x[i] = len(ordinals) - 1
         t_x[i] = (last - first) / time_unit_days
         T[i] = (cutoff_ordinal - first) / time_unit_days
         historic[i] = sum(per_day.values())
-        if len(ordinals) > 1:
-            m[i] = sum(per_day[o] for o in ordinals[1:]) / (len(ordinals) - 1)
-    return RfmData(tuple(days), x, t_x, T, m, historic)
+        valued = [per_day[o] for o in ordinals[1:] if (customer_id, o) not in unvalued] if unvalued else None
+        if valued is None:  # every purchase has a value (the usual case): no lookups
+            x_m[i] = x[i]
+            if len(ordinals) > 1:
+                m[i] = sum(per_day[o] for o in ordinals[1:]) / (len(ordinals) - 1)
+        elif valued:
+            x_m[i] = len(valued)
+            m[i] = sum(valued) / len(valued)
+    return RfmData(tuple(days), x, t_x, T, m, historic, x_m)
 
 
 # --------------------------------------------------------------------------- BG/NBD
@@ -430,6 +447,7 @@ def predicted_clv(
     horizon_weeks: float,
     annual_discount_rate: float,
     step_weeks: float = WEEKS_PER_MONTH,
+    x_m: ArrayLike | None = None,
 ) -> FloatArray:
     """Discounted expected revenue over the next ``horizon_weeks`` after the cutoff.
 
@@ -443,6 +461,8 @@ def predicted_clv(
     i.e. the purchases expected in each step are valued at the Gamma-Gamma conditional mean
     spend and discounted from the end of the step, with WEEKS_PER_YEAR = 365.25 / 7.
     Time unit: weeks, so x, t_x, T must come from ``summarize`` with the default unit.
+    ``x_m``: the repeat transactions that ``m`` is the mean of, when not all x of them have a
+    value (``RfmData.x_m``); E[M | x_m, m] then weighs the customer's mean by those.
     """
     if horizon_weeks < 0 or step_weeks <= 0:
         raise ValueError("horizon_weeks must be >= 0 and step_weeks > 0")
@@ -457,4 +477,4 @@ def predicted_clv(
         cumulative = expected_purchases(bg, float(end), xa, txa, Ta)
         total += (cumulative - previous) * (1.0 + annual_discount_rate) ** (-float(end) / WEEKS_PER_YEAR)
         previous = cumulative
-    return total * expected_spend(gg, xa, ma)
+    return total * expected_spend(gg, xa if x_m is None else _f64(x_m), ma)

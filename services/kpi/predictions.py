@@ -57,13 +57,13 @@ class FittedModel:
         }
 
 
-def fit(purchases: Iterable[tuple[str, date, float]], as_of: date) -> FittedModel:
+def fit(purchases: Iterable[tuple[str, date, float | None]], as_of: date) -> FittedModel:
     """BG/NBD and Gamma-Gamma on the purchases up to and including ``as_of`` (days merged,
     weeks as the time unit). Raises ``ClvFitError`` when the data cannot identify a model."""
     started = time.perf_counter()
     rfm = summarize(purchases, as_of)
     bg = fit_bgnbd(rfm.x, rfm.t_x, rfm.T)
-    gg = fit_gamma_gamma(rfm.x, rfm.m)
+    gg = fit_gamma_gamma(rfm.x_m, rfm.m)
     return FittedModel(as_of, rfm, bg, gg, time.perf_counter() - started)
 
 
@@ -126,6 +126,7 @@ def _predict(
                 rfm.m,
                 horizon_weeks=horizon_weeks,
                 annual_discount_rate=annual_discount_rate,
+                x_m=rfm.x_m,
             ),
             0.0,
         ),

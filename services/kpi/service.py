@@ -1014,21 +1014,27 @@ class KpiService:
         settings = f"{self.settings.kpi_timezone}|{self.settings.fx.fingerprint()}"
         return hashlib.sha256(f"{purchases_fingerprint}|{settings}".encode()).hexdigest()
 
-    async def clv_inputs(self, as_of: date) -> tuple[list[tuple[str, date, float]], int, str]:
+    async def clv_inputs(self, as_of: date) -> tuple[list[tuple[str, date, float | None]], int, str]:
+        """(customer, local day, value in the reporting currency) of every purchase up to and
+        including ``as_of``; the value is None for a currency without a rate (the purchase
+        still counts for BG/NBD, as for churn's P(alive)); how many have none; the cache key."""
         until = local_midnight(as_of + timedelta(days=1), self.tz)
         async with self.db.sessions() as session:
             fingerprint = await self.repo.purchase_fingerprint(session, until)
             rows = await self.repo.purchases(session, until=until)
+        inputs = self._valued(rows)
+        unconverted = sum(1 for _, _, value in inputs if value is None)
+        return inputs, unconverted, self._clv_key(fingerprint)
+
+    def _valued(self, rows: Iterable[PurchaseRow]) -> list[tuple[str, date, float | None]]:
         fx = self.settings.fx
-        inputs: list[tuple[str, date, float]] = []
-        unconverted = 0
+        out: list[tuple[str, date, float | None]] = []
         for r in rows:
             value = fx.convert(r.amount, r.currency)
-            if value is None:
-                unconverted += 1
-                continue
-            inputs.append((r.customer_id, local_day(r.occurred_at, self.tz), float(value)))
-        return inputs, unconverted, self._clv_key(fingerprint)
+            out.append(
+                (r.customer_id, local_day(r.occurred_at, self.tz), None if value is None else float(value))
+            )
+        return out
 
     async def clv_model(self, as_of: date) -> dict[str, Any]:
         """The model fitted on the purchases up to and including ``as_of`` (local day), from the
@@ -1045,7 +1051,7 @@ class KpiService:
     async def _fit(self, as_of: date) -> tuple[FittedModel, dict[str, Any]]:
         async with self._fit_lock:  # one fit at a time per process: they are CPU-bound anyway
             inputs, unconverted, fingerprint = await self.clv_inputs(as_of)
-            if not inputs:
+            if len(inputs) == unconverted:
                 raise InsufficientDataError(
                     f"no purchases up to {as_of}"
                     if not unconverted
@@ -1165,12 +1171,7 @@ class KpiService:
         )
         model = latest.model if fresh_enough and latest is not None else await self.clv_model(today)
         bg, gg = params_from(model)
-        fx = self.settings.fx
-        inputs = [
-            (customer_id, local_day(r.occurred_at, self.tz), float(v))
-            for r in rows
-            if (v := fx.convert(r.amount, r.currency)) is not None
-        ]
+        inputs = self._valued(rows)
         s = self.settings
         out: dict[str, Any] = {
             "customer_id": customer_id,
@@ -1178,7 +1179,7 @@ class KpiService:
             "as_of": today,
             "model_as_of": model["as_of"],
             "orders": len(rows),
-            "unconverted_orders": len(rows) - len(inputs),
+            "unconverted_orders": sum(1 for _, _, value in inputs if value is None),
             "historic_value": 0.0,
             "expected_purchases_90d": None,
             "p_alive": None,

@@ -722,6 +722,21 @@ async def test_a_customer_whose_only_purchase_is_tomorrow_here_has_no_value_yet(
     assert (early["p_alive"], early["predicted_clv"], early["expected_purchases_90d"]) == (None, None, None)
 
 
+async def test_a_purchase_in_a_currency_without_a_rate_still_counts_as_a_purchase(kpi: Kpi) -> None:
+    """As churn's P(alive) counts it: one more repeat day for BG/NBD, no spend, no value."""
+    kpi.at(utc(1997, 10, 1, 12))
+    await kpi.apply(cdnow_events(300))
+    before = await kpi.get("/v1/customers/cd0001/clv")
+    await kpi.apply([purchase("cd0001", utc(1997, 9, 20, 9), "100", "JPY")])
+    after = await kpi.get("/v1/customers/cd0001/clv")
+    assert (before["frequency"], after["frequency"]) == (2, 3)
+    assert after["recency_weeks"] > before["recency_weeks"]
+    assert (after["orders"], after["unconverted_orders"]) == (before["orders"] + 1, 1)
+    assert after["historic_value"] == before["historic_value"]
+    model = await kpi.get("/v1/clv/model", as_of="1997-10-01")
+    assert model["unconverted_purchases"] == 1
+
+
 async def test_clv_model_customer_and_publication(kpi: Kpi) -> None:
     kpi.at(utc(1997, 10, 1, 12))
     await kpi.apply(cdnow_events(300))

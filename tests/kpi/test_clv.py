@@ -370,6 +370,33 @@ def test_summary_merges_same_day_purchases_and_respects_the_cutoff() -> None:
     np.testing.assert_allclose(rfm.historic_value, [105.0, 7.5])
 
 
+def test_a_purchase_without_a_value_counts_for_bgnbd_not_for_the_spend() -> None:
+    """None: a currency without an exchange rate. Its day is a purchase day (x, t_x, T, as
+    churn's P(alive) counts it), and a repeat day with it is left out of m and x_m."""
+    purchases: list[tuple[str, date, Decimal | float | None]] = [
+        ("a", date(2024, 1, 1), 15.0),
+        ("a", date(2024, 1, 8), None),  # a repeat day without a value
+        ("a", date(2024, 1, 15), 30.0),
+        ("a", date(2024, 1, 15), None),  # valued in part: not a spend either
+        ("a", date(2024, 1, 22), 60.0),
+        ("b", date(2024, 1, 1), None),  # a first day without a value
+        ("b", date(2024, 1, 29), 8.0),
+        ("c", date(2024, 1, 8), None),  # nothing valued at all
+        ("c", date(2024, 1, 15), None),
+    ]
+    rfm = summarize(purchases, cutoff=date(2024, 1, 29))
+    assert rfm.customer_ids == ("a", "b", "c")
+    np.testing.assert_allclose(rfm.x, [3.0, 1.0, 1.0])
+    np.testing.assert_allclose(rfm.t_x, [3.0, 4.0, 1.0])
+    np.testing.assert_allclose(rfm.T, [4.0, 4.0, 3.0])
+    np.testing.assert_allclose(rfm.x_m, [1.0, 1.0, 0.0])  # a: only the 22nd; b: the 29th
+    np.testing.assert_allclose(rfm.m, [60.0, 8.0, 0.0])
+    np.testing.assert_allclose(rfm.historic_value, [105.0, 8.0, 0.0])
+    # Everything valued: x_m is x.
+    valued = summarize([(c, d, v) for c, d, v in purchases if v is not None], cutoff=date(2024, 1, 29))
+    np.testing.assert_array_equal(valued.x_m, valued.x)
+
+
 def test_summary_time_unit_and_order_independence() -> None:
     purchases: list[tuple[str, date, Decimal | float]] = [
         ("a", date(2024, 1, 10), 3.0),

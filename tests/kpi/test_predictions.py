@@ -113,3 +113,28 @@ def test_gamma_gamma_with_q_at_most_one_cannot_predict() -> None:
 
     with pytest.raises(ClvFitError):
         predict(DEGENERATE, GammaGammaParams(1.0, 0.9, 1.0), rfm, horizon_weeks=52, annual_discount_rate=0.0)
+
+
+def test_purchases_without_a_value_count_as_purchases_and_not_as_spend() -> None:
+    """A customer whose repeat purchases are in a currency without a rate: as likely to be
+    alive as one whose are valued (the same days), and valued at the population's mean spend."""
+    days = [date(2025, 1, 1), date(2025, 2, 1), date(2025, 3, 1)]
+    valued = [("v", d, 50.0) for d in days]
+    others = [(f"o{i}", d, 20.0 + 10 * i + j) for i in range(6) for j, d in enumerate(days[i % 2 :])]
+    unvalued = [("u", days[0], 50.0), ("u", days[1], None), ("u", days[2], None)]
+    model = fit([*valued, *others, *unvalued], date(2025, 6, 30))
+    result = predict(model.bg, model.gg, model.rfm, horizon_weeks=52, annual_discount_rate=0.1)
+    at = {cid: i for i, cid in enumerate(result.customer_ids)}
+    v, u = at["v"], at["u"]
+    assert model.rfm.x[u] == model.rfm.x[v] == 2
+    assert model.rfm.x_m[u] == 0
+    assert result.p_alive[u] == result.p_alive[v]
+    assert result.expected_purchases_90d[u] == result.expected_purchases_90d[v]
+    population_mean = model.gg.p * model.gg.gamma / (model.gg.q - 1)
+    spend = (
+        result.predicted_clv[u]
+        / result.predicted_clv[v]
+        * float(model.gg.p * (model.gg.gamma + 2 * 50.0) / (2 * model.gg.p + model.gg.q - 1))
+    )
+    assert spend == pytest.approx(population_mean, rel=1e-9)
+    assert result.historic_value[u] == 50.0
