@@ -15,7 +15,16 @@ from services.messenger import pages
 from services.messenger.caps import CapsConfig
 from services.messenger.links import message_id_of, verify_unsubscribe
 from services.messenger.pages import page_language
-from services.messenger.schemas import CapsOut, MessageOut, MessagesPage, WaitOut, WaitsPage, WaitStatus
+from services.messenger.schemas import (
+    CapsOut,
+    MessageOut,
+    MessagesPage,
+    SurveyAnswerOut,
+    SurveyAnswersPage,
+    WaitOut,
+    WaitsPage,
+    WaitStatus,
+)
 from services.messenger.service import CapsConflictError, CapsMatchRequiredError, MessengerService, caps_etag
 from services.messenger.stopwords import match_inbound, reply_for
 from shared.auth import ApiKey, KeyStore, require_scope
@@ -93,6 +102,35 @@ async def list_messages(
     )
     return MessagesPage(
         messages=[MessageOut.model_validate(r) for r in rows], next_cursor=_next_cursor(rows, limit)
+    )
+
+
+@router.get(
+    "/v1/surveys",
+    response_model=SurveyAnswersPage,
+    tags=["messages"],
+    summary="The customers' answers to the feedback survey, newest first: who is unhappy, and what they said",
+)
+async def list_survey_answers(
+    _key: Reader,
+    service: Service,
+    customer_id: Annotated[str | None, Query(max_length=128)] = None,
+    journey: Annotated[str | None, Query(max_length=64)] = None,
+    max_score: Annotated[
+        int | None, Query(ge=1, le=5, description="Only answers of at most this score (2: the unhappy).")
+    ] = None,
+    cursor: Annotated[str | None, Query(max_length=300)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> SurveyAnswersPage:
+    rows = await service.list_survey_answers(
+        customer_id=customer_id, journey=journey, max_score=max_score, before=_cursor(cursor), limit=limit
+    )
+    return SurveyAnswersPage(
+        answers=[
+            SurveyAnswerOut.model_validate({**r, "message_id": r["id"], "answered_at": r["created_at"]})
+            for r in rows
+        ],
+        next_cursor=_next_cursor(rows, limit),
     )
 
 

@@ -19,6 +19,7 @@ from services.messenger.tables import (
     journey_waits,
     messages,
     settings_table,
+    survey_answers,
     webhook_receipts,
 )
 from shared.db import dialect_insert, in_list, insert_ignoring_conflicts
@@ -325,6 +326,26 @@ class MessengerRepository:
         """Ledger rows with their ids, in one executemany (every row has the same keys)."""
         if rows:
             await session.execute(_INSERT_MESSAGES, list(rows))
+
+    async def add_survey_answer(self, session: AsyncSession, **values: Any) -> None:
+        await session.execute(survey_answers.insert().values(**values))
+
+    async def list_survey_answers(
+        self,
+        session: AsyncSession,
+        *,
+        customer_id: str | None,
+        journey: str | None,
+        max_score: int | None,
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[Any]:
+        """Survey answers newest first, at most ``max_score`` when given."""
+        filters = {"customer_id": customer_id, "journey": journey}
+        stmt = _newest_first(select(survey_answers), survey_answers, filters, before, limit)
+        if max_score is not None:
+            stmt = stmt.where(survey_answers.c.score <= max_score)
+        return list((await session.execute(stmt)).all())
 
     async def update_message(self, session: AsyncSession, message_id: str, **values: Any) -> None:
         await session.execute(update(messages).where(messages.c.id == message_id).values(**values))

@@ -42,6 +42,24 @@ class MessagesPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as ?cursor= for older messages; null at the end.")
 
 
+class SurveyAnswerOut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    message_id: str = Field(description="The message whose survey link was answered (GET /v1/messages).")
+    customer_id: str
+    journey: str
+    channel: str | None
+    locale: str | None
+    tier: str | None = Field(description="The customer's tier when the message was decided.")
+    score: int = Field(description="1 (not at all) … 5 (very).")
+    comment: str | None = Field(description="What the customer wrote, if anything.")
+    answered_at: datetime
+
+
+class SurveyAnswersPage(BaseModel):
+    answers: list[SurveyAnswerOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for older answers; null at the end.")
+
+
 WaitStatus = Literal["waiting", "fired", "cancelled"]
 
 

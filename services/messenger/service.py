@@ -1273,6 +1273,18 @@ class MessengerService:
             await self.repo.update_message(
                 session, row.id, details={**details, "survey": answer}, updated_at=now
             )
+            await self.repo.add_survey_answer(
+                session,
+                id=row.id,
+                customer_id=row.customer_id,
+                journey=row.journey,
+                channel=row.channel,
+                locale=row.locale,
+                tier=row.tier,
+                score=score,
+                comment=comment or None,
+                created_at=now,
+            )
             event = self._event(
                 row,
                 MessageStatus.REPLIED,
@@ -1461,6 +1473,10 @@ class MessengerService:
     async def list_messages(self, **filters: Any) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:
             return [dict(r._mapping) for r in await self.repo.list_messages(session, **filters)]
+
+    async def list_survey_answers(self, **filters: Any) -> list[dict[str, Any]]:
+        async with self.db.sessions() as session:
+            return [dict(r._mapping) for r in await self.repo.list_survey_answers(session, **filters)]
 
     async def list_waits(self, **filters: Any) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:

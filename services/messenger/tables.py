@@ -79,6 +79,25 @@ messages = Table(
     Index("ix_messages_created", "created_at", "id"),  # the order of GET /v1/messages
 )
 
+# The answers to the feedback survey behind a message's link (pages.py), one per message, for
+# the people who follow them up (GET /v1/surveys): newest first, the unhappy ones by a filter.
+# The message's details keep the answer too (what the page checks for "already answered").
+survey_answers = Table(
+    "survey_answers",
+    metadata,
+    Column("id", String(36), primary_key=True),  # the message's id
+    Column("customer_id", String(128), nullable=False),
+    Column("journey", String(64), nullable=False),
+    Column("channel", String(16), nullable=True),
+    Column("locale", String(35), nullable=True),
+    Column("tier", String(64), nullable=True),
+    Column("score", Integer, nullable=False),  # 1 (not at all) … 5 (very)
+    Column("comment", Text, nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),  # when the customer answered
+    Index("ix_survey_answers_created", "created_at", "id"),  # the order of GET /v1/surveys
+    Index("ix_survey_answers_customer", "customer_id", "created_at"),
+)
+
 settings_table = Table(
     "messenger_settings",
     metadata,

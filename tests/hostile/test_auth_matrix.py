@@ -45,6 +45,7 @@ SCOPE_OF: dict[str, dict[tuple[str, str], str]] = {
     "messenger": {
         ("GET", "/v1/messages"): "messages:read",
         ("GET", "/v1/waits"): "messages:read",
+        ("GET", "/v1/surveys"): "messages:read",
         ("GET", "/v1/caps"): "messages:read",
         ("PUT", "/v1/caps"): "messages:write",
         ("GET", "/v1/journeys"): "messages:read",
@@ -66,6 +67,7 @@ SCOPE_OF: dict[str, dict[tuple[str, str], str]] = {
         ("GET", "/v1/kpis/churn"): "kpi:read",
         ("GET", "/v1/kpis/cohorts"): "kpi:read",
         ("GET", "/v1/kpis/conversion"): "kpi:read",
+        ("GET", "/v1/kpis/csat"): "kpi:read",
         ("GET", "/v1/kpis/clv/summary"): "kpi:read",
         ("GET", "/v1/clv/model"): "kpi:read",
         ("GET", "/v1/customers/{customer_id}/clv"): "kpi:read",

@@ -261,6 +261,7 @@ async def test_journey_condition_depth_is_422_with_the_path(stack: Stack) -> Non
         ("segmenter", "/v1/rules/publish?note=" + "n" * 501, "query.note"),
         ("messenger", "/v1/messages?customer_id=" + "c" * 129, "query.customer_id"),
         ("messenger", "/v1/waits?customer_id=" + "c" * 129, "query.customer_id"),
+        ("messenger", "/v1/surveys?customer_id=" + "c" * 129, "query.customer_id"),
         ("messenger", "/v1/journeys/" + "j" * 65, "path.name"),
         ("kpi", "/v1/customers/" + "c" * 129 + "/clv", "path.customer_id"),
     ],
@@ -286,6 +287,7 @@ PAGINATED = {
     ("segmenter", "/v1/rules/preview", "sample"),
     ("messenger", "/v1/messages", "limit"),
     ("messenger", "/v1/waits", "limit"),
+    ("messenger", "/v1/surveys", "limit"),
 }
 
 

@@ -612,6 +612,44 @@ async def test_the_survey_link_asks_records_one_answer_and_publishes_it(
     assert (await api.get("/s/no-such-message")).status_code == 404
 
 
+async def test_survey_answers_are_listed_newest_first_for_a_follow_up(
+    world: World, api: httpx.AsyncClient
+) -> None:
+    """Three customers answer (5, 2, 1); support lists the unhappy ones with what they wrote."""
+    answers = {"s1": ("5", ""), "s2": ("2", "השליח לא הגיע"), "s3": ("1", "waited a week")}
+    for n, (customer, (score, comment)) in enumerate(answers.items()):
+        await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+        [message] = await messages(world, customer)
+        world.clock.now = NOON + timedelta(minutes=n + 1)  # answered in this order
+        form = {"score": score, "comment": comment}
+        assert (await api.post(f"/s/{survey_token(message['id'])}", data=form)).status_code == 200
+    everyone = (await api.get("/v1/surveys")).json()
+    assert [(a["customer_id"], a["score"], a["comment"]) for a in everyone["answers"]] == [
+        ("s3", 1, "waited a week"),
+        ("s2", 2, "השליח לא הגיע"),
+        ("s1", 5, None),
+    ]
+    first = everyone["answers"][0]
+    assert (first["journey"], first["answered_at"]) == (
+        "thank_you",
+        (NOON + timedelta(minutes=3)).isoformat().replace("+00:00", "Z"),
+    )
+    assert first["message_id"] == (await messages(world, "s3"))[0]["id"]
+    unhappy = (await api.get("/v1/surveys", params={"max_score": 2})).json()["answers"]
+    assert [a["customer_id"] for a in unhappy] == ["s3", "s2"]
+    assert [
+        a["score"] for a in (await api.get("/v1/surveys", params={"customer_id": "s1"})).json()["answers"]
+    ] == [5]
+    # A page at a time, with the cursor.
+    page = (await api.get("/v1/surveys", params={"limit": 2})).json()
+    rest = (await api.get("/v1/surveys", params={"limit": 2, "cursor": page["next_cursor"]})).json()
+    assert [a["customer_id"] for a in page["answers"] + rest["answers"]] == ["s3", "s2", "s1"]
+    assert rest["next_cursor"] is None
+    for bad in ({"max_score": "0"}, {"max_score": "6"}, {"cursor": "bm90LWEtY3Vyc29y"}, {"limit": "0"}):
+        response = await api.get("/v1/surveys", params=bad)
+        assert response.status_code == 422, (bad, response.text)
+
+
 async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> None:
     await world.service.apply_batch(delivered([purchase_update("a1", 1, NOON)]))
     page = await api.get("/v1/messages", params={"customer_id": "a1"})
