@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Form, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import AfterValidator, ValidationError
+from pydantic import AfterValidator, AwareDatetime, ValidationError
 from twilio.request_validator import RequestValidator
 
 from services.messenger import pages
@@ -117,19 +117,37 @@ async def list_survey_answers(
     customer_id: Annotated[str | None, Query(max_length=128)] = None,
     journey: Annotated[str | None, Query(max_length=64)] = None,
     max_score: Annotated[
-        int | None, Query(ge=1, le=5, description="Only answers of at most this score (2: the unhappy).")
+        int | None,
+        Query(
+            ge=1, le=5, description="Only answers of at most this score (2: the unhappy; 3: the not pleased)."
+        ),
     ] = None,
+    since: Annotated[
+        AwareDatetime | None,
+        Query(description="Answered at or after this instant: RFC 3339 (2026-11-26T00:00:00+02:00)."),
+    ] = None,
+    until: Annotated[AwareDatetime | None, Query(description="Answered before this instant.")] = None,
     cursor: Annotated[str | None, Query(max_length=300)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> SurveyAnswersPage:
+    if since is not None and until is not None and until <= since:
+        raise InvalidInputError(
+            "the request is not valid",
+            details=[
+                {"field": "query.until", "message": f"'until' ({until}) is not after 'since' ({since})"}
+            ],
+        )
     rows = await service.list_survey_answers(
-        customer_id=customer_id, journey=journey, max_score=max_score, before=_cursor(cursor), limit=limit
+        customer_id=customer_id,
+        journey=journey,
+        max_score=max_score,
+        since=since,
+        until=until,
+        before=_cursor(cursor),
+        limit=limit,
     )
     return SurveyAnswersPage(
-        answers=[
-            SurveyAnswerOut.model_validate({**r, "message_id": r["id"], "answered_at": r["created_at"]})
-            for r in rows
-        ],
+        answers=[SurveyAnswerOut.model_validate(r) for r in rows],
         next_cursor=_next_cursor(rows, limit),
     )
 

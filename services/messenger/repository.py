@@ -337,14 +337,25 @@ class MessengerRepository:
         customer_id: str | None,
         journey: str | None,
         max_score: int | None,
+        since: datetime | None,
+        until: datetime | None,
         before: tuple[datetime, str] | None,
         limit: int,
     ) -> list[Any]:
-        """Survey answers newest first, at most ``max_score`` when given."""
+        """Survey answers newest first (at most ``max_score``, answered in [since, until) when
+        given), each with the customer's latest profile (``customer_profile``; None if unknown)."""
+        a = survey_answers.c
+        answered = select(survey_answers, customers.c.profile.label("customer_profile")).select_from(
+            survey_answers.outerjoin(customers, customers.c.customer_id == a.customer_id)
+        )
         filters = {"customer_id": customer_id, "journey": journey}
-        stmt = _newest_first(select(survey_answers), survey_answers, filters, before, limit)
+        stmt = _newest_first(answered, survey_answers, filters, before, limit)
         if max_score is not None:
-            stmt = stmt.where(survey_answers.c.score <= max_score)
+            stmt = stmt.where(a.score <= max_score)
+        if since is not None:
+            stmt = stmt.where(a.created_at >= since)
+        if until is not None:
+            stmt = stmt.where(a.created_at < until)
         return list((await session.execute(stmt)).all())
 
     async def update_message(self, session: AsyncSession, message_id: str, **values: Any) -> None:

@@ -42,9 +42,26 @@ class MessagesPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as ?cursor= for older messages; null at the end.")
 
 
+class SurveyCustomerOut(BaseModel):
+    """The customer as the messenger knows them now (their latest profile from the segmenter)."""
+
+    model_config = ConfigDict(extra="ignore", from_attributes=True)
+    name: str | None
+    email: str | None
+    phone: str | None
+    whatsapp: str | None
+    tier: str | None = Field(description="Their tier now.")
+    lifecycle_stage: str | None
+    total_value: float = Field(description="Revenue to date, in reporting_currency.")
+    predicted_clv: float | None = Field(description="The kpi's predicted CLV, if fitted yet.")
+    reporting_currency: str
+
+
 class SurveyAnswerOut(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    message_id: str = Field(description="The message whose survey link was answered (GET /v1/messages).")
+    message_id: str = Field(
+        validation_alias="id", description="The message whose survey link was answered (GET /v1/messages)."
+    )
     customer_id: str
     journey: str
     channel: str | None
@@ -52,7 +69,11 @@ class SurveyAnswerOut(BaseModel):
     tier: str | None = Field(description="The customer's tier when the message was decided.")
     score: int = Field(description="1 (not at all) … 5 (very).")
     comment: str | None = Field(description="What the customer wrote, if anything.")
-    answered_at: datetime
+    answered_at: datetime = Field(validation_alias="created_at", description="When they answered (UTC).")
+    customer: SurveyCustomerOut | None = Field(
+        description="Who answered, to call them back and the valuable first; null if the messenger "
+        "has no profile of them any more."
+    )
 
 
 class SurveyAnswersPage(BaseModel):

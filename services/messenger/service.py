@@ -1475,8 +1475,17 @@ class MessengerService:
             return [dict(r._mapping) for r in await self.repo.list_messages(session, **filters)]
 
     async def list_survey_answers(self, **filters: Any) -> list[dict[str, Any]]:
+        """Answers with who answered, as the messenger knows them now: name and addresses to
+        call them back, and their value, to call the valuable first."""
         async with self.db.sessions() as session:
-            return [dict(r._mapping) for r in await self.repo.list_survey_answers(session, **filters)]
+            rows = await self.repo.list_survey_answers(session, **filters)
+        out: list[dict[str, Any]] = []
+        for r in rows:
+            answer = dict(r._mapping)
+            stored = answer.pop("customer_profile")
+            answer["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
+            out.append(answer)
+        return out
 
     async def list_waits(self, **filters: Any) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:

@@ -618,7 +618,8 @@ async def test_survey_answers_are_listed_newest_first_for_a_follow_up(
     """Three customers answer (5, 2, 1); support lists the unhappy ones with what they wrote."""
     answers = {"s1": ("5", ""), "s2": ("2", "השליח לא הגיע"), "s3": ("1", "waited a week")}
     for n, (customer, (score, comment)) in enumerate(answers.items()):
-        await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+        update = purchase_update(customer, 1, NOON, name=f"Customer {n}", total_value=Decimal(1000 * (n + 1)))
+        await world.service.apply_batch(delivered([update]))
         [message] = await messages(world, customer)
         world.clock.now = NOON + timedelta(minutes=n + 1)  # answered in this order
         form = {"score": score, "comment": comment}
@@ -630,6 +631,10 @@ async def test_survey_answers_are_listed_newest_first_for_a_follow_up(
         ("s1", 5, None),
     ]
     first = everyone["answers"][0]
+    # Who to call back, and how valuable they are.
+    assert first["customer"]["name"] == "Customer 2"
+    assert first["customer"]["total_value"] == 3000.0
+    assert first["customer"]["reporting_currency"] == "ILS"
     assert (first["journey"], first["answered_at"]) == (
         "thank_you",
         (NOON + timedelta(minutes=3)).isoformat().replace("+00:00", "Z"),
@@ -640,14 +645,28 @@ async def test_survey_answers_are_listed_newest_first_for_a_follow_up(
     assert [
         a["score"] for a in (await api.get("/v1/surveys", params={"customer_id": "s1"})).json()["answers"]
     ] == [5]
+    # By when they answered: [since, until).
+    second = (NOON + timedelta(minutes=2)).isoformat()
+    between = {"since": second, "until": (NOON + timedelta(minutes=3)).isoformat()}
+    assert [a["customer_id"] for a in (await api.get("/v1/surveys", params=between)).json()["answers"]] == [
+        "s2"
+    ]
     # A page at a time, with the cursor.
     page = (await api.get("/v1/surveys", params={"limit": 2})).json()
     rest = (await api.get("/v1/surveys", params={"limit": 2, "cursor": page["next_cursor"]})).json()
     assert [a["customer_id"] for a in page["answers"] + rest["answers"]] == ["s3", "s2", "s1"]
     assert rest["next_cursor"] is None
-    for bad in ({"max_score": "0"}, {"max_score": "6"}, {"cursor": "bm90LWEtY3Vyc29y"}, {"limit": "0"}):
+    for bad, field in (
+        ({"max_score": "0"}, "query.max_score"),
+        ({"max_score": "6"}, "query.max_score"),
+        ({"cursor": "bm90LWEtY3Vyc29y"}, "cursor"),
+        ({"limit": "0"}, "query.limit"),
+        ({"since": "2026-11-26T00:00:00"}, "query.since"),  # which zone's midnight?
+        ({"since": second, "until": second}, "query.until"),
+    ):
         response = await api.get("/v1/surveys", params=bad)
         assert response.status_code == 422, (bad, response.text)
+        assert field in [d["field"] for d in response.json()["error"]["details"]], response.text
 
 
 async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> None:

@@ -72,6 +72,7 @@ def _anchors(markdown: str) -> set[str]:
 def test_every_alert_is_documented_and_unit_tested_both_ways() -> None:
     expectations = _unit_tests()
     anchors = _anchors(ALERTS_DOC.read_text(encoding="utf-8"))
+    operations = (ALERTS_DOC.parent / "operations.md").read_text(encoding="utf-8")
     rules = alert_rules()
     assert len({r["alert"] for r in rules}) == len(rules), "alert names must be unique"
     for rule in rules:
@@ -82,6 +83,7 @@ def test_every_alert_is_documented_and_unit_tested_both_ways() -> None:
         doc, _, anchor = annotations["runbook_url"].partition("#")
         assert doc == "docs/alerts.md", name
         assert anchor in anchors, f"{name}: no section #{anchor} in docs/alerts.md"
+        assert f"[{name}](alerts.md#{anchor})" in operations, f"{name}: not in docs/operations.md's table"
         cases = expectations.get(name, [])
         assert any(cases), f"{name}: no unit test where it fires"
         assert any(not c for c in cases), f"{name}: no unit test where it stays quiet"

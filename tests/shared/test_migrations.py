@@ -3,6 +3,7 @@ or index added to tables.py without a migration (or the reverse) fails here, not
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,54 @@ async def test_the_messenger_s_address_columns_are_filled_from_the_stored_snapsh
         ("c1", "noa@example.com", "+972521234567", "+972521234567"),
         ("c2", None, None, None),
     ]
+
+
+async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(database_url: str) -> None:
+    """Migration 0006 on a database with an answered survey: the answer is listed, with its time
+    (to the millisecond on SQLite, whose strftime keeps three digits), score and comment."""
+    from alembic import command  # noqa: PLC0415
+    from alembic.config import Config  # noqa: PLC0415
+    from sqlalchemy import insert, select  # noqa: PLC0415
+
+    answered = datetime(2026, 11, 27, 20, 44, 23, 123456, tzinfo=timezone(timedelta(hours=2)))
+    db = Database(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "services" / "messenger" / "migrations"))
+    m = messenger_tables.messages
+    base = {
+        "kind": "marketing", "status": "sent", "attempts": 1, "customer_id": "c1",
+        "journey": "feedback_survey", "channel": "sms", "locale": "he-IL", "tier": "gold",
+        "created_at": answered - timedelta(days=1), "updated_at": answered,
+    }  # fmt: skip
+    try:
+        async with db.engine.begin() as conn:
+
+            def to_0005(sync_conn: Any) -> None:
+                config.attributes["connection"] = sync_conn
+                command.upgrade(config, "0005")
+
+            await conn.run_sync(to_0005)
+            survey = {"score": 2, "comment": "לקח שבוע", "at": answered.isoformat()}
+            await conn.execute(
+                insert(m),
+                [
+                    {**base, "id": "m1", "idempotency_key": "k1", "details": {"survey": survey, "other": 1}},
+                    {**base, "id": "m2", "idempotency_key": "k2", "details": {"reason": "no survey"}},
+                    {**base, "id": "m3", "idempotency_key": "k3", "details": None},
+                ],
+            )
+        await migrate(db, REPO_ROOT / "services" / "messenger" / "migrations")
+        async with db.sessions() as session:
+            rows = (await session.execute(select(messenger_tables.survey_answers))).all()
+    finally:
+        await db.dispose()
+    [row] = rows
+    assert (row.id, row.customer_id, row.journey, row.channel, row.tier) == (
+        "m1",
+        "c1",
+        "feedback_survey",
+        "sms",
+        "gold",
+    )
+    assert (row.score, row.comment) == (2, "לקח שבוע")
+    assert abs(row.created_at - answered) < timedelta(milliseconds=1)

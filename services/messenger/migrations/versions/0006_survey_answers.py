@@ -1,5 +1,5 @@
-"""survey_answers: the feedback survey's answers, one per message, for GET /v1/surveys. Answers
-given before this revision stay in their messages' details (details.survey) only.
+"""survey_answers: the feedback survey's answers, one per message, for GET /v1/surveys; the
+answers given before, kept in their messages' details (details.survey), are copied in.
 
 Revision ID: 0006
 Revises: 0005
@@ -35,6 +35,22 @@ def upgrade() -> None:
     with op.batch_alter_table("survey_answers", schema=None) as batch_op:
         batch_op.create_index("ix_survey_answers_created", ["created_at", "id"], unique=False)
         batch_op.create_index("ix_survey_answers_customer", ["customer_id", "created_at"], unique=False)
+    # The answers so far, from their messages. The time as UtcDateTime stores it: timestamptz on
+    # PostgreSQL, UTC text on SQLite (whose strftime reads the ISO form with its offset).
+    if op.get_bind().dialect.name == "postgresql":
+        survey = "details -> 'survey'"
+        score, comment = f"({survey} ->> 'score')::int", f"{survey} ->> 'comment'"
+        answered = f"({survey} ->> 'at')::timestamptz"
+    else:
+        score, comment = (
+            "json_extract(details, '$.survey.score')",
+            "json_extract(details, '$.survey.comment')",
+        )
+        answered = "strftime('%Y-%m-%d %H:%M:%f', json_extract(details, '$.survey.at'))"
+    columns = "id, customer_id, journey, channel, locale, tier, score, comment, created_at"
+    copied = f"id, customer_id, journey, channel, locale, tier, {score}, {comment}, {answered}"
+    copy = f"INSERT INTO survey_answers ({columns}) SELECT {copied} FROM messages WHERE {score} IS NOT NULL"  # noqa: S608
+    op.execute(copy)  # fixed expressions, no input
 
 
 def downgrade() -> None:
