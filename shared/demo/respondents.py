@@ -125,8 +125,9 @@ class Respondents:
         while True:
             try:
                 answered = await self.answer_once()
-            except httpx.HTTPError as exc:
-                logger.info("surveys not answered this time (%s); retrying", exc)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                # A messenger still starting, or an answer not as expected: the trickle goes on.
+                logger.info("surveys not answered this time (%r); retrying", exc)
             else:
                 total += answered
                 if answered:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -337,11 +338,22 @@ async def _live(
 ) -> None:
     run_id = uuid.uuid4().hex[:6]
     logger.info("history sent; now a live trickle of %.1f events/s (run %s)", rate, run_id)
-    async with httpx.AsyncClient(timeout=30.0) as client, asyncio.TaskGroup() as tasks:
-        if messenger_url:
-            tasks.create_task(Respondents(client, messenger_url, api_key, seed).run())
-        round_no = 0
-        while True:
-            events = live_round(seed, run_id, round_no, datetime.now(UTC), rate)
-            await send(events, url, api_key, rate=rate, batch_size=batch)
-            round_no += 1
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        # Beside the trickle, not in a TaskGroup with it: a SendError of the trickle must reach
+        # main() as itself (a clean exit 1), and the respondents stop with it.
+        respondents = (
+            asyncio.create_task(Respondents(client, messenger_url, api_key, seed).run())
+            if messenger_url
+            else None
+        )
+        try:
+            round_no = 0
+            while True:
+                events = live_round(seed, run_id, round_no, datetime.now(UTC), rate)
+                await send(events, url, api_key, rate=rate, batch_size=batch)
+                round_no += 1
+        finally:
+            if respondents is not None:
+                respondents.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await respondents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -223,3 +224,38 @@ def test_cli_takes_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("RETAIN_API_KEY", "rk_from_env")
     assert _parser().parse_args([]).api_key == "rk_from_env"
     assert _parser().parse_args(["--api-key", "rk_flag"]).api_key == "rk_flag"
+
+
+def test_a_live_trickle_that_ingest_refuses_ends_with_exit_1_and_stops_the_respondents(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The history goes; the live trickle's first batch is refused: main() logs it and returns
+    1 (a SendError, not a traceback), and the survey respondents running beside it are stopped."""
+    from shared.demo import sender as module  # noqa: PLC0415
+
+    calls: list[int] = []
+    stopped: list[bool] = []
+
+    async def fake_send(events: Any, *_args: Any, **_kwargs: Any) -> SendReport:
+        calls.append(len(events))
+        await asyncio.sleep(0)  # a request: the respondents' task gets to run
+        if len(calls) > 1:
+            raise SendError("ingest answered 422: bad batch", status=422)
+        return SendReport(events=len(events), batches=1, retries=0)
+
+    class FakeRespondents:
+        def __init__(self, *_args: Any) -> None:
+            pass
+
+        async def run(self) -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                stopped.append(True)
+
+    monkeypatch.setattr(module, "send", fake_send)
+    monkeypatch.setattr(module, "Respondents", FakeRespondents)
+    argv = ["--customers", "3", "--days", "30", "--api-key", KEY, "--then-live", "5"]
+    assert main([*argv, "--answer-surveys", "http://127.0.0.1:8003"]) == 1
+    assert len(calls) == 2
+    assert stopped == [True]
