@@ -609,6 +609,10 @@ class MessageEvent(_Strict):
     provider_message_id: str | None = None
     error_code: str | None = None
     triggered_by: str | None = None  # the backend event id behind the message, if any
+    # When the message was decided: its journey, tier and locale are as of then, whatever
+    # status this is (a sending after quiet hours, a reply days later). None from producers
+    # before the field existed.
+    decided_at: AwareDatetime | None = None
     holdout: bool = False
     details: dict[str, AttributeValue] = Field(default_factory=dict)
 

@@ -69,9 +69,10 @@ class FactRows:
 
 REGISTER_COLUMNS = ("locale", "locale_at", "channel", "channel_at", "tier", "tier_at")
 
-# The statuses of a message at its decision or its sending, which say the customer's tier then.
-# The later ones (delivered, a reply, a click, a survey answer days after) repeat that tier with
-# their own, later time: offered, they would put an older tier back over a newer message's.
+# A message's tier is the customer's at its decision (decided_at): every status of the message
+# offers it as of then. Events from before decided_at existed have only their own time: of
+# those, the statuses of the decision or the sending say the tier then; the later ones (delivered,
+# a reply, a click, a survey answer days after) would put an older tier back over a newer one.
 TIER_STATUSES = frozenset(
     {
         MessageStatus.QUEUED,
@@ -186,8 +187,11 @@ def fold(events: Iterable[Event | MessageEvent]) -> FactRows:
                     "holdout": e.holdout,
                 }
             )
-            if e.tier is not None and e.status in TIER_STATUSES:
-                _offer(registers, e.customer_id, "tier", e.tier, e.occurred_at, e.event_id)
+            if e.tier is not None:
+                if e.decided_at is not None:
+                    _offer(registers, e.customer_id, "tier", e.tier, e.decided_at, e.event_id)
+                elif e.status in TIER_STATUSES:
+                    _offer(registers, e.customer_id, "tier", e.tier, e.occurred_at, e.event_id)
             if e.details and e.status is MessageStatus.REPLIED:
                 score = survey_score(e.details.get("survey_score"))
                 if score is not None:

@@ -1422,6 +1422,7 @@ class MessengerService:
             provider_message_id=row.provider_message_id,
             error_code=row.error_code,
             triggered_by=row.trigger_event_id,
+            decided_at=row.created_at,
             holdout=status == MessageStatus.HOLDOUT,
             details={k: v for k, v in (extra or {}).items() if v is not None},
         )

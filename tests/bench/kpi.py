@@ -171,6 +171,7 @@ def _messages(purchases: Sequence[PurchaseEvent], rng: np.random.Generator) -> l
             "channel": channels[int(rng.integers(len(channels)))],
             "tier": "gold" if rng.random() < 0.2 else "silver",
             "locale": "he-IL",
+            "decided_at": at,  # as the messenger stamps every status of a message
         }
         if rng.random() < HOLDOUT_SHARE:
             out.append(

@@ -94,9 +94,11 @@ def message(
     locale: str | None = "he-IL",
     holdout: bool = False,
     seq: int = 0,
+    decided_at: datetime | None = None,
 ) -> MessageEvent:
     return MessageEvent(
         event_id=f"{message_id}:{status}" + (f":{seq}" if seq else ""),
+        decided_at=decided_at,
         customer_id=customer,
         occurred_at=when,
         message_id=message_id,

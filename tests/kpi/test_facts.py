@@ -122,3 +122,21 @@ def test_a_later_status_of_a_message_does_not_put_its_older_tier_back() -> None:
     # Held overnight, then sent: the held status says the tier (the sending repeats it).
     held = [message("M3", "d", "held_quiet_hours", utc(2026, 3, 1, 21), tier="bronze")]
     assert fold(held).customers["d"]["tier"] == "bronze"
+
+
+def test_a_message_offers_its_tier_as_of_its_decision() -> None:
+    """A marketing SMS decided at 19:00 (silver) is held for quiet hours; a complaint
+    acknowledgement at 20:00 finds the customer gold; the SMS goes at 06:00, still saying
+    silver: decided earlier, it does not put silver back. With decided_at every status counts."""
+    evening = utc(2026, 3, 1, 17)
+    events = [
+        message("A", "c", "held_quiet_hours", evening, tier="silver", decided_at=evening),
+        message("B", "c", "sent", utc(2026, 3, 1, 18), tier="gold", decided_at=utc(2026, 3, 1, 18)),
+        message("A", "c", "sent", utc(2026, 3, 2, 4), tier="silver", decided_at=evening),
+        message("A", "c", "delivered", utc(2026, 3, 2, 4, 1), tier="silver", decided_at=evening),
+    ]
+    for ordered in (events, events[::-1]):
+        assert fold(ordered).customers["c"]["tier"] == "gold"
+    # A message alone: its later statuses say its tier too, as of its decision.
+    later = message("D", "e", "clicked", utc(2026, 3, 9), tier="bronze", decided_at=utc(2026, 3, 1))
+    assert fold([later]).customers["e"]["tier_at"].startswith("2026-03-01T10:00:00")
