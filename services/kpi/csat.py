@@ -71,6 +71,7 @@ class CsatStats:
     csat_ci_low: float | None
     csat_ci_high: float | None
     mean_score: float | None
+    score_sum: int  # a range's mean: the sum of its days' sums over the sum of their answers
     scores: dict[str, int]  # "1" … "5" → answers with that score
 
 
@@ -82,6 +83,7 @@ def summarize(answers: Iterable[Answer]) -> CsatStats:
     n = sum(counts.values())
     satisfied = sum(counts[s] for s in SATISFIED)
     dissatisfied = sum(counts[s] for s in DISSATISFIED)
+    total = sum(s * c for s, c in counts.items())
     low, high = wilson(satisfied, n) if n else (None, None)
     return CsatStats(
         answers=n,
@@ -91,6 +93,7 @@ def summarize(answers: Iterable[Answer]) -> CsatStats:
         csat=ratio(satisfied, n),
         csat_ci_low=low,
         csat_ci_high=high,
-        mean_score=ratio(sum(s * c for s, c in counts.items()), n),
+        mean_score=ratio(total, n),
+        score_sum=total,
         scores={str(s): c for s, c in counts.items()},
     )

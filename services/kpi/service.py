@@ -209,6 +209,9 @@ ROLLUPS = Counter("retain_kpi_rollups_total", "Grafana-table recomputations, by 
 # are recomputed with it (2: the uplift compares only the journeys that have both arms; 3: it
 # is intent to treat, with the assigned arm in kpi_conversion_daily).
 DEFINITIONS_VERSION = 3
+# Bumped when what a CLV fit is made of changes, so that a cached fit of the same purchases is
+# not served (2: purchases without an exchange rate count for BG/NBD).
+CLV_MODEL_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -276,13 +279,15 @@ def _overlay(
     return [t for t in stored if t.ticket_id not in fresh] + [t for t in fresh.values() if keep(t)]
 
 
-# What CSAT is broken down by: what the messenger stamped on the answer's message.
-CSAT_BREAKDOWNS = ("journey", "channel", "tier", "locale")
+# What conversion and CSAT are broken down by: what the messenger stamped on the message.
+STAMPED = ("journey", "channel", "tier", "locale")
 
 
-def _stamped(name: str) -> Callable[[csat_kpi.Answer], str]:
-    def of(answer: csat_kpi.Answer) -> str:
-        value: str | None = getattr(answer, name)
+def _stamped(name: str) -> Callable[[Any], str]:
+    """A message's (or an answer's) stamped attribute ``name``, 'unknown' when it has none."""
+
+    def of(item: Any) -> str:
+        value: str | None = getattr(item, name)
         return value or UNKNOWN
 
     return of
@@ -588,10 +593,7 @@ class KpiService:
         window = self.settings.conversion_window
         dims: dict[str, Callable[[conversion_kpi.Message], str]] = {
             "all": lambda _m: "all",
-            "journey": lambda m: m.journey,
-            "channel": lambda m: m.channel or UNKNOWN,
-            "tier": lambda m: m.tier or UNKNOWN,
-            "locale": lambda m: m.locale or UNKNOWN,
+            **{name: _stamped(name) for name in STAMPED},
         }
         out: list[dict[str, Any]] = []
         by_day = group_by(messages, lambda m: local_day(m.decided_at, self.tz))
@@ -649,7 +651,7 @@ class KpiService:
         answers = await self._answers(period(first, last, self.tz))
         dims: dict[str, Callable[[csat_kpi.Answer], str]] = {
             "all": lambda _a: "all",
-            **{name: _stamped(name) for name in CSAT_BREAKDOWNS},
+            **{name: _stamped(name) for name in STAMPED},
         }
         out: list[dict[str, Any]] = []
         for day, day_answers in sorted(group_by(answers, lambda a: local_day(a.at, self.tz)).items()):
@@ -665,7 +667,7 @@ class KpiService:
                             "satisfied": s.satisfied,
                             "neutral": s.neutral,
                             "dissatisfied": s.dissatisfied,
-                            "score_sum": sum(a.score for a in group),
+                            "score_sum": s.score_sum,
                             "csat": s.csat,
                             "mean_score": s.mean_score,
                         }
@@ -886,12 +888,7 @@ class KpiService:
     async def conversion(self, q: KpiQuery) -> dict[str, Any]:
         messages, bought = await self._messages(period(q.first, q.last, self.tz))
         window = self.settings.conversion_window
-        key: Callable[[conversion_kpi.Message], str] | None = None
-        if q.by == "journey":
-            key = lambda m: m.journey  # noqa: E731
-        elif q.by is not None:
-            name = q.by
-            key = lambda m: getattr(m, name) or UNKNOWN  # noqa: E731
+        key = None if q.by is None else _stamped(q.by)
 
         def block(group: Sequence[conversion_kpi.Message]) -> dict[str, Any]:
             stats = conversion_kpi.summarize(group, bought, window)
@@ -1011,7 +1008,7 @@ class KpiService:
     def _clv_key(self, purchases_fingerprint: str) -> str:
         """The cache key of a CLV fit: its purchases and the settings it depends on, hashed to
         the 64 characters clv_models keeps whatever the number of currencies."""
-        settings = f"{self.settings.kpi_timezone}|{self.settings.fx.fingerprint()}"
+        settings = f"{CLV_MODEL_VERSION}|{self.settings.kpi_timezone}|{self.settings.fx.fingerprint()}"
         return hashlib.sha256(f"{purchases_fingerprint}|{settings}".encode()).hexdigest()
 
     async def clv_inputs(self, as_of: date) -> tuple[list[tuple[str, date, float | None]], int, str]:

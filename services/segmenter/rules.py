@@ -24,6 +24,9 @@ NO_TIER = "none"
 RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 
 
+MAX_RULES = {"tiers": 20, "segments": 200}
+
+
 class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: RuleName
@@ -36,8 +39,8 @@ class RuleSet(BaseModel):
     applies. A customer no tier matches is in tier "none"."""
 
     model_config = ConfigDict(extra="forbid")
-    tiers: list[Rule] = Field(max_length=20)
-    segments: list[Rule] = Field(max_length=200)
+    tiers: list[Rule] = Field(max_length=MAX_RULES["tiers"])
+    segments: list[Rule] = Field(max_length=MAX_RULES["segments"])
 
 
 def _json_path(loc: tuple[int | str, ...]) -> str:
@@ -48,11 +51,13 @@ def _json_path(loc: tuple[int | str, ...]) -> str:
 
 
 def _rules_of(raw: object, kind: str) -> list[tuple[int, dict[str, Any]]]:
-    """The rules of ``kind`` that are JSON objects, with their index, however malformed the rest."""
+    """The rules of ``kind`` that are JSON objects, with their index, however malformed the rest;
+    only as many as a set may have (the shape's error says there are too many), so that a body
+    of thousands of rules is not answered with thousands of problems."""
     listed = raw.get(kind) if isinstance(raw, dict) else None
     if not isinstance(listed, list):
         return []
-    return [(i, rule) for i, rule in enumerate(listed) if isinstance(rule, dict)]
+    return [(i, rule) for i, rule in enumerate(listed[: MAX_RULES[kind]]) if isinstance(rule, dict)]
 
 
 def validate_rules(raw: object) -> list[ConditionError]:

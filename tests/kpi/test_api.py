@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import func, select
 
+from services.kpi import service as kpi_service
 from services.kpi.app import create_app
 from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS
@@ -707,6 +708,17 @@ async def test_a_corrected_order_is_a_new_fit_not_the_cached_one(kpi: Kpi) -> No
         update={"event_id": middle.event_id + "-fix2", "occurred_at": later, "amount": middle.amount + 7}
     )
     await kpi.apply([fixed])
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is False
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is True
+
+
+async def test_a_new_clv_model_version_is_a_new_fit(kpi: Kpi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a fit is made of changed (CLV_MODEL_VERSION): the same purchases are fitted again."""
+    kpi.at(utc(1997, 10, 1, 12))
+    await kpi.apply(cdnow_events(60))
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is False
+    assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is True
+    monkeypatch.setattr(kpi_service, "CLV_MODEL_VERSION", kpi_service.CLV_MODEL_VERSION + 1)
     assert (await kpi.get("/v1/clv/model", as_of="1997-09-30"))["cached"] is False
 
 

@@ -249,6 +249,14 @@ def test_a_malformed_rule_does_not_hide_the_other_problems() -> None:
     )
 
 
+def test_too_many_rules_are_one_problem_not_thousands() -> None:
+    bad = rule("x", leaf("no_such_fact", "gte", 1))
+    raw = {"tiers": [{**bad, "name": f"t{i}"} for i in range(5000)], "segments": []}
+    found = problems(raw)
+    assert found[0][0] == "$.tiers"  # too many
+    assert len(found) <= 1 + 20  # and the conditions of the first twenty, no more
+
+
 def test_rule_names_are_identifiers() -> None:
     raw = {"tiers": [rule("Gold Tier", leaf("orders_count", "gte", 1))], "segments": []}
     assert paths(raw) == ["$.tiers[0].name"]
