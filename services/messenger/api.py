@@ -71,8 +71,12 @@ def _cursor(value: str | None) -> tuple[datetime, str] | None:
         # In UTC here, as the query would (at 0001-01-01 with an offset east of UTC, OverflowError).
         return instant.astimezone(UTC), mid
     except (ValueError, UnicodeDecodeError, OverflowError) as exc:
+        # Named as every other parameter is (query.<name>), with what is wrong.
         raise InvalidInputError(
-            "the cursor is not one this API gave out", details=[{"field": "cursor"}]
+            "the cursor is not one this API gave out",
+            details=[
+                {"field": "query.cursor", "message": "pass the next_cursor of the page before, as it is"}
+            ],
         ) from exc
 
 

@@ -659,7 +659,7 @@ async def test_survey_answers_are_listed_newest_first_for_a_follow_up(
     for bad, field in (
         ({"max_score": "0"}, "query.max_score"),
         ({"max_score": "6"}, "query.max_score"),
-        ({"cursor": "bm90LWEtY3Vyc29y"}, "cursor"),
+        ({"cursor": "bm90LWEtY3Vyc29y"}, "query.cursor"),
         ({"limit": "0"}, "query.limit"),
         ({"since": "2026-11-26T00:00:00"}, "query.since"),  # which zone's midnight?
         ({"since": second, "until": second}, "query.until"),
