@@ -53,7 +53,16 @@ PENDING = ("queued", "sending", "held_quiet_hours")
 # What a message takes from its trigger rather than from the profile: a preview for a real
 # customer has no trigger, so these come from the sample data (and the preview says so).
 TRIGGER_VARIABLES = frozenset(
-    {"last_order", "ticket_id", "ticket_category", "survey_url", "offer_code", "personal_contact"}
+    {
+        "last_order",
+        "ticket_id",
+        "ticket_category",
+        "survey_url",
+        "offer_code",
+        "offer_value",
+        "offer_expires",
+        "personal_contact",
+    }
 )
 
 

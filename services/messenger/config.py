@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 import copy
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, StringConstraints, field_validator, model_validator
 
 from services.messenger.templates import DEFAULT_PERKS, Brand, normalize_locale
 from shared.config import CommonSettings
 from shared.events import TimeZone
 
 TierPerks = dict[str, dict[str, list[str]]]
+
+
+# What an offer gives, as a message says it beside the code ("15% הנחה").
+OfferText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40)]
 
 
 class MessengerSettings(CommonSettings):
@@ -77,6 +81,20 @@ class MessengerSettings(CommonSettings):
     messenger_escalation_contact_phone: str | None = Field(
         default=None, max_length=30, description="That person's phone; unset: the support phone."
     )
+    messenger_offer_value: dict[str, OfferText] = Field(
+        default_factory=dict,
+        description="What the win-back offer gives, per language, as JSON {locale: text}, e.g. "
+        '{"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}: said beside the code in email and '
+        "WhatsApp. A language left out (and the default, unset) shows the code alone.",
+    )
+    messenger_offer_valid_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=365,
+        description="The offer's code is good for this many days from the message's decision: its "
+        "last day is said beside the code in email and WhatsApp, and is in the sent event's "
+        "details (offer_expires_at) for the shop. Unset: no expiry is said.",
+    )
     messenger_tier_perks: TierPerks = Field(
         default_factory=lambda: copy.deepcopy(DEFAULT_PERKS),
         description="Perks per tier and language, as JSON {tier: {locale: [perk, ...]}}: what "
@@ -128,6 +146,11 @@ class MessengerSettings(CommonSettings):
         return Brand(
             self.messenger_brand_name, self.messenger_support_phone, self.messenger_complaint_response_hours
         )
+
+    @field_validator("messenger_offer_value")
+    @classmethod
+    def _offer_by_normalised_locale(cls, values: dict[str, str]) -> dict[str, str]:
+        return {normalize_locale(locale): text for locale, text in values.items()}
 
     @field_validator("messenger_tier_perks")
     @classmethod

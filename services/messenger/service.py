@@ -50,6 +50,7 @@ from services.messenger.templates import (
     TemplateStore,
     build_variables,
     formatting_locale,
+    in_language,
     render,
 )
 from shared.codec import encode, encode_key
@@ -1073,6 +1074,8 @@ class MessengerService:
             unsubscribe_url=unsubscribe,
             survey_url=f"{s.messenger_public_url.rstrip('/')}/s/{survey_token(row.id)}",
             offer_code=_offer_code(row) if details.get("offer") else None,
+            offer_value=in_language(s.messenger_offer_value, template.key.locale),
+            offer_expires=_offer_expires(row, s.messenger_offer_valid_days),
             personal_contact={"name": contact, "phone": s.messenger_escalation_contact_phone or ""}
             if contact and details.get("escalated")
             else None,
@@ -1182,7 +1185,10 @@ class MessengerService:
             current = _Row(**{**row._mapping, **change})
             # The win-back's offer code, for the shop to honour at checkout: it is made here.
             offer = status == "sent" and (row.details or {}).get("offer")
-            extra = {"offer_code": _offer_code(row)} if offer else None
+            extra = None
+            if offer:
+                expires = _offer_expires(row, self.settings.messenger_offer_valid_days)
+                extra = {"offer_code": _offer_code(row), "offer_expires_at": expires and expires.isoformat()}
             events.append(self._event(current, MessageStatus(status), reason, now, extra=extra))
         await self.repo.update_messages(session, changes)
         await self._publish(session, events)
@@ -1611,6 +1617,12 @@ def snapshot_facts_of(profile: ProfileSnapshot) -> dict[str, Any]:
 
 def _offer_code(row: Any) -> str:
     return "BACK-" + str(row.id).replace("-", "")[:8].upper()
+
+
+def _offer_expires(row: Any, valid_days: int | None) -> datetime | None:
+    """The instant the offer of ``row`` is good until: its decision plus the days configured.
+    From the decision, not the sending, so that the message and the sent event say the same."""
+    return None if valid_days is None else row.created_at + timedelta(days=valid_days)
 
 
 def _history_without(history: Sequence[SentRecord], row: Any) -> list[SentRecord]:

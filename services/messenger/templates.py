@@ -42,11 +42,11 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from importlib import resources
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel import Locale, UnknownLocaleError
@@ -67,6 +67,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from shared.conditions import unknown_hint
 from shared.errors import InvalidInputError, NotFoundError
 from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent
+
+T = TypeVar("T")
 
 # --- Limits ------------------------------------------------------------------------------------
 
@@ -96,6 +98,10 @@ VARIABLES: dict[str, str] = {
     "survey_url": "Optional. The feedback survey link (feedback_survey always has it).",
     "unsubscribe_url": "The one-click unsubscribe link, signed per customer and channel.",
     "offer_code": "Optional. The win-back offer code, only when the journey grants one.",
+    "offer_value": "Optional. What the offer gives, in the message's language, when configured "
+    "(RETAIN_MESSENGER_OFFER_VALUE, e.g. 15% הנחה); only with offer_code.",
+    "offer_expires": "Optional. The offer's last day (Babel format_date, long, customer's time zone), "
+    "when RETAIN_MESSENGER_OFFER_VALID_DAYS is set; only with offer_code.",
     "personal_contact": "Optional. Complaint escalation: .name and .phone of the customer's "
     "personal contact, only when escalated.",
     "brand_name": "The brand's name (RETAIN_MESSENGER_BRAND_NAME).",
@@ -112,6 +118,8 @@ OPTIONAL_VARIABLES: frozenset[str] = frozenset(
         "ticket_category",
         "survey_url",
         "offer_code",
+        "offer_value",
+        "offer_expires",
         "personal_contact",
     }
 )
@@ -732,23 +740,28 @@ def tier_display_name(tier: str, locale: str) -> str:
     return names.get(language_of(locale), names["en"])
 
 
-def tier_perks(
-    tier: str, locale: str, perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None
-) -> list[str]:
-    """The tier's perks in the message's language: the closest locale (he-IL → he), else any
-    of the same language (a shop that configured only he-IL, for a ``he`` message); none rather
-    than another language's."""
-    per_locale = (perks_config if perks_config is not None else DEFAULT_PERKS).get(tier, {})
+def in_language(per_locale: Mapping[str, T], locale: str) -> T | None:
+    """The value configured for the message's language: the closest locale (he-IL → he), else
+    any of the same language (a shop that configured only he-IL, for a ``he`` message); none
+    rather than another language's."""
     for tag in locale_chain(locale, default_locale=locale):
         if tag in per_locale:
-            return list(per_locale[tag])
+            return per_locale[tag]
     with contextlib.suppress(ValueError):
         language = language_of(locale)
         for tag in sorted(per_locale):
             with contextlib.suppress(ValueError):
                 if language_of(tag) == language:
-                    return list(per_locale[tag])
-    return []
+                    return per_locale[tag]
+    return None
+
+
+def tier_perks(
+    tier: str, locale: str, perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None
+) -> list[str]:
+    """The tier's perks in the message's language (``in_language``)."""
+    perks = in_language((perks_config if perks_config is not None else DEFAULT_PERKS).get(tier, {}), locale)
+    return [] if perks is None else list(perks)
 
 
 def formatting_locale(customer_locale: str | None, template_locale: str) -> str:
@@ -796,6 +809,8 @@ def build_variables(
     unsubscribe_url: str,
     survey_url: str | None = None,
     offer_code: str | None = None,
+    offer_value: str | None = None,
+    offer_expires: datetime | None = None,
     personal_contact: Mapping[str, str] | None = None,
     perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     brand: Brand = DEFAULT_BRAND,
@@ -831,6 +846,11 @@ def build_variables(
         "survey_url": survey_url,
         "offer_code": offer_code,
     }
+    if offer_code:  # the value and the last day say what a code gives: never without one
+        optional["offer_value"] = offer_value
+        with contextlib.suppress(ValueError, TypeError):
+            if offer_expires is not None:
+                optional["offer_expires"] = format_day(offer_expires, loc, profile.timezone)
     if details.get("order_id"):
         amount, currency, at = details.get("amount"), details.get("currency"), details.get("occurred_at")
         shown_amount = shown_date = ""
@@ -861,6 +881,7 @@ _SAMPLE_PEOPLE = {
 # a customer whose id is a UUID (35 characters; an id of up to 16 ASCII characters makes no longer one),
 # a message id's survey token (22). Shorter samples let templates pass that real links then broke.
 SAMPLE_UNSUBSCRIBE_URL = "https://shop.example/u/UwyPcgys9EO9sLUejh5IKXg.FQ4ssICHB8k"
+_SAMPLE_OFFERS = {"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}
 SAMPLE_SURVEY_URL = "https://shop.example/s/bh8qnEt9TiqfPI1bGn4MQg"
 
 
@@ -896,6 +917,8 @@ def sample_variables(
         unsubscribe_url=SAMPLE_UNSUBSCRIBE_URL,
         survey_url=SAMPLE_SURVEY_URL,
         offer_code="BACK15",
+        offer_value=_SAMPLE_OFFERS.get(lang, _SAMPLE_OFFERS["en"]),
+        offer_expires=datetime(2026, 12, 21, 12, tzinfo=UTC),
         personal_contact={"name": contact, "phone": "+972521234567"},
         perks_config=perks_config,
         brand=brand,

@@ -16,12 +16,15 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from services.messenger.caps import DEFAULT_CAPS
+from services.messenger.config import MessengerSettings
 from services.messenger.decision import in_holdout
 from services.messenger.journeys import default_journeys, triggered
 from services.messenger.links import survey_token
@@ -583,6 +586,50 @@ async def test_win_back_offers_compensation_only_to_the_valuable(
         assert "BACK-" not in mail.text
         assert "BACK-" not in mail.html
         assert "offer_code" not in sent.details
+
+
+OFFER_VALUE = {"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}
+VALID_UNTIL = {"he": "בתוקף עד", "ar": "صالح حتى", "en": "valid until"}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_a_configured_offer_says_what_it_gives_and_until_when(world: World, lang: str) -> None:
+    """RETAIN_MESSENGER_OFFER_VALUE and _VALID_DAYS: the email says the value and the last day
+    (30 days from the decision, in the customer's language), and the sent event gives the shop
+    the instant the code is good until."""
+    world.service.settings = world.service.settings.model_copy(
+        update={"messenger_offer_value": {"he-IL": "15% הנחה", "ar": "خصم 15%", "en": "15% off"},
+                "messenger_offer_valid_days": 30}
+    )  # fmt: skip
+    customer = treated(f"offer-value-{lang}", "win_back")
+    await cancel(world, customer, lang, predicted_clv=Decimal("1500"))
+    world.clock.now = NOON + 14 * DAY
+    assert await restarted(world).fire_waits() == 1
+    row = await sent_one(world, customer, "win_back")
+    mail = mail_of(world, row["id"])
+    code = "BACK-" + row["id"].replace("-", "")[:8].upper()
+    expires = row["created_at"] + timedelta(days=30)
+    assert f"{code} – {OFFER_VALUE[lang]}" in mail.text
+    assert VALID_UNTIL[lang] in mail.text
+    assert VALID_UNTIL[lang] in mail.html
+    assert str(expires.astimezone(ZoneInfo("Asia/Jerusalem")).day) in mail.text.split(VALID_UNTIL[lang])[1]
+    [sent] = [
+        e for e in await published(world) if e.message_id == row["id"] and e.status is MessageStatus.SENT
+    ]
+    assert sent.details == {"offer_code": code, "offer_expires_at": expires.isoformat()}
+
+
+def test_offer_settings_are_checked_at_start() -> None:
+    settings = MessengerSettings(messenger_offer_value={"he_il": " 15% הנחה ", "EN": "15% off"})
+    assert settings.messenger_offer_value == {"he-IL": "15% הנחה", "en": "15% off"}
+    for bad in (
+        {"messenger_offer_value": {"not a locale": "15% off"}},
+        {"messenger_offer_value": {"en": "  "}},
+        {"messenger_offer_value": {"en": "x" * 41}},
+        {"messenger_offer_valid_days": 0},
+    ):
+        with pytest.raises(ValidationError):
+            MessengerSettings(**bad)
 
 
 def test_win_back_attempts_are_spaced_beyond_its_frequency_cap() -> None:

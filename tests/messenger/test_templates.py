@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -590,6 +591,41 @@ def test_formatting_locale() -> None:
 
 
 # --- Journey-specific content ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("channel", [Channel.EMAIL, Channel.WHATSAPP])
+def test_win_back_says_what_the_offer_gives_and_until_when_if_configured(
+    store: TemplateStore, channel: Channel, locale: str
+) -> None:
+    template = store.resolve("win_back", channel, locale)
+    variables = sample_variables(locale)
+    value, until = variables["offer_value"], variables["offer_expires"]
+    told = render(template, variables, strict=True)
+    assert f"– {value}" in told.text
+    assert until in told.text
+    if told.html is not None:
+        assert value in told.html
+        assert until in told.html
+    plain = render(template, variables | {"offer_value": None, "offer_expires": None}, strict=False)
+    assert "BACK15" in plain.text
+    assert value not in all_text(plain)
+    assert until not in all_text(plain)
+    # Never a value or a date without a code (build_variables leaves them out, too).
+    assert value not in all_text(render(template, variables | {"offer_code": None}, strict=False))
+
+
+def test_an_offer_value_and_date_come_only_with_a_code() -> None:
+    profile = ProfileSnapshot(
+        lifecycle_stage="churned", tier="gold", reporting_currency="ILS", locale="he-IL"
+    )
+    until = datetime(2026, 12, 21, 12, tzinfo=UTC)
+    common: dict[str, Any] = {"locale": "he-IL", "unsubscribe_url": "u", "offer_value": "15% הנחה"}
+    without = build_variables(profile, None, offer_expires=until, **common)
+    assert "offer_value" not in without
+    assert "offer_expires" not in without
+    with_code = build_variables(profile, None, offer_code="BACK-1", offer_expires=until, **common)
+    assert (with_code["offer_value"], with_code["offer_expires"]) == ("15% הנחה", "21 בדצמבר 2026")
 
 
 @pytest.mark.parametrize("locale", LOCALES)
