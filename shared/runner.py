@@ -110,6 +110,8 @@ def run(with_demo: bool = True) -> int:
         processes = service_processes()
         manager = Manager()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETAIN_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+        if with_demo:
+            env = {**DEMO_SHOP, **env}  # the demo shop's own settings, unless set
         for p in processes:
             manager.add_process(p.name, shlex.join(p.command), env=env, cwd=str(REPO_ROOT))
         if with_demo:
@@ -132,6 +134,14 @@ def run(with_demo: bool = True) -> int:
             log.info(
                 "Kafka broker stopped; everything is down", logs=str(settings.var_dir / "kafka" / "logs")
             )
+
+
+# What the demo shop offers the customers it wins back (a business decides its own: unset, a
+# win-back shows the code alone).
+DEMO_SHOP = {
+    "RETAIN_MESSENGER_OFFER_VALUE": json.dumps({"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}),
+    "RETAIN_MESSENGER_OFFER_VALID_DAYS": "30",
+}
 
 
 def demo_command(var_dir: Path) -> list[str]:
