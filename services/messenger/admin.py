@@ -30,7 +30,9 @@ from services.messenger.templates import (
     TemplateNotFoundError,
     TemplateStore,
     build_variables,
+    format_day,
     formatting_locale,
+    in_language,
     journey_defaults,
     render,
     sample_variables,
@@ -343,7 +345,9 @@ class MessengerAdmin:
             template = await _checked_template(template_key(template_name, channel, locale), draft, journeys)
         perks = self.service.settings.messenger_tier_perks
         brand = self.service.settings.brand
-        sample = sample_variables(template.key.locale, perks_config=perks, brand=brand)
+        sample = self._with_this_shops_offer(
+            sample_variables(template.key.locale, perks_config=perks, brand=brand), template.key.locale
+        )
         if profile is None:
             variables, from_sample = sample, sorted(sample)
         else:
@@ -362,6 +366,18 @@ class MessengerAdmin:
         rendered = await asyncio.to_thread(render, template, variables, strict=False, kind=kind)
         overridden = draft is None and store.is_overridden(template.key)
         return Preview(rendered, overridden, customer_id, from_sample, draft=draft is not None)
+
+    def _with_this_shops_offer(self, sample: dict[str, Any], locale: str) -> dict[str, Any]:
+        """The sample's offer as this shop's messages would say it: its configured value and
+        validity (from today), or the code alone while none is configured."""
+        s = self.service.settings
+        out = {k: v for k, v in sample.items() if k not in ("offer_value", "offer_expires")}
+        if value := in_language(s.messenger_offer_value, locale):
+            out["offer_value"] = value
+        if s.messenger_offer_valid_days is not None:
+            last = self.service.clock().date() + timedelta(days=s.messenger_offer_valid_days)
+            out["offer_expires"] = format_day(last, locale)
+        return out
 
 
 async def _checked_template(key: TemplateKey, raw: Mapping[str, Any], journeys: list[Journey]) -> Template:

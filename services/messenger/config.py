@@ -13,7 +13,10 @@ TierPerks = dict[str, dict[str, list[str]]]
 
 
 # What an offer gives, as a message says it beside the code ("15% הנחה").
-OfferText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40)]
+# One line: a newline or another control character would break the message's layout.
+OfferText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 
 
 class MessengerSettings(CommonSettings):

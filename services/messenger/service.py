@@ -13,7 +13,8 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as clock_time
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -733,6 +734,19 @@ class MessengerService:
             duplicate=duplicate,
         )
 
+    def _offer_last_day(self, row: Any) -> tuple[date, datetime] | None:
+        """The last day the offer of ``row`` is good (the decision's local day plus the days
+        configured, through its end) and the first instant it is not: what the message says and
+        what the shop checks agree. From the decision, not the sending, and in the zone of the
+        message's locale (the sent event has no profile to read a customer's own zone from)."""
+        days = self.settings.messenger_offer_valid_days
+        if days is None:
+            return None
+        zone = self._zone(None, row.locale)
+        last = row.created_at.astimezone(zone).date() + timedelta(days=days)
+        ends = datetime.combine(last + timedelta(days=1), clock_time.min, tzinfo=zone).astimezone(UTC)
+        return last, ends
+
     def _zone(self, timezone: str | None, locale: str | None) -> ZoneInfo:
         # zoneinfo keeps only the last 8 zones it was asked for that nobody still holds; a batch
         # of customers in many zones would load most from disk again.
@@ -1075,7 +1089,7 @@ class MessengerService:
             survey_url=f"{s.messenger_public_url.rstrip('/')}/s/{survey_token(row.id)}",
             offer_code=_offer_code(row) if details.get("offer") else None,
             offer_value=in_language(s.messenger_offer_value, template.key.locale),
-            offer_expires=_offer_expires(row, s.messenger_offer_valid_days),
+            offer_expires=last[0] if (last := self._offer_last_day(row)) else None,
             personal_contact={"name": contact, "phone": s.messenger_escalation_contact_phone or ""}
             if contact and details.get("escalated")
             else None,
@@ -1187,8 +1201,9 @@ class MessengerService:
             offer = status == "sent" and (row.details or {}).get("offer")
             extra = None
             if offer:
-                expires = _offer_expires(row, self.settings.messenger_offer_valid_days)
-                extra = {"offer_code": _offer_code(row), "offer_expires_at": expires and expires.isoformat()}
+                extra = {"offer_code": _offer_code(row)}
+                if (last := self._offer_last_day(row)) is not None:
+                    extra |= {"offer_last_day": last[0].isoformat(), "offer_expires_at": last[1].isoformat()}
             events.append(self._event(current, MessageStatus(status), reason, now, extra=extra))
         await self.repo.update_messages(session, changes)
         await self._publish(session, events)
@@ -1617,12 +1632,6 @@ def snapshot_facts_of(profile: ProfileSnapshot) -> dict[str, Any]:
 
 def _offer_code(row: Any) -> str:
     return "BACK-" + str(row.id).replace("-", "")[:8].upper()
-
-
-def _offer_expires(row: Any, valid_days: int | None) -> datetime | None:
-    """The instant the offer of ``row`` is good until: its decision plus the days configured.
-    From the decision, not the sending, so that the message and the sent event say the same."""
-    return None if valid_days is None else row.created_at + timedelta(days=valid_days)
 
 
 def _history_without(history: Sequence[SentRecord], row: Any) -> list[SentRecord]:

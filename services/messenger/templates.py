@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from importlib import resources
@@ -100,7 +100,7 @@ VARIABLES: dict[str, str] = {
     "offer_code": "Optional. The win-back offer code, only when the journey grants one.",
     "offer_value": "Optional. What the offer gives, in the message's language, when configured "
     "(RETAIN_MESSENGER_OFFER_VALUE, e.g. 15% הנחה); only with offer_code.",
-    "offer_expires": "Optional. The offer's last day (Babel format_date, long, customer's time zone), "
+    "offer_expires": "Optional. The offer's last day, good through its end (Babel format_date, long), "
     "when RETAIN_MESSENGER_OFFER_VALID_DAYS is set; only with offer_code.",
     "personal_contact": "Optional. Complaint escalation: .name and .phone of the customer's "
     "personal contact, only when escalated.",
@@ -109,6 +109,7 @@ VARIABLES: dict[str, str] = {
     "response_hours": "The hours within which support answers a complaint, as digits "
     "(RETAIN_MESSENGER_COMPLAINT_RESPONSE_HOURS).",
 }
+OFFER_DETAILS = frozenset({"offer_value", "offer_expires"})  # only with offer_code, each configured apart
 OPTIONAL_VARIABLES: frozenset[str] = frozenset(
     {
         "first_name",
@@ -810,7 +811,7 @@ def build_variables(
     survey_url: str | None = None,
     offer_code: str | None = None,
     offer_value: str | None = None,
-    offer_expires: datetime | None = None,
+    offer_expires: date | None = None,
     personal_contact: Mapping[str, str] | None = None,
     perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     brand: Brand = DEFAULT_BRAND,
@@ -918,7 +919,7 @@ def sample_variables(
         survey_url=SAMPLE_SURVEY_URL,
         offer_code="BACK15",
         offer_value=_SAMPLE_OFFERS.get(lang, _SAMPLE_OFFERS["en"]),
-        offer_expires=datetime(2026, 12, 21, 12, tzinfo=UTC),
+        offer_expires=date(2026, 12, 21),
         personal_contact={"name": contact, "phone": "+972521234567"},
         perks_config=perks_config,
         brand=brand,
@@ -1163,8 +1164,10 @@ def _check_rendering(template: Template) -> list[TemplateError]:
     full = sample_variables(template.key.locale)
     required = required_variables(template.key.journey)
     sparse = {k: v for k, v in full.items() if k not in OPTIONAL_VARIABLES or k in required}
+    # A code alone, as it goes while no offer value or validity is configured (the default).
+    code_alone = {k: v for k, v in full.items() if k not in OFFER_DETAILS}
     errors: list[TemplateError] = []
-    for variables in (full, sparse):
+    for variables in (full, sparse, code_alone):
         try:
             rendered = render(template, variables, strict=True)
         except TemplateRenderError as exc:

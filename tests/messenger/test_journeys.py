@@ -12,9 +12,10 @@ import email.policy
 import itertools
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
+from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -30,6 +31,7 @@ from services.messenger.journeys import default_journeys, triggered
 from services.messenger.links import survey_token
 from services.messenger.service import MessengerService
 from services.messenger.tables import journey_waits, outbox
+from services.messenger.templates import format_day
 from shared.events import (
     MESSAGE_EVENT_ADAPTER,
     CancellationReason,
@@ -608,15 +610,34 @@ async def test_a_configured_offer_says_what_it_gives_and_until_when(world: World
     row = await sent_one(world, customer, "win_back")
     mail = mail_of(world, row["id"])
     code = "BACK-" + row["id"].replace("-", "")[:8].upper()
-    expires = row["created_at"] + timedelta(days=30)
-    assert f"{code} – {OFFER_VALUE[lang]}" in mail.text
-    assert VALID_UNTIL[lang] in mail.text
+    # The zone of the message's locale (he-IL, ar-IL, en-IL: Israel's), as the customer reads it.
+    zone = ZoneInfo("Asia/Jerusalem")
+    decided = row["created_at"].astimezone(zone)
+    last = decided.date() + timedelta(days=30)
+    shown = format_day(last, PEOPLE[lang]["locale"])
+    assert f"{code}" in mail.text
+    assert f"– {OFFER_VALUE[lang]}" in mail.text
+    assert f"{VALID_UNTIL[lang]} {shown}" in mail.text
     assert VALID_UNTIL[lang] in mail.html
-    assert str(expires.astimezone(ZoneInfo("Asia/Jerusalem")).day) in mail.text.split(VALID_UNTIL[lang])[1]
     [sent] = [
         e for e in await published(world) if e.message_id == row["id"] and e.status is MessageStatus.SENT
     ]
-    assert sent.details == {"offer_code": code, "offer_expires_at": expires.isoformat()}
+    # Good through the last local day: the first instant it is not is the next local midnight.
+    ends = datetime.combine(last + timedelta(days=1), datetime.min.time(), tzinfo=zone)
+    assert sent.details == {
+        "offer_code": code,
+        "offer_last_day": last.isoformat(),
+        "offer_expires_at": ends.astimezone(UTC).isoformat(),
+    }
+
+
+def test_an_offer_decided_just_after_local_midnight_lasts_from_that_local_day(world: World) -> None:
+    """00:30 in Jerusalem is 22:30 UTC the day before: the days count from the local day."""
+    world.service.settings = world.service.settings.model_copy(update={"messenger_offer_valid_days": 30})
+    row = SimpleNamespace(created_at=datetime(2026, 11, 30, 22, 30, tzinfo=UTC), locale="he-IL")
+    last, ends = world.service._offer_last_day(row) or (None, None)
+    assert last == date(2026, 12, 31)
+    assert ends == datetime(2026, 12, 31, 22, 0, tzinfo=UTC)  # midnight of 1 January, UTC+2
 
 
 def test_offer_settings_are_checked_at_start() -> None:
@@ -626,6 +647,7 @@ def test_offer_settings_are_checked_at_start() -> None:
         {"messenger_offer_value": {"not a locale": "15% off"}},
         {"messenger_offer_value": {"en": "  "}},
         {"messenger_offer_value": {"en": "x" * 41}},
+        {"messenger_offer_value": {"en": "15%\noff"}},
         {"messenger_offer_valid_days": 0},
     ):
         with pytest.raises(ValidationError):

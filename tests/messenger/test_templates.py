@@ -186,6 +186,17 @@ def test_unguarded_optional_variable_is_rejected_when_saved(name: str) -> None:
     assert validate_template(guarded) == []
 
 
+def test_an_offer_detail_must_be_guarded_apart_from_the_code() -> None:
+    """The default shop configures no value nor validity: a code alone must render too."""
+    errors = validate_template(
+        custom("Hi{% if offer_code %} {{ offer_code }} until {{ offer_expires }}{% endif %}.")
+    )
+    assert any("offer_expires" in e.message for e in errors)
+    until = "{% if offer_expires %} until {{ offer_expires }}{% endif %}"
+    guarded = "Hi{% if offer_code %} {{ offer_code }}" + until + "{% endif %}."
+    assert validate_template(custom(guarded)) == []
+
+
 def test_at_send_time_an_absent_optional_variable_renders_empty() -> None:
     template = custom("Hello {{ offer_code }}!")
     variables = sample_variables("en") | {"offer_code": None}
