@@ -22,6 +22,7 @@ from services.messenger.journeys import Journey, default_journeys, validate_jour
 from services.messenger.service import MessengerService
 from services.messenger.templates import (
     DEFAULT_LOCALE,
+    OPTIONAL_VARIABLES,
     Rendered,
     Template,
     TemplateError,
@@ -54,18 +55,7 @@ PENDING = ("queued", "sending", "held_quiet_hours")
 
 # What a message takes from its trigger rather than from the profile: a preview for a real
 # customer has no trigger, so these come from the sample data (and the preview says so).
-TRIGGER_VARIABLES = frozenset(
-    {
-        "last_order",
-        "ticket_id",
-        "ticket_category",
-        "survey_url",
-        "offer_code",
-        "offer_value",
-        "offer_expires",
-        "personal_contact",
-    }
-)
+TRIGGER_VARIABLES = OPTIONAL_VARIABLES - {"first_name", "name"}
 
 
 class JourneyNotFoundError(NotFoundError):
