@@ -112,7 +112,7 @@ def summarize(
         raise ValueError("time_unit_days must be positive")
     cutoff_ordinal = cutoff.toordinal()
     days: dict[str, dict[int, float]] = {}
-    unvalued: set[tuple[str, int]] = set()  # (customer, day) with a purchase without a value
+    unvalued: dict[str, set[int]] = {}  # customer → the days with a purchase without a value
     for customer_id, day, amount in purchases:
         ordinal = day.toordinal()
         if ordinal > cutoff_ordinal:
@@ -120,7 +120,7 @@ def summarize(
         per_day = days.setdefault(customer_id, {})
         if amount is None:
             per_day.setdefault(ordinal, 0.0)
-            unvalued.add((customer_id, ordinal))
+            unvalued.setdefault(customer_id, set()).add(ordinal)
         else:
             per_day[ordinal] = per_day.get(ordinal, 0.0) + float(amount)
 
@@ -138,13 +138,10 @@ def summarize(
         t_x[i] = (last - first) / time_unit_days
         T[i] = (cutoff_ordinal - first) / time_unit_days
         historic[i] = sum(per_day.values())
-        valued = [per_day[o] for o in ordinals[1:] if (customer_id, o) not in unvalued] if unvalued else None
-        if valued is None:  # every purchase has a value (the usual case): no lookups
-            x_m[i] = x[i]
-            if len(ordinals) > 1:
-                m[i] = sum(per_day[o] for o in ordinals[1:]) / (len(ordinals) - 1)
-        elif valued:
-            x_m[i] = len(valued)
+        skipped = unvalued.get(customer_id, ())
+        valued = [per_day[o] for o in ordinals[1:] if o not in skipped]
+        x_m[i] = len(valued)
+        if valued:
             m[i] = sum(valued) / len(valued)
     return RfmData(tuple(days), x, t_x, T, m, historic, x_m)
 
