@@ -10,11 +10,11 @@ import hashlib
 import math
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -69,6 +69,7 @@ from shared.outbox import OutboxRelay, enqueue
 from shared.topics import CLV
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 Clock = Callable[[], datetime]
 UNKNOWN = "unknown"
@@ -291,6 +292,29 @@ def _stamped(name: str) -> Callable[[Any], str]:
         return value or UNKNOWN
 
     return of
+
+
+def _block(
+    items: Sequence[T],
+    summarize: Callable[[Sequence[T]], Any],
+    key: Callable[[T], str] | None,
+    summarize_group: Callable[[Sequence[T]], Any] | None = None,
+) -> dict[str, Any]:
+    """A block of a KPI answer: the statistics of ``items`` and, with ``by``, of each value of
+    its ``key`` (with ``summarize_group`` when a group is summed up otherwise)."""
+    each = summarize_group or summarize
+    groups = {} if key is None else {k: each(g) for k, g in sorted(group_by(items, key).items())}
+    return {"stats": summarize(items), "groups": groups}
+
+
+def _daily_cells(
+    items: Iterable[T], day_of: Callable[[T], date], dims: Mapping[str, Callable[[T], str]]
+) -> Iterator[tuple[date, str, str, list[T]]]:
+    """The cells of a daily Grafana table: per day, per dimension, per value, its items."""
+    for day, day_items in sorted(group_by(items, day_of).items()):
+        for dimension, key in dims.items():
+            for value, group in sorted(group_by(day_items, key).items()):
+                yield day, dimension, value, group
 
 
 def _top(values: Iterable[str]) -> Callable[[str], str]:
@@ -562,30 +586,29 @@ class KpiService:
             "complaint": lambda t: "true" if t.is_complaint else "false",
         }
         out: list[dict[str, Any]] = []
-        by_day = group_by(found, lambda t: local_day(t.opened_at, self.tz))
-        for day, day_tickets in sorted(by_day.items()):
-            for dimension, key in dims.items():
-                for value, group in sorted(group_by(day_tickets, key).items()):
-                    s = response_kpi.summarize(group, self.settings.targets, now)
-                    out.append(
-                        {
-                            "day": day,
-                            "dimension": dimension,
-                            "value": value[:64],
-                            "tickets": s.tickets,
-                            "answered": s.first_response.count,
-                            "first_response_p50_s": s.first_response.p50_s,
-                            "first_response_p90_s": s.first_response.p90_s,
-                            "first_response_mean_s": s.first_response.mean_s,
-                            "resolved": s.resolution.count,
-                            "resolution_p50_s": s.resolution.p50_s,
-                            "resolution_p90_s": s.resolution.p90_s,
-                            "resolution_mean_s": s.resolution.mean_s,
-                            "breached": s.breached,
-                            "breach_rate": s.breach_rate,
-                            "reopened_tickets": s.reopened_tickets,
-                        }
-                    )
+        for day, dimension, value, group in _daily_cells(
+            found, lambda t: local_day(t.opened_at, self.tz), dims
+        ):
+            s = response_kpi.summarize(group, self.settings.targets, now)
+            out.append(
+                {
+                    "day": day,
+                    "dimension": dimension,
+                    "value": value[:64],
+                    "tickets": s.tickets,
+                    "answered": s.first_response.count,
+                    "first_response_p50_s": s.first_response.p50_s,
+                    "first_response_p90_s": s.first_response.p90_s,
+                    "first_response_mean_s": s.first_response.mean_s,
+                    "resolved": s.resolution.count,
+                    "resolution_p50_s": s.resolution.p50_s,
+                    "resolution_p90_s": s.resolution.p90_s,
+                    "resolution_mean_s": s.resolution.mean_s,
+                    "breached": s.breached,
+                    "breach_rate": s.breach_rate,
+                    "reopened_tickets": s.reopened_tickets,
+                }
+            )
         return out
 
     async def _conversion_rows(self, first: date, last: date) -> list[dict[str, Any]]:
@@ -596,49 +619,48 @@ class KpiService:
             **{name: _stamped(name) for name in STAMPED},
         }
         out: list[dict[str, Any]] = []
-        by_day = group_by(messages, lambda m: local_day(m.decided_at, self.tz))
-        for day, day_messages in sorted(by_day.items()):
-            for dimension, key in dims.items():
-                for value, group in sorted(group_by(day_messages, key).items()):
-                    s = conversion_kpi.summarize(
-                        group,
-                        bought,
-                        window,
-                        compare=dimension != "channel",
-                        # One journey per row: the panel adds a journey's days up, like with like
-                        # over its range; a day with one arm must still bring that arm.
-                        lone_arms=dimension == "journey",
-                    )
-                    out.append(
-                        {
-                            "day": day,
-                            "dimension": dimension,
-                            "value": value[:128],
-                            "sent": s.sent,
-                            "conversions": s.conversions,
-                            "conversion_rate": s.conversion_rate,
-                            "revenue": float(s.revenue),
-                            "revenue_per_message": None
-                            if s.revenue_per_message is None
-                            else float(s.revenue_per_message),
-                            "holdout": s.holdout,
-                            "holdout_conversions": s.holdout_conversions,
-                            "holdout_rate": s.holdout_rate,
-                            "assigned": s.assigned,
-                            "assigned_conversions": s.assigned_conversions,
-                            "assigned_rate": s.assigned_rate,
-                            "uplift": s.uplift,
-                            "uplift_ci_low": s.uplift_ci_low,
-                            "uplift_ci_high": s.uplift_ci_high,
-                            "attempted": s.attempted,
-                            "delivered": s.delivered,
-                            "failed": s.failed,
-                            "delivery_rate": s.delivery_rate,
-                            "failure_rate": s.failure_rate,
-                            "actions": s.actions,
-                            "actions_per_engagement": s.actions_per_engagement,
-                        }
-                    )
+        for day, dimension, value, group in _daily_cells(
+            messages, lambda m: local_day(m.decided_at, self.tz), dims
+        ):
+            s = conversion_kpi.summarize(
+                group,
+                bought,
+                window,
+                compare=dimension != "channel",
+                # One journey per row: the panel adds a journey's days up, like with like
+                # over its range; a day with one arm must still bring that arm.
+                lone_arms=dimension == "journey",
+            )
+            out.append(
+                {
+                    "day": day,
+                    "dimension": dimension,
+                    "value": value[:128],
+                    "sent": s.sent,
+                    "conversions": s.conversions,
+                    "conversion_rate": s.conversion_rate,
+                    "revenue": float(s.revenue),
+                    "revenue_per_message": None
+                    if s.revenue_per_message is None
+                    else float(s.revenue_per_message),
+                    "holdout": s.holdout,
+                    "holdout_conversions": s.holdout_conversions,
+                    "holdout_rate": s.holdout_rate,
+                    "assigned": s.assigned,
+                    "assigned_conversions": s.assigned_conversions,
+                    "assigned_rate": s.assigned_rate,
+                    "uplift": s.uplift,
+                    "uplift_ci_low": s.uplift_ci_low,
+                    "uplift_ci_high": s.uplift_ci_high,
+                    "attempted": s.attempted,
+                    "delivered": s.delivered,
+                    "failed": s.failed,
+                    "delivery_rate": s.delivery_rate,
+                    "failure_rate": s.failure_rate,
+                    "actions": s.actions,
+                    "actions_per_engagement": s.actions_per_engagement,
+                }
+            )
         return out
 
     async def _answers(self, whole: Period) -> list[csat_kpi.Answer]:
@@ -654,24 +676,22 @@ class KpiService:
             **{name: _stamped(name) for name in STAMPED},
         }
         out: list[dict[str, Any]] = []
-        for day, day_answers in sorted(group_by(answers, lambda a: local_day(a.at, self.tz)).items()):
-            for dimension, key in dims.items():
-                for value, group in sorted(group_by(day_answers, key).items()):
-                    s = csat_kpi.summarize(group)
-                    out.append(
-                        {
-                            "day": day,
-                            "dimension": dimension,
-                            "value": value[:128],
-                            "answers": s.answers,
-                            "satisfied": s.satisfied,
-                            "neutral": s.neutral,
-                            "dissatisfied": s.dissatisfied,
-                            "score_sum": s.score_sum,
-                            "csat": s.csat,
-                            "mean_score": s.mean_score,
-                        }
-                    )
+        for day, dimension, value, group in _daily_cells(answers, lambda a: local_day(a.at, self.tz), dims):
+            s = csat_kpi.summarize(group)
+            out.append(
+                {
+                    "day": day,
+                    "dimension": dimension,
+                    "value": value[:128],
+                    "answers": s.answers,
+                    "satisfied": s.satisfied,
+                    "neutral": s.neutral,
+                    "dissatisfied": s.dissatisfied,
+                    "score_sum": s.score_sum,
+                    "csat": s.csat,
+                    "mean_score": s.mean_score,
+                }
+            )
         return out
 
     async def _alive_test(self, session: AsyncSession) -> tuple[churn_kpi.AliveTest | None, Any]:
@@ -742,16 +762,7 @@ class KpiService:
         key = self._ticket_key(q.by, attrs)
 
         def block(group: Sequence[response_kpi.Ticket]) -> dict[str, Any]:
-            stats = response_kpi.summarize(group, targets, now)
-            by = (
-                {}
-                if key is None
-                else {
-                    k: response_kpi.summarize(g, targets, now)
-                    for k, g in sorted(group_by(group, key).items())
-                }
-            )
-            return {"stats": stats, "groups": by}
+            return _block(group, lambda g: response_kpi.summarize(g, targets, now), key)
 
         high_value = response_kpi.high_value_complaints(found, values, self.settings.kpi_high_value_threshold)
         breaching = response_kpi.open_in_breach(still_open, targets, now)
@@ -891,16 +902,12 @@ class KpiService:
         key = None if q.by is None else _stamped(q.by)
 
         def block(group: Sequence[conversion_kpi.Message]) -> dict[str, Any]:
-            stats = conversion_kpi.summarize(group, bought, window)
-            by = (
-                {}
-                if key is None
-                else {
-                    k: conversion_kpi.summarize(g, bought, window, compare=q.by != "channel")
-                    for k, g in sorted(group_by(group, key).items())
-                }
+            return _block(
+                group,
+                lambda g: conversion_kpi.summarize(g, bought, window),
+                key,
+                lambda g: conversion_kpi.summarize(g, bought, window, compare=q.by != "channel"),
             )
-            return {"stats": stats, "groups": by}
 
         return {
             **self._header(q),
@@ -926,9 +933,7 @@ class KpiService:
         key = None if q.by is None else _stamped(q.by)
 
         def block(group: Sequence[csat_kpi.Answer]) -> dict[str, Any]:
-            by = group_by(group, key) if key is not None else {}
-            groups = {k: csat_kpi.summarize(g) for k, g in sorted(by.items())}
-            return {"stats": csat_kpi.summarize(group), "groups": groups}
+            return _block(group, csat_kpi.summarize, key)
 
         # As the response time's high-value complaints: revenue before the answer.
         high_value = [
