@@ -382,10 +382,10 @@ MessageId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
 )
 async def survey(message_id: MessageId, service: Service) -> HTMLResponse:
     locale, state = await service.survey_state(message_id_of(message_id))
-    lang = page_language(locale)
     if state is not None:
-        return HTMLResponse(pages.survey_done(lang, state), 404 if state == "gone" else 200)
-    return HTMLResponse(pages.survey_form(lang, service.settings.messenger_brand_name, f"/s/{message_id}"))
+        return _survey_done(locale, state)
+    brand = service.settings.messenger_brand_name
+    return HTMLResponse(pages.survey_form(page_language(locale), brand, f"/s/{message_id}"))
 
 
 @router.post(
@@ -398,6 +398,11 @@ async def survey_answer(
     comment: Annotated[str, Form(max_length=pages.MAX_COMMENT), AfterValidator(storable)] = "",
 ) -> HTMLResponse:
     locale, state = await service.answer_survey(message_id_of(message_id), score, comment.strip())
+    return _survey_done(locale, state)
+
+
+def _survey_done(locale: str | None, state: pages.SurveyState) -> HTMLResponse:
+    """The page after the survey (thanks, already answered), or a 404 for no such message."""
     return HTMLResponse(pages.survey_done(page_language(locale), state), 404 if state == "gone" else 200)
 
 

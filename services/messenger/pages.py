@@ -147,10 +147,13 @@ def survey_form(lang: Language, brand: str, action: str) -> str:
 SurveyState = Literal["thanks", "already", "gone"]
 
 
+_DONE: dict[SurveyState, str] = {
+    "thanks": "survey_thanks",
+    "already": "survey_already",
+    "gone": "survey_gone",
+}
+
+
 def survey_done(lang: Language, state: SurveyState) -> str:
     t = _TEXTS[lang]
-    if state == "thanks":
-        return _render(lang, t["survey_thanks_title"], [t["survey_thanks"]])
-    return _render(
-        lang, t["survey_thanks_title"], [t["survey_already" if state == "already" else "survey_gone"]]
-    )
+    return _render(lang, t["survey_thanks_title"], [t[_DONE[state]]])
