@@ -17,6 +17,7 @@ from services.messenger.links import message_id_of, verify_unsubscribe
 from services.messenger.pages import page_language
 from services.messenger.schemas import (
     CapsOut,
+    FollowUpIn,
     MessageOut,
     MessagesPage,
     SurveyAnswerOut,
@@ -56,6 +57,8 @@ def _service(request: Request) -> MessengerService:
 Reader = Annotated[ApiKey, Depends(require_scope(_store, "messages:read"))]
 Writer = Annotated[ApiKey, Depends(require_scope(_store, "messages:write"))]
 Service = Annotated[MessengerService, Depends(_service)]
+# A message id in a path: the survey pages (a link's short form too) and its answer's follow-up.
+MessageId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
 
 
 def _cursor(value: str | None) -> tuple[datetime, str] | None:
@@ -131,6 +134,13 @@ async def list_survey_answers(
         Query(description="Answered at or after this instant: RFC 3339 (2026-11-26T00:00:00+02:00)."),
     ] = None,
     until: Annotated[AwareDatetime | None, Query(description="Answered before this instant.")] = None,
+    followed_up: Annotated[
+        bool | None,
+        Query(
+            description="false: only the answers nobody has taken up yet (the call-back list); "
+            "true: only those followed up (PUT /v1/surveys/{message_id}/follow-up)."
+        ),
+    ] = None,
     cursor: Annotated[str | None, Query(max_length=300)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> SurveyAnswersPage:
@@ -147,6 +157,7 @@ async def list_survey_answers(
         max_score=max_score,
         since=since,
         until=until,
+        followed_up=followed_up,
         before=_cursor(cursor),
         limit=limit,
     )
@@ -154,6 +165,37 @@ async def list_survey_answers(
         answers=[SurveyAnswerOut.model_validate(r) for r in rows],
         next_cursor=_next_cursor(rows, limit),
     )
+
+
+@router.put(
+    "/v1/surveys/{message_id}/follow-up",
+    response_model=SurveyAnswerOut,
+    tags=["messages"],
+    summary="Record that support took up an answer (called back, refunded), with what was done",
+    responses={404: {"description": "nobody answered the survey of that message"}},
+)
+async def follow_up_survey_answer(
+    message_id: MessageId, body: FollowUpIn, key: Writer, service: Service
+) -> SurveyAnswerOut:
+    """The answer leaves the call-back list (``GET /v1/surveys?followed_up=false``). The same
+    note again changes nothing; another note replaces it, stamped with who and when."""
+    answer = await service.follow_up_survey(message_id, body.note or None, key.id)
+    if answer is None:
+        raise NotFoundError(f"nobody answered the survey of message {message_id!r}")
+    return SurveyAnswerOut.model_validate(answer)
+
+
+@router.delete(
+    "/v1/surveys/{message_id}/follow-up",
+    status_code=204,
+    tags=["messages"],
+    summary="Take back a follow-up recorded by mistake: the answer is on the call-back list again",
+    responses={404: {"description": "nobody answered the survey of that message"}},
+)
+async def reopen_survey_answer(message_id: MessageId, _key: Writer, service: Service) -> Response:
+    if not await service.reopen_survey(message_id):
+        raise NotFoundError(f"nobody answered the survey of message {message_id!r}")
+    return Response(status_code=204)
 
 
 @router.get(
@@ -372,9 +414,6 @@ async def unsubscribe(token: Annotated[str, Path(max_length=300)], service: Serv
     await service.unsubscribe(customer_id, Channel(channel))
     lang = page_language(await service.customer_locale(customer_id))
     return HTMLResponse(pages.unsubscribed(lang, Channel(channel), service.settings.messenger_brand_name))
-
-
-MessageId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
 
 
 @router.get(

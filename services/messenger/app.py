@@ -14,7 +14,7 @@ from services.messenger.admin_api import router as admin_router
 from services.messenger.api import router
 from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
-from services.messenger.service import HELD_GAUGES, MessengerService
+from services.messenger.service import REFRESHED_GAUGES, MessengerService
 from shared.auth import KeyStore
 from shared.collector import settle_collector
 from shared.db import Database, migrate
@@ -28,7 +28,7 @@ def create_app(settings: MessengerSettings | None = None) -> FastAPI:
     configure_logging(settings.log_level, settings.log_json)
     db = Database(settings.database_url)
     service = MessengerService(db, settings)
-    expose(HELD_GAUGES)  # refreshed on /readyz, as by the sender; not by the consumer
+    expose(REFRESHED_GAUGES)  # refreshed on /readyz, as by the sender; not by the consumer
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -63,6 +63,12 @@ def _newest_first(
     return stmt
 
 
+# An answer with its customer's latest profile (None when the messenger has none any more).
+_ANSWERED = select(survey_answers, customers.c.profile.label("customer_profile")).select_from(
+    survey_answers.outerjoin(customers, customers.c.customer_id == survey_answers.c.customer_id)
+)
+
+
 # The reads of a consumer batch, built once per dialect with the ids as one parameter
 # (``in_list``) instead of per call: building a SELECT and its cache key took longer than
 # SQLite took to run it (163 against 77 µs a statement), and every batch runs a dozen of them.
@@ -339,24 +345,36 @@ class MessengerRepository:
         max_score: int | None,
         since: datetime | None,
         until: datetime | None,
+        followed_up: bool | None,
         before: tuple[datetime, str] | None,
         limit: int,
     ) -> list[Any]:
-        """Survey answers newest first (at most ``max_score``, answered in [since, until) when
-        given), each with the customer's latest profile (``customer_profile``; None if unknown)."""
+        """Survey answers newest first (at most ``max_score``, answered in [since, until), taken
+        up or not by support (``followed_up``), when given), each with the customer's latest
+        profile (``customer_profile``; None if unknown)."""
         a = survey_answers.c
-        answered = select(survey_answers, customers.c.profile.label("customer_profile")).select_from(
-            survey_answers.outerjoin(customers, customers.c.customer_id == a.customer_id)
-        )
         filters = {"customer_id": customer_id, "journey": journey}
-        stmt = _newest_first(answered, survey_answers, filters, before, limit)
+        stmt = _newest_first(_ANSWERED, survey_answers, filters, before, limit)
         if max_score is not None:
             stmt = stmt.where(a.score <= max_score)
         if since is not None:
             stmt = stmt.where(a.created_at >= since)
         if until is not None:
             stmt = stmt.where(a.created_at < until)
+        if followed_up is not None:
+            stmt = stmt.where(a.followed_up_at.is_not(None) if followed_up else a.followed_up_at.is_(None))
         return list((await session.execute(stmt)).all())
+
+    async def survey_answer(self, session: AsyncSession, message_id: str) -> Any:
+        """The answer to the survey of ``message_id`` as ``list_survey_answers`` gives it, or None."""
+        return (await session.execute(_ANSWERED.where(survey_answers.c.id == message_id))).first()
+
+    async def follow_up_survey_answer(
+        self, session: AsyncSession, message_id: str, at: datetime | None, by: str | None, note: str | None
+    ) -> None:
+        """Record support's follow-up of an answer (all None: taken back, open again)."""
+        stmt = update(survey_answers).where(survey_answers.c.id == message_id)
+        await session.execute(stmt.values(followed_up_at=at, followed_up_by=by, follow_up_note=note))
 
     async def update_message(self, session: AsyncSession, message_id: str, **values: Any) -> None:
         await session.execute(update(messages).where(messages.c.id == message_id).values(**values))
@@ -467,6 +485,16 @@ class MessengerRepository:
         keeps the column's type, so both come back timezone-aware."""
         stmt = select(func.min(messages.c.created_at), func.min(messages.c.send_at)).where(
             messages.c.status == "held_quiet_hours"
+        )
+        row = (await session.execute(stmt)).one()
+        return row[0], row[1]
+
+    async def unhappy_waiting(self, session: AsyncSession, max_score: int) -> tuple[int, datetime | None]:
+        """(how many, the earliest answered_at) of the survey answers of at most ``max_score``
+        that nobody has followed up yet."""
+        a = survey_answers.c
+        stmt = select(func.count(), func.min(a.created_at)).where(
+            a.score <= max_score, a.followed_up_at.is_(None)
         )
         row = (await session.execute(stmt)).one()
         return row[0], row[1]

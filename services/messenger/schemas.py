@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from services.messenger.caps import Cap
+from shared.storable import storable
 
 
 class MessageOut(BaseModel):
@@ -57,6 +58,25 @@ class SurveyCustomerOut(BaseModel):
     reporting_currency: str
 
 
+Note = Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000), AfterValidator(storable)]
+
+
+class FollowUpIn(BaseModel):
+    """What support did about an answer (the call back, the refund, the apology)."""
+
+    model_config = ConfigDict(extra="forbid")
+    note: Note | None = Field(
+        default=None,
+        description="What was done, for whoever reads the answer next (at most 2,000 characters).",
+    )
+
+
+class FollowUpOut(BaseModel):
+    at: datetime = Field(description="When the follow-up was recorded (UTC).")
+    by: str = Field(description="The id of the API key that recorded it.")
+    note: str | None
+
+
 class SurveyAnswerOut(BaseModel):
     model_config = ConfigDict(extra="ignore")
     message_id: str = Field(
@@ -73,6 +93,10 @@ class SurveyAnswerOut(BaseModel):
     customer: SurveyCustomerOut | None = Field(
         description="Who answered, to call them back and the valuable first; null if the messenger "
         "has no profile of them any more."
+    )
+    follow_up: FollowUpOut | None = Field(
+        description="Support's follow-up of the answer (PUT /v1/surveys/{message_id}/follow-up); "
+        "null while nobody has taken it up."
     )
 
 

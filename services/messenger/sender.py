@@ -13,7 +13,7 @@ import signal
 from services.messenger.config import MessengerSettings
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.providers.registry import build_limiter, build_providers, close_providers, describe
-from services.messenger.service import HELD_GAUGES, MessengerService
+from services.messenger.service import REFRESHED_GAUGES, MessengerService
 from shared.kafka.consumer import is_transient
 from shared.logs import get_logger
 from shared.metrics import forget_loop, heartbeat
@@ -55,7 +55,7 @@ async def main(settings: MessengerSettings | None = None) -> None:
     settings = settings or MessengerSettings()
     client_id = LOOP
     async with worker(
-        settings, settings.database_url, MIGRATIONS, client_id, 8203, own_metrics=HELD_GAUGES
+        settings, settings.database_url, MIGRATIONS, client_id, 8203, own_metrics=REFRESHED_GAUGES
     ) as (db, producer):
         providers = build_providers(settings)
         for channel, provider in providers.items():

@@ -105,7 +105,19 @@ HELD_OVERDUE = Gauge(
     "How long ago the earliest window of a still-held message opened (0: none is past its window).",
     registry=None,
 )
-HELD_GAUGES = (HELD, HELD_OLDEST_AGE, HELD_OVERDUE)
+UNHAPPY_WAITING = Gauge(
+    "retain_messenger_unhappy_answers_waiting",
+    "Survey answers of 1 or 2 out of 5 that nobody has followed up yet (PUT /v1/surveys/{id}/follow-up).",
+    registry=None,
+)
+UNHAPPY_OLDEST_AGE = Gauge(
+    "retain_messenger_unhappy_answer_oldest_age_seconds",
+    "How long the oldest survey answer of 1 or 2 not followed up has waited (0: none waits).",
+    registry=None,
+)
+REFRESHED_GAUGES = (HELD, HELD_OLDEST_AGE, HELD_OVERDUE, UNHAPPY_WAITING, UNHAPPY_OLDEST_AGE)
+# The answers support calls back: the dissatisfied, as the kpi's CSAT counts them (1 or 2 of 5).
+CALL_BACK_MAX_SCORE = 2
 CAP_HITS = Counter("retain_messenger_cap_hits_total", "Messages stopped by a frequency cap.", ["journey"])
 UNSUBSCRIBES = Counter(
     "retain_messenger_unsubscribes_total", "Opt-outs recorded, by channel and source.", ["channel", "source"]
@@ -134,6 +146,16 @@ def _candidate_of(row: Any) -> Candidate:
         channel=Channel(row.channel) if row.details and row.details.get("forced_channel") else None,
         ttl=(row.expires_at - row.created_at) if row.expires_at else None,
     )
+
+
+def _answer_out(row: Any) -> dict[str, Any]:
+    """A survey answer as the API gives it: with who answered and support's follow-up."""
+    answer = dict(row._mapping)
+    stored = answer.pop("customer_profile")
+    answer["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
+    at, by, note = answer.pop("followed_up_at"), answer.pop("followed_up_by"), answer.pop("follow_up_note")
+    answer["follow_up"] = None if at is None else {"at": at, "by": by, "note": note}
+    return answer
 
 
 @dataclass(slots=True)
@@ -1501,13 +1523,33 @@ class MessengerService:
         call them back, and their value, to call the valuable first."""
         async with self.db.sessions() as session:
             rows = await self.repo.list_survey_answers(session, **filters)
-        out: list[dict[str, Any]] = []
-        for r in rows:
-            answer = dict(r._mapping)
-            stored = answer.pop("customer_profile")
-            answer["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
-            out.append(answer)
-        return out
+        return [_answer_out(r) for r in rows]
+
+    async def follow_up_survey(self, message_id: str, note: str | None, by: str) -> dict[str, Any] | None:
+        """Record that support took up the answer to the survey of ``message_id`` (called the
+        customer back, refunded, apologised), with what they did. The same note again changes
+        nothing (a retried request keeps its first time); another replaces it, stamped with who
+        and when. None: nobody answered that survey."""
+        async with self.db.transaction() as session:
+            row = await self.repo.survey_answer(session, message_id)
+            if row is None:
+                return None
+            if row.followed_up_at is None or row.follow_up_note != note:
+                await self.repo.follow_up_survey_answer(session, message_id, self.clock(), by, note)
+                row = await self.repo.survey_answer(session, message_id)
+        log.info("survey answer followed up", extra={"message_id": message_id, "by": by})
+        return _answer_out(row)
+
+    async def reopen_survey(self, message_id: str) -> bool:
+        """Take back a follow-up recorded by mistake: the answer is open again. False: nobody
+        answered that survey."""
+        async with self.db.transaction() as session:
+            row = await self.repo.survey_answer(session, message_id)
+            if row is None:
+                return False
+            if row.followed_up_at is not None:
+                await self.repo.follow_up_survey_answer(session, message_id, None, None, None)
+        return True
 
     async def list_waits(self, **filters: Any) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:
@@ -1554,10 +1596,15 @@ class MessengerService:
         async with self.db.sessions() as session:
             counts = await self.repo.count_by_status(session)
             oldest_created, earliest_window = await self.repo.oldest_held(session)
+            unhappy, earliest_unhappy = await self.repo.unhappy_waiting(session, CALL_BACK_MAX_SCORE)
         now = self.clock()
         HELD.set(counts.get("held_quiet_hours", 0))
         HELD_OLDEST_AGE.set((now - oldest_created).total_seconds() if oldest_created else 0.0)
         HELD_OVERDUE.set(max(0.0, (now - earliest_window).total_seconds()) if earliest_window else 0.0)
+        UNHAPPY_WAITING.set(unhappy)
+        UNHAPPY_OLDEST_AGE.set(
+            max(0.0, (now - earliest_unhappy).total_seconds()) if earliest_unhappy else 0.0
+        )
 
 
 class CapsConflictError(Exception):

@@ -94,6 +94,11 @@ survey_answers = Table(
     Column("score", Integer, nullable=False),  # 1 (not at all) … 5 (very)
     Column("comment", Text, nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),  # when the customer answered
+    # Support's follow-up (PUT /v1/surveys/{id}/follow-up): when, by which API key, and what
+    # was done; all null while nobody has taken the answer up.
+    Column("followed_up_at", UtcDateTime(), nullable=True),
+    Column("followed_up_by", String(64), nullable=True),
+    Column("follow_up_note", Text, nullable=True),
     Index("ix_survey_answers_created", "created_at", "id"),  # the order of GET /v1/surveys
     Index("ix_survey_answers_customer", "customer_id", "created_at"),
 )

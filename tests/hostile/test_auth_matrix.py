@@ -46,6 +46,8 @@ SCOPE_OF: dict[str, dict[tuple[str, str], str]] = {
         ("GET", "/v1/messages"): "messages:read",
         ("GET", "/v1/waits"): "messages:read",
         ("GET", "/v1/surveys"): "messages:read",
+        ("PUT", "/v1/surveys/{message_id}/follow-up"): "messages:write",
+        ("DELETE", "/v1/surveys/{message_id}/follow-up"): "messages:write",
         ("GET", "/v1/caps"): "messages:read",
         ("PUT", "/v1/caps"): "messages:write",
         ("GET", "/v1/journeys"): "messages:read",
@@ -82,6 +84,7 @@ PATH_VALUES = {
     "journey": "thank_you",
     "channel": "sms",
     "locale": "he",
+    "message_id": "m1",
 }
 CASES = [(service, method, path) for service, routes in SCOPE_OF.items() for method, path in routes]
 

@@ -272,6 +272,17 @@ async def test_long_strings_in_urls_are_422(stack: Stack, service: str, url: str
     assert field in [d["field"] for d in details]
 
 
+async def test_a_follow_up_names_what_is_too_long(stack: Stack) -> None:
+    url = "/v1/surveys/" + "m" * 65 + "/follow-up"
+    for method in ("PUT", "DELETE"):
+        details = problems(await stack.call("messenger", method, url, json={} if method == "PUT" else None))
+        assert "path.message_id" in [d["field"] for d in details], method
+    note = problems(
+        await stack.call("messenger", "PUT", "/v1/surveys/m1/follow-up", json={"note": "n" * 2001})
+    )
+    assert [d["field"] for d in note] == ["body.note"]
+
+
 async def test_caps_are_bounded(stack: Stack) -> None:
     caps = [{"name": f"c{i}", "scope": "global", "limit": 1, "window": 7} for i in range(101)]
     details = problems(await stack.call("messenger", "PUT", "/v1/caps", json={"caps": caps}))

@@ -5,6 +5,7 @@ and the providers' callbacks (signed, replayed, out of order, STOP in three lang
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from services.messenger.decision import in_holdout
 from services.messenger.links import sign_unsubscribe, survey_token
 from services.messenger.providers.base import ProviderError
 from services.messenger.providers.outbox import OutboxProvider
-from services.messenger.service import MessengerService
+from services.messenger.service import UNHAPPY_OLDEST_AGE, UNHAPPY_WAITING, MessengerService
 from services.messenger.tables import outbox as outbox_table
 from shared.auth import create_key
 from shared.db import Database, migrate
@@ -667,6 +668,94 @@ async def test_survey_answers_are_listed_newest_first_for_a_follow_up(
         response = await api.get("/v1/surveys", params=bad)
         assert response.status_code == 422, (bad, response.text)
         assert field in [d["field"] for d in response.json()["error"]["details"]], response.text
+
+
+async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_list(
+    world: World, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Two unhappy customers (1 and 2 of 5): support calls the first back, notes what was done,
+    and the call-back list (max_score=2, followed_up=false) holds only the other."""
+    ids = {}
+    for n, customer in enumerate(("f1", "f2")):
+        await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+        [message] = await messages(world, customer)
+        ids[customer] = message["id"]
+        world.clock.now = NOON + timedelta(minutes=n + 1)
+        answer = {"score": str(n + 1), "comment": "late"}
+        assert (await api.post(f"/s/{survey_token(message['id'])}", data=answer)).status_code == 200
+
+    async def call_back_list() -> list[str]:
+        params = {"max_score": "2", "followed_up": "false"}
+        return [a["customer_id"] for a in (await api.get("/v1/surveys", params=params)).json()["answers"]]
+
+    assert await call_back_list() == ["f2", "f1"]
+    assert [a["follow_up"] for a in (await api.get("/v1/surveys")).json()["answers"]] == [None, None]
+    [key_id] = [k["id"] for k in json.loads((tmp_path / "api_keys.json").read_text())["keys"]]
+    path = f"/v1/surveys/{ids['f1']}/follow-up"
+    world.clock.now = NOON + timedelta(hours=2)
+
+    async def gauges() -> tuple[float, float]:
+        await world.service.refresh_gauges()
+        return UNHAPPY_WAITING._value.get(), UNHAPPY_OLDEST_AGE._value.get()
+
+    # Both wait; the oldest answered at 12:01 (RetainUnhappyCustomersWaiting past a day).
+    assert await gauges() == (2, (timedelta(hours=2) - timedelta(minutes=1)).total_seconds())
+    done = await api.put(path, json={"note": "  Called back; refunded the delivery fee.  "})
+    assert done.status_code == 200, done.text
+    taken = done.json()
+    assert (taken["customer_id"], taken["score"], taken["comment"]) == ("f1", 1, "late")
+    assert taken["follow_up"] == {
+        "at": (NOON + timedelta(hours=2)).isoformat().replace("+00:00", "Z"),
+        "by": key_id,
+        "note": "Called back; refunded the delivery fee.",
+    }
+    assert taken["customer"]["name"]  # who it was, as the list gives it
+    assert await call_back_list() == ["f2"]
+    followed = (await api.get("/v1/surveys", params={"followed_up": "true"})).json()["answers"]
+    assert [(a["customer_id"], a["follow_up"]) for a in followed] == [("f1", taken["follow_up"])]
+    # A retried request changes nothing, its time included; another note replaces the first.
+    world.clock.now = NOON + timedelta(hours=3)
+    again = await api.put(path, json={"note": "Called back; refunded the delivery fee."})
+    assert again.json()["follow_up"] == taken["follow_up"]
+    amended = (await api.put(path, json={"note": "Refund sent."})).json()["follow_up"]
+    assert (amended["note"], amended["at"]) == (
+        "Refund sent.",
+        (NOON + timedelta(hours=3)).isoformat().replace("+00:00", "Z"),
+    )
+    # No note is a follow-up too (called, nothing to add).
+    bare = await api.put(f"/v1/surveys/{ids['f2']}/follow-up", json={})
+    assert bare.json()["follow_up"]["note"] is None
+    assert await call_back_list() == []
+    assert await gauges() == (0, 0.0)
+    # Recorded on the wrong answer: taken back, on the list again; twice is the same.
+    for _ in range(2):
+        assert (await api.delete(f"/v1/surveys/{ids['f2']}/follow-up")).status_code == 204
+    assert await call_back_list() == ["f2"]
+    assert await gauges() == (1, (timedelta(hours=3) - timedelta(minutes=2)).total_seconds())
+    # The customer's answer itself is untouched by all this.
+    [row] = await messages(world, "f1")
+    assert row["details"]["survey"]["score"] == 1
+    # No answer to follow up: a 404 naming the message, and nothing written.
+    await world.service.apply_batch(delivered([purchase_update("f3", 1, NOON)]))
+    [unanswered] = await messages(world, "f3")
+    for method in ("PUT", "DELETE"):
+        response = await api.request(method, f"/v1/surveys/{unanswered['id']}/follow-up", json={})
+        assert response.status_code == 404, response.text
+        assert unanswered["id"] in response.json()["error"]["message"]
+    for body, field in (
+        ({"note": "x" * 2001}, "body.note"),
+        ({"note": "a\u0000b"}, "body.note"),
+        ({"notes": "typo"}, "body.notes"),
+        ({"note": 5}, "body.note"),
+    ):
+        response = await api.put(path, json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert field in [d["field"] for d in response.json()["error"]["details"]], response.text
+    assert (await api.get("/v1/surveys", params={"followed_up": "maybe"})).status_code == 422
+    assert (await api.put(path, json={"note": "x"}, headers={"X-API-Key": "rk_x_y"})).status_code == 401
+    assert (await api.get("/v1/surveys", params={"followed_up": "true"})).json()["answers"][0]["follow_up"][
+        "note"
+    ] == "Refund sent."
 
 
 async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> None:

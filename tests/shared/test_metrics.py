@@ -94,10 +94,12 @@ try:
 except Started:
     print(generate_latest().decode())
 """
-HELD = {
+REFRESHED = {
     "retain_messenger_held_messages",
     "retain_messenger_held_oldest_age_seconds",
     "retain_messenger_held_overdue_seconds",
+    "retain_messenger_unhappy_answers_waiting",
+    "retain_messenger_unhappy_answer_oldest_age_seconds",
 }
 ONLY_WHERE_UPDATED = {
     # process: (exported there, not exported there)
@@ -106,9 +108,9 @@ ONLY_WHERE_UPDATED = {
         {"retain_segmenter_publish_job_progress_ratio", "retain_segmenter_swept_total"},
         set(),
     ),
-    "messenger api": (HELD, set()),  # refreshed on its /readyz
-    "messenger consumer": (set(), HELD),
-    "messenger sender": (HELD, set()),
+    "messenger api": (REFRESHED, set()),  # refreshed on its /readyz
+    "messenger consumer": (set(), REFRESHED),
+    "messenger sender": (REFRESHED, set()),
     "kpi api": (
         {"retain_kpi_clv_customers", "retain_kpi_clv_fit_seconds"},
         {"retain_kpi_clv_predictions_published_total"},
