@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Annotated, Self
 
 from pydantic import Field, SecretStr, StringConstraints, field_validator, model_validator
 
-from services.messenger.templates import DEFAULT_PERKS, Brand, normalize_locale
+from services.messenger.templates import DEFAULT_PERKS, TEMPLATE_NAME, Brand, normalize_locale
 from shared.config import CommonSettings
 from shared.events import TimeZone
 
 TierPerks = dict[str, dict[str, list[str]]]
+# An approved WhatsApp template's Twilio Content SID.
+ContentSid = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^HX[0-9a-fA-F]{32}$")]
 
 
 # What an offer gives, as a message says it beside the code ("15% הנחה").
@@ -84,6 +87,15 @@ class MessengerSettings(CommonSettings):
     messenger_escalation_contact_phone: str | None = Field(
         default=None, max_length=30, description="That person's phone; unset: the support phone."
     )
+    messenger_whatsapp_content_sids: dict[str, ContentSid] = Field(
+        default_factory=dict,
+        description="The approved WhatsApp templates (Twilio Content SIDs) per template and "
+        'language, as JSON {"<template>.<language>": "HX…"}, e.g. {"win_back.he": "HX…", '
+        '"win_back.ar": "HX…"}: a business-initiated WhatsApp message outside the 24-hour '
+        "customer-service window goes with its template's, filled with the template's "
+        "content_variables (GET /v1/templates). One without goes on the customer's next "
+        "channel instead (reason no_template). Unset: WhatsApp only inside the window.",
+    )
     messenger_offer_value: dict[str, OfferText] = Field(
         default_factory=dict,
         description="What the win-back offer gives, per language, as JSON {locale: text}, e.g. "
@@ -149,6 +161,19 @@ class MessengerSettings(CommonSettings):
         return Brand(
             self.messenger_brand_name, self.messenger_support_phone, self.messenger_complaint_response_hours
         )
+
+    @field_validator("messenger_whatsapp_content_sids")
+    @classmethod
+    def _content_sids_by_template_and_language(cls, sids: dict[str, str]) -> dict[str, str]:
+        # As the templates' placeholders name them (config:win_back.he): "win_back.HE" and
+        # "win_back.he_il" must still match.
+        out: dict[str, str] = {}
+        for key, sid in sids.items():
+            name, dot, language = key.strip().rpartition(".")
+            if not dot or not re.fullmatch(TEMPLATE_NAME, name):
+                raise ValueError(f"{key!r}: a key is <template>.<language>, e.g. win_back.he")
+            out[f"{name}.{normalize_locale(language)}"] = sid
+        return out
 
     @field_validator("messenger_offer_value")
     @classmethod

@@ -47,8 +47,10 @@ from services.messenger.status import advances, ours
 from services.messenger.tables import applied_events, outbox
 from services.messenger.templates import (
     Template,
+    TemplateNotFoundError,
     TemplateRenderError,
     TemplateStore,
+    approved_content_sid,
     build_variables,
     formatting_locale,
     in_language,
@@ -631,7 +633,7 @@ class MessengerService:
             ttl=timedelta(hours=journey.ttl_hours),
             holdout_percent=journey.holdout_percent,
         )
-        context = self._context_of(memo, profile, caps, duplicate=existing is not None)
+        context = self._context_of(memo, profile, caps, journey.template, duplicate=existing is not None)
         decision = decide(candidate, context, now)
         DECISIONS.labels(journey.name, decision.status.value).inc()
         if decision.status == MessageStatus.DUPLICATE:
@@ -731,7 +733,7 @@ class MessengerService:
             )
 
     def _context_of(
-        self, memo: _Memo, profile: ProfileSnapshot, caps: CapsConfig, *, duplicate: bool
+        self, memo: _Memo, profile: ProfileSnapshot, caps: CapsConfig, template: str, *, duplicate: bool
     ) -> DecisionContext:
         customer = memo.customer
         history = list(memo.history)
@@ -752,9 +754,18 @@ class MessengerService:
             quiet=self.quiet,
             fallback_order=tuple(Channel(c) for c in self.settings.messenger_fallback_order),
             whatsapp_last_inbound_at=customer.whatsapp_inbound_at if customer else None,
-            has_whatsapp_template=False,
+            has_whatsapp_template=self._approved_on_whatsapp(template, profile.locale),
             duplicate=duplicate,
         )
+
+    def _approved_on_whatsapp(self, template: str, locale: str | None) -> bool:
+        """Whether the message can go on WhatsApp outside the 24-hour window: its template in
+        the customer's language has an approved WhatsApp template (a Content SID)."""
+        try:
+            found = self.templates.resolve(template, Channel.WHATSAPP, locale)
+        except TemplateNotFoundError:
+            return False
+        return approved_content_sid(found, self.settings.messenger_whatsapp_content_sids) is not None
 
     def _offer_last_day(self, row: Any) -> tuple[date, datetime] | None:
         """The last day the offer of ``row`` is good (the decision's local day plus the days
@@ -981,7 +992,8 @@ class MessengerService:
         if journey is not None and journey.exited(snapshot_facts_of(profile), now):
             return "cancelled", "the journey's exit condition came true before it went", "exit", None
         # Its own record (a queued message that expired) must not count against itself.
-        context = _without(self._context_of(memo, profile, caps, duplicate=False), row)
+        template = row.template or row.journey
+        context = _without(self._context_of(memo, profile, caps, template, duplicate=False), row)
         own = Channel(row.channel)
         decision = recheck_at_send(replace(_candidate_of(row), channel=own), context, now)
         if decision.status != MessageStatus.QUEUED:
@@ -1119,7 +1131,16 @@ class MessengerService:
             brand=s.brand,
         )
         kind = MessageKind(row.kind)
-        rendered = render(template, variables, strict=False, kind=kind)
+        rendered = render(
+            template, variables, strict=False, kind=kind, content_sids=s.messenger_whatsapp_content_sids
+        )
+        if channel is Channel.WHATSAPP and row.whatsapp_mode == "template" and rendered.content_sid is None:
+            # Decided for the approved template, whose SID was unset since: free text outside the
+            # 24-hour window would be refused by WhatsApp.
+            raise TemplateRenderError(
+                "$.content_sid",
+                f"no approved WhatsApp template for {template.key.journey}.{template.key.locale}",
+            )
         if (
             kind is MessageKind.MARKETING
             and (channel is Channel.SMS or (channel is Channel.WHATSAPP and row.whatsapp_mode != "template"))

@@ -127,7 +127,8 @@ OPTIONAL_VARIABLES: frozenset[str] = frozenset(
 
 Direction = Literal["rtl", "ltr"]
 SmsEncoding = Literal["GSM-7", "UCS-2"]
-JourneyName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+TEMPLATE_NAME = r"^[a-z][a-z0-9_]{0,63}$"
+JourneyName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME)]
 _CONTENT_SID = re.compile(r"^(HX[0-9a-fA-F]{32}|config:[A-Za-z0-9_.-]{1,100})$")
 _CONTENT_VARIABLE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 
@@ -1014,7 +1015,11 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
-def _resolve_content_sid(content_sid: str | None, content_sids: Mapping[str, str] | None) -> str | None:
+def approved_content_sid(template: Template, content_sids: Mapping[str, str] | None) -> str | None:
+    """The Content SID of ``template``'s approved WhatsApp template: its own ``HX…``, or what
+    the deployment configured for its ``config:<template>.<language>`` placeholder (None when
+    nothing is: the message cannot go on WhatsApp outside the 24-hour window)."""
+    content_sid = template.content_sid
     if content_sid is None or not content_sid.startswith("config:"):
         return content_sid
     return (content_sids or {}).get(content_sid.removeprefix("config:")) or None
@@ -1073,7 +1078,7 @@ def render(
         sms_encoding=sms_encoding,
         direction=direction,
         lang=lang,
-        content_sid=_resolve_content_sid(template.content_sid, content_sids),
+        content_sid=approved_content_sid(template, content_sids),
         content_variables=content_variables,
     )
 

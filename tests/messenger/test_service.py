@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -543,6 +544,82 @@ async def test_status_callbacks_are_signed_and_never_go_backwards(
     assert (again.status_code, replay.status_code) == (204, 204)
     assert (await messages(world, customer))[0]["status"] == "delivered"
     assert outcome.status == "sent"
+
+
+def whatsapp_first(customer: str, n: int, at: datetime) -> CustomerUpdate:
+    """A purchase by a customer who prefers WhatsApp and consented to it."""
+    consents = {
+        channel: ConsentState(granted=True, at=NOON - timedelta(days=30))
+        for channel in (Channel.EMAIL, Channel.SMS, Channel.WHATSAPP)
+    }
+    return purchase_update(customer, n, at, preferred_channel=Channel.WHATSAPP, consents=consents)
+
+
+async def test_whatsapp_outside_the_window_goes_with_the_approved_template_configured(world: World) -> None:
+    """Business-initiated WhatsApp outside the 24-hour window must use an approved template:
+    without its Content SID configured the message goes on the next channel; with it, it goes
+    on WhatsApp with that SID and the template's variables; inside the window, as free text."""
+    sid = "HX" + "ab12" * 8
+    first, second, third, late = [
+        c for c in (f"wa{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10)
+    ][:4]
+    await world.service.apply_batch(delivered([whatsapp_first(first, 1, NOON)]))
+    [row] = await messages(world, first)
+    assert (row["channel"], row["status"]) == ("email", "queued")  # the fallback: no template for WhatsApp
+    world.service.settings = world.service.settings.model_copy(
+        update={"messenger_whatsapp_content_sids": {"thank_you.he": sid}}
+    )
+    await world.service.apply_batch(delivered([whatsapp_first(second, 1, NOON)]))
+    [row] = await messages(world, second)
+    assert (row["channel"], row["whatsapp_mode"], row["status"]) == ("whatsapp", "template", "queued")
+    outcomes = await world.service.send_due()
+    assert sorted(o.status for o in outcomes) == ["sent", "sent"]
+    assert sorted(f.suffix for f in outbox_files(world)) == [".eml", ".json"]
+    [template] = [json.loads(f.read_text()) for f in outbox_files(world) if f.suffix == ".json"]
+    assert template["channel"] == "whatsapp"
+    assert template["to"] == "+972521234567"
+    assert template["content_sid"] == sid
+    # The template's variables, filled for this customer: first name and order.
+    assert template["content_variables"] == {"1": "נועה", "2": "o1"}
+    # Inside the window (the customer wrote on WhatsApp an hour ago): free text, no template.
+    await world.service.apply_batch(delivered([whatsapp_first(third, 1, NOON - timedelta(days=8))]))
+    world.clock.now = NOON + timedelta(hours=1)
+    async with world.db.transaction() as session:
+        await world.service.repo.set_whatsapp_inbound(session, third, NOON)
+    world.service.settings = world.service.settings.model_copy(update={"messenger_whatsapp_content_sids": {}})
+    await world.service.apply_batch(delivered([whatsapp_first(third, 2, world.clock.now)]))
+    [_, free] = await messages(world, third)
+    assert (free["channel"], free["whatsapp_mode"]) == ("whatsapp", "freeform")
+    # Decided for the approved template, whose SID was unset before it went: failed, saying so,
+    # rather than free text that WhatsApp refuses outside the window.
+    world.service.settings = world.service.settings.model_copy(
+        update={"messenger_whatsapp_content_sids": {"thank_you.he": sid}}
+    )
+    await world.service.apply_batch(delivered([whatsapp_first(late, 1, world.clock.now)]))
+    world.service.settings = world.service.settings.model_copy(update={"messenger_whatsapp_content_sids": {}})
+    await world.service.send_due()
+    [failed] = await messages(world, late)
+    assert failed["status"] == "failed"
+    assert "no approved WhatsApp template for thank_you.he" in failed["reason"]
+
+
+def test_approved_whatsapp_templates_are_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    sid = "HX" + "0f" * 16
+    monkeypatch.setenv(
+        "RETAIN_MESSENGER_WHATSAPP_CONTENT_SIDS", f'{{"win_back.HE": "{sid}", "win_back.he_il": "{sid}"}}'
+    )
+    # As the templates' placeholders name them (config:win_back.he, config:win_back.he-IL).
+    assert MessengerSettings().messenger_whatsapp_content_sids == {"win_back.he": sid, "win_back.he-IL": sid}
+    monkeypatch.delenv("RETAIN_MESSENGER_WHATSAPP_CONTENT_SIDS")
+    for bad, words in (
+        ({"win_back": sid}, "a key is <template>.<language>"),
+        ({"Win Back.he": sid}, "a key is <template>.<language>"),
+        ({"win_back.hebrew!": sid}, "not a BCP 47 language tag"),
+        ({"win_back.he": "HX123"}, "String should match pattern"),
+        ({"win_back.he": "config:win_back.he"}, "String should match pattern"),
+    ):
+        with pytest.raises(ValidationError, match=re.escape(words)):
+            MessengerSettings(messenger_whatsapp_content_sids=bad)
 
 
 async def test_inbound_stop_over_http_and_unsubscribe_link(world: World, api: httpx.AsyncClient) -> None:
