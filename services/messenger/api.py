@@ -177,8 +177,9 @@ async def list_survey_answers(
 async def follow_up_survey_answer(
     message_id: MessageId, body: FollowUpIn, key: Writer, service: Service
 ) -> SurveyAnswerOut:
-    """The answer leaves the call-back list (``GET /v1/surveys?followed_up=false``). The same
-    note again changes nothing; another note replaces it, stamped with who and when."""
+    """The answer leaves the call-back list (``GET /v1/surveys?followed_up=false``). On an
+    answer already taken up, no note or the same note changes nothing; another note amends it,
+    stamped with who and when. Every change is kept in ``follow_up_history``."""
     answer = await service.follow_up_survey(message_id, body.note or None, key.id)
     if answer is None:
         raise NotFoundError(f"nobody answered the survey of message {message_id!r}")
@@ -192,8 +193,8 @@ async def follow_up_survey_answer(
     summary="Take back a follow-up recorded by mistake: the answer is on the call-back list again",
     responses={404: {"description": "nobody answered the survey of that message"}},
 )
-async def reopen_survey_answer(message_id: MessageId, _key: Writer, service: Service) -> Response:
-    if not await service.reopen_survey(message_id):
+async def reopen_survey_answer(message_id: MessageId, key: Writer, service: Service) -> Response:
+    if not await service.reopen_survey(message_id, key.id):
         raise NotFoundError(f"nobody answered the survey of message {message_id!r}")
     return Response(status_code=204)
 

@@ -365,16 +365,17 @@ class MessengerRepository:
             stmt = stmt.where(a.followed_up_at.is_not(None) if followed_up else a.followed_up_at.is_(None))
         return list((await session.execute(stmt)).all())
 
-    async def survey_answer(self, session: AsyncSession, message_id: str) -> Any:
-        """The answer to the survey of ``message_id`` as ``list_survey_answers`` gives it, or None."""
-        return (await session.execute(_ANSWERED.where(survey_answers.c.id == message_id))).first()
+    async def survey_answer(self, session: AsyncSession, message_id: str, *, for_update: bool = False) -> Any:
+        """The answer to the survey of ``message_id`` as ``list_survey_answers`` gives it, or None;
+        ``for_update``: its row locked on PostgreSQL until the transaction ends."""
+        stmt = _ANSWERED.where(survey_answers.c.id == message_id)
+        if for_update and _row_locks(session):
+            stmt = stmt.with_for_update(of=survey_answers)
+        return (await session.execute(stmt)).first()
 
-    async def follow_up_survey_answer(
-        self, session: AsyncSession, message_id: str, at: datetime | None, by: str | None, note: str | None
-    ) -> None:
-        """Record support's follow-up of an answer (all None: taken back, open again)."""
+    async def update_survey_answer(self, session: AsyncSession, message_id: str, **values: Any) -> None:
         stmt = update(survey_answers).where(survey_answers.c.id == message_id)
-        await session.execute(stmt.values(followed_up_at=at, followed_up_by=by, follow_up_note=note))
+        await session.execute(stmt.values(**values))
 
     async def update_message(self, session: AsyncSession, message_id: str, **values: Any) -> None:
         await session.execute(update(messages).where(messages.c.id == message_id).values(**values))

@@ -77,6 +77,15 @@ class FollowUpOut(BaseModel):
     note: str | None
 
 
+class FollowUpChangeOut(BaseModel):
+    action: Literal["followed_up", "amended", "taken_back"] = Field(
+        description="followed_up: taken up; amended: another note; taken_back: open again (DELETE)."
+    )
+    at: datetime
+    by: str = Field(description="The id of the API key that made the change.")
+    note: str | None
+
+
 class SurveyAnswerOut(BaseModel):
     model_config = ConfigDict(extra="ignore")
     message_id: str = Field(
@@ -97,6 +106,9 @@ class SurveyAnswerOut(BaseModel):
     follow_up: FollowUpOut | None = Field(
         description="Support's follow-up of the answer (PUT /v1/surveys/{message_id}/follow-up); "
         "null while nobody has taken it up."
+    )
+    follow_up_history: list[FollowUpChangeOut] = Field(
+        description="Every follow-up, amendment and take-back of the answer, oldest first."
     )
 
 

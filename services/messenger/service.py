@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as clock_time
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -113,11 +113,12 @@ UNHAPPY_WAITING = Gauge(
     registry=None,
 )
 UNHAPPY_OLDEST_AGE = Gauge(
-    "retain_messenger_unhappy_answer_oldest_age_seconds",
+    "retain_messenger_unhappy_answers_oldest_age_seconds",
     "How long the oldest survey answer of 1 or 2 not followed up has waited (0: none waits).",
     registry=None,
 )
 REFRESHED_GAUGES = (HELD, HELD_OLDEST_AGE, HELD_OVERDUE, UNHAPPY_WAITING, UNHAPPY_OLDEST_AGE)
+FollowUpAction = Literal["followed_up", "amended", "taken_back"]
 # The answers support calls back: the dissatisfied, as the kpi's CSAT counts them (1 or 2 of 5).
 CALL_BACK_MAX_SCORE = 2
 CAP_HITS = Counter("retain_messenger_cap_hits_total", "Messages stopped by a frequency cap.", ["journey"])
@@ -157,6 +158,7 @@ def _answer_out(row: Any) -> dict[str, Any]:
     answer["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
     at, by, note = answer.pop("followed_up_at"), answer.pop("followed_up_by"), answer.pop("follow_up_note")
     answer["follow_up"] = None if at is None else {"at": at, "by": by, "note": note}
+    answer["follow_up_history"] = answer.pop("follow_up_history") or []
     return answer
 
 
@@ -1548,29 +1550,47 @@ class MessengerService:
 
     async def follow_up_survey(self, message_id: str, note: str | None, by: str) -> dict[str, Any] | None:
         """Record that support took up the answer to the survey of ``message_id`` (called the
-        customer back, refunded, apologised), with what they did. The same note again changes
-        nothing (a retried request keeps its first time); another replaces it, stamped with who
-        and when. None: nobody answered that survey."""
+        customer back, refunded, apologised), with what they did. On an answer already taken
+        up, no note or the same note changes nothing (a retried request keeps its first time);
+        another note amends it, stamped with who and when. Each change is kept in the answer's
+        history. None: nobody answered that survey."""
         async with self.db.transaction() as session:
-            row = await self.repo.survey_answer(session, message_id)
+            row = await self.repo.survey_answer(session, message_id, for_update=True)
             if row is None:
                 return None
-            if row.followed_up_at is None or row.follow_up_note != note:
-                await self.repo.follow_up_survey_answer(session, message_id, self.clock(), by, note)
-                row = await self.repo.survey_answer(session, message_id)
-        log.info("survey answer followed up", extra={"message_id": message_id, "by": by})
+            taken = row.followed_up_at is not None
+            if taken and note in (None, row.follow_up_note):
+                return _answer_out(row)
+            await self._change_follow_up(session, row, "amended" if taken else "followed_up", by, note)
+            row = await self.repo.survey_answer(session, message_id)
         return _answer_out(row)
 
-    async def reopen_survey(self, message_id: str) -> bool:
-        """Take back a follow-up recorded by mistake: the answer is open again. False: nobody
-        answered that survey."""
+    async def reopen_survey(self, message_id: str, by: str) -> bool:
+        """Take back a follow-up recorded by mistake: the answer is open again, and its history
+        says who took it back. False: nobody answered that survey."""
         async with self.db.transaction() as session:
-            row = await self.repo.survey_answer(session, message_id)
+            row = await self.repo.survey_answer(session, message_id, for_update=True)
             if row is None:
                 return False
             if row.followed_up_at is not None:
-                await self.repo.follow_up_survey_answer(session, message_id, None, None, None)
+                await self._change_follow_up(session, row, "taken_back", by, None)
         return True
+
+    async def _change_follow_up(
+        self, session: Any, row: Any, action: FollowUpAction, by: str, note: str | None
+    ) -> None:
+        now = self.clock()
+        entry = {"action": action, "at": now.isoformat(), "by": by, "note": note}
+        current = (None, None, None) if action == "taken_back" else (now, by, note)
+        await self.repo.update_survey_answer(
+            session,
+            row.id,
+            followed_up_at=current[0],
+            followed_up_by=current[1],
+            follow_up_note=current[2],
+            follow_up_history=[*(row.follow_up_history or []), entry],
+        )
+        log.info("survey answer follow-up", message_id=row.id, action=action, by=by)
 
     async def list_waits(self, **filters: Any) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:

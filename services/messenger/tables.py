@@ -95,12 +95,17 @@ survey_answers = Table(
     Column("comment", Text, nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),  # when the customer answered
     # Support's follow-up (PUT /v1/surveys/{id}/follow-up): when, by which API key, and what
-    # was done; all null while nobody has taken the answer up.
+    # was done; all null while nobody has taken the answer up (or it was taken back).
     Column("followed_up_at", UtcDateTime(), nullable=True),
     Column("followed_up_by", String(64), nullable=True),
     Column("follow_up_note", Text, nullable=True),
+    # Every follow-up, amendment and take-back, oldest first ({action, at, by, note}): a note
+    # replaced or taken back is still there. Null: none yet.
+    Column("follow_up_history", json_type(), nullable=True),
     Index("ix_survey_answers_created", "created_at", "id"),  # the order of GET /v1/surveys
     Index("ix_survey_answers_customer", "customer_id", "created_at"),
+    # The unhappy answers waiting (refresh_gauges, every sender pass): a range of the open ones.
+    Index("ix_survey_answers_waiting", "followed_up_at", "score", "created_at"),
 )
 
 settings_table = Table(

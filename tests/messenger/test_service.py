@@ -750,23 +750,28 @@ async def test_survey_answers_are_listed_newest_first_for_a_follow_up(
 async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_list(
     world: World, api: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    """Two unhappy customers (1 and 2 of 5): support calls the first back, notes what was done,
-    and the call-back list (max_score=2, followed_up=false) holds only the other."""
+    """Two unhappy customers (1 and 2 of 5) and a pleased one (4): support calls the first back,
+    notes what was done, and the call-back list (max_score=2, followed_up=false) holds only the
+    other. Every change is kept in the answer's history."""
     ids = {}
-    for n, customer in enumerate(("f1", "f2")):
+    for n, (customer, score) in enumerate((("f1", 1), ("f2", 2), ("f4", 4))):
         await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
         [message] = await messages(world, customer)
         ids[customer] = message["id"]
         world.clock.now = NOON + timedelta(minutes=n + 1)
-        answer = {"score": str(n + 1), "comment": "late"}
+        answer = {"score": str(score), "comment": "late"}
         assert (await api.post(f"/s/{survey_token(message['id'])}", data=answer)).status_code == 200
 
     async def call_back_list() -> list[str]:
         params = {"max_score": "2", "followed_up": "false"}
         return [a["customer_id"] for a in (await api.get("/v1/surveys", params=params)).json()["answers"]]
 
+    def at(delta: timedelta) -> str:
+        return (NOON + delta).isoformat().replace("+00:00", "Z")
+
     assert await call_back_list() == ["f2", "f1"]
-    assert [a["follow_up"] for a in (await api.get("/v1/surveys")).json()["answers"]] == [None, None]
+    everyone = (await api.get("/v1/surveys")).json()["answers"]
+    assert [(a["follow_up"], a["follow_up_history"]) for a in everyone] == [(None, [])] * 3
     [key_id] = [k["id"] for k in json.loads((tmp_path / "api_keys.json").read_text())["keys"]]
     path = f"/v1/surveys/{ids['f1']}/follow-up"
     world.clock.now = NOON + timedelta(hours=2)
@@ -775,39 +780,48 @@ async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_li
         await world.service.refresh_gauges()
         return UNHAPPY_WAITING._value.get(), UNHAPPY_OLDEST_AGE._value.get()
 
-    # Both wait; the oldest answered at 12:01 (RetainUnhappyCustomersWaiting past a day).
+    # The two unhappy ones wait, not the 4; the oldest answered at 12:01.
     assert await gauges() == (2, (timedelta(hours=2) - timedelta(minutes=1)).total_seconds())
     done = await api.put(path, json={"note": "  Called back; refunded the delivery fee.  "})
     assert done.status_code == 200, done.text
     taken = done.json()
     assert (taken["customer_id"], taken["score"], taken["comment"]) == ("f1", 1, "late")
-    assert taken["follow_up"] == {
-        "at": (NOON + timedelta(hours=2)).isoformat().replace("+00:00", "Z"),
-        "by": key_id,
-        "note": "Called back; refunded the delivery fee.",
-    }
+    first = {"at": at(timedelta(hours=2)), "by": key_id, "note": "Called back; refunded the delivery fee."}
+    assert taken["follow_up"] == first
+    assert taken["follow_up_history"] == [{"action": "followed_up", **first}]
     assert taken["customer"]["name"]  # who it was, as the list gives it
     assert await call_back_list() == ["f2"]
     followed = (await api.get("/v1/surveys", params={"followed_up": "true"})).json()["answers"]
-    assert [(a["customer_id"], a["follow_up"]) for a in followed] == [("f1", taken["follow_up"])]
-    # A retried request changes nothing, its time included; another note replaces the first.
+    assert [(a["customer_id"], a["follow_up"]) for a in followed] == [("f1", first)]
+    # A retried request changes nothing, its time included, nor does one without a note: a
+    # note is never wiped. Another note amends it, and the first is still in the history.
     world.clock.now = NOON + timedelta(hours=3)
-    again = await api.put(path, json={"note": "Called back; refunded the delivery fee."})
-    assert again.json()["follow_up"] == taken["follow_up"]
-    amended = (await api.put(path, json={"note": "Refund sent."})).json()["follow_up"]
-    assert (amended["note"], amended["at"]) == (
-        "Refund sent.",
-        (NOON + timedelta(hours=3)).isoformat().replace("+00:00", "Z"),
-    )
+    for same in ({"note": "Called back; refunded the delivery fee."}, {}, {"note": None}):
+        again = (await api.put(path, json=same)).json()
+        assert (again["follow_up"], len(again["follow_up_history"])) == (first, 1), same
+    amended = (await api.put(path, json={"note": "Refund sent."})).json()
+    second = {"at": at(timedelta(hours=3)), "by": key_id, "note": "Refund sent."}
+    assert amended["follow_up"] == second
+    assert amended["follow_up_history"] == [
+        {"action": "followed_up", **first},
+        {"action": "amended", **second},
+    ]
     # No note is a follow-up too (called, nothing to add).
     bare = await api.put(f"/v1/surveys/{ids['f2']}/follow-up", json={})
     assert bare.json()["follow_up"]["note"] is None
     assert await call_back_list() == []
     assert await gauges() == (0, 0.0)
-    # Recorded on the wrong answer: taken back, on the list again; twice is the same.
+    # Recorded on the wrong answer: taken back, on the list again, and the history says who
+    # took it back; twice is the same.
     for _ in range(2):
         assert (await api.delete(f"/v1/surveys/{ids['f2']}/follow-up")).status_code == 204
     assert await call_back_list() == ["f2"]
+    [reopened] = (await api.get("/v1/surveys", params={"customer_id": "f2"})).json()["answers"]
+    assert reopened["follow_up"] is None
+    assert [(c["action"], c["by"]) for c in reopened["follow_up_history"]] == [
+        ("followed_up", key_id),
+        ("taken_back", key_id),
+    ]
     assert await gauges() == (1, (timedelta(hours=3) - timedelta(minutes=2)).total_seconds())
     # The customer's answer itself is untouched by all this.
     [row] = await messages(world, "f1")
@@ -828,11 +842,12 @@ async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_li
         response = await api.put(path, json=body)
         assert response.status_code == 422, (body, response.text)
         assert field in [d["field"] for d in response.json()["error"]["details"]], response.text
-    assert (await api.get("/v1/surveys", params={"followed_up": "maybe"})).status_code == 422
+    maybe = await api.get("/v1/surveys", params={"followed_up": "maybe"})
+    assert maybe.status_code == 422
+    assert "query.followed_up" in [d["field"] for d in maybe.json()["error"]["details"]]
     assert (await api.put(path, json={"note": "x"}, headers={"X-API-Key": "rk_x_y"})).status_code == 401
-    assert (await api.get("/v1/surveys", params={"followed_up": "true"})).json()["answers"][0]["follow_up"][
-        "note"
-    ] == "Refund sent."
+    [kept] = (await api.get("/v1/surveys", params={"followed_up": "true"})).json()["answers"]
+    assert kept["follow_up"] == second
 
 
 async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> None:

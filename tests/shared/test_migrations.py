@@ -3,7 +3,7 @@ or index added to tables.py without a migration (or the reverse) fails here, not
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +89,17 @@ async def test_the_messenger_s_address_columns_are_filled_from_the_stored_snapsh
 
 
 async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(database_url: str) -> None:
-    """Migration 0006 on a database with an answered survey: the answer is listed, with its time
-    (to the millisecond on SQLite, whose strftime keeps three digits), score and comment."""
+    """Migration 0006 on a database with answered surveys: the answers are listed, with their
+    time (to the millisecond on SQLite, whose strftime keeps three digits), score and comment.
+    Then 0007: the one answered over a day before is marked as answered before follow-ups were
+    recorded (RetainUnhappyCustomersWaiting would fire at the deploy); the recent one waits."""
     from alembic import command  # noqa: PLC0415
     from alembic.config import Config  # noqa: PLC0415
     from sqlalchemy import insert, select  # noqa: PLC0415
 
-    answered = datetime(2026, 11, 27, 20, 44, 23, 123456, tzinfo=timezone(timedelta(hours=2)))
+    # In the migrations' own clock (the database's now): one answer two hours ago, one three days ago.
+    answered = datetime.now(UTC).astimezone(timezone(timedelta(hours=2))) - timedelta(hours=2)
+    long_ago = answered - timedelta(days=3)
     db = Database(database_url)
     config = Config()
     config.set_main_option("script_location", str(REPO_ROOT / "services" / "messenger" / "migrations"))
@@ -114,20 +118,23 @@ async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(dat
 
             await conn.run_sync(to_0005)
             survey = {"score": 2, "comment": "לקח שבוע", "at": answered.isoformat()}
+            old = {"score": 1, "comment": None, "at": long_ago.isoformat()}
             await conn.execute(
                 insert(m),
                 [
                     {**base, "id": "m1", "idempotency_key": "k1", "details": {"survey": survey, "other": 1}},
                     {**base, "id": "m2", "idempotency_key": "k2", "details": {"reason": "no survey"}},
                     {**base, "id": "m3", "idempotency_key": "k3", "details": None},
+                    {**base, "id": "m4", "idempotency_key": "k4", "details": {"survey": old}},
                 ],
             )
         await migrate(db, REPO_ROOT / "services" / "messenger" / "migrations")
         async with db.sessions() as session:
-            rows = (await session.execute(select(messenger_tables.survey_answers))).all()
+            a = messenger_tables.survey_answers
+            rows = (await session.execute(select(a).order_by(a.c.id))).all()
     finally:
         await db.dispose()
-    [row] = rows
+    [row, old_row] = rows
     assert (row.id, row.customer_id, row.journey, row.channel, row.tier) == (
         "m1",
         "c1",
@@ -137,3 +144,12 @@ async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(dat
     )
     assert (row.score, row.comment) == (2, "לקח שבוע")
     assert abs(row.created_at - answered) < timedelta(milliseconds=1)
+    assert (row.followed_up_at, row.followed_up_by, row.follow_up_note) == (None, None, None)
+    assert (old_row.id, old_row.score, old_row.comment) == ("m4", 1, None)
+    assert abs(old_row.created_at - long_ago) < timedelta(milliseconds=1)
+    assert old_row.followed_up_by == "migration-0007"
+    assert (
+        old_row.follow_up_note
+        == "Answered before follow-ups were recorded in Retain (messenger migration 0007)."
+    )
+    assert abs(old_row.followed_up_at - datetime.now(UTC)) < timedelta(minutes=5)
