@@ -25,6 +25,7 @@ from services.messenger.consent import ConsentVerdict
 from shared.events import Channel
 
 WHATSAPP_SESSION = timedelta(hours=24)
+NO_TEMPLATE = "whatsapp: outside the 24-hour window and no approved template"
 
 SkipReason = Literal["no_address", "no_consent", "suppressed", "no_template"]
 WhatsAppMode = Literal["template", "freeform"]
@@ -99,7 +100,7 @@ def choose_channel(
             elif has_whatsapp_template:
                 mode = "template"
             else:
-                detail = "whatsapp: outside the 24-hour window and no approved template"
+                detail = NO_TEMPLATE
                 tried.append(Skipped(channel, "no_template", detail))
                 continue
         return ChannelChoice(channel, None, tuple(tried), mode)

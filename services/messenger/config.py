@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import copy
-import re
 from typing import Annotated, Self
 
 from pydantic import Field, SecretStr, StringConstraints, field_validator, model_validator
 
-from services.messenger.templates import DEFAULT_PERKS, TEMPLATE_NAME, Brand, normalize_locale
+from services.messenger.templates import DEFAULT_PERKS, Brand, content_sid_key, normalize_locale
 from shared.config import CommonSettings
 from shared.events import TimeZone
 
@@ -93,8 +92,9 @@ class MessengerSettings(CommonSettings):
         'language, as JSON {"<template>.<language>": "HX…"}, e.g. {"win_back.he": "HX…", '
         '"win_back.ar": "HX…"}: a business-initiated WhatsApp message outside the 24-hour '
         "customer-service window goes with its template's, filled with the template's "
-        "content_variables (GET /v1/templates). One without goes on the customer's next "
-        "channel instead (reason no_template). Unset: WhatsApp only inside the window.",
+        "content_variables (GET /v1/templates). Without one the message goes on the customer's "
+        "next channel. Unset: WhatsApp only inside the window, unless a template override "
+        "(PUT /v1/templates) carries an approved template's HX… SID itself.",
     )
     messenger_offer_value: dict[str, OfferText] = Field(
         default_factory=dict,
@@ -169,10 +169,10 @@ class MessengerSettings(CommonSettings):
         # "win_back.he_il" must still match.
         out: dict[str, str] = {}
         for key, sid in sids.items():
-            name, dot, language = key.strip().rpartition(".")
-            if not dot or not re.fullmatch(TEMPLATE_NAME, name):
-                raise ValueError(f"{key!r}: a key is <template>.<language>, e.g. win_back.he")
-            out[f"{name}.{normalize_locale(language)}"] = sid
+            normal = content_sid_key(key)
+            if normal in out and out[normal] != sid:
+                raise ValueError(f"{key!r} and another key are both {normal!r}, with different SIDs")
+            out[normal] = sid
         return out
 
     @field_validator("messenger_offer_value")

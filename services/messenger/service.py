@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.messenger.caps import DEFAULT_CAPS, CapsConfig, SentRecord
+from services.messenger.channels import NO_TEMPLATE, WhatsAppMode, whatsapp_window_open
 from services.messenger.config import MessengerSettings
 from services.messenger.consent import ConsentFact, FactSource
 from services.messenger.decision import NO_CHANNEL_STATUS, Candidate, DecisionContext, decide, recheck_at_send
@@ -119,6 +120,9 @@ UNHAPPY_OLDEST_AGE = Gauge(
 )
 REFRESHED_GAUGES = (HELD, HELD_OLDEST_AGE, HELD_OVERDUE, UNHAPPY_WAITING, UNHAPPY_OLDEST_AGE)
 FollowUpAction = Literal["followed_up", "amended", "taken_back"]
+# Free text on WhatsApp only while the customer's window stays open this much longer: our time
+# of their last message is when its webhook reached us, a little after WhatsApp's own.
+FREEFORM_MARGIN = timedelta(minutes=5)
 # The answers support calls back: the dissatisfied, as the kpi's CSAT counts them (1 or 2 of 5).
 CALL_BACK_MAX_SCORE = 2
 CAP_HITS = Counter("retain_messenger_cap_hits_total", "Messages stopped by a frequency cap.", ["journey"])
@@ -414,6 +418,9 @@ class MessengerService:
             if fresh:
                 journeys = [j for j in await self.journeys(session) if j.enabled]
                 caps = await self.caps(session)
+                # Whether a message can go on WhatsApp outside the window depends on its
+                # template (an override may carry an approved template's SID).
+                await self.load_template_overrides(session)
                 decisions = await self._on_updates(session, fresh, journeys, caps, now)
                 staged = await self._stage(session, decisions)
         if self.relay is not None:
@@ -801,6 +808,7 @@ class MessengerService:
         async with self.db.transaction() as session:
             journeys = {j.name: j for j in await self.journeys(session)}
             caps = await self.caps(session)
+            await self.load_template_overrides(session)
             due = await self.repo.due_waits(session, now, limit)
             customers = await self.repo.lock_customers(session, {w.customer_id for w in due})
             profiles: dict[str, ProfileSnapshot] = {}
@@ -947,8 +955,15 @@ class MessengerService:
             if self.providers.get(Channel(row.channel)) is None:
                 settle(row, "failed", f"no provider for {row.channel}", "no provider")
                 continue
+            # Free text or the approved template as things stand now, not at the decision.
+            mode, refusal = self._whatsapp_mode(
+                row, customers[row.customer_id].whatsapp_inbound_at, profile, now
+            )
+            if refusal is not None:
+                settle(row, "failed", refusal, "window closed")
+                continue
             try:
-                outgoing = self._outgoing(row, profile)
+                outgoing = self._outgoing(row, profile, whatsapp_mode=mode)
             except Exception as exc:  # noqa: BLE001 - a template that cannot render fails this message only
                 settle(row, "failed", f"render failed: {type(exc).__name__}: {exc}", "render failed")
                 continue
@@ -972,6 +987,7 @@ class MessengerService:
                     "attempts": row.attempts + 1,
                     "updated_at": now,
                     "content": {"subject": outgoing.subject, "text": outgoing.text, "to": outgoing.to},
+                    "whatsapp_mode": _whatsapp_mode_of(outgoing),
                 }
                 for row, outgoing in claimed
             ],
@@ -1007,9 +1023,26 @@ class MessengerService:
             status = "no_consent" if why is None else NO_CHANNEL_STATUS[why.reason].value
             detail = f"{own.value} no longer usable" if why is None else why.detail
             return status, detail, detail, None
-        if row.whatsapp_mode == "freeform" and decision.whatsapp_mode == "template":
-            return "failed", "the WhatsApp 24-hour window closed while it waited", "window closed", None
         return None
+
+    def _whatsapp_mode(
+        self, row: Any, inbound_at: datetime | None, profile: ProfileSnapshot, now: datetime
+    ) -> tuple[WhatsAppMode | None, str | None]:
+        """(how a WhatsApp message goes now, why it cannot): the window may have closed or
+        opened since the decision, a template been approved or withdrawn. Free text inside the
+        customer's 24-hour window, with a margin (our time of their last message is when its
+        webhook reached us, a little after WhatsApp's), else the approved template; free text
+        in the window's last minutes when there is none (it is sent within seconds). WhatsApp
+        refuses free text outside the window. (None, None) for the other channels."""
+        if row.channel != Channel.WHATSAPP.value:
+            return None, None
+        if whatsapp_window_open(inbound_at, now + FREEFORM_MARGIN):
+            return "freeform", None
+        if self._approved_on_whatsapp(row.template or row.journey, profile.locale):
+            return "template", None
+        if whatsapp_window_open(inbound_at, now):
+            return "freeform", None
+        return None, NO_TEMPLATE
 
     def _may_start(self, claimed_at: datetime) -> bool:
         """Whether a provider call started now ends (``messenger_send_timeout_s``) before the row
@@ -1103,8 +1136,13 @@ class MessengerService:
             await self._opt_out(session, customer_id, channel, source, now)
         return outcomes
 
-    def _outgoing(self, row: Any, profile: ProfileSnapshot) -> OutgoingMessage:
+    def _outgoing(
+        self, row: Any, profile: ProfileSnapshot, *, whatsapp_mode: str | None = None
+    ) -> OutgoingMessage:
+        """What the provider is handed for ``row``; ``whatsapp_mode``: how it goes, if not as
+        decided (``_whatsapp_mode`` at the claim)."""
         channel = Channel(row.channel)
+        mode = whatsapp_mode or row.whatsapp_mode
         template = self.templates.resolve(row.template or row.journey, channel, profile.locale)
         details = row.details or {}
         unsubscribe = unsubscribe_url(
@@ -1136,16 +1174,23 @@ class MessengerService:
         rendered = render(
             template, variables, strict=False, kind=kind, content_sids=s.messenger_whatsapp_content_sids
         )
-        if channel is Channel.WHATSAPP and row.whatsapp_mode == "template" and rendered.content_sid is None:
-            # Decided for the approved template, whose SID was unset since: free text outside the
-            # 24-hour window would be refused by WhatsApp.
-            raise TemplateRenderError(
-                "$.content_sid",
-                f"no approved WhatsApp template for {template.key.journey}.{template.key.locale}",
-            )
+        content_variables = rendered.content_variables
+        if channel is Channel.WHATSAPP and mode == "template":
+            if rendered.content_sid is None:
+                # Claimed for the approved template, whose SID was unset since (a reconcile):
+                # free text outside the 24-hour window would be refused by WhatsApp.
+                key = f"{template.key.journey}.{template.key.locale}"
+                raise TemplateRenderError("$.content_sid", f"no approved WhatsApp template for {key}")
+            # WhatsApp refuses a template parameter that is empty or holds a newline or a tab.
+            content_variables = {k: " ".join(v.split()) for k, v in content_variables.items()}
+            empty = sorted(k for k, v in content_variables.items() if not v)
+            if empty:
+                raise TemplateRenderError(
+                    "$.content_variables", f"WhatsApp refuses empty template variables: {', '.join(empty)}"
+                )
         if (
             kind is MessageKind.MARKETING
-            and (channel is Channel.SMS or (channel is Channel.WHATSAPP and row.whatsapp_mode != "template"))
+            and (channel is Channel.SMS or (channel is Channel.WHATSAPP and mode != "template"))
             and unsubscribe not in rendered.text
         ):
             # The template API checks this when a template is saved; the journey's kind can
@@ -1175,8 +1220,8 @@ class MessengerService:
             html=rendered.html,
             locale=rendered.lang,
             headers=headers,
-            content_sid=rendered.content_sid if row.whatsapp_mode == "template" else None,
-            content_variables=rendered.content_variables or None,
+            content_sid=rendered.content_sid if mode == "template" else None,
+            content_variables=content_variables or None,
         )
 
     async def reconcile(self) -> int:
@@ -1716,6 +1761,12 @@ def snapshot_facts_of(profile: ProfileSnapshot) -> dict[str, Any]:
         "has_phone": profile.phone is not None,
         "has_whatsapp": profile.whatsapp is not None,
     }
+
+
+def _whatsapp_mode_of(outgoing: OutgoingMessage) -> WhatsAppMode | None:
+    if outgoing.channel is not Channel.WHATSAPP:
+        return None
+    return "template" if outgoing.content_sid is not None else "freeform"
 
 
 def _offer_code(row: Any) -> str:

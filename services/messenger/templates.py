@@ -1015,6 +1015,26 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
+def content_sid_key(name: str) -> str:
+    """``<template>.<language>`` as the approved templates' SIDs are configured and placeholders
+    name them, the language normalised (``win_back.he_il`` → ``win_back.he-IL``); ValueError
+    otherwise."""
+    template, dot, language = name.strip().rpartition(".")
+    if not dot or not re.fullmatch(TEMPLATE_NAME, template):
+        raise ValueError(f"{name!r}: a key is <template>.<language>, e.g. win_back.he")
+    return f"{template}.{normalize_locale(language)}"
+
+
+def _configurable(content_sid: str) -> bool:
+    if not content_sid.startswith("config:"):
+        return True
+    try:
+        content_sid_key(content_sid.removeprefix("config:"))
+    except ValueError:
+        return False
+    return True
+
+
 def approved_content_sid(template: Template, content_sids: Mapping[str, str] | None) -> str | None:
     """The Content SID of ``template``'s approved WhatsApp template: its own ``HX…``, or what
     the deployment configured for its ``config:<template>.<language>`` placeholder (None when
@@ -1022,7 +1042,11 @@ def approved_content_sid(template: Template, content_sids: Mapping[str, str] | N
     content_sid = template.content_sid
     if content_sid is None or not content_sid.startswith("config:"):
         return content_sid
-    return (content_sids or {}).get(content_sid.removeprefix("config:")) or None
+    try:
+        key = content_sid_key(content_sid.removeprefix("config:"))
+    except ValueError:  # saved before placeholders were checked
+        return None
+    return (content_sids or {}).get(key) or None
 
 
 def render(
@@ -1129,9 +1153,14 @@ def validate_template(template: Template) -> list[TemplateError]:
     if not template.text.strip():
         errors.append(TemplateError("$.text", "the text may not be empty"))
     if channel is Channel.WHATSAPP:
-        if template.content_sid is not None and not _CONTENT_SID.fullmatch(template.content_sid):
+        sid = template.content_sid
+        if sid is not None and not (_CONTENT_SID.fullmatch(sid) and _configurable(sid)):
             errors.append(
-                TemplateError("$.content_sid", "a Twilio Content SID (HX + 32 hex) or config:<name>")
+                TemplateError(
+                    "$.content_sid",
+                    "a Twilio Content SID (HX + 32 hex) or config:<template>.<language> "
+                    "(its SID in RETAIN_MESSENGER_WHATSAPP_CONTENT_SIDS)",
+                )
             )
         for name, expression in template.content_variables.items():
             if not _CONTENT_VARIABLE.fullmatch(name):

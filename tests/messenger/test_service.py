@@ -22,6 +22,7 @@ from twilio.request_validator import RequestValidator
 
 from services.kpi.facts import fold
 from services.messenger import service as service_module
+from services.messenger.admin import MessengerAdmin
 from services.messenger.app import create_app
 from services.messenger.caps import Cap, CapsConfig, CapScope
 from services.messenger.config import MessengerSettings
@@ -32,6 +33,7 @@ from services.messenger.providers.base import ProviderError
 from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import UNHAPPY_OLDEST_AGE, UNHAPPY_WAITING, MessengerService
 from services.messenger.tables import outbox as outbox_table
+from services.messenger.templates import TemplateKey
 from shared.auth import create_key
 from shared.db import Database, migrate
 from shared.events import (
@@ -546,61 +548,144 @@ async def test_status_callbacks_are_signed_and_never_go_backwards(
     assert outcome.status == "sent"
 
 
-def whatsapp_first(customer: str, n: int, at: datetime) -> CustomerUpdate:
+def whatsapp_first(customer: str, n: int, at: datetime, **profile_overrides: Any) -> CustomerUpdate:
     """A purchase by a customer who prefers WhatsApp and consented to it."""
     consents = {
         channel: ConsentState(granted=True, at=NOON - timedelta(days=30))
         for channel in (Channel.EMAIL, Channel.SMS, Channel.WHATSAPP)
     }
-    return purchase_update(customer, n, at, preferred_channel=Channel.WHATSAPP, consents=consents)
+    overrides = {"preferred_channel": Channel.WHATSAPP, "consents": consents, **profile_overrides}
+    return purchase_update(customer, n, at, **overrides)
 
 
 async def test_whatsapp_outside_the_window_goes_with_the_approved_template_configured(world: World) -> None:
     """Business-initiated WhatsApp outside the 24-hour window must use an approved template:
     without its Content SID configured the message goes on the next channel; with it, it goes
-    on WhatsApp with that SID and the template's variables; inside the window, as free text."""
-    sid = "HX" + "ab12" * 8
-    first, second, third, late = [
+    on WhatsApp with that SID and the template's variables, the language's (a ru-RU customer
+    gets the English template and its SID)."""
+    sid_he, sid_en = "HX" + "ab12" * 8, "HX" + "cd34" * 8
+    first, second, russian = [
         c for c in (f"wa{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10)
-    ][:4]
+    ][:3]
     await world.service.apply_batch(delivered([whatsapp_first(first, 1, NOON)]))
     [row] = await messages(world, first)
     assert (row["channel"], row["status"]) == ("email", "queued")  # the fallback: no template for WhatsApp
     world.service.settings = world.service.settings.model_copy(
-        update={"messenger_whatsapp_content_sids": {"thank_you.he": sid}}
+        update={"messenger_whatsapp_content_sids": {"thank_you.he": sid_he, "thank_you.en": sid_en}}
     )
     await world.service.apply_batch(delivered([whatsapp_first(second, 1, NOON)]))
-    [row] = await messages(world, second)
-    assert (row["channel"], row["whatsapp_mode"], row["status"]) == ("whatsapp", "template", "queued")
-    outcomes = await world.service.send_due()
-    assert sorted(o.status for o in outcomes) == ["sent", "sent"]
-    assert sorted(f.suffix for f in outbox_files(world)) == [".eml", ".json"]
-    [template] = [json.loads(f.read_text()) for f in outbox_files(world) if f.suffix == ".json"]
-    assert template["channel"] == "whatsapp"
-    assert template["to"] == "+972521234567"
-    assert template["content_sid"] == sid
-    # The template's variables, filled for this customer: first name and order.
-    assert template["content_variables"] == {"1": "נועה", "2": "o1"}
-    # Inside the window (the customer wrote on WhatsApp an hour ago): free text, no template.
-    await world.service.apply_batch(delivered([whatsapp_first(third, 1, NOON - timedelta(days=8))]))
-    world.clock.now = NOON + timedelta(hours=1)
-    async with world.db.transaction() as session:
-        await world.service.repo.set_whatsapp_inbound(session, third, NOON)
-    world.service.settings = world.service.settings.model_copy(update={"messenger_whatsapp_content_sids": {}})
-    await world.service.apply_batch(delivered([whatsapp_first(third, 2, world.clock.now)]))
-    [_, free] = await messages(world, third)
-    assert (free["channel"], free["whatsapp_mode"]) == ("whatsapp", "freeform")
-    # Decided for the approved template, whose SID was unset before it went: failed, saying so,
-    # rather than free text that WhatsApp refuses outside the window.
-    world.service.settings = world.service.settings.model_copy(
-        update={"messenger_whatsapp_content_sids": {"thank_you.he": sid}}
-    )
-    await world.service.apply_batch(delivered([whatsapp_first(late, 1, world.clock.now)]))
-    world.service.settings = world.service.settings.model_copy(update={"messenger_whatsapp_content_sids": {}})
+    await world.service.apply_batch(delivered([whatsapp_first(russian, 1, NOON, locale="ru-RU")]))
+    for customer in (second, russian):
+        [row] = await messages(world, customer)
+        assert (row["channel"], row["whatsapp_mode"], row["status"]) == ("whatsapp", "template", "queued")
+    assert sorted(o.status for o in await world.service.send_due()) == ["sent"] * 3
+    assert sorted(f.suffix for f in outbox_files(world)) == [".eml", ".json", ".json"]
+    sent = {
+        d["message_id"]: d
+        for d in map(json.loads, (f.read_text() for f in outbox_files(world) if f.suffix == ".json"))
+    }
+    for customer, sid in ((second, sid_he), (russian, sid_en)):
+        [row] = await messages(world, customer)
+        doc = sent[row["id"]]
+        assert (doc["channel"], doc["to"], doc["content_sid"]) == ("whatsapp", "+972521234567", sid)
+        # The template's variables, filled for this customer: first name and order.
+        assert doc["content_variables"] == {"1": "נועה", "2": "o1"}
+        assert (row["status"], row["whatsapp_mode"]) == ("sent", "template")
+
+
+async def test_whatsapp_goes_as_things_stand_when_it_is_sent(world: World) -> None:
+    """The sender chooses free text or the approved template again when the message goes: the
+    window may have closed or opened since the decision, a template been approved or withdrawn.
+    Neither possible: it fails, saying so, rather than go as free text WhatsApp would refuse."""
+    sid = "HX" + "ab12" * 8
+    closing, opened, neither = [
+        c for c in (f"ws{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10)
+    ][:3]
+
+    async def customer_wrote(customer: str, at: datetime) -> None:
+        async with world.db.transaction() as session:
+            await world.service.repo.set_whatsapp_inbound(session, customer, at)
+
+    def configure(sids: dict[str, str]) -> None:
+        world.service.settings = world.service.settings.model_copy(
+            update={"messenger_whatsapp_content_sids": sids}
+        )
+
+    # Decided inside the window, which closes in two minutes: too close to send free text in
+    # it; the approved template is configured, so it goes with that.
+    world.clock.now = NOON - timedelta(days=8)  # a thank-you a week before (one a week at most)
+    await world.service.apply_batch(delivered([whatsapp_first(closing, 1, world.clock.now)]))
+    world.clock.now = NOON
+    await customer_wrote(closing, NOON - timedelta(hours=23, minutes=58))
+    await world.service.apply_batch(delivered([whatsapp_first(closing, 2, NOON)]))
+    # Decided for the template; the template is then withdrawn, but the customer wrote meanwhile.
+    configure({"thank_you.he": sid})
+    await world.service.apply_batch(delivered([whatsapp_first(opened, 1, NOON)]))
+    await world.service.apply_batch(delivered([whatsapp_first(neither, 1, NOON)]))
+    rows = {c: (await messages(world, c))[-1] for c in (closing, opened, neither)}
+    assert [rows[c]["whatsapp_mode"] for c in (closing, opened, neither)] == [
+        "freeform",
+        "template",
+        "template",
+    ]
+    await customer_wrote(opened, NOON)
+    world.clock.now = NOON + timedelta(minutes=1)
+    await world.service.send_one(rows[closing]["id"])  # the template is configured
+    configure({})
     await world.service.send_due()
-    [failed] = await messages(world, late)
+    after = {c: (await messages(world, c))[-1] for c in (closing, opened, neither)}
+    assert [(after[c]["status"], after[c]["whatsapp_mode"]) for c in (closing, opened)] == [
+        ("sent", "template"),
+        ("sent", "freeform"),
+    ]
+    sent = {
+        d["message_id"]: d
+        for d in map(json.loads, (f.read_text() for f in outbox_files(world) if f.suffix == ".json"))
+    }
+    assert sent[after[closing]["id"]]["content_sid"] == sid
+    assert "content_sid" not in sent[after[opened]["id"]]
+    assert after[neither]["status"] == "failed"
+    assert after[neither]["reason"] == "whatsapp: outside the 24-hour window and no approved template"
+
+
+async def test_the_consumer_decides_with_the_templates_saved_meanwhile(world: World) -> None:
+    """A template override carrying an approved template's SID itself, saved through another
+    process (the API), lets the consumer's next decision go on WhatsApp outside the window."""
+    api_side = MessengerService(world.db, world.service.settings, None, {}, clock=world.clock)
+    sid = "HX" + "ef56" * 8
+    await MessengerAdmin(api_side).put_template(
+        TemplateKey(journey="thank_you", channel=Channel.WHATSAPP, locale="he"),
+        {
+            "text": "תודה{% if first_name %} {{ first_name }}{% endif %}! להסרה: {{ unsubscribe_url }}",
+            "content_sid": sid,
+            "content_variables": {"1": "{{ first_name or 'לקוח/ה יקר/ה' }}"},
+        },
+        "k1",
+    )
+    customer = next(c for c in (f"wo{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    await world.service.apply_batch(delivered([whatsapp_first(customer, 1, NOON)]))
+    [row] = await messages(world, customer)
+    assert (row["channel"], row["whatsapp_mode"]) == ("whatsapp", "template")
+    await world.service.send_due()
+    [doc] = [json.loads(f.read_text()) for f in outbox_files(world) if f.suffix == ".json"]
+    assert (doc["content_sid"], doc["content_variables"]) == (sid, {"1": "נועה"})
+    # WhatsApp refuses an empty template parameter: a variable that renders empty for this
+    # customer (nameless) fails the message, naming it, instead of a refusal from Twilio.
+    await MessengerAdmin(api_side).put_template(
+        TemplateKey(journey="thank_you", channel=Channel.WHATSAPP, locale="he"),
+        {
+            "text": "תודה! להסרה: {{ unsubscribe_url }}",
+            "content_sid": sid,
+            "content_variables": {"1": "{{ first_name or '' }}", "2": "{{ last_order.id }}"},
+        },
+        "k1",
+    )
+    nameless = next(c for c in (f"wn{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    await world.service.apply_batch(delivered([whatsapp_first(nameless, 1, NOON, name=None)]))
+    await world.service.send_due()
+    [failed] = await messages(world, nameless)
     assert failed["status"] == "failed"
-    assert "no approved WhatsApp template for thank_you.he" in failed["reason"]
+    assert "WhatsApp refuses empty template variables: 1" in failed["reason"]
 
 
 def test_approved_whatsapp_templates_are_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -617,6 +702,7 @@ def test_approved_whatsapp_templates_are_checked_at_start(monkeypatch: pytest.Mo
         ({"win_back.hebrew!": sid}, "not a BCP 47 language tag"),
         ({"win_back.he": "HX123"}, "String should match pattern"),
         ({"win_back.he": "config:win_back.he"}, "String should match pattern"),
+        ({"win_back.he": sid, "win_back.HE": "HX" + "1" * 32}, "both 'win_back.he', with different SIDs"),
     ):
         with pytest.raises(ValidationError, match=re.escape(words)):
             MessengerSettings(messenger_whatsapp_content_sids=bad)

@@ -20,6 +20,7 @@ from services.messenger.templates import (
     TemplateNotFoundError,
     TemplateRenderError,
     TemplateStore,
+    approved_content_sid,
     build_variables,
     count_sms,
     default_templates,
@@ -219,8 +220,11 @@ def test_shape_of_each_channel_is_checked() -> None:
     assert "$.html" in [e.path for e in validate_template(email_without_html)]
     whole_document = custom("Hi", Channel.EMAIL, subject="Hello", html="<html><body>Hi</body></html>")
     assert "$.html" in [e.path for e in validate_template(whole_document)]
-    bad_sid = custom("Hi", Channel.WHATSAPP, content_sid="not-a-sid")
-    assert [e.path for e in validate_template(bad_sid)] == ["$.content_sid"]
+    # A placeholder must name what RETAIN_MESSENGER_WHATSAPP_CONTENT_SIDS can configure.
+    for bad in ("not-a-sid", "config:promo", "config:Promo.he", "config:promo.hebrew!"):
+        bad_sid = custom("Hi", Channel.WHATSAPP, content_sid=bad)
+        assert [e.path for e in validate_template(bad_sid)] == ["$.content_sid"], bad
+    assert validate_template(custom("Hi", Channel.WHATSAPP, content_sid="config:promo.he_IL")) == []
 
 
 def test_marketing_sms_must_say_how_to_opt_out() -> None:
@@ -720,6 +724,10 @@ def test_whatsapp_approved_template_placeholder(store: TemplateStore) -> None:
     rendered = render(template, variables, strict=False, content_sids={"win_back.he": sid})
     assert rendered.content_sid == sid
     assert rendered.content_variables == {"1": "נועה"}
+    # A placeholder is read as the setting's keys are (config:promo.he_IL is promo.he-IL).
+    promo = custom("Hi", Channel.WHATSAPP, locale="he-IL", content_sid="config:promo.he_IL")
+    assert approved_content_sid(promo, {"promo.he-IL": sid}) == sid
+    assert approved_content_sid(promo, {"promo.he": sid}) is None
     unnamed = render(template, variables | {"first_name": None}, strict=False)
     assert unnamed.content_sid is None  # not configured: no approved template to fall back on
     assert unnamed.content_variables == {"1": "לקוח/ה יקר/ה"}
