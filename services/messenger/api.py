@@ -379,7 +379,9 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
         raise InvalidInputError("the body must be a JSON array of events")
     applied = await service.email_events(
         [
-            (event["email"], str(event.get("event", "")), event.get("retain_message_id"))
+            # Our ledger id, which the send put in custom_args (providers/sendgrid_api.py):
+            # SendGrid echoes each custom arg as a key of every event of the message.
+            (event["email"], str(event.get("event", "")), _custom_arg(event.get("message_id")))
             for event in events[:1000]
             if isinstance(event, dict) and isinstance(event.get("email"), str)
         ],
@@ -389,6 +391,10 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
     if not applied:
         raise ForbiddenError("this SendGrid delivery was received before (a replay)")
     return Response(status_code=204)
+
+
+def _custom_arg(value: object) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
 
 # --- links in messages ---------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from twilio.request_validator import RequestValidator
 from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import MessengerService
 from services.messenger.tables import metadata
-from shared.events import Channel
+from services.messenger.tables import outbox as outbox_table
+from shared.events import MESSAGE_EVENT_ADAPTER, Channel, MessageStatus
 from tests.hostile.apps import build, dispose, prepare
 from tests.messenger.test_service import NOON, customer_not_in_holdout, delivered, purchase_update
 
@@ -174,7 +175,7 @@ async def test_inbound_stop_with_a_forged_or_replayed_signature_changes_no_conse
 
 
 def bounce(messenger: Messenger) -> str:
-    return json.dumps([{"email": EMAIL, "event": "bounce", "retain_message_id": messenger.message_id}])
+    return json.dumps([{"email": EMAIL, "event": "bounce", "message_id": messenger.message_id}])
 
 
 async def test_sendgrid_events_without_a_valid_signature_are_refused(messenger: Messenger) -> None:
@@ -217,6 +218,33 @@ async def test_sendgrid_events_with_a_valid_signature_are_applied_once(messenger
     assert replayed.status_code == 403
     assert "received before" in replayed.text
     assert (await messenger.state()) == after
+
+
+async def test_sendgrid_delivery_and_click_find_their_message_by_its_custom_arg(messenger: Messenger) -> None:
+    """SendGrid echoes the send's custom_args ({"message_id": …}, providers/sendgrid_api.py)
+    as keys of each event: the delivery settles that message, the click is published. A value
+    that is not an id (a number, a megabyte) finds nothing and breaks nothing."""
+    events = [
+        {"email": EMAIL, "event": "delivered", "message_id": messenger.message_id, "sg_message_id": "x.1"},
+        {"email": EMAIL, "event": "click", "message_id": messenger.message_id, "url": "https://shop.example"},
+        {"email": EMAIL, "event": "click", "message_id": 12345},
+        {"email": EMAIL, "event": "click", "message_id": "m" * 1_000_000},
+    ]
+    payload = json.dumps(events)
+    timestamp = str(int(time.time()))
+    response = await messenger.sendgrid(
+        payload, sendgrid_signature(messenger.sendgrid_key, timestamp, payload), timestamp
+    )
+    assert response.status_code == 204, response.text
+    [row] = await messenger.service.list_messages(
+        customer_id=None, journey=None, status="delivered", before=None, limit=5
+    )
+    assert row["id"] == messenger.message_id
+    async with messenger.service.db.sessions() as session:
+        values = (await session.execute(select(outbox_table.c.value))).scalars().all()
+    statuses = [(e.message_id, e.status) for e in map(MESSAGE_EVENT_ADAPTER.validate_json, values)]
+    assert (messenger.message_id, MessageStatus.DELIVERED) in statuses
+    assert statuses.count((messenger.message_id, MessageStatus.CLICKED)) == 1
 
 
 async def test_sendgrid_events_signed_long_ago_or_ahead_are_refused(messenger: Messenger) -> None:
