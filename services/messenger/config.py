@@ -5,11 +5,13 @@ from typing import Annotated, Self
 
 from pydantic import Field, SecretStr, StringConstraints, field_validator, model_validator
 
+from services.messenger.providers.ratelimit import SenderThroughput
 from services.messenger.templates import DEFAULT_PERKS, Brand, content_sid_key, normalize_locale
 from shared.config import CommonSettings
-from shared.events import TimeZone
+from shared.events import Channel, TimeZone
 
 TierPerks = dict[str, dict[str, list[str]]]
+_PACE = SenderThroughput()  # Twilio's default throughput per kind of sender
 # An approved WhatsApp template's Twilio Content SID.
 ContentSid = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^HX[0-9a-fA-F]{32}$")]
 
@@ -27,8 +29,10 @@ class MessengerSettings(CommonSettings):
     )
     messenger_group_id: str = Field(default="retain-messenger", description="Kafka consumer group.")
     messenger_batch_size: int = Field(default=200, ge=1, le=5000, description="Records per consumed batch.")
-    messenger_fallback_order: list[str] = Field(
-        default=["email", "whatsapp", "sms"], description="Channels tried after the preferred one."
+    # Checked at start: a channel misspelt here ("mail") failed every decision instead.
+    messenger_fallback_order: list[Channel] = Field(
+        default=[Channel.EMAIL, Channel.WHATSAPP, Channel.SMS],
+        description="Channels tried after the preferred one (email, whatsapp, sms).",
     )
     messenger_default_timezone: TimeZone | None = Field(
         default=None,
@@ -123,6 +127,19 @@ class MessengerSettings(CommonSettings):
     twilio_sms_from: str | None = Field(default=None, description="Sender number for SMS (E.164).")
     twilio_whatsapp_from: str | None = Field(default=None, description="Sender number for WhatsApp (E.164).")
     twilio_base_url: str | None = Field(default=None, description="Override Twilio's API base URL (tests).")
+    # Twilio's throughput per sender (messages per second): what the sender paces itself to, as
+    # Twilio would queue the excess for hours and then fail it (providers/ratelimit.py).
+    messenger_mps_long_code: float = Field(
+        default=_PACE.long_code, ge=0, description="Per long code (and alphanumeric sender id); 0: unpaced."
+    )
+    messenger_mps_toll_free: float = Field(default=_PACE.toll_free, ge=0, description="Per toll-free number.")
+    messenger_mps_short_code: float = Field(default=_PACE.short_code, ge=0, description="Per short code.")
+    messenger_mps_whatsapp: float = Field(default=_PACE.whatsapp, ge=0, description="Per WhatsApp sender.")
+    messenger_mps_email: float = Field(default=_PACE.email, ge=0, description="Per email sender; 0: unpaced.")
+    messenger_mps_overrides: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description='Senders with their own rate, as JSON {"+15017122661": 10}: an upgraded long code.',
+    )
     smtp_host: str | None = Field(default=None, description="SMTP server for email.")
     smtp_port: int = Field(default=587, description="SMTP port.")
     smtp_username: str | None = Field(default=None, description="SMTP user.")

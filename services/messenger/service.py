@@ -761,7 +761,7 @@ class MessengerService:
             history=history,
             caps=tuple(caps.caps),
             quiet=self.quiet,
-            fallback_order=tuple(Channel(c) for c in self.settings.messenger_fallback_order),
+            fallback_order=tuple(self.settings.messenger_fallback_order),
             whatsapp_last_inbound_at=customer.whatsapp_inbound_at if customer else None,
             has_whatsapp_template=self._approved_on_whatsapp(template, profile.locale),
             duplicate=duplicate,

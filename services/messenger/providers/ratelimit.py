@@ -17,9 +17,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from shared.events import Channel
+
+if TYPE_CHECKING:
+    from services.messenger.config import MessengerSettings
 
 SenderKind = Literal["long_code", "toll_free", "short_code", "whatsapp", "email"]
 
@@ -41,15 +44,16 @@ class SenderThroughput:
     overrides: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, settings: object) -> SenderThroughput:
-        """Read ``messenger_mps_<kind>`` attributes where the settings have them, else defaults."""
-        defaults = cls()
-        values = {
-            kind: float(getattr(settings, f"messenger_mps_{kind}", getattr(defaults, kind)))
-            for kind in ("long_code", "toll_free", "short_code", "whatsapp", "email")
-        }
-        overrides = getattr(settings, "messenger_mps_overrides", None) or {}
-        return cls(**values, overrides={str(k): float(v) for k, v in dict(overrides).items()})
+    def from_settings(cls, settings: MessengerSettings) -> SenderThroughput:
+        """``RETAIN_MESSENGER_MPS_<KIND>`` and ``RETAIN_MESSENGER_MPS_OVERRIDES``."""
+        return cls(
+            long_code=settings.messenger_mps_long_code,
+            toll_free=settings.messenger_mps_toll_free,
+            short_code=settings.messenger_mps_short_code,
+            whatsapp=settings.messenger_mps_whatsapp,
+            email=settings.messenger_mps_email,
+            overrides=dict(settings.messenger_mps_overrides),
+        )
 
     def rate_for(self, sender: str, channel: Channel) -> float:
         if sender in self.overrides:

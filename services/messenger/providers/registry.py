@@ -9,7 +9,7 @@ The choice is logged once, when the providers are built.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import SecretStr
 
@@ -21,6 +21,9 @@ from services.messenger.providers.smtp import SmtpProvider
 from services.messenger.providers.twilio_sms import TwilioProvider
 from shared.events import Channel
 from shared.logs import get_logger
+
+if TYPE_CHECKING:
+    from services.messenger.config import MessengerSettings
 
 log = get_logger(__name__)
 
@@ -78,8 +81,8 @@ def default_senders(settings: ProviderSettings) -> dict[Channel, str]:
     }
 
 
-def build_limiter(settings: object) -> SenderRateLimiter:
-    """Per-sender pacing from ``messenger_mps_*`` settings where present, else the defaults."""
+def build_limiter(settings: MessengerSettings) -> SenderRateLimiter:
+    """Per-sender pacing from the ``messenger_mps_*`` settings."""
     return SenderRateLimiter(SenderThroughput.from_settings(settings))
 
 

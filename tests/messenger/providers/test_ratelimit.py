@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
+from pydantic import ValidationError
 
+from services.messenger.config import MessengerSettings
 from services.messenger.providers.ratelimit import SenderRateLimiter, SenderThroughput, sender_kind
 from shared.events import Channel
 
@@ -134,11 +135,23 @@ async def test_cancelled_waiter_gives_its_slot_back() -> None:
     assert limiter.reserve(sender, Channel.SMS) == pytest.approx(1.0, abs=0.05)
 
 
-async def test_overrides_and_settings() -> None:
-    settings = SimpleNamespace(messenger_mps_long_code=2, messenger_mps_overrides={"+15017122661": 10})
-    throughput = SenderThroughput.from_settings(settings)
+async def test_overrides_and_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the environment, as a deployment sets them (the fields were once missing from the
+    settings, which dropped RETAIN_MESSENGER_MPS_* silently)."""
+    monkeypatch.setenv("RETAIN_MESSENGER_MPS_LONG_CODE", "2")
+    monkeypatch.setenv("RETAIN_MESSENGER_MPS_OVERRIDES", '{"+15017122661": 10}')
+    throughput = SenderThroughput.from_settings(MessengerSettings())
     assert throughput.long_code == 2.0
     assert throughput.toll_free == 3.0  # absent settings keep the defaults
     assert throughput.rate_for("+15017122661", Channel.SMS) == 10.0
     assert throughput.rate_for("+15017122662", Channel.SMS) == 2.0
-    assert SenderThroughput.from_settings(object()) == SenderThroughput()
+    monkeypatch.delenv("RETAIN_MESSENGER_MPS_LONG_CODE")
+    monkeypatch.delenv("RETAIN_MESSENGER_MPS_OVERRIDES")
+    assert SenderThroughput.from_settings(MessengerSettings()) == SenderThroughput()
+    for bad in (
+        {"messenger_mps_long_code": -1},
+        {"messenger_mps_overrides": {"+1": -5}},
+        {"messenger_fallback_order": ["mail", "sms"]},
+    ):
+        with pytest.raises(ValidationError):
+            MessengerSettings(**bad)
