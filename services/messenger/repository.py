@@ -283,6 +283,7 @@ class MessengerRepository:
         opt_in: bool,
         source: str,
         marketing_only: bool,
+        address: str | None = None,
     ) -> None:
         await session.execute(
             consent_facts.insert().values(
@@ -292,6 +293,7 @@ class MessengerRepository:
                 opt_in=opt_in,
                 source=source,
                 marketing_only=marketing_only,
+                address=address,
             )
         )
 

@@ -557,7 +557,9 @@ class MessengerService:
         facts: dict[str, list[ConsentFact]] = defaultdict(list)
         for f in await self.repo.consent_facts_of(session, customer_ids):
             facts[f.customer_id].append(
-                ConsentFact(channel=Channel(f.channel), at=f.at, source=FactSource(f.source))
+                ConsentFact(
+                    channel=Channel(f.channel), at=f.at, source=FactSource(f.source), address=f.address
+                )
             )
         entered = await self.repo.entries_of(session, customer_ids) if entries else {}
         batch = _Batch(
@@ -1091,7 +1093,7 @@ class MessengerService:
         now = self.clock()
         settled: list[tuple[Any, str, str | None, dict[str, Any]]] = []
         outcomes: list[SendOutcome] = []
-        opt_outs: list[tuple[str, Channel, FactSource]] = []
+        opt_outs: list[tuple[str, Channel, FactSource, str | None]] = []
         later: list[dict[str, Any]] = []
         for row, result in results:
             if not isinstance(result, ProviderError):
@@ -1128,12 +1130,12 @@ class MessengerService:
             settled.append((row, "failed", reason, {"error_code": result.code}))
             if result.suppress_address:
                 source = FactSource.PROVIDER_21610 if result.code == "21610" else FactSource.BOUNCE
-                opt_outs.append((row.customer_id, Channel(row.channel), source))
+                opt_outs.append((row.customer_id, Channel(row.channel), source, _address_of(row)))
             outcomes.append(SendOutcome(row.id, "failed", result.code))
         await self.repo.update_messages(session, later)
         await self._settle_many(session, settled, now)
-        for customer_id, channel, source in opt_outs:
-            await self._opt_out(session, customer_id, channel, source, now)
+        for customer_id, channel, source, address in opt_outs:
+            await self._opt_out(session, customer_id, channel, source, now, address)
         return outcomes
 
     def _outgoing(
@@ -1333,10 +1335,10 @@ class MessengerService:
             if channel == Channel.WHATSAPP:
                 await self.repo.set_whatsapp_inbound(session, customer_id, now)
             if kind == "stop":
-                await self._opt_out(session, customer_id, channel, FactSource.STOP, now)
+                await self._opt_out(session, customer_id, channel, FactSource.STOP, now, address)
             elif kind == "start":
                 await self.repo.add_consent_fact(
-                    session, customer_id, channel.value, now, True, FactSource.START.value, False
+                    session, customer_id, channel.value, now, True, FactSource.START.value, False, address
                 )
             last = await self.repo.last_message_to(session, customer_id, channel.value)
             if last is not None and kind is None:
@@ -1452,7 +1454,7 @@ class MessengerService:
     ) -> None:
         customer_id = await self.repo.customer_by_address(session, "email", address)
         if customer_id is not None and event in sources:
-            await self._opt_out(session, customer_id, Channel.EMAIL, sources[event], now)
+            await self._opt_out(session, customer_id, Channel.EMAIL, sources[event], now, address)
         if message_id and event in ("delivered", "click", "open"):
             row = await self.repo.message(session, message_id)
             if row is not None and event == "delivered" and row.status == "sent":
@@ -1464,8 +1466,16 @@ class MessengerService:
                 )
 
     async def _opt_out(
-        self, session: Any, customer_id: str, channel: Channel, source: FactSource, now: datetime
+        self,
+        session: Any,
+        customer_id: str,
+        channel: Channel,
+        source: FactSource,
+        now: datetime,
+        address: str | None = None,
     ) -> None:
+        """Record an opt-out; ``address``: the one it was about (a STOP from this number, a
+        bounce of this email), which it stops blocking once the customer's address changes."""
         await self.repo.add_consent_fact(
             session,
             customer_id,
@@ -1474,6 +1484,7 @@ class MessengerService:
             False,
             source.value,
             source == FactSource.UNSUBSCRIBE_LINK,
+            address,
         )
         # What was decided before and not sent yet is checked again when the sender claims it,
         # however soon: an opt-out is honoured from the moment it arrives, not from the next
@@ -1761,6 +1772,12 @@ def snapshot_facts_of(profile: ProfileSnapshot) -> dict[str, Any]:
         "has_phone": profile.phone is not None,
         "has_whatsapp": profile.whatsapp is not None,
     }
+
+
+def _address_of(row: Any) -> str | None:
+    """The address a claimed message went to: its customer's on its channel (None if unknown)."""
+    profile = getattr(row, "customer_profile", None) or {}
+    return profile.get({"email": "email", "sms": "phone", "whatsapp": "whatsapp"}[row.channel])
 
 
 def _whatsapp_mode_of(outgoing: OutgoingMessage) -> WhatsAppMode | None:

@@ -42,6 +42,10 @@ consent_facts = Table(
     Column("opt_in", Boolean, nullable=False),
     Column("source", String(32), nullable=False),
     Column("marketing_only", Boolean, nullable=False),
+    # The address it was about (a STOP from this number, a bounce of this email): it counts only
+    # while that is the customer's address on the channel. Null: the channel's, whatever the
+    # address (unsubscribe links; facts recorded before migration 0008).
+    Column("address", String(320), nullable=True),
     Index("ix_consent_facts_customer", "customer_id"),
 )
 

@@ -443,6 +443,61 @@ async def test_a_stop_before_the_sender_runs_stops_the_queued_message(world: Wor
     assert [r["status"] for r in await messages(world, customer)] == ["suppressed"]
 
 
+async def test_an_opt_out_stays_with_its_address_not_the_customer(world: World) -> None:
+    """A STOP from the old number and a bounce of the old email block those addresses only:
+    when the CRM gives the customer a new number and email (with the consents given before,
+    unchanged), the complaint acknowledgement reaches the new ones; back on an old address,
+    its opt-out counts again."""
+    customer = customer_not_in_holdout("thank_you")
+    old_phone, new_phone, old_email, new_email = (
+        "+972521234567",
+        "+972529876543",
+        "noa@example.com",
+        "noa@shop.example",
+    )
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON, whatsapp=None)]))
+    assert await world.service.inbound(Channel.SMS, old_phone, "STOP", "stop") == customer
+    assert await world.service.email_events([(old_email, "bounce", None)])
+    async with world.db.sessions() as session:
+        facts = await world.service.repo.consent_facts(session, customer)
+    assert {(f.source, f.address) for f in facts} == {("stop", old_phone), ("bounce", old_email)}
+    assert [o.status for o in await world.service.send_due()] == ["suppressed"]  # the thank-you
+    world.clock.now = NOON + timedelta(days=8)
+    moved = complaint_update(customer, world.clock.now, phone=new_phone, email=new_email, whatsapp=None)
+    await world.service.apply_batch(delivered([moved]))
+    acknowledgement = [r for r in await messages(world, customer) if r["journey"] == "complaint_ack"]
+    assert [(r["status"], r["channel"]) for r in acknowledgement] == [("queued", "sms")]
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    [sent] = [f for f in outbox_files(world) if new_phone in f.read_text()]
+    assert sent.suffix == ".json"
+    # The old number again (a CRM mistake undone): its STOP still holds, and so does the bounce.
+    world.clock.now = NOON + timedelta(days=16)
+    back = purchase_update(customer, 2, world.clock.now, phone=old_phone, email=old_email, whatsapp=None)
+    await world.service.apply_batch(delivered([back]))
+    thanks = [r for r in await messages(world, customer) if r["journey"] == "thank_you"][-1]
+    assert thanks["status"] == "suppressed", thanks
+
+
+async def test_twilio_s_21610_suppresses_the_number_it_was_sent_to(world: World) -> None:
+    """A send refused because the recipient replied STOP to the sender (Twilio 21610) records
+    an opt-out of that number: the customer's, as the message went to it."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON, whatsapp=None)]))
+    provider = world.service.providers[Channel.SMS]
+
+    async def refused(msg: Any) -> Any:
+        raise ProviderError("21610", "unsubscribed recipient", permanent=True, suppress_address=True)
+
+    provider.send = refused  # type: ignore[method-assign]
+    try:
+        assert [o.status for o in await world.service.send_due()] == ["failed"]
+    finally:
+        del provider.send
+    async with world.db.sessions() as session:
+        facts = await world.service.repo.consent_facts(session, customer)
+    assert [(f.channel, f.source, f.address) for f in facts] == [("sms", "provider_21610", "+972521234567")]
+
+
 async def test_a_stop_before_the_sender_runs_is_not_answered_by_the_same_message_on_sms(world: World) -> None:
     """The customer can be reached by email too: the recheck must not find email usable and
     then send the SMS it was rendered for. It goes by its own channel or not at all."""
