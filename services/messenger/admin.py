@@ -353,7 +353,10 @@ class MessengerAdmin:
             trigger = {k: v for k, v in sample.items() if k in TRIGGER_VARIABLES}
             variables, from_sample = {**own, **trigger}, sorted({*trigger, "unsubscribe_url"})
         kind = next((j.kind for j in journeys if j.template == template_name), template.kind)
-        rendered = await asyncio.to_thread(render, template, variables, strict=False, kind=kind)
+        sids = self.service.settings.messenger_whatsapp_content_sids
+        rendered = await asyncio.to_thread(
+            render, template, variables, strict=False, kind=kind, content_sids=sids
+        )
         overridden = draft is None and store.is_overridden(template.key)
         return Preview(rendered, overridden, customer_id, from_sample, draft=draft is not None)
 

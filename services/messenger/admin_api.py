@@ -148,6 +148,14 @@ class PreviewOut(BaseModel):
     sms_encoding: SmsEncoding | None
     direction: str
     lang: str
+    content_sid: str | None = Field(
+        description="WhatsApp: the approved template a message outside the customer's 24-hour "
+        "window goes with (RETAIN_MESSENGER_WHATSAPP_CONTENT_SIDS, or the template's own HX…); "
+        "null: none, so such a message goes on the customer's next channel."
+    )
+    content_variables: dict[str, str] = Field(
+        description="WhatsApp: the approved template's numbered variables as filled here."
+    )
     sample_data: list[str] = Field(
         description="Variables filled with sample values: all of them without a customer; with "
         "one, what a message takes from its trigger (order, ticket, offer …) and the links."
@@ -300,6 +308,8 @@ async def preview_template(body: PreviewIn, key: Reader, admin: Admin) -> Previe
         sms_encoding=rendered.sms_encoding,
         direction=rendered.direction,
         lang=rendered.lang,
+        content_sid=rendered.content_sid,
+        content_variables=rendered.content_variables,
         sample_data=preview.sample_data,
     )
 

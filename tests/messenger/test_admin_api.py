@@ -580,3 +580,24 @@ async def test_a_journey_stored_before_the_trigger_check_still_loads(world: Worl
     await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
     assert [m["journey"] for m in await messages(world, customer)] == ["thank_you"]
     assert (await api.writer.delete("/v1/journeys/never")).status_code == 204
+
+
+async def test_the_preview_shows_the_approved_whatsapp_template_a_message_would_go_with(
+    world: World,  # noqa: F811
+    api: Clients,
+) -> None:
+    """Most business-initiated WhatsApp goes as the approved template, not the free text: the
+    preview says which one (or that there is none) and its variables as filled."""
+    request = {"journey": "thank_you", "channel": "whatsapp", "locale": "he"}
+    none = (await api.reader.post("/v1/templates/preview", json=request)).json()
+    assert none["content_sid"] is None  # nothing configured: such a message goes on another channel
+    assert set(none["content_variables"]) == {"1", "2"}
+    sid = "HX" + "ab" * 16
+    world.service.settings = world.service.settings.model_copy(
+        update={"messenger_whatsapp_content_sids": {"thank_you.he": sid}}
+    )
+    configured = (await api.reader.post("/v1/templates/preview", json=request)).json()
+    assert configured["content_sid"] == sid
+    assert configured["content_variables"] == none["content_variables"]
+    sms = (await api.reader.post("/v1/templates/preview", json={**request, "channel": "sms"})).json()
+    assert (sms["content_sid"], sms["content_variables"]) == (None, {})
