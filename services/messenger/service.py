@@ -1455,6 +1455,11 @@ class MessengerService:
         customer_id = await self.repo.customer_by_address(session, "email", address)
         if customer_id is not None and event in sources:
             await self._opt_out(session, customer_id, Channel.EMAIL, sources[event], now, address)
+        elif customer_id is not None and event == "group_resubscribe":
+            # Subscribed again on SendGrid's preference page: lifts their unsubscribes (consent
+            # rule 3), not a bounce, which only the CRM can lift.
+            source = FactSource.RESUBSCRIBE.value
+            await self.repo.add_consent_fact(session, customer_id, "email", now, True, source, False, address)
         if message_id and event in ("delivered", "click", "open"):
             row = await self.repo.message(session, message_id)
             if row is not None and event == "delivered" and row.status == "sent":

@@ -498,6 +498,28 @@ async def test_twilio_s_21610_suppresses_the_number_it_was_sent_to(world: World)
     assert [(f.channel, f.source, f.address) for f in facts] == [("sms", "provider_21610", "+972521234567")]
 
 
+async def test_an_email_unsubscribe_is_lifted_by_a_resubscribe_on_sendgrid(world: World) -> None:
+    customer = customer_not_in_holdout("thank_you")
+
+    async def thank_you_channel(n: int) -> str:
+        world.clock.now = NOON + timedelta(days=8 * n)
+        update = purchase_update(customer, n, world.clock.now, preferred_channel=Channel.EMAIL, whatsapp=None)
+        await world.service.apply_batch(delivered([update]))
+        return str([r for r in await messages(world, customer) if r["journey"] == "thank_you"][-1]["channel"])
+
+    assert await thank_you_channel(0) == "email"
+    assert await world.service.email_events([("noa@example.com", "group_unsubscribe", None)])
+    assert await thank_you_channel(1) == "sms"  # marketing email no more
+    assert await world.service.email_events([("noa@example.com", "group_resubscribe", None)])
+    assert await thank_you_channel(2) == "email"
+    async with world.db.sessions() as session:
+        facts = await world.service.repo.consent_facts(session, customer)
+    assert [(f.source, f.opt_in, f.address) for f in facts] == [
+        ("unsubscribe_link", False, "noa@example.com"),
+        ("resubscribe", True, "noa@example.com"),
+    ]
+
+
 async def test_a_stop_before_the_sender_runs_is_not_answered_by_the_same_message_on_sms(world: World) -> None:
     """The customer can be reached by email too: the recheck must not find email usable and
     then send the SMS it was rendered for. It goes by its own channel or not at all."""
