@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from services.messenger.caps import Cap
 from shared.storable import storable
@@ -36,6 +36,18 @@ class MessageOut(BaseModel):
     error_code: str | None
     trigger_event_id: str | None
     content: dict[str, Any] | None
+    escalated: bool = Field(
+        default=False,
+        description="A complaint acknowledgement escalated to a person (a top-tier or valuable "
+        "customer: the journey's escalate_if); its 'escalation' event is on retain.messages.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _escalated_from_details(cls, row: Any) -> Any:
+        if isinstance(row, dict) and "escalated" not in row:
+            return {**row, "escalated": bool((row.get("details") or {}).get("escalated"))}
+        return row
 
 
 class MessagesPage(BaseModel):

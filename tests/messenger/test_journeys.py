@@ -29,6 +29,7 @@ from services.messenger.config import MessengerSettings
 from services.messenger.decision import in_holdout
 from services.messenger.journeys import default_journeys, triggered
 from services.messenger.links import survey_token
+from services.messenger.schemas import MessageOut
 from services.messenger.service import MessengerService
 from services.messenger.tables import journey_waits, outbox
 from services.messenger.templates import format_day
@@ -377,6 +378,11 @@ async def test_complaint_ack_at_once_and_escalated_for_the_valuable(
 
     events = [e for e in await published(world) if e.customer_id == customer]
     escalations = [e for e in events if e.status is MessageStatus.ESCALATION]
+    # Support sees it in GET /v1/messages (journey=complaint_ack): escalated or not.
+    [listed] = await world.service.list_messages(
+        customer_id=customer, journey="complaint_ack", status=None, before=None, limit=5
+    )
+    assert MessageOut.model_validate(listed).escalated is escalated
     if escalated:
         [escalation] = escalations
         assert escalation.message_id == row["id"]
