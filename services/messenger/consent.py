@@ -32,8 +32,12 @@ The rules, all applied per channel:
    - ``unsubscribe_link`` (List-Unsubscribe, SendGrid unsubscribe / group unsubscribe):
      marketing on that channel only;
    - ``bounce`` and ``spam_report``: everything on that channel (email).
-6. A fact tied to an address (``address`` set) only counts while that is still the customer's
-   address on the channel; a fact without one counts for the channel whatever the address.
+6. A fact tied to an address (``address`` set: a STOP from a number, a bounce, a spam report or
+   a 21610 of an address) only counts while that is still the customer's address on the
+   channel (an email's case aside); a fact without one (an unsubscribe: the customer's wish,
+   wherever they are reached; and facts recorded before addresses were kept) counts for the
+   channel whatever the address. An opt-in lifts the opt-outs about its address and those about
+   none. An email re-subscribe lifts unsubscribes only.
 7. An active opt-out makes the verdict ``suppressed``; it takes precedence over ``no_consent``
    because it is the stronger statement (and the one an operator must not override).
 """
@@ -84,6 +88,11 @@ class ConsentFact:
     def blocks(self, kind: MessageKind) -> bool:
         return not self.opt_in and (kind is MessageKind.MARKETING or not self.marketing_only)
 
+    def lifts(self, opt_out: ConsentFact) -> bool:
+        """Whether this opt-in undoes ``opt_out`` (when later): START any STOP; an email
+        re-subscribe an unsubscribe only, not a spam report (as SendGrid's own lists)."""
+        return self.source is not FactSource.RESUBSCRIBE or opt_out.marketing_only
+
 
 @dataclass(frozen=True, slots=True)
 class ConsentVerdict:
@@ -99,7 +108,13 @@ def _lifted(fact: ConsentFact, profile: ConsentState | None, opt_ins: Iterable[C
         return True
     if fact.source in LIFTED_BY_PROFILE_ONLY:
         return False
-    return any(o.at.astimezone(UTC) > at for o in opt_ins)
+    return any(o.at.astimezone(UTC) > at and o.lifts(fact) for o in opt_ins)
+
+
+def same_address(a: str | None, b: str | None) -> bool:
+    """Whether two addresses of a channel are one: an email's case does not matter (mailbox
+    providers ignore it, and CRMs change it)."""
+    return a is None or b is None or a.casefold() == b.casefold()
 
 
 def active_opt_outs(
@@ -109,15 +124,21 @@ def active_opt_outs(
     facts: Iterable[ConsentFact],
     address: str | None = None,
 ) -> list[ConsentFact]:
-    """The opt-outs on ``channel`` that still block a ``kind`` message, oldest first."""
-    relevant = [
-        f
-        for f in facts
-        if f.channel is channel and (f.address is None or address is None or f.address == address)
-    ]
-    opt_ins = [f for f in relevant if f.opt_in]
+    """The opt-outs on ``channel`` that still block a ``kind`` message to ``address``, oldest
+    first. An opt-out about an address is lifted by an opt-in about the same address (or about
+    none); one about no address (the channel's) by any opt-in on the channel."""
+    on_channel = [f for f in facts if f.channel is channel]
+    opt_ins = [f for f in on_channel if f.opt_in]
     profile = profile_consents.get(channel)
-    active = [f for f in relevant if f.blocks(kind) and not _lifted(f, profile, opt_ins)]
+    active = [
+        f
+        for f in on_channel
+        if f.blocks(kind)
+        and same_address(f.address, address)
+        and not _lifted(
+            f, profile, [o for o in opt_ins if f.address is None or same_address(o.address, f.address)]
+        )
+    ]
     return sorted(active, key=lambda f: f.at.astimezone(UTC))
 
 

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.messenger.caps import DEFAULT_CAPS, CapsConfig, SentRecord
 from services.messenger.channels import NO_TEMPLATE, WhatsAppMode, whatsapp_window_open
 from services.messenger.config import MessengerSettings
-from services.messenger.consent import ConsentFact, FactSource
+from services.messenger.consent import MARKETING_ONLY_SOURCES, ConsentFact, FactSource
 from services.messenger.decision import NO_CHANNEL_STATUS, Candidate, DecisionContext, decide, recheck_at_send
 from services.messenger.journeys import (
     Entry,
@@ -1452,23 +1452,28 @@ class MessengerService:
         sources: Mapping[str, FactSource],
         now: datetime,
     ) -> None:
-        customer_id = await self.repo.customer_by_address(session, "email", address)
+        # The message the event is about names whose it is and where it went: a bounce or a
+        # spam report days later may be about an address the customer has since changed.
+        row = await self.repo.message(session, message_id) if message_id else None
+        if row is not None:
+            customer_id: str | None = row.customer_id
+            address = (row.content or {}).get("to") or address
+        else:
+            customer_id = await self.repo.customer_by_address(session, "email", address)
         if customer_id is not None and event in sources:
             await self._opt_out(session, customer_id, Channel.EMAIL, sources[event], now, address)
         elif customer_id is not None and event == "group_resubscribe":
             # Subscribed again on SendGrid's preference page: lifts their unsubscribes (consent
-            # rule 3), not a bounce, which only the CRM can lift.
+            # rule 3), not a bounce or a spam report.
             source = FactSource.RESUBSCRIBE.value
-            await self.repo.add_consent_fact(session, customer_id, "email", now, True, source, False, address)
-        if message_id and event in ("delivered", "click", "open"):
-            row = await self.repo.message(session, message_id)
-            if row is not None and event == "delivered" and row.status == "sent":
-                await self._settle(session, row, "delivered", "provider: delivered", now)
-            elif row is not None and event == "click":
-                await self._publish(
-                    session,
-                    [self._event(row, MessageStatus.CLICKED, "link clicked", now, seq=now.isoformat())],
-                )
+            await self.repo.add_consent_fact(session, customer_id, "email", now, True, source, False)
+        if row is not None and event == "delivered" and row.status == "sent":
+            await self._settle(session, row, "delivered", "provider: delivered", now)
+        elif row is not None and event == "click":
+            await self._publish(
+                session,
+                [self._event(row, MessageStatus.CLICKED, "link clicked", now, seq=now.isoformat())],
+            )
 
     async def _opt_out(
         self,
@@ -1480,7 +1485,9 @@ class MessengerService:
         address: str | None = None,
     ) -> None:
         """Record an opt-out; ``address``: the one it was about (a STOP from this number, a
-        bounce of this email), which it stops blocking once the customer's address changes."""
+        bounce of this email), which it stops blocking once the customer's address changes. An
+        unsubscribe is the customer's wish wherever they are reached: kept for the channel."""
+        marketing_only = source in MARKETING_ONLY_SOURCES
         await self.repo.add_consent_fact(
             session,
             customer_id,
@@ -1488,8 +1495,8 @@ class MessengerService:
             now,
             False,
             source.value,
-            source == FactSource.UNSUBSCRIBE_LINK,
-            address,
+            marketing_only,
+            None if marketing_only else address,
         )
         # What was decided before and not sent yet is checked again when the sender claims it,
         # however soon: an opt-out is honoured from the moment it arrives, not from the next

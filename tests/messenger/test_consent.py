@@ -141,6 +141,30 @@ def test_facts_about_an_old_address_do_not_follow_the_customer() -> None:
     assert consent_for(EMAIL, MKT, consents, facts, address="old@example.com").suppressed
     # Not knowing the address is no reason to ignore the fact.
     assert consent_for(EMAIL, MKT, consents, facts).suppressed
+    # An email's case is not another address: a CRM that capitalises it lifts nothing.
+    assert consent_for(EMAIL, MKT, consents, facts, address="Old@Example.com").suppressed
+
+
+def test_an_opt_in_lifts_the_opt_outs_of_its_address_and_those_of_none() -> None:
+    stop_old = fact(FactSource.STOP, T0 + H, address="+972500000001")
+    start_new = fact(FactSource.START, T0 + 2 * H, address="+972500000002")
+    consents = {SMS: granted()}
+    # START from the new number says nothing of the old one.
+    assert consent_for(SMS, TRX, consents, [stop_old, start_new], address="+972500000001").suppressed
+    # A STOP recorded before addresses were kept (none): any later START on the channel lifts it.
+    stop_before = fact(FactSource.STOP, T0 + H)
+    assert consent_for(SMS, TRX, consents, [stop_before, start_new], address="+972500000003").allowed
+    assert consent_for(SMS, TRX, consents, [stop_before], address="+972500000003").suppressed
+
+
+@pytest.mark.parametrize("source", [FactSource.SPAM_REPORT, FactSource.BOUNCE])
+def test_an_email_resubscribe_lifts_an_unsubscribe_not_a_spam_report_or_a_bounce(source: FactSource) -> None:
+    consents = {EMAIL: granted()}
+    resubscribed = fact(FactSource.RESUBSCRIBE, T0 + 2 * H, EMAIL)
+    unsubscribed = fact(FactSource.UNSUBSCRIBE_LINK, T0 + H, EMAIL)
+    assert consent_for(EMAIL, MKT, consents, [unsubscribed, resubscribed]).allowed
+    reported = fact(source, T0 + H, EMAIL, address="noa@example.com")
+    assert consent_for(EMAIL, MKT, consents, [reported, resubscribed], address="noa@example.com").suppressed
 
 
 def test_instants_compare_as_instants_across_a_dst_change() -> None:

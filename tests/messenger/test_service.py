@@ -478,6 +478,37 @@ async def test_an_opt_out_stays_with_its_address_not_the_customer(world: World) 
     assert thanks["status"] == "suppressed", thanks
 
 
+async def test_a_late_spam_report_is_about_the_address_its_message_went_to(world: World) -> None:
+    """A spam report about a thank-you comes after the CRM changed the customer's email: it is
+    found by its message (whose custom arg SendGrid echoes), recorded against the address the
+    mail went to, and the new address is still reached; the old one, if it comes back, is not."""
+    customer = customer_not_in_holdout("thank_you")
+    old_email, new_email = "noa@example.com", "noa.levi@shop.example"
+
+    def by_email(n: int, email: str) -> CustomerUpdate:
+        return purchase_update(
+            customer, n, world.clock.now, preferred_channel=Channel.EMAIL, email=email, whatsapp=None
+        )
+
+    await world.service.apply_batch(delivered([by_email(1, old_email)]))
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    [first] = await messages(world, customer)
+    world.clock.now = NOON + timedelta(days=8)
+    await world.service.apply_batch(delivered([by_email(2, new_email)]))
+    # Nobody has the old address now: only the message knows whose it was.
+    assert await world.service.email_events([(old_email, "spamreport", first["id"])])
+    async with world.db.sessions() as session:
+        facts = await world.service.repo.consent_facts(session, customer)
+    assert [(f.source, f.address) for f in facts] == [("spam_report", old_email)]
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    second = (await messages(world, customer))[-1]
+    assert (second["channel"], second["content"]["to"]) == ("email", new_email)
+    world.clock.now = NOON + timedelta(days=16)
+    await world.service.apply_batch(delivered([by_email(3, old_email.upper())]))
+    third = (await messages(world, customer))[-1]
+    assert third["channel"] != "email"  # the old address, whatever its case: reported as spam
+
+
 async def test_twilio_s_21610_suppresses_the_number_it_was_sent_to(world: World) -> None:
     """A send refused because the recipient replied STOP to the sender (Twilio 21610) records
     an opt-out of that number: the customer's, as the message went to it."""
@@ -496,6 +527,13 @@ async def test_twilio_s_21610_suppresses_the_number_it_was_sent_to(world: World)
     async with world.db.sessions() as session:
         facts = await world.service.repo.consent_facts(session, customer)
     assert [(f.channel, f.source, f.address) for f in facts] == [("sms", "provider_21610", "+972521234567")]
+    world.clock.now = NOON + timedelta(days=8)
+    await world.service.apply_batch(delivered([purchase_update(customer, 2, world.clock.now, whatsapp=None)]))
+    assert (await messages(world, customer))[-1]["channel"] == "email"  # not that number again
+    world.clock.now = NOON + timedelta(days=16)
+    moved = purchase_update(customer, 3, world.clock.now, whatsapp=None, phone="+972529876543")
+    await world.service.apply_batch(delivered([moved]))
+    assert (await messages(world, customer))[-1]["channel"] == "sms"  # a new number: SMS again
 
 
 async def test_an_email_unsubscribe_is_lifted_by_a_resubscribe_on_sendgrid(world: World) -> None:
@@ -514,9 +552,10 @@ async def test_an_email_unsubscribe_is_lifted_by_a_resubscribe_on_sendgrid(world
     assert await thank_you_channel(2) == "email"
     async with world.db.sessions() as session:
         facts = await world.service.repo.consent_facts(session, customer)
+    # The customer's wish, wherever they are reached: kept for the channel, not the address.
     assert [(f.source, f.opt_in, f.address) for f in facts] == [
-        ("unsubscribe_link", False, "noa@example.com"),
-        ("resubscribe", True, "noa@example.com"),
+        ("unsubscribe_link", False, None),
+        ("resubscribe", True, None),
     ]
 
 

@@ -91,7 +91,8 @@ class SenderRateLimiter:
         self.throughput = throughput or SenderThroughput()
         self._clock = clock
         self._sleep = sleep
-        self._buckets: dict[str, _Bucket] = {}
+        # Per channel and sender: one number may send SMS and WhatsApp, two senders to Twilio.
+        self._buckets: dict[tuple[Channel, str], _Bucket] = {}
 
     def reserve(self, sender: str, channel: Channel) -> float:
         """Take a slot now; return the seconds to wait before using it (0 = go)."""
@@ -100,17 +101,17 @@ class SenderRateLimiter:
             return 0.0
         burst = max(1.0, rate)  # one second's worth of sends
         now = self._clock()
-        bucket = self._buckets.get(sender)
+        bucket = self._buckets.get((channel, sender))
         if bucket is None:
-            bucket = self._buckets[sender] = _Bucket(burst, now)
+            bucket = self._buckets[(channel, sender)] = _Bucket(burst, now)
         bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         bucket.tokens -= 1.0
         return 0.0 if bucket.tokens >= 0 else -bucket.tokens / rate
 
-    def release(self, sender: str) -> None:
+    def release(self, sender: str, channel: Channel) -> None:
         """Give back a reserved slot that was not used."""
-        bucket = self._buckets.get(sender)
+        bucket = self._buckets.get((channel, sender))
         if bucket is not None:
             bucket.tokens += 1.0
 
@@ -121,5 +122,5 @@ class SenderRateLimiter:
         try:
             await self._sleep(wait)
         except asyncio.CancelledError:
-            self.release(sender)
+            self.release(sender, channel)
             raise

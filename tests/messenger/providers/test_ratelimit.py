@@ -138,6 +138,8 @@ async def test_cancelled_waiter_gives_its_slot_back() -> None:
 async def test_overrides_and_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """From the environment, as a deployment sets them (the fields were once missing from the
     settings, which dropped RETAIN_MESSENGER_MPS_* silently)."""
+    for kind in ("LONG_CODE", "TOLL_FREE", "SHORT_CODE", "WHATSAPP", "EMAIL", "OVERRIDES"):
+        monkeypatch.delenv(f"RETAIN_MESSENGER_MPS_{kind}", raising=False)  # whatever the machine has
     monkeypatch.setenv("RETAIN_MESSENGER_MPS_LONG_CODE", "2")
     monkeypatch.setenv("RETAIN_MESSENGER_MPS_OVERRIDES", '{"+15017122661": 10}')
     throughput = SenderThroughput.from_settings(MessengerSettings())
@@ -155,3 +157,13 @@ async def test_overrides_and_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         with pytest.raises(ValidationError):
             MessengerSettings(**bad)
+
+
+def test_one_number_sending_sms_and_whatsapp_has_a_bucket_for_each() -> None:
+    """Twilio counts a number's SMS and its WhatsApp as two senders: a burst of WhatsApp does
+    not hold back the SMS of the same number."""
+    limiter = SenderRateLimiter(SenderThroughput(long_code=1.0, whatsapp=80.0), clock=lambda: 0.0)
+    number = "+15017122661"
+    assert [limiter.reserve(number, Channel.WHATSAPP) for _ in range(80)] == [0.0] * 80
+    assert limiter.reserve(number, Channel.SMS) == 0.0
+    assert limiter.reserve(number, Channel.SMS) == 1.0  # the SMS bucket's own second
