@@ -172,6 +172,10 @@ def fold(events: Iterable[Event | MessageEvent]) -> FactRows:
                 channel = e.preferred_channel.value
                 _offer(registers, e.customer_id, "channel", channel, e.occurred_at, e.event_id)
         elif isinstance(e, MessageEvent):
+            if e.status is MessageStatus.UNSUBSCRIBED:
+                # The messenger's record of an opt-out (message_id optout:<customer>, journey
+                # "-"): about the customer, no message; counted it would be a journey "-".
+                continue
             out.messages.append(
                 {
                     "event_id": e.event_id,

@@ -965,17 +965,36 @@ async def test_ticket_facts_survive_duplicates_with_other_ids(kpi: Kpi) -> None:
 
 
 async def test_messenger_ids_longer_than_backend_ids_fit(kpi: Kpi) -> None:
-    # The messenger derives ids from customer ids (e.g. "optout:<customer>"): up to 135 chars.
+    # The messenger derives ids from customer ids ("m-<customer>"): up to 130 chars.
     customer = "c" * 128
+    kpi.at(utc(2026, 1, 25))
+    await kpi.apply([message(f"m-{customer}", customer, "sent", utc(2026, 1, 10), tier="t" * 100)])
+    body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-10", "to": "2026-01-10"})
+    assert body["total"]["stats"]["sent"] == 1
+
+
+async def test_an_opt_out_the_messenger_publishes_is_no_message(kpi: Kpi) -> None:
+    """The messenger publishes each opt-out on retain.messages (message_id optout:<customer>,
+    journey "-", status unsubscribed): no message, so no journey "-" assigned its opt-outs and
+    credited with the purchases after them."""
     kpi.at(utc(2026, 1, 25))
     await kpi.apply(
         [
-            message(f"optout:{customer}", customer, "unsubscribed", utc(2026, 1, 10)),
-            message(f"m-{customer}", customer, "sent", utc(2026, 1, 10), tier="t" * 100),
+            message("optout:c1", "c1", "unsubscribed", utc(2026, 1, 10), journey="-"),
+            purchase("c1", utc(2026, 1, 11), "80"),
+            message("m-c2", "c2", "sent", utc(2026, 1, 10)),
         ]
     )
-    body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-10", "to": "2026-01-10"})
+    span = {"from": "2026-01-10", "to": "2026-01-10", "by": "journey"}
+    body = await kpi.get("/v1/kpis/conversion", **span)
+    assert set(body["total"]["groups"]) == {"welcome"}
     assert body["total"]["stats"]["sent"] == 1
+    # Grafana's daily table: the journeys of that day are the one message's.
+    await kpi.service.run_rollups()
+    c = kpi_conversion_daily.c
+    async with kpi.db.sessions() as s:
+        journeys = await s.execute(select(c.value, c.assigned).where(c.dimension == "journey"))
+        assert sorted(journeys) == [("welcome", 1)]
 
 
 def test_the_kpi_values_are_on_the_apis_metrics_only() -> None:
