@@ -27,6 +27,7 @@ from services.messenger.schemas import (
     WaitStatus,
 )
 from services.messenger.service import CapsConflictError, CapsMatchRequiredError, MessengerService, caps_etag
+from services.messenger.status import EmailEvent
 from services.messenger.stopwords import match_inbound, reply_for
 from shared.auth import ApiKey, KeyStore, require_scope
 from shared.errors import (
@@ -379,9 +380,15 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
         raise InvalidInputError("the body must be a JSON array of events")
     applied = await service.email_events(
         [
-            # Our ledger id, which the send put in custom_args (providers/sendgrid_api.py):
-            # SendGrid echoes each custom arg as a key of every event of the message.
-            (event["email"], str(event.get("event", "")), _custom_arg(event.get("message_id")))
+            EmailEvent(
+                event["email"],
+                str(event.get("event", "")),
+                # Our ledger id, which the send put in custom_args (providers/sendgrid_api.py):
+                # SendGrid echoes each custom arg as a key of every event of the message.
+                _text(event.get("message_id"), 64),
+                _text(event.get("type"), 32),
+                _text(event.get("reason"), 500),
+            )
             for event in events[:1000]
             if isinstance(event, dict) and isinstance(event.get("email"), str)
         ],
@@ -393,8 +400,9 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
     return Response(status_code=204)
 
 
-def _custom_arg(value: object) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
+def _text(value: object, longest: int) -> str | None:
+    """A field of a SendGrid event as text, if it is one; cut to ``longest``."""
+    return value[:longest] if isinstance(value, str) and value else None
 
 
 # --- links in messages ---------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from services.messenger.providers.ratelimit import SenderRateLimiter
 from services.messenger.providers.retry import send_with_retry
 from services.messenger.quiet import QuietHours, customer_zone
 from services.messenger.repository import MessengerRepository
-from services.messenger.status import advances, ours
+from services.messenger.status import EmailEvent, advances, email_outcome, ours
 from services.messenger.tables import applied_events, outbox
 from services.messenger.templates import (
     Template,
@@ -1418,18 +1418,13 @@ class MessengerService:
         await self.flush()
 
     async def email_events(
-        self, events: Sequence[tuple[str, str, str | None]], receipt: str | None = None
+        self, events: Sequence[tuple[str | None, ...]], receipt: str | None = None
     ) -> bool:
-        """SendGrid event webhook: bounces, spam reports and unsubscribes suppress the address;
-        deliveries and clicks are recorded. One transaction for the whole delivery, with its
-        receipt (the signature's digest): a replay applies nothing and returns False."""
-        sources = {
-            "bounce": FactSource.BOUNCE,
-            "dropped": FactSource.BOUNCE,
-            "spamreport": FactSource.SPAM_REPORT,
-            "unsubscribe": FactSource.UNSUBSCRIBE_LINK,
-            "group_unsubscribe": FactSource.UNSUBSCRIBE_LINK,
-        }
+        """SendGrid event webhook (``EmailEvent``s, or tuples of their fields): bounces, drops,
+        spam reports and unsubscribes suppress the address as ``email_outcome`` says; deliveries,
+        bounces and drops settle the message, clicks are published. One transaction for the
+        whole delivery, with its receipt (the signature's digest): a replay applies nothing and
+        returns False."""
         now = self.clock()
         async with self.db.transaction() as session:
             if receipt is not None:
@@ -1438,38 +1433,40 @@ class MessengerService:
                 forget_before = now - 2 * timedelta(seconds=self.settings.sendgrid_webhook_tolerance_s)
                 if not await self.repo.claim_receipt(session, receipt, now, forget_before):
                     return False
-            for address, event, message_id in events:
-                await self._email_event(session, address, event, message_id, sources, now)
+            for fields in events:
+                await self._email_event(session, EmailEvent(*fields), now)  # type: ignore[arg-type]
         await self.flush()
         return True
 
-    async def _email_event(
-        self,
-        session: Any,
-        address: str,
-        event: str,
-        message_id: str | None,
-        sources: Mapping[str, FactSource],
-        now: datetime,
-    ) -> None:
+    async def _email_event(self, session: Any, e: EmailEvent, now: datetime) -> None:
+        outcome = email_outcome(e)
         # The message the event is about names whose it is and where it went: a bounce or a
         # spam report days later may be about an address the customer has since changed.
-        row = await self.repo.message(session, message_id) if message_id else None
+        row = await self.repo.message(session, e.message_id) if e.message_id else None
+        address = e.address
         if row is not None:
             customer_id: str | None = row.customer_id
             address = (row.content or {}).get("to") or address
         else:
             customer_id = await self.repo.customer_by_address(session, "email", address)
-        if customer_id is not None and event in sources:
-            await self._opt_out(session, customer_id, Channel.EMAIL, sources[event], now, address)
-        elif customer_id is not None and event == "group_resubscribe":
+        if customer_id is not None and outcome.opt_out is not None:
+            await self._opt_out(session, customer_id, Channel.EMAIL, outcome.opt_out, now, address)
+        elif customer_id is not None and e.event == "group_resubscribe":
             # Subscribed again on SendGrid's preference page: lifts their unsubscribes (consent
             # rule 3), not a bounce or a spam report.
             source = FactSource.RESUBSCRIBE.value
             await self.repo.add_consent_fact(session, customer_id, "email", now, True, source, False)
-        if row is not None and event == "delivered" and row.status == "sent":
-            await self._settle(session, row, "delivered", "provider: delivered", now)
-        elif row is not None and event == "click":
+        if row is None:
+            return
+        current = (row.details or {}).get("provider_status", row.status)
+        if outcome.status is not None and outcome.status != row.status and advances(current, outcome.status):
+            why = (
+                f"sendgrid: {e.event}"
+                + (f" ({e.type})" if e.type else "")
+                + (f": {e.reason}" if e.reason else "")
+            )
+            await self._settle(session, row, outcome.status, why[:500], now)
+        elif e.event == "click":
             await self._publish(
                 session,
                 [self._event(row, MessageStatus.CLICKED, "link clicked", now, seq=now.isoformat())],

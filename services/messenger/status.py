@@ -1,7 +1,12 @@
 """Which provider status may replace which: a replayed or late callback never moves a message
-backwards (queued → sent → delivered / undelivered / failed → read). Pure."""
+backwards (queued → sent → delivered / undelivered / failed → read); and what an email event
+says of its message and its address. Pure."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
+
+from services.messenger.consent import FactSource
 
 # Twilio's message statuses, by how far along they are.
 _RANK = {
@@ -38,3 +43,48 @@ def advances(current: str, incoming: str) -> bool:
     if current == "delivered":
         return incoming == "read"
     return _RANK[incoming] > _RANK.get(current, -1)
+
+
+class EmailEvent(NamedTuple):
+    """One event of SendGrid's event webhook, as far as Retain reads it."""
+
+    address: str
+    event: str  # delivered, bounce, dropped, spamreport, unsubscribe, click, …
+    message_id: str | None = None  # our id, echoed from the send's custom_args
+    type: str | None = None  # bounce: "bounce" (permanent) or "blocked" (temporary)
+    reason: str | None = None  # bounce and dropped: why
+
+
+class EmailOutcome(NamedTuple):
+    opt_out: FactSource | None  # the consent fact about the address, if any
+    status: str | None  # what became of the message (a provider status), if anything
+
+
+# Why SendGrid dropped a message without trying, as its reasons start, and what that says
+# of the address. Any other reason ("Spam Content", …) is about the message only.
+_DROPPED = (
+    ("Unsubscribed Address", FactSource.UNSUBSCRIBE_LINK),
+    ("Spam Reporting Address", FactSource.SPAM_REPORT),
+    ("Bounced Address", FactSource.BOUNCE),
+    ("Invalid", FactSource.BOUNCE),
+)
+
+
+def email_outcome(e: EmailEvent) -> EmailOutcome:
+    """A bounce is the message undelivered and, unless the receiving server only blocked it for
+    now (``type`` blocked: our IP, a full mailbox), the address dead; a drop is the message
+    failed, and the address suppressed when SendGrid dropped it for what the address is; a spam
+    report or an unsubscribe is about the address (the message was delivered)."""
+    if e.event == "delivered":
+        return EmailOutcome(None, "delivered")
+    if e.event == "bounce":
+        return EmailOutcome(None if e.type == "blocked" else FactSource.BOUNCE, "undelivered")
+    if e.event == "dropped":
+        reason = e.reason or ""
+        source = next((s for prefix, s in _DROPPED if reason.startswith(prefix)), None)
+        return EmailOutcome(source, "failed")
+    if e.event == "spamreport":
+        return EmailOutcome(FactSource.SPAM_REPORT, None)
+    if e.event in ("unsubscribe", "group_unsubscribe"):
+        return EmailOutcome(FactSource.UNSUBSCRIBE_LINK, None)
+    return EmailOutcome(None, None)

@@ -32,6 +32,7 @@ from services.messenger.links import sign_unsubscribe, survey_token
 from services.messenger.providers.base import ProviderError
 from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import UNHAPPY_OLDEST_AGE, UNHAPPY_WAITING, MessengerService
+from services.messenger.status import EmailEvent
 from services.messenger.tables import outbox as outbox_table
 from services.messenger.templates import TemplateKey
 from shared.auth import create_key
@@ -507,6 +508,50 @@ async def test_a_late_spam_report_is_about_the_address_its_message_went_to(world
     await world.service.apply_batch(delivered([by_email(3, old_email.upper())]))
     third = (await messages(world, customer))[-1]
     assert third["channel"] != "email"  # the old address, whatever its case: reported as spam
+
+
+async def test_an_email_that_bounces_is_undelivered_and_one_blocked_for_now_spares_the_address(
+    world: World,
+) -> None:
+    """SendGrid's bounce of a sent email settles it as undelivered (the kpi's failure rate)
+    and suppresses the address; a block (the receiving server refusing for now) settles the
+    message but leaves the address; a drop because SendGrid has the address as unsubscribed
+    fails the message and records the unsubscribe."""
+    outcomes = {}
+    for prefix, report in (
+        ("eb1", EmailEvent("noa@example.com", "bounce", type="bounce", reason="550 5.1.1 user unknown")),
+        ("eb2", EmailEvent("noa@example.com", "bounce", type="blocked", reason="421 4.7.0 try later")),
+        ("eb3", EmailEvent("noa@example.com", "dropped", reason="Unsubscribed Address")),
+    ):
+        customer = next(
+            c for c in (f"{prefix}-{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10)
+        )
+        update = purchase_update(customer, 1, NOON, preferred_channel=Channel.EMAIL, whatsapp=None)
+        await world.service.apply_batch(delivered([update]))
+        assert [o.status for o in await world.service.send_due()] == ["sent"]
+        [row] = await messages(world, customer)
+        assert await world.service.email_events([report._replace(message_id=row["id"])])
+        [row] = await messages(world, customer)
+        async with world.db.sessions() as session:
+            facts = await world.service.repo.consent_facts(session, customer)
+        outcomes[report.type or report.event] = (
+            row["status"],
+            row["reason"],
+            [(f.source, f.address) for f in facts],
+        )
+    assert outcomes == {
+        "bounce": (
+            "undelivered",
+            "sendgrid: bounce (bounce): 550 5.1.1 user unknown",
+            [("bounce", "noa@example.com")],
+        ),
+        "blocked": ("undelivered", "sendgrid: bounce (blocked): 421 4.7.0 try later", []),
+        "dropped": ("failed", "sendgrid: dropped: Unsubscribed Address", [("unsubscribe_link", None)]),
+    }
+    async with world.db.sessions() as session:
+        values = (await session.execute(select(outbox_table.c.value))).scalars().all()
+    settled = {e.status for e in map(MESSAGE_EVENT_ADAPTER.validate_json, values)}
+    assert {MessageStatus.UNDELIVERED, MessageStatus.FAILED} <= settled  # published for the kpi
 
 
 async def test_twilio_s_21610_suppresses_the_number_it_was_sent_to(world: World) -> None:
