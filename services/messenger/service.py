@@ -143,6 +143,8 @@ def utcnow() -> datetime:
 
 
 def _candidate_of(row: Any) -> Candidate:
+    """The candidate a ledger row was decided from, on its own channel (the recheck at send
+    time: it goes by the channel it was rendered for or not at all)."""
     return Candidate(
         message_key=row.idempotency_key,
         customer_id=row.customer_id,
@@ -150,7 +152,7 @@ def _candidate_of(row: Any) -> Candidate:
         kind=MessageKind(row.kind),
         template=row.template or row.journey,
         triggered_at=row.created_at,
-        channel=Channel(row.channel) if row.details and row.details.get("forced_channel") else None,
+        channel=Channel(row.channel),
         ttl=(row.expires_at - row.created_at) if row.expires_at else None,
     )
 
@@ -1015,7 +1017,7 @@ class MessengerService:
         template = row.template or row.journey
         context = _without(self._context_of(memo, profile, caps, template, duplicate=False), row)
         own = Channel(row.channel)
-        decision = recheck_at_send(replace(_candidate_of(row), channel=own), context, now)
+        decision = recheck_at_send(_candidate_of(row), context, now)
         if decision.status != MessageStatus.QUEUED:
             return decision.status.value, decision.reason, decision.reason, decision.send_at
         if decision.channel is not own:
