@@ -330,7 +330,7 @@ async def twilio_inbound(request: Request, service: Service) -> Response:
     channel = Channel.WHATSAPP if sender.startswith("whatsapp:") else Channel.SMS
     keyword = match_inbound(body)
     kind = keyword.intent if keyword else None
-    await service.inbound(channel, sender, body, kind)
+    await service.inbound(channel, sender, body, kind, form.get("MessageSid") or form.get("SmsSid"))
     reply = reply_for(keyword, channel, body) if keyword else None
     # TwiML: an empty response sends nothing; Twilio answers its own STOP keywords itself.
     twiml = '<?xml version="1.0" encoding="UTF-8"?><Response>'
@@ -388,6 +388,7 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
                 _text(event.get("message_id"), 64),
                 _text(event.get("type"), 32),
                 _text(event.get("reason"), 500),
+                _text(event.get("sg_event_id"), 100),
             )
             for event in events[:1000]
             if isinstance(event, dict) and isinstance(event.get("email"), str)

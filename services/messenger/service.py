@@ -1326,8 +1326,12 @@ class MessengerService:
         await self.flush()
         return True
 
-    async def inbound(self, channel: Channel, from_address: str, body: str, kind: str | None) -> str | None:
-        """An inbound SMS/WhatsApp: STOP/START change consent; anything else is a reply."""
+    async def inbound(
+        self, channel: Channel, from_address: str, body: str, kind: str | None, sid: str | None = None
+    ) -> str | None:
+        """An inbound SMS/WhatsApp: STOP/START change consent; anything else is a reply, whose
+        event is named by the inbound message's ``sid``, so that a webhook replayed (its
+        signature has no time) is the same event again, which consumers apply once."""
         now = self.clock()
         address = from_address.removeprefix("whatsapp:")
         async with self.db.transaction() as session:
@@ -1348,7 +1352,11 @@ class MessengerService:
                     session,
                     [
                         self._event(
-                            last, MessageStatus.REPLIED, "the customer answered", now, seq=now.isoformat()
+                            last,
+                            MessageStatus.REPLIED,
+                            "the customer answered",
+                            now,
+                            seq=sid or now.isoformat(),
                         )
                     ],
                 )
@@ -1469,9 +1477,11 @@ class MessengerService:
             )
             await self._settle(session, row, outcome.status, why[:500], now)
         elif e.event == "click":
+            # Named by SendGrid's event id: a delivery SendGrid sends again (it retries until it
+            # gets a 2xx) is the same click, which consumers apply once.
+            seq = e.event_id or now.isoformat()
             await self._publish(
-                session,
-                [self._event(row, MessageStatus.CLICKED, "link clicked", now, seq=now.isoformat())],
+                session, [self._event(row, MessageStatus.CLICKED, "link clicked", now, seq=seq)]
             )
 
     async def _opt_out(

@@ -53,6 +53,7 @@ class EmailEvent(NamedTuple):
     message_id: str | None = None  # our id, echoed from the send's custom_args
     type: str | None = None  # bounce: "bounce" (permanent) or "blocked" (temporary)
     reason: str | None = None  # bounce and dropped: why
+    event_id: str | None = None  # sg_event_id: the same in every delivery of the event
 
 
 class EmailOutcome(NamedTuple):

@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,47 @@ async def test_sendgrid_delivery_and_click_find_their_message_by_its_custom_arg(
     statuses = [(e.message_id, e.status) for e in map(MESSAGE_EVENT_ADAPTER.validate_json, values)]
     assert (messenger.message_id, MessageStatus.DELIVERED) in statuses
     assert statuses.count((messenger.message_id, MessageStatus.CLICKED)) == 1
+
+
+async def test_a_click_sendgrid_delivers_again_is_the_same_event(messenger: Messenger) -> None:
+    """SendGrid retries a delivery it got no 2xx for (our answer lost after the commit): a new
+    timestamp, a new signature, so a new receipt. The click in it is the same event (named by
+    its sg_event_id), which consumers apply once, minutes later as at once."""
+    payload = json.dumps(
+        [{"email": EMAIL, "event": "click", "message_id": messenger.message_id, "sg_event_id": "ev-click-1"}]
+    )
+    for minutes in (0, 7):
+        messenger.service.clock = lambda minutes=minutes: NOON + timedelta(minutes=minutes)
+        timestamp = str(int(time.time()) + minutes)
+        signature = sendgrid_signature(messenger.sendgrid_key, timestamp, payload)
+        assert (await messenger.sendgrid(payload, signature, timestamp)).status_code == 204
+    async with messenger.service.db.sessions() as session:
+        values = (await session.execute(select(outbox_table.c.value))).scalars().all()
+    clicks = [
+        e for e in map(MESSAGE_EVENT_ADAPTER.validate_json, values) if e.status is MessageStatus.CLICKED
+    ]
+    assert len(clicks) == 2  # published twice,
+    assert len({e.event_id for e in clicks}) == 1  # as one event
+
+
+async def test_an_inbound_reply_replayed_is_the_same_event(messenger: Messenger) -> None:
+    """Twilio's signature has no time: a captured inbound reply can be replayed. The reply it
+    makes of the last message is named by the inbound message's sid, so it counts once."""
+    form = {"From": PHONE, "Body": "תודה, הגיע", "MessageSid": "SM" + "1" * 32}
+    for minutes in (0, 30):
+        messenger.service.clock = lambda minutes=minutes: NOON + timedelta(minutes=minutes)
+        response = await messenger.twilio(INBOUND, form, twilio_signature(INBOUND, form))
+        assert response.status_code == 200, response.text
+    other = {**form, "MessageSid": "SM" + "2" * 32}
+    messenger.service.clock = lambda: NOON + timedelta(minutes=45)
+    assert (await messenger.twilio(INBOUND, other, twilio_signature(INBOUND, other))).status_code == 200
+    async with messenger.service.db.sessions() as session:
+        values = (await session.execute(select(outbox_table.c.value))).scalars().all()
+    replies = [
+        e for e in map(MESSAGE_EVENT_ADAPTER.validate_json, values) if e.status is MessageStatus.REPLIED
+    ]
+    assert len(replies) == 3
+    assert len({e.event_id for e in replies}) == 2  # the replayed one twice, the other once
 
 
 async def test_sendgrid_events_signed_long_ago_or_ahead_are_refused(messenger: Messenger) -> None:
