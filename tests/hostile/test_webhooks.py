@@ -13,9 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,11 @@ async def test_sendgrid_delivery_and_click_find_their_message_by_its_custom_arg(
     assert statuses.count((messenger.message_id, MessageStatus.CLICKED)) == 1
 
 
+def clock_at(minutes: int) -> Callable[[], datetime]:
+    """The messenger's clock, stopped that many minutes after NOON."""
+    return lambda: NOON + timedelta(minutes=minutes)
+
+
 async def test_a_click_sendgrid_delivers_again_is_the_same_event(messenger: Messenger) -> None:
     """SendGrid retries a delivery it got no 2xx for (our answer lost after the commit): a new
     timestamp, a new signature, so a new receipt. The click in it is the same event (named by
@@ -256,7 +261,7 @@ async def test_a_click_sendgrid_delivers_again_is_the_same_event(messenger: Mess
         [{"email": EMAIL, "event": "click", "message_id": messenger.message_id, "sg_event_id": "ev-click-1"}]
     )
     for minutes in (0, 7):
-        messenger.service.clock = lambda minutes=minutes: NOON + timedelta(minutes=minutes)
+        messenger.service.clock = clock_at(minutes)
         timestamp = str(int(time.time()) + minutes)
         signature = sendgrid_signature(messenger.sendgrid_key, timestamp, payload)
         assert (await messenger.sendgrid(payload, signature, timestamp)).status_code == 204
@@ -274,11 +279,11 @@ async def test_an_inbound_reply_replayed_is_the_same_event(messenger: Messenger)
     makes of the last message is named by the inbound message's sid, so it counts once."""
     form = {"From": PHONE, "Body": "תודה, הגיע", "MessageSid": "SM" + "1" * 32}
     for minutes in (0, 30):
-        messenger.service.clock = lambda minutes=minutes: NOON + timedelta(minutes=minutes)
+        messenger.service.clock = clock_at(minutes)
         response = await messenger.twilio(INBOUND, form, twilio_signature(INBOUND, form))
         assert response.status_code == 200, response.text
     other = {**form, "MessageSid": "SM" + "2" * 32}
-    messenger.service.clock = lambda: NOON + timedelta(minutes=45)
+    messenger.service.clock = clock_at(45)
     assert (await messenger.twilio(INBOUND, other, twilio_signature(INBOUND, other))).status_code == 200
     async with messenger.service.db.sessions() as session:
         values = (await session.execute(select(outbox_table.c.value))).scalars().all()
