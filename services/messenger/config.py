@@ -138,7 +138,8 @@ class MessengerSettings(CommonSettings):
     messenger_mps_email: float = Field(default=_PACE.email, ge=0, description="Per email sender; 0: unpaced.")
     messenger_mps_overrides: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict,
-        description='Senders with their own rate, as JSON {"+15017122661": 10}: an upgraded long code.',
+        description='Senders with their own rate, as JSON {"+15017122661": 10}: an upgraded long '
+        'code; a WhatsApp sender as "whatsapp:+1…".',
     )
     smtp_host: str | None = Field(default=None, description="SMTP server for email.")
     smtp_port: int = Field(default=587, description="SMTP port.")

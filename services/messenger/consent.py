@@ -21,7 +21,8 @@ The rules, all applied per channel:
    do not stop them.
 3. An opt-out fact is durable. It stays active until an explicit opt-in that happened strictly
    after it: a profile event granting the channel with ``occurred_at`` after the fact, or an
-   opt-in fact (inbound START / UNSTOP / YES, an email re-subscribe) after it. A profile event
+   opt-in fact after it (inbound START / UNSTOP / YES; an email re-subscribe, which lifts an
+   unsubscribe only, not a spam report: rule 6). A profile event
    that is older than the opt-out never lifts it, however late it arrives. At equal instants
    the opt-out wins.
 4. A bounce is about the address, not the customer's wish, so a keyword cannot lift it: only a

@@ -990,7 +990,7 @@ class MessengerService:
                     "status": "sending",
                     "attempts": row.attempts + 1,
                     "updated_at": now,
-                    "content": {"subject": outgoing.subject, "text": outgoing.text, "to": outgoing.to},
+                    "content": _content_of(outgoing),
                     "whatsapp_mode": _whatsapp_mode_of(outgoing),
                 }
                 for row, outgoing in claimed
@@ -1185,8 +1185,7 @@ class MessengerService:
                 # free text outside the 24-hour window would be refused by WhatsApp.
                 key = f"{template.key.journey}.{template.key.locale}"
                 raise TemplateRenderError("$.content_sid", f"no approved WhatsApp template for {key}")
-            # WhatsApp refuses a template parameter that is empty or holds a newline or a tab.
-            content_variables = {k: " ".join(v.split()) for k, v in content_variables.items()}
+            # WhatsApp refuses an empty template parameter (render folds each one to a line).
             empty = sorted(k for k, v in content_variables.items() if not v)
             if empty:
                 raise TemplateRenderError(
@@ -1207,17 +1206,12 @@ class MessengerService:
             Channel.SMS: profile.phone,
             Channel.WHATSAPP: profile.whatsapp,
         }[channel]
-        senders = {
-            Channel.EMAIL: self.settings.email_from,
-            Channel.SMS: self.settings.twilio_sms_from or "Retain",
-            Channel.WHATSAPP: self.settings.twilio_whatsapp_from or "Retain",
-        }
         headers = {"List-Unsubscribe": f"<{unsubscribe}>"} if channel == Channel.EMAIL else {}
         return OutgoingMessage(
             message_id=row.id,
             channel=channel,
             to=address or "",
-            from_=senders[channel],
+            from_=self._sender(channel),
             text=rendered.text,
             created_at=row.created_at,
             subject=rendered.subject,
@@ -1226,6 +1220,34 @@ class MessengerService:
             headers=headers,
             content_sid=rendered.content_sid if mode == "template" else None,
             content_variables=content_variables or None,
+        )
+
+    def _sender(self, channel: Channel) -> str:
+        return {
+            Channel.EMAIL: self.settings.email_from,
+            Channel.SMS: self.settings.twilio_sms_from or "Retain",
+            Channel.WHATSAPP: self.settings.twilio_whatsapp_from or "Retain",
+        }[channel]
+
+    def _as_handed_over(self, row: Any, profile: ProfileSnapshot) -> OutgoingMessage:
+        """What the claim handed the provider, from the row's content: rendered then, as the
+        provider has it, whatever the templates, the settings or the profile are now (a render
+        now could differ, or fail, and the lookup would miss it). Rows claimed before the
+        content kept the WhatsApp template are rendered again."""
+        content = row.content or {}
+        if "text" not in content or (row.whatsapp_mode == "template" and "content_sid" not in content):
+            return self._outgoing(row, profile)
+        return OutgoingMessage(
+            message_id=row.id,
+            channel=Channel(row.channel),
+            to=content.get("to") or "",
+            from_=self._sender(Channel(row.channel)),
+            text=content["text"],
+            created_at=row.created_at,
+            subject=content.get("subject"),
+            locale=row.locale or "en",
+            content_sid=content.get("content_sid"),
+            content_variables=content.get("content_variables"),
         )
 
     async def reconcile(self) -> int:
@@ -1244,9 +1266,14 @@ class MessengerService:
                 customer = await self.repo.lock_customer(session, row.customer_id)
             profile = ProfileSnapshot.model_validate(customer.profile)
             try:
-                found = await provider.lookup(self._outgoing(row, profile))
+                found = await provider.lookup(self._as_handed_over(row, profile))
             except ProviderError as exc:
                 log.warning("reconcile lookup failed", message_id=row.id, error=exc.code)
+                continue
+            except (TemplateNotFoundError, TemplateRenderError) as exc:
+                # Only for a row claimed before its content was kept whole: left 'sending' (a
+                # send cannot be known not to have happened), said every pass, never a crash.
+                log.warning("reconcile cannot rebuild the message", message_id=row.id, error=str(exc)[:300])
                 continue
             async with self.db.transaction() as session:
                 current = await self.repo.message(session, row.id, for_update=True)
@@ -1427,11 +1454,9 @@ class MessengerService:
             await self._opt_out(session, customer_id, channel, source, self.clock())
         await self.flush()
 
-    async def email_events(
-        self, events: Sequence[tuple[str | None, ...]], receipt: str | None = None
-    ) -> bool:
-        """SendGrid event webhook (``EmailEvent``s, or tuples of their fields): bounces, drops,
-        spam reports and unsubscribes suppress the address as ``email_outcome`` says; deliveries,
+    async def email_events(self, events: Sequence[EmailEvent], receipt: str | None = None) -> bool:
+        """SendGrid event webhook: bounces, drops,
+        spam reports and unsubscribes are consent facts as ``email_outcome`` says; deliveries,
         bounces and drops settle the message, clicks are published. One transaction for the
         whole delivery, with its receipt (the signature's digest): a replay applies nothing and
         returns False."""
@@ -1443,8 +1468,8 @@ class MessengerService:
                 forget_before = now - 2 * timedelta(seconds=self.settings.sendgrid_webhook_tolerance_s)
                 if not await self.repo.claim_receipt(session, receipt, now, forget_before):
                     return False
-            for fields in events:
-                await self._email_event(session, EmailEvent(*fields), now)  # type: ignore[arg-type]
+            for event in events:
+                await self._email_event(session, event, now)
         await self.flush()
         return True
 
@@ -1461,10 +1486,8 @@ class MessengerService:
             customer_id = await self.repo.customer_by_address(session, "email", address)
         if customer_id is not None and outcome.opt_out is not None:
             await self._opt_out(session, customer_id, Channel.EMAIL, outcome.opt_out, now, address)
-        elif customer_id is not None and e.event == "group_resubscribe":
-            # Subscribed again on SendGrid's preference page: lifts their unsubscribes (consent
-            # rule 3), not a bounce or a spam report.
-            source = FactSource.RESUBSCRIBE.value
+        elif customer_id is not None and outcome.opt_in is not None:
+            source = outcome.opt_in.value
             await self.repo.add_consent_fact(session, customer_id, "email", now, True, source, False)
         if row is None:
             return
@@ -1793,6 +1816,17 @@ def snapshot_facts_of(profile: ProfileSnapshot) -> dict[str, Any]:
         "has_phone": profile.phone is not None,
         "has_whatsapp": profile.whatsapp is not None,
     }
+
+
+def _content_of(outgoing: OutgoingMessage) -> dict[str, Any]:
+    """What the ledger keeps of a message handed to a provider (``_as_handed_over``)."""
+    content: dict[str, Any] = {"subject": outgoing.subject, "text": outgoing.text, "to": outgoing.to}
+    if outgoing.content_sid is not None:
+        content |= {
+            "content_sid": outgoing.content_sid,
+            "content_variables": dict(outgoing.content_variables or {}),
+        }
+    return content
 
 
 def _address_of(row: Any) -> str | None:

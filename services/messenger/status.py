@@ -59,16 +59,17 @@ class EmailEvent(NamedTuple):
 class EmailOutcome(NamedTuple):
     opt_out: FactSource | None  # the consent fact about the address, if any
     status: str | None  # what became of the message (a provider status), if anything
+    opt_in: FactSource | None = None  # the customer subscribed again
 
 
-# Why SendGrid dropped a message without trying, as its reasons start, and what that says
-# of the address. Any other reason ("Spam Content", …) is about the message only.
-_DROPPED = (
-    ("Unsubscribed Address", FactSource.UNSUBSCRIBE_LINK),
-    ("Spam Reporting Address", FactSource.SPAM_REPORT),
-    ("Bounced Address", FactSource.BOUNCE),
-    ("Invalid", FactSource.BOUNCE),
-)
+# Why SendGrid dropped a message without trying, and what that says of the address. Any
+# other reason ("Spam Content …", "Invalid SMTPAPI header": our request) is about the message.
+_DROPPED = {
+    "Unsubscribed Address": FactSource.UNSUBSCRIBE_LINK,
+    "Spam Reporting Address": FactSource.SPAM_REPORT,
+    "Bounced Address": FactSource.BOUNCE,
+    "Invalid": FactSource.BOUNCE,  # the address is not one
+}
 
 
 def email_outcome(e: EmailEvent) -> EmailOutcome:
@@ -81,11 +82,12 @@ def email_outcome(e: EmailEvent) -> EmailOutcome:
     if e.event == "bounce":
         return EmailOutcome(None if e.type == "blocked" else FactSource.BOUNCE, "undelivered")
     if e.event == "dropped":
-        reason = e.reason or ""
-        source = next((s for prefix, s in _DROPPED if reason.startswith(prefix)), None)
-        return EmailOutcome(source, "failed")
+        return EmailOutcome(_DROPPED.get((e.reason or "").strip()), "failed")
     if e.event == "spamreport":
         return EmailOutcome(FactSource.SPAM_REPORT, None)
     if e.event in ("unsubscribe", "group_unsubscribe"):
         return EmailOutcome(FactSource.UNSUBSCRIBE_LINK, None)
+    if e.event == "group_resubscribe":
+        # On SendGrid's preference page: lifts their unsubscribes, not a spam report (consent.py).
+        return EmailOutcome(None, None, FactSource.RESUBSCRIBE)
     return EmailOutcome(None, None)

@@ -1091,7 +1091,8 @@ def render(
         sms_segments, sms_encoding = count.segments, count.encoding
     else:
         for name, source in template.content_variables.items():
-            content_variables[name] = field_(f"$.content_variables.{name}", source).strip()
+            # One line: WhatsApp refuses a template parameter with a newline or a tab in it.
+            content_variables[name] = " ".join(field_(f"$.content_variables.{name}", source).split())
     return Rendered(
         key=template.key,
         kind=kind,

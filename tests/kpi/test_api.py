@@ -965,10 +965,13 @@ async def test_ticket_facts_survive_duplicates_with_other_ids(kpi: Kpi) -> None:
 
 
 async def test_messenger_ids_longer_than_backend_ids_fit(kpi: Kpi) -> None:
-    # The messenger derives ids from customer ids ("m-<customer>"): up to 130 chars.
+    # The messenger derives event ids from customer ids ("optout:<customer>:<channel>:<time>",
+    # claimed in the ledger though no fact is kept): up to about 180 characters.
     customer = "c" * 128
     kpi.at(utc(2026, 1, 25))
-    await kpi.apply([message(f"m-{customer}", customer, "sent", utc(2026, 1, 10), tier="t" * 100)])
+    optout = message(f"optout:{customer}", customer, "unsubscribed", utc(2026, 1, 10), journey="-")
+    long_id = optout.model_copy(update={"event_id": f"optout:{customer}:whatsapp:2026-01-10T00:00:00+00:00"})
+    await kpi.apply([long_id, message(f"m-{customer}", customer, "sent", utc(2026, 1, 10), tier="t" * 100)])
     body = await kpi.get("/v1/kpis/conversion", **{"from": "2026-01-10", "to": "2026-01-10"})
     assert body["total"]["stats"]["sent"] == 1
 

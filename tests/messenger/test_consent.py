@@ -157,13 +157,12 @@ def test_an_opt_in_lifts_the_opt_outs_of_its_address_and_those_of_none() -> None
     assert consent_for(SMS, TRX, consents, [stop_before], address="+972500000003").suppressed
 
 
-@pytest.mark.parametrize("source", [FactSource.SPAM_REPORT, FactSource.BOUNCE])
-def test_an_email_resubscribe_lifts_an_unsubscribe_not_a_spam_report_or_a_bounce(source: FactSource) -> None:
+def test_an_email_resubscribe_lifts_an_unsubscribe_not_a_spam_report() -> None:
     consents = {EMAIL: granted()}
     resubscribed = fact(FactSource.RESUBSCRIBE, T0 + 2 * H, EMAIL)
     unsubscribed = fact(FactSource.UNSUBSCRIBE_LINK, T0 + H, EMAIL)
     assert consent_for(EMAIL, MKT, consents, [unsubscribed, resubscribed]).allowed
-    reported = fact(source, T0 + H, EMAIL, address="noa@example.com")
+    reported = fact(FactSource.SPAM_REPORT, T0 + H, EMAIL, address="noa@example.com")
     assert consent_for(EMAIL, MKT, consents, [reported, resubscribed], address="noa@example.com").suppressed
 
 

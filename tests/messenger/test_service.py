@@ -458,7 +458,7 @@ async def test_an_opt_out_stays_with_its_address_not_the_customer(world: World) 
     )
     await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON, whatsapp=None)]))
     assert await world.service.inbound(Channel.SMS, old_phone, "STOP", "stop") == customer
-    assert await world.service.email_events([(old_email, "bounce", None)])
+    assert await world.service.email_events([EmailEvent(old_email, "bounce", None)])
     async with world.db.sessions() as session:
         facts = await world.service.repo.consent_facts(session, customer)
     assert {(f.source, f.address) for f in facts} == {("stop", old_phone), ("bounce", old_email)}
@@ -497,7 +497,7 @@ async def test_a_late_spam_report_is_about_the_address_its_message_went_to(world
     world.clock.now = NOON + timedelta(days=8)
     await world.service.apply_batch(delivered([by_email(2, new_email)]))
     # Nobody has the old address now: only the message knows whose it was.
-    assert await world.service.email_events([(old_email, "spamreport", first["id"])])
+    assert await world.service.email_events([EmailEvent(old_email, "spamreport", first["id"])])
     async with world.db.sessions() as session:
         facts = await world.service.repo.consent_facts(session, customer)
     assert [(f.source, f.address) for f in facts] == [("spam_report", old_email)]
@@ -591,9 +591,9 @@ async def test_an_email_unsubscribe_is_lifted_by_a_resubscribe_on_sendgrid(world
         return str([r for r in await messages(world, customer) if r["journey"] == "thank_you"][-1]["channel"])
 
     assert await thank_you_channel(0) == "email"
-    assert await world.service.email_events([("noa@example.com", "group_unsubscribe", None)])
+    assert await world.service.email_events([EmailEvent("noa@example.com", "group_unsubscribe", None)])
     assert await thank_you_channel(1) == "sms"  # marketing email no more
-    assert await world.service.email_events([("noa@example.com", "group_resubscribe", None)])
+    assert await world.service.email_events([EmailEvent("noa@example.com", "group_resubscribe", None)])
     assert await thank_you_channel(2) == "email"
     async with world.db.sessions() as session:
         facts = await world.service.repo.consent_facts(session, customer)
@@ -847,6 +847,38 @@ async def test_the_consumer_decides_with_the_templates_saved_meanwhile(world: Wo
     [failed] = await messages(world, nameless)
     assert failed["status"] == "failed"
     assert "WhatsApp refuses empty template variables: 1" in failed["reason"]
+
+
+async def test_a_crash_after_a_whatsapp_template_went_is_settled_though_its_sid_is_gone(world: World) -> None:
+    """The reconcile looks a stuck message up as it was handed over (the row's content), not
+    rendered again: with its approved template's SID removed since, a render would fail, and
+    the sender, which reconciles first at every start, would exit at every start."""
+    sid = "HX" + "ab12" * 8
+    world.service.settings = world.service.settings.model_copy(
+        update={"messenger_whatsapp_content_sids": {"thank_you.he": sid}}
+    )
+    customer = next(c for c in (f"wr{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    await world.service.apply_batch(delivered([whatsapp_first(customer, 1, NOON)]))
+    [row] = await messages(world, customer)
+    provider = world.service.providers[Channel.WHATSAPP]
+    real_send = provider.send
+
+    async def send_then_die(msg: Any) -> Any:
+        await real_send(msg)
+        raise asyncio.CancelledError  # the process dies after the provider took it
+
+    provider.send = send_then_die  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await world.service.send_one(row["id"])
+    provider.send = real_send  # type: ignore[method-assign]
+    [stuck] = await messages(world, customer)
+    assert (stuck["status"], stuck["content"]["content_sid"]) == ("sending", sid)
+    world.service.settings = world.service.settings.model_copy(update={"messenger_whatsapp_content_sids": {}})
+    world.clock.now = NOON + timedelta(minutes=5)
+    assert await world.service.reconcile() == 1
+    [settled] = await messages(world, customer)
+    assert settled["status"] == "sent"
+    assert len(outbox_files(world)) == 1  # the provider has it exactly once
 
 
 def test_approved_whatsapp_templates_are_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:

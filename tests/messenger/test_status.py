@@ -46,10 +46,9 @@ def test_a_late_or_replayed_status_never_moves_a_message_back() -> None:
             EmailEvent("a@x.com", "dropped", reason="Bounced Address"),
             EmailOutcome(FactSource.BOUNCE, "failed"),
         ),
-        (
-            EmailEvent("a@x.com", "dropped", reason="Invalid SMTPAPI header"),
-            EmailOutcome(FactSource.BOUNCE, "failed"),
-        ),
+        (EmailEvent("a@x.com", "dropped", reason="Invalid"), EmailOutcome(FactSource.BOUNCE, "failed")),
+        # Our request was at fault, not the address.
+        (EmailEvent("a@x.com", "dropped", reason="Invalid SMTPAPI header"), EmailOutcome(None, "failed")),
         (
             EmailEvent("a@x.com", "dropped", reason="Spam Content (if Spam Checker app is enabled)"),
             EmailOutcome(None, "failed"),
@@ -58,6 +57,7 @@ def test_a_late_or_replayed_status_never_moves_a_message_back() -> None:
         # About the address; the message was delivered.
         (EmailEvent("a@x.com", "spamreport"), EmailOutcome(FactSource.SPAM_REPORT, None)),
         (EmailEvent("a@x.com", "group_unsubscribe"), EmailOutcome(FactSource.UNSUBSCRIBE_LINK, None)),
+        (EmailEvent("a@x.com", "group_resubscribe"), EmailOutcome(None, None, FactSource.RESUBSCRIBE)),
         (EmailEvent("a@x.com", "deferred", reason="try again"), EmailOutcome(None, None)),
         (EmailEvent("a@x.com", "click"), EmailOutcome(None, None)),
     ],

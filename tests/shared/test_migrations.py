@@ -153,3 +153,51 @@ async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(dat
         == "Answered before follow-ups were recorded in Retain (messenger migration 0007)."
     )
     assert abs(old_row.followed_up_at - datetime.now(UTC)) < timedelta(minutes=5)
+    # In the history too, as the API gives it.
+    [marked] = old_row.follow_up_history
+    assert (marked["action"], marked["by"], marked["note"]) == (
+        "followed_up",
+        "migration-0007",
+        old_row.follow_up_note,
+    )
+    assert abs(datetime.fromisoformat(marked["at"]) - datetime.now(UTC)) < timedelta(minutes=5)
+
+
+async def test_the_kpi_forgets_the_opt_out_events_it_kept_as_messages(database_url: str) -> None:
+    """Migration 0008 of the kpi: the opt-out events kept before (journey "-") are deleted, the
+    messages stay, and the conversion rollup will recompute every day (no fingerprint)."""
+    from alembic import command  # noqa: PLC0415
+    from alembic.config import Config  # noqa: PLC0415
+    from sqlalchemy import insert, select  # noqa: PLC0415
+
+    db = Database(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "services" / "kpi" / "migrations"))
+    at = datetime(2026, 11, 20, 10, tzinfo=UTC)
+    base = {"customer_id": "c1", "occurred_at": at, "kind": "marketing", "holdout": False}
+    m, state = kpi_tables.message_events, kpi_tables.rollup_state
+    try:
+        async with db.engine.begin() as conn:
+
+            def to_0007(sync_conn: Any) -> None:
+                config.attributes["connection"] = sync_conn
+                command.upgrade(config, "0007")
+
+            await conn.run_sync(to_0007)
+            optout = {"event_id": "optout:c1:x", "message_id": "optout:c1", "status": "unsubscribed"}
+            sent = {"event_id": "m1:sent", "message_id": "m1", "status": "sent"}
+            await conn.execute(
+                insert(m), [{**base, **optout, "journey": "-"}, {**base, **sent, "journey": "thank_you"}]
+            )
+            await conn.execute(
+                insert(state),
+                [{"name": "conversion", "settings": "abc"}, {"name": "churn", "settings": "def"}],
+            )
+        await migrate(db, REPO_ROOT / "services" / "kpi" / "migrations")
+        async with db.sessions() as session:
+            kept = (await session.execute(select(m.c.event_id))).scalars().all()
+            fingerprints = dict((await session.execute(select(state.c.name, state.c.settings))).all())
+    finally:
+        await db.dispose()
+    assert kept == ["m1:sent"]
+    assert fingerprints == {"conversion": None, "churn": "def"}

@@ -3,8 +3,9 @@
 Twilio accepts messages faster than a sender may send them and queues the excess (up to four
 hours, then fails them), so the sender's rate, not the API, is the limit to respect: a long
 code sends 1 message per second, toll-free 3, a short code 100 and a WhatsApp sender 80 (the
-defaults here; accounts with upgraded throughput set their own). Each sender has one bucket
-holding up to one second of sends.
+defaults here; accounts with upgraded throughput set their own). Each sender has one bucket per
+channel (a number's SMS and its WhatsApp are two senders to Twilio) holding up to one second
+of sends.
 
 ``acquire`` reserves a slot and sleeps until it comes: the bucket may go negative, so waiters
 are served in arrival order and nobody polls. A cancelled waiter gives its slot back.
@@ -56,8 +57,15 @@ class SenderThroughput:
         )
 
     def rate_for(self, sender: str, channel: Channel) -> float:
-        if sender in self.overrides:
-            return self.overrides[sender]
+        # A WhatsApp sender's override is written as Twilio names it, "whatsapp:+1…": the
+        # number's own (its SMS) is another sender with another rate.
+        key = (
+            f"whatsapp:{sender}"
+            if channel is Channel.WHATSAPP and not sender.startswith("whatsapp:")
+            else sender
+        )
+        if key in self.overrides:
+            return self.overrides[key]
         return float(getattr(self, sender_kind(sender, channel)))
 
 

@@ -167,3 +167,11 @@ def test_one_number_sending_sms_and_whatsapp_has_a_bucket_for_each() -> None:
     assert [limiter.reserve(number, Channel.WHATSAPP) for _ in range(80)] == [0.0] * 80
     assert limiter.reserve(number, Channel.SMS) == 0.0
     assert limiter.reserve(number, Channel.SMS) == 1.0  # the SMS bucket's own second
+
+
+def test_an_override_is_for_the_channel_it_names() -> None:
+    number = "+15017122661"
+    throughput = SenderThroughput(overrides={number: 10.0, f"whatsapp:{number}": 200.0})
+    assert throughput.rate_for(number, Channel.SMS) == 10.0
+    assert throughput.rate_for(number, Channel.WHATSAPP) == 200.0
+    assert SenderThroughput(overrides={number: 10.0}).rate_for(number, Channel.WHATSAPP) == 80.0

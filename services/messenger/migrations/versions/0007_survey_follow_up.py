@@ -42,16 +42,23 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_survey_answers_waiting", ["followed_up_at", "score", "created_at"], unique=False
         )
-    # The time as UtcDateTime stores it: timestamptz on PostgreSQL, UTC text on SQLite.
+    # The time as UtcDateTime stores it (timestamptz on PostgreSQL, UTC text on SQLite), and
+    # in the history as the service writes it (ISO 8601 with its offset).
     if op.get_bind().dialect.name == "postgresql":
         now, day_ago = "now()", "now() - interval '1 day'"
+        iso = """to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')"""
+        entry = f"jsonb_build_object('action', 'followed_up', 'at', {iso}, 'by', :by, 'note', :note)"
+        history = f"jsonb_build_array({entry})"
     else:
         text = "strftime('%Y-%m-%d %H:%M:%f', 'now'{})"
         now, day_ago = text.format(""), text.format(", '-1 day'")
+        iso = "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
+        entry = f"json_object('action', 'followed_up', 'at', {iso}, 'by', :by, 'note', :note)"
+        history = f"json_array({entry})"
     op.execute(
         sa.text(
             f"UPDATE survey_answers SET followed_up_at = {now}, followed_up_by = :by, "  # noqa: S608 - fixed expressions
-            f"follow_up_note = :note WHERE created_at < {day_ago}"
+            f"follow_up_note = :note, follow_up_history = {history} WHERE created_at < {day_ago}"
         ).bindparams(by=BY, note=NOTE)
     )
 
