@@ -252,8 +252,11 @@ class MessengerRepository:
         return (await session.execute(stmt)).first() is not None
 
     async def customer_by_address(self, session: AsyncSession, channel: str, address: str) -> str | None:
-        """Find a customer by phone/WhatsApp number or email (inbound messages, bounces)."""
+        """Find a customer by phone/WhatsApp number or email (inbound messages, bounces); an
+        email whatever its case (the column keeps it lower-cased)."""
         column = customers.c[_ADDRESS_OF_CHANNEL[channel]]
+        if channel == "email":
+            address = address.lower()
         stmt = select(customers.c.customer_id).where(column == address).limit(1)
         return (await session.execute(stmt)).scalar()
 

@@ -456,7 +456,9 @@ class MessengerService:
                     "profile": update.profile.model_dump(mode="json"),
                     "profile_at": update.occurred_at,
                     "updated_at": now,
-                    "email": update.profile.email,
+                    # Lower-cased: how a bounce or an unsubscribe finds the customer, whatever
+                    # case SendGrid or the CRM writes the address in (repository.customer_by_address).
+                    "email": update.profile.email.lower() if update.profile.email else None,
                     "phone": update.profile.phone,
                     "whatsapp": update.profile.whatsapp,
                 }

@@ -591,7 +591,8 @@ async def test_an_email_unsubscribe_is_lifted_by_a_resubscribe_on_sendgrid(world
         return str([r for r in await messages(world, customer) if r["journey"] == "thank_you"][-1]["channel"])
 
     assert await thank_you_channel(0) == "email"
-    assert await world.service.email_events([EmailEvent("noa@example.com", "group_unsubscribe", None)])
+    # SendGrid writes the address in its own case; the customer is found all the same.
+    assert await world.service.email_events([EmailEvent("Noa@Example.COM", "group_unsubscribe", None)])
     assert await thank_you_channel(1) == "sms"  # marketing email no more
     assert await world.service.email_events([EmailEvent("noa@example.com", "group_resubscribe", None)])
     assert await thank_you_channel(2) == "email"
