@@ -181,7 +181,7 @@ async def follow_up_survey_answer(
     """The answer leaves the call-back list (``GET /v1/surveys?followed_up=false``). On an
     answer already taken up, no note or the same note changes nothing; another note amends it,
     stamped with who and when. Every change is kept in ``follow_up_history``."""
-    answer = await service.follow_up_survey(message_id, body.note or None, key.id)
+    answer = await service.follow_up_survey(message_id, body.note or None, key.id, body.agent)
     if answer is None:
         raise NotFoundError(f"nobody answered the survey of message {message_id!r}")
     return SurveyAnswerOut.model_validate(answer)

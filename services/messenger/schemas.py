@@ -73,6 +73,11 @@ class SurveyCustomerOut(BaseModel):
 Note = Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000), AfterValidator(storable)]
 
 
+Agent = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), AfterValidator(storable)
+]
+
+
 class FollowUpIn(BaseModel):
     """What support did about an answer (the call back, the refund, the apology)."""
 
@@ -81,12 +86,17 @@ class FollowUpIn(BaseModel):
         default=None,
         description="What was done, for whoever reads the answer next (at most 2,000 characters).",
     )
+    agent: Agent | None = Field(
+        default=None,
+        description="Who took it up, as your support team names them (the API key may be shared).",
+    )
 
 
 class FollowUpOut(BaseModel):
     at: datetime = Field(description="When the follow-up was recorded (UTC).")
     by: str = Field(description="The id of the API key that recorded it.")
     note: str | None
+    agent: str | None = Field(description="Who took it up, as support named them; null if not said.")
 
 
 class FollowUpChangeOut(BaseModel):
@@ -96,6 +106,7 @@ class FollowUpChangeOut(BaseModel):
     at: datetime
     by: str = Field(description="The id of the API key that made the change.")
     note: str | None
+    agent: str | None = None
 
 
 class SurveyAnswerOut(BaseModel):

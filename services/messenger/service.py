@@ -163,9 +163,16 @@ def _answer_out(row: Any) -> dict[str, Any]:
     stored = answer.pop("customer_profile")
     answer["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
     at, by, note = answer.pop("followed_up_at"), answer.pop("followed_up_by"), answer.pop("follow_up_note")
-    answer["follow_up"] = None if at is None else {"at": at, "by": by, "note": note}
-    answer["follow_up_history"] = answer.pop("follow_up_history") or []
+    history = answer.pop("follow_up_history") or []
+    agent = _follow_up_agent(history)
+    answer["follow_up"] = None if at is None else {"at": at, "by": by, "note": note, "agent": agent}
+    answer["follow_up_history"] = history
     return answer
+
+
+def _follow_up_agent(history: Sequence[Mapping[str, Any]] | None) -> str | None:
+    """Who, as support named them, made the follow-up in force: its history's last entry's."""
+    return (history or [{}])[-1].get("agent")
 
 
 @dataclass(slots=True)
@@ -1650,20 +1657,28 @@ class MessengerService:
             rows = await self.repo.list_survey_answers(session, **filters)
         return [_answer_out(r) for r in rows]
 
-    async def follow_up_survey(self, message_id: str, note: str | None, by: str) -> dict[str, Any] | None:
+    async def follow_up_survey(
+        self, message_id: str, note: str | None, by: str, agent: str | None = None
+    ) -> dict[str, Any] | None:
         """Record that support took up the answer to the survey of ``message_id`` (called the
-        customer back, refunded, apologised), with what they did. On an answer already taken
-        up, no note or the same note changes nothing (a retried request keeps its first time);
-        another note amends it, stamped with who and when. Each change is kept in the answer's
-        history. None: nobody answered that survey."""
+        customer back, refunded, apologised): what they did and, as support names them, who
+        (``agent``; ``by`` is the API key, which a team may share). On an answer already taken
+        up, what is left out stays, and the same again changes nothing (a retried request keeps
+        its first time); anything else amends it, stamped with who and when. Each change is
+        kept in the answer's history. None: nobody answered that survey."""
         async with self.db.transaction() as session:
             row = await self.repo.survey_answer(session, message_id, for_update=True)
             if row is None:
                 return None
             taken = row.followed_up_at is not None
-            if taken and note in (None, row.follow_up_note):
+            current = _follow_up_agent(row.follow_up_history) if taken else None
+            if taken and note in (None, row.follow_up_note) and agent in (None, current):
                 return _answer_out(row)
-            await self._change_follow_up(session, row, "amended" if taken else "followed_up", by, note)
+            if taken:
+                note = row.follow_up_note if note is None else note
+                agent = current if agent is None else agent
+            action: FollowUpAction = "amended" if taken else "followed_up"
+            await self._change_follow_up(session, row, action, by, note, agent)
             row = await self.repo.survey_answer(session, message_id)
         return _answer_out(row)
 
@@ -1679,10 +1694,16 @@ class MessengerService:
         return True
 
     async def _change_follow_up(
-        self, session: Any, row: Any, action: FollowUpAction, by: str, note: str | None
+        self,
+        session: Any,
+        row: Any,
+        action: FollowUpAction,
+        by: str,
+        note: str | None,
+        agent: str | None = None,
     ) -> None:
         now = self.clock()
-        entry = {"action": action, "at": now.isoformat(), "by": by, "note": note}
+        entry = {"action": action, "at": now.isoformat(), "by": by, "note": note, "agent": agent}
         current = (None, None, None) if action == "taken_back" else (now, by, note)
         await self.repo.update_survey_answer(
             session,

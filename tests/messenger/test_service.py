@@ -1066,7 +1066,12 @@ async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_li
     assert done.status_code == 200, done.text
     taken = done.json()
     assert (taken["customer_id"], taken["score"], taken["comment"]) == ("f1", 1, "late")
-    first = {"at": at(timedelta(hours=2)), "by": key_id, "note": "Called back; refunded the delivery fee."}
+    first = {
+        "at": at(timedelta(hours=2)),
+        "by": key_id,
+        "note": "Called back; refunded the delivery fee.",
+        "agent": None,
+    }
     assert taken["follow_up"] == first
     assert taken["follow_up_history"] == [{"action": "followed_up", **first}]
     assert taken["customer"]["name"]  # who it was, as the list gives it
@@ -1080,12 +1085,26 @@ async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_li
         again = (await api.put(path, json=same)).json()
         assert (again["follow_up"], len(again["follow_up_history"])) == (first, 1), same
     amended = (await api.put(path, json={"note": "Refund sent."})).json()
-    second = {"at": at(timedelta(hours=3)), "by": key_id, "note": "Refund sent."}
+    second = {"at": at(timedelta(hours=3)), "by": key_id, "note": "Refund sent.", "agent": None}
     assert amended["follow_up"] == second
     assert amended["follow_up_history"] == [
         {"action": "followed_up", **first},
         {"action": "amended", **second},
     ]
+    # The team shares one key: who called is said by name, the note kept; the same again is
+    # nothing new.
+    world.clock.now = NOON + timedelta(hours=4)
+    named = (await api.put(path, json={"agent": "  Dana  "})).json()
+    third = {"at": at(timedelta(hours=4)), "by": key_id, "note": "Refund sent.", "agent": "Dana"}
+    assert named["follow_up"] == third
+    assert (await api.put(path, json={"agent": "Dana"})).json()["follow_up_history"][-1] == {
+        "action": "amended",
+        **third,
+    }
+    assert (
+        len((await api.put(path, json={"agent": "Dana", "note": "Refund sent."})).json()["follow_up_history"])
+        == 3
+    )
     # No note is a follow-up too (called, nothing to add).
     bare = await api.put(f"/v1/surveys/{ids['f2']}/follow-up", json={})
     assert bare.json()["follow_up"]["note"] is None
@@ -1102,7 +1121,7 @@ async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_li
         ("followed_up", key_id),
         ("taken_back", key_id),
     ]
-    assert await gauges() == (1, (timedelta(hours=3) - timedelta(minutes=2)).total_seconds())
+    assert await gauges() == (1, (timedelta(hours=4) - timedelta(minutes=2)).total_seconds())
     # The customer's answer itself is untouched by all this.
     [row] = await messages(world, "f1")
     assert row["details"]["survey"]["score"] == 1
@@ -1118,6 +1137,8 @@ async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_li
         ({"note": "a\u0000b"}, "body.note"),
         ({"notes": "typo"}, "body.notes"),
         ({"note": 5}, "body.note"),
+        ({"agent": "   "}, "body.agent"),
+        ({"agent": "x" * 101}, "body.agent"),
     ):
         response = await api.put(path, json=body)
         assert response.status_code == 422, (body, response.text)
@@ -1127,7 +1148,7 @@ async def test_support_takes_up_an_unhappy_answer_and_it_leaves_the_call_back_li
     assert "query.followed_up" in [d["field"] for d in maybe.json()["error"]["details"]]
     assert (await api.put(path, json={"note": "x"}, headers={"X-API-Key": "rk_x_y"})).status_code == 401
     [kept] = (await api.get("/v1/surveys", params={"followed_up": "true"})).json()["answers"]
-    assert kept["follow_up"] == second
+    assert kept["follow_up"] == third
 
 
 async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> None:
