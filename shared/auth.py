@@ -27,7 +27,17 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 
 SCOPES = frozenset(
-    {"events:write", "rules:read", "rules:write", "messages:read", "messages:write", "kpi:read", "admin"}
+    {
+        "events:write",
+        "rules:read",
+        "rules:write",
+        "messages:read",
+        "messages:write",
+        # Support's follow-up of survey answers, without the caps, journeys and templates.
+        "surveys:write",
+        "kpi:read",
+        "admin",
+    }
 )
 
 

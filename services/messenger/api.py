@@ -57,6 +57,8 @@ def _service(request: Request) -> MessengerService:
 
 Reader = Annotated[ApiKey, Depends(require_scope(_store, "messages:read"))]
 Writer = Annotated[ApiKey, Depends(require_scope(_store, "messages:write"))]
+# Support records its follow-ups of survey answers; it need not edit caps, journeys or templates.
+SurveyWriter = Annotated[ApiKey, Depends(require_scope(_store, "surveys:write"))]
 Service = Annotated[MessengerService, Depends(_service)]
 # A message id in a path: the survey pages (a link's short form too) and its answer's follow-up.
 MessageId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
@@ -176,7 +178,7 @@ async def list_survey_answers(
     responses={404: {"description": "nobody answered the survey of that message"}},
 )
 async def follow_up_survey_answer(
-    message_id: MessageId, body: FollowUpIn, key: Writer, service: Service
+    message_id: MessageId, body: FollowUpIn, key: SurveyWriter, service: Service
 ) -> SurveyAnswerOut:
     """The answer leaves the call-back list (``GET /v1/surveys?followed_up=false``). On an
     answer already taken up, no note or the same note changes nothing; another note amends it,
@@ -194,7 +196,7 @@ async def follow_up_survey_answer(
     summary="Take back a follow-up recorded by mistake: the answer is on the call-back list again",
     responses={404: {"description": "nobody answered the survey of that message"}},
 )
-async def reopen_survey_answer(message_id: MessageId, key: Writer, service: Service) -> Response:
+async def reopen_survey_answer(message_id: MessageId, key: SurveyWriter, service: Service) -> Response:
     if not await service.reopen_survey(message_id, key.id):
         raise NotFoundError(f"nobody answered the survey of message {message_id!r}")
     return Response(status_code=204)

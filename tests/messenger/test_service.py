@@ -669,7 +669,7 @@ async def api(world: World, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(world.service.settings)
     app.state.service = world.service
     keys = tmp_path / "api_keys.json"
-    _, key = create_key(keys, ["messages:read", "messages:write"])
+    _, key = create_key(keys, ["messages:read", "messages:write", "surveys:write"])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport, base_url="https://retain.example", headers={"X-API-Key": key}
