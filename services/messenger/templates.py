@@ -1248,6 +1248,9 @@ def _check_output(
 # --- The store ---------------------------------------------------------------------------------
 
 
+_RESOLVED_MAX = 4096
+
+
 class TemplateStore:
     """The packaged defaults plus the overrides the service keeps in its database.
 
@@ -1265,6 +1268,10 @@ class TemplateStore:
         self.default_locale = normalize_locale(default_locale)
         self._defaults = dict(default_templates() if defaults is None else defaults)
         self._overrides = {t.key: t for t in overrides}
+        # resolve's answers until the next put or remove: every decision asks whether its
+        # template has an approved WhatsApp one, and a lookup validates a key per tag of the
+        # locale's chain (37 µs for he-IL, 56 µs for ru-RU).
+        self._resolved: dict[tuple[str, Channel, str | None], Template | None] = {}
 
     def resolve(self, journey: str, channel: Channel | str, locale: str | None) -> Template:
         """The template for a customer's locale: exact (he-IL) → language (he) → default."""
@@ -1272,11 +1279,18 @@ class TemplateStore:
             channel = Channel(channel)
         except ValueError as exc:
             raise TemplateNotFoundError(f"no channel {channel!r}") from exc
-        for tag in locale_chain(locale, self.default_locale):
-            found = self._lookup(journey, channel, tag)
-            if found is not None:
-                return found
-        raise TemplateNotFoundError(f"no {channel.value} template for {journey!r} in {locale or '-'}")
+        key = (journey, channel, locale)
+        if key in self._resolved:
+            found = self._resolved[key]
+        else:
+            chain = locale_chain(locale, self.default_locale)
+            found = next((t for tag in chain if (t := self._lookup(journey, channel, tag)) is not None), None)
+            if len(self._resolved) >= _RESOLVED_MAX:  # locales come from profiles: bounded
+                self._resolved.clear()
+            self._resolved[key] = found
+        if found is None:
+            raise TemplateNotFoundError(f"no {channel.value} template for {journey!r} in {locale or '-'}")
+        return found
 
     def _lookup(self, journey: str, channel: Channel, locale: str) -> Template | None:
         try:
@@ -1311,9 +1325,11 @@ class TemplateStore:
         if errors:
             raise TemplateInvalidError(errors)
         self._overrides[template.key] = template
+        self._resolved.clear()
 
     def remove(self, key: TemplateKey) -> bool:
         """Drop an override (the default, if any, applies again)."""
+        self._resolved.clear()
         return self._overrides.pop(key, None) is not None
 
 

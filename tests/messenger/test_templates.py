@@ -459,6 +459,8 @@ def test_overrides_win_at_each_step_of_the_chain() -> None:
     israel = custom("שלום מישראל", locale="he-IL").model_copy(
         update={"key": TemplateKey(journey="welcome", channel=Channel.SMS, locale="he-IL")}
     )
+    # Resolved before the override (and kept): the override still wins once it is put.
+    assert store.resolve("welcome", "sms", "he-IL").key.locale == "he"
     store.put(israel.model_copy(update={"kind": MessageKind.TRANSACTIONAL}))
     assert store.resolve("welcome", "sms", "he-IL").text == "שלום מישראל"
     assert store.resolve("welcome", "sms", "he").key.locale == "he"  # the default still
