@@ -211,6 +211,14 @@ class Channel(StrEnum):
     WHATSAPP = "whatsapp"
 
 
+# The profile field that holds a customer's address on each channel.
+ADDRESS_FIELD: dict[Channel, str] = {
+    Channel.EMAIL: "email",
+    Channel.SMS: "phone",
+    Channel.WHATSAPP: "whatsapp",
+}
+
+
 class EventType(StrEnum):
     PROFILE = "profile"
     PURCHASE = "purchase"
@@ -485,6 +493,11 @@ class ProfileSnapshot(_Strict):
     def has_address(self) -> bool:
         """Whether any contact detail is known (an email, a phone or a WhatsApp number)."""
         return bool(self.email or self.phone or self.whatsapp)
+
+    def address(self, channel: Channel) -> str | None:
+        """The customer's address on ``channel``."""
+        value: str | None = getattr(self, ADDRESS_FIELD[channel])
+        return value
 
 
 class TriggeringEvent(_Strict):

@@ -129,11 +129,7 @@ class DecisionContext:
         granted_by_default: Collection[Channel] = frozenset(),
     ) -> DecisionContext:
         return cls(
-            addresses={
-                Channel.EMAIL: profile.email,
-                Channel.SMS: profile.phone,
-                Channel.WHATSAPP: profile.whatsapp,
-            },
+            addresses={channel: profile.address(channel) for channel in Channel},
             consents=profile.consents,
             timezone=customer_zone(profile.timezone, profile.locale, default_timezone),
             locale=profile.locale,

@@ -23,6 +23,7 @@ from services.messenger.tables import (
     webhook_receipts,
 )
 from shared.db import dialect_insert, in_list, insert_ignoring_conflicts
+from shared.events import ADDRESS_FIELD, Channel
 
 # Statuses that count against frequency caps: decided to go, going, or gone.
 COUNTED = ("queued", "sending", "sent", "delivered", "undelivered")
@@ -160,7 +161,6 @@ def _row_locks(session: AsyncSession) -> bool:
 
 
 # The column of the customers' table that holds each channel's address.
-_ADDRESS_OF_CHANNEL = {"sms": "phone", "whatsapp": "whatsapp", "email": "email"}
 
 # Upserts built once per dialect: ``excluded`` makes a new column collection on every access.
 
@@ -254,7 +254,7 @@ class MessengerRepository:
     async def customer_by_address(self, session: AsyncSession, channel: str, address: str) -> str | None:
         """Find a customer by phone/WhatsApp number or email (inbound messages, bounces); an
         email whatever its case (the column keeps it lower-cased)."""
-        column = customers.c[_ADDRESS_OF_CHANNEL[channel]]
+        column = customers.c[ADDRESS_FIELD[Channel(channel)]]
         if channel == "email":
             address = address.lower()
         stmt = select(customers.c.customer_id).where(column == address).limit(1)

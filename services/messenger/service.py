@@ -62,6 +62,7 @@ from shared.conditions import unknown_hint
 from shared.db import Database, claim_events
 from shared.errors import InvalidInputError
 from shared.events import (
+    ADDRESS_FIELD,
     Channel,
     CustomerUpdate,
     MessageEvent,
@@ -761,11 +762,7 @@ class MessengerService:
         history = list(memo.history)
         facts = list(memo.facts)
         return DecisionContext(
-            addresses={
-                Channel.EMAIL: profile.email,
-                Channel.SMS: profile.phone,
-                Channel.WHATSAPP: profile.whatsapp,
-            },
+            addresses={channel: profile.address(channel) for channel in Channel},
             consents=dict(profile.consents),
             timezone=self._zone(profile.timezone, profile.locale),
             locale=profile.locale,
@@ -1210,11 +1207,7 @@ class MessengerService:
             raise TemplateRenderError(
                 "$.text", "a marketing message must show how to opt out (unsubscribe_url)"
             )
-        address = {
-            Channel.EMAIL: profile.email,
-            Channel.SMS: profile.phone,
-            Channel.WHATSAPP: profile.whatsapp,
-        }[channel]
+        address = profile.address(channel)
         headers = {"List-Unsubscribe": f"<{unsubscribe}>"} if channel == Channel.EMAIL else {}
         return OutgoingMessage(
             message_id=row.id,
@@ -1855,7 +1848,7 @@ def _content_of(outgoing: OutgoingMessage) -> dict[str, Any]:
 def _address_of(row: Any) -> str | None:
     """The address a claimed message went to: its customer's on its channel (None if unknown)."""
     profile = getattr(row, "customer_profile", None) or {}
-    return profile.get({"email": "email", "sms": "phone", "whatsapp": "whatsapp"}[row.channel])
+    return profile.get(ADDRESS_FIELD[Channel(row.channel)])
 
 
 def _whatsapp_mode_of(outgoing: OutgoingMessage) -> WhatsAppMode | None:
