@@ -268,13 +268,12 @@ async def test_complaint_ack_is_transactional_and_ignores_quiet_hours(world: Wor
     assert outcome.status == "sent"
 
 
-async def test_a_crash_between_provider_and_commit_is_settled_not_resent(world: World) -> None:
-    customer = customer_not_in_holdout("thank_you")
-    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
-    [row] = await messages(world, customer)
-    provider = world.service.providers[Channel.SMS]
-    calls = 0
+async def die_after_the_provider_took_it(world: World, channel: Channel, message_id: str) -> int:
+    """``send_one`` of the message, the process dying after the provider took it and before
+    the commit; how many times the provider was called."""
+    provider = world.service.providers[channel]
     real_send = provider.send
+    calls = 0
 
     async def send_then_die(msg: Any) -> Any:
         nonlocal calls
@@ -283,9 +282,19 @@ async def test_a_crash_between_provider_and_commit_is_settled_not_resent(world: 
         raise asyncio.CancelledError  # the process dies after the provider took it
 
     provider.send = send_then_die  # type: ignore[method-assign]
-    with pytest.raises(asyncio.CancelledError):
-        await world.service.send_one(row["id"])
-    provider.send = real_send  # type: ignore[method-assign]
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await world.service.send_one(message_id)
+    finally:
+        provider.send = real_send  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_crash_between_provider_and_commit_is_settled_not_resent(world: World) -> None:
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    [row] = await messages(world, customer)
+    calls = await die_after_the_provider_took_it(world, Channel.SMS, row["id"])
     [stuck] = await messages(world, customer)
     assert stuck["status"] == "sending"
     assert await world.service.send_due() == []  # 'sending' is never picked up again
@@ -861,17 +870,7 @@ async def test_a_crash_after_a_whatsapp_template_went_is_settled_though_its_sid_
     customer = next(c for c in (f"wr{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
     await world.service.apply_batch(delivered([whatsapp_first(customer, 1, NOON)]))
     [row] = await messages(world, customer)
-    provider = world.service.providers[Channel.WHATSAPP]
-    real_send = provider.send
-
-    async def send_then_die(msg: Any) -> Any:
-        await real_send(msg)
-        raise asyncio.CancelledError  # the process dies after the provider took it
-
-    provider.send = send_then_die  # type: ignore[method-assign]
-    with pytest.raises(asyncio.CancelledError):
-        await world.service.send_one(row["id"])
-    provider.send = real_send  # type: ignore[method-assign]
+    assert await die_after_the_provider_took_it(world, Channel.WHATSAPP, row["id"]) == 1
     [stuck] = await messages(world, customer)
     assert (stuck["status"], stuck["content"]["content_sid"]) == ("sending", sid)
     world.service.settings = world.service.settings.model_copy(update={"messenger_whatsapp_content_sids": {}})

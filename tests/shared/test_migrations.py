@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import MetaData
 
@@ -23,6 +25,19 @@ SERVICES: dict[str, MetaData] = {
     "messenger": messenger_tables.metadata,
     "kpi": kpi_tables.metadata,
 }
+
+
+async def upgrade_to(db: Database, service: str, revision: str) -> None:
+    """The service's migrations up to ``revision`` only: a database as an older release left it."""
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "services" / service / "migrations"))
+
+    def upgrade(sync_conn: Any) -> None:
+        config.attributes["connection"] = sync_conn
+        command.upgrade(config, revision)
+
+    async with db.engine.begin() as conn:
+        await conn.run_sync(upgrade)
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
@@ -46,21 +61,12 @@ async def test_migrations_match_the_declared_tables(service: str, tmp_path: Path
 
 async def test_the_messenger_s_address_columns_are_filled_from_the_stored_snapshots(tmp_path: Path) -> None:
     """Migration 0003 on a database that has customers: their addresses come from the JSON."""
-    from alembic import command  # noqa: PLC0415
-    from alembic.config import Config  # noqa: PLC0415
     from sqlalchemy import text  # noqa: PLC0415
 
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
-    config = Config()
-    config.set_main_option("script_location", str(REPO_ROOT / "services" / "messenger" / "migrations"))
     try:
+        await upgrade_to(db, "messenger", "0002")
         async with db.engine.begin() as conn:
-
-            def to_0002(sync_conn: Any) -> None:
-                config.attributes["connection"] = sync_conn
-                command.upgrade(config, "0002")
-
-            await conn.run_sync(to_0002)
             await conn.execute(
                 text(
                     "INSERT INTO customers (customer_id, profile, profile_at, updated_at) VALUES"
@@ -93,16 +99,12 @@ async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(dat
     time (to the millisecond on SQLite, whose strftime keeps three digits), score and comment.
     Then 0007: the one answered over a day before is marked as answered before follow-ups were
     recorded (RetainUnhappyCustomersWaiting would fire at the deploy); the recent one waits."""
-    from alembic import command  # noqa: PLC0415
-    from alembic.config import Config  # noqa: PLC0415
     from sqlalchemy import insert, select  # noqa: PLC0415
 
     # In the migrations' own clock (the database's now): one answer two hours ago, one three days ago.
     answered = datetime.now(UTC).astimezone(timezone(timedelta(hours=2))) - timedelta(hours=2)
     long_ago = answered - timedelta(days=3)
     db = Database(database_url)
-    config = Config()
-    config.set_main_option("script_location", str(REPO_ROOT / "services" / "messenger" / "migrations"))
     m = messenger_tables.messages
     base = {
         "kind": "marketing", "status": "sent", "attempts": 1, "customer_id": "c1",
@@ -110,13 +112,8 @@ async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(dat
         "created_at": answered - timedelta(days=1), "updated_at": answered,
     }  # fmt: skip
     try:
+        await upgrade_to(db, "messenger", "0005")
         async with db.engine.begin() as conn:
-
-            def to_0005(sync_conn: Any) -> None:
-                config.attributes["connection"] = sync_conn
-                command.upgrade(config, "0005")
-
-            await conn.run_sync(to_0005)
             survey = {"score": 2, "comment": "לקח שבוע", "at": answered.isoformat()}
             old = {"score": 1, "comment": None, "at": long_ago.isoformat()}
             await conn.execute(
@@ -166,24 +163,15 @@ async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(dat
 async def test_the_kpi_forgets_the_opt_out_events_it_kept_as_messages(database_url: str) -> None:
     """Migration 0008 of the kpi: the opt-out events kept before (journey "-") are deleted, the
     messages stay, and the conversion rollup will recompute every day (no fingerprint)."""
-    from alembic import command  # noqa: PLC0415
-    from alembic.config import Config  # noqa: PLC0415
     from sqlalchemy import insert, select  # noqa: PLC0415
 
     db = Database(database_url)
-    config = Config()
-    config.set_main_option("script_location", str(REPO_ROOT / "services" / "kpi" / "migrations"))
     at = datetime(2026, 11, 20, 10, tzinfo=UTC)
     base = {"customer_id": "c1", "occurred_at": at, "kind": "marketing", "holdout": False}
     m, state = kpi_tables.message_events, kpi_tables.rollup_state
     try:
+        await upgrade_to(db, "kpi", "0007")
         async with db.engine.begin() as conn:
-
-            def to_0007(sync_conn: Any) -> None:
-                config.attributes["connection"] = sync_conn
-                command.upgrade(config, "0007")
-
-            await conn.run_sync(to_0007)
             optout = {"event_id": "optout:c1:x", "message_id": "optout:c1", "status": "unsubscribed"}
             sent = {"event_id": "m1:sent", "message_id": "m1", "status": "sent"}
             await conn.execute(
