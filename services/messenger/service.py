@@ -1457,11 +1457,10 @@ class MessengerService:
         await self.flush()
 
     async def email_events(self, events: Sequence[EmailEvent], receipt: str | None = None) -> bool:
-        """SendGrid event webhook: bounces, drops,
-        spam reports and unsubscribes are consent facts as ``email_outcome`` says; deliveries,
-        bounces and drops settle the message, clicks are published. One transaction for the
-        whole delivery, with its receipt (the signature's digest): a replay applies nothing and
-        returns False."""
+        """SendGrid event webhook: bounces, drops, spam reports and unsubscribes are consent
+        facts as ``email_outcome`` says; deliveries, bounces and drops settle the message,
+        clicks are published. One transaction for the whole delivery, with its receipt (the
+        signature's digest): a replay applies nothing and returns False."""
         now = self.clock()
         async with self.db.transaction() as session:
             if receipt is not None:
