@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.messenger.tables import (
     consent_facts,
     customers,
+    inbound_messages,
     journey_entries,
     journey_waits,
     messages,
@@ -248,6 +249,19 @@ class MessengerRepository:
             insert_ignoring_conflicts(session, webhook_receipts)
             .values(digest=digest, received_at=now)
             .returning(webhook_receipts.c.digest)
+        )
+        return (await session.execute(stmt)).first() is not None
+
+    async def claim_inbound(
+        self, session: AsyncSession, sid: str, now: datetime, forget_before: datetime
+    ) -> bool:
+        """Record an inbound message as applied; False if it was before (a retry or a replay).
+        Sids received before ``forget_before`` are dropped (see INBOUND_KEPT)."""
+        await session.execute(delete(inbound_messages).where(inbound_messages.c.received_at < forget_before))
+        stmt = (
+            insert_ignoring_conflicts(session, inbound_messages)
+            .values(sid=sid, received_at=now)
+            .returning(inbound_messages.c.sid)
         )
         return (await session.execute(stmt)).first() is not None
 

@@ -137,6 +137,10 @@ PROFILE_GRACE = timedelta(minutes=10)
 # A queued message the sender claims later than this after its decision is checked again
 # (consent, caps, quiet hours): normally the sender takes it within seconds.
 RECHECK_QUEUED_AFTER = timedelta(seconds=60)
+# How long an inbound message's sid is kept against a second delivery of it. Twilio retries
+# within minutes; a replay by someone who kept a signed request months is what the rest of
+# this bounds (each sid is one row: a customer's every message, for ever, would not be).
+INBOUND_KEPT = timedelta(days=90)
 
 
 def utcnow() -> datetime:
@@ -1359,14 +1363,17 @@ class MessengerService:
         self, channel: Channel, from_address: str, body: str, kind: str | None, sid: str | None = None
     ) -> str | None:
         """An inbound SMS/WhatsApp: STOP/START change consent; anything else is a reply, whose
-        event is named by the inbound message's ``sid``, so that a webhook replayed (its
-        signature has no time) is the same event again, which consumers apply once."""
+        event is named by the inbound message's ``sid``. Applied once per ``sid``: Twilio's
+        signature has no time, so a delivery retried or replayed is valid, and applied again
+        an old START would lift a later STOP and an old message reopen the WhatsApp window."""
         now = self.clock()
         address = from_address.removeprefix("whatsapp:")
         async with self.db.transaction() as session:
             customer_id = await self.repo.customer_by_address(session, channel.value, address)
             if customer_id is None:
                 return None
+            if sid and not await self.repo.claim_inbound(session, sid, now, now - INBOUND_KEPT):
+                return customer_id
             if channel == Channel.WHATSAPP:
                 await self.repo.set_whatsapp_inbound(session, customer_id, now)
             if kind == "stop":

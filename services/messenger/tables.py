@@ -157,3 +157,14 @@ webhook_receipts = Table(
     Column("received_at", UtcDateTime(), nullable=False),
     Index("ix_webhook_receipts_received_at", "received_at"),
 )
+
+# Inbound SMS/WhatsApp messages already applied, by Twilio's MessageSid. Twilio's signature has
+# no time, so a delivery Twilio retries (or anyone replays) is valid for ever: applied again,
+# an old START would lift a later STOP, and an old message would reopen the WhatsApp window.
+inbound_messages = Table(
+    "inbound_messages",
+    metadata,
+    Column("sid", String(64), primary_key=True),
+    Column("received_at", UtcDateTime(), nullable=False),
+    Index("ix_inbound_messages_received_at", "received_at"),
+)

@@ -33,6 +33,7 @@ from services.messenger.providers.base import ProviderError
 from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import UNHAPPY_OLDEST_AGE, UNHAPPY_WAITING, MessengerService
 from services.messenger.status import EmailEvent
+from services.messenger.tables import inbound_messages
 from services.messenger.tables import outbox as outbox_table
 from services.messenger.templates import TemplateKey
 from shared.auth import create_key
@@ -673,6 +674,49 @@ async def test_stop_in_three_languages_suppresses_and_start_lifts(world: World) 
     assert rows[0]["status"] in ("queued", "holdout")
 
 
+async def test_an_inbound_message_delivered_again_changes_nothing_twice(world: World) -> None:
+    """Twilio's signature has no time, so a retried or replayed inbound message is valid: by its
+    MessageSid it is applied once. An old START does not lift a later STOP, an old WhatsApp
+    message does not reopen the window, and a reply is one reply. Its sid is kept INBOUND_KEPT."""
+    customer = customer_not_in_holdout("thank_you")
+    phone, whatsapp = "+972521234567", "whatsapp:+972521234567"
+    world.clock.now = NOON - timedelta(days=1)
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, world.clock.now)]))
+    assert [o.status for o in await world.service.send_due()] == ["sent"]  # the thank-you, by SMS
+
+    async def state() -> tuple[list[tuple[str, bool]], datetime | None, int]:
+        async with world.db.sessions() as session:
+            facts = await world.service.repo.consent_facts(session, customer)
+            opened = (await world.service.repo.lock_customer(session, customer)).whatsapp_inbound_at
+            values = (await session.execute(select(outbox_table.c.value))).scalars().all()
+        events = [MESSAGE_EVENT_ADAPTER.validate_json(v) for v in values]
+        replies = sum(e.status is MessageStatus.REPLIED for e in events)
+        return [(f.source, f.opt_in) for f in facts], opened, replies
+
+    world.clock.now = NOON
+    assert await world.service.inbound(Channel.SMS, phone, "START", "start", "SM-start") == customer
+    world.clock.now = NOON + timedelta(hours=1)
+    assert await world.service.inbound(Channel.SMS, phone, "STOP", "stop", "SM-stop") == customer
+    assert await world.service.inbound(Channel.SMS, phone, "תודה!", None, "SM-reply") == customer
+    assert await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa") == customer
+    before = await state()
+    assert before == ([("start", True), ("stop", False)], NOON + timedelta(hours=1), 1)
+
+    world.clock.now = NOON + timedelta(days=2)  # the window closed a day ago
+    assert await world.service.inbound(Channel.SMS, phone, "START", "start", "SM-start") == customer
+    assert await world.service.inbound(Channel.SMS, phone, "תודה!", None, "SM-reply") == customer
+    assert await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa") == customer
+    assert await state() == before  # still opted out of SMS, the window still closed, one reply
+
+    # A new message (its own sid) is applied as ever; the sids older than INBOUND_KEPT go.
+    world.clock.now = NOON + service_module.INBOUND_KEPT + timedelta(hours=2)
+    assert await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-new") == customer
+    assert (await state())[1] == world.clock.now
+    async with world.db.sessions() as session:
+        kept = (await session.execute(select(inbound_messages.c.sid))).scalars().all()
+    assert kept == ["SM-new"]
+
+
 @pytest.fixture
 async def api(world: World, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(world.service.settings)
@@ -908,6 +952,9 @@ async def test_inbound_stop_over_http_and_unsubscribe_link(world: World, api: ht
     response = await api.post(path, data=form, headers=signed(path, form))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/xml")
+    # Twilio retrying it (the first answer lost): the same answer, nothing applied twice.
+    again = await api.post(path, data=form, headers=signed(path, form))
+    assert (again.status_code, again.text) == (200, response.text)
     async with world.db.sessions() as session:
         facts = await world.service.repo.consent_facts(session, "h1")
     assert [(f.channel, f.source, f.opt_in) for f in facts] == [("sms", "stop", False)]
