@@ -189,8 +189,9 @@ class SegmenterService:
                     cause = UpdateCause.EVENTS if backend else UpdateCause.CLV
                     key = ",".join(sorted(e.event_id for e in events))
                     # As of the customer's latest event, not now: what time alone changed
-                    # since is the sweep's to announce, stamped when it notices it.
-                    as_of = as_of_events(state, now)
+                    # since is the sweep's to announce, stamped when it notices it. Never back
+                    # before a sweep for an event merely late (``as_of_events``).
+                    as_of = as_of_events(state, now, old.updated_at if old else None)
                     decisions.append(decide(state, old, rules, self.config, as_of, cause, key, backend))
                 staged = await self._enqueue(session, await self._write(session, decisions, now))
         await self._relay(staged)  # publish after commit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -110,7 +110,13 @@ class Decision:
     left: tuple[str, ...]
 
 
-def as_of_events(state: ProfileState, now: datetime) -> datetime:
+# How far behind the row's instant an event may be and still be late rather than replayed
+# (``as_of_events``). Longer than a backend's usual delay (a nightly export, a day's outage);
+# shorter than a replayed history, and beyond what a journey acts on (72 h by default).
+LATE_EVENT_WINDOW = timedelta(days=7)
+
+
+def as_of_events(state: ProfileState, now: datetime, row_at: datetime | None = None) -> datetime:
     """The instant an update caused by events (backend ones or a CLV prediction) is evaluated
     as of: the customer's latest event, or now when that lies ahead (a clock ahead of ours).
 
@@ -121,13 +127,23 @@ def as_of_events(state: ProfileState, now: datetime) -> datetime:
     it notices it, stamped then.
 
     The customer's latest event, not the batch's: the state holds every event applied so far,
-    so the same events in any order or batching are judged as of the same instant. Not the
-    later of that and the row's last instant either: once a sweep had judged a customer as of
-    now halfway through a replay, the rest of their history would be judged and stamped as of
-    then, and every tier upgrade in it would look new. The price: a late event after a sweep
-    takes the row back to its latest event, until the next sweep brings it forward again."""
+    so the same events in any order or batching are judged as of the same instant.
+
+    ``row_at``, the instant the stored row was judged at (``updated_at``), when a sweep or a
+    publish has brought it past the customer's latest event: an event up to
+    ``LATE_EVENT_WINDOW`` before it is late, and judged as of the row's instant. Judged as of
+    itself, it would undo what time alone had brought (a lapse, a demotion) and announce the
+    reverse, a tier upgrade to a customer being demoted, stamped recently enough for a journey
+    to act on; the next sweep would then announce the demotion again. An event further behind
+    is a replayed history, judged as of itself: had a sweep judged a customer as of now halfway
+    through a replay, the rest of their history would otherwise be stamped as of then, and
+    every tier upgrade in it would look new. A row so far ahead goes back to the event until
+    the next sweep brings it forward again, with nothing a journey still acts on."""
     latest = state.last_event_at
-    return now if latest is None else min(latest, now)
+    at = now if latest is None else min(latest, now)
+    if row_at is not None and at < row_at <= min(now, at + LATE_EVENT_WINDOW):
+        return row_at
+    return at
 
 
 def decide(

@@ -26,6 +26,7 @@ from services.segmenter.profile import (
 from services.segmenter.repository import CustomerRow, Mover, Standing
 from services.segmenter.rules import CompiledRules, compile_rules, default_rules
 from services.segmenter.updates import (
+    LATE_EVENT_WINDOW,
     Decision,
     as_of_events,
     decide,
@@ -78,12 +79,13 @@ def run(
     state: ProfileState | None = None,
 ) -> Decision:
     """What the service decides when ``events`` arrive at ``now``: as of the customer's latest
-    event, unless ``as_of`` names another instant (as the sweep and a publish do: now)."""
+    event (or the row's, for an event merely late), unless ``as_of`` names another instant (as
+    the sweep and a publish do: now)."""
     state = state or ProfileState(CUSTOMER)
     for event in events:
         apply_event(state, event)
     backend = [e for e in events if not isinstance(e, ClvPrediction)]
-    at = as_of_events(state, now) if as_of is None else as_of
+    at = as_of_events(state, now, old.updated_at if old else None) if as_of is None else as_of
     return decide(state, old, rules, CONFIG, at, cause, key, backend)
 
 
@@ -482,6 +484,39 @@ def test_the_sweep_announces_the_change_stamped_when_it_notices_it() -> None:
     assert late.row.updated_at == late.update.occurred_at == NOW - 100 * DAY
     assert late.update.segments_left == ["at_risk"]
     assert late.row.next_check_at == NOW - 70 * DAY
+
+
+def test_an_event_merely_late_after_a_sweep_does_not_undo_it() -> None:
+    """A platinum customer lapses; the sweep demotes them. A support ticket they opened two
+    hours before the lapse reaches us three hours later: judged as of itself it would make them
+    platinum again (a tier upgrade a journey would announce) until the next sweep demoted them
+    again. Judged as of the sweep's instant, nothing moves: the ticket does not bring the
+    purchases back."""
+    history: list[Event] = [contact()]
+    history += [purchase(f"shop-{i}", NOW - (209 - i) * DAY, f"o-{i}", "1200.00") for i in range(10)]
+    state = build(CUSTOMER, history)
+    bought = run(history, key="history")
+    assert bought.row.tier == "platinum"
+    lapse = NOW - 200 * DAY + CONFIG.lapsed_after_days * DAY
+    swept = decide(state, stored(bought), DEFAULT, CONFIG, lapse + timedelta(hours=1), UpdateCause.TIME, "t")
+    assert (swept.row.tier, swept.row.lifecycle_stage) == ("gold", "lapsed")
+
+    ticket = support("desk-late", lapse - timedelta(hours=2), "T-1", "opened")
+    late = run([ticket], stored(swept), state=state, now=lapse + timedelta(hours=3), key="late")
+    assert late.update is not None  # the ticket itself, for the journeys that react to it
+    assert late.row.updated_at == late.update.occurred_at == lapse + timedelta(hours=1)
+    assert (late.row.tier, late.row.lifecycle_stage) == ("gold", "lapsed")
+    assert (late.update.tier_old, late.update.tier_new, late.update.tier_upgrade) == ("gold", "gold", False)
+    assert (late.update.segments_entered, late.update.segments_left) == ([], [])
+    again = decide(state, stored(late), DEFAULT, CONFIG, lapse + DAY, UpdateCause.TIME, "t2")
+    assert again.update is None  # nothing for the next sweep to announce
+
+    # The customer's latest event further behind the sweep than LATE_EVENT_WINDOW: a replayed
+    # history, judged as of itself.
+    replayed = support("desk-old", lapse - LATE_EVENT_WINDOW - DAY, "T-2", "opened")
+    old = run([replayed], stored(swept), state=build(CUSTOMER, history), now=lapse + 2 * DAY, key="old")
+    assert old.row.updated_at == lapse - LATE_EVENT_WINDOW - DAY
+    assert old.row.lifecycle_stage == "at_risk"
 
 
 @settings(max_examples=150, deadline=None)
