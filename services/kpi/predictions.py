@@ -64,6 +64,14 @@ def fit(purchases: Iterable[tuple[str, date, float | None]], as_of: date) -> Fit
     rfm = summarize(purchases, as_of)
     bg = fit_bgnbd(rfm.x, rfm.t_x, rfm.T)
     gg = fit_gamma_gamma(rfm.x_m, rfm.m)
+    if gg.q <= 1:
+        # Refused here, not at prediction: a model stored and served that no CLV can be
+        # predicted from would leave the predictions, their summary and churn's P(alive) on
+        # different fits, and every customer's CLV answer failing.
+        raise ClvFitError(
+            f"the spend model (Gamma-Gamma) fitted q = {gg.q:.3f}, at most 1: spend per purchase is "
+            "too heavy-tailed for an expected value (a few very large orders among many small ones)"
+        )
     return FittedModel(as_of, rfm, bg, gg, time.perf_counter() - started)
 
 

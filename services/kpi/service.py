@@ -1193,13 +1193,18 @@ class KpiService:
         # summarize leaves out a customer whose purchases all fall on a local day after today
         # (ingest takes events up to a day ahead): historic value 0, nothing predicted yet.
         if rfm is not None and len(rfm.customer_ids):
-            p = predict(
-                bg,
-                gg,
-                rfm,
-                horizon_weeks=s.kpi_clv_horizon_weeks,
-                annual_discount_rate=s.kpi_clv_discount_rate,
-            )
+            try:
+                p = predict(
+                    bg,
+                    gg,
+                    rfm,
+                    horizon_weeks=s.kpi_clv_horizon_weeks,
+                    annual_discount_rate=s.kpi_clv_discount_rate,
+                )
+            except ClvFitError as exc:  # a model stored before fit() refused such fits
+                raise InsufficientDataError(
+                    f"cannot predict with the model as of {model['as_of']}: {exc}"
+                ) from exc
             usable = bool(p.usable[0])
             out |= {
                 "historic_value": float(p.historic_value[0]),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import func, select
@@ -26,6 +27,7 @@ from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS
 from services.kpi.service import KPI_GAUGES, KpiService
 from services.kpi.tables import (
+    clv_models,
     clv_predictions,
     kpi_churn_monthly,
     kpi_conversion_daily,
@@ -843,6 +845,33 @@ async def test_clv_model_needs_data(kpi: Kpi) -> None:
     assert response.json()["error"]["code"] == "insufficient_data"
     assert "no purchases with an exchange rate" in response.json()["error"]["message"]
     assert "RETAIN_KPI_FX_RATES" in response.json()["error"]["message"]
+
+
+async def test_a_spend_model_without_an_expected_value_is_not_stored_nor_a_500(kpi: Kpi) -> None:
+    """Heavy-tailed spend fits a Gamma-Gamma with q < 1, from which no expected spend follows:
+    nothing is stored (the predictions, their summary and churn's P(alive) stay on one fit),
+    and the model and customer answers are a 422 saying why, not a server error."""
+    kpi.at(utc(2026, 1, 1, 12))
+    rng = np.random.default_rng(3)
+    events = [
+        purchase(
+            f"h{c}",
+            utc(2025, 1, 1) + timedelta(days=int(rng.integers(0, 300)), minutes=k),
+            f"{rng.lognormal(3, 2.5):.2f}",
+        )
+        for c in range(300)
+        for k in range(int(rng.integers(1, 5)))
+    ]
+    await kpi.apply(events)
+    assert await kpi.service.refit_and_publish() == 0
+    async with kpi.service.db.sessions() as s:
+        assert (await s.execute(select(func.count()).select_from(clv_models))).scalar() == 0
+    headers = {"Authorization": f"Bearer {kpi.key}"}
+    for url in ("/v1/clv/model?as_of=2025-12-31", "/v1/customers/h0/clv"):
+        response = await kpi.http.get(url, headers=headers)
+        assert response.status_code == 422, (url, response.text)
+        assert response.json()["error"]["code"] == "insufficient_data"
+        assert "too heavy-tailed" in response.json()["error"]["message"]
 
 
 # --- metrics ----------------------------------------------------------------------------------------------

@@ -3,14 +3,14 @@ publication tolerance, and a degenerate fit that must not turn into NaN."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 
 import numpy as np
 import pytest
 from scipy.special import hyp2f1  # type: ignore[import-untyped]
 
-from services.kpi.clv import BgNbdParams, GammaGammaParams, expected_purchases, summarize
+from services.kpi.clv import BgNbdParams, ClvFitError, GammaGammaParams, expected_purchases, summarize
 from services.kpi.fx import Fx
 from services.kpi.predictions import fit, moved, params_from, predict
 
@@ -109,10 +109,21 @@ def test_publication_tolerance(old: float | None, new: float, expected: bool) ->
 
 def test_gamma_gamma_with_q_at_most_one_cannot_predict() -> None:
     rfm = summarize([("a", date(2025, 1, 1), 1.0), ("a", date(2025, 2, 1), 2.0)], date(2025, 3, 1))
-    from services.kpi.clv import ClvFitError  # noqa: PLC0415
-
     with pytest.raises(ClvFitError):
         predict(DEGENERATE, GammaGammaParams(1.0, 0.9, 1.0), rfm, horizon_weeks=52, annual_discount_rate=0.0)
+
+
+def test_a_fit_whose_spend_model_has_q_at_most_one_is_refused() -> None:
+    """Heavy-tailed spend (log-normal, sigma 2.5: a few orders a thousand times the usual) fits
+    q < 1, from which no expected spend follows: the fit is refused, saying why."""
+    rng = np.random.default_rng(3)
+    rows = [
+        (f"c{c}", date(2025, 1, 1) + timedelta(days=int(rng.integers(0, 300))), float(rng.lognormal(3, 2.5)))
+        for c in range(300)
+        for _ in range(int(rng.integers(1, 5)))
+    ]
+    with pytest.raises(ClvFitError, match=r"q = 0\.\d+, at most 1: spend per purchase is too heavy-tailed"):
+        fit(rows, date(2025, 12, 31))
 
 
 def test_purchases_without_a_value_count_as_purchases_and_not_as_spend() -> None:
