@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import os
+from collections.abc import Mapping
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, Literal, TypedDict
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,8 +30,25 @@ class ConsumerOptions(TypedDict):
     commit_interval_ms: int
 
 
+def check_fx_table(
+    reporting: str, rates: Mapping[str, Decimal], currency_setting: str, rates_setting: str
+) -> None:
+    """Refuse an exchange-rate table made for another reporting currency: one that gives the
+    reporting currency itself a rate other than 1. (Changing the reporting currency alone left a
+    table of ILS per unit in force: its USD entry ignored, every ILS amount unconverted.)"""
+    rate = rates.get(reporting)
+    if rate is not None and rate != 1:
+        raise ValueError(
+            f"{rates_setting} gives {reporting}, the reporting currency ({currency_setting}), the rate "
+            f"{rate}: the rates are units of the reporting currency per unit of each other currency, "
+            "so this table was made for another one"
+        )
+
+
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RETAIN_", extra="ignore")
+    # No inf or NaN in any setting: "inf" turned the segmenter's sweep off without a word, and an
+    # interval or a window of inf failed at the first batch rather than at start.
+    model_config = SettingsConfigDict(env_prefix="RETAIN_", extra="ignore", allow_inf_nan=False)
 
     kafka_bootstrap: str = Field(
         default="127.0.0.1:9092", description="Kafka bootstrap servers, comma separated."
@@ -68,8 +94,15 @@ class CommonSettings(BaseSettings):
         ge=1024,
         description="Largest request body of the segmenter, messenger and kpi APIs (ingest: its own).",
     )
-    log_level: str = Field(default="INFO", description="Log level of every process.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Log level of every process: DEBUG, INFO, WARNING, ERROR or CRITICAL."
+    )
     log_json: bool = Field(default=False, description="Log as JSON lines instead of console.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @property
     def max_future(self) -> timedelta:
@@ -120,3 +153,76 @@ class CommonSettings(BaseSettings):
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite+aiosqlite:///{self.var_dir / f'{service}.db'}"
+
+
+# Every service's settings, found by name when a process starts (shared code imports no service).
+SETTINGS_CLASSES = (
+    "services.ingest.config:IngestSettings",
+    "services.segmenter.config:SegmenterSettings",
+    "services.messenger.config:MessengerSettings",
+    "services.kpi.config:KpiSettings",
+)
+# RETAIN_* variables that are not settings: compose's, Grafana's provisioning, the scripts' and
+# the tests' (tests/shared/test_config.py checks that the repository uses no other).
+NOT_SETTINGS = frozenset(
+    {
+        "RETAIN_API_KEY",
+        "RETAIN_AUDIT_ADVISORIES",
+        "RETAIN_AUDIT_SOURCE",
+        "RETAIN_CHAOS_CALL_LOG",
+        "RETAIN_DB_PASSWORD",
+        "RETAIN_DEMO_KEY",
+        "RETAIN_IMAGE",
+        "RETAIN_INIT_SQL",
+        "RETAIN_KAFKA_VERSION",
+        "RETAIN_METRICS_HOST",
+        "RETAIN_METRICS_PORT",
+        "RETAIN_TEST_DATABASE_URL",
+        "RETAIN_UID",
+    }
+)
+NOT_SETTINGS_PREFIXES = ("RETAIN_GRAFANA_",)
+
+
+def setting_names() -> frozenset[str]:
+    """The environment name of every setting of every service."""
+    names: set[str] = set()
+    for path in SETTINGS_CLASSES:
+        module, _, name = path.partition(":")
+        settings: type[BaseSettings] = getattr(importlib.import_module(module), name)
+        prefix = str(settings.model_config.get("env_prefix", "")).upper()
+        names.update(f"{prefix}{field.upper()}" for field in settings.model_fields)
+    return frozenset(names)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The RETAIN_* variables that no service reads, each with the setting it most likely
+    misspells (None: none close). Settings ignore what they do not declare, so a typo
+    (RETAIN_MESSENGER_MPS_TOLLFREE) left the default in force without a word."""
+    known = setting_names()
+    out: list[tuple[str, str | None]] = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("RETAIN_") or upper in known or upper in NOT_SETTINGS:
+            continue
+        if upper.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        out.append((name, close[0] if close else None))
+    return out
+
+
+def warn_at_start(settings: CommonSettings, *, api: bool = False) -> None:
+    """Log what the settings cannot refuse but an operator would want to know at start."""
+    for name, meant in unknown_variables(os.environ):
+        log.warning(
+            "environment variable ignored: no Retain service has this setting",
+            variable=name,
+            did_you_mean=meant,
+        )
+    if api and not settings.keys_path.exists():
+        log.warning(
+            "no API keys file: every request needing a key is refused (401) until one is created "
+            "(retain keys create --scopes …)",
+            api_keys_file=str(settings.keys_path),
+        )

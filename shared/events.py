@@ -71,6 +71,12 @@ def _e164(value: str) -> str:
     return value
 
 
+def e164(value: str) -> str:
+    """``value`` if it is an E.164 phone number (what ``Phone`` accepts); else a ValueError
+    saying what is wrong. For settings, which name numbers outside any event."""
+    return _e164(value)
+
+
 @lru_cache(maxsize=_CACHED)
 def _bcp47(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*", value):

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import DBAPIError
 
 from shared.collector import settle_collector
-from shared.config import CommonSettings
+from shared.config import CommonSettings, warn_at_start
 from shared.db import Database, migrate
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
@@ -73,6 +73,7 @@ async def worker(
     ``shared.metrics.expose``), the service's migrated database and a producer; closed on the
     way out."""
     configure_logging(settings.log_level, settings.log_json)
+    warn_at_start(settings)
     expose(own_metrics)
     serve_worker_metrics(metrics_port)
     db = worker_database(database_url)

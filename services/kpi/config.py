@@ -2,14 +2,18 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated, Self
+from zoneinfo import ZoneInfo
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from services.kpi.fx import Fx
 from services.kpi.response_time import Targets
-from shared.config import CommonSettings
-from shared.events import Currency, FxRate
+from shared.config import CommonSettings, check_fx_table
+from shared.events import Currency, FxRate, TimeZone
+
+# A first-response target: hours, more than none and at most a year.
+TargetHours = Annotated[float, Field(gt=0, le=24 * 366)]
 
 
 class KpiSettings(CommonSettings):
@@ -24,10 +28,12 @@ class KpiSettings(CommonSettings):
         description="Records per consumed batch. KPIs are recomputed between batches, not per event, "
         "so larger batches cost no freshness and spread each batch's fixed statements thinner.",
     )
-    kpi_timezone: str = Field(
+    kpi_timezone: TimeZone = Field(
         default="Asia/Jerusalem", description="Reporting time zone: KPI days and months are local to it."
     )
-    kpi_reporting_currency: str = Field(default="ILS", description="Currency of every money KPI and CLV.")
+    kpi_reporting_currency: Currency = Field(
+        default="ILS", description="Currency of every money KPI and CLV."
+    )
     kpi_fx_rates: dict[Currency, FxRate] = Field(
         default={
             "USD": Decimal("3.65"),
@@ -37,13 +43,13 @@ class KpiSettings(CommonSettings):
         },
         description="Units of the reporting currency per unit of each other currency (JSON object).",
     )
-    kpi_first_response_targets_h: dict[str, float] = Field(
+    kpi_first_response_targets_h: dict[str, TargetHours] = Field(
         default={"complaint": 4.0, "billing": 24.0},
         description="First-response target per ticket category, hours; 'complaint' also applies to "
         "tickets flagged is_complaint when it is stricter.",
     )
-    kpi_default_first_response_target_h: float = Field(
-        default=24.0, gt=0, description="First-response target of the other categories, hours."
+    kpi_default_first_response_target_h: TargetHours = Field(
+        default=24.0, description="First-response target of the other categories, hours."
     )
     kpi_high_value_threshold: Decimal = Field(
         default=Decimal(5000),
@@ -65,7 +71,10 @@ class KpiSettings(CommonSettings):
         default=180, ge=1, description="A purchase this soon after a cancellation is a win-back."
     )
     kpi_conversion_window_days: float = Field(
-        default=7.0, gt=0, description="A message converts when a purchase follows within this window."
+        default=7.0,
+        gt=0,
+        le=366,
+        description="A message converts when a purchase follows within this window.",
     )
     kpi_p_alive_threshold: float = Field(
         default=0.3, ge=0, le=1, description="Customers with P(alive) below this count as at risk."
@@ -98,21 +107,25 @@ class KpiSettings(CommonSettings):
         default=15.0, ge=0, description="/metrics recomputes the KPI gauges at most this often."
     )
 
-    @field_validator("kpi_timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown IANA time zone {value!r}, e.g. Asia/Jerusalem") from exc
-        return value
+    @model_validator(mode="after")
+    def _rates_for_the_reporting_currency(self) -> Self:
+        check_fx_table(
+            self.kpi_reporting_currency,
+            self.kpi_fx_rates,
+            "RETAIN_KPI_REPORTING_CURRENCY",
+            "RETAIN_KPI_FX_RATES",
+        )
+        return self
 
-    @field_validator("kpi_reporting_currency")
-    @classmethod
-    def _currency(cls, value: str) -> str:
-        if len(value) != 3 or not value.isascii() or not value.isupper():
-            raise ValueError("not an ISO 4217 currency code, e.g. ILS, USD, EUR")
-        return value
+    @model_validator(mode="after")
+    def _refit_sooner_than_the_schedule(self) -> Self:
+        # Longer, "refit sooner after a change" would never come before the scheduled refit.
+        if self.kpi_clv_refit_after_change_s > self.kpi_clv_refit_interval_s:
+            raise ValueError(
+                f"RETAIN_KPI_CLV_REFIT_AFTER_CHANGE_S ({self.kpi_clv_refit_after_change_s:g}) must not be "
+                f"more than RETAIN_KPI_CLV_REFIT_INTERVAL_S ({self.kpi_clv_refit_interval_s:g})"
+            )
+        return self
 
     @property
     def database_url(self) -> str:

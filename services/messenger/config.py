@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import copy
+import re
+from email.utils import parseaddr
 from typing import Annotated, Self
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, StringConstraints, field_validator, model_validator
+from sendgrid.helpers.eventwebhook import EventWebhook  # type: ignore[import-untyped]
 
 from services.messenger.providers.ratelimit import SenderThroughput
 from services.messenger.templates import DEFAULT_PERKS, Brand, content_sid_key, normalize_locale
 from shared.config import CommonSettings
-from shared.events import Channel, TimeZone
+from shared.events import Channel, TimeZone, e164
 
 TierPerks = dict[str, dict[str, list[str]]]
 _PACE = SenderThroughput()  # Twilio's default throughput per kind of sender
@@ -23,6 +27,47 @@ OfferText = Annotated[
 ]
 
 
+# The link secret's default: anyone can read it here, and sign unsubscribe links with it.
+DEFAULT_LINK_SECRET = "change-me-in-production"  # noqa: S105 - refused once messages really go
+
+
+def _sms_sender(value: str) -> str:
+    """An SMS sender as Twilio takes one: an E.164 number, a short code, or an alphanumeric
+    sender id. (0501234567, a national number, reaches no one from abroad: refused.)"""
+    if value.startswith("+"):
+        return e164(value)
+    if re.fullmatch(r"\d{3,8}", value) or re.fullmatch(r"(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}", value):
+        return value
+    raise ValueError(
+        "not a sender Twilio takes: an E.164 number (+ and the country code, e.g. +972521234567), "
+        "a short code (3 to 8 digits) or an alphanumeric sender id (up to 11 letters, digits or "
+        "spaces, one letter at least)"
+    )
+
+
+def _whatsapp_sender(value: str) -> str:
+    """A WhatsApp sender: its E.164 number, written bare or as Twilio names it (whatsapp:+…)."""
+    e164(value.removeprefix("whatsapp:"))
+    return value
+
+
+def _paced_sender(value: str) -> str:
+    """A key of ``messenger_mps_overrides``: a sender as the limiter names it (rate_for)."""
+    if value.startswith("whatsapp:"):
+        return _whatsapp_sender(value)
+    if "@" in value:  # an email sender, as RETAIN_EMAIL_FROM gives it
+        return value
+    try:
+        return _sms_sender(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}; a WhatsApp sender as whatsapp:+…") from exc
+
+
+SmsSender = Annotated[str, AfterValidator(_sms_sender)]
+WhatsAppSender = Annotated[str, AfterValidator(_whatsapp_sender)]
+PacedSender = Annotated[str, AfterValidator(_paced_sender)]
+
+
 class MessengerSettings(CommonSettings):
     messenger_database_url: str | None = Field(
         default=None, description="Database URL; default sqlite+aiosqlite:///<var_dir>/messenger.db."
@@ -35,9 +80,9 @@ class MessengerSettings(CommonSettings):
         description="Channels tried after the preferred one (email, whatsapp, sms).",
     )
     messenger_default_timezone: TimeZone | None = Field(
-        default=None,
-        description="IANA zone of a customer whose profile and locale name none (quiet hours); "
-        "default: the language's likely region (he → Asia/Jerusalem), else UTC.",
+        default="Asia/Jerusalem",
+        description="IANA zone of a customer whose profile and locale's region name none (quiet "
+        "hours, dates in messages): the business's market, as RETAIN_KPI_TIMEZONE's default.",
     )
     messenger_send_concurrency: int = Field(default=16, ge=1, description="Provider calls in flight at once.")
     messenger_sender_interval_s: float = Field(
@@ -63,7 +108,10 @@ class MessengerSettings(CommonSettings):
         default="http://127.0.0.1:8003", description="Base URL providers call back (status, unsubscribe)."
     )
     messenger_link_secret: SecretStr = Field(
-        default=SecretStr("change-me-in-production"), description="Signs unsubscribe links."
+        default=SecretStr(DEFAULT_LINK_SECRET),
+        min_length=16,
+        description="Signs unsubscribe and survey links; required (16 characters at least) once a "
+        "real provider is configured.",
     )
     messenger_brand_name: str = Field(
         default="Retain", min_length=1, max_length=60, description="The business's name in every message."
@@ -124,8 +172,13 @@ class MessengerSettings(CommonSettings):
     twilio_auth_token: SecretStr | None = Field(
         default=None, description="Twilio auth token; also verifies webhooks."
     )
-    twilio_sms_from: str | None = Field(default=None, description="Sender number for SMS (E.164).")
-    twilio_whatsapp_from: str | None = Field(default=None, description="Sender number for WhatsApp (E.164).")
+    twilio_sms_from: SmsSender | None = Field(
+        default=None,
+        description="Sender for SMS: an E.164 number, a short code or an alphanumeric sender id.",
+    )
+    twilio_whatsapp_from: WhatsAppSender | None = Field(
+        default=None, description="Sender number for WhatsApp (E.164)."
+    )
     twilio_base_url: str | None = Field(default=None, description="Override Twilio's API base URL (tests).")
     # Twilio's throughput per sender (messages per second): what the sender paces itself to, as
     # Twilio would queue the excess for hours and then fail it (providers/ratelimit.py).
@@ -136,7 +189,7 @@ class MessengerSettings(CommonSettings):
     messenger_mps_short_code: float = Field(default=_PACE.short_code, ge=0, description="Per short code.")
     messenger_mps_whatsapp: float = Field(default=_PACE.whatsapp, ge=0, description="Per WhatsApp sender.")
     messenger_mps_email: float = Field(default=_PACE.email, ge=0, description="Per email sender; 0: unpaced.")
-    messenger_mps_overrides: dict[str, Annotated[float, Field(ge=0)]] = Field(
+    messenger_mps_overrides: dict[PacedSender, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict,
         description='Senders with their own rate, as JSON {"+15017122661": 10}: an upgraded long '
         'code; a WhatsApp sender as "whatsapp:+1…".',
@@ -161,6 +214,79 @@ class MessengerSettings(CommonSettings):
         description="How far a SendGrid webhook's signed timestamp may be from now, in seconds; "
         "older (or replayed) deliveries are refused with 403.",
     )
+
+    @field_validator("messenger_public_url")
+    @classmethod
+    def _absolute_url(cls, url: str) -> str:
+        # Every unsubscribe and survey link, and Twilio's status callback, start with it.
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an absolute http(s) URL, e.g. https://retain.shop.example")
+        return url
+
+    @field_validator("email_from")
+    @classmethod
+    def _an_address(cls, value: str) -> str:
+        _, address = parseaddr(value)
+        if "@" not in address or address.startswith("@") or address.endswith("@"):
+            raise ValueError(f"{value!r} has no email address, e.g. Retain <hello@shop.example>")
+        return value
+
+    @field_validator("sendgrid_webhook_public_key")
+    @classmethod
+    def _a_public_key(cls, key: str | None) -> str | None:
+        # Unparsable, it refused every event SendGrid sent (403), bounces and spam reports too.
+        if key is not None:
+            try:
+                EventWebhook().convert_public_key_to_ecdsa(key)
+            except Exception as exc:
+                raise ValueError(
+                    "not a SendGrid verification key (the base64 public key of the Event Webhook's "
+                    f"signature settings): {exc}"
+                ) from exc
+        return key
+
+    @model_validator(mode="after")
+    def _twilio_whole_or_not_at_all(self) -> Self:
+        # Partly configured, the channels went to the sandbox outbox, recorded as sent.
+        senders = self.twilio_sms_from or self.twilio_whatsapp_from
+        if self.twilio_account_sid or senders:
+            missing = [
+                name
+                for name, value in (
+                    ("RETAIN_TWILIO_ACCOUNT_SID", self.twilio_account_sid),
+                    ("RETAIN_TWILIO_AUTH_TOKEN", self.twilio_auth_token),
+                    ("RETAIN_TWILIO_SMS_FROM or RETAIN_TWILIO_WHATSAPP_FROM", senders),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(
+                    f"Twilio is partly configured: {', '.join(missing)} missing (all of them, or none "
+                    "for the sandbox outbox)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _a_secret_of_our_own_for_real_messages(self) -> Self:
+        if self.live_providers and self.messenger_link_secret.get_secret_value() == DEFAULT_LINK_SECRET:
+            raise ValueError(
+                "RETAIN_MESSENGER_LINK_SECRET is the published default while messages really go "
+                f"({', '.join(self.live_providers)}): anyone could sign an unsubscribe link; set a secret"
+            )
+        return self
+
+    @property
+    def live_providers(self) -> list[str]:
+        """The providers configured to reach customers (none: the sandbox outbox)."""
+        live = []
+        if self.twilio_account_sid:
+            live.append("Twilio")
+        if self.smtp_host:
+            live.append("SMTP")
+        elif self.sendgrid_api_key:
+            live.append("SendGrid")
+        return live
 
     @model_validator(mode="after")
     def _reconcile_after_the_longest_call(self) -> Self:

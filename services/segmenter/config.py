@@ -6,7 +6,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from services.segmenter.profile import LifecycleConfig
-from shared.config import CommonSettings
+from shared.config import CommonSettings, check_fx_table
 from shared.events import Currency, FxRate
 
 
@@ -50,6 +50,16 @@ class SegmenterSettings(CommonSettings):
     segmenter_won_back_days: int = Field(
         default=90, ge=1, description="How long a returning customer is won_back."
     )
+
+    @model_validator(mode="after")
+    def _rates_for_the_reporting_currency(self) -> Self:
+        check_fx_table(
+            self.segmenter_reporting_currency,
+            self.segmenter_fx_rates,
+            "RETAIN_SEGMENTER_REPORTING_CURRENCY",
+            "RETAIN_SEGMENTER_FX_RATES",
+        )
+        return self
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> Self:

@@ -46,6 +46,7 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from services.messenger.config import MessengerSettings
@@ -214,7 +215,11 @@ def _settings(bootstrap: str, prefix: str, partitions: int, url: str, outbox_dir
         messenger_database_url=url,
         messenger_outbox_dir=str(outbox_dir),
         var_dir=BENCH_VAR,
+        # Twilio whole, as a real deployment has it (the bench passes its providers itself).
+        twilio_account_sid=ACCOUNT_SID,
+        twilio_auth_token=SecretStr("bench-auth-token"),
         twilio_sms_from=SMS_FROM,
+        messenger_link_secret=SecretStr("bench-messenger-link-secret"),
         log_level="WARNING",
     )
 

@@ -239,8 +239,10 @@ async def test_a_slow_failing_sms_provider_loses_duplicates_and_blocks_nothing(
         settings = MessengerSettings(
             messenger_database_url=url,
             var_dir=tmp_path,
+            twilio_account_sid=ACCOUNT_SID,
             twilio_auth_token=SecretStr("test-auth-token"),
             twilio_sms_from=SMS_FROM,
+            messenger_link_secret=SecretStr("chaos-test-link-secret"),
             messenger_public_url="https://retain.example",
         )
         twilio = TwilioProvider(ACCOUNT_SID, "test-auth-token", base_url=proxy_url, timeout=CLIENT_TIMEOUT_S)

@@ -239,6 +239,7 @@ async def test_sender_killed_mid_batch_delivers_every_message(
         **os.environ,
         "RETAIN_MESSENGER_DATABASE_URL": pg_url,
         "RETAIN_SMTP_HOST": smtp_server.host,
+        "RETAIN_MESSENGER_LINK_SECRET": "pipeline-test-link-secret",
         "RETAIN_SMTP_PORT": str(smtp_server.port),
         "RETAIN_SMTP_STARTTLS": "false",
         "RETAIN_MESSENGER_SEND_CONCURRENCY": "2",

@@ -22,6 +22,13 @@ from services.segmenter.config import SegmenterSettings
         ({"segmenter_fx_rates": {"EUR": 0}}, "greater than 0"),
         # at_risk would never come: active goes straight to lapsed.
         ({"segmenter_lapsed_after_days": 30}, "must be more than RETAIN_SEGMENTER_AT_RISK_AFTER_DAYS (60)"),
+        # The reporting currency changed alone: the table of ILS per unit stays, its USD ignored.
+        (
+            {"segmenter_reporting_currency": "USD"},
+            "RETAIN_SEGMENTER_FX_RATES gives USD, the reporting currency",
+        ),
+        # inf turned the sweep off without a word.
+        ({"segmenter_sweep_interval_s": "inf"}, "finite number"),
     ],
 )
 def test_settings_that_would_give_wrong_profiles_are_refused_by_name(

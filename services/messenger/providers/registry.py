@@ -10,6 +10,7 @@ The choice is logged once, when the providers are built.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from services.messenger.config import MessengerSettings
 
 log = get_logger(__name__)
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 SANDBOX_SENDER = "Retain"
 STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
@@ -121,6 +123,14 @@ def build_providers(settings: ProviderSettings) -> dict[Channel, Provider]:
         "messenger_providers",
         **{channel.value: describe(p) for channel, p in providers.items()},
     )
+    live = any(not isinstance(p, OutboxProvider) for p in providers.values())
+    if live and urlsplit(settings.messenger_public_url).hostname in LOOPBACK:
+        # A warning, not a refusal: a staging provider on this host is legitimate.
+        log.warning(
+            "messenger_public_url is this host's own address while messages really go: the "
+            "unsubscribe and survey links in them, and Twilio's status callbacks, reach no one",
+            messenger_public_url=settings.messenger_public_url,
+        )
     return providers
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydantic import SecretStr
 
 from services.messenger.config import MessengerSettings
+from services.messenger.providers import registry
 from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.providers.registry import (
     build_limiter,
@@ -19,6 +21,7 @@ from services.messenger.providers.sendgrid_api import SendGridProvider
 from services.messenger.providers.smtp import SmtpProvider
 from services.messenger.providers.twilio_sms import TwilioProvider
 from shared.events import Channel
+from tests.support.logs import WarningRecorder
 
 NO_CREDENTIALS: dict[str, Any] = {
     "twilio_account_sid": None,
@@ -33,7 +36,8 @@ NO_CREDENTIALS: dict[str, Any] = {
 
 
 def settings(tmp_path: Path, **overrides: Any) -> MessengerSettings:
-    return MessengerSettings(var_dir=tmp_path, **{**NO_CREDENTIALS, **overrides})
+    secret = {"messenger_link_secret": SecretStr("registry-test-link-secret")}
+    return MessengerSettings(var_dir=tmp_path, **{**NO_CREDENTIALS, **secret, **overrides})
 
 
 async def test_without_credentials_everything_goes_to_the_outbox(tmp_path: Path) -> None:
@@ -83,8 +87,8 @@ async def test_one_twilio_client_serves_sms_and_whatsapp(tmp_path: Path) -> None
     await close_providers(providers)
 
 
-async def test_token_without_senders_stays_in_the_sandbox(tmp_path: Path) -> None:
-    s = settings(tmp_path, twilio_account_sid="AC" + "0" * 32, twilio_auth_token=SecretStr("token"))
+async def test_a_token_alone_verifies_webhooks_and_sends_nothing(tmp_path: Path) -> None:
+    s = settings(tmp_path, twilio_auth_token=SecretStr("token"))
     providers = build_providers(s)
     assert isinstance(providers[Channel.SMS], OutboxProvider)
     assert default_senders(s)[Channel.SMS] == "Retain"
@@ -103,6 +107,23 @@ async def test_sendgrid_without_smtp(tmp_path: Path) -> None:
     providers = build_providers(settings(tmp_path, sendgrid_api_key=SecretStr("SG.x")))
     assert isinstance(providers[Channel.EMAIL], SendGridProvider)
     assert isinstance(providers[Channel.SMS], OutboxProvider)
+
+
+async def test_real_messages_with_links_to_this_host_are_warned_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = WarningRecorder()
+    monkeypatch.setattr(registry, "log", recorder)
+    await close_providers(build_providers(settings(tmp_path)))  # the sandbox: no one to reach
+    public = build_providers(
+        settings(tmp_path, smtp_host="mail.example.com", messenger_public_url="https://r.example")
+    )
+    await close_providers(public)
+    assert recorder.warnings == []
+    await close_providers(build_providers(settings(tmp_path, smtp_host="mail.example.com")))
+    [(event, fields)] = recorder.warnings
+    assert "reach no one" in event
+    assert fields == {"messenger_public_url": "http://127.0.0.1:8003"}
 
 
 def test_limiter_defaults(tmp_path: Path) -> None:
