@@ -332,8 +332,10 @@ async def twilio_inbound(request: Request, service: Service) -> Response:
     channel = Channel.WHATSAPP if sender.startswith("whatsapp:") else Channel.SMS
     keyword = match_inbound(body)
     kind = keyword.intent if keyword else None
-    await service.inbound(channel, sender, body, kind, form.get("MessageSid") or form.get("SmsSid"))
-    reply = reply_for(keyword, channel, body) if keyword else None
+    taken = await service.inbound(channel, sender, body, kind, form.get("MessageSid") or form.get("SmsSid"))
+    # A START with nothing to lift was taken as an answer: nothing to confirm.
+    answered = keyword is not None and taken.intent == keyword.intent
+    reply = reply_for(keyword, channel, body, service.settings.brand) if keyword and answered else None
     # TwiML: an empty response sends nothing; Twilio answers its own STOP keywords itself.
     twiml = '<?xml version="1.0" encoding="UTF-8"?><Response>'
     if reply:

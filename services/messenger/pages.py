@@ -11,7 +11,7 @@ from typing import Literal
 
 from jinja2 import Environment
 
-from services.messenger.templates import language_of
+from services.messenger.templates import hebrew_prefix, language_of
 from shared.events import Channel
 
 Language = Literal["he", "ar", "en"]
@@ -52,17 +52,18 @@ _CHANNEL: dict[Language, dict[Channel, str]] = {
     "en": {Channel.EMAIL: "email", Channel.SMS: "SMS", Channel.WHATSAPP: "WhatsApp"},
 }
 
-# {channel} and {brand} are filled in; every text is gender-neutral in Hebrew.
+# {channel} and {brand} are filled in, and for Hebrew {from_brand} and {by_channel} with their
+# prefix letter (``hebrew_prefix``); every text is gender-neutral in Hebrew.
 _TEXTS: dict[Language, dict[str, str]] = {
     "he": {
         "unsubscribe_title": "הסרה מרשימת התפוצה",
-        "unsubscribe_ask": "להפסיק לקבל הודעות {channel} מ{brand}?",
+        "unsubscribe_ask": "להפסיק לקבל הודעות {channel} {from_brand}?",
         "unsubscribe_button": "הסרה",
         "unsubscribed_title": "ההסרה בוצעה",
-        "unsubscribed": "לא יישלחו אליך עוד הודעות שיווקיות ב{channel} מ{brand}. "
+        "unsubscribed": "לא יישלחו אליך עוד הודעות שיווקיות {by_channel} {from_brand}. "
         "הודעות על הזמנות ופניות שלך יגיעו כרגיל.",
         "survey_title": "איך היה?",
-        "survey_ask": "כמה נהנית מהחוויה ב{brand}? 1 – בכלל לא, 5 – מאוד.",
+        "survey_ask": "עד כמה הטיפול בפנייה שלך היה לשביעות רצונך? 1 – בכלל לא, 5 – מאוד.",
         "survey_comment": "רוצה להוסיף משהו? (לא חובה)",
         "survey_button": "שליחה",
         "survey_thanks_title": "תודה!",
@@ -78,7 +79,7 @@ _TEXTS: dict[Language, dict[str, str]] = {
         "unsubscribed": "لن تصلك بعد الآن رسائل تسويقية عبر {channel} من {brand}. "
         "ستصلك الرسائل المتعلقة بطلباتك واستفساراتك كالمعتاد.",
         "survey_title": "كيف كانت تجربتك؟",
-        "survey_ask": "ما مدى رضاك عن تجربتك مع {brand}؟ 1 – غير راضٍ إطلاقًا، 5 – راضٍ جدًا.",
+        "survey_ask": "ما مدى رضاك عن طريقة معالجة طلبك؟ 1 – إطلاقًا، 5 – جدًا.",
         "survey_comment": "هل تودّ إضافة شيء؟ (اختياري)",
         "survey_button": "إرسال",
         "survey_thanks_title": "شكرًا لك!",
@@ -94,7 +95,7 @@ _TEXTS: dict[Language, dict[str, str]] = {
         "unsubscribed": "You won't get marketing messages by {channel} from {brand} any more. "
         "Messages about your orders and requests still come as usual.",
         "survey_title": "How did we do?",
-        "survey_ask": "How happy are you with {brand}? 1 – not at all, 5 – very.",
+        "survey_ask": "How satisfied are you with how we handled your request? 1 – not at all, 5 – very.",
         "survey_comment": "Anything you'd like to add? (optional)",
         "survey_button": "Send",
         "survey_thanks_title": "Thank you!",
@@ -118,16 +119,28 @@ def _render(lang: Language, title: str, lines: list[str], **form: object) -> str
     return _PAGE.render(lang=lang, title=title, lines=lines, max_comment=MAX_COMMENT, **form)
 
 
+def _fill(lang: Language, text: str, channel: Channel, brand: str) -> str:
+    # Hebrew joins its prefix letters to a Hebrew word and puts a maqaf before a Latin one
+    # (מ-Retain, ב-SMS); the other languages' texts do not use these two.
+    name = _CHANNEL[lang][channel]
+    return text.format(
+        channel=name,
+        brand=brand,
+        from_brand=hebrew_prefix(brand, "מ"),
+        by_channel=hebrew_prefix(name, "ב"),
+    )
+
+
 def unsubscribe_confirm(lang: Language, channel: Channel, brand: str, action: str) -> str:
     """The GET page: one button that POSTs (a mail scanner following the link unsubscribes nobody)."""
     t = _TEXTS[lang]
-    ask = t["unsubscribe_ask"].format(channel=_CHANNEL[lang][channel], brand=brand)
+    ask = _fill(lang, t["unsubscribe_ask"], channel, brand)
     return _render(lang, t["unsubscribe_title"], [ask], action=action, button=t["unsubscribe_button"])
 
 
 def unsubscribed(lang: Language, channel: Channel, brand: str) -> str:
     t = _TEXTS[lang]
-    done = t["unsubscribed"].format(channel=_CHANNEL[lang][channel], brand=brand)
+    done = _fill(lang, t["unsubscribed"], channel, brand)
     return _render(lang, t["unsubscribed_title"], [done])
 
 

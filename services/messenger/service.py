@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.messenger.caps import DEFAULT_CAPS, CapsConfig, SentRecord
 from services.messenger.channels import NO_TEMPLATE, WhatsAppMode, whatsapp_window_open
 from services.messenger.config import MessengerSettings
-from services.messenger.consent import MARKETING_ONLY_SOURCES, ConsentFact, FactSource
+from services.messenger.consent import MARKETING_ONLY_SOURCES, ConsentFact, FactSource, active_opt_outs
 from services.messenger.decision import NO_CHANNEL_STATUS, Candidate, DecisionContext, decide, recheck_at_send
 from services.messenger.journeys import (
     Entry,
@@ -121,6 +121,17 @@ UNHAPPY_OLDEST_AGE = Gauge(
 )
 REFRESHED_GAUGES = (HELD, HELD_OLDEST_AGE, HELD_OVERDUE, UNHAPPY_WAITING, UNHAPPY_OLDEST_AGE)
 FollowUpAction = Literal["followed_up", "amended", "taken_back"]
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """What an inbound message was taken as: its customer (None: no customer has the number)
+    and what it asked ("stop", "start", "help"; None: an answer)."""
+
+    customer_id: str | None
+    intent: str | None
+
+
 # Free text on WhatsApp only while the customer's window stays open this much longer: our time
 # of their last message is when its webhook reached us, a little after WhatsApp's own.
 FREEFORM_MARGIN = timedelta(minutes=5)
@@ -1183,6 +1194,7 @@ class MessengerService:
             else None,
             perks_config=s.messenger_tier_perks,
             brand=s.brand,
+            timezone=self._zone(profile.timezone, profile.locale).key,
         )
         kind = MessageKind(row.kind)
         rendered = render(
@@ -1361,19 +1373,24 @@ class MessengerService:
 
     async def inbound(
         self, channel: Channel, from_address: str, body: str, kind: str | None, sid: str | None = None
-    ) -> str | None:
+    ) -> Inbound:
         """An inbound SMS/WhatsApp: STOP/START change consent; anything else is a reply, whose
-        event is named by the inbound message's ``sid``. Applied once per ``sid``: Twilio's
-        signature has no time, so a delivery retried or replayed is valid, and applied again
-        an old START would lift a later STOP and an old message reopen the WhatsApp window."""
+        event is named by the inbound message's ``sid``. A START (YES, התחל …) with nothing to
+        lift is an answer, not a re-subscription: "Yes" to "is everything all right?" is a
+        reply. HELP is a reply too: someone should see that the customer asked. Applied once
+        per ``sid``: Twilio's signature has no time, so a delivery retried or replayed is valid,
+        and applied again an old START would lift a later STOP and an old message reopen the
+        WhatsApp window."""
         now = self.clock()
         address = from_address.removeprefix("whatsapp:")
         async with self.db.transaction() as session:
             customer_id = await self.repo.customer_by_address(session, channel.value, address)
             if customer_id is None:
-                return None
+                return Inbound(None, kind)
+            if kind == "start" and not await self._opted_out(session, customer_id, channel, address):
+                kind = None
             if sid and not await self.repo.claim_inbound(session, sid, now, now - INBOUND_KEPT):
-                return customer_id
+                return Inbound(customer_id, kind)
             if channel == Channel.WHATSAPP:
                 await self.repo.set_whatsapp_inbound(session, customer_id, now)
             if kind == "stop":
@@ -1383,7 +1400,7 @@ class MessengerService:
                     session, customer_id, channel.value, now, True, FactSource.START.value, False, address
                 )
             last = await self.repo.last_message_to(session, customer_id, channel.value)
-            if last is not None and kind is None:
+            if last is not None and kind in (None, "help"):
                 await self._publish(
                     session,
                     [
@@ -1397,7 +1414,17 @@ class MessengerService:
                     ],
                 )
         await self.flush()
-        return customer_id
+        return Inbound(customer_id, kind)
+
+    async def _opted_out(self, session: Any, customer_id: str, channel: Channel, address: str) -> bool:
+        """Whether an opt-out still blocks marketing to ``address`` on ``channel``."""
+        row = await self.repo.lock_customer(session, customer_id)
+        consents = ProfileSnapshot.model_validate(row.profile).consents if row is not None else {}
+        facts = [
+            ConsentFact(channel=Channel(f.channel), at=f.at, source=FactSource(f.source), address=f.address)
+            for f in await self.repo.consent_facts(session, customer_id)
+        ]
+        return bool(active_opt_outs(channel, MessageKind.MARKETING, consents, facts, address))
 
     async def customer_locale(self, customer_id: str) -> str | None:
         """The locale of the customer's latest profile (the language of the pages behind links)."""

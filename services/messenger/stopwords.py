@@ -22,6 +22,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
+from services.messenger.templates import DEFAULT_BRAND, Brand
 from shared.events import Channel
 
 InboundIntent = Literal["stop", "start", "help"]
@@ -109,27 +110,35 @@ def classify_inbound(body: str) -> InboundIntent | None:
     return None if found is None else found.intent
 
 
+# Each names the business (a reply from a number the customer may not know) and says what
+# stops: the messages to this number, not every channel. Hebrew is gender-neutral. The phone
+# is isolated left-to-right (U+2066 … U+2069) inside Hebrew and Arabic, and those begin with a
+# right-to-left mark: a Latin brand first would otherwise set the whole text left-to-right.
 _REPLIES: dict[InboundIntent, dict[Language, str]] = {
     "stop": {
-        "en": "You are unsubscribed and will receive no more messages from us. Reply START to resubscribe.",
-        "he": "הוסרת מרשימת התפוצה ולא תקבל/י מאיתנו הודעות נוספות. להרשמה מחדש השב/י התחל.",
-        "ar": "تم إلغاء اشتراكك ولن تصلك منا رسائل أخرى. لإعادة الاشتراك أرسل ابدأ.",
+        "en": "{brand}: you are unsubscribed; no more messages to this number. Reply START to resubscribe.",
+        "he": "\u200f{brand}: ההסרה בוצעה, לא יישלחו עוד הודעות למספר הזה. להרשמה מחדש אפשר להשיב התחל.",
+        "ar": "\u200f{brand}: تم إلغاء اشتراكك، ولن تصل رسائل أخرى إلى هذا الرقم. لإعادة الاشتراك أرسل ابدأ.",
     },
     "start": {
-        "en": "You are subscribed again. Reply STOP to unsubscribe.",
-        "he": "נרשמת מחדש. להסרה השב/י הסר.",
-        "ar": "تمت إعادة اشتراكك. لإلغاء الاشتراك أرسل إلغاء.",
+        "en": "{brand}: you are subscribed again. Reply STOP to unsubscribe.",
+        "he": "\u200f{brand}: ההרשמה חודשה. להסרה אפשר להשיב הסר.",
+        "ar": "\u200f{brand}: تمت إعادة اشتراكك. لإلغاء الاشتراك أرسل إلغاء.",
     },
     "help": {
-        "en": "Reply STOP to unsubscribe or START to resubscribe.",
-        "he": "להסרה השב/י הסר, להרשמה מחדש השב/י התחל.",
-        "ar": "لإلغاء الاشتراك أرسل إلغاء، ولإعادة الاشتراك أرسل ابدأ.",
+        "en": "{brand}: for help call {phone} or write to us here. Reply STOP to unsubscribe.",
+        "he": "\u200f{brand}: לעזרה אפשר להתקשר למספר \u2066{phone}\u2069 או לכתוב לנו כאן. "
+        "להסרה אפשר להשיב הסר.",
+        "ar": "\u200f{brand}: للمساعدة اتصلوا على \u2066{phone}\u2069 أو اكتبوا لنا هنا. "
+        "لإلغاء الاشتراك أرسل إلغاء.",
     },
 }
 
 
-def reply_for(keyword: InboundKeyword, channel: Channel, body: str) -> str | None:
+def reply_for(
+    keyword: InboundKeyword, channel: Channel, body: str, brand: Brand = DEFAULT_BRAND
+) -> str | None:
     """The text to answer with, or None when Twilio has already answered."""
     if keyword.handled_by_twilio(channel, body):
         return None
-    return _REPLIES[keyword.intent][keyword.language]
+    return _REPLIES[keyword.intent][keyword.language].format(brand=brand.name, phone=brand.support_phone)

@@ -458,7 +458,9 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
             auto_reload=False,
         )
         self.filters = {name: FILTERS[name] for name in _FILTERS}
-        self.filters.update(join=_join, _loop_guard=_loop_guard, _size_guard=_check_size)
+        self.filters.update(
+            join=_join, _loop_guard=_loop_guard, _size_guard=_check_size, hebrew_prefix=hebrew_prefix
+        )
         self.globals = {"range": _limited_range}
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
@@ -506,6 +508,14 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
         elif operator == "%" and isinstance(left, str):
             raise jinja_exc.SecurityError("'%' string formatting is not allowed; use {{ … }}")
         return _check_size(super().call_binop(context, operator, left, right))
+
+
+def hebrew_prefix(word: Any, prefix: str) -> str:
+    """``word`` after a Hebrew prefix letter (ב, ל, מ, ה, ו, ש, כ): joined to a Hebrew word
+    (לתה ונענע), with a maqaf before anything else (ל-Retain, ב-SMS), as Hebrew is written.
+    In templates: ``{{ brand_name | hebrew_prefix("ל") }}``."""
+    text = str(word)
+    return f"{prefix}{text}" if text[:1] and "\u05d0" <= text[0] <= "\u05ea" else f"{prefix}-{text}"
 
 
 @lru_cache(maxsize=4)
@@ -703,21 +713,29 @@ _HONORIFICS = frozenset(
 _JOINED_PREFIXES = frozenset({"عبد", "أبو", "ابو", "أم", "ام", "abd", "abdel", "abdul", "abu", "umm"})
 
 
-_NAME_PUNCTUATION = re.compile(r"[.'\"׳״]")
+_NAME_PUNCTUATION = re.compile(r"[.'\"׳״/]")
+# What CRMs and forms put where they have no name.
+_PLACEHOLDERS = frozenset(
+    {"null", "none", "na", "nan", "unknown", "test", "customer", "לקוח", "לקוחה", "عميل"}
+)
 
 
 def first_name_of(name: str | None) -> str | None:
     """The word to address a customer by: ``נועה לוי`` → ``נועה``; ``د. عبد الله حداد`` →
-    ``عبد الله``; ``Levi, Noa`` → ``Noa``; an email address or digits → None."""
-    if not name or "@" in name:
+    ``عبد الله``; ``Levi, Noa`` → ``Noa``; an email address, digits or a placeholder a CRM
+    filled in (``null``, ``N/A``) → None. After a title, one word left is the family name
+    (``גב' כהן``, ``Mrs. Cohen``): None too, not "Hi Cohen"."""
+    if not name or "@" in name or _NAME_PUNCTUATION.sub("", name).strip().casefold() in _PLACEHOLDERS:
         return None
     if "," in name:
         family, _, given = name.partition(",")
         name = given if given.strip() else family
     tokens = [t for t in name.split() if any(ch.isalpha() for ch in t)]
+    titled = False
     while tokens and _NAME_PUNCTUATION.sub("", tokens[0]).lower() in _HONORIFICS:
         tokens.pop(0)
-    if not tokens:
+        titled = True
+    if not tokens or (titled and len(tokens) == 1):
         return None
     first = tokens[0]
     if first.lower() in _JOINED_PREFIXES and len(tokens) > 1:
@@ -816,12 +834,17 @@ def build_variables(
     personal_contact: Mapping[str, str] | None = None,
     perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     brand: Brand = DEFAULT_BRAND,
+    timezone: str | None = None,
 ) -> dict[str, Any]:
     """The variables of ``VARIABLES`` for one customer; optional ones are left out when unknown.
 
     ``locale`` is the locale to format in (see ``formatting_locale``); ``trigger_details`` is
-    the triggering event (order_id, amount, currency, occurred_at, ticket_id, category).
+    the triggering event (order_id, amount, currency, occurred_at, ticket_id, category);
+    ``timezone`` the zone dates are shown in (the customer's as quiet hours find it,
+    ``quiet.customer_zone``; default the profile's): an order placed at 01:30 in Jerusalem
+    was placed on that day, not the day before as UTC has it.
     """
+    zone = timezone or profile.timezone
     loc = locale or profile.locale or DEFAULT_LOCALE
     try:
         loc = normalize_locale(loc)
@@ -852,7 +875,7 @@ def build_variables(
         optional["offer_value"] = offer_value
         with contextlib.suppress(ValueError, TypeError):
             if offer_expires is not None:
-                optional["offer_expires"] = format_day(offer_expires, loc, profile.timezone)
+                optional["offer_expires"] = format_day(offer_expires, loc, zone)
     if details.get("order_id"):
         amount, currency, at = details.get("amount"), details.get("currency"), details.get("occurred_at")
         shown_amount = shown_date = ""
@@ -862,7 +885,7 @@ def build_variables(
                 shown_amount = format_money(amount, currency, loc)
         with contextlib.suppress(ValueError, TypeError):
             if at:
-                shown_date = format_day(at, loc, profile.timezone)
+                shown_date = format_day(at, loc, zone)
         optional["last_order"] = {"id": str(details["order_id"]), "amount": shown_amount, "date": shown_date}
     if personal_contact and personal_contact.get("name"):
         optional["personal_contact"] = {

@@ -447,7 +447,7 @@ async def test_a_stop_before_the_sender_runs_stops_the_queued_message(world: Wor
     only_sms = purchase_update(customer, 1, NOON, whatsapp=None, email=None)
     await world.service.apply_batch(delivered([only_sms]))
     assert [r["status"] for r in await messages(world, customer)] == ["queued"]
-    assert await world.service.inbound(Channel.SMS, "+972521234567", "STOP", "stop") == customer
+    assert (await world.service.inbound(Channel.SMS, "+972521234567", "STOP", "stop")).customer_id == customer
     outcomes = await world.service.send_due()
     assert [o.status for o in outcomes] == ["suppressed"]
     assert outbox_files(world) == []
@@ -467,7 +467,7 @@ async def test_an_opt_out_stays_with_its_address_not_the_customer(world: World) 
         "noa@shop.example",
     )
     await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON, whatsapp=None)]))
-    assert await world.service.inbound(Channel.SMS, old_phone, "STOP", "stop") == customer
+    assert (await world.service.inbound(Channel.SMS, old_phone, "STOP", "stop")).customer_id == customer
     assert await world.service.email_events([EmailEvent(old_email, "bounce", None)])
     async with world.db.sessions() as session:
         facts = await world.service.repo.consent_facts(session, customer)
@@ -622,7 +622,7 @@ async def test_a_stop_before_the_sender_runs_is_not_answered_by_the_same_message
     await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON, whatsapp=None)]))
     [queued] = await messages(world, customer)
     assert (queued["status"], queued["channel"]) == ("queued", "sms")
-    assert await world.service.inbound(Channel.SMS, "+972521234567", "STOP", "stop") == customer
+    assert (await world.service.inbound(Channel.SMS, "+972521234567", "STOP", "stop")).customer_id == customer
     [outcome] = await world.service.send_due()
     assert outcome.status in ("suppressed", "no_consent")
     assert outbox_files(world) == []
@@ -648,7 +648,7 @@ async def test_stop_in_three_languages_suppresses_and_start_lifts(world: World) 
             customer, 1, NOON - timedelta(days=10), phone=phone, whatsapp=None, email=None
         )
         await world.service.apply_batch(delivered([first]))
-        assert await world.service.inbound(Channel.SMS, phone, stop, "stop") == customer
+        assert (await world.service.inbound(Channel.SMS, phone, stop, "stop")).customer_id == customer
         world.clock.now = NOON
         update = purchase_update(
             customer,
@@ -694,27 +694,84 @@ async def test_an_inbound_message_delivered_again_changes_nothing_twice(world: W
         return [(f.source, f.opt_in) for f in facts], opened, replies
 
     world.clock.now = NOON
-    assert await world.service.inbound(Channel.SMS, phone, "START", "start", "SM-start") == customer
+    assert (
+        await world.service.inbound(Channel.SMS, phone, "STOP", "stop", "SM-stop")
+    ).customer_id == customer
+    world.clock.now = NOON + timedelta(minutes=30)
+    assert (await world.service.inbound(Channel.SMS, phone, "START", "start", "SM-start")).intent == "start"
     world.clock.now = NOON + timedelta(hours=1)
-    assert await world.service.inbound(Channel.SMS, phone, "STOP", "stop", "SM-stop") == customer
-    assert await world.service.inbound(Channel.SMS, phone, "תודה!", None, "SM-reply") == customer
-    assert await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa") == customer
+    assert (
+        await world.service.inbound(Channel.SMS, phone, "STOP", "stop", "SM-stop2")
+    ).customer_id == customer
+    assert (
+        await world.service.inbound(Channel.SMS, phone, "תודה!", None, "SM-reply")
+    ).customer_id == customer
+    assert (
+        await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa")
+    ).customer_id == customer
     before = await state()
-    assert before == ([("start", True), ("stop", False)], NOON + timedelta(hours=1), 1)
+    assert before == ([("stop", False), ("start", True), ("stop", False)], NOON + timedelta(hours=1), 1)
 
     world.clock.now = NOON + timedelta(days=2)  # the window closed a day ago
-    assert await world.service.inbound(Channel.SMS, phone, "START", "start", "SM-start") == customer
-    assert await world.service.inbound(Channel.SMS, phone, "תודה!", None, "SM-reply") == customer
-    assert await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa") == customer
+    assert (
+        await world.service.inbound(Channel.SMS, phone, "START", "start", "SM-start")
+    ).customer_id == customer
+    assert (
+        await world.service.inbound(Channel.SMS, phone, "תודה!", None, "SM-reply")
+    ).customer_id == customer
+    assert (
+        await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa")
+    ).customer_id == customer
     assert await state() == before  # still opted out of SMS, the window still closed, one reply
 
     # A new message (its own sid) is applied as ever; the sids older than INBOUND_KEPT go.
     world.clock.now = NOON + service_module.INBOUND_KEPT + timedelta(hours=2)
-    assert await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-new") == customer
+    assert (
+        await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-new")
+    ).customer_id == customer
     assert (await state())[1] == world.clock.now
     async with world.db.sessions() as session:
         kept = (await session.execute(select(inbound_messages.c.sid))).scalars().all()
     assert kept == ["SM-new"]
+
+
+async def test_a_start_with_nothing_to_lift_is_an_answer_and_help_is_seen(
+    world: World, api: httpx.AsyncClient
+) -> None:
+    """ "התחל" (or "yes") to a message, with no opt-out to lift, is an answer: published as a
+    reply, not answered "subscribed again". HELP is answered with the business's phone, and
+    published as a reply, so that someone sees the customer asked. After a STOP, START lifts it
+    and says so."""
+    customer = customer_not_in_holdout("thank_you")
+    world.clock.now = NOON - timedelta(days=1)
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, world.clock.now)]))
+    assert [o.status for o in await world.service.send_due()] == ["sent"]  # by SMS
+    path = "/webhooks/twilio/inbound"
+
+    async def say(body: str, sid: str) -> tuple[str, list[tuple[str, bool]], int]:
+        form = {"From": "+972521234567", "Body": body, "MessageSid": sid}
+        response = await api.post(path, data=form, headers=signed(path, form))
+        assert response.status_code == 200
+        async with world.db.sessions() as session:
+            facts = await world.service.repo.consent_facts(session, customer)
+            values = (await session.execute(select(outbox_table.c.value))).scalars().all()
+        replies = sum(MESSAGE_EVENT_ADAPTER.validate_json(v).status is MessageStatus.REPLIED for v in values)
+        return response.text, [(f.source, f.opt_in) for f in facts], replies
+
+    world.clock.now = NOON
+    twiml, facts, replies = await say("התחל", "SM-a")
+    assert "<Message>" not in twiml
+    assert (facts, replies) == ([], 1)
+    twiml, facts, replies = await say("עזרה", "SM-b")
+    assert "+972-3-555-0100" in twiml
+    assert (facts, replies) == ([], 2)
+    twiml, facts, replies = await say("הסר", "SM-c")
+    assert "ההסרה בוצעה" in twiml
+    assert (facts, replies) == ([("stop", False)], 2)
+    world.clock.now = NOON + timedelta(minutes=5)
+    twiml, facts, replies = await say("התחל", "SM-d")
+    assert "ההרשמה חודשה" in twiml
+    assert (facts, replies) == ([("stop", False), ("start", True)], 2)
 
 
 @pytest.fixture
@@ -964,7 +1021,7 @@ async def test_inbound_stop_over_http_and_unsubscribe_link(world: World, api: ht
     assert page.status_code == 200
     # In the customer's language and direction, naming the channel and the business.
     assert '<html lang="he" dir="rtl">' in page.text
-    assert "להפסיק לקבל הודעות דוא״ל מRetain?" in page.text
+    assert "להפסיק לקבל הודעות דוא״ל מ-Retain?" in page.text  # a maqaf before a Latin name
     assert '<form method="post" action="/u/' in page.text
     done = await api.post(f"/u/{token}")
     assert done.status_code == 200

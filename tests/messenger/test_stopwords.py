@@ -16,6 +16,7 @@ from services.messenger.stopwords import (
     normalise,
     reply_for,
 )
+from services.messenger.templates import Brand
 from shared.events import Channel
 
 
@@ -126,8 +127,9 @@ def test_twilio_answers_its_own_keywords_on_sms() -> None:
 def test_we_answer_what_twilio_does_not() -> None:
     hebrew = match_inbound("הסר")
     assert hebrew is not None
-    assert reply_for(hebrew, Channel.SMS, "הסר") == (
-        "הוסרת מרשימת התפוצה ולא תקבל/י מאיתנו הודעות נוספות. להרשמה מחדש השב/י התחל."
+    # Right-to-left from its first character, the business named, what stops said.
+    assert reply_for(hebrew, Channel.SMS, "הסר", Brand("תה ונענע")) == (
+        "\u200fתה ונענע: ההסרה בוצעה, לא יישלחו עוד הודעות למספר הזה. להרשמה מחדש אפשר להשיב התחל."
     )
     arabic = match_inbound("إلغاء")
     assert arabic is not None
@@ -138,7 +140,13 @@ def test_we_answer_what_twilio_does_not() -> None:
     stop = match_inbound("STOP")
     assert stop is not None
     assert reply_for(stop, Channel.WHATSAPP, "STOP") == (
-        "You are unsubscribed and will receive no more messages from us. Reply START to resubscribe."
+        "Retain: you are unsubscribed; no more messages to this number. Reply START to resubscribe."
+    )
+    # HELP says how to reach a person: the support phone, isolated left-to-right in Hebrew.
+    help_ = match_inbound("עזרה")
+    assert help_ is not None
+    assert "להתקשר למספר \u2066+972-3-555-0199\u2069" in (
+        reply_for(help_, Channel.WHATSAPP, "עזרה", Brand("Retain", "+972-3-555-0199")) or ""
     )
     # Punctuated, Twilio's exact match may not have fired: we answer.
     punctuated = match_inbound("Stop!")

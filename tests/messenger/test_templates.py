@@ -26,6 +26,7 @@ from services.messenger.templates import (
     default_templates,
     first_name_of,
     formatting_locale,
+    hebrew_prefix,
     locale_chain,
     render,
     sample_variables,
@@ -528,6 +529,48 @@ def test_order_date_is_formatted_per_locale_in_the_customers_time_zone(locale: s
     assert variables["last_order"]["date"] == expected
 
 
+def test_dates_of_a_customer_without_a_zone_are_in_the_zone_the_sender_finds() -> None:
+    """The profile names no zone: the date is shown in the one quiet hours use (the service
+    passes ``customer_zone``'s), not in UTC, where 01:30 in Jerusalem is the day before."""
+    event = TriggeringEvent.model_validate(
+        {
+            "event_id": "e1",
+            "type": "purchase",
+            "occurred_at": "2026-11-21T23:30:00+00:00",
+            "order_id": "88412",
+            "amount": "10",
+            "currency": "ILS",
+        }
+    )
+    zoneless = profile().model_copy(update={"timezone": None})
+    shown = build_variables(zoneless, event, locale="he-IL", unsubscribe_url="u", timezone="Asia/Jerusalem")
+    assert shown["last_order"]["date"] == "22 בנובמבר 2026"
+    assert build_variables(zoneless, event, locale="he-IL", unsubscribe_url="u")["last_order"]["date"] == (
+        "21 בנובמבר 2026"
+    )
+
+
+@pytest.mark.parametrize(
+    ("brand", "expected"),
+    [("Retain", "שמחים שהצטרפת ל-Retain!"), ("תה ונענע", "שמחים שהצטרפת לתה ונענע!")],
+)
+def test_a_hebrew_prefix_letter_takes_a_maqaf_only_before_a_latin_name(
+    store: TemplateStore, brand: str, expected: str
+) -> None:
+    variables = {**sample_variables("he"), "brand_name": brand}
+    rendered = render(store.resolve("welcome", Channel.SMS, "he"), variables, strict=True)
+    assert expected in rendered.text
+    assert hebrew_prefix("SMS", "ב") == "ב-SMS"
+    assert hebrew_prefix("דוא״ל", "ב") == "בדוא״ל"
+
+
+def test_the_thank_you_on_whatsapp_keeps_its_blank_line_after_the_order(store: TemplateStore) -> None:
+    rendered = render(store.resolve("thank_you", Channel.WHATSAPP, "en"), sample_variables("en"), strict=True)
+    order, _, rest = rendered.text.partition("\n\n")
+    assert order.splitlines()[-1].startswith("Order number: ")
+    assert rest.startswith("If anything isn't right")
+
+
 def test_build_variables_leaves_out_what_is_unknown() -> None:
     variables = build_variables(profile(None, tier="silver"), None, locale="ar", unsubscribe_url="https://u")
     assert set(variables) == {
@@ -586,6 +629,16 @@ def test_perks_are_never_in_another_language() -> None:
         ("SARAH MILLER", "Sarah"),
         ("dr. sarah miller", "Sarah"),
         ("Mary-Kate O'Neil", "Mary-Kate"),
+        # A title and one word: the family name, not a name to greet by.
+        ("גב' כהן", None),
+        ("السيد خوري", None),
+        ("Mrs. Cohen", None),
+        ("Dr. Sarah", None),
+        # What a CRM or a form left where it had no name.
+        ("null", None),
+        ("N/A", None),
+        ("Unknown", None),
+        ("לקוח", None),
         ("noa@example.com", None),
         ("12345", None),
         ("   ", None),
