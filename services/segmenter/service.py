@@ -36,6 +36,7 @@ from services.segmenter.updates import (
     as_of_events,
     decide,
     facts_read,
+    news,
     read_whole,
     reevaluate,
     rule_change,
@@ -183,16 +184,17 @@ class SegmenterService:
                 for customer_id, events in fresh.items():
                     old = rows.get(customer_id)
                     state = load_state(customer_id, old.state) if old else ProfileState(customer_id)
+                    backend = [e for e in events if not isinstance(e, ClvPrediction)]
+                    announced = news(state, backend)  # judged against the state before them
                     for event in events:
                         apply_event(state, event)
-                    backend = [e for e in events if not isinstance(e, ClvPrediction)]
                     cause = UpdateCause.EVENTS if backend else UpdateCause.CLV
                     key = ",".join(sorted(e.event_id for e in events))
                     # As of the customer's latest event, not now: what time alone changed
                     # since is the sweep's to announce, stamped when it notices it. Never back
                     # before a sweep for an event merely late (``as_of_events``).
                     as_of = as_of_events(state, now, old.updated_at if old else None)
-                    decisions.append(decide(state, old, rules, self.config, as_of, cause, key, backend))
+                    decisions.append(decide(state, old, rules, self.config, as_of, cause, key, announced))
                 staged = await self._enqueue(session, await self._write(session, decisions, now))
         await self._relay(staged)  # publish after commit
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))

@@ -28,6 +28,7 @@ from shared.events import (
     Event,
     ProfileSnapshot,
     PurchaseEvent,
+    SupportAction,
     SupportEvent,
     TriggeringEvent,
     UpdateCause,
@@ -108,6 +109,32 @@ class Decision:
     update: CustomerUpdate | None
     entered: tuple[str, ...]
     left: tuple[str, ...]
+
+
+def news(before: ProfileState, events: Sequence[Event]) -> list[Event]:
+    """The events of a batch that journeys may answer (an update's ``triggering_events``), given
+    the customer's state ``before`` the batch: all of them but a second event of an order the
+    customer already has (a correction or a refund, not a purchase to thank for) and a second
+    'opened' of a ticket (a resend: not a second complaint to acknowledge). Of one new order or
+    ticket in the batch, the first (occurred_at, then event id) is the news."""
+    orders = set(before.orders)
+    opened = {
+        ticket_id
+        for ticket_id, ticket in before.tickets.items()
+        if any(step.action is SupportAction.OPENED for step in ticket.steps.values())
+    }
+    out: list[Event] = []
+    for event in sorted(events, key=lambda e: (e.occurred_at, e.event_id)):
+        if isinstance(event, PurchaseEvent):
+            if event.order_id in orders:
+                continue
+            orders.add(event.order_id)
+        elif isinstance(event, SupportEvent) and event.action is SupportAction.OPENED:
+            if event.ticket_id in opened:
+                continue
+            opened.add(event.ticket_id)
+        out.append(event)
+    return out
 
 
 # How far behind the row's instant an event may be and still be late rather than replayed

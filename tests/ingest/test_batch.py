@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,8 +38,20 @@ def test_malformed_json_names_the_problem() -> None:
 def test_missing_event_ids_are_assigned_once_in_order() -> None:
     counter = itertools.count()
     items = [{k: v for k, v in EXAMPLES[n].items() if k != "event_id"} for n in ("purchase", "support")]
-    events = validate_batch(items, 10, new_id=lambda: f"gen-{next(counter)}")
+    events = validate_batch(items, 10, new_id=lambda _item: f"gen-{next(counter)}")
     assert [e.event_id for e in events] == ["gen-0", "gen-1"]
+
+
+def test_an_event_sent_again_without_an_id_is_the_same_event() -> None:
+    """A resend (after a timeout or a 503) of events without ids gets the same ids, whatever the
+    order of their keys; an event that differs in anything gets another."""
+    purchase = {k: v for k, v in EXAMPLES["purchase"].items() if k != "event_id"}
+    first = validate_batch([dict(purchase)], 10)[0].event_id
+    again = validate_batch([dict(reversed(list(purchase.items())))], 10)[0].event_id
+    assert first == again
+    assert str(uuid.UUID(first)) == first
+    other = validate_batch([{**purchase, "amount": "1.00"}], 10)[0].event_id
+    assert other != first
 
 
 def test_every_error_of_every_event_is_listed_with_index_and_field() -> None:
@@ -77,9 +90,9 @@ def test_a_type_of_any_json_shape_is_an_invalid_event_not_a_crash(tag: object) -
 # --- validate_body: the bytes path and the item-by-item path agree ---------------------------
 
 
-def _ids() -> Callable[[], str]:
+def _ids() -> Callable[[dict[str, Any]], str]:
     counter = itertools.count()
-    return lambda: f"gen-{next(counter)}"
+    return lambda _item: f"gen-{next(counter)}"
 
 
 def _outcome(validate: Callable[[], list[Any]]) -> tuple[Any, ...]:

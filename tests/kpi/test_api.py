@@ -853,7 +853,7 @@ async def test_a_spend_model_without_an_expected_value_is_not_stored_nor_a_500(k
     and the model and customer answers are a 422 saying why, not a server error."""
     kpi.at(utc(2026, 1, 1, 12))
     rng = np.random.default_rng(3)
-    events = [
+    events: list[Event | MessageEvent] = [
         purchase(
             f"h{c}",
             utc(2025, 1, 1) + timedelta(days=int(rng.integers(0, 300)), minutes=k),

@@ -749,6 +749,18 @@ async def test_a_replayed_history_is_judged_as_of_itself_and_the_sweep_announces
     assert len({u.event_id for u in swept_twice}) == 2
 
 
+async def test_a_refund_of_an_order_announces_no_second_purchase(api: Api) -> None:
+    """The consumer's handler announces an order's first event only: a refund (or the purchase
+    resent under another id) is applied, and its update carries no purchase to thank for."""
+    cid = "refunded-1"
+    await seed(api.service, [purchase("r-1", NOW - 3 * DAY, "o-r", "120.00", customer_id=cid)])
+    await seed(api.service, [purchase("r-1-refund", NOW - DAY, "o-r", "0.00", customer_id=cid)])
+    first, refund = [u for u in await api.outbox_updates() if u.customer_id == cid]
+    assert [t.event_id for t in first.triggering_events] == ["r-1"]
+    assert refund.triggering_events == []
+    assert refund.profile.orders_count == 1
+
+
 async def test_health_readiness_and_docs(api: Api) -> None:
     assert (await api.http.get("/healthz")).json() == {"status": "ok"}
     ready = await api.http.get("/readyz")

@@ -31,6 +31,7 @@ from services.segmenter.updates import (
     as_of_events,
     decide,
     facts_read,
+    news,
     read_whole,
     reevaluate,
     rule_change,
@@ -82,11 +83,11 @@ def run(
     event (or the row's, for an event merely late), unless ``as_of`` names another instant (as
     the sweep and a publish do: now)."""
     state = state or ProfileState(CUSTOMER)
+    announced = news(state, [e for e in events if not isinstance(e, ClvPrediction)])
     for event in events:
         apply_event(state, event)
-    backend = [e for e in events if not isinstance(e, ClvPrediction)]
     at = as_of_events(state, now, old.updated_at if old else None) if as_of is None else as_of
-    return decide(state, old, rules, CONFIG, at, cause, key, backend)
+    return decide(state, old, rules, CONFIG, at, cause, key, announced)
 
 
 def test_the_first_update_carries_everything_the_messenger_needs() -> None:
@@ -484,6 +485,31 @@ def test_the_sweep_announces_the_change_stamped_when_it_notices_it() -> None:
     assert late.row.updated_at == late.update.occurred_at == NOW - 100 * DAY
     assert late.update.segments_left == ["at_risk"]
     assert late.row.next_check_at == NOW - 70 * DAY
+
+
+def test_a_correction_or_a_resend_is_not_news_for_the_journeys() -> None:
+    """A second event of an order the customer has (a refund, a corrected amount, a purchase
+    resent under another id) is applied but announces no purchase: the thank-you went with the
+    first. Likewise a second 'opened' of a ticket: one complaint, one acknowledgement."""
+    before = build(
+        CUSTOMER,
+        [purchase("shop-1", NOW - 9 * DAY, "o-1"), support("desk-1", NOW - 8 * DAY, "T-1", "opened")],
+    )
+    refund = purchase("shop-1b", NOW - DAY, "o-1", "0.00")
+    new_order = purchase("shop-2", NOW - 2 * DAY, "o-2")
+    new_order_again = purchase("shop-2-resent", NOW - 2 * DAY, "o-2")
+    reopened = support("desk-1-resent", NOW - 8 * DAY, "T-1", "opened")
+    replied = support("desk-2", NOW - DAY, "T-1", "customer_replied")
+    complaint = support("desk-3", NOW - DAY, "T-2", "opened", complaint=True)
+    batch: list[Event] = [refund, new_order_again, replied, reopened, new_order, complaint]
+    assert news(before, batch) == [new_order, replied, complaint]
+    assert news(ProfileState(CUSTOMER), [refund]) == [refund]  # the first event of an order
+
+    # As the service runs it: every event applied, the news announced.
+    decision = run(batch, state=before, key="b")
+    assert decision.update is not None
+    assert [t.event_id for t in decision.update.triggering_events] == ["shop-2", "desk-2", "desk-3"]
+    assert decision.row.facts["orders_count"] == 2  # the resend is still one order
 
 
 def test_an_event_merely_late_after_a_sweep_does_not_undo_it() -> None:
