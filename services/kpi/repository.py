@@ -267,6 +267,14 @@ class KpiRepository:
         if session.get_bind().dialect.name == "postgresql":
             await session.execute(select(func.pg_advisory_xact_lock(TICKET_REBUILD_LOCK)))
 
+    async def earliest_stale_opening(self, session: AsyncSession) -> datetime | None:
+        """The earliest opening the stale tickets have as stored: the day a rebuild may move
+        one of them away from (a late 'opened' after a step stamped before it)."""
+        stale = select(stale_tickets.c.ticket_id)
+        stmt = select(func.min(tickets.c.opened_at)).where(tickets.c.ticket_id.in_(stale))
+        found: datetime | None = (await session.execute(stmt)).scalar()
+        return found
+
     async def stale_tickets(self, session: AsyncSession) -> dict[str, int]:
         """Ticket id → the marks it has."""
         s = stale_tickets.c

@@ -117,9 +117,12 @@ class Targets:
     per_category: Mapping[str, float]
 
     def for_ticket(self, ticket: Ticket) -> float:
+        """The category's target; for a complaint, the complaint target when stricter, which
+        is the default target when the map has none (docs/kpis.md): a complaint about billing
+        with billing at 48 h is answered within the default 24 h, not 48."""
         target = self.per_category.get(ticket.category, self.default_s)
-        if ticket.is_complaint and COMPLAINT in self.per_category:
-            target = min(target, self.per_category[COMPLAINT])
+        if ticket.is_complaint:
+            target = min(target, self.per_category.get(COMPLAINT, self.default_s))
         return target
 
 

@@ -456,11 +456,14 @@ class KpiService:
             seen = await self.repo.stale_tickets(session)
             if not seen:
                 return 0
+            # The days the tickets leave are redone too: a late 'opened' moves one forward.
+            was = await self.repo.earliest_stale_opening(session)
             derived = list((await self._fresh_tickets(session)).values())
             await self.repo.save_tickets(session, derived)
             await self.repo.clear_stale_tickets(session, seen)
-            if derived:
-                first = min(t.opened_at for t in derived)
+            openings = [t.opened_at for t in derived] + ([was] if was is not None else [])
+            if openings:
+                first = min(openings)
                 await self.repo.mark_dirty(session, {"response_time": local_day(first, self.tz)})
         return len(derived)
 

@@ -476,6 +476,29 @@ async def test_csat_on_metrics_by_journey(kpi: Kpi) -> None:
 # --- the Grafana tables --------------------------------------------------------------------------------
 
 
+async def test_a_ticket_a_late_opened_moves_leaves_its_old_day(kpi: Kpi) -> None:
+    """A reply stamped 1 June 20:00 UTC (23:00 in Jerusalem) comes first: the ticket is
+    inferred open that day. Its 'opened' (2 June 06:00) arrives two weeks later, past the
+    always-redone days: the ticket moves to 2 June, and 1 June no longer counts it."""
+    kpi.at(utc(2026, 6, 2, 12))
+    await kpi.apply([support("TM", "customer_replied", utc(2026, 6, 1, 20))])
+    await kpi.service.run_rollups()
+
+    async def tickets_on(day: date) -> int:
+        async with kpi.db.sessions() as s:
+            t = kpi_response_time_daily.c
+            stmt = select(t.tickets).where(t.day == day, t.dimension == "all")
+            return int((await s.execute(stmt)).scalar() or 0)
+
+    assert (await tickets_on(date(2026, 6, 1)), await tickets_on(date(2026, 6, 2))) == (1, 0)
+    kpi.at(utc(2026, 6, 15, 12))
+    await kpi.apply([support("TM", "opened", utc(2026, 6, 2, 6))])
+    await kpi.service.run_rollups()
+    assert (await tickets_on(date(2026, 6, 1)), await tickets_on(date(2026, 6, 2))) == (0, 1)
+    response_time = await kpi.get("/v1/kpis/response-time", **{"from": "2026-06-01", "to": "2026-06-02"})
+    assert response_time["total"]["stats"]["tickets"] == 1
+
+
 async def test_grafana_tables_follow_late_events(kpi: Kpi) -> None:
     kpi.at(TICKETS_NOW)
     events = ticket_events()

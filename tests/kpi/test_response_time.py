@@ -6,6 +6,7 @@ is a ticket of 11 January there.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -171,6 +172,16 @@ def test_targets_per_category_and_for_complaints() -> None:
         "T4": TargetStatus.MET,
         "T5": TargetStatus.PENDING,
     }
+
+
+def test_without_a_complaint_target_a_complaint_gets_the_default_when_stricter() -> None:
+    tickets = {t.ticket_id: t for t in all_tickets()}
+    lax_billing = Targets(default_s=24 * H, per_category={"billing": 48 * H, "delivery": 12 * H})
+    complaint_about_billing = dataclasses.replace(tickets["T1"], is_complaint=True)
+    assert lax_billing.for_ticket(tickets["T1"]) == 48 * H
+    assert lax_billing.for_ticket(complaint_about_billing) == 24 * H  # not 48: the default
+    assert lax_billing.for_ticket(tickets["T2"]) == 12 * H  # a complaint, its category stricter
+    assert lax_billing.for_ticket(tickets["T5"]) == 24 * H  # the complaint category: the default
 
 
 def test_exactly_on_target_is_met() -> None:
