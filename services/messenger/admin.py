@@ -265,7 +265,7 @@ class MessengerAdmin:
         """Validate (sandbox, variables, size, SMS segments) and keep as an override."""
         async with self.db.sessions() as session:
             journeys = await self.service.journeys(session)
-        template = await _checked_template(key, raw, journeys)
+        template = await _checked_template(key, raw, journeys, self.service.settings.messenger_public_url)
 
         def put(overrides: dict[TemplateKey, Template]) -> None:
             if key not in overrides and len(overrides) >= MAX_OVERRIDES:
@@ -332,11 +332,22 @@ class MessengerAdmin:
         if draft is None:
             template = store.resolve(template_name, channel, locale)
         else:
-            template = await _checked_template(template_key(template_name, channel, locale), draft, journeys)
+            template = await _checked_template(
+                template_key(template_name, channel, locale),
+                draft,
+                journeys,
+                self.service.settings.messenger_public_url,
+            )
         perks = self.service.settings.messenger_tier_perks
         brand = self.service.settings.brand
         sample = self._with_this_shops_offer(
-            sample_variables(template.key.locale, perks_config=perks, brand=brand), template.key.locale
+            sample_variables(
+                template.key.locale,
+                perks_config=perks,
+                brand=brand,
+                public_url=self.service.settings.messenger_public_url,
+            ),
+            template.key.locale,
         )
         if profile is None:
             variables, from_sample = sample, sorted(sample)
@@ -373,7 +384,9 @@ class MessengerAdmin:
         return out
 
 
-async def _checked_template(key: TemplateKey, raw: Mapping[str, Any], journeys: list[Journey]) -> Template:
+async def _checked_template(
+    key: TemplateKey, raw: Mapping[str, Any], journeys: list[Journey], public_url: str | None = None
+) -> Template:
     """``raw`` as the template ``key`` (its kind defaulting to its journey's), with every problem
     a save would refuse: the same checks for a PUT and for the preview of a draft."""
     key_json = key.model_dump(mode="json")
@@ -400,7 +413,7 @@ async def _checked_template(key: TemplateKey, raw: Mapping[str, Any], journeys: 
             ]
         )
     # Rendering the sample data runs user code (bounded to about a second): off the loop.
-    errors = await asyncio.to_thread(validate_template, template)
+    errors = await asyncio.to_thread(validate_template, template, public_url)
     if errors:
         raise TemplateInvalidError(errors)
     return template

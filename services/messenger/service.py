@@ -378,7 +378,7 @@ class MessengerService:
         self.providers: dict[Channel, Provider] = dict(providers or {})
         self.limiter = limiter
         self.quiet = QuietHours()
-        self.templates = TemplateStore()
+        self.templates = TemplateStore(public_url=settings.messenger_public_url)
         self._journeys: tuple[datetime | None, list[Journey]] = (None, [])
         self._caps: tuple[datetime | None, CapsConfig] = (None, DEFAULT_CAPS)
         self._templates_at: datetime | None = None
@@ -396,7 +396,17 @@ class MessengerService:
             await self.repo.insert_setting_if_absent(
                 session, "journeys", [j.model_dump(mode="json") for j in default_journeys()], now
             )
-            await self.load_template_overrides(session)
+            store = await self.load_template_overrides(session)
+        for key, count in store.long_sms():
+            log.warning(
+                "an SMS template goes in more segments than it was written for with this public URL: "
+                "shorten RETAIN_MESSENGER_PUBLIC_URL or the template",
+                template=str(key),
+                segments=count.segments,
+                characters=count.units,
+                encoding=count.encoding,
+                messenger_public_url=self.settings.messenger_public_url,
+            )
 
     async def journeys(self, session: Any) -> list[Journey]:
         row = await self.repo.setting(session, "journeys")
@@ -413,7 +423,7 @@ class MessengerService:
         updated_at = row.updated_at if row is not None else None
         if updated_at != self._templates_at:
             overrides = [Template.from_json(t) for t in row.value] if row is not None else []
-            self.templates = TemplateStore(overrides)
+            self.templates = TemplateStore(overrides, public_url=self.settings.messenger_public_url)
             self._templates_at = updated_at
         return self.templates
 

@@ -908,6 +908,7 @@ _SAMPLE_PEOPLE = {
 SAMPLE_UNSUBSCRIBE_URL = "https://shop.example/u/UwyPcgys9EO9sLUejh5IKXg.FQ4ssICHB8k"
 _SAMPLE_OFFERS = {"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}
 SAMPLE_SURVEY_URL = "https://shop.example/s/bh8qnEt9TiqfPI1bGn4MQg"
+SAMPLE_PUBLIC_URL = "https://shop.example"
 
 
 def sample_variables(
@@ -915,8 +916,12 @@ def sample_variables(
     *,
     brand: Brand = DEFAULT_BRAND,
     perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    public_url: str | None = None,
 ) -> dict[str, Any]:
-    """Every variable, with realistic values in the locale's language (preview, validation)."""
+    """Every variable, with realistic values in the locale's language (preview, validation);
+    with ``public_url`` (RETAIN_MESSENGER_PUBLIC_URL), the links under it, as long as this
+    deployment's will be."""
+    base = SAMPLE_PUBLIC_URL if public_url is None else public_url.rstrip("/")
     lang = language_of(locale)
     name, contact, currency = _SAMPLE_PEOPLE.get(lang, _SAMPLE_PEOPLE["en"])
     profile = ProfileSnapshot(
@@ -939,8 +944,8 @@ def sample_variables(
         profile,
         details,
         locale=locale,
-        unsubscribe_url=SAMPLE_UNSUBSCRIBE_URL,
-        survey_url=SAMPLE_SURVEY_URL,
+        unsubscribe_url=SAMPLE_UNSUBSCRIBE_URL.replace(SAMPLE_PUBLIC_URL, base, 1),
+        survey_url=SAMPLE_SURVEY_URL.replace(SAMPLE_PUBLIC_URL, base, 1),
         offer_code="BACK15",
         offer_value=_SAMPLE_OFFERS.get(lang, _SAMPLE_OFFERS["en"]),
         offer_expires=date(2026, 12, 21),
@@ -1160,8 +1165,9 @@ def _frame(
 # --- Validation --------------------------------------------------------------------------------
 
 
-def validate_template(template: Template) -> list[TemplateError]:
-    """Every problem that would make ``template`` fail or misbehave when sent."""
+def validate_template(template: Template, public_url: str | None = None) -> list[TemplateError]:
+    """Every problem that would make ``template`` fail or misbehave when sent; its SMS length
+    with links under ``public_url`` (RETAIN_MESSENGER_PUBLIC_URL), default a 20-character one."""
     errors: list[TemplateError] = []
     channel = template.key.channel
     fields: list[tuple[str, str | None, bool]] = [("$.text", template.text, False)]
@@ -1215,11 +1221,11 @@ def validate_template(template: Template) -> list[TemplateError]:
             errors.append(TemplateError(path, f"unknown variable {name!r}{hint}"))
     if errors:
         return errors
-    return _check_rendering(template)
+    return _check_rendering(template, public_url)
 
 
-def _check_rendering(template: Template) -> list[TemplateError]:
-    full = sample_variables(template.key.locale)
+def _check_rendering(template: Template, public_url: str | None = None) -> list[TemplateError]:
+    full = sample_variables(template.key.locale, public_url=public_url)
     required = required_variables(template.key.journey)
     sparse = {k: v for k, v in full.items() if k not in OPTIONAL_VARIABLES or k in required}
     # A code alone, as it goes while no offer value or validity is configured (the default).
@@ -1260,7 +1266,7 @@ def _check_output(
             TemplateError(
                 "$.text",
                 f"{count.segments} SMS segments ({count.encoding}, {count.units} characters) with the "
-                f"sample data; keep it within {MAX_SMS_SEGMENTS}",
+                f"sample data and this deployment's links; keep it within {MAX_SMS_SEGMENTS}",
             )
         )
     if channel is Channel.WHATSAPP and len(rendered.text) > MAX_WHATSAPP_CHARS:
@@ -1287,8 +1293,10 @@ class TemplateStore:
         *,
         default_locale: str = DEFAULT_LOCALE,
         defaults: Mapping[TemplateKey, Template] | None = None,
+        public_url: str | None = None,
     ) -> None:
         self.default_locale = normalize_locale(default_locale)
+        self.public_url = public_url  # the links' base, for the SMS length (validate)
         self._defaults = dict(default_templates() if defaults is None else defaults)
         self._overrides = {t.key: t for t in overrides}
         # resolve's answers until the next put or remove: every decision asks whether its
@@ -1340,7 +1348,23 @@ class TemplateStore:
         return {k.journey for k in self.keys()}
 
     def validate(self, template: Template) -> list[TemplateError]:
-        return validate_template(template)
+        return validate_template(template, self.public_url)
+
+    def long_sms(self) -> list[tuple[TemplateKey, SmsCount]]:
+        """The SMS templates (defaults and overrides) that go in more than MAX_SMS_SEGMENTS
+        with the sample data and this deployment's links: a public URL longer than the
+        20 characters the defaults were written for eats into every SMS."""
+        found = []
+        for key in self.keys():
+            template = self.get(key)
+            if template is None or key.channel is not Channel.SMS:
+                continue
+            variables = sample_variables(key.locale, public_url=self.public_url)
+            with contextlib.suppress(TemplateRenderError):
+                count = count_sms(render(template, variables, strict=False).text)
+                if count.segments > MAX_SMS_SEGMENTS:
+                    found.append((key, count))
+        return found
 
     def put(self, template: Template) -> None:
         """Add or replace an override; ``TemplateInvalidError`` when it does not validate."""

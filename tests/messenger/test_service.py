@@ -774,6 +774,22 @@ async def test_a_start_with_nothing_to_lift_is_an_answer_and_help_is_seen(
     assert (facts, replies) == ([("stop", False), ("start", True)], 2)
 
 
+async def test_the_start_names_the_sms_a_long_public_url_makes_longer(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = WarningRecorder()
+    monkeypatch.setattr(service_module, "log", recorder)
+    for url in ("https://shop.example", "https://retain.shop.co.il"):  # 20 characters: all fit
+        settings = world.service.settings.model_copy(update={"messenger_public_url": url})
+        await MessengerService(world.db, settings, None, {}).ensure_defaults()
+        if url == "https://shop.example":
+            assert recorder.warnings == []
+    named = {fields["template"]: fields for _, fields in recorder.warnings}
+    assert "feedback_survey/sms/he" in named
+    assert named["feedback_survey/sms/he"]["segments"] == 3
+    assert named["feedback_survey/sms/he"]["messenger_public_url"] == "https://retain.shop.co.il"
+
+
 @pytest.fixture
 async def api(world: World, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(world.service.settings)

@@ -236,6 +236,22 @@ def test_marketing_sms_must_say_how_to_opt_out() -> None:
     assert validate_template(ok) == []
 
 
+def test_the_sms_length_is_checked_with_this_deployments_links() -> None:
+    """The defaults fit two segments with links under a public URL of 20 characters; a longer
+    one eats into every SMS. The store checks a save, and lists the templates already saved,
+    with the links as long as this deployment's."""
+    assert TemplateStore().long_sms() == []
+    assert TemplateStore(public_url="http://127.0.0.1:8003").long_sms() == []  # make run's
+    long = TemplateStore(public_url="https://retain.shop.co.il/")
+    assert {str(k) for k, _ in long.long_sms()} >= {"feedback_survey/sms/he", "welcome/sms/ar"}
+    assert all(count.segments == 3 for _, count in long.long_sms())
+    survey = long.resolve("feedback_survey", Channel.SMS, "he")
+    assert validate_template(survey) == []
+    [error] = long.validate(survey)
+    assert "3 SMS segments" in error.message
+    assert "this deployment's links" in error.message
+
+
 def test_sms_longer_than_two_segments_is_rejected_with_the_count() -> None:
     (error,) = validate_template(custom("שלום " * 30, locale="he"))
     assert "3 SMS segments" in error.message
