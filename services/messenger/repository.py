@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Column, Select, Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.messenger.tables import (
@@ -244,26 +244,14 @@ class MessengerRepository:
     ) -> bool:
         """Record a signed delivery; False if it was recorded before (a replay). Receipts older
         than ``forget_before`` can no longer be replayed (their timestamp is refused): dropped."""
-        await session.execute(delete(webhook_receipts).where(webhook_receipts.c.received_at < forget_before))
-        stmt = (
-            insert_ignoring_conflicts(session, webhook_receipts)
-            .values(digest=digest, received_at=now)
-            .returning(webhook_receipts.c.digest)
-        )
-        return (await session.execute(stmt)).first() is not None
+        return await _claim_once(session, webhook_receipts.c.digest, digest, now, forget_before)
 
     async def claim_inbound(
         self, session: AsyncSession, sid: str, now: datetime, forget_before: datetime
     ) -> bool:
         """Record an inbound message as applied; False if it was before (a retry or a replay).
         Sids received before ``forget_before`` are dropped (see INBOUND_KEPT)."""
-        await session.execute(delete(inbound_messages).where(inbound_messages.c.received_at < forget_before))
-        stmt = (
-            insert_ignoring_conflicts(session, inbound_messages)
-            .values(sid=sid, received_at=now)
-            .returning(inbound_messages.c.sid)
-        )
-        return (await session.execute(stmt)).first() is not None
+        return await _claim_once(session, inbound_messages.c.sid, sid, now, forget_before)
 
     async def customer_by_address(self, session: AsyncSession, channel: str, address: str) -> str | None:
         """Find a customer by phone/WhatsApp number or email (inbound messages, bounces); an
@@ -638,3 +626,16 @@ def _update_by_id_statement(table: Any, columns: tuple[str, ...]) -> Any:
 
 def rows_to_dicts(rows: Sequence[Any]) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in rows]
+
+
+async def _claim_once(
+    session: AsyncSession, key: Column[Any], value: str, now: datetime, forget_before: datetime
+) -> bool:
+    """Insert ``value`` into ``key``'s table (its primary key, beside received_at) unless it is
+    there: True when it was not. Rows received before ``forget_before`` are dropped first."""
+    table = key.table
+    await session.execute(delete(table).where(table.c.received_at < forget_before))
+    stmt = (
+        insert_ignoring_conflicts(session, table).values({key.name: value, "received_at": now}).returning(key)
+    )
+    return (await session.execute(stmt)).first() is not None

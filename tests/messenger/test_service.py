@@ -700,28 +700,17 @@ async def test_an_inbound_message_delivered_again_changes_nothing_twice(world: W
     world.clock.now = NOON + timedelta(minutes=30)
     assert (await world.service.inbound(Channel.SMS, phone, "START", "start", "SM-start")).intent == "start"
     world.clock.now = NOON + timedelta(hours=1)
-    assert (
-        await world.service.inbound(Channel.SMS, phone, "STOP", "stop", "SM-stop2")
-    ).customer_id == customer
-    assert (
-        await world.service.inbound(Channel.SMS, phone, "תודה!", None, "SM-reply")
-    ).customer_id == customer
-    assert (
-        await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa")
-    ).customer_id == customer
+    stop_again = (Channel.SMS, phone, "STOP", "stop", "SM-stop2")
+    reply = (Channel.SMS, phone, "תודה!", None, "SM-reply")
+    on_whatsapp = (Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa")
+    for message in (stop_again, reply, on_whatsapp):
+        assert (await world.service.inbound(*message)).customer_id == customer
     before = await state()
     assert before == ([("stop", False), ("start", True), ("stop", False)], NOON + timedelta(hours=1), 1)
 
     world.clock.now = NOON + timedelta(days=2)  # the window closed a day ago
-    assert (
-        await world.service.inbound(Channel.SMS, phone, "START", "start", "SM-start")
-    ).customer_id == customer
-    assert (
-        await world.service.inbound(Channel.SMS, phone, "תודה!", None, "SM-reply")
-    ).customer_id == customer
-    assert (
-        await world.service.inbound(Channel.WHATSAPP, whatsapp, "שלום", None, "SM-wa")
-    ).customer_id == customer
+    for message in ((Channel.SMS, phone, "START", "start", "SM-start"), reply, on_whatsapp):
+        assert (await world.service.inbound(*message)).customer_id == customer
     assert await state() == before  # still opted out of SMS, the window still closed, one reply
 
     # A new message (its own sid) is applied as ever; the sids older than INBOUND_KEPT go.

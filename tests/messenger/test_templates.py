@@ -525,22 +525,26 @@ def test_order_amount_is_formatted_per_locale(locale: str, currency: str, expect
         assert "\u200f" in amount  # Babel's right-to-left mark keeps the number in place
 
 
+# 23:30 UTC on the 21st: already the 22nd in Jerusalem.
+ORDER_LATE_ON_THE_21ST_UTC = TriggeringEvent.model_validate(
+    {
+        "event_id": "e1",
+        "type": "purchase",
+        "occurred_at": "2026-11-21T23:30:00+00:00",
+        "order_id": "88412",
+        "amount": "10",
+        "currency": "ILS",
+    }
+)
+
+
 @pytest.mark.parametrize(
     ("locale", "expected"),
     [("he-IL", "22 בנובמבר 2026"), ("ar", "22 نوفمبر 2026"), ("en-US", "November 22, 2026")],
 )
 def test_order_date_is_formatted_per_locale_in_the_customers_time_zone(locale: str, expected: str) -> None:
     # 23:30 UTC on the 21st is already the 22nd in Jerusalem.
-    event = TriggeringEvent.model_validate(
-        {
-            "event_id": "e1",
-            "type": "purchase",
-            "occurred_at": "2026-11-21T23:30:00+00:00",
-            "order_id": "88412",
-            "amount": "10",
-            "currency": "ILS",
-        }
-    )
+    event = ORDER_LATE_ON_THE_21ST_UTC
     variables = build_variables(profile(locale=locale), event, locale=locale, unsubscribe_url="u")
     assert variables["last_order"]["date"] == expected
 
@@ -548,16 +552,7 @@ def test_order_date_is_formatted_per_locale_in_the_customers_time_zone(locale: s
 def test_dates_of_a_customer_without_a_zone_are_in_the_zone_the_sender_finds() -> None:
     """The profile names no zone: the date is shown in the one quiet hours use (the service
     passes ``customer_zone``'s), not in UTC, where 01:30 in Jerusalem is the day before."""
-    event = TriggeringEvent.model_validate(
-        {
-            "event_id": "e1",
-            "type": "purchase",
-            "occurred_at": "2026-11-21T23:30:00+00:00",
-            "order_id": "88412",
-            "amount": "10",
-            "currency": "ILS",
-        }
-    )
+    event = ORDER_LATE_ON_THE_21ST_UTC
     zoneless = profile().model_copy(update={"timezone": None})
     shown = build_variables(zoneless, event, locale="he-IL", unsubscribe_url="u", timezone="Asia/Jerusalem")
     assert shown["last_order"]["date"] == "22 בנובמבר 2026"
