@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import TypedDict
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -94,15 +95,19 @@ class CommonSettings(BaseSettings):
         ge=1024,
         description="Largest request body of the segmenter, messenger and kpi APIs (ingest: its own).",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+    log_level: str = Field(
         default="INFO", description="Log level of every process: DEBUG, INFO, WARNING, ERROR or CRITICAL."
     )
     log_json: bool = Field(default=False, description="Log as JSON lines instead of console.")
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level")
     @classmethod
-    def _level_in_any_case(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
+    def _a_level_logging_knows(cls, value: str) -> str:
+        # Any name Python's logging takes (WARN, fatal …), as its canonical one.
+        level = logging.getLevelName(value.upper())
+        if not isinstance(level, int):
+            raise ValueError(f"{value!r} is not a log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return str(logging.getLevelName(level))
 
     @property
     def max_future(self) -> timedelta:

@@ -6,6 +6,7 @@ path of the field, so a developer fixes a batch in one go.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -70,8 +71,15 @@ def content_id(item: dict[str, Any]) -> str:
     made a resend (after a timeout or a 503, as ingest asks) a second event: a second order, a
     second complaint acknowledgement. The same content is the same event; any difference (a
     field, an amount, an instant) makes another."""
-    content = orjson.dumps({k: v for k, v in item.items() if k != "event_id"}, option=orjson.OPT_SORT_KEYS)
-    return str(uuid.uuid5(CONTENT_IDS, content.decode()))
+    # The standard library's encoder: orjson refuses an integer beyond 64 bits, which the
+    # schema then names (422) rather than this failing first (500).
+    content = json.dumps(
+        {k: v for k, v in item.items() if k != "event_id"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return str(uuid.uuid5(CONTENT_IDS, content))
 
 
 def validate_body(

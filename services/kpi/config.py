@@ -117,16 +117,6 @@ class KpiSettings(CommonSettings):
         )
         return self
 
-    @model_validator(mode="after")
-    def _refit_sooner_than_the_schedule(self) -> Self:
-        # Longer, "refit sooner after a change" would never come before the scheduled refit.
-        if self.kpi_clv_refit_after_change_s > self.kpi_clv_refit_interval_s:
-            raise ValueError(
-                f"RETAIN_KPI_CLV_REFIT_AFTER_CHANGE_S ({self.kpi_clv_refit_after_change_s:g}) must not be "
-                f"more than RETAIN_KPI_CLV_REFIT_INTERVAL_S ({self.kpi_clv_refit_interval_s:g})"
-            )
-        return self
-
     @property
     def database_url(self) -> str:
         return self.kpi_database_url or self.sqlite_url("kpi")

@@ -344,6 +344,9 @@ class KpiService:
         self.catching_up: Callable[[], bool] = lambda: False
         self._gauges_at = -float("inf")
         self._fit_lock = asyncio.Lock()
+        # The last fit refused (as of, purchases' fingerprint) → why: not fitted again for
+        # every request until the purchases change.
+        self._refused: dict[tuple[date, str], str] = {}
 
     def today(self) -> date:
         return local_day(self.clock(), self.tz)
@@ -1050,6 +1053,9 @@ class KpiService:
             cached = await self.repo.clv_model(session, as_of)
         if cached is not None and cached.fingerprint == fingerprint:
             return {**cached.model, "fitted_at": cached.fitted_at, "cached": True}
+        refused = self._refused.get((as_of, fingerprint))
+        if refused is not None:  # the same purchases again: the same refusal, without a refit
+            raise InsufficientDataError(refused)
         _, model = await self._fit(as_of)
         return {**model, "cached": False}
 
@@ -1066,7 +1072,9 @@ class KpiService:
             try:
                 fitted = await asyncio.to_thread(fit, inputs, as_of)
             except ClvFitError as exc:
-                raise InsufficientDataError(f"cannot fit the CLV model as of {as_of}: {exc}") from exc
+                refusal = f"cannot fit the CLV model as of {as_of}: {exc}"
+                self._refused = {(as_of, fingerprint): refusal}  # the latest only: one a day at most
+                raise InsufficientDataError(refusal) from exc
             model = fitted.describe(self.settings.kpi_reporting_currency, unconverted)
             now = self.clock()
             async with self.db.transaction() as session:

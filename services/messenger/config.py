@@ -7,7 +7,6 @@ from typing import Annotated, Self
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, SecretStr, StringConstraints, field_validator, model_validator
-from sendgrid.helpers.eventwebhook import EventWebhook  # type: ignore[import-untyped]
 
 from services.messenger.providers.ratelimit import SenderThroughput
 from services.messenger.templates import DEFAULT_PERKS, Brand, content_sid_key, normalize_locale
@@ -36,12 +35,13 @@ def _sms_sender(value: str) -> str:
     sender id. (0501234567, a national number, reaches no one from abroad: refused.)"""
     if value.startswith("+"):
         return e164(value)
-    if re.fullmatch(r"\d{3,8}", value) or re.fullmatch(r"(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}", value):
+    # Twilio's alphanumeric sender ids: letters, digits, space, + - _ &; one letter at least.
+    if re.fullmatch(r"\d{3,8}", value) or re.fullmatch(r"(?=.*[A-Za-z])[A-Za-z0-9 +\-_&]{1,11}", value):
         return value
     raise ValueError(
         "not a sender Twilio takes: an E.164 number (+ and the country code, e.g. +972521234567), "
-        "a short code (3 to 8 digits) or an alphanumeric sender id (up to 11 letters, digits or "
-        "spaces, one letter at least)"
+        "a short code (3 to 8 digits) or an alphanumeric sender id (up to 11 letters, digits, "
+        "spaces or + - _ &, one letter at least)"
     )
 
 
@@ -82,7 +82,8 @@ class MessengerSettings(CommonSettings):
     messenger_default_timezone: TimeZone | None = Field(
         default="Asia/Jerusalem",
         description="IANA zone of a customer whose profile and locale's region name none (quiet "
-        "hours, dates in messages): the business's market, as RETAIN_KPI_TIMEZONE's default.",
+        "hours, dates in messages): the business's market, as RETAIN_KPI_TIMEZONE's default. "
+        "Empty: the language's likely region (he → Asia/Jerusalem, ar → Africa/Cairo), else UTC.",
     )
     messenger_send_concurrency: int = Field(default=16, ge=1, description="Provider calls in flight at once.")
     messenger_sender_interval_s: float = Field(
@@ -109,9 +110,8 @@ class MessengerSettings(CommonSettings):
     )
     messenger_link_secret: SecretStr = Field(
         default=SecretStr(DEFAULT_LINK_SECRET),
-        min_length=16,
-        description="Signs unsubscribe and survey links; required (16 characters at least) once a "
-        "real provider is configured.",
+        description="Signs unsubscribe and survey links; a secret of your own (not this default) is "
+        "required once a real provider is configured.",
     )
     messenger_brand_name: str = Field(
         default="Retain", min_length=1, max_length=60, description="The business's name in every message."
@@ -215,6 +215,12 @@ class MessengerSettings(CommonSettings):
         "older (or replayed) deliveries are refused with 403.",
     )
 
+    @field_validator("messenger_default_timezone", mode="before")
+    @classmethod
+    def _empty_zone_is_none(cls, value: object) -> object:
+        # RETAIN_MESSENGER_DEFAULT_TIMEZONE= (empty): no business zone; the language's region.
+        return None if value == "" else value
+
     @field_validator("messenger_public_url")
     @classmethod
     def _absolute_url(cls, url: str) -> str:
@@ -237,6 +243,9 @@ class MessengerSettings(CommonSettings):
     def _a_public_key(cls, key: str | None) -> str | None:
         # Unparsable, it refused every event SendGrid sent (403), bounces and spam reports too.
         if key is not None:
+            # Here, not at the top: every service reads these settings' names at start.
+            from sendgrid.helpers.eventwebhook import EventWebhook  # type: ignore[import-untyped]  # noqa: PLC0415
+
             try:
                 EventWebhook().convert_public_key_to_ecdsa(key)
             except Exception as exc:

@@ -111,14 +111,14 @@ def classify_inbound(body: str) -> InboundIntent | None:
 
 
 # Each names the business (a reply from a number the customer may not know) and says what
-# stops: the messages to this number, not every channel. Hebrew is gender-neutral. The phone
+# stops: our messages here (on this channel), not on every channel. Hebrew is gender-neutral. The phone
 # is isolated left-to-right (U+2066 … U+2069) inside Hebrew and Arabic, and those begin with a
 # right-to-left mark: a Latin brand first would otherwise set the whole text left-to-right.
 _REPLIES: dict[InboundIntent, dict[Language, str]] = {
     "stop": {
-        "en": "{brand}: you are unsubscribed; no more messages to this number. Reply START to resubscribe.",
-        "he": "\u200f{brand}: ההסרה בוצעה, לא יישלחו עוד הודעות למספר הזה. להרשמה מחדש אפשר להשיב התחל.",
-        "ar": "\u200f{brand}: تم إلغاء اشتراكك، ولن تصل رسائل أخرى إلى هذا الرقم. لإعادة الاشتراك أرسل ابدأ.",
+        "en": "{brand}: you are unsubscribed; no more messages from us here. Reply START to resubscribe.",
+        "he": "\u200f{brand}: ההסרה בוצעה, לא יישלחו אליך עוד הודעות כאן. להרשמה מחדש אפשר להשיב התחל.",
+        "ar": "\u200f{brand}: تم إلغاء اشتراكك، ولن تصلك منا رسائل أخرى هنا. لإعادة الاشتراك أرسل ابدأ.",
     },
     "start": {
         "en": "{brand}: you are subscribed again. Reply STOP to unsubscribe.",

@@ -715,9 +715,7 @@ _JOINED_PREFIXES = frozenset({"عبد", "أبو", "ابو", "أم", "ام", "abd
 
 _NAME_PUNCTUATION = re.compile(r"[.'\"׳״/]")
 # What CRMs and forms put where they have no name.
-_PLACEHOLDERS = frozenset(
-    {"null", "none", "na", "nan", "unknown", "test", "customer", "לקוח", "לקוחה", "عميل"}
-)
+_PLACEHOLDERS = frozenset({"null", "none", "na", "unknown", "test", "customer", "לקוח", "לקוחה", "عميل"})
 
 
 def first_name_of(name: str | None) -> str | None:

@@ -598,7 +598,9 @@ class ClvFit:
 
 async def clv_fit(customers: int, url: str, rounds: int) -> ClvFit:
     events = simulated_purchases(customers)
-    settings = KpiSettings(kpi_database_url=url, kpi_reporting_currency="USD", var_dir=BENCH_VAR)
+    settings = KpiSettings(
+        kpi_database_url=url, kpi_reporting_currency="USD", kpi_fx_rates={}, var_dir=BENCH_VAR
+    )
     db = worker_database(url)
     await migrate(db, MIGRATIONS)
     service = KpiService(db, settings, clock=lambda: datetime(2026, 6, 1, 12, tzinfo=UTC))

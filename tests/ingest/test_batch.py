@@ -18,6 +18,7 @@ from services.ingest.batch import (
     InvalidBatchError,
     MalformedJsonError,
     check_times,
+    content_id,
     parse_body,
     validate_batch,
     validate_body,
@@ -154,11 +155,12 @@ def test_an_integer_attribute_beyond_64_bits_is_refused_on_both_paths(with_ids: 
     if not with_ids:
         del item["event_id"]
     body = orjson.dumps([item]).replace(b'"@"', b"123456789012345678901234").replace(b'"#"', b"1e30")
-    with pytest.raises(InvalidBatchError) as info:
-        validate_body(body, 10, _ids())
-    assert [(e.field, e.message) for e in info.value.errors] == [
-        ("attributes.account", "Value error, " + BEYOND_64_BITS)
-    ]
+    for new_id in (_ids(), content_id):  # the id made from the content too: a 422, not a 500
+        with pytest.raises(InvalidBatchError) as info:
+            validate_body(body, 10, new_id)
+        assert [(e.field, e.message) for e in info.value.errors] == [
+            ("attributes.account", "Value error, " + BEYOND_64_BITS)
+        ]
     # A float written as one, however large, is a float.
     [event] = validate_body(body.replace(b"123456789012345678901234", b"12"), 10, _ids())
     assert isinstance(event, ProfileEvent)

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import func, select
 
+from services.kpi import predictions
 from services.kpi import service as kpi_service
 from services.kpi.app import create_app
 from services.kpi.config import KpiSettings
@@ -870,7 +871,9 @@ async def test_clv_model_needs_data(kpi: Kpi) -> None:
     assert "RETAIN_KPI_FX_RATES" in response.json()["error"]["message"]
 
 
-async def test_a_spend_model_without_an_expected_value_is_not_stored_nor_a_500(kpi: Kpi) -> None:
+async def test_a_spend_model_without_an_expected_value_is_not_stored_nor_a_500(
+    kpi: Kpi, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Heavy-tailed spend fits a Gamma-Gamma with q < 1, from which no expected spend follows:
     nothing is stored (the predictions, their summary and churn's P(alive) stay on one fit),
     and the model and customer answers are a 422 saying why, not a server error."""
@@ -890,11 +893,22 @@ async def test_a_spend_model_without_an_expected_value_is_not_stored_nor_a_500(k
     async with kpi.service.db.sessions() as s:
         assert (await s.execute(select(func.count()).select_from(clv_models))).scalar() == 0
     headers = {"Authorization": f"Bearer {kpi.key}"}
-    for url in ("/v1/clv/model?as_of=2025-12-31", "/v1/customers/h0/clv"):
+    fits = 0
+    real_fit = predictions.fit
+
+    def counted(*args: Any) -> Any:
+        nonlocal fits
+        fits += 1
+        return real_fit(*args)
+
+    monkeypatch.setattr("services.kpi.service.fit", counted)
+    for url in ("/v1/clv/model?as_of=2025-12-31", "/v1/customers/h0/clv", "/v1/customers/h1/clv"):
         response = await kpi.http.get(url, headers=headers)
         assert response.status_code == 422, (url, response.text)
         assert response.json()["error"]["code"] == "insufficient_data"
         assert "too heavy-tailed" in response.json()["error"]["message"]
+    # The second customer's answer (as of today, the same purchases) reuses the first's refusal.
+    assert fits == 2
 
 
 # --- metrics ----------------------------------------------------------------------------------------------

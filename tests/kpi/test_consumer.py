@@ -321,6 +321,7 @@ async def test_cdnow_through_the_service_reproduces_the_published_fit(
         tmp_path,
         api_keys_file=keys,
         kpi_reporting_currency="USD",
+        kpi_fx_rates={},  # CDNOW's purchases are all in dollars; the default table is in shekels
     )
     db = Database(database_url, inline_sqlite=True)  # as the worker runs it
     await migrate(db, MIGRATIONS)
@@ -349,7 +350,9 @@ async def test_cdnow_through_the_service_reproduces_the_published_fit(
         assert model["fit_seconds"] < 2
 
     # In shekels the shapes stay and the scale follows the rate (3.65 ILS per USD).
-    shekels = settings.model_copy(update={"kpi_reporting_currency": "ILS"})
+    shekels = settings.model_copy(
+        update={"kpi_reporting_currency": "ILS", "kpi_fx_rates": {"USD": Decimal("3.65")}}
+    )
     db = Database(database_url, inline_sqlite=True)  # as the worker runs it
     ils = await KpiService(db, shekels).clv_model(date(1997, 9, 30))
     await db.dispose()

@@ -129,7 +129,7 @@ def test_we_answer_what_twilio_does_not() -> None:
     assert hebrew is not None
     # Right-to-left from its first character, the business named, what stops said.
     assert reply_for(hebrew, Channel.SMS, "הסר", Brand("תה ונענע")) == (
-        "\u200fתה ונענע: ההסרה בוצעה, לא יישלחו עוד הודעות למספר הזה. להרשמה מחדש אפשר להשיב התחל."
+        "\u200fתה ונענע: ההסרה בוצעה, לא יישלחו אליך עוד הודעות כאן. להרשמה מחדש אפשר להשיב התחל."
     )
     arabic = match_inbound("إلغاء")
     assert arabic is not None
@@ -140,7 +140,7 @@ def test_we_answer_what_twilio_does_not() -> None:
     stop = match_inbound("STOP")
     assert stop is not None
     assert reply_for(stop, Channel.WHATSAPP, "STOP") == (
-        "Retain: you are unsubscribed; no more messages to this number. Reply START to resubscribe."
+        "Retain: you are unsubscribed; no more messages from us here. Reply START to resubscribe."
     )
     # HELP says how to reach a person: the support phone, isolated left-to-right in Hebrew.
     help_ = match_inbound("עזרה")

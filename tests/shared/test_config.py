@@ -102,8 +102,10 @@ def test_common_settings_refuse_what_would_fail_later(values: dict[str, str], wo
         CommonSettings(**values)  # type: ignore[arg-type]
 
 
-def test_the_log_level_is_taken_in_any_case() -> None:
+def test_the_log_level_is_taken_as_logging_takes_it() -> None:
     assert CommonSettings(log_level="warning").log_level == "WARNING"
+    assert CommonSettings(log_level="WARN").log_level == "WARNING"
+    assert CommonSettings(log_level="fatal").log_level == "CRITICAL"
 
 
 def test_an_exchange_table_for_another_reporting_currency_is_refused() -> None:

@@ -124,6 +124,13 @@ def build_providers(settings: ProviderSettings) -> dict[Channel, Provider]:
         **{channel.value: describe(p) for channel, p in providers.items()},
     )
     live = any(not isinstance(p, OutboxProvider) for p in providers.values())
+    sandboxed = sorted(c.value for c, p in providers.items() if isinstance(p, OutboxProvider))
+    if live and sandboxed:
+        log.warning(
+            "some channels go to the sandbox outbox while others really go: their messages are "
+            "recorded as sent and reach no one; configure a provider for them",
+            channels=sandboxed,
+        )
     if live and urlsplit(settings.messenger_public_url).hostname in LOOPBACK:
         # A warning, not a refusal: a staging provider on this host is legitimate.
         log.warning(

@@ -115,14 +115,17 @@ async def test_real_messages_with_links_to_this_host_are_warned_of(
     recorder = WarningRecorder()
     monkeypatch.setattr(registry, "log", recorder)
     await close_providers(build_providers(settings(tmp_path)))  # the sandbox: no one to reach
+    assert recorder.warnings == []
     public = build_providers(
         settings(tmp_path, smtp_host="mail.example.com", messenger_public_url="https://r.example")
     )
     await close_providers(public)
-    assert recorder.warnings == []
+    [(event, fields)] = recorder.warnings  # SMS and WhatsApp: "sent" into the outbox
+    assert "recorded as sent and reach no one" in event
+    assert fields == {"channels": ["sms", "whatsapp"]}
     await close_providers(build_providers(settings(tmp_path, smtp_host="mail.example.com")))
-    [(event, fields)] = recorder.warnings
-    assert "reach no one" in event
+    event, fields = recorder.warnings[-1]
+    assert "links in them, and Twilio's status callbacks, reach no one" in event
     assert fields == {"messenger_public_url": "http://127.0.0.1:8003"}
 
 
