@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from services.messenger.templates import (
+    OFFER_DETAILS,
     OPTIONAL_VARIABLES,
     SAMPLE_SURVEY_URL,
     SAMPLE_UNSUBSCRIBE_URL,
@@ -575,6 +576,17 @@ def test_a_hebrew_prefix_letter_takes_a_maqaf_only_before_a_latin_name(
     assert hebrew_prefix("דוא״ל", "ב") == "בדוא״ל"
 
 
+@pytest.mark.parametrize("locale", ["he", "ar", "en"])
+def test_the_win_back_approved_template_carries_the_offer_code(store: TemplateStore, locale: str) -> None:
+    """Outside the 24-hour window a win-back goes as the approved template: its {{2}} says the
+    customer's code (which the sent event tells the shop to honour), or invites an answer."""
+    template = store.resolve("win_back", Channel.WHATSAPP, locale)
+    with_code = render(template, sample_variables(locale), strict=True).content_variables
+    assert with_code["2"].endswith(": BACK15")
+    without = {k: v for k, v in sample_variables(locale).items() if k not in ("offer_code", *OFFER_DETAILS)}
+    assert "BACK15" not in render(template, without, strict=True).content_variables["2"]
+
+
 def test_the_thank_you_on_whatsapp_keeps_its_blank_line_after_the_order(store: TemplateStore) -> None:
     rendered = render(store.resolve("thank_you", Channel.WHATSAPP, "en"), sample_variables("en"), strict=True)
     order, _, rest = rendered.text.partition("\n\n")
@@ -789,14 +801,14 @@ def test_whatsapp_approved_template_placeholder(store: TemplateStore) -> None:
     variables = sample_variables("he")
     rendered = render(template, variables, strict=False, content_sids={"win_back.he": sid})
     assert rendered.content_sid == sid
-    assert rendered.content_variables == {"1": "נועה"}
+    assert rendered.content_variables == {"1": "נועה", "2": "קוד ההטבה האישי שלך: BACK15"}
     # A placeholder is read as the setting's keys are (config:promo.he_IL is promo.he-IL).
     promo = custom("Hi", Channel.WHATSAPP, locale="he-IL", content_sid="config:promo.he_IL")
     assert approved_content_sid(promo, {"promo.he-IL": sid}) == sid
     assert approved_content_sid(promo, {"promo.he": sid}) is None
     unnamed = render(template, variables | {"first_name": None}, strict=False)
     assert unnamed.content_sid is None  # not configured: no approved template to fall back on
-    assert unnamed.content_variables == {"1": "לקוח/ה יקר/ה"}
+    assert unnamed.content_variables["1"] == "לקוח/ה יקר/ה"
     survey = render(store.resolve("feedback_survey", "whatsapp", "en"), sample_variables("en"), strict=False)
     assert survey.content_variables == {"1": "Sarah", "2": SAMPLE_SURVEY_URL}
 
