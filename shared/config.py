@@ -15,7 +15,7 @@ from typing import TypedDict
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.logs import get_logger
+from shared.logs import configure_logging, get_logger
 
 log = get_logger(__name__)
 
@@ -215,6 +215,13 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
         close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
         out.append((name, close[0] if close else None))
     return out
+
+
+def start_logging(settings: CommonSettings, *, api: bool = False) -> None:
+    """Every process's first step: its logging, then what an operator should hear at start
+    (``warn_at_start``; ``api``: a process that checks API keys)."""
+    configure_logging(settings.log_level, settings.log_json)
+    warn_at_start(settings, api=api)
 
 
 def warn_at_start(settings: CommonSettings, *, api: bool = False) -> None:

@@ -15,11 +15,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import DBAPIError
 
 from shared.collector import settle_collector
-from shared.config import CommonSettings, warn_at_start
+from shared.config import CommonSettings, start_logging
 from shared.db import Database, migrate
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
-from shared.logs import configure_logging, get_logger
+from shared.logs import get_logger
 from shared.metrics import expose, serve_worker_metrics
 
 log = get_logger(__name__)
@@ -72,8 +72,7 @@ async def worker(
     """Logging, /metrics (with ``own_metrics``, the ones only this kind of process updates:
     ``shared.metrics.expose``), the service's migrated database and a producer; closed on the
     way out."""
-    configure_logging(settings.log_level, settings.log_json)
-    warn_at_start(settings)
+    start_logging(settings)
     expose(own_metrics)
     serve_worker_metrics(metrics_port)
     db = worker_database(database_url)

@@ -19,10 +19,9 @@ from services.ingest.dedupe import RecentIds
 from services.ingest.service import IngestService
 from shared.auth import KeyStore
 from shared.collector import settle_collector
-from shared.config import warn_at_start
+from shared.config import start_logging
 from shared.http import document_errors, setup_app
 from shared.kafka.producer import BrokerUnavailableError, Producer
-from shared.logs import configure_logging
 from shared.ratelimit import RateLimiter
 from shared.topics import ALL_TOPICS
 
@@ -53,8 +52,7 @@ class IngestApp(FastAPI):
 
 def create_app(settings: IngestSettings | None = None) -> FastAPI:
     settings = settings or IngestSettings()
-    configure_logging(settings.log_level, settings.log_json)
-    warn_at_start(settings, api=True)
+    start_logging(settings, api=True)
     producer = Producer(
         settings.kafka_bootstrap, client_id="retain-ingest", ack_timeout_s=settings.ingest_ack_timeout_s
     )

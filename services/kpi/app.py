@@ -17,10 +17,10 @@ from services.kpi.consumer import MIGRATIONS
 from services.kpi.service import KPI_GAUGES, KpiService
 from shared.auth import KeyStore
 from shared.collector import settle_collector
-from shared.config import warn_at_start
+from shared.config import start_logging
 from shared.db import Database, migrate
 from shared.http import setup_app
-from shared.logs import configure_logging, get_logger
+from shared.logs import get_logger
 from shared.metrics import expose
 
 log = get_logger(__name__)
@@ -45,8 +45,7 @@ class RefreshGaugesOnScrape:
 
 def create_app(settings: KpiSettings | None = None) -> FastAPI:
     settings = settings or KpiSettings()
-    configure_logging(settings.log_level, settings.log_json)
-    warn_at_start(settings, api=True)
+    start_logging(settings, api=True)
     db = Database(settings.database_url)
     service = KpiService(db, settings)
     expose(KPI_GAUGES)  # the KPI values are the API's: computed when /metrics is scraped

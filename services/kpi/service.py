@@ -344,9 +344,9 @@ class KpiService:
         self.catching_up: Callable[[], bool] = lambda: False
         self._gauges_at = -float("inf")
         self._fit_lock = asyncio.Lock()
-        # The last fit refused (as of, purchases' fingerprint) → why: not fitted again for
+        # The last fit refused, as ((as of, purchases' fingerprint), why): not fitted again for
         # every request until the purchases change.
-        self._refused: dict[tuple[date, str], str] = {}
+        self._refused: tuple[tuple[date, str], str] | None = None
 
     def today(self) -> date:
         return local_day(self.clock(), self.tz)
@@ -1053,9 +1053,9 @@ class KpiService:
             cached = await self.repo.clv_model(session, as_of)
         if cached is not None and cached.fingerprint == fingerprint:
             return {**cached.model, "fitted_at": cached.fitted_at, "cached": True}
-        refused = self._refused.get((as_of, fingerprint))
-        if refused is not None:  # the same purchases again: the same refusal, without a refit
-            raise InsufficientDataError(refused)
+        if self._refused is not None and self._refused[0] == (as_of, fingerprint):
+            # The same purchases again: the same refusal, without a refit.
+            raise InsufficientDataError(self._refused[1])
         _, model = await self._fit(as_of)
         return {**model, "cached": False}
 
@@ -1073,7 +1073,7 @@ class KpiService:
                 fitted = await asyncio.to_thread(fit, inputs, as_of)
             except ClvFitError as exc:
                 refusal = f"cannot fit the CLV model as of {as_of}: {exc}"
-                self._refused = {(as_of, fingerprint): refusal}  # the latest only: one a day at most
+                self._refused = ((as_of, fingerprint), refusal)
                 raise InsufficientDataError(refusal) from exc
             model = fitted.describe(self.settings.kpi_reporting_currency, unconverted)
             now = self.clock()

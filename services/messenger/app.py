@@ -17,17 +17,15 @@ from services.messenger.consumer import MIGRATIONS
 from services.messenger.service import REFRESHED_GAUGES, MessengerService
 from shared.auth import KeyStore
 from shared.collector import settle_collector
-from shared.config import warn_at_start
+from shared.config import start_logging
 from shared.db import Database, migrate
 from shared.http import setup_app
-from shared.logs import configure_logging
 from shared.metrics import expose
 
 
 def create_app(settings: MessengerSettings | None = None) -> FastAPI:
     settings = settings or MessengerSettings()
-    configure_logging(settings.log_level, settings.log_json)
-    warn_at_start(settings, api=True)
+    start_logging(settings, api=True)
     db = Database(settings.database_url)
     service = MessengerService(db, settings)
     expose(REFRESHED_GAUGES)  # refreshed on /readyz, as by the sender; not by the consumer

@@ -26,6 +26,13 @@ from services.messenger.tables import (
 from shared.db import dialect_insert, in_list, insert_ignoring_conflicts
 from shared.events import ADDRESS_FIELD, Channel
 
+
+def lookup_form(channel: Channel, address: str | None) -> str | None:
+    """An address as the customers' table keeps it for finding a customer by it: an email
+    lower-cased, whatever case SendGrid or the CRM writes it in (the profile keeps its own)."""
+    return address.lower() if address and channel is Channel.EMAIL else address
+
+
 # Statuses that count against frequency caps: decided to go, going, or gone.
 COUNTED = ("queued", "sending", "sent", "delivered", "undelivered")
 DUE = ("queued", "held_quiet_hours")
@@ -161,8 +168,6 @@ def _row_locks(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-# The column of the customers' table that holds each channel's address.
-
 # Upserts built once per dialect: ``excluded`` makes a new column collection on every access.
 
 
@@ -257,9 +262,9 @@ class MessengerRepository:
         """Find a customer by phone/WhatsApp number or email (inbound messages, bounces); an
         email whatever its case (the column keeps it lower-cased)."""
         column = customers.c[ADDRESS_FIELD[Channel(channel)]]
-        if channel == "email":
-            address = address.lower()
-        stmt = select(customers.c.customer_id).where(column == address).limit(1)
+        stmt = (
+            select(customers.c.customer_id).where(column == lookup_form(Channel(channel), address)).limit(1)
+        )
         return (await session.execute(stmt)).scalar()
 
     # --- consent facts ------------------------------------------------------------------------------

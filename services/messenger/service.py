@@ -43,7 +43,7 @@ from services.messenger.providers.base import OutgoingMessage, Provider, Provide
 from services.messenger.providers.ratelimit import SenderRateLimiter
 from services.messenger.providers.retry import send_with_retry
 from services.messenger.quiet import QuietHours, customer_zone
-from services.messenger.repository import MessengerRepository
+from services.messenger.repository import MessengerRepository, lookup_form
 from services.messenger.status import EmailEvent, advances, email_outcome, ours
 from services.messenger.tables import applied_events, outbox
 from services.messenger.templates import (
@@ -489,9 +489,7 @@ class MessengerService:
                     "profile": update.profile.model_dump(mode="json"),
                     "profile_at": update.occurred_at,
                     "updated_at": now,
-                    # Lower-cased: how a bounce or an unsubscribe finds the customer, whatever
-                    # case SendGrid or the CRM writes the address in (repository.customer_by_address).
-                    "email": update.profile.email.lower() if update.profile.email else None,
+                    "email": lookup_form(Channel.EMAIL, update.profile.email) or None,
                     "phone": update.profile.phone,
                     "whatsapp": update.profile.whatsapp,
                 }
@@ -593,11 +591,7 @@ class MessengerService:
                 )
         facts: dict[str, list[ConsentFact]] = defaultdict(list)
         for f in await self.repo.consent_facts_of(session, customer_ids):
-            facts[f.customer_id].append(
-                ConsentFact(
-                    channel=Channel(f.channel), at=f.at, source=FactSource(f.source), address=f.address
-                )
-            )
+            facts[f.customer_id].append(_fact_of(f))
         entered = await self.repo.entries_of(session, customer_ids) if entries else {}
         batch = _Batch(
             memos={
@@ -1430,10 +1424,7 @@ class MessengerService:
         """Whether an opt-out still blocks marketing to ``address`` on ``channel``."""
         row = await self.repo.lock_customer(session, customer_id)
         consents = ProfileSnapshot.model_validate(row.profile).consents if row is not None else {}
-        facts = [
-            ConsentFact(channel=Channel(f.channel), at=f.at, source=FactSource(f.source), address=f.address)
-            for f in await self.repo.consent_facts(session, customer_id)
-        ]
+        facts = [_fact_of(f) for f in await self.repo.consent_facts(session, customer_id)]
         return bool(active_opt_outs(channel, MessageKind.MARKETING, consents, facts, address))
 
     async def customer_locale(self, customer_id: str) -> str | None:
@@ -1886,6 +1877,13 @@ def _content_of(outgoing: OutgoingMessage) -> dict[str, Any]:
             "content_variables": dict(outgoing.content_variables or {}),
         }
     return content
+
+
+def _fact_of(row: Any) -> ConsentFact:
+    """A consent_facts row as the consent rules read it."""
+    return ConsentFact(
+        channel=Channel(row.channel), at=row.at, source=FactSource(row.source), address=row.address
+    )
 
 
 def _address_of(row: Any) -> str | None:

@@ -16,16 +16,14 @@ from services.segmenter.consumer import MIGRATIONS
 from services.segmenter.service import SegmenterService
 from shared.auth import KeyStore
 from shared.collector import settle_collector
-from shared.config import warn_at_start
+from shared.config import start_logging
 from shared.db import Database, migrate
 from shared.http import setup_app
-from shared.logs import configure_logging
 
 
 def create_app(settings: SegmenterSettings | None = None) -> FastAPI:
     settings = settings or SegmenterSettings()
-    configure_logging(settings.log_level, settings.log_json)
-    warn_at_start(settings, api=True)
+    start_logging(settings, api=True)
     db = Database(settings.database_url)
     service = SegmenterService(db, settings)
 

@@ -16,7 +16,7 @@ import jsonpatch
 from prometheus_client import Counter, Gauge
 
 from services.segmenter.config import SegmenterSettings
-from services.segmenter.profile import ProfileState, apply_event, consent_states, facts_from_json, load_state
+from services.segmenter.profile import ProfileState, consent_states, facts_from_json, load_state
 from services.segmenter.profile import facts as derive_facts
 from services.segmenter.repository import CustomerRow, JobRow, SegmenterRepository
 from services.segmenter.rules import (
@@ -33,10 +33,9 @@ from services.segmenter.tables import applied_events, outbox
 from services.segmenter.updates import (
     Decision,
     RuleChange,
-    as_of_events,
     decide,
+    decide_events,
     facts_read,
-    news,
     read_whole,
     reevaluate,
     rule_change,
@@ -184,17 +183,8 @@ class SegmenterService:
                 for customer_id, events in fresh.items():
                     old = rows.get(customer_id)
                     state = load_state(customer_id, old.state) if old else ProfileState(customer_id)
-                    backend = [e for e in events if not isinstance(e, ClvPrediction)]
-                    announced = news(state, backend)  # judged against the state before them
-                    for event in events:
-                        apply_event(state, event)
-                    cause = UpdateCause.EVENTS if backend else UpdateCause.CLV
                     key = ",".join(sorted(e.event_id for e in events))
-                    # As of the customer's latest event, not now: what time alone changed
-                    # since is the sweep's to announce, stamped when it notices it. Never back
-                    # before a sweep for an event merely late (``as_of_events``).
-                    as_of = as_of_events(state, now, old.updated_at if old else None)
-                    decisions.append(decide(state, old, rules, self.config, as_of, cause, key, announced))
+                    decisions.append(decide_events(state, old, events, rules, self.config, now, key))
                 staged = await self._enqueue(session, await self._write(session, decisions, now))
         await self._relay(staged)  # publish after commit
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))

@@ -12,6 +12,7 @@ from typing import Any
 from services.segmenter.profile import (
     LifecycleConfig,
     ProfileState,
+    apply_event,
     attribute_values_from_json,
     consent_states,
     consent_states_from_json,
@@ -24,6 +25,7 @@ from services.segmenter.repository import CustomerRow, Mover, Reassignment, Stan
 from services.segmenter.rules import Assignment, CompiledRules, RuleChanges
 from shared.events import (
     CancellationEvent,
+    ClvPrediction,
     CustomerUpdate,
     Event,
     ProfileSnapshot,
@@ -171,6 +173,29 @@ def as_of_events(state: ProfileState, now: datetime, row_at: datetime | None = N
     if row_at is not None and at < row_at <= min(now, at + LATE_EVENT_WINDOW):
         return row_at
     return at
+
+
+def decide_events(
+    state: ProfileState,
+    old: CustomerRow | None,
+    events: Sequence[Event | ClvPrediction],
+    rules: CompiledRules,
+    config: LifecycleConfig,
+    now: datetime,
+    cause_key: str,
+) -> Decision:
+    """The consumer's handler, for one customer: ``events`` (new, in the order delivered)
+    applied to ``state`` (their state before them, changed in place), judged as of
+    ``as_of_events``, announcing the ``news`` among them."""
+    backend = [e for e in events if not isinstance(e, ClvPrediction)]
+    announced = news(state, backend)  # judged against the state before them
+    for event in events:
+        apply_event(state, event)
+    cause = UpdateCause.EVENTS if backend else UpdateCause.CLV
+    # As of the customer's latest event, not now: what time alone changed since is the sweep's
+    # to announce, stamped when it notices it. Never back before a sweep for an event merely late.
+    as_of = as_of_events(state, now, old.updated_at if old else None)
+    return decide(state, old, rules, config, as_of, cause, cause_key, announced)
 
 
 def decide(

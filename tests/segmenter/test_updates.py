@@ -28,8 +28,8 @@ from services.segmenter.rules import CompiledRules, compile_rules, default_rules
 from services.segmenter.updates import (
     LATE_EVENT_WINDOW,
     Decision,
-    as_of_events,
     decide,
+    decide_events,
     facts_read,
     news,
     read_whole,
@@ -74,20 +74,19 @@ def run(
     *,
     now: datetime = NOW,
     as_of: datetime | None = None,
-    cause: UpdateCause = UpdateCause.EVENTS,
     key: str = "k",
     rules: CompiledRules = DEFAULT,
     state: ProfileState | None = None,
 ) -> Decision:
-    """What the service decides when ``events`` arrive at ``now``: as of the customer's latest
-    event (or the row's, for an event merely late), unless ``as_of`` names another instant (as
-    the sweep and a publish do: now)."""
+    """What the service decides when ``events`` arrive at ``now`` (``decide_events``), or with
+    ``as_of``, judged as of that instant instead (as the sweep and a publish judge: now)."""
     state = state or ProfileState(CUSTOMER)
+    if as_of is None:
+        return decide_events(state, old, events, rules, CONFIG, now, key)
     announced = news(state, [e for e in events if not isinstance(e, ClvPrediction)])
     for event in events:
         apply_event(state, event)
-    at = as_of_events(state, now, old.updated_at if old else None) if as_of is None else as_of
-    return decide(state, old, rules, CONFIG, at, cause, key, announced)
+    return decide(state, old, rules, CONFIG, as_of, UpdateCause.EVENTS, key, announced)
 
 
 def test_the_first_update_carries_everything_the_messenger_needs() -> None:
@@ -236,12 +235,12 @@ def test_a_clv_prediction_announces_only_a_change() -> None:
     state = build(CUSTOMER, base)
     first = decide(state, None, DEFAULT, CONFIG, NOW, UpdateCause.EVENTS, "k", base)
 
-    rich = run([clv("clv-1", NOW, "2500", 0.9)], first.row, cause=UpdateCause.CLV, state=state)
+    rich = run([clv("clv-1", NOW, "2500", 0.9)], first.row, state=state)
     assert rich.update is not None
     assert rich.update.segments_entered == ["high_value"]
     assert (rich.update.profile.predicted_clv, rich.update.profile.p_alive) == (Decimal("2500.0"), 0.9)
 
-    richer = run([clv("clv-2", NOW + DAY, "2600", 0.9)], rich.row, cause=UpdateCause.CLV, state=state)
+    richer = run([clv("clv-2", NOW + DAY, "2600", 0.9)], rich.row, state=state)
     assert richer.update is None
     assert richer.row.facts["predicted_clv"] == 2600.0  # stored all the same
 
@@ -456,7 +455,7 @@ def test_events_are_evaluated_as_of_the_customers_latest_event() -> None:
 
     # A CLV prediction is an event too: judged as of when the model said it.
     state = build(CUSTOMER, replayed_history())
-    prediction = run([clv("clv-1", NOW - DAY, "40", 0.3)], decision.row, cause=UpdateCause.CLV, state=state)
+    prediction = run([clv("clv-1", NOW - DAY, "40", 0.3)], decision.row, state=state)
     assert prediction.update is not None
     assert prediction.update.occurred_at == NOW - DAY
     assert prediction.update.segments_entered == ["at_risk"]
