@@ -3,7 +3,10 @@
 Rules:
 
 1. Channels are tried in order: the preferred channel (the candidate's override, else the
-   profile's preference), then the configured fallback order; a channel is tried once.
+   profile's preference), then the configured fallback order; a channel is tried once. The
+   deployment's last-resort channels (no provider while others have one: the sandbox outbox)
+   keep that order among themselves after all the others: a customer is reached for real on
+   another channel they can be reached on rather than recorded as sent on one nobody receives.
 2. A channel is skipped when the customer has no address on it (``no_address``), when consent
    blocks it (``suppressed`` for an active opt-out, ``no_consent`` otherwise) or, for WhatsApp
    outside the 24-hour customer-service window, when the message has no approved template
@@ -16,7 +19,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple
@@ -55,12 +58,16 @@ def whatsapp_window_open(last_inbound_at: datetime | None, now: datetime) -> boo
     return now.astimezone(UTC) - last_inbound_at.astimezone(UTC) < WHATSAPP_SESSION
 
 
-def channel_order(preferred: Channel | None, fallback_order: Iterable[Channel]) -> list[Channel]:
+def channel_order(
+    preferred: Channel | None, fallback_order: Iterable[Channel], last_resort: Collection[Channel] = ()
+) -> list[Channel]:
     order = [] if preferred is None else [preferred]
     for channel in fallback_order:
         if channel not in order:
             order.append(channel)
-    return order
+    if not last_resort:
+        return order
+    return [c for c in order if c not in last_resort] + [c for c in order if c in last_resort]
 
 
 def _outcome(tried: Iterable[Skipped]) -> SkipReason:
@@ -77,6 +84,7 @@ def _outcome(tried: Iterable[Skipped]) -> SkipReason:
 def choose_channel(
     preferred: Channel | None,
     fallback_order: Iterable[Channel],
+    last_resort: Collection[Channel],
     addresses: Mapping[Channel, str | None],
     consent: Callable[[Channel], ConsentVerdict],
     whatsapp_window_open: bool,
@@ -84,7 +92,7 @@ def choose_channel(
 ) -> ChannelChoice:
     """The first usable channel in order, or why there is none (rules: module doc)."""
     tried: list[Skipped] = []
-    for channel in channel_order(preferred, fallback_order):
+    for channel in channel_order(preferred, fallback_order, last_resort):
         if not addresses.get(channel):
             tried.append(Skipped(channel, "no_address", f"{channel.value}: no address"))
             continue

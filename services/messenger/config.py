@@ -297,6 +297,29 @@ class MessengerSettings(CommonSettings):
             live.append("SendGrid")
         return live
 
+    @property
+    def live_channels(self) -> frozenset[Channel]:
+        """The channels a real provider serves (the registry builds them from this); the others
+        go to the sandbox outbox. Twilio is configured whole or not at all (checked above)."""
+        live: set[Channel] = set()
+        if self.twilio_account_sid and self.twilio_sms_from:
+            live.add(Channel.SMS)
+        if self.twilio_account_sid and self.twilio_whatsapp_from:
+            live.add(Channel.WHATSAPP)
+        if self.smtp_host or self.sendgrid_api_key:
+            live.add(Channel.EMAIL)
+        return frozenset(live)
+
+    @property
+    def sandboxed_last(self) -> frozenset[Channel]:
+        """The channels tried after every other: those without a provider while others have
+        one. A customer who prefers SMS where only email really goes is written to by email,
+        not recorded as sent on an SMS nobody receives; with no other channel left, the sandbox
+        still takes it (as the start warning says). Empty when nothing really goes: a sandbox
+        deployment decides as a live one would."""
+        live = self.live_channels
+        return frozenset(set(Channel) - live) if live else frozenset()
+
     @model_validator(mode="after")
     def _reconcile_after_the_longest_call(self) -> Self:
         # Sooner, one sender's reconciliation would queue again a message another sender (or

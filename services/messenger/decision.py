@@ -111,6 +111,8 @@ class DecisionContext:
     has_whatsapp_template: bool = False  # the template has an approved WhatsApp content SID
     duplicate: bool = False  # the idempotency key is already in the ledger
     granted_by_default: Collection[Channel] = frozenset()  # soft opt-in channels, see consent.py
+    # Channels without a provider while others have one (the sandbox): tried after the others.
+    last_resort: Collection[Channel] = frozenset()
 
     @classmethod
     def from_profile(
@@ -127,6 +129,7 @@ class DecisionContext:
         has_whatsapp_template: bool = False,
         duplicate: bool = False,
         granted_by_default: Collection[Channel] = frozenset(),
+        last_resort: Collection[Channel] = frozenset(),
     ) -> DecisionContext:
         return cls(
             addresses={channel: profile.address(channel) for channel in Channel},
@@ -143,6 +146,7 @@ class DecisionContext:
             has_whatsapp_template=has_whatsapp_template,
             duplicate=duplicate,
             granted_by_default=granted_by_default,
+            last_resort=last_resort,
         )
 
 
@@ -173,6 +177,7 @@ def _choose(candidate: Candidate, context: DecisionContext, now: datetime) -> Ch
     return choose_channel(
         candidate.channel or context.preferred_channel,
         context.fallback_order,
+        context.last_resort,
         context.addresses,
         consent,
         whatsapp_window_open(context.whatsapp_last_inbound_at, now),

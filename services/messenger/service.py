@@ -379,6 +379,10 @@ class MessengerService:
         self.limiter = limiter
         self.quiet = QuietHours()
         self.templates = TemplateStore(public_url=settings.messenger_public_url)
+        # The channels the sender's providers cannot really reach while others can: decisions
+        # try them last (the consumer decides for the sender's providers, built from the same
+        # settings by providers.registry).
+        self.last_resort = settings.sandboxed_last
         self._journeys: tuple[datetime | None, list[Journey]] = (None, [])
         self._caps: tuple[datetime | None, CapsConfig] = (None, DEFAULT_CAPS)
         self._templates_at: datetime | None = None
@@ -794,6 +798,7 @@ class MessengerService:
             whatsapp_last_inbound_at=customer.whatsapp_inbound_at if customer else None,
             has_whatsapp_template=self._approved_on_whatsapp(template, profile.locale),
             duplicate=duplicate,
+            last_resort=self.last_resort,
         )
 
     def _approved_on_whatsapp(self, template: str, locale: str | None) -> bool:

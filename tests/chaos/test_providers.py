@@ -242,6 +242,9 @@ async def test_a_slow_failing_sms_provider_loses_duplicates_and_blocks_nothing(
             twilio_account_sid=ACCOUNT_SID,
             twilio_auth_token=SecretStr("test-auth-token"),
             twilio_sms_from=SMS_FROM,
+            # Email configured too (its provider here is the outbox, the healthy one): otherwise
+            # the decisions would try it after SMS for the customers who prefer it.
+            smtp_host="mail.example.com",
             messenger_link_secret=SecretStr("chaos-test-link-secret"),
             messenger_public_url="https://retain.example",
         )

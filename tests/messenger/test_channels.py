@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from services.messenger.channels import ChannelChoice, choose_channel, whatsapp_window_open
+from services.messenger.channels import ChannelChoice, channel_order, choose_channel, whatsapp_window_open
 from services.messenger.consent import ConsentVerdict
 from shared.events import Channel
 
@@ -41,8 +41,9 @@ def choose(
     window: bool = False,
     template: bool = True,
     order: tuple[Channel, ...] = ORDER,
+    last_resort: frozenset[Channel] = frozenset(),
 ) -> ChannelChoice:
-    return choose_channel(preferred, order, addresses, consent or consenting(), window, template)
+    return choose_channel(preferred, order, last_resort, addresses, consent or consenting(), window, template)
 
 
 def test_the_preferred_channel_comes_first() -> None:
@@ -67,6 +68,24 @@ def test_each_channel_is_tried_once() -> None:
     choice = choose(WA, order=(EMAIL, WA, EMAIL), consent=consenting({WA: "no", EMAIL: "no"}))
     assert choice.channel is None
     assert [s.channel for s in choice.tried] == [WA, EMAIL]
+
+
+def test_a_channel_without_a_provider_is_tried_after_every_other() -> None:
+    # Only email really goes: the customer who prefers SMS is written to by email.
+    choice = choose(SMS, last_resort=frozenset({SMS, WA}))
+    assert choice.channel is EMAIL
+    assert choice.tried == ()
+    assert channel_order(SMS, ORDER, {SMS, WA}) == [EMAIL, SMS, WA]  # their own order kept
+    assert channel_order(WA, ORDER, {EMAIL}) == [WA, SMS, EMAIL]
+
+
+def test_the_last_resort_still_takes_a_customer_reachable_nowhere_else() -> None:
+    choice = choose(SMS, {EMAIL: None, SMS: "+972521234567", WA: None}, last_resort=frozenset({SMS, WA}))
+    assert choice.channel is SMS
+    assert [(s.channel, s.reason) for s in choice.tried] == [(EMAIL, "no_address")]
+    refused = choose(SMS, consent=consenting({EMAIL: "stop"}), last_resort=frozenset({SMS, WA}))
+    assert refused.channel is SMS  # email opted out: SMS, the sandbox, as before
+    assert [(s.channel, s.reason) for s in refused.tried] == [(EMAIL, "suppressed")]
 
 
 def test_empty_addresses_count_as_none() -> None:

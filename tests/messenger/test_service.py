@@ -210,6 +210,27 @@ async def test_purchase_thanks_once_a_week_and_replays_change_nothing(world: Wor
     assert len(list(world.outbox.iterdir())) == 2
 
 
+async def test_where_only_email_really_goes_the_customer_who_prefers_sms_gets_an_email(
+    world: World, tmp_path: Path
+) -> None:
+    # SMTP configured, Twilio not: an SMS would be recorded as sent into the sandbox outbox and
+    # reach no one, so the consumer decides for email, which the customer also consented to.
+    live = world.service.settings.model_copy(update={"smtp_host": "mail.example.com"})
+    assert live.sandboxed_last == {Channel.SMS, Channel.WHATSAPP}
+    service = MessengerService(
+        world.db, live, None, dict.fromkeys(Channel, OutboxProvider(tmp_path)), clock=world.clock
+    )
+    both = customer_not_in_holdout("thank_you")
+    phone_only = next(f"p{i}" for i in range(1000) if not in_holdout(f"p{i}", "thank_you", 10))
+    await service.apply_batch(
+        delivered([purchase_update(both, 1, NOON), purchase_update(phone_only, 1, NOON, email=None)])
+    )
+    [mail] = await messages(world, both)
+    assert (mail["channel"], mail["status"]) == ("email", "queued")
+    [sms] = await messages(world, phone_only)  # reachable nowhere else: the sandbox, as before
+    assert (sms["channel"], sms["status"]) == ("sms", "queued")
+
+
 def tier_update(customer: str, at: datetime) -> CustomerUpdate:
     return CustomerUpdate(
         event_id=f"u-{customer}-tier",

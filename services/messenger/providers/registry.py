@@ -59,6 +59,8 @@ class ProviderSettings(Protocol):
     @property
     def email_from(self) -> str: ...
     @property
+    def live_channels(self) -> frozenset[Channel]: ...
+    @property
     def sendgrid_api_key(self) -> SecretStr | str | None: ...
     @property
     def sendgrid_host(self) -> str | None: ...
@@ -92,43 +94,34 @@ def build_providers(settings: ProviderSettings) -> dict[Channel, Provider]:
     outbox = OutboxProvider(settings.outbox_dir)
     providers: dict[Channel, Provider] = dict.fromkeys(Channel, outbox)
 
+    # The channels the settings say really go: the consumer's decisions try the others last
+    # (``sandboxed_last``), so what is built here must be exactly those.
+    live = settings.live_channels
     sid, token = settings.twilio_account_sid, _secret(settings.twilio_auth_token)
-    if sid and token and (settings.twilio_sms_from or settings.twilio_whatsapp_from):
+    twilio_channels = live & {Channel.SMS, Channel.WHATSAPP}
+    if twilio_channels and sid and token:  # both set: Twilio is configured whole or refused
         twilio = TwilioProvider(
             sid,
             token,
             base_url=settings.twilio_base_url,
             status_callback=settings.messenger_public_url.rstrip("/") + STATUS_CALLBACK_PATH,
         )
-        if settings.twilio_sms_from:
-            providers[Channel.SMS] = twilio
-        if settings.twilio_whatsapp_from:
-            providers[Channel.WHATSAPP] = twilio
+        for channel in twilio_channels:
+            providers[channel] = twilio
 
-    if settings.smtp_host:
-        port = settings.smtp_port
-        providers[Channel.EMAIL] = SmtpProvider(
-            settings.smtp_host,
-            port,
-            username=settings.smtp_username,
-            password=_secret(settings.smtp_password),
-            # 465 is implicit TLS; elsewhere smtp_starttls requires STARTTLS, or never uses it.
-            use_tls=port == 465,
-            start_tls=settings.smtp_starttls,
-        )
-    elif (key := _secret(settings.sendgrid_api_key)) is not None:
-        providers[Channel.EMAIL] = SendGridProvider(key, host=settings.sendgrid_host)
+    if Channel.EMAIL in live:
+        providers[Channel.EMAIL] = _email_provider(settings)
 
     log.info(
         "messenger_providers",
         **{channel.value: describe(p) for channel, p in providers.items()},
     )
-    live = any(not isinstance(p, OutboxProvider) for p in providers.values())
     sandboxed = sorted(c.value for c, p in providers.items() if isinstance(p, OutboxProvider))
     if live and sandboxed:
         log.warning(
-            "some channels go to the sandbox outbox while others really go: their messages are "
-            "recorded as sent and reach no one; configure a provider for them",
+            "some channels go to the sandbox outbox while others really go: they are tried after "
+            "every other channel, and a customer reachable on none of the others is recorded as "
+            "sent there and reached by no one; configure a provider for them",
             channels=sandboxed,
         )
     if live and urlsplit(settings.messenger_public_url).hostname in LOOPBACK:
@@ -139,6 +132,25 @@ def build_providers(settings: ProviderSettings) -> dict[Channel, Provider]:
             messenger_public_url=settings.messenger_public_url,
         )
     return providers
+
+
+def _email_provider(settings: ProviderSettings) -> Provider:
+    """SMTP when a host is set, else SendGrid (``live_channels`` has email only with one)."""
+    if settings.smtp_host:
+        port = settings.smtp_port
+        return SmtpProvider(
+            settings.smtp_host,
+            port,
+            username=settings.smtp_username,
+            password=_secret(settings.smtp_password),
+            # 465 is implicit TLS; elsewhere smtp_starttls requires STARTTLS, or never uses it.
+            use_tls=port == 465,
+            start_tls=settings.smtp_starttls,
+        )
+    key = _secret(settings.sendgrid_api_key)
+    if key is None:  # pragma: no cover - live_channels has email only with a host or a key
+        raise ValueError("email has no provider configured")
+    return SendGridProvider(key, host=settings.sendgrid_host)
 
 
 def describe(provider: Provider) -> str:

@@ -121,12 +121,41 @@ async def test_real_messages_with_links_to_this_host_are_warned_of(
     )
     await close_providers(public)
     [(event, fields)] = recorder.warnings  # SMS and WhatsApp: "sent" into the outbox
-    assert "recorded as sent and reach no one" in event
+    assert "tried after every other channel" in event
     assert fields == {"channels": ["sms", "whatsapp"]}
     await close_providers(build_providers(settings(tmp_path, smtp_host="mail.example.com")))
     event, fields = recorder.warnings[-1]
     assert "links in them, and Twilio's status callbacks, reach no one" in event
     assert fields == {"messenger_public_url": "http://127.0.0.1:8003"}
+
+
+TWILIO: dict[str, Any] = {"twilio_account_sid": "AC" + "0" * 32, "twilio_auth_token": SecretStr("token")}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "live"),
+    [
+        ({}, set()),
+        ({"smtp_host": "mail.example.com"}, {Channel.EMAIL}),
+        ({"sendgrid_api_key": SecretStr("SG.x")}, {Channel.EMAIL}),
+        ({**TWILIO, "twilio_sms_from": "+15005550006"}, {Channel.SMS}),
+        ({**TWILIO, "twilio_whatsapp_from": "+15005550006"}, {Channel.WHATSAPP}),
+        (
+            {**TWILIO, "twilio_sms_from": "Retain", "twilio_whatsapp_from": "+15005550006", "smtp_host": "m"},
+            set(Channel),
+        ),
+    ],
+)
+async def test_the_channels_built_live_are_those_decisions_try_first(
+    tmp_path: Path, overrides: dict[str, Any], live: set[Channel]
+) -> None:
+    s = settings(tmp_path, messenger_public_url="https://r.example", **overrides)
+    providers = build_providers(s)
+    await close_providers(providers)
+    assert {c for c, p in providers.items() if not isinstance(p, OutboxProvider)} == live
+    assert s.live_channels == live
+    # The consumer's decisions try the sandboxed ones last, unless nothing really goes.
+    assert s.sandboxed_last == (set(Channel) - live if live else set())
 
 
 def test_limiter_defaults(tmp_path: Path) -> None:
