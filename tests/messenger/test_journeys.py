@@ -459,6 +459,20 @@ async def test_tier_upgrade_congratulates_with_the_new_tiers_perks(world: World,
     assert len(await messages(world, customer)) == 1
 
 
+async def test_no_congratulations_to_a_customer_who_cancelled(world: World) -> None:
+    # Marketing lowers the gold threshold, or a purchase from before the cancellation arrives
+    # late: the tier rises, and a customer who left is not told of their new perks.
+    customer = treated("tier-churned", "tier_upgrade")
+    upgrade = update(
+        customer, "en", NOON, tier_old="silver", tier="gold", cause=UpdateCause.RULES, lifecycle_stage="churned"
+    )
+    await world.service.apply_batch(delivered([upgrade]))
+    assert await messages(world, customer) == []
+    back = update(customer, "en", NOON + DAY, tier_old="gold", tier="platinum", cause=UpdateCause.RULES)
+    await world.service.apply_batch(delivered([back]))  # came back (active): the next one goes
+    assert [m["journey"] for m in await messages(world, customer)] == ["tier_upgrade"]
+
+
 def test_an_upgrade_is_what_the_segmenter_says_it_is_on_the_ladder_marketing_named() -> None:
     """The ladder is the rule set's, not the default names: a set with tiers vip > regular
     upgrades regular → vip, and the segmenter's word beats the default order both ways."""
