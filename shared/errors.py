@@ -59,6 +59,11 @@ class NotFoundError(RetainError):
     code = "not_found"
 
 
+class ConflictError(RetainError):
+    status_code = 409
+    code = "conflict"
+
+
 class PreconditionFailedError(RetainError):
     status_code = 412
     code = "precondition_failed"

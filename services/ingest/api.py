@@ -27,10 +27,11 @@ from services.ingest.batch import (
 )
 from services.ingest.config import IngestSettings
 from services.ingest.schemas import AcceptedResponse, ErrorResponse, events_request_body
-from services.ingest.service import EVENTS_REJECTED, IngestService
+from services.ingest.service import EVENTS_REJECTED, ConflictingIdsError, IngestService
 from shared.auth import KeyStore, authorize
 from shared.errors import (
     BadRequestError,
+    ConflictError,
     InvalidInputError,
     PayloadTooLargeError,
     RateLimitedError,
@@ -98,7 +99,16 @@ class EventsEndpoint:
                 "the batch was rejected whole; nothing was accepted",
                 details=[{"index": e.index, "field": e.field, "message": e.message} for e in exc.errors],
             ) from exc
-        prepared = service.prepare(events)
+        try:
+            prepared = service.prepare(events)
+        except ConflictingIdsError as exc:
+            for t in exc.types:
+                EVENTS_REJECTED.labels(t).inc()
+            raise ConflictError(
+                "an event id names another event accepted before; the batch was rejected whole, "
+                "nothing was accepted",
+                details=[{"index": e.index, "field": e.field, "message": e.message} for e in exc.errors],
+            ) from exc
         # Nothing but the encoded events and their ids stays alive while the broker answers:
         # the body and the models go now, not after the acknowledgement, so
         # the collector has fewer objects to walk and a waiting request holds less memory.
@@ -183,6 +193,11 @@ _BODY = events_request_body()
         400: {"model": ErrorResponse, "description": "The body is not JSON."},
         401: {"model": ErrorResponse},
         403: {"model": ErrorResponse},
+        409: {
+            "model": ErrorResponse,
+            "description": "An event_id accepted in the dedupe window (or being accepted) for a different "
+            "event: details list {index, field, message}; nothing was accepted.",
+        },
         413: {"model": ErrorResponse, "description": "Body or batch over the limit."},
         415: {"model": ErrorResponse, "description": "Not application/json."},
         422: {"model": ErrorResponse, "description": "Invalid events: details list {index, field, message}."},

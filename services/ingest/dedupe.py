@@ -1,25 +1,29 @@
 """The window of recently accepted event ids. Pure bookkeeping: the caller passes the clock.
 
-It answers a resend of an accepted event without producing it again. It lives in the ingest
-process (lost on restart, not shared between replicas); the consumers' applied-event ledgers
-are what guarantee exactly-once effects beyond it.
+It answers a resend of an accepted event without producing it again, and knows each id's
+content by a digest of the event as produced, so that another event sent under an id already
+used is refused rather than dropped as a duplicate. It lives in the ingest process (lost on
+restart, not shared between replicas); the consumers' applied-event ledgers are what guarantee
+exactly-once effects beyond it.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 
 class RecentIds:
-    """Ids with the time they were accepted, in a plain dict; the order they came in is kept
-    per ``add`` (one request) rather than per id. An id costs one dict entry, not an
-    ``OrderedDict`` entry and its move to the end (a twentieth of a batched request's CPU),
-    and nothing the collector has to walk: floats, strings and tuples of strings."""
+    """Ids with the time they were accepted and their content's digest, in a plain dict; the
+    order they came in is kept per ``add`` (one request) rather than per id. An id costs one
+    dict entry, not an ``OrderedDict`` entry and its move to the end (a twentieth of a batched
+    request's CPU), and nothing the collector has to walk: floats, integers, strings and
+    tuples of them."""
 
     def __init__(self, ttl_s: float, max_ids: int) -> None:
         self.ttl_s = ttl_s
         self.max_ids = max_ids
-        self._seen: dict[str, float] = {}
+        self._seen: dict[str, tuple[float, int]] = {}  # id → (accepted at, digest)
         # Oldest first: when each add happened, its ids, and how many of the oldest add's ids
         # are evicted already (the size bound may cut one add in two).
         self._times: deque[float] = deque()
@@ -32,17 +36,24 @@ class RecentIds:
     def contains(self, event_id: str, now: float) -> bool:
         return bool(self.among([event_id], now))
 
-    def among(self, event_ids: list[str], now: float) -> set[str]:
-        """Those of ``event_ids`` in the window: one set operation for a whole request."""
-        seen = self._seen
-        return {i for i in seen.keys() & event_ids if now - seen[i] < self.ttl_s}
+    def among(self, event_ids: list[str], now: float) -> dict[str, int]:
+        """Those of ``event_ids`` in the window, with their digests: one set operation for a
+        whole request."""
+        seen, ttl = self._seen, self.ttl_s
+        found = {}
+        for i in seen.keys() & event_ids:
+            accepted_at, digest = seen[i]
+            if now - accepted_at < ttl:
+                found[i] = digest
+        return found
 
-    def add(self, event_ids: list[str], now: float) -> None:
+    def add(self, event_ids: Sequence[str], digests: Sequence[int], now: float) -> None:
+        """Remember ``event_ids``, accepted at ``now``, with the digests of their contents."""
         if self.max_ids == 0 or self.ttl_s == 0 or not event_ids:
             return
         seen = self._seen
-        for event_id in event_ids:
-            seen[event_id] = now  # an id accepted again belongs to this add from now on
+        for event_id, digest in zip(event_ids, digests, strict=True):
+            seen[event_id] = (now, digest)  # an id accepted again belongs to this add from now on
         self._times.append(now)
         self._ids.append(tuple(event_ids))
         self._expire(now)
@@ -58,7 +69,8 @@ class RecentIds:
                 if not expired and len(seen) <= self.max_ids:
                     self._evicted = i
                     return
-                if seen.get(oldest[i]) == accepted_at:
+                entry = seen.get(oldest[i])
+                if entry is not None and entry[0] == accepted_at:
                     del seen[oldest[i]]
             times.popleft()
             ids.popleft()

@@ -12,7 +12,14 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
-from services.ingest.batch import InvalidBatchError, check_ids, check_times, validate_body, with_time_errors
+from services.ingest.batch import (
+    FieldError,
+    InvalidBatchError,
+    check_ids,
+    check_times,
+    validate_body,
+    with_time_errors,
+)
 from services.ingest.dedupe import RecentIds
 from shared.codec import encode_event, encode_key
 from shared.events import TOPIC_OF_TYPE, Event
@@ -36,6 +43,25 @@ PRODUCE_SECONDS = Histogram(
 )
 
 
+class ConflictingIdsError(InvalidBatchError):
+    """Items whose ``event_id`` an earlier request (still in the dedupe window, or still being
+    produced) used for a different event."""
+
+
+def content_digest(value: bytes) -> int:
+    """What an event id names, as the event was encoded for its topic: the same event resent
+    encodes to the same bytes. Python's hash of bytes (SipHash, in C, a fraction of a
+    microsecond for an event): in-process only, as the window is."""
+    return hash(value)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        hours = int(seconds // 3600)
+        return f"{hours} hour{'s' if hours != 1 else ''}"
+    return f"{seconds:g} s"
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     event_ids: list[str]
@@ -54,6 +80,7 @@ class Prepared:
     keys: list[bytes]
     values: list[bytes]
     fresh_ids: list[str]  # their ids
+    digests: list[int]  # of their values: what each id names, for a later resend to be checked
     fresh_types: dict[str, int]  # how many of each type
     duplicates: int
     waits: list[asyncio.Future[None]]  # concurrent requests producing some of the same ids
@@ -78,8 +105,9 @@ class IngestService:
         self._max_batch = max_batch
         self._recent = recent
         self._clock = clock
-        # Event ids being produced right now, so two concurrent resends produce once.
-        self._in_flight: dict[str, asyncio.Future[None]] = {}
+        # Event ids being produced right now (the request's acknowledgement, the event's digest),
+        # so two concurrent resends produce once.
+        self._in_flight: dict[str, tuple[asyncio.Future[None], int]] = {}
         # Labelled metric children, looked up once: .labels() is not free.
         self._accepted = {t: EVENTS_ACCEPTED.labels(t) for t in TOPIC_OF_TYPE}
         self._duplicate = {t: EVENTS_DUPLICATE.labels(t) for t in TOPIC_OF_TYPE}
@@ -95,39 +123,67 @@ class IngestService:
 
     def prepare(self, events: list[Event]) -> Prepared:
         """Sort out the duplicates and encode the rest, before anything is awaited: the events
-        themselves need not stay alive while the broker answers (see ``produce``)."""
+        themselves need not stay alive while the broker answers (see ``produce``). Raises
+        ``ConflictingIdsError`` when an id accepted earlier (or being accepted) names another
+        event: the request is refused whole."""
         BATCH_SIZE.observe(len(events))
         event_ids = [e.event_id for e in events]
         recent = self._recent.among(event_ids, self._clock())
+        in_flight = self._in_flight
         waits: list[asyncio.Future[None]] = []
         duplicates = 0
-        if recent or len(set(event_ids)) < len(event_ids) or not self._in_flight.keys().isdisjoint(event_ids):
+        if recent or len(set(event_ids)) < len(event_ids) or not in_flight.keys().isdisjoint(event_ids):
             fresh: list[Event] = []
             seen: set[str] = set()
-            for event in events:
+            conflicts: list[FieldError] = []
+            answered: list[str] = []  # types of the duplicates answered from the window
+            for i, event in enumerate(events):
                 eid = event.event_id
-                if eid in seen or eid in recent:
-                    duplicates += 1
-                    self._duplicate[event.type].inc()
-                elif eid in self._in_flight:
-                    duplicates += 1
-                    waits.append(self._in_flight[eid])
+                if eid in seen:  # the same event again in this request (check_ids)
+                    answered.append(event.type)
+                elif eid in recent or eid in in_flight:
+                    done, digest = (None, recent[eid]) if eid in recent else in_flight[eid]
+                    if content_digest(encode_event(event)) != digest:
+                        conflicts.append(FieldError(i, "event_id", self._conflict(eid, done is not None)))
+                    elif done is None:
+                        answered.append(event.type)
+                    else:
+                        duplicates += 1
+                        waits.append(done)
                 else:
                     fresh.append(event)
                 seen.add(eid)
+            if conflicts:
+                raise ConflictingIdsError(conflicts, [events[c.index].type for c in conflicts])
+            duplicates += len(answered)
+            for event_type in answered:
+                self._duplicate[event_type].inc()
             fresh_ids = [e.event_id for e in fresh]
         else:
             fresh, fresh_ids = events, event_ids  # the usual request: nothing in it seen before
         topic_of = self._topic_of
+        values = [encode_event(e) for e in fresh]
         return Prepared(
             event_ids,
             [topic_of[e.type] for e in fresh],
             [encode_key(e.customer_id) for e in fresh],
-            [encode_event(e) for e in fresh],
+            values,
             fresh_ids,
+            list(map(content_digest, values)),
             dict(Counter(e.type for e in fresh)),
             duplicates,
             waits,
+        )
+
+    def _conflict(self, event_id: str, in_flight: bool) -> str:
+        when = (
+            "is being accepted in another request right now"
+            if in_flight
+            else f"was accepted in the last {_duration(self._recent.ttl_s)}"
+        )
+        return (
+            f"event_id {event_id!r} {when} for a different event: an id names one event (a resend "
+            "must repeat the event as it was; another event needs an id of its own)"
         )
 
     async def produce(self, prepared: Prepared) -> Accepted:
@@ -135,8 +191,8 @@ class IngestService:
         fresh_ids = prepared.fresh_ids
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         in_flight = self._in_flight
-        for eid in fresh_ids:
-            in_flight[eid] = done
+        for eid, digest in zip(fresh_ids, prepared.digests, strict=True):
+            in_flight[eid] = (done, digest)
         try:
             if fresh_ids:
                 started = time.perf_counter()
@@ -155,7 +211,7 @@ class IngestService:
         if prepared.waits:
             # The same id is being produced by a concurrent request: answer when it is acked.
             await asyncio.gather(*prepared.waits)
-        self._recent.add(fresh_ids, self._clock())
+        self._recent.add(fresh_ids, prepared.digests, self._clock())
         for event_type, n in prepared.fresh_types.items():
             self._accepted[event_type].inc(n)
         return Accepted(prepared.event_ids, produced=len(fresh_ids), duplicates=prepared.duplicates)

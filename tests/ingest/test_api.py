@@ -140,6 +140,30 @@ async def test_one_id_on_two_different_events_in_one_batch_is_refused_not_droppe
     assert await client.landed() == []
 
 
+async def test_an_id_used_earlier_for_another_event_is_refused_with_409_not_dropped(client: Client) -> None:
+    # A backend that names its events by order: the purchase, then the refund of the same order
+    # under the same id. Answered 202 as a duplicate, the refund was lost without a word.
+    purchase = _event("purchase", "c4", 1, order_id="o-77")
+    assert (await client.post(purchase)).status_code == 202
+    refund = {**purchase, "amount": "0", "occurred_at": "2026-05-02T09:00:00+03:00"}
+    fresh = _event("support", "c4", 2)
+    response = await client.post([fresh, refund])
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "conflict"
+    assert "nothing was accepted" in error["message"]
+    [detail] = error["details"]
+    assert (detail["index"], detail["field"]) == (1, "event_id")
+    assert "'purchase-c4-1' was accepted in the last 24 hours for a different event" in detail["message"]
+    # Refused whole: the support event of the same request did not land either; the purchase
+    # resent as it was is still a duplicate.
+    again = await client.post([purchase, fresh])
+    assert again.status_code == 202, again.text
+    assert again.json()["duplicates"] == 1
+    landed = sorted(decode_event(r.value).event_id for r in await client.landed())
+    assert landed == ["purchase-c4-1", "support-c4-2"]
+
+
 IN_FIVE_YEARS = (datetime.now(UTC) + timedelta(days=5 * 365)).isoformat()
 
 

@@ -1,0 +1,92 @@
+"""IngestService between requests: resends answered from the window or from a request still
+being produced, and an id used for another event refused. The broker is a stand-in whose
+acknowledgement the test releases, so that two requests overlap for certain (the real broker
+is in test_api.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+import orjson
+import pytest
+
+from services.ingest.dedupe import RecentIds
+from services.ingest.service import ConflictingIdsError, IngestService
+from shared.events import EXAMPLES
+from shared.kafka.producer import BrokerUnavailableError, Producer
+
+
+class HeldBroker:
+    """Acknowledges a send when the test says so, or refuses it."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.release = asyncio.Event()
+        self.refuse = False
+
+    async def send_columns(
+        self, topics: Sequence[str], keys: Sequence[bytes], values: Sequence[bytes]
+    ) -> None:
+        await self.release.wait()
+        if self.refuse:
+            raise BrokerUnavailableError("the broker is down")
+        self.sent.extend(values)
+
+
+def service(broker: HeldBroker) -> IngestService:
+    return IngestService(
+        cast(Producer, broker), topic_prefix="t.", max_batch=100, recent=RecentIds(ttl_s=3600, max_ids=1000)
+    )
+
+
+def body(**overrides: Any) -> bytes:
+    return orjson.dumps({**EXAMPLES["purchase"], "event_id": "order-5", **overrides})
+
+
+async def test_a_resend_during_the_first_request_is_produced_once() -> None:
+    broker = HeldBroker()
+    ingest = service(broker)
+    first = asyncio.create_task(ingest.produce(ingest.prepare(ingest.validate(body()))))
+    await asyncio.sleep(0)  # the first request is now waiting for its acknowledgement
+    second = asyncio.create_task(ingest.produce(ingest.prepare(ingest.validate(body()))))
+    await asyncio.sleep(0)
+    assert not second.done()  # answered only once the broker has the event
+    broker.release.set()
+    a, b = await first, await second
+    assert (a.produced, a.duplicates, b.produced, b.duplicates) == (1, 0, 0, 1)
+    assert len(broker.sent) == 1
+
+
+async def test_another_event_under_an_id_being_produced_is_refused() -> None:
+    broker = HeldBroker()
+    ingest = service(broker)
+    first = asyncio.create_task(ingest.produce(ingest.prepare(ingest.validate(body()))))
+    await asyncio.sleep(0)
+    with pytest.raises(ConflictingIdsError) as refused:
+        ingest.prepare(ingest.validate(body(amount="1.00")))
+    [error] = refused.value.errors
+    assert error.index == 0
+    assert "'order-5' is being accepted in another request right now for a different event" in error.message
+    broker.release.set()
+    await first
+    with pytest.raises(ConflictingIdsError) as later:
+        ingest.prepare(ingest.validate(body(amount="1.00")))
+    assert "'order-5' was accepted in the last 1 hour for a different event" in later.value.errors[0].message
+    assert len(broker.sent) == 1
+
+
+async def test_an_id_whose_request_failed_is_free_again() -> None:
+    # Not acknowledged, the event may or may not be in the log (at least once): ingest does
+    # not remember it, and the resend, whatever it carries now, is produced.
+    broker = HeldBroker()
+    broker.refuse = True
+    broker.release.set()
+    ingest = service(broker)
+    with pytest.raises(BrokerUnavailableError):
+        await ingest.produce(ingest.prepare(ingest.validate(body())))
+    broker.refuse = False
+    accepted = await ingest.produce(ingest.prepare(ingest.validate(body(amount="1.00"))))
+    assert (accepted.produced, accepted.duplicates) == (1, 0)
+    assert orjson.loads(broker.sent[0])["amount"] == "1.00"
