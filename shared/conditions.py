@@ -530,8 +530,20 @@ def _json_type(value: object) -> str:
 
 
 def _shown(value: object) -> str:
-    text = json.dumps(value, default=str, ensure_ascii=False)
+    """A value in an error message, at most 40 characters. A list or an object nested deeper
+    than its first level is shown as ``[…]`` / ``{…}``: a value nested a thousand levels
+    deep failed json.dumps with a RecursionError (a 500) while its error was being written."""
+    text = json.dumps(_shallow(value), default=str, ensure_ascii=False)
+    text = text.replace('"[…]"', "[…]").replace('"{…}"', "{…}")
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _shallow(value: object, depth: int = 0) -> object:
+    if isinstance(value, list | tuple):
+        return "[…]" if depth else [_shallow(v, 1) for v in value[:8]]
+    if isinstance(value, Mapping):
+        return "{…}" if depth else {str(k): _shallow(v, 1) for k, v in list(value.items())[:8]}
+    return value
 
 
 def number_text(value: float | Decimal) -> str:

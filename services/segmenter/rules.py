@@ -93,7 +93,77 @@ def validate_rules(raw: object) -> list[ConditionError]:
             when = rule.get("when")
             if isinstance(when, dict):  # otherwise the shape's errors say what is wrong with it
                 errors += validate(when, catalogue, path=f"$.{kind}[{i}].when", domains=domains)  # type: ignore[arg-type]
+    if not errors:
+        errors += _shadowed_tiers([r for _, r in _rules_of(raw, "tiers")])
     return errors
+
+
+def _shadowed_tiers(tiers: Sequence[dict[str, Any]]) -> list[ConditionError]:
+    """Tiers no customer can reach: every customer one matches is matched by a tier listed
+    before it, which wins (the first match does). A ladder written lowest first put everyone
+    in its lowest tier and was accepted. Judged soundly, never by guess: ``_implies`` answers
+    yes only where it can prove it, so a tier it passes may still be unreachable for reasons
+    of the data (a total over 1,000 with no order), which the preview's counts show."""
+    errors: list[ConditionError] = []
+    for j, later in enumerate(tiers):
+        for earlier in tiers[:j]:
+            if _implies(later["when"], earlier["when"]):
+                errors.append(
+                    ConditionError(
+                        f"$.tiers[{j}].when",
+                        f"{later['name']!r} can never be assigned: every customer it matches is matched "
+                        f"by {earlier['name']!r}, listed before it (tiers are tried in order and the "
+                        "first that matches wins: list the highest tier first)",
+                    )
+                )
+                break
+    return errors
+
+
+_LOWER = {"gte": False, "gt": True}  # op → strict
+_UPPER = {"lte": False, "lt": True}
+
+
+def _implies(b: Any, a: Any, depth: int = 0) -> bool:
+    """Whether every customer condition ``b`` matches is matched by condition ``a`` too, where
+    it can be shown from the conditions alone (valid trees; False when it cannot be shown)."""
+    if depth > 24:
+        return False
+    if a in (b, {"all": []}):
+        return True
+    if "all" in a:
+        return all(_implies(b, c, depth + 1) for c in a["all"])
+    if "any" in a and any(_implies(b, c, depth + 1) for c in a["any"]):
+        return True
+    if "all" in b:
+        return any(_implies(c, a, depth + 1) for c in b["all"])
+    if "any" in b:
+        return bool(b["any"]) and all(_implies(c, a, depth + 1) for c in b["any"])
+    return "field" in a and "field" in b and _leaf_implies(b, a)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _leaf_implies(b: dict[str, Any], a: dict[str, Any]) -> bool:
+    """One comparison implying another on the same field: a higher threshold implies a lower
+    one (orders_count ≥ 5 → ≥ 1), an equality its bounds, a recent window a longer one. A
+    missing fact matches neither (a comparison never matches null)."""
+    if a["field"] != b["field"]:
+        return False
+    (op_a, x), (op_b, y) = (a["op"], a.get("value")), (b["op"], b.get("value"))
+    if op_a in ("within_days", "older_than_days") and op_b == op_a and _number(x) and _number(y):
+        return y <= x if op_a == "within_days" else y >= x
+    if not (_number(x) and _number(y)):
+        return False
+    if op_a in _LOWER and (op_b in _LOWER or op_b == "eq"):
+        strict = _LOWER[op_a] and not _LOWER.get(op_b, False)
+        return y > x if strict else y >= x
+    if op_a in _UPPER and (op_b in _UPPER or op_b == "eq"):
+        strict = _UPPER[op_a] and not _UPPER.get(op_b, False)
+        return y < x if strict else y <= x
+    return False
 
 
 def ruleset_etag(raw: object) -> str:

@@ -307,6 +307,73 @@ def test_values_no_customer_can_have_are_refused_with_the_close_ones() -> None:
     assert paths(bad_tier) == ["$.tiers[0].when.value"]
 
 
+def test_a_tier_no_customer_can_reach_is_refused() -> None:
+    # The default ladder written lowest first: everyone who bought is bronze, and gold and
+    # platinum (5+ and 10+ orders, so 1+) could never be assigned.
+    raw = default_rules()
+    raw["tiers"].reverse()
+    found = problems(raw)
+    assert [p for p, _ in found] == ["$.tiers[2].when", "$.tiers[3].when"]
+    assert found[0][1] == (
+        "'gold' can never be assigned: every customer it matches is matched by 'bronze', listed before "
+        "it (tiers are tried in order and the first that matches wins: list the highest tier first)"
+    )
+    catch_all = [rule("everyone", {"all": []}), rule("gold", leaf("total_value", "gte", 1000))]
+    assert paths({"tiers": catch_all, "segments": []}) == ["$.tiers[1].when"]
+    silver_first = [
+        rule("silver", leaf("total_value", "gt", 100)),
+        rule("gold", leaf("total_value", "eq", 101)),
+    ]
+    assert paths({"tiers": silver_first, "segments": []}) == ["$.tiers[1].when"]
+    # Reachable: a higher bar first, a bar on another fact, an equal bar not strictly met.
+    for tiers in (
+        [rule("gold", leaf("total_value", "gte", 1000)), rule("silver", leaf("total_value", "gte", 100))],
+        [rule("loyal", leaf("orders_count", "gte", 5)), rule("big", leaf("total_value", "gte", 1000))],
+        [rule("above", leaf("total_value", "gt", 100)), rule("at", leaf("total_value", "gte", 100))],
+        [
+            rule("young", leaf("first_purchase_at", "within_days", 30)),
+            rule("old", leaf("first_purchase_at", "within_days", 60)),
+        ],
+    ):
+        assert problems({"tiers": tiers, "segments": []}) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    conditions=st.lists(
+        st.recursive(
+            st.builds(
+                leaf,
+                st.sampled_from(["total_value", "orders_count"]),
+                st.sampled_from(["gte", "gt", "lte", "lt", "eq"]),
+                st.integers(0, 6),
+            ),
+            lambda children: st.one_of(
+                st.builds(lambda c: {"all": c}, st.lists(children, max_size=3)),
+                st.builds(lambda c: {"any": c}, st.lists(children, min_size=1, max_size=3)),
+            ),
+            max_leaves=5,
+        ),
+        min_size=2,
+        max_size=2,
+    ),
+    customers=st.lists(st.tuples(st.integers(-1, 7), st.integers(-1, 7)), min_size=1, max_size=30),
+)
+def test_a_tier_refused_as_unreachable_is_unreachable(
+    conditions: list[dict[str, Any]], customers: list[tuple[int, int]]
+) -> None:
+    first, second = conditions
+    raw = {"tiers": [rule("first", first), rule("second", second)], "segments": []}
+    if paths(raw) != ["$.tiers[1].when"]:
+        return
+    rules = compile_rules({**raw, "tiers": [rule("second", second)]}, 1)
+    earlier = compile_rules({**raw, "tiers": [rule("first", first)]}, 1)
+    for total, orders in customers:
+        facts = base_facts(total_value=total, orders_count=orders)
+        if rules.assign(facts, NOW).tier == "second":
+            assert earlier.assign(facts, NOW).tier == "first", (facts, first, second)
+
+
 def test_every_problem_is_reported_at_once() -> None:
     raw = {
         "tiers": [rule("a", {"all": [leaf("nope", "eq", 1), leaf("total_value", "gt", "x")]})],

@@ -538,6 +538,19 @@ def test_depth_limit() -> None:
     assert paths_of(deep) == ["$" + ".all[0]" * 12]
 
 
+def test_a_value_nested_deep_is_named_without_being_written_out() -> None:
+    # Its error message once wrote the whole value, and a thousand levels failed that (a 500).
+    deep: list[Any] = [1]
+    for _ in range(5000):
+        deep = [deep]
+    [(path, message)] = errors_of(leaf("country", "eq", deep))
+    assert path == "$.value"
+    assert message.endswith("not an array ([[…]])"), message
+    wide = {"in": list(range(100))}
+    [(_, message)] = errors_of(leaf("country", "eq", wide))
+    assert message.endswith('({"in": […]})'), message
+
+
 def test_cyclic_tree_is_rejected_by_depth() -> None:
     tree: dict[str, Any] = {"all": []}
     tree["all"].append(tree)
