@@ -67,7 +67,9 @@ def _dlq(args: argparse.Namespace) -> int:
         f"{report.topic}.dlq: scanned {report.scanned}, {verb} "
         f"{report.replayed if not args.dry_run else sum(report.by_reason.values())}"
         f" (by reason: {report.by_reason or '-'}), older than --since: {report.skipped_before_since}, "
-        f"letters of a record already taken (one per consumer group): {report.same_record}\n"
+        f"letters of a record already taken (one per consumer group): {report.same_record}, "
+        f"records too large to keep whole, not replayed (their letters hold the start and where "
+        f"each record is on its topic): {report.truncated}\n"
     )
     return 0
 
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     dlq_sub = dlq_parser.add_subparsers(dest="dlq_command", required=True)
     replay = dlq_sub.add_parser("replay", help="put dead letters back on their topic after a fix")
     replay.add_argument("--topic", required=True, help="the original topic, e.g. retain.purchases")
-    replay.add_argument("--since", type=_aware, help="only letters first refused at or after (RFC 3339)")
+    replay.add_argument(
+        "--since", type=_aware, help="only letters refused at or after (their x-retain-refused-at; RFC 3339)"
+    )
     replay.add_argument("--reason", help="only letters refused for this reason, e.g. undecodable")
     replay.add_argument("--dry-run", action="store_true", help="count, do not send")
     replay.add_argument(

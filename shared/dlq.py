@@ -29,6 +29,8 @@ from shared.topics import DLQ_SUFFIX, dlq
 ORIGIN_HEADERS = ("x-retain-topic", "x-retain-partition", "x-retain-offset", "x-retain-first-seen")
 REPLAYED_FROM = "x-retain-replayed-from"
 REFUSED_AT = "x-retain-refused-at"
+# A letter of a record too large to keep whole: the record's size; the letter holds its start.
+TRUNCATED = "x-retain-truncated"
 SEND_CHUNK = 1000  # records sent at a time: a large DLQ is not held in memory to the end
 
 
@@ -45,6 +47,9 @@ class ReplayReport:
     # Letters of a record already taken: every consumer group of a topic dead-letters the same
     # poison record on its own, and it goes back once.
     same_record: int = 0
+    # Letters of records too large to keep whole (``TRUNCATED``): not sent back, since only
+    # their start is here; their origin headers say where the record is on its topic.
+    truncated: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -106,6 +111,9 @@ class _Replay:
             report.skipped_before_since += 1
             return
         if self.reason is not None and why != self.reason:
+            return
+        if _header(headers, TRUNCATED) is not None:
+            report.truncated += 1
             return
         partition = _header(headers, "x-retain-partition")
         offset = _header(headers, "x-retain-offset")

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared.codec import encode_key
-from shared.dlq import REFUSED_AT, carried_origin
+from shared.dlq import REFUSED_AT, TRUNCATED, carried_origin
 from shared.events import one_error_per_attribute
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
@@ -139,6 +139,37 @@ def _describe(exc: Exception) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or '(record)'}: {e['msg'].removeprefix('Value error, ')}"
         for e in one_error_per_attribute(exc.errors(include_url=False))
+    )
+
+
+# A letter must fit in one request to the broker (message.max.bytes, 1 MiB by default) as our
+# producer compresses it: a record that fit only thanks to its own producer's stronger
+# compression (1.2 MB of base64, gzipped to 900 kB) came back from the broker as too large,
+# which reads as the broker being away: the letter was retried for ever and the consumer stood
+# still on every partition it had. A letter beyond this keeps the record's first
+# ``DLQ_KEPT_BYTES`` and says how large it was (``TRUNCATED``); replay skips it.
+DLQ_MAX_BYTES = 768 * 1024
+DLQ_KEPT_BYTES = 64 * 1024
+
+
+def _letter(d: _DeadLetter, group: str, now: str) -> OutboundRecord:
+    """The dead letter of one record: its key and value, why, and where it came from."""
+    key, value = d.record.key or b"", d.record.value or b""
+    cut: tuple[tuple[str, bytes], ...] = ()
+    if len(key) + len(value) + len(d.detail) > DLQ_MAX_BYTES:
+        cut = ((TRUNCATED, str(len(value)).encode()),)
+        key, value = key[:DLQ_KEPT_BYTES], value[:DLQ_KEPT_BYTES]
+    return OutboundRecord(
+        topic=dlq(d.record.topic),
+        key=key,
+        value=value,
+        headers=(
+            ("x-retain-error", d.reason.encode()),
+            ("x-retain-error-detail", d.detail[:DLQ_KEPT_BYTES].encode()),
+            *_origin(d.record, now),
+            ("x-retain-group", group.encode()),
+            *cut,
+        ),
     )
 
 
@@ -511,20 +542,7 @@ class ConsumerLoop(Generic[T]):
 
     async def _dead_letter(self, dead: list[_DeadLetter]) -> bool:
         now = datetime.now(UTC).isoformat()
-        records = [
-            OutboundRecord(
-                topic=dlq(d.record.topic),
-                key=d.record.key or b"",
-                value=d.record.value or b"",
-                headers=(
-                    ("x-retain-error", d.reason.encode()),
-                    ("x-retain-error-detail", d.detail.encode()),
-                    *_origin(d.record, now),
-                    ("x-retain-group", self._group_id.encode()),
-                ),
-            )
-            for d in dead
-        ]
+        records = [_letter(d, self._group_id, now) for d in dead]
         try:
             await self._retrying(lambda: self._send(records))
         except _StoppedError:

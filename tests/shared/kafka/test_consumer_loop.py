@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import IllegalStateError, KafkaConnectionError
 from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import Column, MetaData, Numeric, String, Table, select
@@ -182,6 +185,39 @@ async def test_poison_goes_to_the_dlq_and_the_partition_keeps_flowing(
     assert all(b"T" in h["x-retain-first-seen"] for h in headers)
     assert loop.stats.dead_lettered == 3
     assert loop.stats.applied == 2
+
+
+async def test_a_record_too_large_for_a_letter_is_dead_lettered_by_its_start_and_the_stream_goes_on(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """1.2 MB of base64 fits the broker's 1 MiB gzipped by its producer, not lz4'd in a letter:
+    the broker refused the letter as too large, which was retried for ever as the broker being
+    away, and nothing after the record was applied."""
+    topic = topic_prefix + "purchases"
+    poison = b'{"avatar": "' + base64.b64encode(random.Random(7).randbytes(900_000)) + b'"}'
+    assert len(poison) > 1_200_000
+    raw = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, compression_type="gzip", max_request_size=2**21)
+    await raw.start()
+    try:
+        await raw.send_and_wait(topic, poison, key=b"c1")
+        await raw.send_and_wait(topic, encode_event(purchase(1, "c1", "10")), key=b"c1")
+    finally:
+        await raw.stop()
+    loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db))
+    try:
+        await drain(loop, 2, timeout_s=60)
+    finally:
+        await stop(loop)
+    assert (loop.stats.dead_lettered, loop.stats.applied, loop.stats.retries) == (1, 1, 0)
+    assert await total_of(db, "c1") == Decimal("10")
+    [letter] = await read_all(kafka.bootstrap, [topic + ".dlq"])
+    headers = dict(letter.headers)
+    assert headers["x-retain-truncated"] == str(len(poison)).encode()
+    assert headers["x-retain-error"] == b"undecodable"
+    assert letter.value == poison[: consumer_module.DLQ_KEPT_BYTES]
+    assert int(headers["x-retain-offset"]) == 0  # where the whole record is
+    report = await replay(kafka.bootstrap, topic)
+    assert (report.truncated, report.replayed, report.by_reason) == (1, 0, {})
 
 
 async def test_a_record_still_poison_after_a_replay_keeps_its_first_letter_and_goes_back_once(
