@@ -269,6 +269,19 @@ def test_a_backend_event_decodes_on_its_own_topic_only(kind: str) -> None:
         decode_event_on(elsewhere, payload)
 
 
+def test_straight_onto_kafka_a_nul_is_refused_as_ingest_refuses_it() -> None:
+    # PostgreSQL stores no NUL: the segmenter failed its write of the profile (a letter naming
+    # an SQL statement) while the kpi applied the same event.
+    named = orjson.dumps({**EXAMPLES["profile"], "name": "No\u0000a", "attributes": {"k\u0000": 1}})
+    with pytest.raises(
+        ValueError, match=r"^NUL characters are not allowed \(at \$\.name, \$\.attributes\[\?\]\)$"
+    ):
+        decode_event_on("retain.profiles", named)
+    # The escaped backslash before u0000 is text, not a NUL.
+    text = orjson.dumps({**EXAMPLES["profile"], "name": "No\\u0000a"})
+    assert decode_event_on("retain.profiles", text).name == "No\\u0000a"
+
+
 def test_straight_onto_kafka_the_time_is_bounded_as_ingest_bounds_it() -> None:
     """A record produced straight to Kafka with a year typed wrong is refused (dead-lettered by
     the consumer) by the bound ingest applies; one within it, or in the past, is taken."""
