@@ -78,7 +78,8 @@ CONSUMER_MISKEYED = Counter(
 CONSUMER_BROKER_CONTACT = Gauge(
     "retain_consumer_broker_contact_timestamp_seconds",
     "When the broker last answered this consumer's metadata request, made every 15 s apart from "
-    "the loop's passes (Unix seconds): it stands still while the broker is away or unreachable.",
+    "the loop's passes (Unix seconds): it stands still while the broker is away or unreachable; "
+    "until the broker first answers, the time the loop started.",
     ["group"],
 )
 

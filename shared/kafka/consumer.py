@@ -286,7 +286,13 @@ class ConsumerLoop(Generic[T]):
             backoff = min(backoff * 2, self._max_backoff_s)
 
     async def run(self) -> None:
+        # Until the broker first answers, the contact is the loop's start: a process restarted
+        # while the broker is away ages into RetainConsumerBrokerUnreachable as the one it
+        # replaced did (with no series, it said nothing while the broker stayed away).
+        CONSUMER_BROKER_CONTACT.labels(self._group_id).set_to_current_time()
         if not await self._start():
+            with contextlib.suppress(KeyError):
+                CONSUMER_BROKER_CONTACT.remove(self._group_id)
             await self._consumer.stop()
             return
         log.info("consumer started", group=self._group_id, topics=self._topics)

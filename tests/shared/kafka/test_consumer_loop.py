@@ -610,6 +610,34 @@ async def test_long_work_between_batches_beats_for_a_bounded_time(monkeypatch: p
     assert 5 <= len(beats) <= 10  # only during its first 0.2 s: the rest is a stall
 
 
+async def test_a_loop_started_while_the_broker_is_away_exports_its_start_as_the_contact() -> None:
+    """Restarted during an outage, a consumer waits for the broker before its first pass: the
+    contact gauge is there from the start, and stands still, so the alert sees the outage."""
+    group = "g-started-away"
+    loop: ConsumerLoop[Event] = ConsumerLoop(
+        bootstrap="127.0.0.1:1",
+        topics=["t"],
+        group_id=group,
+        decode=lambda _topic, payload: decode_event(payload),
+        handle=ToyHandler(Database("sqlite+aiosqlite://")),  # never called
+        producer=Producer("127.0.0.1:1", client_id="g"),
+    )
+    before = time.time()
+    running = asyncio.create_task(loop.run())
+    try:
+        await asyncio.sleep(0.5)
+        assert loop.stats.batches == 0  # still waiting for the broker
+        contact = CONSUMER_BROKER_CONTACT.labels(group)._value.get()
+        assert before <= contact <= before + 0.5
+        await asyncio.sleep(0.3)
+        assert CONSUMER_BROKER_CONTACT.labels(group)._value.get() == contact
+    finally:
+        loop.stop()
+        await asyncio.wait_for(running, 30)
+    exported = generate_latest(REGISTRY).decode()  # stopped on purpose: no contact to age
+    assert f'retain_consumer_broker_contact_timestamp_seconds{{group="{group}"}}' not in exported
+
+
 async def test_the_broker_contact_stands_still_while_the_broker_does_not_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
