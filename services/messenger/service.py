@@ -83,7 +83,9 @@ DECISIONS = Counter(
 )
 PROVIDER_CALLS = Counter(
     "retain_messenger_provider_calls_total",
-    "Provider calls by provider, channel and result (after retries).",
+    "Provider calls by provider, channel and result (after retries): ok; error (the message "
+    "failed); deferred (the provider said when to come back, a rate limit's Retry-After longer "
+    "than a call waits: the message is queued again until then).",
     ["provider", "channel", "result"],
 )
 PROVIDER_SECONDS = Histogram(
@@ -1103,15 +1105,13 @@ class MessengerService:
                     rng=self._jitter,
                 )
         except TimeoutError:
-            PROVIDER_CALLS.labels(provider.name, row.channel, "error").inc()
             seconds = self.settings.messenger_send_timeout_s
             message = f"no answer within {seconds:g} s, retries and pacing included"
             return ProviderError(
                 "timeout", message, permanent=False, maybe_delivered=True, provider=provider.name
             )
         except ProviderError as exc:
-            PROVIDER_CALLS.labels(provider.name, row.channel, "error").inc()
-            return exc
+            return exc  # counted by _record: an error, or deferred to when the provider said
         finally:
             PROVIDER_SECONDS.labels(provider.name).observe((self.clock() - started).total_seconds())
         PROVIDER_CALLS.labels(provider.name, row.channel, "ok").inc()
@@ -1140,6 +1140,8 @@ class MessengerService:
                 "code": result.code,
             }
             send_at = _come_back_at(row, result, now)
+            name = self.providers[Channel(row.channel)].name
+            PROVIDER_CALLS.labels(name, row.channel, "error" if send_at is None else "deferred").inc()
             if send_at is not None:
                 # The provider named when to come back (a rate limit's Retry-After, longer than
                 # a call sleeps through): queued again until then, not failed. Still queued to

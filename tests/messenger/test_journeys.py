@@ -464,7 +464,13 @@ async def test_no_congratulations_to_a_customer_who_cancelled(world: World) -> N
     # late: the tier rises, and a customer who left is not told of their new perks.
     customer = treated("tier-churned", "tier_upgrade")
     upgrade = update(
-        customer, "en", NOON, tier_old="silver", tier="gold", cause=UpdateCause.RULES, lifecycle_stage="churned"
+        customer,
+        "en",
+        NOON,
+        tier_old="silver",
+        tier="gold",
+        cause=UpdateCause.RULES,
+        lifecycle_stage="churned",
     )
     await world.service.apply_batch(delivered([upgrade]))
     assert await messages(world, customer) == []

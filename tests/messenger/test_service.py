@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import event, select
 from twilio.request_validator import RequestValidator
@@ -429,8 +430,20 @@ async def test_a_provider_asking_to_come_back_later_gets_the_message_then_not_a_
         raise ProviderError("429", "Too Many Requests", permanent=False, retry_after=3600, provider="outbox")
 
     provider.send = limited  # type: ignore[method-assign]
+
+    def calls_counted(result: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "retain_messenger_provider_calls_total",
+            {"provider": "outbox", "channel": "sms", "result": result},
+        )
+        return value or 0.0
+
+    counted = {r: calls_counted(r) for r in ("deferred", "error")}
     try:
         assert [(o.status, o.reason) for o in await world.service.send_due()] == [("queued", "429")]
+        # Not a failure on the dashboards and for RetainProviderFailureRate: deferred.
+        assert calls_counted("deferred") == counted["deferred"] + 1
+        assert calls_counted("error") == counted["error"]
         [row] = await messages(world, customer)
         assert row["status"] == "queued"
         assert "outbox 429: again after" in row["reason"]
@@ -456,6 +469,7 @@ async def test_a_provider_asking_to_come_back_later_gets_the_message_then_not_a_
     finally:
         provider.send = real_send  # type: ignore[method-assign]
     assert statuses == ["queued"] * (service_module.MAX_CLAIMS - 1) + ["failed"]
+    assert calls_counted("error") == counted["error"] + 1  # the last claim: the message failed
     [row] = await messages(world, other)
     assert (row["status"], row["error_code"]) == ("failed", "429")
     assert await world.service.send_due() == []
