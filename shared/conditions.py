@@ -631,9 +631,13 @@ class _Compiler:
         max_depth: int,
         max_nodes: int,
         domains: Domains | None = None,
+        writing: bool = False,
     ) -> None:
         self.catalogue = catalogue
         self.domains: Domains = domains or {}
+        # A rule being written (``validate``) is judged further than a stored one being loaded
+        # (``compile_condition``), which must still load after a check is added.
+        self.writing = writing
         self.root_path = root_path
         self.max_depth = max_depth
         self.max_nodes = max_nodes
@@ -776,6 +780,13 @@ class _Compiler:
             days = self.days(value, path)
             if days is None:
                 return None, None
+            if op == "within_days" and days == 0 and self.writing:
+                self.error(
+                    path,
+                    "within_days 0 is a window of no time and holds for no customer; "
+                    "the last 24 hours is within_days 1",
+                )
+                return None, None
             window = timedelta(days=days)
             return (_within(name, window) if op == "within_days" else _older_than(name, window)), window
         if op == "contains":
@@ -879,7 +890,10 @@ class _Compiler:
         outside = [number_text(v) for v in numbers if not domain.low <= v <= domain.high]
         if not never and not (everyone and outside):
             return
-        where = f"{name!r} lies between {number_text(domain.low)} and {number_text(domain.high)}"
+        if math.isinf(domain.high):
+            where = f"{name!r} is never below {number_text(domain.low)}"
+        else:
+            where = f"{name!r} lies between {number_text(domain.low)} and {number_text(domain.high)}"
         result = "would hold for no customer" if never else "would be the same for every customer"
         if item:
             subject, result = "this value", "would match no customer"
@@ -955,7 +969,7 @@ def validate(
     ``max_nodes`` nodes the walk stops with one error at ``path``. ``domains``: values that no
     customer can have are errors too (see ``Domains``).
     """
-    compiler = _Compiler(catalogue, path, max_depth, max_nodes, domains)
+    compiler = _Compiler(catalogue, path, max_depth, max_nodes, domains, writing=True)
     compiler.node(tree, path, 1)
     return compiler.errors
 

@@ -7,6 +7,7 @@ strict on purpose: an event that is accepted here is one every consumer can appl
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -465,6 +466,25 @@ FACT_DOMAINS: Domains = {
     "lifecycle_stage": Choices(frozenset(LIFECYCLE_STAGES)),
     "churn_reason": Choices(frozenset(r.value for r in CancellationReason)),
     "p_alive": Range(0, 1),
+    # Counts, money and durations are never negative: `orders_count lt 0` holds for nobody,
+    # `orders_count gte -1` for everybody by a bound no customer can be below.
+    **dict.fromkeys(
+        (
+            "orders_count",
+            "distinct_purchase_days",
+            "total_value",
+            "avg_order_value",
+            "purchases_30d",
+            "purchases_90d",
+            "purchases_365d",
+            "open_tickets",
+            "complaints_90d",
+            "median_first_response_minutes",
+            "predicted_clv",
+            "expected_purchases_90d",
+        ),
+        Range(0, math.inf),
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -307,6 +308,35 @@ def test_values_outside_a_fields_domain_are_named_where_they_are() -> None:
     # its field had a domain still compiles, and evaluates as written.
     assert errors_of(leaf("country", "eq", "Il")) == []
     assert holds(leaf("country", "eq", "Il"), {"country": "Il"})
+
+
+def test_a_quantity_no_customer_has_below_zero_is_judged_by_its_open_range() -> None:
+    never_negative = {"orders": Range(0, math.inf)}
+    assert errors_of(leaf("orders", "lt", 0), domains=never_negative) == [
+        ("$.value", "'orders' is never below 0, so orders lt 0 would hold for no customer")
+    ]
+    [(_, message)] = errors_of(leaf("orders", "gte", -1), domains=never_negative)
+    assert (
+        message == "'orders' is never below 0; -1 is outside that, so the comparison would be the same for "
+        "every customer"
+    )
+    for ok in (leaf("orders", "gte", 0), leaf("orders", "gt", 10**6), leaf("orders", "between", [-1, 3])):
+        assert errors_of(ok, domains=never_negative) == [], ok
+
+
+def test_a_window_of_no_time_is_refused_when_written_and_loads_when_stored() -> None:
+    # "Bought today" written as within_days 0 held only for purchases dated in the future.
+    assert errors_of(leaf("last_purchase_at", "within_days", 0)) == [
+        (
+            "$.value",
+            "within_days 0 is a window of no time and holds for no customer; "
+            "the last 24 hours is within_days 1",
+        )
+    ]
+    assert errors_of(leaf("last_purchase_at", "older_than_days", 0)) == []
+    assert not holds(
+        leaf("last_purchase_at", "within_days", 0), {"last_purchase_at": NOW - timedelta(hours=3)}
+    )
 
 
 def test_a_comparison_is_judged_by_what_it_selects_of_a_fields_range() -> None:
