@@ -44,7 +44,7 @@ from services.segmenter.updates import (
 from shared.codec import encode, encode_key
 from shared.conditions import ConditionError
 from shared.db import Database, claim_events
-from shared.events import ClvPrediction, CustomerUpdate, Event, UpdateCause
+from shared.events import ClvPrediction, CustomerUpdate, Event, PurchaseEvent, UpdateCause
 from shared.kafka.consumer import BatchResult, Delivered
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
@@ -71,7 +71,15 @@ PUBLISH_JOB_PROGRESS = Gauge(
     "retain_segmenter_publish_job_progress_ratio", "Share of customers re-evaluated.", registry=None
 )
 SWEPT = Counter("retain_segmenter_swept_total", "Customers re-evaluated because time passed.", registry=None)
-CONSUMER_METRICS = (PUBLISH_JOB_PROGRESS, SWEPT)
+UNCONVERTED = Counter(
+    "retain_segmenter_unconverted_purchases_total",
+    "Purchase events applied in a currency RETAIN_SEGMENTER_FX_RATES has no rate for, by currency: "
+    "left out of the customer's total_value and avg_order_value, so out of the tiers and segments "
+    "written over them.",
+    ["currency"],
+    registry=None,
+)
+CONSUMER_METRICS = (PUBLISH_JOB_PROGRESS, SWEPT, UNCONVERTED)
 
 Clock = Callable[[], datetime]
 
@@ -186,6 +194,10 @@ class SegmenterService:
                     key = ",".join(sorted(e.event_id for e in events))
                     decisions.append(decide_events(state, old, events, rules, self.config, now, key))
                 staged = await self._enqueue(session, await self._write(session, decisions, now))
+        for events in fresh.values():  # committed: counted once
+            for event in events:
+                if isinstance(event, PurchaseEvent) and self.config.rate(event.currency) is None:
+                    UNCONVERTED.labels(event.currency).inc()
         await self._relay(staged)  # publish after commit
         return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
 

@@ -1,0 +1,51 @@
+"""SegmenterService's handler: what it counts for operators as it applies events."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from services.segmenter.config import SegmenterSettings
+from services.segmenter.consumer import MIGRATIONS
+from services.segmenter.service import UNCONVERTED, SegmenterService
+from shared.db import Database, migrate
+from shared.events import ClvPrediction, Event
+from shared.kafka.consumer import Delivered
+from tests.segmenter.factories import NOW, purchase
+
+
+def unconverted(currency: str) -> float:
+    registry = CollectorRegistry()
+    registry.register(UNCONVERTED)
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith(f'retain_segmenter_unconverted_purchases_total{{currency="{currency}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_purchase_in_a_currency_without_a_rate_is_counted_once_and_kept_out_of_the_total(
+    tmp_path: Path,
+) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'segmenter.db'}")
+    await migrate(db, MIGRATIONS)
+    service = SegmenterService(db, SegmenterSettings(var_dir=tmp_path), clock=lambda: NOW)
+    await service.ensure_default_rules()
+    events: list[Event | ClvPrediction] = [
+        purchase("p-1", NOW - timedelta(days=3), "o-1", "200000", "JPY"),
+        purchase("p-2", NOW - timedelta(days=2), "o-2", "100.00", "ILS"),
+    ]
+    batch = [Delivered("retain.purchases", 0, i, b"c-1", e, 0) for i, e in enumerate(events)]
+    before = unconverted("JPY")
+    await service.apply_batch(batch)
+    assert unconverted("JPY") == before + 1
+    await service.apply_batch(batch)  # a replay: applied once, counted once
+    assert unconverted("JPY") == before + 1
+    assert unconverted("ILS") == 0.0
+    customer = await service.customer("c-1")
+    assert customer is not None
+    facts = customer["profile"]
+    assert (facts["orders_count"], facts["total_value"]) == (2, 100.0)
+    assert facts["unconverted_currencies"] == ["JPY"]
+    await db.dispose()
