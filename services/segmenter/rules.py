@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -142,7 +142,7 @@ def _implies(b: Any, a: Any, depth: int = 0) -> bool:
     return "field" in a and "field" in b and _leaf_implies(b, a)
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -152,11 +152,12 @@ def _leaf_implies(b: dict[str, Any], a: dict[str, Any]) -> bool:
     missing fact matches neither (a comparison never matches null)."""
     if a["field"] != b["field"]:
         return False
-    (op_a, x), (op_b, y) = (a["op"], a.get("value")), (b["op"], b.get("value"))
-    if op_a in ("within_days", "older_than_days") and op_b == op_a and _number(x) and _number(y):
-        return y <= x if op_a == "within_days" else y >= x
-    if not (_number(x) and _number(y)):
+    op_a, op_b, value_a, value_b = a["op"], b["op"], a.get("value"), b.get("value")
+    if not (_number(value_a) and _number(value_b)):
         return False
+    x, y = value_a, value_b  # compared as given: int and float compare exactly
+    if op_a in ("within_days", "older_than_days"):
+        return op_b == op_a and (y <= x if op_a == "within_days" else y >= x)
     if op_a in _LOWER and (op_b in _LOWER or op_b == "eq"):
         strict = _LOWER[op_a] and not _LOWER.get(op_b, False)
         return y > x if strict else y >= x
