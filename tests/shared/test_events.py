@@ -279,7 +279,9 @@ def test_straight_onto_kafka_a_nul_is_refused_as_ingest_refuses_it() -> None:
         decode_event_on("retain.profiles", named)
     # The escaped backslash before u0000 is text, not a NUL.
     text = orjson.dumps({**EXAMPLES["profile"], "name": "No\\u0000a"})
-    assert decode_event_on("retain.profiles", text).name == "No\\u0000a"
+    kept = decode_event_on("retain.profiles", text)
+    assert isinstance(kept, ProfileEvent)
+    assert kept.name == "No\\u0000a"
 
 
 def test_straight_onto_kafka_the_time_is_bounded_as_ingest_bounds_it() -> None:
