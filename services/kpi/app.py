@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,20 +28,49 @@ from shared.metrics import expose
 log = get_logger(__name__)
 
 
-class RefreshGaugesOnScrape:
-    """Recomputes the KPI gauges (at most every kpi_metrics_ttl_s) before /metrics answers, so
-    Prometheus reads current values without a background task in the web process."""
+# How long a scrape waits for the KPI gauges to be recomputed before it is answered with the
+# values as they stand: well under Prometheus's scrape_timeout (10 s in deploy/prometheus).
+SCRAPE_WAIT_S = 5.0
 
-    def __init__(self, app: ASGIApp, service: KpiService) -> None:
-        self.app = app
+
+class GaugeRefresher:
+    """Recomputes the KPI gauges (at most every kpi_metrics_ttl_s) when /metrics is scraped, so
+    Prometheus reads current values without a background task in the web process. A scrape
+    waits for the recomputation up to ``SCRAPE_WAIT_S``, then is answered with the last values
+    while it goes on: on a large history (a second for a few thousand customers), or with the
+    database slow to answer, a scrape that waited for it ran past Prometheus's timeout, and the
+    API read as down (RetainTargetDown) with every KPI alert blind."""
+
+    def __init__(self, service: KpiService) -> None:
         self.service = service
+        self._task: asyncio.Task[None] | None = None
+
+    async def before_scrape(self, wait_s: float = SCRAPE_WAIT_S) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._refresh())
+        await asyncio.wait({self._task}, timeout=wait_s)
+
+    async def _refresh(self) -> None:
+        try:
+            await self.service.refresh_gauges()
+        except Exception as exc:  # noqa: BLE001 - stale gauges beat a failed scrape; logged by type
+            log.warning("KPI gauges not refreshed", error=type(exc).__name__, detail=str(exc)[:300])
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class RefreshGaugesOnScrape:
+    def __init__(self, app: ASGIApp, refresher: GaugeRefresher) -> None:
+        self.app = app
+        self.refresher = refresher
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path") == "/metrics":
-            try:
-                await self.service.refresh_gauges()
-            except Exception as exc:  # noqa: BLE001 - stale gauges beat a failed scrape; logged by type
-                log.warning("KPI gauges not refreshed", error=type(exc).__name__, detail=str(exc)[:300])
+            await self.refresher.before_scrape()
         await self.app(scope, receive, send)
 
 
@@ -48,6 +79,7 @@ def create_app(settings: KpiSettings | None = None) -> FastAPI:
     start_logging(settings, api=True)
     db = Database(settings.database_url)
     service = KpiService(db, settings)
+    refresher = GaugeRefresher(service)
     expose(KPI_GAUGES)  # the KPI values are the API's: computed when /metrics is scraped
 
     @asynccontextmanager
@@ -55,6 +87,7 @@ def create_app(settings: KpiSettings | None = None) -> FastAPI:
         await migrate(db, MIGRATIONS)
         settle_collector()
         yield
+        await refresher.stop()
         await db.dispose()
 
     app = FastAPI(
@@ -77,6 +110,6 @@ def create_app(settings: KpiSettings | None = None) -> FastAPI:
         return {"database": True}
 
     setup_app(app, "kpi", ready, max_body_bytes=settings.http_max_body_bytes)
-    app.add_middleware(RefreshGaugesOnScrape, service=service)
+    app.add_middleware(RefreshGaugesOnScrape, refresher=refresher)
     app.include_router(router)
     return app
