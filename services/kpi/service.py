@@ -103,6 +103,13 @@ BREACH_RATE = Gauge(
     ["category"],
     registry=None,
 )
+TICKETS = Gauge(
+    "retain_kpi_tickets",
+    "Tickets opened in the metrics window: the breach ratio's denominator (a ratio of three tickets "
+    "is no trend).",
+    ["category"],
+    registry=None,
+)
 OPEN_IN_BREACH = Gauge(
     "retain_kpi_open_tickets_in_breach",
     "Unresolved tickets already past their first-response target.",
@@ -175,6 +182,7 @@ LABELLED_GAUGES = (
     FIRST_RESPONSE_TARGET,
     RESOLUTION,
     BREACH_RATE,
+    TICKETS,
     OPEN_IN_BREACH,
     CHURN_RATE,
     CONVERSION_RATE,
@@ -1287,6 +1295,7 @@ class KpiService:
             ):
                 _set(RESOLUTION, (cat, q), v)
             _set(BREACH_RATE, (cat,), st.breach_rate)
+            TICKETS.labels(cat).set(st.tickets)
             FIRST_RESPONSE_TARGET.labels(cat).set(targets.per_category.get(cat, targets.default_s))
         for cat in {*response, *breaching}:
             OPEN_IN_BREACH.labels(cat).set(breaching.get(cat, 0))

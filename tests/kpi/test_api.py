@@ -924,6 +924,13 @@ async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
     assert response.status_code == 200
     lines = [line for line in response.text.splitlines() if line.startswith("retain_kpi_")]
     assert 'retain_kpi_open_tickets_in_breach{category="account"} 1.0' in lines
+    # Beside each breach ratio, its denominator: RetainResponseTimeBreachRate wants 20 tickets.
+    ratios = {
+        line.split('"')[1] for line in lines if line.startswith("retain_kpi_first_response_breach_ratio{")
+    }
+    counted = {line.split('"')[1] for line in lines if line.startswith("retain_kpi_tickets{")}
+    assert ratios == counted
+    assert ratios
     assert any(
         line.startswith('retain_kpi_first_response_seconds{category="billing",quantile="0.5"}')
         for line in lines
