@@ -72,7 +72,7 @@ def kpi_events(now: datetime, seed: int = 11) -> list[Event | MessageEvent]:
                     )
             if n % 3 == 0:  # converts
                 events.append(purchase(cid, sent + timedelta(days=1), "120.00", order=f"conv-{cid}"))
-    for t in range(24):
+    for t in range(72):  # 24 a category: RetainResponseTimeBreachRate wants 20
         opened = now - timedelta(days=rng.uniform(0.5, 25))
         category = ("billing", "complaint", "delivery")[t % 3]
         ticket = f"T-{t:03d}"
