@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute, iter_route_contexts
@@ -18,7 +19,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import ScopeRequirement
-from shared.errors import ErrorResponse, error_body, install_error_handlers
+from shared.errors import ErrorResponse, InvalidInputError, error_body, install_error_handlers
 from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, Any]]]
@@ -138,6 +139,59 @@ class BodyLimit:
             return event
 
         await self.app(scope, limited, send)
+
+
+class _Object(dict[str, Any]):
+    """A JSON object as parsed, with the keys it was given more than once."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    found = _Object(pairs)
+    if len(found) < len(pairs):
+        seen: set[str] = set()
+        repeated: list[str] = []
+        for key, _ in pairs:
+            if key in seen:
+                repeated.append(key)
+            seen.add(key)
+        found.repeated = tuple(repeated)
+    return found
+
+
+def repeated_keys(body: bytes) -> list[tuple[str, str]]:
+    """(JSON path, key) of each key given twice in one object of ``body``; none for a body
+    that is not JSON (the route's own parsing says what is wrong with it)."""
+    try:
+        value = json.loads(body, object_pairs_hook=_object)
+    except (ValueError, RecursionError):
+        return []
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[Any, str]] = [(value, "$")]
+    while stack:  # a loop: the JSON may be nested as deep as the parser allowed
+        item, path = stack.pop()
+        if isinstance(item, _Object):
+            found += [(path, key) for key in item.repeated]
+            stack += [(child, f"{path}.{key}") for key, child in reversed(item.items())]
+        elif isinstance(item, list):
+            stack += [(child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item)))]
+    return found
+
+
+async def unique_json_keys(request: Request) -> None:
+    """Refuse (422, each at its JSON path) a JSON body with a key given twice in one object:
+    parsed, the last one wins and the first is dropped without a word (a segment's two ``all``
+    lists, a leaf's two ``value``s), so what is stored is not what was written. For the APIs
+    people write JSON for by hand: rules, journeys, caps, templates."""
+    if not request.headers.get("content-type", "").lower().startswith("application/json"):
+        return
+    found = repeated_keys(await request.body())
+    if found:
+        raise InvalidInputError(
+            "a key is given twice in one JSON object: only the last would be kept; give each key once",
+            details=[{"path": path, "message": f"{key!r} is given more than once"} for path, key in found],
+        )
 
 
 def if_match_etag(value: str | None) -> str | None:

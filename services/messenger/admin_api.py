@@ -16,9 +16,11 @@ from services.messenger.templates import VARIABLES, SmsEncoding, Template
 from shared.auth import allows
 from shared.errors import ErrorResponse, ForbiddenError
 from shared.events import Channel, MessageKind
+from shared.http import unique_json_keys
 from shared.storable import storable
 
-router = APIRouter()
+# Rules and journeys are JSON written by hand: a key written twice is refused, not half-read.
+router = APIRouter(dependencies=[Depends(unique_json_keys)])
 
 JOURNEY_NAME = r"^[a-z][a-z0-9_]{0,63}$"
 JourneyName = Annotated[str, Path(pattern=JOURNEY_NAME, description="The journey, e.g. win_back.")]

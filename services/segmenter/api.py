@@ -41,10 +41,11 @@ from shared.errors import (
     PreconditionFailedError,
     RetainError,
 )
-from shared.http import if_match_etag
+from shared.http import if_match_etag, unique_json_keys
 from shared.storable import storable
 
-router = APIRouter()
+# Rules and journeys are JSON written by hand: a key written twice is refused, not half-read.
+router = APIRouter(dependencies=[Depends(unique_json_keys)])
 
 
 def _store(request: Request) -> KeyStore:

@@ -126,6 +126,16 @@ async def test_invalid_journeys_are_422_naming_the_json_path(api: Clients) -> No
     unknown_template = await api.writer.post("/v1/journeys", json={**VIP, "template": "no_such"})
     assert paths(unknown_template) == {"$.template"}
 
+    # A key written twice: the last would be kept and the first dropped without a word.
+    twice = json.dumps(VIP)[:-1] + ', "holdout_percent": 0, "holdout_percent": 50}'
+    repeated = await api.writer.post(
+        "/v1/journeys", content=twice, headers={"Content-Type": "application/json"}
+    )
+    assert repeated.status_code == 422
+    assert repeated.json()["error"]["details"] == [
+        {"path": "$", "message": "'holdout_percent' is given more than once"}
+    ]
+
     bad_reentry = await api.writer.put(
         "/v1/journeys/thank_you", json={**VIP, "name": "thank_you", "reentry": "sometimes"}
     )

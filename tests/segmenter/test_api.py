@@ -255,6 +255,32 @@ async def test_validate_reports_problems_without_storing_anything(api: Api) -> N
     assert structural.json()["errors"] == [{"path": "$.tiers", "message": "Field required"}]
 
 
+async def test_a_key_written_twice_is_refused_not_half_read(api: Api) -> None:
+    # Parsed, the second "all" replaced the first, and the spend condition was gone unsaid.
+    text = (
+        '{"tiers": [], "segments": [{"name": "vip", "when": {'
+        '"all": [{"field": "total_value", "op": "gte", "value": 5000}], '
+        '"all": [{"field": "lifecycle_stage", "op": "eq", "value": "active"}]}}], '
+        '"tiers": []}'
+    )
+    headers = {**api.auth(), "Content-Type": "application/json"}
+    before = (await api.get("/v1/rules/draft")).json()["rules"]
+    for method, url in (
+        ("PUT", "/v1/rules/draft"),
+        ("POST", "/v1/rules/validate"),
+        ("POST", "/v1/rules/preview"),
+    ):
+        response = await api.http.request(method, url, content=text, headers=headers)
+        assert response.status_code == 422, (url, response.text)
+        error = response.json()["error"]
+        assert "given twice in one JSON object" in error["message"]
+        assert error["details"] == [
+            {"path": "$", "message": "'tiers' is given more than once"},
+            {"path": "$.segments[0].when", "message": "'all' is given more than once"},
+        ]
+    assert (await api.get("/v1/rules/draft")).json()["rules"] == before
+
+
 # --- preview and publish ----------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from prometheus_client import REGISTRY
 
 from shared.auth import ApiKey, KeyStore, create_key, require_scope
-from shared.http import endpoints, setup_app
+from shared.http import endpoints, repeated_keys, setup_app
 
 LIMIT = 2048
 
@@ -150,3 +150,11 @@ async def test_requests_are_counted_by_route_template_including_the_framework_pa
     assert count("/v1/things/{thing_id}") - before["/v1/things/{thing_id}"] == 2  # the template, not the ids
     assert count("unmatched") == before["unmatched"]  # no 200 went unlabelled
     assert REGISTRY.get_sample_value("retain_http_requests_total", not_found) == missing_before + 1
+
+
+def test_repeated_keys_are_found_at_their_paths_however_deep() -> None:
+    body = b'{"a": 1, "b": [{"x": 1, "x": 2, "y": {"z": 0, "z": 0}}], "a": 3}'
+    assert repeated_keys(body) == [("$", "a"), ("$.b[0]", "x"), ("$.b[0].y", "z")]
+    assert repeated_keys(b'{"a": 1, "b": 2}') == []
+    assert repeated_keys(b"not json") == []  # the route's own parsing names that
+    assert repeated_keys(b"[" * 100_000 + b"]" * 100_000) == []  # too deep to parse: not a crash
