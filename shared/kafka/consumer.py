@@ -429,8 +429,14 @@ class ConsumerLoop(Generic[T]):
         decoded: list[tuple[ConsumerRecord[bytes, bytes], Delivered[T]]] = []
         dead: list[_DeadLetter] = []
         for r in records:
+            if r.value is None:
+                # A tombstone: a producer deleting by key, which no topic of events does. Said
+                # so, not "Invalid JSON: EOF while parsing" as an empty value is.
+                detail = "a null value (a tombstone): events are never deleted by key, nothing to apply"
+                dead.append(_DeadLetter(r, "undecodable", detail))
+                continue
             try:
-                value = self._decode(r.topic, r.value if r.value is not None else b"")
+                value = self._decode(r.topic, r.value)
             except (ValidationError, ValueError, PermanentError) as exc:
                 detail = _describe(exc)[:2000]
                 dead.append(_DeadLetter(r, "undecodable", detail))

@@ -220,6 +220,29 @@ async def test_a_record_too_large_for_a_letter_is_dead_lettered_by_its_start_and
     assert (report.truncated, report.replayed, report.by_reason) == (1, 0, {})
 
 
+async def test_a_tombstone_is_dead_lettered_as_one(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    topic = topic_prefix + "purchases"
+    raw = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await raw.start()
+    try:
+        await raw.send_and_wait(topic, None, key=b"c1")
+        await raw.send_and_wait(topic, b"", key=b"c1")
+    finally:
+        await raw.stop()
+    loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db))
+    try:
+        await drain(loop, 2)
+    finally:
+        await stop(loop)
+    details = [
+        dict(r.headers)["x-retain-error-detail"] for r in await read_all(kafka.bootstrap, [topic + ".dlq"])
+    ]
+    assert details[0] == b"a null value (a tombstone): events are never deleted by key, nothing to apply"
+    assert b"EOF while parsing" in details[1]  # an empty value is another mistake
+
+
 async def test_a_record_still_poison_after_a_replay_keeps_its_first_letter_and_goes_back_once(
     kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
 ) -> None:
