@@ -86,7 +86,23 @@ def _bcp47(value: str) -> str:
         Locale.parse(value, sep="-")
     except (UnknownLocaleError, ValueError) as exc:
         raise ValueError(f"unknown locale {value!r}") from exc
-    return value
+    return _canonical_case(value)
+
+
+def _canonical_case(tag: str) -> str:
+    """A tag in BCP 47's conventional case (RFC 5646 2.1.1): he-IL, zh-Hant-TW. Tags are
+    case-insensitive, but rules compare text: `locale eq "he-IL"` did not match a profile
+    sent as "he-il", and its `language` was "HE" for one sent as "HE-IL"."""
+    first, *rest = tag.split("-")
+    parts = [first.lower()]
+    for sub in rest:  # no extensions (one-letter subtags): the pattern above refuses them
+        if len(sub) == 4 and sub.isalpha():
+            parts.append(sub.title())  # a script
+        elif len(sub) == 2 and sub.isalpha():
+            parts.append(sub.upper())  # a region
+        else:
+            parts.append(sub.lower())
+    return "-".join(parts)
 
 
 @lru_cache(maxsize=1)

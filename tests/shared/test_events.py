@@ -106,6 +106,23 @@ def _json_with(payload: dict[str, Any], number: int) -> bytes:
 
 
 @pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("he-il", "he-IL"),
+        ("HE-IL", "he-IL"),
+        ("he-IL", "he-IL"),
+        ("AR", "ar"),
+        ("zh-hant-tw", "zh-Hant-TW"),
+    ],
+)
+def test_a_locale_is_kept_in_its_conventional_case(sent: str, kept: str) -> None:
+    # Rules compare text: `locale eq "he-IL"` missed a profile sent as "he-il".
+    event = EVENT_ADAPTER.validate_python({**EXAMPLES["profile"], "locale": sent})
+    assert isinstance(event, ProfileEvent)
+    assert event.locale == kept
+
+
+@pytest.mark.parametrize(
     ("field", "value", "fragment"),
     [
         ("phone", "052-1234567", "+ and the country code"),
