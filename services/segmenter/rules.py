@@ -17,7 +17,15 @@ from typing import Annotated, Any, TypeGuard
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from services.segmenter.profile import FACT_TYPES, SEGMENT_FACT_TYPES
-from shared.conditions import Choices, Condition, ConditionError, Explanation, compile_condition, validate
+from shared.conditions import (
+    Choices,
+    Condition,
+    ConditionError,
+    Explanation,
+    compile_condition,
+    unknown_hint,
+    validate,
+)
 from shared.events import FACT_DOMAINS
 
 NO_TIER = "none"
@@ -69,9 +77,7 @@ def validate_rules(raw: object) -> list[ConditionError]:
     try:
         RuleSet.model_validate(raw)
     except ValidationError as exc:
-        errors += [
-            ConditionError(_json_path(tuple(e["loc"])), e["msg"]) for e in exc.errors(include_url=False)
-        ]
+        errors += [_said_plainly(e) for e in exc.errors(include_url=False)]
     # A segment rule may read the tier just assigned: one of this set's tiers, or none.
     tier_names = {r["name"] for _, r in _rules_of(raw, "tiers") if isinstance(r.get("name"), str)}
     tiers = Choices(frozenset({NO_TIER, *tier_names}))
@@ -92,10 +98,44 @@ def validate_rules(raw: object) -> list[ConditionError]:
                     )
             when = rule.get("when")
             if isinstance(when, dict):  # otherwise the shape's errors say what is wrong with it
-                errors += validate(when, catalogue, path=f"$.{kind}[{i}].when", domains=domains)  # type: ignore[arg-type]
+                found = validate(when, catalogue, path=f"$.{kind}[{i}].when", domains=domains)  # type: ignore[arg-type]
+                errors += [_tier_unread(e) if kind == "tiers" else e for e in found]
     if not errors:
         errors += _shadowed_tiers([r for _, r in _rules_of(raw, "tiers")])
     return errors
+
+
+_RULE_KEYS = ("name", "description", "when")
+_NAME_RULE = (
+    "a name is lowercase Latin letters, digits and _, starting with a letter, at most 64 (e.g. "
+    "high_value): it is an identifier in rules, journeys and metrics; write the name people read, "
+    "in Hebrew or Arabic too, in description"
+)
+
+
+def _said_plainly(error: Any) -> ConditionError:
+    """A shape error as a marketer can act on it: pydantic's pattern and extra-key messages name
+    a regular expression and nothing to do."""
+    loc = tuple(error["loc"])
+    path, kind = _json_path(loc), error["type"]
+    if kind == "string_pattern_mismatch" and loc[-1] == "name":
+        return ConditionError(path, _NAME_RULE)
+    if kind == "extra_forbidden" and len(loc) == 3:  # a key of a rule
+        key = str(loc[-1])
+        if isinstance(error.get("input"), dict):  # a condition under another name
+            return ConditionError(path, f"unknown key {key!r}; did you mean 'when', a rule's condition?")
+        return ConditionError(path, f"unknown key {key!r}{unknown_hint(key, _RULE_KEYS, 'keys of a rule')}")
+    return ConditionError(path, error["msg"])
+
+
+def _tier_unread(error: ConditionError) -> ConditionError:
+    """A tier's rule reading the tier: the one thing it cannot, since it decides it."""
+    if error.message.startswith("unknown field 'tier';"):
+        return ConditionError(
+            error.path,
+            "a tier's rule cannot read 'tier': it is what the tiers decide (a segment's rule can)",
+        )
+    return error
 
 
 def _shadowed_tiers(tiers: Sequence[dict[str, Any]]) -> list[ConditionError]:

@@ -257,16 +257,38 @@ def test_too_many_rules_are_one_problem_not_thousands() -> None:
     assert len(found) <= 1 + 20  # and the conditions of the first twenty, no more
 
 
-def test_rule_names_are_identifiers() -> None:
-    raw = {"tiers": [rule("Gold Tier", leaf("orders_count", "gte", 1))], "segments": []}
-    assert paths(raw) == ["$.tiers[0].name"]
+def test_rule_names_are_identifiers_and_the_refusal_says_what_to_write() -> None:
+    raw = {
+        "tiers": [rule("Gold Tier", leaf("orders_count", "gte", 1))],
+        "segments": [rule("לקוחות_נאמנים", {})],
+    }
+    found = problems(raw)
+    assert [p for p, _ in found] == ["$.tiers[0].name", "$.segments[0].name"]
+    assert all(m.startswith("a name is lowercase Latin letters, digits and _") for _, m in found)
+    assert "in Hebrew or Arabic too, in description" in found[0][1]
+
+
+def test_a_rule_key_misnamed_is_named_with_what_was_meant() -> None:
+    misnamed = {"name": "x", "condition": {"all": []}}
+    typo = {"name": "y", "when": {"all": []}, "descripton": "y", "color": "red"}
+    assert problems({"tiers": [], "segments": [misnamed, typo]}) == [
+        ("$.segments[0].when", "Field required"),
+        ("$.segments[0].condition", "unknown key 'condition'; did you mean 'when', a rule's condition?"),
+        ("$.segments[1].descripton", "unknown key 'descripton'; did you mean 'description'?"),
+        ("$.segments[1].color", "unknown key 'color'; the keys of a rule are description, name, when"),
+    ]
 
 
 def test_tiers_cannot_use_tier_but_segments_can() -> None:
     on_tier = leaf("tier", "eq", "gold")
     assert "tier" not in FACT_TYPES
     assert SEGMENT_FACT_TYPES["tier"] == "string"
-    assert paths({"tiers": [rule("t", on_tier)], "segments": []}) == ["$.tiers[0].when.field"]
+    assert problems({"tiers": [rule("t", on_tier)], "segments": []}) == [
+        (
+            "$.tiers[0].when.field",
+            "a tier's rule cannot read 'tier': it is what the tiers decide (a segment's rule can)",
+        )
+    ]
     assert paths({"tiers": [rule("gold", {"all": []})], "segments": [rule("s", on_tier)]}) == []
 
 
