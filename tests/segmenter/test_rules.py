@@ -260,7 +260,7 @@ def test_too_many_rules_are_one_problem_not_thousands() -> None:
 def test_rule_names_are_identifiers_and_the_refusal_says_what_to_write() -> None:
     raw = {
         "tiers": [rule("Gold Tier", leaf("orders_count", "gte", 1))],
-        "segments": [rule("לקוחות_נאמנים", {})],
+        "segments": [rule("לקוחות_נאמנים", {"all": []})],
     }
     found = problems(raw)
     assert [p for p, _ in found] == ["$.tiers[0].name", "$.segments[0].name"]
