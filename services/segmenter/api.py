@@ -157,9 +157,14 @@ async def publish(
     note: Annotated[str | None, Query(max_length=500)] = None,
 ) -> PublishOut:
     etag = if_match_etag(if_match)
-    if etag is None:
+    if etag is None or etag == "*":
+        # "*" matches any draft (a PUT may overwrite whatever is there), but a publish must
+        # say which one it read: what was previewed is what goes out, once.
+        said = "" if etag is None else " (If-Match: * does not say which draft you read)"
         raise RetainError(
-            "If-Match with the draft's ETag is required", status_code=428, code="precondition_required"
+            f"If-Match with the draft's ETag is required{said}: GET /v1/rules/draft for it",
+            status_code=428,
+            code="precondition_required",
         )
     try:
         version, job_id = await service.publish(key.id, etag, note)

@@ -33,6 +33,7 @@ RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 
 
 MAX_RULES = {"tiers": 20, "segments": 200}
+MAX_ERRORS = 200  # problems listed in one answer
 
 
 class Rule(BaseModel):
@@ -102,6 +103,10 @@ def validate_rules(raw: object) -> list[ConditionError]:
                 errors += [_tier_unread(e) if kind == "tiers" else e for e in found]
     if not errors:
         errors += _shadowed_tiers([r for _, r in _rules_of(raw, "tiers")])
+    if len(errors) > MAX_ERRORS:
+        # A body of thousands of broken leaves was answered with every one of them (2.4 MB).
+        more = len(errors) - MAX_ERRORS
+        errors = [*errors[:MAX_ERRORS], ConditionError("$", f"and {more} more problems, not listed")]
     return errors
 
 

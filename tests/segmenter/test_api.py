@@ -356,6 +356,9 @@ async def test_publish_needs_a_fresh_etag_then_reevaluates_everyone(api: Api) ->
     missing = await api.post("/v1/rules/publish")
     assert missing.status_code == 428
     assert "If-Match" in missing.json()["error"]["message"]
+    star = await api.post("/v1/rules/publish", **{"If-Match": "*"})  # not "the draft changed": 428
+    assert star.status_code == 428
+    assert "If-Match: * does not say which draft you read" in star.json()["error"]["message"]
     stale = await api.post("/v1/rules/publish", **{"If-Match": '"not-it"'})
     assert stale.status_code == 412
     assert (await api.get("/v1/rules/versions")).json()[0]["version"] == 1

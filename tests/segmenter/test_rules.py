@@ -257,6 +257,16 @@ def test_too_many_rules_are_one_problem_not_thousands() -> None:
     assert len(found) <= 1 + 20  # and the conditions of the first twenty, no more
 
 
+def test_at_most_two_hundred_problems_are_listed_and_the_rest_counted() -> None:
+    # Within the limits (200 segments) but every leaf wrong: 2,000 problems were 2,000 lines.
+    wrong = {"all": [leaf(f"no_such_{j}", "gte", 1) for j in range(10)]}
+    raw = {"tiers": [], "segments": [rule(f"s{i}", wrong) for i in range(200)]}
+    found = problems(raw)
+    assert len(found) == 201
+    assert found[-1] == ("$", "and 1800 more problems, not listed")
+    assert found[0][0] == "$.segments[0].when.all[0].field"
+
+
 def test_rule_names_are_identifiers_and_the_refusal_says_what_to_write() -> None:
     raw = {
         "tiers": [rule("Gold Tier", leaf("orders_count", "gte", 1))],
