@@ -370,6 +370,28 @@ def test_a_tier_no_customer_can_reach_is_refused() -> None:
         assert problems({"tiers": tiers, "segments": []}) == []
 
 
+def test_the_unreachable_tier_proof_is_bounded() -> None:
+    """An "any" against an "all" pairs every child with every child: without memory and a
+    budget, 127 conditions a tier took 8.5 s of the API's loop, and the limits allow 500."""
+    n = [10**6]  # each tier's bars below the last's: no tier is implied by a later one
+
+    def tree(op: str, field: str, depth: int) -> dict[str, Any]:
+        if depth == 0:
+            n[0] -= 1
+            return leaf(field, "gte", n[0])
+        return {op: [tree(op, field, depth - 1), tree(op, field, depth - 1)]}
+
+    big = [
+        rule(f"t{i}", tree(("any", "all")[i % 2], ("total_value", "orders_count")[i % 2], 6))
+        for i in range(20)
+    ]
+    assert problems({"tiers": big, "segments": []}) == []  # judged in bounded time: all let through
+    # Beside a large tier, a proof still finds what it can; a tier matching no one is not "unreachable".
+    late = rule("late", {"all": [leaf("total_value", "gte", 10**7), leaf("orders_count", "gte", 10**7)]})
+    never, nobody = rule("never", {"any": []}), rule("nobody", {"any": []})
+    assert paths({"tiers": [never, big[0], late, nobody], "segments": []}) == ["$.tiers[2].when"]
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     conditions=st.lists(
