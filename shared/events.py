@@ -268,6 +268,10 @@ class Consents(_Strict):
     whatsapp: bool | None = None
 
 
+def _by_key(values: dict[str, Any]) -> dict[str, Any]:
+    return dict(sorted(values.items()))
+
+
 PROFILE_FIELDS = (
     "name",
     "email",
@@ -293,7 +297,11 @@ class ProfileEvent(EventBase):
     timezone: TimeZone | None = None
     preferred_channel: Channel | None = None
     consents: Consents | None = None
-    attributes: Annotated[dict[Label, AttributeValue], Field(max_length=50)] | None = None
+    # Kept in key order: the order a sender's map happened to give is no part of the event, and
+    # ingest knows a resend by the event as encoded (services.ingest.service.content_digest).
+    attributes: (
+        Annotated[dict[Label, AttributeValue], Field(max_length=50), AfterValidator(_by_key)] | None
+    ) = None
 
     @model_validator(mode="after")
     def _says_something(self) -> ProfileEvent:

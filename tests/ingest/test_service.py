@@ -90,3 +90,15 @@ async def test_an_id_whose_request_failed_is_free_again() -> None:
     accepted = await ingest.produce(ingest.prepare(ingest.validate(body(amount="1.00"))))
     assert (accepted.produced, accepted.duplicates) == (1, 0)
     assert orjson.loads(broker.sent[0])["amount"] == "1.00"
+
+
+async def test_a_resend_whose_map_came_out_in_another_order_is_the_same_event() -> None:
+    # A client serialising a hash map (Go's, say) sends the attributes in another order each time.
+    broker = HeldBroker()
+    broker.release.set()
+    ingest = service(broker)
+    first = {**EXAMPLES["profile"], "event_id": "crm-9", "attributes": {"city": "Haifa", "tier_src": "crm"}}
+    again = {**first, "attributes": {"tier_src": "crm", "city": "Haifa"}}
+    await ingest.produce(ingest.prepare(ingest.validate(orjson.dumps(first))))
+    resent = await ingest.produce(ingest.prepare(ingest.validate(orjson.dumps(again))))
+    assert (resent.produced, resent.duplicates) == (0, 1)

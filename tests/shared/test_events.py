@@ -84,7 +84,9 @@ def test_attribute_values_keep_their_kind_from_python_and_from_json() -> None:
         assert isinstance(event, ProfileEvent)
         assert event.attributes == attributes
         assert event.attributes is not None
-        assert [type(v) for v in event.attributes.values()] == [str, bool, int, int, float, type(None)]
+        kinds = {k: type(v) for k, v in event.attributes.items()}
+        assert kinds == {"s": str, "b": bool, "i": int, "j": int, "f": float, "n": type(None)}
+        assert list(event.attributes) == sorted(attributes)  # kept in key order
 
 
 @pytest.mark.parametrize("number", [2**63, -(2**63) - 1, 123456789012345678901234])
