@@ -1048,6 +1048,9 @@ class MessengerService:
         # Its own record (a queued message that expired) must not count against itself.
         template = row.template or row.journey
         context = _without(self._context_of(memo, profile, caps, template, duplicate=False), row)
+        # Is its own channel still usable? It was decided on it: the order that put channels
+        # without a provider last must not pass it over for another (that would cancel it).
+        context = replace(context, last_resort=frozenset())
         own = Channel(row.channel)
         decision = recheck_at_send(_candidate_of(row), context, now)
         if decision.status != MessageStatus.QUEUED:

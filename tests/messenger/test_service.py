@@ -232,6 +232,25 @@ async def test_where_only_email_really_goes_the_customer_who_prefers_sms_gets_an
     assert (sms["channel"], sms["status"]) == ("sms", "queued")
 
 
+async def test_a_message_decided_on_a_channel_now_tried_last_still_goes_on_it(
+    world: World, tmp_path: Path
+) -> None:
+    # Decided on SMS before email was configured (or by a consumer without the settings), and
+    # rechecked when it goes: its own channel is still usable, so it goes, not cancelled.
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    [row] = await messages(world, customer)
+    assert (row["channel"], row["status"]) == ("sms", "queued")
+    live = world.service.settings.model_copy(update={"smtp_host": "mail.example.com"})
+    sender = MessengerService(
+        world.db, live, None, dict.fromkeys(Channel, OutboxProvider(tmp_path / "outbox")), clock=world.clock
+    )
+    world.clock.now = NOON + timedelta(minutes=5)  # old enough to be checked again before it goes
+    assert [o.status for o in await sender.send_due()] == ["sent"]
+    [row] = await messages(world, customer)
+    assert (row["channel"], row["status"]) == ("sms", "sent")
+
+
 def tier_update(customer: str, at: datetime) -> CustomerUpdate:
     return CustomerUpdate(
         event_id=f"u-{customer}-tier",
