@@ -20,7 +20,7 @@ from services.ingest.batch import (
     validate_body,
     with_time_errors,
 )
-from services.ingest.dedupe import RecentIds
+from services.ingest.dedupe import DIGEST_MASK, RecentIds
 from shared.codec import encode_event, encode_key
 from shared.events import TOPIC_OF_TYPE, Event
 from shared.kafka.producer import BrokerUnavailableError, Producer
@@ -51,8 +51,11 @@ class ConflictingIdsError(InvalidBatchError):
 def content_digest(value: bytes) -> int:
     """What an event id names, as the event was encoded for its topic: the same event resent
     encodes to the same bytes. Python's hash of bytes (SipHash, in C, a fraction of a
-    microsecond for an event): in-process only, as the window is."""
-    return hash(value)
+    microsecond for an event), 32 bits of it (``RecentIds`` packs it beside the time): two
+    different events under one id are told apart but for one time in four billion, when the
+    second is answered as a duplicate, as it was before ids had digests. In-process only, as
+    the window is."""
+    return hash(value) & DIGEST_MASK
 
 
 def _duration(seconds: float) -> str:
@@ -84,6 +87,7 @@ class Prepared:
     fresh_types: dict[str, int]  # how many of each type
     duplicates: int
     waits: list[asyncio.Future[None]]  # concurrent requests producing some of the same ids
+    answered: list[str]  # the types of the duplicates answered from the window
 
 
 class IngestService:
@@ -156,11 +160,9 @@ class IngestService:
             if conflicts:
                 raise ConflictingIdsError(conflicts, [events[c.index].type for c in conflicts])
             duplicates += len(answered)
-            for event_type in answered:
-                self._duplicate[event_type].inc()
             fresh_ids = [e.event_id for e in fresh]
         else:
-            fresh, fresh_ids = events, event_ids  # the usual request: nothing in it seen before
+            fresh, fresh_ids, answered = events, event_ids, []  # the usual request: nothing seen before
         topic_of = self._topic_of
         values = [encode_event(e) for e in fresh]
         return Prepared(
@@ -173,6 +175,7 @@ class IngestService:
             dict(Counter(e.type for e in fresh)),
             duplicates,
             waits,
+            answered,
         )
 
     def _conflict(self, event_id: str, in_flight: bool) -> str:
@@ -198,6 +201,10 @@ class IngestService:
                 started = time.perf_counter()
                 await self._producer.send_columns(prepared.topics, prepared.keys, prepared.values)
                 PRODUCE_SECONDS.observe(time.perf_counter() - started)
+                # In the window before they leave the in-flight table, with no await between:
+                # while this request waits for another's ids below, a different event sent
+                # under one of its own would otherwise have been in neither, and produced.
+                self._recent.add(fresh_ids, prepared.digests, self._clock())
             done.set_result(None)
         except BaseException as exc:
             done.set_exception(exc if isinstance(exc, Exception) else BrokerUnavailableError("cancelled"))
@@ -211,7 +218,8 @@ class IngestService:
         if prepared.waits:
             # The same id is being produced by a concurrent request: answer when it is acked.
             await asyncio.gather(*prepared.waits)
-        self._recent.add(fresh_ids, prepared.digests, self._clock())
         for event_type, n in prepared.fresh_types.items():
             self._accepted[event_type].inc(n)
+        for event_type in prepared.answered:  # counted for a request answered 202 only
+            self._duplicate[event_type].inc()
         return Accepted(prepared.event_ids, produced=len(fresh_ids), duplicates=prepared.duplicates)

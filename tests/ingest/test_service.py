@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from services.ingest.dedupe import RecentIds
 from services.ingest.service import ConflictingIdsError, IngestService
@@ -102,3 +103,60 @@ async def test_a_resend_whose_map_came_out_in_another_order_is_the_same_event() 
     await ingest.produce(ingest.prepare(ingest.validate(orjson.dumps(first))))
     resent = await ingest.produce(ingest.prepare(ingest.validate(orjson.dumps(again))))
     assert (resent.produced, resent.duplicates) == (0, 1)
+
+
+class GatedBroker:
+    """Each send waits for the gate given for it, in order; sends beyond the gates go through."""
+
+    def __init__(self, *gates: asyncio.Event) -> None:
+        self.gates = list(gates)
+        self.sent: list[bytes] = []
+
+    async def send_columns(
+        self, topics: Sequence[str], keys: Sequence[bytes], values: Sequence[bytes]
+    ) -> None:
+        if self.gates:
+            await self.gates.pop(0).wait()
+        self.sent.extend(values)
+
+
+async def test_an_id_of_a_request_waiting_on_another_stays_known_while_it_waits() -> None:
+    # D is producing Y; A sends X and Y, produces X, and waits for D's Y. Meanwhile another
+    # event under X was in neither the in-flight table nor the window, and was produced.
+    d_gate = asyncio.Event()
+    broker = GatedBroker(d_gate)
+    ingest = IngestService(
+        cast(Producer, broker), topic_prefix="t.", max_batch=100, recent=RecentIds(ttl_s=3600, max_ids=1000)
+    )
+    y = {**EXAMPLES["purchase"], "event_id": "Y", "order_id": "o-y"}
+    x = {**EXAMPLES["purchase"], "event_id": "X", "order_id": "o-x"}
+    d = asyncio.create_task(ingest.produce(ingest.prepare(ingest.validate(orjson.dumps(y)))))
+    await asyncio.sleep(0)
+    a = asyncio.create_task(ingest.produce(ingest.prepare(ingest.validate(orjson.dumps([x, y])))))
+    await asyncio.sleep(0.01)
+    assert not a.done()  # X is produced, Y is D's and not acknowledged yet
+    with pytest.raises(ConflictingIdsError):
+        ingest.prepare(ingest.validate(orjson.dumps({**x, "amount": "1.00"})))
+    d_gate.set()
+    assert (await a).duplicates == 1
+    await d
+    assert len(broker.sent) == 2
+
+
+async def test_duplicates_are_counted_for_requests_answered_202_only() -> None:
+    def counted() -> float:
+        return REGISTRY.get_sample_value("retain_ingest_events_duplicate_total", {"type": "purchase"}) or 0.0
+
+    broker = HeldBroker()
+    broker.release.set()
+    ingest = service(broker)
+    await ingest.produce(ingest.prepare(ingest.validate(body())))
+    before = counted()
+    broker.refuse = True  # the resend comes with a new event, and the broker is away
+    new = {**EXAMPLES["purchase"], "event_id": "order-6", "order_id": "o-6"}
+    with pytest.raises(BrokerUnavailableError):
+        await ingest.produce(ingest.prepare(ingest.validate(b"[" + body() + b"," + orjson.dumps(new) + b"]")))
+    assert counted() == before  # a 503: nothing was answered as a duplicate
+    broker.refuse = False
+    await ingest.produce(ingest.prepare(ingest.validate(b"[" + body() + b"," + orjson.dumps(new) + b"]")))
+    assert counted() == before + 1
