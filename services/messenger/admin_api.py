@@ -16,11 +16,10 @@ from services.messenger.templates import VARIABLES, SmsEncoding, Template
 from shared.auth import allows
 from shared.errors import ErrorResponse, ForbiddenError
 from shared.events import Channel, MessageKind
-from shared.http import unique_json_keys
+from shared.http import UniqueKeys
 from shared.storable import storable
 
-# Rules and journeys are JSON written by hand: a key written twice is refused, not half-read.
-router = APIRouter(dependencies=[Depends(unique_json_keys)])
+router = APIRouter()
 
 JOURNEY_NAME = r"^[a-z][a-z0-9_]{0,63}$"
 JourneyName = Annotated[str, Path(pattern=JOURNEY_NAME, description="The journey, e.g. win_back.")]
@@ -209,7 +208,7 @@ async def get_journey(name: JourneyName, _key: Reader, admin: Admin) -> Journey:
     summary="Create a journey (409 if the name is taken; 422 names the JSON path of each problem)",
     responses={409: {"model": ErrorResponse, "description": "A journey of this name exists."}},
 )
-async def create_journey(body: JourneyBody, key: Writer, admin: Admin) -> Journey:
+async def create_journey(body: JourneyBody, key: Writer, _keys: UniqueKeys, admin: Admin) -> Journey:
     return await admin.create_journey(body, key.id)
 
 
@@ -219,7 +218,9 @@ async def create_journey(body: JourneyBody, key: Writer, admin: Admin) -> Journe
     tags=["journeys"],
     summary="Replace a journey (422 names the JSON path of each problem)",
 )
-async def replace_journey(name: JourneyName, body: JourneyBody, key: Writer, admin: Admin) -> Journey:
+async def replace_journey(
+    name: JourneyName, body: JourneyBody, key: Writer, _keys: UniqueKeys, admin: Admin
+) -> Journey:
     return await admin.replace_journey(name, body, key.id)
 
 
@@ -291,7 +292,7 @@ async def list_templates(_key: Reader, admin: Admin) -> TemplatesOut:
     summary="Render a template, stored or a draft, for a customer or sample data, with its SMS segments",
     responses={404: {"model": ErrorResponse, "description": "No such template or customer."}},
 )
-async def preview_template(body: PreviewIn, key: Reader, admin: Admin) -> PreviewOut:
+async def preview_template(body: PreviewIn, key: Reader, _keys: UniqueKeys, admin: Admin) -> PreviewOut:
     if body.draft is not None and not allows(key, "messages:write"):
         # A draft is a template to run in the sandbox: what saving one needs.
         raise ForbiddenError("previewing a draft needs the scope 'messages:write', as saving one does")
@@ -335,7 +336,13 @@ async def get_template(
     summary="Override a template (validated in the sandbox with sample data; 422 names each problem)",
 )
 async def put_template(
-    journey: TemplateName, channel: Channel, locale: Locale, body: TemplateBody, key: Writer, admin: Admin
+    journey: TemplateName,
+    channel: Channel,
+    locale: Locale,
+    body: TemplateBody,
+    key: Writer,
+    _keys: UniqueKeys,
+    admin: Admin,
 ) -> TemplateOut:
     return _template_out(*await admin.put_template(template_key(journey, channel, locale), body, key.id))
 

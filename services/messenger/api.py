@@ -39,7 +39,7 @@ from shared.errors import (
     pydantic_errors,
 )
 from shared.events import Channel, MessageStatus
-from shared.http import if_match_etag
+from shared.http import UniqueKeys, if_match_etag
 from shared.storable import storable
 
 router = APIRouter()
@@ -267,6 +267,7 @@ async def put_caps(
         AfterValidator(storable),
     ],
     key: Writer,
+    _keys: UniqueKeys,
     service: Service,
     if_match: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:

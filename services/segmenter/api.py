@@ -41,11 +41,10 @@ from shared.errors import (
     PreconditionFailedError,
     RetainError,
 )
-from shared.http import if_match_etag, unique_json_keys
+from shared.http import UniqueKeys, if_match_etag
 from shared.storable import storable
 
-# Rules and journeys are JSON written by hand: a key written twice is refused, not half-read.
-router = APIRouter(dependencies=[Depends(unique_json_keys)])
+router = APIRouter()
 
 
 def _store(request: Request) -> KeyStore:
@@ -99,6 +98,7 @@ async def get_draft(_key: Reader, service: Service) -> JSONResponse:
 async def put_draft(
     rules: RulesBody,
     key: Writer,
+    _keys: UniqueKeys,
     service: Service,
     if_match: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
@@ -113,7 +113,7 @@ async def put_draft(
 
 
 @router.post("/v1/rules/validate", response_model=ValidationOut, tags=["rules"], summary="Check a rule set")
-async def validate(rules: RulesBody, _key: Reader) -> ValidationOut:
+async def validate(rules: RulesBody, _key: Reader, _keys: UniqueKeys) -> ValidationOut:
     errors = validate_rules(rules)
     return ValidationOut(
         valid=not errors, errors=[RulesProblem(path=e.path, message=e.message) for e in errors]
@@ -128,6 +128,7 @@ async def validate(rules: RulesBody, _key: Reader) -> ValidationOut:
 )
 async def preview(
     _key: Reader,
+    _keys: UniqueKeys,
     service: Service,
     rules: Annotated[dict[str, Any] | None, Body(examples=[RULES_EXAMPLE]), AfterValidator(storable)] = None,
     sample: Annotated[int, Query(ge=0, le=200)] = 20,

@@ -1337,6 +1337,15 @@ async def test_messages_and_caps_api(world: World, api: httpx.AsyncClient) -> No
     )
     assert bad.status_code == 422
     assert bad.json()["error"]["details"]
+    twice = (
+        '{"caps": [{"name": "x", "scope": "channel", "channel": "sms", '
+        '"limit": 2, "limit": 20, "window": 7}]}'
+    )
+    repeated = await api.put("/v1/caps", content=twice, headers={"Content-Type": "application/json"})
+    assert repeated.status_code == 422
+    assert repeated.json()["error"]["details"] == [
+        {"path": "$.caps[0]", "message": "'limit' is given more than once"}
+    ]
     caps[0]["limit"] = 5
     # Without the ETag of what the editor read: refused, as a publish of the rules is.
     blind = await api.put("/v1/caps", json={"caps": caps})

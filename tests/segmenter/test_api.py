@@ -279,6 +279,13 @@ async def test_a_key_written_twice_is_refused_not_half_read(api: Api) -> None:
             {"path": "$.segments[0].when", "message": "'all' is given more than once"},
         ]
     assert (await api.get("/v1/rules/draft")).json()["rules"] == before
+    # The key first: without one, a 401 whatever the body; a JSON subtype is read as JSON.
+    anonymous = await api.http.put(
+        "/v1/rules/draft", content=text, headers={"Content-Type": "application/json"}
+    )
+    assert anonymous.status_code == 401
+    merge = {**headers, "Content-Type": "application/merge-patch+json"}
+    assert (await api.http.post("/v1/rules/validate", content=text, headers=merge)).status_code == 422
 
 
 # --- preview and publish ----------------------------------------------------------------------------
