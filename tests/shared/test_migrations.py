@@ -189,3 +189,46 @@ async def test_the_kpi_forgets_the_opt_out_events_it_kept_as_messages(database_u
         await db.dispose()
     assert kept == ["m1:sent"]
     assert fingerprints == {"conversion": None, "churn": "def"}
+
+
+@pytest.mark.parametrize("own_entry", [None, {"field": "tier", "op": "eq", "value": "platinum"}])
+async def test_messenger_0011_gives_a_stored_tier_upgrade_the_default_entry(
+    database_url: str, own_entry: dict[str, Any] | None
+) -> None:
+    """Journeys are stored at the first start: a deployment made before tier_upgrade got its
+    entry condition (not churned) still congratulated customers who had cancelled. One given
+    an entry of its own keeps it; other journeys are left as they are."""
+    from sqlalchemy import insert, select  # noqa: PLC0415
+
+    from services.messenger.journeys import default_journeys  # noqa: PLC0415
+
+    stored = [j.model_dump(mode="json") for j in default_journeys()]
+    by_name = {j["name"]: j for j in stored}
+    assert by_name["tier_upgrade"]["entry"]  # the default has it now
+    by_name["tier_upgrade"]["entry"] = own_entry  # as an older release stored it, or marketing wrote it
+    copy = {**by_name["tier_upgrade"], "name": "vip_upgrade", "entry": None}  # another journey
+    db = Database(database_url)
+    s = messenger_tables.settings_table
+    try:
+        await upgrade_to(db, "messenger", "0010")
+        async with db.engine.begin() as conn:
+            row = {
+                "name": "journeys",
+                "value": [*stored, copy],
+                "updated_at": datetime.now(UTC),
+                "updated_by": "m",
+            }
+            await conn.execute(insert(s), [row])
+        await migrate(db, REPO_ROOT / "services" / "messenger" / "migrations")
+        async with db.sessions() as session:
+            after_row = (await session.execute(select(s).where(s.c.name == "journeys"))).one()
+    finally:
+        await db.dispose()
+    after = {j["name"]: j for j in after_row.value}
+    not_churned = {"not": {"field": "lifecycle_stage", "op": "eq", "value": "churned"}}
+    assert after["tier_upgrade"]["entry"] == (own_entry or not_churned)
+    assert after["vip_upgrade"] == copy
+    assert {k: v for k, v in after.items() if k not in ("tier_upgrade", "vip_upgrade")} == {
+        k: v for k, v in by_name.items() if k != "tier_upgrade"
+    }
+    assert after_row.updated_by == ("m" if own_entry else "migration 0011")
