@@ -86,10 +86,10 @@ def _bcp47(value: str) -> str:
         Locale.parse(value, sep="-")
     except (UnknownLocaleError, ValueError) as exc:
         raise ValueError(f"unknown locale {value!r}") from exc
-    return _canonical_case(value)
+    return canonical_locale(value)
 
 
-def _canonical_case(tag: str) -> str:
+def canonical_locale(tag: str) -> str:
     """A tag in BCP 47's conventional case (RFC 5646 2.1.1): he-IL, zh-Hant-TW. Tags are
     case-insensitive, but rules compare text: `locale eq "he-IL"` did not match a profile
     sent as "he-il", and its `language` was "HE" for one sent as "HE-IL"."""

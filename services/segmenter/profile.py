@@ -26,6 +26,7 @@ from shared.events import (
     PurchaseEvent,
     SupportAction,
     SupportEvent,
+    canonical_locale,
     support_step_order,
     ticket_resolved,
 )
@@ -412,6 +413,10 @@ def facts(
         register = state.fields.get(name)
         f[name] = None if register is None else register.value
     locale = f.get("locale")
+    if isinstance(locale, str):
+        # Events keep a locale in its conventional case; a profile stored before they did has
+        # it as it was sent ("he-il"), and rules compare text.
+        f["locale"] = locale = canonical_locale(locale)
     f["language"] = locale.split("-")[0] if isinstance(locale, str) else None
     for channel in CHANNELS:
         consent = state.consents.get(channel)

@@ -218,6 +218,15 @@ def demo_history() -> tuple[datetime, dict[str, list[AnyEvent]]]:
     return end, dict(per_customer)
 
 
+def test_a_locale_stored_as_it_was_sent_is_read_in_its_conventional_case() -> None:
+    # Profiles stored before events kept a locale's case: rules compare text (locale eq "he-IL").
+    old = profile("p-old", NOW - DAY, locale="he-IL").model_copy(update={"locale": "HE-il"})
+    state = ProfileState(CUSTOMER)
+    apply_event(state, old)
+    f, _ = facts(state, NOW, CONFIG)
+    assert (f["locale"], f["language"]) == ("he-IL", "he")
+
+
 def test_the_demo_history_has_every_kind_of_event() -> None:
     _, per_customer = demo_history()
     kinds = {e.type for events in per_customer.values() for e in events}
