@@ -783,8 +783,8 @@ class _Compiler:
             if op == "within_days" and days == 0 and self.writing:
                 self.error(
                     path,
-                    "within_days 0 is a window of no time and holds for no customer; "
-                    "the last 24 hours is within_days 1",
+                    "within_days 0 is a window of no time: it holds only for a fact dated in the "
+                    "future; the last 24 hours is within_days 1",
                 )
                 return None, None
             window = timedelta(days=days)

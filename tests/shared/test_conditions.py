@@ -329,7 +329,7 @@ def test_a_window_of_no_time_is_refused_when_written_and_loads_when_stored() -> 
     assert errors_of(leaf("last_purchase_at", "within_days", 0)) == [
         (
             "$.value",
-            "within_days 0 is a window of no time and holds for no customer; "
+            "within_days 0 is a window of no time: it holds only for a fact dated in the future; "
             "the last 24 hours is within_days 1",
         )
     ]
