@@ -6,7 +6,7 @@ import asyncio
 import base64
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -126,6 +126,19 @@ def make_loop(
         max_records=50,
         poll_timeout_ms=200,
         commit_interval_ms=commit_interval_ms,
+    )
+
+
+def loop_without_broker(group: str, tick: Callable[[], Awaitable[None]] | None = None) -> ConsumerLoop[Event]:
+    """A loop whose broker address answers nothing, and whose handler is never called."""
+    return ConsumerLoop(
+        bootstrap="127.0.0.1:1",
+        topics=["t"],
+        group_id=group,
+        decode=lambda _topic, payload: decode_event(payload),
+        handle=ToyHandler(Database("sqlite+aiosqlite://")),
+        producer=Producer("127.0.0.1:1", client_id="g"),
+        tick=tick,
     )
 
 
@@ -616,15 +629,7 @@ async def test_long_work_between_batches_beats_for_a_bounded_time(monkeypatch: p
     async def tick() -> None:
         await asyncio.sleep(work_s[0])
 
-    loop: ConsumerLoop[Event] = ConsumerLoop(
-        bootstrap="127.0.0.1:1",
-        topics=["t"],
-        group_id="g-long-work",
-        decode=lambda _topic, payload: decode_event(payload),
-        handle=ToyHandler(Database("sqlite+aiosqlite://")),  # never called
-        producer=Producer("127.0.0.1:1", client_id="g"),
-        tick=tick,
-    )
+    loop = loop_without_broker("g-long-work", tick)
     await loop._run_tick()
     assert 2 <= len(beats) <= 5  # beats every 0.02 s of 0.1 s of work
     beats.clear()
@@ -637,14 +642,7 @@ async def test_a_loop_started_while_the_broker_is_away_exports_its_start_as_the_
     """Restarted during an outage, a consumer waits for the broker before its first pass: the
     contact gauge is there from the start, and stands still, so the alert sees the outage."""
     group = "g-started-away"
-    loop: ConsumerLoop[Event] = ConsumerLoop(
-        bootstrap="127.0.0.1:1",
-        topics=["t"],
-        group_id=group,
-        decode=lambda _topic, payload: decode_event(payload),
-        handle=ToyHandler(Database("sqlite+aiosqlite://")),  # never called
-        producer=Producer("127.0.0.1:1", client_id="g"),
-    )
+    loop = loop_without_broker(group)
     before = time.time()
     running = asyncio.create_task(loop.run())
     try:
@@ -668,14 +666,7 @@ async def test_the_broker_contact_stands_still_while_the_broker_does_not_answer(
     its last value, which RetainConsumerBrokerUnreachable compares with the clock."""
     monkeypatch.setattr(consumer_module, "BEAT_EVERY_S", 0.01)
     group = "g-contact"
-    loop: ConsumerLoop[Event] = ConsumerLoop(
-        bootstrap="127.0.0.1:1",
-        topics=["t"],
-        group_id=group,
-        decode=lambda _topic, payload: decode_event(payload),
-        handle=ToyHandler(Database("sqlite+aiosqlite://")),  # never called
-        producer=Producer("127.0.0.1:1", client_id="g"),
-    )
+    loop = loop_without_broker(group)
     answers = [False]
 
     async def topics() -> set[str]:
