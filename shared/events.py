@@ -89,6 +89,7 @@ def _bcp47(value: str) -> str:
     return canonical_locale(value)
 
 
+@lru_cache(maxsize=_CACHED)
 def canonical_locale(tag: str) -> str:
     """A tag in BCP 47's conventional case (RFC 5646 2.1.1): he-IL, zh-Hant-TW. Tags are
     case-insensitive, but rules compare text: `locale eq "he-IL"` did not match a profile

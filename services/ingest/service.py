@@ -205,6 +205,8 @@ class IngestService:
                 # while this request waits for another's ids below, a different event sent
                 # under one of its own would otherwise have been in neither, and produced.
                 self._recent.add(fresh_ids, prepared.digests, self._clock())
+                for event_type, n in prepared.fresh_types.items():  # in the log: accepted
+                    self._accepted[event_type].inc(n)
             done.set_result(None)
         except BaseException as exc:
             done.set_exception(exc if isinstance(exc, Exception) else BrokerUnavailableError("cancelled"))
@@ -218,8 +220,6 @@ class IngestService:
         if prepared.waits:
             # The same id is being produced by a concurrent request: answer when it is acked.
             await asyncio.gather(*prepared.waits)
-        for event_type, n in prepared.fresh_types.items():
-            self._accepted[event_type].inc(n)
         for event_type in prepared.answered:  # counted for a request answered 202 only
             self._duplicate[event_type].inc()
         return Accepted(prepared.event_ids, produced=len(fresh_ids), duplicates=prepared.duplicates)

@@ -623,6 +623,10 @@ def facts_from_json(raw: dict[str, Any], only: Iterable[str] | None = None) -> d
         v = out.get(k)
         if isinstance(v, str):
             out[k] = datetime.fromisoformat(v)
+    locale = out.get("locale")
+    if isinstance(locale, str):  # stored before events kept a locale's case (as ``facts`` does)
+        out["locale"] = locale = canonical_locale(locale)
+        out["language"] = locale.split("-")[0]
     return out
 
 

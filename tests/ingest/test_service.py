@@ -160,3 +160,40 @@ async def test_duplicates_are_counted_for_requests_answered_202_only() -> None:
     broker.refuse = False
     await ingest.produce(ingest.prepare(ingest.validate(b"[" + body() + b"," + orjson.dumps(new) + b"]")))
     assert counted() == before + 1
+
+
+async def test_an_event_produced_by_a_request_answered_503_is_counted_accepted_once() -> None:
+    # A produces X, then waits for D's Y; D's broker call fails, so A is a 503. X is in the log:
+    # the resend answers it as a duplicate, so it was counted accepted when it was produced.
+    def accepted() -> float:
+        return REGISTRY.get_sample_value("retain_ingest_events_accepted_total", {"type": "purchase"}) or 0.0
+
+    d_gate = asyncio.Event()
+
+    class FailingFirst(GatedBroker):
+        async def send_columns(
+            self, topics: Sequence[str], keys: Sequence[bytes], values: Sequence[bytes]
+        ) -> None:
+            if self.gates:
+                await self.gates.pop(0).wait()
+                raise BrokerUnavailableError("the broker did not acknowledge")
+            self.sent.extend(values)
+
+    broker = FailingFirst(d_gate)
+    ingest = IngestService(
+        cast(Producer, broker), topic_prefix="t.", max_batch=100, recent=RecentIds(ttl_s=3600, max_ids=1000)
+    )
+    y = {**EXAMPLES["purchase"], "event_id": "Y2", "order_id": "o-y"}
+    x = {**EXAMPLES["purchase"], "event_id": "X2", "order_id": "o-x"}
+    before = accepted()
+    d = asyncio.create_task(ingest.produce(ingest.prepare(ingest.validate(orjson.dumps(y)))))
+    await asyncio.sleep(0)
+    a = asyncio.create_task(ingest.produce(ingest.prepare(ingest.validate(orjson.dumps([x, y])))))
+    await asyncio.sleep(0.01)
+    d_gate.set()
+    for request in (d, a):
+        with pytest.raises(BrokerUnavailableError):
+            await request
+    resent = await ingest.produce(ingest.prepare(ingest.validate(orjson.dumps([x, y]))))
+    assert (resent.produced, resent.duplicates) == (1, 1)
+    assert accepted() == before + 2  # X once (by A), Y once (by the resend)

@@ -27,6 +27,7 @@ from services.segmenter.profile import (
     consent_states,
     dump_state,
     facts,
+    facts_from_json,
     facts_to_json,
     lifecycle,
     load_state,
@@ -225,6 +226,12 @@ def test_a_locale_stored_as_it_was_sent_is_read_in_its_conventional_case() -> No
     apply_event(state, old)
     f, _ = facts(state, NOW, CONFIG)
     assert (f["locale"], f["language"]) == ("he-IL", "he")
+    # Facts stored then, as a rules publish re-reads them without deriving them again.
+    stored = {**facts_to_json(f), "locale": "HE-il", "language": "HE"}
+    assert {k: facts_from_json(stored)[k] for k in ("locale", "language")} == {
+        "locale": "he-IL",
+        "language": "he",
+    }
 
 
 def test_the_demo_history_has_every_kind_of_event() -> None:

@@ -388,6 +388,13 @@ def test_the_unreachable_tier_proof_is_bounded() -> None:
     assert problems({"tiers": big, "segments": []}) == []  # judged in bounded time: all let through
     # Beside a large tier, a proof still finds what it can; a tier matching no one is not "unreachable".
     late = rule("late", {"all": [leaf("total_value", "gte", 10**7), leaf("orders_count", "gte", 10**7)]})
+    # Equal conditions are told by their text, made once: lists of 200 values cost no more.
+    long_in = [leaf("orders_count", "in", [*range(200), i]) for i in range(45)]
+    assert paths(
+        {"tiers": [rule("a", {"any": long_in}), rule("b", {"all": copy.deepcopy(long_in)})], "segments": []}
+    ) == [
+        "$.tiers[1].when"  # all of a's values is more than any of them
+    ]
     never, nobody = rule("never", {"any": []}), rule("nobody", {"any": []})
     assert paths({"tiers": [never, big[0], late, nobody], "segments": []}) == ["$.tiers[2].when"]
 
