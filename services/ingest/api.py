@@ -93,22 +93,12 @@ class EventsEndpoint:
         except BatchTooLargeError as exc:
             raise PayloadTooLargeError(str(exc)) from exc
         except InvalidBatchError as exc:
-            for t in exc.types:
-                EVENTS_REJECTED.labels(t).inc()
-            raise InvalidInputError(
-                "the batch was rejected whole; nothing was accepted",
-                details=[{"index": e.index, "field": e.field, "message": e.message} for e in exc.errors],
-            ) from exc
+            raise _refused(exc, InvalidInputError, "the batch was rejected whole") from exc
         try:
             prepared = service.prepare(events)
         except ConflictingIdsError as exc:
-            for t in exc.types:
-                EVENTS_REJECTED.labels(t).inc()
-            raise ConflictError(
-                "an event id names another event accepted before; the batch was rejected whole, "
-                "nothing was accepted",
-                details=[{"index": e.index, "field": e.field, "message": e.message} for e in exc.errors],
-            ) from exc
+            message = "an event id names another event accepted before; the batch was rejected whole"
+            raise _refused(exc, ConflictError, message) from exc
         # Nothing but the encoded events and their ids stays alive while the broker answers:
         # the body and the models go now, not after the acknowledgement, so
         # the collector has fewer objects to walk and a waiting request holds less memory.
@@ -154,6 +144,16 @@ class EventsEndpoint:
             counter = self._requests[status] = HTTP_REQUESTS.labels("ingest", PATH, "POST", str(status))
         counter.inc()
         self._latency.observe(time.perf_counter() - started)
+
+
+def _refused(exc: InvalidBatchError, error: type[RetainError], message: str) -> RetainError:
+    """A batch refused whole: its events counted as rejected, each problem by index and field."""
+    for t in exc.types:
+        EVENTS_REJECTED.labels(t).inc()
+    return error(
+        f"{message}; nothing was accepted",
+        details=[{"index": e.index, "field": e.field, "message": e.message} for e in exc.errors],
+    )
 
 
 async def _read_body(receive: Receive, declared: str | None, limit: int) -> bytes:

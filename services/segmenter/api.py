@@ -35,6 +35,7 @@ from services.segmenter.service import (
 )
 from shared.auth import ApiKey, KeyStore, require_scope
 from shared.errors import (
+    ConflictError,
     ErrorResponse,
     InvalidInputError,
     NotFoundError,
@@ -205,9 +206,7 @@ async def rollback(n: VersionNumber, request: Request, key: Writer, service: Ser
     except UnknownVersionError as exc:
         raise NotFoundError(f"no rule version {n}") from exc
     except RulesConflictError as exc:
-        raise RetainError(
-            "another publish happened at the same moment; try again", status_code=409, code="conflict"
-        ) from exc
+        raise ConflictError("another publish happened at the same moment; try again") from exc
     return PublishOut(version=version_no, job_id=job_id, job=str(request.url_for("get_job", job_id=job_id)))
 
 

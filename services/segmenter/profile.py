@@ -412,12 +412,8 @@ def facts(
     for name in CONTACT_FIELDS:
         register = state.fields.get(name)
         f[name] = None if register is None else register.value
-    locale = f.get("locale")
-    if isinstance(locale, str):
-        # Events keep a locale in its conventional case; a profile stored before they did has
-        # it as it was sent ("he-il"), and rules compare text.
-        f["locale"] = locale = canonical_locale(locale)
-    f["language"] = locale.split("-")[0] if isinstance(locale, str) else None
+    f["language"] = None
+    _read_locale(f)
     for channel in CHANNELS:
         consent = state.consents.get(channel)
         f[f"consent_{channel}"] = None if consent is None else bool(consent.value)
@@ -623,11 +619,18 @@ def facts_from_json(raw: dict[str, Any], only: Iterable[str] | None = None) -> d
         v = out.get(k)
         if isinstance(v, str):
             out[k] = datetime.fromisoformat(v)
-    locale = out.get("locale")
-    if isinstance(locale, str):  # stored before events kept a locale's case (as ``facts`` does)
-        out["locale"] = locale = canonical_locale(locale)
-        out["language"] = locale.split("-")[0]
+    _read_locale(out)
     return out
+
+
+def _read_locale(f: dict[str, Any]) -> None:
+    """``locale`` in its conventional case, and ``language`` from it, when there is one. Events
+    keep a locale so; a profile, or its facts, stored before they did has it as it was sent
+    ("he-il"), and rules compare text."""
+    locale = f.get("locale")
+    if isinstance(locale, str):
+        f["locale"] = locale = canonical_locale(locale)
+        f["language"] = locale.split("-")[0]
 
 
 def consent_states(consents: dict[str, Consent]) -> dict[str, dict[str, Any]]:

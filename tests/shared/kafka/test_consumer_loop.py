@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -113,6 +114,18 @@ async def produce(kafka: KafkaHandle, topic: str, values: list[tuple[str, bytes]
     await producer.stop()
 
 
+async def produce_raw(kafka: KafkaHandle, topic: str, values: Sequence[bytes | None], **options: Any) -> None:
+    """Values keyed c1, as a producer of our own could not send them (a null value, another
+    compression): aiokafka's producer with ``options``."""
+    raw = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, **options)
+    await raw.start()
+    try:
+        for value in values:
+            await raw.send_and_wait(topic, value, key=b"c1")
+    finally:
+        await raw.stop()
+
+
 def make_loop(
     kafka: KafkaHandle, topic: str, group: str, handler: ToyHandler, commit_interval_ms: int = 0
 ) -> ConsumerLoop[Event]:
@@ -209,13 +222,8 @@ async def test_a_record_too_large_for_a_letter_is_dead_lettered_by_its_start_and
     topic = topic_prefix + "purchases"
     poison = b'{"avatar": "' + base64.b64encode(random.Random(7).randbytes(900_000)) + b'"}'
     assert len(poison) > 1_200_000
-    raw = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, compression_type="gzip", max_request_size=2**21)
-    await raw.start()
-    try:
-        await raw.send_and_wait(topic, poison, key=b"c1")
-        await raw.send_and_wait(topic, encode_event(purchase(1, "c1", "10")), key=b"c1")
-    finally:
-        await raw.stop()
+    values = [poison, encode_event(purchase(1, "c1", "10"))]
+    await produce_raw(kafka, topic, values, compression_type="gzip", max_request_size=2**21)
     loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db))
     try:
         await drain(loop, 2, timeout_s=60)
@@ -237,13 +245,7 @@ async def test_a_tombstone_is_dead_lettered_as_one(
     kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
 ) -> None:
     topic = topic_prefix + "purchases"
-    raw = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
-    await raw.start()
-    try:
-        await raw.send_and_wait(topic, None, key=b"c1")
-        await raw.send_and_wait(topic, b"", key=b"c1")
-    finally:
-        await raw.stop()
+    await produce_raw(kafka, topic, [None, b""])
     loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db))
     try:
         await drain(loop, 2)
