@@ -69,7 +69,9 @@ def _dlq(args: argparse.Namespace) -> int:
         f" (by reason: {report.by_reason or '-'}), older than --since: {report.skipped_before_since}, "
         f"letters of a record already taken (one per consumer group): {report.same_record}, "
         f"records too large to keep whole, not replayed (their letters hold the start and where "
-        f"each record is on its topic): {report.truncated}\n"
+        f"each record is on its topic): {report.truncated}, "
+        f"records under an event_id applied for another event, not replayed (their producer sends "
+        f"them again under ids of their own): {report.reused}\n"
     )
     return 0
 

@@ -6,6 +6,7 @@ equal to the event written (Decimal amounts travel as strings, datetimes as RFC 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from datetime import timedelta
 from typing import TypeVar
@@ -13,7 +14,7 @@ from typing import TypeVar
 import orjson
 from pydantic import BaseModel, TypeAdapter
 
-from shared.events import EVENT_ADAPTER, NOT_AFTER_EPOCH, TOPIC_OF_TYPE, Event, time_bound_broken
+from shared.events import EVENT_ADAPTER, NOT_AFTER_EPOCH, TOPIC_OF_TYPE, Event, EventBase, time_bound_broken
 from shared.storable import unstorable_paths
 
 T = TypeVar("T")
@@ -72,6 +73,20 @@ def decode_event_on(topic: str, payload: bytes, max_future: timedelta | None = N
         if broken == "epoch":
             raise ValueError(f"occurred_at {at.isoformat()} {NOT_AFTER_EPOCH}")
     return event
+
+
+def event_digest(value: object) -> int | None:
+    """What a backend event's id names, as a signed 64-bit integer (a BIGINT), for a consumer's
+    ledger to keep beside the id: the digest of the event's one encoding, so a resend of it as
+    it was matches whatever JSON its producer wrote (key order, spacing, an explicit null), and
+    another event sent under an id already applied does not (shared.db.claim_events).
+
+    None for the values of our own topics: their ids name one outcome (a message's status, the
+    update a cause made), and a later copy of it may carry a later time; the first one stands.
+    Backend ids are their producers', which may reuse one by mistake, as ingest refuses (409)."""
+    if not isinstance(value, EventBase):
+        return None
+    return int.from_bytes(hashlib.blake2b(encode(value), digest_size=8).digest(), "big", signed=True)
 
 
 def encode_key(customer_id: str) -> bytes:

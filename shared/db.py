@@ -14,11 +14,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     DateTime,
     Dialect,
@@ -235,6 +236,10 @@ def applied_events_table(metadata: MetaData) -> Table:
         Column("partition", Integer, nullable=False),
         Column("offset", Integer, nullable=False),
         Column("applied_at", UtcDateTime(), nullable=False),
+        # What the id named (shared.codec.event_digest), so that an id its producer reuses for
+        # another event is dead-lettered, not dropped as a duplicate (claim_events). Null for
+        # the ids of our own topics and for rows written before digests were kept.
+        Column("digest", BigInteger, nullable=True),
     )
 
 
@@ -404,31 +409,106 @@ def _ignoring_conflicts(dialect: str, table: Table) -> Any:
     return dialect_insert(dialect, table).on_conflict_do_nothing()
 
 
-async def claim_events(
-    session: AsyncSession, ledger: Table, events: Sequence[tuple[str, str, int, int]]
-) -> set[str]:
-    """Record (event_id, topic, partition, offset) rows; return the ids that were new.
+class _Identified(Protocol):
+    @property
+    def event_id(self) -> str: ...
 
-    The caller applies only the returned ids, in the same transaction, so a replay or a
-    duplicate changes nothing twice.
+
+class Claimable(Protocol):
+    """A consumed record as the ledger sees it (shared.kafka.consumer.Delivered)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def digest(self) -> int | None: ...
+    @property
+    def value(self) -> _Identified: ...
+
+
+C = TypeVar("C", bound=Claimable)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed(Generic[C]):
+    """What a batch's claim found."""
+
+    fresh: list[C]  # apply these: the first record of each id new to the ledger, in batch order
+    # Not applied: an id applied before (or earlier in the batch) for another event, with what
+    # to tell its producer. The consumer loop dead-letters them (BatchResult.reused).
+    reused: list[tuple[C, str]]
+    duplicates: int  # the others: their id applied before for the same event (or one not known)
+
+
+async def claim_events(session: AsyncSession, ledger: Table, batch: Sequence[C]) -> Claimed[C]:
+    """Record each new id of the batch in the ledger (with its digest, topic, partition and
+    offset); say which records to apply, which are duplicates and which reuse an id.
+
+    The caller applies only ``fresh``, in the same transaction, so a replay or a duplicate
+    changes nothing twice. A record whose id was applied for an event of another digest is
+    neither applied nor dropped: an id its producer reused (a second order sent under the
+    first one's id) would otherwise vanish; ingest refuses the same with a 409. A digest not known
+    (ours, or a ledger row from before digests were kept) counts as the same.
     """
-    if not events:
-        return set()
+    if not batch:
+        return Claimed([], [], 0)
     now = datetime.now(UTC)
-    rows: dict[str, dict[str, Any]] = {}
-    for event_id, topic, partition, offset in events:
-        rows.setdefault(
-            event_id,
-            {
-                "event_id": event_id,
-                "topic": topic,
-                "partition": partition,
-                "offset": offset,
-                "applied_at": now,
-            },
+    first: dict[str, C] = {}
+    for d in batch:
+        first.setdefault(d.value.event_id, d)
+    rows = [
+        {
+            "event_id": event_id,
+            "digest": d.digest,
+            "topic": d.topic,
+            "partition": d.partition,
+            "offset": d.offset,
+            "applied_at": now,
+        }
+        for event_id, d in first.items()
+    ]
+    dialect = session.get_bind().dialect.name
+    new = {row[0] for row in await _claim(dialect, ledger).execute(session, rows)}
+    if len(new) == len(batch):  # the steady state: every record new, none repeated
+        return Claimed(list(batch), [], 0)
+    # The id's first application: a row already in the ledger, or this batch's first record.
+    known: dict[str, tuple[int | None, str, int, int]] = {
+        event_id: (d.digest, d.topic, d.partition, d.offset)
+        for event_id, d in first.items()
+        if event_id in new
+    }
+    if len(new) < len(first):
+        stored = await session.execute(
+            _ledger_entries(dialect, ledger), {"ids": [i for i in first if i not in new]}
         )
-    result = await _claim(session.get_bind().dialect.name, ledger).execute(session, list(rows.values()))
-    return {row[0] for row in result}
+        known |= {row[0]: (row[1], row[2], row[3], row[4]) for row in stored}
+    fresh: list[C] = []
+    reused: list[tuple[C, str]] = []
+    for d in batch:
+        event_id = d.value.event_id
+        if event_id in new and first[event_id] is d:
+            fresh.append(d)
+            continue
+        digest, topic, partition, offset = known[event_id]
+        if digest is not None and d.digest is not None and digest != d.digest:
+            reused.append(
+                (
+                    d,
+                    f"event_id {event_id!r} was applied for another event (first read from {topic} "
+                    f"partition {partition} offset {offset}); this one is not applied. Send it "
+                    "again under an event_id of its own: replaying this letter meets the same id",
+                )
+            )
+    return Claimed(fresh, reused, len(batch) - len(fresh) - len(reused))
+
+
+@functools.cache
+def _ledger_entries(dialect: str, ledger: Table) -> Any:
+    c = ledger.c
+    return select(c.event_id, c.digest, c.topic, c.partition, c.offset).where(in_list(dialect, c.event_id))
 
 
 @functools.cache

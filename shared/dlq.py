@@ -31,6 +31,8 @@ REPLAYED_FROM = "x-retain-replayed-from"
 REFUSED_AT = "x-retain-refused-at"
 # A letter of a record too large to keep whole: the record's size; the letter holds its start.
 TRUNCATED = "x-retain-truncated"
+# The reason of a record whose event id was applied for another event (shared.db.claim_events).
+EVENT_ID_REUSED = "event_id_reused"
 SEND_CHUNK = 1000  # records sent at a time: a large DLQ is not held in memory to the end
 
 
@@ -50,6 +52,9 @@ class ReplayReport:
     # Letters of records too large to keep whole (``TRUNCATED``): not sent back, since only
     # their start is here; their origin headers say where the record is on its topic.
     truncated: int = 0
+    # Letters of records whose event id was applied for another event (``EVENT_ID_REUSED``): not
+    # sent back, since the same id would be refused again. Their producer sends them anew.
+    reused: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -114,6 +119,9 @@ class _Replay:
             return
         if _header(headers, TRUNCATED) is not None:
             report.truncated += 1
+            return
+        if why == EVENT_ID_REUSED:
+            report.reused += 1
             return
         partition = _header(headers, "x-retain-partition")
         offset = _header(headers, "x-retain-offset")

@@ -363,17 +363,8 @@ class KpiService:
 
     async def apply_batch(self, batch: Sequence[Delivered[Event | MessageEvent]]) -> BatchResult:
         async with self.db.transaction() as session:
-            new_ids = await claim_events(
-                session, applied_events, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
-            )
-            fresh: list[Event | MessageEvent] = []
-            taken: set[str] = set()
-            for d in batch:
-                eid = d.value.event_id
-                if eid in new_ids and eid not in taken:
-                    taken.add(eid)
-                    fresh.append(d.value)
-            rows = fold(fresh)
+            claimed = await claim_events(session, applied_events, batch)
+            rows = fold([d.value for d in claimed.fresh])
             # The earliest date of the orders written, as stored (an order keeps its first date).
             ordered_from = await self.repo.upsert_purchases(session, list(rows.purchases.values()))
             await self.repo.insert_facts(session, support_events, rows.support)
@@ -405,7 +396,7 @@ class KpiService:
             if rows.surveys:
                 redo_from("csat", min(r["occurred_at"] for r in rows.surveys))
             await self.repo.mark_dirty(session, {name: local_day(at, self.tz) for name, at in dirty.items()})
-        return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
+        return BatchResult(len(claimed.fresh), claimed.duplicates, claimed.reused)
 
     # --- between batches -----------------------------------------------------------------------
 

@@ -23,22 +23,12 @@ from sqlalchemy import (
     Table,
 )
 
-from shared.db import UtcDateTime, json_type
+from shared.db import UtcDateTime, applied_events_table, json_type
 from shared.outbox import outbox_table
 
 metadata = MetaData()
 
-# The shared ledger's shape (shared.db.applied_events_table), with room for the messenger's
-# event ids, which embed a customer id (up to 128 characters) in a longer id.
-applied_events = Table(
-    "applied_events",
-    metadata,
-    Column("event_id", String(255), primary_key=True),
-    Column("topic", String(255), nullable=False),
-    Column("partition", Integer, nullable=False),
-    Column("offset", Integer, nullable=False),
-    Column("applied_at", UtcDateTime(), nullable=False),
-)
+applied_events = applied_events_table(metadata)
 outbox = outbox_table(metadata)
 
 Money = Numeric(18, 4)

@@ -447,15 +447,8 @@ class MessengerService:
         now = self.clock()
         staged = Staged([], [])
         async with self.db.transaction() as session:
-            new_ids = await claim_events(
-                session, applied_events, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
-            )
-            taken: set[str] = set()
-            fresh: list[CustomerUpdate] = []
-            for d in batch:
-                if d.value.event_id in new_ids and d.value.event_id not in taken:
-                    taken.add(d.value.event_id)
-                    fresh.append(d.value)
+            claimed = await claim_events(session, applied_events, batch)
+            fresh = [d.value for d in claimed.fresh]
             if fresh:
                 journeys = [j for j in await self.journeys(session) if j.enabled]
                 caps = await self.caps(session)
@@ -468,7 +461,7 @@ class MessengerService:
             # Publish after commit, from memory, while the next batch is applied: flushing
             # the table here (read, send, wait for the acks, delete) held every batch up.
             await self.relay.after_commit(staged)
-        return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
+        return BatchResult(len(claimed.fresh), claimed.duplicates, claimed.reused)
 
     async def _on_updates(
         self,

@@ -173,16 +173,10 @@ class SegmenterService:
         now = self.clock()
         staged = Staged([], [])
         async with self.db.transaction() as session:
-            new_ids = await claim_events(
-                session, applied_events, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
-            )
+            claimed = await claim_events(session, applied_events, batch)
             fresh: dict[str, list[Event | ClvPrediction]] = defaultdict(list)
-            taken: set[str] = set()
-            for d in batch:
-                eid = d.value.event_id
-                if eid in new_ids and eid not in taken:
-                    taken.add(eid)
-                    fresh[d.value.customer_id].append(d.value)
+            for d in claimed.fresh:
+                fresh[d.value.customer_id].append(d.value)
             if fresh:
                 rules = await self.rules(session)
                 # The facts are derived again from the state: the stored ones are not read.
@@ -199,7 +193,7 @@ class SegmenterService:
                 if isinstance(event, PurchaseEvent) and self.config.rate(event.currency) is None:
                     UNCONVERTED.labels(event.currency).inc()
         await self._relay(staged)  # publish after commit
-        return BatchResult(applied=len(taken), duplicates=len(batch) - len(taken))
+        return BatchResult(len(claimed.fresh), claimed.duplicates, claimed.reused)
 
     async def _write(
         self, session: Any, decisions: Sequence[Decision], now: datetime

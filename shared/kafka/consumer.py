@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -28,8 +28,8 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from shared.codec import encode_key
-from shared.dlq import REFUSED_AT, TRUNCATED, carried_origin
+from shared.codec import encode_key, event_digest
+from shared.dlq import EVENT_ID_REUSED, REFUSED_AT, TRUNCATED, carried_origin
 from shared.events import one_error_per_attribute
 from shared.kafka.producer import BrokerUnavailableError, OutboundRecord, Producer
 from shared.logs import get_logger
@@ -81,12 +81,19 @@ class Delivered(Generic[T]):
     key: bytes | None
     value: T
     timestamp_ms: int
+    # What the value's id names, for the ledger to keep (shared.codec.event_digest): None
+    # where the topic's ids are ours.
+    digest: int | None = None
 
 
 @dataclass(slots=True)
 class BatchResult:
     applied: int = 0
     duplicates: int = 0
+    # Records not applied because their id was applied for another event (shared.db
+    # Claimed.reused), each with what to tell its producer: the loop dead-letters them once
+    # the handler's transaction has committed, so none is dropped unseen.
+    reused: Sequence[tuple[Delivered[Any], str]] = ()
 
 
 @dataclass(slots=True)
@@ -441,7 +448,10 @@ class ConsumerLoop(Generic[T]):
                 detail = _describe(exc)[:2000]
                 dead.append(_DeadLetter(r, "undecodable", detail))
                 continue
-            decoded.append((r, Delivered(r.topic, r.partition, r.offset, r.key, value, r.timestamp)))
+            delivered = Delivered(
+                r.topic, r.partition, r.offset, r.key, value, r.timestamp, event_digest(value)
+            )
+            decoded.append((r, delivered))
             customer_id = getattr(value, "customer_id", None)
             if isinstance(customer_id, str) and r.key != encode_key(customer_id):
                 self._miskeyed(r, customer_id, getattr(value, "event_id", None))
@@ -490,7 +500,7 @@ class ConsumerLoop(Generic[T]):
                 records=len(items),
             )
             return await self._apply_one_by_one(decoded, dead)
-        self._count(result, items)
+        self._count(result, decoded, dead)
         return True
 
     async def _apply_one_by_one(
@@ -514,15 +524,34 @@ class ConsumerLoop(Generic[T]):
                 )
                 dead.append(_DeadLetter(record, _reason(exc), str(exc)[:2000]))
                 continue
-            self._count(result, [item])
+            self._count(result, [(record, item)], dead)
         return True
 
-    def _count(self, result: BatchResult | None, items: Sequence[Delivered[T]]) -> None:
+    def _count(
+        self,
+        result: BatchResult | None,
+        decoded: Sequence[tuple[ConsumerRecord[bytes, bytes], Delivered[T]]],
+        dead: list[_DeadLetter],
+    ) -> None:
+        """Count what the handler did, and queue the records it refused for a reused id as dead
+        letters (sent after its commit, with the batch's other letters)."""
         duplicates = result.duplicates if result else 0
-        self.stats.applied += result.applied if result else len(items)
+        self.stats.applied += result.applied if result else len(decoded)
         self.stats.duplicates += duplicates
-        for item in items:
-            CONSUMER_RECORDS.labels(self._group_id, item.topic, "handled").inc()
+        refused: dict[int, str] = {id(item): detail for item, detail in result.reused} if result else {}
+        for record, item in decoded:
+            detail = refused.get(id(item))
+            if detail is None:
+                CONSUMER_RECORDS.labels(self._group_id, item.topic, "handled").inc()
+                continue
+            log.warning(
+                "event id reused for another event: dead-lettered",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                event_id=getattr(item.value, "event_id", None),
+            )
+            dead.append(_DeadLetter(record, EVENT_ID_REUSED, detail))
         if duplicates:
             CONSUMER_DUPLICATES.labels(self._group_id).inc(duplicates)
             log.debug("duplicates skipped", group=self._group_id, duplicates=duplicates)

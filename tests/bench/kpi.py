@@ -420,61 +420,47 @@ async def baseline(
 
     async def apply(batch: Sequence[Delivered[Payload]]) -> BatchResult:
         async with db.transaction() as session:
-            new = await claim_events(
-                session, ledger, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
-            )
+            claimed = await claim_events(session, ledger, batch)
+            fresh = [d.value for d in claimed.fresh]
             if own_fields:
-                return await write_own_fields(session, batch, new)
-            if kpi_facts is not None:
-                return await write_kpi_facts(session, batch, new, kpi_facts)
-            rows = {
-                d.value.event_id: {
-                    "event_id": d.value.event_id,
-                    "type": d.value.type,
-                    "customer_id": d.value.customer_id,
-                    "occurred_at": d.value.occurred_at,
-                }
-                for d in batch
-                if d.value.event_id in new
-            }
-            if rows:
+                await write_own_fields(session, fresh)
+            elif kpi_facts is not None:
+                await write_kpi_facts(session, fresh, kpi_facts)
+            elif fresh:
+                rows = [
+                    {
+                        "event_id": e.event_id,
+                        "type": e.type,
+                        "customer_id": e.customer_id,
+                        "occurred_at": e.occurred_at,
+                    }
+                    for e in fresh
+                ]
                 # The kpi's write of new facts (a binary COPY on PostgreSQL, an executemany on SQLite).
-                await copy_new_rows(session, raw, list(rows.values()))
-        return BatchResult(applied=len(rows), duplicates=len(batch) - len(rows))
+                await copy_new_rows(session, raw, rows)
+        return BatchResult(len(claimed.fresh), claimed.duplicates, claimed.reused)
 
-    async def write_own_fields(
-        session: AsyncSession, batch: Sequence[Delivered[Payload]], new: set[str]
-    ) -> BatchResult:
-        fresh = {d.value.event_id: d.value for d in batch if d.value.event_id in new}
+    async def write_own_fields(session: AsyncSession, fresh: Sequence[Payload]) -> None:
         rows_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for event in fresh.values():
+        for event in fresh:
             _, names = by_type[event.type]
             rows_of[event.type].append({name: getattr(event, name) for name in names})
         for kind, rows in rows_of.items():
             await copy_new_rows(session, by_type[kind][0], rows)
-        return BatchResult(applied=len(fresh), duplicates=len(batch) - len(fresh))
 
     async def write_kpi_facts(
-        session: AsyncSession,
-        batch: Sequence[Delivered[Payload]],
-        new: set[str],
-        facts: Mapping[str, tuple[Table, dict[str, Any]]],
-    ) -> BatchResult:
-        applied: set[str] = set()
+        session: AsyncSession, fresh: Sequence[Payload], facts: Mapping[str, tuple[Table, dict[str, Any]]]
+    ) -> None:
         rows_of: dict[Table, list[dict[str, Any]]] = defaultdict(list)
-        for d in batch:
-            eid = d.value.event_id
-            if eid in new and eid not in applied:
-                applied.add(eid)
-                fact = facts.get(eid)
-                if fact is not None:
-                    rows_of[fact[0]].append(fact[1])
+        for event in fresh:
+            fact = facts.get(event.event_id)
+            if fact is not None:
+                rows_of[fact[0]].append(fact[1])
         for fact_table, rows in rows_of.items():
             if fact_table is kpi_tables.purchases:
                 await repo.upsert_purchases(session, rows)  # as the kpi: it cannot know an order is new
             else:
                 await copy_new_rows(session, fact_table, rows)
-        return BatchResult(applied=len(applied), duplicates=len(batch) - len(applied))
 
     async def handle(batch: Sequence[Delivered[Payload]]) -> BatchResult:
         return await clock.handled(len(batch), apply(batch))

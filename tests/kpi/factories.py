@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from services.kpi.service import KpiService
+from shared.codec import event_digest
 from shared.events import (
     CancellationEvent,
     CancellationReason,
@@ -142,15 +143,20 @@ def survey_answer(
 
 
 async def apply(service: KpiService, events: Sequence[Event | MessageEvent], batch: int = 7) -> BatchResult:
-    """Apply ``events`` in batches, as the consumer would (offsets are made up)."""
+    """Apply ``events`` in batches, as the consumer would (offsets are made up; digests as its
+    loop makes them)."""
     total = BatchResult()
     for start in range(0, len(events), batch):
         chunk = events[start : start + batch]
         result = await service.apply_batch(
-            [Delivered("t", 0, start + i, e.customer_id.encode(), e, 0) for i, e in enumerate(chunk)]
+            [
+                Delivered("t", 0, start + i, e.customer_id.encode(), e, 0, event_digest(e))
+                for i, e in enumerate(chunk)
+            ]
         )
         total.applied += result.applied
         total.duplicates += result.duplicates
+        total.reused = [*total.reused, *result.reused]
     return total
 
 

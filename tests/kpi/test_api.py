@@ -775,6 +775,25 @@ async def test_a_purchase_in_a_currency_without_a_rate_still_counts_as_a_purchas
     assert model["unconverted_purchases"] == 1
 
 
+async def test_an_event_id_reused_for_another_purchase_is_refused_not_counted(kpi: Kpi) -> None:
+    """Straight onto Kafka, a second order sent under the first one's event id: the first
+    stands, the second is handed back for a dead letter (it used to vanish as a duplicate), and
+    the first sent again is still a duplicate."""
+    kpi.at(utc(1997, 10, 1, 12))
+    first = purchase("r1", utc(1997, 9, 1, 9), "100", "ILS", order="o-1")
+    second = purchase("r1", utc(1997, 9, 2, 9), "900", "ILS", order="o-2").model_copy(
+        update={"event_id": first.event_id}
+    )
+    await kpi.apply([*cdnow_events(60), first])  # others, for the CLV model to be fitted
+    result = await apply(kpi.service, [second, first])
+    assert (result.applied, result.duplicates) == (0, 1)
+    [(refused, why)] = result.reused
+    assert refused.value == second
+    assert why.startswith(f"event_id {first.event_id!r} was applied for another event (first read from t")
+    customer = await kpi.get("/v1/customers/r1/clv")
+    assert (customer["orders"], customer["historic_value"]) == (1, 100.0)
+
+
 async def test_clv_model_customer_and_publication(kpi: Kpi) -> None:
     kpi.at(utc(1997, 10, 1, 12))
     await kpi.apply(cdnow_events(300))

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.consumer import MIGRATIONS
 from services.segmenter.service import UNCONVERTED, SegmenterService
+from shared.codec import event_digest
 from shared.db import Database, migrate
 from shared.events import ClvPrediction, Event
 from shared.kafka.consumer import Delivered
@@ -48,4 +49,30 @@ async def test_a_purchase_in_a_currency_without_a_rate_is_counted_once_and_kept_
     facts = customer["profile"]
     assert (facts["orders_count"], facts["total_value"]) == (2, 100.0)
     assert facts["unconverted_currencies"] == ["JPY"]
+    await db.dispose()
+
+
+async def test_an_event_id_reused_for_another_event_is_handed_back_not_applied(tmp_path: Path) -> None:
+    """Straight onto Kafka, an order sent under another order's event id: the profile keeps the
+    first, the second comes back for the loop to dead-letter (it used to be dropped unseen as a
+    duplicate), and the first sent again is a duplicate."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'segmenter.db'}")
+    await migrate(db, MIGRATIONS)
+    service = SegmenterService(db, SegmenterSettings(var_dir=tmp_path), clock=lambda: NOW)
+    await service.ensure_default_rules()
+    first = purchase("p-1", NOW - timedelta(days=3), "o-1", "100.00", "ILS")
+    second = purchase("p-1", NOW - timedelta(days=2), "o-2", "900.00", "ILS")
+
+    def delivered(offset: int, event: Event) -> Delivered[Event | ClvPrediction]:
+        return Delivered("retain.purchases", 0, offset, b"c-1", event, 0, event_digest(event))
+
+    assert (await service.apply_batch([delivered(0, first)])).applied == 1
+    result = await service.apply_batch([delivered(1, second), delivered(2, first)])
+    assert (result.applied, result.duplicates) == (0, 1)
+    [(refused, why)] = result.reused
+    assert (refused.offset, refused.value) == (1, second)
+    assert "(first read from retain.purchases partition 0 offset 0)" in why
+    customer = await service.customer("c-1")
+    assert customer is not None
+    assert (customer["profile"]["orders_count"], customer["profile"]["total_value"]) == (1, 100.0)
     await db.dispose()

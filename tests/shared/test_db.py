@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -113,27 +115,74 @@ async def test_constraint_violations_are_sqlalchemy_errors_and_undo_the_transact
     assert await names(db) == ["first"]
 
 
+@dataclass(frozen=True)
+class _Record:
+    """A consumed record as the ledger sees it (Delivered's fields that it reads)."""
+
+    value: Any
+    topic: str = "t"
+    partition: int = 0
+    offset: int = 0
+    digest: int | None = None
+
+
+def _rec(event_id: str, offset: int = 0, digest: int | None = None, partition: int = 0) -> _Record:
+    return _Record(SimpleNamespace(event_id=event_id), "t", partition, offset, digest)
+
+
 async def test_the_ledger_claims_each_event_once(db: Database) -> None:
+    a, b, a_again = _rec("a", 1, 10), _rec("b", 2, 20), _rec("a", 1, 10)
+    b_again, c = _rec("b", 2, 20), _rec("c", 7, 30, partition=1)
     async with db.transaction() as session:
-        first = await claim_events(session, ledger, [("a", "t", 0, 1), ("b", "t", 0, 2), ("a", "t", 0, 1)])
+        first = await claim_events(session, ledger, [a, b, a_again])
     async with db.transaction() as session:
-        second = await claim_events(session, ledger, [("b", "t", 0, 2), ("c", "t", 1, 7)])
-    assert (first, second) == ({"a", "b"}, {"c"})
+        second = await claim_events(session, ledger, [b_again, c])
+    assert (first.fresh, first.reused, first.duplicates) == ([a, b], [], 1)
+    assert (second.fresh, second.reused, second.duplicates) == ([c], [], 1)
 
 
 async def test_the_ledger_claims_each_event_once_on_both_dialects(both: Database) -> None:
     async with both.transaction() as session:
-        first = await claim_events(session, ledger, [("a", "t", 0, 1), ("b", "t", 0, 2), ("a", "t", 0, 1)])
+        first = await claim_events(session, ledger, [_rec("a", 1, 10), _rec("b", 2, None), _rec("a", 1, 10)])
     async with both.transaction() as session:
-        second = await claim_events(session, ledger, [("b", "t", 0, 2), ("c", "t", 1, 7)])
+        second = await claim_events(
+            session, ledger, [_rec("b", 2, None), _rec("c", 7, -(2**63), partition=1)]
+        )
     async with both.sessions() as session:
         rows = (await session.execute(select(ledger).order_by(ledger.c.event_id))).all()
-    assert (first, second) == ({"a", "b"}, {"c"})
-    assert [(r.event_id, r.topic, r.partition, r.offset) for r in rows] == [
-        ("a", "t", 0, 1),
-        ("b", "t", 0, 2),
-        ("c", "t", 1, 7),
+    assert [d.value.event_id for d in first.fresh] == ["a", "b"]
+    assert [d.value.event_id for d in second.fresh] == ["c"]
+    assert [(r.event_id, r.topic, r.partition, r.offset, r.digest) for r in rows] == [
+        ("a", "t", 0, 1, 10),
+        ("b", "t", 0, 2, None),
+        ("c", "t", 1, 7, -(2**63)),  # the whole signed 64-bit range of event_digest fits
     ]
+
+
+async def test_an_id_applied_for_another_event_is_reused_not_a_duplicate(both: Database) -> None:
+    """Against the ledger and within one batch: a record whose digest differs from the one its
+    id was first applied with is reported, naming where that first one was read; the same
+    digest, or one not known on either side (our own topics, rows from before digests), is a
+    duplicate as before."""
+    async with both.transaction() as session:
+        await claim_events(session, ledger, [_rec("p-1", 5, 111), _rec("old", 6, None)])
+    other_then_same = [_rec("p-1", 9, 222), _rec("p-1", 10, 111)]
+    within = [_rec("p-2", 11, 333), _rec("p-2", 12, 444), _rec("p-2", 13, 333)]
+    unknown = [_rec("old", 14, 555), _rec("p-3", 15, None), _rec("p-3", 16, 666)]
+    async with both.transaction() as session:
+        claimed = await claim_events(session, ledger, [*other_then_same, *within, *unknown])
+    assert claimed.fresh == [within[0], unknown[1]]
+    assert [d for d, _ in claimed.reused] == [other_then_same[0], within[1]]
+    assert claimed.duplicates == 4
+    details = [why for _, why in claimed.reused]
+    assert details[0].startswith(
+        "event_id 'p-1' was applied for another event (first read from t partition 0 offset 5)"
+    )
+    assert "(first read from t partition 0 offset 11)" in details[1]
+    assert all("under an event_id of its own" in why for why in details)
+    async with both.sessions() as session:
+        digests = dict((await session.execute(select(ledger.c.event_id, ledger.c.digest))).all())
+    assert digests == {"p-1": 111, "old": None, "p-2": 333, "p-3": None}  # the first stands
 
 
 def _statements(db: Database) -> list[bool]:
@@ -322,7 +371,7 @@ async def _facts_back(db: Database) -> list[dict[str, Any]]:
 async def _claim_and_copy(db: Database, event_id: str, rows: list[dict[str, Any]]) -> None:
     """A kpi-like batch: the ledger claim, then the facts of the new event."""
     async with db.transaction() as session:
-        await claim_events(session, ledger, [(event_id, "t", 0, 0)])
+        await claim_events(session, ledger, [_rec(event_id)])
         await copy_new_rows(session, facts, rows)
 
 
@@ -332,7 +381,7 @@ async def test_new_rows_are_copied_and_every_value_comes_back(both: Database) ->
     rows = [_fact(i) for i in range(250)]
     seen = _statements(both)
     async with both.transaction() as session:
-        await claim_events(session, ledger, [(f"e{i}", "t", 0, i) for i in range(250)])
+        await claim_events(session, ledger, [_rec(f"e{i}", i) for i in range(250)])
         await copy_new_rows(session, facts, rows[:200])
         await copy_new_rows(session, facts, rows[200:])
         await copy_new_rows(session, facts, [])
@@ -372,7 +421,7 @@ async def test_a_copy_on_a_lost_connection_is_a_transient_error_and_the_retry_go
 
     async def cut_off_before_the_copy() -> None:
         async with pg.transaction() as session:
-            await claim_events(session, ledger, [("e1", "t", 0, 0)])
+            await claim_events(session, ledger, [_rec("e1")])
             pid = await session.scalar(text("SELECT pg_backend_pid()"))
             async with pg.engine.connect() as other:
                 await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})

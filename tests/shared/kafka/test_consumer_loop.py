@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import IllegalStateError, KafkaConnectionError
@@ -58,12 +60,10 @@ class ToyHandler:
             self.fail_transiently -= 1
             raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database away"))
         async with self.db.transaction() as session:
-            new = await claim_events(
-                session, ledger, [(d.value.event_id, d.topic, d.partition, d.offset) for d in batch]
-            )
-            for d in batch:
+            claimed = await claim_events(session, ledger, batch)
+            for d in claimed.fresh:
                 event = d.value
-                if event.event_id not in new or not isinstance(event, PurchaseEvent):
+                if not isinstance(event, PurchaseEvent):
                     continue
                 if event.amount == Decimal("666"):
                     raise PermanentError("amount 666 is cursed")
@@ -82,7 +82,7 @@ class ToyHandler:
                     .where(totals.c.customer_id == event.customer_id)
                     .values(total=current + event.amount)
                 )
-            return BatchResult(applied=len(new), duplicates=len(batch) - len(new))
+            return BatchResult(len(claimed.fresh), claimed.duplicates, claimed.reused)
 
 
 @pytest.fixture
@@ -256,6 +256,52 @@ async def test_a_tombstone_is_dead_lettered_as_one(
     ]
     assert details[0] == b"a null value (a tombstone): events are never deleted by key, nothing to apply"
     assert b"EOF while parsing" in details[1]  # an empty value is another mistake
+
+
+async def test_an_event_id_reused_for_another_event_is_dead_lettered_not_dropped(
+    kafka: KafkaHandle, topic_prefix: str, unique: str, db: Database
+) -> None:
+    """Straight onto Kafka, an event sent under an id already applied for another one used to be
+    skipped as a duplicate, unseen. Now it is dead-lettered with the id and where the first event was read; a
+    resend of the first as it was, in JSON written otherwise (keys reordered, spaced, an explicit
+    null), is still a duplicate, in the same batch as in a later one."""
+    topic = topic_prefix + "purchases"
+    first = purchase(1, "c1", "10")
+    rewritten = json.dumps(
+        {**dict(reversed(orjson.loads(encode_event(first)).items())), "items": None}, indent=2
+    )
+    other = purchase(1, "c1", "12")  # another order's amount, under the first one's id
+    await produce(kafka, topic, [("c1", encode_event(first)), ("c1", rewritten.encode())])
+    loop = make_loop(kafka, topic, f"g-{unique}", ToyHandler(db))
+    try:
+        await drain(loop, 2)
+        assert (loop.stats.applied, loop.stats.duplicates, loop.stats.dead_lettered) == (1, 1, 0)
+        await produce(
+            kafka,
+            topic,
+            [
+                ("c1", encode_event(other)),
+                ("c1", rewritten.encode()),
+                ("c1", encode_event(purchase(2, "c1", "5"))),
+            ],
+        )
+        async with asyncio.timeout(30):
+            while loop.stats.records < 5:
+                await loop.run_once()
+    finally:
+        await stop(loop)
+    assert (loop.stats.applied, loop.stats.duplicates, loop.stats.dead_lettered) == (2, 2, 1)
+    assert await total_of(db, "c1") == Decimal("15")
+    [letter] = await read_all(kafka.bootstrap, [topic + ".dlq"])
+    headers = dict(letter.headers)
+    assert letter.value == encode_event(other)
+    assert (headers["x-retain-error"], headers["x-retain-offset"]) == (b"event_id_reused", b"2")
+    partition = headers["x-retain-partition"].decode()  # the key's: both records share it
+    detail = headers["x-retain-error-detail"].decode()
+    first_read = f"(first read from {topic} partition {partition} offset 0)"
+    assert detail.startswith(f"event_id 'p-1' was applied for another event {first_read}")
+    report = await replay(kafka.bootstrap, topic)  # it would meet the same id: left for its producer
+    assert (report.reused, report.replayed, report.by_reason) == (1, 0, {})
 
 
 async def test_a_record_still_poison_after_a_replay_keeps_its_first_letter_and_goes_back_once(
