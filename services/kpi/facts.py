@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.kpi.csat import survey_score
-from services.kpi.response_time import SupportStep
+from services.kpi.response_time import SupportStep, TicketKey
 from shared.events import (
     CancellationEvent,
     Event,
@@ -41,8 +41,8 @@ class FactRows:
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
-    def ticket_ids(self) -> set[str]:
-        return {r["ticket_id"] for r in self.support}
+    def ticket_keys(self) -> set[TicketKey]:
+        return {(r["customer_id"], r["ticket_id"]) for r in self.support}
 
     @property
     def message_ids(self) -> set[str]:

@@ -9,12 +9,12 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, Table, and_, case, delete, func, or_, select, update
+from sqlalchemy import Select, Table, and_, case, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kpi.conversion import MessageFact
 from services.kpi.csat import Answer
-from services.kpi.response_time import SupportStep, Ticket
+from services.kpi.response_time import SupportStep, Ticket, TicketKey
 from services.kpi.tables import (
     cancellations,
     clv_models,
@@ -123,8 +123,9 @@ def _upsert_customers(dialect: str) -> RowsWrite:
 @functools.cache
 def _upsert_tickets(dialect: str) -> Any:
     ins = dialect_insert(dialect, tickets)
-    set_ = {c.name: ins.excluded[c.name] for c in tickets.c if c.name != "ticket_id"}
-    return ins.on_conflict_do_update(index_elements=[tickets.c.ticket_id], set_=set_)
+    key = ("customer_id", "ticket_id")
+    set_ = {c.name: ins.excluded[c.name] for c in tickets.c if c.name not in key}
+    return ins.on_conflict_do_update(index_elements=[tickets.c[k] for k in key], set_=set_)
 
 
 @functools.cache
@@ -133,7 +134,8 @@ def _mark_stale(dialect: str) -> RowsWrite:
         dialect,
         stale_tickets,
         lambda ins: ins.on_conflict_do_update(
-            index_elements=[stale_tickets.c.ticket_id], set_={"marks": stale_tickets.c.marks + 1}
+            index_elements=[stale_tickets.c.customer_id, stale_tickets.c.ticket_id],
+            set_={"marks": stale_tickets.c.marks + 1},
         ),
     )
 
@@ -178,8 +180,8 @@ def _among(stmt: Select[Any], column: Any, ids: list[str]) -> Select[Any]:
 TICKET_REBUILD_LOCK = 0x6B70695F7469636B  # "kpi_tick": the advisory lock of the ticket rebuild
 
 
-def _by_value(marks: Mapping[str, int]) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
+def _by_value(marks: Mapping[TicketKey, int]) -> dict[int, list[TicketKey]]:
+    out: dict[int, list[TicketKey]] = {}
     for key, value in marks.items():
         out.setdefault(value, []).append(key)
     return out
@@ -216,9 +218,9 @@ class KpiRepository:
 
     async def stale_ticket_steps(self, session: AsyncSession) -> list[SupportStep]:
         """Every step of the tickets marked stale."""
-        s = support_events.c
-        stale = select(stale_tickets.c.ticket_id)
-        result = await session.execute(select(support_events).where(s.ticket_id.in_(stale)))
+        s, st = support_events.c, stale_tickets.c
+        marked = and_(s.customer_id == st.customer_id, s.ticket_id == st.ticket_id)
+        result = await session.execute(select(support_events).join(stale_tickets, marked))
         return [
             SupportStep(
                 r.event_id,
@@ -255,11 +257,11 @@ class KpiRepository:
         ]
         await session.execute(_upsert_tickets(_dialect(session)), values)
 
-    async def mark_tickets_stale(self, session: AsyncSession, ticket_ids: Iterable[str]) -> None:
-        ids = sorted(set(ticket_ids))
-        if not ids:
-            return
-        await _mark_stale(_dialect(session)).execute(session, [{"ticket_id": t, "marks": 1} for t in ids])
+    async def mark_tickets_stale(self, session: AsyncSession, keys: Iterable[TicketKey]) -> None:
+        """Mark (customer, ticket) keys, in key order (two consumers' batches lock alike)."""
+        rows = [{"customer_id": c, "ticket_id": t, "marks": 1} for c, t in sorted(set(keys))]
+        if rows:
+            await _mark_stale(_dialect(session)).execute(session, rows)
 
     async def lock_ticket_rebuild(self, session: AsyncSession) -> None:
         """Serialise the rebuilds of two consumer processes (PostgreSQL; SQLite's one writer
@@ -270,23 +272,26 @@ class KpiRepository:
     async def earliest_stale_opening(self, session: AsyncSession) -> datetime | None:
         """The earliest opening the stale tickets have as stored: the day a rebuild may move
         one of them away from (a late 'opened' after a step stamped before it)."""
-        stale = select(stale_tickets.c.ticket_id)
-        stmt = select(func.min(tickets.c.opened_at)).where(tickets.c.ticket_id.in_(stale))
+        t, st = tickets.c, stale_tickets.c
+        marked = and_(t.customer_id == st.customer_id, t.ticket_id == st.ticket_id)
+        stmt = select(func.min(t.opened_at)).select_from(tickets.join(stale_tickets, marked))
         found: datetime | None = (await session.execute(stmt)).scalar()
         return found
 
-    async def stale_tickets(self, session: AsyncSession) -> dict[str, int]:
-        """Ticket id → the marks it has."""
+    async def stale_tickets(self, session: AsyncSession) -> dict[TicketKey, int]:
+        """(customer, ticket) → the marks it has."""
         s = stale_tickets.c
-        return {r.ticket_id: r.marks for r in await session.execute(select(s.ticket_id, s.marks))}
+        rows = await session.execute(select(s.customer_id, s.ticket_id, s.marks))
+        return {(r.customer_id, r.ticket_id): r.marks for r in rows}
 
-    async def clear_stale_tickets(self, session: AsyncSession, seen: Mapping[str, int]) -> None:
+    async def clear_stale_tickets(self, session: AsyncSession, seen: Mapping[TicketKey, int]) -> None:
         """Unmark the tickets rebuilt, unless a batch marked one again since it was read."""
         s = stale_tickets.c
-        for marks, ids in _by_value(seen).items():
-            for i in range(0, len(ids), CHUNK):
-                chunk = ids[i : i + CHUNK]
-                await session.execute(delete(stale_tickets).where(s.marks == marks, s.ticket_id.in_(chunk)))
+        for marks, keys in _by_value(seen).items():
+            for i in range(0, len(keys), CHUNK):
+                chunk = keys[i : i + CHUNK]
+                where = (s.marks == marks, tuple_(s.customer_id, s.ticket_id).in_(chunk))
+                await session.execute(delete(stale_tickets).where(*where))
 
     async def first_time_of_messages_since(self, session: AsyncSession, since: datetime) -> datetime | None:
         """The earliest status event of the messages with a status event at or after ``since``."""

@@ -28,6 +28,10 @@ from shared.events import SupportEvent, support_step_order, ticket_resolved
 
 COMPLAINT = "complaint"
 
+# A ticket is known by its customer and its id, as the segmenter keeps them: two help desks
+# (or brands) may number their tickets alike.
+TicketKey = tuple[str, str]
+
 
 @dataclass(frozen=True, slots=True)
 class SupportStep:
@@ -66,6 +70,10 @@ class Ticket:
     first_response_at: datetime | None
     resolved_at: datetime | None  # the final resolution; None while the ticket is open
     reopened: int
+
+    @property
+    def key(self) -> TicketKey:
+        return self.customer_id, self.ticket_id
 
     @property
     def first_response_s(self) -> float | None:

@@ -44,6 +44,7 @@ from services.kpi.repository import (
     Prediction,
     PurchaseRow,
 )
+from services.kpi.response_time import TicketKey
 from services.kpi.stats import group_by
 from services.kpi.tables import (
     applied_events,
@@ -281,11 +282,11 @@ def _attribute(attrs: Mapping[str, CustomerAttributes], name: str) -> Callable[[
 
 def _overlay(
     stored: Iterable[response_kpi.Ticket],
-    fresh: Mapping[str, response_kpi.Ticket],
+    fresh: Mapping[TicketKey, response_kpi.Ticket],
     keep: Callable[[response_kpi.Ticket], bool],
 ) -> list[response_kpi.Ticket]:
     """The stored tickets, with the stale ones replaced by their fresh derivation."""
-    return [t for t in stored if t.ticket_id not in fresh] + [t for t in fresh.values() if keep(t)]
+    return [t for t in stored if t.key not in fresh] + [t for t in fresh.values() if keep(t)]
 
 
 # What conversion and CSAT are broken down by: what the messenger stamped on the message.
@@ -374,7 +375,7 @@ class KpiService:
             await self.repo.upsert_customers(session, list(rows.customers.values()))
             # The tickets are rebuilt from their steps by the periodic rollup (which marks the
             # response-time days they open on); readers derive the stale ones meanwhile.
-            await self.repo.mark_tickets_stale(session, rows.ticket_ids)
+            await self.repo.mark_tickets_stale(session, rows.ticket_keys)
             # The earliest time each rollup must redo from. One min() per kind of fact: each
             # comparison of two event times calls their tzinfo's utcoffset twice.
             dirty: dict[str, datetime] = {}
@@ -469,12 +470,12 @@ class KpiService:
                 await self.repo.mark_dirty(session, {"response_time": local_day(first, self.tz)})
         return len(derived)
 
-    async def _fresh_tickets(self, session: AsyncSession) -> dict[str, response_kpi.Ticket]:
+    async def _fresh_tickets(self, session: AsyncSession) -> dict[TicketKey, response_kpi.Ticket]:
         """The stale tickets, derived from their steps."""
         steps = await self.repo.stale_ticket_steps(session)
         return {
-            ticket_id: response_kpi.ticket_from_steps(group)
-            for ticket_id, group in group_by(steps, lambda s: s.ticket_id).items()
+            key: response_kpi.ticket_from_steps(group)
+            for key, group in group_by(steps, lambda s: (s.customer_id, s.ticket_id)).items()
         }
 
     async def _tickets_opened(
@@ -482,7 +483,7 @@ class KpiService:
         session: AsyncSession,
         start: datetime,
         end: datetime,
-        fresh: Mapping[str, response_kpi.Ticket],
+        fresh: Mapping[TicketKey, response_kpi.Ticket],
     ) -> list[response_kpi.Ticket]:
         stored = await self.repo.tickets_opened(session, start, end)
         return _overlay(stored, fresh, lambda t: start <= t.opened_at < end)

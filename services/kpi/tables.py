@@ -62,7 +62,8 @@ support_events = Table(
     Column("priority", String(16), nullable=True),
     Column("is_complaint", Boolean, nullable=False),
     Column("occurred_at", UtcDateTime(), nullable=False),
-    Index("ix_support_events_ticket", "ticket_id"),
+    # A ticket is its customer's: two help desks (or two brands) may number theirs alike.
+    Index("ix_support_events_ticket", "customer_id", "ticket_id"),
 )
 
 cancellations = Table(
@@ -118,8 +119,8 @@ survey_answers = Table(
 tickets = Table(
     "tickets",
     metadata,
+    Column("customer_id", String(128), primary_key=True),
     Column("ticket_id", String(128), primary_key=True),
-    Column("customer_id", String(128), nullable=False),
     Column("category", String(64), nullable=False),
     Column("priority", String(16), nullable=True),
     Column("is_complaint", Boolean, nullable=False),
@@ -142,6 +143,7 @@ tickets = Table(
 stale_tickets = Table(
     "stale_tickets",
     metadata,
+    Column("customer_id", String(128), primary_key=True),
     Column("ticket_id", String(128), primary_key=True),
     Column("marks", Integer, nullable=False),
 )

@@ -582,6 +582,36 @@ async def test_tickets_read_right_after_a_batch_equal_the_rebuilt_ones(kpi: Kpi)
     assert await kpi.service.rebuild_tickets() == 0
 
 
+async def test_two_customers_tickets_with_one_id_are_two_tickets(kpi: Kpi) -> None:
+    """Two help desks (or brands) number tickets alike: the reply to one customer's T1 used to
+    answer the other's too, one ticket of both. Each is its customer's, before the rebuild (the
+    API derives stale tickets) and after it (the stored rows)."""
+    kpi.at(TICKETS_NOW)
+    await kpi.apply(
+        [
+            support("T1", "opened", utc(2026, 1, 11, 9), customer="ann"),
+            support("T1", "agent_replied", utc(2026, 1, 11, 10), customer="ann"),
+            support("T1", "opened", utc(2026, 1, 11, 9, 30), customer="ben"),
+        ]
+    )
+
+    async def stats() -> Any:
+        answer = await kpi.get("/v1/kpis/response-time", **{"from": "2026-01-11", "to": "2026-01-11"})
+        return answer["total"]["stats"], answer["open_in_breach"]["count"]
+
+    derived = await stats()
+    assert await kpi.service.rebuild_tickets() == 2
+    assert await stats() == derived
+    totals, open_in_breach = derived
+    # Ben's T1 is unanswered 27 h on, past billing's 24 h target: one ticket of both, it was not.
+    assert (totals["tickets"], totals["unanswered"], totals["breached"], open_in_breach) == (2, 1, 1, 1)
+    async with kpi.db.sessions() as s:
+        rows = (
+            await s.execute(select(tickets.c.customer_id, tickets.c.ticket_id, tickets.c.first_response_s))
+        ).all()
+    assert sorted(rows) == [("ann", "T1", 3600.0), ("ben", "T1", None)]
+
+
 async def test_a_late_status_redoes_the_day_its_message_began_on(kpi: Kpi) -> None:
     """The batch marks only its statuses' day; the rollup widens that to the day the message
     began on (the day its Grafana row is under)."""

@@ -46,13 +46,17 @@ def test_an_order_keeps_its_first_date_and_takes_its_newest_amount_whatever_the_
 
 def test_support_steps_are_the_batch_rows() -> None:
     rows = fold(
-        [support("T1", "opened", utc(2026, 1, 1)), support("T1", "agent_replied", utc(2026, 1, 1, 11))]
+        [
+            support("T1", "opened", utc(2026, 1, 1)),
+            support("T1", "agent_replied", utc(2026, 1, 1, 11)),
+            support("T1", "opened", utc(2026, 1, 1, 12), customer="another"),  # their desk's T1
+        ]
     )
     steps = rows.support_steps()
-    assert [(s.event_id, s.ticket_id, s.at, s.action) for s in steps] == [
-        (r["event_id"], r["ticket_id"], r["occurred_at"], r["action"]) for r in rows.support
+    assert [(s.event_id, s.ticket_id, s.customer_id, s.at, s.action) for s in steps] == [
+        (r["event_id"], r["ticket_id"], r["customer_id"], r["occurred_at"], r["action"]) for r in rows.support
     ]
-    assert rows.ticket_ids == {"T1"}
+    assert rows.ticket_keys == {("cust-T1", "T1"), ("another", "T1")}
 
 
 def test_each_register_keeps_its_newest_value_whatever_the_order() -> None:

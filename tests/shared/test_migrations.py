@@ -191,6 +191,54 @@ async def test_the_kpi_forgets_the_opt_out_events_it_kept_as_messages(database_u
     assert fingerprints == {"conversion": None, "churn": "def"}
 
 
+async def test_kpi_0010_keys_tickets_by_customer_and_marks_every_ticket_for_a_rebuild(
+    database_url: str,
+) -> None:
+    """Migration 0010 of the kpi on a database where two customers' T1 were stored as one
+    ticket: the tickets are made again, empty, and each customer's T1 is marked stale, so the
+    next rollup derives both (readers derive them meanwhile)."""
+    from sqlalchemy import insert, select  # noqa: PLC0415
+
+    db = Database(database_url)
+    at = datetime(2026, 11, 20, 10, tzinfo=UTC)
+    step = {"ticket_id": "T1", "category": "billing", "priority": None, "is_complaint": False}
+    merged = {
+        "ticket_id": "T1",
+        "customer_id": "ann",
+        "category": "billing",
+        "priority": None,
+        "is_complaint": False,
+        "opened_at": at,
+        "opened_inferred": False,
+        "first_response_at": None,
+        "first_response_s": None,
+        "resolved_at": None,
+        "resolution_s": None,
+        "reopened": 0,
+    }
+    try:
+        await upgrade_to(db, "kpi", "0009")
+        async with db.engine.begin() as conn:
+            await conn.execute(
+                insert(kpi_tables.support_events),
+                [
+                    {**step, "event_id": "s1", "customer_id": "ann", "action": "opened", "occurred_at": at},
+                    {**step, "event_id": "s2", "customer_id": "ben", "action": "opened", "occurred_at": at},
+                    {**step, "event_id": "s3", "customer_id": "ben", "action": "resolved", "occurred_at": at},
+                ],
+            )
+            await conn.execute(insert(kpi_tables.tickets), [merged])
+        await migrate(db, REPO_ROOT / "services" / "kpi" / "migrations")
+        async with db.sessions() as session:
+            s = kpi_tables.stale_tickets.c
+            stale = (await session.execute(select(s.customer_id, s.ticket_id, s.marks))).all()
+            stored = (await session.execute(select(kpi_tables.tickets))).all()
+    finally:
+        await db.dispose()
+    assert sorted(tuple(r) for r in stale) == [("ann", "T1", 1), ("ben", "T1", 1)]
+    assert stored == []
+
+
 @pytest.mark.parametrize("own_entry", [None, {"field": "tier", "op": "eq", "value": "platinum"}])
 async def test_messenger_0011_gives_a_stored_tier_upgrade_the_default_entry(
     database_url: str, own_entry: dict[str, Any] | None
