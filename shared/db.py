@@ -49,6 +49,7 @@ from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import TypeDecorator
 
 from shared import sqlite_inline
+from shared.codec import DIGEST_VERSION_MASK
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -451,7 +452,8 @@ async def claim_events(session: AsyncSession, ledger: Table, batch: Sequence[C])
     changes nothing twice. A record whose id was applied for an event of another digest is
     neither applied nor dropped: an id its producer reused (a second order sent under the
     first one's id) would otherwise vanish; ingest refuses the same with a 409. A digest not known
-    (ours, or a ledger row from before digests were kept) counts as the same.
+    (ours, or a ledger row from before digests were kept), or of another version, counts as
+    the same.
     """
     if not batch:
         return Claimed([], [], 0)
@@ -493,7 +495,7 @@ async def claim_events(session: AsyncSession, ledger: Table, batch: Sequence[C])
             fresh.append(d)
             continue
         digest, topic, partition, offset = known[event_id]
-        if digest is not None and d.digest is not None and digest != d.digest:
+        if _other_event(digest, d.digest):
             reused.append(
                 (
                     d,
@@ -503,6 +505,14 @@ async def claim_events(session: AsyncSession, ledger: Table, batch: Sequence[C])
                 )
             )
     return Claimed(fresh, reused, len(batch) - len(fresh) - len(reused))
+
+
+def _other_event(first: int | None, this: int | None) -> bool:
+    """Whether two digests of one id say two events: both known, of one version, and unequal.
+    A digest of another version says nothing (the encoding may have changed between them)."""
+    if first is None or this is None:
+        return False
+    return (first ^ this) & DIGEST_VERSION_MASK == 0 and first != this
 
 
 @functools.cache
