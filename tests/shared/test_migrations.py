@@ -12,7 +12,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, text
 
 from services.kpi import tables as kpi_tables
 from services.messenger import tables as messenger_tables
@@ -40,28 +40,60 @@ async def upgrade_to(db: Database, service: str, revision: str) -> None:
         await conn.run_sync(upgrade)
 
 
+async def _drift(db: Database, service: str) -> list[Any]:
+    """How the database's tables differ from those the service's code declares."""
+    async with db.engine.connect() as conn:
+
+        def diff(sync_conn: Any) -> list[Any]:
+            context = MigrationContext.configure(sync_conn, opts={"compare_type": False})
+            return list(compare_metadata(context, SERVICES[service]))
+
+        differences = await conn.run_sync(diff)
+    # alembic_version is Alembic's own; anything else is drift.
+    return [d for d in differences if "alembic_version" not in repr(d)]
+
+
 @pytest.mark.parametrize("service", sorted(SERVICES))
 async def test_migrations_match_the_declared_tables(service: str, tmp_path: Path) -> None:
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
     try:
         await migrate(db, REPO_ROOT / "services" / service / "migrations")
-        async with db.engine.connect() as conn:
-
-            def diff(sync_conn: Any) -> list[Any]:
-                context = MigrationContext.configure(sync_conn, opts={"compare_type": False})
-                return list(compare_metadata(context, SERVICES[service]))
-
-            differences = await conn.run_sync(diff)
+        drift = await _drift(db, service)
     finally:
         await db.dispose()
-    # alembic_version is Alembic's own; anything else is drift.
-    drift = [d for d in differences if "alembic_version" not in repr(d)]
     assert drift == [], f"{service}: migrations and tables.py differ: {drift}"
+
+
+async def _run(db: Database, service: str, step: Any, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "services" / service / "migrations"))
+
+    def run(sync_conn: Any) -> None:
+        config.attributes["connection"] = sync_conn
+        step(config, revision)
+
+    async with db.engine.begin() as conn:
+        await conn.run_sync(run)
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_every_migration_goes_down_and_up_again(service: str, database_url: str) -> None:
+    """A release rolled back takes its migrations down with it: each downgrade must run on both
+    dialects (PostgreSQL names its keys after their tables, SQLite rebuilds tables in batch
+    mode), and the migrations must go up again from there to the declared tables."""
+    db = Database(database_url)
+    try:
+        await _run(db, service, command.upgrade, "head")
+        await _run(db, service, command.downgrade, "base")
+        await _run(db, service, command.upgrade, "head")
+        drift = await _drift(db, service)
+    finally:
+        await db.dispose()
+    assert drift == [], f"{service}: after the round trip, migrations and tables.py differ: {drift}"
 
 
 async def test_the_messenger_s_address_columns_are_filled_from_the_stored_snapshots(tmp_path: Path) -> None:
     """Migration 0003 on a database that has customers: their addresses come from the JSON."""
-    from sqlalchemy import text  # noqa: PLC0415
 
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
     try:
@@ -191,20 +223,17 @@ async def test_the_kpi_forgets_the_opt_out_events_it_kept_as_messages(database_u
     assert fingerprints == {"conversion": None, "churn": "def"}
 
 
-async def test_kpi_0010_keys_tickets_by_customer_and_marks_every_ticket_for_a_rebuild(
-    database_url: str,
-) -> None:
+async def test_kpi_0010_keys_tickets_by_customer_and_rederives_only_merged_ones(database_url: str) -> None:
     """Migration 0010 of the kpi on a database where two customers' T1 were stored as one
-    ticket: the tickets are made again, empty, and each customer's T1 is marked stale, so the
-    next rollup derives both (readers derive them meanwhile)."""
+    ticket: that row is dropped and each customer's T1 marked stale, for the next rollup to
+    derive (readers derive them meanwhile); a ticket of one customer keeps its row, and one
+    stale before stays stale."""
     from sqlalchemy import insert, select  # noqa: PLC0415
 
     db = Database(database_url)
     at = datetime(2026, 11, 20, 10, tzinfo=UTC)
-    step = {"ticket_id": "T1", "category": "billing", "priority": None, "is_complaint": False}
-    merged = {
-        "ticket_id": "T1",
-        "customer_id": "ann",
+    step = {"category": "billing", "priority": None, "is_complaint": False, "occurred_at": at}
+    ticket = {
         "category": "billing",
         "priority": None,
         "is_complaint": False,
@@ -216,27 +245,32 @@ async def test_kpi_0010_keys_tickets_by_customer_and_marks_every_ticket_for_a_re
         "resolution_s": None,
         "reopened": 0,
     }
+    steps = [("s1", "ann", "T1", "opened"), ("s2", "ben", "T1", "opened"), ("s3", "ann", "T2", "opened")]
+    steps.append(("s4", "cat", "T3", "opened"))
     try:
         await upgrade_to(db, "kpi", "0009")
         async with db.engine.begin() as conn:
             await conn.execute(
                 insert(kpi_tables.support_events),
                 [
-                    {**step, "event_id": "s1", "customer_id": "ann", "action": "opened", "occurred_at": at},
-                    {**step, "event_id": "s2", "customer_id": "ben", "action": "opened", "occurred_at": at},
-                    {**step, "event_id": "s3", "customer_id": "ben", "action": "resolved", "occurred_at": at},
+                    {**step, "event_id": e, "customer_id": c, "ticket_id": t, "action": a}
+                    for e, c, t, a in steps
                 ],
             )
-            await conn.execute(insert(kpi_tables.tickets), [merged])
+            await conn.execute(
+                insert(kpi_tables.tickets),
+                [{**ticket, "ticket_id": t, "customer_id": c} for c, t in (("ann", "T1"), ("ann", "T2"))],
+            )
+            await conn.execute(text("INSERT INTO stale_tickets (ticket_id, marks) VALUES ('T3', 2)"))
         await migrate(db, REPO_ROOT / "services" / "kpi" / "migrations")
         async with db.sessions() as session:
-            s = kpi_tables.stale_tickets.c
+            s, t = kpi_tables.stale_tickets.c, kpi_tables.tickets.c
             stale = (await session.execute(select(s.customer_id, s.ticket_id, s.marks))).all()
-            stored = (await session.execute(select(kpi_tables.tickets))).all()
+            stored = (await session.execute(select(t.customer_id, t.ticket_id))).all()
     finally:
         await db.dispose()
-    assert sorted(tuple(r) for r in stale) == [("ann", "T1", 1), ("ben", "T1", 1)]
-    assert stored == []
+    assert sorted(tuple(r) for r in stale) == [("ann", "T1", 1), ("ben", "T1", 1), ("cat", "T3", 1)]
+    assert [tuple(r) for r in stored] == [("ann", "T2")]
 
 
 @pytest.mark.parametrize("own_entry", [None, {"field": "tier", "op": "eq", "value": "platinum"}])
