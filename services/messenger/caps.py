@@ -141,6 +141,9 @@ class SentRecord:
     channel: Channel
     journey: str
     kind: MessageKind
+    # The message's own id: a held message checked again leaves out its own record by it (two
+    # of one journey held to the same minute share time, journey and channel).
+    message_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,7 +163,7 @@ class Decision:
     skipped: tuple[Skipped, ...] = ()  # channels passed over, with why
 
 
-def _choose(candidate: Candidate, context: DecisionContext, now: datetime) -> ChannelChoice:
+def _choose(candidate: Candidate, context: DecisionContext, goes_at: datetime) -> ChannelChoice:
     def consent(channel: Channel) -> ConsentVerdict:
         return consent_for(
             channel,
@@ -180,7 +180,7 @@ def _choose(candidate: Candidate, context: DecisionContext, now: datetime) -> Ch
         context.last_resort,
         context.addresses,
         consent,
-        whatsapp_window_open(context.whatsapp_last_inbound_at, now),
+        whatsapp_window_open(context.whatsapp_last_inbound_at, goes_at),
         context.has_whatsapp_template,
     )
 
@@ -189,7 +189,12 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
     """Checks 3–6 (module doc)."""
     tz = context.timezone
     expires_at = candidate.expires_at
-    choice = _choose(candidate, context, now)
+    marketing = candidate.kind is MessageKind.MARKETING
+    send_at = next_send_time(now, tz, context.locale, context.quiet) if marketing else now
+    # The WhatsApp window as it will be when the message goes: free text decided at 22:00 in a
+    # window closing at 08:00 was held to 09:00, then failed there (a held message keeps its
+    # channel), where email would have reached the customer.
+    choice = _choose(candidate, context, send_at)
     if choice.channel is None:
         return Decision(
             NO_CHANNEL_STATUS[choice.outcome or "no_address"],
@@ -198,9 +203,6 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
             skipped=choice.tried,
         )
     channel, mode, skipped = choice.channel, choice.whatsapp_mode, choice.tried
-
-    marketing = candidate.kind is MessageKind.MARKETING
-    send_at = next_send_time(now, tz, context.locale, context.quiet) if marketing else now
 
     caps = check_caps(
         context.caps, context.history, CapCandidate(channel, candidate.journey, candidate.kind), tz, send_at

@@ -118,6 +118,7 @@ def _reads(dialect: str) -> _Reads:
         # the customer's, and read every queued message or waiting wait of everyone for each
         # batch (EXPLAIN QUERY PLAN), a cost that grew with the table.
         histories=select(
+            messages.c.id,
             messages.c.customer_id,
             messages.c.channel,
             messages.c.journey,
@@ -126,6 +127,7 @@ def _reads(dialect: str) -> _Reads:
             messages.c.sent_at,
             messages.c.send_at,
             messages.c.status,
+            messages.c.updated_at,
         ).where(
             ids_of(messages.c.customer_id),
             func.coalesce(messages.c.sent_at, messages.c.send_at, messages.c.created_at)

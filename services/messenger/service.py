@@ -582,10 +582,11 @@ class MessengerService:
             if r.channel:
                 history[r.customer_id].append(
                     SentRecord(
-                        at=r.sent_at or r.send_at or r.created_at,
+                        at=_went_at(r),
                         channel=Channel(r.channel),
                         journey=r.journey,
                         kind=MessageKind(r.kind),
+                        message_id=r.id,
                     )
                 )
         facts: dict[str, list[ConsentFact]] = defaultdict(list)
@@ -720,8 +721,9 @@ class MessengerService:
         escalate = journey.escalate_if is not None and holds(journey.escalate_if, facts, now)
         if escalate:
             details["escalated"] = True
+        message_id = str(uuid.uuid4())
         values = {
-            "id": str(uuid.uuid4()),
+            "id": message_id,
             "idempotency_key": key,
             "customer_id": customer_id,
             "journey": journey.name,
@@ -751,6 +753,7 @@ class MessengerService:
                     channel=decision.channel,
                     journey=journey.name,
                     kind=journey.kind,
+                    message_id=message_id,
                 )
             )
         batch.events.append(self._event(row, decision.status, decision.reason, now))
@@ -996,14 +999,18 @@ class MessengerService:
             except Exception as exc:  # noqa: BLE001 - a template that cannot render fails this message only
                 settle(row, "failed", f"render failed: {type(exc).__name__}: {exc}", "render failed")
                 continue
-            if memo is not None and row.status != "queued":
-                # Going now: it counts against the caps of the messages after it.
+            if memo is not None:
+                # Going now, and counted now, against the caps of the messages after it: a held
+                # one was not counted yet, and a queued one was at its send time, which after an
+                # outage may be a day past, where a day's cap would miss it.
+                memo.history = _history_without(memo.history, row)
                 memo.history.append(
                     SentRecord(
-                        at=row.send_at or row.created_at,
+                        at=now,
                         channel=Channel(row.channel),
                         journey=row.journey,
                         kind=MessageKind(row.kind),
+                        message_id=row.id,
                     )
                 )
             claimed.append((row, outgoing))
@@ -1906,12 +1913,21 @@ def _offer_code(row: Any) -> str:
 
 
 def _history_without(history: Sequence[SentRecord], row: Any) -> list[SentRecord]:
-    own_at = row.sent_at or row.send_at or row.created_at
-    return [
-        h
-        for h in history
-        if not (h.at == own_at and h.journey == row.journey and h.channel.value == row.channel)
-    ]
+    """The history but the message's own record, by its id: two messages of one journey held to
+    the same minute have the same time, journey and channel, and matched by those the second
+    left out the first one's record too, and both went past a cap of one a day."""
+    return [h for h in history if h.message_id != row.id]
+
+
+def _went_at(row: Any) -> datetime:
+    """When a message of the ledger went or goes, for the caps: sent, when it was sent; being
+    sent, when it was claimed (its send time may be a day past, after an outage); otherwise
+    its send time (a held one counts at the time it will go) or its decision."""
+    if row.sent_at is not None:
+        return row.sent_at  # type: ignore[no-any-return]
+    if row.status == "sending":
+        return row.updated_at  # type: ignore[no-any-return]
+    return row.send_at or row.created_at  # type: ignore[no-any-return]
 
 
 def _without(context: DecisionContext, row: Any) -> DecisionContext:

@@ -318,6 +318,18 @@ def test_the_whatsapp_window_is_judged_again_at_send_time() -> None:
     assert recheck_at_send(candidate(), ctx, later).whatsapp_mode == "template"
 
 
+def test_the_whatsapp_window_is_judged_when_a_held_message_will_go() -> None:
+    """Free text decided at 22:00 in a window closing at 08:00 the next morning was held to
+    09:00 and failed there (a held message keeps its channel); email reaches the customer."""
+    ctx = context(preferred_channel=WA, addresses=ADDRESSES, whatsapp_last_inbound_at=TUESDAY_NOON - 4 * H)
+    held = decide(candidate(), ctx, TUESDAY_NIGHT)
+    assert (held.status, held.send_at) == (S.HELD_QUIET_HOURS, WEDNESDAY_NINE)
+    assert held.channel is not WA
+    assert recheck_at_send(candidate(), ctx, WEDNESDAY_NINE).channel is held.channel
+    # Going at once, inside the window, it is free text on WhatsApp as before.
+    assert decide(candidate(), ctx, TUESDAY_NOON).whatsapp_mode == "freeform"
+
+
 # --- from a profile -------------------------------------------------------------------------
 
 

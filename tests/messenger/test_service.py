@@ -1591,6 +1591,41 @@ async def test_held_messages_are_checked_again_in_order_when_the_window_opens(wo
     assert sorted(r["status"] for r in rows) == ["capped", "sent"]
 
 
+async def test_two_held_messages_of_one_journey_do_not_both_pass_the_daily_cap(world: World) -> None:
+    """Two of one journey held to the same minute share time, journey and channel: the second
+    one's recheck took the first one's record for its own, left it out, and both went past the
+    marketing cap of one a day. Each leaves out only its own record (by id)."""
+    customer = customer_in_neither_holdout()
+    evening = world.clock.now = datetime(2026, 11, 24, 20, 0, tzinfo=UTC)  # 22:00 in Jerusalem
+    await world.service.apply_batch(delivered([tier_update(customer, evening)]))
+    world.clock.now = later = evening + timedelta(hours=1, minutes=30)
+    higher = tier_update(customer, later).model_copy(
+        update={"event_id": f"u-{customer}-tier-2", "tier_old": "gold", "tier_new": "platinum"}
+    )
+    await world.service.apply_batch(delivered([higher]))
+    held = await messages(world, customer)
+    assert [(r["journey"], r["status"]) for r in held] == [("tier_upgrade", "held_quiet_hours")] * 2
+    assert len({r["send_at"] for r in held}) == 1
+    world.clock.now = datetime(2026, 11, 25, 7, 0, 1, tzinfo=UTC)
+    outcomes = await world.service.send_due()
+    assert sorted(o.status for o in outcomes) == ["capped", "sent"]
+
+
+async def test_a_message_claimed_late_counts_against_today_s_cap(world: World) -> None:
+    """The sender was down: a message held to yesterday 09:00 (TTL 72 h) and one of another
+    journey held to today 09:00 are claimed together at 10:00. The first counted at its send
+    time, yesterday, and the daily cap let both go today; it counts when it goes."""
+    customer = customer_in_neither_holdout()
+    world.clock.now = datetime(2026, 11, 23, 21, 30, tzinfo=UTC)  # 23:30 in Jerusalem
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, world.clock.now)]))
+    world.clock.now = datetime(2026, 11, 24, 21, 30, tzinfo=UTC)  # the next night
+    await world.service.apply_batch(delivered([tier_update(customer, world.clock.now)]))
+    assert {r["status"] for r in await messages(world, customer)} == {"held_quiet_hours"}
+    world.clock.now = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)  # 10:00: the sender is back
+    outcomes = await world.service.send_due()
+    assert sorted(o.status for o in outcomes) == ["capped", "sent"]
+
+
 @pytest.mark.parametrize("can_look_up", [True, False], ids=["looked-up", "not-looked-up"])
 async def test_a_slot_waits_for_its_settle_only_where_a_crash_could_send_twice(
     world: World, can_look_up: bool, monkeypatch: pytest.MonkeyPatch
