@@ -195,6 +195,12 @@ def value_before(purchases: Iterable[tuple[datetime, Decimal | None]], at: datet
     return sum((amount for when, amount in purchases if when < at and amount is not None), Decimal(0))
 
 
+def unconverted_before(purchases: Iterable[tuple[datetime, Decimal | None]], at: datetime) -> bool:
+    """Whether any purchase strictly before ``at`` has no exchange rate (its value is not
+    known, so the customer's revenue before ``at`` may be more than ``value_before`` says)."""
+    return any(amount is None for when, amount in purchases if when < at)
+
+
 def high_value_complaints(
     tickets: Iterable[Ticket],
     purchases: Mapping[str, Sequence[tuple[datetime, Decimal | None]]],

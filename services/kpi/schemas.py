@@ -52,8 +52,15 @@ class ResponseBucket(ResponseBlock):
     end: date
 
 
+UNCONVERTED_HIGH_VALUE = (
+    "Of the period's {what}, those whose customer bought before it in a currency without an exchange "
+    "rate: that revenue is not known, so they are high-value only if the rest reaches the threshold."
+)
+
+
 class HighValueComplaints(ResponseBlock):
     threshold: float = Field(description="Revenue before the ticket (reporting currency) that makes it one.")
+    with_unconverted_purchases: int = Field(description=UNCONVERTED_HIGH_VALUE.format(what="complaints"))
 
 
 class OpenInBreach(_Out):
@@ -221,6 +228,7 @@ class CsatHighValue(CsatBlock):
     threshold: float = Field(
         description="Revenue before the answer (reporting currency) that makes a customer high-value."
     )
+    with_unconverted_purchases: int = Field(description=UNCONVERTED_HIGH_VALUE.format(what="answers"))
 
 
 class CsatOut(Header):

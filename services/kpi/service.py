@@ -785,6 +785,12 @@ class KpiService:
             ],
             "high_value_complaints": {
                 "threshold": self.settings.kpi_high_value_threshold,
+                "with_unconverted_purchases": sum(
+                    1
+                    for t in found
+                    if t.is_complaint
+                    and response_kpi.unconverted_before(values.get(t.customer_id, ()), t.opened_at)
+                ),
                 **block(high_value),
             },
             "open_in_breach": {
@@ -955,7 +961,13 @@ class KpiService:
                 {"start": b.first, "end": b.last, **block([a for a in answers if b.contains(a.at)])}
                 for b in buckets(q.first, q.last, q.granularity, self.tz)
             ],
-            "high_value": {"threshold": threshold, **block(high_value)},
+            "high_value": {
+                "threshold": threshold,
+                "with_unconverted_purchases": sum(
+                    1 for a in answers if response_kpi.unconverted_before(values.get(a.customer_id, ()), a.at)
+                ),
+                **block(high_value),
+            },
         }
 
     async def clv_summary(self, q: KpiQuery) -> dict[str, Any]:

@@ -134,6 +134,7 @@ async def test_response_time_by_local_day(kpi: Kpi) -> None:
     high = body["high_value_complaints"]
     assert high["stats"]["tickets"] == 1  # T2: 'vip' spent 1000 USD + 2000 ILS before it
     assert high["stats"]["first_response"]["p50_s"] == 18000.0
+    assert high["with_unconverted_purchases"] == 0
     assert body["first_response_targets_h"] == {"billing": 24.0, "complaint": 4.0, "default": 24.0}
 
 
@@ -429,6 +430,7 @@ async def test_csat_by_local_day_journey_and_high_value(kpi: Kpi) -> None:
     assert days == {"2026-02-01": (1, 1.0), "2026-02-02": (2, 0.5), "2026-02-03": (2, 0.0)}
     high = body["high_value"]
     assert (high["stats"]["answers"], high["stats"]["dissatisfied"], high["threshold"]) == (1, 1, 5000.0)
+    assert high["with_unconverted_purchases"] == 0
     assert body["satisfied_scores"] == [4, 5]
 
     by_tier = await kpi.get("/v1/kpis/csat", **{"from": "2026-02-01", "to": "2026-02-03", "by": "tier"})
@@ -788,6 +790,29 @@ async def test_a_customer_whose_only_purchase_is_tomorrow_here_has_no_value_yet(
     assert early["orders"] == 1
     assert early["historic_value"] == 0.0
     assert (early["p_alive"], early["predicted_clv"], early["expected_purchases_90d"]) == (None, None, None)
+
+
+async def test_a_complainer_whose_purchases_have_no_rate_is_counted_as_not_judged(kpi: Kpi) -> None:
+    """900,000 yen without a rate add nothing to the revenue that makes a complaint high-value:
+    the complaint and the survey answer are not high-value, and the answers say how many such
+    customers were left unjudged (they went unseen)."""
+    kpi.at(utc(2026, 2, 10, 12))
+    complaint: dict[str, Any] = {"customer": "yen", "complaint": True, "category": "complaint"}
+    await kpi.apply(
+        [
+            purchase("yen", utc(2026, 1, 5), "900000", "JPY"),
+            purchase("yen", utc(2026, 1, 6), "100", "ILS"),
+            support("Y1", "opened", utc(2026, 2, 2, 9), **complaint),
+            support("Y1", "agent_replied", utc(2026, 2, 2, 10), **complaint),
+            support("Y2", "opened", utc(2026, 2, 2, 11), customer="nobody"),
+            survey_answer("MY", "yen", 1, utc(2026, 2, 3), journey="complaint_ack"),
+        ]
+    )
+    span = {"from": "2026-02-01", "to": "2026-02-05"}
+    high = (await kpi.get("/v1/kpis/response-time", **span))["high_value_complaints"]
+    assert (high["stats"]["tickets"], high["with_unconverted_purchases"]) == (0, 1)
+    csat = (await kpi.get("/v1/kpis/csat", **span))["high_value"]
+    assert (csat["stats"]["answers"], csat["with_unconverted_purchases"]) == (0, 1)
 
 
 async def test_a_purchase_in_a_currency_without_a_rate_still_counts_as_a_purchase(kpi: Kpi) -> None:
