@@ -42,7 +42,7 @@ from services.messenger.channels import (
     whatsapp_window_open,
 )
 from services.messenger.consent import ConsentFact, ConsentVerdict, consent_for
-from services.messenger.quiet import QuietHours, customer_zone, next_send_time
+from services.messenger.quiet import QuietHours, customer_zone, next_send_time_everywhere, region_zones
 from shared.events import Channel, ConsentState, MessageKind, MessageStatus, ProfileSnapshot
 
 # Cheapest and least intrusive first; SMS last (the seeds: don't bombard customers by SMS).
@@ -113,6 +113,9 @@ class DecisionContext:
     granted_by_default: Collection[Channel] = frozenset()  # soft opt-in channels, see consent.py
     # Channels without a provider while others have one (the sandbox): tried after the others.
     last_resort: Collection[Channel] = frozenset()
+    # A customer of a region of several zones whose profile names none (en-US): quiet hours
+    # hold in each of them (quiet.region_zones), not in ``timezone``, the business's stand-in.
+    quiet_zones: tuple[ZoneInfo, ...] = ()
 
     @classmethod
     def from_profile(
@@ -147,6 +150,7 @@ class DecisionContext:
             duplicate=duplicate,
             granted_by_default=granted_by_default,
             last_resort=last_resort,
+            quiet_zones=region_zones(profile.timezone, profile.locale),
         )
 
 
@@ -190,7 +194,8 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
     tz = context.timezone
     expires_at = candidate.expires_at
     marketing = candidate.kind is MessageKind.MARKETING
-    send_at = next_send_time(now, tz, context.locale, context.quiet) if marketing else now
+    zones = context.quiet_zones or (tz,)
+    send_at = next_send_time_everywhere(now, zones, context.locale, context.quiet) if marketing else now
     # The WhatsApp window as it will be when the message goes: free text decided at 22:00 in a
     # window closing at 08:00 was held to 09:00, then failed there (a held message keeps its
     # channel), where email would have reached the customer.
@@ -237,9 +242,16 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
         )
 
     if send_at.astimezone(UTC) != now.astimezone(UTC):
-        local = now.astimezone(tz)
+        # The zone where it is quiet now (of the region's, the first), on its own wall clock.
+        quiet_in = next(
+            (z for z in zones if next_send_time_everywhere(now, (z,), context.locale, context.quiet) != now),
+            zones[0],
+        )
+        local = now.astimezone(quiet_in)
+        somewhere = f" (one of {len(zones)} zones of the customer's region)" if len(zones) > 1 else ""
         reason = (
-            f"quiet hours for {tz.key} ({local:%a %H:%M} local) until {send_at.astimezone(tz).isoformat()}"
+            f"quiet hours for {quiet_in.key}{somewhere} ({local:%a %H:%M} local) "
+            f"until {send_at.astimezone(quiet_in).isoformat()}"
         )
         return Decision(
             MessageStatus.HELD_QUIET_HOURS,

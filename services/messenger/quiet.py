@@ -237,6 +237,64 @@ def next_send_time(now: datetime, tz: ZoneInfo, locale: str | None, config: Quie
     raise AssertionError("quiet hours never end")  # pragma: no cover - excluded by validation
 
 
+def next_send_time_everywhere(
+    now: datetime, zones: Sequence[ZoneInfo], locale: str | None, config: QuietHours
+) -> datetime:
+    """``next_send_time`` in every one of ``zones`` at once: the first instant from ``now`` that
+    is open on each of their wall clocks (a customer who may be in any of them). In UTC. If the
+    zones share no open time in a few weeks (a country spanning more hours than the day leaves
+    open), the first zone's ``next_send_time``."""
+    if len(zones) == 1:
+        return next_send_time(now, zones[0], locale, config)
+    at = now
+    # Each step moves to the end of a quiet time in some zone; shared open time stops it.
+    for _ in range(64):
+        later = max(next_send_time(at, zone, locale, config) for zone in zones)
+        if later == at:
+            return at
+        at = later
+    return next_send_time(now, zones[0], locale, config)
+
+
+def region_zones(timezone: str | None, locale: str | None) -> tuple[ZoneInfo, ...]:
+    """The zones a customer may be in when their profile names no zone of its own and their
+    locale's region has several (en-US: New York to Honolulu), one per way of keeping time;
+    empty otherwise. Quiet hours hold in each of them: the business's zone, which stands in
+    for a region of one zone, put 02:30 in New York in Jerusalem's open day."""
+    if timezone:
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+        else:
+            return ()
+    if not locale:
+        return ()
+    for part in _normalise_locale(locale).split("-")[1:]:
+        if len(part) == 2 and part.isalpha():
+            return _zones_of_region(part.upper())
+    return ()
+
+
+# Two instants that tell a zone's standard time from its summer time, north and south.
+_SEASONS = (datetime(2026, 1, 15, 12, tzinfo=UTC), datetime(2026, 7, 15, 12, tzinfo=UTC))
+
+
+@lru_cache(maxsize=256)
+def _zones_of_region(region: str) -> tuple[ZoneInfo, ...]:
+    names: Sequence[str] = get_global("territory_zones").get(region, ())
+    if len(names) < 2:
+        return ()
+    kept: dict[tuple[timedelta | None, ...], ZoneInfo] = {}
+    for name in names:
+        try:
+            zone = ZoneInfo(str(name))
+        except (ZoneInfoNotFoundError, ValueError):
+            continue
+        kept.setdefault(tuple(at.astimezone(zone).utcoffset() for at in _SEASONS), zone)
+    return tuple(kept.values()) if len(kept) > 1 else ()
+
+
 @lru_cache(maxsize=256)
 def _zone_of_region(region: str) -> str | None:
     candidates: Sequence[str] = get_global("territory_zones").get(region.upper(), ())

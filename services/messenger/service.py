@@ -42,7 +42,7 @@ from services.messenger.pages import SurveyState
 from services.messenger.providers.base import OutgoingMessage, Provider, ProviderError, ProviderResult
 from services.messenger.providers.ratelimit import SenderRateLimiter
 from services.messenger.providers.retry import send_with_retry
-from services.messenger.quiet import QuietHours, customer_zone
+from services.messenger.quiet import QuietHours, customer_zone, region_zones
 from services.messenger.repository import MessengerRepository, lookup_form
 from services.messenger.status import EmailEvent, advances, email_outcome, ours
 from services.messenger.tables import applied_events, outbox
@@ -797,6 +797,7 @@ class MessengerService:
             has_whatsapp_template=self._approved_on_whatsapp(template, profile.locale),
             duplicate=duplicate,
             last_resort=self.last_resort,
+            quiet_zones=region_zones(profile.timezone, profile.locale),
         )
 
     def _approved_on_whatsapp(self, template: str, locale: str | None) -> bool:

@@ -361,3 +361,19 @@ def test_the_context_comes_from_the_profile_snapshot() -> None:
     assert decide(candidate(channel=EMAIL), ctx, TUESDAY_NOON).channel is SMS
     ny = DecisionContext.from_profile(snapshot(timezone="America/New_York", locale="en-US"))
     assert ny.timezone == ZoneInfo("America/New_York")
+    assert ny.quiet_zones == ()  # its own zone
+
+
+def test_a_customer_of_a_region_of_several_zones_is_not_messaged_at_night_in_any() -> None:
+    """en-US and no zone: the business's zone (Jerusalem) stood in, and at 09:30 there, 02:30 in
+    New York, the SMS went. Now it waits for the daytime the region shares."""
+    ctx = DecisionContext.from_profile(snapshot(locale="en-US"), default_timezone="Asia/Jerusalem")
+    assert ctx.timezone == JLM  # still the caps' calendar day
+    assert len(ctx.quiet_zones) > 1
+    new_york = ZoneInfo("America/New_York")
+    at = datetime(2026, 6, 3, 9, 30, tzinfo=JLM)  # 02:30 in New York
+    d = decide(candidate(), ctx, at)
+    assert d.status is S.HELD_QUIET_HOURS
+    assert d.send_at is not None
+    assert d.send_at.astimezone(new_york).hour == 15
+    assert "zones of the customer's region" in d.reason

@@ -17,6 +17,8 @@ from services.messenger.quiet import (
     customer_zone,
     is_quiet,
     next_send_time,
+    next_send_time_everywhere,
+    region_zones,
     start_of_day,
     wall_to_instant,
 )
@@ -264,6 +266,52 @@ def test_customer_zone() -> None:
     assert customer_zone(None, "en-US", "Europe/London") == ZoneInfo("Europe/London")  # many zones
     assert customer_zone("No/Such_Zone", None) == ZoneInfo("UTC")
     assert customer_zone(None, None, "Asia/Jerusalem") == JLM
+
+
+def _seasons(zone: ZoneInfo) -> tuple[timedelta | None, timedelta | None]:
+    """The zone's offsets in January and July: how it keeps time."""
+    return utc(2026, 1, 15, 12).astimezone(zone).utcoffset(), utc(2026, 7, 15, 12).astimezone(
+        zone
+    ).utcoffset()
+
+
+def test_a_region_of_several_zones_is_all_of_them_when_the_profile_names_none() -> None:
+    """en-US with no zone of its own: one zone per way of keeping time, east to Hawaii; none
+    for a region of one zone, a bare language, or a profile that names its zone."""
+    us = region_zones(None, "en-US")
+    winter = sorted(_seasons(z)[0] or timedelta(0) for z in us)
+    assert (winter[0], winter[-1]) == (timedelta(hours=-10), timedelta(hours=-5))
+    assert len(us) == len({_seasons(z) for z in us})
+    assert region_zones(None, "he-IL") == region_zones(None, "en") == ()
+    assert region_zones("America/Chicago", "en-US") == ()
+    assert region_zones("No/Such_Zone", "en-US") == us  # a zone that is none names nothing
+
+
+def test_a_customer_who_may_be_anywhere_in_a_region_gets_its_shared_daytime() -> None:
+    """02:30 in New York is 09:30 in Jerusalem, the business's zone, which stood in for en-US:
+    an SMS went out at 02:30. Now the first instant that is open from New York to Honolulu:
+    15:00 in New York, 09:00 in Honolulu."""
+    us = region_zones(None, "en-US")
+    night_in_new_york = at(NY, 2026, 6, 3, 2, 30)
+    opens = next_send_time_everywhere(night_in_new_york, us, "en-US", DEFAULT)
+    assert opens == at(NY, 2026, 6, 3, 15)
+    assert opens.astimezone(ZoneInfo("Pacific/Honolulu")).hour == 9
+    assert all(not is_quiet(opens, z, "en-US", DEFAULT) for z in us)
+    afternoon = at(NY, 2026, 6, 3, 16)
+    assert next_send_time_everywhere(afternoon, us, "en-US", DEFAULT) == afternoon
+    alone = next_send_time_everywhere(night_in_new_york, (NY,), "en-US", DEFAULT)
+    assert alone == next_send_time(night_in_new_york, NY, "en-US", DEFAULT)
+
+
+def test_zones_with_no_shared_open_time_fall_back_to_the_first() -> None:
+    """Open 09:00-12:00 local in Jerusalem and in Honolulu never meet (13 hours apart): the
+    first zone's window, not a loop for ever."""
+    short = QuietHours(start=time(12), end=time(9), rest_by_locale={})
+    honolulu = ZoneInfo("Pacific/Honolulu")
+    now = utc(2026, 6, 3, 12)
+    assert next_send_time_everywhere(now, (JLM, honolulu), None, short) == next_send_time(
+        now, JLM, None, short
+    )
 
 
 def test_a_bare_language_is_placed_in_its_likely_region_unless_the_business_says_otherwise() -> None:
