@@ -521,6 +521,13 @@ class KpiRepository:
         )
         return {r.customer_id: Prediction(*r) for r in await session.execute(stmt)}
 
+    async def delete_predictions(self, session: AsyncSession, customer_ids: Sequence[str]) -> None:
+        c = clv_predictions.c
+        for i in range(0, len(customer_ids), CHUNK):
+            await session.execute(
+                delete(clv_predictions).where(c.customer_id.in_(customer_ids[i : i + CHUNK]))
+            )
+
     async def save_predictions(
         self, session: AsyncSession, rows: Sequence[Prediction], published: set[str], at: datetime
     ) -> None:

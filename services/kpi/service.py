@@ -1161,8 +1161,12 @@ class KpiService:
                 changed.add(cid)
         model_as_of = local_midnight(today + timedelta(days=1), self.tz)
         records = [self._record(r, now, model_as_of) for r in rows if r.customer_id in changed]
+        # A customer this fit cannot predict keeps no prediction of an earlier fit: the summary
+        # and the customer's CLV are of the latest fit (docs/kpis.md), not a mix.
+        unpredicted = [cid for i, cid in enumerate(result.customer_ids) if not usable[i]]
         async with self.db.transaction() as session:
             await self.repo.save_predictions(session, rows, changed, now)
+            await self.repo.delete_predictions(session, unpredicted)
             await enqueue(session, outbox, records)
         PREDICTIONS_PUBLISHED.inc(len(records))
         log.info("clv predictions refreshed", customers=len(rows), published=len(records))

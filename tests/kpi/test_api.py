@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from sqlalchemy import func, select
 
 from services.kpi import predictions
+from services.kpi import predictions as predictions_module
 from services.kpi import service as kpi_service
 from services.kpi.app import create_app
 from services.kpi.config import KpiSettings
@@ -847,6 +848,32 @@ async def test_an_event_id_reused_for_another_purchase_is_refused_not_counted(kp
     assert why.startswith(f"event_id {first.event_id!r} was applied for another event (first read from t")
     customer = await kpi.get("/v1/customers/r1/clv")
     assert (customer["orders"], customer["historic_value"]) == (1, 100.0)
+
+
+async def test_a_customer_a_refit_cannot_predict_keeps_no_earlier_prediction(
+    kpi: Kpi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A degenerate fit can overflow for some customers: they are not published, and their
+    prediction of the earlier fit no longer stands in the summary and the customer's CLV, which
+    are of the latest fit."""
+    kpi.at(utc(1997, 10, 1, 12))
+    await kpi.apply(cdnow_events(300))
+    await kpi.service.refit_and_publish()
+    assert (await kpi.get("/v1/customers/cd0001/clv"))["p_alive"] is not None
+    real = predictions_module.predict
+
+    def overflowing(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        result.p_alive[result.customer_ids.index("cd0001")] = float("nan")
+        return result
+
+    monkeypatch.setattr(kpi_service, "predict", overflowing)
+    await kpi.apply([purchase("cd0002", utc(1997, 10, 1, 9), "500", "USD")])  # a new fit
+    await kpi.service.refit_and_publish()
+    customer = await kpi.get("/v1/customers/cd0001/clv")
+    assert (customer["p_alive"], customer["predicted_clv"]) == (None, None)
+    summary = await kpi.get("/v1/kpis/clv/summary")
+    assert summary["total"]["predictions"]["customers"] == 299
 
 
 async def test_clv_model_customer_and_publication(kpi: Kpi) -> None:
