@@ -53,8 +53,8 @@ class ResponseBucket(ResponseBlock):
 
 
 UNCONVERTED_HIGH_VALUE = (
-    "Of the period's {what}, those whose customer bought before it in a currency without an exchange "
-    "rate: that revenue is not known, so they are high-value only if the rest reaches the threshold."
+    "Of the period's {what} not counted high-value, those whose customer bought before it in a "
+    "currency without an exchange rate: that revenue is not known, so they may belong there."
 )
 
 

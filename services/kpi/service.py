@@ -771,6 +771,7 @@ class KpiService:
             return _block(group, lambda g: response_kpi.summarize(g, targets, now), key)
 
         high_value = response_kpi.high_value_complaints(found, values, self.settings.kpi_high_value_threshold)
+        judged = {id(t) for t in high_value}
         breaching = response_kpi.open_in_breach(still_open, targets, now)
         return {
             **self._header(q),
@@ -789,6 +790,7 @@ class KpiService:
                     1
                     for t in found
                     if t.is_complaint
+                    and id(t) not in judged
                     and response_kpi.unconverted_before(values.get(t.customer_id, ()), t.opened_at)
                 ),
                 **block(high_value),
@@ -951,6 +953,7 @@ class KpiService:
         high_value = [
             a for a in answers if response_kpi.value_before(values.get(a.customer_id, ()), a.at) >= threshold
         ]
+        judged = {id(a) for a in high_value}
         return {
             **self._header(q),
             "scale": "1 (not at all) … 5 (very)",
@@ -964,7 +967,10 @@ class KpiService:
             "high_value": {
                 "threshold": threshold,
                 "with_unconverted_purchases": sum(
-                    1 for a in answers if response_kpi.unconverted_before(values.get(a.customer_id, ()), a.at)
+                    1
+                    for a in answers
+                    if id(a) not in judged
+                    and response_kpi.unconverted_before(values.get(a.customer_id, ()), a.at)
                 ),
                 **block(high_value),
             },

@@ -42,7 +42,13 @@ from services.messenger.channels import (
     whatsapp_window_open,
 )
 from services.messenger.consent import ConsentFact, ConsentVerdict, consent_for
-from services.messenger.quiet import QuietHours, customer_zone, next_send_time_everywhere, region_zones
+from services.messenger.quiet import (
+    QuietHours,
+    customer_zone,
+    is_quiet,
+    next_send_time_everywhere,
+    region_zones,
+)
 from shared.events import Channel, ConsentState, MessageKind, MessageStatus, ProfileSnapshot
 
 # Cheapest and least intrusive first; SMS last (the seeds: don't bombard customers by SMS).
@@ -195,7 +201,8 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
     expires_at = candidate.expires_at
     marketing = candidate.kind is MessageKind.MARKETING
     zones = context.quiet_zones or (tz,)
-    send_at = next_send_time_everywhere(now, zones, context.locale, context.quiet) if marketing else now
+    quiet, locale = context.quiet, context.locale
+    send_at = next_send_time_everywhere(now, zones, locale, quiet, fallback=tz) if marketing else now
     # The WhatsApp window as it will be when the message goes: free text decided at 22:00 in a
     # window closing at 08:00 was held to 09:00, then failed there (a held message keeps its
     # channel), where email would have reached the customer.
@@ -209,13 +216,21 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
         )
     channel, mode, skipped = choice.channel, choice.whatsapp_mode, choice.tried
 
+    # A cap's calendar day is the customer's: for one who may be anywhere in a region, a zone of
+    # it (the daytime the region shares is one day in each of its zones; in the business's
+    # zone, 15:00-21:00 in New York crosses midnight, and a cap of one a day let two through).
+    day_zone = zones[0]
     caps = check_caps(
-        context.caps, context.history, CapCandidate(channel, candidate.journey, candidate.kind), tz, send_at
+        context.caps,
+        context.history,
+        CapCandidate(channel, candidate.journey, candidate.kind),
+        day_zone,
+        send_at,
     )
     if not caps.allowed:
         reason = caps.reason
         if caps.next_allowed_at is not None:
-            reason += f"; next allowed at {caps.next_allowed_at.astimezone(tz).isoformat()}"
+            reason += f"; next allowed at {caps.next_allowed_at.astimezone(day_zone).isoformat()}"
         return Decision(
             MessageStatus.CAPPED,
             reason,
@@ -243,10 +258,7 @@ def _deliver(candidate: Candidate, context: DecisionContext, now: datetime) -> D
 
     if send_at.astimezone(UTC) != now.astimezone(UTC):
         # The zone where it is quiet now (of the region's, the first), on its own wall clock.
-        quiet_in = next(
-            (z for z in zones if next_send_time_everywhere(now, (z,), context.locale, context.quiet) != now),
-            zones[0],
-        )
+        quiet_in = next((z for z in zones if is_quiet(now, z, locale, quiet)), zones[0])
         local = now.astimezone(quiet_in)
         somewhere = f" (one of {len(zones)} zones of the customer's region)" if len(zones) > 1 else ""
         reason = (

@@ -238,22 +238,27 @@ def next_send_time(now: datetime, tz: ZoneInfo, locale: str | None, config: Quie
 
 
 def next_send_time_everywhere(
-    now: datetime, zones: Sequence[ZoneInfo], locale: str | None, config: QuietHours
+    now: datetime,
+    zones: Sequence[ZoneInfo],
+    locale: str | None,
+    config: QuietHours,
+    fallback: ZoneInfo | None = None,
 ) -> datetime:
     """``next_send_time`` in every one of ``zones`` at once: the first instant from ``now`` that
     is open on each of their wall clocks (a customer who may be in any of them). In UTC. If the
-    zones share no open time in a few weeks (a country spanning more hours than the day leaves
-    open), the first zone's ``next_send_time``."""
+    zones share no open time within a week and a day (a country spanning more hours than the
+    day leaves open, as Antarctica's), ``fallback``'s (else the first zone's) ``next_send_time``."""
     if len(zones) == 1:
         return next_send_time(now, zones[0], locale, config)
     at = now
-    # Each step moves to the end of a quiet time in some zone; shared open time stops it.
-    for _ in range(64):
+    # Each step moves to the end of a quiet time in some zone; shared open time stops it, and
+    # every weekly pattern has shown itself within eight days.
+    while at - now <= WEEK + DAY:
         later = max(next_send_time(at, zone, locale, config) for zone in zones)
         if later == at:
             return at
         at = later
-    return next_send_time(now, zones[0], locale, config)
+    return next_send_time(now, fallback or zones[0], locale, config)
 
 
 def region_zones(timezone: str | None, locale: str | None) -> tuple[ZoneInfo, ...]:
@@ -280,11 +285,15 @@ def region_zones(timezone: str | None, locale: str | None) -> tuple[ZoneInfo, ..
 _SEASONS = (datetime(2026, 1, 15, 12, tzinfo=UTC), datetime(2026, 7, 15, 12, tzinfo=UTC))
 
 
-@lru_cache(maxsize=256)
 def _zones_of_region(region: str) -> tuple[ZoneInfo, ...]:
+    zones = _ways_of_keeping_time(region)
+    return zones if len(zones) > 1 else ()
+
+
+@lru_cache(maxsize=256)
+def _ways_of_keeping_time(region: str) -> tuple[ZoneInfo, ...]:
+    """One of CLDR's zones of ``region`` per way of keeping time (offsets in January and July)."""
     names: Sequence[str] = get_global("territory_zones").get(region, ())
-    if len(names) < 2:
-        return ()
     kept: dict[tuple[timedelta | None, ...], ZoneInfo] = {}
     for name in names:
         try:
@@ -292,13 +301,14 @@ def _zones_of_region(region: str) -> tuple[ZoneInfo, ...]:
         except (ZoneInfoNotFoundError, ValueError):
             continue
         kept.setdefault(tuple(at.astimezone(zone).utcoffset() for at in _SEASONS), zone)
-    return tuple(kept.values()) if len(kept) > 1 else ()
+    return tuple(kept.values())
 
 
 @lru_cache(maxsize=256)
 def _zone_of_region(region: str) -> str | None:
-    candidates: Sequence[str] = get_global("territory_zones").get(region.upper(), ())
-    return str(candidates[0]) if len(candidates) == 1 else None
+    """The region's zone, if it keeps one time (Argentina's several names, Germany's two)."""
+    zones = _ways_of_keeping_time(region.upper())
+    return zones[0].key if len(zones) == 1 else None
 
 
 @lru_cache(maxsize=256)

@@ -130,8 +130,13 @@ def _reads(dialect: str) -> _Reads:
             messages.c.updated_at,
         ).where(
             ids_of(messages.c.customer_id),
-            func.coalesce(messages.c.sent_at, messages.c.send_at, messages.c.created_at)
-            >= bindparam("since"),
+            or_(
+                func.coalesce(messages.c.sent_at, messages.c.send_at, messages.c.created_at)
+                >= bindparam("since"),
+                # One being sent counts at its claim (service._went_at), which an outage may
+                # have put days after its send time.
+                and_(messages.c.status == "sending", messages.c.updated_at >= bindparam("since")),
+            ),
         ),
         entries=select(
             journey_entries.c.customer_id, journey_entries.c.journey, journey_entries.c.entered_at

@@ -806,12 +806,18 @@ async def test_a_complainer_whose_purchases_have_no_rate_is_counted_as_not_judge
             support("Y1", "opened", utc(2026, 2, 2, 9), **complaint),
             support("Y1", "agent_replied", utc(2026, 2, 2, 10), **complaint),
             support("Y2", "opened", utc(2026, 2, 2, 11), customer="nobody"),
+            # High-value on its shekels alone: judged, and not counted as unjudged.
+            purchase("rich", utc(2026, 1, 5), "6000", "ILS"),
+            purchase("rich", utc(2026, 1, 6), "5", "JPY"),
+            support(
+                "R1", "opened", utc(2026, 2, 2, 12), customer="rich", complaint=True, category="complaint"
+            ),
             survey_answer("MY", "yen", 1, utc(2026, 2, 3), journey="complaint_ack"),
         ]
     )
     span = {"from": "2026-02-01", "to": "2026-02-05"}
     high = (await kpi.get("/v1/kpis/response-time", **span))["high_value_complaints"]
-    assert (high["stats"]["tickets"], high["with_unconverted_purchases"]) == (0, 1)
+    assert (high["stats"]["tickets"], high["with_unconverted_purchases"]) == (1, 1)
     csat = (await kpi.get("/v1/kpis/csat", **span))["high_value"]
     assert (csat["stats"]["answers"], csat["with_unconverted_purchases"]) == (0, 1)
 

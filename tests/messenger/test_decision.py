@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -377,3 +378,17 @@ def test_a_customer_of_a_region_of_several_zones_is_not_messaged_at_night_in_any
     assert d.send_at is not None
     assert d.send_at.astimezone(new_york).hour == 15
     assert "zones of the customer's region" in d.reason
+
+
+def test_the_daily_cap_of_a_customer_anywhere_in_a_region_counts_the_region_s_day() -> None:
+    """The daytime the US shares, 15:00-21:00 in New York, is 22:00-04:00 in Jerusalem: counted
+    on Jerusalem's calendar, a message at 15:30 and another at 17:30 New York time fell on two
+    days, and a cap of one marketing message a day let both through."""
+    new_york = ZoneInfo("America/New_York")
+    first = datetime(2026, 6, 3, 15, 30, tzinfo=new_york)
+    ctx = replace(
+        DecisionContext.from_profile(snapshot(locale="en-US"), default_timezone="Asia/Jerusalem"),
+        history=[sms_sent(first)],
+    )
+    later = decide(candidate(triggered_at=first), ctx, datetime(2026, 6, 3, 17, 30, tzinfo=new_york))
+    assert (later.status, later.cap_name) == (S.CAPPED, "marketing_day")

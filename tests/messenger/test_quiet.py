@@ -305,13 +305,23 @@ def test_a_customer_who_may_be_anywhere_in_a_region_gets_its_shared_daytime() ->
 
 def test_zones_with_no_shared_open_time_fall_back_to_the_first() -> None:
     """Open 09:00-12:00 local in Jerusalem and in Honolulu never meet (13 hours apart): the
-    first zone's window, not a loop for ever."""
+    given fallback's window (else the first zone's), not a loop for ever."""
     short = QuietHours(start=time(12), end=time(9), rest_by_locale={})
-    honolulu = ZoneInfo("Pacific/Honolulu")
+    both = (JLM, ZoneInfo("Pacific/Honolulu"))
     now = utc(2026, 6, 3, 12)
-    assert next_send_time_everywhere(now, (JLM, honolulu), None, short) == next_send_time(
-        now, JLM, None, short
+    assert next_send_time_everywhere(now, both, None, short) == next_send_time(now, JLM, None, short)
+    assert next_send_time_everywhere(now, both, None, short, fallback=NY) == next_send_time(
+        now, NY, None, short
     )
+
+
+def test_a_region_of_several_names_keeping_one_time_is_that_time() -> None:
+    """Argentina and Malaysia list several zones that keep one time: each is its region's zone,
+    not the business's (04:30 in Buenos Aires was 09:30 in Jerusalem)."""
+    for locale, hours in (("es-AR", -3), ("ms-MY", 8), ("de-DE", 1)):
+        zone = customer_zone(None, locale, "Asia/Jerusalem")
+        assert utc(2026, 1, 15, 12).astimezone(zone).utcoffset() == timedelta(hours=hours), locale
+        assert region_zones(None, locale) == ()
 
 
 def test_a_bare_language_is_placed_in_its_likely_region_unless_the_business_says_otherwise() -> None:
