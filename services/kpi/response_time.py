@@ -17,11 +17,12 @@ Definitions (docs/kpis.md, "Response time"):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+from typing import Protocol, TypeVar
 
 from services.kpi.stats import Durations, durations, ratio
 from shared.events import SupportEvent, support_step_order, ticket_resolved
@@ -201,14 +202,34 @@ def unconverted_before(purchases: Iterable[tuple[datetime, Decimal | None]], at:
     return any(amount is None for when, amount in purchases if when < at)
 
 
+class _OfCustomer(Protocol):
+    @property
+    def customer_id(self) -> str: ...
+
+
+Item = TypeVar("Item", bound=_OfCustomer)
+Purchases = Mapping[str, Sequence[tuple[datetime, Decimal | None]]]
+
+
+def high_value(
+    items: Iterable[Item], purchases: Purchases, threshold: Decimal, at: Callable[[Item], datetime]
+) -> tuple[list[Item], int]:
+    """Those of ``items`` (complaints, survey answers) whose customer's revenue strictly before
+    ``at(item)`` reached ``threshold``; and how many of the others had a purchase before it
+    without an exchange rate (their revenue is not known: they may belong among them)."""
+    chosen: list[Item] = []
+    unjudged = 0
+    for item in items:
+        bought, when = purchases.get(item.customer_id, ()), at(item)
+        if value_before(bought, when) >= threshold:
+            chosen.append(item)
+        elif unconverted_before(bought, when):
+            unjudged += 1
+    return chosen, unjudged
+
+
 def high_value_complaints(
-    tickets: Iterable[Ticket],
-    purchases: Mapping[str, Sequence[tuple[datetime, Decimal | None]]],
-    threshold: Decimal,
-) -> list[Ticket]:
-    """Complaints from customers whose revenue before the ticket opened reached ``threshold``."""
-    return [
-        t
-        for t in tickets
-        if t.is_complaint and value_before(purchases.get(t.customer_id, ()), t.opened_at) >= threshold
-    ]
+    tickets: Iterable[Ticket], purchases: Purchases, threshold: Decimal
+) -> tuple[list[Ticket], int]:
+    """``high_value`` of the complaints, as of their opening."""
+    return high_value((t for t in tickets if t.is_complaint), purchases, threshold, lambda t: t.opened_at)

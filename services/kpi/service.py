@@ -770,8 +770,8 @@ class KpiService:
         def block(group: Sequence[response_kpi.Ticket]) -> dict[str, Any]:
             return _block(group, lambda g: response_kpi.summarize(g, targets, now), key)
 
-        high_value = response_kpi.high_value_complaints(found, values, self.settings.kpi_high_value_threshold)
-        judged = {id(t) for t in high_value}
+        threshold = self.settings.kpi_high_value_threshold
+        high_value, unjudged = response_kpi.high_value_complaints(found, values, threshold)
         breaching = response_kpi.open_in_breach(still_open, targets, now)
         return {
             **self._header(q),
@@ -785,14 +785,8 @@ class KpiService:
                 for b in buckets(q.first, q.last, q.granularity, self.tz)
             ],
             "high_value_complaints": {
-                "threshold": self.settings.kpi_high_value_threshold,
-                "with_unconverted_purchases": sum(
-                    1
-                    for t in found
-                    if t.is_complaint
-                    and id(t) not in judged
-                    and response_kpi.unconverted_before(values.get(t.customer_id, ()), t.opened_at)
-                ),
+                "threshold": threshold,
+                "with_unconverted_purchases": unjudged,
                 **block(high_value),
             },
             "open_in_breach": {
@@ -950,10 +944,7 @@ class KpiService:
             return _block(group, csat_kpi.summarize, key)
 
         # As the response time's high-value complaints: revenue before the answer.
-        high_value = [
-            a for a in answers if response_kpi.value_before(values.get(a.customer_id, ()), a.at) >= threshold
-        ]
-        judged = {id(a) for a in high_value}
+        high_value, unjudged = response_kpi.high_value(answers, values, threshold, lambda a: a.at)
         return {
             **self._header(q),
             "scale": "1 (not at all) … 5 (very)",
@@ -966,12 +957,7 @@ class KpiService:
             ],
             "high_value": {
                 "threshold": threshold,
-                "with_unconverted_purchases": sum(
-                    1
-                    for a in answers
-                    if id(a) not in judged
-                    and response_kpi.unconverted_before(values.get(a.customer_id, ()), a.at)
-                ),
+                "with_unconverted_purchases": unjudged,
                 **block(high_value),
             },
         }

@@ -271,11 +271,12 @@ def test_high_value_complaints_in_several_currencies() -> None:
     assert value_before(purchases["b"], opened) == Decimal("3950.00")
     assert value_before(purchases["c"], opened) == 0
     tickets = [complaint("Ta", "a"), complaint("Tb", "b"), complaint("Tc", "c")]
-    found = high_value_complaints(tickets, purchases, Decimal(5000))
+    found, unjudged = high_value_complaints(tickets, purchases, Decimal(5000))
     assert [t.ticket_id for t in found] == ["Ta"]
+    assert unjudged == 1  # Tc: its yen are not known in shekels
     # Not complaints: never in the list, whatever the value.
     billing = ticket_from_steps([step("Td", "opened", opened, customer="a")])
-    assert high_value_complaints([billing], purchases, Decimal(0)) == []
+    assert high_value_complaints([billing], purchases, Decimal(0)) == ([], 0)
 
 
 def test_percentile_is_percentile_cont() -> None:

@@ -27,17 +27,23 @@ SERVICES: dict[str, MetaData] = {
 }
 
 
-async def upgrade_to(db: Database, service: str, revision: str) -> None:
-    """The service's migrations up to ``revision`` only: a database as an older release left it."""
+async def _alembic(db: Database, service: str, step: Any, revision: str) -> None:
+    """Alembic's ``step`` (command.upgrade or command.downgrade) of the service's migrations to
+    ``revision``, on ``db``."""
     config = Config()
     config.set_main_option("script_location", str(REPO_ROOT / "services" / service / "migrations"))
 
-    def upgrade(sync_conn: Any) -> None:
+    def run(sync_conn: Any) -> None:
         config.attributes["connection"] = sync_conn
-        command.upgrade(config, revision)
+        step(config, revision)
 
     async with db.engine.begin() as conn:
-        await conn.run_sync(upgrade)
+        await conn.run_sync(run)
+
+
+async def upgrade_to(db: Database, service: str, revision: str) -> None:
+    """The service's migrations up to ``revision`` only: a database as an older release left it."""
+    await _alembic(db, service, command.upgrade, revision)
 
 
 async def _drift(db: Database, service: str) -> list[Any]:
@@ -64,18 +70,6 @@ async def test_migrations_match_the_declared_tables(service: str, tmp_path: Path
     assert drift == [], f"{service}: migrations and tables.py differ: {drift}"
 
 
-async def _run(db: Database, service: str, step: Any, revision: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(REPO_ROOT / "services" / service / "migrations"))
-
-    def run(sync_conn: Any) -> None:
-        config.attributes["connection"] = sync_conn
-        step(config, revision)
-
-    async with db.engine.begin() as conn:
-        await conn.run_sync(run)
-
-
 @pytest.mark.parametrize("service", sorted(SERVICES))
 async def test_every_migration_goes_down_and_up_again(service: str, database_url: str) -> None:
     """A release rolled back takes its migrations down with it: each downgrade must run on both
@@ -83,9 +77,9 @@ async def test_every_migration_goes_down_and_up_again(service: str, database_url
     mode), and the migrations must go up again from there to the declared tables."""
     db = Database(database_url)
     try:
-        await _run(db, service, command.upgrade, "head")
-        await _run(db, service, command.downgrade, "base")
-        await _run(db, service, command.upgrade, "head")
+        await _alembic(db, service, command.upgrade, "head")
+        await _alembic(db, service, command.downgrade, "base")
+        await _alembic(db, service, command.upgrade, "head")
         drift = await _drift(db, service)
     finally:
         await db.dispose()
