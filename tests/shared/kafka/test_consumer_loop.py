@@ -163,9 +163,15 @@ async def produce_purchases_of_three(kafka: KafkaHandle, topic: str, n: int) -> 
 
 
 async def drain(loop: ConsumerLoop[Event], expected: int, timeout_s: float = 30) -> None:
-    """Run batches until ``expected`` records were handled (applied, skipped or dead-lettered)."""
+    """Start the loop, then ``more``."""
     await loop._producer.start()
     await loop._consumer.start()
+    await more(loop, expected, timeout_s)
+
+
+async def more(loop: ConsumerLoop[Event], expected: int, timeout_s: float = 30) -> None:
+    """Run batches of a started loop until ``expected`` records in all were handled (applied,
+    skipped or dead-lettered)."""
     async with asyncio.timeout(timeout_s):
         while loop.stats.records < expected:
             await loop.run_once()
@@ -285,9 +291,7 @@ async def test_an_event_id_reused_for_another_event_is_dead_lettered_not_dropped
                 ("c1", encode_event(purchase(2, "c1", "5"))),
             ],
         )
-        async with asyncio.timeout(30):
-            while loop.stats.records < 5:
-                await loop.run_once()
+        await more(loop, 5)
     finally:
         await stop(loop)
     assert (loop.stats.applied, loop.stats.duplicates, loop.stats.dead_lettered) == (2, 2, 1)
@@ -317,9 +321,7 @@ async def test_a_record_still_poison_after_a_replay_keeps_its_first_letter_and_g
         await drain(loop, 1)
         since = datetime.now(UTC) - timedelta(hours=1)
         assert (await replay(kafka.bootstrap, topic, since)).replayed == 1
-        async with asyncio.timeout(30):
-            while loop.stats.records < 2:  # refused again
-                await loop.run_once()
+        await more(loop, 2)  # refused again
         letters = [dict(r.headers) for r in await read_all(kafka.bootstrap, [topic + ".dlq"])]
         assert len(letters) == 2
         first, again = letters
@@ -457,9 +459,7 @@ async def test_the_loop_says_whether_it_is_behind_the_topic(
         await drain(loop, 50)
         assert loop.stats.records < 120
         assert loop.behind
-        async with asyncio.timeout(30):
-            while loop.stats.records < 120:
-                await loop.run_once()
+        await more(loop, 120)
         assert loop.behind is False
     finally:
         await stop(loop)
