@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as clock_time
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -234,6 +234,35 @@ class _Batch:
         wait.update(columns)
         if not any(w is wait for w in self.new_waits):  # a new one is inserted as it ends up
             self.changed_waits.append({"id": wait["id"], **columns})
+
+
+class _Recheck(NamedTuple):
+    """What the claim's check of a message that waited says: it goes now (``status`` None) or is
+    settled with ``status`` (``send_at``: held again until then); ``moved``: the channel (and
+    WhatsApp mode) it goes or waits by, when not its own."""
+
+    status: str | None = None
+    reason: str = ""
+    outcome: str = ""
+    send_at: datetime | None = None
+    moved: tuple[Channel, WhatsAppMode | None] | None = None
+
+    @property
+    def moves(self) -> dict[str, Any]:
+        """The ledger row's new values, when it moved."""
+        if self.moved is None:
+            return {}
+        channel, mode = self.moved
+        return {"channel": channel.value, "whatsapp_mode": mode}
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        """The ledger row's new values when it is settled (held again: until ``send_at``)."""
+        return {"send_at": self.send_at, **self.moves}
+
+    def row_of(self, row: Any) -> Any:
+        """``row`` as it goes (or waits) now."""
+        return row if self.moved is None else _Row(**{**row._mapping, **self.moves})
 
 
 class _Row:
@@ -952,7 +981,17 @@ class MessengerService:
         position = {m: i for i, m in enumerate(message_ids)}
         rows = sorted(await self.repo.claimable(session, message_ids), key=lambda r: position[r.id])
         customers = {r.customer_id: r for r in rows}  # whatsapp_inbound_at and customer_profile
-        recheck = {r.id for r in rows if _needs_recheck(r, now)}
+        profiles = {c: ProfileSnapshot.model_validate(r.customer_profile) for c, r in customers.items()}
+        # A WhatsApp message whose window closed since its decision, with no approved template,
+        # is checked again too: it may go by the next channel (_recheck) rather than fail.
+        recheck = {
+            r.id
+            for r in rows
+            if _needs_recheck(r, now)
+            or self._whatsapp_mode(
+                r, customers[r.customer_id].whatsapp_inbound_at, profiles[r.customer_id], now
+            )[1]
+        }
         memos: dict[str, _Memo] = {}
         caps = DEFAULT_CAPS
         journeys: dict[str, Journey] = {}
@@ -963,7 +1002,6 @@ class MessengerService:
             memos = (
                 await self._load(session, deciding, (), now, caps=caps, customers=customers, entries=False)
             ).memos
-        profiles: dict[str, ProfileSnapshot] = {}
         claimed: list[tuple[Any, OutgoingMessage]] = []
         outcomes: list[SendOutcome] = []
         settled: list[tuple[Any, str, str | None, dict[str, Any]]] = []
@@ -975,16 +1013,14 @@ class MessengerService:
             if memo is not None and row.status == "queued":
                 memo.history = _history_without(memo.history, row)  # it counted until now
 
-        for row in rows:
-            if (profile := profiles.get(row.customer_id)) is None:
-                profile = profiles[row.customer_id] = ProfileSnapshot.model_validate(row.customer_profile)
-            memo = memos.get(row.customer_id) if row.id in recheck else None
-            if memo is not None:
-                refused = self._recheck(row, memo, profile, caps, journeys.get(row.journey), now)
-                if refused is not None:
-                    status, reason, outcome, send_at = refused
-                    settle(row, status, reason, outcome, send_at=send_at)
-                    continue
+        for stored in rows:
+            profile = profiles[stored.customer_id]
+            memo = memos.get(stored.customer_id) if stored.id in recheck else None
+            verdict = None if memo is None else self._recheck(stored, memo, profile, caps, journeys, now)
+            row = stored if verdict is None else verdict.row_of(stored)  # by the channel it goes by
+            if verdict is not None and verdict.status is not None:
+                settle(row, verdict.status, verdict.reason, verdict.outcome, **verdict.changes)
+                continue
             if self.providers.get(Channel(row.channel)) is None:
                 settle(row, "failed", f"no provider for {row.channel}", "no provider")
                 continue
@@ -1021,6 +1057,7 @@ class MessengerService:
                 {
                     "id": row.id,
                     "status": "sending",
+                    "channel": row.channel,  # moved by the recheck, perhaps
                     "attempts": row.attempts + 1,
                     "updated_at": now,
                     "content": _content_of(outgoing),
@@ -1038,14 +1075,15 @@ class MessengerService:
         memo: _Memo,
         profile: ProfileSnapshot,
         caps: CapsConfig,
-        journey: Journey | None,
+        journeys: Mapping[str, Journey],
         now: datetime,
-    ) -> tuple[str, str, str, datetime | None] | None:
-        """Why a message that waited may not go now (status, reason, outcome, send_at), or None."""
+    ) -> _Recheck:
+        """Whether a message that waited may go now, and by which channel; if not, why."""
+        journey = journeys.get(row.journey)
         # A win-back held overnight must not go over the complaint opened meanwhile, nor to a
         # customer who came back (as for a waiting one).
         if journey is not None and journey.exited(snapshot_facts_of(profile), now):
-            return "cancelled", "the journey's exit condition came true before it went", "exit", None
+            return _Recheck("cancelled", "the journey's exit condition came true before it went", "exit")
         # Its own record (a queued message that expired) must not count against itself.
         template = row.template or row.journey
         context = _without(self._context_of(memo, profile, caps, template, duplicate=False), row)
@@ -1054,16 +1092,25 @@ class MessengerService:
         context = replace(context, last_resort=frozenset())
         own = Channel(row.channel)
         decision = recheck_at_send(_candidate_of(row), context, now)
-        if decision.status != MessageStatus.QUEUED:
-            return decision.status.value, decision.reason, decision.reason, decision.send_at
-        if decision.channel is not own:
-            # It was rendered for its own channel and goes by it or not at all: the recheck's
-            # fallback (email after a STOP on SMS) is not the message this row would send.
+        moved: tuple[Channel, WhatsAppMode | None] | None = None
+        reason = decision.reason
+        if decision.channel is not None and decision.channel is not own:
             why = next((s for s in decision.skipped if s.channel is own), None)
-            status = "no_consent" if why is None else NO_CHANNEL_STATUS[why.reason].value
-            detail = f"{own.value} no longer usable" if why is None else why.detail
-            return status, detail, detail, None
-        return None
+            if why is None or why.reason != "no_template":
+                # The customer withdrew its channel (a STOP on SMS, an address removed): the
+                # recheck's fallback (email) is not what they were to get; it is not sent.
+                status = "no_consent" if why is None else NO_CHANNEL_STATUS[why.reason].value
+                detail = f"{own.value} no longer usable" if why is None else why.detail
+                return _Recheck(status, detail, detail)
+            # The WhatsApp window closed while it waited (held through a night, a sender
+            # outage) and there is no approved template: the customer withdrew nothing, and the
+            # message goes by the next channel, as a decision now would choose (rendered at the
+            # claim, for the channel it goes by).
+            moved = (decision.channel, decision.whatsapp_mode)
+            reason = f"{reason}; by {decision.channel.value}, not {own.value}: {why.detail}"
+        if decision.status != MessageStatus.QUEUED:
+            return _Recheck(decision.status.value, reason, decision.reason, decision.send_at, moved)
+        return _Recheck(moved=moved)
 
     def _whatsapp_mode(
         self, row: Any, inbound_at: datetime | None, profile: ProfileSnapshot, now: datetime

@@ -975,8 +975,77 @@ async def test_whatsapp_goes_as_things_stand_when_it_is_sent(world: World) -> No
     }
     assert sent[after[closing]["id"]]["content_sid"] == sid
     assert "content_sid" not in sent[after[opened]["id"]]
-    assert after[neither]["status"] == "failed"
-    assert after[neither]["reason"] == "whatsapp: outside the 24-hour window and no approved template"
+    # The template withdrawn and the window closed: the customer withdrew nothing, and the
+    # thank-you goes by email, their next channel, as a decision now would send it.
+    assert (after[neither]["status"], after[neither]["channel"], after[neither]["whatsapp_mode"]) == (
+        "sent",
+        "email",
+        None,
+    )
+    assert sum(f.suffix == ".eml" for f in outbox_files(world)) == 1
+
+
+async def wrote_on_whatsapp(world: World, customer: str, at: datetime, **profile_overrides: Any) -> None:
+    """The customer (known to the messenger by a profile update with nothing to answer) wrote
+    to us on WhatsApp at ``at``: their 24-hour window opens."""
+    update = purchase_update(customer, 0, at, **profile_overrides).model_copy(
+        update={"event_id": f"u-{customer}-known", "triggering_events": []}
+    )
+    await world.service.apply_batch(delivered([update]))
+    assert await messages(world, customer) == []
+    async with world.db.transaction() as session:
+        await world.service.repo.set_whatsapp_inbound(session, customer, at)
+
+
+async def test_a_whatsapp_message_with_no_other_channel_fails_when_its_window_closed(world: World) -> None:
+    """The window closed and no approved template, and WhatsApp is the only address we have: the
+    message fails, saying why, rather than go as free text WhatsApp would refuse."""
+    customer = next(c for c in (f"wn{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    only_whatsapp: dict[str, Any] = {"email": None, "phone": None}
+    await wrote_on_whatsapp(world, customer, NOON - timedelta(hours=1), **only_whatsapp)
+    update = whatsapp_first(customer, 1, NOON, **only_whatsapp)
+    await world.service.apply_batch(delivered([update]))
+    [row] = await messages(world, customer)
+    assert (row["channel"], row["whatsapp_mode"], row["status"]) == ("whatsapp", "freeform", "queued")
+    world.clock.now = NOON + timedelta(hours=23, minutes=30)  # the sender was down; the window closed
+    [outcome] = await world.service.send_due()
+    [row] = await messages(world, customer)
+    assert (outcome.status, row["status"], row["channel"]) == ("failed", "failed", "whatsapp")
+    assert "whatsapp: outside the 24-hour window and no approved template" in row["reason"]
+    assert outbox_files(world) == []
+
+
+async def test_a_held_whatsapp_message_waits_by_email_when_its_window_will_have_closed(world: World) -> None:
+    """Free text held by quiet hours to 09:00, inside the customer's 24-hour window; the sender
+    was down, and at its claim that evening it is quiet again: held to the next morning, when
+    the window will have closed (no approved template). It waits, and goes, by email; held
+    again on WhatsApp it failed the next morning."""
+    customer = next(c for c in (f"wq{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    wrote = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)  # Wednesday 22:00 in Jerusalem
+    await wrote_on_whatsapp(world, customer, wrote)
+    world.clock.now = wrote + timedelta(minutes=90)  # 23:30: quiet
+    await world.service.apply_batch(delivered([whatsapp_first(customer, 1, world.clock.now)]))
+    [row] = await messages(world, customer)
+    held_freeform = ("whatsapp", "freeform", "held_quiet_hours")
+    assert (row["channel"], row["whatsapp_mode"], row["status"]) == held_freeform
+    assert row["send_at"] == datetime(2026, 11, 26, 7, 0, tzinfo=UTC)  # Thursday 09:00, window open
+
+    world.clock.now = datetime(2026, 11, 26, 20, 30, tzinfo=UTC)  # Thursday 22:30: quiet again
+    [outcome] = await world.service.send_due()
+    assert (outcome.message_id, outcome.status) == (row["id"], "held_quiet_hours")
+    [held] = await messages(world, customer)
+    assert (held["status"], held["channel"], held["whatsapp_mode"]) == ("held_quiet_hours", "email", None)
+    assert held["send_at"] == datetime(2026, 11, 27, 7, 0, tzinfo=UTC)
+    assert held["reason"].endswith(
+        "; by email, not whatsapp: whatsapp: outside the 24-hour window and no approved template"
+    )
+    assert outbox_files(world) == []
+
+    world.clock.now = datetime(2026, 11, 27, 7, 0, 1, tzinfo=UTC)
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    [sent] = await messages(world, customer)
+    assert (sent["status"], sent["channel"]) == ("sent", "email")
+    assert [f.suffix for f in outbox_files(world)] == [".eml"]
 
 
 async def test_the_consumer_decides_with_the_templates_saved_meanwhile(world: World) -> None:
