@@ -69,10 +69,8 @@ RulesBody = Annotated[
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
-def _invalid(exc: InvalidRulesError) -> InvalidInputError:
-    return InvalidInputError(
-        "the rule set is not valid", details=[{"path": e.path, "message": e.message} for e in exc.errors]
-    )
+def _invalid(exc: InvalidRulesError, what: str = "the rule set is not valid") -> InvalidInputError:
+    return InvalidInputError(what, details=[{"path": e.path, "message": e.message} for e in exc.errors])
 
 
 def _draft_etag(value: str | None) -> str | None:
@@ -198,13 +196,19 @@ async def version(n: VersionNumber, _key: Reader, service: Service) -> VersionOu
     status_code=202,
     tags=["rules"],
     summary="Publish version n's rules again as a new version",
-    responses={409: {"model": ErrorResponse, "description": "Another publish at the same moment."}},
+    responses={
+        409: {"model": ErrorResponse, "description": "Another publish at the same moment."},
+        422: {"model": ErrorResponse, "description": "Version n is not valid under the current validation."},
+    },
 )
 async def rollback(n: VersionNumber, request: Request, key: Writer, service: Service) -> PublishOut:
     try:
         version_no, job_id = await service.rollback(n, key.id)
     except UnknownVersionError as exc:
         raise NotFoundError(f"no rule version {n}") from exc
+    except InvalidRulesError as exc:
+        # Published before a release whose validation refuses what it holds.
+        raise _invalid(exc, f"rule version {n} is not valid now; publish a corrected draft instead") from exc
     except RulesConflictError as exc:
         raise ConflictError("another publish happened at the same moment; try again") from exc
     return PublishOut(version=version_no, job_id=job_id, job=str(request.url_for("get_job", job_id=job_id)))

@@ -453,6 +453,11 @@ class SegmenterService:
             old = await self.repo.version(session, version)
             if old is None:
                 raise UnknownVersionError(version)
+            # Validated again, as a publish is: a version published before this release's
+            # validation refused what it holds would not compile in the consumers.
+            errors = validate_rules(old.rules)
+            if errors:
+                raise InvalidRulesError(errors)
             live = await self.repo.published(session)
             draft = await self.repo.draft(session)
             new = await self._new_version(

@@ -454,6 +454,29 @@ async def test_rollback_publishes_an_old_version_again(api: Api) -> None:
     assert (await api.get("/v1/rules/jobs/no-such-job")).status_code == 404
 
 
+async def test_a_rollback_to_a_version_that_is_not_valid_now_is_refused(api: Api) -> None:
+    """A version published before a release whose validation refuses what it holds (here a
+    tier on a fact no longer in the catalogue): rolled back to, it would not compile in the
+    consumers. 422 naming where, and nothing published, queued or changed."""
+    broken = default_rules()
+    broken["tiers"][0]["when"] = {"field": "favourite_colour", "op": "eq", "value": "red"}
+    async with api.service.db.transaction() as session:
+        assert await api.service.repo.add_version(session, 2, broken, "old release", "publish", NOW)
+    draft_before = await api.get("/v1/rules/draft")
+
+    response = await api.post("/v1/rules/rollback/2")
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["message"] == "rule version 2 is not valid now; publish a corrected draft instead"
+    assert [d["path"] for d in error["details"]] == ["$.tiers[0].when.field"]
+    assert "favourite_colour" in error["details"][0]["message"]
+    assert [v["version"] for v in (await api.get("/v1/rules/versions")).json()] == [2, 1]
+    assert [e["action"] for e in (await api.get("/v1/rules/audit")).json()] == ["publish"]
+    draft = await api.get("/v1/rules/draft")
+    assert (draft.json(), draft.headers["ETag"]) == (draft_before.json(), draft_before.headers["ETag"])
+    assert (await api.post("/v1/rules/rollback/1")).status_code == 202  # a valid one still goes
+
+
 async def test_a_rollback_keeps_a_draft_with_unpublished_edits(api: Api) -> None:
     """A marketer is editing when someone rolls back: their draft is theirs, not replaced, and
     its ETag still publishes it (on top of the rollback)."""
