@@ -245,24 +245,20 @@ class _Recheck(NamedTuple):
     reason: str = ""
     outcome: str = ""
     send_at: datetime | None = None
-    moved: tuple[Channel, WhatsAppMode | None] | None = None
+    # The channel (and WhatsApp mode) it goes or waits by, when not its own, and why.
+    moved: tuple[Channel, WhatsAppMode | None, str] | None = None
 
-    @property
-    def moves(self) -> dict[str, Any]:
-        """The ledger row's new values, when it moved."""
+    def moves(self, row: Any) -> dict[str, Any]:
+        """The ledger row's new values for a move: the channel, and in its details why (the
+        reason of a message sent is the provider's)."""
         if self.moved is None:
             return {}
-        channel, mode = self.moved
-        return {"channel": channel.value, "whatsapp_mode": mode}
-
-    @property
-    def changes(self) -> dict[str, Any]:
-        """The ledger row's new values when it is settled (held again: until ``send_at``)."""
-        return {"send_at": self.send_at, **self.moves}
-
-    def row_of(self, row: Any) -> Any:
-        """``row`` as it goes (or waits) now."""
-        return row if self.moved is None else _Row(**{**row._mapping, **self.moves})
+        channel, mode, why = self.moved
+        return {
+            "channel": channel.value,
+            "whatsapp_mode": mode,
+            "details": {**(row.details or {}), "moved": why},
+        }
 
 
 class _Row:
@@ -992,22 +988,16 @@ class MessengerService:
                 r, customers[r.customer_id].whatsapp_inbound_at, profiles[r.customer_id], now
             )[1]
         }
-        memos: dict[str, _Memo] = {}
-        caps = DEFAULT_CAPS
-        journeys: dict[str, Journey] = {}
-        if recheck:
-            caps = await self.caps(session)
-            journeys = {j.name: j for j in await self.journeys(session)}
-            deciding = {r.customer_id for r in rows if r.id in recheck}
-            memos = (
-                await self._load(session, deciding, (), now, caps=caps, customers=customers, entries=False)
-            ).memos
+        caps, journeys, memos = await self._recheck_inputs(session, [r for r in rows if r.id in recheck], now)
         claimed: list[tuple[Any, OutgoingMessage]] = []
         outcomes: list[SendOutcome] = []
         settled: list[tuple[Any, str, str | None, dict[str, Any]]] = []
 
+        # Rows the recheck moved to another channel: their new values, written however they end.
+        moved: dict[str, dict[str, Any]] = {}
+
         def settle(row: Any, status: str, reason: str, outcome: str | None, **values: Any) -> None:
-            settled.append((row, status, reason, values))
+            settled.append((row, status, reason, {**moved.get(row.id, {}), **values}))
             outcomes.append(SendOutcome(row.id, status, outcome))
             memo = memos.get(row.customer_id)
             if memo is not None and row.status == "queued":
@@ -1017,9 +1007,12 @@ class MessengerService:
             profile = profiles[stored.customer_id]
             memo = memos.get(stored.customer_id) if stored.id in recheck else None
             verdict = None if memo is None else self._recheck(stored, memo, profile, caps, journeys, now)
-            row = stored if verdict is None else verdict.row_of(stored)  # by the channel it goes by
+            row = stored
+            if verdict is not None and verdict.moved is not None:
+                moved[row.id] = verdict.moves(stored)
+                row = _Row(**{**stored._mapping, **moved[row.id]})  # as it goes, or waits, now
             if verdict is not None and verdict.status is not None:
-                settle(row, verdict.status, verdict.reason, verdict.outcome, **verdict.changes)
+                settle(row, verdict.status, verdict.reason, verdict.outcome, send_at=verdict.send_at)
                 continue
             if self.providers.get(Channel(row.channel)) is None:
                 settle(row, "failed", f"no provider for {row.channel}", "no provider")
@@ -1056,8 +1049,8 @@ class MessengerService:
             [
                 {
                     "id": row.id,
+                    **moved.get(row.id, {}),
                     "status": "sending",
-                    "channel": row.channel,  # moved by the recheck, perhaps
                     "attempts": row.attempts + 1,
                     "updated_at": now,
                     "content": _content_of(outgoing),
@@ -1068,6 +1061,21 @@ class MessengerService:
         )
         await self._settle_many(session, settled, now)
         return claimed, outcomes
+
+    async def _recheck_inputs(
+        self, session: Any, rows: Sequence[Any], now: datetime
+    ) -> tuple[CapsConfig, dict[str, Journey], dict[str, _Memo]]:
+        """What the recheck of ``rows`` reads: the caps, the journeys, and their customers'
+        memos (histories, consent facts)."""
+        if not rows:
+            return DEFAULT_CAPS, {}, {}
+        caps = await self.caps(session)
+        journeys = {j.name: j for j in await self.journeys(session)}
+        customers = {r.customer_id: r for r in rows}
+        loaded = await self._load(
+            session, set(customers), (), now, caps=caps, customers=customers, entries=False
+        )
+        return caps, journeys, loaded.memos
 
     def _recheck(
         self,
@@ -1091,8 +1099,9 @@ class MessengerService:
         # without a provider last must not pass it over for another (that would cancel it).
         context = replace(context, last_resort=frozenset())
         own = Channel(row.channel)
-        decision = recheck_at_send(_candidate_of(row), context, now)
-        moved: tuple[Channel, WhatsAppMode | None] | None = None
+        candidate = _candidate_of(row)
+        decision = recheck_at_send(candidate, context, now)
+        moved: tuple[Channel, WhatsAppMode | None, str] | None = None
         reason = decision.reason
         if decision.channel is not None and decision.channel is not own:
             why = next((s for s in decision.skipped if s.channel is own), None)
@@ -1104,10 +1113,13 @@ class MessengerService:
                 return _Recheck(status, detail, detail)
             # The WhatsApp window closed while it waited (held through a night, a sender
             # outage) and there is no approved template: the customer withdrew nothing, and the
-            # message goes by the next channel, as a decision now would choose (rendered at the
-            # claim, for the channel it goes by).
-            moved = (decision.channel, decision.whatsapp_mode)
-            reason = f"{reason}; by {decision.channel.value}, not {own.value}: {why.detail}"
+            # message goes by the next channel a decision now would choose (rendered at the
+            # claim, for the channel it goes by): channels without a provider last again.
+            decision = recheck_at_send(candidate, replace(context, last_resort=self.last_resort), now)
+            if decision.channel is not None and decision.channel is not own:
+                note = f"by {decision.channel.value}, not {own.value}: {why.detail}"
+                moved = (decision.channel, decision.whatsapp_mode, note)
+                reason = f"{decision.reason}; {note}"
         if decision.status != MessageStatus.QUEUED:
             return _Recheck(decision.status.value, reason, decision.reason, decision.send_at, moved)
         return _Recheck(moved=moved)

@@ -1048,6 +1048,66 @@ async def test_a_held_whatsapp_message_waits_by_email_when_its_window_will_have_
     assert [f.suffix for f in outbox_files(world)] == [".eml"]
 
 
+async def test_a_message_moved_from_whatsapp_goes_where_a_decision_now_would_send_it(
+    world: World, tmp_path: Path
+) -> None:
+    """Twilio configured, email not (it would go to the sandbox outbox and reach no one): a
+    WhatsApp message whose window closed while the sender was down goes by SMS, the channel a
+    decision now would choose, not by the email next in the fallback order. The row says why."""
+    twilio = {
+        "twilio_account_sid": "AC" + "0" * 32,
+        "twilio_sms_from": "+15017122661",
+        "twilio_whatsapp_from": "+15017122661",
+    }
+    live = world.service.settings.model_copy(update=twilio)
+    assert live.sandboxed_last == {Channel.EMAIL}
+    sender = MessengerService(
+        world.db, live, None, dict.fromkeys(Channel, OutboxProvider(tmp_path / "sent")), clock=world.clock
+    )
+    customer = next(c for c in (f"wm{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    await wrote_on_whatsapp(world, customer, NOON - timedelta(hours=1))
+    await sender.apply_batch(delivered([whatsapp_first(customer, 1, NOON)]))
+    [row] = await messages(world, customer)
+    assert (row["channel"], row["whatsapp_mode"], row["status"]) == ("whatsapp", "freeform", "queued")
+
+    world.clock.now = NOON + timedelta(hours=23, minutes=30)  # 13:30 the next day: the window closed
+    assert [o.status for o in await sender.send_due()] == ["sent"]
+    [sent] = await messages(world, customer)
+    assert (sent["status"], sent["channel"], sent["whatsapp_mode"]) == ("sent", "sms", None)
+    assert sent["details"]["moved"] == (
+        "by sms, not whatsapp: whatsapp: outside the 24-hour window and no approved template"
+    )
+    assert [f.suffix for f in sorted((tmp_path / "sent").iterdir())] == [".json"]
+
+
+async def test_a_moved_message_that_fails_is_recorded_on_the_channel_it_failed_on(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moved from WhatsApp to email, then unable to render there: the ledger and the event the
+    kpi reads agree that it failed by email (the ledger kept WhatsApp while the event said email)."""
+    customer = next(c for c in (f"wf{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    await wrote_on_whatsapp(world, customer, NOON - timedelta(hours=1))
+    await world.service.apply_batch(delivered([whatsapp_first(customer, 1, NOON)]))
+    resolve = world.service.templates.resolve
+
+    def no_email_template(name: str, channel: Channel, locale: str | None) -> Any:
+        if channel is Channel.EMAIL:
+            raise RuntimeError("no email template here")
+        return resolve(name, channel, locale)
+
+    monkeypatch.setattr(world.service.templates, "resolve", no_email_template)
+    world.clock.now = NOON + timedelta(hours=23, minutes=30)
+    assert [o.status for o in await world.service.send_due()] == ["failed"]
+    [row] = await messages(world, customer)
+    assert (row["status"], row["channel"], row["whatsapp_mode"]) == ("failed", "email", None)
+    assert row["reason"] == "render failed: RuntimeError: no email template here"
+    assert row["details"]["moved"].startswith("by email, not whatsapp: ")
+    async with world.db.sessions() as session:
+        values = (await session.execute(select(outbox_table.c.value))).scalars().all()
+    events = [MESSAGE_EVENT_ADAPTER.validate_json(v) for v in values]
+    assert [e.channel for e in events if e.status is MessageStatus.FAILED] == [Channel.EMAIL]
+
+
 async def test_the_consumer_decides_with_the_templates_saved_meanwhile(world: World) -> None:
     """A template override carrying an approved template's SID itself, saved through another
     process (the API), lets the consumer's next decision go on WhatsApp outside the window."""
