@@ -9,7 +9,7 @@ import functools
 import operator
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -613,6 +613,21 @@ def json_values(dialect: str, column: Any, keys: Sequence[str]) -> Any:
         return func.jsonb_build_array(*picked, type_=json_type())
     picked = [column.op("->")(literal_column(f"'$.{k}'")) for k in keys]
     return func.json_array(*picked, type_=json_type())
+
+
+# Values per IN list of ``in_chunks``: bound parameters far below SQLite's (32,766) and asyncpg's
+# (32,767) limits, a pair of columns' tuples included.
+IN_CHUNK = 5000
+
+V = TypeVar("V", str, tuple[str, str])
+
+
+def in_chunks(values: Iterable[V]) -> Iterator[list[V]]:
+    """``values`` in lists of at most ``IN_CHUNK``, each short enough for one ``IN (…)``; in
+    order, so that transactions touching the same rows lock them in the same order."""
+    ordered = sorted(values)
+    for i in range(0, len(ordered), IN_CHUNK):
+        yield ordered[i : i + IN_CHUNK]
 
 
 def in_list(dialect: str, column: Any, name: str = "ids") -> Any:

@@ -28,7 +28,7 @@ from services.kpi.tables import (
     survey_answers,
     tickets,
 )
-from shared.db import RowsWrite, copy_new_rows, dialect_insert, rows_insert
+from shared.db import RowsWrite, copy_new_rows, dialect_insert, in_chunks, rows_insert
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +166,6 @@ def _ticket(r: Any) -> Ticket:
     )
 
 
-CHUNK = 1000  # ids per IN list
 MANY_IDS = 5000  # beyond this many customer ids, a lookup reads its other filters' rows whole
 
 
@@ -288,8 +287,7 @@ class KpiRepository:
         """Unmark the tickets rebuilt, unless a batch marked one again since it was read."""
         s = stale_tickets.c
         for marks, keys in _by_value(seen).items():
-            for i in range(0, len(keys), CHUNK):
-                chunk = keys[i : i + CHUNK]
+            for chunk in in_chunks(keys):
                 where = (s.marks == marks, tuple_(s.customer_id, s.ticket_id).in_(chunk))
                 await session.execute(delete(stale_tickets).where(*where))
 
@@ -523,10 +521,8 @@ class KpiRepository:
 
     async def delete_predictions(self, session: AsyncSession, customer_ids: Sequence[str]) -> None:
         c = clv_predictions.c
-        for i in range(0, len(customer_ids), CHUNK):
-            await session.execute(
-                delete(clv_predictions).where(c.customer_id.in_(customer_ids[i : i + CHUNK]))
-            )
+        for ids in in_chunks(customer_ids):
+            await session.execute(delete(clv_predictions).where(c.customer_id.in_(ids)))
 
     async def save_predictions(
         self, session: AsyncSession, rows: Sequence[Prediction], published: set[str], at: datetime

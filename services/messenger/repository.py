@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,7 +23,7 @@ from services.messenger.tables import (
     survey_answers,
     webhook_receipts,
 )
-from shared.db import dialect_insert, in_list, insert_ignoring_conflicts
+from shared.db import dialect_insert, in_chunks, in_list, insert_ignoring_conflicts
 from shared.events import ADDRESS_FIELD, Channel
 
 
@@ -38,18 +38,9 @@ COUNTED = ("queued", "sending", "sent", "delivered", "undelivered")
 DUE = ("queued", "held_quiet_hours")
 
 
-# Bound parameters per IN list: far below SQLite's (32,766) and asyncpg's (32,767) limits.
-IN_CHUNK = 5000
-
 
 def _upsert(session: AsyncSession, table: Any) -> Any:
     return dialect_insert(session.get_bind().dialect.name, table)
-
-
-def _chunks(values: Collection[str]) -> Iterator[list[str]]:
-    ordered = sorted(values)
-    for i in range(0, len(ordered), IN_CHUNK):
-        yield ordered[i : i + IN_CHUNK]
 
 
 def _newest_first(
@@ -237,7 +228,7 @@ class MessengerRepository:
         found: dict[str, Any] = {}
         reads = _reads_of(session)
         stmt = reads.customers_locked if _row_locks(session) else reads.customers
-        for ids in _chunks(customer_ids):
+        for ids in in_chunks(customer_ids):
             found.update((r.customer_id, r) for r in await session.execute(stmt, {"ids": ids}))
         return found
 
@@ -287,7 +278,7 @@ class MessengerRepository:
     async def consent_facts_of(self, session: AsyncSession, customer_ids: Collection[str]) -> list[Any]:
         """The consent facts of many customers, each customer's in time order."""
         found: list[Any] = []
-        for ids in _chunks(customer_ids):
+        for ids in in_chunks(customer_ids):
             found += (await session.execute(_reads_of(session).consent_facts, {"ids": ids})).all()
         return found
 
@@ -318,7 +309,7 @@ class MessengerRepository:
 
     async def messages_by_keys(self, session: AsyncSession, keys: Collection[str]) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        for chunk in _chunks(keys):
+        for chunk in in_chunks(keys):
             found.update(
                 (r.idempotency_key, r)
                 for r in await session.execute(_reads_of(session).messages_by_keys, {"ids": chunk})
@@ -333,7 +324,7 @@ class MessengerRepository:
         found: list[Any] = []
         reads = _reads_of(session)
         stmt = reads.claimable_locked if _row_locks(session) else reads.claimable
-        for ids in _chunks(message_ids):
+        for ids in in_chunks(message_ids):
             found += (await session.execute(stmt, {"ids": ids})).all()
         return found
 
@@ -416,7 +407,7 @@ class MessengerRepository:
     ) -> list[Any]:
         """``history`` of many customers (with customer_id)."""
         found: list[Any] = []
-        for ids in _chunks(customer_ids):
+        for ids in in_chunks(customer_ids):
             rows = await session.execute(_reads_of(session).histories, {"ids": ids, "since": since})
             found += [r for r in rows if r.status in COUNTED]
         return found
@@ -532,7 +523,7 @@ class MessengerRepository:
     ) -> dict[str, dict[str, datetime]]:
         """``entries`` of many customers: customer → journey → last entered."""
         found: dict[str, dict[str, datetime]] = defaultdict(dict)
-        for ids in _chunks(customer_ids):
+        for ids in in_chunks(customer_ids):
             for r in await session.execute(_reads_of(session).entries, {"ids": ids}):
                 found[r.customer_id][r.journey] = r.entered_at
         return found
@@ -551,7 +542,7 @@ class MessengerRepository:
 
     async def waiting_of(self, session: AsyncSession, customer_ids: Collection[str]) -> list[Any]:
         found: list[Any] = []
-        for ids in _chunks(customer_ids):
+        for ids in in_chunks(customer_ids):
             found += [
                 r
                 for r in await session.execute(_reads_of(session).waits, {"ids": ids})
