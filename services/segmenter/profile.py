@@ -383,11 +383,16 @@ def facts(
         inside = [o.at for o in orders if now - _days(window) < o.at <= now]
         f[f"purchases_{window}d"] = len(inside)
         boundaries += [at + _days(window) for at in inside]
+    # An order stamped ahead of our clock (a backend's clock a little fast; ingest takes events
+    # up to a day ahead) enters the windows when its time comes: a check then, else the counts
+    # missed it until some later boundary.
+    boundaries += [o.at for o in orders if o.at > now]
 
     tickets = [_ticket_view(tid, t) for tid, t in state.tickets.items() if t.steps]
     complaints = sorted((t for t in tickets if t.complaint), key=lambda t: (t.opened_at, t.ticket_id))
     recent_complaints = [t for t in complaints if now - _days(COMPLAINT_WINDOW_DAYS) < t.opened_at <= now]
     boundaries += [t.opened_at + _days(COMPLAINT_WINDOW_DAYS) for t in recent_complaints]
+    boundaries += [t.opened_at for t in complaints if t.opened_at > now]  # as the orders ahead
     responses = [t.first_response_minutes for t in tickets if t.first_response_minutes is not None]
     f |= {
         "open_tickets": sum(1 for t in tickets if not t.resolved),

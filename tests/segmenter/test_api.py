@@ -595,6 +595,23 @@ async def test_the_sweep_keeps_everyone_right_as_time_passes(api: Api) -> None:
     assert await api.service.sweep() == 0
 
 
+async def test_an_order_stamped_ahead_of_the_clock_is_counted_by_the_sweep_at_its_time(api: Api) -> None:
+    """A backend clock two seconds fast: the order is stored at once but not yet in the windows;
+    the customer's next check is the order's instant, and the sweep then counts it."""
+    ahead = NOW + timedelta(seconds=2)
+    await seed(api.service, [purchase("ahead-1", ahead, "o-ahead", customer_id="ahead")])
+    row = (await stored_rows(api))["ahead"]
+    assert row.next_check_at == ahead
+    assert (row.facts["orders_count"], row.facts["purchases_30d"]) == (1, 0)
+
+    api.service.clock = lambda: ahead  # type: ignore[misc]
+    assert await api.service.sweep() == 1
+    row = (await stored_rows(api))["ahead"]
+    counts = (row.facts["orders_count"], row.facts["purchases_30d"], row.facts["purchases_365d"])
+    assert counts == (1, 1, 1)
+    assert row.next_check_at == ahead + 30 * DAY
+
+
 async def publish_and_run(api: Api, rules: dict[str, Any]) -> dict[str, Any]:
     etag = await put_draft(api, rules)
     published = await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})

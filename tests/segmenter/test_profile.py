@@ -386,6 +386,25 @@ def test_windows_flip_exactly_at_their_boundaries() -> None:
     assert facts(state, NOW + 70 * DAY - TICK, CONFIG)[0]["complaints_90d"] == 1
 
 
+def test_an_event_stamped_ahead_of_the_clock_is_counted_when_its_time_comes() -> None:
+    """A backend whose clock runs a little fast stamps an order and a complaint seconds ahead of
+    ours: judged now they are not in the windows yet, and the facts name their instants as
+    boundaries, so that the customer is judged again then (they were missed until some later
+    boundary: a one-order customer's purchases_30d stayed 0 for good)."""
+    ahead = NOW + 2 * timedelta(seconds=1)
+    events = [
+        purchase("p1", ahead, "o1"),
+        support("t-1", ahead + TICK, "T", "opened", complaint=True),
+    ]
+    state = build(CUSTOMER, events)
+    now, boundaries = facts(state, NOW, CONFIG)
+    assert (now["orders_count"], now["purchases_30d"], now["complaints_90d"]) == (1, 0, 0)
+    assert min(boundaries) == ahead
+    assert ahead + TICK in boundaries
+    then, _ = facts(state, ahead + TICK, CONFIG)
+    assert (then["purchases_30d"], then["purchases_365d"], then["complaints_90d"]) == (1, 1, 1)
+
+
 def test_the_latest_complaint_decides_resolved_and_a_reopened_ticket_is_open() -> None:
     events = [
         support("a-1", NOW - 5 * DAY, "A", "opened", complaint=True),
