@@ -54,7 +54,8 @@ messages = Table(
     "messages",
     metadata,
     Column("id", String(36), primary_key=True),
-    Column("idempotency_key", String(255), nullable=False, unique=True),
+    # journey (64) : customer (128) : entry (an event id, 128, or a segment change) #attempt
+    Column("idempotency_key", String(512), nullable=False, unique=True),
     Column("customer_id", String(128), nullable=False),
     Column("journey", String(64), nullable=False),
     Column("kind", String(16), nullable=False),

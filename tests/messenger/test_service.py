@@ -35,6 +35,7 @@ from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import UNHAPPY_OLDEST_AGE, UNHAPPY_WAITING, MessengerService
 from services.messenger.status import EmailEvent
 from services.messenger.tables import inbound_messages
+from services.messenger.tables import messages as messages_table
 from services.messenger.tables import outbox as outbox_table
 from services.messenger.templates import TemplateKey
 from shared.auth import create_key
@@ -285,6 +286,22 @@ async def test_caps_hold_when_two_deciders_race(world: World) -> None:
     capped = [r for r in rows if r["status"] == "capped"]
     assert len(going) == 1, rows
     assert len(capped) == 1, rows
+
+
+async def test_a_customer_id_of_the_longest_length_gets_its_messages(world: World) -> None:
+    """Ids of 128 characters are valid: the welcome's key (journey:customer:new:customer) is 269
+    characters, past the 255 PostgreSQL kept, which refused the row and dead-lettered the update
+    (SQLite does not enforce the length)."""
+    customer = next(c for c in ("x" * 127 + str(i) for i in range(10)) if not in_holdout(c, "welcome", 10))
+    first = purchase_update("short", 1, NOON).model_copy(
+        update={"customer_id": customer, "tier_old": None, "event_id": "u-long-1"}
+    )
+    await world.service.apply_batch(delivered([first]))
+    rows = await messages(world, customer)
+    assert {r["journey"] for r in rows} >= {"welcome"}, rows
+    async with world.db.sessions() as session:
+        keys = (await session.execute(select(messages_table.c.idempotency_key))).scalars().all()
+    assert max(len(k) for k in keys) == len(f"welcome:{customer}:new:{customer}") == 269
 
 
 async def test_quiet_hours_hold_marketing_and_send_when_the_window_opens(world: World) -> None:
