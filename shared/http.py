@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -228,6 +228,54 @@ def ops_router(ready: ReadinessCheck) -> APIRouter:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def query_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters an operation takes, its dependencies' included, by their names in
+    the URL (aliases)."""
+    names = {f.alias for f in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= query_names(sub)
+    return frozenset(names)
+
+
+def query_problems(pairs: Sequence[tuple[str, str]], known: frozenset[str]) -> list[dict[str, str]]:
+    """Each query parameter the operation does not take, and each given more than once (none
+    of ours is a list): a misspelt ``form=`` or an ``offset=`` for paging was ignored, a 200 with
+    the default answer (the last 30 days; the first page for ever), and of ``from`` given twice
+    the last won."""
+    counts: dict[str, int] = {}
+    for name, _ in pairs:
+        counts[name] = counts.get(name, 0) + 1
+    takes = f"this operation takes {', '.join(sorted(known))}" if known else "this operation takes none"
+    problems: list[dict[str, str]] = []
+    for name, n in counts.items():
+        if name not in known:
+            problems.append({"field": f"query.{name}", "message": f"unknown parameter; {takes}"})
+        elif n > 1:
+            problems.append({"field": f"query.{name}", "message": f"given {n} times; give it once"})
+    return problems
+
+
+class ApiRoute(APIRoute):
+    """A route of the JSON API (``/v1/…``), which refuses, 422 naming them, query parameters it
+    does not take or takes once but was given more often (``query_problems``). Pages and
+    webhooks (``/u/…``, ``/s/…``, ``/webhooks/…``) take what link trackers and providers add."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if not self.path.startswith("/v1/"):
+            return handler
+        known = query_names(self.dependant)
+
+        async def strict(request: Request) -> Response:
+            if request.scope.get("query_string"):
+                problems = query_problems(request.query_params.multi_items(), known)
+                if problems:
+                    raise InvalidInputError("the request is not valid", details=problems)
+            return await handler(request)
+
+        return strict
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from shared.errors import (
     UnsupportedMediaTypeError,
     error_body,
 )
+from shared.http import ApiRoute
 from shared.kafka.producer import BrokerUnavailableError
 from shared.logs import get_logger
 from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -50,7 +51,7 @@ log = get_logger(__name__)
 PATH = "/v1/events"
 _JSON = (b"content-type", b"application/json")
 
-router = APIRouter()
+router = APIRouter(route_class=ApiRoute)
 
 
 class EventsEndpoint:

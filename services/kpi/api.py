@@ -21,8 +21,9 @@ from services.kpi.schemas import (
 from services.kpi.service import InsufficientDataError, KpiQuery, KpiService
 from shared.auth import ApiKey, KeyStore, require_scope
 from shared.errors import InvalidInputError, NotFoundError
+from shared.http import ApiRoute
 
-router = APIRouter()
+router = APIRouter(route_class=ApiRoute)
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 3660

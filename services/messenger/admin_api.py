@@ -16,10 +16,10 @@ from services.messenger.templates import VARIABLES, SmsEncoding, Template
 from shared.auth import allows
 from shared.errors import ErrorResponse, ForbiddenError
 from shared.events import Channel, MessageKind
-from shared.http import UniqueKeys
+from shared.http import ApiRoute, UniqueKeys
 from shared.storable import storable
 
-router = APIRouter()
+router = APIRouter(route_class=ApiRoute)
 
 JOURNEY_NAME = r"^[a-z][a-z0-9_]{0,63}$"
 JourneyName = Annotated[str, Path(pattern=JOURNEY_NAME, description="The journey, e.g. win_back.")]

@@ -39,10 +39,10 @@ from shared.errors import (
     pydantic_errors,
 )
 from shared.events import Channel, MessageStatus
-from shared.http import UniqueKeys, if_match_etag
+from shared.http import ApiRoute, UniqueKeys, if_match_etag
 from shared.storable import storable
 
-router = APIRouter()
+router = APIRouter(route_class=ApiRoute)
 
 
 def _store(request: Request) -> KeyStore:

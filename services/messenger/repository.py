@@ -38,7 +38,6 @@ COUNTED = ("queued", "sending", "sent", "delivered", "undelivered")
 DUE = ("queued", "held_quiet_hours")
 
 
-
 def _upsert(session: AsyncSession, table: Any) -> Any:
     return dialect_insert(session.get_bind().dialect.name, table)
 

@@ -26,8 +26,11 @@ BACKEND_TOPICS = ("profiles", "purchases", "support", "cancellations")
 
 
 class Client:
-    def __init__(self, http: httpx.AsyncClient, key: str, prefix: str, bootstrap: str) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, key: str, prefix: str, bootstrap: str, app: Any = None
+    ) -> None:
         self.http = http
+        self.app = app
         self.key = key
         self.prefix = prefix
         self.bootstrap = bootstrap
@@ -55,7 +58,7 @@ async def _client(kafka: KafkaHandle, prefix: str, tmp_path: Path, **overrides: 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as http:
         app.state.keys_path = keys
-        yield Client(http, key, prefix, kafka.bootstrap)
+        yield Client(http, key, prefix, kafka.bootstrap, app)
     await app.state.producer.stop()
 
 
@@ -270,22 +273,30 @@ async def test_transport_errors(client: Client) -> None:
 
 async def test_the_documented_route_answers_as_the_direct_endpoint(client: Client) -> None:
     """POST /v1/events is served before FastAPI's middleware and routing (app.py); a request
-    it hands on (here: one with a query string) reaches the FastAPI route, which answers alike."""
-    direct = await client.post(_event("support", "c5", 1))
-    routed = await client.post(_event("support", "c5", 2), params={"via": "route"})
-    assert direct.status_code == routed.status_code == 202
-    assert direct.json() == {"accepted": 1, "event_ids": ["support-c5-1"], "duplicates": 0}
-    assert routed.json() == {"accepted": 1, "event_ids": ["support-c5-2"], "duplicates": 0}
-    assert direct.headers["content-type"] == routed.headers["content-type"] == "application/json"
+    it hands on (here: one under a root path, as behind a proxy) reaches the FastAPI route,
+    which answers alike. A query string is handed on too, and refused: the operation takes no
+    query parameter, and one it would ignore is a 422 naming it."""
+    transport = httpx.ASGITransport(app=client.app, root_path="/retain")
+    async with httpx.AsyncClient(transport=transport, base_url="http://ingest/retain") as proxied:
+        routed_client = Client(proxied, client.key, client.prefix, client.bootstrap, client.app)
+        direct = await client.post(_event("support", "c5", 1))
+        routed = await routed_client.post(_event("support", "c5", 2))
+        assert direct.status_code == routed.status_code == 202
+        assert direct.json() == {"accepted": 1, "event_ids": ["support-c5-1"], "duplicates": 0}
+        assert routed.json() == {"accepted": 1, "event_ids": ["support-c5-2"], "duplicates": 0}
+        assert direct.headers["content-type"] == routed.headers["content-type"] == "application/json"
 
-    headers = {"Authorization": f"Bearer {client.key}", "Content-Type": "text/plain"}
-    refused = [
-        await client.http.post("/v1/events", params=params, content=b"{}", headers=headers)
-        for params in ({}, {"via": "route"})
+        headers = {"Authorization": f"Bearer {client.key}", "Content-Type": "text/plain"}
+        refused = [await c.post("/v1/events", content=b"{}", headers=headers) for c in (client.http, proxied)]
+        assert [r.status_code for r in refused] == [415, 415]
+        assert refused[0].json() == refused[1].json()
+        assert refused[0].json()["error"]["code"] == "unsupported_media_type"
+
+    queried = await client.post(_event("support", "c5", 4), params={"dry_run": "1"})
+    assert queried.status_code == 422, queried.text
+    assert queried.json()["error"]["details"] == [
+        {"field": "query.dry_run", "message": "unknown parameter; this operation takes none"}
     ]
-    assert [r.status_code for r in refused] == [415, 415]
-    assert refused[0].json() == refused[1].json()
-    assert refused[0].json()["error"]["code"] == "unsupported_media_type"
     unauthorized = await client.http.post("/v1/events", json=_event("support", "c5", 3))
     assert unauthorized.status_code == 401
     assert unauthorized.headers["WWW-Authenticate"] == "Bearer"

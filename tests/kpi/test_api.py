@@ -1093,12 +1093,26 @@ async def test_metrics_expose_kpis_without_customer_ids(kpi: Kpi) -> None:
         ("/v1/kpis/churn", {"from": "1767225600"}, "query.from"),
         ("/v1/kpis/conversion", {"to": "2026-01-31T00:00:00Z"}, "query.to"),
         ("/v1/clv/model", {"as_of": "20260101"}, "query.as_of"),
+        # A parameter the operation does not take was ignored: the last 30 days, as if asked.
+        ("/v1/kpis/churn", {"start": "2020-01-01", "end": "2020-12-31"}, "query.start"),
+        ("/v1/kpis/conversion", {"group_by": "tier"}, "query.group_by"),
+        ("/v1/customers/c1/clv", {"as_of": "2026-01-01"}, "query.as_of"),
     ],
 )
 async def test_bad_parameters_are_named(kpi: Kpi, url: str, params: dict[str, str], field: str) -> None:
     response = await kpi.http.get(url, params=params, headers={"Authorization": f"Bearer {kpi.key}"})
     assert response.status_code == 422, response.text
     assert field in [d["field"] for d in response.json()["error"]["details"]]
+
+
+async def test_a_parameter_given_twice_is_named_not_the_last_one_taken(kpi: Kpi) -> None:
+    response = await kpi.http.get(
+        "/v1/kpis/churn?from=2026-01-01&from=2025-01-01&to=2026-02-01",
+        headers={"Authorization": f"Bearer {kpi.key}"},
+    )
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["error"]["details"]
+    assert detail == {"field": "query.from", "message": "given 2 times; give it once"}
 
 
 async def test_a_day_not_written_yyyy_mm_dd_is_named_with_the_form_expected(kpi: Kpi) -> None:

@@ -429,6 +429,17 @@ async def test_versions_are_immutable_and_listed(api: Api) -> None:
     assert (await api.post(f"/v1/rules/rollback/{2**31}")).status_code == 422
 
 
+async def test_paging_by_a_parameter_the_members_list_does_not_take_is_refused(api: Api) -> None:
+    """offset= (or page=) was ignored: the first page, for ever, to a client paging that way."""
+    response = await api.get("/v1/segments/loyal/customers?offset=100&limit=5")
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == [
+        {"field": "query.offset", "message": "unknown parameter; this operation takes cursor, limit"}
+    ]
+    assert (await api.get("/v1/segments/loyal/customers?limit=5&limit=2")).status_code == 422
+    assert (await api.post("/v1/rules/rollback/1?note=why")).status_code == 422
+
+
 async def test_rollback_publishes_an_old_version_again(api: Api) -> None:
     etag = await put_draft(api, stricter_rules())
     assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).status_code == 202
@@ -604,7 +615,7 @@ async def test_an_order_stamped_ahead_of_the_clock_is_counted_by_the_sweep_at_it
     assert row.next_check_at == ahead
     assert (row.facts["orders_count"], row.facts["purchases_30d"]) == (1, 0)
 
-    api.service.clock = lambda: ahead  # type: ignore[misc]
+    api.service.clock = lambda: ahead
     assert await api.service.sweep() == 1
     row = (await stored_rows(api))["ahead"]
     counts = (row.facts["orders_count"], row.facts["purchases_30d"], row.facts["purchases_365d"])

@@ -391,8 +391,8 @@ def test_an_event_stamped_ahead_of_the_clock_is_counted_when_its_time_comes() ->
     ours: judged now they are not in the windows yet, and the facts name their instants as
     boundaries, so that the customer is judged again then (they were missed until some later
     boundary: a one-order customer's purchases_30d stayed 0 for good)."""
-    ahead = NOW + 2 * timedelta(seconds=1)
-    events = [
+    ahead = NOW + timedelta(seconds=2)
+    events: list[Event] = [
         purchase("p1", ahead, "o1"),
         support("t-1", ahead + TICK, "T", "opened", complaint=True),
     ]

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from prometheus_client import REGISTRY
 
 from shared.auth import ApiKey, KeyStore, create_key, require_scope
-from shared.http import endpoints, repeated_keys, setup_app
+from shared.http import ApiRoute, endpoints, query_problems, repeated_keys, setup_app
 
 LIMIT = 2048
 
@@ -158,3 +158,71 @@ def test_repeated_keys_are_found_at_their_paths_however_deep() -> None:
     assert repeated_keys(b'{"a": 1, "b": 2}') == []
     assert repeated_keys(b"not json") == []  # the route's own parsing names that
     assert repeated_keys(b"[" * 100_000 + b"]" * 100_000) == []  # too deep to parse: not a crash
+
+
+def _window(since: str | None = None) -> str | None:
+    return since
+
+
+Since = Annotated[str | None, Depends(_window)]
+
+
+def _paged(strict: bool) -> FastAPI:
+    """An operation with its own query parameters and one from a dependency, under /v1/ and not."""
+    app = FastAPI()
+    setup_app(app, "test", _ready_ok)
+    router = APIRouter(route_class=ApiRoute) if strict else APIRouter()
+
+    @router.get("/v1/items")
+    async def items(since: Since, limit: int = 10, cursor: str | None = None) -> dict[str, Any]:
+        return {"since": since, "limit": limit, "cursor": cursor}
+
+    @router.get("/u/{token}")
+    async def page(token: str) -> dict[str, str]:
+        return {"token": token}
+
+    app.include_router(router)
+    return app
+
+
+async def _ready_ok() -> dict[str, Any]:
+    return {}
+
+
+async def test_the_json_api_refuses_query_parameters_it_does_not_take_or_takes_once() -> None:
+    transport = httpx.ASGITransport(app=_paged(strict=True))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        ok = await http.get("/v1/items", params={"since": "2026-01-01", "limit": 5, "cursor": "c9"})
+        assert ok.json() == {"since": "2026-01-01", "limit": 5, "cursor": "c9"}
+        assert (await http.get("/v1/items")).status_code == 200
+
+        misspelt = await http.get("/v1/items?offset=5&limit=2&limit=3&since=x")
+        assert misspelt.status_code == 422
+        assert misspelt.json()["error"]["details"] == [
+            {
+                "field": "query.offset",
+                "message": "unknown parameter; this operation takes cursor, limit, since",
+            },
+            {"field": "query.limit", "message": "given 2 times; give it once"},
+        ]
+        # A page a customer opens from an email keeps what a link tracker added.
+        tracked = await http.get("/u/t1", params={"utm_source": "newsletter"})
+        assert tracked.json() == {"token": "t1"}
+
+    # The same operation on a plain route ignored them: the default answer, as if asked for it.
+    transport = httpx.ASGITransport(app=_paged(strict=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        assert (await http.get("/v1/items?offset=5")).json() == {"since": None, "limit": 10, "cursor": None}
+
+
+def test_query_problems_name_each_parameter_once() -> None:
+    known = frozenset({"from", "to"})
+    pairs = [("from", "a"), ("from", "b"), ("from", "c"), ("start", "x"), ("start", "y"), ("to", "z")]
+    assert query_problems(pairs, known) == [
+        {"field": "query.from", "message": "given 3 times; give it once"},
+        {"field": "query.start", "message": "unknown parameter; this operation takes from, to"},
+    ]
+    assert query_problems([("to", "z")], known) == []
+    assert query_problems([("x", "1")], frozenset()) == [
+        {"field": "query.x", "message": "unknown parameter; this operation takes none"}
+    ]
