@@ -167,6 +167,76 @@ def _bump(counts: dict[str, int], key: str) -> None:
     counts[key] = counts.get(key, 0) + 1
 
 
+@dataclass(frozen=True, slots=True)
+class _Spell:
+    """A stretch of one kind of activity: active at s exactly when ``begin < s`` and ``s``
+    is before ``end`` (contractual: ``s <= end``, the cancellation; non-contractual: ``s < end``,
+    the lapse); ``end`` None: still active."""
+
+    history: CustomerHistory
+    begin: datetime
+    end: datetime | None
+    reason: str = ""  # contractual: the cancellation's
+
+
+def contractual_spells(h: CustomerHistory) -> list[_Spell]:
+    """Active from a purchase (after it) through the first cancellation at or after it; again
+    from the first purchase after that cancellation. The same instants as ``active_contractual``:
+    at s the last purchase before s has no cancellation in [it, s)."""
+    out: list[_Spell] = []
+    i = 0
+    while i < len(h.purchases):
+        begin = h.purchases[i]
+        j = bisect_left(h.cancellations, (begin,))  # the first cancellation at or after it
+        if j == len(h.cancellations):
+            out.append(_Spell(h, begin, None))
+            break
+        end, reason = h.cancellations[j]
+        out.append(_Spell(h, begin, end, reason))
+        i = bisect_right(h.purchases, end)  # a purchase at the cancellation's instant is in it
+    return out
+
+
+def lapse_spells(h: CustomerHistory, window: timedelta) -> list[_Spell]:
+    """Purchases each less than ``window`` after the one before: active after the first until
+    ``window`` after the last, its lapse (``first_lapse_after`` of any instant inside)."""
+    if not h.purchases:
+        return []
+    out: list[_Spell] = []
+    begin = last = h.purchases[0]
+    for at in h.purchases[1:]:
+        if at - last >= window:
+            out.append(_Spell(h, begin, last + window))
+            begin = at
+        last = at
+    out.append(_Spell(h, begin, last + window))
+    return out
+
+
+class _Spells:
+    """One tier's spells, sorted for counting those active at an instant and those ending in a
+    period: O(log n) and O(ending) per period, where asking each customer cost O(customers)
+    per period (a daily table over three years of 20,000 customers: 76 s on the event loop)."""
+
+    def __init__(self, spells: Sequence[_Spell]) -> None:
+        self.begins = sorted(s.begin for s in spells)
+        ended = [(s.end, s) for s in spells if s.end is not None]
+        ended.sort(key=lambda pair: pair[0])
+        self.ends = [end for end, _ in ended]
+        self.by_end = [s for _, s in ended]
+
+    def active(self, at: datetime, *, through_end: bool) -> int:
+        # Begun before ``at``, less those over by then (every spell over by then began before).
+        over = bisect_left(self.ends, at) if through_end else bisect_right(self.ends, at)
+        return bisect_left(self.begins, at) - over
+
+    def ending(self, p: Period, *, through_end: bool) -> list[_Spell]:
+        """Spells active at the period's start that end in it."""
+        lo = bisect_left(self.ends, p.start) if through_end else bisect_right(self.ends, p.start)
+        hi = bisect_left(self.ends, p.end)
+        return [s for s in self.by_end[lo:hi] if s.begin < p.start]
+
+
 def churn(
     histories: Sequence[CustomerHistory],
     periods: Sequence[Period],
@@ -174,7 +244,17 @@ def churn(
     now: datetime,
     alive: AliveTest | None = None,
 ) -> list[PeriodChurn]:
-    """Churn per period; without ``alive`` (no fitted model yet) non-contractual churn is None."""
+    """Churn per period; without ``alive`` (no fitted model yet) non-contractual churn is None.
+    Counted from each customer's spells of activity, which ``active_contractual``,
+    ``contractual_churn`` and ``lapse_in`` define instant by instant (a test holds them equal)."""
+    by_tier_c: dict[str, list[_Spell]] = {}
+    by_tier_n: dict[str, list[_Spell]] = {}
+    for h in histories:
+        tier = h.tier or UNKNOWN
+        by_tier_c.setdefault(tier, []).extend(contractual_spells(h))
+        by_tier_n.setdefault(tier, []).extend(lapse_spells(h, window))
+    contractual = {t: _Spells(spells) for t, spells in by_tier_c.items()}
+    lapsing = {t: _Spells(spells) for t, spells in by_tier_n.items()}
     gone: dict[tuple[str, datetime], bool] = {}  # the periods overlap (a total and its buckets)
     out: list[PeriodChurn] = []
     for p in periods:
@@ -184,24 +264,24 @@ def churn(
         lapsed: dict[str, int] = {}
         n_churned: dict[str, int] = {}
         reasons: dict[str, int] = {}
-        for h in histories:
-            tier = h.tier or UNKNOWN
-            if active_contractual(h, p.start):
-                _bump(c_active, tier)
-                reason = contractual_churn(h, p)
-                if reason is not None:
-                    _bump(c_churned, tier)
-                    _bump(reasons, reason)
-            if active_non_contractual(h, p.start, window):
-                _bump(n_active, tier)
-                lapse = lapse_in(h, p, window, now)
-                if lapse is None:
+        for tier, spells in contractual.items():
+            if n := spells.active(p.start, through_end=True):
+                c_active[tier] = n
+            for spell in spells.ending(p, through_end=True):
+                _bump(c_churned, tier)
+                _bump(reasons, spell.reason)
+        for tier, spells in lapsing.items():
+            if n := spells.active(p.start, through_end=False):
+                n_active[tier] = n
+            for spell in spells.ending(p, through_end=False):
+                lapse = spell.end
+                if lapse is None or lapse > now:
                     continue
                 _bump(lapsed, tier)
                 if alive is not None:
-                    key = (h.customer_id, lapse)
+                    key = (spell.history.customer_id, lapse)
                     if key not in gone:
-                        gone[key] = alive.gone(h, lapse)
+                        gone[key] = alive.gone(spell.history, lapse)
                     if gone[key]:
                         _bump(n_churned, tier)
         c_total = sum(c_active.values())
@@ -314,7 +394,20 @@ def win_back(
 ) -> dict[str, WinBack]:
     """Per cancellation reason (and ``all``): episodes that began in the period, and how many
     came back (a purchase within ``window`` after the cancellation)."""
-    found = [e for h in histories for e in episodes(h, window, now) if p.contains(e.cancelled_at)]
+    [found] = win_backs(histories, [p], window, now)
+    return found
+
+
+def win_backs(
+    histories: Iterable[CustomerHistory], periods: Sequence[Period], window: timedelta, now: datetime
+) -> list[dict[str, WinBack]]:
+    """``win_back`` of each period, the customers' episodes found once."""
+    found = sorted((e for h in histories for e in episodes(h, window, now)), key=lambda e: e.cancelled_at)
+    starts = [e.cancelled_at for e in found]
+    return [_won_back(found[bisect_left(starts, p.start) : bisect_left(starts, p.end)]) for p in periods]
+
+
+def _won_back(found: Sequence[ChurnEpisode]) -> dict[str, WinBack]:
     out: dict[str, WinBack] = {}
     for reason in ["all", *sorted({e.reason for e in found})]:
         chosen = [e for e in found if reason in ("all", e.reason)]

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import math
 import time
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -833,8 +834,9 @@ class KpiService:
         whole = period(q.first, q.last, self.tz)
         periods = [whole, *buckets(q.first, q.last, q.granularity, self.tz)]
         results = churn_kpi.churn(histories, periods, window, now, alive)
+        win_backs = churn_kpi.win_backs(histories, periods, self.settings.win_back_window, now)
 
-        def block(r: churn_kpi.PeriodChurn) -> dict[str, Any]:
+        def block(r: churn_kpi.PeriodChurn, win_back: dict[str, churn_kpi.WinBack]) -> dict[str, Any]:
             out: dict[str, Any] = {
                 "contractual": r.contractual,
                 "non_contractual": r.non_contractual,
@@ -848,7 +850,7 @@ class KpiService:
                     "lapsed": r.lapsed_by_tier,
                     **({} if r.non_contractual is None else {"non_contractual": r.non_contractual_by_tier}),
                 }
-            out["win_back"] = churn_kpi.win_back(histories, r.period, self.settings.win_back_window, now)
+            out["win_back"] = win_back
             return out
 
         return {
@@ -863,8 +865,11 @@ class KpiService:
                 **{k: model.model["params"][k] for k in ("r", "alpha", "a", "b")},
             },
             "win_back_days": self.settings.kpi_win_back_days,
-            "total": block(results[0]),
-            "buckets": [{"start": r.period.first, "end": r.period.last, **block(r)} for r in results[1:]],
+            "total": block(results[0], win_backs[0]),
+            "buckets": [
+                {"start": r.period.first, "end": r.period.last, **block(r, w)}
+                for r, w in zip(results[1:], win_backs[1:], strict=True)
+            ],
         }
 
     async def cohorts(self, q: KpiQuery) -> dict[str, Any]:
@@ -970,12 +975,18 @@ class KpiService:
             stored = await self.repo.predictions(session)
             attrs = await self.repo.customer_attributes(session) if q.by else {}
             model = await self.repo.latest_clv_model(session, self.today())
+        # Oldest first (the repository's order): a period's orders and new customers are a
+        # slice, found by bisection, where scanning them all for each of a daily table's
+        # thousand buckets took seconds.
+        bought = sorted(bought, key=lambda r: r.occurred_at)
+        times = [r.occurred_at for r in bought]
         first_purchase: dict[str, datetime] = {}
         for r in bought:
             first_purchase.setdefault(r.customer_id, r.occurred_at)
+        firsts = sorted(first_purchase.values())
 
-        def revenue(rows: Sequence[PurchaseRow], p: Period) -> dict[str, Any]:
-            inside = [r for r in rows if p.contains(r.occurred_at)]
+        def revenue(p: Period) -> dict[str, Any]:
+            inside = bought[bisect_left(times, p.start) : bisect_left(times, p.end)]
             converted = [fx.convert(r.amount, r.currency) for r in inside]
             return {
                 "start": p.first,
@@ -983,7 +994,7 @@ class KpiService:
                 "revenue": sum((v for v in converted if v is not None), Decimal(0)),
                 "orders": len(inside),
                 "customers": len({r.customer_id for r in inside}),
-                "new_customers": sum(1 for c, at in first_purchase.items() if p.contains(at)),
+                "new_customers": bisect_left(firsts, p.end) - bisect_left(firsts, p.start),
                 "unconverted_orders": sum(1 for v in converted if v is None),
             }
 
@@ -1007,8 +1018,8 @@ class KpiService:
             "horizon_weeks": self.settings.kpi_clv_horizon_weeks,
             "annual_discount_rate": self.settings.kpi_clv_discount_rate,
             "model": None if model is None else {**model.model, "fitted_at": model.fitted_at, "cached": True},
-            "total": {**revenue(bought, whole), "predictions": predicted(stored.values())},
-            "buckets": [revenue(bought, b) for b in buckets(q.first, q.last, q.granularity, self.tz)],
+            "total": {**revenue(whole), "predictions": predicted(stored.values())},
+            "buckets": [revenue(b) for b in buckets(q.first, q.last, q.granularity, self.tz)],
         }
         if q.by:
             of = _attribute(attrs, q.by)

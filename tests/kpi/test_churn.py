@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.kpi.churn import (
+    UNKNOWN,
     AliveTest,
+    ChurnCount,
     CustomerHistory,
+    PeriodChurn,
     active_contractual,
     active_non_contractual,
     churn,
     cohorts,
+    contractual_churn,
     episodes,
     first_lapse_after,
     history,
@@ -326,3 +334,101 @@ def test_lapse_days_are_local() -> None:
     assert lapse_in(h, MARCH, WINDOW, NOW) == lapse
     # x = 1, t_x = 6/7, T = (26 Nov → 2 Mar local = 96 days)/7: P = 1 / (1 + ((103/7) / (13/7))^2).
     assert AliveTest(UNIT, 0.3, JERUSALEM).p_alive_at(h, lapse) == pytest.approx(1 / (1 + (103 / 13) ** 2))
+
+
+# --- the counts by spells equal the definitions, customer by customer -------------------------------
+
+
+def _count_of(active: int, churned: int) -> ChurnCount:
+    return ChurnCount(active, churned, churned / active if active else None)
+
+
+def churn_by_definition(
+    histories: list[CustomerHistory],
+    periods: list[Any],
+    window: timedelta,
+    now: datetime,
+    alive: AliveTest | None,
+) -> list[PeriodChurn]:
+    """Each customer asked, period by period, with the definitions of docs/kpis.md as written
+    (``active_contractual``, ``contractual_churn``, ``active_non_contractual``, ``lapse_in``):
+    what ``churn`` counted before it counted spells, and what it must still count."""
+    out: list[PeriodChurn] = []
+    for p in periods:
+        c_active: Counter[str] = Counter()
+        c_churned: Counter[str] = Counter()
+        n_active: Counter[str] = Counter()
+        lapsed: Counter[str] = Counter()
+        n_churned: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        for h in histories:
+            tier = h.tier or UNKNOWN
+            if active_contractual(h, p.start):
+                c_active[tier] += 1
+                reason = contractual_churn(h, p)
+                if reason is not None:
+                    c_churned[tier] += 1
+                    reasons[reason] += 1
+            if active_non_contractual(h, p.start, window):
+                n_active[tier] += 1
+                lapse = lapse_in(h, p, window, now)
+                if lapse is not None:
+                    lapsed[tier] += 1
+                    if alive is not None and alive.gone(h, lapse):
+                        n_churned[tier] += 1
+        c_total, n_total = sum(c_active.values()), sum(n_active.values())
+        out.append(
+            PeriodChurn(
+                period=p,
+                contractual=_count_of(c_total, sum(c_churned.values())),
+                lapsed=_count_of(n_total, sum(lapsed.values())),
+                non_contractual=None if alive is None else _count_of(n_total, sum(n_churned.values())),
+                contractual_by_reason={r: _count_of(c_total, n) for r, n in sorted(reasons.items())},
+                contractual_by_tier={t: _count_of(n, c_churned[t]) for t, n in sorted(c_active.items())},
+                lapsed_by_tier={t: _count_of(n, lapsed[t]) for t, n in sorted(n_active.items())},
+                non_contractual_by_tier=(
+                    {}
+                    if alive is None
+                    else {t: _count_of(n, n_churned[t]) for t, n in sorted(n_active.items())}
+                ),
+            )
+        )
+    return out
+
+
+def _renamed(h: CustomerHistory, customer_id: str) -> CustomerHistory:
+    return CustomerHistory(customer_id, h.purchases, h.cancellations, h.tier)
+
+
+# Instants on a coarse grid (whole days at 22:00 UTC are Jerusalem's midnights in winter), so
+# that purchases, cancellations, lapses and period bounds often coincide: the edges.
+START = datetime(2025, 12, 31, 22, tzinfo=UTC)
+instants = st.integers(min_value=0, max_value=8 * 24).map(lambda h: START + timedelta(hours=12 * h))
+histories_st = st.lists(
+    st.builds(
+        history,
+        st.sampled_from(["a", "b", "c", "d"]),
+        st.lists(instants, max_size=6),
+        st.lists(st.tuples(instants, st.sampled_from(["price", "service", "both"])), max_size=3),
+        st.sampled_from([None, "gold", "silver"]),
+    ),
+    max_size=6,
+).map(lambda hs: [_renamed(h, f"{h.customer_id}{i}") for i, h in enumerate(hs)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    histories_st,
+    st.sampled_from([Granularity.DAY, Granularity.WEEK, Granularity.MONTH]),
+    st.integers(min_value=1, max_value=40),
+    instants,
+    st.booleans(),
+)
+def test_churn_counts_what_the_definitions_say(
+    hs: list[CustomerHistory], granularity: Granularity, window_days: int, now: datetime, model: bool
+) -> None:
+    first, last = date(2026, 1, 1), date(2026, 4, 30)
+    periods = [period(first, last, JERUSALEM), *buckets(first, last, granularity, JERUSALEM)]
+    window = timedelta(days=window_days)
+    alive = AliveTest(UNIT, 0.5, JERUSALEM) if model else None
+    assert churn(hs, periods, window, now, alive) == churn_by_definition(hs, periods, window, now, alive)
