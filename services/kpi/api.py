@@ -257,7 +257,7 @@ async def clv_model(
 
 
 @router.get(
-    "/v1/customers/{customer_id}/clv",
+    "/v1/customers/{customer_id:path}/clv",  # :path: an id may hold a slash (acme/42)
     response_model=CustomerClvOut,
     tags=["clv"],
     summary="A customer's historic value, P(alive), expected purchases in 90 days, predicted CLV",

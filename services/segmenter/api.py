@@ -238,7 +238,7 @@ async def audit(
 
 
 @router.get(
-    "/v1/customers/{customer_id}",
+    "/v1/customers/{customer_id:path}",  # :path: an id may hold a slash (acme/42)
     response_model=CustomerOut,
     tags=["customers"],
     summary="Profile, tier, segments, and which condition of which rule made them",

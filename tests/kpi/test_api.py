@@ -793,6 +793,16 @@ async def test_a_customer_whose_only_purchase_is_tomorrow_here_has_no_value_yet(
     assert (early["p_alive"], early["predicted_clv"], early["expected_purchases_90d"]) == (None, None, None)
 
 
+async def test_a_customer_id_with_a_slash_has_its_clv(kpi: Kpi) -> None:
+    """acme/42 is a valid id; the route took one path segment, so it answered 404."""
+    kpi.at(utc(1997, 10, 1, 12))
+    await kpi.apply([*cdnow_events(60), purchase("acme/42", utc(1997, 9, 1, 12), "80", "USD")])
+    await kpi.service.refit_and_publish()
+    for url in ("/v1/customers/acme%2F42/clv", "/v1/customers/acme/42/clv"):
+        found = await kpi.get(url)
+        assert (found["customer_id"], found["orders"]) == ("acme/42", 1), url
+
+
 async def test_a_complainer_whose_purchases_have_no_rate_is_counted_as_not_judged(kpi: Kpi) -> None:
     """900,000 yen without a rate add nothing to the revenue that makes a complaint high-value:
     the complaint and the survey answer are not high-value, and the answers say how many such

@@ -892,6 +892,17 @@ async def test_a_customer_with_tier_segments_and_why(api: Api) -> None:
     assert (await api.get("/v1/customers/" + "x" * 129)).status_code == 422
 
 
+async def test_a_customer_id_with_a_slash_is_found(api: Api) -> None:
+    """Ids are any non-blank text (acme/42 is a valid id): the route took one segment, so the
+    customer, listed in its segments, answered 404 to its own URL, %2F-encoded or not."""
+    await seed(api.service, [purchase("slash-1", NOW - DAY, "o-1", customer_id="acme/42")])
+    for url in ("/v1/customers/acme%2F42", "/v1/customers/acme/42"):
+        response = await api.get(url)
+        assert response.status_code == 200, (url, response.text)
+        assert response.json()["customer_id"] == "acme/42"
+    assert (await api.get("/v1/customers/acme/43")).status_code == 404
+
+
 async def test_segment_members_page_through_everyone_exactly_once(api: Api) -> None:
     members = sorted(c for c, a in expected(default_rules()).items() if "loyal" in a.segments)
     assert len(members) == 11
