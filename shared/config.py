@@ -57,8 +57,12 @@ class CommonSettings(BaseSettings):
     topic_prefix: str = Field(default="retain.", description="Prefix of every topic name.")
     # Shared: ingest refuses an event further ahead (422), and the consumers dead-letter one
     # produced straight to Kafka, by the same bound.
+    # At most a year: 1e12 ("no limit") overflowed the date arithmetic, every ingest request a 500.
     ingest_max_future_s: float = Field(
-        default=86400.0, gt=0, description="How far ahead of this server's clock an occurred_at may be."
+        default=86400.0,
+        gt=0,
+        le=366 * 86400,
+        description="How far ahead of this server's clock an occurred_at may be (at most 366 days).",
     )
     partitions: int = Field(
         default=6, ge=1, le=1000, description="Partition count of every topic (same for all)."

@@ -95,6 +95,8 @@ def test_every_retain_variable_the_repository_uses_is_a_setting_or_declared_not_
         ({"log_level": "verbose"}, "log_level"),
         ({"ingest_max_future_s": "inf"}, "finite number"),
         ({"ingest_max_future_s": "nan"}, "finite number"),
+        # "No limit" overflowed now + max_future: every ingest request answered 500.
+        ({"ingest_max_future_s": "1e12"}, "less than or equal to 31622400"),
     ],
 )
 def test_common_settings_refuse_what_would_fail_later(values: dict[str, str], words: str) -> None:
