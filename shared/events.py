@@ -379,6 +379,17 @@ class SupportEvent(EventBase):
     priority: Literal["low", "normal", "high", "urgent"] | None = None
     is_complaint: bool = False
 
+    @property
+    def complaint(self) -> bool:
+        """Flagged, or of the category ``complaint`` (``complaint_category``)."""
+        return self.is_complaint or complaint_category(self.category)
+
+
+def complaint_category(category: str) -> bool:
+    """Whether a ticket's category names a complaint, in any case: a help desk writing
+    "Complaint" sent no acknowledgement and counted in no complaint KPI."""
+    return category.casefold() == "complaint"
+
 
 class CancellationReason(StrEnum):
     PRICE = "price"

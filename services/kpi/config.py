@@ -133,7 +133,7 @@ class KpiSettings(CommonSettings):
     def targets(self) -> Targets:
         return Targets(
             default_s=self.kpi_default_first_response_target_h * 3600,
-            per_category={c: h * 3600 for c, h in self.kpi_first_response_targets_h.items()},
+            per_category={c.casefold(): h * 3600 for c, h in self.kpi_first_response_targets_h.items()},
         )
 
     @property

@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import Protocol, TypeVar
 
 from services.kpi.stats import Durations, durations, ratio
-from shared.events import SupportEvent, support_step_order, ticket_resolved
+from shared.events import SupportEvent, complaint_category, support_step_order, ticket_resolved
 
 COMPLAINT = "complaint"
 
@@ -109,7 +109,7 @@ def ticket_from_steps(steps: Iterable[SupportStep]) -> Ticket:
         customer_id=ordered[0].customer_id,
         category=newest.category,
         priority=priority,
-        is_complaint=any(s.is_complaint for s in ordered) or newest.category == COMPLAINT,
+        is_complaint=any(s.is_complaint for s in ordered) or complaint_category(newest.category),
         opened_at=opened_at,
         opened_inferred=opened is None,
         first_response_at=first_reply,
@@ -123,13 +123,13 @@ class Targets:
     """First-response targets in seconds."""
 
     default_s: float
-    per_category: Mapping[str, float]
+    per_category: Mapping[str, float]  # by category casefolded: "Billing" is billing's
 
     def for_ticket(self, ticket: Ticket) -> float:
         """The category's target; for a complaint, the complaint target when stricter, which
         is the default target when the map has none (docs/kpis.md): a complaint about billing
         with billing at 48 h is answered within the default 24 h, not 48."""
-        target = self.per_category.get(ticket.category, self.default_s)
+        target = self.per_category.get(ticket.category.casefold(), self.default_s)
         if ticket.is_complaint:
             target = min(target, self.per_category.get(COMPLAINT, self.default_s))
         return target

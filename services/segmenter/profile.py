@@ -27,6 +27,7 @@ from shared.events import (
     SupportAction,
     SupportEvent,
     canonical_locale,
+    complaint_category,
     support_step_order,
     ticket_resolved,
 )
@@ -303,7 +304,7 @@ def _ticket_view(ticket_id: str, ticket: Ticket) -> TicketView:
         ticket_id=ticket_id,
         category=str(ticket.category.value),
         priority=None if ticket.priority is None else str(ticket.priority.value),
-        complaint=ticket.complaint or str(ticket.category.value) == "complaint",
+        complaint=ticket.complaint or complaint_category(str(ticket.category.value)),
         opened_at=opened_at,
         resolved=ticket_resolved(s.action for s in steps),
         first_response_minutes=None

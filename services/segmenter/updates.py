@@ -58,7 +58,7 @@ def triggering(event: Event) -> TriggeringEvent:
             "action": event.action,
             "category": event.category,
             "priority": event.priority,
-            "is_complaint": event.is_complaint or event.category == "complaint",
+            "is_complaint": event.complaint,
         }
     elif isinstance(event, CancellationEvent):
         fields["reason"] = event.reason

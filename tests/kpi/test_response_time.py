@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from services.kpi.config import KpiSettings
 from services.kpi.fx import Fx
 from services.kpi.periods import Granularity, buckets, local_day, period
 from services.kpi.response_time import (
@@ -172,6 +173,17 @@ def test_targets_per_category_and_for_complaints() -> None:
         "T4": TargetStatus.MET,
         "T5": TargetStatus.PENDING,
     }
+
+
+def test_a_category_is_read_in_any_case() -> None:
+    """A help desk writing "Complaint" and "Billing": a complaint, with the complaint target, and
+    billing's target, as configured in any case (they were neither: the default 24 h)."""
+    targets = KpiSettings(kpi_first_response_targets_h={"Complaint": 4.0, "BILLING": 48.0}).targets
+    written = ticket_from_steps([step("C1", "opened", at(5, 9), "Complaint")])
+    assert written.is_complaint
+    assert targets.for_ticket(written) == 4 * H
+    billing = ticket_from_steps([step("B1", "opened", at(5, 9), "Billing")])
+    assert (billing.is_complaint, targets.for_ticket(billing)) == (False, 48 * H)
 
 
 def test_without_a_complaint_target_a_complaint_gets_the_default_when_stricter() -> None:

@@ -32,6 +32,7 @@ from services.segmenter.profile import (
     lifecycle,
     load_state,
 )
+from services.segmenter.updates import triggering
 from shared.demo.generator import generate
 from shared.events import EVENT_ADAPTER, ClvPrediction, Event
 from tests.segmenter.factories import (
@@ -403,6 +404,15 @@ def test_an_event_stamped_ahead_of_the_clock_is_counted_when_its_time_comes() ->
     assert ahead + TICK in boundaries
     then, _ = facts(state, ahead + TICK, CONFIG)
     assert (then["purchases_30d"], then["purchases_365d"], then["complaints_90d"]) == (1, 1, 1)
+
+
+def test_a_complaint_category_is_read_in_any_case() -> None:
+    """A help desk writing "Complaint": a complaint for the facts and for the messenger's
+    acknowledgement (the triggering event says so), as "complaint" is."""
+    opened = support("k-1", NOW - DAY, "K", "opened", "Complaint")
+    f, _ = facts(build(CUSTOMER, [opened]), NOW, CONFIG)
+    assert (f["complaints_90d"], f["last_complaint_at"]) == (1, NOW - DAY)
+    assert triggering(opened).is_complaint is True
 
 
 def test_the_latest_complaint_decides_resolved_and_a_reopened_ticket_is_open() -> None:
