@@ -167,7 +167,17 @@ def _float_as_written(value: object) -> object:
     return Decimal(repr(value)) if type(value) is float else value
 
 
-Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=4), BeforeValidator(_float_as_written)]
+def _unsigned_zero(value: Decimal) -> Decimal:
+    # "-0" (a backend's 0 * -1) passes ge=0 and read "-₪0.00" in a customer's thank-you.
+    return abs(value) if value.is_zero() else value
+
+
+Money = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=18, decimal_places=4),
+    BeforeValidator(_float_as_written),
+    AfterValidator(_unsigned_zero),
+]
 # Units of a reporting currency per unit of another (the segmenter's and the kpi's FX tables):
 # a rate of 0 or below would make every amount in that currency worth nothing or less.
 FxRate = Annotated[Decimal, Field(gt=0)]

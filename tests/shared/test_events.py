@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from shared.codec import decode_event, decode_event_on, encode_event
+from shared.codec import decode_event, decode_event_on, encode, encode_event
 from shared.events import (
     BEYOND_64_BITS,
     EVENT_ADAPTER,
@@ -166,6 +166,16 @@ def test_amount_accepts_numbers_and_strings_as_decimal() -> None:
     assert isinstance(as_number, PurchaseEvent)
     assert isinstance(as_string, PurchaseEvent)
     assert as_number.amount == as_string.amount == Decimal("12.5")
+
+
+@pytest.mark.parametrize("zero", ["-0", "-0.00", -0.0])
+def test_a_negative_zero_amount_is_zero(zero: object) -> None:
+    """It passed the bound (>= 0) and read "-₪0.00" in a customer's thank-you."""
+    event = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "amount": zero, "items": None})
+    assert isinstance(event, PurchaseEvent)
+    assert event.amount.is_zero()
+    assert not event.amount.is_signed()
+    assert '"amount":"0' in encode(event).decode()
 
 
 def test_profile_event_must_say_something() -> None:
