@@ -29,6 +29,7 @@ from services.segmenter.schemas import (
 )
 from services.segmenter.service import (
     InvalidRulesError,
+    NothingToPublishError,
     RulesConflictError,
     SegmenterService,
     UnknownVersionError,
@@ -147,7 +148,11 @@ async def preview(
     status_code=202,
     tags=["rules"],
     summary="Publish the draft as a new immutable version (If-Match: the draft's ETag)",
-    responses={412: {"description": "stale ETag"}, 428: {"description": "If-Match missing"}},
+    responses={
+        409: {"model": ErrorResponse, "description": "The draft is the published rules: nothing to publish."},
+        412: {"description": "stale ETag"},
+        428: {"description": "If-Match missing"},
+    },
 )
 async def publish(
     request: Request,
@@ -171,6 +176,12 @@ async def publish(
     except RulesConflictError as exc:
         raise PreconditionFailedError(
             "the draft changed since you read it (stale ETag); GET it again"
+        ) from exc
+    except NothingToPublishError as exc:
+        raise ConflictError(
+            f"nothing to publish: the draft is version {exc.version}'s rules, published; edit it first "
+            f"(POST /v1/rules/rollback/{exc.version} re-evaluates everyone under them, if that is the aim)",
+            code="unchanged",
         ) from exc
     except InvalidRulesError as exc:
         raise _invalid(exc) from exc

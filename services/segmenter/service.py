@@ -102,6 +102,15 @@ class UnknownVersionError(Exception):
     pass
 
 
+class NothingToPublishError(Exception):
+    """The draft is the published version's rules: a new version would re-evaluate everyone
+    (superseding a publish still running) to change nothing."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the draft is version {version} as published")
+        self.version = version
+
+
 @dataclass(frozen=True, slots=True)
 class Preview:
     customers: int
@@ -437,9 +446,11 @@ class SegmenterService:
             errors = validate_rules(draft.rules)
             if errors:
                 raise InvalidRulesError(errors)
+            current = await self.repo.published(session)
+            if current is not None and current[1] == draft.rules:
+                raise NothingToPublishError(current[0])
             # One ETag publishes once: swap it (compare-and-set) so a second publish with the
             # same ETag — concurrent or later — finds it stale.
-            current = await self.repo.published(session)
             fresh = ruleset_etag({"rules": draft.rules, "published_as": (current[0] if current else 0) + 1})
             if not await self.repo.swap_draft_etag(session, if_match, fresh):
                 raise RulesConflictError

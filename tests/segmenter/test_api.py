@@ -429,6 +429,23 @@ async def test_versions_are_immutable_and_listed(api: Api) -> None:
     assert (await api.post(f"/v1/rules/rollback/{2**31}")).status_code == 422
 
 
+async def test_publishing_the_published_rules_again_is_refused_as_nothing_to_publish(api: Api) -> None:
+    """The draft as published (a second click, a publish without edits): a new version would
+    re-evaluate every customer, superseding a publish still running, to change nothing."""
+    etag = await put_draft(api, stricter_rules())
+    assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).status_code == 202
+    draft = await api.get("/v1/rules/draft")
+    again = await api.post("/v1/rules/publish", **{"If-Match": draft.headers["ETag"]})
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert error["code"] == "unchanged"
+    assert error["message"].startswith("nothing to publish: the draft is version 2's rules, published")
+    assert [v["version"] for v in (await api.get("/v1/rules/versions")).json()] == [2, 1]
+    # An edit publishes as before.
+    edited = await put_draft(api, default_rules())
+    assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{edited}"'})).status_code == 202
+
+
 async def test_paging_by_a_parameter_the_members_list_does_not_take_is_refused(api: Api) -> None:
     """offset= (or page=) was ignored: the first page, for ever, to a client paging that way."""
     response = await api.get("/v1/segments/loyal/customers?offset=100&limit=5")
