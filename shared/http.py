@@ -239,6 +239,14 @@ def query_names(dependant: Dependant) -> frozenset[str]:
     return frozenset(names)
 
 
+def scope_requirements(dependant: Dependant) -> list[ScopeRequirement]:
+    """The API-key checks of an operation, its dependencies' included."""
+    found = [d.call for d in dependant.dependencies if isinstance(d.call, ScopeRequirement)]
+    for sub in dependant.dependencies:
+        found += scope_requirements(sub)
+    return found
+
+
 def query_problems(pairs: Sequence[tuple[str, str]], known: frozenset[str]) -> list[dict[str, str]]:
     """Each query parameter the operation does not take, and each given more than once (none
     of ours is a list): a misspelt ``form=`` or an ``offset=`` for paging was ignored, a 200 with
@@ -268,10 +276,16 @@ class ApiRoute(APIRoute):
             return handler
         known = query_names(self.dependant)
 
+        requirements = scope_requirements(self.dependant)
+
         async def strict(request: Request) -> Response:
             if request.scope.get("query_string"):
                 problems = query_problems(request.query_params.multi_items(), known)
                 if problems:
+                    # A caller without a key, or without the scope, is told that first (401,
+                    # 403), not what the operation takes.
+                    for requirement in requirements:
+                        await requirement(request)
                     raise InvalidInputError("the request is not valid", details=problems)
             return await handler(request)
 

@@ -297,6 +297,8 @@ async def test_the_documented_route_answers_as_the_direct_endpoint(client: Clien
     assert queried.json()["error"]["details"] == [
         {"field": "query.dry_run", "message": "unknown parameter; this operation takes none"}
     ]
+    keyless = await client.http.post("/v1/events", params={"dry_run": "1"}, json=_event("support", "c5", 5))
+    assert keyless.status_code == 401  # the key first
     unauthorized = await client.http.post("/v1/events", json=_event("support", "c5", 3))
     assert unauthorized.status_code == 401
     assert unauthorized.headers["WWW-Authenticate"] == "Bearer"

@@ -215,6 +215,30 @@ async def test_the_json_api_refuses_query_parameters_it_does_not_take_or_takes_o
         assert (await http.get("/v1/items?offset=5")).json() == {"since": None, "limit": 10, "cursor": None}
 
 
+async def test_a_caller_without_a_key_is_told_so_before_what_the_operation_takes(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    _, reader = create_key(keys, ["kpi:read"], "r")
+    _, other = create_key(keys, ["rules:read"], "o")
+    app = FastAPI()
+    app.state.keys = KeyStore(keys)
+    setup_app(app, "test", _ready_ok)
+    router = APIRouter(route_class=ApiRoute)
+
+    @router.get("/v1/things")
+    async def things(_key: Reader, limit: int = 10) -> dict[str, int]:
+        return {"limit": limit}
+
+    app.include_router(router)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        assert (await http.get("/v1/things?offset=1")).status_code == 401
+        denied = await http.get("/v1/things?offset=1", headers={"Authorization": f"Bearer {other}"})
+        assert denied.status_code == 403
+        refused = await http.get("/v1/things?offset=1", headers={"Authorization": f"Bearer {reader}"})
+        assert refused.status_code == 422
+        assert [d["field"] for d in refused.json()["error"]["details"]] == ["query.offset"]
+
+
 def test_query_problems_name_each_parameter_once() -> None:
     known = frozenset({"from", "to"})
     pairs = [("from", "a"), ("from", "b"), ("from", "c"), ("start", "x"), ("start", "y"), ("to", "z")]
