@@ -218,8 +218,9 @@ ROLLUPS = Counter("retain_kpi_rollups_total", "Grafana-table recomputations, by 
 
 # Bumped when a KPI's definition changes, so that the Grafana tables of a running installation
 # are recomputed with it (2: the uplift compares only the journeys that have both arms; 3: it
-# is intent to treat, with the assigned arm in kpi_conversion_daily).
-DEFINITIONS_VERSION = 3
+# is intent to treat, with the assigned arm in kpi_conversion_daily; 4: a category "Complaint" in
+# any case is a complaint, and the targets' categories are read in any case).
+DEFINITIONS_VERSION = 4
 # Bumped when what a CLV fit is made of changes, so that a cached fit of the same purchases is
 # not served (2: purchases without an exchange rate count for BG/NBD).
 CLV_MODEL_VERSION = 2

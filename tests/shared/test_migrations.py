@@ -3,6 +3,7 @@ or index added to tables.py without a migration (or the reverse) fails here, not
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -308,3 +309,107 @@ async def test_messenger_0011_gives_a_stored_tier_upgrade_the_default_entry(
         k: v for k, v in by_name.items() if k != "tier_upgrade"
     }
     assert after_row.updated_by == ("m" if own_entry else "migration 0011")
+
+
+async def test_kpi_0011_derives_again_the_tickets_of_a_complaint_category_in_another_case(
+    database_url: str,
+) -> None:
+    """A ticket stored as not a complaint though its category is 'Complaint' is marked stale for
+    the rollup to derive again; one of 'complaint' (flagged when derived) and one marked before
+    are left as they were."""
+    from sqlalchemy import insert, select  # noqa: PLC0415
+
+    db = Database(database_url)
+    at = datetime(2026, 11, 20, 10, tzinfo=UTC)
+    ticket = {
+        "priority": None,
+        "opened_at": at,
+        "opened_inferred": False,
+        "first_response_at": None,
+        "first_response_s": None,
+        "resolved_at": None,
+        "resolution_s": None,
+        "reopened": 0,
+    }
+    stored = [
+        ("ann", "T1", "Complaint", False),
+        ("ann", "T2", "complaint", True),
+        ("ben", "T1", "COMPLAINT", False),
+        ("ben", "T2", "billing", False),
+        ("cat", "T1", "Complaint", False),
+    ]
+    try:
+        await upgrade_to(db, "kpi", "0010")
+        async with db.engine.begin() as conn:
+            await conn.execute(
+                insert(kpi_tables.tickets),
+                [
+                    {**ticket, "customer_id": c, "ticket_id": t, "category": k, "is_complaint": flagged}
+                    for c, t, k, flagged in stored
+                ],
+            )
+            await conn.execute(text("INSERT INTO stale_tickets VALUES ('cat', 'T1', 3)"))
+        await migrate(db, REPO_ROOT / "services" / "kpi" / "migrations")
+        async with db.sessions() as session:
+            s = kpi_tables.stale_tickets.c
+            stale = (await session.execute(select(s.customer_id, s.ticket_id, s.marks))).all()
+    finally:
+        await db.dispose()
+    assert sorted(tuple(r) for r in stale) == [("ann", "T1", 1), ("ben", "T1", 1), ("cat", "T1", 3)]
+
+
+async def test_segmenter_0004_checks_again_the_customers_with_a_complaint_category_in_another_case(
+    database_url: str,
+) -> None:
+    """A customer whose stored ticket of 'Complaint' was not flagged is due for a check now (the
+    sweep derives the facts again); others keep their next check."""
+    from sqlalchemy import select  # noqa: PLC0415
+
+    from services.segmenter.tables import customers  # noqa: PLC0415
+
+    def state(category: str, flagged: bool) -> str:
+        ticket = {"category": [category, "2026-11-20T10:00:00+00:00", "e1"], "priority": None}
+        return json.dumps({"v": 1, "tickets": {"T1": {**ticket, "complaint": flagged, "steps": {}}}})
+
+    later = datetime(2027, 1, 1, tzinfo=UTC)
+    rows = {
+        "written": (state("Complaint", False), None),
+        "flagged": (state("Complaint", True), None),
+        "lower": (state("complaint", False), later),
+        "shouted": (state("COMPLAINT", False), later),
+        "billing": (state("billing", False), None),
+    }
+    db = Database(database_url)
+    before = datetime.now(UTC)
+    try:
+        await upgrade_to(db, "segmenter", "0003")
+        async with db.engine.begin() as conn:
+            await conn.execute(
+                customers.insert(),
+                [
+                    {
+                        "customer_id": c,
+                        "state": json.loads(s),
+                        "facts": {},
+                        "tier": "none",
+                        "segments": [],
+                        "lifecycle_stage": "active",
+                        "rule_version": 1,
+                        "next_check_at": check,
+                        "updated_at": before,
+                    }
+                    for c, (s, check) in rows.items()
+                ],
+            )
+        await migrate(db, REPO_ROOT / "services" / "segmenter" / "migrations")
+        async with db.sessions() as session:
+            found = dict(
+                (await session.execute(select(customers.c.customer_id, customers.c.next_check_at))).all()
+            )
+    finally:
+        await db.dispose()
+    assert found["flagged"] is None
+    assert found["billing"] is None
+    assert found["lower"] == later
+    for due in ("written", "shouted"):
+        assert before <= found[due] <= datetime.now(UTC), due
