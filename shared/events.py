@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import phonenumbers
 from babel import Locale, UnknownLocaleError
+from babel.core import get_global
 from babel.numbers import list_currencies
 from pydantic import (
     AfterValidator,
@@ -89,13 +90,24 @@ def _bcp47(value: str) -> str:
     return canonical_locale(value)
 
 
+@lru_cache(maxsize=1)
+def _language_aliases() -> dict[str, str]:
+    """CLDR's deprecated and three-letter language codes with a code of their own: iw → he (what
+    older Java writes for Hebrew), heb → he, ara → ar, in → id. Those naming a script or a
+    region too (sh → sr_Latn) are left as written."""
+    aliases = get_global("language_aliases")
+    return {str(k): str(v) for k, v in aliases.items() if str(v).isalpha() and str(v).islower()}
+
+
 @lru_cache(maxsize=_CACHED)
 def canonical_locale(tag: str) -> str:
-    """A tag in BCP 47's conventional case (RFC 5646 2.1.1): he-IL, zh-Hant-TW. Tags are
-    case-insensitive, but rules compare text: `locale eq "he-IL"` did not match a profile
-    sent as "he-il", and its `language` was "HE" for one sent as "HE-IL"."""
+    """A tag in BCP 47's conventional case (RFC 5646 2.1.1): he-IL, zh-Hant-TW, its language by
+    its current code (iw-IL is he-IL). Tags are case-insensitive, but rules compare text:
+    `locale eq "he-IL"` did not match a profile sent as "he-il", and its `language` was "HE" for
+    one sent as "HE-IL"; a Hebrew speaker sent as iw-IL or heb got English templates from the
+    messenger and another `language` in the segmenter and the kpi's breakdowns."""
     first, *rest = tag.split("-")
-    parts = [first.lower()]
+    parts = [_language_aliases().get(first.lower(), first.lower())]
     for sub in rest:  # no extensions (one-letter subtags): the pattern above refuses them
         if len(sub) == 4 and sub.isalpha():
             parts.append(sub.title())  # a script
