@@ -906,6 +906,10 @@ _SAMPLE_PEOPLE = {
 SAMPLE_UNSUBSCRIBE_URL = "https://shop.example/u/UwyPcgys9EO9sLUejh5IKXg.FQ4ssICHB8k"
 _SAMPLE_OFFERS = {"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}
 SAMPLE_SURVEY_URL = "https://shop.example/s/bh8qnEt9TiqfPI1bGn4MQg"
+# A win-back's offer code as the sender makes it (BACK- and 8 of the message id's hex digits):
+# "BACK15", 7 characters shorter, let the Hebrew win-back SMS pass at 128 UCS-2 units while
+# every real one went in 3 segments (135).
+SAMPLE_OFFER_CODE = "BACK-0F3A9C21"
 SAMPLE_PUBLIC_URL = "https://shop.example"
 
 
@@ -944,7 +948,7 @@ def sample_variables(
         locale=locale,
         unsubscribe_url=SAMPLE_UNSUBSCRIBE_URL.replace(SAMPLE_PUBLIC_URL, base, 1),
         survey_url=SAMPLE_SURVEY_URL.replace(SAMPLE_PUBLIC_URL, base, 1),
-        offer_code="BACK15",
+        offer_code=SAMPLE_OFFER_CODE,
         offer_value=_SAMPLE_OFFERS.get(lang, _SAMPLE_OFFERS["en"]),
         offer_expires=date(2026, 12, 21),
         personal_contact={"name": contact, "phone": "+972521234567"},

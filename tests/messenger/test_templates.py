@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from services.messenger.templates import (
     OFFER_DETAILS,
     OPTIONAL_VARIABLES,
+    SAMPLE_OFFER_CODE,
     SAMPLE_SURVEY_URL,
     SAMPLE_UNSUBSCRIBE_URL,
     VARIABLES,
@@ -582,9 +584,9 @@ def test_the_win_back_approved_template_carries_the_offer_code(store: TemplateSt
     customer's code (which the sent event tells the shop to honour), or invites an answer."""
     template = store.resolve("win_back", Channel.WHATSAPP, locale)
     with_code = render(template, sample_variables(locale), strict=True).content_variables
-    assert with_code["2"].endswith(": BACK15")
+    assert with_code["2"].endswith(f": {SAMPLE_OFFER_CODE}")
     without = {k: v for k, v in sample_variables(locale).items() if k not in ("offer_code", *OFFER_DETAILS)}
-    assert "BACK15" not in render(template, without, strict=True).content_variables["2"]
+    assert SAMPLE_OFFER_CODE not in render(template, without, strict=True).content_variables["2"]
 
 
 def test_the_thank_you_on_whatsapp_keeps_its_blank_line_after_the_order(store: TemplateStore) -> None:
@@ -617,7 +619,7 @@ def test_build_variables_with_everything() -> None:
         locale="he-IL",
         unsubscribe_url="https://u",
         survey_url="https://s",
-        offer_code="BACK15",
+        offer_code=SAMPLE_OFFER_CODE,
         personal_contact={"name": "דנה כהן"},
         perks_config={"gold": {"he": ["קפה עלינו"]}},
         brand=Brand(name="תה ונענע", support_phone="*5555"),
@@ -701,7 +703,7 @@ def test_win_back_says_what_the_offer_gives_and_until_when_if_configured(
         assert value in told.html
         assert until in told.html
     plain = render(template, variables | {"offer_value": None, "offer_expires": None}, strict=False)
-    assert "BACK15" in plain.text
+    assert SAMPLE_OFFER_CODE in plain.text
     assert value not in all_text(plain)
     assert until not in all_text(plain)
     # Never a value or a date without a code (build_variables leaves them out, too).
@@ -728,8 +730,8 @@ def test_win_back_with_and_without_offer(store: TemplateStore, channel: Channel,
     variables = sample_variables(locale)
     with_offer = render(template, variables, strict=False)
     without = render(template, variables | {"offer_code": None}, strict=False)
-    assert "BACK15" in with_offer.text
-    assert "BACK15" not in all_text(without)
+    assert SAMPLE_OFFER_CODE in with_offer.text
+    assert SAMPLE_OFFER_CODE not in all_text(without)
     code_word = {"he": "קוד", "ar": "رمز", "en": "code"}[locale]
     assert code_word in with_offer.text
     assert code_word not in all_text(without)
@@ -739,7 +741,7 @@ def test_win_back_with_and_without_offer(store: TemplateStore, channel: Channel,
         if rendered.html is not None:
             assert SAMPLE_UNSUBSCRIBE_URL in rendered.html
     if with_offer.html is not None:
-        assert "BACK15" in with_offer.html
+        assert SAMPLE_OFFER_CODE in with_offer.html
 
 
 OFFER_WORDS = {
@@ -756,7 +758,7 @@ def test_at_risk_is_a_check_in_without_discount(store: TemplateStore, channel: C
     words = all_text(rendered).lower()
     for word in OFFER_WORDS[locale]:
         assert word not in words, word
-    assert "BACK15" not in words
+    assert SAMPLE_OFFER_CODE not in words
 
 
 @pytest.mark.parametrize("locale", LOCALES)
@@ -801,7 +803,7 @@ def test_whatsapp_approved_template_placeholder(store: TemplateStore) -> None:
     variables = sample_variables("he")
     rendered = render(template, variables, strict=False, content_sids={"win_back.he": sid})
     assert rendered.content_sid == sid
-    assert rendered.content_variables == {"1": "נועה", "2": "קוד ההטבה האישי שלך: BACK15"}
+    assert rendered.content_variables == {"1": "נועה", "2": f"קוד ההטבה האישי שלך: {SAMPLE_OFFER_CODE}"}
     # A placeholder is read as the setting's keys are (config:promo.he_IL is promo.he-IL).
     promo = custom("Hi", Channel.WHATSAPP, locale="he-IL", content_sid="config:promo.he_IL")
     assert approved_content_sid(promo, {"promo.he-IL": sid}) == sid
@@ -820,3 +822,18 @@ def test_rendered_to_json_for_the_preview(store: TemplateStore) -> None:
     assert body["sms_encoding"] == "UCS-2"
     assert body["sms_segments"] == 2
     assert body["direction"] == "rtl"
+
+
+# Second-person forms that speak to a man only: a woman reading "يمكنك أن تكتب لنا" or a
+# button "شارك رأيك" is addressed as one. The defaults use verbal nouns (مراسلتنا, لمشاركة).
+MASCULINE_ONLY = {"ar": ("تكتب", "اكتب", "شارك", "تفضل")}
+
+
+@pytest.mark.parametrize("journey", JOURNEYS)
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_arabic_defaults_speak_to_every_customer(
+    store: TemplateStore, journey: str, channel: Channel
+) -> None:
+    rendered = render(store.resolve(journey, channel, "ar"), sample_variables("ar"), strict=False)
+    words = set(re.findall(r"\w+", all_text(rendered)))
+    assert words.isdisjoint(MASCULINE_ONLY["ar"]), sorted(words & set(MASCULINE_ONLY["ar"]))
