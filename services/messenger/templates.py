@@ -715,7 +715,12 @@ _JOINED_PREFIXES = frozenset({"عبد", "أبو", "ابو", "أم", "ام", "abd
 
 _NAME_PUNCTUATION = re.compile(r"[.'\"׳״/]")
 # What CRMs and forms put where they have no name.
-_PLACEHOLDERS = frozenset({"null", "none", "na", "unknown", "test", "customer", "לקוח", "לקוחה", "عميل"})
+_PLACEHOLDERS = frozenset(
+    {"null", "none", "na", "unknown", "test", "customer", "guest", "לקוח", "לקוחה", "אורח", "عميل"}
+)
+# Hebrew given names of two words (בת שבע, בן ציון, בת אל): joined when a family name follows,
+# so that "בת שבע לוי" is not greeted "בת" (daughter); "בן לוי" is Ben.
+_HEBREW_JOINED = frozenset({"בת", "בן"})
 
 
 def first_name_of(name: str | None) -> str | None:
@@ -736,7 +741,14 @@ def first_name_of(name: str | None) -> str | None:
     if not tokens or (titled and len(tokens) == 1):
         return None
     first = tokens[0]
-    if first.lower() in _JOINED_PREFIXES and len(tokens) > 1:
+    bare = _NAME_PUNCTUATION.sub("", first).casefold()
+    # A placeholder with more words ("Guest User", "Customer 1234", "לקוח מזדמן"), or an
+    # initial ("N. Levi"): no name to greet by.
+    if bare in _PLACEHOLDERS or (len(bare) == 1 and (first.endswith(".") or bare.isascii())):
+        return None
+    if (first.lower() in _JOINED_PREFIXES and len(tokens) > 1) or (
+        first in _HEBREW_JOINED and len(tokens) > 2
+    ):
         first = f"{first} {tokens[1]}"
     if first.isascii() and (first.islower() or first.isupper()):
         first = first.title()
@@ -747,7 +759,12 @@ def _given_name(profile: ProfileSnapshot) -> str | None:
     # A CRM that knows the given name better than "first word of the name" says so.
     given = profile.attributes.get("first_name")
     if isinstance(given, str) and given.strip():
-        return given.strip()
+        given = given.strip()
+        # Read as a name is ("NULL", "לקוח" are none; "NOA" is Noa), kept whole ("בת שבע").
+        if _NAME_PUNCTUATION.sub("", given).casefold() not in _PLACEHOLDERS:
+            if given.isascii() and (given.islower() or given.isupper()):
+                given = given.title()
+            return given[:50]
     return first_name_of(profile.name)
 
 

@@ -654,6 +654,16 @@ def test_perks_are_never_in_another_language() -> None:
         ("SARAH MILLER", "Sarah"),
         ("dr. sarah miller", "Sarah"),
         ("Mary-Kate O'Neil", "Mary-Kate"),
+        # Hebrew given names of two words, before a family name; Ben alone is Ben.
+        ("בת שבע לוי", "בת שבע"),
+        ("בן ציון כהן", "בן ציון"),
+        ("בן לוי", "בן"),
+        # Placeholders of several words, and an initial: greeted by no name.
+        ("לקוח מזדמן", None),
+        ("Guest User", None),
+        ("Customer 1234", None),
+        ("NULL NULL", None),
+        ("N. Levi", None),
         # A title and one word: the family name, not a name to greet by.
         ("גב' כהן", None),
         ("السيد خوري", None),
@@ -677,6 +687,16 @@ def test_first_name(name: str | None, first: str | None) -> None:
 def test_attribute_first_name_wins_over_the_name() -> None:
     snapshot = profile("Levi Noa").model_copy(update={"attributes": {"first_name": "Noa"}})
     assert build_variables(snapshot, None, locale="en", unsubscribe_url="u")["first_name"] == "Noa"
+
+
+@pytest.mark.parametrize(
+    ("given", "greeted"),
+    [("NOA", "Noa"), ("בת שבע", "בת שבע"), ("NULL", "Sarah"), ("לקוח", "Sarah"), ("N/A", "Sarah")],
+)
+def test_the_crm_s_first_name_is_read_as_a_name_is(given: str, greeted: str) -> None:
+    """Kept whole, in a name's case; a placeholder the CRM wrote is none (the name's first word)."""
+    snapshot = profile("Sarah Miller").model_copy(update={"attributes": {"first_name": given}})
+    assert build_variables(snapshot, None, locale="en", unsubscribe_url="u")["first_name"] == greeted
 
 
 def test_formatting_locale() -> None:
