@@ -838,13 +838,19 @@ class MessengerService:
         """The last day the offer of ``row`` is good (the decision's local day plus the days
         configured, through its end) and the first instant it is not: what the message says and
         what the shop checks agree. From the decision, not the sending, and in the zone of the
-        message's locale (the sent event has no profile to read a customer's own zone from)."""
+        message's locale (the sent event has no profile to read a customer's own zone from), or
+        of its region's zones the latest."""
         days = self.settings.messenger_offer_valid_days
         if days is None:
             return None
         zone = self._zone(None, row.locale)
         last = row.created_at.astimezone(zone).date() + timedelta(days=days)
-        ends = datetime.combine(last + timedelta(days=1), clock_time.min, tzinfo=zone).astimezone(UTC)
+        # A locale whose region has several zones (en-US) names no zone of its own: the offer
+        # lasts through the last day in each of them, to its latest midnight. In the business's
+        # zone, "valid until December 6" ended at 17:00 in New York that day.
+        zones = region_zones(None, row.locale) or (zone,)
+        after = last + timedelta(days=1)
+        ends = max(datetime.combine(after, clock_time.min, tzinfo=z).astimezone(UTC) for z in zones)
         return last, ends
 
     def _zone(self, timezone: str | None, locale: str | None) -> ZoneInfo:

@@ -666,6 +666,17 @@ def test_an_offer_decided_just_after_local_midnight_lasts_from_that_local_day(wo
     assert ends == datetime(2026, 12, 31, 22, 0, tzinfo=UTC)  # midnight of 1 January, UTC+2
 
 
+def test_an_offer_to_a_region_of_several_zones_lasts_through_its_last_day_in_each(world: World) -> None:
+    """en-US names no zone: "valid until December 31" holds to midnight in the region's latest
+    zone (Adak, UTC-10), not the business's (it ended at 17:00 in New York that day)."""
+    world.service.settings = world.service.settings.model_copy(update={"messenger_offer_valid_days": 30})
+    row = SimpleNamespace(created_at=datetime(2026, 12, 1, 10, 0, tzinfo=UTC), locale="en-US")
+    last, ends = world.service._offer_last_day(row) or (None, None)
+    assert last == date(2026, 12, 31)
+    assert ends == datetime(2027, 1, 1, 10, 0, tzinfo=UTC)  # midnight in Adak and Honolulu
+    assert ends > datetime(2027, 1, 1, 5, 0, tzinfo=UTC)  # past midnight in New York
+
+
 def test_offer_settings_are_checked_at_start() -> None:
     settings = MessengerSettings(messenger_offer_value={"he_il": " 15% הנחה ", "EN": "15% off"})
     assert settings.messenger_offer_value == {"he-IL": "15% הנחה", "en": "15% off"}
