@@ -346,6 +346,7 @@ class MessengerAdmin:
                 perks_config=perks,
                 brand=brand,
                 public_url=self.service.settings.messenger_public_url,
+                tier_names=self.service.settings.messenger_tier_names,
             ),
             template.key.locale,
         )
@@ -360,6 +361,7 @@ class MessengerAdmin:
                 unsubscribe_url=sample["unsubscribe_url"],
                 perks_config=perks,
                 brand=brand,
+                tier_names=self.service.settings.messenger_tier_names,
             )
             trigger = {k: v for k, v in sample.items() if k in TRIGGER_VARIABLES}
             variables, from_sample = {**own, **trigger}, sorted({*trigger, "unsubscribe_url"})

@@ -19,9 +19,9 @@ _PACE = SenderThroughput()  # Twilio's default throughput per kind of sender
 ContentSid = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^HX[0-9a-fA-F]{32}$")]
 
 
-# What an offer gives, as a message says it beside the code ("15% הנחה").
-# One line: a newline or another control character would break the message's layout.
-OfferText = Annotated[
+# A setting a message shows in one line: what an offer gives, beside the code ("15% הנחה"), a
+# tier's name. A newline or another control character would break the message's layout.
+OneLine = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
 
@@ -148,7 +148,7 @@ class MessengerSettings(CommonSettings):
         "next channel. Unset: WhatsApp only inside the window, unless a template override "
         "(PUT /v1/templates) carries an approved template's HX… SID itself.",
     )
-    messenger_offer_value: dict[str, OfferText] = Field(
+    messenger_offer_value: dict[str, OneLine] = Field(
         default_factory=dict,
         description="What the win-back offer gives, per language, as JSON {locale: text}, e.g. "
         '{"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}: said beside the code in email and '
@@ -166,6 +166,13 @@ class MessengerSettings(CommonSettings):
         default_factory=lambda: copy.deepcopy(DEFAULT_PERKS),
         description="Perks per tier and language, as JSON {tier: {locale: [perk, ...]}}: what "
         "tier_upgrade lists for the new tier. A tier or language left out shows no perks.",
+    )
+    messenger_tier_names: dict[str, dict[str, OneLine]] = Field(
+        default_factory=dict,
+        description="The tiers' names as customers read them, per tier and language, as JSON "
+        '{tier: {locale: name}}, e.g. {"vip_plus": {"he": "VIP פלוס", "en": "VIP Plus"}}. Unset: '
+        "bronze, silver, gold and platinum have names in he, ar and en; another tier reads as its "
+        'id spelt out ("Vip Plus") in every language.',
     )
     # Providers: without credentials a channel goes to the sandbox outbox.
     twilio_account_sid: str | None = Field(default=None, description="Twilio account SID (SMS, WhatsApp).")
@@ -355,6 +362,18 @@ class MessengerSettings(CommonSettings):
     @classmethod
     def _offer_by_normalised_locale(cls, values: dict[str, str]) -> dict[str, str]:
         return {normalize_locale(locale): text for locale, text in values.items()}
+
+    @field_validator("messenger_tier_names")
+    @classmethod
+    def _tier_names_by_normalised_locale(cls, names: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for tier, per_locale in names.items():
+            if not tier.strip():
+                raise ValueError("a tier name is empty")
+            out[tier] = {}
+            for locale, name in per_locale.items():
+                out[tier][normalize_locale(locale)] = name
+        return out
 
     @field_validator("messenger_tier_perks")
     @classmethod

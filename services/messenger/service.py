@@ -1273,6 +1273,7 @@ class MessengerService:
             if contact and details.get("escalated")
             else None,
             perks_config=s.messenger_tier_perks,
+            tier_names=s.messenger_tier_names,
             brand=s.brand,
             timezone=self._zone(profile.timezone, profile.locale).key,
         )

@@ -768,7 +768,15 @@ def _given_name(profile: ProfileSnapshot) -> str | None:
     return first_name_of(profile.name)
 
 
-def tier_display_name(tier: str, locale: str) -> str:
+def tier_display_name(
+    tier: str, locale: str, names_config: Mapping[str, Mapping[str, str]] | None = None
+) -> str:
+    """The tier's name for the customer: the deployment's (``messenger_tier_names``, in the
+    message's language), else the default tiers' own, else its id spelt out ("vip_plus" is
+    "Vip Plus", in any language: name your tiers)."""
+    configured = in_language((names_config or {}).get(tier, {}), locale)
+    if configured is not None:
+        return configured
     names = TIER_NAMES.get(tier)
     if names is None:
         return "" if tier == "none" else tier.replace("_", " ").title()
@@ -850,6 +858,7 @@ def build_variables(
     perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     brand: Brand = DEFAULT_BRAND,
     timezone: str | None = None,
+    tier_names: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The variables of ``VARIABLES`` for one customer; optional ones are left out when unknown.
 
@@ -871,7 +880,7 @@ def build_variables(
         details = dict(trigger_details or {})
     variables: dict[str, Any] = {
         "tier": profile.tier,
-        "tier_name": tier_display_name(profile.tier, loc),
+        "tier_name": tier_display_name(profile.tier, loc, tier_names),
         "tier_perks": tier_perks(profile.tier, loc, perks_config),
         "brand_name": brand.name,
         "support_phone": brand.support_phone,
@@ -936,6 +945,7 @@ def sample_variables(
     brand: Brand = DEFAULT_BRAND,
     perks_config: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     public_url: str | None = None,
+    tier_names: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Every variable, with realistic values in the locale's language (preview, validation);
     with ``public_url`` (RETAIN_MESSENGER_PUBLIC_URL), the links under it, as long as this
@@ -971,6 +981,7 @@ def sample_variables(
         personal_contact={"name": contact, "phone": "+972521234567"},
         perks_config=perks_config,
         brand=brand,
+        tier_names=tier_names,
     )
 
 

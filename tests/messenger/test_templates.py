@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from services.messenger.config import MessengerSettings
 from services.messenger.templates import (
     OFFER_DETAILS,
     OPTIONAL_VARIABLES,
@@ -807,6 +809,34 @@ def test_tier_upgrade_lists_the_new_tiers_perks(store: TemplateStore, locale: st
         assert f"- {perk}" in email.text
         assert f"<li>{perk}</li>" in email.html
     assert variables["tier_name"] in (email.subject or "")
+
+
+def test_a_tier_marketing_named_reads_by_its_name_in_each_language(store: TemplateStore) -> None:
+    """A tier of the deployment's own (vip_plus) read "Vip Plus" in a Hebrew sentence; with
+    RETAIN_MESSENGER_TIER_NAMES each language has its name, and a default tier can be renamed."""
+    settings = MessengerSettings(
+        messenger_tier_names={
+            "vip_plus": {"he_IL": "VIP פלוס", "en": "VIP Plus"},
+            "gold": {"en": "Gold Club"},
+        }
+    )
+    names = settings.messenger_tier_names
+    assert names["vip_plus"] == {"he-IL": "VIP פלוס", "en": "VIP Plus"}
+    upgraded = profile("נועה לוי").model_copy(update={"tier": "vip_plus"})
+    he = build_variables(upgraded, None, locale="he-IL", unsubscribe_url="u", tier_names=names)
+    assert he["tier_name"] == "VIP פלוס"
+    subject = render(store.resolve("tier_upgrade", "sms", "he"), he, strict=False).text
+    assert "VIP פלוס" in subject
+    assert build_variables(upgraded, None, locale="ar", unsubscribe_url="u", tier_names=names)[
+        "tier_name"
+    ] == (
+        "Vip Plus"  # no Arabic name configured: the id spelt out, as without the setting
+    )
+    assert sample_variables("en", tier_names=names)["tier_name"] == "Gold Club"
+    assert sample_variables("he", tier_names=names)["tier_name"] == "זהב"
+    for bad in ({"vip": {"en": "VIP\nPlus"}}, {"vip": {"en": " "}}, {"vip": {"xx yy": "VIP"}}):
+        with pytest.raises(ValidationError):
+            MessengerSettings(messenger_tier_names=bad)
 
 
 def test_feedback_survey_links_the_survey(store: TemplateStore) -> None:
