@@ -305,6 +305,13 @@ class MessengerSettings(CommonSettings):
         return live
 
     @property
+    def sms_takes_replies(self) -> bool:
+        """Whether a customer can answer our SMS: not from an alphanumeric sender id (one-way);
+        a number or a short code takes them, and the sandbox (no sender) is written as if."""
+        sender = self.twilio_sms_from
+        return sender is None or sender.startswith("+") or sender.isdigit()
+
+    @property
     def live_channels(self) -> frozenset[Channel]:
         """The channels a real provider serves (the registry builds them from this); the others
         go to the sandbox outbox. Twilio is configured whole or not at all (checked above)."""

@@ -1274,6 +1274,7 @@ class MessengerService:
             else None,
             perks_config=s.messenger_tier_perks,
             tier_names=s.messenger_tier_names,
+            can_reply=channel is not Channel.SMS or s.sms_takes_replies,
             brand=s.brand,
             timezone=self._zone(profile.timezone, profile.locale).key,
         )

@@ -108,6 +108,9 @@ VARIABLES: dict[str, str] = {
     "support_phone": "The support phone number, as it should be shown (RETAIN_MESSENGER_SUPPORT_PHONE).",
     "response_hours": "The hours within which support answers a complaint, as digits "
     "(RETAIN_MESSENGER_COMPLAINT_RESPONSE_HOURS).",
+    "can_reply": "Whether the customer can answer this message where they read it: false for an SMS "
+    "from an alphanumeric sender id (RETAIN_TWILIO_SMS_FROM=Retain), which takes no replies; "
+    'wrap "reply here" in {% if can_reply %}.',
 }
 OFFER_DETAILS = frozenset({"offer_value", "offer_expires"})  # only with offer_code, each configured apart
 OPTIONAL_VARIABLES: frozenset[str] = frozenset(
@@ -859,6 +862,7 @@ def build_variables(
     brand: Brand = DEFAULT_BRAND,
     timezone: str | None = None,
     tier_names: Mapping[str, Mapping[str, str]] | None = None,
+    can_reply: bool = True,
 ) -> dict[str, Any]:
     """The variables of ``VARIABLES`` for one customer; optional ones are left out when unknown.
 
@@ -886,6 +890,7 @@ def build_variables(
         "support_phone": brand.support_phone,
         "response_hours": str(brand.response_hours),
         "unsubscribe_url": unsubscribe_url,
+        "can_reply": can_reply,
     }
     optional: dict[str, Any] = {
         "first_name": _given_name(profile),

@@ -608,6 +608,7 @@ def test_build_variables_leaves_out_what_is_unknown() -> None:
         "support_phone",
         "response_hours",
         "unsubscribe_url",
+        "can_reply",
     }
     assert variables["response_hours"] == "4"
     assert variables["tier_name"] == "الفضي"
@@ -887,3 +888,42 @@ def test_arabic_defaults_speak_to_every_customer(
     rendered = render(store.resolve(journey, channel, "ar"), sample_variables("ar"), strict=False)
     words = set(re.findall(r"\w+", all_text(rendered)))
     assert words.isdisjoint(MASCULINE_ONLY["ar"]), sorted(words & set(MASCULINE_ONLY["ar"]))
+
+
+REPLY_INVITATIONS = {
+    "he": ("להשיב", "השיבו"),
+    "ar": ("الرد", "ملاحظاتك هنا"),
+    "en": ("reply", "Tell us here"),
+}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("journey", ["welcome", "thank_you", "at_risk", "win_back"])
+def test_an_sms_invites_a_reply_only_where_the_customer_can_send_one(
+    store: TemplateStore, journey: str, locale: str
+) -> None:
+    """From an alphanumeric sender id (RETAIN_TWILIO_SMS_FROM=Retain) a customer cannot answer:
+    "reply here" promised what the phone cannot do. The SMS says nothing of it then, and keeps
+    its single spaces."""
+    template = store.resolve(journey, "sms", locale)
+    lean = sample_variables(locale) | {"offer_code": None}
+    can = render(template, lean, strict=False).text
+    cannot = render(template, lean | {"can_reply": False}, strict=False).text
+    assert any(word in can for word in REPLY_INVITATIONS[locale]), can
+    assert not any(word in cannot for word in REPLY_INVITATIONS[locale]), cannot
+    assert "  " not in cannot
+    assert lean["unsubscribe_url"] in cannot
+
+
+def test_which_sms_senders_take_replies() -> None:
+    takes = {
+        sender: MessengerSettings(
+            twilio_account_sid="AC" + "0" * 32,
+            twilio_sms_from=sender,
+            twilio_auth_token="t",
+            messenger_link_secret="a-secret-of-this-deployment",
+        ).sms_takes_replies
+        for sender in ("+15017122661", "12345", "Retain")
+    }
+    assert takes == {"+15017122661": True, "12345": True, "Retain": False}
+    assert MessengerSettings().sms_takes_replies  # the sandbox writes as a number would
