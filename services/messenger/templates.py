@@ -721,6 +721,15 @@ _NAME_PUNCTUATION = re.compile(r"[.'\"׳״/]")
 _PLACEHOLDERS = frozenset(
     {"null", "none", "na", "unknown", "test", "customer", "guest", "לקוח", "לקוחה", "אורח", "عميل"}
 )
+def _placeholder(text: str) -> bool:
+    """What a CRM or a form writes where it has no name (null, N/A, Guest). Na, written as a
+    name is, is one (Na Li); NA, na and N/A are not."""
+    bare = _NAME_PUNCTUATION.sub("", text).strip().casefold()
+    if bare == "na":
+        return text.strip() != "Na"
+    return bare in _PLACEHOLDERS
+
+
 # Hebrew given names of two words (בת שבע, בן ציון, בת אל): joined when a family name follows,
 # so that "בת שבע לוי" is not greeted "בת" (daughter); "בן לוי" is Ben.
 _HEBREW_JOINED = frozenset({"בת", "בן"})
@@ -731,7 +740,7 @@ def first_name_of(name: str | None) -> str | None:
     ``عبد الله``; ``Levi, Noa`` → ``Noa``; an email address, digits or a placeholder a CRM
     filled in (``null``, ``N/A``) → None. After a title, one word left is the family name
     (``גב' כהן``, ``Mrs. Cohen``): None too, not "Hi Cohen"."""
-    if not name or "@" in name or _NAME_PUNCTUATION.sub("", name).strip().casefold() in _PLACEHOLDERS:
+    if not name or "@" in name or _placeholder(name):
         return None
     if "," in name:
         family, _, given = name.partition(",")
@@ -747,7 +756,7 @@ def first_name_of(name: str | None) -> str | None:
     bare = _NAME_PUNCTUATION.sub("", first).casefold()
     # A placeholder with more words ("Guest User", "Customer 1234", "לקוח מזדמן"), or an
     # initial ("N. Levi"): no name to greet by.
-    if bare in _PLACEHOLDERS or (len(bare) == 1 and (first.endswith(".") or bare.isascii())):
+    if _placeholder(first) or (len(bare) == 1 and (first != bare or bare.isascii())):
         return None
     if (first.lower() in _JOINED_PREFIXES and len(tokens) > 1) or (
         first in _HEBREW_JOINED and len(tokens) > 2
@@ -764,7 +773,7 @@ def _given_name(profile: ProfileSnapshot) -> str | None:
     if isinstance(given, str) and given.strip():
         given = given.strip()
         # Read as a name is ("NULL", "לקוח" are none; "NOA" is Noa), kept whole ("בת שבע").
-        if _NAME_PUNCTUATION.sub("", given).casefold() not in _PLACEHOLDERS:
+        if not _placeholder(given):
             if given.isascii() and (given.islower() or given.isupper()):
                 given = given.title()
             return given[:50]

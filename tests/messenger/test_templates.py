@@ -667,6 +667,10 @@ def test_perks_are_never_in_another_language() -> None:
         ("Customer 1234", None),
         ("NULL NULL", None),
         ("N. Levi", None),
+        ("א' לוי", None),
+        # Na is a name (Na Li), N/A is none.
+        ("Na Li", "Na"),
+        ("Na", "Na"),
         # A title and one word: the family name, not a name to greet by.
         ("גב' כהן", None),
         ("السيد خوري", None),
@@ -694,7 +698,14 @@ def test_attribute_first_name_wins_over_the_name() -> None:
 
 @pytest.mark.parametrize(
     ("given", "greeted"),
-    [("NOA", "Noa"), ("בת שבע", "בת שבע"), ("NULL", "Sarah"), ("לקוח", "Sarah"), ("N/A", "Sarah")],
+    [
+        ("NOA", "Noa"),
+        ("בת שבע", "בת שבע"),
+        ("NULL", "Sarah"),
+        ("לקוח", "Sarah"),
+        ("N/A", "Sarah"),
+        ("Na", "Na"),
+    ],
 )
 def test_the_crm_s_first_name_is_read_as_a_name_is(given: str, greeted: str) -> None:
     """Kept whole, in a name's case; a placeholder the CRM wrote is none (the name's first word)."""
