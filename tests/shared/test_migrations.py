@@ -378,6 +378,8 @@ async def test_segmenter_0004_checks_again_the_customers_with_a_complaint_catego
         "lower": (state("complaint", False), later),
         "shouted": (state("COMPLAINT", False), later),
         "billing": (state("billing", False), None),
+        # More than a page of customers with tickets before them (the migration pages by key).
+        **{f"a{i:04}": (state("complaint", True), None) for i in range(600)},
     }
     db = Database(database_url)
     before = datetime.now(UTC)
@@ -410,6 +412,7 @@ async def test_segmenter_0004_checks_again_the_customers_with_a_complaint_catego
         await db.dispose()
     assert found["flagged"] is None
     assert found["billing"] is None
+    assert all(found[f"a{i:04}"] is None for i in range(600))
     assert found["lower"] == later
     for due in ("written", "shouted"):
         assert before <= found[due] <= datetime.now(UTC), due

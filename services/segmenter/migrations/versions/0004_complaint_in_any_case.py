@@ -35,27 +35,33 @@ def _complaint_not_flagged(state: dict[str, Any]) -> bool:
 
 def upgrade() -> None:
     bind = op.get_bind()
-    # The candidates by text (any case), then their tickets read for certain.
-    rows = bind.execute(
-        sa.text(
-            "SELECT customer_id, CAST(state AS TEXT) AS state FROM customers "
-            "WHERE lower(CAST(state AS TEXT)) LIKE '%complaint%'"
-        )
-    ).all()
-    due = [r.customer_id for r in rows if _complaint_not_flagged(json.loads(r.state))]
-    if not due:
-        return
     now = datetime.now(UTC)
     # UtcDateTime's forms: an instant on PostgreSQL, naive UTC text on SQLite.
     at: Any = now if bind.dialect.name == "postgresql" else now.isoformat(" ", "microseconds")[:-6]
-    for i in range(0, len(due), 500):
-        bind.execute(
+    # Every stored ticket has a "complaint" key, so the text filter keeps each customer with a
+    # ticket: read a page of them at a time (their states hold every order too), by key.
+    after = ""
+    while True:
+        rows = bind.execute(
             sa.text(
-                "UPDATE customers SET next_check_at = :at "
-                "WHERE customer_id IN :ids AND (next_check_at IS NULL OR next_check_at > :at)"
-            ).bindparams(sa.bindparam("ids", expanding=True)),
-            {"at": at, "ids": due[i : i + 500]},
-        )
+                "SELECT customer_id, CAST(state AS TEXT) AS state FROM customers "
+                "WHERE customer_id > :after AND lower(CAST(state AS TEXT)) LIKE '%complaint%' "
+                "ORDER BY customer_id LIMIT 500"
+            ),
+            {"after": after},
+        ).all()
+        if not rows:
+            return
+        after = rows[-1].customer_id
+        due = [r.customer_id for r in rows if _complaint_not_flagged(json.loads(r.state))]
+        if due:
+            bind.execute(
+                sa.text(
+                    "UPDATE customers SET next_check_at = :at "
+                    "WHERE customer_id IN :ids AND (next_check_at IS NULL OR next_check_at > :at)"
+                ).bindparams(sa.bindparam("ids", expanding=True)),
+                {"at": at, "ids": due},
+            )
 
 
 def downgrade() -> None:
