@@ -99,6 +99,13 @@ def _language_aliases() -> dict[str, str]:
     return {str(k): str(v) for k, v in aliases.items() if str(v).isalpha() and str(v).islower()}
 
 
+def current_language(code: str) -> str:
+    """A language subtag, lower-cased, by its current code (iw → he, heb → he, tl → fil): one
+    reading for the events, the messenger's templates and settings, and its quiet hours."""
+    lower = code.lower()
+    return _language_aliases().get(lower, lower)
+
+
 @lru_cache(maxsize=_CACHED)
 def canonical_locale(tag: str) -> str:
     """A tag in BCP 47's conventional case (RFC 5646 2.1.1): he-IL, zh-Hant-TW, its language by
@@ -107,7 +114,7 @@ def canonical_locale(tag: str) -> str:
     one sent as "HE-IL"; a Hebrew speaker sent as iw-IL or heb got English templates from the
     messenger and another `language` in the segmenter and the kpi's breakdowns."""
     first, *rest = tag.split("-")
-    parts = [_language_aliases().get(first.lower(), first.lower())]
+    parts = [current_language(first)]
     for sub in rest:  # no extensions (one-letter subtags): the pattern above refuses them
         if len(sub) == 4 and sub.isalpha():
             parts.append(sub.title())  # a script

@@ -35,6 +35,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from babel.core import get_global
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.events import current_language
+
 DAY = timedelta(days=1)
 WEEK = timedelta(days=7)
 
@@ -112,8 +114,8 @@ DEFAULT_REST_BY_LOCALE: dict[str, list[RestWindow]] = {
 
 
 def _normalise_locale(tag: str) -> str:
-    tag = tag.strip().replace("_", "-").lower()
-    return "he" + tag[2:] if tag == "iw" or tag.startswith("iw-") else tag
+    language, sep, rest = tag.strip().replace("_", "-").lower().partition("-")
+    return current_language(language) + sep + rest
 
 
 class QuietHours(BaseModel):

@@ -66,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from shared.conditions import unknown_hint
 from shared.errors import InvalidInputError, NotFoundError
-from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent
+from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent, current_language
 
 T = TypeVar("T")
 
@@ -181,17 +181,16 @@ class TemplateLimitError(jinja_exc.SecurityError):
 
 # --- Keys and templates ------------------------------------------------------------------------
 
-_LOCALE_ALIASES = {"iw": "he", "in": "id", "ji": "yi"}
-
 
 @lru_cache(maxsize=1024)  # a handful of tags, asked for many times per message
 def normalize_locale(tag: str) -> str:
-    """``he_il`` → ``he-IL``; subtags cased the BCP 47 way; legacy ``iw`` → ``he``."""
+    """``he_il`` → ``he-IL``; subtags cased the BCP 47 way; the language by its current code
+    (``iw`` → ``he``, ``tl`` → ``fil``: ``shared.events.current_language``, as events have it)."""
     parts = [p for p in re.split(r"[-_]", tag.strip()) if p]
     if not parts or not re.fullmatch(r"[A-Za-z]{2,3}", parts[0]):
         raise ValueError(f"not a BCP 47 language tag: {tag!r}, e.g. he-IL, ar, en-US")
     language = parts[0].lower()
-    out = [_LOCALE_ALIASES.get(language, language)]
+    out = [current_language(language)]
     for part in parts[1:]:
         if not re.fullmatch(r"[A-Za-z0-9]{1,8}", part):
             raise ValueError(f"not a BCP 47 language tag: {tag!r}")
@@ -721,6 +720,8 @@ _NAME_PUNCTUATION = re.compile(r"[.'\"׳״/]")
 _PLACEHOLDERS = frozenset(
     {"null", "none", "na", "unknown", "test", "customer", "guest", "לקוח", "לקוחה", "אורח", "عميل"}
 )
+
+
 def _placeholder(text: str) -> bool:
     """What a CRM or a form writes where it has no name (null, N/A, Guest). Na, written as a
     name is, is one (Na Li); NA, na and N/A are not."""

@@ -32,12 +32,13 @@ from services.messenger.templates import (
     first_name_of,
     formatting_locale,
     hebrew_prefix,
+    in_language,
     locale_chain,
     render,
     sample_variables,
     validate_template,
 )
-from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent
+from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent, canonical_locale
 
 JOURNEYS = ("welcome", "thank_you", "complaint_ack", "feedback_survey", "tier_upgrade", "at_risk", "win_back")
 LOCALES = ("he", "ar", "en")
@@ -938,3 +939,14 @@ def test_which_sms_senders_take_replies() -> None:
     }
     assert takes == {"+15017122661": True, "12345": True, "Retain": False}
     assert MessengerSettings().sms_takes_replies  # the sandbox writes as a number would
+
+
+def test_settings_and_events_read_a_language_by_one_code() -> None:
+    """Events read a locale's language by its current code (tl-PH is fil-PH, heb is he); the
+    messenger's settings, keyed as a shop wrote them, read the same way, so they still match."""
+    settings = MessengerSettings(messenger_offer_value={"tl": "15% off", "heb": "15% הנחה"})
+    assert settings.messenger_offer_value == {"fil": "15% off", "he": "15% הנחה"}
+    event_locale = canonical_locale("tl-PH")
+    assert event_locale == "fil-PH"
+    assert in_language(settings.messenger_offer_value, event_locale) == "15% off"
+    assert in_language(settings.messenger_offer_value, canonical_locale("iw-IL")) == "15% הנחה"
