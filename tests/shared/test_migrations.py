@@ -218,6 +218,21 @@ async def test_the_kpi_forgets_the_opt_out_events_it_kept_as_messages(database_u
     assert fingerprints == {"conversion": None, "churn": "def"}
 
 
+def _open_ticket(**values: Any) -> dict[str, Any]:
+    """A row of the kpi's tickets: opened on 20 November 2026, not answered yet."""
+    return {
+        "priority": None,
+        "opened_at": datetime(2026, 11, 20, 10, tzinfo=UTC),
+        "opened_inferred": False,
+        "first_response_at": None,
+        "first_response_s": None,
+        "resolved_at": None,
+        "resolution_s": None,
+        "reopened": 0,
+        **values,
+    }
+
+
 async def test_kpi_0010_keys_tickets_by_customer_and_rederives_only_merged_ones(database_url: str) -> None:
     """Migration 0010 of the kpi on a database where two customers' T1 were stored as one
     ticket: that row is dropped and each customer's T1 marked stale, for the next rollup to
@@ -228,18 +243,7 @@ async def test_kpi_0010_keys_tickets_by_customer_and_rederives_only_merged_ones(
     db = Database(database_url)
     at = datetime(2026, 11, 20, 10, tzinfo=UTC)
     step = {"category": "billing", "priority": None, "is_complaint": False, "occurred_at": at}
-    ticket = {
-        "category": "billing",
-        "priority": None,
-        "is_complaint": False,
-        "opened_at": at,
-        "opened_inferred": False,
-        "first_response_at": None,
-        "first_response_s": None,
-        "resolved_at": None,
-        "resolution_s": None,
-        "reopened": 0,
-    }
+    ticket = _open_ticket(category="billing", is_complaint=False)
     steps = [("s1", "ann", "T1", "opened"), ("s2", "ben", "T1", "opened"), ("s3", "ann", "T2", "opened")]
     steps.append(("s4", "cat", "T3", "opened"))
     try:
@@ -320,17 +324,7 @@ async def test_kpi_0011_derives_again_the_tickets_of_a_complaint_category_in_ano
     from sqlalchemy import insert, select  # noqa: PLC0415
 
     db = Database(database_url)
-    at = datetime(2026, 11, 20, 10, tzinfo=UTC)
-    ticket = {
-        "priority": None,
-        "opened_at": at,
-        "opened_inferred": False,
-        "first_response_at": None,
-        "first_response_s": None,
-        "resolved_at": None,
-        "resolution_s": None,
-        "reopened": 0,
-    }
+    ticket = _open_ticket()
     stored = [
         ("ann", "T1", "Complaint", False),
         ("ann", "T2", "complaint", True),
