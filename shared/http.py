@@ -247,6 +247,15 @@ def scope_requirements(dependant: Dependant) -> list[ScopeRequirement]:
     return found
 
 
+def query_error(request: Request, known: frozenset[str]) -> InvalidInputError | None:
+    """The 422 of a request whose query string has parameters the operation does not take, or
+    takes once and was given more often (``query_problems``); None when it has none."""
+    if not request.scope.get("query_string"):
+        return None
+    problems = query_problems(request.query_params.multi_items(), known)
+    return InvalidInputError("the request is not valid", details=problems) if problems else None
+
+
 def query_problems(pairs: Sequence[tuple[str, str]], known: frozenset[str]) -> list[dict[str, str]]:
     """Each query parameter the operation does not take, and each given more than once (none
     of ours is a list): a misspelt ``form=`` or an ``offset=`` for paging was ignored, a 200 with
@@ -275,18 +284,15 @@ class ApiRoute(APIRoute):
         if not self.path.startswith("/v1/"):
             return handler
         known = query_names(self.dependant)
-
         requirements = scope_requirements(self.dependant)
 
         async def strict(request: Request) -> Response:
-            if request.scope.get("query_string"):
-                problems = query_problems(request.query_params.multi_items(), known)
-                if problems:
-                    # A caller without a key, or without the scope, is told that first (401,
-                    # 403), not what the operation takes.
-                    for requirement in requirements:
-                        await requirement(request)
-                    raise InvalidInputError("the request is not valid", details=problems)
+            if (error := query_error(request, known)) is not None:
+                # A caller without a key, or without the scope, is told that first (401, 403),
+                # not what the operation takes.
+                for requirement in requirements:
+                    await requirement(request)
+                raise error
             return await handler(request)
 
         return strict
@@ -313,10 +319,6 @@ def endpoints(routes: Sequence[BaseRoute]) -> Iterator[Endpoint]:
                 dependant=context.dependant,
                 include_in_schema=bool(context.include_in_schema),
             )
-
-
-def _needs_key(dependant: Dependant) -> bool:
-    return any(isinstance(d.call, ScopeRequirement) or _needs_key(d) for d in dependant.dependencies)
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -348,7 +350,7 @@ def document_errors(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict
                 responses.setdefault("413", _error("The body is over the size limit."))
             if any(p.get("in") == "path" for p in operation.get("parameters", [])):
                 responses.setdefault("404", _error("Nothing is found under this path."))
-            if _needs_key(route.dependant):
+            if scope_requirements(route.dependant):
                 responses.setdefault("401", _error("No API key, or not a valid one."))
                 responses.setdefault("403", _error("The API key lacks the scope of this operation."))
     if "HTTPValidationError" not in str(schema["paths"]):

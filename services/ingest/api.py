@@ -40,7 +40,7 @@ from shared.errors import (
     UnsupportedMediaTypeError,
     error_body,
 )
-from shared.http import query_problems
+from shared.http import query_error
 from shared.kafka.producer import BrokerUnavailableError
 from shared.logs import get_logger
 from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -73,10 +73,9 @@ class EventsEndpoint:
         """The 202 body; every other answer is raised as a ``RetainError``."""
         request = Request(scope, receive)
         key = authorize(request, self.keys, "events:write")
-        if scope.get("query_string"):  # the fast path has none (app.py): FastAPI's route only
-            problems = query_problems(request.query_params.multi_items(), frozenset())
-            if problems:
-                raise InvalidInputError("the request is not valid", details=problems)
+        # Only through FastAPI's route: the fast path takes no query string (app.py).
+        if (error := query_error(request, frozenset())) is not None:
+            raise error
         wait = self.limiter.acquire(key.id, time.monotonic())
         if wait > 0:
             raise RateLimitedError(
