@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from email.utils import parseaddr
-from typing import Annotated, Self
+from typing import Annotated, Self, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, SecretStr, StringConstraints, field_validator, model_validator
@@ -64,6 +65,23 @@ def _paced_sender(value: str) -> str:
 
 
 SmsSender = Annotated[str, AfterValidator(_sms_sender)]
+
+L = TypeVar("L")
+
+
+def _by_normalised_locale(values: Mapping[str, L]) -> dict[str, L]:
+    """A setting per language keyed as templates look it up, by BCP 47 tag (he-IL → he):
+    "he_il" or "EN" must still match."""
+    return {normalize_locale(locale): value for locale, value in values.items()}
+
+
+def _tiers_named(values: Mapping[str, L]) -> Mapping[str, L]:
+    """A setting per tier, each tier named."""
+    if any(not tier.strip() for tier in values):
+        raise ValueError("a tier name is empty")
+    return values
+
+
 WhatsAppSender = Annotated[str, AfterValidator(_whatsapp_sender)]
 PacedSender = Annotated[str, AfterValidator(_paced_sender)]
 
@@ -368,33 +386,24 @@ class MessengerSettings(CommonSettings):
     @field_validator("messenger_offer_value")
     @classmethod
     def _offer_by_normalised_locale(cls, values: dict[str, str]) -> dict[str, str]:
-        return {normalize_locale(locale): text for locale, text in values.items()}
+        return _by_normalised_locale(values)
 
     @field_validator("messenger_tier_names")
     @classmethod
     def _tier_names_by_normalised_locale(cls, names: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
-        for tier, per_locale in names.items():
-            if not tier.strip():
-                raise ValueError("a tier name is empty")
-            out[tier] = {}
-            for locale, name in per_locale.items():
-                out[tier][normalize_locale(locale)] = name
-        return out
+        return {tier: _by_normalised_locale(per_locale) for tier, per_locale in _tiers_named(names).items()}
 
     @field_validator("messenger_tier_perks")
     @classmethod
     def _perks_by_normalised_locale(cls, perks: TierPerks) -> TierPerks:
-        # Templates look perks up by BCP 47 tag (he-IL → he): "he_il" or "EN" must still match.
         out: TierPerks = {}
-        for tier, per_locale in perks.items():
-            if not tier.strip():
-                raise ValueError("a tier name is empty")
-            out[tier] = {}
+        for tier, per_locale in _tiers_named(perks).items():
+            stripped: dict[str, list[str]] = {}
             for locale, items in per_locale.items():
                 if any(not item.strip() for item in items):
                     raise ValueError(f"an empty perk for tier {tier!r} in {locale!r}")
-                out[tier][normalize_locale(locale)] = [item.strip() for item in items]
+                stripped[locale] = [item.strip() for item in items]
+            out[tier] = _by_normalised_locale(stripped)
         return out
 
     @property

@@ -763,9 +763,14 @@ def first_name_of(name: str | None) -> str | None:
         first in _HEBREW_JOINED and len(tokens) > 2
     ):
         first = f"{first} {tokens[1]}"
-    if first.isascii() and (first.islower() or first.isupper()):
-        first = first.title()
-    return first[:50]
+    return _as_a_name(first)
+
+
+def _as_a_name(name: str) -> str:
+    """A name in a name's case (NOA, noa → Noa; Hebrew and Arabic have none) and length."""
+    if name.isascii() and (name.islower() or name.isupper()):
+        name = name.title()
+    return name[:50]
 
 
 def _given_name(profile: ProfileSnapshot) -> str | None:
@@ -775,9 +780,7 @@ def _given_name(profile: ProfileSnapshot) -> str | None:
         given = given.strip()
         # Read as a name is ("NULL", "לקוח" are none; "NOA" is Noa), kept whole ("בת שבע").
         if not _placeholder(given):
-            if given.isascii() and (given.islower() or given.isupper()):
-                given = given.title()
-            return given[:50]
+            return _as_a_name(given)
     return first_name_of(profile.name)
 
 
