@@ -1017,7 +1017,7 @@ async def wrote_on_whatsapp(world: World, customer: str, at: datetime, **profile
 async def test_a_whatsapp_message_with_no_other_channel_fails_when_its_window_closed(world: World) -> None:
     """The window closed and no approved template, and WhatsApp is the only address we have: the
     message fails, saying why, rather than go as free text WhatsApp would refuse."""
-    customer = next(c for c in (f"wn{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    customer = customer_not_in_holdout("thank_you")
     only_whatsapp: dict[str, Any] = {"email": None, "phone": None}
     await wrote_on_whatsapp(world, customer, NOON - timedelta(hours=1), **only_whatsapp)
     update = whatsapp_first(customer, 1, NOON, **only_whatsapp)
@@ -1037,7 +1037,7 @@ async def test_a_held_whatsapp_message_waits_by_email_when_its_window_will_have_
     was down, and at its claim that evening it is quiet again: held to the next morning, when
     the window will have closed (no approved template). It waits, and goes, by email; held
     again on WhatsApp it failed the next morning."""
-    customer = next(c for c in (f"wq{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    customer = customer_not_in_holdout("thank_you")
     wrote = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)  # Wednesday 22:00 in Jerusalem
     await wrote_on_whatsapp(world, customer, wrote)
     world.clock.now = wrote + timedelta(minutes=90)  # 23:30: quiet
@@ -1081,7 +1081,7 @@ async def test_a_message_moved_from_whatsapp_goes_where_a_decision_now_would_sen
     sender = MessengerService(
         world.db, live, None, dict.fromkeys(Channel, OutboxProvider(tmp_path / "sent")), clock=world.clock
     )
-    customer = next(c for c in (f"wm{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    customer = customer_not_in_holdout("thank_you")
     await wrote_on_whatsapp(world, customer, NOON - timedelta(hours=1))
     await sender.apply_batch(delivered([whatsapp_first(customer, 1, NOON)]))
     [row] = await messages(world, customer)
@@ -1102,7 +1102,7 @@ async def test_a_moved_message_that_fails_is_recorded_on_the_channel_it_failed_o
 ) -> None:
     """Moved from WhatsApp to email, then unable to render there: the ledger and the event the
     kpi reads agree that it failed by email (the ledger kept WhatsApp while the event said email)."""
-    customer = next(c for c in (f"wf{i}" for i in range(100)) if not in_holdout(c, "thank_you", 10))
+    customer = customer_not_in_holdout("thank_you")
     await wrote_on_whatsapp(world, customer, NOON - timedelta(hours=1))
     await world.service.apply_batch(delivered([whatsapp_first(customer, 1, NOON)]))
     resolve = world.service.templates.resolve
