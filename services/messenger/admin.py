@@ -37,6 +37,7 @@ from services.messenger.templates import (
     journey_defaults,
     render,
     sample_variables,
+    sms_variants,
     validate_template,
 )
 from shared.errors import InvalidInputError, NotFoundError, RetainError
@@ -226,7 +227,7 @@ class MessengerAdmin:
             )
             if lacking:
                 message = (
-                    "a marketing journey needs marketing templates, which show {{ unsubscribe_url }}; "
+                    "a marketing journey needs marketing templates, which show how to opt out; "
                     f"transactional: {', '.join(lacking)}"
                 )
                 raise JourneyInvalidError([{"path": "$.kind", "message": message}])
@@ -364,7 +365,10 @@ class MessengerAdmin:
                 tier_names=self.service.settings.messenger_tier_names,
             )
             trigger = {k: v for k, v in sample.items() if k in TRIGGER_VARIABLES}
-            variables, from_sample = {**own, **trigger}, sorted({*trigger, "unsubscribe_url"})
+            variables, from_sample = {**own, **trigger}, sorted({*trigger, "unsubscribe_url", "opt_out"})
+        if channel is Channel.SMS:  # as this deployment's sender sends it: replies taken or not
+            way = 0 if self.service.settings.sms_takes_replies else 1
+            variables = sms_variants(variables, template.key.locale)[way]
         kind = next((j.kind for j in journeys if j.template == template_name), template.kind)
         sids = self.service.settings.messenger_whatsapp_content_sids
         rendered = await asyncio.to_thread(
@@ -410,7 +414,7 @@ async def _checked_template(
                 TemplateError(
                     "$.kind",
                     f"{', '.join(marketing)} sends this template as marketing: it must be 'marketing' "
-                    "(and show {{ unsubscribe_url }})",
+                    "(and show {{ opt_out }} or {{ unsubscribe_url }})",
                 )
             ]
         )

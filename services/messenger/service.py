@@ -56,6 +56,7 @@ from services.messenger.templates import (
     formatting_locale,
     in_language,
     render,
+    shows_opt_out,
 )
 from shared.codec import encode, encode_key
 from shared.conditions import unknown_hint
@@ -1275,6 +1276,7 @@ class MessengerService:
             perks_config=s.messenger_tier_perks,
             tier_names=s.messenger_tier_names,
             can_reply=channel is not Channel.SMS or s.sms_takes_replies,
+            opt_out_by_reply=channel is Channel.SMS and s.sms_takes_replies,
             brand=s.brand,
             timezone=self._zone(profile.timezone, profile.locale).key,
         )
@@ -1298,12 +1300,12 @@ class MessengerService:
         if (
             kind is MessageKind.MARKETING
             and (channel is Channel.SMS or (channel is Channel.WHATSAPP and mode != "template"))
-            and unsubscribe not in rendered.text
+            and not shows_opt_out(rendered.text, variables)
         ):
             # The template API checks this when a template is saved; the journey's kind can
             # change afterwards. Email gets the link in its footer and headers whatever the text.
             raise TemplateRenderError(
-                "$.text", "a marketing message must show how to opt out (unsubscribe_url)"
+                "$.text", "a marketing message must show how to opt out (opt_out or unsubscribe_url)"
             )
         address = profile.address(channel)
         headers = {"List-Unsubscribe": f"<{unsubscribe}>"} if channel == Channel.EMAIL else {}

@@ -97,6 +97,10 @@ VARIABLES: dict[str, str] = {
     "ticket_category": "Optional. The ticket's category label as the help desk sent it.",
     "survey_url": "Optional. The feedback survey link (feedback_survey always has it).",
     "unsubscribe_url": "The one-click unsubscribe link, signed per customer and channel.",
+    "opt_out": "How to opt out, in the message's language: on an SMS that takes replies, the "
+    "keyword to reply (Reply STOP to unsubscribe / להסרה אפשר להשיב הסר / لإلغاء الاشتراك أرسل "
+    "إلغاء), a third of the link's length; else the label and {{ unsubscribe_url }}. Either shows a "
+    "marketing message's opt-out.",
     "offer_code": "Optional. The win-back offer code, only when the journey grants one.",
     "offer_value": "Optional. What the offer gives, in the message's language, when configured "
     "(RETAIN_MESSENGER_OFFER_VALUE, e.g. 15% הנחה); only with offer_code.",
@@ -860,6 +864,36 @@ def format_day(when: date | datetime | str, locale: str, timezone: str | None = 
     return format_date(when, format="long", locale=_babel_locale(locale))
 
 
+# How to opt out, per language: the label before the link; and where the SMS takes replies, the
+# keyword to reply instead, worded as the replies to keywords word it (stopwords._REPLIES), which
+# know each keyword (Twilio itself acts on STOP). The link is ~60 characters, the sentence a third
+# of that: room in a two-segment Hebrew or Arabic SMS for the brand.
+STOP_KEYWORDS: dict[str, str] = {"en": "STOP", "he": "הסר", "ar": "إلغاء"}
+_OPT_OUT: dict[str, tuple[str, str]] = {
+    "en": ("Unsubscribe: {link}", "Reply STOP to unsubscribe"),
+    "he": ("להסרה: {link}", "להסרה אפשר להשיב הסר"),
+    "ar": ("لوقف الرسائل: {link}", "لإلغاء الاشتراك أرسل إلغاء"),
+}
+
+
+def opt_out_text(locale: str, unsubscribe_url: str, *, by_reply: bool) -> str:
+    """The ``opt_out`` variable: the keyword to reply (``by_reply``, an SMS that takes replies),
+    else the label and the link."""
+    link_form, reply_form = _OPT_OUT.get(language_of(locale), _OPT_OUT["en"])
+    return reply_form if by_reply else link_form.format(link=unsubscribe_url)
+
+
+def sms_variants(variables: Mapping[str, Any], locale: str) -> list[dict[str, Any]]:
+    """An SMS's variables both ways its sender may be set (RETAIN_TWILIO_SMS_FROM): a number,
+    which takes replies (``opt_out`` the keyword), and an alphanumeric id, which takes none
+    (``opt_out`` the link). A template is checked both ways: each way is shorter in a place."""
+    link = variables["unsubscribe_url"]
+    return [
+        {**variables, "can_reply": True, "opt_out": opt_out_text(locale, link, by_reply=True)},
+        {**variables, "can_reply": False, "opt_out": opt_out_text(locale, link, by_reply=False)},
+    ]
+
+
 def build_variables(
     profile: ProfileSnapshot,
     trigger_details: Mapping[str, Any] | TriggeringEvent | None,
@@ -876,6 +910,7 @@ def build_variables(
     timezone: str | None = None,
     tier_names: Mapping[str, Mapping[str, str]] | None = None,
     can_reply: bool = True,
+    opt_out_by_reply: bool = False,
 ) -> dict[str, Any]:
     """The variables of ``VARIABLES`` for one customer; optional ones are left out when unknown.
 
@@ -903,6 +938,7 @@ def build_variables(
         "support_phone": brand.support_phone,
         "response_hours": str(brand.response_hours),
         "unsubscribe_url": unsubscribe_url,
+        "opt_out": opt_out_text(loc, unsubscribe_url, by_reply=opt_out_by_reply),
         "can_reply": can_reply,
     }
     optional: dict[str, Any] = {
@@ -1279,20 +1315,31 @@ def _check_rendering(template: Template, public_url: str | None = None) -> list[
     # A code alone, as it goes while no offer value or validity is configured (the default).
     code_alone = {k: v for k, v in full.items() if k not in OFFER_DETAILS}
     errors: list[TemplateError] = []
-    for variables in (full, sparse, code_alone):
-        try:
-            rendered = render(template, variables, strict=True)
-        except TemplateRenderError as exc:
-            error = TemplateError(exc.path, exc.details[0]["message"])
-            if error not in errors:
-                errors.append(error)
-            continue
-        errors += [e for e in _check_output(template, rendered, variables) if e not in errors]
+
+    def add(found: Iterable[TemplateError]) -> None:
+        errors.extend(e for e in found if e not in errors)
+
+    for base in (full, sparse, code_alone):
+        ways = sms_variants(base, template.key.locale) if template.key.channel is Channel.SMS else [base]
+        rendered: list[tuple[dict[str, Any], Rendered]] = []
+        for variables in ways:
+            try:
+                rendered.append((variables, render(template, variables, strict=True)))
+            except TemplateRenderError as exc:
+                add([TemplateError(exc.path, exc.details[0]["message"])])
+        by_sender = len({r.text for _, r in rendered}) > 1  # named only where it changes the text
+        for variables, output in rendered:
+            add(_check_output(template, output, variables, by_sender=by_sender))
     return errors
 
 
+def shows_opt_out(text: str, variables: Mapping[str, Any]) -> bool:
+    """Whether a message's text tells how to opt out: the link, or the keyword to reply."""
+    return variables["unsubscribe_url"] in text or variables["opt_out"] in text
+
+
 def _check_output(
-    template: Template, rendered: Rendered, variables: Mapping[str, Any]
+    template: Template, rendered: Rendered, variables: Mapping[str, Any], *, by_sender: bool = False
 ) -> list[TemplateError]:
     errors: list[TemplateError] = []
     channel = template.key.channel
@@ -1303,18 +1350,28 @@ def _check_output(
     if (
         template.kind is MessageKind.MARKETING
         and channel is not Channel.EMAIL
-        and variables["unsubscribe_url"] not in rendered.text
+        and not shows_opt_out(rendered.text, variables)
     ):
         errors.append(
-            TemplateError("$.text", "a marketing message must show {{ unsubscribe_url }} (how to opt out)")
+            TemplateError(
+                "$.text",
+                "a marketing message must show how to opt out: {{ opt_out }} or {{ unsubscribe_url }}",
+            )
         )
     if channel is Channel.SMS and (rendered.sms_segments or 0) > MAX_SMS_SEGMENTS:
         count = count_sms(rendered.text)
+        sender = ""
+        if by_sender:
+            sender = (
+                ", from a sender that takes replies (a number)"
+                if variables["can_reply"]
+                else ", from a sender that takes none (an alphanumeric id)"
+            )
         errors.append(
             TemplateError(
                 "$.text",
                 f"{count.segments} SMS segments ({count.encoding}, {count.units} characters) with the "
-                f"sample data and this deployment's links; keep it within {MAX_SMS_SEGMENTS}",
+                f"sample data and this deployment's links{sender}; keep it within {MAX_SMS_SEGMENTS}",
             )
         )
     if channel is Channel.WHATSAPP and len(rendered.text) > MAX_WHATSAPP_CHARS:
@@ -1407,11 +1464,18 @@ class TemplateStore:
             template = self.get(key)
             if template is None or key.channel is not Channel.SMS:
                 continue
-            variables = sample_variables(key.locale, public_url=self.public_url)
+            sample = sample_variables(key.locale, public_url=self.public_url)
             with contextlib.suppress(TemplateRenderError):
-                count = count_sms(render(template, variables, strict=False).text)
-                if count.segments > MAX_SMS_SEGMENTS:
-                    found.append((key, count))
+                # The longer way: the store does not know the sender (a saved template fits both).
+                longest = max(
+                    (
+                        count_sms(render(template, way, strict=False).text)
+                        for way in sms_variants(sample, key.locale)
+                    ),
+                    key=lambda c: (c.segments, c.units),
+                )
+                if longest.segments > MAX_SMS_SEGMENTS:
+                    found.append((key, longest))
         return found
 
     def put(self, template: Template) -> None:

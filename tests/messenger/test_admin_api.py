@@ -339,6 +339,8 @@ async def test_override_is_previewed_sent_by_the_sender_and_reset(world: World, 
         "/v1/templates/preview", json={"journey": "thank_you", "channel": "sms", "locale": "he"}
     )
     assert "מבצע אביב" not in again.json()["text"]
+    # As this deployment's SMS go (the sandbox writes as a number would): the keyword to reply.
+    assert again.json()["text"].endswith("להסרה אפשר להשיב הסר")
     assert (await api.writer.delete(url)).status_code == 404
 
     world.clock.now = NOON + timedelta(days=8)
@@ -346,7 +348,7 @@ async def test_override_is_previewed_sent_by_the_sender_and_reset(world: World, 
     [outcome] = await sender.send_due()
     assert outcome.status == "sent"
     _, newest = sorted(world.outbox.iterdir())  # named by created_at: oldest first
-    assert "תודה על הזמנה o2!" in json.loads(newest.read_text(encoding="utf-8"))["body"]
+    assert "תודה על הזמנה o2 ב-Retain!" in json.loads(newest.read_text(encoding="utf-8"))["body"]
 
 
 async def test_a_template_for_a_new_journey_and_its_last_override(api: Clients) -> None:

@@ -317,6 +317,35 @@ async def test_quiet_hours_hold_marketing_and_send_when_the_window_opens(world: 
     assert outcome.status == "sent"
 
 
+async def test_an_sms_tells_the_way_out_its_sender_takes(world: World, tmp_path: Path) -> None:
+    """From a number (or the sandbox, written as a number) the customer can reply הסר, which
+    the messenger acts on: the SMS says so in 20 characters, not a 60-character link. From an
+    alphanumeric sender id, which takes no replies, the link."""
+    first, second, *_ = (c for c in (f"c{i}" for i in range(1000)) if not in_holdout(c, "thank_you", 10))
+    await world.service.apply_batch(delivered([purchase_update(first, 1, NOON)]))
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+    [from_number] = [json.loads(f.read_text(encoding="utf-8")) for f in outbox_files(world)]
+    assert from_number["channel"] == "sms"
+    assert "להסרה אפשר להשיב הסר" in from_number["body"]
+    assert "/u/" not in from_number["body"]
+
+    named = world.service.settings.model_copy(
+        update={"twilio_account_sid": "AC" + "0" * 32, "twilio_sms_from": "Retain"}
+    )
+    assert not named.sms_takes_replies
+    outbox = tmp_path / "named"
+    from_name = MessengerService(
+        world.db, named, None, dict.fromkeys(Channel, OutboxProvider(outbox)), clock=world.clock
+    )
+    await from_name.apply_batch(delivered([purchase_update(second, 1, NOON)]))
+    assert [o.status for o in await from_name.send_due()] == ["sent"]
+    [sent] = [json.loads(f.read_text(encoding="utf-8")) for f in sorted(outbox.iterdir())]
+    assert sent["channel"] == "sms"
+    assert "להסרה: http" in sent["body"]
+    assert "/u/" in sent["body"]
+    assert "הסר" not in sent["body"].replace("להסרה", "")
+
+
 async def test_complaint_ack_is_transactional_and_ignores_quiet_hours(world: World) -> None:
     world.clock.now = datetime(2026, 11, 24, 21, 30, tzinfo=UTC)
     update = complaint_update("vip", world.clock.now, tier="platinum", consents={})

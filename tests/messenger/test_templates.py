@@ -11,14 +11,17 @@ import pytest
 from pydantic import ValidationError
 
 from services.messenger.config import MessengerSettings
+from services.messenger.stopwords import match_inbound
 from services.messenger.templates import (
     OFFER_DETAILS,
     OPTIONAL_VARIABLES,
     SAMPLE_OFFER_CODE,
     SAMPLE_SURVEY_URL,
     SAMPLE_UNSUBSCRIBE_URL,
+    STOP_KEYWORDS,
     VARIABLES,
     Brand,
+    Rendered,
     Template,
     TemplateInvalidError,
     TemplateKey,
@@ -36,6 +39,7 @@ from services.messenger.templates import (
     locale_chain,
     render,
     sample_variables,
+    sms_variants,
     validate_template,
 )
 from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent, canonical_locale
@@ -237,9 +241,33 @@ def test_shape_of_each_channel_is_checked() -> None:
 def test_marketing_sms_must_say_how_to_opt_out() -> None:
     template = custom("Hi, we miss you.", kind=MessageKind.MARKETING)
     (error,) = validate_template(template)
-    assert "unsubscribe_url" in error.message
+    assert "{{ opt_out }} or {{ unsubscribe_url }}" in error.message
     ok = custom("Hi, we miss you. Unsubscribe: {{ unsubscribe_url }}", kind=MessageKind.MARKETING)
     assert validate_template(ok) == []
+    assert validate_template(custom("Hi, we miss you. {{ opt_out }}", kind=MessageKind.MARKETING)) == []
+    # The keyword written out shows no way to opt out from a sender that takes no replies.
+    keyword_only = custom("Hi, we miss you. Reply STOP to unsubscribe", kind=MessageKind.MARKETING)
+    (error,) = validate_template(keyword_only)
+    assert "how to opt out" in error.message
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_opt_out_is_the_keyword_to_reply_where_replies_are_taken_else_the_link(locale: str) -> None:
+    link = SAMPLE_UNSUBSCRIBE_URL  # as long as a real one
+    by_link = build_variables(profile(locale=locale), None, locale=locale, unsubscribe_url=link)
+    by_reply = build_variables(
+        profile(locale=locale), None, locale=locale, unsubscribe_url=link, opt_out_by_reply=True
+    )
+    assert by_link["opt_out"].endswith(link)
+    assert link not in by_reply["opt_out"]
+    keyword = STOP_KEYWORDS[locale]
+    assert keyword in by_reply["opt_out"]
+    # The keyword the message names is one the messenger (or Twilio, for STOP) unsubscribes on.
+    found = match_inbound(keyword)
+    assert found is not None
+    assert found.intent == "stop"
+    assert found.language == locale
+    assert len(by_reply["opt_out"]) * 2 < len(by_link["opt_out"])
 
 
 def test_the_sms_length_is_checked_with_this_deployments_links() -> None:
@@ -249,13 +277,14 @@ def test_the_sms_length_is_checked_with_this_deployments_links() -> None:
     assert TemplateStore().long_sms() == []
     assert TemplateStore(public_url="http://127.0.0.1:8003").long_sms() == []  # make run's
     long = TemplateStore(public_url="https://retain.shop.co.il/")
-    assert {str(k) for k, _ in long.long_sms()} >= {"feedback_survey/sms/he", "welcome/sms/ar"}
+    assert {str(k) for k, _ in long.long_sms()} >= {"feedback_survey/sms/he", "win_back/sms/ar"}
     assert all(count.segments == 3 for _, count in long.long_sms())
     survey = long.resolve("feedback_survey", Channel.SMS, "he")
     assert validate_template(survey) == []
+    # Too long only with the unsubscribe link, from a sender that takes no replies: named.
     [error] = long.validate(survey)
     assert "3 SMS segments" in error.message
-    assert "this deployment's links" in error.message
+    assert "this deployment's links, from a sender that takes none (an alphanumeric id)" in error.message
 
 
 def test_sms_longer_than_two_segments_is_rejected_with_the_count() -> None:
@@ -440,20 +469,25 @@ LONG_FIRST_NAMES = {"he": "אלכסנדרה", "ar": "عبد الله", "en": "Ch
 @pytest.mark.parametrize("journey", JOURNEYS)
 def test_default_sms_fit_in_two_segments(store: TemplateStore, journey: str, locale: str) -> None:
     """With links as long as real ones (a UUID customer's unsubscribe token, a message's survey
-    token, a 20-character public URL) and a long first name."""
+    token, a 20-character public URL) and a long first name, from a sender that takes replies
+    (opt_out the keyword) and from one that does not (the link)."""
     template = store.resolve(journey, "sms", locale)
     full = sample_variables(locale)
     lean = full | {"offer_code": None, "personal_contact": None}
     long_name = {"first_name": LONG_FIRST_NAMES[locale[:2]]}
-    for variables in (full, lean, full | long_name, lean | long_name):
-        rendered = render(template, variables, strict=False)
-        assert rendered.sms_encoding == ("GSM-7" if locale == "en" else "UCS-2")
-        assert rendered.sms_segments is not None
-        assert 1 <= rendered.sms_segments <= 2, rendered.text
-        if locale != "en":
-            assert len(rendered.text) <= 134
-        else:
-            assert rendered.sms_segments == 1
+    for base in (full, lean, full | long_name, lean | long_name):
+        for variables in sms_variants(base, locale):
+            _assert_fits(render(template, variables, strict=False), locale)
+
+
+def _assert_fits(rendered: Rendered, locale: str) -> None:
+    assert rendered.sms_encoding == ("GSM-7" if locale == "en" else "UCS-2")
+    assert rendered.sms_segments is not None
+    assert 1 <= rendered.sms_segments <= 2, rendered.text
+    if locale != "en":
+        assert len(rendered.text) <= 134, rendered.text
+    else:
+        assert rendered.sms_segments == 1, rendered.text
 
 
 # --- Locale fallback ---------------------------------------------------------------------------
@@ -609,8 +643,10 @@ def test_build_variables_leaves_out_what_is_unknown() -> None:
         "support_phone",
         "response_hours",
         "unsubscribe_url",
+        "opt_out",
         "can_reply",
     }
+    assert variables["opt_out"] == "لوقف الرسائل: https://u"
     assert variables["response_hours"] == "4"
     assert variables["tier_name"] == "الفضي"
     assert variables["tier_perks"][0] == "نقاط مضاعفة على كل عملية شراء"
@@ -919,12 +955,14 @@ def test_an_sms_invites_a_reply_only_where_the_customer_can_send_one(
     its single spaces."""
     template = store.resolve(journey, "sms", locale)
     lean = sample_variables(locale) | {"offer_code": None}
-    can = render(template, lean, strict=False).text
-    cannot = render(template, lean | {"can_reply": False}, strict=False).text
-    assert any(word in can for word in REPLY_INVITATIONS[locale]), can
-    assert not any(word in cannot for word in REPLY_INVITATIONS[locale]), cannot
-    assert "  " not in cannot
-    assert lean["unsubscribe_url"] in cannot
+    from_number, from_name = (render(template, way, strict=False).text for way in sms_variants(lean, locale))
+    assert any(word in from_number for word in REPLY_INVITATIONS[locale]), from_number
+    assert not any(word in from_name for word in REPLY_INVITATIONS[locale]), from_name
+    assert "  " not in from_name
+    # The way out too: the keyword to reply where replies are taken, else the link.
+    assert STOP_KEYWORDS[locale] in from_number
+    assert lean["unsubscribe_url"] not in from_number
+    assert lean["unsubscribe_url"] in from_name
 
 
 def test_which_sms_senders_take_replies() -> None:
