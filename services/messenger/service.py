@@ -1635,6 +1635,11 @@ class MessengerService:
         """Record an opt-out; ``address``: the one it was about (a STOP from this number, a
         bounce of this email), which it stops blocking once the customer's address changes. An
         unsubscribe is the customer's wish wherever they are reached: kept for the channel."""
+        # The customer's lock first, as every decider takes it: a decision under way commits its
+        # message before this reads the pending ones (and marks it), or waits and reads this
+        # fact. Without it, on PostgreSQL each missed the other's uncommitted row and the
+        # message went unchecked after the opt-out.
+        await self.repo.lock_customer(session, customer_id)
         marketing_only = source in MARKETING_ONLY_SOURCES
         await self.repo.add_consent_fact(
             session,

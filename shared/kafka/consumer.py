@@ -122,8 +122,11 @@ Handler = Callable[[Sequence[Delivered[T]]], Awaitable[BatchResult | None]]
 
 # PostgreSQL SQLSTATEs (classes or codes) of a server that is away for a while: connection
 # exceptions, too many connections, shutting down or still recovering ("the database system is
-# not yet accepting connections", 57P03, arrives as a bare DBAPIError after a crash restart).
-TRANSIENT_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
+# not yet accepting connections", 57P03, arrives as a bare DBAPIError after a crash restart);
+# and of a transaction the server rolled back to let another go on (a deadlock, 40P01; a
+# serialization failure, 40001): run again, it succeeds. Read as permanent, a batch that lost a
+# deadlock to a webhook's transaction was split and its valid records dead-lettered.
+TRANSIENT_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", "40P01", "40001")
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -27,6 +27,7 @@ from services.messenger.admin import MessengerAdmin
 from services.messenger.app import create_app
 from services.messenger.caps import Cap, CapsConfig, CapScope
 from services.messenger.config import MessengerSettings
+from services.messenger.consent import FactSource
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.decision import in_holdout
 from services.messenger.links import sign_unsubscribe, survey_token
@@ -344,6 +345,45 @@ async def test_an_sms_tells_the_way_out_its_sender_takes(world: World, tmp_path:
     assert "להסרה: http" in sent["body"]
     assert "/u/" in sent["body"]
     assert "הסר" not in sent["body"].replace("להסרה", "")
+
+
+async def test_an_opt_out_during_a_decision_stops_the_message_it_decides(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A STOP arriving while a batch decides a message for the customer (the message written,
+    not yet committed). On PostgreSQL each transaction missed the other's uncommitted row: the
+    decision saw no opt-out, the opt-out no message to mark, and the message went after the
+    STOP. The opt-out takes the customer's lock as deciders do: it waits, then marks it."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+
+    inserted, gate = asyncio.Event(), asyncio.Event()
+    real_insert = world.service.repo.insert_messages
+
+    async def insert_then_wait(session: Any, rows: Any) -> None:
+        await real_insert(session, rows)
+        if rows:
+            inserted.set()
+            await gate.wait()
+
+    monkeypatch.setattr(world.service.repo, "insert_messages", insert_then_wait)
+    world.clock.now = NOON + timedelta(days=8)
+    deciding = asyncio.create_task(
+        world.service.apply_batch(delivered([purchase_update(customer, 2, world.clock.now)]))
+    )
+    await asyncio.wait_for(inserted.wait(), 10)
+    stopping = asyncio.create_task(world.service.unsubscribe(customer, Channel.SMS, FactSource.STOP))
+    await asyncio.sleep(0.3)  # the opt-out has run as far as it can meanwhile
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(deciding, stopping), 10)
+
+    world.clock.now += timedelta(seconds=1)
+    await world.service.send_due()
+    _, decided = await messages(world, customer)  # oldest first
+    assert decided["status"] != "sent", decided
+    assert decided["channel"] == "sms"
+    assert len(outbox_files(world)) == 1  # the first thank-you only
 
 
 async def test_complaint_ack_is_transactional_and_ignores_quiet_hours(world: World) -> None:
