@@ -876,6 +876,18 @@ class MessengerService:
             await self.load_template_overrides(session)
             due = await self.repo.due_waits(session, now, limit)
             customers = await self.repo.lock_customers(session, {w.customer_id for w in due})
+            # Read again under the locks: another worker's batch may have cancelled a wait
+            # (its unless came true) or moved it since, and committed; fired from the first
+            # read, it overwrote 'cancelled' and sent what its journey had called off.
+            chosen = {w.id for w in due}
+            due = sorted(
+                (
+                    w
+                    for w in await self.repo.waiting_of(session, customers)
+                    if w.id in chosen and w.due_at <= now
+                ),
+                key=lambda w: w.due_at,
+            )
             profiles: dict[str, ProfileSnapshot] = {}
             closed: list[dict[str, Any]] = []
             firing: list[tuple[Any, Journey, Entry, ProfileSnapshot]] = []
@@ -1379,7 +1391,9 @@ class MessengerService:
                 continue
             async with self.db.transaction() as session:
                 current = await self.repo.message(session, row.id, for_update=True)
-                if current is None or current.status != "sending":
+                # Claimed again since it was read (another sender requeued and claimed it): the
+                # answer is about the attempt before; requeued now, it went twice.
+                if current is None or current.status != "sending" or current.attempts != row.attempts:
                     continue
                 if found is not None:
                     await self._settle(

@@ -435,6 +435,42 @@ async def test_feedback_survey_a_day_after_resolution_not_twice_in_30_days(world
     assert [r["journey"] for r in await messages(world, customer)] == ["feedback_survey"]
 
 
+# PostgreSQL only: SQLite's transaction holds its write lock from the start, so no other writer
+# commits between the read and the locks there.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_wait_another_worker_cancelled_meanwhile_is_not_fired(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fire_waits reads the due waits, then locks their customers. Another worker's batch that
+    cancelled one in between (its journey's unless came true) and committed: the wait was fired
+    anyway, 'fired' over 'cancelled', and its message sent. Read again under the locks, it is
+    left as the other worker left it. (PostgreSQL: SQLite lets no other writer commit between
+    the two.)"""
+    customer = treated("survey-cancelled", "feedback_survey")
+    resolved = update(
+        customer, "en", NOON, ticket(NOON, SupportAction.RESOLVED), last_complaint_resolved=True
+    )
+    await world.service.apply_batch(delivered([resolved]))
+    assert await waits(world, customer) == [("waiting", None, 1)]
+    async with world.db.sessions() as session:
+        wait_id = await session.scalar(
+            select(journey_waits.c.id).where(journey_waits.c.customer_id == customer)
+        )
+    fire = restarted(world)
+    real_lock = fire.repo.lock_customers
+
+    async def cancelled_by_another_worker_first(session: Any, customer_ids: Any) -> Any:
+        async with world.db.transaction() as other:
+            await fire.repo.update_waits(other, [{"id": wait_id, "status": "cancelled", "reason": "unless"}])
+        return await real_lock(session, customer_ids)
+
+    monkeypatch.setattr(fire.repo, "lock_customers", cancelled_by_another_worker_first)
+    world.clock.now = NOON + DAY
+    assert await fire.fire_waits() == 0
+    assert await waits(world, customer) == [("cancelled", "unless", 1)]
+    assert await messages(world, customer) == []
+
+
 # --- tier_upgrade, at_risk ------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from twilio.request_validator import RequestValidator
 
 from services.kpi.facts import fold
@@ -434,6 +434,42 @@ async def test_a_crash_between_provider_and_commit_is_settled_not_resent(world: 
     assert "found at" in settled["reason"]
     assert calls == 1
     assert len(list(world.outbox.iterdir())) == 1  # the provider has it exactly once
+
+
+async def test_reconciliation_leaves_a_message_another_sender_claimed_again_meanwhile(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two senders reconcile the same stuck message; the provider has it under neither. One
+    requeues it and a sender claims it again while the other still waits for the provider's
+    answer. That answer is about the attempt before: the message being sent again is left to its
+    sender, not requeued under it to go a second time."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    [row] = await messages(world, customer)
+    provider = world.service.providers[Channel.SMS]
+
+    async def die_before_the_provider(msg: Any) -> Any:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(provider, "send", die_before_the_provider)
+    with pytest.raises(asyncio.CancelledError):
+        await world.service.send_one(row["id"])
+    [stuck] = await messages(world, customer)
+    assert (stuck["status"], stuck["attempts"]) == ("sending", 1)
+
+    async def claimed_again_meanwhile(msg: Any) -> None:  # and not at the provider: None
+        async with world.db.transaction() as session:
+            await session.execute(
+                update(messages_table)
+                .where(messages_table.c.id == row["id"])
+                .values(attempts=2, updated_at=world.clock.now)
+            )
+
+    monkeypatch.setattr(provider, "lookup", claimed_again_meanwhile)
+    world.clock.now = NOON + timedelta(minutes=5)
+    assert await world.service.reconcile() == 0
+    [after] = await messages(world, customer)
+    assert (after["status"], after["attempts"]) == ("sending", 2)
 
 
 async def test_a_cap_longer_than_a_month_sees_its_whole_window(world: World) -> None:
