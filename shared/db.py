@@ -235,7 +235,7 @@ def applied_events_table(metadata: MetaData) -> Table:
         Column("event_id", String(255), primary_key=True),
         Column("topic", String(255), nullable=False),
         Column("partition", Integer, nullable=False),
-        Column("offset", Integer, nullable=False),
+        Column("offset", BigInteger, nullable=False),  # Kafka's offsets are 64-bit
         Column("applied_at", UtcDateTime(), nullable=False),
         # What the id named (shared.codec.event_digest), so that an id its producer reuses for
         # another event is dead-lettered, not dropped as a duplicate (claim_events). Null for

@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Integer,
     LargeBinary,
@@ -59,7 +60,8 @@ def outbox_table(metadata: MetaData) -> Table:
     return Table(
         "outbox",
         metadata,
-        Column("id", Integer, primary_key=True, autoincrement=True),
+        # 64-bit on PostgreSQL; on SQLite an INTEGER, the rowid's alias (a BIGINT would not be).
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
         Column("topic", String(255), nullable=False),
         Column("key", LargeBinary, nullable=False),
         Column("value", LargeBinary, nullable=False),

@@ -87,6 +87,47 @@ async def test_every_migration_goes_down_and_up_again(service: str, database_url
     assert drift == [], f"{service}: after the round trip, migrations and tables.py differ: {drift}"
 
 
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_ledger_offsets_and_outbox_ids_go_past_32_bits(service: str, database_url: str) -> None:
+    """A Kafka offset is 64-bit: past 2**31 on a partition, PostgreSQL's int4 refused every
+    ledger row, and each batch was dead-lettered record by record. The outbox's ids, from a
+    SERIAL, ran out at as many rows ever written. Both are 64-bit after the migrations."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from shared.db import claim_events  # noqa: PLC0415
+    from shared.kafka.consumer import Delivered  # noqa: PLC0415
+    from shared.kafka.producer import OutboundRecord  # noqa: PLC0415
+    from shared.outbox import enqueue  # noqa: PLC0415
+
+    metadata = SERVICES[service]
+    ledger, outbox = metadata.tables["applied_events"], metadata.tables["outbox"]
+    far = 2**40
+    db = Database(database_url)
+    try:
+        await migrate(db, REPO_ROOT / "services" / service / "migrations")
+        async with db.transaction() as session:
+            if db.dialect == "postgresql":
+                await session.execute(text("SELECT setval('outbox_id_seq', :at)"), {"at": 2**31 + 5})
+            else:
+                await session.execute(
+                    outbox.insert().values(
+                        id=2**31 + 5, topic="t", key=b"k", value=b"v", visible_at=datetime.now(UTC)
+                    )
+                )
+            record = Delivered("retain.purchases", 3, far, b"c1", SimpleNamespace(event_id="e-far"), 0)
+            claimed = await claim_events(session, ledger, [record])
+            [new_id] = await enqueue(session, outbox, [OutboundRecord("t", b"k", b"v")])
+        async with db.sessions() as session:
+            offset = await session.scalar(
+                text("SELECT \"offset\" FROM applied_events WHERE event_id = 'e-far'")
+            )
+    finally:
+        await db.dispose()
+    assert [d.offset for d in claimed.fresh] == [far]
+    assert offset == far
+    assert new_id == 2**31 + 6
+
+
 async def test_the_messenger_s_address_columns_are_filled_from_the_stored_snapshots(tmp_path: Path) -> None:
     """Migration 0003 on a database that has customers: their addresses come from the JSON."""
 
