@@ -319,7 +319,7 @@ async def twilio_status(request: Request, service: Service) -> Response:
         raise InvalidInputError(
             "MessageSid and MessageStatus are required", details=[{"field": "MessageSid"}]
         )
-    await service.provider_status(sid, status, form.get("ErrorCode"))
+    await service.provider_status(sid, status, form.get("ErrorCode"), request.query_params.get("m"))
     return Response(status_code=204)
 
 

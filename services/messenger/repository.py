@@ -334,8 +334,24 @@ class MessengerRepository:
         return (await session.execute(stmt)).first()
 
     async def message_by_provider_id(self, session: AsyncSession, provider_id: str) -> Any:
+        """The message of a provider's id, locked (PostgreSQL): two callbacks at once (delivered,
+        read) must not both pass the check that a status moves forwards."""
         stmt = select(messages).where(messages.c.provider_message_id == provider_id)
+        if _row_locks(session):
+            stmt = stmt.with_for_update()
         return (await session.execute(stmt)).first()
+
+    async def statuses(self, session: AsyncSession, message_ids: Collection[str]) -> dict[str, str]:
+        """The messages' statuses as stored now, their rows locked (PostgreSQL)."""
+        found: dict[str, str] = {}
+        for ids in in_chunks(message_ids):
+            stmt = (
+                select(messages.c.id, messages.c.status).where(messages.c.id.in_(ids)).order_by(messages.c.id)
+            )
+            if _row_locks(session):
+                stmt = stmt.with_for_update()
+            found.update((r.id, r.status) for r in await session.execute(stmt))
+        return found
 
     async def insert_messages(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
         """Ledger rows with their ids, in one executemany (every row has the same keys)."""

@@ -43,7 +43,7 @@ from services.messenger.providers.base import OutgoingMessage, Provider, Provide
 from services.messenger.providers.ratelimit import SenderRateLimiter
 from services.messenger.providers.retry import send_with_retry
 from services.messenger.quiet import QuietHours, customer_zone, region_zones
-from services.messenger.repository import MessengerRepository, lookup_form
+from services.messenger.repository import DUE, MessengerRepository, lookup_form
 from services.messenger.status import EmailEvent, advances, email_outcome, ours
 from services.messenger.tables import applied_events, outbox
 from services.messenger.templates import (
@@ -1209,7 +1209,15 @@ class MessengerService:
         outcomes: list[SendOutcome] = []
         opt_outs: list[tuple[str, Channel, FactSource, str | None]] = []
         later: list[dict[str, Any]] = []
+        # Settled meanwhile by what came after the call: the provider's status callback (Twilio's
+        # may come before this, which waits for the next settle; SendGrid's 'delivered') or a
+        # reconciliation that found it. Written over, 'delivered' went back to 'sent'.
+        stored = await self.repo.statuses(session, [row.id for row, _ in results])
         for row, result in results:
+            status = stored.get(row.id)
+            if status is not None and status != "sending" and status not in DUE:
+                outcomes.append(SendOutcome(row.id, status, None))
+                continue
             if not isinstance(result, ProviderError):
                 values = {"provider": result.provider, "provider_message_id": result.provider_message_id}
                 settled.append((row, "sent", f"handed to {result.provider}", values))
@@ -1448,13 +1456,20 @@ class MessengerService:
     # --- provider callbacks ----------------------------------------------------------------------
 
     async def provider_status(
-        self, provider_message_id: str, provider_status: str, error_code: str | None
+        self,
+        provider_message_id: str,
+        provider_status: str,
+        error_code: str | None,
+        message_id: str | None = None,
     ) -> bool:
-        """A status callback; False when it would move the message backwards (ignored)."""
+        """A status callback; False when it would move the message backwards (ignored).
+        ``message_id``: ours, which the callback's URL carries (Twilio's StatusCallback)."""
         now = self.clock()
         status = ours(provider_status)
         async with self.db.transaction() as session:
             row = await self.repo.message_by_provider_id(session, provider_message_id)
+            if row is None and message_id is not None and status is not None:
+                row = await self._sent_before_recorded(session, message_id, provider_message_id, now)
             if row is None or status is None:
                 return False
             current = (row.details or {}).get("provider_status", row.status)
@@ -1468,6 +1483,31 @@ class MessengerService:
                 )
         await self.flush()
         return True
+
+    async def _sent_before_recorded(
+        self, session: Any, message_id: str, provider_message_id: str, now: datetime
+    ) -> Any:
+        """The message a callback names by our id, its provider's id not recorded yet: Twilio's
+        answer waits for the sender's next settle, and a quick 'failed' (a WhatsApp window, an
+        unreachable number) came before it, found nothing and was lost for good. Recorded here
+        as the sender would ('sent', with the provider's id), which the sender then leaves."""
+        row = await self.repo.message(session, message_id, for_update=True)
+        if row is None or row.provider_message_id not in (None, provider_message_id):
+            return None
+        if row.status != "sending":
+            return row if row.provider_message_id == provider_message_id else None
+        provider = self.providers.get(Channel(row.channel))
+        name = provider.name if provider is not None else "twilio"
+        await self._settle(
+            session,
+            row,
+            "sent",
+            f"handed to {name}",
+            now,
+            provider=name,
+            provider_message_id=provider_message_id,
+        )
+        return await self.repo.message(session, message_id, for_update=True)
 
     async def inbound(
         self, channel: Channel, from_address: str, body: str, kind: str | None, sid: str | None = None

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlencode
 
 import aiohttp
 from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
@@ -162,7 +163,8 @@ class TwilioProvider:
             "from_": channel_address(msg.from_, msg.channel),
         }
         if self.status_callback:
-            params["status_callback"] = self.status_callback
+            # Our id too: a callback may come before the sender has recorded Twilio's id.
+            params["status_callback"] = f"{self.status_callback}?{urlencode({'m': msg.message_id})}"
         if msg.content_sid is not None:
             params["content_sid"] = msg.content_sid
             if msg.content_variables:

@@ -219,3 +219,32 @@ async def test_429_carries_retry_after(throttling_server: str) -> None:
     assert caught.value.code == "20429"
     assert caught.value.retryable
     assert caught.value.retry_after == 7.0
+
+
+async def test_the_status_callback_names_our_message() -> None:
+    """Twilio calls StatusCallback as it was given: with our message id in it, a callback that
+    comes before the sender has recorded Twilio's id still finds its message."""
+    forms: list[dict[str, str]] = []
+
+    async def create(request: web.Request) -> web.Response:
+        forms.append({k: str(v) for k, v in (await request.post()).items()})
+        return web.json_response({"sid": "SM" + "0" * 32, "status": "queued"}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", create)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    provider = TwilioProvider(
+        ACCOUNT_SID, AUTH_TOKEN, base_url=f"http://127.0.0.1:{port}", status_callback=STATUS_CALLBACK
+    )
+    msg = sms_message()
+    try:
+        result = await provider.send(msg)
+    finally:
+        await provider.close()
+        await runner.cleanup()
+    assert result.provider_message_id == "SM" + "0" * 32
+    [form] = forms
+    assert form["StatusCallback"] == f"{STATUS_CALLBACK}?m={msg.message_id}"
