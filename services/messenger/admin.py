@@ -303,6 +303,11 @@ class MessengerAdmin:
     ) -> None:
         async with self.db.transaction() as session:
             row = await self.repo.setting(session, TEMPLATES, for_update=True)
+            if row is None:
+                # No override saved yet: no row to lock, and two first saves at once each kept
+                # only its own (PostgreSQL). The row made first, the second save waits on it.
+                await self.repo.insert_setting_if_absent(session, TEMPLATES, [], self.service.clock())
+                row = await self.repo.setting(session, TEMPLATES, for_update=True)
             overrides = {t.key: t for t in (Template.from_json(v) for v in (row.value if row else []))}
             change(overrides)
             value = [overrides[k].to_json() for k in sorted(overrides, key=str)]

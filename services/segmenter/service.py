@@ -476,8 +476,12 @@ class SegmenterService:
             )
             # The draft follows the rollback, unless it holds edits not published yet: those are
             # someone's work in progress, kept (with its ETag) for its editor to publish or drop.
+            # Compare-and-set on the ETag read: an edit saved since (PostgreSQL lets it commit
+            # meanwhile) is such work too, and was overwritten, its 200 and ETag a lie.
             if draft is None or live is None or draft.rules == live[1]:
-                await self.repo.replace_draft(session, old.rules, ruleset_etag(old.rules), actor, now, None)
+                await self.repo.replace_draft(
+                    session, old.rules, ruleset_etag(old.rules), actor, now, draft.etag if draft else None
+                )
             return new
 
     async def _new_version(

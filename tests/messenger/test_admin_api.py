@@ -5,6 +5,7 @@ process, and reset to the default."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -68,6 +69,38 @@ async def api(world: World, tmp_path: Path) -> AsyncIterator[Clients]:  # noqa: 
         httpx.AsyncClient(transport=transport, base_url=base) as a,
     ):
         yield Clients(w, r, a)
+
+
+# PostgreSQL only: SQLite's transaction holds its write lock from the start, so the two saves
+# take turns there.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_the_first_two_template_overrides_saved_at_once_are_both_kept(
+    world: World,  # noqa: F811 - the fixture
+    api: Clients,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before any override there is no row to lock: two saves at once each read none and kept
+    only its own; both answered 200. The row is made first, so the second save waits for it."""
+    repo = world.service.repo
+    real_setting = repo.setting
+
+    async def slow_read(session: Any, name: str, **kw: Any) -> Any:
+        found = await real_setting(session, name, **kw)
+        await asyncio.sleep(0.2)  # the other save reads meanwhile
+        return found
+
+    monkeypatch.setattr(repo, "setting", slow_read)
+    he = {"text": "תודה על הזמנה {{ last_order.id }}! {{ opt_out }}"}
+    en = {"text": "Thanks for order {{ last_order.id }}! {{ opt_out }}"}
+    first, second = await asyncio.gather(
+        api.writer.put("/v1/templates/thank_you/sms/he", json=he),
+        api.writer.put("/v1/templates/thank_you/sms/en", json=en),
+    )
+    assert (first.status_code, second.status_code) == (200, 200), (first.text, second.text)
+    monkeypatch.undo()
+    for url, body in (("/v1/templates/thank_you/sms/he", he), ("/v1/templates/thank_you/sms/en", en)):
+        stored = (await api.reader.get(url)).json()
+        assert (stored["overridden"], stored["text"]) == (True, body["text"])
 
 
 def paths(response: httpx.Response) -> set[str]:

@@ -518,6 +518,33 @@ async def test_a_rollback_keeps_a_draft_with_unpublished_edits(api: Api) -> None
     assert published.json()["version"] == 3  # 1 the defaults, 2 the rollback to them, 3 the edit
 
 
+# PostgreSQL only: SQLite's transaction holds its write lock from the start, so no edit commits
+# while a rollback runs there.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_rollback_keeps_an_edit_saved_while_it_ran(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rollback reads the draft (the live rules: it would follow the rollback); a marketer's
+    edit commits just then, answered 200 with its ETag. The rollback overwrote it; now the
+    edit is kept, and its ETag still publishes it."""
+    etag = await api.draft_etag()
+    service = api.service
+    real_draft = service.repo.draft
+    saved: list[str] = []
+
+    async def draft_then_an_edit_commits(session: Any) -> Any:
+        found = await real_draft(session)
+        if not saved:
+            saved.append("")  # once: the edit's own transaction reads the draft too
+            saved[0] = await service.put_draft(stricter_rules(), "marketing", etag)
+        return found
+
+    monkeypatch.setattr(service.repo, "draft", draft_then_an_edit_commits)
+    assert (await api.post("/v1/rules/rollback/1")).status_code == 202
+    monkeypatch.undo()
+    draft = await api.get("/v1/rules/draft")
+    assert draft.json()["rules"] == stricter_rules()
+    assert draft.headers["ETag"] == f'"{saved[0]}"'
+
+
 async def test_every_change_is_audited_with_who_and_a_json_patch(api: Api) -> None:
     etag = await put_draft(api, stricter_rules())
     assert (await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})).status_code == 202
