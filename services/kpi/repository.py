@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Select, Table, and_, case, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -140,6 +140,13 @@ def _mark_stale(dialect: str) -> RowsWrite:
     )
 
 
+class RollupStatus(NamedTuple):
+    dirty_from: date | None
+    settings: str | None  # the fingerprint of what the rows were computed with
+    computed: bool  # ever
+    marks: int  # batches that marked it dirty, ever
+
+
 @functools.cache
 def _lower_dirty_from(dialect: str) -> Any:
     ins = dialect_insert(dialect, rollup_state)
@@ -148,7 +155,10 @@ def _lower_dirty_from(dialect: str) -> Any:
         (or_(current.is_(None), ins.excluded.dirty_from < current), ins.excluded.dirty_from),
         else_=current,
     )
-    return ins.on_conflict_do_update(index_elements=[rollup_state.c.name], set_={"dirty_from": lowered})
+    return ins.on_conflict_do_update(
+        index_elements=[rollup_state.c.name],
+        set_={"dirty_from": lowered, "marks": rollup_state.c.marks + 1},
+    )
 
 
 def _ticket(r: Any) -> Ticket:
@@ -311,24 +321,28 @@ class KpiRepository:
         rows = [{"name": n, "dirty_from": d} for n, d in sorted(days.items())]
         await session.execute(_lower_dirty_from(_dialect(session)), rows)
 
-    async def rollup_status(self, session: AsyncSession, name: str) -> tuple[date | None, str | None, bool]:
-        """(dirty_from, settings fingerprint, whether it was ever computed)."""
+    async def rollup_status(self, session: AsyncSession, name: str) -> RollupStatus:
         row = (await session.execute(select(rollup_state).where(rollup_state.c.name == name))).first()
         if row is None:
-            return None, None, False
-        return row.dirty_from, row.settings, row.computed_at is not None
+            return RollupStatus(None, None, computed=False, marks=0)
+        return RollupStatus(
+            row.dirty_from, row.settings, computed=row.computed_at is not None, marks=row.marks
+        )
 
     async def finish_rollup(
-        self, session: AsyncSession, name: str, seen_dirty: date | None, settings: str, at: datetime
+        self, session: AsyncSession, name: str, seen: RollupStatus, settings: str, at: datetime
     ) -> None:
-        """Clear dirty_from unless the consumer lowered it meanwhile (then the next run redoes it)."""
+        """Clear dirty_from unless a batch marked it since ``seen`` was read (then the next run
+        redoes from it): a batch of another worker's, on a day at or after the one read, lowers
+        nothing, and by the day alone its facts were cleared with the rest."""
         ins = _insert(session, rollup_state)
         await session.execute(
             ins.on_conflict_do_nothing(), [{"name": name, "dirty_from": None, "settings": settings}]
         )
         c = rollup_state.c
-        unchanged = c.dirty_from.is_(None) if seen_dirty is None else c.dirty_from == seen_dirty
-        await session.execute(update(rollup_state).where(c.name == name, unchanged).values(dirty_from=None))
+        await session.execute(
+            update(rollup_state).where(c.name == name, c.marks == seen.marks).values(dirty_from=None)
+        )
         await session.execute(
             update(rollup_state).where(c.name == name).values(computed_at=at, settings=settings)
         )

@@ -434,8 +434,8 @@ class KpiService:
         if since < self.settings.kpi_clv_refit_after_change_s:
             return False
         async with self.db.sessions() as session:
-            dirty, _, _ = await self.repo.rollup_status(session, "clv")
-        return dirty is not None
+            status = await self.repo.rollup_status(session, "clv")
+        return status.dirty_from is not None
 
     # --- Grafana tables --------------------------------------------------------------------------
 
@@ -561,8 +561,9 @@ class KpiService:
         if inputs:
             settings = hashlib.sha256(f"{settings}|{inputs}".encode()).hexdigest()
         async with self.db.sessions() as session:
-            dirty, computed_with, computed = await self.repo.rollup_status(session, name)
-            if not computed or computed_with != settings:
+            seen = await self.repo.rollup_status(session, name)
+            dirty = seen.dirty_from
+            if not seen.computed or seen.settings != settings:
                 earliest = await self.repo.earliest(session, earliest_column)
                 since = local_day(earliest, self.tz) if earliest is not None else today
             else:
@@ -578,7 +579,7 @@ class KpiService:
             row["computed_at"] = now
         async with self.db.transaction() as session:
             await self.repo.replace_rows(session, table, since, rows)
-            await self.repo.finish_rollup(session, name, dirty, settings, now)
+            await self.repo.finish_rollup(session, name, seen, settings, now)
         ROLLUPS.labels(table.name).inc()
 
     async def _response_rows(self, first: date, last: date) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ recomputed from the facts alone.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Date,
@@ -203,6 +204,8 @@ rollup_state = Table(
     Column("computed_at", UtcDateTime(), nullable=True),
     # The settings the rows were computed with (time zone, windows, rates): a change redoes all.
     Column("settings", String(64), nullable=True),
+    # Batches that marked it, ever: a rollup clears its mark only if none came while it ran.
+    Column("marks", BigInteger, nullable=False, server_default="0"),
 )
 
 kpi_response_time_daily = Table(

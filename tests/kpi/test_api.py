@@ -233,6 +233,34 @@ async def test_cohorts(kpi: Kpi) -> None:
     }
 
 
+async def test_a_batch_applied_while_a_rollup_runs_keeps_it_marked(
+    kpi: Kpi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two kpi workers: one computes the churn table from its dirty day, the other applies a
+    purchase on a later day meanwhile (which lowers nothing). The rollup cleared the mark by the
+    day alone, and the table went without that purchase until something marked its day again.
+    It clears the mark only if no batch marked it while it ran; the next run takes the purchase."""
+    kpi.at(utc(2024, 6, 1))
+    await kpi.apply([purchase("a", utc(2024, 1, 10), "100", order="o-a")])
+    real_rows = kpi.service._churn_rows
+    late = [purchase("b", utc(2024, 3, 5), "70", order="o-b")]
+
+    async def rows_while_another_worker_applies(*args: Any) -> Any:
+        found = await real_rows(*args)  # read before the other worker's batch commits
+        if late:
+            await kpi.apply([late.pop()])
+        return found
+
+    monkeypatch.setattr(kpi.service, "_churn_rows", rows_while_another_worker_applies)
+    await kpi.service.run_rollups()
+    async with kpi.db.sessions() as session:
+        assert (await kpi.service.repo.rollup_status(session, "churn")).dirty_from == date(2024, 1, 10)
+    assert late == []
+    await kpi.service.run_rollups()
+    async with kpi.db.sessions() as session:
+        assert (await kpi.service.repo.rollup_status(session, "churn")).dirty_from is None
+
+
 async def test_a_correction_changes_what_an_order_paid_not_when_and_redoes_its_periods(kpi: Kpi) -> None:
     """As in the segmenter: a correction months later is not a purchase then (no win-back of the
     cancellation between, no conversion of a message before it); the order's own periods are
@@ -245,7 +273,7 @@ async def test_a_correction_changes_what_an_order_paid_not_when_and_redoes_its_p
     await kpi.apply([corrected["a"], original["b"]])
     async with kpi.db.sessions() as session:
         rows = {r.customer_id: r for r in await kpi.service.repo.purchases(session)}
-        dirty, _, _ = await kpi.service.repo.rollup_status(session, "churn")
+        dirty = (await kpi.service.repo.rollup_status(session, "churn")).dirty_from
     for c in ("a", "b"):
         assert (rows[c].occurred_at, rows[c].amount, rows[c].event_id) == (
             utc(2024, 1, 10),
