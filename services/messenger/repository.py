@@ -502,18 +502,16 @@ class MessengerRepository:
         )
         return {s: int(n) for s, n in (await session.execute(stmt)).all()}
 
-    async def count_by_status(self, session: AsyncSession) -> dict[str, int]:
-        stmt = select(messages.c.status, func.count()).group_by(messages.c.status)
-        return {s: int(n) for s, n in (await session.execute(stmt)).all()}
-
-    async def oldest_held(self, session: AsyncSession) -> tuple[datetime | None, datetime | None]:
-        """(earliest created_at, earliest send_at) of the messages held for quiet hours; min()
-        keeps the column's type, so both come back timezone-aware."""
-        stmt = select(func.min(messages.c.created_at), func.min(messages.c.send_at)).where(
+    async def held(self, session: AsyncSession) -> tuple[int, datetime | None, datetime | None]:
+        """(how many, earliest created_at, earliest send_at) of the messages held for quiet
+        hours: their range of ix_messages_due, however many were ever sent (a count by status
+        of the whole table, every sender pass, grew with it). min() keeps the column's type, so
+        both times come back timezone-aware."""
+        stmt = select(func.count(), func.min(messages.c.created_at), func.min(messages.c.send_at)).where(
             messages.c.status == "held_quiet_hours"
         )
         row = (await session.execute(stmt)).one()
-        return row[0], row[1]
+        return int(row[0]), row[1], row[2]
 
     async def unhappy_waiting(self, session: AsyncSession, max_score: int) -> tuple[int, datetime | None]:
         """(how many, the earliest answered_at) of the survey answers of at most ``max_score``

@@ -1924,11 +1924,10 @@ class MessengerService:
 
     async def refresh_gauges(self) -> None:
         async with self.db.sessions() as session:
-            counts = await self.repo.count_by_status(session)
-            oldest_created, earliest_window = await self.repo.oldest_held(session)
+            held, oldest_created, earliest_window = await self.repo.held(session)
             unhappy, earliest_unhappy = await self.repo.unhappy_waiting(session, CALL_BACK_MAX_SCORE)
         now = self.clock()
-        HELD.set(counts.get("held_quiet_hours", 0))
+        HELD.set(held)
         HELD_OLDEST_AGE.set((now - oldest_created).total_seconds() if oldest_created else 0.0)
         HELD_OVERDUE.set(max(0.0, (now - earliest_window).total_seconds()) if earliest_window else 0.0)
         UNHAPPY_WAITING.set(unhappy)

@@ -33,7 +33,13 @@ from services.messenger.decision import in_holdout
 from services.messenger.links import sign_unsubscribe, survey_token
 from services.messenger.providers.base import ProviderError
 from services.messenger.providers.outbox import OutboxProvider
-from services.messenger.service import UNHAPPY_OLDEST_AGE, UNHAPPY_WAITING, MessengerService
+from services.messenger.service import (
+    HELD,
+    HELD_OLDEST_AGE,
+    UNHAPPY_OLDEST_AGE,
+    UNHAPPY_WAITING,
+    MessengerService,
+)
 from services.messenger.status import EmailEvent
 from services.messenger.tables import inbound_messages
 from services.messenger.tables import messages as messages_table
@@ -313,9 +319,13 @@ async def test_quiet_hours_hold_marketing_and_send_when_the_window_opens(world: 
     assert row["status"] == "held_quiet_hours"
     assert row["send_at"] == datetime(2026, 11, 25, 7, 0, tzinfo=UTC)  # 09:00 local
     assert await world.service.send_due() == []
+    await world.service.refresh_gauges()
+    assert (HELD._value.get(), HELD_OLDEST_AGE._value.get()) == (1, 0.0)
     world.clock.now = datetime(2026, 11, 25, 7, 0, 1, tzinfo=UTC)
     [outcome] = await world.service.send_due()
     assert outcome.status == "sent"
+    await world.service.refresh_gauges()
+    assert HELD._value.get() == 0
 
 
 async def test_an_sms_tells_the_way_out_its_sender_takes(world: World, tmp_path: Path) -> None:
