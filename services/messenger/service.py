@@ -995,6 +995,9 @@ class MessengerService:
         that may not go after all (or cannot) are settled with their outcome instead."""
         position = {m: i for i, m in enumerate(message_ids)}
         rows = sorted(await self.repo.claimable(session, message_ids), key=lambda r: position[r.id])
+        # Due when this pass listed it, but another sender may have put it back since, until a
+        # provider's Retry-After: not before then.
+        rows = [r for r in rows if r.send_at is None or r.send_at <= now]
         customers = {r.customer_id: r for r in rows}  # whatsapp_inbound_at and customer_profile
         profiles = {c: ProfileSnapshot.model_validate(r.customer_profile) for c, r in customers.items()}
         # A WhatsApp message whose window closed since its decision, with no approved template,

@@ -26,7 +26,11 @@ class SegmenterSettings(CommonSettings):
         "replay): until then customers may be only partly applied. 0 = never wait.",
     )
     segmenter_publish_chunk: int = Field(
-        default=2000, ge=1, description="Customers re-evaluated per step of a rule-publish job."
+        default=2000,
+        ge=1,
+        # A step reads its customers by id in one statement: SQLite takes 32,766 parameters.
+        le=20_000,
+        description="Customers re-evaluated per step of a rule-publish job (at most 20,000).",
     )
     segmenter_reporting_currency: Currency = Field(default="ILS", description="Currency of total_value.")
     segmenter_fx_rates: dict[Currency, FxRate] = Field(

@@ -446,6 +446,33 @@ async def test_a_crash_between_provider_and_commit_is_settled_not_resent(world: 
     assert len(list(world.outbox.iterdir())) == 1  # the provider has it exactly once
 
 
+async def test_a_message_put_back_until_later_since_the_pass_listed_it_waits(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass lists the due messages, then claims them a chunk at a time; another sender may
+    have put one back meanwhile, until a provider's Retry-After. It waits until then."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    [row] = await messages(world, customer)
+    later = NOON + timedelta(seconds=30)
+    real_claimable = world.service.repo.claimable
+
+    async def put_back_meanwhile(session: Any, message_ids: Any) -> Any:
+        await session.execute(
+            update(messages_table).where(messages_table.c.id == row["id"]).values(send_at=later)
+        )
+        return await real_claimable(session, message_ids)
+
+    monkeypatch.setattr(world.service.repo, "claimable", put_back_meanwhile)
+    assert await world.service.send_due() == []
+    [after] = await messages(world, customer)
+    assert (after["status"], after["attempts"]) == ("queued", 0)
+    assert outbox_files(world) == []
+    monkeypatch.undo()
+    world.clock.now = later
+    assert [o.status for o in await world.service.send_due()] == ["sent"]
+
+
 async def test_reconciliation_leaves_a_message_another_sender_claimed_again_meanwhile(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

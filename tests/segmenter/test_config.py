@@ -29,6 +29,9 @@ from services.segmenter.config import SegmenterSettings
         ),
         # inf turned the sweep off without a word.
         ({"segmenter_sweep_interval_s": "inf"}, "finite number"),
+        # A step reads its customers in one statement: past SQLite's 32,766 parameters it failed
+        # as if the database were away, and the publish job was retried for ever.
+        ({"segmenter_publish_chunk": 40_000}, "less than or equal to 20000"),
     ],
 )
 def test_settings_that_would_give_wrong_profiles_are_refused_by_name(
