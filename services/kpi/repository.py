@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -83,14 +83,24 @@ def _dialect(session: AsyncSession) -> str:
 # UPDATE may not touch a row twice in one statement: the callers give one row per key.
 
 
+def _bytewise(dialect: str) -> Callable[[Any], Any]:
+    """Text compared by code point, as the fold compares within a batch (Python's str order):
+    PostgreSQL compares by the database's collation, which under a locale (en_US.UTF-8, the
+    postgres image's) ranks "evt-a" before "evt-B", so which event gave an order its amount, or a
+    customer their tier, depended on whether the two came in one batch."""
+    return (lambda e: e.collate("C")) if dialect == "postgresql" else (lambda e: e)
+
+
 @functools.cache
 def _upsert_purchases(dialect: str) -> RowsWrite:
     c = purchases.c
+    bytewise = _bytewise(dialect)
 
     def finish(ins: Any) -> Any:
         new = ins.excluded
         newer = or_(
-            new.amount_at > c.amount_at, and_(new.amount_at == c.amount_at, new.event_id > c.event_id)
+            new.amount_at > c.amount_at,
+            and_(new.amount_at == c.amount_at, bytewise(new.event_id) > bytewise(c.event_id)),
         )
         # No WHERE: an older event can still be the order's first (a late original after its
         # correction) and lower its date while its amount stays. Every SET reads the old row.
@@ -107,12 +117,15 @@ def _upsert_purchases(dialect: str) -> RowsWrite:
 @functools.cache
 def _upsert_customers(dialect: str) -> RowsWrite:
     c = customers.c
+    bytewise = _bytewise(dialect)
 
     def finish(ins: Any) -> Any:
         set_: dict[str, Any] = {}
         for name in ("locale", "channel", "tier"):
             new_at, current_at = ins.excluded[f"{name}_at"], c[f"{name}_at"]
-            newer = and_(new_at.is_not(None), or_(current_at.is_(None), new_at > current_at))
+            newer = and_(
+                new_at.is_not(None), or_(current_at.is_(None), bytewise(new_at) > bytewise(current_at))
+            )
             set_[name] = case((newer, ins.excluded[name]), else_=c[name])
             set_[f"{name}_at"] = case((newer, new_at), else_=current_at)
         return ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_)

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from services.kpi import predictions
 from services.kpi import predictions as predictions_module
@@ -259,6 +259,29 @@ async def test_a_batch_applied_while_a_rollup_runs_keeps_it_marked(
     await kpi.service.run_rollups()
     async with kpi.db.sessions() as session:
         assert (await kpi.service.repo.rollup_status(session, "churn")).dirty_from is None
+
+
+# PostgreSQL only: SQLite compares text by code point whatever the setup.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_ties_between_event_ids_go_by_code_point_under_a_locale_collation(kpi: Kpi) -> None:
+    """Two events of one order at one instant: the greater event id gives the amount, as the
+    fold decides within a batch (code points: "p-b-B" < "p-b-a"). Under a locale collation
+    (the postgres image's en_US.UTF-8; here ICU's on the column) the database decided the other
+    way across batches, so the amount depended on how the events were batched."""
+    async with kpi.db.transaction() as session:
+        await session.execute(
+            text('ALTER TABLE purchases ALTER COLUMN event_id TYPE varchar(128) COLLATE "en-US-x-icu"')
+        )
+    at = utc(2024, 3, 1)
+    upper = purchase("b", at, "80", order="o-b").model_copy(update={"event_id": "p-b-B"})
+    lower = purchase("b", at, "100", order="o-b").model_copy(update={"event_id": "p-b-a"})
+    await kpi.apply([lower])
+    await kpi.apply([upper])
+    async with kpi.db.sessions() as session:
+        [row] = await kpi.service.repo.purchases(session)
+        ranked_first = await session.scalar(text("""SELECT 'p-b-a' COLLATE "en-US-x-icu" < 'p-b-B'"""))
+    assert ranked_first is True  # the column's collation ranks "p-b-a" first: the setup holds
+    assert (row.event_id, row.amount) == ("p-b-a", Decimal("100"))
 
 
 async def test_a_correction_changes_what_an_order_paid_not_when_and_redoes_its_periods(kpi: Kpi) -> None:
