@@ -17,6 +17,7 @@ from sqlalchemy import MetaData, text
 
 from services.kpi import tables as kpi_tables
 from services.messenger import tables as messenger_tables
+from services.messenger.repository import MessengerRepository
 from services.segmenter import tables as segmenter_tables
 from shared.config import REPO_ROOT
 from shared.db import Database, migrate
@@ -164,7 +165,8 @@ async def test_the_messenger_s_address_columns_are_filled_from_the_stored_snapsh
 
 async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(database_url: str) -> None:
     """Migration 0006 on a database with answered surveys: the answers are listed, with their
-    time (to the millisecond on SQLite, whose strftime keeps three digits), score and comment.
+    time (to the millisecond on SQLite, whose strftime keeps three digits; 0015 writes them in
+    six, as every time is stored), score and comment.
     Then 0007: the one answered over a day before is marked as answered before follow-ups were
     recorded (RetainUnhappyCustomersWaiting would fire at the deploy); the recent one waits."""
     from sqlalchemy import insert, select  # noqa: PLC0415
@@ -197,8 +199,26 @@ async def test_the_messenger_s_survey_answers_are_copied_from_their_messages(dat
         async with db.sessions() as session:
             a = messenger_tables.survey_answers
             rows = (await session.execute(select(a).order_by(a.c.id))).all()
+            # Paged one at a time, newest first, as GET /v1/surveys pages: each answer once (0015:
+            # on SQLite the copied times had three digits, and a cursor's row came again after it).
+            repo, paged, before = MessengerRepository(), [], None
+            for _ in range(3):
+                page = await repo.list_survey_answers(
+                    session,
+                    customer_id=None,
+                    journey=None,
+                    max_score=None,
+                    since=None,
+                    until=None,
+                    followed_up=None,
+                    before=before,
+                    limit=1,
+                )
+                paged += [r.id for r in page]
+                before = (page[-1].created_at, page[-1].id) if page else before
     finally:
         await db.dispose()
+    assert paged == ["m1", "m4"]
     [row, old_row] = rows
     assert (row.id, row.customer_id, row.journey, row.channel, row.tier) == (
         "m1",
