@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -200,6 +200,7 @@ def _among(stmt: Select[Any], column: Any, ids: list[str]) -> Select[Any]:
 
 
 TICKET_REBUILD_LOCK = 0x6B70695F7469636B  # "kpi_tick": the advisory lock of the ticket rebuild
+CLV_PUBLISH_LOCK = 0x6B70695F636C7670  # "kpi_clvp": the advisory lock of a refit's publication
 
 
 def _by_value(marks: Mapping[TicketKey, int]) -> dict[int, list[TicketKey]]:
@@ -531,6 +532,23 @@ class KpiRepository:
             stmt, [{"as_of": as_of, "fingerprint": fingerprint, "fitted_at": fitted_at, "model": model}]
         )
 
+    async def published_values(
+        self, session: AsyncSession, customer_ids: Collection[str]
+    ) -> dict[str, tuple[float | None, float | None, float | None]]:
+        """What was last published for each customer (clv, p_alive, expected 90 days), as stored
+        now; the publication lock first on PostgreSQL, so that two workers' refits take turns
+        here (SQLite's write lock already does)."""
+        if _dialect(session) == "postgresql":
+            await session.execute(select(func.pg_advisory_xact_lock(CLV_PUBLISH_LOCK)))
+        p = clv_predictions.c
+        found: dict[str, tuple[float | None, float | None, float | None]] = {}
+        for ids in in_chunks(customer_ids):
+            stmt = select(
+                p.customer_id, p.published_clv, p.published_p_alive, p.published_expected_90d
+            ).where(p.customer_id.in_(ids))
+            found.update((r[0], (r[1], r[2], r[3])) for r in await session.execute(stmt))
+        return found
+
     async def predictions(self, session: AsyncSession) -> dict[str, Prediction]:
         p = clv_predictions.c
         stmt = select(
@@ -577,6 +595,9 @@ class KpiRepository:
         ]
         c = clv_predictions.c
         set_ = {col.name: ins.excluded[col.name] for col in clv_predictions.c if col.name != "customer_id"}
-        # Keep the previous publication time for customers not published this time.
+        # Keep the previous publication (time and values) for customers not published this time,
+        # as stored, not as read before the fit: another worker's refit may have published since.
         set_["published_at"] = func.coalesce(ins.excluded.published_at, c.published_at)
+        for name in ("published_clv", "published_p_alive", "published_expected_90d"):
+            set_[name] = case((ins.excluded.published_at.is_(None), c[name]), else_=ins.excluded[name])
         await session.execute(ins.on_conflict_do_update(index_elements=[c.customer_id], set_=set_), values)

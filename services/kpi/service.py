@@ -1153,23 +1153,23 @@ class KpiService:
                 old.published_expected_90d if old else None,
             )
             rows.append(row)
-            if (
-                moved(row.published_clv, row.predicted_clv, tol, ABSOLUTE_FLOOR["predicted_clv"])
-                or moved(row.published_p_alive, row.p_alive, tol, ABSOLUTE_FLOOR["p_alive"])
-                or moved(
-                    row.published_expected_90d,
-                    row.expected_purchases_90d,
-                    tol,
-                    ABSOLUTE_FLOOR["expected_purchases_90d"],
-                )
-            ):
+            if _moved(row, (row.published_clv, row.published_p_alive, row.published_expected_90d), tol):
                 changed.add(cid)
         model_as_of = local_midnight(today + timedelta(days=1), self.tz)
-        records = [self._record(r, now, model_as_of) for r in rows if r.customer_id in changed]
         # A customer this fit cannot predict keeps no prediction of an earlier fit: the summary
         # and the customer's CLV are of the latest fit (docs/kpis.md), not a mix.
         unpredicted = [cid for i, cid in enumerate(result.customer_ids) if not usable[i]]
         async with self.db.transaction() as session:
+            # Checked again against what is published now, under the publication lock: another
+            # worker's refit (each kpi process refits on its own clock) may have published the
+            # same fit since ``previous`` was read, and every moved customer went twice.
+            fresh = await self.repo.published_values(session, changed)
+            changed = {
+                r.customer_id
+                for r in rows
+                if r.customer_id in changed and _moved(r, fresh.get(r.customer_id), tol)
+            }
+            records = [self._record(r, now, model_as_of) for r in rows if r.customer_id in changed]
             await self.repo.save_predictions(session, rows, changed, now)
             await self.repo.delete_predictions(session, unpredicted)
             await enqueue(session, outbox, records)
@@ -1374,3 +1374,16 @@ def _set(gauge: Any, labels: tuple[str, ...], value: float | None) -> None:
 
 def _bounds(p: Period) -> tuple[datetime, datetime]:
     return p.start, p.end
+
+
+def _moved(
+    row: Prediction, published: tuple[float | None, float | None, float | None] | None, tol: float
+) -> bool:
+    """Whether ``row``'s prediction moved beyond the tolerance from what was last published of
+    the customer (None: nothing yet)."""
+    clv, p_alive, expected = published or (None, None, None)
+    return (
+        moved(clv, row.predicted_clv, tol, ABSOLUTE_FLOOR["predicted_clv"])
+        or moved(p_alive, row.p_alive, tol, ABSOLUTE_FLOOR["p_alive"])
+        or moved(expected, row.expected_purchases_90d, tol, ABSOLUTE_FLOOR["expected_purchases_90d"])
+    )

@@ -943,6 +943,35 @@ async def test_a_customer_a_refit_cannot_predict_keeps_no_earlier_prediction(
     assert summary["total"]["predictions"]["customers"] == 299
 
 
+async def test_two_workers_refitting_at_once_publish_each_prediction_once(
+    kpi: Kpi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each kpi process refits on its own clock. The second read the published predictions
+    before the first committed, and published every moved customer again, under another event
+    id (consumers applied both). It checks what is published now, under the publication lock,
+    and keeps what the first published."""
+    kpi.at(utc(1997, 10, 1, 12))
+    await kpi.apply(cdnow_events(120))
+    other = KpiService(kpi.db, kpi.service.settings, None, clock=kpi.service.clock)
+    async with kpi.db.sessions() as session:
+        before = await kpi.service.repo.predictions(session)  # what both read: nothing published yet
+    assert before == {}
+    assert await kpi.service.refit_and_publish() == 120
+
+    async def as_read_before_the_first_committed(session: Any) -> Any:
+        return before
+
+    monkeypatch.setattr(other.repo, "predictions", as_read_before_the_first_committed)
+    assert await other.refit_and_publish() == 0
+    async with kpi.db.sessions() as session:
+        values = (await session.execute(select(outbox.c.value))).scalars().all()
+        published = (
+            await session.execute(select(func.count()).where(clv_predictions.c.published_clv.is_not(None)))
+        ).scalar()
+    assert len(values) == 120
+    assert published == 120
+
+
 async def test_clv_model_customer_and_publication(kpi: Kpi) -> None:
     kpi.at(utc(1997, 10, 1, 12))
     await kpi.apply(cdnow_events(300))
