@@ -151,8 +151,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)  # noqa: S101
+        errors = exc.errors()
+        if errors and all(e.get("type") == "json_invalid" for e in errors):
+            # A body that is not JSON at all: 400, as ingest answers it and the OpenAPI says,
+            # not a 422 about a field.
+            why = "; ".join(str((e.get("ctx") or {}).get("error") or e.get("msg")) for e in errors)
+            return JSONResponse(
+                error_body("bad_request", f"the body is not valid JSON: {why}"), status_code=400
+            )
         return JSONResponse(
-            error_body("invalid", "the request is not valid", pydantic_errors(exc.errors())),
+            error_body("invalid", "the request is not valid", pydantic_errors(errors)),
             status_code=422,
         )
 

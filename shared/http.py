@@ -331,10 +331,17 @@ def document_errors(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict
     handlers give them: 400 (a body that is not JSON), 401/403 (key missing or without the
     scope), 404 (an id in the path that names nothing) and 422 (FastAPI documents its own
     ``{"detail": …}`` shape, which this API never sends)."""
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
     error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-    components.update(error_schema.pop("$defs", {}))
-    components["ErrorResponse"] = error_schema
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas["ErrorResponse"] = error_schema
+    # How a key is sent (shared.auth): the Authorize button of /docs, and what clients generate.
+    components["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    generic = "The request is not valid; details name each problem."
     for route in endpoints(routes):
         if not route.include_in_schema:
             continue
@@ -343,19 +350,23 @@ def document_errors(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict
             if operation is None:
                 continue
             responses = operation.setdefault("responses", {})
-            if "422" in responses:
-                responses["422"] = _error("The request is not valid; details name each problem.")
+            # Every /v1 operation refuses query parameters it does not take (ApiRoute).
+            if "422" in responses or route.path.startswith("/v1/"):
+                # An operation's own words on its 422 stay (FastAPI's default says nothing).
+                said = responses.get("422", {}).get("description")
+                responses["422"] = _error(generic if said in (None, "Validation Error") else said)
             if "requestBody" in operation:
-                responses.setdefault("400", _error("The body could not be parsed."))
+                responses.setdefault("400", _error("The body is not JSON."))
                 responses.setdefault("413", _error("The body is over the size limit."))
             if any(p.get("in") == "path" for p in operation.get("parameters", [])):
                 responses.setdefault("404", _error("Nothing is found under this path."))
             if scope_requirements(route.dependant):
+                operation["security"] = [{"bearer": []}, {"apiKey": []}]
                 responses.setdefault("401", _error("No API key, or not a valid one."))
                 responses.setdefault("403", _error("The API key lacks the scope of this operation."))
     if "HTTPValidationError" not in str(schema["paths"]):
-        components.pop("HTTPValidationError", None)
-        components.pop("ValidationError", None)
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
     return schema
 
 

@@ -208,7 +208,8 @@ _BODY = events_request_body()
         429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After."},
         503: {"model": ErrorResponse, "description": "Kafka unavailable; resend after Retry-After."},
     },
-    openapi_extra={"requestBody": _BODY["requestBody"]},
+    # The key is checked in accept (before the body is read), not by a dependency: declared here.
+    openapi_extra={"requestBody": _BODY["requestBody"], "security": [{"bearer": []}, {"apiKey": []}]},
 )
 async def post_events(request: Request) -> Response:
     endpoint: EventsEndpoint = request.app.state.events

@@ -34,7 +34,9 @@ def _as_sent_over_http(model: dict[str, Any]) -> dict[str, Any]:
     event_id = dict(model["properties"]["event_id"])
     event_id["description"] = (
         "Your id for this event, unique per event: a retry with the same id is not applied twice. "
-        "Assigned (a UUID, returned in event_ids) when left out, and then a retry is a new event."
+        "When left out, one is made from the event's content (a name-based UUID, returned in "
+        "event_ids): a retry of the same content is the same event, and two events alike in every "
+        "field are one; give ids of your own to send such events apart."
     )
     type_ = {k: v for k, v in model["properties"]["type"].items() if k != "default"}
     model["properties"]["event_id"] = event_id

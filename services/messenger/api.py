@@ -31,6 +31,7 @@ from services.messenger.status import EmailEvent
 from services.messenger.stopwords import match_inbound, reply_for
 from shared.auth import ApiKey, KeyStore, require_scope
 from shared.errors import (
+    ErrorResponse,
     ForbiddenError,
     InvalidInputError,
     NotFoundError,
@@ -310,7 +311,20 @@ async def _twilio_form(request: Request) -> dict[str, str]:
     return form
 
 
-@router.post("/webhooks/twilio/status", tags=["webhooks"], summary="Twilio message status callback")
+_SIGNED = {
+    204: {"description": "Taken (or already taken: a retry or a replay changes nothing)."},
+    403: {"model": ErrorResponse, "description": "The signature is missing, forged or stale."},
+}
+
+
+@router.post(
+    "/webhooks/twilio/status",
+    tags=["webhooks"],
+    summary="Twilio message status callback",
+    status_code=204,
+    response_class=Response,
+    responses=_SIGNED,
+)
 async def twilio_status(request: Request, service: Service) -> Response:
     form = await _twilio_form(request)
     sid = form.get("MessageSid") or form.get("SmsSid")
@@ -324,7 +338,17 @@ async def twilio_status(request: Request, service: Service) -> Response:
 
 
 @router.post(
-    "/webhooks/twilio/inbound", tags=["webhooks"], summary="Inbound SMS / WhatsApp (STOP, START, replies)"
+    "/webhooks/twilio/inbound",
+    tags=["webhooks"],
+    summary="Inbound SMS / WhatsApp (STOP, START, replies)",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "TwiML: the reply to a keyword, or an empty <Response/>.",
+            "content": {"application/xml": {"schema": {"type": "string"}}},
+        },
+        403: _SIGNED[403],
+    },
 )
 async def twilio_inbound(request: Request, service: Service) -> Response:
     form = await _twilio_form(request)
@@ -347,7 +371,14 @@ async def twilio_inbound(request: Request, service: Service) -> Response:
     return Response(twiml, media_type="application/xml")
 
 
-@router.post("/webhooks/sendgrid/events", tags=["webhooks"], summary="SendGrid event webhook (signed)")
+@router.post(
+    "/webhooks/sendgrid/events",
+    tags=["webhooks"],
+    summary="SendGrid event webhook (signed)",
+    status_code=204,
+    response_class=Response,
+    responses=_SIGNED,
+)
 async def sendgrid_events(request: Request, service: Service) -> Response:
     key = service.settings.sendgrid_webhook_public_key
     signature = request.headers.get("x-twilio-email-event-webhook-signature")
@@ -426,7 +457,9 @@ async def unsubscribe_page(token: Annotated[str, Path(max_length=300)], service:
     return HTMLResponse(pages.unsubscribe_confirm(lang, Channel(channel), brand, f"/u/{token}"))
 
 
-@router.post("/u/{token}", tags=["links"], summary="One-click unsubscribe (RFC 8058)")
+@router.post(
+    "/u/{token}", tags=["links"], response_class=HTMLResponse, summary="One-click unsubscribe (RFC 8058)"
+)
 async def unsubscribe(token: Annotated[str, Path(max_length=300)], service: Service) -> HTMLResponse:
     found = verify_unsubscribe(service.settings.messenger_link_secret.get_secret_value(), token)
     if found is None:

@@ -43,6 +43,10 @@ def _app(keys: Path) -> FastAPI:
     async def broken() -> dict[str, str]:
         raise RuntimeError("a bug")
 
+    @router.get("/v1/plain", responses={422: {"description": "Its own words: not enough data."}})
+    async def plain(_key: Reader) -> dict[str, str]:
+        return {}
+
     @router.post("/hooks/form")
     async def form(request: Request) -> dict[str, int]:
         return {"fields": len(await request.form())}
@@ -103,6 +107,40 @@ def test_the_openapi_documents_the_errors_in_their_real_shape(tmp_path: Path) ->
     ref = one["422"]["content"]["application/json"]["schema"]["$ref"]
     assert ref == "#/components/schemas/ErrorResponse"
     assert "HTTPValidationError" not in schema["components"]["schemas"]
+    # Without parameters of its own a /v1 operation still refuses unknown ones (422); an
+    # operation's own words on its 422 stay.
+    plain = schema["paths"]["/v1/plain"]["get"]["responses"]
+    assert plain["422"]["description"] == "Its own words: not enough data."
+    assert plain["422"]["content"]["application/json"]["schema"]["$ref"] == ref
+    assert one["422"]["description"] == "The request is not valid; details name each problem."
+
+
+def test_the_openapi_says_how_to_send_the_key_where_one_is_needed(tmp_path: Path) -> None:
+    """No scheme was declared (bar ingest's, on every route, /healthz too): /docs had no
+    Authorize button, and a generated client sent no key and got 401."""
+    schema = _app(tmp_path / "keys.json").openapi()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Authorization: Bearer <API key>",
+    }
+    assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    keyed = [{"bearer": []}, {"apiKey": []}]
+    assert schema["paths"]["/v1/things/{thing_id}"]["get"]["security"] == keyed
+    assert schema["paths"]["/v1/things"]["post"]["security"] == keyed
+    for path in ("/healthz", "/metrics", "/hooks/form"):
+        assert all("security" not in op for op in schema["paths"][path].values()), path
+    assert "security" not in schema
+
+
+async def test_a_body_that_is_not_json_is_a_400_as_documented(client: httpx.AsyncClient) -> None:
+    cut = await client.post("/v1/things", content=b'{"a": ', headers={"Content-Type": "application/json"})
+    assert cut.status_code == 400, cut.text
+    assert cut.json()["error"]["code"] == "bad_request"
+    assert cut.json()["error"]["message"].startswith("the body is not valid JSON: ")
+    wrong = await client.post("/v1/things", json=[1, 2])  # JSON, but not the object it takes: 422
+    assert wrong.status_code == 422
 
 
 def test_endpoints_lists_the_routes_of_included_routers(tmp_path: Path) -> None:
