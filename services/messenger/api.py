@@ -311,7 +311,7 @@ async def _twilio_form(request: Request) -> dict[str, str]:
     return form
 
 
-_SIGNED = {
+_SIGNED: dict[int | str, dict[str, Any]] = {
     204: {"description": "Taken (or already taken: a retry or a replay changes nothing)."},
     403: {"model": ErrorResponse, "description": "The signature is missing, forged or stale."},
 }

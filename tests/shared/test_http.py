@@ -126,7 +126,7 @@ def test_the_openapi_says_how_to_send_the_key_where_one_is_needed(tmp_path: Path
         "description": "Authorization: Bearer <API key>",
     }
     assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-    keyed = [{"bearer": []}, {"apiKey": []}]
+    keyed: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
     assert schema["paths"]["/v1/things/{thing_id}"]["get"]["security"] == keyed
     assert schema["paths"]["/v1/things"]["post"]["security"] == keyed
     for path in ("/healthz", "/metrics", "/hooks/form"):
