@@ -429,6 +429,8 @@ class MessengerService:
                 session, "journeys", [j.model_dump(mode="json") for j in default_journeys()], now
             )
             store = await self.load_template_overrides(session)
+            journeys = await self.journeys(session)
+        self._warn_of_saved_overrides(store, journeys)
         for key, count in store.long_sms():
             log.warning(
                 "an SMS template goes in more segments than it was written for with this public URL: "
@@ -439,6 +441,27 @@ class MessengerService:
                 encoding=count.encoding,
                 messenger_public_url=self.settings.messenger_public_url,
             )
+
+    def _warn_of_saved_overrides(self, store: TemplateStore, journeys: Sequence[Journey]) -> None:
+        """Template overrides saved under an earlier release's checks that fail today's: their
+        messages fail (a marketing journey's template saved as transactional: no opt-out) or
+        go longer than written, until they are saved again, corrected. Said at start, per one."""
+        marketing = {j.template for j in journeys if j.kind is MessageKind.MARKETING}
+        for key in store.keys():  # noqa: SIM118 - a list, not a dict
+            template = store.get(key)
+            if template is None or not store.is_overridden(key):
+                continue
+            problems = [f"{e.path}: {e.message}" for e in store.validate(template)]
+            if template.kind is not MessageKind.MARKETING and key.journey in marketing:
+                problems.append(
+                    "$.kind: a marketing journey sends it, saved as transactional: each message fails"
+                )
+            if problems:
+                log.warning(
+                    "a saved template override fails today's checks: save it again, corrected",
+                    template=str(key),
+                    problems=problems,
+                )
 
     async def journeys(self, session: Any) -> list[Journey]:
         row = await self.repo.setting(session, "journeys")

@@ -992,6 +992,35 @@ async def test_the_start_names_the_sms_a_long_public_url_makes_longer(
     assert named["feedback_survey/sms/he"]["messenger_public_url"] == "https://retain.shop.co.il"
 
 
+async def test_the_start_names_saved_overrides_that_fail_today_s_checks(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An override saved under an earlier release's checks: a thank-you (a marketing journey)
+    saved as transactional, with no way to opt out. Each of its messages fails to render now;
+    the start says so, naming it and why. A good override is not named."""
+    saved = [
+        {
+            "key": {"journey": "thank_you", "channel": "sms", "locale": "he"},
+            "kind": "transactional",
+            "text": "תודה!",
+        },
+        {
+            "key": {"journey": "welcome", "channel": "sms", "locale": "en"},
+            "kind": "marketing",
+            "text": "Hi! {{ opt_out }}",
+        },
+    ]
+    async with world.db.transaction() as session:
+        await world.service.repo.put_setting(session, "templates", saved, "an earlier release", NOON)
+    recorder = WarningRecorder()
+    monkeypatch.setattr(service_module, "log", recorder)
+    await MessengerService(world.db, world.service.settings, None, {}).ensure_defaults()
+    named = {fields["template"]: fields for message, fields in recorder.warnings if "override" in message}
+    assert set(named) == {"thank_you/sms/he"}
+    problems = named["thank_you/sms/he"]["problems"]
+    assert problems == ["$.kind: a marketing journey sends it, saved as transactional: each message fails"]
+
+
 @pytest.fixture
 async def api(world: World, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(world.service.settings)
