@@ -31,6 +31,7 @@ from services.messenger.status import EmailEvent
 from services.messenger.stopwords import match_inbound, reply_for
 from shared.auth import ApiKey, KeyStore, require_scope
 from shared.errors import (
+    BadRequestError,
     ErrorResponse,
     ForbiddenError,
     InvalidInputError,
@@ -411,7 +412,7 @@ async def sendgrid_events(request: Request, service: Service) -> Response:
     try:
         events = json.loads(payload)
     except json.JSONDecodeError as exc:
-        raise InvalidInputError("the body is not JSON") from exc
+        raise BadRequestError(f"the body is not valid JSON: {exc}") from exc
     if not isinstance(events, list):
         raise InvalidInputError("the body must be a JSON array of events")
     applied = await service.email_events(

@@ -341,16 +341,20 @@ class MessengerRepository:
             stmt = stmt.with_for_update()
         return (await session.execute(stmt)).first()
 
-    async def statuses(self, session: AsyncSession, message_ids: Collection[str]) -> dict[str, str]:
-        """The messages' statuses as stored now, their rows locked (PostgreSQL)."""
-        found: dict[str, str] = {}
+    async def statuses(
+        self, session: AsyncSession, message_ids: Collection[str]
+    ) -> dict[str, tuple[str, int]]:
+        """The messages' (status, attempts) as stored now, their rows locked (PostgreSQL)."""
+        found: dict[str, tuple[str, int]] = {}
         for ids in in_chunks(message_ids):
             stmt = (
-                select(messages.c.id, messages.c.status).where(messages.c.id.in_(ids)).order_by(messages.c.id)
+                select(messages.c.id, messages.c.status, messages.c.attempts)
+                .where(messages.c.id.in_(ids))
+                .order_by(messages.c.id)
             )
             if _row_locks(session):
                 stmt = stmt.with_for_update()
-            found.update((r.id, r.status) for r in await session.execute(stmt))
+            found.update((r.id, (r.status, r.attempts)) for r in await session.execute(stmt))
         return found
 
     async def insert_messages(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:

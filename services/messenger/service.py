@@ -376,7 +376,12 @@ class _SendPass:
             results, self.results, self.settled = self.results, [], self.received
             async with self.service.db.transaction() as session:
                 self.outcomes += await self.service._record(session, results)
-                if len(self.ready) < self.chunk and self.claimed_upto < len(self.due):
+            # The next claim in a transaction of its own: it locks customers in id order, which
+            # after the settle's (an address suppressed) could meet a consumer's batch holding
+            # them the other way round (PostgreSQL deadlock: the settle rolled back, its
+            # messages left 'sending').
+            if len(self.ready) < self.chunk and self.claimed_upto < len(self.due):
+                async with self.service.db.transaction() as session:
                     await self._claim_next(session)
 
 
@@ -453,9 +458,13 @@ class MessengerService:
                 continue
             problems = [f"{e.path}: {e.message}" for e in store.validate(template)]
             if template.kind is not MessageKind.MARKETING and key.journey in marketing:
-                problems.append(
-                    "$.kind: a marketing journey sends it, saved as transactional: each message fails"
-                )
+                # Sent as marketing, it must show how to opt out (email has it in its footer).
+                as_sent = store.validate(template.model_copy(update={"kind": MessageKind.MARKETING}))
+                if any("how to opt out" in e.message for e in as_sent):
+                    problems.append(
+                        "$.text: a marketing journey sends it, and it shows no way to opt out: "
+                        "each message fails"
+                    )
             if problems:
                 log.warning(
                     "a saved template override fails today's checks: save it again, corrected",
@@ -1235,13 +1244,23 @@ class MessengerService:
         outcomes: list[SendOutcome] = []
         opt_outs: list[tuple[str, Channel, FactSource, str | None]] = []
         later: list[dict[str, Any]] = []
+        # The customers whose address an error suppresses, locked first and in id order, as a
+        # consumer's batch locks them before their messages (PostgreSQL: no deadlock between).
+        suppressing = {
+            r.customer_id
+            for r, result in results
+            if isinstance(result, ProviderError) and result.suppress_address
+        }
+        await self.repo.lock_customers(session, suppressing)
         # Settled meanwhile by what came after the call: the provider's status callback (Twilio's
         # may come before this, which waits for the next settle; SendGrid's 'delivered') or a
-        # reconciliation that found it. Written over, 'delivered' went back to 'sent'.
+        # reconciliation that found it; or claimed again since (another attempt under way).
+        # Written over, 'delivered' went back to 'sent', or a later attempt's row was taken.
         stored = await self.repo.statuses(session, [row.id for row, _ in results])
         for row, result in results:
-            status = stored.get(row.id)
-            if status is not None and status != "sending" and status not in DUE:
+            status, attempts = stored.get(row.id, (None, None))
+            again = status == "sending" and attempts != row.attempts + 1
+            if status is not None and (again or (status != "sending" and status not in DUE)):
                 outcomes.append(SendOutcome(row.id, status, None))
                 continue
             if not isinstance(result, ProviderError):
@@ -1687,6 +1706,14 @@ class MessengerService:
             await self.repo.add_consent_fact(session, customer_id, "email", now, True, source, False)
         if row is None:
             return
+        if row.status == "sending" and outcome.status is not None:
+            # Before the sender recorded the send (its answer waits for the commit): recorded
+            # here as the sender would, first, so 'sent' (and a win-back's offer code, published
+            # with it) is not lost under the 'delivered' that came first.
+            provider = self.providers.get(Channel(row.channel))
+            name = provider.name if provider is not None else "sendgrid"
+            await self._settle(session, row, "sent", f"handed to {name}", now, provider=name)
+            row = await self.repo.message(session, row.id, for_update=True)
         current = (row.details or {}).get("provider_status", row.status)
         if outcome.status is not None and outcome.status != row.status and advances(current, outcome.status):
             why = (

@@ -100,7 +100,8 @@ VARIABLES: dict[str, str] = {
     "opt_out": "How to opt out, in the message's language: on an SMS that takes replies, the "
     "keyword to reply (Reply STOP to unsubscribe / להסרה אפשר להשיב הסר / لإلغاء الاشتراك أرسل "
     "إلغاء), a third of the link's length; else the label and {{ unsubscribe_url }}. Either shows a "
-    "marketing message's opt-out.",
+    "marketing message's opt-out. Worded in he, ar and en; other languages get the English words "
+    "(STOP works in any): write your own there, with {{ unsubscribe_url }}.",
     "offer_code": "Optional. The win-back offer code, only when the journey grants one.",
     "offer_value": "Optional. What the offer gives, in the message's language, when configured "
     "(RETAIN_MESSENGER_OFFER_VALUE, e.g. 15% הנחה); only with offer_code.",

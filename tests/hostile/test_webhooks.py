@@ -221,6 +221,19 @@ async def test_sendgrid_events_with_a_valid_signature_are_applied_once(messenger
     assert (await messenger.state()) == after
 
 
+async def test_a_signed_sendgrid_body_that_is_not_json_is_a_400(messenger: Messenger) -> None:
+    """As a body that is not JSON is everywhere (400), not a 422 about a field; nothing applied."""
+    payload = '[{"email": "a@example.com", "event": '
+    timestamp = str(int(time.time()))
+    before = await messenger.state()
+    response = await messenger.sendgrid(
+        payload, sendgrid_signature(messenger.sendgrid_key, timestamp, payload), timestamp
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].startswith("the body is not valid JSON")
+    assert await messenger.state() == before
+
+
 async def test_sendgrid_delivery_and_click_find_their_message_by_its_custom_arg(messenger: Messenger) -> None:
     """SendGrid echoes the send's custom_args ({"message_id": …}, providers/sendgrid_api.py)
     as keys of each event: the delivery settles that message, the click is published. A value

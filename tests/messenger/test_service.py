@@ -1018,7 +1018,9 @@ async def test_the_start_names_saved_overrides_that_fail_today_s_checks(
     named = {fields["template"]: fields for message, fields in recorder.warnings if "override" in message}
     assert set(named) == {"thank_you/sms/he"}
     problems = named["thank_you/sms/he"]["problems"]
-    assert problems == ["$.kind: a marketing journey sends it, saved as transactional: each message fails"]
+    assert problems == [
+        "$.text: a marketing journey sends it, and it shows no way to opt out: each message fails"
+    ]
 
 
 @pytest.fixture
@@ -1115,6 +1117,80 @@ async def test_a_status_callback_before_the_sender_records_the_send_is_kept(
         )
     statuses = [MESSAGE_EVENT_ADAPTER.validate_json(v).status for v in values]
     assert statuses == [MessageStatus.QUEUED, MessageStatus.SENT, MessageStatus.FAILED]
+
+
+async def hold_the_record(
+    world: World, channel: Channel, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[Any], asyncio.Event, asyncio.Task[Any]]:
+    """send_due under way: the provider took the message, its answer waits for the settle until
+    the returned gate is set; the provider's results so far, the gate, the pass."""
+    provider = world.service.providers[channel]
+    real_send, real_record = provider.send, world.service._record
+    handed: list[Any] = []
+    gate = asyncio.Event()
+
+    async def send(msg: Any) -> Any:
+        result = await real_send(msg)
+        handed.append(result)
+        return result
+
+    async def held_record(*args: Any) -> Any:
+        await gate.wait()
+        return await real_record(*args)
+
+    monkeypatch.setattr(provider, "send", send)
+    monkeypatch.setattr(world.service, "_record", held_record)
+    sending = asyncio.create_task(world.service.send_due())
+    while not handed:
+        await asyncio.sleep(0.05)
+    return handed, gate, sending
+
+
+async def test_a_sendgrid_event_before_the_sender_records_the_send_keeps_the_send(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SendGrid's 'delivered' may come before the sender commits its answer. It settled the
+    message from 'sending' straight to 'delivered', and the sender then left it: 'sent' was
+    never published (nor a win-back's offer code, which goes with it). It is recorded first."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(
+        delivered([purchase_update(customer, 1, NOON, preferred_channel=Channel.EMAIL)])
+    )
+    _, gate, sending = await hold_the_record(world, Channel.EMAIL, monkeypatch)
+    [row] = await messages(world, customer)
+    assert (row["status"], row["channel"]) == ("sending", "email")
+    assert await world.service.email_events([EmailEvent("noa@example.com", "delivered", row["id"])])
+    gate.set()
+    await sending
+    [after] = await messages(world, customer)
+    assert after["status"] == "delivered"
+    assert after["sent_at"] is not None
+    async with world.db.sessions() as session:
+        values = (
+            (await session.execute(select(outbox_table.c.value).order_by(outbox_table.c.id))).scalars().all()
+        )
+    statuses = [MESSAGE_EVENT_ADAPTER.validate_json(v).status for v in values]
+    assert statuses == [MessageStatus.QUEUED, MessageStatus.SENT, MessageStatus.DELIVERED]
+
+
+async def test_the_sender_leaves_a_message_claimed_again_while_its_answer_waited(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its answer waiting for the settle, the message was claimed again (requeued by a
+    reconciliation, taken by another sender: attempt 2 under way). The answer of attempt 1 is
+    not written over attempt 2's row."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    _, gate, sending = await hold_the_record(world, Channel.SMS, monkeypatch)
+    [row] = await messages(world, customer)
+    async with world.db.transaction() as session:
+        await session.execute(
+            update(messages_table).where(messages_table.c.id == row["id"]).values(attempts=2)
+        )
+    gate.set()
+    await sending
+    [after] = await messages(world, customer)
+    assert (after["status"], after["attempts"], after["provider_message_id"]) == ("sending", 2, None)
 
 
 def whatsapp_first(customer: str, n: int, at: datetime, **profile_overrides: Any) -> CustomerUpdate:
