@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -154,10 +154,9 @@ def _mark_stale(dialect: str) -> RowsWrite:
 
 
 class RollupStatus(NamedTuple):
-    dirty_from: date | None
+    dirty_from: date | None  # the earliest day to redo (marked, or taken by a run not done)
     settings: str | None  # the fingerprint of what the rows were computed with
     computed: bool  # ever
-    marks: int  # batches that marked it dirty, ever
 
 
 @functools.cache
@@ -168,10 +167,7 @@ def _lower_dirty_from(dialect: str) -> Any:
         (or_(current.is_(None), ins.excluded.dirty_from < current), ins.excluded.dirty_from),
         else_=current,
     )
-    return ins.on_conflict_do_update(
-        index_elements=[rollup_state.c.name],
-        set_={"dirty_from": lowered, "marks": rollup_state.c.marks + 1},
-    )
+    return ins.on_conflict_do_update(index_elements=[rollup_state.c.name], set_={"dirty_from": lowered})
 
 
 def _ticket(r: Any) -> Ticket:
@@ -338,25 +334,46 @@ class KpiRepository:
     async def rollup_status(self, session: AsyncSession, name: str) -> RollupStatus:
         row = (await session.execute(select(rollup_state).where(rollup_state.c.name == name))).first()
         if row is None:
-            return RollupStatus(None, None, computed=False, marks=0)
-        return RollupStatus(
-            row.dirty_from, row.settings, computed=row.computed_at is not None, marks=row.marks
-        )
+            return RollupStatus(None, None, computed=False)
+        days = [d for d in (row.dirty_from, row.taken_from) if d is not None]
+        return RollupStatus(min(days, default=None), row.settings, computed=row.computed_at is not None)
+
+    async def take_dirty(self, session: AsyncSession, name: str) -> RollupStatus:
+        """The rollup's status as a run starts it: the day to redo from (what batches marked,
+        and what a run that did not finish took) is taken, dirty_from left to the batches that
+        come while it runs."""
+        stmt = select(rollup_state).where(rollup_state.c.name == name)
+        if _dialect(session) == "postgresql":
+            stmt = stmt.with_for_update()
+        row = (await session.execute(stmt)).first()
+        if row is None:
+            return RollupStatus(None, None, computed=False)
+        days = [d for d in (row.dirty_from, row.taken_from) if d is not None]
+        taken = min(days, default=None)
+        if row.dirty_from is not None:
+            await session.execute(
+                update(rollup_state)
+                .where(rollup_state.c.name == name)
+                .values(dirty_from=None, taken_from=taken)
+            )
+        return RollupStatus(taken, row.settings, computed=row.computed_at is not None)
 
     async def finish_rollup(
         self, session: AsyncSession, name: str, seen: RollupStatus, settings: str, at: datetime
     ) -> None:
-        """Clear dirty_from unless a batch marked it since ``seen`` was read (then the next run
-        redoes from it): a batch of another worker's, on a day at or after the one read, lowers
-        nothing, and by the day alone its facts were cleared with the rest."""
+        """Done with what the run took (``seen``, from ``take_dirty``), unless another run took an
+        earlier day since (its own finish clears that). What batches marked meanwhile stays."""
         ins = _insert(session, rollup_state)
         await session.execute(
             ins.on_conflict_do_nothing(), [{"name": name, "dirty_from": None, "settings": settings}]
         )
         c = rollup_state.c
-        await session.execute(
-            update(rollup_state).where(c.name == name, c.marks == seen.marks).values(dirty_from=None)
-        )
+        if seen.dirty_from is not None:
+            await session.execute(
+                update(rollup_state)
+                .where(c.name == name, c.taken_from == seen.dirty_from)
+                .values(taken_from=None)
+            )
         await session.execute(
             update(rollup_state).where(c.name == name).values(computed_at=at, settings=settings)
         )
@@ -533,21 +550,16 @@ class KpiRepository:
         )
 
     async def published_values(
-        self, session: AsyncSession, customer_ids: Collection[str]
+        self, session: AsyncSession
     ) -> dict[str, tuple[float | None, float | None, float | None]]:
-        """What was last published for each customer (clv, p_alive, expected 90 days), as stored
+        """What was last published of each customer (clv, p_alive, expected 90 days), as stored
         now; the publication lock first on PostgreSQL, so that two workers' refits take turns
-        here (SQLite's write lock already does)."""
+        from here to their commit (SQLite's write lock already does)."""
         if _dialect(session) == "postgresql":
             await session.execute(select(func.pg_advisory_xact_lock(CLV_PUBLISH_LOCK)))
         p = clv_predictions.c
-        found: dict[str, tuple[float | None, float | None, float | None]] = {}
-        for ids in in_chunks(customer_ids):
-            stmt = select(
-                p.customer_id, p.published_clv, p.published_p_alive, p.published_expected_90d
-            ).where(p.customer_id.in_(ids))
-            found.update((r[0], (r[1], r[2], r[3])) for r in await session.execute(stmt))
-        return found
+        stmt = select(p.customer_id, p.published_clv, p.published_p_alive, p.published_expected_90d)
+        return {r[0]: (r[1], r[2], r[3]) for r in await session.execute(stmt)}
 
     async def predictions(self, session: AsyncSession) -> dict[str, Prediction]:
         p = clv_predictions.c

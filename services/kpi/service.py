@@ -560,8 +560,8 @@ class KpiService:
         settings = self._rollup_settings()
         if inputs:
             settings = hashlib.sha256(f"{settings}|{inputs}".encode()).hexdigest()
-        async with self.db.sessions() as session:
-            seen = await self.repo.rollup_status(session, name)
+        async with self.db.transaction() as session:
+            seen = await self.repo.take_dirty(session, name)
             dirty = seen.dirty_from
             if not seen.computed or seen.settings != settings:
                 earliest = await self.repo.earliest(session, earliest_column)
@@ -1125,10 +1125,6 @@ class KpiService:
             log.info("no CLV model yet", reason=str(exc))
             return 0
         now = model["fitted_at"]
-        async with self.db.sessions() as session:
-            previous = await self.repo.predictions(session)
-        rows: list[Prediction] = []
-        changed: set[str] = set()
         tol = s.kpi_clv_relative_tolerance
         usable = result.usable
         if not usable.all():
@@ -1137,38 +1133,34 @@ class KpiService:
                 customers=int((~usable).sum()),
                 params=model["params"],
             )
-        for i, cid in enumerate(result.customer_ids):
-            if not usable[i]:
-                continue
-            old = previous.get(cid)
-            row = Prediction(
-                cid,
-                today,
-                float(result.historic_value[i]),
-                float(result.predicted_clv[i]),
-                float(result.p_alive[i]),
-                float(result.expected_purchases_90d[i]),
-                old.published_clv if old else None,
-                old.published_p_alive if old else None,
-                old.published_expected_90d if old else None,
-            )
-            rows.append(row)
-            if _moved(row, (row.published_clv, row.published_p_alive, row.published_expected_90d), tol):
-                changed.add(cid)
         model_as_of = local_midnight(today + timedelta(days=1), self.tz)
         # A customer this fit cannot predict keeps no prediction of an earlier fit: the summary
         # and the customer's CLV are of the latest fit (docs/kpis.md), not a mix.
         unpredicted = [cid for i, cid in enumerate(result.customer_ids) if not usable[i]]
         async with self.db.transaction() as session:
-            # Checked again against what is published now, under the publication lock: another
-            # worker's refit (each kpi process refits on its own clock) may have published the
-            # same fit since ``previous`` was read, and every moved customer went twice.
-            fresh = await self.repo.published_values(session, changed)
-            changed = {
-                r.customer_id
-                for r in rows
-                if r.customer_id in changed and _moved(r, fresh.get(r.customer_id), tol)
-            }
+            # What moved is judged against what is published now, read under the publication
+            # lock: each kpi process refits on its own clock, and against a read made before
+            # another's refit committed, every moved customer went twice (and one that moved
+            # only against the other's publication not at all).
+            published = await self.repo.published_values(session)
+            rows: list[Prediction] = []
+            changed: set[str] = set()
+            for i, cid in enumerate(result.customer_ids):
+                if not usable[i]:
+                    continue
+                before = published.get(cid)
+                row = Prediction(
+                    cid,
+                    today,
+                    float(result.historic_value[i]),
+                    float(result.predicted_clv[i]),
+                    float(result.p_alive[i]),
+                    float(result.expected_purchases_90d[i]),
+                    *(before or (None, None, None)),
+                )
+                rows.append(row)
+                if _moved(row, before, tol):
+                    changed.add(cid)
             records = [self._record(r, now, model_as_of) for r in rows if r.customer_id in changed]
             await self.repo.save_predictions(session, rows, changed, now)
             await self.repo.delete_predictions(session, unpredicted)

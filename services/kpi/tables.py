@@ -11,7 +11,6 @@ recomputed from the facts alone.
 from __future__ import annotations
 
 from sqlalchemy import (
-    BigInteger,
     Boolean,
     Column,
     Date,
@@ -204,8 +203,8 @@ rollup_state = Table(
     Column("computed_at", UtcDateTime(), nullable=True),
     # The settings the rows were computed with (time zone, windows, rates): a change redoes all.
     Column("settings", String(64), nullable=True),
-    # Batches that marked it, ever: a rollup clears its mark only if none came while it ran.
-    Column("marks", BigInteger, nullable=False, server_default="0"),
+    # The day a running rollup took from dirty_from, until it is done (a failed run leaves it).
+    Column("taken_from", Date, nullable=True),
 )
 
 kpi_response_time_daily = Table(

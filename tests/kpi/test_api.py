@@ -239,7 +239,9 @@ async def test_a_batch_applied_while_a_rollup_runs_keeps_it_marked(
     """Two kpi workers: one computes the churn table from its dirty day, the other applies a
     purchase on a later day meanwhile (which lowers nothing). The rollup cleared the mark by the
     day alone, and the table went without that purchase until something marked its day again.
-    It clears the mark only if no batch marked it while it ran; the next run takes the purchase."""
+    A run takes its day when it starts: the purchase's day is marked after it, for the next run,
+    which takes it (not the day the first run redid, which under steady traffic would be redone
+    every time)."""
     kpi.at(utc(2024, 6, 1))
     await kpi.apply([purchase("a", utc(2024, 1, 10), "100", order="o-a")])
     real_rows = kpi.service._churn_rows
@@ -254,11 +256,38 @@ async def test_a_batch_applied_while_a_rollup_runs_keeps_it_marked(
     monkeypatch.setattr(kpi.service, "_churn_rows", rows_while_another_worker_applies)
     await kpi.service.run_rollups()
     async with kpi.db.sessions() as session:
-        assert (await kpi.service.repo.rollup_status(session, "churn")).dirty_from == date(2024, 1, 10)
+        assert (await kpi.service.repo.rollup_status(session, "churn")).dirty_from == date(2024, 3, 5)
     assert late == []
     await kpi.service.run_rollups()
     async with kpi.db.sessions() as session:
         assert (await kpi.service.repo.rollup_status(session, "churn")).dirty_from is None
+
+
+async def test_a_rollup_that_fails_leaves_its_day_for_the_next(
+    kpi: Kpi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run takes its dirty day when it starts; one that fails (or dies) before it is done
+    leaves what it took, and the next run redoes from it."""
+    kpi.at(utc(2024, 6, 1))
+    await kpi.service.run_rollups()  # computed once: from here on, runs redo from the dirty day
+    await kpi.apply([purchase("a", utc(2024, 1, 10), "100", order="o-a")])
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("the database went away")
+
+    real_rows = kpi.service._churn_rows
+    monkeypatch.setattr(kpi.service, "_churn_rows", broken)
+    with pytest.raises(RuntimeError):
+        await kpi.service.run_rollups()
+    async with kpi.db.sessions() as session:
+        assert (await kpi.service.repo.rollup_status(session, "churn")).dirty_from == date(2024, 1, 10)
+    monkeypatch.setattr(kpi.service, "_churn_rows", real_rows)
+    await kpi.service.run_rollups()
+    async with kpi.db.sessions() as session:
+        assert (await kpi.service.repo.rollup_status(session, "churn")).dirty_from is None
+    async with kpi.db.sessions() as session:
+        months = set((await session.execute(select(kpi_churn_monthly.c.month))).scalars())
+    assert date(2024, 1, 1) in months  # redone from the purchase's month
 
 
 # PostgreSQL only: SQLite compares text by code point whatever the setup.
