@@ -1069,56 +1069,6 @@ async def test_status_callbacks_are_signed_and_never_go_backwards(
     assert outcome.status == "sent"
 
 
-async def test_a_status_callback_before_the_sender_records_the_send_is_kept(
-    world: World, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Twilio's answer waits for the sender's next settle; its callback may come first (a
-    WhatsApp window or an unreachable number fails within a second). It found no message under
-    Twilio's id, was answered 204 and lost for good: the message stayed 'sent'. The callback's URL
-    carries our id: the send is recorded there as the sender would record it, then its status;
-    and the sender's late 'sent' does not go over the 'failed'."""
-    customer = customer_not_in_holdout("thank_you")
-    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
-    provider = world.service.providers[Channel.SMS]
-    real_send, real_record = provider.send, world.service._record
-    handed: list[Any] = []
-    gate = asyncio.Event()
-
-    async def send(msg: Any) -> Any:
-        result = await real_send(msg)
-        handed.append(result)
-        return result
-
-    async def held_record(*args: Any) -> Any:
-        await gate.wait()
-        return await real_record(*args)
-
-    monkeypatch.setattr(provider, "send", send)
-    monkeypatch.setattr(world.service, "_record", held_record)
-    sending = asyncio.create_task(world.service.send_due())
-    while not handed:
-        await asyncio.sleep(0.05)
-    [row] = await messages(world, customer)
-    assert (row["status"], row["provider_message_id"]) == ("sending", None)
-
-    sid = handed[0].provider_message_id
-    path = f"/webhooks/twilio/status?m={row['id']}"
-    form = {"MessageSid": sid, "MessageStatus": "failed", "ErrorCode": "30003"}
-    assert (await api.post(path, data=form, headers=signed(path, form))).status_code == 204
-    gate.set()
-    await sending
-
-    [after] = await messages(world, customer)
-    assert (after["status"], after["provider_message_id"], after["error_code"]) == ("failed", sid, "30003")
-    assert after["sent_at"] is not None
-    async with world.db.sessions() as session:
-        values = (
-            (await session.execute(select(outbox_table.c.value).order_by(outbox_table.c.id))).scalars().all()
-        )
-    statuses = [MESSAGE_EVENT_ADAPTER.validate_json(v).status for v in values]
-    assert statuses == [MessageStatus.QUEUED, MessageStatus.SENT, MessageStatus.FAILED]
-
-
 async def hold_the_record(
     world: World, channel: Channel, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list[Any], asyncio.Event, asyncio.Task[Any]]:
@@ -1144,6 +1094,38 @@ async def hold_the_record(
     while not handed:
         await asyncio.sleep(0.05)
     return handed, gate, sending
+
+
+async def test_a_status_callback_before_the_sender_records_the_send_is_kept(
+    world: World, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twilio's answer waits for the sender's next settle; its callback may come first (a
+    WhatsApp window or an unreachable number fails within a second). It found no message under
+    Twilio's id, was answered 204 and lost for good: the message stayed 'sent'. The callback's URL
+    carries our id: the send is recorded there as the sender would record it, then its status;
+    and the sender's late 'sent' does not go over the 'failed'."""
+    customer = customer_not_in_holdout("thank_you")
+    await world.service.apply_batch(delivered([purchase_update(customer, 1, NOON)]))
+    handed, gate, sending = await hold_the_record(world, Channel.SMS, monkeypatch)
+    [row] = await messages(world, customer)
+    assert (row["status"], row["provider_message_id"]) == ("sending", None)
+
+    sid = handed[0].provider_message_id
+    path = f"/webhooks/twilio/status?m={row['id']}"
+    form = {"MessageSid": sid, "MessageStatus": "failed", "ErrorCode": "30003"}
+    assert (await api.post(path, data=form, headers=signed(path, form))).status_code == 204
+    gate.set()
+    await sending
+
+    [after] = await messages(world, customer)
+    assert (after["status"], after["provider_message_id"], after["error_code"]) == ("failed", sid, "30003")
+    assert after["sent_at"] is not None
+    async with world.db.sessions() as session:
+        values = (
+            (await session.execute(select(outbox_table.c.value).order_by(outbox_table.c.id))).scalars().all()
+        )
+    statuses = [MESSAGE_EVENT_ADAPTER.validate_json(v).status for v in values]
+    assert statuses == [MessageStatus.QUEUED, MessageStatus.SENT, MessageStatus.FAILED]
 
 
 async def test_a_sendgrid_event_before_the_sender_records_the_send_keeps_the_send(

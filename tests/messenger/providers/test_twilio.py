@@ -7,7 +7,8 @@ that Prism is really validating.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -190,6 +191,21 @@ def test_error_mapping_of_service_and_bare_exceptions() -> None:
 # --- Retry-After ----------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def messages_endpoint(create: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """A stand-in for Twilio's Messages endpoint answering with ``create``; its base URL."""
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", create)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def throttling_server() -> AsyncIterator[str]:
     """Twilio's 429 answer (documented, but absent from the OpenAPI spec, so Prism can't send it):
@@ -199,14 +215,8 @@ async def throttling_server() -> AsyncIterator[str]:
         body = {"code": 20429, "message": "Too Many Requests", "more_info": "", "status": 429}
         return web.json_response(body, status=429, headers={"Retry-After": "7"})
 
-    app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", create)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with messages_endpoint(create) as url:
+        yield url
 
 
 async def test_429_carries_retry_after(throttling_server: str) -> None:
@@ -230,21 +240,13 @@ async def test_the_status_callback_names_our_message() -> None:
         forms.append({k: str(v) for k, v in (await request.post()).items()})
         return web.json_response({"sid": "SM" + "0" * 32, "status": "queued"}, status=201)
 
-    app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", create)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    provider = TwilioProvider(
-        ACCOUNT_SID, AUTH_TOKEN, base_url=f"http://127.0.0.1:{port}", status_callback=STATUS_CALLBACK
-    )
     msg = sms_message()
-    try:
-        result = await provider.send(msg)
-    finally:
-        await provider.close()
-        await runner.cleanup()
+    async with messages_endpoint(create) as url:
+        provider = TwilioProvider(ACCOUNT_SID, AUTH_TOKEN, base_url=url, status_callback=STATUS_CALLBACK)
+        try:
+            result = await provider.send(msg)
+        finally:
+            await provider.close()
     assert result.provider_message_id == "SM" + "0" * 32
     [form] = forms
     assert form["StatusCallback"] == f"{STATUS_CALLBACK}?m={msg.message_id}"
