@@ -36,6 +36,7 @@ from services.messenger.journeys import (
     schedule,
     snapshot_facts,
     triggered,
+    validate_journey,
 )
 from services.messenger.links import survey_token, unsubscribe_url
 from services.messenger.pages import SurveyState
@@ -436,6 +437,16 @@ class MessengerService:
             store = await self.load_template_overrides(session)
             journeys = await self.journeys(session)
         self._warn_of_saved_overrides(store, journeys)
+        for journey in journeys:
+            # Saved under an earlier release's checks: it runs as it is, but saving it again,
+            # even unchanged, is refused until it is corrected. Said at start, per journey.
+            problems = validate_journey(journey.model_dump(mode="json"), templates=store.journeys())
+            if problems:
+                log.warning(
+                    "a saved journey fails today's checks: correct it before its next edit",
+                    journey=journey.name,
+                    problems=[f"{e.path}: {e.message}" for e in problems][:20],
+                )
         for key, count in store.long_sms():
             log.warning(
                 "an SMS template goes in more segments than it was written for with this public URL: "

@@ -156,6 +156,21 @@ class SegmenterService:
                     session, SYSTEM, "publish", 1, jsonpatch.make_patch({}, rules).patch, now
                 )
             await self.repo.create_draft(session, rules, ruleset_etag(rules), SYSTEM, now)
+            live = await self.repo.published(session)
+            draft = await self.repo.draft(session)
+        # Saved under an earlier release's checks: the live rules still run as they are, but a
+        # publish of the draft (or a rollback to them) is refused until they are corrected.
+        for which, saved in (
+            ("published", live[1] if live else None),
+            ("draft", draft.rules if draft else None),
+        ):
+            problems = validate_rules(saved) if saved is not None else []
+            if problems:
+                log.warning(
+                    "saved rules fail today's checks: correct them before the next publish",
+                    rules=which,
+                    problems=[f"{e.path}: {e.message}" for e in problems][:20],
+                )
 
     async def rules(self, session: Any) -> CompiledRules:
         version = await self.repo.published_version(session)

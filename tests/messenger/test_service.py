@@ -30,6 +30,7 @@ from services.messenger.config import MessengerSettings
 from services.messenger.consent import FactSource
 from services.messenger.consumer import MIGRATIONS
 from services.messenger.decision import in_holdout
+from services.messenger.journeys import default_journeys
 from services.messenger.links import sign_unsubscribe, survey_token
 from services.messenger.providers.base import ProviderError
 from services.messenger.providers.outbox import OutboxProvider
@@ -1021,6 +1022,23 @@ async def test_the_start_names_saved_overrides_that_fail_today_s_checks(
     assert problems == [
         "$.text: a marketing journey sends it, and it shows no way to opt out: each message fails"
     ]
+
+
+async def test_the_start_names_saved_journeys_that_fail_today_s_checks(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journey saved under an earlier release's checks, naming a template that is gone: saving
+    it again is refused, and the start says why; the defaults pass."""
+    journeys = [j.model_dump(mode="json") for j in default_journeys()]
+    journeys[0] = {**journeys[0], "template": "spring_sale"}
+    async with world.db.transaction() as session:
+        await world.service.repo.put_setting(session, "journeys", journeys, "an earlier release", NOON)
+    recorder = WarningRecorder()
+    monkeypatch.setattr(service_module, "log", recorder)
+    await MessengerService(world.db, world.service.settings, None, {}).ensure_defaults()
+    named = {fields["journey"]: fields for message, fields in recorder.warnings if "journey" in message}
+    assert set(named) == {journeys[0]["name"]}
+    assert any("spring_sale" in p for p in named[journeys[0]["name"]]["problems"])
 
 
 @pytest.fixture

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from services.segmenter import service as service_module
 from services.segmenter.config import SegmenterSettings
 from services.segmenter.consumer import MIGRATIONS
+from services.segmenter.rules import default_rules
 from services.segmenter.service import UNCONVERTED, SegmenterService
 from shared.codec import event_digest
 from shared.db import Database, migrate
 from shared.events import ClvPrediction, Event
 from shared.kafka.consumer import Delivered
 from tests.segmenter.factories import NOW, purchase
+from tests.support.logs import WarningRecorder
 
 
 def unconverted(currency: str) -> float:
@@ -76,3 +81,26 @@ async def test_an_event_id_reused_for_another_event_is_handed_back_not_applied(t
     assert customer is not None
     assert (customer["profile"]["orders_count"], customer["profile"]["total_value"]) == (1, 100.0)
     await db.dispose()
+
+
+async def test_the_start_names_saved_rules_that_fail_today_s_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A draft saved under an earlier release's checks (within_days 0, refused since): it would
+    be refused at its publish only. The start says so, naming the problem; the live rules pass."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'segmenter.db'}")
+    await migrate(db, MIGRATIONS)
+    service = SegmenterService(db, SegmenterSettings(var_dir=tmp_path), clock=lambda: NOW)
+    await service.ensure_default_rules()
+    saved = copy.deepcopy(default_rules())
+    saved["segments"][0]["when"]["value"] = 0
+    async with db.transaction() as session:
+        await service.repo.replace_draft(session, saved, "etag-then", "marketing", NOW, None)
+    recorder = WarningRecorder()
+    monkeypatch.setattr(service_module, "log", recorder)
+    await SegmenterService(db, SegmenterSettings(var_dir=tmp_path), clock=lambda: NOW).ensure_default_rules()
+    await db.dispose()
+    [(message, fields)] = recorder.warnings
+    assert message.startswith("saved rules fail today's checks")
+    assert fields["rules"] == "draft"
+    assert fields["problems"][0].startswith("$.segments[0].when.value: within_days 0")
