@@ -172,10 +172,19 @@ Email = Annotated[
     AfterValidator(_email),
     WithJsonSchema({"type": "string", "format": "email", "maxLength": 254}),
 ]
-Phone = Annotated[str, StringConstraints(max_length=16), AfterValidator(_e164)]
+Phone = Annotated[
+    str,
+    StringConstraints(max_length=16),
+    AfterValidator(_e164),
+    WithJsonSchema({"type": "string", "pattern": "^\\+[1-9][0-9]{1,14}$", "maxLength": 16}),
+]
 LocaleTag = Annotated[str, StringConstraints(max_length=35), AfterValidator(_bcp47)]
 TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(_iana_zone)]
-Currency = Annotated[str, AfterValidator(_iso4217)]
+Currency = Annotated[
+    str,
+    AfterValidator(_iso4217),
+    WithJsonSchema({"type": "string", "pattern": "^[A-Z]{3}$", "description": "An ISO 4217 code, e.g. ILS."}),
+]
 
 
 def _float_as_written(value: object) -> object:
@@ -196,6 +205,16 @@ Money = Annotated[
     Field(ge=0, max_digits=18, decimal_places=4),
     BeforeValidator(_float_as_written),
     AfterValidator(_unsigned_zero),
+    # As the model reads it: at most 14 digits before the point and 4 after, never below zero
+    # (pydantic's own schema let a string such as "-5" or "1.00001" pass).
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": "^[0-9]{1,14}(\\.[0-9]{1,4})?$"},
+            ]
+        }
+    ),
 ]
 # Units of a reporting currency per unit of another (the segmenter's and the kpi's FX tables):
 # a rate of 0 or below would make every amount in that currency worth nothing or less.

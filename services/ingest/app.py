@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from services.ingest.api import _BODY, PATH, EventsEndpoint, router
 from services.ingest.config import IngestSettings
 from services.ingest.dedupe import RecentIds
+from services.ingest.schemas import events_request_body
 from services.ingest.service import IngestService
 from shared.auth import KeyStore
 from shared.collector import settle_collector
@@ -115,6 +116,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(_BODY["defs"])
+            # The batch's bound as this deployment sets it (the route's body has the default).
+            body = events_request_body(settings.ingest_max_batch)["requestBody"]
+            schema["paths"][PATH]["post"]["requestBody"] = body
             # The key schemes, per operation that needs one (not /healthz, /metrics): document_errors.
             app.openapi_schema = document_errors(schema, app.routes)
         return app.openapi_schema

@@ -45,8 +45,9 @@ def _as_sent_over_http(model: dict[str, Any]) -> dict[str, Any]:
     return model
 
 
-def events_request_body() -> dict[str, Any]:
-    """The OpenAPI request body of POST /v1/events: one event or an array, with examples."""
+def events_request_body(max_batch: int = 1000) -> dict[str, Any]:
+    """The OpenAPI request body of POST /v1/events: one event or an array of 1 to ``max_batch``
+    (RETAIN_INGEST_MAX_BATCH; more is a 413), with examples."""
     schema = EVENT_ADAPTER.json_schema(ref_template="#/components/schemas/{model}")
     defs = schema.pop("$defs", {})
     for name in _event_models(schema):
@@ -62,7 +63,9 @@ def events_request_body() -> dict[str, Any]:
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"anyOf": [one, {"type": "array", "items": one, "maxItems": 1000}]},
+                    "schema": {
+                        "anyOf": [one, {"type": "array", "items": one, "minItems": 1, "maxItems": max_batch}]
+                    },
                     "examples": examples,
                 }
             },
