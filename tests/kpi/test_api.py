@@ -308,8 +308,10 @@ async def test_ties_between_event_ids_go_by_code_point_under_a_locale_collation(
     await kpi.apply([upper])
     async with kpi.db.sessions() as session:
         [row] = await kpi.service.repo.purchases(session)
-        ranked_first = await session.scalar(text("""SELECT 'p-b-a' COLLATE "en-US-x-icu" < 'p-b-B'"""))
-    assert ranked_first is True  # the column's collation ranks "p-b-a" first: the setup holds
+        ranked_first = await session.scalar(
+            text("""SELECT min(id COLLATE "en-US-x-icu") FROM (VALUES ('p-b-B'), ('p-b-a')) AS ids (id)""")
+        )
+    assert ranked_first == "p-b-a"  # the column's collation ranks it first (bytes: "p-b-B"): the setup holds
     assert (row.event_id, row.amount) == ("p-b-a", Decimal("100"))
 
 
