@@ -326,6 +326,10 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ref}}}
 
 
+# An operation that needs an API key, as the OpenAPI says it: either scheme of document_errors.
+KEY_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+
+
 def document_errors(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict[str, Any]:
     """Declare in the OpenAPI the errors every operation can answer, in the one shape the error
     handlers give them: 400 (a body that is not JSON), 401/403 (key missing or without the
@@ -361,7 +365,7 @@ def document_errors(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict
             if any(p.get("in") == "path" for p in operation.get("parameters", [])):
                 responses.setdefault("404", _error("Nothing is found under this path."))
             if scope_requirements(route.dependant):
-                operation["security"] = [{"bearer": []}, {"apiKey": []}]
+                operation["security"] = KEY_SECURITY
                 responses.setdefault("401", _error("No API key, or not a valid one."))
                 responses.setdefault("403", _error("The API key lacks the scope of this operation."))
     if "HTTPValidationError" not in str(schema["paths"]):

@@ -40,7 +40,7 @@ from shared.errors import (
     UnsupportedMediaTypeError,
     error_body,
 )
-from shared.http import query_error
+from shared.http import KEY_SECURITY, query_error
 from shared.kafka.producer import BrokerUnavailableError
 from shared.logs import get_logger
 from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -209,7 +209,7 @@ _BODY = events_request_body()
         503: {"model": ErrorResponse, "description": "Kafka unavailable; resend after Retry-After."},
     },
     # The key is checked in accept (before the body is read), not by a dependency: declared here.
-    openapi_extra={"requestBody": _BODY["requestBody"], "security": [{"bearer": []}, {"apiKey": []}]},
+    openapi_extra={"requestBody": _BODY["requestBody"], "security": KEY_SECURITY},
 )
 async def post_events(request: Request) -> Response:
     endpoint: EventsEndpoint = request.app.state.events

@@ -159,6 +159,15 @@ class RollupStatus(NamedTuple):
     computed: bool  # ever
 
 
+def _rollup_status(row: Any) -> RollupStatus:
+    """A rollup_state row (or none yet) as its status: the day to redo is the earlier of what
+    batches marked and what a run not done took."""
+    if row is None:
+        return RollupStatus(None, None, computed=False)
+    days = [d for d in (row.dirty_from, row.taken_from) if d is not None]
+    return RollupStatus(min(days, default=None), row.settings, computed=row.computed_at is not None)
+
+
 @functools.cache
 def _lower_dirty_from(dialect: str) -> Any:
     ins = dialect_insert(dialect, rollup_state)
@@ -333,10 +342,7 @@ class KpiRepository:
 
     async def rollup_status(self, session: AsyncSession, name: str) -> RollupStatus:
         row = (await session.execute(select(rollup_state).where(rollup_state.c.name == name))).first()
-        if row is None:
-            return RollupStatus(None, None, computed=False)
-        days = [d for d in (row.dirty_from, row.taken_from) if d is not None]
-        return RollupStatus(min(days, default=None), row.settings, computed=row.computed_at is not None)
+        return _rollup_status(row)
 
     async def take_dirty(self, session: AsyncSession, name: str) -> RollupStatus:
         """The rollup's status as a run starts it: the day to redo from (what batches marked,
@@ -346,17 +352,14 @@ class KpiRepository:
         if _dialect(session) == "postgresql":
             stmt = stmt.with_for_update()
         row = (await session.execute(stmt)).first()
-        if row is None:
-            return RollupStatus(None, None, computed=False)
-        days = [d for d in (row.dirty_from, row.taken_from) if d is not None]
-        taken = min(days, default=None)
-        if row.dirty_from is not None:
+        status = _rollup_status(row)
+        if row is not None and row.dirty_from is not None:
             await session.execute(
                 update(rollup_state)
                 .where(rollup_state.c.name == name)
-                .values(dirty_from=None, taken_from=taken)
+                .values(dirty_from=None, taken_from=status.dirty_from)
             )
-        return RollupStatus(taken, row.settings, computed=row.computed_at is not None)
+        return status
 
     async def finish_rollup(
         self, session: AsyncSession, name: str, seen: RollupStatus, settings: str, at: datetime

@@ -48,6 +48,7 @@ from services.messenger.repository import DUE, MessengerRepository, lookup_form
 from services.messenger.status import EmailEvent, advances, email_outcome, ours
 from services.messenger.tables import applied_events, outbox
 from services.messenger.templates import (
+    OPT_OUT_REQUIRED,
     Template,
     TemplateNotFoundError,
     TemplateRenderError,
@@ -436,17 +437,7 @@ class MessengerService:
             )
             store = await self.load_template_overrides(session)
             journeys = await self.journeys(session)
-        self._warn_of_saved_overrides(store, journeys)
-        for journey in journeys:
-            # Saved under an earlier release's checks: it runs as it is, but saving it again,
-            # even unchanged, is refused until it is corrected. Said at start, per journey.
-            problems = validate_journey(journey.model_dump(mode="json"), templates=store.journeys())
-            if problems:
-                log.warning(
-                    "a saved journey fails today's checks: correct it before its next edit",
-                    journey=journey.name,
-                    problems=[f"{e.path}: {e.message}" for e in problems][:20],
-                )
+        self._warn_of_saved_settings(store, journeys)
         for key, count in store.long_sms():
             log.warning(
                 "an SMS template goes in more segments than it was written for with this public URL: "
@@ -458,10 +449,19 @@ class MessengerService:
                 messenger_public_url=self.settings.messenger_public_url,
             )
 
-    def _warn_of_saved_overrides(self, store: TemplateStore, journeys: Sequence[Journey]) -> None:
-        """Template overrides saved under an earlier release's checks that fail today's: their
-        messages fail (a marketing journey's template saved as transactional: no opt-out) or
-        go longer than written, until they are saved again, corrected. Said at start, per one."""
+    def _warn_of_saved_settings(self, store: TemplateStore, journeys: Sequence[Journey]) -> None:
+        """Template overrides and journeys saved under an earlier release's checks that fail
+        today's, said at start, per one. An override's messages fail (a marketing journey's
+        template saved as transactional: no opt-out) or go longer than written; a journey runs
+        as it is, but saving it again, even unchanged, is refused; until they are corrected."""
+        for journey in journeys:
+            refused = validate_journey(journey.model_dump(mode="json"), templates=store.journeys())
+            if refused:
+                log.warning(
+                    "a saved journey fails today's checks: correct it before its next edit",
+                    journey=journey.name,
+                    problems=[f"{e.path}: {e.message}" for e in refused][:20],
+                )
         marketing = {j.template for j in journeys if j.kind is MessageKind.MARKETING}
         for key in store.keys():  # noqa: SIM118 - a list, not a dict
             template = store.get(key)
@@ -471,7 +471,7 @@ class MessengerService:
             if template.kind is not MessageKind.MARKETING and key.journey in marketing:
                 # Sent as marketing, it must show how to opt out (email has it in its footer).
                 as_sent = store.validate(template.model_copy(update={"kind": MessageKind.MARKETING}))
-                if any("how to opt out" in e.message for e in as_sent):
+                if any(e.message == OPT_OUT_REQUIRED for e in as_sent):
                     problems.append(
                         "$.text: a marketing journey sends it, and it shows no way to opt out: "
                         "each message fails"
@@ -1380,9 +1380,7 @@ class MessengerService:
         ):
             # The template API checks this when a template is saved; the journey's kind can
             # change afterwards. Email gets the link in its footer and headers whatever the text.
-            raise TemplateRenderError(
-                "$.text", "a marketing message must show how to opt out (opt_out or unsubscribe_url)"
-            )
+            raise TemplateRenderError("$.text", OPT_OUT_REQUIRED)
         address = profile.address(channel)
         headers = {"List-Unsubscribe": f"<{unsubscribe}>"} if channel == Channel.EMAIL else {}
         return OutgoingMessage(
@@ -1552,18 +1550,20 @@ class MessengerService:
             return None
         if row.status != "sending":
             return row if row.provider_message_id == provider_message_id else None
-        provider = self.providers.get(Channel(row.channel))
-        name = provider.name if provider is not None else "twilio"
-        await self._settle(
-            session,
-            row,
-            "sent",
-            f"handed to {name}",
-            now,
-            provider=name,
-            provider_message_id=provider_message_id,
+        return await self._record_send_first(
+            session, row, now, "twilio", provider_message_id=provider_message_id
         )
-        return await self.repo.message(session, message_id, for_update=True)
+
+    async def _record_send_first(
+        self, session: Any, row: Any, now: datetime, default_provider: str, **values: Any
+    ) -> Any:
+        """``row``, still 'sending', recorded 'sent' as its sender would record it (which the
+        sender then leaves: _record), before a provider's word on it that came first; the row
+        as it is then."""
+        provider = self.providers.get(Channel(row.channel))
+        name = provider.name if provider is not None else default_provider
+        await self._settle(session, row, "sent", f"handed to {name}", now, provider=name, **values)
+        return await self.repo.message(session, row.id, for_update=True)
 
     async def inbound(
         self, channel: Channel, from_address: str, body: str, kind: str | None, sid: str | None = None
@@ -1721,10 +1721,7 @@ class MessengerService:
             # Before the sender recorded the send (its answer waits for the commit): recorded
             # here as the sender would, first, so 'sent' (and a win-back's offer code, published
             # with it) is not lost under the 'delivered' that came first.
-            provider = self.providers.get(Channel(row.channel))
-            name = provider.name if provider is not None else "sendgrid"
-            await self._settle(session, row, "sent", f"handed to {name}", now, provider=name)
-            row = await self.repo.message(session, row.id, for_update=True)
+            row = await self._record_send_first(session, row, now, "sendgrid")
         current = (row.details or {}).get("provider_status", row.status)
         if outcome.status is not None and outcome.status != row.status and advances(current, outcome.status):
             why = (

@@ -1334,6 +1334,9 @@ def _check_rendering(template: Template, public_url: str | None = None) -> list[
     return errors
 
 
+OPT_OUT_REQUIRED = "a marketing message must show how to opt out: {{ opt_out }} or {{ unsubscribe_url }}"
+
+
 def shows_opt_out(text: str, variables: Mapping[str, Any]) -> bool:
     """Whether a message's text tells how to opt out: the link, or the keyword to reply."""
     return variables["unsubscribe_url"] in text or variables["opt_out"] in text
@@ -1353,12 +1356,7 @@ def _check_output(
         and channel is not Channel.EMAIL
         and not shows_opt_out(rendered.text, variables)
     ):
-        errors.append(
-            TemplateError(
-                "$.text",
-                "a marketing message must show how to opt out: {{ opt_out }} or {{ unsubscribe_url }}",
-            )
-        )
+        errors.append(TemplateError("$.text", OPT_OUT_REQUIRED))
     if channel is Channel.SMS and (rendered.sms_segments or 0) > MAX_SMS_SEGMENTS:
         count = count_sms(rendered.text)
         sender = ""
