@@ -31,15 +31,13 @@ from services.messenger.journeys import default_journeys, triggered
 from services.messenger.links import survey_token
 from services.messenger.schemas import MessageOut
 from services.messenger.service import MessengerService
-from services.messenger.tables import journey_waits, outbox
+from services.messenger.tables import journey_waits
 from services.messenger.templates import format_day
 from shared.events import (
-    MESSAGE_EVENT_ADAPTER,
     CancellationReason,
     Channel,
     CustomerUpdate,
     EventType,
-    MessageEvent,
     MessageStatus,
     SupportAction,
     TriggeringEvent,
@@ -52,6 +50,7 @@ from tests.messenger.test_service import (
     delivered,
     messages,
     profile,
+    published,
 )
 from tests.messenger.test_service import world as service_world  # noqa: F401 - a fixture, by this name
 
@@ -249,13 +248,6 @@ def assert_in_language(mail: Mail, lang: str, journey: str) -> None:
     assert SAYS[journey][lang] in mail.html
     assert f'lang="{lang}"' in mail.html
     assert f'dir="{DIRECTION[lang]}"' in mail.html
-
-
-async def published(world: World) -> list[MessageEvent]:
-    """What the messenger put in its outbox table for retain.messages (no broker here)."""
-    async with world.db.sessions() as session:
-        values = (await session.execute(select(outbox.c.value).order_by(outbox.c.id))).scalars().all()
-    return [MESSAGE_EVENT_ADAPTER.validate_json(v) for v in values]
 
 
 async def waits(world: World, customer: str) -> list[tuple[str, str | None, int]]:

@@ -54,6 +54,7 @@ from shared.events import (
     ConsentState,
     CustomerUpdate,
     EventType,
+    MessageEvent,
     MessageStatus,
     ProfileSnapshot,
     SupportAction,
@@ -191,6 +192,15 @@ async def messages(world: World, customer: str) -> list[dict[str, Any]]:
 def outbox_files(world: World) -> list[Path]:
     """What the sandbox provider has sent (its directory appears with the first message)."""
     return sorted(world.outbox.iterdir()) if world.outbox.exists() else []
+
+
+async def published(world: World) -> list[MessageEvent]:
+    """What the messenger put in its outbox table for retain.messages (no broker here)."""
+    async with world.db.sessions() as session:
+        values = (
+            (await session.execute(select(outbox_table.c.value).order_by(outbox_table.c.id))).scalars().all()
+        )
+    return [MESSAGE_EVENT_ADAPTER.validate_json(v) for v in values]
 
 
 def customer_not_in_holdout(journey: str) -> str:
@@ -1138,11 +1148,7 @@ async def test_a_status_callback_before_the_sender_records_the_send_is_kept(
     [after] = await messages(world, customer)
     assert (after["status"], after["provider_message_id"], after["error_code"]) == ("failed", sid, "30003")
     assert after["sent_at"] is not None
-    async with world.db.sessions() as session:
-        values = (
-            (await session.execute(select(outbox_table.c.value).order_by(outbox_table.c.id))).scalars().all()
-        )
-    statuses = [MESSAGE_EVENT_ADAPTER.validate_json(v).status for v in values]
+    statuses = [e.status for e in await published(world)]
     assert statuses == [MessageStatus.QUEUED, MessageStatus.SENT, MessageStatus.FAILED]
 
 
@@ -1165,11 +1171,7 @@ async def test_a_sendgrid_event_before_the_sender_records_the_send_keeps_the_sen
     [after] = await messages(world, customer)
     assert after["status"] == "delivered"
     assert after["sent_at"] is not None
-    async with world.db.sessions() as session:
-        values = (
-            (await session.execute(select(outbox_table.c.value).order_by(outbox_table.c.id))).scalars().all()
-        )
-    statuses = [MESSAGE_EVENT_ADAPTER.validate_json(v).status for v in values]
+    statuses = [e.status for e in await published(world)]
     assert statuses == [MessageStatus.QUEUED, MessageStatus.SENT, MessageStatus.DELIVERED]
 
 
