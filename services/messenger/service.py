@@ -1694,22 +1694,29 @@ class MessengerService:
                 forget_before = now - 2 * timedelta(seconds=self.settings.sendgrid_webhook_tolerance_s)
                 if not await self.repo.claim_receipt(session, receipt, now, forget_before):
                     return False
+            # Every customer of the delivery locked first, in id order: SendGrid batches the
+            # events of many messages, and two deliveries at once about the same two customers
+            # took their locks in their events' order, each one's first blocking the other's
+            # second (a deadlock PostgreSQL ends by failing one of them, a 500 to SendGrid).
+            about = {(await self._email_about(session, event))[1] for event in events}
+            await self.repo.lock_customers(session, sorted(c for c in about if c is not None))
             for event in events:
                 await self._email_event(session, event, now)
         await self.flush()
         return True
 
+    async def _email_about(self, session: Any, e: EmailEvent) -> tuple[Any, str | None, str]:
+        """An event's message (if ours), whose it is and the address it is about. The message
+        names both: a bounce or a spam report days later may be about an address the customer
+        has since changed."""
+        row = await self.repo.message(session, e.message_id) if e.message_id else None
+        if row is None:
+            return None, await self.repo.customer_by_address(session, "email", e.address), e.address
+        return row, row.customer_id, (row.content or {}).get("to") or e.address
+
     async def _email_event(self, session: Any, e: EmailEvent, now: datetime) -> None:
         outcome = email_outcome(e)
-        # The message the event is about names whose it is and where it went: a bounce or a
-        # spam report days later may be about an address the customer has since changed.
-        row = await self.repo.message(session, e.message_id) if e.message_id else None
-        address = e.address
-        if row is not None:
-            customer_id: str | None = row.customer_id
-            address = (row.content or {}).get("to") or address
-        else:
-            customer_id = await self.repo.customer_by_address(session, "email", address)
+        row, customer_id, address = await self._email_about(session, e)
         if customer_id is not None and outcome.opt_out is not None:
             await self._opt_out(session, customer_id, Channel.EMAIL, outcome.opt_out, now, address)
         elif customer_id is not None and outcome.opt_in is not None:

@@ -839,6 +839,49 @@ async def test_an_email_unsubscribe_is_lifted_by_a_resubscribe_on_sendgrid(world
     ]
 
 
+async def test_two_sendgrid_deliveries_about_the_same_two_customers_both_apply(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SendGrid batches the events of many messages. Two deliveries at once, one unsubscribing
+    Noa then Dana, the other Dana then Noa: each took its first customer's lock and waited for
+    the other's, and PostgreSQL ended the deadlock by failing one (a 500 to SendGrid). The
+    customers are locked in id order first, so the second waits for the first."""
+    noa, dana = customer_not_in_holdout("thank_you"), "c-dana"
+    await world.service.apply_batch(
+        delivered(
+            [
+                purchase_update(noa, 0, NOON, email="noa@example.com"),
+                purchase_update(dana, 0, NOON, email="dana@example.com"),
+            ]
+        )
+    )
+    real_fact = world.service.repo.add_consent_fact
+    written: list[str] = []
+
+    async def slow_fact(session: Any, customer_id: str, *args: Any) -> None:
+        # Long enough for the other delivery to take its first lock meanwhile.
+        await real_fact(session, customer_id, *args)
+        written.append(customer_id)
+        await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(world.service.repo, "add_consent_fact", slow_fact)
+    noa_then_dana = [
+        EmailEvent("noa@example.com", "group_unsubscribe", None),
+        EmailEvent("dana@example.com", "group_unsubscribe", None),
+    ]
+    both = await asyncio.gather(
+        world.service.email_events(noa_then_dana, receipt="first"),
+        world.service.email_events(noa_then_dana[::-1], receipt="second"),
+        return_exceptions=True,
+    )
+    assert list(both) == [True, True]
+    assert sorted(written) == sorted([noa, dana, noa, dana])
+    for customer in (noa, dana):
+        async with world.db.sessions() as session:
+            facts = await world.service.repo.consent_facts(session, customer)
+        assert [(f.channel, f.source, f.opt_in) for f in facts] == [("email", "unsubscribe_link", False)] * 2
+
+
 async def test_a_stop_before_the_sender_runs_is_not_answered_by_the_same_message_on_sms(world: World) -> None:
     """The customer can be reached by email too: the recheck must not find email usable and
     then send the SMS it was rendered for. It goes by its own channel or not at all."""
