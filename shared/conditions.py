@@ -591,6 +591,14 @@ class Range:
 # a domain was declared must still load.
 Domains = Mapping[str, Choices | Range]
 
+# The one spelling of some string fields' values (a locale in BCP 47's case, a language by its
+# current code), into which an operand is read, as the facts are: `language eq "iw"` holds for
+# a Hebrew speaker whose facts say "he", and a rule stored before the facts took that spelling
+# ("tl" before Tagalog's facts said "fil") still matches. Read when a rule is written and when a
+# stored one is loaded; a form raising ValueError refuses the value when a rule is written (its
+# message says why) and leaves it as written when a stored one is loaded.
+Forms = Mapping[str, Callable[[str], str]]
+
 
 _TYPE_WORDS: Mapping[FieldType, str] = {
     "number": "a number",
@@ -632,9 +640,11 @@ class _Compiler:
         max_nodes: int,
         domains: Domains | None = None,
         writing: bool = False,
+        forms: Forms | None = None,
     ) -> None:
         self.catalogue = catalogue
         self.domains: Domains = domains or {}
+        self.forms: Forms = forms or {}
         # A rule being written (``validate``) is judged further than a stored one being loaded
         # (``compile_condition``), which must still load after a check is added.
         self.writing = writing
@@ -851,7 +861,14 @@ class _Compiler:
             self.error(
                 path, f"{name!r} is a {ftype} field, so the value must be {_TYPE_WORDS[ftype]}, not {got}"
             )
-        elif (
+            return value
+        if isinstance(value, str) and (form := self.forms.get(name)) is not None:
+            try:
+                value = form(value)
+            except ValueError as exc:
+                if self.writing:
+                    self.error(path, f"{name} {_shown(value)}: {exc}")
+        if (
             isinstance(domain := self.domains.get(name), Choices)
             and isinstance(value, str)
             and value not in domain.values
@@ -961,15 +978,17 @@ def validate(
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_nodes: int = DEFAULT_MAX_NODES,
     domains: Domains | None = None,
+    forms: Forms | None = None,
 ) -> list[ConditionError]:
     """Every problem in ``tree`` against ``catalogue``, with JSON paths under ``path``.
 
     An empty list means :func:`compile_condition` will succeed. The root is at depth 1; a
     node deeper than ``max_depth`` is reported once (its subtree is not inspected). Past
     ``max_nodes`` nodes the walk stops with one error at ``path``. ``domains``: values that no
-    customer can have are errors too (see ``Domains``).
+    customer can have are errors too (see ``Domains``); ``forms``: values in no spelling of
+    their field too (see ``Forms``).
     """
-    compiler = _Compiler(catalogue, path, max_depth, max_nodes, domains, writing=True)
+    compiler = _Compiler(catalogue, path, max_depth, max_nodes, domains, writing=True, forms=forms)
     compiler.node(tree, path, 1)
     return compiler.errors
 
@@ -980,12 +999,14 @@ def compile_condition(
     path: str = "$",
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_nodes: int = DEFAULT_MAX_NODES,
+    forms: Forms | None = None,
 ) -> Condition:
     """Validate and compile ``tree``; raise :class:`InvalidConditionError` listing every error.
 
-    ``path`` prefixes both error paths and the paths in explanations.
+    ``path`` prefixes both error paths and the paths in explanations; ``forms``: the spelling
+    operands are read in (see ``Forms``), as ``validate`` was given.
     """
-    compiler = _Compiler(catalogue, path, max_depth, max_nodes)
+    compiler = _Compiler(catalogue, path, max_depth, max_nodes, forms=forms)
     root = compiler.node(tree, path, 1)
     if compiler.errors or root is None:
         raise InvalidConditionError(compiler.errors or [ConditionError(path, "invalid condition")])
@@ -1093,6 +1114,7 @@ __all__ = [
     "Explanation",
     "Facts",
     "FieldType",
+    "Forms",
     "InvalidConditionError",
     "Op",
     "compile_condition",

@@ -36,7 +36,7 @@ from pydantic import (
 from pydantic.networks import validate_email
 from pydantic_core import ErrorDetails
 
-from shared.conditions import Choices, Domains, Range
+from shared.conditions import Choices, Domains, Forms, Range
 
 SCHEMA_VERSION = 1
 
@@ -97,6 +97,23 @@ def _language_aliases() -> dict[str, str]:
     region too (sh → sr_Latn) are left as written."""
     aliases = get_global("language_aliases")
     return {str(k): str(v) for k, v in aliases.items() if str(v).isalpha() and str(v).islower()}
+
+
+def locale_tag(value: str) -> str:
+    """``value`` in its one spelling (``canonical_locale``) if it is a locale the events accept;
+    else a ValueError saying what is wrong. For rules, which name locales outside any event."""
+    return _bcp47(value)
+
+
+def language_code(value: str) -> str:
+    """``value`` by its current code (iw → he) if it is a language the events accept; else a
+    ValueError saying what is wrong. For rules, which compare the language of a locale."""
+    if not re.fullmatch(r"[A-Za-z]{2,3}", value):
+        raise ValueError("not a language code, e.g. he, ar, en (a tag such as he-IL is a locale)")
+    try:
+        return _bcp47(value)
+    except ValueError:
+        raise ValueError(f"unknown language code {value!r}") from None
 
 
 def current_language(code: str) -> str:
@@ -580,6 +597,10 @@ FACT_DOMAINS: Domains = {
         Range(0, math.inf),
     ),
 }
+
+# The spelling the facts give locales and languages in, into which rules read theirs
+# (shared.conditions.Forms).
+FACT_FORMS: Forms = {"locale": locale_tag, "language": language_code}
 
 
 class ProfileSnapshot(_Strict):

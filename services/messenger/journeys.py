@@ -29,6 +29,7 @@ from shared.conditions import (
 )
 from shared.events import (
     FACT_DOMAINS,
+    FACT_FORMS,
     CancellationReason,
     Channel,
     CustomerUpdate,
@@ -158,7 +159,7 @@ def validate_journey(raw: object, templates: set[str] | None = None) -> list[Con
     trees["$.wait.unless"] = journey.wait.unless if journey.wait else None
     for path, tree in trees.items():
         if tree is not None:
-            errors += validate(tree, SNAPSHOT_FIELDS, path=path, domains=FACT_DOMAINS)  # type: ignore[arg-type]
+            errors += validate(tree, SNAPSHOT_FIELDS, path=path, domains=FACT_DOMAINS, forms=FACT_FORMS)  # type: ignore[arg-type]
     errors += [ConditionError("$.trigger", message) for message in _trigger_problems(journey.trigger)]
     errors += _duration_problems(journey)
     if journey.wait is not None:
@@ -234,7 +235,8 @@ def holds(tree: dict[str, Any] | None, facts: dict[str, Any], now: datetime) -> 
     # keeping the tree alive so the id cannot be reused).
     cached = _COMPILED.get(id(tree))
     if cached is None or cached[0] is not tree:
-        cached = _COMPILED[id(tree)] = (tree, compile_condition(tree, SNAPSHOT_FIELDS))  # type: ignore[arg-type]
+        compiled = compile_condition(tree, SNAPSHOT_FIELDS, forms=FACT_FORMS)  # type: ignore[arg-type]
+        cached = _COMPILED[id(tree)] = (tree, compiled)
     return cached[1].evaluate(facts, now)
 
 

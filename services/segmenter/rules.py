@@ -26,7 +26,7 @@ from shared.conditions import (
     unknown_hint,
     validate,
 )
-from shared.events import FACT_DOMAINS
+from shared.events import FACT_DOMAINS, FACT_FORMS
 
 NO_TIER = "none"
 RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
@@ -99,7 +99,8 @@ def validate_rules(raw: object) -> list[ConditionError]:
                     )
             when = rule.get("when")
             if isinstance(when, dict):  # otherwise the shape's errors say what is wrong with it
-                found = validate(when, catalogue, path=f"$.{kind}[{i}].when", domains=domains)  # type: ignore[arg-type]
+                path = f"$.{kind}[{i}].when"
+                found = validate(when, catalogue, path, domains=domains, forms=FACT_FORMS)  # type: ignore[arg-type]
                 errors += [_tier_unread(e) if kind == "tiers" else e for e in found]
     if not errors:
         errors += _shadowed_tiers([r for _, r in _rules_of(raw, "tiers")])
@@ -421,11 +422,11 @@ def compile_rules(raw: object, version: int) -> CompiledRules:
     return CompiledRules(
         version=version,
         tiers=tuple(
-            (r.name, compile_condition(r.when, FACT_TYPES, path=f"$.tiers[{i}].when"))  # type: ignore[arg-type]
+            (r.name, compile_condition(r.when, FACT_TYPES, f"$.tiers[{i}].when", forms=FACT_FORMS))  # type: ignore[arg-type]
             for i, r in enumerate(ruleset.tiers)
         ),
         segments=tuple(
-            (r.name, compile_condition(r.when, SEGMENT_FACT_TYPES, path=f"$.segments[{i}].when"))  # type: ignore[arg-type]
+            (r.name, compile_condition(r.when, SEGMENT_FACT_TYPES, f"$.segments[{i}].when", forms=FACT_FORMS))  # type: ignore[arg-type]
             for i, r in enumerate(ruleset.segments)
         ),
         tier_sources=tuple(_source(r) for r in ruleset.tiers),

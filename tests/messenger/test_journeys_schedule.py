@@ -9,7 +9,15 @@ from datetime import datetime, timedelta
 import pytest
 
 from services.messenger.decision import Candidate
-from services.messenger.journeys import Entry, schedule, snapshot_facts, triggered
+from services.messenger.journeys import (
+    Entry,
+    default_journeys,
+    holds,
+    schedule,
+    snapshot_facts,
+    triggered,
+    validate_journey,
+)
 from shared.events import CancellationReason, CustomerUpdate, SupportAction
 from tests.messenger.test_journeys import DAY, JOURNEYS, cancellation, churned, purchase, ticket, update
 from tests.messenger.test_service import NOON
@@ -159,3 +167,18 @@ def test_a_cooled_off_win_back_ends_over_an_unresolved_complaint() -> None:
     )
     plan = schedule(WIN_BACK, entry_of("win_back", u), snapshot_facts(u), u.triggering_events, NOON)
     assert plan.ended == "exit condition met"
+
+
+def test_a_journey_condition_naming_a_locale_by_another_code_holds_for_its_customers() -> None:
+    """A snapshot's locale is in BCP 47's case with the language's current code (he-IL for an
+    event's iw-IL): an entry saying iw-IL, or he-il, held for nobody."""
+    facts = snapshot_facts(update("c-he", "he", NOON))
+    assert facts["locale"] == "he-IL"
+    assert holds({"field": "locale", "op": "in", "value": ["iw-IL", "ar-IL"]}, facts, NOON)
+    assert holds({"field": "locale", "op": "eq", "value": "he-il"}, facts, NOON)
+    assert not holds({"field": "locale", "op": "ne", "value": "iw-IL"}, facts, NOON)
+    welcome = default_journeys()[0].model_dump(mode="json")
+    welcome["entry"] = {"field": "locale", "op": "eq", "value": "he_IL"}
+    assert [(e.path, e.message) for e in validate_journey(welcome)] == [
+        ("$.entry.value", 'locale "he_IL": not a BCP 47 language tag, e.g. he-IL, ar, en-US')
+    ]

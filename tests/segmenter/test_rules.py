@@ -140,6 +140,42 @@ def test_default_tiers_and_segments(facts: dict[str, Any], tier: str, segments: 
     assert set(assignment.segments) == segments
 
 
+def test_a_rule_naming_a_language_or_locale_by_another_code_matches_the_customers_of_it() -> None:
+    """The facts give a locale in BCP 47's case and a language by its current code (an event's
+    iw-IL is he-IL, its tl-PH fil-PH). A rule saying iw, or stored before the facts said fil,
+    matched nobody; its values are read in the facts' spelling."""
+    raw = {
+        "tiers": [],
+        "segments": [
+            rule("hebrew", leaf("language", "eq", "iw")),
+            rule("tagalog_ph", leaf("locale", "in", ["tl-ph", "en-PH"])),
+        ],
+    }
+    assert validate_rules(raw) == []
+    rules = compile_rules(raw, 1)
+    assert rules.assign(base_facts(locale="he-IL", language="he"), NOW).segments == ("hebrew",)
+    assert rules.assign(base_facts(locale="fil-PH", language="fil"), NOW).segments == ("tagalog_ph",)
+
+
+def test_a_language_or_locale_no_event_could_give_is_named_when_written() -> None:
+    raw = {
+        "tiers": [],
+        "segments": [
+            rule("hebrew_israel", leaf("language", "eq", "he-IL")),
+            rule("hebrew", leaf("locale", "eq", "he_IL")),
+        ],
+    }
+    assert problems(raw) == [
+        (
+            "$.segments[0].when.value",
+            'language "he-IL": not a language code, e.g. he, ar, en (a tag such as he-IL is a locale)',
+        ),
+        ("$.segments[1].when.value", 'locale "he_IL": not a BCP 47 language tag, e.g. he-IL, ar, en-US'),
+    ]
+    # Saved before they were checked, they still load, and compare as written.
+    assert compile_rules(raw, 1).assign(base_facts(locale="he-IL", language="he"), NOW).segments == ()
+
+
 # --- validation -----------------------------------------------------------------------------------
 
 

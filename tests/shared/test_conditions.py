@@ -310,6 +310,34 @@ def test_values_outside_a_fields_domain_are_named_where_they_are() -> None:
     assert holds(leaf("country", "eq", "Il"), {"country": "Il"})
 
 
+def _country_form(value: str) -> str:
+    if len(value) != 2:
+        raise ValueError("not a two-letter country code")
+    return value.upper()
+
+
+def test_operands_are_read_in_their_fields_spelling_when_written_and_when_loaded() -> None:
+    forms = {"country": _country_form}
+    # What the facts say ("IL") is what a rule saying "il" means, in eq, ne and in alike.
+    for tree, expected in (
+        (leaf("country", "eq", "il"), True),
+        (leaf("country", "ne", "il"), False),
+        (leaf("country", "in", ["jo", "il"]), True),
+    ):
+        assert compile_condition(tree, CATALOGUE, forms=forms).evaluate({"country": "IL"}, NOW) == expected
+        assert compile_condition(tree, CATALOGUE).evaluate({"country": "IL"}, NOW) != expected
+        assert errors_of(tree, forms=forms) == []
+    # A value in no spelling is refused when written, saying why, and where in an `in`.
+    assert errors_of(leaf("country", "in", ["IL", "Israel"]), forms=forms) == [
+        ("$.value[1]", 'country "Israel": not a two-letter country code')
+    ]
+    # Stored before the check, it still loads, compared as written.
+    stored = compile_condition(leaf("country", "eq", "Israel"), CATALOGUE, forms=forms)
+    assert stored.evaluate({"country": "Israel"}, NOW)
+    # Read before the field's domain is checked: "jo" is JO, a value customers have.
+    assert errors_of(leaf("country", "eq", "jo"), domains=DOMAINS, forms=forms) == []
+
+
 def test_a_quantity_no_customer_has_below_zero_is_judged_by_its_open_range() -> None:
     never_negative = {"orders": Range(0, math.inf)}
     assert errors_of(leaf("orders", "lt", 0), domains=never_negative) == [
