@@ -381,7 +381,7 @@ async def test_override_is_previewed_sent_by_the_sender_and_reset(world: World, 
     [outcome] = await sender.send_due()
     assert outcome.status == "sent"
     _, newest = sorted(world.outbox.iterdir())  # named by created_at: oldest first
-    assert "תודה על הזמנה o2 ב-Retain!" in json.loads(newest.read_text(encoding="utf-8"))["body"]
+    assert "תודה על הזמנה מס' o2 ב-Retain!" in json.loads(newest.read_text(encoding="utf-8"))["body"]
 
 
 async def test_a_template_for_a_new_journey_and_its_last_override(api: Clients) -> None:
