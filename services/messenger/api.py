@@ -20,6 +20,8 @@ from services.messenger.schemas import (
     FollowUpIn,
     MessageOut,
     MessagesPage,
+    RepliesPage,
+    ReplyOut,
     SurveyAnswerOut,
     SurveyAnswersPage,
     WaitOut,
@@ -149,13 +151,7 @@ async def list_survey_answers(
     cursor: Annotated[str | None, Query(max_length=300)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> SurveyAnswersPage:
-    if since is not None and until is not None and until <= since:
-        raise InvalidInputError(
-            "the request is not valid",
-            details=[
-                {"field": "query.until", "message": f"'until' ({until}) is not after 'since' ({since})"}
-            ],
-        )
+    _check_window(since, until)
     rows = await service.list_survey_answers(
         customer_id=customer_id,
         journey=journey,
@@ -169,6 +165,43 @@ async def list_survey_answers(
     return SurveyAnswersPage(
         answers=[SurveyAnswerOut.model_validate(r) for r in rows],
         next_cursor=_next_cursor(rows, limit),
+    )
+
+
+@router.get(
+    "/v1/replies",
+    response_model=RepliesPage,
+    tags=["messages"],
+    summary="What customers wrote back by SMS or WhatsApp, newest first, with who they are",
+)
+async def list_replies(
+    _key: Reader,
+    service: Service,
+    customer_id: Annotated[str | None, Query(max_length=128)] = None,
+    channel: Literal["sms", "whatsapp"] | None = None,
+    since: Annotated[
+        AwareDatetime | None,
+        Query(description="Came in at or after this instant: RFC 3339 (2026-11-26T00:00:00+02:00)."),
+    ] = None,
+    until: Annotated[AwareDatetime | None, Query(description="Came in before this instant.")] = None,
+    cursor: Annotated[str | None, Query(max_length=300)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> RepliesPage:
+    """Every inbound SMS and WhatsApp message of a known customer but a STOP or a START: the
+    messages invite a reply ("write to us here"), and this is where support reads them. Each
+    is also its message's ``replied`` event on retain.messages, with ``reply_id`` and the first
+    500 characters as ``reply`` in its details."""
+    _check_window(since, until)
+    rows = await service.list_replies(
+        customer_id=customer_id,
+        channel=channel,
+        since=since,
+        until=until,
+        before=_cursor(cursor),
+        limit=limit,
+    )
+    return RepliesPage(
+        replies=[ReplyOut.model_validate(r) for r in rows], next_cursor=_next_cursor(rows, limit)
     )
 
 
@@ -226,6 +259,16 @@ async def list_waits(
         customer_id=customer_id, journey=journey, status=status, before=_cursor(cursor), limit=limit
     )
     return WaitsPage(waits=[WaitOut.model_validate(r) for r in rows], next_cursor=_next_cursor(rows, limit))
+
+
+def _check_window(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and until <= since:
+        raise InvalidInputError(
+            "the request is not valid",
+            details=[
+                {"field": "query.until", "message": f"'until' ({until}) is not after 'since' ({since})"}
+            ],
+        )
 
 
 def _next_cursor(rows: list[dict[str, Any]], limit: int) -> str | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Select, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Column, Select, Table, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.messenger.tables import (
@@ -19,6 +19,7 @@ from services.messenger.tables import (
     journey_entries,
     journey_waits,
     messages,
+    replies,
     settings_table,
     survey_answers,
     webhook_receipts,
@@ -65,6 +66,11 @@ def _newest_first(
 # An answer with its customer's latest profile (None when the messenger has none any more).
 _ANSWERED = select(survey_answers, customers.c.profile.label("customer_profile")).select_from(
     survey_answers.outerjoin(customers, customers.c.customer_id == survey_answers.c.customer_id)
+)
+
+# A reply with its customer's latest profile, as an answer has it.
+_REPLIED = select(replies, customers.c.profile.label("customer_profile")).select_from(
+    replies.outerjoin(customers, customers.c.customer_id == replies.c.customer_id)
 )
 
 
@@ -392,6 +398,32 @@ class MessengerRepository:
             stmt = stmt.where(a.created_at < until)
         if followed_up is not None:
             stmt = stmt.where(a.followed_up_at.is_not(None) if followed_up else a.followed_up_at.is_(None))
+        return list((await session.execute(stmt)).all())
+
+    async def add_reply(self, session: AsyncSession, row: Mapping[str, Any]) -> None:
+        await session.execute(insert(replies).values(**row))
+
+    async def list_replies(
+        self,
+        session: AsyncSession,
+        *,
+        customer_id: str | None,
+        channel: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[Any]:
+        """Replies newest first (came in within [since, until), when given), each with the
+        customer's latest profile (``customer_profile``; None if unknown)."""
+        r = replies.c
+        stmt = _newest_first(
+            _REPLIED, replies, {"customer_id": customer_id, "channel": channel}, before, limit
+        )
+        if since is not None:
+            stmt = stmt.where(r.created_at >= since)
+        if until is not None:
+            stmt = stmt.where(r.created_at < until)
         return list((await session.execute(stmt)).all())
 
     async def survey_answer(self, session: AsyncSession, message_id: str, *, for_update: bool = False) -> Any:

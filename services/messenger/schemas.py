@@ -140,6 +140,32 @@ class SurveyAnswersPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as ?cursor= for older answers; null at the end.")
 
 
+class ReplyOut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(description="The provider's id of the inbound message (Twilio's MessageSid).")
+    customer_id: str
+    channel: str = Field(description="sms or whatsapp.")
+    kind: Literal["reply", "help"] = Field(
+        description="help: they asked for help (HELP, עזרה, مساعدة); reply: anything else but STOP/START."
+    )
+    text: str = Field(description="What the customer wrote.")
+    message_id: str | None = Field(
+        description="Our last message to them on the channel, which they answered (GET /v1/messages); "
+        "null if we had sent them none there."
+    )
+    journey: str | None = Field(description="That message's journey.")
+    received_at: datetime = Field(validation_alias="created_at", description="When it came in (UTC).")
+    customer: SurveyCustomerOut | None = Field(
+        description="Who wrote, to answer them and the valuable first; null if the messenger has no "
+        "profile of them any more."
+    )
+
+
+class RepliesPage(BaseModel):
+    replies: list[ReplyOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for older replies; null at the end.")
+
+
 WaitStatus = Literal["waiting", "fired", "cancelled"]
 
 

@@ -157,6 +157,10 @@ RECHECK_QUEUED_AFTER = timedelta(seconds=60)
 # within minutes; a replay by someone who kept a signed request months is what the rest of
 # this bounds (each sid is one row: a customer's every message, for ever, would not be).
 INBOUND_KEPT = timedelta(days=90)
+# A reply as kept (WhatsApp's longest message; an SMS is at most 1,600 characters), and as its
+# 'replied' event carries it (an event's detail is a string of at most 500).
+MAX_REPLY_CHARS = 4096
+MAX_DETAIL_CHARS = 500
 
 
 def utcnow() -> datetime:
@@ -178,11 +182,17 @@ def _candidate_of(row: Any) -> Candidate:
     )
 
 
+def _with_customer(row: Any) -> dict[str, Any]:
+    """A row read with its customer's latest profile, the profile as a snapshot (or None)."""
+    out = dict(row._mapping)
+    stored = out.pop("customer_profile")
+    out["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
+    return out
+
+
 def _answer_out(row: Any) -> dict[str, Any]:
     """A survey answer as the API gives it: with who answered and support's follow-up."""
-    answer = dict(row._mapping)
-    stored = answer.pop("customer_profile")
-    answer["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
+    answer = _with_customer(row)
     at, by, note = answer.pop("followed_up_at"), answer.pop("followed_up_by"), answer.pop("follow_up_note")
     history = answer.pop("follow_up_history") or []
     agent = _follow_up_agent(history)
@@ -1593,20 +1603,35 @@ class MessengerService:
                 await self.repo.add_consent_fact(
                     session, customer_id, channel.value, now, True, FactSource.START.value, False, address
                 )
+            if kind not in (None, "help"):
+                return Inbound(customer_id, kind)
+            # Kept for support to read (GET /v1/replies): the messages invite replies, and what
+            # the customer wrote is the point of one. Its event names it, with its beginning.
             last = await self.repo.last_message_to(session, customer_id, channel.value)
-            if last is not None and kind in (None, "help"):
-                await self._publish(
-                    session,
-                    [
-                        self._event(
-                            last,
-                            MessageStatus.REPLIED,
-                            "the customer answered",
-                            now,
-                            seq=sid or now.isoformat(),
-                        )
-                    ],
+            reply_id = sid or uuid.uuid4().hex
+            await self.repo.add_reply(
+                session,
+                {
+                    "id": reply_id,
+                    "customer_id": customer_id,
+                    "channel": channel.value,
+                    "kind": kind or "reply",
+                    "text": body[:MAX_REPLY_CHARS],
+                    "message_id": None if last is None else last.id,
+                    "journey": None if last is None else last.journey,
+                    "created_at": now,
+                },
+            )
+            if last is not None:
+                answered = self._event(
+                    last,
+                    MessageStatus.REPLIED,
+                    "the customer answered",
+                    now,
+                    seq=sid or now.isoformat(),
+                    extra={"reply_id": reply_id, "reply": body[:MAX_DETAIL_CHARS]},
                 )
+                await self._publish(session, [answered])
         await self.flush()
         return Inbound(customer_id, kind)
 
@@ -1883,6 +1908,12 @@ class MessengerService:
     async def list_messages(self, **filters: Any) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:
             return [dict(r._mapping) for r in await self.repo.list_messages(session, **filters)]
+
+    async def list_replies(self, **filters: Any) -> list[dict[str, Any]]:
+        """Replies with who wrote them, as the messenger knows them now (as survey answers)."""
+        async with self.db.sessions() as session:
+            rows = await self.repo.list_replies(session, **filters)
+        return [_with_customer(r) for r in rows]
 
     async def list_survey_answers(self, **filters: Any) -> list[dict[str, Any]]:
         """Answers with who answered, as the messenger knows them now: name and addresses to

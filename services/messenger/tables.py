@@ -113,6 +113,25 @@ survey_answers = Table(
     Index("ix_survey_answers_waiting", "followed_up_at", "score", "created_at"),
 )
 
+# What customers wrote back by SMS or WhatsApp, anything but a STOP or a START (a reply, or a
+# HELP), for support to read (GET /v1/replies): the messages invite replies ("write to us
+# here"), and the customer who explains what went wrong must be read by someone.
+replies = Table(
+    "replies",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the provider's id of the inbound message
+    Column("customer_id", String(128), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("kind", String(8), nullable=False),  # reply | help
+    Column("text", Text, nullable=False),
+    # Our last message to them on the channel, which they answered (null: none yet).
+    Column("message_id", String(36), nullable=True),
+    Column("journey", String(64), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),  # when it came in
+    Index("ix_replies_created", "created_at", "id"),  # the order of GET /v1/replies
+    Index("ix_replies_customer", "customer_id", "created_at"),
+)
+
 settings_table = Table(
     "messenger_settings",
     metadata,

@@ -46,6 +46,7 @@ SCOPE_OF: dict[str, dict[tuple[str, str], str]] = {
         ("GET", "/v1/messages"): "messages:read",
         ("GET", "/v1/waits"): "messages:read",
         ("GET", "/v1/surveys"): "messages:read",
+        ("GET", "/v1/replies"): "messages:read",
         ("PUT", "/v1/surveys/{message_id}/follow-up"): "surveys:write",
         ("DELETE", "/v1/surveys/{message_id}/follow-up"): "surveys:write",
         ("GET", "/v1/caps"): "messages:read",

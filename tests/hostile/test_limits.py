@@ -299,6 +299,7 @@ PAGINATED = {
     ("messenger", "/v1/messages", "limit"),
     ("messenger", "/v1/waits", "limit"),
     ("messenger", "/v1/surveys", "limit"),
+    ("messenger", "/v1/replies", "limit"),
 }
 
 

@@ -1030,6 +1030,69 @@ async def test_a_start_with_nothing_to_lift_is_an_answer_and_help_is_seen(
     assert (facts, replies) == ([("stop", False), ("start", True)], 2)
 
 
+async def test_what_a_customer_writes_back_is_kept_for_support_to_read(
+    world: World, api: httpx.AsyncClient
+) -> None:
+    """The messages say "reply here" and "write to us here". Only that an answer came was kept:
+    the customer who explained what went wrong was read by nobody. Replies and HELPs are kept,
+    listed newest first with who wrote them, and their message's 'replied' event carries them;
+    a STOP is not a reply, and a delivery Twilio sends again is one reply."""
+    customer = customer_not_in_holdout("thank_you")
+    world.clock.now = NOON - timedelta(days=1)
+    bought = purchase_update(customer, 1, world.clock.now, name="Noa Levi")
+    await world.service.apply_batch(delivered([bought]))
+    [sent] = await world.service.send_due()
+    path = "/webhooks/twilio/inbound"
+    complaint = "ההזמנה הגיעה שבורה, אפשר החלפה? " * 3
+
+    async def say(body: str, sid: str, at: datetime, sender: str = "+972521234567") -> None:
+        world.clock.now = at
+        form = {"From": sender, "Body": body, "MessageSid": sid}
+        assert (await api.post(path, data=form, headers=signed(path, form))).status_code == 200
+
+    await say(complaint, "SM-1", NOON)
+    await say(complaint, "SM-1", NOON + timedelta(minutes=1))  # Twilio again: the same reply
+    await say("עזרה", "SM-2", NOON + timedelta(minutes=2))
+    await say("STOP", "SM-3", NOON + timedelta(minutes=3))
+    await say("who is this?", "SM-4", NOON + timedelta(minutes=4), "+972529999999")  # no customer
+    response = await api.get("/v1/replies")
+    assert response.status_code == 200
+    page = response.json()
+    assert [(r["id"], r["kind"], r["text"]) for r in page["replies"]] == [
+        ("SM-2", "help", "עזרה"),
+        ("SM-1", "reply", complaint),
+    ]
+    oldest = page["replies"][1]
+    assert (oldest["customer_id"], oldest["channel"], oldest["journey"]) == (customer, "sms", "thank_you")
+    assert oldest["message_id"] == sent.message_id
+    assert oldest["received_at"] == NOON.isoformat().replace("+00:00", "Z")
+    assert (oldest["customer"]["name"], oldest["customer"]["phone"]) == ("Noa Levi", "+972521234567")
+    replied = [e for e in await published(world) if e.status is MessageStatus.REPLIED]
+    assert [(e.message_id, e.details) for e in replied] == [
+        (sent.message_id, {"reply_id": "SM-1", "reply": complaint}),
+        (sent.message_id, {"reply_id": "SM-2", "reply": "עזרה"}),
+    ]
+    # Paged, and filtered by customer, channel and time.
+    first = (await api.get("/v1/replies", params={"limit": 1})).json()
+    assert [r["id"] for r in first["replies"]] == ["SM-2"]
+    rest = (await api.get("/v1/replies", params={"limit": 1, "cursor": first["next_cursor"]})).json()
+    assert [r["id"] for r in rest["replies"]] == ["SM-1"]
+    since = (NOON + timedelta(minutes=1)).isoformat()
+    assert [r["id"] for r in (await api.get("/v1/replies", params={"since": since})).json()["replies"]] == [
+        "SM-2"
+    ]
+    assert (await api.get("/v1/replies", params={"channel": "whatsapp"})).json()["replies"] == []
+    assert (await api.get("/v1/replies", params={"customer_id": "someone-else"})).json()["replies"] == []
+    for params, field in (
+        ({"since": since, "until": NOON.isoformat()}, "query.until"),
+        ({"channel": "email"}, "query.channel"),  # SendGrid's events are not replies
+        ({"since": "2026-11-26T00:00:00"}, "query.since"),
+    ):
+        bad = await api.get("/v1/replies", params=params)
+        assert bad.status_code == 422, bad.text
+        assert [d["field"] for d in bad.json()["error"]["details"]] == [field]
+
+
 async def test_the_start_names_the_sms_a_long_public_url_makes_longer(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
