@@ -548,6 +548,25 @@ async def test_at_risk_is_a_personal_check_in_without_a_discount(world: World, l
     assert "BACK-" not in mail.text
 
 
+async def test_at_risk_does_not_check_in_over_an_open_ticket(world: World) -> None:
+    """'We haven't heard from you in a while' to a customer whose complaint support is handling
+    is untrue, and sounds like nobody is listening: no check-in then."""
+    customer = treated("risk-open", "at_risk")
+    drifting = update(
+        customer,
+        "en",
+        NOON,
+        entered=("at_risk",),
+        cause=UpdateCause.TIME,
+        lifecycle_stage="at_risk",
+        segments=["at_risk"],
+        open_tickets=1,
+    )
+    await world.service.apply_batch(delivered([drifting]))
+    assert [r["journey"] for r in await messages(world, customer)] == []
+    assert await world.service.send_due() == []
+
+
 # --- win_back -------------------------------------------------------------------------------------
 
 
