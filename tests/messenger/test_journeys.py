@@ -487,6 +487,33 @@ async def test_tier_upgrade_congratulates_with_the_new_tiers_perks(world: World,
     assert len(await messages(world, customer)) == 1
 
 
+async def test_a_first_order_is_thanked_not_congratulated_on_a_tier(world: World) -> None:
+    """A profile before the first order: that order moves the customer from no tier to bronze,
+    an upgrade by the ladder. 'Thank you for sticking with us' after one order is untrue, and
+    came beside the thank-you for the same order: only the thank-you goes. The second order's
+    move up is congratulated."""
+    customer = treated("tier-first", "tier_upgrade", "thank_you")
+    first = update(customer, "en", NOON, purchase(NOON), tier_old="none", tier="bronze", orders_count=1)
+    await world.service.apply_batch(delivered([first]))
+    assert [r["journey"] for r in await messages(world, customer)] == ["thank_you"]
+    world.clock.now = NOON + 40 * DAY
+    second = update(
+        customer,
+        "en",
+        world.clock.now,
+        purchase(world.clock.now),
+        tier_old="bronze",
+        tier="silver",
+        orders_count=2,
+    )
+    await world.service.apply_batch(delivered([second]))
+    assert sorted(r["journey"] for r in await messages(world, customer)) == [
+        "thank_you",
+        "thank_you",
+        "tier_upgrade",
+    ]
+
+
 async def test_no_congratulations_to_a_customer_who_cancelled(world: World) -> None:
     # Marketing lowers the gold threshold, or a purchase from before the cancellation arrives
     # late: the tier rises, and a customer who left is not told of their new perks.
