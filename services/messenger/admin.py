@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.messenger.config import MessengerSettings
 from services.messenger.journeys import Journey, default_journeys, validate_journey
 from services.messenger.service import MessengerService
 from services.messenger.templates import (
@@ -266,7 +267,7 @@ class MessengerAdmin:
         """Validate (sandbox, variables, size, SMS segments) and keep as an override."""
         async with self.db.sessions() as session:
             journeys = await self.service.journeys(session)
-        template = await _checked_template(key, raw, journeys, self.service.settings.messenger_public_url)
+        template = await _checked_template(key, raw, journeys, self.service.settings)
 
         def put(overrides: dict[TemplateKey, Template]) -> None:
             if key not in overrides and len(overrides) >= MAX_OVERRIDES:
@@ -342,7 +343,7 @@ class MessengerAdmin:
                 template_key(template_name, channel, locale),
                 draft,
                 journeys,
-                self.service.settings.messenger_public_url,
+                self.service.settings,
             )
         perks = self.service.settings.messenger_tier_perks
         brand = self.service.settings.brand
@@ -396,7 +397,7 @@ class MessengerAdmin:
 
 
 async def _checked_template(
-    key: TemplateKey, raw: Mapping[str, Any], journeys: list[Journey], public_url: str | None = None
+    key: TemplateKey, raw: Mapping[str, Any], journeys: list[Journey], settings: MessengerSettings
 ) -> Template:
     """``raw`` as the template ``key`` (its kind defaulting to its journey's), with every problem
     a save would refuse: the same checks for a PUT and for the preview of a draft."""
@@ -424,7 +425,9 @@ async def _checked_template(
             ]
         )
     # Rendering the sample data runs user code (bounded to about a second): off the loop.
-    errors = await asyncio.to_thread(validate_template, template, public_url)
+    errors = await asyncio.to_thread(
+        validate_template, template, settings.messenger_public_url, settings.brand
+    )
     if errors:
         raise TemplateInvalidError(errors)
     return template

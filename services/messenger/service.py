@@ -423,7 +423,7 @@ class MessengerService:
         self.providers: dict[Channel, Provider] = dict(providers or {})
         self.limiter = limiter
         self.quiet = QuietHours()
-        self.templates = TemplateStore(public_url=settings.messenger_public_url)
+        self.templates = TemplateStore(public_url=settings.messenger_public_url, brand=settings.brand)
         # The channels the sender's providers cannot really reach while others can: decisions
         # try them last (the consumer decides for the sender's providers, built from the same
         # settings by providers.registry).
@@ -450,13 +450,15 @@ class MessengerService:
         self._warn_of_saved_settings(store, journeys)
         for key, count in store.long_sms():
             log.warning(
-                "an SMS template goes in more segments than it was written for with this public URL: "
-                "shorten RETAIN_MESSENGER_PUBLIC_URL or the template",
+                "an SMS template goes in more segments than it was written for with this public URL "
+                "and brand name: shorten RETAIN_MESSENGER_PUBLIC_URL, RETAIN_MESSENGER_BRAND_NAME or "
+                "the template",
                 template=str(key),
                 segments=count.segments,
                 characters=count.units,
                 encoding=count.encoding,
                 messenger_public_url=self.settings.messenger_public_url,
+                messenger_brand_name=self.settings.messenger_brand_name,
             )
 
     def _warn_of_saved_settings(self, store: TemplateStore, journeys: Sequence[Journey]) -> None:
@@ -508,7 +510,9 @@ class MessengerService:
         updated_at = row.updated_at if row is not None else None
         if updated_at != self._templates_at:
             overrides = [Template.from_json(t) for t in row.value] if row is not None else []
-            self.templates = TemplateStore(overrides, public_url=self.settings.messenger_public_url)
+            self.templates = TemplateStore(
+                overrides, public_url=self.settings.messenger_public_url, brand=self.settings.brand
+            )
             self._templates_at = updated_at
         return self.templates
 

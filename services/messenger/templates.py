@@ -1250,9 +1250,12 @@ def _frame(
 # --- Validation --------------------------------------------------------------------------------
 
 
-def validate_template(template: Template, public_url: str | None = None) -> list[TemplateError]:
+def validate_template(
+    template: Template, public_url: str | None = None, brand: Brand = DEFAULT_BRAND
+) -> list[TemplateError]:
     """Every problem that would make ``template`` fail or misbehave when sent; its SMS length
-    with links under ``public_url`` (RETAIN_MESSENGER_PUBLIC_URL), default a 20-character one."""
+    with links under ``public_url`` (RETAIN_MESSENGER_PUBLIC_URL), default a 20-character one,
+    and the business named as ``brand`` names it (RETAIN_MESSENGER_BRAND_NAME)."""
     errors: list[TemplateError] = []
     channel = template.key.channel
     fields: list[tuple[str, str | None, bool]] = [("$.text", template.text, False)]
@@ -1306,11 +1309,13 @@ def validate_template(template: Template, public_url: str | None = None) -> list
             errors.append(TemplateError(path, f"unknown variable {name!r}{hint}"))
     if errors:
         return errors
-    return _check_rendering(template, public_url)
+    return _check_rendering(template, public_url, brand)
 
 
-def _check_rendering(template: Template, public_url: str | None = None) -> list[TemplateError]:
-    full = sample_variables(template.key.locale, public_url=public_url)
+def _check_rendering(
+    template: Template, public_url: str | None = None, brand: Brand = DEFAULT_BRAND
+) -> list[TemplateError]:
+    full = sample_variables(template.key.locale, public_url=public_url, brand=brand)
     required = required_variables(template.key.journey)
     sparse = {k: v for k, v in full.items() if k not in OPTIONAL_VARIABLES or k in required}
     # A code alone, as it goes while no offer value or validity is configured (the default).
@@ -1398,9 +1403,13 @@ class TemplateStore:
         default_locale: str = DEFAULT_LOCALE,
         defaults: Mapping[TemplateKey, Template] | None = None,
         public_url: str | None = None,
+        brand: Brand = DEFAULT_BRAND,
     ) -> None:
         self.default_locale = normalize_locale(default_locale)
-        self.public_url = public_url  # the links' base, for the SMS length (validate)
+        # The links' base and the business's name, for the SMS length (validate): a brand of
+        # 18 characters, written into most SMS, overflowed what "Retain" fitted.
+        self.public_url = public_url
+        self.brand = brand
         self._defaults = dict(default_templates() if defaults is None else defaults)
         self._overrides = {t.key: t for t in overrides}
         # resolve's answers until the next put or remove: every decision asks whether its
@@ -1452,18 +1461,19 @@ class TemplateStore:
         return {k.journey for k in self.keys()}
 
     def validate(self, template: Template) -> list[TemplateError]:
-        return validate_template(template, self.public_url)
+        return validate_template(template, self.public_url, self.brand)
 
     def long_sms(self) -> list[tuple[TemplateKey, SmsCount]]:
         """The SMS templates (defaults and overrides) that go in more than MAX_SMS_SEGMENTS
-        with the sample data and this deployment's links: a public URL longer than the
-        20 characters the defaults were written for eats into every SMS."""
+        with the sample data, this deployment's links and its brand: a public URL longer than
+        the 20 characters the defaults were written for, or a name longer than "Retain", eats
+        into every SMS."""
         found = []
         for key in self.keys():
             template = self.get(key)
             if template is None or key.channel is not Channel.SMS:
                 continue
-            sample = sample_variables(key.locale, public_url=self.public_url)
+            sample = sample_variables(key.locale, public_url=self.public_url, brand=self.brand)
             with contextlib.suppress(TemplateRenderError):
                 # The longer way: the store does not know the sender (a saved template fits both).
                 longest = max(

@@ -1109,6 +1109,34 @@ async def test_the_start_names_the_sms_a_long_public_url_makes_longer(
     assert named["feedback_survey/sms/he"]["messenger_public_url"] == "https://retain.shop.co.il"
 
 
+async def test_the_start_names_the_sms_a_long_brand_name_makes_longer(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Most SMS name the business; the defaults fit two segments with "Retain". A name of 24
+    characters overflowed them, and nothing said so: the start names each such template, and
+    a save of one is refused."""
+    recorder = WarningRecorder()
+    monkeypatch.setattr(service_module, "log", recorder)
+    long_name = "Super-Pharm Online Store"
+    for brand in ("Retain", long_name):
+        links = "https://shop.example"  # 20 characters, as the defaults were written for
+        update = {"messenger_brand_name": brand, "messenger_public_url": links}
+        settings = world.service.settings.model_copy(update=update)
+        service = MessengerService(world.db, settings, None, {})
+        await service.ensure_defaults()
+        if brand == "Retain":
+            assert recorder.warnings == []
+    named = {fields["template"]: fields for _, fields in recorder.warnings}
+    assert {"tier_upgrade/sms/he", "win_back/sms/ar"} <= set(named)
+    assert {fields["messenger_brand_name"] for fields in named.values()} == {long_name}
+    assert all(fields["segments"] == 3 for fields in named.values())
+    async with world.db.sessions() as session:
+        store = await service.load_template_overrides(session)
+    errors = store.validate(store.resolve("tier_upgrade", Channel.SMS, "he"))
+    assert errors
+    assert all("3 SMS segments" in e.message for e in errors), errors
+
+
 async def test_the_start_names_saved_overrides_that_fail_today_s_checks(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
