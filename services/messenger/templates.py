@@ -66,7 +66,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from shared.conditions import unknown_hint
 from shared.errors import InvalidInputError, NotFoundError
-from shared.events import Channel, MessageKind, ProfileSnapshot, TriggeringEvent, current_language
+from shared.events import (
+    CancellationReason,
+    Channel,
+    MessageKind,
+    ProfileSnapshot,
+    TriggeringEvent,
+    current_language,
+)
 
 T = TypeVar("T")
 
@@ -102,6 +109,8 @@ VARIABLES: dict[str, str] = {
     "إلغاء), a third of the link's length; else the label and {{ unsubscribe_url }}. Either shows a "
     "marketing message's opt-out. Worded in he, ar and en; other languages get the English words "
     "(STOP works in any): write your own there, with {{ unsubscribe_url }}.",
+    "churn_reason": "Optional. Why the customer left, as their cancellation said: price, service, both "
+    "or other (the win-back apologises to those who left over service). Absent if they never cancelled.",
     "offer_code": "Optional. The win-back offer code, only when the journey grants one.",
     "offer_value": "Optional. What the offer gives, in the message's language, when configured "
     "(RETAIN_MESSENGER_OFFER_VALUE, e.g. 15% הנחה); only with offer_code.",
@@ -126,6 +135,7 @@ OPTIONAL_VARIABLES: frozenset[str] = frozenset(
         "ticket_id",
         "ticket_category",
         "survey_url",
+        "churn_reason",
         "offer_code",
         "offer_value",
         "offer_expires",
@@ -949,6 +959,7 @@ def build_variables(
         "ticket_category": details.get("category") if details.get("ticket_id") else None,
         "survey_url": survey_url,
         "offer_code": offer_code,
+        "churn_reason": None if profile.churn_reason is None else profile.churn_reason.value,
     }
     if offer_code:  # the value and the last day say what a code gives: never without one
         optional["offer_value"] = offer_value
@@ -1015,6 +1026,8 @@ def sample_variables(
         lifecycle_stage="active",
         tier="gold",
         reporting_currency=currency,
+        # The longer of the win-back's two ways (an apology to those who left over service).
+        churn_reason=CancellationReason.SERVICE,
     )
     details = {
         "order_id": "88412",

@@ -647,7 +647,14 @@ async def test_win_back_cools_off_by_churn_reason(
     assert await restarted(world).fire_waits() == 1
     row = await sent_one(world, customer, "win_back")
     assert row["idempotency_key"] == f"win_back:{customer}:{row['trigger_event_id']}"
-    assert_in_language(mail_of(world, row["id"]), "he", "win_back")
+    mail = mail_of(world, row["id"])
+    assert_in_language(mail, "he", "win_back")
+    # Who left over service is told we are sorry (seed 004), not asked what went wrong as if
+    # we did not know; who left over price is asked.
+    apology = "אנחנו מצטערים שהשירות שלנו לא היה ברמה שמגיעה לך"
+    assert (apology in mail.text) == (reason is not CancellationReason.PRICE)
+    assert (apology in mail.html) == (reason is not CancellationReason.PRICE)
+    assert ("אם משהו אצלנו לא עבד" in mail.text) == (reason is CancellationReason.PRICE)
 
 
 @pytest.mark.parametrize("lang", LANGS)
