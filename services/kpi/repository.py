@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -151,6 +152,16 @@ def _mark_stale(dialect: str) -> RowsWrite:
             set_={"marks": stale_tickets.c.marks + 1},
         ),
     )
+
+
+class PredictionTotals(NamedTuple):
+    customers: int
+    predicted_clv: float
+    historic_value: float
+    # NaN without predictions, not 0 (everyone dead): what a summary with no observations
+    # exports, which no comparison holds for (an unlabelled gauge cannot be left out).
+    mean_p_alive: float
+    at_risk: int  # P(alive) below the threshold asked for
 
 
 class RollupStatus(NamedTuple):
@@ -578,6 +589,26 @@ class KpiRepository:
             p.published_expected_90d,
         )
         return {r.customer_id: Prediction(*r) for r in await session.execute(stmt)}
+
+    async def prediction_totals(self, session: AsyncSession, p_alive_below: float) -> PredictionTotals:
+        """The predictions summed in the database, for /metrics: one row, where reading every
+        customer's (2 million at a large shop) at each refresh of the gauges cost seconds."""
+        p = clv_predictions.c
+        stmt = select(
+            func.count(),
+            func.coalesce(func.sum(p.predicted_clv), 0.0),
+            func.coalesce(func.sum(p.historic_value), 0.0),
+            func.avg(p.p_alive),
+            func.coalesce(func.sum(case((p.p_alive < p_alive_below, 1), else_=0)), 0),
+        )
+        customers, predicted, historic, mean_p_alive, at_risk = (await session.execute(stmt)).one()
+        return PredictionTotals(
+            customers,
+            float(predicted),
+            float(historic),
+            math.nan if mean_p_alive is None else float(mean_p_alive),
+            int(at_risk),
+        )
 
     async def delete_predictions(self, session: AsyncSession, customer_ids: Sequence[str]) -> None:
         c = clv_predictions.c

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import time
 from bisect import bisect_left
 from collections import Counter as Tally
@@ -1258,7 +1257,7 @@ class KpiService:
             found, still_open = await self._tickets_and_open(
                 session, *_bounds(period(recent.first, recent.last, self.tz))
             )
-            stored = await self.repo.predictions(session)
+            clv = await self.repo.prediction_totals(session, self.settings.kpi_p_alive_threshold)
             model = await self.repo.latest_clv_model(session, today)
         messages, bought = await self._messages(period(recent.first, recent.last, self.tz))
         satisfied = _csat_by_journey(await self._answers(period(recent.first, recent.last, self.tz)))
@@ -1312,12 +1311,11 @@ class KpiService:
         for j, satisfaction in satisfied.items():
             _set(CSAT, (j,), satisfaction.csat)
             CSAT_ANSWERS.labels(j).set(satisfaction.answers)
-        predictions = list(stored.values())
-        CLV_CUSTOMERS.set(len(predictions))
-        CLV_PREDICTED_TOTAL.set(sum(p.predicted_clv for p in predictions))
-        CLV_HISTORIC_TOTAL.set(sum(p.historic_value for p in predictions))
-        CLV_P_ALIVE_MEAN.set(_gauge_mean([p.p_alive for p in predictions]))
-        CLV_AT_RISK.set(sum(1 for p in predictions if p.p_alive < self.settings.kpi_p_alive_threshold))
+        CLV_CUSTOMERS.set(clv.customers)
+        CLV_PREDICTED_TOTAL.set(clv.predicted_clv)
+        CLV_HISTORIC_TOTAL.set(clv.historic_value)
+        CLV_P_ALIVE_MEAN.set(clv.mean_p_alive)
+        CLV_AT_RISK.set(clv.at_risk)
         if model is not None:
             for name, value in model.model["params"].items():
                 CLV_PARAM.labels(name).set(value)
@@ -1348,13 +1346,6 @@ def _set_conversion_gauges(
 def _csat_by_journey(answers: Sequence[csat_kpi.Answer]) -> dict[str, csat_kpi.CsatStats]:
     journey = _top(a.journey for a in answers)
     return {j: csat_kpi.summarize(g) for j, g in group_by(answers, lambda a: journey(a.journey)).items()}
-
-
-def _gauge_mean(values: Sequence[float]) -> float:
-    """A mean of nothing is not 0 (for P(alive): everyone dead) but NaN, as a summary with no
-    observations exports, which no comparison holds for: an unlabelled gauge cannot be left out
-    as ``_set`` leaves out a labelled series."""
-    return sum(values) / len(values) if values else math.nan
 
 
 def _set(gauge: Any, labels: tuple[str, ...], value: float | None) -> None:

@@ -27,6 +27,7 @@ from services.kpi import service as kpi_service
 from services.kpi.app import create_app
 from services.kpi.config import KpiSettings
 from services.kpi.consumer import MIGRATIONS
+from services.kpi.repository import Prediction
 from services.kpi.service import KPI_GAUGES, KpiService
 from services.kpi.tables import (
     clv_models,
@@ -1313,6 +1314,28 @@ async def test_an_opt_out_the_messenger_publishes_is_no_message(kpi: Kpi) -> Non
     async with kpi.db.sessions() as s:
         journeys = await s.execute(select(c.value, c.assigned).where(c.dimension == "journey"))
         assert sorted(journeys) == [("welcome", 1)]
+
+
+async def test_the_clv_gauges_sum_the_predictions(kpi: Kpi) -> None:
+    """Summed in the database (one row), not read customer by customer at each refresh: three
+    predictions, two of them below the P(alive) threshold (0.3), by hand."""
+    rows = [
+        Prediction("g1", date(2026, 1, 31), 100.0, 250.5, 0.9, 1.5),
+        Prediction("g2", date(2026, 1, 31), 40.0, 10.0, 0.2, 0.1),
+        Prediction("g3", date(2026, 1, 31), 0.0, 0.0, 0.05, 0.0),
+    ]
+    async with kpi.db.transaction() as session:
+        await kpi.service.repo.save_predictions(session, rows, set(), utc(2026, 2, 1))
+    response = await kpi.http.get("/metrics")
+    lines = set(response.text.splitlines())
+    assert {
+        "retain_kpi_clv_customers 3.0",
+        "retain_kpi_clv_predicted_total 260.5",
+        "retain_kpi_clv_historic_total 140.0",
+        "retain_kpi_clv_at_risk_customers 2.0",
+    } <= lines, sorted(line for line in lines if line.startswith("retain_kpi_clv"))
+    [mean] = [line.split()[1] for line in lines if line.startswith("retain_kpi_clv_p_alive_mean ")]
+    assert float(mean) == pytest.approx((0.9 + 0.2 + 0.05) / 3)
 
 
 def test_the_kpi_values_are_on_the_apis_metrics_only() -> None:
