@@ -169,8 +169,9 @@ class MessengerSettings(CommonSettings):
     messenger_offer_value: dict[str, OneLine] = Field(
         default_factory=dict,
         description="What the win-back offer gives, per language, as JSON {locale: text}, e.g. "
-        '{"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}: said beside the code in email and '
-        "WhatsApp. A language left out (and the default, unset) shows the code alone.",
+        '{"he": "15% הנחה", "ar": "خصم 15%", "en": "15% off"}: said beside the code in email, '
+        "WhatsApp and (from a sender that takes replies) SMS. A language left out "
+        "(and the default, unset, which the start warns of) shows the code alone.",
     )
     messenger_offer_valid_days: int | None = Field(
         default=None,

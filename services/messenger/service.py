@@ -474,6 +474,15 @@ class MessengerService:
                     journey=journey.name,
                     problems=[f"{e.path}: {e.message}" for e in refused][:20],
                 )
+        offering = sorted(j.name for j in journeys if j.enabled and j.offer_if is not None)
+        if offering and not self.settings.messenger_offer_value:
+            # The code is made and published for the shop either way; what it gives is the
+            # shop's to say, and the customer reads a bare code until it does.
+            log.warning(
+                "a journey grants offer codes, and RETAIN_MESSENGER_OFFER_VALUE does not say what they "
+                "give: its messages show a bare code",
+                journeys=offering,
+            )
         marketing = {j.template for j in journeys if j.kind is MessageKind.MARKETING}
         for key in store.keys():  # noqa: SIM118 - a list, not a dict
             template = store.get(key)

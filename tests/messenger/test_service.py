@@ -1102,8 +1102,8 @@ async def test_the_start_names_the_sms_a_long_public_url_makes_longer(
         settings = world.service.settings.model_copy(update={"messenger_public_url": url})
         await MessengerService(world.db, settings, None, {}).ensure_defaults()
         if url == "https://shop.example":
-            assert recorder.warnings == []
-    named = {fields["template"]: fields for _, fields in recorder.warnings}
+            assert [m for m, _ in recorder.warnings if "SMS template" in m] == []
+    named = {fields["template"]: fields for m, fields in recorder.warnings if "SMS template" in m}
     assert "feedback_survey/sms/he" in named
     assert named["feedback_survey/sms/he"]["segments"] == 3
     assert named["feedback_survey/sms/he"]["messenger_public_url"] == "https://retain.shop.co.il"
@@ -1125,8 +1125,8 @@ async def test_the_start_names_the_sms_a_long_brand_name_makes_longer(
         service = MessengerService(world.db, settings, None, {})
         await service.ensure_defaults()
         if brand == "Retain":
-            assert recorder.warnings == []
-    named = {fields["template"]: fields for _, fields in recorder.warnings}
+            assert [m for m, _ in recorder.warnings if "SMS template" in m] == []
+    named = {fields["template"]: fields for m, fields in recorder.warnings if "SMS template" in m}
     assert {"tier_upgrade/sms/he", "win_back/sms/ar"} <= set(named)
     assert {fields["messenger_brand_name"] for fields in named.values()} == {long_name}
     assert all(fields["segments"] == 3 for fields in named.values())
@@ -1180,9 +1180,24 @@ async def test_the_start_names_saved_journeys_that_fail_today_s_checks(
     recorder = WarningRecorder()
     monkeypatch.setattr(service_module, "log", recorder)
     await MessengerService(world.db, world.service.settings, None, {}).ensure_defaults()
-    named = {fields["journey"]: fields for message, fields in recorder.warnings if "journey" in message}
+    named = {fields["journey"]: fields for message, fields in recorder.warnings if "saved journey" in message}
     assert set(named) == {journeys[0]["name"]}
     assert any("spring_sale" in p for p in named[journeys[0]["name"]]["problems"])
+
+
+async def test_the_start_names_offers_whose_value_nobody_said(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The win-back grants codes to valuable customers; without RETAIN_MESSENGER_OFFER_VALUE
+    each reads a bare code ("Your offer code: BACK-…"), not what it gives. The start says so."""
+    recorder = WarningRecorder()
+    monkeypatch.setattr(service_module, "log", recorder)
+    offers = {"he": "15% הנחה", "en": "15% off"}
+    for value in ({}, offers):
+        settings = world.service.settings.model_copy(update={"messenger_offer_value": value})
+        await MessengerService(world.db, settings, None, {}).ensure_defaults()
+    said = [fields for message, fields in recorder.warnings if "RETAIN_MESSENGER_OFFER_VALUE" in message]
+    assert said == [{"journeys": ["win_back"]}]
 
 
 @pytest.fixture

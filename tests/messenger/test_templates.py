@@ -938,6 +938,20 @@ def test_arabic_defaults_speak_to_every_customer(
     assert words.isdisjoint(MASCULINE_ONLY["ar"]), sorted(words & set(MASCULINE_ONLY["ar"]))
 
 
+@pytest.mark.parametrize("locale", LOCALES)
+def test_a_win_back_sms_says_what_its_code_gives_where_it_fits(store: TemplateStore, locale: str) -> None:
+    """A bare code says nothing of what it is for. Beside the opt-out keyword (a sender that
+    takes replies) the SMS says what it gives; beside the unsubscribe link, it would not fit."""
+    template = store.resolve("win_back", "sms", locale)
+    variables = sample_variables(locale)
+    from_number, from_name = (
+        render(template, way, strict=True).text for way in sms_variants(variables, locale)
+    )
+    assert f"{variables['offer_code']} ({variables['offer_value']})" in from_number
+    assert variables["offer_code"] in from_name
+    assert variables["offer_value"] not in from_name
+
+
 REPLY_INVITATIONS = {
     "he": ("להשיב", "השיבו"),
     "ar": ("الرد", "ملاحظاتك هنا"),
