@@ -68,6 +68,18 @@ Service = Annotated[MessengerService, Depends(_service)]
 MessageId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
 
 
+def _in_utc(value: datetime) -> datetime:
+    """An instant as UTC, where the database compares it: one UTC cannot hold
+    (0001-01-01T00:00:00+05:00) is a 422 naming the parameter, not a 500 at the query."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("outside the instants UTC can hold (years 1 to 9999)") from None
+
+
+Instant = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+
+
 def _cursor(value: str | None) -> tuple[datetime, str] | None:
     if value is None:
         return None
@@ -137,10 +149,10 @@ async def list_survey_answers(
         ),
     ] = None,
     since: Annotated[
-        AwareDatetime | None,
+        Instant | None,
         Query(description="Answered at or after this instant: RFC 3339 (2026-11-26T00:00:00+02:00)."),
     ] = None,
-    until: Annotated[AwareDatetime | None, Query(description="Answered before this instant.")] = None,
+    until: Annotated[Instant | None, Query(description="Answered before this instant.")] = None,
     followed_up: Annotated[
         bool | None,
         Query(
@@ -180,10 +192,10 @@ async def list_replies(
     customer_id: Annotated[str | None, Query(max_length=128)] = None,
     channel: Literal["sms", "whatsapp"] | None = None,
     since: Annotated[
-        AwareDatetime | None,
+        Instant | None,
         Query(description="Came in at or after this instant: RFC 3339 (2026-11-26T00:00:00+02:00)."),
     ] = None,
-    until: Annotated[AwareDatetime | None, Query(description="Came in before this instant.")] = None,
+    until: Annotated[Instant | None, Query(description="Came in before this instant.")] = None,
     cursor: Annotated[str | None, Query(max_length=300)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RepliesPage:

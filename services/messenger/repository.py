@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Select, Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Column, Select, Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.messenger.tables import (
@@ -400,8 +400,10 @@ class MessengerRepository:
             stmt = stmt.where(a.followed_up_at.is_not(None) if followed_up else a.followed_up_at.is_(None))
         return list((await session.execute(stmt)).all())
 
-    async def add_reply(self, session: AsyncSession, row: Mapping[str, Any]) -> None:
-        await session.execute(insert(replies).values(**row))
+    async def add_reply(self, session: AsyncSession, row: Mapping[str, Any]) -> bool:
+        """False if a reply of that id is kept already."""
+        stmt = insert_ignoring_conflicts(session, replies).values(**row).returning(replies.c.id)
+        return (await session.execute(stmt)).first() is not None
 
     async def list_replies(
         self,

@@ -1616,37 +1616,49 @@ class MessengerService:
                 await self.repo.add_consent_fact(
                     session, customer_id, channel.value, now, True, FactSource.START.value, False, address
                 )
-            if kind not in (None, "help"):
-                return Inbound(customer_id, kind)
-            # Kept for support to read (GET /v1/replies): the messages invite replies, and what
-            # the customer wrote is the point of one. Its event names it, with its beginning.
-            last = await self.repo.last_message_to(session, customer_id, channel.value)
-            reply_id = sid or uuid.uuid4().hex
-            await self.repo.add_reply(
-                session,
-                {
-                    "id": reply_id,
-                    "customer_id": customer_id,
-                    "channel": channel.value,
-                    "kind": kind or "reply",
-                    "text": body[:MAX_REPLY_CHARS],
-                    "message_id": None if last is None else last.id,
-                    "journey": None if last is None else last.journey,
-                    "created_at": now,
-                },
-            )
-            if last is not None:
-                answered = self._event(
-                    last,
-                    MessageStatus.REPLIED,
-                    "the customer answered",
-                    now,
-                    seq=sid or now.isoformat(),
-                    extra={"reply_id": reply_id, "reply": body[:MAX_DETAIL_CHARS]},
-                )
-                await self._publish(session, [answered])
+            if kind in (None, "help"):
+                await self._keep_reply(session, customer_id, channel, kind, body, sid, now)
         await self.flush()
         return Inbound(customer_id, kind)
+
+    async def _keep_reply(
+        self,
+        session: Any,
+        customer_id: str,
+        channel: Channel,
+        kind: str | None,
+        body: str,
+        sid: str | None,
+        now: datetime,
+    ) -> None:
+        """Kept for support to read (GET /v1/replies): the messages invite replies, and what the
+        customer wrote is the point of one. Its message's 'replied' event names it, with its
+        beginning. Once per sid: one replayed after INBOUND_KEPT is not kept or published again."""
+        # PostgreSQL's text refuses NUL; a phone that sends one still means the rest.
+        text = body.replace("\x00", "")
+        last = await self.repo.last_message_to(session, customer_id, channel.value)
+        reply_id = sid or uuid.uuid4().hex
+        row = {
+            "id": reply_id,
+            "customer_id": customer_id,
+            "channel": channel.value,
+            "kind": kind or "reply",
+            "text": text[:MAX_REPLY_CHARS],
+            "message_id": None if last is None else last.id,
+            "journey": None if last is None else last.journey,
+            "created_at": now,
+        }
+        if not await self.repo.add_reply(session, row) or last is None:
+            return
+        answered = self._event(
+            last,
+            MessageStatus.REPLIED,
+            "the customer answered",
+            now,
+            seq=sid or now.isoformat(),
+            extra={"reply_id": reply_id, "reply": text[:MAX_DETAIL_CHARS]},
+        )
+        await self._publish(session, [answered])
 
     async def _opted_out(self, session: Any, customer_id: str, channel: Channel, address: str) -> bool:
         """Whether an opt-out still blocks marketing to ``address`` on ``channel``."""

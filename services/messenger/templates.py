@@ -110,7 +110,8 @@ VARIABLES: dict[str, str] = {
     "marketing message's opt-out. Worded in he, ar and en; other languages get the English words "
     "(STOP works in any): write your own there, with {{ unsubscribe_url }}.",
     "churn_reason": "Optional. Why the customer left, as their cancellation said: price, service, both "
-    "or other (the win-back apologises to those who left over service). Absent if they never cancelled.",
+    "or other (the win-back apologises to those who left over service). Absent unless their "
+    "lifecycle stage is churned (never cancelled, or came back since).",
     "offer_code": "Optional. The win-back offer code, only when the journey grants one.",
     "offer_value": "Optional. What the offer gives, in the message's language, when configured "
     "(RETAIN_MESSENGER_OFFER_VALUE, e.g. 15% הנחה); only with offer_code.",
@@ -959,7 +960,11 @@ def build_variables(
         "ticket_category": details.get("category") if details.get("ticket_id") else None,
         "survey_url": survey_url,
         "offer_code": offer_code,
-        "churn_reason": None if profile.churn_reason is None else profile.churn_reason.value,
+        # Only while they are churned: the profile keeps the last cancellation's reason for ever,
+        # and one who left over service in 2023, came back and lapsed now is not owed that apology.
+        "churn_reason": profile.churn_reason.value
+        if profile.churn_reason is not None and profile.lifecycle_stage == "churned"
+        else None,
     }
     if offer_code:  # the value and the last day say what a code gives: never without one
         optional["offer_value"] = offer_value
@@ -1023,7 +1028,7 @@ def sample_variables(
         name=name,
         locale=locale,
         timezone="Asia/Jerusalem",
-        lifecycle_stage="active",
+        lifecycle_stage="churned",
         tier="gold",
         reporting_currency=currency,
         # The longer of the win-back's two ways (an apology to those who left over service).

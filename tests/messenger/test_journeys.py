@@ -657,6 +657,29 @@ async def test_win_back_cools_off_by_churn_reason(
     assert ("אם משהו אצלנו לא עבד" in mail.text) == (reason is CancellationReason.PRICE)
 
 
+async def test_a_lapse_years_after_a_cancellation_over_service_is_not_apologised_for(world: World) -> None:
+    """The profile keeps the last cancellation's reason for ever: one who left over service,
+    came back and lapsed now is asked, not told we are sorry for what they may not remember."""
+    customer = treated("lapsed-after-service", "win_back")
+    lapsing = update(
+        customer,
+        "he",
+        NOON,
+        entered=("lapsed",),
+        cause=UpdateCause.TIME,
+        lifecycle_stage="lapsed",
+        segments=["lapsed"],
+        churn_reason=CancellationReason.SERVICE,
+        churned_at=NOON - 900 * DAY,
+    )
+    await world.service.apply_batch(delivered([lapsing]))
+    world.clock.now = NOON + 30 * DAY
+    assert await restarted(world).fire_waits() == 1
+    mail = mail_of(world, (await sent_one(world, customer, "win_back"))["id"])
+    assert "אנחנו מצטערים" not in mail.text
+    assert "אם משהו אצלנו לא עבד" in mail.text
+
+
 @pytest.mark.parametrize("lang", LANGS)
 @pytest.mark.parametrize(
     ("value", "offered"),

@@ -1055,6 +1055,8 @@ async def test_what_a_customer_writes_back_is_kept_for_support_to_read(
     await say("עזרה", "SM-2", NOON + timedelta(minutes=2))
     await say("STOP", "SM-3", NOON + timedelta(minutes=3))
     await say("who is this?", "SM-4", NOON + timedelta(minutes=4), "+972529999999")  # no customer
+    # Replayed when its sid is no longer remembered: still one reply, one event.
+    await say(complaint, "SM-1", NOON + service_module.INBOUND_KEPT + timedelta(hours=1))
     response = await api.get("/v1/replies")
     assert response.status_code == 200
     page = response.json()
@@ -1083,10 +1085,15 @@ async def test_what_a_customer_writes_back_is_kept_for_support_to_read(
     ]
     assert (await api.get("/v1/replies", params={"channel": "whatsapp"})).json()["replies"] == []
     assert (await api.get("/v1/replies", params={"customer_id": "someone-else"})).json()["replies"] == []
+    # A NUL (PostgreSQL's text refuses it) is dropped, the rest kept.
+    await say("a\x00b", "SM-5", NOON + service_module.INBOUND_KEPT + timedelta(hours=2))
+    [kept] = (await api.get("/v1/replies", params={"limit": 1})).json()["replies"]
+    assert (kept["id"], kept["text"]) == ("SM-5", "ab")
     for params, field in (
         ({"since": since, "until": NOON.isoformat()}, "query.until"),
         ({"channel": "email"}, "query.channel"),  # SendGrid's events are not replies
         ({"since": "2026-11-26T00:00:00"}, "query.since"),
+        ({"since": "0001-01-01T00:00:00+05:00"}, "query.since"),
     ):
         bad = await api.get("/v1/replies", params=params)
         assert bad.status_code == 422, bad.text
@@ -1777,6 +1784,8 @@ async def test_survey_answers_are_listed_newest_first_for_a_follow_up(
         ({"limit": "0"}, "query.limit"),
         ({"since": "2026-11-26T00:00:00"}, "query.since"),  # which zone's midnight?
         ({"since": second, "until": second}, "query.until"),
+        ({"since": "0001-01-01T00:00:00+05:00"}, "query.since"),  # before year 1 in UTC
+        ({"until": "9999-12-31T23:59:59-01:00"}, "query.until"),  # after year 9999 in UTC
     ):
         response = await api.get("/v1/surveys", params=bad)
         assert response.status_code == 422, (bad, response.text)
