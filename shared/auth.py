@@ -33,7 +33,7 @@ SCOPES = frozenset(
         "rules:write",
         "messages:read",
         "messages:write",
-        # Support's follow-up of survey answers, without the caps, journeys and templates.
+        # Support's follow-up of survey answers and replies, without the caps, journeys and templates.
         "surveys:write",
         "kpi:read",
         "admin",

@@ -61,7 +61,8 @@ def _service(request: Request) -> MessengerService:
 
 Reader = Annotated[ApiKey, Depends(require_scope(_store, "messages:read"))]
 Writer = Annotated[ApiKey, Depends(require_scope(_store, "messages:write"))]
-# Support records its follow-ups of survey answers; it need not edit caps, journeys or templates.
+# Support records its follow-ups of survey answers and replies; it need not edit caps, journeys or
+# templates.
 SurveyWriter = Annotated[ApiKey, Depends(require_scope(_store, "surveys:write"))]
 Service = Annotated[MessengerService, Depends(_service)]
 # A message id in a path: the survey pages (a link's short form too) and its answer's follow-up.
@@ -196,6 +197,13 @@ async def list_replies(
         Query(description="Came in at or after this instant: RFC 3339 (2026-11-26T00:00:00+02:00)."),
     ] = None,
     until: Annotated[Instant | None, Query(description="Came in before this instant.")] = None,
+    followed_up: Annotated[
+        bool | None,
+        Query(
+            description="false: only the replies nobody has taken up yet (support's queue); "
+            "true: only those followed up (PUT /v1/replies/{reply_id}/follow-up)."
+        ),
+    ] = None,
     cursor: Annotated[str | None, Query(max_length=300)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RepliesPage:
@@ -209,12 +217,48 @@ async def list_replies(
         channel=channel,
         since=since,
         until=until,
+        followed_up=followed_up,
         before=_cursor(cursor),
         limit=limit,
     )
     return RepliesPage(
         replies=[ReplyOut.model_validate(r) for r in rows], next_cursor=_next_cursor(rows, limit)
     )
+
+
+ReplyId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
+
+
+@router.put(
+    "/v1/replies/{reply_id}/follow-up",
+    response_model=ReplyOut,
+    tags=["messages"],
+    summary="Record that support answered a reply (called back, wrote back), with what was done",
+    responses={404: {"description": "no reply of that id"}},
+)
+async def follow_up_reply(
+    reply_id: ReplyId, body: FollowUpIn, key: SurveyWriter, service: Service
+) -> ReplyOut:
+    """The reply leaves support's queue (``GET /v1/replies?followed_up=false``), as a survey
+    answer leaves the call-back list: the same note again changes nothing, another amends it,
+    and every change is kept in ``follow_up_history``."""
+    reply = await service.follow_up("reply", reply_id, body.note or None, key.id, body.agent)
+    if reply is None:
+        raise NotFoundError(f"no reply {reply_id!r}")
+    return ReplyOut.model_validate(reply)
+
+
+@router.delete(
+    "/v1/replies/{reply_id}/follow-up",
+    status_code=204,
+    tags=["messages"],
+    summary="Take back a follow-up recorded by mistake: the reply is in support's queue again",
+    responses={404: {"description": "no reply of that id"}},
+)
+async def reopen_reply(reply_id: ReplyId, key: SurveyWriter, service: Service) -> Response:
+    if not await service.reopen("reply", reply_id, key.id):
+        raise NotFoundError(f"no reply {reply_id!r}")
+    return Response(status_code=204)
 
 
 @router.put(
@@ -230,7 +274,7 @@ async def follow_up_survey_answer(
     """The answer leaves the call-back list (``GET /v1/surveys?followed_up=false``). On an
     answer already taken up, no note or the same note changes nothing; another note amends it,
     stamped with who and when. Every change is kept in ``follow_up_history``."""
-    answer = await service.follow_up_survey(message_id, body.note or None, key.id, body.agent)
+    answer = await service.follow_up("survey", message_id, body.note or None, key.id, body.agent)
     if answer is None:
         raise NotFoundError(f"nobody answered the survey of message {message_id!r}")
     return SurveyAnswerOut.model_validate(answer)
@@ -244,7 +288,7 @@ async def follow_up_survey_answer(
     responses={404: {"description": "nobody answered the survey of that message"}},
 )
 async def reopen_survey_answer(message_id: MessageId, key: SurveyWriter, service: Service) -> Response:
-    if not await service.reopen_survey(message_id, key.id):
+    if not await service.reopen("survey", message_id, key.id):
         raise NotFoundError(f"nobody answered the survey of message {message_id!r}")
     return Response(status_code=204)
 

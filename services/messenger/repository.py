@@ -413,11 +413,13 @@ class MessengerRepository:
         channel: str | None,
         since: datetime | None,
         until: datetime | None,
+        followed_up: bool | None,
         before: tuple[datetime, str] | None,
         limit: int,
     ) -> list[Any]:
-        """Replies newest first (came in within [since, until), when given), each with the
-        customer's latest profile (``customer_profile``; None if unknown)."""
+        """Replies newest first (came in within [since, until), taken up or not by support
+        (``followed_up``), when given), each with the customer's latest profile
+        (``customer_profile``; None if unknown)."""
         r = replies.c
         stmt = _newest_first(
             _REPLIED, replies, {"customer_id": customer_id, "channel": channel}, before, limit
@@ -426,7 +428,19 @@ class MessengerRepository:
             stmt = stmt.where(r.created_at >= since)
         if until is not None:
             stmt = stmt.where(r.created_at < until)
+        if followed_up is not None:
+            stmt = stmt.where(r.followed_up_at.is_not(None) if followed_up else r.followed_up_at.is_(None))
         return list((await session.execute(stmt)).all())
+
+    async def reply(self, session: AsyncSession, reply_id: str, *, for_update: bool = False) -> Any:
+        """The reply as ``list_replies`` gives it, or None; ``for_update``: locked (PostgreSQL)."""
+        stmt = _REPLIED.where(replies.c.id == reply_id)
+        if for_update and _row_locks(session):
+            stmt = stmt.with_for_update(of=replies)
+        return (await session.execute(stmt)).first()
+
+    async def update_reply(self, session: AsyncSession, reply_id: str, **values: Any) -> None:
+        await session.execute(update(replies).where(replies.c.id == reply_id).values(**values))
 
     async def survey_answer(self, session: AsyncSession, message_id: str, *, for_update: bool = False) -> Any:
         """The answer to the survey of ``message_id`` as ``list_survey_answers`` gives it, or None;

@@ -159,6 +159,13 @@ class ReplyOut(BaseModel):
         description="Who wrote, to answer them and the valuable first; null if the messenger has no "
         "profile of them any more."
     )
+    follow_up: FollowUpOut | None = Field(
+        description="Support's follow-up of the reply (PUT /v1/replies/{id}/follow-up); null while "
+        "nobody has taken it up."
+    )
+    follow_up_history: list[FollowUpChangeOut] = Field(
+        description="Every follow-up, amendment and take-back of the reply, oldest first."
+    )
 
 
 class RepliesPage(BaseModel):

@@ -126,6 +126,8 @@ UNHAPPY_OLDEST_AGE = Gauge(
 )
 REFRESHED_GAUGES = (HELD, HELD_OLDEST_AGE, HELD_OVERDUE, UNHAPPY_WAITING, UNHAPPY_OLDEST_AGE)
 FollowUpAction = Literal["followed_up", "amended", "taken_back"]
+# What support follows up: the survey answers (by their message's id) and the replies.
+Inbox = Literal["survey", "reply"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +193,7 @@ def _with_customer(row: Any) -> dict[str, Any]:
 
 
 def _answer_out(row: Any) -> dict[str, Any]:
-    """A survey answer as the API gives it: with who answered and support's follow-up."""
+    """A survey answer or a reply as the API gives it: with who wrote it and support's follow-up."""
     answer = _with_customer(row)
     at, by, note = answer.pop("followed_up_at"), answer.pop("followed_up_by"), answer.pop("follow_up_note")
     history = answer.pop("follow_up_history") or []
@@ -1938,7 +1940,7 @@ class MessengerService:
         """Replies with who wrote them, as the messenger knows them now (as survey answers)."""
         async with self.db.sessions() as session:
             rows = await self.repo.list_replies(session, **filters)
-        return [_with_customer(r) for r in rows]
+        return [_answer_out(r) for r in rows]
 
     async def list_survey_answers(self, **filters: Any) -> list[dict[str, Any]]:
         """Answers with who answered, as the messenger knows them now: name and addresses to
@@ -1947,17 +1949,22 @@ class MessengerService:
             rows = await self.repo.list_survey_answers(session, **filters)
         return [_answer_out(r) for r in rows]
 
-    async def follow_up_survey(
-        self, message_id: str, note: str | None, by: str, agent: str | None = None
+    async def _inbox_row(self, session: Any, inbox: Inbox, row_id: str, *, for_update: bool = False) -> Any:
+        if inbox == "survey":
+            return await self.repo.survey_answer(session, row_id, for_update=for_update)
+        return await self.repo.reply(session, row_id, for_update=for_update)
+
+    async def follow_up(
+        self, inbox: Inbox, row_id: str, note: str | None, by: str, agent: str | None = None
     ) -> dict[str, Any] | None:
-        """Record that support took up the answer to the survey of ``message_id`` (called the
-        customer back, refunded, apologised): what they did and, as support names them, who
-        (``agent``; ``by`` is the API key, which a team may share). On an answer already taken
-        up, what is left out stays, and the same again changes nothing (a retried request keeps
-        its first time); anything else amends it, stamped with who and when. Each change is
-        kept in the answer's history. None: nobody answered that survey."""
+        """Record that support took up a survey answer (by its message's id) or a reply (called
+        the customer back, refunded, apologised, answered): what they did and, as support names
+        them, who (``agent``; ``by`` is the API key, which a team may share). On one already
+        taken up, what is left out stays, and the same again changes nothing (a retried request
+        keeps its first time); anything else amends it, stamped with who and when. Each change
+        is kept in its history. None: no such answer or reply."""
         async with self.db.transaction() as session:
-            row = await self.repo.survey_answer(session, message_id, for_update=True)
+            row = await self._inbox_row(session, inbox, row_id, for_update=True)
             if row is None:
                 return None
             taken = row.followed_up_at is not None
@@ -1968,24 +1975,25 @@ class MessengerService:
                 note = row.follow_up_note if note is None else note
                 agent = current if agent is None else agent
             action: FollowUpAction = "amended" if taken else "followed_up"
-            await self._change_follow_up(session, row, action, by, note, agent)
-            row = await self.repo.survey_answer(session, message_id)
+            await self._change_follow_up(session, inbox, row, action, by, note, agent)
+            row = await self._inbox_row(session, inbox, row_id)
         return _answer_out(row)
 
-    async def reopen_survey(self, message_id: str, by: str) -> bool:
-        """Take back a follow-up recorded by mistake: the answer is open again, and its history
-        says who took it back. False: nobody answered that survey."""
+    async def reopen(self, inbox: Inbox, row_id: str, by: str) -> bool:
+        """Take back a follow-up recorded by mistake: the answer or reply is open again, and its
+        history says who took it back. False: no such answer or reply."""
         async with self.db.transaction() as session:
-            row = await self.repo.survey_answer(session, message_id, for_update=True)
+            row = await self._inbox_row(session, inbox, row_id, for_update=True)
             if row is None:
                 return False
             if row.followed_up_at is not None:
-                await self._change_follow_up(session, row, "taken_back", by, None)
+                await self._change_follow_up(session, inbox, row, "taken_back", by, None)
         return True
 
     async def _change_follow_up(
         self,
         session: Any,
+        inbox: Inbox,
         row: Any,
         action: FollowUpAction,
         by: str,
@@ -1995,7 +2003,8 @@ class MessengerService:
         now = self.clock()
         entry = {"action": action, "at": now.isoformat(), "by": by, "note": note, "agent": agent}
         current = (None, None, None) if action == "taken_back" else (now, by, note)
-        await self.repo.update_survey_answer(
+        update = self.repo.update_survey_answer if inbox == "survey" else self.repo.update_reply
+        await update(
             session,
             row.id,
             followed_up_at=current[0],
@@ -2003,7 +2012,7 @@ class MessengerService:
             follow_up_note=current[2],
             follow_up_history=[*(row.follow_up_history or []), entry],
         )
-        log.info("survey answer follow-up", message_id=row.id, action=action, by=by)
+        log.info("follow-up", inbox=inbox, id=row.id, action=action, by=by)
 
     async def list_waits(self, **filters: Any) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:

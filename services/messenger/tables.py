@@ -128,8 +128,14 @@ replies = Table(
     Column("message_id", String(36), nullable=True),
     Column("journey", String(64), nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),  # when it came in
+    # Support's follow-up (PUT /v1/replies/{id}/follow-up), as a survey answer's.
+    Column("followed_up_at", UtcDateTime(), nullable=True),
+    Column("followed_up_by", String(64), nullable=True),
+    Column("follow_up_note", Text, nullable=True),
+    Column("follow_up_history", json_type(), nullable=True),
     Index("ix_replies_created", "created_at", "id"),  # the order of GET /v1/replies
     Index("ix_replies_customer", "customer_id", "created_at"),
+    Index("ix_replies_waiting", "followed_up_at", "created_at"),  # the ones nobody took up
 )
 
 settings_table = Table(

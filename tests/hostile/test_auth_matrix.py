@@ -49,6 +49,8 @@ SCOPE_OF: dict[str, dict[tuple[str, str], str]] = {
         ("GET", "/v1/replies"): "messages:read",
         ("PUT", "/v1/surveys/{message_id}/follow-up"): "surveys:write",
         ("DELETE", "/v1/surveys/{message_id}/follow-up"): "surveys:write",
+        ("PUT", "/v1/replies/{reply_id}/follow-up"): "surveys:write",
+        ("DELETE", "/v1/replies/{reply_id}/follow-up"): "surveys:write",
         ("GET", "/v1/caps"): "messages:read",
         ("PUT", "/v1/caps"): "messages:write",
         ("GET", "/v1/journeys"): "messages:read",
@@ -86,6 +88,7 @@ PATH_VALUES = {
     "channel": "sms",
     "locale": "he",
     "message_id": "m1",
+    "reply_id": "SM1",
 }
 CASES = [(service, method, path) for service, routes in SCOPE_OF.items() for method, path in routes]
 

@@ -272,13 +272,14 @@ async def test_long_strings_in_urls_are_422(stack: Stack, service: str, url: str
     assert field in [d["field"] for d in details]
 
 
-async def test_a_follow_up_names_what_is_too_long(stack: Stack) -> None:
-    url = "/v1/surveys/" + "m" * 65 + "/follow-up"
+@pytest.mark.parametrize(("inbox", "key"), [("surveys", "message_id"), ("replies", "reply_id")])
+async def test_a_follow_up_names_what_is_too_long(stack: Stack, inbox: str, key: str) -> None:
+    url = f"/v1/{inbox}/" + "m" * 65 + "/follow-up"
     for method in ("PUT", "DELETE"):
         details = problems(await stack.call("messenger", method, url, json={} if method == "PUT" else None))
-        assert "path.message_id" in [d["field"] for d in details], method
+        assert f"path.{key}" in [d["field"] for d in details], method
     note = problems(
-        await stack.call("messenger", "PUT", "/v1/surveys/m1/follow-up", json={"note": "n" * 2001})
+        await stack.call("messenger", "PUT", f"/v1/{inbox}/m1/follow-up", json={"note": "n" * 2001})
     )
     assert [d["field"] for d in note] == ["body.note"]
 

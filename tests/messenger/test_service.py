@@ -1085,6 +1085,23 @@ async def test_what_a_customer_writes_back_is_kept_for_support_to_read(
     ]
     assert (await api.get("/v1/replies", params={"channel": "whatsapp"})).json()["replies"] == []
     assert (await api.get("/v1/replies", params={"customer_id": "someone-else"})).json()["replies"] == []
+    # Support answers the complaint and notes it: it leaves the queue; taken back, it is in it again.
+    done = await api.put(
+        "/v1/replies/SM-1/follow-up", json={"note": "called, replacement sent", "agent": "Dana"}
+    )
+    assert done.status_code == 200, done.text
+    assert (done.json()["follow_up"]["note"], done.json()["follow_up"]["agent"]) == (
+        "called, replacement sent",
+        "Dana",
+    )
+    queue = (await api.get("/v1/replies", params={"followed_up": "false"})).json()["replies"]
+    assert [r["id"] for r in queue] == ["SM-2"]
+    assert (await api.delete("/v1/replies/SM-1/follow-up")).status_code == 204
+    queue = (await api.get("/v1/replies", params={"followed_up": "false"})).json()["replies"]
+    assert [r["id"] for r in queue] == ["SM-2", "SM-1"]
+    [reopened] = [r for r in queue if r["id"] == "SM-1"]
+    assert [h["action"] for h in reopened["follow_up_history"]] == ["followed_up", "taken_back"]
+    assert (await api.put("/v1/replies/SM-9/follow-up", json={})).status_code == 404
     # A NUL (PostgreSQL's text refuses it) is dropped, the rest kept.
     await say("a\x00b", "SM-5", NOON + service_module.INBOUND_KEPT + timedelta(hours=2))
     [kept] = (await api.get("/v1/replies", params={"limit": 1})).json()["replies"]
