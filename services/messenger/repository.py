@@ -575,6 +575,13 @@ class MessengerRepository:
         row = (await session.execute(stmt)).one()
         return row[0], row[1]
 
+    async def replies_waiting(self, session: AsyncSession) -> tuple[int, datetime | None]:
+        """(how many, the earliest created_at) of the replies nobody has followed up yet."""
+        r = replies.c
+        stmt = select(func.count(), func.min(r.created_at)).where(r.followed_up_at.is_(None))
+        row = (await session.execute(stmt)).one()
+        return row[0], row[1]
+
     # --- journeys ------------------------------------------------------------------------------
 
     async def last_entry(self, session: AsyncSession, customer_id: str, journey: str) -> Any:

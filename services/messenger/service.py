@@ -124,7 +124,25 @@ UNHAPPY_OLDEST_AGE = Gauge(
     "How long the oldest survey answer of 1 or 2 not followed up has waited (0: none waits).",
     registry=None,
 )
-REFRESHED_GAUGES = (HELD, HELD_OLDEST_AGE, HELD_OVERDUE, UNHAPPY_WAITING, UNHAPPY_OLDEST_AGE)
+REPLIES_WAITING = Gauge(
+    "retain_messenger_replies_waiting",
+    "What customers wrote back that nobody has followed up yet (PUT /v1/replies/{id}/follow-up).",
+    registry=None,
+)
+REPLIES_OLDEST_AGE = Gauge(
+    "retain_messenger_replies_oldest_age_seconds",
+    "How long the oldest reply not followed up has waited (0: none waits).",
+    registry=None,
+)
+REFRESHED_GAUGES = (
+    HELD,
+    HELD_OLDEST_AGE,
+    HELD_OVERDUE,
+    UNHAPPY_WAITING,
+    UNHAPPY_OLDEST_AGE,
+    REPLIES_WAITING,
+    REPLIES_OLDEST_AGE,
+)
 FollowUpAction = Literal["followed_up", "amended", "taken_back"]
 # What support follows up: the survey answers (by their message's id) and the replies.
 Inbox = Literal["survey", "reply"]
@@ -2059,6 +2077,7 @@ class MessengerService:
         async with self.db.sessions() as session:
             held, oldest_created, earliest_window = await self.repo.held(session)
             unhappy, earliest_unhappy = await self.repo.unhappy_waiting(session, CALL_BACK_MAX_SCORE)
+            replies, earliest_reply = await self.repo.replies_waiting(session)
         now = self.clock()
         HELD.set(held)
         HELD_OLDEST_AGE.set((now - oldest_created).total_seconds() if oldest_created else 0.0)
@@ -2067,6 +2086,8 @@ class MessengerService:
         UNHAPPY_OLDEST_AGE.set(
             max(0.0, (now - earliest_unhappy).total_seconds()) if earliest_unhappy else 0.0
         )
+        REPLIES_WAITING.set(replies)
+        REPLIES_OLDEST_AGE.set(max(0.0, (now - earliest_reply).total_seconds()) if earliest_reply else 0.0)
 
 
 class CapsConflictError(Exception):

@@ -37,6 +37,8 @@ from services.messenger.providers.outbox import OutboxProvider
 from services.messenger.service import (
     HELD,
     HELD_OLDEST_AGE,
+    REPLIES_OLDEST_AGE,
+    REPLIES_WAITING,
     UNHAPPY_OLDEST_AGE,
     UNHAPPY_WAITING,
     MessengerService,
@@ -1085,6 +1087,10 @@ async def test_what_a_customer_writes_back_is_kept_for_support_to_read(
     ]
     assert (await api.get("/v1/replies", params={"channel": "whatsapp"})).json()["replies"] == []
     assert (await api.get("/v1/replies", params={"customer_id": "someone-else"})).json()["replies"] == []
+    # Both wait for support, the complaint since noon (RetainRepliesWaiting past a day).
+    world.clock.now = NOON + timedelta(hours=3)
+    await world.service.refresh_gauges()
+    assert (REPLIES_WAITING._value.get(), REPLIES_OLDEST_AGE._value.get()) == (2, 3 * 3600)
     # Support answers the complaint and notes it: it leaves the queue; taken back, it is in it again.
     done = await api.put(
         "/v1/replies/SM-1/follow-up", json={"note": "called, replacement sent", "agent": "Dana"}
@@ -1096,6 +1102,8 @@ async def test_what_a_customer_writes_back_is_kept_for_support_to_read(
     )
     queue = (await api.get("/v1/replies", params={"followed_up": "false"})).json()["replies"]
     assert [r["id"] for r in queue] == ["SM-2"]
+    await world.service.refresh_gauges()
+    assert (REPLIES_WAITING._value.get(), REPLIES_OLDEST_AGE._value.get()) == (1, 3 * 3600 - 120)
     assert (await api.delete("/v1/replies/SM-1/follow-up")).status_code == 204
     queue = (await api.get("/v1/replies", params={"followed_up": "false"})).json()["replies"]
     assert [r["id"] for r in queue] == ["SM-2", "SM-1"]

@@ -88,6 +88,7 @@ NOT_ACTIVE_LIVE = {
     "RetainConsumerLagGrowing": "needs lag above 100 rising for 10 minutes",
     "RetainHeldMessagesOverdue": "needs a held message 15 minutes past its window",
     "RetainUnhappyCustomersWaiting": "needs an answer of 1 or 2 out of 5 a day old without a follow-up",
+    "RetainRepliesWaiting": "needs a reply a day old without a follow-up",
     "RetainTargetDown": "test_a_stopped_process_is_a_target_down_alert, at the end",
     "RetainWorkerStalled": "needs a loop that completes no pass for 5 minutes (a worker's /healthz "
     "saying so: tests/shared/test_metrics.py)",

@@ -100,6 +100,8 @@ REFRESHED = {
     "retain_messenger_held_overdue_seconds",
     "retain_messenger_unhappy_answers_waiting",
     "retain_messenger_unhappy_answers_oldest_age_seconds",
+    "retain_messenger_replies_waiting",
+    "retain_messenger_replies_oldest_age_seconds",
 }
 ONLY_WHERE_UPDATED = {
     # process: (exported there, not exported there)
