@@ -226,7 +226,7 @@ async def list_replies(
     )
 
 
-ReplyId = Annotated[str, Path(max_length=64), AfterValidator(storable)]
+ReplyId = MessageId  # Twilio's MessageSid (34 characters), bounded as our message ids
 
 
 @router.put(

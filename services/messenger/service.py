@@ -202,17 +202,11 @@ def _candidate_of(row: Any) -> Candidate:
     )
 
 
-def _with_customer(row: Any) -> dict[str, Any]:
-    """A row read with its customer's latest profile, the profile as a snapshot (or None)."""
-    out = dict(row._mapping)
-    stored = out.pop("customer_profile")
-    out["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
-    return out
-
-
 def _answer_out(row: Any) -> dict[str, Any]:
     """A survey answer or a reply as the API gives it: with who wrote it and support's follow-up."""
-    answer = _with_customer(row)
+    answer = dict(row._mapping)
+    stored = answer.pop("customer_profile")
+    answer["customer"] = None if stored is None else ProfileSnapshot.model_validate(stored)
     at, by, note = answer.pop("followed_up_at"), answer.pop("followed_up_by"), answer.pop("follow_up_note")
     history = answer.pop("follow_up_history") or []
     agent = _follow_up_agent(history)
@@ -2030,7 +2024,10 @@ class MessengerService:
             follow_up_note=current[2],
             follow_up_history=[*(row.follow_up_history or []), entry],
         )
-        log.info("follow-up", inbox=inbox, id=row.id, action=action, by=by)
+        if inbox == "survey":  # as logged before replies had follow-ups: searches keep matching
+            log.info("survey answer follow-up", message_id=row.id, action=action, by=by)
+        else:
+            log.info("reply follow-up", reply_id=row.id, action=action, by=by)
 
     async def list_waits(self, **filters: Any) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:
