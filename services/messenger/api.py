@@ -227,6 +227,7 @@ async def list_replies(
 
 
 ReplyId = MessageId  # Twilio's MessageSid (34 characters), bounded as our message ids
+MAX_INBOUND_MEDIA = 10
 
 
 @router.put(
@@ -315,6 +316,22 @@ async def list_waits(
         customer_id=customer_id, journey=journey, status=status, before=_cursor(cursor), limit=limit
     )
     return WaitsPage(waits=[WaitOut.model_validate(r) for r in rows], next_cursor=_next_cursor(rows, limit))
+
+
+def _inbound_media(form: Any) -> list[dict[str, str]]:
+    """What came with an inbound message, as Twilio names it: NumMedia, then MediaUrl<i> and
+    MediaContentType<i> for each (at most 10 on MMS and WhatsApp)."""
+    try:
+        count = min(int(form.get("NumMedia") or 0), MAX_INBOUND_MEDIA)
+    except ValueError:
+        return []
+    found = []
+    for i in range(count):
+        url = str(form.get(f"MediaUrl{i}") or "")
+        if url.startswith("https://") and len(url) <= 2048:
+            content_type = str(form.get(f"MediaContentType{i}") or "")[:100]
+            found.append({"url": url, "content_type": content_type})
+    return found
 
 
 def _check_window(since: datetime | None, until: datetime | None) -> None:
@@ -457,7 +474,8 @@ async def twilio_inbound(request: Request, service: Service) -> Response:
     channel = Channel.WHATSAPP if sender.startswith("whatsapp:") else Channel.SMS
     keyword = match_inbound(body)
     kind = keyword.intent if keyword else None
-    taken = await service.inbound(channel, sender, body, kind, form.get("MessageSid") or form.get("SmsSid"))
+    sid = form.get("MessageSid") or form.get("SmsSid")
+    taken = await service.inbound(channel, sender, body, kind, sid, media=_inbound_media(form))
     # A START with nothing to lift was taken as an answer: nothing to confirm.
     answered = keyword is not None and taken.intent == keyword.intent
     reply = reply_for(keyword, channel, body, service.settings.brand) if keyword and answered else None

@@ -3,7 +3,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from services.messenger.caps import Cap
 from shared.storable import storable
@@ -140,6 +148,11 @@ class SurveyAnswersPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as ?cursor= for older answers; null at the end.")
 
 
+class ReplyMediaOut(BaseModel):
+    url: str
+    content_type: str = Field(description="e.g. image/jpeg.")
+
+
 class ReplyOut(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: str = Field(description="The provider's id of the inbound message (Twilio's MessageSid).")
@@ -148,7 +161,11 @@ class ReplyOut(BaseModel):
     kind: Literal["reply", "help"] = Field(
         description="help: they asked for help (HELP, עזרה, مساعدة); reply: anything else but STOP/START."
     )
-    text: str = Field(description="What the customer wrote.")
+    text: str = Field(description="What the customer wrote (empty for a picture alone).")
+    media: Annotated[list[ReplyMediaOut], BeforeValidator(lambda v: v or [])] = Field(
+        description="What came with it (MMS, WhatsApp): Twilio's media URLs, which Twilio serves "
+        "to the account (HTTP basic auth with the account SID and auth token)."
+    )
     message_id: str | None = Field(
         description="Our last message to them on the channel, which they answered (GET /v1/messages); "
         "null if we had sent them none there."

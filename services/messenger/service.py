@@ -1603,7 +1603,13 @@ class MessengerService:
         return await self.repo.message(session, row.id, for_update=True)
 
     async def inbound(
-        self, channel: Channel, from_address: str, body: str, kind: str | None, sid: str | None = None
+        self,
+        channel: Channel,
+        from_address: str,
+        body: str,
+        kind: str | None,
+        sid: str | None = None,
+        media: Sequence[Mapping[str, str]] = (),
     ) -> Inbound:
         """An inbound SMS/WhatsApp: STOP/START change consent; anything else is a reply, whose
         event is named by the inbound message's ``sid``. A START (YES, התחל …) with nothing to
@@ -1631,7 +1637,7 @@ class MessengerService:
                     session, customer_id, channel.value, now, True, FactSource.START.value, False, address
                 )
             if kind in (None, "help"):
-                await self._keep_reply(session, customer_id, channel, kind, body, sid, now)
+                await self._keep_reply(session, customer_id, channel, kind, body, sid, now, media)
         await self.flush()
         return Inbound(customer_id, kind)
 
@@ -1644,10 +1650,12 @@ class MessengerService:
         body: str,
         sid: str | None,
         now: datetime,
+        media: Sequence[Mapping[str, str]] = (),
     ) -> None:
         """Kept for support to read (GET /v1/replies): the messages invite replies, and what the
-        customer wrote is the point of one. Its message's 'replied' event names it, with its
-        beginning. Once per sid: one replayed after INBOUND_KEPT is not kept or published again."""
+        customer wrote (and sent: a photo) is the point of one. Its message's 'replied' event
+        names it, with its beginning. Once per sid: one replayed after INBOUND_KEPT is not kept
+        or published again."""
         # PostgreSQL's text refuses NUL; a phone that sends one still means the rest.
         text = body.replace("\x00", "")
         last = await self.repo.last_message_to(session, customer_id, channel.value)
@@ -1661,6 +1669,7 @@ class MessengerService:
             "message_id": None if last is None else last.id,
             "journey": None if last is None else last.journey,
             "created_at": now,
+            "media": [dict(m) for m in media] or None,
         }
         if not await self.repo.add_reply(session, row) or last is None:
             return
@@ -1670,7 +1679,7 @@ class MessengerService:
             "the customer answered",
             now,
             seq=sid or now.isoformat(),
-            extra={"reply_id": reply_id, "reply": text[:MAX_DETAIL_CHARS]},
+            extra={"reply_id": reply_id, "reply": text[:MAX_DETAIL_CHARS], "reply_media": len(media) or None},
         )
         await self._publish(session, [answered])
 

@@ -128,6 +128,9 @@ replies = Table(
     Column("message_id", String(36), nullable=True),
     Column("journey", String(64), nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),  # when it came in
+    # What came with it (a photo of the broken item): [{url, content_type}], Twilio's media
+    # URLs, which Twilio serves to the account. Null: none.
+    Column("media", json_type(), nullable=True),
     # Support's follow-up (PUT /v1/replies/{id}/follow-up), as a survey answer's.
     Column("followed_up_at", UtcDateTime(), nullable=True),
     Column("followed_up_by", String(64), nullable=True),

@@ -1047,9 +1047,9 @@ async def test_what_a_customer_writes_back_is_kept_for_support_to_read(
     path = "/webhooks/twilio/inbound"
     complaint = "ההזמנה הגיעה שבורה, אפשר החלפה? " * 3
 
-    async def say(body: str, sid: str, at: datetime, sender: str = "+972521234567") -> None:
+    async def say(body: str, sid: str, at: datetime, sender: str = "+972521234567", **more: str) -> None:
         world.clock.now = at
-        form = {"From": sender, "Body": body, "MessageSid": sid}
+        form = {"From": sender, "Body": body, "MessageSid": sid, **more}
         assert (await api.post(path, data=form, headers=signed(path, form))).status_code == 200
 
     await say(complaint, "SM-1", NOON)
@@ -1113,7 +1113,16 @@ async def test_what_a_customer_writes_back_is_kept_for_support_to_read(
     # A NUL (PostgreSQL's text refuses it) is dropped, the rest kept.
     await say("a\x00b", "SM-5", NOON + service_module.INBOUND_KEPT + timedelta(hours=2))
     [kept] = (await api.get("/v1/replies", params={"limit": 1})).json()["replies"]
-    assert (kept["id"], kept["text"]) == ("SM-5", "ab")
+    assert (kept["id"], kept["text"], kept["media"]) == ("SM-5", "ab", [])
+    # A photo of the broken item alone: kept with what came (Twilio's media URLs), not as nothing.
+    photo = "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM6/Media/ME1"
+    at = NOON + service_module.INBOUND_KEPT + timedelta(hours=3)
+    await say("", "MM6", at, NumMedia="2", MediaUrl0=photo, MediaContentType0="image/jpeg", MediaUrl1="x")
+    [kept] = (await api.get("/v1/replies", params={"limit": 1})).json()["replies"]
+    assert (kept["id"], kept["text"]) == ("MM6", "")
+    assert kept["media"] == [{"url": photo, "content_type": "image/jpeg"}]  # not a URL: left out
+    [event] = [e for e in await published(world) if e.status is MessageStatus.REPLIED][-1:]
+    assert event.details == {"reply_id": "MM6", "reply": "", "reply_media": 1}
     for params, field in (
         ({"since": since, "until": NOON.isoformat()}, "query.until"),
         ({"channel": "email"}, "query.channel"),  # SendGrid's events are not replies
