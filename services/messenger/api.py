@@ -227,7 +227,6 @@ async def list_replies(
 
 
 ReplyId = MessageId  # Twilio's MessageSid (34 characters), bounded as our message ids
-MAX_INBOUND_MEDIA = 10
 
 
 @router.put(
@@ -316,6 +315,9 @@ async def list_waits(
         customer_id=customer_id, journey=journey, status=status, before=_cursor(cursor), limit=limit
     )
     return WaitsPage(waits=[WaitOut.model_validate(r) for r in rows], next_cursor=_next_cursor(rows, limit))
+
+
+MAX_INBOUND_MEDIA = 10
 
 
 def _inbound_media(form: Any) -> list[dict[str, str]]:

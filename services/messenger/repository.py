@@ -74,6 +74,21 @@ _REPLIED = select(replies, customers.c.profile.label("customer_profile")).select
 )
 
 
+def _taken_up_between(
+    stmt: Select[Any], table: Table, since: datetime | None, until: datetime | None, followed_up: bool | None
+) -> Select[Any]:
+    """What support follows up (survey answers, replies): come in within [since, until), and
+    taken up or not (``followed_up``), each when given."""
+    c = table.c
+    if since is not None:
+        stmt = stmt.where(c.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(c.created_at < until)
+    if followed_up is not None:
+        stmt = stmt.where(c.followed_up_at.is_not(None) if followed_up else c.followed_up_at.is_(None))
+    return stmt
+
+
 # The reads of a consumer batch, built once per dialect with the ids as one parameter
 # (``in_list``) instead of per call: building a SELECT and its cache key took longer than
 # SQLite took to run it (163 against 77 µs a statement), and every batch runs a dozen of them.
@@ -387,17 +402,11 @@ class MessengerRepository:
         """Survey answers newest first (at most ``max_score``, answered in [since, until), taken
         up or not by support (``followed_up``), when given), each with the customer's latest
         profile (``customer_profile``; None if unknown)."""
-        a = survey_answers.c
         filters = {"customer_id": customer_id, "journey": journey}
         stmt = _newest_first(_ANSWERED, survey_answers, filters, before, limit)
         if max_score is not None:
-            stmt = stmt.where(a.score <= max_score)
-        if since is not None:
-            stmt = stmt.where(a.created_at >= since)
-        if until is not None:
-            stmt = stmt.where(a.created_at < until)
-        if followed_up is not None:
-            stmt = stmt.where(a.followed_up_at.is_not(None) if followed_up else a.followed_up_at.is_(None))
+            stmt = stmt.where(survey_answers.c.score <= max_score)
+        stmt = _taken_up_between(stmt, survey_answers, since, until, followed_up)
         return list((await session.execute(stmt)).all())
 
     async def add_reply(self, session: AsyncSession, row: Mapping[str, Any]) -> bool:
@@ -420,16 +429,10 @@ class MessengerRepository:
         """Replies newest first (came in within [since, until), taken up or not by support
         (``followed_up``), when given), each with the customer's latest profile
         (``customer_profile``; None if unknown)."""
-        r = replies.c
         stmt = _newest_first(
             _REPLIED, replies, {"customer_id": customer_id, "channel": channel}, before, limit
         )
-        if since is not None:
-            stmt = stmt.where(r.created_at >= since)
-        if until is not None:
-            stmt = stmt.where(r.created_at < until)
-        if followed_up is not None:
-            stmt = stmt.where(r.followed_up_at.is_not(None) if followed_up else r.followed_up_at.is_(None))
+        stmt = _taken_up_between(stmt, replies, since, until, followed_up)
         return list((await session.execute(stmt)).all())
 
     async def reply(self, session: AsyncSession, reply_id: str, *, for_update: bool = False) -> Any:
