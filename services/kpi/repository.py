@@ -21,6 +21,7 @@ from services.kpi.tables import (
     clv_models,
     clv_predictions,
     customers,
+    kpi_churn_monthly,
     message_events,
     purchases,
     rollup_state,
@@ -484,6 +485,28 @@ class KpiRepository:
             f"{currency}|{count}|{Decimal(total or 0).normalize()}|{times}|{weighted}"
             for currency, count, total, times, weighted in await session.execute(stmt)
         )
+
+    async def purchase_times(self, session: AsyncSession) -> dict[str, list[datetime]]:
+        """Each customer's order times, in no order: all that churn and the cohorts read of the
+        orders, for every customer. Neither amounts (whose decimals cost more to read than the
+        times) nor a sort, which on SQLite took three times the read itself (25k customers,
+        68k orders: 0.12 s, where ``purchases`` takes 0.94 s); the histories sort their own."""
+        p = purchases.c
+        out: dict[str, list[datetime]] = {}
+        for customer_id, at in await session.execute(select(p.customer_id, p.occurred_at)):
+            out.setdefault(customer_id, []).append(at)
+        return out
+
+    async def churn_rates(
+        self, session: AsyncSession, months: Sequence[date]
+    ) -> dict[tuple[date, str], float]:
+        """The whole-customer-base churn rate of ``months`` by (month, kind), as the rollup last
+        wrote them in kpi_churn_monthly; none where the rate is null (no one active at start)."""
+        m = kpi_churn_monthly.c
+        stmt = select(m.month, m.kind, m.churn_rate).where(
+            m.month.in_(list(months)), m.dimension == "all", m.churn_rate.is_not(None)
+        )
+        return {(month, kind): rate for month, kind, rate in await session.execute(stmt)}
 
     async def cancellations(
         self, session: AsyncSession, until: datetime | None = None

@@ -118,7 +118,10 @@ OPEN_IN_BREACH = Gauge(
     registry=None,
 )
 CHURN_RATE = Gauge(
-    "retain_kpi_churn_rate", "Churned in the month / active at its start.", ["kind", "month"], registry=None
+    "retain_kpi_churn_rate",
+    "Churned in the month / active at its start (kpi_churn_monthly, as the consumer's last rollup wrote it).",
+    ["kind", "month"],
+    registry=None,
 )
 CONVERSION_RATE = Gauge(
     "retain_kpi_conversion_rate",
@@ -254,17 +257,17 @@ def _converted_purchases(
 
 
 def _histories(
-    purchase_rows: Iterable[PurchaseRow],
+    bought: Mapping[str, Sequence[datetime]],
     cancellation_rows: Iterable[CancellationRow],
     attrs: Mapping[str, CustomerAttributes] | None = None,
 ) -> list[churn_kpi.CustomerHistory]:
-    bought = group_by(purchase_rows, lambda r: r.customer_id)
+    """``bought``: each customer's order times (``KpiRepository.purchase_times``)."""
     cancelled = group_by(cancellation_rows, lambda r: r.customer_id)
     attrs = attrs or {}
     return [
         churn_kpi.history(
             cid,
-            (r.occurred_at for r in bought.get(cid, [])),
+            bought.get(cid, ()),
             ((r.occurred_at, r.reason) for r in cancelled.get(cid, [])),
             tier=attrs[cid].tier if cid in attrs else None,
         )
@@ -715,7 +718,7 @@ class KpiService:
         self, first: date, last: date, alive: churn_kpi.AliveTest | None
     ) -> list[dict[str, Any]]:
         async with self.db.sessions() as session:
-            bought = await self.repo.purchases(session)
+            bought = await self.repo.purchase_times(session)
             cancelled = await self.repo.cancellations(session)
             attrs = await self.repo.customer_attributes(session)
         months = buckets(first, last, Granularity.MONTH, self.tz)
@@ -825,7 +828,7 @@ class KpiService:
 
     async def churn(self, q: KpiQuery) -> dict[str, Any]:
         async with self.db.sessions() as session:
-            bought = await self.repo.purchases(session)
+            bought = await self.repo.purchase_times(session)
             cancelled = await self.repo.cancellations(session)
             attrs = await self.repo.customer_attributes(session) if q.by == "tier" else {}
             alive, model = await self._alive_test(session)
@@ -875,7 +878,7 @@ class KpiService:
 
     async def cohorts(self, q: KpiQuery) -> dict[str, Any]:
         async with self.db.sessions() as session:
-            bought = await self.repo.purchases(session)
+            bought = await self.repo.purchase_times(session)
             attrs = await self.repo.customer_attributes(session) if q.by else {}
         histories = _histories(bought, [], attrs)
         today = self.today()
@@ -1252,16 +1255,19 @@ class KpiService:
             today - timedelta(days=self.settings.kpi_metrics_window_days - 1), today, Granularity.DAY
         )
         this_month = bucket_start(today, Granularity.MONTH)
-        months = KpiQuery(add_months(this_month, -1), today, Granularity.MONTH)
+        previous_month = add_months(this_month, -1)
         async with self.db.sessions() as session:
             found, still_open = await self._tickets_and_open(
                 session, *_bounds(period(recent.first, recent.last, self.tz))
             )
             clv = await self.repo.prediction_totals(session, self.settings.kpi_p_alive_threshold)
             model = await self.repo.latest_clv_model(session, today)
+            # Churn reads every customer's history (2 s for 25k customers, blocking the API
+            # meanwhile): the gauges take the rates the consumer's rollup wrote, at most
+            # kpi_rollup_interval_s old, which redoes this month and the last on every run.
+            churn_rates = await self.repo.churn_rates(session, [previous_month, this_month])
         messages, bought = await self._messages(period(recent.first, recent.last, self.tz))
         satisfied = _csat_by_journey(await self._answers(period(recent.first, recent.last, self.tz)))
-        churned = await self.churn(months)
         now = self.clock()
         targets = self.settings.targets
         window = self.settings.conversion_window
@@ -1303,10 +1309,9 @@ class KpiService:
             FIRST_RESPONSE_TARGET.labels(cat).set(targets.per_category.get(cat, targets.default_s))
         for cat in {*response, *breaching}:
             OPEN_IN_BREACH.labels(cat).set(breaching.get(cat, 0))
-        for label, bucket in zip(("previous", "current"), churned["buckets"], strict=False):
-            for kind in ("contractual", "non_contractual", "lapsed"):
-                if bucket[kind] is not None:  # non_contractual: None before the first CLV model
-                    _set(CHURN_RATE, (kind, label), bucket[kind].rate)
+        for (month, kind), rate in churn_rates.items():
+            # non_contractual has no rows before the first CLV model
+            CHURN_RATE.labels(kind, "current" if month == this_month else "previous").set(rate)
         _set_conversion_gauges(per_journey, per_channel)
         for j, satisfaction in satisfied.items():
             _set(CSAT, (j,), satisfaction.csat)

@@ -738,6 +738,47 @@ async def test_churn_table_by_month(kpi: Kpi) -> None:
     assert not [k for k in table if k[1] == "non_contractual"]
 
 
+def churn_gauges(page: str) -> dict[tuple[str, str], float]:
+    """(kind, month) → value of the retain_kpi_churn_rate series on a /metrics page."""
+    out: dict[tuple[str, str], float] = {}
+    for line in page.splitlines():
+        if line.startswith("retain_kpi_churn_rate{"):
+            labels, value = line.removeprefix("retain_kpi_churn_rate{").split("} ")
+            named = dict(pair.split("=") for pair in labels.split(","))
+            out[(named["kind"].strip('"'), named["month"].strip('"'))] = float(value)
+    return out
+
+
+async def test_the_churn_gauges_are_the_rollups_rates_of_this_month_and_the_last(kpi: Kpi) -> None:
+    """/metrics reads the churn rates from kpi_churn_monthly rather than every customer's history
+    on the API's loop: nothing before the consumer's first rollup, then the API's own figures."""
+    kpi.at(CHURN_NOW)
+    await kpi.apply(churn_events())
+    assert churn_gauges((await kpi.http.get("/metrics")).text) == {}
+
+    await kpi.service.run_rollups()
+    gauges = churn_gauges((await kpi.http.get("/metrics")).text)
+    body = await kpi.get(
+        "/v1/kpis/churn", **{"from": "2026-03-01", "to": "2026-04-15", "granularity": "month"}
+    )
+    march, april = body["buckets"]
+    assert gauges[("lapsed", "previous")] == pytest.approx(1 / 3)  # by hand: test_churn_by_month_and_reason
+    assert gauges == {
+        (kind, label): pytest.approx(bucket[kind]["rate"])
+        for label, bucket in (("previous", march), ("current", april))
+        for kind in ("contractual", "lapsed")
+        if bucket[kind]["rate"] is not None
+    }
+    # E, who lapsed on 1 March, had bought in late February after all (a late event): March's
+    # lapses drop to 0 of 3 in the gauge once the rollup has redone the month, not before.
+    await kpi.apply([purchase("E", utc(2026, 2, 25), "10", order="late-february")])
+    assert churn_gauges((await kpi.http.get("/metrics")).text) == gauges
+    await kpi.service.run_rollups()
+    after = await kpi.get("/v1/kpis/churn", **{"from": "2026-03-01", "to": "2026-03-31"})
+    redone = churn_gauges((await kpi.http.get("/metrics")).text)
+    assert redone[("lapsed", "previous")] == after["total"]["lapsed"]["rate"] == 0.0
+
+
 def unit_model(as_of: date, a: float = 1.0) -> dict[str, Any]:
     """A stored CLV model with r = alpha = b = 1 (test_churn's hand-computed P(alive) when a = 1)."""
     return {
