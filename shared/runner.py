@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from honcho.manager import Manager
 from shared.auth import create_key
 from shared.config import REPO_ROOT, CommonSettings
 from shared.logs import configure_logging, get_logger
-from shared.topics import all_topic_names, ensure_topics
+from shared.topics import all_topic_names, ensure_topics, wait_for_group_coordinators
 
 log = get_logger(__name__)
 
@@ -52,6 +53,18 @@ def service_processes() -> list[ServiceProcess]:
                 command = [sys.executable, "-m", f"services.{module}.{worker}"]
                 processes.append(ServiceProcess(f"{module}-{worker}", None, command))
     return processes
+
+
+def consumer_groups(processes: Sequence[ServiceProcess]) -> list[str]:
+    """The Kafka consumer group of each service with a consumer: RETAIN_<SERVICE>_GROUP_ID as
+    its settings read it, else their default, retain-<service>."""
+    modules = [p.name.removesuffix("-consumer") for p in processes if p.name.endswith("-consumer")]
+    return [os.environ.get(f"RETAIN_{m.upper()}_GROUP_ID", f"retain-{m}") for m in modules]
+
+
+async def _prepare_kafka(settings: CommonSettings, processes: Sequence[ServiceProcess]) -> None:
+    await ensure_topics(settings.kafka_bootstrap, all_topic_names(settings.topic_prefix), settings.partitions)
+    await wait_for_group_coordinators(settings.kafka_bootstrap, consumer_groups(processes))
 
 
 def _replace_demo_key(keys_path: Path) -> str:
@@ -101,13 +114,9 @@ def run(with_demo: bool = True) -> int:
     else:
         log.info("using the Kafka cluster from RETAIN_KAFKA_BOOTSTRAP", bootstrap=settings.kafka_bootstrap)
     try:
-        asyncio.run(
-            ensure_topics(
-                settings.kafka_bootstrap, all_topic_names(settings.topic_prefix), settings.partitions
-            )
-        )
-        key = _replace_demo_key(settings.keys_path)
         processes = service_processes()
+        asyncio.run(_prepare_kafka(settings, processes))
+        key = _replace_demo_key(settings.keys_path)
         manager = Manager()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETAIN_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
         if with_demo:

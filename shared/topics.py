@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from shared.logs import get_logger
 
@@ -105,3 +107,28 @@ async def ensure_topics(bootstrap: str, names: list[str], partitions: int) -> li
         return created
     finally:
         await admin.close()
+
+
+async def wait_for_group_coordinators(bootstrap: str, groups: Sequence[str], timeout_s: float = 60.0) -> None:
+    """Return once the broker names a coordinator for every group in ``groups``.
+
+    On a fresh broker the first group lookup creates ``__consumer_offsets``; until its partitions
+    are loaded, every consumer joining logs GroupCoordinatorNotAvailable and "marking the
+    coordinator dead" warnings (harmless: it retries), which is what the first ``make run`` on a
+    new machine showed. Asked here first, once, the consumers start on a broker that is ready.
+    """
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await client.bootstrap()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        for group in groups:
+            while True:
+                try:
+                    await client.coordinator_lookup(CoordinationType.GROUP, group)
+                    break
+                except KafkaError as exc:
+                    if not exc.retriable or asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+    finally:
+        await client.close()

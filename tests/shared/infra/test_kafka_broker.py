@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 import uuid
@@ -21,6 +22,7 @@ from shared.kafka import consumer as consumer_module
 from shared.kafka.consumer import ConsumerLoop
 from shared.kafka.producer import Producer
 from shared.metrics import CONSUMER_BROKER_CONTACT
+from shared.topics import ensure_topics, wait_for_group_coordinators
 
 pytestmark = pytest.mark.integration
 
@@ -77,6 +79,32 @@ async def _consume_all(consumer: AIOKafkaConsumer, expected: int, within: float 
 
 def _topic(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def test_consumers_join_a_fresh_broker_without_coordinator_warnings_once_waited_for(
+    broker: LocalKafkaBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """First in this module, on the module's fresh broker (no __consumer_offsets yet): what
+    ``make run`` does before starting the services. Without the wait, each consumer's first join
+    logged GroupCoordinatorNotAvailable and 'Marking the coordinator dead' warnings."""
+    groups = ["fresh-segmenter", "fresh-kpi"]
+    await wait_for_group_coordinators(broker.bootstrap, groups, timeout_s=60)
+    topic = _topic("fresh")
+    await ensure_topics(broker.bootstrap, [topic], 3)  # as make run: waits until the topic is seen
+    caplog.set_level(logging.INFO, logger="aiokafka")
+    for group in groups:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=broker.bootstrap, group_id=group, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            await consumer.getmany(timeout_ms=200)
+            await consumer.commit({TopicPartition(topic, 0): 0})
+            assert await consumer.committed(TopicPartition(topic, 0)) == 0
+        finally:
+            await consumer.stop()
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, warned
 
 
 async def test_idempotent_producer_roundtrip(broker: LocalKafkaBroker) -> None:
