@@ -228,7 +228,7 @@ async def replace_journey(
     "/v1/journeys/{name}",
     status_code=204,
     tags=["journeys"],
-    summary="Delete a journey (its waiting messages are cancelled when due)",
+    summary="Delete a journey (its waiting and held messages are cancelled when due)",
 )
 async def delete_journey(name: JourneyName, key: Writer, admin: Admin) -> Response:
     await admin.delete_journey(name, key.id)
@@ -239,7 +239,7 @@ async def delete_journey(name: JourneyName, key: Writer, admin: Admin) -> Respon
     "/v1/journeys/{name}/pause",
     response_model=Journey,
     tags=["journeys"],
-    summary="Pause: no new entries; waiting messages are cancelled when due",
+    summary="Pause: no new entries; waiting and held messages are cancelled when due",
 )
 async def pause_journey(name: JourneyName, key: Writer, admin: Admin) -> Journey:
     return await admin.set_enabled(name, False, key.id)

@@ -1190,9 +1190,13 @@ class MessengerService:
     ) -> _Recheck:
         """Whether a message that waited may go now, and by which channel; if not, why."""
         journey = journeys.get(row.journey)
+        # Pausing or deleting a journey is the marketer's stop: what it held for the morning
+        # (a wrong offer, a campaign called off) must not go out at nine.
+        if journey is None or not journey.enabled:
+            return _Recheck("cancelled", "the journey was paused or deleted before it went", "journey off")
         # A win-back held overnight must not go over the complaint opened meanwhile, nor to a
         # customer who came back (as for a waiting one).
-        if journey is not None and journey.exited(snapshot_facts_of(profile), now):
+        if journey.exited(snapshot_facts_of(profile), now):
             return _Recheck("cancelled", "the journey's exit condition came true before it went", "exit")
         # Its own record (a queued message that expired) must not count against itself.
         template = row.template or row.journey

@@ -24,6 +24,7 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
 
+from services.messenger.admin import MessengerAdmin
 from services.messenger.caps import DEFAULT_CAPS
 from services.messenger.config import MessengerSettings
 from services.messenger.decision import in_holdout
@@ -977,6 +978,30 @@ async def test_an_attempt_that_waited_for_an_address_leaves_the_next_one_its_spa
         ).all()
     assert second.data["attempt"] == 2
     assert second.due_at > world.clock.now + (WIN_BACK.attempt_spacing_days - 3) * DAY
+
+
+@pytest.mark.parametrize("stop", ["pause", "delete"])
+async def test_a_message_held_for_the_night_does_not_go_once_its_journey_is_paused_or_deleted(
+    world: World, stop: str
+) -> None:
+    """The marketer's stop (a wrong offer in the win-back) at midnight: what was held for the
+    morning is cancelled then, not sent at nine."""
+    customer = treated(f"held-then-{stop}", "win_back", "thank_you")
+    await cancel(world, customer, "he", CancellationReason.SERVICE)
+    world.clock.now = NOON + 30 * DAY + timedelta(hours=11)  # 23:00 (or 22:00) in Jerusalem
+    assert await restarted(world).fire_waits() == 1
+    [held] = [r for r in await messages(world, customer) if r["journey"] == "win_back"]
+    assert held["status"] == "held_quiet_hours"
+    admin = MessengerAdmin(world.service)
+    if stop == "pause":
+        await admin.set_enabled("win_back", False, "marketer")
+    else:
+        await admin.delete_journey("win_back", "marketer")
+    world.clock.now = NOON + 31 * DAY  # the next noon
+    outcomes = {o.message_id: o.status for o in await restarted(world).send_due()}
+    assert outcomes[held["id"]] == "cancelled"
+    [row] = [r for r in await messages(world, customer) if r["journey"] == "win_back"]
+    assert (row["status"], row["reason"]) == ("cancelled", "the journey was paused or deleted before it went")
 
 
 async def test_a_win_back_held_for_the_night_does_not_go_over_a_complaint_opened_meanwhile(
