@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+import unicodedata
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -28,6 +29,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     StringConstraints,
     TypeAdapter,
     WithJsonSchema,
@@ -40,13 +43,46 @@ from shared.conditions import Choices, Domains, Forms, Range
 
 SCHEMA_VERSION = 1
 
+# NUL is left to the walk that names every path holding one (shared.storable), as ingest does.
+_ASCII_CONTROL = re.compile(r"[\x01-\x1f\x7f]")
+
+
+def _no_controls(invisible: frozenset[str]) -> Callable[[str], str]:
+    """A validator refusing control characters and those of the Unicode ``invisible`` general
+    categories (besides Cc). ASCII, the usual case, is a regex search; the rest per character."""
+
+    def check(value: str) -> str:
+        if value.isascii():
+            found = _ASCII_CONTROL.search(value)
+            bad = found.group() if found else None
+        else:
+            bad = next((c for c in value if c != "\x00" and unicodedata.category(c) in invisible), None)
+        if bad is not None:
+            raise ValueError(f"control and invisible characters are not allowed (U+{ord(bad):04X})")
+        return value
+
+    return check
+
+
 # Identifiers are opaque to Retain but end up in Kafka keys, URLs and log lines, so they may
-# not contain white space and are bounded.
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^\S+$")]
-ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# not contain white space and are bounded; nor invisible characters (a zero-width space, a
+# right-to-left override), which made "c1" and "c\u200b1" two customers who look like one.
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^\S+$"),
+    AfterValidator(_no_controls(frozenset({"Cc", "Cf"}))),
+]
+# Text may hold format characters: Hebrew and Arabic names carry direction marks (U+200F), and
+# Persian ones zero-width non-joiners. Control characters (a bell, an escape) it may not.
+_text_controls = AfterValidator(_no_controls(frozenset({"Cc"})))
+ShortText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), _text_controls
+]
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)]
 Label = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^\S(.*\S)?$")
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^\S(.*\S)?$"),
+    _text_controls,
 ]
 
 
@@ -204,12 +240,41 @@ Currency = Annotated[
 ]
 
 
+# A float keeps any decimal of up to 15 significant digits exactly (DBL_DIG); past that, the
+# digits a backend sent may already be gone when the number is read.
+EXACT_FLOAT_DIGITS = 15
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
 def _float_as_written(value: object) -> object:
     # A JSON number is read as a float by both of pydantic's readers (the JSON one and the
     # Python one over orjson's output), which then made 100.0 Decimal('100') and
     # Decimal('100.0') respectively: the same body, two encodings, and a resend of one event
     # judged another (ingest's 409, the ledgers' digests). The float's shortest repr, on both.
-    return Decimal(repr(value)) if type(value) is float else value
+    if type(value) is str:
+        # Decimal() also reads " 5 ", "1e3" (produced as "1E+3"), "+5", ".5": none is the
+        # documented form, which the OpenAPI pattern says. A sign or too many places go on to
+        # the rules that name them.
+        if not _DECIMAL_TEXT.fullmatch(value):
+            raise ValueError(
+                "an amount as a string is digits with an optional decimal point, "
+                f'like "349.90": not {value!r}'
+            )
+        return value
+    if type(value) is not float:
+        return value
+    written = Decimal(repr(value))
+    shape = written.as_tuple()
+    # 12345678901234.5678 as a number was read as 12345678901234.568 and accepted, changed.
+    # Float noise (0.1 + 0.2) has more than 4 decimals: the decimal-places rule names that.
+    places = -shape.exponent if isinstance(shape.exponent, int) else 0
+    if places <= 4 and len(written.normalize().as_tuple().digits) > EXACT_FLOAT_DIGITS:
+        raise ValueError(
+            f"as a JSON number, an amount keeps at most {EXACT_FLOAT_DIGITS} significant digits "
+            f"exactly (this one was read as {written}, perhaps not as sent): send it as a JSON "
+            "string of its digits instead"
+        )
+    return written
 
 
 def _unsigned_zero(value: Decimal) -> Decimal:
@@ -329,19 +394,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# pydantic reads a number from 2e10 on as milliseconds; Retain documents Unix seconds, so such
+# a number (seconds: past the year 2603) was taken for a time in 1970-1973.
+_SECONDS_BOUND = 20_000_000_000
+
+
+def _unix_seconds(value: object) -> object:
+    if type(value) in (int, float) and abs(value) >= _SECONDS_BOUND:  # type: ignore[arg-type]
+        raise ValueError(
+            f"a number here is Unix seconds, and {value} is beyond the year 2600: "
+            "if it is milliseconds, divide it by 1000"
+        )
+    return value
+
+
 class EventBase(_Strict):
     event_id: Identifier
     customer_id: Identifier
-    occurred_at: AwareDatetime
+    occurred_at: Annotated[AwareDatetime, BeforeValidator(_unix_seconds)]
     schema_version: Literal[1] = 1
 
 
 class Consents(_Strict):
     """Per-channel consent; a channel left out is unchanged by the event."""
 
-    email: bool | None = None
-    sms: bool | None = None
-    whatsapp: bool | None = None
+    # true or false, not "yes" or "off": a consent is not guessed from a word.
+    email: StrictBool | None = None
+    sms: StrictBool | None = None
+    whatsapp: StrictBool | None = None
 
 
 def _by_key(values: dict[str, Any]) -> dict[str, Any]:
@@ -390,7 +470,7 @@ class ProfileEvent(EventBase):
 class PurchaseItem(_Strict):
     sku: Identifier
     category: Label | None = None
-    quantity: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    quantity: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 1
     unit_price: Money
 
 
@@ -442,7 +522,7 @@ class SupportEvent(EventBase):
     action: SupportAction
     category: Label
     priority: Literal["low", "normal", "high", "urgent"] | None = None
-    is_complaint: bool = False
+    is_complaint: StrictBool = False
 
     @property
     def complaint(self) -> bool:

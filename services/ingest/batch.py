@@ -18,6 +18,7 @@ import orjson
 import pydantic_core
 from pydantic import ValidationError
 
+from shared.codec import encode_event
 from shared.events import (
     EARLIEST_EVENT_TIME,
     EVENT_ADAPTER,
@@ -125,7 +126,10 @@ def parse_body(body: bytes) -> tuple[list[Any], bool]:
     if _maybe_beyond_64_bits(items):
         # orjson reads an integer beyond 64 bits as a float, which the schema would take with
         # its digits lost; pydantic's parser keeps it an int, which the schema refuses by name.
-        items = pydantic_core.from_json(body, allow_inf_nan=False)
+        try:
+            items = pydantic_core.from_json(body, allow_inf_nan=False)
+        except ValueError as exc:  # what orjson reads but it does not: nesting beyond its limit
+            raise MalformedJsonError(f"the body could not be read: {exc}") from exc
         items = items if is_batch else [items]
     # orjson refuses lone surrogates already; a NUL only comes as this escape, so the walk
     # (slow next to the search) runs only for the rare body that has one.
@@ -184,7 +188,9 @@ def check_ids(events: Sequence[Event]) -> None:
     errors: list[FieldError] = []
     for i, e in enumerate(events):
         j = first.setdefault(e.event_id, i)
-        if j != i and events[j] != e:
+        # As a resend across requests is judged (IngestService.prepare): by the bytes produced,
+        # so "1.0" and "1.00", or 02:00+02:00 and 00:00Z, are two events, not one and a copy.
+        if j != i and encode_event(events[j]) != encode_event(e):
             message = (
                 f"event_id {e.event_id!r} is also that of item {j}, a different event: an id names one event"
             )

@@ -242,3 +242,55 @@ def test_event_times_within_a_day_ahead_and_after_1970_pass() -> None:
     assert [(e.index, e.field) for e in info.value.errors] == [(1, "occurred_at"), (3, "occurred_at")]
     assert "at most 24 h ahead" in info.value.errors[0].message
     assert info.value.types == ["purchase", "purchase"]
+
+
+@pytest.mark.parametrize(
+    ("number", "read_as"),
+    [("12345678901234.5678", "12345678901234.568"), ("1234567890123.4567", "1234567890123.4568")],
+)
+def test_an_amount_a_json_number_cannot_keep_exactly_is_refused_not_changed(
+    number: str, read_as: str
+) -> None:
+    """Read as a float, it was accepted with its last digits changed; as a string it is kept."""
+    item = {**EXAMPLES["purchase"], "amount": "@"}
+    body = orjson.dumps([item]).replace(b'"@"', number.encode())
+    with pytest.raises(InvalidBatchError) as info:
+        validate_body(body, 10, _ids())
+    [error] = info.value.errors
+    assert error.field == "amount"
+    assert f"read as {read_as}" in error.message
+    assert "send it as a JSON string" in error.message
+    [event] = validate_body(orjson.dumps([{**item, "amount": number}]), 10, _ids())
+    assert str(event.amount) == number  # type: ignore[union-attr]
+    # Up to 15 significant digits a number is what was written.
+    [exact] = validate_body(body.replace(number.encode(), b"99999999999.9999"), 10, _ids())
+    assert str(exact.amount) == "99999999999.9999"  # type: ignore[union-attr]
+
+
+def test_a_body_nested_beyond_the_second_reader_s_limit_is_a_400_not_a_500() -> None:
+    """A float beyond 64 bits sends the body to pydantic's reader, whose nesting limit is lower
+    than orjson's: its ValueError was an internal error."""
+    item = {**EXAMPLES["profile"], "attributes": {"a": "@"}, "extra": "#"}
+    body = orjson.dumps(item).replace(b'"@"', b"1e30").replace(b'"#"', b"[" * 250 + b"]" * 250)
+    with pytest.raises(MalformedJsonError, match="could not be read"):
+        parse_body(body)
+
+
+@pytest.mark.parametrize(
+    ("field", "one", "other"),
+    [
+        ("amount", "1.0", "1.00"),
+        ("occurred_at", "2026-05-01T02:00:00+02:00", "2026-05-01T00:00:00Z"),
+    ],
+)
+def test_one_id_on_two_spellings_in_one_batch_is_refused_as_a_resend_of_it_would_be(
+    field: str, one: str, other: str
+) -> None:
+    """Equal values, different bytes on the topic: sent alone later, the second is a 409 (the
+    resend check compares what was produced); in one request it was dropped as a duplicate."""
+    first = {**EXAMPLES["purchase"], field: one}
+    second = {**first, field: other}
+    with pytest.raises(InvalidBatchError) as info:
+        batch.check_ids(validate_batch([first, second], 10))
+    assert [(e.index, e.field) for e in info.value.errors] == [(1, "event_id")]
+    batch.check_ids(validate_batch([first, dict(first)], 10))  # the same event twice: one event

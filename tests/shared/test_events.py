@@ -165,6 +165,50 @@ def test_purchase_field_validation(field: str, value: str, fragment: str) -> Non
     assert fragment in errors[field]
 
 
+@pytest.mark.parametrize(
+    ("kind", "changes", "field", "fragment"),
+    [
+        # Read leniently these were accepted as true, 1000 ("1E+3" on the topic), 2, 1973.
+        ("profile", {"consents": {"email": "yes"}}, "consents.email", "valid boolean"),
+        ("profile", {"consents": {"sms": 1}}, "consents.sms", "valid boolean"),
+        ("support", {"is_complaint": "true"}, "is_complaint", "valid boolean"),
+        ("purchase", {"amount": " 5 "}, "amount", 'like "349.90"'),
+        ("purchase", {"amount": "1e3"}, "amount", 'like "349.90"'),
+        ("purchase", {"amount": ".5"}, "amount", 'like "349.90"'),
+        (
+            "purchase",
+            {"items": [{"sku": "TEA-01", "quantity": "2", "unit_price": "9.90"}]},
+            "items.0.quantity",
+            "valid integer",
+        ),
+        ("purchase", {"occurred_at": 99_999_999_999}, "occurred_at", "divide it by 1000"),
+        # Invisible in an id: "c\u200b1" looked like "c1" and was another customer.
+        ("profile", {"customer_id": "c\u200b1"}, "customer_id", "U+200B"),
+        ("profile", {"customer_id": "c\x7f1"}, "customer_id", "U+007F"),
+        ("purchase", {"order_id": "o\u202e1"}, "order_id", "U+202E"),
+        ("profile", {"name": "Dana\x07"}, "name", "U+0007"),
+        ("support", {"category": "bill\x1bing"}, "category", "U+001B"),
+    ],
+)
+def test_values_a_lenient_reader_would_guess_at_are_refused_by_name(
+    kind: str, changes: dict[str, Any], field: str, fragment: str
+) -> None:
+    errors = _errors({**EXAMPLES[kind], **changes})
+    assert fragment in errors[field], errors
+
+
+def test_text_keeps_the_direction_marks_of_hebrew_and_arabic_names() -> None:
+    """U+200F (right-to-left mark) and U+200C (zero-width non-joiner) are format characters a
+    name may carry; only identifiers refuse them."""
+    for name in ("\u05d3\u05e0\u05d4 \u200f(VIP)", "\u0645\u06cc\u200c\u0634\u0648\u062f"):
+        event = EVENT_ADAPTER.validate_python({**EXAMPLES["profile"], "name": name})
+        assert isinstance(event, ProfileEvent)
+        assert event.name == name
+    # Unix seconds as a number are still read as such.
+    event = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "occurred_at": 1_767_225_600})
+    assert event.occurred_at == datetime(2026, 1, 1, tzinfo=UTC)
+
+
 def test_amount_accepts_numbers_and_strings_as_decimal() -> None:
     as_number = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "amount": 12.5, "items": None})
     as_string = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "amount": "12.50", "items": None})
@@ -202,9 +246,12 @@ def test_unknown_type_is_rejected() -> None:
 # --- property: whatever the models accept round-trips through the shared encoding ---------
 
 # Identifiers hold no white space: every separator category (Zs, and the line and paragraph
-# separators Zl and Zp, U+2028 and U+2029, which \S also refuses), no control characters.
+# separators Zl and Zp, U+2028 and U+2029, which \S also refuses), no control or format
+# (invisible) characters.
 ids = st.text(
-    st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_categories=("Zs", "Zl", "Zp", "Cc", "Cs")),
+    st.characters(
+        min_codepoint=33, max_codepoint=0x2FFF, exclude_categories=("Zs", "Zl", "Zp", "Cc", "Cf", "Cs")
+    ),
     min_size=1,
     max_size=40,
 )
@@ -223,7 +270,9 @@ common = {"event_id": ids, "customer_id": ids, "occurred_at": moments}
 profiles = st.builds(
     ProfileEvent,
     **common,
-    name=st.text(min_size=1, max_size=50).map(str.strip).filter(bool),
+    name=st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=50)
+    .map(str.strip)
+    .filter(bool),
     email=st.sampled_from(["a@example.com", "נועה@example.co.il", "x.y+z@example.org"]),
     phone=st.sampled_from(["+972521234567", "+201001234567", "+12125551234"]) | st.none(),
     locale=st.sampled_from(["he-IL", "ar", "ar-EG", "en-US"]),
