@@ -27,6 +27,7 @@ from shared.events import (
     Event,
     EventType,
     one_error_per_attribute,
+    pattern_message,
     time_bound_broken,
 )
 from shared.storable import unstorable_paths
@@ -225,6 +226,11 @@ def with_time_errors(exc: InvalidBatchError, now: datetime, max_future: timedelt
     return InvalidBatchError(errors, [types[e.index] for e in errors])
 
 
+# A Unix time in milliseconds read as seconds (as documented) lands after this year.
+MILLISECONDS_YEAR = 2600
+MILLISECONDS_HINT = " (a number is read as Unix seconds: milliseconds divided by 1000)"
+
+
 def time_errors(
     events: Sequence[tuple[int, Event]], now: datetime, max_future: timedelta
 ) -> list[FieldError]:
@@ -241,7 +247,8 @@ def time_errors(
                     i,
                     "occurred_at",
                     f"{at.isoformat()} is in the future: this server's clock says "
-                    f"{now.isoformat(timespec='seconds')}, and at most {ahead} ahead is accepted",
+                    f"{now.isoformat(timespec='seconds')}, and at most {ahead} ahead is accepted"
+                    + (MILLISECONDS_HINT if at.year >= MILLISECONDS_YEAR else ""),
                 )
             )
         elif broken == "epoch":
@@ -271,7 +278,7 @@ def _field_error(err: Any) -> FieldError:
     if loc and loc[0] in _TAGS:
         loc.pop(0)  # the union's tag is not part of the field path a developer sent
     field = ".".join(str(p) for p in loc)
-    message = err["msg"]
+    message = pattern_message(err)
     if err["type"] in {"union_tag_invalid", "union_tag_not_found"}:
         field = "type"
         message = f"'type' must be one of {sorted(_TAGS)}"

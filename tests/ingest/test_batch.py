@@ -294,3 +294,14 @@ def test_one_id_on_two_spellings_in_one_batch_is_refused_as_a_resend_of_it_would
         batch.check_ids(validate_batch([first, second], 10))
     assert [(e.index, e.field) for e in info.value.errors] == [(1, "event_id")]
     batch.check_ids(validate_batch([first, dict(first)], 10))  # the same event twice: one event
+
+
+def test_an_invisible_character_in_an_id_is_named_by_its_code_point() -> None:
+    """pydantic's own message is the pattern, a wall of \\x{..} ranges naming no character."""
+    item = {**EXAMPLES["purchase"], "customer_id": "c\u200b1", "order_id": "o\x07"}
+    with pytest.raises(InvalidBatchError) as info:
+        validate_batch([item], 10)
+    assert {(e.field, e.message) for e in info.value.errors} == {
+        ("customer_id", "white space, control and invisible characters are not allowed here (U+200B)"),
+        ("order_id", "white space, control and invisible characters are not allowed here (U+0007)"),
+    }
