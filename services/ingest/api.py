@@ -51,6 +51,20 @@ log = get_logger(__name__)
 PATH = "/v1/events"
 _JSON = (b"content-type", b"application/json")
 
+
+def _charset(content_type: str) -> str | None:
+    """The charset parameter of a Content-Type, lower case, unquoted; None when absent."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before resending.", "schema": {"type": "integer"}}
+}
+
 router = APIRouter()  # its query check is in accept, after the key's
 
 
@@ -88,6 +102,10 @@ class EventsEndpoint:
             raise UnsupportedMediaTypeError(
                 f"Content-Type must be application/json, not {content_type or 'absent'!r}"
             )
+        if (charset := _charset(content_type)) not in (None, "utf-8", "utf8", "us-ascii"):
+            # JSON is UTF-8 (RFC 8259); a Latin-1 body was answered "str is not valid UTF-8:
+            # surrogates not allowed", as if the text were broken rather than its encoding.
+            raise UnsupportedMediaTypeError(f"the body must be UTF-8 JSON, not charset={charset}")
         body = await _read_body(receive, headers.get("content-length"), self.settings.ingest_max_body_bytes)
         service = self.service
         try:
@@ -195,7 +213,11 @@ _BODY = events_request_body()
     ),
     responses={
         400: {"model": ErrorResponse, "description": "The body is not JSON."},
-        401: {"model": ErrorResponse},
+        401: {
+            "model": ErrorResponse,
+            "description": "No API key, or not a valid one.",
+            "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+        },
         403: {"model": ErrorResponse},
         409: {
             "model": ErrorResponse,
@@ -203,10 +225,18 @@ _BODY = events_request_body()
             "event: details list {index, field, message}; nothing was accepted.",
         },
         413: {"model": ErrorResponse, "description": "Body or batch over the limit."},
-        415: {"model": ErrorResponse, "description": "Not application/json."},
+        415: {"model": ErrorResponse, "description": "Not application/json, or a charset other than UTF-8."},
         422: {"model": ErrorResponse, "description": "Invalid events: details list {index, field, message}."},
-        429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After."},
-        503: {"model": ErrorResponse, "description": "Kafka unavailable; resend after Retry-After."},
+        429: {
+            "model": ErrorResponse,
+            "description": "Rate limited; see Retry-After.",
+            "headers": _RETRY_AFTER,
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "Kafka unavailable; resend after Retry-After.",
+            "headers": _RETRY_AFTER,
+        },
     },
     # The key is checked in accept (before the body is read), not by a dependency: declared here.
     openapi_extra={"requestBody": _BODY["requestBody"], "security": KEY_SECURITY},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -257,6 +258,16 @@ async def test_transport_errors(client: Client) -> None:
     assert wrong_type.status_code == 415
     assert "application/json" in wrong_type.json()["error"]["message"]
 
+    # JSON is UTF-8: a Latin-1 body was a 400 about surrogates, as if its text were broken.
+    jose = {"type": "profile", "event_id": "profile-c1-1", "customer_id": "c1", "name": "José"}
+    jose["occurred_at"] = EXAMPLES["profile"]["occurred_at"]
+    latin = json.dumps(jose, ensure_ascii=False).encode("latin-1")
+    for charset in ("iso-8859-1", '"UTF-16"'):
+        typed = {**auth, "Content-Type": f"application/json; charset={charset}"}
+        other = await client.http.post("/v1/events", content=latin, headers=typed)
+        assert other.status_code == 415, other.text
+        assert "must be UTF-8 JSON" in other.json()["error"]["message"]
+
     too_big = await client.http.post(
         "/v1/events",
         content=b"[" + b" " * (1024 * 1024) + b"]",
@@ -269,6 +280,14 @@ async def test_transport_errors(client: Client) -> None:
     assert too_many.status_code == 413
     assert "at most 1000 events" in too_many.json()["error"]["message"]
     assert await client.landed() == []
+
+    declared = await client.http.post(
+        "/v1/events",
+        content=json.dumps(jose, ensure_ascii=False).encode(),
+        headers={**auth, "Content-Type": "application/json; charset=UTF-8"},
+    )
+    assert declared.status_code == 202, declared.text
+    assert len(await client.landed()) == 1
 
 
 async def test_the_documented_route_answers_as_the_direct_endpoint(client: Client) -> None:

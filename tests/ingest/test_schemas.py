@@ -104,5 +104,10 @@ def test_the_app_publishes_this_deployment_s_batch_bound_and_where_a_key_is_need
     array = post["requestBody"]["content"]["application/json"]["schema"]["anyOf"][1]
     assert array["maxItems"] == 50
     assert post["security"] == [{"bearer": []}, {"apiKey": []}]
+    # The headers a client acts on are in the document: when to resend, which scheme to use.
+    for status in ("429", "503"):
+        assert post["responses"][status]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
+    assert "WWW-Authenticate" in post["responses"]["401"]["headers"]
+    assert "UTF-8" in post["responses"]["415"]["description"]
     assert "security" not in spec["paths"]["/healthz"]["get"]
     assert "security" not in spec
