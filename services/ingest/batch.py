@@ -182,42 +182,58 @@ def check_ids(events: Sequence[Event]) -> None:
     """One id per event: two items of a request with one ``event_id`` and different contents
     are refused, by index; the second would otherwise be answered as a duplicate and dropped.
     (The same event twice in a request, a resend batched with its original, is one event.)"""
-    ids = [e.event_id for e in events]
-    if len(set(ids)) == len(ids):  # the usual request: nothing more to look at
-        return
-    first: dict[str, int] = {}
+    _raise(id_errors(list(enumerate(events))), events)
+
+
+def id_errors(events: Sequence[tuple[int, Event]]) -> list[FieldError]:
+    """``check_ids``'s problems of ``events`` (index, event)."""
+    if len({e.event_id for _, e in events}) == len(events):  # the usual request
+        return []
+    first: dict[str, tuple[int, Event]] = {}
     errors: list[FieldError] = []
-    for i, e in enumerate(events):
-        j = first.setdefault(e.event_id, i)
+    for i, e in events:
+        j, earlier = first.setdefault(e.event_id, (i, e))
         # As a resend across requests is judged (IngestService.prepare): by the bytes produced,
         # so "1.0" and "1.00", or 02:00+02:00 and 00:00Z, are two events, not one and a copy.
-        if j != i and encode_event(events[j]) != encode_event(e):
+        if j != i and encode_event(earlier) != encode_event(e):
             message = (
                 f"event_id {e.event_id!r} is also that of item {j}, a different event: an id names one event"
             )
             errors.append(FieldError(i, "event_id", message))
-    if errors:
-        raise InvalidBatchError(errors, [events[e.index].type for e in errors])
+    return errors
 
 
 def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -> None:
     """Event times a schema cannot judge: more than ``max_future`` ahead of this server's clock
     (a year typed wrong, milliseconds read as seconds) or not after 1970. Either would be
     applied as a real purchase, a customer's last one for years. Refused whole, as any field."""
+    _raise(_time_errors_fast(events, now, max_future), events)
+
+
+def check_events(events: Sequence[Event], now: datetime, max_future: timedelta) -> None:
+    """What the schema cannot judge, times and ids, every problem in one answer."""
+    errors = _time_errors_fast(events, now, max_future) + id_errors(list(enumerate(events)))
+    _raise(sorted(errors, key=lambda e: e.index), events)
+
+
+def _time_errors_fast(events: Sequence[Event], now: datetime, max_future: timedelta) -> list[FieldError]:
     # On every request: POSIX seconds compare at a third of the cost of aware datetimes.
     latest = (now + max_future).timestamp()
     earliest = EARLIEST_EVENT_TIME.timestamp()
     if all(earliest < e.occurred_at.timestamp() <= latest for e in events):
-        return
-    errors = time_errors(list(enumerate(events)), now, max_future)
+        return []
+    return time_errors(list(enumerate(events)), now, max_future)
+
+
+def _raise(errors: list[FieldError], events: Sequence[Event]) -> None:
     if errors:
         raise InvalidBatchError(errors, [events[e.index].type for e in errors])
 
 
-def with_time_errors(exc: InvalidBatchError, now: datetime, max_future: timedelta) -> InvalidBatchError:
-    """``exc`` with the time problems of the events that passed the schema: every problem of
-    the batch in one answer, by index, rather than the times only on the next try."""
-    more = time_errors(exc.valid, now, max_future)
+def with_event_errors(exc: InvalidBatchError, now: datetime, max_future: timedelta) -> InvalidBatchError:
+    """``exc`` with the time and id problems of the events that passed the schema: every
+    problem of the batch in one answer, by index, rather than those only on the next try."""
+    more = time_errors(exc.valid, now, max_future) + id_errors(exc.valid)
     if not more:
         return exc
     types = {e.index: t for e, t in zip(exc.errors, exc.types, strict=True)}

@@ -15,10 +15,9 @@ from prometheus_client import Histogram
 from services.ingest.batch import (
     FieldError,
     InvalidBatchError,
-    check_ids,
-    check_times,
+    check_events,
     validate_body,
-    with_time_errors,
+    with_event_errors,
 )
 from services.ingest.dedupe import DIGEST_MASK, RecentIds
 from shared.codec import encode_event, encode_key
@@ -120,9 +119,8 @@ class IngestService:
         try:
             events = validate_body(body, self._max_batch)
         except InvalidBatchError as exc:
-            raise with_time_errors(exc, self._wall_clock(), self._max_future) from exc
-        check_times(events, self._wall_clock(), self._max_future)
-        check_ids(events)
+            raise with_event_errors(exc, self._wall_clock(), self._max_future) from exc
+        check_events(events, self._wall_clock(), self._max_future)
         return events
 
     def prepare(self, events: list[Event]) -> Prepared:
@@ -143,7 +141,7 @@ class IngestService:
             answered: list[str] = []  # types of the duplicates answered from the window
             for i, event in enumerate(events):
                 eid = event.event_id
-                if eid in seen:  # the same event again in this request (check_ids)
+                if eid in seen:  # the same event again in this request (id_errors)
                     answered.append(event.type)
                 elif eid in recent or eid in in_flight:
                     done, digest = (None, recent[eid]) if eid in recent else in_flight[eid]

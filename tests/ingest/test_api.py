@@ -144,6 +144,24 @@ async def test_one_id_on_two_different_events_in_one_batch_is_refused_not_droppe
     assert await client.landed() == []
 
 
+async def test_every_problem_of_a_batch_is_in_one_answer_the_id_clashes_too(client: Client) -> None:
+    """A clash of ids within the request came only on the next try, after the schema errors
+    (and a time error hid it as well): the 422 lists each, by index."""
+    first = _event("purchase", "c3", 1)
+    clash = {**first, "amount": "2"}
+    negative = {**_event("purchase", "c3", 3, order_id="o-3"), "amount": "-1"}
+    ahead = _event("support", "c3", 4, occurred_at="2999-01-01T00:00:00Z")
+    for batch, expected in (
+        ([first, clash, negative], [(1, "event_id"), (2, "amount")]),
+        ([first, clash, ahead], [(1, "event_id"), (2, "occurred_at")]),
+    ):
+        response = await client.post(batch)
+        assert response.status_code == 422, response.text
+        details = response.json()["error"]["details"]
+        assert [(d["index"], d["field"]) for d in details] == expected
+    assert await client.landed() == []
+
+
 async def test_an_id_used_earlier_for_another_event_is_refused_with_409_not_dropped(client: Client) -> None:
     # A backend that names its events by order: the purchase, then the refund of the same order
     # under the same id. Answered 202 as a duplicate, the refund was lost without a word.
