@@ -8,10 +8,12 @@ Rules:
    keep that order among themselves after all the others: a customer is reached for real on
    another channel they can be reached on rather than recorded as sent on one nobody receives.
 2. A channel is skipped when the customer has no address on it (``no_address``), when consent
-   blocks it (``suppressed`` for an active opt-out, ``no_consent`` otherwise) or, for WhatsApp
-   outside the 24-hour customer-service window, when the message has no approved template
-   (``no_template``): business-initiated WhatsApp outside the window must use an approved
-   template (a content SID); inside it, free-form text is allowed.
+   blocks it (``suppressed`` for an active opt-out, ``no_consent`` otherwise), when the message
+   has no template on it (``no_template``: a marketer's campaign written for email only goes by
+   email to a customer who prefers SMS, rather than failing) or, for WhatsApp outside the
+   24-hour customer-service window, when the message has no approved template (``no_template``):
+   business-initiated WhatsApp outside the window must use an approved template (a content
+   SID); inside it, free-form text is allowed.
 3. When nothing is left, the outcome names why, judged over the channels that have an address
    (a customer we cannot reach at all is ``no_address``): ``no_consent`` if any of them merely
    lacks consent, ``suppressed`` if every one of them is opted out, else ``no_template``.
@@ -89,8 +91,10 @@ def choose_channel(
     consent: Callable[[Channel], ConsentVerdict],
     whatsapp_window_open: bool,
     has_whatsapp_template: bool,
+    templated: Collection[Channel] = frozenset(Channel),
 ) -> ChannelChoice:
-    """The first usable channel in order, or why there is none (rules: module doc)."""
+    """The first usable channel in order, or why there is none (rules: module doc);
+    ``templated``: the channels the message has a template on."""
     tried: list[Skipped] = []
     for channel in channel_order(preferred, fallback_order, last_resort):
         if not addresses.get(channel):
@@ -100,6 +104,10 @@ def choose_channel(
         if not verdict.allowed:
             reason: SkipReason = "suppressed" if verdict.suppressed else "no_consent"
             tried.append(Skipped(channel, reason, verdict.reason))
+            continue
+        if channel not in templated:
+            detail = f"{channel.value}: the message has no template on it"
+            tried.append(Skipped(channel, "no_template", detail))
             continue
         mode: WhatsAppMode | None = None
         if channel is Channel.WHATSAPP:

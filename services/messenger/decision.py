@@ -115,6 +115,8 @@ class DecisionContext:
     fallback_order: Sequence[Channel] = DEFAULT_FALLBACK_ORDER
     whatsapp_last_inbound_at: datetime | None = None
     has_whatsapp_template: bool = False  # the template has an approved WhatsApp content SID
+    # The channels the message's template exists on (in the customer's locale chain).
+    templated: Collection[Channel] = frozenset(Channel)
     duplicate: bool = False  # the idempotency key is already in the ledger
     granted_by_default: Collection[Channel] = frozenset()  # soft opt-in channels, see consent.py
     # Channels without a provider while others have one (the sandbox): tried after the others.
@@ -192,6 +194,7 @@ def _choose(candidate: Candidate, context: DecisionContext, goes_at: datetime) -
         consent,
         whatsapp_window_open(context.whatsapp_last_inbound_at, goes_at),
         context.has_whatsapp_template,
+        context.templated,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from services.messenger.templates import required_variables
 from shared.conditions import (
     Condition,
     ConditionError,
@@ -160,13 +161,65 @@ def validate_journey(raw: object, templates: set[str] | None = None) -> list[Con
     for path, tree in trees.items():
         if tree is not None:
             errors += validate(tree, SNAPSHOT_FIELDS, path=path, domains=FACT_DOMAINS, forms=FACT_FORMS)  # type: ignore[arg-type]
-    errors += [ConditionError("$.trigger", message) for message in _trigger_problems(journey.trigger)]
+    trigger_problems = _trigger_problems(journey.trigger)
+    errors += [ConditionError("$.trigger", message) for message in trigger_problems]
     errors += _duration_problems(journey)
     if journey.wait is not None:
         errors += _cool_off_problems(journey.wait)
     if templates is not None and journey.template not in templates:
         errors.append(ConditionError("$.template", f"unknown template {journey.template!r}"))
+    if not trigger_problems:  # what a trigger gives is only judged of one that can fire
+        errors += [ConditionError("$.template", m) for m in _unsupplied(journey)]
+        errors += [ConditionError("$.kind", m) for m in _not_transactional(journey)]
     return errors
+
+
+# The longest a transactional message may wait after the customer's action it answers.
+TRANSACTIONAL_WAIT_HOURS = 24
+
+
+def _not_transactional(journey: Journey) -> list[str]:
+    """A transactional message goes past caps, quiet hours and marketing opt-outs, which the law
+    allows for an answer to the customer's own action (their order, their ticket), not for a
+    campaign: a journey on a segment or a tier, or sent days later, is marketing, whatever it
+    is called. Refused at write, so opt-outs cannot be switched off by naming a kind."""
+    if journey.kind is not MessageKind.TRANSACTIONAL:
+        return []
+    t = journey.trigger
+    problems: list[str] = []
+    if t.event is None or t.new_customer or t.segment_entered or t.segment_left or t.tier_upgrade:
+        problems.append(
+            "a transactional journey answers the customer's own action: its trigger is an event "
+            "(purchase, support, cancellation, profile) and nothing else; use kind 'marketing'"
+        )
+    w = journey.wait
+    if w is not None and (w.by_churn_reason_days or w.hours > TRANSACTIONAL_WAIT_HOURS):
+        problems.append(
+            f"a transactional message goes within {TRANSACTIONAL_WAIT_HOURS} hours of the action it "
+            "answers; one sent later is marketing: use kind 'marketing'"
+        )
+    return problems
+
+
+# What a packaged template needs that only its trigger's event gives (the entry's details: a
+# purchase's order, a ticket's id), by the event type that gives it.
+SUPPLIED_BY = {"last_order": EventType.PURCHASE, "ticket_id": EventType.SUPPORT}
+
+
+def _unsupplied(journey: Journey) -> list[str]:
+    """A template that needs its trigger's data on a trigger without it: every message of the
+    journey failed ("journey 'thank_you' needs last_order"), where the journey looked saved."""
+    t = journey.trigger
+    others = t.new_customer or t.segment_entered or t.segment_left or t.tier_upgrade
+    problems: list[str] = []
+    for variable in sorted(required_variables(journey.template) & SUPPLIED_BY.keys()):
+        event = SUPPLIED_BY[variable]
+        if t.event is not event or others:
+            problems.append(
+                f"template {journey.template!r} needs {variable}, which only a trigger on event "
+                f"{event.value!r} (and nothing else) gives: every message of this trigger would fail"
+            )
+    return problems
 
 
 def _trigger_problems(t: Trigger) -> list[str]:

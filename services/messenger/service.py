@@ -6,6 +6,7 @@ status, templates)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -901,10 +902,20 @@ class MessengerService:
             fallback_order=tuple(self.settings.messenger_fallback_order),
             whatsapp_last_inbound_at=customer.whatsapp_inbound_at if customer else None,
             has_whatsapp_template=self._approved_on_whatsapp(template, profile.locale),
+            templated=self._templated(template, profile.locale),
             duplicate=duplicate,
             last_resort=self.last_resort,
             quiet_zones=region_zones(profile.timezone, profile.locale),
         )
+
+    def _templated(self, template: str, locale: str | None) -> frozenset[Channel]:
+        """The channels ``template`` has a version on for ``locale`` (or a fallback of it)."""
+        found: set[Channel] = set()
+        for channel in Channel:
+            with contextlib.suppress(TemplateNotFoundError):
+                self.templates.resolve(template, channel, locale)
+                found.add(channel)
+        return frozenset(found)
 
     def _approved_on_whatsapp(self, template: str, locale: str | None) -> bool:
         """Whether the message can go on WhatsApp outside the 24-hour window: its template in

@@ -534,6 +534,47 @@ async def test_reads_need_messages_read_and_writes_messages_write(api: Clients) 
     assert (await api.reader.get("/v1/journeys/thank_you")).json()["enabled"] is True
 
 
+async def test_a_campaign_written_for_email_only_goes_by_email_to_one_who_prefers_sms(
+    world: World,  # noqa: F811
+    api: Clients,
+) -> None:
+    """Its SMS failed to render ("no sms template for 'spring_sale'") though the customer can
+    be reached by email: a channel the message has no template on is passed over."""
+    put = await api.writer.put(
+        "/v1/templates/spring_sale/email/en",
+        json={
+            "subject": "Spring is here",
+            "html": '<p>New teas. <a href="{{ unsubscribe_url }}">Unsubscribe</a></p>',
+            "text": "New teas. Unsubscribe: {{ unsubscribe_url }}",
+        },
+    )
+    assert put.status_code == 200, put.text
+    journey = {**VIP, "name": "spring", "template": "spring_sale", "entry": None}
+    assert (await api.writer.post("/v1/journeys", json=journey)).status_code == 201, journey
+    # thank_you answers the same purchase and would take the day's marketing cap first.
+    thanks = (await api.reader.get("/v1/journeys/thank_you")).json()
+    off = await api.writer.put("/v1/journeys/thank_you", json={**thanks, "enabled": False})
+    assert off.status_code == 200, off.text
+    customer = customer_not_in_holdout("spring")
+    granted = ConsentState(granted=True, at=NOON - timedelta(days=3))
+    update = purchase_update(
+        customer,
+        1,
+        NOON,
+        locale="en",
+        preferred_channel=Channel.SMS,
+        whatsapp=None,
+        consents={Channel.EMAIL: granted, Channel.SMS: granted},
+    )
+    await world.service.apply_batch(delivered([update]))
+    [outcome] = await world.service.send_due()
+    assert outcome.status == "sent"
+    [row] = await messages(world, customer)
+    assert (row["journey"], row["channel"]) == ("spring", "email")
+    [file] = list(world.outbox.iterdir())
+    assert "New teas" in file.read_text(encoding="utf-8")
+
+
 async def test_an_email_override_is_what_the_customer_gets(world: World, api: Clients) -> None:  # noqa: F811
     """A customer reachable only by email gets the email override of their language."""
     put = await api.writer.put(
@@ -562,6 +603,45 @@ async def test_an_email_override_is_what_the_customer_gets(world: World, api: Cl
     assert outcome.status == "sent"
     [file] = list(world.outbox.iterdir())
     assert "spring edition" in file.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        # thank_you names the order; a segment's entry has none: every message failed.
+        ({"trigger": {"segment_entered": "high_value"}}, "needs last_order"),
+        ({"trigger": {"event": "purchase", "tier_upgrade": True}}, "needs last_order"),
+        ({"template": "complaint_ack", "kind": "transactional"}, "needs ticket_id"),
+    ],
+)
+async def test_a_journey_whose_template_needs_what_its_trigger_never_gives_is_refused(
+    api: Clients, changes: dict[str, Any], fragment: str
+) -> None:
+    response = await api.writer.post("/v1/journeys", json={**VIP, **changes})
+    assert response.status_code == 422, response.text
+    assert paths(response) == {"$.template"}
+    assert fragment in response.text
+    assert (await api.reader.get("/v1/journeys/vip_thanks")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"trigger": {"segment_entered": "lapsed"}, "template": "win_back"},  # a campaign
+        {"trigger": {"event": "cancellation"}, "template": "win_back", "wait": {"hours": 24 * 30}},
+    ],
+)
+async def test_a_campaign_cannot_be_called_transactional_to_pass_the_opt_outs(
+    api: Clients, changes: dict[str, Any]
+) -> None:
+    """Transactional messages go past caps, quiet hours and marketing opt-outs: only an answer
+    to the customer's own action, within a day, may be one."""
+    journey = {**VIP, "name": "promo", "kind": "transactional", **changes}
+    response = await api.writer.post("/v1/journeys", json=journey)
+    assert response.status_code == 422, response.text
+    assert "$.kind" in paths(response)
+    assert "use kind 'marketing'" in response.text
+    assert (await api.reader.get("/v1/journeys/promo")).status_code == 404
 
 
 async def test_a_template_a_marketing_journey_sends_cannot_skip_the_opt_out(api: Clients) -> None:

@@ -42,8 +42,11 @@ def choose(
     template: bool = True,
     order: tuple[Channel, ...] = ORDER,
     last_resort: frozenset[Channel] = frozenset(),
+    templated: frozenset[Channel] = frozenset(Channel),
 ) -> ChannelChoice:
-    return choose_channel(preferred, order, last_resort, addresses, consent or consenting(), window, template)
+    return choose_channel(
+        preferred, order, last_resort, addresses, consent or consenting(), window, template, templated
+    )
 
 
 def test_the_preferred_channel_comes_first() -> None:
@@ -62,6 +65,20 @@ def test_channels_without_address_or_consent_are_skipped_in_order() -> None:
     choice = choose(WA, {EMAIL: "a@example.com", SMS: "+972521234567", WA: None}, consenting({EMAIL: "no"}))
     assert choice.channel is SMS
     assert [(s.channel, s.reason) for s in choice.tried] == [(WA, "no_address"), (EMAIL, "no_consent")]
+
+
+def test_a_channel_the_message_has_no_template_on_is_passed_over() -> None:
+    """A campaign written for email only, to a customer who prefers SMS: it goes by email rather
+    than failing to render; with no channel it has a template on, the outcome says so."""
+    choice = choose(SMS, templated=frozenset({EMAIL}))
+    assert choice.channel is EMAIL
+    assert [(s.channel, s.reason) for s in choice.tried] == [(SMS, "no_template")]
+    assert "no template" in choice.tried[0].detail
+    nowhere = choose(SMS, {EMAIL: None, SMS: "+972521234567", WA: None}, templated=frozenset({EMAIL}))
+    assert (nowhere.channel, nowhere.outcome) == (None, "no_template")
+    # No address and no consent still say so first: they are the customer's, not the template's.
+    refused = choose(SMS, {EMAIL: None, SMS: "+972521234567", WA: None}, consenting({SMS: "no"}))
+    assert refused.outcome == "no_consent"
 
 
 def test_each_channel_is_tried_once() -> None:
