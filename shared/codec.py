@@ -7,6 +7,7 @@ equal to the event written (Decimal amounts travel as strings, datetimes as RFC 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from datetime import timedelta
 from typing import TypeVar
@@ -101,6 +102,13 @@ def event_digest(value: object) -> int | None:
 # applied before with those, read again from the topics, encode otherwise.
 DIGEST_VERSION = 2
 DIGEST_VERSION_MASK = 0xFF
+
+
+def content_etag(value: object) -> str:
+    """A version of a JSON-able value as an ETag (the caps, a journey, a template): a digest of
+    its canonical JSON, so that an edit's If-Match names what its editor read."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def encode_key(customer_id: str) -> bytes:

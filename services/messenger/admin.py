@@ -41,7 +41,8 @@ from services.messenger.templates import (
     sms_variants,
     validate_template,
 )
-from shared.errors import InvalidInputError, NotFoundError, RetainError
+from shared.codec import content_etag
+from shared.errors import InvalidInputError, NotFoundError, PreconditionFailedError, RetainError
 from shared.events import Channel, MessageKind, ProfileSnapshot
 
 JOURNEYS = "journeys"
@@ -163,29 +164,35 @@ class MessengerAdmin:
         await self._edit_journeys(create, actor)
         return journey
 
-    async def replace_journey(self, name: str, raw: Mapping[str, Any], actor: str) -> Journey:
+    async def replace_journey(
+        self, name: str, raw: Mapping[str, Any], actor: str, if_match: str | None = None
+    ) -> Journey:
+        """``if_match``: the ETag of the journey the editor read (``journey_etag``); a 412 when
+        it changed since, rather than an edit made meanwhile overwritten. None or ``*``: any."""
         if raw.get("name", name) != name:
             raise JourneyInvalidError(
                 [{"path": "$.name", "message": f"must be {name!r}, the journey in the path"}]
             )
         journey = await self._validated({**raw, "name": name})
         await self._edit_journeys(
-            lambda js: [journey if j.name == name else j for j in _known(js, name)], actor
+            lambda js: [journey if j.name == name else j for j in _unchanged(js, name, if_match)], actor
         )
         return journey
 
-    async def delete_journey(self, name: str, actor: str) -> None:
+    async def delete_journey(self, name: str, actor: str, if_match: str | None = None) -> None:
         """Its waiting messages are cancelled when they come due (fire_waits)."""
-        await self._edit_journeys(lambda js: [j for j in _known(js, name) if j.name != name], actor)
+        await self._edit_journeys(
+            lambda js: [j for j in _unchanged(js, name, if_match) if j.name != name], actor
+        )
 
-    async def set_enabled(self, name: str, enabled: bool, actor: str) -> Journey:
+    async def set_enabled(self, name: str, enabled: bool, actor: str, if_match: str | None = None) -> Journey:
         """Paused: no new entries, and its waiting messages are cancelled when they come due."""
         changed: list[Journey] = []
 
         def toggle(journeys: list[Journey]) -> list[Journey]:
             out = [
                 j.model_copy(update={"enabled": enabled}) if j.name == name else j
-                for j in _known(journeys, name)
+                for j in _unchanged(journeys, name, if_match)
             ]
             changed.extend(j for j in out if j.name == name)
             return out
@@ -262,14 +269,16 @@ class MessengerAdmin:
         return TemplateEntry(key, store.is_overridden(key), store.default(key) is not None), found
 
     async def put_template(
-        self, key: TemplateKey, raw: Mapping[str, Any], actor: str
+        self, key: TemplateKey, raw: Mapping[str, Any], actor: str, if_match: str | None = None
     ) -> tuple[TemplateEntry, Template]:
-        """Validate (sandbox, variables, size, SMS segments) and keep as an override."""
+        """Validate (sandbox, variables, size, SMS segments) and keep as an override.
+        ``if_match``: the ETag of the template the editor read, as for a journey."""
         async with self.db.sessions() as session:
             journeys = await self.service.journeys(session)
         template = await _checked_template(key, raw, journeys, self.service.settings)
 
         def put(overrides: dict[TemplateKey, Template]) -> None:
+            self._template_unchanged(overrides, key, if_match)
             if key not in overrides and len(overrides) >= MAX_OVERRIDES:
                 raise TemplateInvalidError(
                     [TemplateError("$.key", f"{MAX_OVERRIDES} overrides at most; reset some first")]
@@ -281,12 +290,13 @@ class MessengerAdmin:
             key, overridden=True, has_default=self.service.templates.default(key) is not None
         ), template
 
-    async def reset_template(self, key: TemplateKey, actor: str) -> None:
+    async def reset_template(self, key: TemplateKey, actor: str, if_match: str | None = None) -> None:
         """Drop the override: the default applies again (404 when there is no override)."""
         async with self.db.sessions() as session:
             journeys = await self.service.journeys(session)
 
         def remove(overrides: dict[TemplateKey, Template]) -> None:
+            self._template_unchanged(overrides, key, if_match)
             if overrides.pop(key, None) is None:
                 raise TemplateNotFoundError(f"{key} has no override")
             left = TemplateStore(overrides.values())
@@ -298,6 +308,17 @@ class MessengerAdmin:
                 )
 
         await self._edit_templates(remove, actor)
+
+    def _template_unchanged(
+        self, overrides: Mapping[TemplateKey, Template], key: TemplateKey, if_match: str | None
+    ) -> None:
+        if if_match in (None, "*"):
+            return
+        current = overrides.get(key) or self.service.templates.default(key)
+        if current is None or template_etag(current) != if_match:
+            raise PreconditionFailedError(
+                f"template {key} changed since you read it (stale ETag): GET it again and redo your edit"
+            )
 
     async def _edit_templates(
         self, change: Callable[[dict[TemplateKey, Template]], None], actor: str
@@ -437,6 +458,24 @@ def _known(journeys: list[Journey], name: str) -> list[Journey]:
     if not any(j.name == name for j in journeys):
         raise JourneyNotFoundError(f"no journey {name!r}")
     return journeys
+
+
+def _unchanged(journeys: list[Journey], name: str, if_match: str | None) -> list[Journey]:
+    """``journeys`` if journey ``name`` is there and, given an ETag, still the one read."""
+    current = next(j for j in _known(journeys, name) if j.name == name)
+    if if_match not in (None, "*") and journey_etag(current) != if_match:
+        raise PreconditionFailedError(
+            f"journey {name!r} changed since you read it (stale ETag): GET it again and redo your edit"
+        )
+    return journeys
+
+
+def journey_etag(journey: Journey) -> str:
+    return content_etag(journey.model_dump(mode="json"))
+
+
+def template_etag(template: Template) -> str:
+    return content_etag(template.to_json())
 
 
 def template_key(journey: str, channel: Channel, locale: str) -> TemplateKey:

@@ -6,17 +6,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Response
 from pydantic import AfterValidator, BaseModel, Field
 
-from services.messenger.admin import MessengerAdmin, TemplateEntry, template_key
+from services.messenger.admin import MessengerAdmin, TemplateEntry, journey_etag, template_etag, template_key
 from services.messenger.api import Reader, Service, Writer
 from services.messenger.journeys import Journey
 from services.messenger.templates import VARIABLES, SmsEncoding, Template
 from shared.auth import allows
 from shared.errors import ErrorResponse, ForbiddenError
 from shared.events import Channel, MessageKind
-from shared.http import ApiRoute, UniqueKeys
+from shared.http import ApiRoute, UniqueKeys, if_match_etag
 from shared.storable import storable
 
 router = APIRouter(route_class=ApiRoute)
@@ -195,9 +195,26 @@ async def list_journeys(_key: Reader, admin: Admin) -> JourneysOut:
     return JourneysOut(journeys=found.journeys, updated_at=found.updated_at, updated_by=found.updated_by)
 
 
-@router.get("/v1/journeys/{name}", response_model=Journey, tags=["journeys"], summary="One journey")
-async def get_journey(name: JourneyName, _key: Reader, admin: Admin) -> Journey:
-    return await admin.journey(name)
+# Optional on the journeys' and templates' edits (the caps require one): given, a stale one is a
+# 412 rather than an edit made meanwhile overwritten; the GETs and the edits give the ETag.
+IfMatch = Annotated[
+    str | None,
+    Header(description="The ETag of the journey or template you read: a 412 if it changed since."),
+]
+_STALE: dict[int | str, dict[str, Any]] = {
+    412: {"model": ErrorResponse, "description": "It changed since you read it (stale If-Match)."}
+}
+
+
+def _tagged(response: Response, etag: str) -> None:
+    response.headers["ETag"] = f'"{etag}"'
+
+
+@router.get("/v1/journeys/{name}", response_model=Journey, tags=["journeys"], summary="One journey (ETag)")
+async def get_journey(name: JourneyName, _key: Reader, admin: Admin, response: Response) -> Journey:
+    journey = await admin.journey(name)
+    _tagged(response, journey_etag(journey))
+    return journey
 
 
 @router.post(
@@ -216,12 +233,21 @@ async def create_journey(body: JourneyBody, key: Writer, _keys: UniqueKeys, admi
     "/v1/journeys/{name}",
     response_model=Journey,
     tags=["journeys"],
-    summary="Replace a journey (422 names the JSON path of each problem)",
+    summary="Replace a journey (422 names the JSON path of each problem; If-Match: the ETag you read)",
+    responses=_STALE,
 )
 async def replace_journey(
-    name: JourneyName, body: JourneyBody, key: Writer, _keys: UniqueKeys, admin: Admin
+    name: JourneyName,
+    body: JourneyBody,
+    key: Writer,
+    _keys: UniqueKeys,
+    admin: Admin,
+    response: Response,
+    if_match: IfMatch = None,
 ) -> Journey:
-    return await admin.replace_journey(name, body, key.id)
+    journey = await admin.replace_journey(name, body, key.id, if_match_etag(if_match))
+    _tagged(response, journey_etag(journey))
+    return journey
 
 
 @router.delete(
@@ -229,9 +255,10 @@ async def replace_journey(
     status_code=204,
     tags=["journeys"],
     summary="Delete a journey (its waiting and held messages are cancelled when due)",
+    responses=_STALE,
 )
-async def delete_journey(name: JourneyName, key: Writer, admin: Admin) -> Response:
-    await admin.delete_journey(name, key.id)
+async def delete_journey(name: JourneyName, key: Writer, admin: Admin, if_match: IfMatch = None) -> Response:
+    await admin.delete_journey(name, key.id, if_match_etag(if_match))
     return Response(status_code=204)
 
 
@@ -240,14 +267,29 @@ async def delete_journey(name: JourneyName, key: Writer, admin: Admin) -> Respon
     response_model=Journey,
     tags=["journeys"],
     summary="Pause: no new entries; waiting and held messages are cancelled when due",
+    responses=_STALE,
 )
-async def pause_journey(name: JourneyName, key: Writer, admin: Admin) -> Journey:
-    return await admin.set_enabled(name, False, key.id)
+async def pause_journey(
+    name: JourneyName, key: Writer, admin: Admin, response: Response, if_match: IfMatch = None
+) -> Journey:
+    journey = await admin.set_enabled(name, False, key.id, if_match_etag(if_match))
+    _tagged(response, journey_etag(journey))
+    return journey
 
 
-@router.post("/v1/journeys/{name}/resume", response_model=Journey, tags=["journeys"], summary="Resume")
-async def resume_journey(name: JourneyName, key: Writer, admin: Admin) -> Journey:
-    return await admin.set_enabled(name, True, key.id)
+@router.post(
+    "/v1/journeys/{name}/resume",
+    response_model=Journey,
+    tags=["journeys"],
+    summary="Resume",
+    responses=_STALE,
+)
+async def resume_journey(
+    name: JourneyName, key: Writer, admin: Admin, response: Response, if_match: IfMatch = None
+) -> Journey:
+    journey = await admin.set_enabled(name, True, key.id, if_match_etag(if_match))
+    _tagged(response, journey_etag(journey))
+    return journey
 
 
 @router.get(
@@ -321,19 +363,23 @@ async def preview_template(body: PreviewIn, key: Reader, _keys: UniqueKeys, admi
     "/v1/templates/{journey}/{channel}/{locale}",
     response_model=TemplateOut,
     tags=["templates"],
-    summary="One template, exactly this key (no locale fallback)",
+    summary="One template, exactly this key (no locale fallback; ETag)",
 )
 async def get_template(
-    journey: TemplateName, channel: Channel, locale: Locale, _key: Reader, admin: Admin
+    journey: TemplateName, channel: Channel, locale: Locale, _key: Reader, admin: Admin, response: Response
 ) -> TemplateOut:
-    return _template_out(*await admin.template(template_key(journey, channel, locale)))
+    entry, template = await admin.template(template_key(journey, channel, locale))
+    _tagged(response, template_etag(template))
+    return _template_out(entry, template)
 
 
 @router.put(
     "/v1/templates/{journey}/{channel}/{locale}",
     response_model=TemplateOut,
     tags=["templates"],
-    summary="Override a template (validated in the sandbox with sample data; 422 names each problem)",
+    summary="Override a template (validated in the sandbox with sample data; 422 names each problem; "
+    "If-Match: the ETag you read)",
+    responses=_STALE,
 )
 async def put_template(
     journey: TemplateName,
@@ -343,8 +389,13 @@ async def put_template(
     key: Writer,
     _keys: UniqueKeys,
     admin: Admin,
+    response: Response,
+    if_match: IfMatch = None,
 ) -> TemplateOut:
-    return _template_out(*await admin.put_template(template_key(journey, channel, locale), body, key.id))
+    target = template_key(journey, channel, locale)
+    entry, template = await admin.put_template(target, body, key.id, if_match_etag(if_match))
+    _tagged(response, template_etag(template))
+    return _template_out(entry, template)
 
 
 @router.delete(
@@ -352,10 +403,18 @@ async def put_template(
     status_code=204,
     tags=["templates"],
     summary="Drop the override: the default applies again",
-    responses={409: {"model": ErrorResponse, "description": "The last template of a journey in use."}},
+    responses={
+        409: {"model": ErrorResponse, "description": "The last template of a journey in use."},
+        **_STALE,
+    },
 )
 async def reset_template(
-    journey: TemplateName, channel: Channel, locale: Locale, key: Writer, admin: Admin
+    journey: TemplateName,
+    channel: Channel,
+    locale: Locale,
+    key: Writer,
+    admin: Admin,
+    if_match: IfMatch = None,
 ) -> Response:
-    await admin.reset_template(template_key(journey, channel, locale), key.id)
+    await admin.reset_template(template_key(journey, channel, locale), key.id, if_match_etag(if_match))
     return Response(status_code=204)

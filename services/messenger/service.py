@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import random
 import uuid
 from collections import defaultdict, deque
@@ -61,7 +59,7 @@ from services.messenger.templates import (
     render,
     shows_opt_out,
 )
-from shared.codec import encode, encode_key
+from shared.codec import content_etag, encode, encode_key
 from shared.conditions import unknown_hint
 from shared.db import Database, claim_events
 from shared.errors import InvalidInputError
@@ -2121,8 +2119,7 @@ class CapsMatchRequiredError(Exception):
 
 def caps_etag(caps: CapsConfig) -> str:
     """The caps' version as an ETag: a digest of their canonical JSON."""
-    canonical = json.dumps(caps.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return content_etag(caps.model_dump(mode="json"))
 
 
 def _shares(slots: int, channels: int) -> list[int]:

@@ -225,6 +225,59 @@ async def test_invalid_journeys_are_422_naming_the_json_path(api: Clients) -> No
     assert "vip_thanks" not in names
 
 
+async def test_two_editors_of_one_journey_do_not_overwrite_each_other_when_they_send_the_etag(
+    api: Clients,
+) -> None:
+    """A raised the holdout to 20 while B, who read the journey before, set its re-entry: B's
+    PUT overwrote A's edit (no ETag to send). With If-Match, B gets a 412 and reads again."""
+    read = await api.reader.get("/v1/journeys/thank_you")
+    etag = read.headers["ETag"]
+    journey = read.json()
+    a = await api.writer.put(
+        "/v1/journeys/thank_you", json={**journey, "holdout_percent": 20}, headers={"If-Match": etag}
+    )
+    assert a.status_code == 200, a.text
+    assert a.headers["ETag"] not in ("", etag)
+    b = await api.writer.put(
+        "/v1/journeys/thank_you", json={**journey, "reentry_days": 14}, headers={"If-Match": etag}
+    )
+    assert b.status_code == 412, b.text
+    assert "changed since you read it" in b.json()["error"]["message"]
+    assert (await api.reader.get("/v1/journeys/thank_you")).json()["holdout_percent"] == 20
+    for stale in (
+        api.writer.post("/v1/journeys/thank_you/pause", headers={"If-Match": etag}),
+        api.writer.delete("/v1/journeys/thank_you", headers={"If-Match": etag}),
+    ):
+        assert (await stale).status_code == 412
+    # Read again, B's edit goes; without the header an edit goes as before (last one wins).
+    again = await api.reader.get("/v1/journeys/thank_you")
+    b2 = await api.writer.put(
+        "/v1/journeys/thank_you",
+        json={**again.json(), "reentry_days": 14},
+        headers={"If-Match": again.headers["ETag"]},
+    )
+    assert b2.status_code == 200, b2.text
+    assert (b2.json()["holdout_percent"], b2.json()["reentry_days"]) == (20, 14)
+    paused = await api.writer.post("/v1/journeys/thank_you/pause", headers={"If-Match": b2.headers["ETag"]})
+    assert paused.status_code == 200, paused.text
+    assert (await api.writer.post("/v1/journeys/thank_you/resume")).status_code == 200
+
+
+async def test_a_template_edit_with_a_stale_etag_is_a_412_and_changes_nothing(api: Clients) -> None:
+    url = "/v1/templates/thank_you/sms/en"
+    read = await api.reader.get(url)
+    etag = read.headers["ETag"]
+    text = "Thanks for order {{ last_order.id }}! Opt out: {{ unsubscribe_url }}"
+    first = await api.writer.put(url, json={"text": text}, headers={"If-Match": etag})
+    assert first.status_code == 200, first.text
+    assert (await api.reader.get(url)).headers["ETag"] == first.headers["ETag"] != etag
+    late = await api.writer.put(url, json={"text": text + " :)"}, headers={"If-Match": etag})
+    assert late.status_code == 412, late.text
+    assert (await api.writer.delete(url, headers={"If-Match": etag})).status_code == 412
+    assert (await api.reader.get(url)).json()["text"] == text
+    assert (await api.writer.delete(url, headers={"If-Match": first.headers["ETag"]})).status_code == 204
+
+
 async def test_a_paused_journey_sends_nothing_until_resumed(world: World, api: Clients) -> None:  # noqa: F811
     customer = customer_not_in_holdout("thank_you")
     paused = await api.writer.post("/v1/journeys/thank_you/pause")
