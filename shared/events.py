@@ -163,6 +163,21 @@ def locale_tag(value: str) -> str:
     return _bcp47(value)
 
 
+def time_zone_name(value: str) -> str:
+    """``value`` as the IANA database spells it (asia/jerusalem is Asia/Jerusalem) if it is a zone
+    the events accept; else a ValueError saying what is wrong. For rules: a profile's zone is
+    always so spelt, and `timezone eq "asia/jerusalem"` matched nobody."""
+    found = _zones_by_folded().get(value.casefold())
+    if found is None:
+        raise ValueError(f"unknown IANA time zone {value!r}, e.g. Asia/Jerusalem")
+    return found
+
+
+@lru_cache(maxsize=1)
+def _zones_by_folded() -> dict[str, str]:
+    return {zone.casefold(): zone for zone in _zones()}
+
+
 def language_code(value: str) -> str:
     """``value`` by its current code (iw → he) if it is a language the events accept; else a
     ValueError saying what is wrong. For rules, which compare the language of a locale."""
@@ -693,7 +708,7 @@ FACT_DOMAINS: Domains = {
 
 # The spelling the facts give locales and languages in, into which rules read theirs
 # (shared.conditions.Forms).
-FACT_FORMS: Forms = {"locale": locale_tag, "language": language_code}
+FACT_FORMS: Forms = {"locale": locale_tag, "language": language_code, "timezone": time_zone_name}
 
 
 class ProfileSnapshot(_Strict):

@@ -107,7 +107,10 @@ async def put_draft(
     except InvalidRulesError as exc:
         raise _invalid(exc) from exc
     except RulesConflictError as exc:
-        raise PreconditionFailedError("the draft changed since you read it; GET it again") from exc
+        raise PreconditionFailedError(
+            "the draft changed or was published since you read it (a publish gives the draft a new "
+            "ETag, so that one ETag publishes once): GET /v1/rules/draft for its ETag"
+        ) from exc
     body = DraftOut(rules=rules, etag=etag, updated_at=datetime.now(UTC), updated_by=key.id)
     return JSONResponse(body.model_dump(mode="json"), headers={"ETag": f'"{etag}"'})
 

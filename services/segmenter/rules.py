@@ -22,6 +22,7 @@ from shared.conditions import (
     Condition,
     ConditionError,
     Explanation,
+    Range,
     compile_condition,
     unknown_hint,
     validate,
@@ -219,7 +220,7 @@ class _Implication:
         return found
 
     def _holds(self, b: Any, a: Any) -> bool:
-        if a == {"all": []} or self._same(a, b):
+        if a == {"all": []} or self._same(a, b) or ("field" in a and _always(a)):
             return True
         if "all" in a:
             return all(self.holds(b, c) for c in a["all"])
@@ -230,6 +231,31 @@ class _Implication:
         if "any" in b:
             return bool(b["any"]) and all(self.holds(c, a) for c in b["any"])
         return "field" in a and "field" in b and _leaf_implies(b, a)
+
+
+# Facts every customer has, counts and totals from 0 (services.segmenter.profile.facts): a
+# lower bound at or below their least value holds for everyone (`orders_count gte 0`), a
+# catch-all like {"all": []}, which put everyone in a bronze listed before gold.
+ALWAYS_SET = frozenset(
+    {
+        "orders_count",
+        "distinct_purchase_days",
+        "total_value",
+        "purchases_30d",
+        "purchases_90d",
+        "purchases_365d",
+        "open_tickets",
+        "complaints_90d",
+    }
+)
+
+
+def _always(leaf: dict[str, Any]) -> bool:
+    domain = FACT_DOMAINS.get(leaf["field"])
+    value = leaf.get("value")
+    if leaf["field"] not in ALWAYS_SET or not isinstance(domain, Range) or not _number(value):
+        return False
+    return (leaf["op"] == "gte" and value <= domain.low) or (leaf["op"] == "gt" and value < domain.low)
 
 
 def _number(value: object) -> TypeGuard[int | float]:
@@ -243,6 +269,25 @@ def _leaf_implies(b: dict[str, Any], a: dict[str, Any]) -> bool:
     if a["field"] != b["field"]:
         return False
     op_a, op_b, value_a, value_b = a["op"], b["op"], a.get("value"), b.get("value")
+    if op_a == "in" and isinstance(value_a, list):
+        # eq "active" or in ["active"] implies in ["active", "new"]: a subset of its values.
+        if op_b == "eq":
+            return value_b in value_a
+        return (
+            op_b == "in"
+            and isinstance(value_b, list)
+            and bool(value_b)
+            and all(v in value_a for v in value_b)
+        )
+    if op_b == "between" and isinstance(value_b, list) and len(value_b) == 2 and _number(value_a):
+        low, high = value_b  # inclusive: between [5000, 10000] implies gte 1000, lt 20000
+        if not (_number(low) and _number(high)):
+            return False
+        if op_a in _LOWER:
+            return low > value_a if _LOWER[op_a] else low >= value_a
+        if op_a in _UPPER:
+            return high < value_a if _UPPER[op_a] else high <= value_a
+        return False
     if not (_number(value_a) and _number(value_b)):
         return False
     x, y = value_a, value_b  # compared as given: int and float compare exactly

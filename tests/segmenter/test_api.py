@@ -599,6 +599,12 @@ async def test_one_etag_publishes_once(api: Api) -> None:
     again = await api.post("/v1/rules/publish", **{"If-Match": f'"{etag}"'})
     assert again.status_code in (409, 412), again.text
     assert [v["version"] for v in (await api.get("/v1/rules/versions")).json()] == [2, 1]
+    # The marketer's next edit with the ETag they published: the 412 says a publish may be why
+    # (it said only "the draft changed", which nobody had edited) and where the new ETag is.
+    edit = await api.put("/v1/rules/draft", stricter_rules(), **{"If-Match": f'"{etag}"'})
+    assert edit.status_code == 412, edit.text
+    assert "or was published" in edit.json()["error"]["message"]
+    assert "GET /v1/rules/draft" in edit.json()["error"]["message"]
 
 
 async def test_a_publish_that_only_reorders_segments_changes_no_one(api: Api) -> None:

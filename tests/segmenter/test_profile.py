@@ -32,9 +32,11 @@ from services.segmenter.profile import (
     lifecycle,
     load_state,
 )
+from services.segmenter.rules import ALWAYS_SET
 from services.segmenter.updates import triggering
+from shared.conditions import Range
 from shared.demo.generator import generate
-from shared.events import EVENT_ADAPTER, ClvPrediction, Event
+from shared.events import EVENT_ADAPTER, FACT_DOMAINS, ClvPrediction, Event
 from tests.segmenter.factories import (
     CUSTOMER,
     NOW,
@@ -707,3 +709,13 @@ def test_the_stage_holds_until_the_announced_instant_and_changes_there(
     for p in probes:
         assert lifecycle(state, NOW + (next_change - NOW - TICK) * p, SHORT)[0] == stage
     assert lifecycle(state, next_change, SHORT)[0] != stage
+
+
+def test_the_facts_the_tier_proof_takes_as_always_set_are_set_for_a_customer_with_nothing() -> None:
+    """The unreachable-tier check counts `orders_count gte 0` as a catch-all (rules.ALWAYS_SET):
+    true only while a customer with no order, ticket or window has each of them, at its least."""
+    f, _ = facts(ProfileState("nobody-yet"), NOW, CONFIG)
+    for name in ALWAYS_SET:
+        domain = FACT_DOMAINS[name]
+        assert isinstance(domain, Range)
+        assert f[name] == domain.low, name

@@ -176,6 +176,29 @@ def test_a_language_or_locale_no_event_could_give_is_named_when_written() -> Non
     assert compile_rules(raw, 1).assign(base_facts(locale="he-IL", language="he"), NOW).segments == ()
 
 
+def test_a_time_zone_is_read_as_the_iana_database_spells_it_and_an_unknown_one_is_named() -> None:
+    """`timezone eq "asia/jerusalem"` was accepted and matched nobody: a profile's zone is
+    always spelt Asia/Jerusalem."""
+    raw = {
+        "tiers": [],
+        "segments": [
+            rule("israel", leaf("timezone", "eq", "asia/jerusalem")),
+            rule("cairo", leaf("timezone", "in", ["AFRICA/CAIRO", "Asia/Tel_Aviv"])),
+        ],
+    }
+    assert validate_rules(raw) == []
+    rules = compile_rules(raw, 1)
+    assert rules.assign(base_facts(timezone="Asia/Jerusalem"), NOW).segments == ("israel",)
+    assert rules.assign(base_facts(timezone="Africa/Cairo"), NOW).segments == ("cairo",)
+    wrong = {"tiers": [], "segments": [rule("mars", leaf("timezone", "eq", "Mars/Olympus"))]}
+    assert problems(wrong) == [
+        (
+            "$.segments[0].when.value",
+            "timezone \"Mars/Olympus\": unknown IANA time zone 'Mars/Olympus', e.g. Asia/Jerusalem",
+        )
+    ]
+
+
 # --- validation -----------------------------------------------------------------------------------
 
 
@@ -393,11 +416,32 @@ def test_a_tier_no_customer_can_reach_is_refused() -> None:
         rule("gold", leaf("total_value", "eq", 101)),
     ]
     assert paths({"tiers": silver_first, "segments": []}) == ["$.tiers[1].when"]
+    # A bar every customer clears (counts start at 0), a range within a bar, a value within a
+    # list: each put everyone it could in the tier before, and was accepted.
+    for tiers in (
+        [rule("bronze", leaf("orders_count", "gte", 0)), rule("gold", leaf("total_value", "gte", 5000))],
+        [rule("member", leaf("purchases_365d", "gte", 0)), rule("gold", leaf("total_value", "gte", 5000))],
+        [
+            rule("silver", leaf("total_value", "gte", 1000)),
+            rule("gold", leaf("total_value", "between", [5000, 10000])),
+        ],
+        [
+            rule("live", leaf("lifecycle_stage", "in", ["active", "new"])),
+            rule("active", leaf("lifecycle_stage", "eq", "active")),
+        ],
+    ):
+        assert paths({"tiers": tiers, "segments": []}) == ["$.tiers[1].when"], tiers
     # Reachable: a higher bar first, a bar on another fact, an equal bar not strictly met.
     for tiers in (
         [rule("gold", leaf("total_value", "gte", 1000)), rule("silver", leaf("total_value", "gte", 100))],
         [rule("loyal", leaf("orders_count", "gte", 5)), rule("big", leaf("total_value", "gte", 1000))],
         [rule("above", leaf("total_value", "gt", 100)), rule("at", leaf("total_value", "gte", 100))],
+        # A fact a customer may lack (no order converted: no average) is no catch-all at 0.
+        [rule("avg", leaf("avg_order_value", "gte", 0)), rule("gold", leaf("total_value", "gte", 5000))],
+        [
+            rule("mid", leaf("total_value", "between", [100, 5000])),
+            rule("gold", leaf("total_value", "gte", 1000)),
+        ],
         [
             rule("young", leaf("first_purchase_at", "within_days", 30)),
             rule("old", leaf("first_purchase_at", "within_days", 60)),
@@ -444,6 +488,17 @@ def test_the_unreachable_tier_proof_is_bounded() -> None:
                 st.sampled_from(["total_value", "orders_count"]),
                 st.sampled_from(["gte", "gt", "lte", "lt", "eq"]),
                 st.integers(0, 6),
+            )
+            | st.builds(
+                lambda field, low, span: leaf(field, "between", [low, low + span]),
+                st.sampled_from(["total_value", "orders_count"]),
+                st.integers(0, 6),
+                st.integers(0, 3),
+            )
+            | st.builds(
+                lambda field, values: leaf(field, "in", values),
+                st.sampled_from(["total_value", "orders_count"]),
+                st.lists(st.integers(0, 6), min_size=1, max_size=3),
             ),
             lambda children: st.one_of(
                 st.builds(lambda c: {"all": c}, st.lists(children, max_size=3)),
@@ -454,7 +509,8 @@ def test_the_unreachable_tier_proof_is_bounded() -> None:
         min_size=2,
         max_size=2,
     ),
-    customers=st.lists(st.tuples(st.integers(-1, 7), st.integers(-1, 7)), min_size=1, max_size=30),
+    # Counts and totals are never below 0 (the proof knows it: `orders_count gte 0` is everyone).
+    customers=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=30),
 )
 def test_a_tier_refused_as_unreachable_is_unreachable(
     conditions: list[dict[str, Any]], customers: list[tuple[int, int]]
