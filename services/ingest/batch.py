@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,11 +23,15 @@ from shared.events import (
     EARLIEST_EVENT_TIME,
     EVENT_ADAPTER,
     EVENT_LIST_ADAPTER,
+    INPUT,
     NOT_AFTER_EPOCH,
+    CancellationEvent,
     Event,
     EventType,
+    ProfileEvent,
+    PurchaseEvent,
+    SupportEvent,
     one_error_per_attribute,
-    pattern_message,
     time_bound_broken,
 )
 from shared.storable import unstorable_paths
@@ -111,8 +115,8 @@ def _validated_whole(body: bytes) -> list[Event] | None:
         return None
     try:
         if body.lstrip(_JSON_SPACE).startswith(b"["):
-            return EVENT_LIST_ADAPTER.validate_json(body)
-        return [EVENT_ADAPTER.validate_json(body)]
+            return EVENT_LIST_ADAPTER.validate_json(body, context=INPUT)
+        return [EVENT_ADAPTER.validate_json(body, context=INPUT)]
     except ValidationError:
         return None
 
@@ -169,12 +173,16 @@ def validate_batch(
         if isinstance(item, dict) and item.get("event_id") is None:
             item["event_id"] = new_id(item)
     try:
-        return EVENT_LIST_ADAPTER.validate_python(items)
+        return EVENT_LIST_ADAPTER.validate_python(items, context=INPUT)
     except ValidationError as exc:
         errors = [_field_error(e) for e in one_error_per_attribute(exc.errors(include_url=False))]
         types = [_type_label(items[e.index]) for e in errors]
         failed = {e.index for e in errors}
-        valid = [(i, EVENT_ADAPTER.validate_python(item)) for i, item in enumerate(items) if i not in failed]
+        valid = [
+            (i, EVENT_ADAPTER.validate_python(item, context=INPUT))
+            for i, item in enumerate(items)
+            if i not in failed
+        ]
         raise InvalidBatchError(errors, types, valid) from exc
 
 
@@ -210,10 +218,81 @@ def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -
     _raise(_time_errors_fast(events, now, max_future), events)
 
 
-def check_events(events: Sequence[Event], now: datetime, max_future: timedelta) -> None:
-    """What the schema cannot judge, times and ids, every problem in one answer."""
-    errors = _time_errors_fast(events, now, max_future) + id_errors(list(enumerate(events)))
+def check_events(
+    events: Sequence[Event], now: datetime, max_future: timedelta, body: bytes | None = None
+) -> None:
+    """What the schema cannot judge (times, ids) or judges for events already on the topics
+    too (the characters of a new event's ids and texts), every problem in one answer. ``body``:
+    the request's, when at hand, whose look may spare the walk of the characters."""
+    indexed = list(enumerate(events))
+    errors = _time_errors_fast(events, now, max_future) + id_errors(indexed)
+    if may_hold_controls(body):
+        errors += text_errors(indexed)
     _raise(sorted(errors, key=lambda e: e.index), events)
+
+
+def may_hold_controls(body: bytes | None) -> bool:
+    """False when ``body`` cannot hold a control or invisible character: ASCII only (no format
+    character) and no escape (JSON writes a control character in a string only escaped). The
+    usual batch: the walk (about 1.8 µs an event) is spared."""
+    return body is None or not body.isascii() or b"\\" in body
+
+
+# A new event's identifiers must be printable: no control or format (invisible) character, so
+# that "c1" and "c\u200b1" (a zero-width space) are not two customers who look like one; its
+# names and labels hold no control character (a bell, an escape; direction marks, which Hebrew
+# and Arabic names carry, stay). Judged here, for what a request brings, not in the event
+# models: an event on the topics is read again as it was accepted (a replay, a new consumer
+# group, one produced straight onto Kafka), and one refused then would go to the dead letters.
+_CONTROL = re.compile(r"[\x01-\x1f\x7f-\x9f]")  # NUL: named by parse_body's own walk
+
+
+def _identifiers(e: Event) -> Iterator[tuple[str, str]]:
+    yield "event_id", e.event_id
+    yield "customer_id", e.customer_id
+    if isinstance(e, PurchaseEvent):
+        yield "order_id", e.order_id
+        for n, item in enumerate(e.items or ()):
+            yield f"items.{n}.sku", item.sku
+    elif isinstance(e, SupportEvent):
+        yield "ticket_id", e.ticket_id
+    elif isinstance(e, CancellationEvent) and e.subscription_id is not None:
+        yield "subscription_id", e.subscription_id
+
+
+def _texts(e: Event) -> Iterator[tuple[str, str]]:
+    if isinstance(e, ProfileEvent):
+        if e.name is not None:
+            yield "name", e.name
+        for key in e.attributes or ():
+            yield f"attributes.{key}", key
+    elif isinstance(e, SupportEvent):
+        yield "category", e.category
+    elif isinstance(e, PurchaseEvent):
+        for n, item in enumerate(e.items or ()):
+            if item.category is not None:
+                yield f"items.{n}.category", item.category
+
+
+def text_errors(events: Sequence[tuple[int, Event]]) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for i, e in events:
+        for field, value in _identifiers(e):
+            if not value.isprintable():  # C: Cc, Cf, unassigned; Z: separators (\S has them)
+                bad = next(c for c in value if not c.isprintable())
+                errors.append(
+                    FieldError(
+                        i, field, f"control and invisible characters are not allowed here (U+{ord(bad):04X})"
+                    )
+                )
+        for field, value in _texts(e):
+            if (found := _CONTROL.search(value)) is not None:
+                errors.append(
+                    FieldError(
+                        i, field, f"control characters are not allowed here (U+{ord(found.group()):04X})"
+                    )
+                )
+    return errors
 
 
 def _time_errors_fast(events: Sequence[Event], now: datetime, max_future: timedelta) -> list[FieldError]:
@@ -231,20 +310,15 @@ def _raise(errors: list[FieldError], events: Sequence[Event]) -> None:
 
 
 def with_event_errors(exc: InvalidBatchError, now: datetime, max_future: timedelta) -> InvalidBatchError:
-    """``exc`` with the time and id problems of the events that passed the schema: every
-    problem of the batch in one answer, by index, rather than those only on the next try."""
-    more = time_errors(exc.valid, now, max_future) + id_errors(exc.valid)
+    """``exc`` with the time, id and character problems of the events that passed the schema:
+    every problem of the batch in one answer, by index, rather than those only on the next try."""
+    more = time_errors(exc.valid, now, max_future) + id_errors(exc.valid) + text_errors(exc.valid)
     if not more:
         return exc
     types = {e.index: t for e, t in zip(exc.errors, exc.types, strict=True)}
     types.update((i, e.type) for i, e in exc.valid)
     errors = sorted([*exc.errors, *more], key=lambda e: e.index)
     return InvalidBatchError(errors, [types[e.index] for e in errors])
-
-
-# A Unix time in milliseconds read as seconds (as documented) lands after this year.
-MILLISECONDS_YEAR = 2600
-MILLISECONDS_HINT = " (a number is read as Unix seconds: milliseconds divided by 1000)"
 
 
 def time_errors(
@@ -263,8 +337,7 @@ def time_errors(
                     i,
                     "occurred_at",
                     f"{at.isoformat()} is in the future: this server's clock says "
-                    f"{now.isoformat(timespec='seconds')}, and at most {ahead} ahead is accepted"
-                    + (MILLISECONDS_HINT if at.year >= MILLISECONDS_YEAR else ""),
+                    f"{now.isoformat(timespec='seconds')}, and at most {ahead} ahead is accepted",
                 )
             )
         elif broken == "epoch":
@@ -294,7 +367,7 @@ def _field_error(err: Any) -> FieldError:
     if loc and loc[0] in _TAGS:
         loc.pop(0)  # the union's tag is not part of the field path a developer sent
     field = ".".join(str(p) for p in loc)
-    message = pattern_message(err)
+    message = err["msg"]
     if err["type"] in {"union_tag_invalid", "union_tag_not_found"}:
         field = "type"
         message = f"'type' must be one of {sorted(_TAGS)}"

@@ -120,7 +120,7 @@ class IngestService:
             events = validate_body(body, self._max_batch)
         except InvalidBatchError as exc:
             raise with_event_errors(exc, self._wall_clock(), self._max_future) from exc
-        check_events(events, self._wall_clock(), self._max_future)
+        check_events(events, self._wall_clock(), self._max_future, body)
         return events
 
     def prepare(self, events: list[Event]) -> Prepared:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from services.ingest.app import create_app
@@ -159,6 +160,21 @@ async def test_every_problem_of_a_batch_is_in_one_answer_the_id_clashes_too(clie
         assert response.status_code == 422, response.text
         details = response.json()["error"]["details"]
         assert [(d["index"], d["field"]) for d in details] == expected
+    assert await client.landed() == []
+
+
+async def test_control_and_invisible_characters_are_refused_however_the_json_writes_them(
+    client: Client,
+) -> None:
+    """Escaped (json.dumps: \\u200b, \\u0007) or as UTF-8 (orjson): the look of the body that
+    spares the walk of the characters must not spare these."""
+    auth = {"Authorization": f"Bearer {client.key}", "Content-Type": "application/json"}
+    bad = [_event("profile", "c\u200b1", 1), {**_event("profile", "c2", 2), "name": "Noa\x07"}]
+    for body in (json.dumps(bad).encode(), orjson.dumps(bad)):
+        response = await client.http.post("/v1/events", content=body, headers=auth)
+        assert response.status_code == 422, response.text
+        details = [(d["index"], d["field"]) for d in response.json()["error"]["details"]]
+        assert details == [(0, "event_id"), (0, "customer_id"), (1, "name")]
     assert await client.landed() == []
 
 

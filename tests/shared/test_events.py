@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
-import unicodedata
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -13,7 +11,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from shared.codec import decode_event, decode_event_on, encode, encode_event
 from shared.events import (
@@ -23,13 +21,11 @@ from shared.events import (
     TOPIC_OF_TYPE,
     CancellationEvent,
     Consents,
-    Identifier,
     ProfileEvent,
     PurchaseEvent,
     PurchaseItem,
     SupportEvent,
     one_error_per_attribute,
-    pattern_message,
 )
 
 
@@ -37,7 +33,7 @@ def _errors(payload: dict[str, Any]) -> dict[str, str]:
     with pytest.raises(ValidationError) as info:
         EVENT_ADAPTER.validate_python(payload)
     errors = one_error_per_attribute(info.value.errors())
-    return {".".join(str(p) for p in e["loc"][1:]): pattern_message(e) for e in errors}
+    return {".".join(str(p) for p in e["loc"][1:]): e["msg"] for e in errors}
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -169,70 +165,6 @@ def test_purchase_field_validation(field: str, value: str, fragment: str) -> Non
     assert fragment in errors[field]
 
 
-@pytest.mark.parametrize(
-    ("kind", "changes", "field", "fragment"),
-    [
-        # Read leniently these were accepted as true, 1000 ("1E+3" on the topic), 2, 1973.
-        ("profile", {"consents": {"email": "yes"}}, "consents.email", "valid boolean"),
-        ("profile", {"consents": {"sms": 1}}, "consents.sms", "valid boolean"),
-        ("support", {"is_complaint": "true"}, "is_complaint", "valid boolean"),
-        ("purchase", {"amount": " 5 "}, "amount", 'like "349.90"'),
-        ("purchase", {"amount": "1e3"}, "amount", 'like "349.90"'),
-        ("purchase", {"amount": ".5"}, "amount", 'like "349.90"'),
-        (
-            "purchase",
-            {"items": [{"sku": "TEA-01", "quantity": "2", "unit_price": "9.90"}]},
-            "items.0.quantity",
-            "valid integer",
-        ),
-        # Invisible in an id: "c\u200b1" looked like "c1" and was another customer.
-        ("profile", {"customer_id": "c\u200b1"}, "customer_id", "U+200B"),
-        ("profile", {"customer_id": "c\x7f1"}, "customer_id", "U+007F"),
-        ("purchase", {"order_id": "o\u202e1"}, "order_id", "U+202E"),
-        ("profile", {"name": "Dana\x07"}, "name", "U+0007"),
-        ("support", {"category": "bill\x1bing"}, "category", "U+001B"),
-    ],
-)
-def test_values_a_lenient_reader_would_guess_at_are_refused_by_name(
-    kind: str, changes: dict[str, Any], field: str, fragment: str
-) -> None:
-    errors = _errors({**EXAMPLES[kind], **changes})
-    assert fragment in errors[field], errors
-
-
-def test_an_identifier_refuses_exactly_the_control_and_format_characters_of_unicode() -> None:
-    """The identifier's pattern lists them (a \\p{..} class cost ingest a third of its validation
-    time); this Python's Unicode database is the reference, so a newer one shows what to add."""
-    identifier = TypeAdapter(Identifier)
-    invisible = [chr(c) for c in range(1, sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cf")]
-    assert len(invisible) > 150
-    for c in invisible:
-        with pytest.raises(ValidationError):
-            identifier.validate_python(f"a{c}b")
-    visible = [
-        chr(c)
-        for c in range(0x21, sys.maxunicode + 1, 97)
-        if unicodedata.category(chr(c)) not in ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
-    ]
-    for c in visible:
-        assert identifier.validate_python(f"a{c}b") == f"a{c}b"
-
-
-def test_text_keeps_the_direction_marks_of_hebrew_and_arabic_names() -> None:
-    """U+200F (right-to-left mark) and U+200C (zero-width non-joiner) are format characters a
-    name may carry; only identifiers refuse them."""
-    for name in ("\u05d3\u05e0\u05d4 \u200f(VIP)", "\u0645\u06cc\u200c\u0634\u0648\u062f"):
-        event = EVENT_ADAPTER.validate_python({**EXAMPLES["profile"], "name": name})
-        assert isinstance(event, ProfileEvent)
-        assert event.name == name
-    # A number is Unix seconds, however large: pydantic's default read 99999999999 as
-    # milliseconds, a time in 1973 accepted; as seconds it is refused as far ahead.
-    event = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "occurred_at": 1_767_225_600})
-    assert event.occurred_at == datetime(2026, 1, 1, tzinfo=UTC)
-    far = EVENT_ADAPTER.validate_json(orjson.dumps({**EXAMPLES["purchase"], "occurred_at": 99_999_999_999}))
-    assert far.occurred_at.year == 5138
-
-
 def test_amount_accepts_numbers_and_strings_as_decimal() -> None:
     as_number = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "amount": 12.5, "items": None})
     as_string = EVENT_ADAPTER.validate_python({**EXAMPLES["purchase"], "amount": "12.50", "items": None})
@@ -270,12 +202,9 @@ def test_unknown_type_is_rejected() -> None:
 # --- property: whatever the models accept round-trips through the shared encoding ---------
 
 # Identifiers hold no white space: every separator category (Zs, and the line and paragraph
-# separators Zl and Zp, U+2028 and U+2029, which \S also refuses), no control or format
-# (invisible) characters.
+# separators Zl and Zp, U+2028 and U+2029, which \S also refuses), no control characters.
 ids = st.text(
-    st.characters(
-        min_codepoint=33, max_codepoint=0x2FFF, exclude_categories=("Zs", "Zl", "Zp", "Cc", "Cf", "Cs")
-    ),
+    st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_categories=("Zs", "Zl", "Zp", "Cc", "Cs")),
     min_size=1,
     max_size=40,
 )
@@ -294,9 +223,7 @@ common = {"event_id": ids, "customer_id": ids, "occurred_at": moments}
 profiles = st.builds(
     ProfileEvent,
     **common,
-    name=st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=50)
-    .map(str.strip)
-    .filter(bool),
+    name=st.text(min_size=1, max_size=50).map(str.strip).filter(bool),
     email=st.sampled_from(["a@example.com", "נועה@example.co.il", "x.y+z@example.org"]),
     phone=st.sampled_from(["+972521234567", "+201001234567", "+12125551234"]) | st.none(),
     locale=st.sampled_from(["he-IL", "ar", "ar-EG", "en-US"]),
@@ -412,3 +339,20 @@ def test_straight_onto_kafka_the_time_is_bounded_as_ingest_bounds_it() -> None:
         decode_event_on("retain.purchases", at(datetime(1970, 1, 1, tzinfo=UTC)), day)
     # Without a bound (the codec alone), only the schema and the topic are checked.
     assert decode_event_on("retain.purchases", at(now.replace(year=now.year + 1))).type == "purchase"
+
+
+def test_an_event_on_the_topics_is_read_again_as_it_was_accepted() -> None:
+    """Ingest refuses more of a new request than the event models do (services.ingest.batch):
+    an event accepted before, produced straight onto Kafka or by an older ingest, is read
+    again on a replay or by a new consumer group; refused then, it went to the dead letters
+    (an opt-out lost with it)."""
+    accepted_before = [
+        {**EXAMPLES["purchase"], "amount": "1E+3"},  # Java's BigDecimal.toString()
+        {**EXAMPLES["purchase"], "amount": 12345678901234.5678},  # a float, its digits gone
+        {**EXAMPLES["profile"], "name": "Noa\tLevi", "consents": {"email": False}},
+        {**EXAMPLES["profile"], "customer_id": "c\u200b1"},
+        {**EXAMPLES["support"], "category": "late\x1bdelivery"},
+    ]
+    for payload in accepted_before:
+        topic = "retain." + TOPIC_OF_TYPE[payload["type"]]
+        assert decode_event_on(topic, orjson.dumps(payload)).type == payload["type"]
