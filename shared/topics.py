@@ -118,9 +118,9 @@ async def wait_for_group_coordinators(bootstrap: str, groups: Sequence[str], tim
     new machine showed. Asked here first, once, the consumers start on a broker that is ready.
     """
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await client.bootstrap()
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
+        await client.bootstrap()
         for group in groups:
             while True:
                 try:

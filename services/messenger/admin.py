@@ -239,6 +239,19 @@ class MessengerAdmin:
                     f"transactional: {', '.join(lacking)}"
                 )
                 raise JourneyInvalidError([{"path": "$.kind", "message": message}])
+        else:
+            # And a transactional one transactional templates: a win-back's text sent as
+            # transactional went past the opt-outs its own link offers.
+            named = [k for k in store.keys() if k.journey == journey.template]  # noqa: SIM118 - a list
+            marketing = sorted(
+                str(k) for k in named if (t := store.get(k)) and t.kind is MessageKind.MARKETING
+            )
+            if marketing:
+                message = (
+                    "a transactional journey needs transactional templates (written as the answer "
+                    f"to the customer's action); marketing: {', '.join(marketing)}"
+                )
+                raise JourneyInvalidError([{"path": "$.kind", "message": message}])
         return journey
 
     async def _edit_journeys(self, change: Callable[[list[Journey]], list[Journey]], actor: str) -> None:

@@ -176,6 +176,7 @@ def validate_journey(raw: object, templates: set[str] | None = None) -> list[Con
 
 # The longest a transactional message may wait after the customer's action it answers.
 TRANSACTIONAL_WAIT_HOURS = 24
+CUSTOMER_ACTIONS = frozenset({EventType.PURCHASE, EventType.SUPPORT, EventType.CANCELLATION})
 
 
 def _not_transactional(journey: Journey) -> list[str]:
@@ -187,10 +188,12 @@ def _not_transactional(journey: Journey) -> list[str]:
         return []
     t = journey.trigger
     problems: list[str] = []
-    if t.event is None or t.new_customer or t.segment_entered or t.segment_left or t.tier_upgrade:
+    others = t.new_customer or t.segment_entered or t.segment_left or t.tier_upgrade
+    # A profile event is a CRM's sync as often as the customer's own doing: not an action of theirs.
+    if t.event not in CUSTOMER_ACTIONS or others:
         problems.append(
             "a transactional journey answers the customer's own action: its trigger is an event "
-            "(purchase, support, cancellation, profile) and nothing else; use kind 'marketing'"
+            "purchase, support or cancellation, and nothing else; use kind 'marketing'"
         )
     w = journey.wait
     if w is not None and (w.by_churn_reason_days or w.hours > TRANSACTIONAL_WAIT_HOURS):

@@ -678,22 +678,29 @@ async def test_a_journey_whose_template_needs_what_its_trigger_never_gives_is_re
 
 
 @pytest.mark.parametrize(
-    "changes",
+    ("changes", "fragment"),
     [
-        {"trigger": {"segment_entered": "lapsed"}, "template": "win_back"},  # a campaign
-        {"trigger": {"event": "cancellation"}, "template": "win_back", "wait": {"hours": 24 * 30}},
+        ({"trigger": {"segment_entered": "lapsed"}, "template": "win_back"}, "use kind 'marketing'"),
+        (
+            {"trigger": {"event": "cancellation"}, "template": "win_back", "wait": {"hours": 24 * 30}},
+            "use kind 'marketing'",
+        ),
+        # A CRM's profile sync is no action of the customer's.
+        ({"trigger": {"event": "profile"}, "template": "win_back"}, "use kind 'marketing'"),
+        # The customer's purchase, but a marketing text with its opt-out link, sent past opt-outs.
+        ({"trigger": {"event": "purchase"}, "template": "thank_you"}, "needs transactional templates"),
     ],
 )
 async def test_a_campaign_cannot_be_called_transactional_to_pass_the_opt_outs(
-    api: Clients, changes: dict[str, Any]
+    api: Clients, changes: dict[str, Any], fragment: str
 ) -> None:
     """Transactional messages go past caps, quiet hours and marketing opt-outs: only an answer
-    to the customer's own action, within a day, may be one."""
+    to the customer's own action, within a day, in a transactional text, may be one."""
     journey = {**VIP, "name": "promo", "kind": "transactional", **changes}
     response = await api.writer.post("/v1/journeys", json=journey)
     assert response.status_code == 422, response.text
     assert "$.kind" in paths(response)
-    assert "use kind 'marketing'" in response.text
+    assert fragment in response.text
     assert (await api.reader.get("/v1/journeys/promo")).status_code == 404
 
 
