@@ -25,7 +25,9 @@ from shared.events import (
     EVENT_LIST_ADAPTER,
     INPUT,
     NOT_AFTER_EPOCH,
+    PROFILE_FIELDS,
     CancellationEvent,
+    Consents,
     Event,
     EventType,
     ProfileEvent,
@@ -225,7 +227,7 @@ def check_events(
     too (the characters of a new event's ids and texts), every problem in one answer. ``body``:
     the request's, when at hand, whose look may spare the walk of the characters."""
     indexed = list(enumerate(events))
-    errors = _time_errors_fast(events, now, max_future) + id_errors(indexed)
+    errors = _time_errors_fast(events, now, max_future) + id_errors(indexed) + silent_profile_errors(indexed)
     if may_hold_controls(body):
         errors += text_errors(indexed)
     _raise(sorted(errors, key=lambda e: e.index), events)
@@ -274,6 +276,30 @@ def _texts(e: Event) -> Iterator[tuple[str, str]]:
                 yield f"items.{n}.category", item.category
 
 
+def silent_profile_errors(events: Sequence[tuple[int, Event]]) -> list[FieldError]:
+    """A new profile event whose only fields are empty (``consents: {}`` or all null,
+    ``attributes: {}``) says nothing, as one with none (the model's rule, which counts them as
+    given): it only moved the customer's last-seen time. Ingest's rule, as ``text_errors``."""
+    errors: list[FieldError] = []
+    for i, e in events:
+        if isinstance(e, ProfileEvent) and not any(_says(getattr(e, name)) for name in PROFILE_FIELDS):
+            message = (
+                f"a profile event needs at least one of: {', '.join(PROFILE_FIELDS)} (empty ones say nothing)"
+            )
+            errors.append(FieldError(i, "(event)", message))
+    return errors
+
+
+def _says(value: object) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, dict):
+        return bool(value)
+    if isinstance(value, Consents):
+        return any(v is not None for v in (value.email, value.sms, value.whatsapp))
+    return True
+
+
 def text_errors(events: Sequence[tuple[int, Event]]) -> list[FieldError]:
     errors: list[FieldError] = []
     for i, e in events:
@@ -312,7 +338,12 @@ def _raise(errors: list[FieldError], events: Sequence[Event]) -> None:
 def with_event_errors(exc: InvalidBatchError, now: datetime, max_future: timedelta) -> InvalidBatchError:
     """``exc`` with the time, id and character problems of the events that passed the schema:
     every problem of the batch in one answer, by index, rather than those only on the next try."""
-    more = time_errors(exc.valid, now, max_future) + id_errors(exc.valid) + text_errors(exc.valid)
+    more = [
+        *time_errors(exc.valid, now, max_future),
+        *id_errors(exc.valid),
+        *text_errors(exc.valid),
+        *silent_profile_errors(exc.valid),
+    ]
     if not more:
         return exc
     types = {e.index: t for e, t in zip(exc.errors, exc.types, strict=True)}

@@ -322,3 +322,20 @@ def test_a_new_event_s_ids_and_texts_hold_no_control_or_invisible_character() ->
         (1, "attributes.ti\x7fer", "control characters are not allowed here (U+007F)"),
         (2, "category", "control characters are not allowed here (U+0009)"),
     ]
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [{"consents": {}}, {"consents": {"email": None}}, {"attributes": {}}, {"consents": {}, "attributes": {}}],
+)
+def test_a_new_profile_event_whose_only_fields_are_empty_says_nothing(empty: dict[str, Any]) -> None:
+    """Accepted, it only moved the customer's last-seen time in the segmenter."""
+    base = {k: EXAMPLES["profile"][k] for k in ("event_id", "type", "customer_id", "occurred_at")}
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    events = validate_batch([{**base, **empty}], 10)  # the model reads it (as on the topics)
+    with pytest.raises(InvalidBatchError) as info:
+        check_events(events, now, timedelta(days=1))
+    [error] = info.value.errors
+    assert (error.index, error.field) == (0, "(event)")
+    assert "empty ones say nothing" in error.message
+    check_events(validate_batch([{**base, **empty, "name": "Noa"}], 10), now, timedelta(days=1))
