@@ -272,9 +272,7 @@ async def delete_journey(name: JourneyName, key: Writer, admin: Admin, if_match:
 async def pause_journey(
     name: JourneyName, key: Writer, admin: Admin, response: Response, if_match: IfMatch = None
 ) -> Journey:
-    journey = await admin.set_enabled(name, False, key.id, if_match_etag(if_match))
-    _tagged(response, journey_etag(journey))
-    return journey
+    return await _switched(admin, name, False, key.id, response, if_match)
 
 
 @router.post(
@@ -287,7 +285,13 @@ async def pause_journey(
 async def resume_journey(
     name: JourneyName, key: Writer, admin: Admin, response: Response, if_match: IfMatch = None
 ) -> Journey:
-    journey = await admin.set_enabled(name, True, key.id, if_match_etag(if_match))
+    return await _switched(admin, name, True, key.id, response, if_match)
+
+
+async def _switched(
+    admin: MessengerAdmin, name: str, enabled: bool, actor: str, response: Response, if_match: str | None
+) -> Journey:
+    journey = await admin.set_enabled(name, enabled, actor, if_match_etag(if_match))
     _tagged(response, journey_etag(journey))
     return journey
 
