@@ -256,11 +256,35 @@ class MessengerAdmin:
 
     async def _edit_journeys(self, change: Callable[[list[Journey]], list[Journey]], actor: str) -> None:
         async with self.db.transaction() as session:
+            # The templates' row first, as every template edit takes it: a journey saved on the
+            # template a reset removed at the same moment was left on none (each read the other's
+            # setting outside its own lock), and every message of it failed.
+            templates = await self._locked_templates(session)
             row = await self.repo.setting(session, JOURNEYS, for_update=True)
             current = default_journeys() if row is None else [Journey.model_validate(j) for j in row.value]
-            value = [j.model_dump(mode="json") for j in change(current)]
+            changed = change(current)
+            names = TemplateStore(Template.from_json(v) for v in templates.value).journeys()
+            gone = [
+                {"path": "$.template", "message": f"unknown template {j.template!r} (deleted meanwhile)"}
+                for j in changed
+                if j not in current and j.template not in names
+            ]
+            if gone:
+                raise JourneyInvalidError(gone)
+            value = [j.model_dump(mode="json") for j in changed]
             at = _version_after(row.updated_at if row else None, self.service.clock())
             await self.repo.put_setting(session, JOURNEYS, value, actor, at)
+
+    async def _locked_templates(self, session: Any) -> Any:
+        """The templates' setting row, locked for this transaction (made first when there is
+        none: no row to lock, and two first saves at once each kept only its own on PostgreSQL).
+        Taken before the journeys' row by every edit of either, so they never wait on each
+        other the other way round."""
+        row = await self.repo.setting(session, TEMPLATES, for_update=True)
+        if row is None:
+            await self.repo.insert_setting_if_absent(session, TEMPLATES, [], self.service.clock())
+            row = await self.repo.setting(session, TEMPLATES, for_update=True)
+        return row
 
     # --- templates -------------------------------------------------------------------------------
 
@@ -290,7 +314,7 @@ class MessengerAdmin:
             journeys = await self.service.journeys(session)
         template = await _checked_template(key, raw, journeys, self.service.settings)
 
-        def put(overrides: dict[TemplateKey, Template]) -> None:
+        def put(overrides: dict[TemplateKey, Template], _journeys: list[Journey]) -> None:
             self._template_unchanged(overrides, key, if_match)
             if key not in overrides and len(overrides) >= MAX_OVERRIDES:
                 raise TemplateInvalidError(
@@ -305,10 +329,8 @@ class MessengerAdmin:
 
     async def reset_template(self, key: TemplateKey, actor: str, if_match: str | None = None) -> None:
         """Drop the override: the default applies again (404 when there is no override)."""
-        async with self.db.sessions() as session:
-            journeys = await self.service.journeys(session)
 
-        def remove(overrides: dict[TemplateKey, Template]) -> None:
+        def remove(overrides: dict[TemplateKey, Template], journeys: list[Journey]) -> None:
             self._template_unchanged(overrides, key, if_match)
             if overrides.pop(key, None) is None:
                 raise TemplateNotFoundError(f"{key} has no override")
@@ -334,17 +356,14 @@ class MessengerAdmin:
             )
 
     async def _edit_templates(
-        self, change: Callable[[dict[TemplateKey, Template]], None], actor: str
+        self, change: Callable[[dict[TemplateKey, Template], list[Journey]], None], actor: str
     ) -> None:
+        """``change`` gets the overrides and the journeys as they stand under the lock."""
         async with self.db.transaction() as session:
-            row = await self.repo.setting(session, TEMPLATES, for_update=True)
-            if row is None:
-                # No override saved yet: no row to lock, and two first saves at once each kept
-                # only its own (PostgreSQL). The row made first, the second save waits on it.
-                await self.repo.insert_setting_if_absent(session, TEMPLATES, [], self.service.clock())
-                row = await self.repo.setting(session, TEMPLATES, for_update=True)
+            row = await self._locked_templates(session)
+            journeys = await self.service.journeys(session)  # their edits wait on our lock
             overrides = {t.key: t for t in (Template.from_json(v) for v in (row.value if row else []))}
-            change(overrides)
+            change(overrides, journeys)
             value = [overrides[k].to_json() for k in sorted(overrides, key=str)]
             at = _version_after(row.updated_at if row else None, self.service.clock())
             await self.repo.put_setting(session, TEMPLATES, value, actor, at)

@@ -16,9 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+from services.messenger.admin import MessengerAdmin
 from services.messenger.app import create_app
 from services.messenger.decision import in_holdout
 from services.messenger.service import MessengerService
+from services.messenger.templates import TemplateKey
 from shared.auth import create_key
 from shared.events import (
     Channel,
@@ -261,6 +263,36 @@ async def test_two_editors_of_one_journey_do_not_overwrite_each_other_when_they_
     paused = await api.writer.post("/v1/journeys/thank_you/pause", headers={"If-Match": b2.headers["ETag"]})
     assert paused.status_code == 200, paused.text
     assert (await api.writer.post("/v1/journeys/thank_you/resume")).status_code == 200
+
+
+async def test_a_journey_saved_while_its_only_template_is_reset_is_refused_not_left_on_none(
+    api: Clients, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Marketer A creates a journey on spring_sale while B resets spring_sale's only template:
+    each read the other's setting outside its own lock, both succeeded, and every message of
+    the journey failed. The reset here lands between A's checks and A's write."""
+    url = "/v1/templates/spring_sale/email/en"
+    body = {
+        "subject": "Spring",
+        "html": '<a href="{{ unsubscribe_url }}">x</a>',
+        "text": "{{ unsubscribe_url }}",
+    }
+    assert (await api.writer.put(url, json=body)).status_code == 200
+    validated = MessengerAdmin._validated
+
+    async def reset_meanwhile(self: MessengerAdmin, raw: Any) -> Any:
+        journey = await validated(self, raw)  # the template is there when A's journey is checked
+        await self.reset_template(TemplateKey(journey="spring_sale", channel=Channel.EMAIL, locale="en"), "b")
+        return journey
+
+    monkeypatch.setattr(MessengerAdmin, "_validated", reset_meanwhile)
+    journey = {**VIP, "name": "spring", "template": "spring_sale", "entry": None}
+    response = await api.writer.post("/v1/journeys", json=journey)
+    assert response.status_code == 422, response.text
+    assert paths(response) == {"$.template"}
+    assert "deleted meanwhile" in response.text
+    assert (await api.reader.get("/v1/journeys/spring")).status_code == 404
+    assert (await api.reader.get(url)).status_code == 404
 
 
 async def test_a_template_edit_with_a_stale_etag_is_a_412_and_changes_nothing(api: Clients) -> None:
