@@ -226,32 +226,15 @@ class MessengerAdmin:
         if errors:
             raise JourneyInvalidError([e.to_dict() for e in errors])
         journey = Journey.model_validate(dict(raw))
-        if journey.kind is MessageKind.MARKETING:
-            # Its messages must show how to opt out; a transactional template need not, and
-            # the sender would fail each of them (TemplateRenderError) rather than send it.
-            named = [k for k in store.keys() if k.journey == journey.template]  # noqa: SIM118 - a list
-            lacking = sorted(
-                str(k) for k in named if (t := store.get(k)) and t.kind is not MessageKind.MARKETING
-            )
-            if lacking:
-                message = (
-                    "a marketing journey needs marketing templates, which show how to opt out; "
-                    f"transactional: {', '.join(lacking)}"
-                )
-                raise JourneyInvalidError([{"path": "$.kind", "message": message}])
-        else:
-            # And a transactional one transactional templates: a win-back's text sent as
-            # transactional went past the opt-outs its own link offers.
-            named = [k for k in store.keys() if k.journey == journey.template]  # noqa: SIM118 - a list
-            marketing = sorted(
-                str(k) for k in named if (t := store.get(k)) and t.kind is MessageKind.MARKETING
-            )
-            if marketing:
-                message = (
-                    "a transactional journey needs transactional templates (written as the answer "
-                    f"to the customer's action); marketing: {', '.join(marketing)}"
-                )
-                raise JourneyInvalidError([{"path": "$.kind", "message": message}])
+        # Its templates are of its kind. A marketing message must show how to opt out: a
+        # transactional template need not, and the sender would fail each of them
+        # (TemplateRenderError) rather than send it. A transactional one answers the customer's
+        # action: a win-back's text sent as transactional went past the opt-outs its link offers.
+        named = [k for k in store.keys() if k.journey == journey.template]  # noqa: SIM118 - a list
+        other = sorted(str(k) for k in named if (t := store.get(k)) and t.kind is not journey.kind)
+        if other:
+            message = f"{_KIND_NEEDS[journey.kind]}; {_other_kind(journey.kind).value}: {', '.join(other)}"
+            raise JourneyInvalidError([{"path": "$.kind", "message": message}])
         return journey
 
     async def _edit_journeys(self, change: Callable[[list[Journey]], list[Journey]], actor: str) -> None:
@@ -362,10 +345,10 @@ class MessengerAdmin:
         async with self.db.transaction() as session:
             row = await self._locked_templates(session)
             journeys = await self.service.journeys(session)  # their edits wait on our lock
-            overrides = {t.key: t for t in (Template.from_json(v) for v in (row.value if row else []))}
+            overrides = {t.key: t for t in (Template.from_json(v) for v in row.value)}
             change(overrides, journeys)
             value = [overrides[k].to_json() for k in sorted(overrides, key=str)]
-            at = _version_after(row.updated_at if row else None, self.service.clock())
+            at = _version_after(row.updated_at, self.service.clock())
             await self.repo.put_setting(session, TEMPLATES, value, actor, at)
         await self.store()  # this process renders with it at once; the others on their next read
 
@@ -490,6 +473,17 @@ def _known(journeys: list[Journey], name: str) -> list[Journey]:
     if not any(j.name == name for j in journeys):
         raise JourneyNotFoundError(f"no journey {name!r}")
     return journeys
+
+
+_KIND_NEEDS = {
+    MessageKind.MARKETING: "a marketing journey needs marketing templates, which show how to opt out",
+    MessageKind.TRANSACTIONAL: "a transactional journey needs transactional templates (written as the "
+    "answer to the customer's action)",
+}
+
+
+def _other_kind(kind: MessageKind) -> MessageKind:
+    return MessageKind.TRANSACTIONAL if kind is MessageKind.MARKETING else MessageKind.MARKETING
 
 
 def _unchanged(journeys: list[Journey], name: str, if_match: str | None) -> list[Journey]:

@@ -75,6 +75,12 @@ class Trigger(BaseModel):
     segment_left: str | None = None
     tier_upgrade: bool = Field(default=False, description="The tier moved up the ladder.")
 
+    @property
+    def event_alone(self) -> EventType | None:
+        """The event type, when an event of it is all that fires this trigger."""
+        others = self.new_customer or self.segment_entered or self.segment_left or self.tier_upgrade
+        return None if others else self.event
+
 
 class Wait(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -186,11 +192,9 @@ def _not_transactional(journey: Journey) -> list[str]:
     is called. Refused at write, so opt-outs cannot be switched off by naming a kind."""
     if journey.kind is not MessageKind.TRANSACTIONAL:
         return []
-    t = journey.trigger
     problems: list[str] = []
-    others = t.new_customer or t.segment_entered or t.segment_left or t.tier_upgrade
     # A profile event is a CRM's sync as often as the customer's own doing: not an action of theirs.
-    if t.event not in CUSTOMER_ACTIONS or others:
+    if journey.trigger.event_alone not in CUSTOMER_ACTIONS:
         problems.append(
             "a transactional journey answers the customer's own action: its trigger is an event "
             "purchase, support or cancellation, and nothing else; use kind 'marketing'"
@@ -212,12 +216,10 @@ SUPPLIED_BY = {"last_order": EventType.PURCHASE, "ticket_id": EventType.SUPPORT}
 def _unsupplied(journey: Journey) -> list[str]:
     """A template that needs its trigger's data on a trigger without it: every message of the
     journey failed ("journey 'thank_you' needs last_order"), where the journey looked saved."""
-    t = journey.trigger
-    others = t.new_customer or t.segment_entered or t.segment_left or t.tier_upgrade
     problems: list[str] = []
     for variable in sorted(required_variables(journey.template) & SUPPLIED_BY.keys()):
         event = SUPPLIED_BY[variable]
-        if t.event is not event or others:
+        if journey.trigger.event_alone is not event:
             problems.append(
                 f"template {journey.template!r} needs {variable}, which only a trigger on event "
                 f"{event.value!r} (and nothing else) gives: every message of this trigger would fail"
