@@ -89,6 +89,14 @@ def _taken_up_between(
     return stmt
 
 
+async def _waiting(session: AsyncSession, table: Table, *where: Any) -> tuple[int, datetime | None]:
+    """(how many, the earliest created_at) of ``table``'s rows nobody has followed up yet."""
+    c = table.c
+    stmt = select(func.count(), func.min(c.created_at)).where(c.followed_up_at.is_(None), *where)
+    row = (await session.execute(stmt)).one()
+    return row[0], row[1]
+
+
 # The reads of a consumer batch, built once per dialect with the ids as one parameter
 # (``in_list``) instead of per call: building a SELECT and its cache key took longer than
 # SQLite took to run it (163 against 77 µs a statement), and every batch runs a dozen of them.
@@ -571,19 +579,11 @@ class MessengerRepository:
     async def unhappy_waiting(self, session: AsyncSession, max_score: int) -> tuple[int, datetime | None]:
         """(how many, the earliest answered_at) of the survey answers of at most ``max_score``
         that nobody has followed up yet."""
-        a = survey_answers.c
-        stmt = select(func.count(), func.min(a.created_at)).where(
-            a.score <= max_score, a.followed_up_at.is_(None)
-        )
-        row = (await session.execute(stmt)).one()
-        return row[0], row[1]
+        return await _waiting(session, survey_answers, survey_answers.c.score <= max_score)
 
     async def replies_waiting(self, session: AsyncSession) -> tuple[int, datetime | None]:
         """(how many, the earliest created_at) of the replies nobody has followed up yet."""
-        r = replies.c
-        stmt = select(func.count(), func.min(r.created_at)).where(r.followed_up_at.is_(None))
-        row = (await session.execute(stmt)).one()
-        return row[0], row[1]
+        return await _waiting(session, replies)
 
     # --- journeys ------------------------------------------------------------------------------
 

@@ -2100,13 +2100,16 @@ class MessengerService:
         now = self.clock()
         HELD.set(held)
         HELD_OLDEST_AGE.set((now - oldest_created).total_seconds() if oldest_created else 0.0)
-        HELD_OVERDUE.set(max(0.0, (now - earliest_window).total_seconds()) if earliest_window else 0.0)
+        HELD_OVERDUE.set(_waited(now, earliest_window))
         UNHAPPY_WAITING.set(unhappy)
-        UNHAPPY_OLDEST_AGE.set(
-            max(0.0, (now - earliest_unhappy).total_seconds()) if earliest_unhappy else 0.0
-        )
+        UNHAPPY_OLDEST_AGE.set(_waited(now, earliest_unhappy))
         REPLIES_WAITING.set(replies)
-        REPLIES_OLDEST_AGE.set(max(0.0, (now - earliest_reply).total_seconds()) if earliest_reply else 0.0)
+        REPLIES_OLDEST_AGE.set(_waited(now, earliest_reply))
+
+
+def _waited(now: datetime, since: datetime | None) -> float:
+    """Seconds since ``since`` (0 when nothing waits, or for a time ahead of this clock)."""
+    return max(0.0, (now - since).total_seconds()) if since else 0.0
 
 
 class CapsConflictError(Exception):
