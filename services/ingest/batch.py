@@ -188,15 +188,10 @@ def validate_batch(
         raise InvalidBatchError(errors, types, valid) from exc
 
 
-def check_ids(events: Sequence[Event]) -> None:
+def id_errors(events: Sequence[tuple[int, Event]]) -> list[FieldError]:
     """One id per event: two items of a request with one ``event_id`` and different contents
     are refused, by index; the second would otherwise be answered as a duplicate and dropped.
     (The same event twice in a request, a resend batched with its original, is one event.)"""
-    _raise(id_errors(list(enumerate(events))), events)
-
-
-def id_errors(events: Sequence[tuple[int, Event]]) -> list[FieldError]:
-    """``check_ids``'s problems of ``events`` (index, event)."""
     if len({e.event_id for _, e in events}) == len(events):  # the usual request
         return []
     first: dict[str, tuple[int, Event]] = {}
@@ -211,13 +206,6 @@ def id_errors(events: Sequence[tuple[int, Event]]) -> list[FieldError]:
             )
             errors.append(FieldError(i, "event_id", message))
     return errors
-
-
-def check_times(events: Sequence[Event], now: datetime, max_future: timedelta) -> None:
-    """Event times a schema cannot judge: more than ``max_future`` ahead of this server's clock
-    (a year typed wrong, milliseconds read as seconds) or not after 1970. Either would be
-    applied as a real purchase, a customer's last one for years. Refused whole, as any field."""
-    _raise(_time_errors_fast(events, now, max_future), events)
 
 
 def check_events(
@@ -322,6 +310,9 @@ def text_errors(events: Sequence[tuple[int, Event]]) -> list[FieldError]:
 
 
 def _time_errors_fast(events: Sequence[Event], now: datetime, max_future: timedelta) -> list[FieldError]:
+    """Event times a schema cannot judge: more than ``max_future`` ahead of this server's clock
+    (a year typed wrong, milliseconds read as seconds) or not after 1970. Either would be
+    applied as a real purchase, a customer's last one for years. Refused whole, as any field."""
     # On every request: POSIX seconds compare at a third of the cost of aware datetimes.
     latest = (now + max_future).timestamp()
     earliest = EARLIEST_EVENT_TIME.timestamp()
@@ -355,7 +346,7 @@ def with_event_errors(exc: InvalidBatchError, now: datetime, max_future: timedel
 def time_errors(
     events: Sequence[tuple[int, Event]], now: datetime, max_future: timedelta
 ) -> list[FieldError]:
-    """``check_times``'s problems of ``events`` (index, event)."""
+    """The time problems of ``events`` (index, event): ``_time_errors_fast`` without its pass."""
     latest = (now + max_future).timestamp()
     ahead = f"{max_future.total_seconds() / 3600:g} h"
     errors: list[FieldError] = []

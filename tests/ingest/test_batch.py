@@ -18,7 +18,6 @@ from services.ingest.batch import (
     InvalidBatchError,
     MalformedJsonError,
     check_events,
-    check_times,
     content_id,
     parse_body,
     validate_batch,
@@ -237,9 +236,9 @@ def test_event_times_within_a_day_ahead_and_after_1970_pass() -> None:
     ]
     body = [{**EXAMPLES["purchase"], "event_id": f"p{i}", "occurred_at": t} for i, t in enumerate(times)]
     events = validate_batch(body, 10)
-    check_times(events[:1] + events[2:3], now, timedelta(days=1))  # no error
+    check_events(events[:1] + events[2:3], now, timedelta(days=1))  # no error
     with pytest.raises(InvalidBatchError) as info:
-        check_times(events, now, timedelta(days=1))
+        check_events(events, now, timedelta(days=1))
     assert [(e.index, e.field) for e in info.value.errors] == [(1, "occurred_at"), (3, "occurred_at")]
     assert "at most 24 h ahead" in info.value.errors[0].message
     assert info.value.types == ["purchase", "purchase"]
@@ -291,10 +290,11 @@ def test_one_id_on_two_spellings_in_one_batch_is_refused_as_a_resend_of_it_would
     resend check compares what was produced); in one request it was dropped as a duplicate."""
     first = {**EXAMPLES["purchase"], field: one}
     second = {**first, field: other}
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)  # after both events' times
     with pytest.raises(InvalidBatchError) as info:
-        batch.check_ids(validate_batch([first, second], 10))
+        check_events(validate_batch([first, second], 10), now, timedelta(days=1))
     assert [(e.index, e.field) for e in info.value.errors] == [(1, "event_id")]
-    batch.check_ids(validate_batch([first, dict(first)], 10))  # the same event twice: one event
+    check_events(validate_batch([first, dict(first)], 10), now, timedelta(days=1))  # one event
 
 
 def test_a_new_event_s_ids_and_texts_hold_no_control_or_invisible_character() -> None:
